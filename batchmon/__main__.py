@@ -1,0 +1,5 @@
+import sys
+
+from batchmon.cli import main
+
+sys.exit(main())

@@ -1,0 +1,139 @@
+"""The `batchmon` command: argparse for every subcommand; each handler lives in its own module, imported lazily
+so that `batchmon --once` never pays for Textual and nothing here ever imports torch."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Sequence
+
+from batchmon import __version__
+
+DESCRIPTION = """\
+Where does my GPU memory go, and what batch size will fit?
+
+Run `batchmon` in a second terminal to watch every GPU and every training process that has the agent
+attached (`batchmon.attach(model, optimizer)` in the script, or `batchmon run -- python train.py`).
+"""
+
+EPILOG = """\
+examples:
+  batchmon                                   live monitor (Textual app)
+  batchmon --once                            one snapshot as a table, then exit
+  batchmon --once --json                     one snapshot as JSON (schema in README)
+  batchmon run -- python train.py --lr 3e-4  run a training command with the agent attached
+  batchmon record -o run.jsonl               record everything the monitor sees
+  batchmon replay run.jsonl --speed 4        replay a recording in the monitor
+  batchmon predict --params 125M --layers 12 --hidden 768 --input-dim 1024 --batch 32 --optimizer adam
+  batchmon demo                              a small real training run, shown in the monitor
+"""
+
+
+class CliError(Exception):
+    """A user-facing error: printed as one line, exit code 1 (or .code)."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0 or value != value or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _add_monitor_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--interval", type=_positive_float, default=1.0, metavar="SECONDS",
+                   help="refresh interval of probes and screen (default: 1.0)")
+    p.add_argument("--host", action="append", default=[], metavar="HOST",
+                   help="also show a remote box through `ssh HOST batchmon stream` (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="batchmon", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"batchmon {__version__}")
+    parser.add_argument("--once", action="store_true", help="print one snapshot and exit")
+    parser.add_argument("--json", action="store_true", help="with --once: print JSON instead of a table")
+    parser.add_argument("--no-mouse", action="store_true", help="do not capture the mouse in the monitor")
+    _add_monitor_options(parser)
+    parser.set_defaults(handler="batchmon.monitor_cli:main")
+
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("run", help="run a Python training command with the agent attached (no code change)",
+                       description="Run CMD with the batchmon agent attached to every Python process it starts. "
+                                   "stdin/stdout/stderr, signals and the exit code pass through unchanged.")
+    p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="[--] CMD ARGS...")
+    p.set_defaults(handler="batchmon.launcher:main")
+
+    p = sub.add_parser("record", help="record every hub input as JSON lines",
+                       description="Write everything the monitor sees (NVML and host samples, agent messages) "
+                                   "to FILE as JSON lines, flushed per line. Stop with Ctrl-C.")
+    p.add_argument("-o", "--output", required=True, metavar="FILE", help="file to write ('-' for stdout)")
+    p.add_argument("--duration", type=_positive_float, metavar="SECONDS", help="stop after this long")
+    _add_monitor_options(p)
+    p.set_defaults(handler="batchmon.recorder:main_record")
+
+    p = sub.add_parser("stream", help="write every hub input to stdout as JSON lines (used by --host)")
+    p.add_argument("--duration", type=_positive_float, metavar="SECONDS", help="stop after this long")
+    _add_monitor_options(p)
+    p.set_defaults(handler="batchmon.recorder:main_stream")
+
+    p = sub.add_parser("replay", help="drive the monitor from a recording",
+                       description="Open the monitor on a recording made by `batchmon record`.")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("--speed", type=_positive_float, default=1.0, help="playback speed factor (default: 1)")
+    p.add_argument("--once", action="store_true", help="print the final snapshot of the recording and exit")
+    p.add_argument("--json", action="store_true", help="with --once: print JSON")
+    p.add_argument("--no-mouse", action="store_true", help="do not capture the mouse")
+    p.set_defaults(handler="batchmon.monitor_cli:main_replay")
+
+    p = sub.add_parser("predict", help="the memory equation as a calculator, no GPU needed",
+                       description="Estimate training memory from the seed's formulas: parameters N*b, "
+                                   "gradients N*b, optimizer states k*N*b, activations B*L*H*b, batch B*D*b.")
+    p.set_defaults(handler="batchmon.predict_cli:main")
+    from batchmon.predict_cli import add_arguments  # no torch, no textual: plain argparse
+
+    add_arguments(p)
+
+    p = sub.add_parser("demo", help="a real small training run with the agent attached, shown in the monitor")
+    p.add_argument("--steps", type=int, default=0, help="training steps (default: run until the monitor quits)")
+    p.add_argument("--no-mouse", action="store_true", help="do not capture the mouse")
+    p.set_defaults(handler="batchmon.demo:main")
+
+    p = sub.add_parser("export", help="serve metrics for Prometheus")
+    p.add_argument("--prometheus", action="store_true", required=True, help="Prometheus text format over HTTP")
+    p.add_argument("--bind", default="127.0.0.1", metavar="ADDR", help="address to bind (default: loopback)")
+    p.add_argument("--port", type=int, default=9400, help="port (default: 9400)")
+    _add_monitor_options(p)
+    p.set_defaults(handler="batchmon.export:main")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.json and not args.once:
+        parser.error("--json needs --once")
+    module_name, _, func_name = args.handler.partition(":")
+    try:
+        handler = getattr(importlib.import_module(module_name), func_name)
+        return int(handler(args) or 0)
+    except CliError as exc:
+        print(f"batchmon: error: {exc}", file=sys.stderr)
+        return exc.code
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,379 @@
+"""Protocol v1 between an in-process agent and monitors: message schema, line codec, socket paths.
+
+Newline-delimited UTF-8 JSON, one object per line, at most 1 MiB a line. Every object carries ``"v": 1`` and
+``"type"``. Unknown types and unknown fields are ignored; an invalid line raises ProtocolError, which a reader
+counts and drops (never fatal). No pickle, nothing evaluated: a message is data, never code or a path.
+
+This module is imported by both sides, so it must stay free of torch and textual.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import stat
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+VERSION = 1
+MAX_LINE_BYTES = 1 << 20
+MAX_SIZE = 1 << 62  # bytes; anything larger is not a real memory figure
+
+#: the step components an agent measures, exactly these keys, in this order
+COMPONENTS: tuple[str, ...] = ("parameters", "gradients", "optimizer", "activations", "batch", "other")
+#: components the monitor derives from allocator and NVML figures
+DERIVED_COMPONENTS: tuple[str, ...] = ("cache", "context")
+ALL_COMPONENTS: tuple[str, ...] = COMPONENTS + DERIVED_COMPONENTS
+
+MESSAGE_TYPES = ("hello", "step", "event", "bye")
+
+
+class ProtocolError(ValueError):
+    """A line or field that does not follow protocol v1."""
+
+
+class SocketDirError(OSError):
+    """The socket folder is unsafe or unusable; the message says which and why."""
+
+
+# ----------------------------------------------------------------------------------------------- field checks
+
+
+def _int(d: Mapping[str, Any], key: str, *, nullable: bool = False, minimum: int = 0, maximum: int = MAX_SIZE) -> int | None:
+    value = d.get(key)
+    if value is None:
+        if nullable:
+            return None
+        raise ProtocolError(f"{key}: missing")
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ProtocolError(f"{key}: expected an integer, got {type(value).__name__}")
+    if not minimum <= value <= maximum:
+        raise ProtocolError(f"{key}: {value} out of range")
+    return value
+
+
+def _float(d: Mapping[str, Any], key: str, *, nullable: bool = False, minimum: float = 0.0) -> float | None:
+    value = d.get(key)
+    if value is None:
+        if nullable:
+            return None
+        raise ProtocolError(f"{key}: missing")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ProtocolError(f"{key}: expected a number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or value < minimum or value > 1e12:
+        raise ProtocolError(f"{key}: {value} out of range")
+    return value
+
+
+def _str(d: Mapping[str, Any], key: str, *, nullable: bool = False, limit: int = 4096) -> str | None:
+    value = d.get(key)
+    if value is None:
+        if nullable:
+            return None
+        raise ProtocolError(f"{key}: missing")
+    if not isinstance(value, str):
+        raise ProtocolError(f"{key}: expected a string, got {type(value).__name__}")
+    return value[:limit]
+
+
+def _components(d: Mapping[str, Any], key: str = "components", *, nullable: bool = False) -> dict[str, int] | None:
+    value = d.get(key)
+    if value is None and nullable:
+        return None
+    if not isinstance(value, dict):
+        raise ProtocolError(f"{key}: expected an object")
+    return {name: _int(value, name) for name in COMPONENTS}  # type: ignore[misc]
+
+
+# ----------------------------------------------------------------------------------------------- messages
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    cls: str
+    parameters: int
+    parameter_bytes: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"class": self.cls, "parameters": self.parameters, "parameter_bytes": self.parameter_bytes}
+
+    @classmethod
+    def from_dict(cls, d: Any) -> "ModelInfo | None":
+        if d is None:
+            return None
+        if not isinstance(d, dict):
+            raise ProtocolError("model: expected an object")
+        return cls(_str(d, "class", limit=256) or "", _int(d, "parameters"), _int(d, "parameter_bytes"))  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class Hello:
+    pid: int
+    host: str
+    argv: tuple[str, ...]
+    python: str
+    torch: str | None
+    device: str
+    nvml_uuid: str | None
+    rank: int
+    local_rank: int
+    world_size: int
+    model: ModelInfo | None
+    optimizer: str | None
+    name: str | None = None
+    time: float | None = None
+    type: str = field(default="hello", init=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["argv"] = list(self.argv)
+        d["model"] = self.model.to_dict() if self.model else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Hello":
+        argv = d.get("argv") or []
+        if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
+            raise ProtocolError("argv: expected a list of strings")
+        return cls(
+            pid=_int(d, "pid", maximum=1 << 31),  # type: ignore[arg-type]
+            host=_str(d, "host", limit=256) or "",
+            argv=tuple(a[:1024] for a in argv[:256]),
+            python=_str(d, "python", nullable=True, limit=64) or "",
+            torch=_str(d, "torch", nullable=True, limit=64),
+            device=_str(d, "device", nullable=True, limit=64) or "cpu",
+            nvml_uuid=_str(d, "nvml_uuid", nullable=True, limit=128),
+            rank=_int(d, "rank", nullable=True, maximum=1 << 20) or 0,
+            local_rank=_int(d, "local_rank", nullable=True, maximum=1 << 20) or 0,
+            world_size=_int(d, "world_size", nullable=True, minimum=1, maximum=1 << 20) or 1,
+            model=ModelInfo.from_dict(d.get("model")),
+            optimizer=_str(d, "optimizer", nullable=True, limit=256),
+            name=_str(d, "name", nullable=True, limit=256),
+            time=_float(d, "time", nullable=True),
+        )
+
+
+@dataclass(frozen=True)
+class Step:
+    step: int
+    time: float
+    step_seconds: float | None
+    batch_size: int | None
+    components: dict[str, int]
+    allocated: int | None = None
+    peak_allocated: int | None = None
+    reserved: int | None = None
+    num_alloc_retries: int | None = None
+    num_ooms: int | None = None
+    device_used: int | None = None
+    type: str = field(default="step", init=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["components"] = dict(self.components)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Step":
+        return cls(
+            step=_int(d, "step"),  # type: ignore[arg-type]
+            time=_float(d, "time"),  # type: ignore[arg-type]
+            step_seconds=_float(d, "step_seconds", nullable=True),
+            batch_size=_int(d, "batch_size", nullable=True, maximum=1 << 40),
+            components=_components(d),  # type: ignore[arg-type]
+            allocated=_int(d, "allocated", nullable=True),
+            peak_allocated=_int(d, "peak_allocated", nullable=True),
+            reserved=_int(d, "reserved", nullable=True),
+            num_alloc_retries=_int(d, "num_alloc_retries", nullable=True),
+            num_ooms=_int(d, "num_ooms", nullable=True),
+            device_used=_int(d, "device_used", nullable=True),
+        )
+
+
+@dataclass(frozen=True)
+class Event:
+    kind: str
+    message: str
+    components: dict[str, int] | None = None
+    time: float | None = None
+    step: int | None = None
+    batch_size: int | None = None
+    requested_bytes: int | None = None
+    type: str = field(default="event", init=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["components"] = dict(self.components) if self.components is not None else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Event":
+        return cls(
+            kind=_str(d, "kind", limit=64) or "warning",
+            message=_str(d, "message", nullable=True, limit=4096) or "",
+            components=_components(d, nullable=True),
+            time=_float(d, "time", nullable=True),
+            step=_int(d, "step", nullable=True),
+            batch_size=_int(d, "batch_size", nullable=True, maximum=1 << 40),
+            requested_bytes=_int(d, "requested_bytes", nullable=True),
+        )
+
+
+@dataclass(frozen=True)
+class Bye:
+    reason: str = "detached"
+    time: float | None = None
+    type: str = field(default="bye", init=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Bye":
+        return cls(reason=_str(d, "reason", nullable=True, limit=256) or "detached", time=_float(d, "time", nullable=True))
+
+
+Message = Hello | Step | Event | Bye
+_PARSERS = {"hello": Hello.from_dict, "step": Step.from_dict, "event": Event.from_dict, "bye": Bye.from_dict}
+
+
+# ----------------------------------------------------------------------------------------------- codec
+
+
+def encode(message: Message) -> bytes:
+    """One protocol line, newline included. Raises ProtocolError when it would exceed the line limit."""
+    d = message.to_dict()
+    d["v"] = VERSION
+    line = json.dumps(d, separators=(",", ":"), allow_nan=False).encode("utf-8") + b"\n"
+    if len(line) > MAX_LINE_BYTES:
+        raise ProtocolError(f"message of {len(line)} bytes exceeds the {MAX_LINE_BYTES}-byte line limit")
+    return line
+
+
+def decode(line: bytes | str) -> Message | None:
+    """Parse one line. Returns None for a valid object of an unknown type (ignored by design).
+
+    Raises ProtocolError for anything else that is not a valid v1 message.
+    """
+    if isinstance(line, bytes):
+        if len(line) > MAX_LINE_BYTES:
+            raise ProtocolError("line exceeds 1 MiB")
+        try:
+            line = line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ProtocolError("line is not UTF-8") from exc
+    elif len(line) > MAX_LINE_BYTES:
+        raise ProtocolError("line exceeds 1 MiB")
+    try:
+        obj = json.loads(line)
+    except (ValueError, RecursionError) as exc:
+        raise ProtocolError("line is not JSON") from exc
+    if not isinstance(obj, dict):
+        raise ProtocolError("line is not a JSON object")
+    if obj.get("v") != VERSION:
+        raise ProtocolError(f"unsupported protocol version {obj.get('v')!r}")
+    kind = obj.get("type")
+    if not isinstance(kind, str):
+        raise ProtocolError("type: missing")
+    parser = _PARSERS.get(kind)
+    if parser is None:
+        return None
+    return parser(obj)
+
+
+class LineBuffer:
+    """Splits a byte stream into lines, dropping (and counting) lines longer than the limit without storing them."""
+
+    def __init__(self, limit: int = MAX_LINE_BYTES) -> None:
+        self.limit = limit
+        self._buf = bytearray()
+        self._skipping = False
+        self.oversized = 0
+
+    def feed(self, data: bytes) -> list[bytes]:
+        lines: list[bytes] = []
+        start = 0
+        while True:
+            nl = data.find(b"\n", start)
+            if nl < 0:
+                break
+            chunk = data[start:nl]
+            if self._skipping:
+                self._skipping = False
+            elif len(self._buf) + len(chunk) > self.limit:
+                self.oversized += 1
+            else:
+                self._buf += chunk
+                lines.append(bytes(self._buf))
+            self._buf.clear()
+            start = nl + 1
+        rest = data[start:]
+        if not self._skipping:
+            if len(self._buf) + len(rest) > self.limit:
+                self._buf.clear()
+                self._skipping = True
+                self.oversized += 1
+            else:
+                self._buf += rest
+        return lines
+
+    @property
+    def pending(self) -> int:
+        """Bytes of an unfinished line held now (a partial line at the end of a stream)."""
+        return len(self._buf)
+
+
+# ----------------------------------------------------------------------------------------------- socket paths
+
+
+def socket_dir(env: Mapping[str, str] | None = None) -> Path:
+    """``$BATCHMON_DIR``, else ``$XDG_RUNTIME_DIR/batchmon``, else ``/tmp/batchmon-<uid>``."""
+    env = os.environ if env is None else env
+    if env.get("BATCHMON_DIR"):
+        return Path(env["BATCHMON_DIR"])
+    if env.get("XDG_RUNTIME_DIR"):
+        return Path(env["XDG_RUNTIME_DIR"]) / "batchmon"
+    return Path(f"/tmp/batchmon-{os.getuid()}")
+
+
+def check_socket_dir(path: Path) -> None:
+    """Raise SocketDirError unless path is a real folder owned by us with no access for others."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError as exc:
+        raise SocketDirError(f"socket folder {path} does not exist") from exc
+    if stat.S_ISLNK(st.st_mode):
+        raise SocketDirError(f"socket folder {path} is a symlink; refusing to use it")
+    if not stat.S_ISDIR(st.st_mode):
+        raise SocketDirError(f"socket folder {path} is not a folder")
+    if st.st_uid != os.getuid():
+        raise SocketDirError(f"socket folder {path} is owned by uid {st.st_uid}, not by you (uid {os.getuid()})")
+    if st.st_mode & 0o077:
+        raise SocketDirError(f"socket folder {path} is open to other users (mode {stat.S_IMODE(st.st_mode):o}); expected 0700")
+
+
+def ensure_socket_dir(path: Path | None = None) -> Path:
+    """Create the socket folder 0700 if missing, then check it is safe. Returns the path."""
+    path = socket_dir() if path is None else path
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise SocketDirError(f"cannot create socket folder {path}: {exc.strerror}") from exc
+    check_socket_dir(path)
+    return path
+
+
+def socket_path(pid: int, directory: Path | None = None) -> Path:
+    return (socket_dir() if directory is None else directory) / f"{pid}.sock"
+
+
+def pid_of_socket(path: Path) -> int | None:
+    """The pid a socket file is named after, or None for a file that is not an agent socket."""
+    if path.suffix != ".sock" or not path.stem.isdigit():
+        return None
+    return int(path.stem)

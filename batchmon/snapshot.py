@@ -1,0 +1,73 @@
+"""Immutable Snapshot: everything every front end (TUI, --once, --json, export) renders, in one object.
+
+The hub builds one per refresh; front ends never look anywhere else, so they cannot disagree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from batchmon.memory_model import Prediction
+from batchmon.probes.host import HostSample, ProcessInfo
+from batchmon.probes.nvml import DeviceSample, NvmlSample
+from batchmon.protocol import Event, Hello, Step
+
+
+@dataclass(frozen=True)
+class AgentView:
+    """One attached training process as the monitor last saw it."""
+
+    key: str  # "<host>:<pid>", unique in a snapshot
+    source: str  # "local" or the remote host name it came from
+    hello: Hello
+    last_step: Step | None = None
+    history: tuple[Step, ...] = ()  # recent steps, oldest first (bounded)
+    events: tuple[Event, ...] = ()  # recent events, oldest first (bounded)
+    connected: bool = True
+    detached: bool = False  # said bye
+    invalid_lines: int = 0  # lines dropped from this agent as invalid
+    prediction: Prediction | None = None
+
+    @property
+    def job(self) -> str:
+        """Ranks of one job group together: same host, same command line, same world size."""
+        return f"{self.source}|{self.hello.host}|{' '.join(self.hello.argv)}|{self.hello.world_size}"
+
+
+@dataclass(frozen=True)
+class Warning:
+    """A counted problem the monitor survived: shown, never fatal."""
+
+    source: str
+    message: str
+    count: int = 1
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    time: float
+    host: HostSample
+    nvml: NvmlSample
+    agents: tuple[AgentView, ...] = ()
+    warnings: tuple[Warning, ...] = ()
+    interval: float = 1.0
+    source: str = "live"  # "live" or "replay"
+    remote: tuple["Snapshot", ...] = field(default_factory=tuple)  # other hosts (--host)
+
+    def process(self, pid: int) -> ProcessInfo | None:
+        return self.host.processes.get(pid)
+
+    def device_of(self, agent: AgentView) -> DeviceSample | None:
+        """The GPU an agent runs on: by NVML UUID, else by the index in its device string."""
+        if agent.hello.nvml_uuid:
+            for dev in self.nvml.devices:
+                if dev.uuid == agent.hello.nvml_uuid:
+                    return dev
+        if agent.hello.device.startswith("cuda"):
+            _, _, idx = agent.hello.device.partition(":")
+            index = int(idx) if idx.isdigit() else 0
+            for dev in self.nvml.devices:
+                if dev.index == index:
+                    return dev
+        return None
