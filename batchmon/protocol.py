@@ -62,7 +62,10 @@ def _float(d: Mapping[str, Any], key: str, *, nullable: bool = False, minimum: f
         raise ProtocolError(f"{key}: missing")
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ProtocolError(f"{key}: expected a number, got {type(value).__name__}")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:
+        raise ProtocolError(f"{key}: out of range") from None
     if not math.isfinite(value) or value < minimum or value > 1e12:
         raise ProtocolError(f"{key}: {value} out of range")
     return value

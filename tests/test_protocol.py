@@ -1,0 +1,184 @@
+"""Protocol v1: round trips, limits, and that no input makes decode do anything but return or raise ProtocolError."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from batchmon import protocol
+from batchmon.protocol import (
+    COMPONENTS,
+    Bye,
+    Event,
+    Hello,
+    LineBuffer,
+    ModelInfo,
+    ProtocolError,
+    SocketDirError,
+    Step,
+    decode,
+    encode,
+)
+
+
+def make_hello(**kw) -> Hello:
+    base = dict(pid=1234, host="box", argv=("train.py", "--lr", "3e-4"), python="3.11.7", torch="2.13.0",
+                device="cuda:0", nvml_uuid="GPU-abc", rank=1, local_rank=1, world_size=2,
+                model=ModelInfo("GPT", 124_000_000, 496_000_000), optimizer="AdamW")
+    base.update(kw)
+    return Hello(**base)
+
+
+def make_step(**kw) -> Step:
+    base = dict(step=7, time=1_700_000_000.5, step_seconds=0.25, batch_size=32,
+                components={name: (i + 1) * 1000 for i, name in enumerate(COMPONENTS)},
+                allocated=10, peak_allocated=20, reserved=30, num_alloc_retries=0, num_ooms=0, device_used=40)
+    base.update(kw)
+    return Step(**base)
+
+
+@pytest.mark.parametrize("message", [
+    make_hello(), make_hello(model=None, optimizer=None, nvml_uuid=None, torch=None),
+    make_step(), make_step(allocated=None, peak_allocated=None, reserved=None, num_alloc_retries=None,
+                           num_ooms=None, device_used=None, batch_size=None, step_seconds=None),
+    Event(kind="oom", message="CUDA out of memory", components=make_step().components, batch_size=64,
+          requested_bytes=2 << 30),
+    Event(kind="warning", message="socket folder unsafe"),
+    Bye(),
+])
+def test_round_trip(message):
+    line = encode(message)
+    assert line.endswith(b"\n") and line.count(b"\n") == 1
+    obj = json.loads(line)
+    assert obj["v"] == 1 and obj["type"] == message.type
+    assert decode(line) == message
+
+
+def test_unknown_type_and_fields_are_ignored():
+    assert decode(b'{"v":1,"type":"future-thing","x":1}') is None
+    obj = json.loads(encode(make_step()))
+    obj["new_field"] = {"nested": True}
+    assert decode(json.dumps(obj)) == make_step()
+
+
+@pytest.mark.parametrize("line,reason", [
+    (b"not json", "not JSON"),
+    (b"[1,2]", "not a JSON object"),
+    (b'{"type":"step"}', "version"),
+    (b'{"v":2,"type":"step"}', "version"),
+    (b'{"v":1}', "type"),
+    (b'\xff\xfe{"v":1}', "UTF-8"),
+])
+def test_invalid_lines_raise_protocol_error(line, reason):
+    with pytest.raises(ProtocolError, match=reason):
+        decode(line)
+
+
+def test_step_field_validation():
+    good = json.loads(encode(make_step()))
+    for key, bad in [("step", -1), ("step", "7"), ("time", float("inf")), ("batch_size", True),
+                     ("allocated", 1 << 70), ("reserved", -5), ("step_seconds", -1.0)]:
+        obj = dict(good, **{key: bad})
+        with pytest.raises(ProtocolError, match=key):
+            decode(json.dumps(obj))
+    comps = dict(good["components"])
+    del comps["activations"]
+    with pytest.raises(ProtocolError, match="activations"):
+        decode(json.dumps(dict(good, components=comps)))
+
+
+def test_line_limit_on_both_sides():
+    huge = make_hello(argv=("x" * 1000,) * 200)  # argv is capped on decode, not on encode
+    with pytest.raises(ProtocolError, match="limit"):
+        encode(make_event_with_message(2 << 20))
+    with pytest.raises(ProtocolError, match="1 MiB"):
+        decode(b'{"v":1,"type":"bye","pad":"' + b"a" * (1 << 20) + b'"}')
+    assert decode(encode(huge)).argv == huge.argv
+
+
+def make_event_with_message(n: int) -> Event:
+    return Event(kind="warning", message="m" * n)
+
+
+def test_line_buffer_splits_and_drops_oversized_without_storing():
+    buf = LineBuffer(limit=10)
+    assert buf.feed(b"abc\nde") == [b"abc"]
+    assert buf.feed(b"f\n") == [b"def"]
+    assert buf.feed(b"0123456789ABCDEF") == []  # over the limit: dropped, not buffered
+    assert buf.pending == 0 and buf.oversized == 1
+    assert buf.feed(b"GHI\nok\n") == [b"ok"]  # the rest of the long line is skipped
+    assert buf.oversized == 1
+    assert buf.feed(b"x" * 11 + b"\n") == []
+    assert buf.oversized == 2
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=2048))
+def test_decode_never_raises_anything_but_protocol_error_on_bytes(data):
+    try:
+        decode(data)
+    except ProtocolError:
+        pass
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(["hello", "step", "event", "bye"]), st.dictionaries(
+    st.sampled_from(["pid", "host", "argv", "step", "time", "components", "batch_size", "kind", "message",
+                     "model", "world_size", "allocated", "requested_bytes", "rank"]), json_values, max_size=8))
+def test_decode_of_typed_garbage_is_a_message_or_protocol_error(kind, fields):
+    obj = dict(fields, v=1, type=kind)
+    try:
+        result = decode(json.dumps(obj))
+    except ProtocolError:
+        return
+    assert result is not None and result.type == kind
+
+
+def test_socket_dir_resolution(tmp_path):
+    assert protocol.socket_dir({"BATCHMON_DIR": str(tmp_path)}) == tmp_path
+    assert protocol.socket_dir({"XDG_RUNTIME_DIR": "/run/user/5"}) == protocol.Path("/run/user/5/batchmon")
+    assert str(protocol.socket_dir({})) == f"/tmp/batchmon-{os.getuid()}"
+
+
+def test_ensure_socket_dir_creates_private_folder(tmp_path):
+    path = protocol.ensure_socket_dir(tmp_path / "socks")
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o700
+
+
+def test_ensure_socket_dir_refuses_symlink_and_open_folder(tmp_path):
+    real = tmp_path / "real"
+    real.mkdir(mode=0o700)
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    with pytest.raises(SocketDirError, match="symlink"):
+        protocol.ensure_socket_dir(link)
+    open_dir = tmp_path / "open"
+    open_dir.mkdir()
+    os.chmod(open_dir, 0o777)
+    with pytest.raises(SocketDirError, match="0700"):
+        protocol.ensure_socket_dir(open_dir)
+
+
+def test_pid_of_socket():
+    assert protocol.pid_of_socket(protocol.Path("/x/123.sock")) == 123
+    assert protocol.pid_of_socket(protocol.Path("/x/abc.sock")) is None
+    assert protocol.pid_of_socket(protocol.Path("/x/123.txt")) is None
+
+
+def test_integer_too_large_for_a_float_is_a_protocol_error():
+    obj = json.loads(encode(make_step()))
+    obj["time"] = 10 ** 400
+    with pytest.raises(ProtocolError, match="time"):
+        decode(json.dumps(obj))
