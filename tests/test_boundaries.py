@@ -1,0 +1,55 @@
+"""The import contract (Harlequin style): the core never imports textual, the monitor never imports torch."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# Modules that run inside the training process and may import torch (lazily).
+TRAINING_SIDE = {"agent", "accounting", "launcher", "_bootstrap", "integrations"}
+
+
+def _imports(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def _core_files() -> list[Path]:
+    return sorted([*ROOT.joinpath("batchmon").rglob("*.py"), *ROOT.joinpath("probes").rglob("*.py")])
+
+
+def test_core_and_probes_never_import_textual():
+    offenders = [str(p.relative_to(ROOT)) for p in _core_files() if "textual" in _imports(p)]
+    assert offenders == []
+
+
+def test_monitor_side_modules_never_import_torch():
+    offenders = []
+    for path in _core_files():
+        rel = path.relative_to(ROOT)
+        if rel.parts[0] == "batchmon" and (rel.stem in TRAINING_SIDE or set(rel.parts[1:-1]) & TRAINING_SIDE):
+            continue
+        if "torch" in _imports(path):
+            offenders.append(str(rel))
+    assert offenders == []
+
+
+def test_importing_the_monitor_loads_neither_torch_nor_textual():
+    modules = ["batchmon", "batchmon.cli", "batchmon.protocol", "batchmon.snapshot", "batchmon.memory_model",
+               "batchmon.probes.nvml", "batchmon.probes.host"]
+    modules += [f"batchmon.{p.stem}" for p in ROOT.joinpath("batchmon").glob("*.py")
+                if p.stem not in TRAINING_SIDE | {"__init__", "__main__", "demo", "monitor_cli"}]
+    code = ("import importlib, sys\n"
+            f"for m in {sorted(set(modules))!r}: importlib.import_module(m)\n"
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'textual'))\n"
+            "print(bad)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
