@@ -1,0 +1,182 @@
+"""Monitor side of the agent socket: find agent sockets, connect without blocking, turn bytes into hub records.
+
+The agent talks, the monitor listens: a connection yields the agent's hello, its recent history and then live
+lines. Everything here is defensive: an agent may send garbage, stop mid-line, or vanish; none of it raises
+past this module except as a value the hub turns into a record.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import socket
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from batchmon import protocol
+
+RECV_BYTES = 256 * 1024
+READ_BUDGET = 4 * 1024 * 1024  # per connection per wake-up, so one chatty agent cannot starve the others
+
+
+@dataclass(frozen=True)
+class Found:
+    pid: int
+    path: Path
+
+
+def scan(directory: Path) -> list[Found]:
+    """Agent sockets (``<pid>.sock``, a socket, owned by us) in the folder, by pid. Missing folder: none."""
+    found: list[Found] = []
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return found
+    uid = os.getuid()
+    for entry in entries:
+        pid = protocol.pid_of_socket(Path(entry.name))
+        if pid is None:
+            continue
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except OSError:
+            continue
+        if stat.S_ISSOCK(st.st_mode) and st.st_uid == uid:
+            found.append(Found(pid, Path(entry.path)))
+    found.sort(key=lambda f: f.pid)
+    return found
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists and is not a zombie."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    try:
+        import psutil
+
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except Exception:  # noqa: BLE001 - psutil unsure: the kill(0) answer stands
+        return True
+
+
+class ConnectResult:
+    CONNECTED = "connected"
+    RETRY = "retry"  # listener busy (backlog full) or transient: try at the next scan
+    STALE = "stale"  # nothing listens there (refused)
+    GONE = "gone"  # the socket file vanished
+
+
+class AgentConnection:
+    """One non-blocking connection to one agent socket, with its line framing."""
+
+    def __init__(self, pid: int, path: Path, key: str) -> None:
+        self.pid = pid
+        self.path = path
+        self.key = key
+        self.sock: socket.socket | None = None
+        self.lines = protocol.LineBuffer(protocol.MAX_LINE_BYTES)
+        self._oversized_seen = 0
+        self.bytes_read = 0
+        self.eof = False
+
+    def connect(self) -> str:
+        """Try to connect; returns a ConnectResult value. Never raises."""
+        try:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        except OSError:
+            return ConnectResult.RETRY
+        sock.setblocking(False)
+        try:
+            sock.connect(str(self.path))
+        except BlockingIOError:
+            sock.close()
+            return ConnectResult.RETRY
+        except OSError as exc:
+            sock.close()
+            if exc.errno in (errno.ECONNREFUSED, errno.ECONNRESET, errno.ENOTSOCK):
+                return ConnectResult.STALE
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+                return ConnectResult.GONE
+            return ConnectResult.RETRY
+        self.sock = sock
+        return ConnectResult.CONNECTED
+
+    def fileno(self) -> int:
+        return self.sock.fileno() if self.sock is not None else -1
+
+    def read(self) -> list[dict[str, Any]]:
+        """Drain what is readable now; returns record bodies ``{"data"[, "error"]}``, one per complete line.
+
+        Sets ``eof`` when the agent closed (or reset) the connection; an unfinished line at that point is
+        returned as an invalid line, so it is counted, not silently lost.
+        """
+        out: list[dict[str, Any]] = []
+        if self.sock is None or self.eof:
+            return out
+        budget = READ_BUDGET
+        while budget > 0:
+            try:
+                data = self.sock.recv(RECV_BYTES)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                data = b""
+            if not data:
+                self.eof = True
+                break
+            budget -= len(data)
+            self.bytes_read += len(data)
+            for line in self.lines.feed(data):
+                out.append(line_body(line))
+            if self.lines.oversized > self._oversized_seen:
+                for _ in range(self.lines.oversized - self._oversized_seen):
+                    out.append({"data": None, "error": f"line exceeds {protocol.MAX_LINE_BYTES} bytes"})
+                self._oversized_seen = self.lines.oversized
+        if self.eof and self.lines.pending:
+            out.append({"data": None, "error": f"connection closed mid-line ({self.lines.pending} bytes dropped)"})
+            self.lines = protocol.LineBuffer(protocol.MAX_LINE_BYTES)
+        return out
+
+    def close(self) -> None:
+        if self.sock is not None:
+            try:
+                self.sock.close()
+            except OSError:
+                pass
+            self.sock = None
+
+
+def line_body(line: bytes) -> dict[str, Any]:
+    """A raw line as a record body: the JSON object it holds, or null data with the reason it is invalid."""
+    if not line.strip():
+        return {"data": None, "error": "empty line"}
+    try:
+        obj = json.loads(line)
+    except (ValueError, RecursionError):
+        return {"data": None, "error": "line is not JSON"}
+    if not isinstance(obj, dict):
+        return {"data": None, "error": "line is not a JSON object"}
+    return {"data": obj}
+
+
+def unlink_stale(path: Path) -> bool:
+    """Remove a socket file nobody listens on, if it is ours. True when removed."""
+    try:
+        st = os.lstat(path)
+        if not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.getuid():
+            return False
+        os.unlink(path)
+        return True
+    except OSError:
+        return False

@@ -1,0 +1,344 @@
+"""The hub: one IO thread that hears every agent on this host, samples NVML and the host, and publishes Snapshots.
+
+Every input becomes a record (see hub_state) that goes through ``HubState.ingest`` and, if given, the
+``recorder`` callback; so the TUI, ``--once``, ``record`` and ``stream`` all see exactly the same data.
+One thread for everything: a selectors loop over agent sockets between probe ticks, no thread per refresh.
+Nothing an agent or NVML sends can crash it; problems become counted Warnings in the snapshot.
+"""
+
+from __future__ import annotations
+
+import os
+import selectors
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from batchmon import protocol
+from batchmon.agent_client import AgentConnection, ConnectResult, Found, pid_alive, scan, unlink_stale
+from batchmon.hub_state import LOCAL, HubState
+from batchmon.snapshot import Snapshot
+
+Record = dict[str, Any]
+
+
+class Hub:
+    """Live source of Snapshots. ``start()`` runs the IO thread; ``snapshot()`` is the latest one."""
+
+    #: seconds a disconnected agent (no bye, pid alive) stays listed before it is removed
+    GONE_GRACE_S = 10.0
+
+    def __init__(
+        self,
+        *,
+        interval: float = 1.0,
+        socket_dir: Path | None = None,
+        nvml_probe: Any = None,
+        host_probe: Any = None,
+        on_snapshot: Callable[[Snapshot], None] | None = None,
+        recorder: Callable[[Record], None] | None = None,
+    ) -> None:
+        self._interval = _check_interval(interval)
+        self._socket_dir = Path(socket_dir) if socket_dir is not None else None
+        self._nvml = nvml_probe
+        self._host = host_probe
+        self._own_probes: list[Any] = []
+        self.on_snapshot = on_snapshot  # public: a front end given an unstarted Hub may set it before start()
+        self._recorder = recorder
+        self.hostname = socket.gethostname()
+        self.state = HubState()  # touched only by the IO thread (or by sample_once's caller)
+        self._conns: dict[int, AgentConnection] = {}
+        self._disconnected: dict[int, tuple[str, float]] = {}  # pid -> (key, monotonic time of EOF)
+        self._dir_problem: str | None = None
+        self._sel = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._sel.register(self._wake_r, selectors.EVENT_READ, None)
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._last_data = time.monotonic()
+        self.error: BaseException | None = None  # what ended the IO thread early (a recorder that failed)
+        self.ticks = 0
+        self._latest = self.state.snapshot(time.time(), self._interval)
+
+    # ------------------------------------------------------------------------------------------ public API
+
+    def start(self) -> "Hub":
+        if self._thread is None and not self._closed:
+            self._thread = threading.Thread(target=self._run, name="batchmon-hub", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop the IO thread, close agent sockets and the probes this hub opened. Idempotent."""
+        self._stopping.set()
+        self._wake()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+        self._close()
+
+    def snapshot(self) -> Snapshot:
+        return self._latest
+
+    def set_interval(self, seconds: float) -> None:
+        self._interval = _check_interval(seconds)
+        self._wake()
+
+    @property
+    def interval(self) -> float:
+        return self._interval
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait for the IO thread to end (stop() or a failed recorder). True when it has ended."""
+        if self._thread is None:
+            return True
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def sample_once(self, max_wait: float = 0.5, quiet: float = 0.05) -> Snapshot:
+        """One snapshot without a thread, for ``batchmon --once``.
+
+        Connects to every agent socket, samples NVML, then reads until every connected agent has said hello
+        and its history burst has gone quiet for ``quiet`` seconds, or ``max_wait`` passes; then samples the
+        host and builds the snapshot. Closes everything before returning.
+        """
+        try:
+            self._open_probes()
+            self._scan()
+            nvml_sample = self._sample_nvml()
+            deadline = time.monotonic() + max_wait
+            while self._conns:
+                now = time.monotonic()
+                if now >= deadline:
+                    break
+                all_hello = all(self.state.has_hello(c.key) for c in self._conns.values())
+                if all_hello and now - self._last_data >= quiet:
+                    break
+                self._poll(min(deadline - now, quiet))
+            self._sample_host(nvml_sample)
+            snap = self.state.snapshot(time.time(), self._interval)
+            self._latest = snap
+            return snap
+        finally:
+            self._close()
+
+    # ------------------------------------------------------------------------------------------ IO thread
+
+    def _run(self) -> None:
+        try:
+            self._open_probes()
+            last_tick = None
+            while not self._stopping.is_set():
+                now = time.monotonic()
+                if last_tick is None or now - last_tick >= self._interval:
+                    last_tick = now
+                    self._tick()
+                    continue
+                self._poll(max(0.0, last_tick + self._interval - now))
+        except BaseException as exc:  # noqa: BLE001 - kept for the owner (recorder failure, broken pipe)
+            self.error = exc
+        finally:
+            self._close()
+
+    def _tick(self) -> None:
+        self._scan()
+        self._reap()
+        nvml_sample = self._sample_nvml()
+        self._sample_host(nvml_sample)
+        snap = self.state.snapshot(time.time(), self._interval)
+        self._latest = snap
+        self.ticks += 1
+        self._emit({"t": snap.time, "kind": "tick", "source": LOCAL})
+        if self.on_snapshot is not None:
+            try:
+                self.on_snapshot(snap)
+            except Exception as exc:  # noqa: BLE001 - a front-end bug must not stop monitoring
+                self._warn("hub", f"on_snapshot callback failed: {type(exc).__name__}: {exc}")
+
+    def _emit(self, record: Record) -> None:
+        self.state.ingest(record)
+        if self._recorder is not None:
+            self._recorder(record)  # a failing recorder ends the hub (stream: the reader went away)
+
+    def _warn(self, origin: str, message: str) -> None:
+        self._emit({"t": time.time(), "kind": "warning", "source": LOCAL, "data": {"source": origin, "message": message}})
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass
+
+    # ------------------------------------------------------------------------------------------ probes
+
+    def _open_probes(self) -> None:
+        if self._nvml is None:
+            try:
+                from batchmon.probes.nvml import NvmlProbe
+
+                self._nvml = NvmlProbe()
+                self._own_probes.append(self._nvml)
+            except Exception as exc:  # noqa: BLE001
+                self._nvml = _FailedProbe(f"NVML probe could not start: {type(exc).__name__}: {exc}")
+        if self._host is None:
+            try:
+                from batchmon.probes.host import HostProbe
+
+                self._host = HostProbe()
+                self._own_probes.append(self._host)
+            except Exception as exc:  # noqa: BLE001
+                self._host = _FailedProbe(f"host probe could not start: {type(exc).__name__}: {exc}")
+
+    def _sample_nvml(self) -> Any:
+        from batchmon.probes import nvml
+
+        try:
+            if isinstance(self._nvml, _FailedProbe):
+                sample = nvml.NvmlSample(available=False, error=self._nvml.reason, driver=None, time=time.time())
+            else:
+                sample = self._nvml.sample()
+            data = nvml.sample_to_dict(sample)
+        except Exception as exc:  # noqa: BLE001 - the probe promises not to raise; we do not rely on it
+            self._warn("nvml", f"probe failed: {type(exc).__name__}: {exc}")
+            return None
+        self._emit({"t": time.time(), "kind": "nvml", "source": LOCAL, "data": data})
+        return sample
+
+    def _sample_host(self, nvml_sample: Any) -> None:
+        from batchmon.probes import host
+
+        pids = set(self.state.agent_pids()) | set(self._conns)
+        for dev in getattr(nvml_sample, "devices", ()) or ():
+            pids.update(p.pid for p in dev.processes)
+        try:
+            if isinstance(self._host, _FailedProbe):
+                sample = host.HostSample(hostname=self.hostname, memory_total=None, memory_used=None,
+                                         processes={}, time=time.time())
+            else:
+                sample = self._host.sample(sorted(pids))
+            data = host.sample_to_dict(sample)
+        except Exception as exc:  # noqa: BLE001
+            self._warn("host", f"probe failed: {type(exc).__name__}: {exc}")
+            return
+        self._emit({"t": time.time(), "kind": "host", "source": LOCAL, "data": data})
+
+    # ------------------------------------------------------------------------------------------ agents
+
+    def _key(self, pid: int) -> str:
+        return f"{self.hostname}:{pid}"
+
+    def _scan(self) -> None:
+        """Connect to new agent sockets; drop stale ones. Missing folder: no agents. Unsafe folder: a warning."""
+        directory = self._socket_dir or protocol.socket_dir()
+        problem = None
+        if os.path.lexists(directory):
+            try:
+                protocol.check_socket_dir(directory)
+            except protocol.SocketDirError as exc:
+                problem = str(exc)
+        if problem != self._dir_problem:
+            self._dir_problem = problem
+            if problem:
+                self._warn("socket folder", f"{problem}; not connecting to agents there")
+        if problem or not os.path.lexists(directory):
+            return
+        for found in scan(directory):
+            if found.pid not in self._conns:
+                self._connect(found)
+
+    def _connect(self, found: Found) -> None:
+        conn = AgentConnection(found.pid, found.path, self._key(found.pid))
+        result = conn.connect()
+        if result == ConnectResult.CONNECTED:
+            self._conns[found.pid] = conn
+            self._disconnected.pop(found.pid, None)
+            self._sel.register(conn.sock, selectors.EVENT_READ, conn)
+        elif result == ConnectResult.STALE and not pid_alive(found.pid):
+            unlink_stale(found.path)
+
+    def _reap(self) -> None:
+        """Remove disconnected agents whose process died or whose grace period is over."""
+        now = time.monotonic()
+        for pid, (key, since) in list(self._disconnected.items()):
+            if pid in self._conns:
+                continue
+            if not pid_alive(pid) or now - since >= self.GONE_GRACE_S:
+                del self._disconnected[pid]
+                self._emit({"t": time.time(), "kind": "agent_gone", "source": LOCAL, "key": key})
+
+    def _poll(self, timeout: float) -> None:
+        for sel_key, _ in self._sel.select(timeout):
+            conn = sel_key.data
+            if conn is None:
+                try:
+                    while self._wake_r.recv(4096):
+                        pass
+                except OSError:
+                    pass
+                continue
+            bodies = conn.read()
+            if bodies:
+                self._last_data = time.monotonic()
+            for body in bodies:
+                record = {"t": time.time(), "kind": "agent", "source": LOCAL, "key": conn.key}
+                record.update(body)
+                self._emit(record)
+            if conn.eof:
+                self._drop(conn)
+
+    def _drop(self, conn: AgentConnection) -> None:
+        try:
+            self._sel.unregister(conn.sock)
+        except (KeyError, ValueError, OSError):
+            pass
+        conn.close()
+        self._conns.pop(conn.pid, None)
+        self._disconnected[conn.pid] = (conn.key, time.monotonic())
+        self._emit({"t": time.time(), "kind": "agent_eof", "source": LOCAL, "key": conn.key})
+
+    def _close(self) -> None:
+        if self._thread is not None and self._thread.is_alive() and self._thread is not threading.current_thread():
+            return  # the IO thread closes on its way out
+        if self._closed:
+            return
+        self._closed = True
+        for conn in list(self._conns.values()):
+            conn.close()
+        self._conns.clear()
+        for probe in self._own_probes:
+            try:
+                probe.close()
+            except Exception:  # noqa: BLE001
+                pass
+        self._own_probes.clear()
+        try:
+            self._sel.close()
+        except Exception:  # noqa: BLE001
+            pass
+        for s in (self._wake_r, self._wake_w):
+            s.close()
+
+
+class _FailedProbe:
+    """Stands in for a probe that could not be created, so the snapshot says why instead of crashing."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def close(self) -> None:
+        pass
+
+
+def _check_interval(seconds: float) -> float:
+    seconds = float(seconds)
+    if not seconds > 0 or seconds != seconds or seconds == float("inf"):
+        raise ValueError(f"interval must be a positive number of seconds, got {seconds!r}")
+    return max(seconds, 0.01)

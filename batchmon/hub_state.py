@@ -1,0 +1,286 @@
+"""The hub's pure state: hub input records in, immutable Snapshots out. No threads, no sockets, no clocks.
+
+Live monitoring and replay feed the very same records through ``HubState.ingest``, so a recording replays to
+exactly what the monitor showed. A record is one dict::
+
+    {"t": unix time, "kind": "nvml" | "host" | "agent" | "agent_eof" | "agent_gone" | "warning" | "tick" | "meta",
+     "source": "local" or a remote host, "key": "<host>:<pid>" (agent kinds), "data": ...}
+
+``data`` is the probe sample dict (nvml, host), the raw protocol message object (agent; null with an
+``"error"`` when the line was not a JSON object) or ``{"source", "message"[, "detail"]}`` (warning, counted per
+source and message). ``ingest`` never raises: anything malformed becomes a counted Warning.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import deque
+from dataclasses import dataclass, field, replace
+from typing import Any, Mapping
+
+from batchmon import protocol
+from batchmon.probes import host as host_probe
+from batchmon.probes import nvml as nvml_probe
+from batchmon.probes.host import HostSample
+from batchmon.probes.nvml import NvmlSample
+from batchmon.protocol import Bye, Event, Hello, ProtocolError, Step
+from batchmon.snapshot import AgentView, Snapshot, Warning
+
+LOCAL = "local"
+HISTORY_LIMIT = 2000  # steps kept per agent (the agent sends >= 1000 on connect)
+EVENTS_LIMIT = 200  # events kept per agent
+WARNINGS_LIMIT = 100  # distinct warnings kept per source; more fold into one
+AGENTS_LIMIT = 1024  # agents kept per source (a flood of fake keys must not grow memory forever)
+
+_PARSERS = {"hello": Hello.from_dict, "step": Step.from_dict, "event": Event.from_dict, "bye": Bye.from_dict}
+
+
+def decode_object(obj: Any) -> protocol.Message | None:
+    """``protocol.decode`` for a line already parsed as JSON: None for an unknown type, ProtocolError if invalid."""
+    if not isinstance(obj, dict):
+        raise ProtocolError("line is not a JSON object")
+    if obj.get("v") != protocol.VERSION:
+        raise ProtocolError(f"unsupported protocol version {obj.get('v')!r}")
+    kind = obj.get("type")
+    if not isinstance(kind, str):
+        raise ProtocolError("type: missing")
+    parser = _PARSERS.get(kind)
+    return None if parser is None else parser(obj)
+
+
+def _short(text: Any, limit: int = 200) -> str:
+    s = str(text).replace("\n", " ")
+    return s if len(s) <= limit else s[: limit - 1] + "…"
+
+
+@dataclass
+class _Agent:
+    key: str
+    source: str
+    hello: Hello | None = None
+    history: deque = field(default_factory=lambda: deque(maxlen=HISTORY_LIMIT))
+    events: deque = field(default_factory=lambda: deque(maxlen=EVENTS_LIMIT))
+    connected: bool = True
+    detached: bool = False
+    invalid_lines: int = 0
+    prediction_key: tuple | None = None
+    prediction: Any = None
+
+
+@dataclass
+class _Source:
+    """Everything one host contributes: its probes, its agents, its warnings."""
+
+    name: str
+    nvml: NvmlSample | None = None
+    host: HostSample | None = None
+    agents: dict[str, _Agent] = field(default_factory=dict)
+    warnings: dict[tuple[str, str], list] = field(default_factory=dict)  # (source, category) -> [count, detail]
+
+
+class HubState:
+    """Merges probe samples and agent messages; builds immutable Snapshots on demand."""
+
+    def __init__(self, *, history_limit: int = HISTORY_LIMIT, events_limit: int = EVENTS_LIMIT) -> None:
+        self.history_limit = history_limit
+        self.events_limit = events_limit
+        self._sources: dict[str, _Source] = {LOCAL: _Source(LOCAL)}
+        self.records = 0  # records ingested (for tests and status lines)
+        self.meta: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------------------------------ ingest
+
+    def ingest(self, record: Any) -> None:
+        """Apply one hub input record. Never raises; a malformed record becomes a counted Warning."""
+        self.records += 1
+        try:
+            self._ingest(record)
+        except Exception as exc:  # noqa: BLE001 - by contract nothing escapes; the cause is shown as a warning
+            src = record.get("source") if isinstance(record, dict) else None
+            self.warn(src if isinstance(src, str) else LOCAL, "hub", "record rejected", f"{type(exc).__name__}: {exc}")
+
+    def _ingest(self, record: Any) -> None:
+        if not isinstance(record, dict):
+            self.warn(LOCAL, "recording", "bad record", f"expected an object, got {type(record).__name__}")
+            return
+        kind = record.get("kind")
+        source_name = record.get("source", LOCAL)
+        if not isinstance(source_name, str) or not source_name:
+            source_name = LOCAL
+        if kind == "meta":
+            self.meta = dict(record)
+            return
+        if kind == "tick":
+            return
+        src = self._source(source_name)
+        data = record.get("data")
+        if kind == "nvml":
+            try:
+                src.nvml = nvml_probe.sample_from_dict(data)
+            except Exception as exc:  # noqa: BLE001
+                self.warn(source_name, "nvml", "bad NVML sample", f"{type(exc).__name__}: {exc}")
+        elif kind == "host":
+            try:
+                src.host = host_probe.sample_from_dict(data)
+            except Exception as exc:  # noqa: BLE001
+                self.warn(source_name, "host", "bad host sample", f"{type(exc).__name__}: {exc}")
+        elif kind == "warning":
+            d = data if isinstance(data, dict) else {}
+            detail = d.get("detail")
+            self.warn(source_name, _short(d.get("source", "hub"), 64), _short(d.get("message", data), 300),
+                      None if detail is None else _short(detail))
+        elif kind in ("agent", "agent_eof", "agent_gone"):
+            key = record.get("key")
+            if not isinstance(key, str) or not key:
+                self.warn(source_name, "recording", "agent record without key", None)
+                return
+            if kind == "agent_gone":
+                src.agents.pop(key, None)
+                return
+            agent = self._agent(src, key)
+            if agent is None:
+                return
+            if kind == "agent_eof":
+                agent.connected = False
+                return
+            self._agent_message(src, agent, data, record.get("error"))
+        # unknown kinds: ignored, like unknown protocol types (forward compatibility)
+
+    def _source(self, name: str) -> _Source:
+        src = self._sources.get(name)
+        if src is None:
+            src = self._sources[name] = _Source(name)
+        return src
+
+    def _agent(self, src: _Source, key: str) -> _Agent | None:
+        agent = src.agents.get(key)
+        if agent is None:
+            if len(src.agents) >= AGENTS_LIMIT:
+                self.warn(src.name, "hub", "too many agents; ignoring new ones", key)
+                return None
+            agent = src.agents[key] = _Agent(key, src.name)
+            agent.history = deque(maxlen=self.history_limit)
+            agent.events = deque(maxlen=self.events_limit)
+        return agent
+
+    def _agent_message(self, src: _Source, agent: _Agent, data: Any, error: Any) -> None:
+        agent.connected = True
+        if data is None:
+            self._invalid(src, agent, error or "line is not JSON")
+            return
+        try:
+            msg = decode_object(data)
+        except ProtocolError as exc:
+            self._invalid(src, agent, str(exc))
+            return
+        except Exception as exc:  # noqa: BLE001 - a parser bug must not take the monitor down
+            self._invalid(src, agent, f"{type(exc).__name__}: {exc}")
+            return
+        if isinstance(msg, Hello):
+            agent.hello = msg
+            agent.detached = False
+        elif isinstance(msg, Step):
+            last = agent.history[-1] if agent.history else None
+            # A reconnect resends the agent's history: keep each step once.
+            if last is not None and msg.step <= last.step and msg.time <= last.time:
+                return
+            agent.history.append(msg)
+        elif isinstance(msg, Event):
+            agent.events.append(msg)
+        elif isinstance(msg, Bye):
+            agent.detached = True
+        # None: a valid object of an unknown type, ignored by design
+
+    def _invalid(self, src: _Source, agent: _Agent, reason: str) -> None:
+        agent.invalid_lines += 1
+        self.warn(src.name, f"agent {agent.key}", "invalid lines dropped", _short(reason))
+
+    def warn(self, source: str, origin: str, category: str, detail: str | None) -> None:
+        """Count one occurrence of a problem; the snapshot shows each (origin, category) once with its count."""
+        src = self._source(source)
+        key = (origin, category)
+        entry = src.warnings.get(key)
+        if entry is None:
+            if len(src.warnings) >= WARNINGS_LIMIT:
+                key = ("hub", "more distinct warnings than shown")
+                entry = src.warnings.setdefault(key, [0, None])
+            else:
+                entry = src.warnings[key] = [0, None]
+        entry[0] += 1
+        if detail is not None:
+            entry[1] = detail
+
+    # ------------------------------------------------------------------------------------------ queries
+
+    def agent_pids(self, source: str = LOCAL) -> list[int]:
+        """Pids of the agents of one source that said hello (for the host probe)."""
+        src = self._sources.get(source)
+        return [] if src is None else [a.hello.pid for a in src.agents.values() if a.hello is not None]
+
+    def has_hello(self, key: str, source: str = LOCAL) -> bool:
+        src = self._sources.get(source)
+        agent = src.agents.get(key) if src else None
+        return agent is not None and agent.hello is not None
+
+    def agent_keys(self, source: str = LOCAL) -> list[str]:
+        src = self._sources.get(source)
+        return [] if src is None else list(src.agents)
+
+    # ------------------------------------------------------------------------------------------ snapshot
+
+    def snapshot(self, now: float, interval: float = 1.0, *, kind: str = "live") -> Snapshot:
+        """An immutable view of the state now: tuples only, nothing the state will mutate later."""
+        remote = tuple(
+            self._source_snapshot(src, now, interval, kind)
+            for name, src in self._sources.items()
+            if name != LOCAL and (src.nvml is not None or src.host is not None or src.agents)
+        )
+        local = self._source_snapshot(self._sources[LOCAL], now, interval, kind)
+        return replace(local, remote=remote) if remote else local
+
+    def _source_snapshot(self, src: _Source, now: float, interval: float, kind: str) -> Snapshot:
+        nvml = src.nvml or NvmlSample(available=False, error="no NVML sample yet", driver=None, time=now)
+        host = src.host or HostSample(hostname=src.name if src.name != LOCAL else "", memory_total=None,
+                                      memory_used=None, processes={}, time=now)
+        views = [
+            AgentView(key=a.key, source=a.source, hello=a.hello, last_step=a.history[-1] if a.history else None,
+                      history=tuple(a.history), events=tuple(a.events), connected=a.connected,
+                      detached=a.detached, invalid_lines=a.invalid_lines)
+            for a in src.agents.values()
+            if a.hello is not None
+        ]
+        views.sort(key=lambda v: (v.hello.host, v.job, v.hello.rank, v.hello.pid, v.key))
+        base = Snapshot(time=now, host=host, nvml=nvml, agents=tuple(views), interval=interval, source=kind)
+        views = [replace(v, prediction=self._predict(src, v, base)) for v in views]
+        warnings = tuple(
+            Warning(source=origin, message=f"{category}: {detail}" if detail else category, count=count)
+            for (origin, category), (count, detail) in src.warnings.items()
+        )
+        return replace(base, agents=tuple(views), warnings=warnings)
+
+    def _predict(self, src: _Source, view: AgentView, base: Snapshot) -> Any:
+        """The memory model's prediction for one agent, recomputed only when its steps or device change."""
+        if not view.history:
+            return None
+        device = base.device_of(view)
+        device_total = device.memory.total if device is not None and device.memory is not None else None
+        last = view.history[-1]
+        key = (len(view.history), last.step, last.time, device_total, view.hello.optimizer)
+        agent = src.agents[view.key]
+        if agent.prediction_key == key:
+            return agent.prediction
+        agent.prediction_key = key
+        agent.prediction = None
+        try:
+            from batchmon import memory_model
+
+            agent.prediction = memory_model.predict_from_steps(view.history, device_total,
+                                                               optimizer=view.hello.optimizer)
+        except Exception as exc:  # noqa: BLE001 - a model bug costs the prediction, never the monitor
+            self.warn(src.name, "memory model", "prediction failed", f"{type(exc).__name__}: {_short(exc)}")
+        return agent.prediction
+
+
+def record_line(record: Mapping[str, Any]) -> str:
+    """One record as a compact JSON line (newline included), as `batchmon record` writes it."""
+    return json.dumps(record, separators=(",", ":"), default=str) + "\n"

@@ -1,0 +1,303 @@
+"""The hub over real unix sockets: discovery, late history, garbage, vanishing agents, stale sockets, shutdown."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import time
+
+import pytest
+
+from batchmon import protocol
+from batchmon.hub import Hub
+from batchmon.protocol import Bye, Event
+from hub_peer import FakeAgent, LivePid, make_hello, make_step, wait_for
+
+
+@pytest.fixture
+def sockdir(tmp_path):
+    return protocol.ensure_socket_dir(tmp_path / "sock")
+
+
+@pytest.fixture
+def pids():
+    made: list[LivePid] = []
+
+    def new() -> LivePid:
+        made.append(LivePid())
+        return made[-1]
+
+    yield new
+    for p in made:
+        p.kill()
+
+
+@pytest.fixture
+def agents():
+    made: list[FakeAgent] = []
+
+    def new(*a, **kw) -> FakeAgent:
+        made.append(FakeAgent(*a, **kw))
+        return made[-1]
+
+    yield new
+    for a in made:
+        a.close()
+
+
+@pytest.fixture
+def hub_factory(sockdir):
+    hubs: list[Hub] = []
+
+    def new(**kw) -> Hub:
+        kw.setdefault("interval", 0.05)
+        kw.setdefault("socket_dir", sockdir)
+        hubs.append(Hub(**kw))
+        return hubs[-1]
+
+    yield new
+    for h in hubs:
+        h.stop()
+
+
+def agent_view(hub: Hub, pid: int):
+    for a in hub.snapshot().agents:
+        if a.hello.pid == pid:
+            return a
+    return None
+
+
+def test_discovers_new_socket_and_late_monitor_gets_history(sockdir, pids, agents, hub_factory):
+    hub = hub_factory().start()
+    wait_for(lambda: hub.ticks >= 2, what="two ticks")
+    assert hub.snapshot().agents == ()
+    p = pids()
+    agent = agents(sockdir, p.pid, history=[make_step(n) for n in range(1, 1201)])
+    view = wait_for(lambda: (v := agent_view(hub, p.pid)) and len(v.history) == 1200 and v, what="history")
+    assert view.key == f"{socket.gethostname()}:{p.pid}"
+    assert view.last_step.step == 1200 and view.history[0].step == 1
+    assert view.connected and not view.detached and view.invalid_lines == 0
+    agent.send_message(make_step(1201))
+    wait_for(lambda: agent_view(hub, p.pid).last_step.step == 1201, what="live step")
+    agent.send_message(Event(kind="oom", message="CUDA out of memory", requested_bytes=1 << 30))
+    ev = wait_for(lambda: agent_view(hub, p.pid).events, what="event")
+    assert ev[-1].kind == "oom" and ev[-1].requested_bytes == 1 << 30
+    agent.send_message(Bye())
+    wait_for(lambda: agent_view(hub, p.pid).detached, what="bye")
+
+
+def test_history_is_bounded(sockdir, pids, agents, hub_factory):
+    p = pids()
+    agents(sockdir, p.pid, history=[make_step(n) for n in range(1, 2501)])
+    hub = hub_factory().start()
+    view = wait_for(lambda: (v := agent_view(hub, p.pid)) and v.last_step and v.last_step.step == 2500 and v)
+    assert len(view.history) == 2000 and view.history[0].step == 501
+
+
+def test_agent_vanishing_mid_line_is_counted_not_fatal(sockdir, pids, agents, hub_factory):
+    p = pids()
+    agent = agents(sockdir, p.pid, history=[make_step(1)])
+    hub = hub_factory().start()
+    hub.GONE_GRACE_S = 0.3
+    wait_for(lambda: agent_view(hub, p.pid), what="agent")
+    agent.send(b'{"v":1,"type":"step","step":2,"ti')
+    agent.close()  # server and connection gone: EOF in the middle of a line
+    view = wait_for(lambda: (v := agent_view(hub, p.pid)) and not v.connected and v, what="disconnect")
+    assert view.invalid_lines == 1
+    assert view.last_step.step == 1
+    warned = [w for w in hub.snapshot().warnings if str(p.pid) in w.source]
+    assert len(warned) == 1 and warned[0].count == 1 and "closed mid-line" in warned[0].message
+    # after the grace period the agent is removed; the hub keeps running
+    wait_for(lambda: agent_view(hub, p.pid) is None, what="removal after grace")
+    assert hub.running and hub.error is None
+
+
+def test_agent_whose_process_dies_is_removed_without_waiting_for_grace(sockdir, pids, agents, hub_factory):
+    p = pids()
+    agent = agents(sockdir, p.pid)
+    hub = hub_factory().start()
+    hub.GONE_GRACE_S = 3600.0
+    wait_for(lambda: agent_view(hub, p.pid), what="agent")
+    p.kill()
+    agent.close()
+    wait_for(lambda: agent_view(hub, p.pid) is None, what="removal of a dead agent")
+
+
+def test_garbage_lines_are_counted_and_dropped(sockdir, pids, agents, hub_factory):
+    p = pids()
+    agent = agents(sockdir, p.pid)
+    hub = hub_factory().start()
+    wait_for(lambda: agent_view(hub, p.pid), what="agent")
+    bad = [
+        b"not json at all\n",
+        b"[1, 2, 3]\n",
+        b'{"v": 2, "type": "step"}\n',  # wrong version
+        b'{"v": 1, "type": "step", "step": 1}\n',  # missing fields
+        b'{"v": 1, "type": "step", "step": 1, "time": 1.0, "components": {"parameters": -5}}\n',
+        b"\xff\xfe\xfd\n",  # not UTF-8
+        b"{" * 100_000 + b"\n",  # deep nesting
+        b"x" * (protocol.MAX_LINE_BYTES + 10) + b"\n",  # over the 1 MiB line limit
+    ]
+    for line in bad:
+        agent.send(line)
+    agent.send(b'{"v": 1, "type": "future-kind", "x": 1}\n')  # unknown type: ignored, not counted
+    agent.send_message(make_step(5))
+    view = wait_for(lambda: (v := agent_view(hub, p.pid)) and v.last_step and v.invalid_lines >= len(bad) and v,
+                    what="invalid lines counted")
+    assert view.invalid_lines == len(bad)
+    assert view.last_step.step == 5 and view.connected
+    (w,) = [w for w in hub.snapshot().warnings if str(p.pid) in w.source]
+    assert w.count == len(bad)
+    assert hub.running and hub.error is None
+
+
+def test_socket_of_dead_pid_is_removed_and_live_refusing_one_kept(sockdir, pids, hub_factory):
+    dead = pids()
+    dead.kill()
+    stale = protocol.socket_path(dead.pid, sockdir)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(str(stale))  # bound, never listening, then closed: the file of an agent that died
+    s.close()
+    alive = pids()
+    busy = protocol.socket_path(alive.pid, sockdir)
+    s2 = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s2.bind(str(busy))  # pid alive but not accepting (an agent starting up): must be left alone
+    try:
+        assert stale.exists() and busy.exists()
+        hub = hub_factory().start()
+        wait_for(lambda: not stale.exists(), what="stale socket removal")
+        first = hub.ticks
+        wait_for(lambda: hub.ticks >= first + 2, what="more scans")
+        assert busy.exists()
+        assert hub.snapshot().agents == ()
+    finally:
+        s2.close()
+
+
+def test_two_agents(sockdir, pids, agents, hub_factory):
+    p1, p2 = pids(), pids()
+    agents(sockdir, p1.pid, make_hello(p1.pid, rank=1, world_size=2), [make_step(n, 8) for n in range(1, 4)])
+    agents(sockdir, p2.pid, make_hello(p2.pid, rank=0, world_size=2), [make_step(n, 8) for n in range(1, 6)])
+    hub = hub_factory().start()
+    snap = wait_for(lambda: (s := hub.snapshot()) and len(s.agents) == 2 and all(len(a.history) >= 3
+                    for a in s.agents) and s, what="both agents")
+    by_pid = {a.hello.pid: a for a in snap.agents}
+    assert set(by_pid) == {p1.pid, p2.pid}
+    assert len(by_pid[p1.pid].history) == 3
+    wait_for(lambda: len(agent_view(hub, p2.pid).history) == 5)
+    assert [a.hello.rank for a in hub.snapshot().agents] == [0, 1]  # same job: ordered by rank
+    assert len({a.key for a in hub.snapshot().agents}) == 2
+
+
+def test_snapshots_are_immutable_and_independent(sockdir, pids, agents, hub_factory):
+    p = pids()
+    agent = agents(sockdir, p.pid, history=[make_step(1), make_step(2)])
+    seen = []
+    hub = hub_factory(on_snapshot=seen.append).start()
+    old = wait_for(lambda: (s := hub.snapshot()) and s.agents and len(s.agents[0].history) == 2 and s)
+    agent.send_message(make_step(3))
+    wait_for(lambda: agent_view(hub, p.pid).last_step.step == 3)
+    assert len(old.agents[0].history) == 2 and old.agents[0].last_step.step == 2
+    assert isinstance(old.agents, tuple) and isinstance(old.agents[0].history, tuple)
+    assert isinstance(old.warnings, tuple) and isinstance(old.nvml.devices, tuple)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        old.agents[0].connected = False  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        old.time = 0.0  # type: ignore[misc]
+    assert seen and seen[-1] is not old and all(a.time <= b.time for a, b in zip(seen, seen[1:]))
+
+
+def test_stop_joins_thread_and_closes_sockets(sockdir, pids, agents, hub_factory):
+    p = pids()
+    agent = agents(sockdir, p.pid)
+    hub = hub_factory().start()
+    wait_for(lambda: agent.accepted == 1 and agent_view(hub, p.pid), what="connection")
+    hub.stop()
+    assert not hub.running
+    wait_for(agent.client_closed, what="monitor side closed")
+    hub.stop()  # idempotent
+
+
+def test_set_interval_changes_tick_rate(hub_factory):
+    hub = hub_factory(interval=5.0).start()
+    wait_for(lambda: hub.ticks >= 1)
+    hub.set_interval(0.02)
+    wait_for(lambda: hub.ticks >= 5, timeout=5, what="faster ticks after set_interval")
+    assert hub.snapshot().interval == 0.02
+    with pytest.raises(ValueError):
+        hub.set_interval(0)
+
+
+def test_missing_socket_folder_means_no_agents_and_no_warning(tmp_path):
+    hub = Hub(interval=0.05, socket_dir=tmp_path / "nowhere").start()
+    try:
+        wait_for(lambda: hub.ticks >= 2)
+        snap = hub.snapshot()
+        assert snap.agents == ()
+        assert not [w for w in snap.warnings if w.source == "socket folder"]
+    finally:
+        hub.stop()
+
+
+def test_unsafe_socket_folder_is_a_warning_and_not_used(tmp_path, pids, agents):
+    unsafe = tmp_path / "open"
+    unsafe.mkdir()
+    os.chmod(unsafe, 0o755)
+    p = pids()
+    agents(unsafe, p.pid)
+    hub = Hub(interval=0.05, socket_dir=unsafe).start()
+    try:
+        wait_for(lambda: hub.ticks >= 3)
+        snap = hub.snapshot()
+        (w,) = [w for w in snap.warnings if w.source == "socket folder"]
+        assert "open to other users" in w.message and w.count == 1  # reported once, not once per scan
+        assert snap.agents == ()
+    finally:
+        hub.stop()
+
+
+def test_sample_once_waits_for_hello_and_history_burst(sockdir, pids, agents):
+    p1, p2 = pids(), pids()
+    agents(sockdir, p1.pid, history=[make_step(n) for n in range(1, 1001)])
+    agents(sockdir, p2.pid, history=[make_step(n) for n in range(1, 11)])
+    t0 = time.monotonic()
+    snap = Hub(socket_dir=sockdir).sample_once(max_wait=5.0)
+    elapsed = time.monotonic() - t0
+    by_pid = {a.hello.pid: a for a in snap.agents}
+    assert len(by_pid[p1.pid].history) == 1000 and len(by_pid[p2.pid].history) == 10
+    assert elapsed < 4.0  # returned on quiescence, not at the deadline
+
+
+def test_sample_once_is_bounded_by_the_deadline(sockdir, pids, agents):
+    p = pids()
+    agents(sockdir, p.pid, greeting=b"")  # connects but never says hello
+    t0 = time.monotonic()
+    snap = Hub(socket_dir=sockdir).sample_once(max_wait=0.3)
+    assert 0.25 <= time.monotonic() - t0 < 3.0
+    assert snap.agents == ()
+
+
+def test_recorder_gets_every_record_in_order(sockdir, pids, agents, hub_factory):
+    p = pids()
+    agents(sockdir, p.pid, history=[make_step(1)])
+    records = []
+    hub = hub_factory(recorder=records.append).start()
+    wait_for(lambda: agent_view(hub, p.pid) and agent_view(hub, p.pid).last_step and hub.ticks >= 2)
+    hub.stop()
+    kinds = [r["kind"] for r in records]
+    assert {"nvml", "host", "tick", "agent"} <= set(kinds)
+    agent_msgs = [r["data"]["type"] for r in records if r["kind"] == "agent"]
+    assert agent_msgs[:2] == ["hello", "step"]
+    assert all(r["source"] == "local" and isinstance(r["t"], float) for r in records)
+    assert [r["t"] for r in records] == sorted(r["t"] for r in records)
+
+
+def test_a_failing_on_snapshot_callback_is_a_warning(hub_factory):
+    def boom(snap):
+        raise RuntimeError("front end bug")
+
+    hub = hub_factory(on_snapshot=boom).start()
+    wait_for(lambda: hub.ticks >= 3)
+    (w,) = [w for w in hub.snapshot().warnings if "on_snapshot" in w.message]
+    assert w.count >= 2 and hub.running
