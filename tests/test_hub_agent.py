@@ -1,0 +1,119 @@
+"""The hub against the real agent side: the agent's transport in-process, and batchmon.attach in a torch process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from batchmon import protocol
+from batchmon.hub import Hub
+from batchmon.protocol import Bye
+from hub_peer import make_hello, make_step, wait_for
+
+
+@pytest.fixture
+def sockdir(tmp_path):
+    return protocol.ensure_socket_dir(tmp_path / "sock")
+
+
+def test_hub_with_the_agent_transport(sockdir):
+    transport_mod = pytest.importorskip("batchmon.agent_transport")
+    transport = transport_mod.Transport(protocol.socket_path(os.getpid(), sockdir))
+    transport.set_hello(make_hello(os.getpid()))
+    for n in range(1, 1501):
+        transport.put(make_step(n))
+    transport.start()
+    hub = None
+    try:
+        wait_for(lambda: transport.running)
+        snap = Hub(socket_dir=sockdir).sample_once(max_wait=5.0)  # a monitor that connects late
+        (view,) = snap.agents
+        assert view.hello.pid == os.getpid() and len(view.history) == 1500 and view.invalid_lines == 0
+
+        hub = Hub(interval=0.05, socket_dir=sockdir).start()
+        hub.GONE_GRACE_S = 0.2
+        wait_for(lambda: hub.snapshot().agents and hub.snapshot().agents[0].last_step.step == 1500)
+        transport.put(make_step(1501, batch=32))
+        wait_for(lambda: hub.snapshot().agents[0].last_step.step == 1501, what="live step")
+        transport.close(Bye())
+        wait_for(lambda: not hub.snapshot().agents or hub.snapshot().agents[0].detached, what="bye")
+        wait_for(lambda: hub.snapshot().agents == (), what="agent removed after it closed")
+        assert hub.running and hub.error is None
+    finally:
+        transport.close()
+        if hub is not None:
+            hub.stop()
+
+
+TRAIN = textwrap.dedent("""
+    import sys, torch, batchmon
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4))
+    opt = torch.optim.Adam(model.parameters())
+    handle = batchmon.attach(model, opt, name="hubtest")
+
+    def train(steps):
+        for _ in range(steps):
+            loss = model(torch.randn(8, 32)).square().mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+
+    train(20)
+    print("trained", flush=True)
+    sys.stdin.readline()
+    train(5)
+    print("more", flush=True)
+    sys.stdin.readline()
+    handle.detach()
+    print("detached", flush=True)
+    sys.stdin.readline()
+""")
+
+
+def test_hub_with_a_real_attached_training_process(sockdir):
+    pytest.importorskip("batchmon.agent")
+    pytest.importorskip("torch")
+    env = dict(os.environ, BATCHMON_DIR=str(sockdir))
+    proc = subprocess.Popen([sys.executable, "-c", TRAIN], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    hub = None
+    try:
+        assert proc.stdout.readline().strip() == "trained", proc.stderr.read() if proc.poll() is not None else ""
+        hub = Hub(interval=0.05, socket_dir=sockdir).start()  # started after 20 steps: gets them as history
+
+        def view():
+            agents = [a for a in hub.snapshot().agents if a.hello.pid == proc.pid]
+            return agents[0] if agents else None
+
+        v = wait_for(lambda: (v := view()) and len(v.history) >= 20 and v, timeout=30, what="agent history")
+        params = (32 * 64 + 64 + 64 * 4 + 4) * 4
+        assert v.hello.optimizer == "Adam" and v.hello.name == "hubtest"
+        assert v.last_step.components["parameters"] == params
+        assert v.last_step.components["gradients"] in (0, params)  # measured at the step, before or after zero_grad
+        assert v.last_step.components["optimizer"] >= 2 * params
+        assert v.last_step.batch_size == 8
+        first_steps = len(v.history)
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline().strip() == "more"
+        wait_for(lambda: len(view().history) >= first_steps + 5, timeout=30, what="live steps")
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline().strip() == "detached"
+        wait_for(lambda: view() is None or view().detached or not view().connected, timeout=30, what="detach")
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        proc.wait(timeout=30)
+        wait_for(lambda: view() is None, timeout=30, what="removal after the process ended")
+        assert hub.error is None and not any(w.source.startswith("agent") for w in hub.snapshot().warnings)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        if hub is not None:
+            hub.stop()
