@@ -5,7 +5,12 @@
 
 from __future__ import annotations
 
+import socket
+import time
 from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+import psutil
 
 
 @dataclass(frozen=True)
@@ -25,3 +30,153 @@ class HostSample:
     memory_used: int | None
     processes: dict[int, ProcessInfo] = field(default_factory=dict)
     time: float = 0.0
+
+
+# ----------------------------------------------------------------------------------------------- the probe
+
+
+class HostProbe:
+    """Host memory and, for the pids asked about, who runs them and what they cost the host. Never raises.
+
+    psutil.Process objects are kept between samples (only for pids still asked about), so cpu_percent is the
+    share since the previous sample; on a process's first sample it is None, not a meaningless 0.0.
+    """
+
+    def __init__(self) -> None:
+        self._procs: dict[int, psutil.Process] = {}
+        self._hostname = _hostname()
+
+    def close(self) -> None:
+        """Forget the kept psutil.Process objects (the probe stays usable)."""
+        self._procs.clear()
+
+    def sample(self, pids: Iterable[int] = ()) -> HostSample:
+        memory_total = memory_used = None
+        try:
+            vm = psutil.virtual_memory()
+            memory_total, memory_used = int(vm.total), int(vm.used)
+        except Exception:
+            pass
+        wanted = sorted({int(p) for p in pids if isinstance(p, int) and not isinstance(p, bool) and p > 0})
+        processes = {pid: self._process(pid) for pid in wanted}
+        for pid in [p for p in self._procs if p not in processes]:
+            del self._procs[pid]  # forget processes nobody asks about any more
+        return HostSample(hostname=self._hostname, memory_total=memory_total, memory_used=memory_used,
+                          processes=processes, time=time.time())
+
+    def _process(self, pid: int) -> ProcessInfo:
+        proc = self._procs.get(pid)
+        first = False
+        try:
+            if proc is None or not proc.is_running():  # is_running() also catches a reused pid
+                proc = psutil.Process(pid)
+                self._procs[pid] = proc
+                first = True
+        except psutil.NoSuchProcess:
+            self._procs.pop(pid, None)
+            return ProcessInfo(pid, None, None, None, None, state="gone")
+        except psutil.AccessDenied:
+            self._procs.pop(pid, None)
+            return ProcessInfo(pid, None, None, None, None, state="denied")
+        except Exception:
+            self._procs.pop(pid, None)
+            return ProcessInfo(pid, None, None, None, None, state="gone")
+        denied = False
+
+        def read(fn: Any) -> Any:
+            nonlocal denied
+            try:
+                return fn()
+            except psutil.AccessDenied:
+                denied = True
+                return None
+
+        try:
+            with proc.oneshot():
+                user = read(proc.username)
+                cmdline = read(proc.cmdline)
+                command = " ".join(cmdline) if cmdline else read(proc.name)
+                cpu = read(lambda: proc.cpu_percent(None))
+                mem = read(proc.memory_info)
+        except (psutil.NoSuchProcess, ProcessLookupError):  # ZombieProcess included: it is gone for us
+            self._procs.pop(pid, None)
+            return ProcessInfo(pid, None, None, None, None, state="gone")
+        except Exception:
+            self._procs.pop(pid, None)
+            return ProcessInfo(pid, None, None, None, None, state="denied")
+        return ProcessInfo(pid=pid, user=user, command=command or None,
+                           cpu_percent=None if first or cpu is None else float(cpu),
+                           rss=None if mem is None else int(mem.rss), state="denied" if denied else "ok")
+
+
+def _hostname() -> str:
+    try:
+        return socket.gethostname() or "localhost"
+    except Exception:
+        return "localhost"
+
+
+# ----------------------------------------------------------------------------------------------- dict form
+
+_STATES = ("ok", "gone", "denied")
+
+
+def sample_to_dict(sample: HostSample) -> dict[str, Any]:
+    """JSON-able form of a host sample; processes as a list ordered by pid."""
+    return {
+        "hostname": sample.hostname,
+        "memory_total": sample.memory_total,
+        "memory_used": sample.memory_used,
+        "time": sample.time,
+        "processes": [
+            {"pid": p.pid, "user": p.user, "command": p.command, "cpu_percent": p.cpu_percent, "rss": p.rss,
+             "state": p.state}
+            for _, p in sorted(sample.processes.items())
+        ],
+    }
+
+
+def _field(d: Mapping[str, Any], key: str, where: str, kinds: tuple[type, ...], *, nullable: bool = True) -> Any:
+    value = d.get(key)
+    if value is None:
+        if nullable:
+            return None
+        raise ValueError(f"{where}{key}: missing")
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        raise ValueError(f"{where}{key}: expected {kinds[0].__name__}, got {type(value).__name__}")
+    if isinstance(value, (int, float)) and not (0 <= value < float("inf")):
+        raise ValueError(f"{where}{key}: {value} out of range")
+    return value
+
+
+def sample_from_dict(d: Any) -> HostSample:
+    """Parse sample_to_dict's output (processes as a list, or an object keyed by pid). Raises ValueError."""
+    if not isinstance(d, Mapping):
+        raise ValueError(f"host sample: expected an object, got {type(d).__name__}")
+    raw = d.get("processes") or []
+    if isinstance(raw, Mapping):
+        raw = [{"pid": int(k) if str(k).isdigit() else k, **v} if isinstance(v, Mapping) else v
+               for k, v in raw.items()]
+    if not isinstance(raw, list):
+        raise ValueError("host sample processes: expected a list")
+    processes: dict[int, ProcessInfo] = {}
+    for i, p in enumerate(raw):
+        where = f"host processes[{i}]."
+        if not isinstance(p, Mapping):
+            raise ValueError(f"host processes[{i}]: expected an object")
+        state = _field(p, "state", where, (str,)) or "ok"
+        if state not in _STATES:
+            raise ValueError(f"{where}state: {state!r} is not one of {', '.join(_STATES)}")
+        cpu = _field(p, "cpu_percent", where, (float, int))
+        info = ProcessInfo(pid=_field(p, "pid", where, (int,), nullable=False), user=_field(p, "user", where, (str,)),
+                           command=_field(p, "command", where, (str,)),
+                           cpu_percent=None if cpu is None else float(cpu), rss=_field(p, "rss", where, (int,)),
+                           state=state)
+        processes[info.pid] = info
+    hostname = d.get("hostname")
+    if not isinstance(hostname, str):
+        raise ValueError("host sample hostname: expected a string")
+    t = _field(d, "time", "host sample ", (float, int))
+    return HostSample(hostname=hostname, memory_total=_field(d, "memory_total", "host sample ", (int,)),
+                      memory_used=_field(d, "memory_used", "host sample ", (int,)), processes=processes,
+                      time=0.0 if t is None else float(t))

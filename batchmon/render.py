@@ -1,0 +1,344 @@
+"""Plain renderings of a Snapshot: the `--once --json` object and the `--once` text table.
+
+Pure functions of a Snapshot (no I/O, no textual, no torch), so every front end that prints shows the same
+thing. fmt_bytes and friends are public: the TUI and the exporters format sizes the same way.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from batchmon.memory_model import Prediction
+from batchmon.probes.nvml import DeviceSample
+from batchmon.protocol import ALL_COMPONENTS, COMPONENTS, Step
+from batchmon.snapshot import AgentView, Snapshot
+
+NO_AGENTS = "no agents attached — add `batchmon.attach(model, optimizer)` or run `batchmon run -- python train.py`"
+
+_UNITS = ("KiB", "MiB", "GiB", "TiB", "PiB")
+
+
+# ----------------------------------------------------------------------------------------------- formatting
+
+
+def fmt_bytes(n: int | float | None, precision: int = 1) -> str:
+    """Binary units: 512 B, 1.5 KiB, 10.5 GiB; 'n/a' for None; negative sizes keep their sign."""
+    if n is None:
+        return "n/a"
+    sign = "-" if n < 0 else ""
+    value = float(abs(n))
+    if value < 1024:
+        return f"{sign}{int(value)} B"
+    for unit in _UNITS:
+        value /= 1024
+        if round(value, precision) < 1024 or unit == _UNITS[-1]:
+            return f"{sign}{value:.{precision}f} {unit}"
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def unit_of(n: int | float) -> tuple[str, int]:
+    """The binary unit fmt_bytes would pick for n, and its size in bytes."""
+    value, size = abs(float(n)), 1
+    if value < 1024:
+        return "B", 1
+    for unit in _UNITS:
+        size *= 1024
+        if round(value / size, 1) < 1024 or unit == _UNITS[-1]:
+            return unit, size
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def fmt_used_total(used: int | None, total: int | None, precision: int = 1) -> str:
+    """'10.5/139.8 GiB': both figures in the total's unit, so they compare at a glance."""
+    if total is None:
+        return f"{fmt_bytes(used, precision)}/n/a"
+    unit, size = unit_of(total)
+    if unit == "B":
+        return f"{'?' if used is None else int(used)}/{int(total)} B"
+    shown = "?" if used is None else f"{used / size:.{precision}f}"
+    return f"{shown}/{total / size:.{precision}f} {unit}"
+
+
+def text_bar(used: int | float | None, total: int | float | None, width: int = 10) -> str:
+    """'[#####.....]': the used share of total, clamped to the bar; '[??????????]' when unknown."""
+    width = max(1, width)
+    if used is None or not total or total <= 0:
+        return "[" + "?" * width + "]"
+    share = min(max(used / total, 0.0), 1.0)
+    filled = int(round(share * width))
+    if used > 0 and filled == 0:
+        filled = 1  # something is there: never draw it as empty
+    return "[" + "#" * filled + "." * (width - filled) + "]"
+
+
+def clean(text: Any) -> str:
+    """One printable line: control characters (newlines, terminal escapes) become spaces; markup stays literal."""
+    s = str(text)
+    return s if s.isprintable() else "".join(ch if ch.isprintable() else " " for ch in s)
+
+
+def _fit(line: str, width: int) -> str:
+    return line if len(line) <= width else line[: max(width - 1, 0)] + "…"
+
+
+def _na(value: Any, fmt: str = "{}") -> str:
+    return "n/a" if value is None else fmt.format(value)
+
+
+# ----------------------------------------------------------------------------------------------- components
+
+
+def step_components(step: Step | None) -> dict[str, int | None]:
+    """Every component of ALL_COMPONENTS: the six measured ones from the step, cache and context derived
+    (cache = reserved - allocated, context = device_used - reserved), None where a figure is missing."""
+    out: dict[str, int | None] = {name: None for name in ALL_COMPONENTS}
+    if step is None:
+        return out
+    for name in COMPONENTS:
+        out[name] = step.components.get(name)
+    if step.reserved is not None and step.allocated is not None:
+        out["cache"] = max(step.reserved - step.allocated, 0)
+    if step.device_used is not None and step.reserved is not None:
+        out["context"] = max(step.device_used - step.reserved, 0)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- JSON
+
+
+def _device_json(dev: DeviceSample, snap: Snapshot) -> dict[str, Any]:
+    m = dev.memory
+    processes = []
+    for p in dev.processes:
+        info = snap.process(p.pid)
+        processes.append({
+            "pid": p.pid,
+            "used": p.used,
+            "user": None if info is None else info.user,
+            "command": None if info is None else info.command,
+            "kind": p.kind,
+            "state": None if info is None else info.state,
+            "cpu_percent": None if info is None else info.cpu_percent,
+            "rss": None if info is None else info.rss,
+        })
+    return {
+        "index": dev.index,
+        "name": dev.name,
+        "uuid": dev.uuid,
+        "memory": {
+            "total": None if m is None else m.total,
+            "used": None if m is None else m.used,
+            "reserved": None if m is None else m.reserved,
+            "free": None if m is None else m.free,
+        },
+        "utilization": dev.utilization,
+        "temperature": dev.temperature,
+        "power": dev.power,
+        "lost": dev.lost,
+        "error": dev.error,
+        "processes": processes,
+    }
+
+
+def prediction_json(pred: Prediction | None) -> dict[str, Any] | None:
+    if pred is None:
+        return None
+    return {
+        "max_batch": pred.max_batch,
+        "batch_size": pred.batch_size,
+        "total": pred.total,
+        "headroom": pred.headroom,
+        "margin": pred.margin,
+        "basis": pred.basis,
+        "components": {name: pred.components.get(name) for name in ALL_COMPONENTS},
+        "peak_allocated": pred.peak_allocated,
+        "device_total": pred.device_total,
+    }
+
+
+def _agent_json(agent: AgentView, snap: Snapshot) -> dict[str, Any]:
+    h, s = agent.hello, agent.last_step
+    dev = snap.device_of(agent)
+    last_event = agent.events[-1] if agent.events else None
+    return {
+        "key": agent.key,
+        "source": agent.source,
+        "connected": agent.connected,
+        "detached": agent.detached,
+        # the hello fields
+        "pid": h.pid,
+        "host": h.host,
+        "argv": list(h.argv),
+        "name": h.name,
+        "python": h.python,
+        "torch": h.torch,
+        "device": h.device,
+        "nvml_uuid": h.nvml_uuid,
+        "rank": h.rank,
+        "local_rank": h.local_rank,
+        "world_size": h.world_size,
+        "model": None if h.model is None else h.model.to_dict(),
+        "optimizer": h.optimizer,
+        "started": h.time,
+        "gpu": None if dev is None else dev.index,
+        # the last step's fields
+        "step": None if s is None else s.step,
+        "time": None if s is None else s.time,
+        "step_seconds": None if s is None else s.step_seconds,
+        "batch_size": None if s is None else s.batch_size,
+        "components": step_components(s),
+        "allocated": None if s is None else s.allocated,
+        "peak_allocated": None if s is None else s.peak_allocated,
+        "reserved": None if s is None else s.reserved,
+        "num_alloc_retries": None if s is None else s.num_alloc_retries,
+        "num_ooms": None if s is None else s.num_ooms,
+        "device_used": None if s is None else s.device_used,
+        "last_event": None if last_event is None else {"kind": last_event.kind, "message": last_event.message,
+                                                        "time": last_event.time},
+        "invalid_lines": agent.invalid_lines,
+        "prediction": prediction_json(agent.prediction),
+    }
+
+
+def snapshot_to_json(snap: Snapshot) -> dict[str, Any]:
+    """The `batchmon --once --json` object (README documents it). Every key is always present; null where a
+    driver or an agent does not say; sizes are integers in bytes."""
+    return {
+        "time": snap.time,
+        "source": snap.source,
+        "nvml": {"available": snap.nvml.available, "error": snap.nvml.error, "driver": snap.nvml.driver},
+        "host": {"hostname": snap.host.hostname, "memory_total": snap.host.memory_total,
+                 "memory_used": snap.host.memory_used},
+        "devices": [_device_json(d, snap) for d in snap.nvml.devices],
+        "agents": [_agent_json(a, snap) for a in snap.agents],
+        "warnings": [{"source": w.source, "message": w.message, "count": w.count} for w in snap.warnings],
+        "remote": [snapshot_to_json(r) for r in snap.remote],
+    }
+
+
+# ----------------------------------------------------------------------------------------------- table
+
+_LABELS = {"parameters": "params", "gradients": "grads", "optimizer": "optim", "activations": "activ",
+           "batch": "batch", "other": "other", "cache": "cache", "context": "context"}
+
+
+def _wrap(items: list[str], indent: str, width: int) -> list[str]:
+    lines: list[str] = []
+    line = indent
+    for item in items:
+        if line.strip() and len(line) + 2 + len(item) > width:
+            lines.append(line)
+            line = indent
+        line += ("  " if line.strip() else "") + item
+    if line.strip():
+        lines.append(line)
+    return lines
+
+
+def _device_lines(dev: DeviceSample, snap: Snapshot, width: int, bar: int) -> list[str]:
+    head = f"GPU{dev.index} {clean(dev.name or 'unknown GPU')}"
+    if dev.lost:
+        return [f"{head}  LOST: {clean(dev.error or 'GPU is lost')}"]
+    m = dev.memory
+    if m is None:
+        mem = "memory n/a"
+    else:
+        mem = f"{text_bar(m.used, m.total, bar)} {fmt_used_total(m.used, m.total)}"
+    util = "util n/a" if dev.utilization is None else f"util {dev.utilization}%"
+    temp = "temp n/a" if dev.temperature is None else f"{dev.temperature}C"
+    power = "power n/a" if dev.power is None else f"{dev.power:.0f}W"
+    lines = [f"{head}  {mem}  {util}  {temp}  {power}"]
+    if dev.error:
+        lines.append(f"     ! {clean(dev.error)}")
+    procs = sorted(dev.processes, key=lambda p: (p.used is None, -(p.used or 0), p.pid))
+    for p in procs:
+        info = snap.process(p.pid)
+        if info is None:
+            user, command = "?", ""
+        elif info.state == "gone":
+            user, command = "?", "(gone)"
+        elif info.state == "denied" and info.command is None:
+            user, command = clean(info.user or "?"), "(no access)"
+        else:
+            user, command = clean(info.user or "?"), clean(info.command or "")
+        lines.append(f"     pid {p.pid:<7} {user[:12]:<12} {fmt_bytes(p.used):>10}  {command}".rstrip())
+    if not procs:
+        lines.append("     no processes")
+    return lines
+
+
+def _agent_lines(agent: AgentView, snap: Snapshot, width: int) -> list[str]:
+    h, s = agent.hello, agent.last_step
+    rest = [clean(h.device)]
+    if h.world_size > 1:
+        rest.append(f"rank {h.rank}/{h.world_size}")
+    if s is None:
+        rest.append("waiting for the first step")
+    else:
+        rest += [f"step {s.step}", f"batch {_na(s.batch_size)}"]
+    pred = agent.prediction
+    if pred is None:
+        rest.append("max batch ?")
+    elif pred.max_batch is None:
+        rest.append("max batch ? (no device size)")
+    else:
+        rest.append(f"max batch {pred.max_batch}")
+    if not agent.connected:
+        rest.append("(disconnected)")
+    elif agent.detached:
+        rest.append("(detached)")
+    head = f"  pid {h.pid}"
+    # the command line gets what room the figures leave (at least a little)
+    name = clean(h.name or " ".join(h.argv) or "python")
+    room = max(width - len(head) - sum(len(r) + 2 for r in rest) - 2, 8)
+    lines = [_fit("  ".join([head, _fit(name, room), *rest]), width)]
+    items: list[str] = []
+    if s is not None:
+        comps = step_components(s)
+        items = [f"{_LABELS[n]} {fmt_bytes(v)}" for n, v in comps.items() if v is not None]
+        if s.peak_allocated is not None:
+            items.append(f"peak {fmt_bytes(s.peak_allocated)}")
+    if pred is not None and pred.headroom is not None:
+        items.append(f"headroom {fmt_bytes(pred.headroom)} at batch {pred.batch_size}")
+    lines += _wrap(items, "      ", width)
+    if agent.events and agent.events[-1].kind in ("oom", "alloc_retry", "warning"):
+        ev = agent.events[-1]
+        lines.append(_fit(f"      last event: {clean(ev.kind)}: {clean(ev.message)}", width))
+    return lines
+
+
+def format_table(snap: Snapshot, width: int = 100) -> str:
+    """The `batchmon --once` text: one line per GPU with a bar and its processes under it, host memory, agents."""
+    width = max(width, 40)
+    bar = 20 if width >= 100 else 10
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(snap.time)) if snap.time else ""
+    header = f"batchmon  {clean(snap.host.hostname)}  {stamp}"
+    if snap.nvml.available and snap.nvml.driver:
+        header += f"  driver {clean(snap.nvml.driver)}"
+    if snap.source != "live":
+        header += f"  ({clean(snap.source)})"
+    lines = [header]
+    if not snap.nvml.available:
+        lines.append(f"NVML unavailable: {clean(snap.nvml.error or 'unknown reason')}")
+    elif not snap.nvml.devices:
+        lines.append("no NVIDIA GPUs found")
+    for dev in snap.nvml.devices:
+        lines += _device_lines(dev, snap, width, bar)
+    host = snap.host
+    lines.append(f"Host {clean(host.hostname)}  memory {text_bar(host.memory_used, host.memory_total, bar)} "
+                 f"{fmt_used_total(host.memory_used, host.memory_total)}")
+    lines.append("Agents")
+    if not snap.agents:
+        lines.append(f"  {NO_AGENTS}")
+    for agent in snap.agents:
+        lines += _agent_lines(agent, snap, width)
+    if snap.warnings:
+        lines.append("Warnings")
+        for w in snap.warnings:
+            count = f" (x{w.count})" if w.count > 1 else ""
+            lines.append(f"  {clean(w.source)}: {clean(w.message)}{count}")
+    text = "\n".join(line if line.endswith(NO_AGENTS) else _fit(line, width) for line in lines)
+    for remote in snap.remote:
+        text += "\n\n" + format_table(remote, width)
+    return text
