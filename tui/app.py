@@ -1,0 +1,601 @@
+"""The Textual monitor: one panel per GPU, one per training job, what-if keys, at most 4 refreshes a second.
+
+Threads never touch the UI: a source calls ``deliver(snapshot)`` from its own thread, which only posts a
+SnapshotArrived message; newer ones replace older ones still queued, and rendering is throttled on the
+app's own loop (a timer, not a thread).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import Any, Callable
+
+from rich.text import Text
+from textual import on
+from textual.app import App, ComposeResult
+from textual.binding import Binding
+from textual.containers import Container, VerticalScroll
+from textual.widget import Widget
+from textual.widgets import Footer
+
+from batchmon.snapshot import AgentView, Snapshot
+from batchmon.tui.chart import ChartInput
+from batchmon.tui.fmt import fmt_interval
+from batchmon.tui.gpu_panel import GpuPanel, GpuView, ProcRow
+from batchmon.tui.header import HeaderBar
+from batchmon.tui.job_panel import JobPanel, JobView, command_text
+from batchmon.tui.messages import PanelFocused, SnapshotArrived
+from batchmon.tui.notices import NoAgentsPanel, NoGpuPanel, WarningsPanel
+from batchmon.tui.panel import LinesPanel
+from batchmon.tui.predict import Predictor, measured_total
+from batchmon.tui.screens import EXTRA_KEYS, BatchPrompt, HelpScreen
+from batchmon.tui.state import WhatIfState, cycle_interval, next_interval
+
+HISTORY = 240  # sparkline samples kept per GPU
+NARROW_WIDTH = 120
+SHORT_HEIGHT = 28
+
+#: long descriptions for the help screen, by action
+HELP: dict[str, str] = {
+    "quit": "quit",
+    "help": "show this help",
+    "pause": "pause / resume the display (data keeps arriving)",
+    "batch(1)": "what-if batch size: next larger (1, 2, 3, 4, 6, 8, 12, 16 ...)",
+    "batch(-1)": "what-if batch size: next smaller",
+    "type_batch": "type a what-if batch size",
+    "toggle_amp": "what-if: mixed precision (AMP) on / off",
+    "toggle_ckpt": "what-if: activation checkpointing on / off",
+    "cycle_accum": "what-if: gradient accumulation steps 1 → 2 → 4 → 8",
+    "cycle_optimizer": "what-if: optimizer as observed → sgd → sgd-momentum → adam",
+    "reset_what_if": "reset the what-ifs to the observed run",
+    "interval(-1)": "refresh faster (shorter interval)",
+    "interval(1)": "refresh slower (longer interval)",
+    "cycle_interval": "cycle the refresh interval",
+    "select(-1)": "select the previous device or process",
+    "select(1)": "select the next device or process",
+    "column('devices')": "select the GPU of the selected process",
+    "column('jobs')": "select a process on the selected GPU",
+}
+
+
+class BatchmonApp(App[int]):
+    """The monitor. ``source``: any object with start/stop/snapshot/set_interval and an ``on_snapshot`` slot."""
+
+    CSS_PATH = "batchmon.tcss"
+    TITLE = "batchmon"
+    ENABLE_COMMAND_PALETTE = False
+    BINDINGS = [
+        Binding("q", "quit", "quit"),
+        Binding("question_mark", "help", "help", key_display="?"),
+        Binding("p", "pause", "pause"),
+        Binding("plus,equals_sign", "batch(1)", "batch+", key_display="+"),
+        Binding("minus,underscore", "batch(-1)", "batch-", key_display="-"),
+        Binding("b", "type_batch", "batch"),
+        Binding("a", "toggle_amp", "AMP"),
+        Binding("c", "toggle_ckpt", "ckpt"),
+        Binding("g", "cycle_accum", "accum"),
+        Binding("o", "cycle_optimizer", "optim"),
+        Binding("r", "reset_what_if", "reset", show=False),
+        Binding("left_square_bracket", "interval(-1)", "faster", key_display="[", show=False),
+        Binding("right_square_bracket", "interval(1)", "slower", key_display="]", show=False),
+        Binding("i", "cycle_interval", "interval", show=False),
+        Binding("up,k", "select(-1)", "previous", key_display="↑", show=False),
+        Binding("down,j", "select(1)", "next", key_display="↓", show=False),
+        Binding("left,h", "column('devices')", "GPUs", key_display="←", show=False),
+        Binding("right,l", "column('jobs')", "processes", key_display="→", show=False),
+    ]
+
+    def __init__(
+        self,
+        source: Any = None,
+        *,
+        snapshot: Snapshot | None = None,
+        interval: float = 1.0,
+        title: str | None = None,
+        max_fps: float = 4.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__()
+        self.source = source
+        self.interval = float(interval)
+        self.title_text = title
+        self.min_frame = 1.0 / max_fps if max_fps > 0 else 0.0
+        self.clock = clock
+        self.paused = False
+        self.latest: Snapshot | None = snapshot
+        self.shown: Snapshot | None = None
+        self.what_ifs: dict[str, WhatIfState] = {}
+        self.predictor = Predictor()
+        self.history: dict[str, deque[int]] = {}
+        self.renders = 0  # frames drawn (tests check throttling and coalescing with it)
+        self.received = 0  # SnapshotArrived messages handled (after coalescing)
+        self._last_render = -1e9
+        self._render_scheduled = False
+        self._job_order: list[str] = []
+        self._dev_order: list[str] = []
+        self._jobs: dict[str, JobView] = {}
+        self._focused_once = False
+        if snapshot is not None:
+            self._record_history(snapshot)
+
+    # ------------------------------------------------------------------------------------------- layout
+
+    def compose(self) -> ComposeResult:
+        yield HeaderBar(title=self.title_text, id="header")
+        with Container(id="body"):
+            yield PanelColumn(id="devices", can_focus=False)
+            yield PanelColumn(id="jobs", can_focus=False)
+        yield WhatIfBar(id="whatif")
+        yield Footer()
+
+    async def on_mount(self) -> None:
+        self._update_size_classes()
+        header = self.query_one(HeaderBar)
+        header.interval = self.interval
+        if self.latest is not None:
+            await self._render_now()
+        else:
+            header.refresh()
+        if self.source is not None:
+            self._start_source()
+
+    def _start_source(self) -> None:
+        src = self.source
+        if hasattr(src, "on_snapshot"):
+            src.on_snapshot = self.deliver
+        elif hasattr(src, "subscribe"):
+            src.subscribe(self.deliver)
+        if hasattr(src, "set_interval"):
+            src.set_interval(self.interval)
+        src.start()
+        first = src.snapshot() if hasattr(src, "snapshot") else None
+        if first is not None:
+            self.deliver(first)
+
+    def on_unmount(self) -> None:
+        if self.source is not None:
+            try:
+                self.source.stop()
+            except Exception:  # noqa: BLE001 - quitting must not fail because a source did
+                pass
+
+    def on_resize(self) -> None:
+        self._update_size_classes()
+        self._apply_levels()
+
+    def _update_size_classes(self) -> None:
+        w, h = self.size
+        self.screen.set_class(w < NARROW_WIDTH, "-narrow")
+        self.screen.set_class(h < SHORT_HEIGHT, "-short")
+
+    # ------------------------------------------------------------------------------------------- delivery
+
+    def deliver(self, snapshot: Snapshot) -> None:
+        """Thread-safe: hand a new Snapshot to the UI. Call from any thread."""
+        self.post_message(SnapshotArrived(snapshot))
+
+    def on_snapshot_arrived(self, message: SnapshotArrived) -> None:
+        self.received += 1
+        self.latest = message.snapshot
+        self._record_history(message.snapshot)
+        if not self.paused:
+            self._schedule_render()
+
+    def _record_history(self, snapshot: Snapshot) -> None:
+        for dev in snapshot.nvml.devices:
+            if dev.memory is not None:
+                key = dev.uuid or f"{snapshot.host.hostname}:{dev.index}"
+                self.history.setdefault(key, deque(maxlen=HISTORY)).append(dev.memory.used)
+
+    def _schedule_render(self) -> None:
+        if self._render_scheduled:
+            return
+        self._render_scheduled = True
+        delay = self._last_render + self.min_frame - self.clock()
+        if delay <= 0:
+            self.call_later(self._render_now)
+        else:
+            self.set_timer(delay, self._render_now)
+
+    async def _render_now(self) -> None:
+        self._render_scheduled = False
+        if self.latest is None or self.paused:
+            return
+        self._last_render = self.clock()
+        self.renders += 1
+        self.shown = self.latest
+        await self._apply(self.shown)
+
+    # ------------------------------------------------------------------------------------------- views
+
+    async def _apply(self, snap: Snapshot) -> None:
+        header = self.query_one(HeaderBar)
+        header.snapshot, header.paused, header.interval = snap, self.paused, self.interval
+        header.refresh()
+        await self._apply_devices(snap)
+        await self._apply_jobs(snap)
+        self._apply_levels()
+        if not self._focused_once:
+            panels = list(self.query(JobPanel)) or list(self.query(GpuPanel))
+            if panels:
+                panels[0].focus(scroll_visible=False)
+                self._focused_once = True
+        self._update_whatif_bar()
+
+    def _device_views(self, snap: Snapshot) -> list[tuple[str, GpuView]]:
+        out = []
+        for s in (snap, *snap.remote):
+            remote = s is not snap
+            agent_pids = {a.hello.pid: s.device_of(a) for a in s.agents if a.source in ("local", s.host.hostname)}
+            for dev in s.nvml.devices:
+                procs = [
+                    ProcRow(p.pid, p.used, s.process(p.pid),
+                            agent=p.pid in agent_pids and (agent_pids[p.pid] is None or agent_pids[p.pid].index == dev.index))
+                    for p in dev.processes
+                ]
+                key = dev.uuid or f"{s.host.hostname}:{dev.index}"
+                hist = list(self.history.get(key, ()))
+                out.append((f"{s.host.hostname}:{dev.index}",
+                            GpuView(dev, hist, procs, host=s.host.hostname if remote else "")))
+        return out
+
+    async def _apply_devices(self, snap: Snapshot) -> None:
+        box = self.query_one("#devices", VerticalScroll)
+        views = self._device_views(snap)
+        keys = [k for k, _ in views]
+        if not views:
+            existing = list(box.query(NoGpuPanel))
+            if existing and len(box.children) == 1:
+                existing[0].nvml, existing[0].host = snap.nvml, snap.host
+                existing[0].changed()
+            else:
+                await box.remove_children()
+                await box.mount(NoGpuPanel(snap.nvml, snap.host, id="no-gpu"))
+            self._dev_order = []
+            return
+        if keys != self._dev_order:
+            focused_key = self._focused_key()
+            await box.remove_children()
+            await box.mount_all([GpuPanel(v) for _, v in views])
+            self._dev_order = keys
+            self._restore_focus(focused_key)
+        for panel, (_, view) in zip(box.query(GpuPanel), views):
+            panel.view = view
+            panel.changed()
+
+    def _group_jobs(self, snap: Snapshot) -> list[tuple[str, list[AgentView]]]:
+        groups: dict[str, list[AgentView]] = {}
+        for agent in snap.agents:
+            groups.setdefault(agent.job, []).append(agent)
+
+        def order(item: tuple[str, list[AgentView]]) -> tuple:
+            lead = min(item[1], key=lambda a: (a.hello.rank, a.hello.pid))
+            dev = snap.device_of(lead)
+            return (dev.index if dev else 1 << 20, lead.hello.pid)
+
+        out = []
+        for key, ranks in sorted(groups.items(), key=order):
+            out.append((key, sorted(ranks, key=lambda a: (a.hello.rank, a.hello.pid))))
+        return out
+
+    def _job_view(self, snap: Snapshot, key: str, ranks: list[AgentView]) -> JobView:
+        lead = ranks[0]
+        state = self.what_ifs.get(key, WhatIfState())
+        dev = snap.device_of(lead)
+        device_total = dev.memory.total if dev is not None and dev.memory is not None else None
+        observed = lead.last_step.batch_size if lead.last_step is not None else None
+        prediction = self.predictor.predict(lead, state.to_what_if(observed), device_total) if lead.last_step else None
+        notes = []
+        if lead.key in self.predictor.errors:
+            notes.append(self.predictor.errors[lead.key])
+        elif lead.last_step is not None and prediction is None:
+            notes.append("memory model unavailable" if not Predictor.available() else "not enough steps to fit yet")
+        chart = None
+        if prediction is not None and Predictor.available():
+            seen: set[tuple[int, int]] = set()
+            points = []
+            for s in lead.history or ((lead.last_step,) if lead.last_step else ()):
+                if s.batch_size:
+                    pt = (s.batch_size, measured_total(s))
+                    if pt not in seen:
+                        seen.add(pt)
+                        points.append(pt)
+            pred = self.predictor
+
+            def predict_total(b: int, _lead=lead, _state=state, _obs=observed, _dt=device_total) -> int | None:
+                return pred.total(_lead, _state.to_what_if(_obs, b), _dt)
+
+            chart = ChartInput(predict_total, points[-64:], device_total, prediction.max_batch, prediction.batch_size)
+        proc = snap.process(lead.hello.pid)
+        return JobView(key, ranks, {a.key: snap.device_of(a) for a in ranks}, state, prediction, chart,
+                       user=proc.user if proc else None, notes=notes)
+
+    async def _apply_jobs(self, snap: Snapshot) -> None:
+        box = self.query_one("#jobs", VerticalScroll)
+        groups = self._group_jobs(snap)
+        self._jobs = {key: self._job_view(snap, key, ranks) for key, ranks in groups}
+        keys = [k for k, _ in groups]
+        if keys != self._job_order or not box.children:
+            focused_key = self._focused_key()
+            await box.remove_children()
+            widgets: list[Widget] = [JobPanel(self._jobs[k]) for k in keys] or [NoAgentsPanel(id="no-agents")]
+            widgets.append(WarningsPanel(id="warnings"))
+            await box.mount_all(widgets)
+            self._job_order = keys
+            self._restore_focus(focused_key)
+        for panel in box.query(JobPanel):
+            panel.view = self._jobs[panel.view.key]
+            panel.changed()
+        warn = box.query_one(WarningsPanel)
+        warn.warnings = snap.warnings
+        warn.display = bool(snap.warnings)
+        warn.changed()
+
+    def _focused_key(self) -> str | None:
+        f = self.focused
+        if isinstance(f, JobPanel):
+            return "job:" + f.view.key
+        if isinstance(f, GpuPanel):
+            return f"gpu:{f.view.device.uuid or f.view.device.index}"
+        return None
+
+    def _restore_focus(self, key: str | None) -> None:
+        if key is None:
+            return
+        for panel in self.query(LinesPanel):
+            if isinstance(panel, JobPanel) and key == "job:" + panel.view.key:
+                panel.focus(scroll_visible=False)
+            elif isinstance(panel, GpuPanel) and key == f"gpu:{panel.view.device.uuid or panel.view.device.index}":
+                panel.focus(scroll_visible=False)
+
+    def _apply_levels(self) -> None:
+        """Panel sizes: the selected GPU and job expand, the rest shrink when there are many or little room."""
+        if not self.is_mounted:
+            return
+        w, h = self.size
+        narrow, short = w < NARROW_WIDTH, h < SHORT_HEIGHT
+        gpus = list(self.query(GpuPanel))
+        jobs = list(self.query(JobPanel))
+        focused = self.focused
+        for g in gpus:
+            if len(gpus) == 1 and not short:
+                level = "full"
+            elif short:
+                level = "dense" if g is focused else "line"
+            elif narrow:
+                level = "dense" if g is focused or len(gpus) <= 2 else "line"
+            else:
+                level = "full" if len(gpus) <= 2 or g is focused else "dense"
+            if g.level != level:
+                g.level = level
+                g.set_class(level != "full", "-dense")
+                g.changed()
+        expanded = focused if isinstance(focused, JobPanel) else (jobs[0] if jobs else None)
+        # rows left for a chart in the expanded job when space is short: what the jobs column has, less
+        # the other jobs' two lines each and the expanded job's ~9 lines of bars and text
+        box_h = self.query_one("#jobs").size.height or h // 2
+        spare = box_h - 3 * (len(jobs) - 1) - 11
+        for j in jobs:
+            big = len(jobs) == 1 or j is expanded
+            level = ("medium" if short else "full") if big else "compact"
+            rows = 10 if level == "full" else (min(10, spare) if spare >= 5 else 0)
+            if j.level != level or j.chart_rows != rows:
+                j.level, j.chart_rows = level, rows
+                j.set_class(level == "compact", "-dense")
+                j.changed()
+
+    def _update_whatif_bar(self) -> None:
+        bar = self.query_one(WhatIfBar)
+        key = self._current_job_key()
+        view = self._jobs.get(key) if key else None
+        bar.update_view(view)
+
+    @on(PanelFocused)
+    def _panel_focused(self) -> None:
+        self._apply_levels()
+        self._update_whatif_bar()
+
+    # ------------------------------------------------------------------------------------------- actions
+
+    def _current_job_key(self) -> str | None:
+        f = self.focused
+        if isinstance(f, JobPanel):
+            return f.view.key
+        if isinstance(f, GpuPanel):
+            for key, view in self._jobs.items():
+                dev = view.devices.get(view.lead.key)
+                if dev is not None and dev.index == f.view.device.index and dev.uuid == f.view.device.uuid:
+                    return key
+        return self._job_order[0] if self._job_order else None
+
+    def _change_what_if(self, change: Callable[[WhatIfState, int | None], WhatIfState]) -> None:
+        key = self._current_job_key()
+        if key is None or key not in self._jobs:
+            self.notify("No training process attached: nothing to predict.", severity="warning", timeout=3)
+            return
+        view = self._jobs[key]
+        step = view.lead.last_step
+        observed = step.batch_size if step is not None else None
+        self.what_ifs[key] = change(self.what_ifs.get(key, WhatIfState()), observed)
+        self._refresh_jobs()
+
+    def _refresh_jobs(self) -> None:
+        """Recompute the job views from what is shown (also while paused) after a what-if change."""
+        snap = self.shown
+        if snap is None:
+            return
+        for key, ranks in self._group_jobs(snap):
+            self._jobs[key] = self._job_view(snap, key, ranks)
+        for panel in self.query(JobPanel):
+            if panel.view.key in self._jobs:
+                panel.view = self._jobs[panel.view.key]
+                panel.changed()
+        self._update_whatif_bar()
+
+    def action_batch(self, direction: int) -> None:
+        self._change_what_if(lambda s, obs: s.step_batch(direction, obs))
+
+    def action_type_batch(self) -> None:
+        key = self._current_job_key()
+        if key is None or key not in self._jobs:
+            self.notify("No training process attached: nothing to predict.", severity="warning", timeout=3)
+            return
+        step = self._jobs[key].lead.last_step
+        current = self.what_ifs.get(key, WhatIfState()).effective_batch(step.batch_size if step else None)
+
+        def done(value: int | None) -> None:
+            if value is not None:
+                self.what_ifs[key] = self.what_ifs.get(key, WhatIfState()).with_batch(value)
+                self._refresh_jobs()
+
+        self.push_screen(BatchPrompt(current), done)
+
+    def action_toggle_amp(self) -> None:
+        self._change_what_if(lambda s, _: s.toggle_amp())
+
+    def action_toggle_ckpt(self) -> None:
+        self._change_what_if(lambda s, _: s.toggle_checkpointing())
+
+    def action_cycle_accum(self) -> None:
+        self._change_what_if(lambda s, _: s.cycle_accumulation())
+
+    def action_cycle_optimizer(self) -> None:
+        self._change_what_if(lambda s, _: s.cycle_optimizer())
+
+    def action_reset_what_if(self) -> None:
+        self._change_what_if(lambda s, _: WhatIfState())
+
+    def action_pause(self) -> None:
+        self.paused = not self.paused
+        header = self.query_one(HeaderBar)
+        header.paused = self.paused
+        header.refresh()
+        if not self.paused and self.latest is not None and self.latest is not self.shown:
+            self._schedule_render()
+
+    def _set_interval(self, seconds: float) -> None:
+        self.interval = seconds
+        if self.source is not None and hasattr(self.source, "set_interval"):
+            self.source.set_interval(seconds)
+        header = self.query_one(HeaderBar)
+        header.interval = seconds
+        header.refresh()
+        self.notify(f"refresh every {fmt_interval(seconds)}", timeout=1.5)
+
+    def action_interval(self, direction: int) -> None:
+        self._set_interval(next_interval(self.interval, direction))
+
+    def action_cycle_interval(self) -> None:
+        self._set_interval(cycle_interval(self.interval))
+
+    def help_rows(self) -> list[tuple[str, str]]:
+        rows = []
+        for b in self.BINDINGS:
+            assert isinstance(b, Binding)
+            keys = [self.get_key_display(Binding(k.strip(), b.action)) for k in b.key.split(",")]
+            rows.append((" / ".join(keys), HELP.get(b.action, b.description)))
+        return rows + list(EXTRA_KEYS)
+
+    def action_help(self) -> None:
+        if not isinstance(self.screen, HelpScreen):
+            self.push_screen(HelpScreen(self.help_rows()))
+
+    def _column(self, name: str) -> list[LinesPanel]:
+        if name == "devices":
+            return list(self.query(GpuPanel)) + [p for p in self.query(NoGpuPanel)]
+        return list(self.query(JobPanel))
+
+    def action_select(self, direction: int) -> None:
+        f = self.focused
+        column = "devices" if isinstance(f, (GpuPanel, NoGpuPanel)) else "jobs"
+        panels = self._column(column) or self._column("devices" if column == "jobs" else "jobs")
+        if not panels:
+            return
+        idx = panels.index(f) if f in panels else (-1 if direction > 0 else len(panels))
+        panels[max(0, min(len(panels) - 1, idx + direction))].focus()
+
+    def action_column(self, name: str) -> None:
+        f = self.focused
+        if name == "devices":
+            gpus = list(self.query(GpuPanel))
+            target: LinesPanel | None = gpus[0] if gpus else None
+            if isinstance(f, JobPanel):
+                dev = f.view.devices.get(f.view.lead.key)
+                for g in gpus:
+                    if dev is not None and g.view.device.index == dev.index and g.view.device.uuid == dev.uuid:
+                        target = g
+            if isinstance(f, GpuPanel):
+                return
+        else:
+            jobs = list(self.query(JobPanel))
+            target = jobs[0] if jobs else None
+            if isinstance(f, GpuPanel):
+                for j in jobs:
+                    dev = j.view.devices.get(j.view.lead.key)
+                    if dev is not None and dev.index == f.view.device.index and dev.uuid == f.view.device.uuid:
+                        target = j
+                        break
+            if isinstance(f, JobPanel):
+                return
+        if target is not None:
+            target.focus()
+
+
+class PanelColumn(VerticalScroll, inherit_bindings=False):
+    """A scrolling column of panels that leaves the arrow keys to the app (they select, not scroll)."""
+
+
+class WhatIfBar(Widget):
+    """One line above the footer: the what-if settings of the selected job and their keys."""
+
+    def __init__(self, *, id: str | None = None) -> None:
+        super().__init__(id=id)
+        self.view: JobView | None = None
+
+    def update_view(self, view: JobView | None) -> None:
+        self.view = view
+        self.refresh()
+
+    def render(self) -> Text:
+        v = self.view
+        t = Text().append(" what-if ", style="bold #0b0d10 on #3fc1c9")
+        if v is None:
+            t.append("  no training process attached", style="#8a8f98")
+            return t
+        s = v.what_if
+        step = v.lead.last_step
+        observed = step.batch_size if step is not None else None
+        b = s.effective_batch(observed)
+        wide = self.content_size.width >= 120
+        t.append(" ")
+        if wide:
+            t.append(command_text(v.lead)[:30], style="bold")
+            t.append("  ")
+        t.append("batch ", style="#8a8f98")
+        t.append(str(b) if b is not None else "n/a", style="bold")
+        if s.batch_size is not None and s.batch_size != observed:
+            t.append(f" (ran {observed})", style="#8a8f98")
+        elif wide:
+            t.append(" (+/- b)", style="#8a8f98")
+
+        def flag(label: str, value: str, key: str, on_: bool) -> None:
+            t.append(f"  {label} ", style="#8a8f98")
+            t.append(value, style="bold #3fc1c9" if on_ else "")
+            if wide:
+                t.append(f" ({key})", style="#8a8f98")
+
+        flag("AMP", "on" if s.amp else "off", "a", s.amp)
+        flag("ckpt", "on" if s.checkpointing else "off", "c", s.checkpointing)
+        flag("accum", str(s.accumulation_steps), "g", s.accumulation_steps != 1)
+        flag("optim", s.optimizer or "as run", "o", s.optimizer is not None)
+        t.no_wrap = True
+        t.overflow = "ellipsis"
+        return t
+
+
+def run_monitor(source: Any, *, interval: float, mouse: bool, title: str | None = None) -> int:
+    """Run the monitor on ``source`` until the user quits; starts and stops the source. Returns an exit code."""
+    app = BatchmonApp(source, interval=interval, title=title)
+    app.run(mouse=mouse)
+    return int(app.return_code or 0)

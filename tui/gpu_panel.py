@@ -1,0 +1,165 @@
+"""One GPU: memory bar (used, driver-reserved), utilization, history sparkline, the processes on it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from rich.text import Text
+
+from batchmon.probes.host import ProcessInfo
+from batchmon.probes.nvml import DeviceSample
+from batchmon.tui.bars import memory_bar, percent_bar, sparkline
+from batchmon.tui.fmt import fmt_bytes, fmt_short_bytes, fmt_used_total
+from batchmon.tui.panel import LinesPanel
+
+DIM = "#8a8f98"
+AGENT_STYLE = "bold #3fc1c9"
+
+
+@dataclass(frozen=True)
+class ProcRow:
+    pid: int
+    used: int | None
+    info: ProcessInfo | None
+    agent: bool
+
+
+@dataclass
+class GpuView:
+    device: DeviceSample
+    history: list[int] = field(default_factory=list)
+    procs: list[ProcRow] = field(default_factory=list)
+    host: str = ""
+
+
+def _title(v: GpuView, width: int) -> Text:
+    d = v.device
+    t = Text()
+    t.append(f"GPU {d.index}", style="bold")
+    if v.host:
+        t.append(f" @{v.host}", style=DIM)
+    if d.name:
+        t.append(" ")
+        t.append(d.name.replace("NVIDIA ", "") if width < 80 else d.name)
+    if d.temperature is not None:
+        t.append(f"  {d.temperature}°C", style=DIM)
+    if d.power is not None:
+        t.append(f"  {d.power:.0f} W", style=DIM)
+    return t
+
+
+def _mem_label(d: DeviceSample) -> Text:
+    m = d.memory
+    if m is None:
+        return Text().append("memory n/a", style=DIM)
+    t = Text().append(f"{fmt_bytes(m.used)}", style="bold")
+    t.append(f" / {fmt_bytes(m.total)}")
+    if m.reserved:
+        t.append(f"  reserved {fmt_bytes(m.reserved)}", style=DIM)
+    return t
+
+
+def _util(d: DeviceSample, bar_w: int) -> Text:
+    t = Text().append("util ", style=DIM)
+    t.append_text(percent_bar(d.utilization, bar_w))
+    t.append(f" {d.utilization:>3d}%" if d.utilization is not None else "  n/a")
+    return t
+
+
+def _proc_line(p: ProcRow, width: int) -> Text:
+    t = Text()
+    t.append("● " if p.agent else "  ", style=AGENT_STYLE)
+    t.append(f"{p.pid:>7d} ")
+    user = (p.info.user if p.info else None) or "?"
+    t.append(f"{user[:10]:<10} ", style=DIM)
+    t.append(f"{fmt_bytes(p.used) if p.used is not None else 'n/a':>10} ")
+    if p.info is not None and p.info.state != "ok":
+        t.append(f"({p.info.state}) ", style="#f0b43c")
+    cmd = (p.info.command if p.info else None) or ""
+    t.append(cmd, style=AGENT_STYLE if p.agent else "")  # literal: Text.append never parses markup
+    return t
+
+
+def gpu_lines(v: GpuView, width: int, level: str) -> list[Text]:
+    """level: 'full' (bars, sparkline, process table), 'dense' (2 lines), 'line' (1 line)."""
+    d = v.device
+    if d.lost or d.memory is None and d.error:
+        t = _title(v, width)
+        t.append("  LOST" if d.lost else "  error", style="bold #e5484d")
+        if d.error:
+            t.append(f": {d.error}", style="#e5484d")
+        return [t]
+    m = d.memory
+    agents = sum(1 for p in v.procs if p.agent)
+    if level == "line":
+        t = Text().append(f"GPU{d.index} ", style="bold")
+        bar_w = max(6, min(30, width // 4))
+        t.append_text(memory_bar(m.used, m.reserved, m.total, bar_w) if m else Text("?" * bar_w))
+        if m:
+            t.append(f" {fmt_short_bytes(m.used)}/{fmt_short_bytes(m.total)}")
+        t.append(f" {d.utilization}%" if d.utilization is not None else " n/a", style=DIM)
+        t.append(f" {len(v.procs)}p", style=DIM)
+        if agents:
+            t.append(f" ●{agents}", style=AGENT_STYLE)
+        if d.name and width - len(t.plain) > 12:  # the model, if it fits
+            t.append(f" {d.name.replace('NVIDIA ', '')}", style=DIM)
+        return [t]
+    lines: list[Text] = []
+    title = _title(v, width)
+    label = _mem_label(d)
+    if level == "dense":
+        line = title
+        line.append("  ")
+        line.append_text(_util(d, 10))
+        line.append(f"  {len(v.procs)} proc", style=DIM)
+        if agents:
+            line.append(f"  ●{agents} agent{'s' if agents != 1 else ''}", style=AGENT_STYLE)
+        lines.append(line)
+        short = Text()
+        if m:
+            short.append(f" {fmt_used_total(m.used, m.total)}", style="bold")
+        bar_w = max(8, (width - len(short.plain)) * 3 // 5)
+        l2 = memory_bar(m.used, m.reserved, m.total, bar_w) if m else Text("·" * bar_w)
+        l2.append_text(short)
+        l2.append("  ")
+        l2.append_text(sparkline(v.history, max(4, width - len(l2.plain)), maximum=m.total if m else None))
+        lines.append(l2)
+        return lines
+    util_w = 10
+    title_room = width - len(title.plain) - (util_w + 10)
+    if title_room >= 2:
+        title.append(" " * title_room)
+        title.append_text(_util(d, util_w))
+        lines.append(title)
+    else:
+        lines.append(title)
+        lines.append(_util(d, util_w))
+    if m:
+        bar = Text().append("mem  ", style=DIM)
+        bar.append_text(memory_bar(m.used, m.reserved, m.total, max(8, width - 5)))
+        lines.append(bar)
+    label_line = Text("     ")
+    label_line.append_text(label)
+    lines.append(label_line)
+    hist = Text().append("hist ", style=DIM)
+    hist.append_text(sparkline(v.history, max(4, width - 5), maximum=m.total if m else None))
+    lines.append(hist)
+    if v.procs:
+        lines.append(Text().append(f"  {'PID':>7} {'USER':<10} {'GPU MEM':>10} COMMAND", style="bold " + DIM))
+        for p in sorted(v.procs, key=lambda p: (-(p.used or 0), p.pid)):
+            lines.append(_proc_line(p, width))
+    else:
+        lines.append(Text().append("  no processes", style=DIM))
+    return lines
+
+
+class GpuPanel(LinesPanel):
+    """A focusable GPU panel; the app assigns .view and .level and calls changed()."""
+
+    def __init__(self, view: GpuView, *, id: str | None = None) -> None:
+        super().__init__(id=id, classes="gpu")
+        self.view = view
+        self.level = "full"
+
+    def build(self, width: int) -> list[Text]:
+        return gpu_lines(self.view, width, self.level)

@@ -1,0 +1,71 @@
+"""The one-line header: host, driver, GPU count, host memory, refresh interval, live/paused/replay, time."""
+
+from __future__ import annotations
+
+import time as _time
+
+from rich.text import Text
+from textual.widget import Widget
+
+from batchmon.snapshot import Snapshot
+from batchmon.tui.fmt import fmt_bytes, fmt_interval
+
+
+def header_text(snapshot: Snapshot | None, *, interval: float, paused: bool, title: str | None, width: int) -> Text:
+    """Header line. Wide: every field; narrow: host, interval and state only."""
+    text = Text().append(" batchmon ", style="bold #0b0d10 on #4f8fe6")
+    text.append(" ")
+    if paused:
+        text.append(" ⏸ PAUSED ", style="bold #0b0d10 on #f0b43c")
+    elif snapshot is not None and snapshot.source == "replay":
+        text.append(" ▶ replay ", style="bold #0b0d10 on #b07cf0")
+    else:
+        text.append(" ● live ", style="bold #0b0d10 on #6cc644")
+    text.append(" every ", style="#8a8f98")
+    text.append(fmt_interval(interval), style="bold")
+    text.append("  ")
+    if title:
+        text.append(title, style="bold")
+        text.append("  ")
+    if snapshot is None:
+        text.append("waiting for the first sample…", style="italic #8a8f98")
+    else:
+        host = snapshot.host
+        text.append("host ", style="#8a8f98")
+        text.append(host.hostname or "?", style="bold")
+        nv = snapshot.nvml
+        if nv.available:
+            text.append("  driver ", style="#8a8f98")
+            text.append(nv.driver or "n/a")
+            text.append(f"  {len(nv.devices)} GPU{'s' if len(nv.devices) != 1 else ''}", style="#8a8f98")
+        else:
+            text.append("  no NVML", style="#f0b43c")
+        if width >= 100 and host.memory_total:
+            text.append("  host mem ", style="#8a8f98")
+            text.append(f"{fmt_bytes(host.memory_used)} / {fmt_bytes(host.memory_total)}")
+        agents = len(snapshot.agents)
+        text.append(f"  {agents} agent{'s' if agents != 1 else ''}", style="#8a8f98")
+    if snapshot is not None:
+        stamp = _time.strftime("%H:%M:%S", _time.localtime(snapshot.time))
+        used = len(text.plain)
+        if width - used > len(stamp) + 1:
+            text.append(" " * (width - used - len(stamp) - 1))
+            text.append(stamp, style="#8a8f98")
+    text.no_wrap = True
+    text.overflow = "ellipsis"
+    return text
+
+
+class HeaderBar(Widget):
+    """Docked header; the app sets .snapshot/.paused/.interval and calls refresh()."""
+
+    def __init__(self, *, title: str | None = None, id: str | None = None) -> None:
+        super().__init__(id=id)
+        self.title_text = title
+        self.snapshot: Snapshot | None = None
+        self.paused = False
+        self.interval = 1.0
+
+    def render(self) -> Text:
+        return header_text(self.snapshot, interval=self.interval, paused=self.paused, title=self.title_text,
+                           width=self.content_size.width or 80)

@@ -1,0 +1,329 @@
+"""One training job (its ranks grouped): measured vs predicted component bars, the what-if prediction, events,
+and the predicted-peak-vs-batch chart."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from rich.text import Text
+
+from batchmon.memory_model import Prediction
+from batchmon.probes.nvml import DeviceSample
+from batchmon.protocol import ALL_COMPONENTS, Event
+from batchmon.snapshot import AgentView
+from batchmon.tui.bars import COMPONENT_LABELS, COMPONENT_STYLES, component_parts, stacked_bar
+from batchmon.tui.chart import ChartInput, render_chart
+from batchmon.tui.fmt import fmt_bytes, fmt_count, fmt_seconds
+from batchmon.tui.panel import LinesPanel
+from batchmon.tui.predict import measured_components
+from batchmon.tui.state import WhatIfState
+
+DIM = "#8a8f98"
+OK = "#6cc644"
+WARN = "#f0b43c"
+BAD = "#e5484d"
+EVENT_STYLES = {"oom": f"bold {BAD}", "alloc_retry": f"bold {WARN}", "warning": WARN, "detached": DIM}
+
+
+@dataclass
+class JobView:
+    """Everything one job panel shows, computed by the app from the snapshot, the what-if and the model."""
+
+    key: str
+    ranks: list[AgentView]
+    devices: dict[str, DeviceSample | None]  # agent key -> its GPU
+    what_if: WhatIfState
+    prediction: Prediction | None  # at the what-if batch
+    chart: ChartInput | None
+    user: str | None = None
+    notes: list[str] = field(default_factory=list)  # model errors, "waiting for steps"
+
+    @property
+    def lead(self) -> AgentView:
+        return self.ranks[0]
+
+
+def command_text(agent: AgentView) -> str:
+    """The training command as the agent reported it (literal), shortened to the script and its flags."""
+    argv = list(agent.hello.argv)
+    if agent.hello.name:
+        return agent.hello.name
+    if len(argv) > 1 and argv[0].rsplit("/", 1)[-1].startswith("python"):
+        argv = argv[1:]
+    return " ".join(argv) if argv else f"pid {agent.hello.pid}"
+
+
+def _device_label(agent: AgentView, dev: DeviceSample | None) -> str:
+    if dev is not None:
+        return f"{agent.hello.device} (GPU {dev.index})"
+    return agent.hello.device
+
+
+def _title(v: JobView, focused_marker: bool, width: int = 200) -> Text:
+    """Marker, command (cut to leave room), then ranks, device, pid and user: all literal text."""
+    a = v.lead
+    rest = Text()
+    if len(v.ranks) > 1 or a.hello.world_size > 1:
+        rest.append(f"  {len(v.ranks)}/{a.hello.world_size} ranks", style="#b07cf0")
+    rest.append(f"  {_device_label(a, v.devices.get(a.key))}", style=DIM)
+    rest.append(f"  pid {a.hello.pid}", style=DIM)
+    if v.user:
+        rest.append(f" {v.user}", style=DIM)
+    if a.detached:
+        rest.append("  detached", style=WARN)
+    elif not a.connected:
+        rest.append("  disconnected", style=WARN)
+    t = Text().append("▶ " if focused_marker else "  ", style="bold #3fc1c9")
+    cmd = command_text(a)
+    room = max(16, width - len(rest.plain) - 4)
+    if len(cmd) > room:
+        cmd = cmd[: room - 1] + "…"
+    t.append(cmd, style="bold")
+    t.append_text(rest)
+    return t
+
+
+def _stats(v: JobView) -> Text:
+    a = v.lead
+    s = a.last_step
+    t = Text("  ")
+    if a.hello.model is not None:
+        t.append(a.hello.model.cls or "model")
+        t.append(f" {fmt_count(a.hello.model.parameters)} params", style=DIM)
+        t.append("  ")
+    if a.hello.optimizer:
+        t.append(a.hello.optimizer)
+        t.append("  ")
+    if s is None:
+        t.append("no step yet", style=DIM)
+        return t
+    t.append("step ", style=DIM)
+    t.append(str(s.step), style="bold")
+    t.append("  batch ", style=DIM)
+    t.append(str(s.batch_size) if s.batch_size is not None else "n/a", style="bold")
+    t.append("  ", style=DIM)
+    t.append(f"{fmt_seconds(s.step_seconds)}/step")
+    if s.num_alloc_retries:
+        t.append(f"  alloc retries {s.num_alloc_retries}", style=EVENT_STYLES["alloc_retry"])
+    if s.num_ooms:
+        t.append(f"  OOMs {s.num_ooms}", style=EVENT_STYLES["oom"])
+    return t
+
+
+def _bar_line(label: str, comps: dict[str, int] | None, scale: int, bar_w: int, total_label: str) -> Text:
+    t = Text().append(f"  {label:<16}", style=DIM)
+    if comps is None:
+        t.append("·" * bar_w, style="#3a3d44")
+    else:
+        t.append_text(stacked_bar(component_parts(comps), scale, bar_w))
+    t.append(f" {total_label}", style="bold")
+    return t
+
+
+def _predicted_label(v: JobView) -> str:
+    p = v.prediction
+    b = p.batch_size if p is not None else v.what_if.effective_batch(_observed_batch(v))
+    extra = v.what_if.describe()
+    return f"pred b={b}" + (f" {extra}" if extra else "")
+
+
+def _observed_batch(v: JobView) -> int | None:
+    s = v.lead.last_step
+    return s.batch_size if s is not None else None
+
+
+def _summary(v: JobView) -> Text:
+    p = v.prediction
+    t = Text("  ")
+    if p is None:
+        t.append("prediction: ", style=DIM)
+        t.append("; ".join(v.notes) if v.notes else "waiting for steps", style=WARN if v.notes else DIM)
+        return t
+    t.append("largest batch ", style=DIM)
+    t.append(fmt_count(p.max_batch) if p.max_batch is not None else "n/a (no device limit)", style=f"bold {OK}")
+    if p.headroom is not None:
+        t.append(f"  headroom at b={p.batch_size} ", style=DIM)
+        t.append(fmt_bytes(p.headroom), style=f"bold {OK if p.headroom >= 0 else BAD}")
+        if p.headroom < 0:
+            t.append("  WILL NOT FIT", style=f"bold {BAD}")
+    if p.device_total is not None:
+        t.append(f"  of {fmt_bytes(p.device_total)}", style=DIM)
+    t.append(f"  margin {fmt_bytes(p.margin)}", style=DIM)
+    return t
+
+
+def _events(v: JobView, limit: int) -> list[Text]:
+    out: list[Text] = []
+    events: list[tuple[AgentView, Event]] = [(a, e) for a in v.ranks for e in a.events if e.kind != "detached"]
+    events.sort(key=lambda ae: ae[1].time or 0)
+    for a, e in events[-limit:]:
+        style = EVENT_STYLES.get(e.kind, WARN)
+        t = Text("  ")
+        t.append(f" {e.kind.upper()} ", style=f"reverse {style}")
+        where = []
+        if len(v.ranks) > 1:
+            where.append(f"rank {a.hello.rank}")
+        if e.step is not None:
+            where.append(f"step {e.step}")
+        if e.batch_size is not None:
+            where.append(f"batch {e.batch_size}")
+        if e.requested_bytes is not None:
+            where.append(f"wanted {fmt_bytes(e.requested_bytes)}")
+        if where:
+            t.append(" " + ", ".join(where), style=style)
+        t.append(": ")
+        t.append(e.message.splitlines()[0] if e.message else "", style=style)
+        out.append(t)
+    return out
+
+
+def _table(v: JobView, measured: dict[str, int] | None) -> list[Text]:
+    p = v.prediction
+    head = Text().append(f"  {'component':<14}{'measured':>11}{'predicted':>12}", style=f"bold {DIM}")
+    lines = [head]
+    for name in ALL_COMPONENTS:
+        t = Text("  ")
+        t.append("■ ", style=COMPONENT_STYLES[name])
+        t.append(f"{COMPONENT_LABELS[name]:<12}")
+        t.append(f"{fmt_bytes(measured.get(name)) if measured else '':>11}")
+        t.append(f"{fmt_bytes(p.components.get(name)) if p else '':>12}", style=DIM if p is None else "")
+        lines.append(t)
+    total = Text().append(f"  {'total':<14}", style="bold")
+    total.append(f"{fmt_bytes(sum(measured.values())) if measured else '':>11}", style="bold")
+    total.append(f"{fmt_bytes(p.total) if p else '':>12}", style="bold")
+    lines.append(total)
+    return lines
+
+
+def _legend(width: int, measured: dict[str, int] | None) -> Text:
+    t = Text("  ")
+    for name in ALL_COMPONENTS:
+        t.append("■", style=COMPONENT_STYLES[name])
+        t.append(f"{COMPONENT_LABELS[name]}")
+        if measured is not None and width >= 130:
+            t.append(f" {fmt_bytes(measured.get(name, 0))}", style=DIM)
+        t.append(" ")
+    return t
+
+
+def _rank_lines(v: JobView, width: int) -> list[Text]:
+    if len(v.ranks) <= 1:
+        return []
+    totals = {a.key: sum(measured_components(a.last_step).values()) for a in v.ranks if a.last_step}
+    scale = max(totals.values(), default=1) or 1
+    bar_w = max(6, min(30, width // 4))
+    out = []
+    for a in v.ranks:
+        t = Text().append(f"  rank {a.hello.rank:<3} pid {a.hello.pid:<7} ", style=DIM)
+        t.append(f"{_device_label(a, v.devices.get(a.key)):<16} ")
+        s = a.last_step
+        if s is None:
+            t.append("no step yet", style=DIM)
+        else:
+            t.append_text(stacked_bar(component_parts(measured_components(s)), scale, bar_w))
+            t.append(f" {fmt_bytes(totals.get(a.key)):>10}  step {s.step}")
+        if any(e.kind == "oom" for e in a.events):
+            t.append("  OOM", style=EVENT_STYLES["oom"])
+        out.append(t)
+    return out
+
+
+def _side_by_side(left: list[Text], right: list[Text], left_w: int) -> list[Text]:
+    out = []
+    for i in range(max(len(left), len(right))):
+        t = left[i].copy() if i < len(left) else Text()
+        t.truncate(left_w, pad=True)
+        if i < len(right):
+            t.append_text(right[i])
+        out.append(t)
+    return out
+
+
+def job_lines(v: JobView, width: int, level: str, *, focused: bool = False, chart_rows: int = 10) -> list[Text]:
+    """level: 'full' (bars, table and chart), 'medium' (bars and summary), 'compact' (two lines)."""
+    a = v.lead
+    s = a.last_step
+    measured = measured_components(s) if s is not None else None
+    measured_total = sum(measured.values()) if measured else 0
+    p = v.prediction
+    if level == "compact":
+        t1 = Text()
+        if any(e.kind == "oom" for r in v.ranks for e in r.events):
+            t1.append(" OOM ", style=f"reverse {EVENT_STYLES['oom']}")
+            t1.append(" ")
+        elif any(e.kind == "alloc_retry" for r in v.ranks for e in r.events):
+            t1.append(" RETRY ", style=f"reverse {EVENT_STYLES['alloc_retry']}")
+            t1.append(" ")
+        t1.append_text(_title(v, focused, width - len(t1.plain)))
+        if s is not None:
+            t1.append(f"  step {s.step}  b={s.batch_size}  {fmt_seconds(s.step_seconds)}/step", style=DIM)
+        t2 = Text("  ")
+        bar_w = max(8, min(40, width // 3))
+        scale = max(measured_total, p.total if p else 0, 1)
+        if measured:
+            t2.append_text(stacked_bar(component_parts(measured), scale, bar_w))
+            t2.append(f" {fmt_bytes(measured_total)}", style="bold")
+        else:
+            t2.append("no step yet", style=DIM)
+        if p is not None:
+            t2.append(f"  → b={p.batch_size}: ", style=DIM)
+            t2.append(fmt_bytes(p.total), style="bold")
+            t2.append("  max ", style=DIM)
+            t2.append(fmt_count(p.max_batch) if p.max_batch is not None else "n/a", style=f"bold {OK}")
+            if p.headroom is not None:
+                t2.append("  headroom ", style=DIM)
+                t2.append(fmt_bytes(p.headroom), style=OK if p.headroom >= 0 else BAD)
+        return [t1, t2]
+
+    lines = [_title(v, focused, width), _stats(v)]
+    bar_w = max(10, width - 2 - 16 - 12)
+    scale = max(measured_total, p.total if p else 0, 1)
+    lines.append(_bar_line(f"measured b={s.batch_size}" if s else "measured", measured, scale, bar_w,
+                           fmt_bytes(measured_total) if measured else "n/a"))
+    lines.append(_bar_line(_predicted_label(v), p.components if p else None, scale, bar_w,
+                           fmt_bytes(p.total) if p else "n/a"))
+    lines.append(_summary(v))
+    if level == "full":
+        table = _table(v, measured)
+        table_w = 40
+        if v.chart is not None and chart_rows >= 4:
+            if width >= table_w + 40:
+                chart = render_chart(v.chart, width - table_w, max(chart_rows, len(table)))
+                lines.extend(_side_by_side(table, chart, table_w))
+            else:
+                lines.extend(table)
+                lines.extend(render_chart(v.chart, width, chart_rows))
+        else:
+            lines.extend(table)
+        if v.chart is not None and chart_rows >= 4:
+            key = Text("  ")
+            key.append("● observed  ", style="bold #f0b43c")
+            key.append("◆ what-if  ", style="bold #3fc1c9")
+            key.append("── predicted peak  ", style="#4f8fe6")
+            key.append("┄┄ device limit  ", style=BAD)
+            key.append("┊ largest batch", style=OK)
+            lines.append(key)
+    else:
+        lines.append(_legend(width, measured))
+        if v.chart is not None and chart_rows >= 5:
+            lines.extend(render_chart(v.chart, width, chart_rows))
+    if p is not None and p.basis and level == "full":
+        lines.append(Text().append(f"  basis: {p.basis}", style=DIM))
+    for note in v.notes if p is not None else []:
+        lines.append(Text().append(f"  {note}", style=WARN))
+    lines.extend(_events(v, 3 if level == "full" else 2))
+    lines.extend(_rank_lines(v, width) if level == "full" else [])
+    return lines
+
+
+class JobPanel(LinesPanel):
+    """A focusable job panel; the app assigns .view/.level/.chart_rows and calls changed()."""
+
+    def __init__(self, view: JobView, *, id: str | None = None) -> None:
+        super().__init__(id=id, classes="job")
+        self.view = view
+        self.level = "full"
+        self.chart_rows = 10
+
+    def build(self, width: int) -> list[Text]:
+        return job_lines(self.view, width, self.level, focused=self.has_focus, chart_rows=self.chart_rows)

@@ -1,0 +1,92 @@
+"""Panels for the empty cases: no GPU (why, and host memory), no agents (how to attach), counted warnings."""
+
+from __future__ import annotations
+
+from rich.text import Text
+
+from batchmon.probes.host import HostSample
+from batchmon.probes.nvml import NvmlSample
+from batchmon.snapshot import Warning
+from batchmon.tui.bars import memory_bar
+from batchmon.tui.fmt import fmt_bytes
+from batchmon.tui.panel import LinesPanel
+
+DIM = "#8a8f98"
+ATTACH_ONE_LINER = "batchmon.attach(model, optimizer)"
+RUN_COMMAND = "batchmon run -- python train.py"
+
+
+def no_gpu_lines(nvml: NvmlSample, host: HostSample, width: int) -> list[Text]:
+    t = Text().append("No GPU visible", style="bold #f0b43c")
+    lines = [t, Text().append("NVML: ", style=DIM) + Text(nvml.error or "no devices found")]
+    lines.append(Text().append("Training processes on the CPU are still measured below.", style=DIM))
+    lines.append(Text(""))
+    lines.extend(host_lines(host, width))
+    return lines
+
+
+def host_lines(host: HostSample, width: int) -> list[Text]:
+    t = Text().append("host ", style="bold")
+    t.append(host.hostname or "?")
+    lines = [t]
+    if host.memory_total:
+        bar = Text().append("mem  ", style=DIM)
+        used = host.memory_used or 0
+        bar.append_text(memory_bar(used, None, host.memory_total, max(8, min(60, width - 5))))
+        lines.append(bar)
+        lines.append(Text(f"     {fmt_bytes(used)} / {fmt_bytes(host.memory_total)} used"))
+    else:
+        lines.append(Text().append("memory n/a", style=DIM))
+    return lines
+
+
+def no_agents_lines(width: int) -> list[Text]:
+    lines = [Text().append("No training process attached", style="bold")]
+    lines.append(Text().append("Attach from your training script:", style=DIM))
+    one = Text().append("    import batchmon; ", style="bold #3fc1c9")
+    one.append(ATTACH_ONE_LINER, style="bold #3fc1c9")
+    lines.append(one)
+    lines.append(Text().append("or run it unchanged under the agent:", style=DIM))
+    lines.append(Text().append(f"    {RUN_COMMAND}", style="bold #3fc1c9"))
+    lines.append(Text().append("It appears here within a second; the monitor and the run may start in any order.", style=DIM))
+    return lines
+
+
+def warning_lines(warnings: tuple[Warning, ...], width: int) -> list[Text]:
+    out = []
+    for w in warnings[-5:]:
+        t = Text().append("⚠ ", style="#f0b43c")
+        t.append(w.source, style="bold")
+        t.append(": ")
+        t.append(w.message)
+        if w.count > 1:
+            t.append(f" (×{w.count})", style=DIM)
+        out.append(t)
+    return out
+
+
+class NoGpuPanel(LinesPanel):
+    def __init__(self, nvml: NvmlSample, host: HostSample, *, id: str | None = None) -> None:
+        super().__init__(id=id, classes="notice")
+        self.nvml, self.host = nvml, host
+
+    def build(self, width: int) -> list[Text]:
+        return no_gpu_lines(self.nvml, self.host, width)
+
+
+class NoAgentsPanel(LinesPanel):
+    can_focus = False
+
+    def build(self, width: int) -> list[Text]:
+        return no_agents_lines(width)
+
+
+class WarningsPanel(LinesPanel):
+    can_focus = False
+
+    def __init__(self, *, id: str | None = None) -> None:
+        super().__init__(id=id, classes="warnings")
+        self.warnings: tuple[Warning, ...] = ()
+
+    def build(self, width: int) -> list[Text]:
+        return warning_lines(self.warnings, width)

@@ -1,0 +1,103 @@
+"""The UI's view of the memory model: fit once per new step, predict what-ifs and chart points, never raise.
+
+The model is pure and cheap, so it runs on the UI thread; fits and chart curves are cached per agent and
+last step so a refresh with nothing new costs nothing.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+from batchmon import memory_model
+from batchmon.memory_model import Prediction, WhatIf
+from batchmon.protocol import Step
+from batchmon.snapshot import AgentView
+
+
+def measured_components(step: Step) -> dict[str, int]:
+    """The last step's eight components: the agent's six plus cache and context derived from allocator and NVML."""
+    comps = {name: int(step.components.get(name, 0) or 0) for name in step.components}
+    if step.reserved is not None and step.peak_allocated is not None:
+        comps["cache"] = max(0, step.reserved - step.peak_allocated)
+    else:
+        comps["cache"] = 0
+    if step.device_used is not None and step.reserved is not None:
+        comps["context"] = max(0, step.device_used - step.reserved)
+    else:
+        comps["context"] = 0
+    return comps
+
+
+def measured_total(step: Step) -> int:
+    return sum(measured_components(step).values())
+
+
+@dataclass
+class Forecast:
+    """Predictions for one agent under one what-if: at the what-if batch, and a curve for the chart."""
+
+    prediction: Prediction | None
+    error: str | None = None
+
+
+class Predictor:
+    """Caches one fitted model per (agent key, last step); answers predictions without raising."""
+
+    def __init__(self, max_models: int = 64) -> None:
+        self._models: OrderedDict[tuple[str, int, int], Any] = OrderedDict()
+        self._predictions: OrderedDict[tuple, Prediction | None] = OrderedDict()
+        self._max = max_models
+        self.errors: dict[str, str] = {}
+
+    @staticmethod
+    def available() -> bool:
+        return hasattr(memory_model, "fit")
+
+    def _model(self, agent: AgentView) -> Any:
+        step = agent.last_step
+        if step is None or not hasattr(memory_model, "fit"):
+            return None
+        key = (agent.key, step.step, len(agent.history))
+        if key in self._models:
+            self._models.move_to_end(key)
+            return self._models[key]
+        steps = agent.history or (step,)
+        try:
+            model = memory_model.fit(list(steps), optimizer=agent.hello.optimizer)
+            self.errors.pop(agent.key, None)
+        except Exception as exc:  # noqa: BLE001 - a model bug must not take the monitor down
+            model = None
+            self.errors[agent.key] = f"memory model failed: {type(exc).__name__}: {exc}"
+        self._models[key] = model
+        while len(self._models) > self._max:
+            self._models.popitem(last=False)
+        return model
+
+    def predict(self, agent: AgentView, what_if: WhatIf, device_total: int | None) -> Prediction | None:
+        """The predicted breakdown under ``what_if``; the hub's own prediction when the model can't fit."""
+        model = self._model(agent)
+        if model is None:
+            if what_if == WhatIf(batch_size=what_if.batch_size) and agent.prediction is not None and (
+                what_if.batch_size in (None, agent.prediction.batch_size)
+            ):
+                return agent.prediction
+            return None
+        step = agent.last_step
+        key = (agent.key, step.step if step else -1, len(agent.history), what_if, device_total)
+        if key in self._predictions:
+            return self._predictions[key]
+        try:
+            pred = model.predict(what_if, device_total=device_total)
+        except Exception as exc:  # noqa: BLE001
+            pred = None
+            self.errors[agent.key] = f"prediction failed: {type(exc).__name__}: {exc}"
+        self._predictions[key] = pred
+        while len(self._predictions) > 4096:
+            self._predictions.popitem(last=False)
+        return pred
+
+    def total(self, agent: AgentView, what_if: WhatIf, device_total: int | None) -> int | None:
+        pred = self.predict(agent, what_if, device_total)
+        return pred.total if pred is not None else None
