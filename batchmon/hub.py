@@ -29,6 +29,8 @@ class Hub:
 
     #: seconds a disconnected agent (no bye, pid alive) stays listed before it is removed
     GONE_GRACE_S = 10.0
+    #: how long stop() waits for the IO thread
+    STOP_TIMEOUT_S = 5.0
 
     def __init__(
         self,
@@ -78,7 +80,8 @@ class Hub:
         self._stopping.set()
         self._wake()
         if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join()
+            # Bounded: a driver call that hangs must not hang quitting; the daemon thread then closes on its way out.
+            self._thread.join(self.STOP_TIMEOUT_S)
         self._close()
 
     def snapshot(self) -> Snapshot:
@@ -247,7 +250,7 @@ class Hub:
         if problem != self._dir_problem:
             self._dir_problem = problem
             if problem:
-                self._warn("socket folder", f"{problem}; not connecting to agents there")
+                self._warn("socket folder", f"{problem.removeprefix('socket folder ')}; not connecting to agents there")
         if problem or not os.path.lexists(directory):
             return
         for found in scan(directory):
