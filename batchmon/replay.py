@@ -75,6 +75,7 @@ def iter_snapshots(rec: Recording, state: HubState | None = None) -> Iterator[Sn
                                "detail": f"line {number}: {why}"}})
     now = 0.0
     fed_since_snapshot = False
+    yielded = 0
     for record in rec.records:
         before, now = now, _time(record, now)
         kind = record.get("kind")
@@ -84,13 +85,15 @@ def iter_snapshots(rec: Recording, state: HubState | None = None) -> Iterator[Sn
             fed_since_snapshot = True
             if kind == "tick" and is_local:
                 fed_since_snapshot = False
+                yielded += 1
                 yield state.snapshot(now, rec.interval, kind="replay")
         else:
             if kind == "nvml" and is_local and fed_since_snapshot:
+                yielded += 1
                 yield state.snapshot(before, rec.interval, kind="replay")
             state.ingest(record)
             fed_since_snapshot = fed_since_snapshot or kind != "meta"
-    if fed_since_snapshot or not rec.records:
+    if fed_since_snapshot or not yielded:
         yield state.snapshot(now, rec.interval, kind="replay")
 
 

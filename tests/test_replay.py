@@ -96,6 +96,10 @@ def test_empty_and_garbage_files_replay_to_one_empty_snapshot(tmp_path):
     empty.write_text("")
     (snap,) = load_snapshots(empty)
     assert snap.agents == () and not snap.nvml.available
+    meta_only = tmp_path / "meta.jsonl"
+    meta_only.write_text('{"kind": "meta", "version": 1, "interval": 2.5, "t": 5.0}\n')
+    (snap,) = load_snapshots(meta_only)
+    assert snap.interval == 2.5 and snap.agents == () and final_snapshot(meta_only) == snap
     junk = tmp_path / "junk.jsonl"
     junk.write_bytes(b"\x00\xff\n[1]\n{\"kind\": 5}\n")
     (snap,) = load_snapshots(junk)
