@@ -183,3 +183,19 @@ async def wait_for(pilot, predicate, timeout: float = 5.0) -> None:
         if _time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout}s: {predicate}")
         await pilot.pause(0.02)
+
+
+FIXTURES = __import__("pathlib").Path(__file__).parent / "fixtures"
+
+
+def recorded_or(name: str, fallback):
+    """The last Snapshot of tests/fixtures/<name> (a `batchmon record` file) when it is there, else fallback().
+
+    The snapshot screens are meant to come from real H200 recordings; until one is committed under that name
+    the synthetic fixture stands in (and the SVGs are regenerated with --snapshot-update when it lands)."""
+    path = FIXTURES / name
+    if path.exists():
+        from batchmon.replay import load_snapshots
+
+        return load_snapshots(path)[-1]
+    return fallback()

@@ -1,0 +1,60 @@
+"""SVG snapshots of the main screens (pytest-textual-snapshot): fixed size, fixed snapshot time, UTC clock.
+
+Update after an intended change with: pytest tests/test_tui_snapshots.py --snapshot-update
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+import tui_fixtures as fx
+from batchmon.tui.app import BatchmonApp
+
+
+@pytest.fixture(autouse=True)
+def utc(monkeypatch):
+    """The header shows the snapshot's time in local time: pin the zone so the SVG never depends on it."""
+    monkeypatch.setenv("TZ", "UTC")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+def app_for(snapshot) -> BatchmonApp:
+    return BatchmonApp(snapshot=snapshot, title=None)
+
+
+def test_one_gpu_two_jobs(snap_compare):
+    snap = fx.recorded_or("tui_h200_two_jobs.jsonl", lambda: fx.one_gpu(2))
+    assert snap_compare(app_for(snap), terminal_size=(160, 48))
+
+
+def test_eight_gpus_sixteen_agents(snap_compare):
+    snap = fx.recorded_or("tui_h200_16_agents.jsonl", fx.many)
+    assert snap_compare(app_for(snap), terminal_size=(160, 48))
+
+
+def test_eight_gpus_sixteen_agents_compact(snap_compare):
+    snap = fx.recorded_or("tui_h200_16_agents.jsonl", fx.many)
+    assert snap_compare(app_for(snap), terminal_size=(80, 24))
+
+
+def test_what_if_larger_batch_amp_checkpointing(snap_compare):
+    snap = fx.recorded_or("tui_h200_one_job.jsonl", lambda: fx.one_gpu(1))
+    assert snap_compare(app_for(snap), terminal_size=(160, 48), press=["plus", "plus", "a", "c"])
+
+
+def test_no_gpu(snap_compare):
+    assert snap_compare(app_for(fx.no_gpu()), terminal_size=(120, 36))
+
+
+def test_no_agents(snap_compare):
+    snap = fx.recorded_or("tui_h200_no_agents.jsonl", fx.no_agents)
+    assert snap_compare(app_for(snap), terminal_size=(120, 36))
+
+
+def test_help_screen(snap_compare):
+    assert snap_compare(app_for(fx.one_gpu(1)), terminal_size=(120, 40), press=["question_mark"])
