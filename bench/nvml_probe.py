@@ -18,7 +18,7 @@ import sys
 import time
 from typing import Any, Callable
 
-from nvml_common import pynvml_version, GiB, Child, import_batchmon, out_dir, percentile, write_json
+from nvml_common import GiB, Child, import_batchmon, out_dir, percentile, pynvml_version, write_json
 
 TARGET_US = 50.0
 

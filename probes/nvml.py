@@ -104,9 +104,10 @@ class _DeviceLost(Exception):
 class _Device:
     """Per-device state kept across samples: handle, cached identity, what the driver does not support."""
 
-    __slots__ = ("index", "handle", "name", "uuid", "unsupported", "mem_v2", "procs_v2", "lost_error", "errors")
+    __slots__ = ("index", "handle", "name", "uuid", "unsupported", "mem_v2", "procs_v2", "lost_error", "lost",
+                 "errors")
 
-    def __init__(self, index: int, handle: Any, error: str | None = None) -> None:
+    def __init__(self, index: int, handle: Any, error: str | None = None, lost: bool = True) -> None:
         self.index = index
         self.handle = handle
         self.name: str | None = None
@@ -115,6 +116,7 @@ class _Device:
         self.mem_v2: bool | None = None  # None: not tried yet
         self.procs_v2: set[str] = set()  # process lists this driver answers only through the _v2 call
         self.lost_error = error  # set: lost for good (or no handle), never called again
+        self.lost = lost  # with lost_error: False when the handle was refused for another reason (permission)
         self.errors: list[str] = []  # transient errors in the current sample
 
 
@@ -172,8 +174,8 @@ class NvmlProbe:
         for index in wanted:
             try:
                 self._devices.append(_Device(index, nvml.nvmlDeviceGetHandleByIndex(index)))
-            except Exception as exc:  # a GPU lost before we met it: shown as lost, the others go on
-                self._devices.append(_Device(index, None, _one_line(exc)))
+            except Exception as exc:  # a GPU lost (or refused) before we met it: shown so, the others go on
+                self._devices.append(_Device(index, None, _one_line(exc), lost=_kind(exc) in _LOST))
 
     def close(self) -> None:
         """Shut NVML down (once). The probe reports unavailable afterwards."""
@@ -241,7 +243,7 @@ class NvmlProbe:
 
     def _sample_device(self, dev: _Device) -> DeviceSample:
         if dev.lost_error is not None:
-            return DeviceSample(dev.index, dev.name, dev.uuid, None, None, None, None, (), lost=True,
+            return DeviceSample(dev.index, dev.name, dev.uuid, None, None, None, None, (), lost=dev.lost,
                                 error=dev.lost_error)
         dev.errors = []
         fns = self._fns

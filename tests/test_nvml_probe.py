@@ -259,6 +259,16 @@ def test_gpu_lost_before_its_handle() -> None:
     assert not _device(s, 1).lost and _device(s, 1).memory is not None
 
 
+def test_handle_refused_is_an_error_not_lost() -> None:
+    replay = ReplayBackend(SYNTHETIC, loop=True)
+    replay.inject("NoPermission", fn="nvmlDeviceGetHandleByIndex", device=1, start=-1)
+    probe = NvmlProbe(backend=replay)
+    for _ in range(2):
+        dev = _device(probe.sample(), 1)
+        assert not dev.lost and dev.error == "Insufficient Permissions" and dev.memory is None
+    assert not any(c.endswith("[1]") for calls in replay.calls[1:] for c in calls)
+
+
 def test_injected_not_supported_is_null_and_not_asked_again() -> None:
     replay = ReplayBackend(SYNTHETIC, loop=True)
     replay.inject("NotSupported", fn="nvmlDeviceGetUtilizationRates", device=0)
