@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import textwrap
+
 from rich.text import Text
 
 from batchmon.probes.host import HostSample
@@ -18,7 +20,12 @@ RUN_COMMAND = "batchmon run -- python train.py"
 
 def no_gpu_lines(nvml: NvmlSample, host: HostSample, width: int) -> list[Text]:
     t = Text().append("No GPU visible", style="bold #f0b43c")
-    lines = [t, Text().append("NVML: ", style=DIM) + Text(nvml.error or "no devices found")]
+    lines = [t]
+    reason = textwrap.wrap(nvml.error or "no devices found", max(20, width - 6)) or [""]
+    for i, part in enumerate(reason):
+        line = Text().append("NVML: " if i == 0 else "      ", style=DIM)
+        line.append(part)
+        lines.append(line)
     lines.append(Text().append("Training processes on the CPU are still measured below.", style=DIM))
     lines.append(Text(""))
     lines.extend(host_lines(host, width))

@@ -1,0 +1,171 @@
+"""CPU cost of the running monitor: the real `batchmon` app in a pseudo-terminal for N seconds.
+
+    python3 bench/monitor_cpu.py                          # live: NVML + agents on this machine, 60 s
+    python3 bench/monitor_cpu.py --replay rec.jsonl       # a recording (e.g. 16 agents) replayed in the app
+    python3 bench/monitor_cpu.py --duration 20 --interval 0.5 --size 160x48
+
+Starts the monitor with Python's pty (a real terminal as far as Textual knows, window size set with
+TIOCSWINSZ), keeps reading its output so it never blocks, and reads the child's CPU seconds (user + system)
+with psutil: once after a warm-up (start-up, imports, first layout) and again at the end, so the steady figure
+is the cost of refreshing alone. Then it sends `q` and checks the monitor exits. Needs textual on the machine.
+Writes $OUT/monitor_cpu.json (OUT defaults to ./out) and prints a summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import platform
+import pty
+import select
+import signal
+import struct
+import sys
+import termios
+import time
+from pathlib import Path
+
+import psutil
+
+
+def set_winsize(fd: int, cols: int, rows: int) -> None:
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
+def drain(fd: int, until: float) -> int:
+    """Read the terminal until the deadline; returns bytes read (the child blocks if nobody reads)."""
+    total = 0
+    while True:
+        left = until - time.monotonic()
+        if left <= 0:
+            return total
+        ready, _, _ = select.select([fd], [], [], min(left, 0.2))
+        if ready:
+            try:
+                data = os.read(fd, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                return total
+            if not data:
+                return total
+            total += len(data)
+
+
+def cpu_seconds(proc: psutil.Process) -> tuple[float, float]:
+    t = proc.cpu_times()
+    return t.user, t.system
+
+
+def monitor_argv(args: argparse.Namespace) -> list[str]:
+    if args.replay:
+        return [sys.executable, "-m", "batchmon", "replay", str(args.replay), "--speed", str(args.speed)]
+    return [sys.executable, "-m", "batchmon", "--interval", str(args.interval)]
+
+
+def run(args: argparse.Namespace) -> dict:
+    cols, rows = args.size
+    argv = monitor_argv(args)
+    pid, fd = pty.fork()
+    if pid == 0:  # child: becomes the monitor, its terminal is the pty
+        os.environ["TERM"] = "xterm-256color"
+        os.environ.pop("COLUMNS", None)
+        os.environ.pop("LINES", None)
+        try:
+            os.execv(argv[0], argv)
+        finally:
+            os._exit(127)
+    set_winsize(fd, cols, rows)
+    os.kill(pid, signal.SIGWINCH)
+    proc = psutil.Process(pid)
+    t_start = time.monotonic()
+    out_bytes = drain(fd, t_start + args.warmup)
+    if not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE:
+        _, status = os.waitpid(pid, 0)
+        raise SystemExit(f"monitor_cpu: the monitor exited during warm-up (status {status}); run `{' '.join(argv)}` by hand")
+    u0, s0 = cpu_seconds(proc)
+    t0 = time.monotonic()
+    out_bytes_steady = drain(fd, t0 + args.duration)
+    u1, s1 = cpu_seconds(proc)
+    t1 = time.monotonic()
+    out_bytes += out_bytes_steady
+
+    os.write(fd, b"q")
+    deadline = time.monotonic() + 10
+    exit_code = None
+    while time.monotonic() < deadline:
+        drain(fd, time.monotonic() + 0.1)
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            exit_code = os.waitstatus_to_exitcode(status)
+            break
+    if exit_code is None:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    os.close(fd)
+
+    steady = (u1 - u0) + (s1 - s0)
+    window = t1 - t0
+    try:
+        import textual
+
+        textual_version = getattr(textual, "__version__", None)
+    except ImportError:
+        textual_version = None
+    return {
+        "mode": "replay" if args.replay else "live",
+        "recording": str(args.replay) if args.replay else None,
+        "speed": args.speed if args.replay else None,
+        "interval_s": args.interval,
+        "size": [cols, rows],
+        "warmup_s": args.warmup,
+        "window_s": round(window, 3),
+        "cpu_seconds_steady": round(steady, 4),
+        "cpu_user_steady": round(u1 - u0, 4),
+        "cpu_system_steady": round(s1 - s0, 4),
+        "cpu_percent_steady": round(100 * steady / window, 3) if window > 0 else None,
+        "cpu_seconds_total": round(u1 + s1, 4),
+        "terminal_bytes_steady": out_bytes_steady,
+        "terminal_bytes_per_s": round(out_bytes_steady / window, 1) if window > 0 else None,
+        "exit_code_after_q": exit_code,
+        "argv": argv,
+        "host": platform.node(),
+        "python": platform.python_version(),
+        "textual": textual_version,
+        "cpu_count": os.cpu_count(),
+        "time": time.time(),
+    }
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    cols, _, rows = text.partition("x")
+    return int(cols), int(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="CPU seconds of the batchmon monitor in a pseudo-terminal")
+    p.add_argument("--duration", type=float, default=60.0, help="measured seconds after warm-up (default 60)")
+    p.add_argument("--warmup", type=float, default=5.0, help="seconds before measuring (default 5)")
+    p.add_argument("--interval", type=float, default=1.0, help="live refresh interval (default 1.0)")
+    p.add_argument("--replay", type=Path, help="replay this recording instead of the live hub")
+    p.add_argument("--speed", type=float, default=1.0, help="replay speed (default 1)")
+    p.add_argument("--size", type=parse_size, default=(160, 48), help="terminal COLSxROWS (default 160x48)")
+    p.add_argument("--name", default="monitor_cpu", help="result file stem (default monitor_cpu)")
+    args = p.parse_args(argv)
+    if args.replay and not args.replay.is_file():
+        print(f"monitor_cpu: no such recording: {args.replay}", file=sys.stderr)
+        return 1
+    result = run(args)
+    out = Path(os.environ.get("OUT", "out"))
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{args.name}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"monitor ({result['mode']}, {args.size[0]}x{args.size[1]}): {result['cpu_seconds_steady']:.3f} CPU s over "
+          f"{result['window_s']:.1f} s = {result['cpu_percent_steady']:.2f}% of one core; "
+          f"{result['terminal_bytes_per_s']:.0f} B/s to the terminal; q -> exit {result['exit_code_after_q']}")
+    print(f"wrote {path}")
+    return 0 if result["exit_code_after_q"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

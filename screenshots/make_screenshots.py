@@ -1,0 +1,122 @@
+"""Render the monitor's screenshots (SVG, and PNG where a converter exists) from a `batchmon record` file.
+
+    python screenshots/make_screenshots.py RECORDING.jsonl [--out screenshots] [--name h200] [--size 160x48]
+                                           [--press plus --press a] [--index -1]
+
+The app runs headless (Textual's run_test) on one Snapshot of the recording (the last by default), so the
+picture is exactly what `batchmon replay RECORDING` shows at that moment. The header clock is shown in UTC so
+a screenshot does not depend on the machine's time zone.
+
+PNG: cairosvg when it is importable, else rsvg-convert (Debian: apt-get install -y librsvg2-bin), else
+ImageMagick's convert. Before converting, non-breaking spaces in Rich's SVG are turned into spaces with
+xml:space="preserve", because rsvg and cairo drop them and the text then collapses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    m = re.fullmatch(r"(\d+)x(\d+)", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT, got {text!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
+async def render_svg(snapshot, size: tuple[int, int], press: list[str], path: Path, title: str | None) -> None:
+    from batchmon.tui.app import BatchmonApp
+
+    app = BatchmonApp(snapshot=snapshot, title=title, interval=snapshot.interval)
+    async with app.run_test(size=size) as pilot:
+        await pilot.pause()
+        for key in press:
+            await pilot.press(key)
+        await pilot.pause()
+        app.save_screenshot(filename=path.name, path=str(path.parent))
+
+
+def printable_svg(svg: str) -> str:
+    """Rich's SVG with plain spaces kept (rsvg/cairo collapse the &#160; it uses)."""
+    svg = svg.replace("&#160;", " ")
+    return svg.replace("<svg ", '<svg xml:space="preserve" ', 1)
+
+
+def to_png(svg_path: Path, png_path: Path) -> str | None:
+    """Convert with the first converter available; returns its name, or None when there is none."""
+    fixed = svg_path.with_suffix(".print.svg")
+    fixed.write_text(printable_svg(svg_path.read_text(encoding="utf-8")), encoding="utf-8")
+    try:
+        try:
+            import cairosvg  # type: ignore[import-not-found]
+
+            cairosvg.svg2png(url=str(fixed), write_to=str(png_path))
+            return "cairosvg"
+        except ImportError:
+            pass
+        if shutil.which("rsvg-convert"):
+            subprocess.run(["rsvg-convert", str(fixed), "-o", str(png_path)], check=True)
+            return "rsvg-convert"
+        if shutil.which("convert"):
+            subprocess.run(["convert", str(fixed), str(png_path)], check=True)
+            return "convert"
+        return None
+    finally:
+        fixed.unlink(missing_ok=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("recording", type=Path, help="a file written by `batchmon record`")
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent, help="output folder")
+    p.add_argument("--name", help="file name stem (default: the recording's stem)")
+    p.add_argument("--size", type=parse_size, action="append", help="WIDTHxHEIGHT, repeatable (default 160x48)")
+    p.add_argument("--press", action="append", default=[], help="keys to press first (Textual names), repeatable")
+    p.add_argument("--index", type=int, default=-1, help="which snapshot of the recording (default: the last)")
+    p.add_argument("--no-png", action="store_true", help="SVG only")
+    args = p.parse_args(argv)
+
+    os.environ["TZ"] = "UTC"
+    time.tzset()
+    try:
+        from batchmon.replay import load_snapshots
+
+        snapshots = load_snapshots(args.recording)
+    except OSError as exc:
+        print(f"make_screenshots: cannot read {args.recording}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    except ValueError as exc:
+        print(f"make_screenshots: {args.recording} is not a batchmon recording: {exc}", file=sys.stderr)
+        return 1
+    if not snapshots:
+        print(f"make_screenshots: {args.recording} holds no snapshot", file=sys.stderr)
+        return 1
+    try:
+        snapshot = snapshots[args.index]
+    except IndexError:
+        print(f"make_screenshots: --index {args.index} out of range (0..{len(snapshots) - 1})", file=sys.stderr)
+        return 1
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.name or args.recording.name.split(".")[0]
+    for width, height in args.size or [(160, 48)]:
+        svg = args.out / f"{stem}_{width}x{height}.svg"
+        asyncio.run(render_svg(snapshot, (width, height), args.press, svg, title=f"replay {args.recording.name}"))
+        line = f"{svg}"
+        if not args.no_png:
+            png = svg.with_suffix(".png")
+            tool = to_png(svg, png)
+            line += f"  {png} ({tool})" if tool else "  (no PNG: install cairosvg, librsvg2-bin or ImageMagick)"
+        print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
