@@ -22,7 +22,8 @@ The fit (documented rules, each chosen for what it predicts, not for convenience
 * activations, batch: per-sample. One batch size seen: value / B (no fixed part). Two or more: least squares
   ``fixed + per_sample * B`` over every step; a negative slope falls back to the mean.
 * peak allocated (the allocator's high-water mark in the step) is fitted the same way, on the steps after the
-  optimizer state exists; ``other`` = fitted peak - the five components above, so the components always sum to
+  optimizer state exists, one point per batch size: the largest peak seen at it (a first step at a size peaks
+  lower than the steady ones: lazy optimizer state, warm-up); ``other`` = fitted peak - the five components above, so the components always sum to
   the fitted peak (with ``other`` clamped at 0). With one batch size, ``other`` (workspaces, temporaries,
   activation gradients, foreach-optimizer intermediates) is split between fixed and per-sample in proportion to
   the measured fixed (parameters+gradients+optimizer) and batch-dependent (activations+batch) bytes: temporaries
@@ -58,9 +59,13 @@ What-ifs (``WhatIf``), applied to the fitted lines:
   underestimate); autocast's cache of 16-bit weight copies adds half the trainable parameter bytes to ``other``;
   parameters, gradients, optimizer (fp32 master copies) and batch (inputs as loaded) are unchanged. A no-op when
   the observed run already used AMP (``fit(..., amp=True)``).
-* checkpointing: the sqrt(n) rule of Chen et al. (2016): n layers checkpointed in sqrt(n) segments keep
-  ``2/sqrt(n)`` of the activations (segment boundaries plus one segment being recomputed). n is
-  ``WhatIf.checkpoint_layers``; unknown it is taken as 16 (factor 0.5) and the basis says so.
+* checkpointing: every one of n blocks wrapped in a checkpoint (the seed's example, and what
+  ``gradient_checkpointing_enable()`` does): forward keeps only each block's input, backward recomputes one
+  block at a time, so about one block's activations plus the boundaries are alive: ``2/n`` of the
+  activations (one block ~ A/n, the n boundary inputs ~ A/n for a transformer, whose blocks save ~17 tensors
+  of the size of their input). Activations outside the blocks (embeddings, logits, loss) are treated like the
+  blocks', a slight underestimate where logits are large. n is ``WhatIf.checkpoint_layers``; unknown, 12 is
+  assumed (factor 1/6) and the basis says so.
 * gradient accumulation: ``batch_size`` is the effective batch; activations, batch and the per-sample ``other``
   follow the micro-batch ceil(batch_size / accumulation_steps); gradients and optimizer see the full batch
   (unchanged). ``max_batch`` then answers in effective batch (largest micro-batch x steps).
@@ -70,7 +75,6 @@ What-ifs (``WhatIf``), applied to the fitted lines:
 
 from __future__ import annotations
 
-import math
 import statistics
 from dataclasses import dataclass, field, replace
 from typing import Iterable, Sequence
@@ -88,7 +92,7 @@ class WhatIf:
     accumulation_steps: int = 1  # gradient accumulation: batch_size is split into this many micro-batches
     optimizer: str | None = None  # "sgd", "sgd-momentum", "adam", "adamw"; None: as observed
     shards: int = 1  # ZeRO/FSDP-style sharding of parameters, gradients and optimizer states over N GPUs
-    checkpoint_layers: int | None = None  # layers checkpointed (sqrt(n) rule); None: 16 assumed
+    checkpoint_layers: int | None = None  # blocks wrapped in checkpoints; None: 12 assumed
 
 
 @dataclass(frozen=True)
@@ -112,7 +116,7 @@ class Prediction:
 OPTIMIZER_STATES: dict[str, int] = {"sgd": 0, "sgd-momentum": 1, "adam": 2, "adamw": 2}
 FIXED = ("parameters", "gradients", "optimizer")
 PER_SAMPLE = ("activations", "batch")
-DEFAULT_CHECKPOINT_LAYERS = 16
+DEFAULT_CHECKPOINT_LAYERS = 12
 
 
 def optimizer_kind(name: str | None) -> str | None:
@@ -286,10 +290,10 @@ class MemoryModel:
             notes.append("amp: 16-bit activations, +16-bit weight copies")
         if what_if.checkpointing:
             n = what_if.checkpoint_layers or DEFAULT_CHECKPOINT_LAYERS
-            factor = min(1.0, 2.0 / math.sqrt(n))
+            factor = min(1.0, 2.0 / n)
             lines["activations"] = lines["activations"].scaled(factor, factor)
             assumed = "" if what_if.checkpoint_layers else " assumed"
-            notes.append(f"checkpointing: sqrt rule, {n} layers{assumed} (x{factor:.2f})")
+            notes.append(f"checkpointing: {n} blocks{assumed}, activations x{factor:.2f}")
         if what_if.shards > 1:
             n = what_if.shards
             for name in FIXED:
@@ -449,21 +453,20 @@ def fit(steps: Iterable[Step | Observation], *, optimizer: str | None = None, am
     for name in FIXED + PER_SAMPLE:
         known = known + lines[name]
     if with_peak:
+        peaks = _largest_per_batch((o.batch_size, o.peak_allocated) for o in with_peak)  # type: ignore[misc]
         if len(distinct) >= 2:
-            peak = fit_line([(o.batch_size, o.peak_allocated) for o in with_peak])  # type: ignore[misc]
-            lines["other"] = peak - known
+            lines["other"] = fit_line(peaks) - known
         else:
-            b = distinct[0]
-            other = max(0.0, statistics.median(o.peak_allocated for o in with_peak) - known.at(b))  # type: ignore[misc]
-            lines["other"] = _split_other(other, known, b)
+            b, peak = peaks[0]
+            lines["other"] = _split_other(max(0.0, peak - known.at(b)), known, b)
             notes.append("other split by fixed/batch share (one batch size)")
     else:
-        points = [(o.batch_size, o.components["other"]) for o in steady]
+        others = _largest_per_batch((o.batch_size, o.components["other"]) for o in steady)
         if len(distinct) >= 2:
-            lines["other"] = fit_line(points)
+            lines["other"] = fit_line(others)
         else:
-            b = distinct[0]
-            lines["other"] = _split_other(statistics.median(v for _, v in points), known, b)
+            b, other = others[0]
+            lines["other"] = _split_other(other, known, b)
         notes.append("no allocator peak (CPU): peak = sum of components")
 
     reference = max(distinct)
@@ -486,6 +489,15 @@ def fit(steps: Iterable[Step | Observation], *, optimizer: str | None = None, am
         batch_sizes=tuple(sorted({o.batch_size for o in obs})), step_range=(obs[0].step, obs[-1].step),
         count=len(obs), optimizer=kind, observed_amp=amp, notes=tuple(notes), measured_peak=measured_peak,
     )
+
+
+def _largest_per_batch(points: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """One point per batch size, the largest value seen: a run's first step at a size (lazy optimizer state,
+    allocator and library warm-up) peaks lower than its steady steps, never higher."""
+    best: dict[int, int] = {}
+    for b, v in points:
+        best[b] = max(v, best.get(b, v))
+    return sorted(best.items())
 
 
 def _split_other(other: float, known: Line, batch: int) -> Line:
