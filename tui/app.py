@@ -262,7 +262,7 @@ class BatchmonApp(App[int]):
             self._restore_focus(focused_key)
         for panel, (_, view) in zip(box.query(GpuPanel), views):
             panel.view = view
-            panel.changed()
+            panel.update_if_changed((view.device, tuple(view.history[-200:]), tuple(view.procs), panel.level))
 
     def _group_jobs(self, snap: Snapshot) -> list[tuple[str, list[AgentView]]]:
         groups: dict[str, list[AgentView]] = {}
@@ -326,11 +326,11 @@ class BatchmonApp(App[int]):
             self._restore_focus(focused_key)
         for panel in box.query(JobPanel):
             panel.view = self._jobs[panel.view.key]
-            panel.changed()
+            panel.update_if_changed(job_signature(panel.view))
         warn = box.query_one(WarningsPanel)
         warn.warnings = snap.warnings
         warn.display = bool(snap.warnings)
-        warn.changed()
+        warn.update_if_changed(snap.warnings)
 
     def _focused_key(self) -> str | None:
         f = self.focused
@@ -430,7 +430,7 @@ class BatchmonApp(App[int]):
         for panel in self.query(JobPanel):
             if panel.view.key in self._jobs:
                 panel.view = self._jobs[panel.view.key]
-                panel.changed()
+                panel.update_if_changed(job_signature(panel.view))
         self._update_whatif_bar()
 
     def action_batch(self, direction: int) -> None:
@@ -540,6 +540,15 @@ class BatchmonApp(App[int]):
                 return
         if target is not None:
             target.focus()
+
+
+def job_signature(view: JobView) -> tuple:
+    """Everything a job panel draws, comparable: equal signatures draw the same lines."""
+    ranks = tuple((a.key, a.last_step, a.events, a.connected, a.detached, a.history[-64:] if a.history else ())
+                  for a in view.ranks)
+    devices = tuple((k, d.index, d.memory.total if d and d.memory else None) if d else (k,)
+                    for k, d in view.devices.items())
+    return (ranks, devices, view.what_if, view.prediction, view.user, tuple(view.notes))
 
 
 class PanelColumn(VerticalScroll, inherit_bindings=False):

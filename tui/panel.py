@@ -23,10 +23,18 @@ class LinesPanel(Widget):
         raise NotImplementedError
 
     def changed(self) -> None:
-        """New data: drop the cached lines and re-layout (height may change)."""
+        """New data: drop the cached lines and re-layout (the height may change with them)."""
         self._version += 1
         self._cache = None
         self.refresh(layout=True)
+
+    def update_if_changed(self, signature: object) -> bool:
+        """changed() unless ``signature`` equals the last one: identical data costs no render."""
+        if signature == getattr(self, "_signature", None):
+            return False
+        self._signature = signature
+        self.changed()
+        return True
 
     def lines(self, width: int) -> list[Text]:
         width = max(1, width)
