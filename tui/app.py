@@ -371,7 +371,8 @@ class BatchmonApp(App[int]):
                 g.level = level
                 g.set_class(level != "full", "-dense")
                 g.changed()
-        expanded = focused if isinstance(focused, JobPanel) else (jobs[0] if jobs else None)
+        current = self._current_job_key()  # the job the what-if keys act on is the one shown in full
+        expanded = next((j for j in jobs if j.view.key == current), jobs[0] if jobs else None)
         # rows left for a chart in the expanded job when space is short: what the jobs column has, less
         # the other jobs' two lines each and the expanded job's ~9 lines of bars and text
         box_h = self.query_one("#jobs").size.height or h // 2
@@ -395,6 +396,11 @@ class BatchmonApp(App[int]):
     def _panel_focused(self) -> None:
         self._apply_levels()
         self._update_whatif_bar()
+        if isinstance(self.focused, GpuPanel):  # show the job the what-if keys now act on
+            key = self._current_job_key()
+            for job in self.query(JobPanel):
+                if job.view.key == key:
+                    job.scroll_visible(animate=False)
 
     # ------------------------------------------------------------------------------------------- actions
 

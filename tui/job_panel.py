@@ -287,7 +287,7 @@ def job_lines(v: JobView, width: int, level: str, *, focused: bool = False, char
         table = _table(v, measured)
         table_w = 40
         if v.chart is not None and chart_rows >= 4:
-            if width >= table_w + 40:
+            if width >= table_w + 32:
                 chart = render_chart(v.chart, width - table_w, max(chart_rows, len(table)))
                 lines.extend(_side_by_side(table, chart, table_w))
             else:
