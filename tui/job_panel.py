@@ -60,26 +60,33 @@ def _device_label(agent: AgentView, dev: DeviceSample | None) -> str:
 
 
 def _title(v: JobView, focused_marker: bool, width: int = 200) -> Text:
-    """Marker, command (cut to leave room), then ranks, device, pid and user: all literal text."""
+    """Marker, command, ranks, device, pid, user: all literal text. When narrow, user then pid give way
+    before the command is cut."""
     a = v.lead
-    rest = Text()
+    parts: list[tuple[str, str, int]] = []  # (text, style, drop order: higher goes first)
     if len(v.ranks) > 1 or a.hello.world_size > 1:
-        rest.append(f"  {len(v.ranks)}/{a.hello.world_size} ranks", style="#b07cf0")
-    rest.append(f"  {_device_label(a, v.devices.get(a.key))}", style=DIM)
-    rest.append(f"  pid {a.hello.pid}", style=DIM)
+        parts.append((f"  {len(v.ranks)}/{a.hello.world_size} ranks", "#b07cf0", 0))
+    parts.append((f"  {_device_label(a, v.devices.get(a.key))}", DIM, 0))
+    parts.append((f"  pid {a.hello.pid}", DIM, 1))
     if v.user:
-        rest.append(f" {v.user}", style=DIM)
+        parts.append((f" {v.user}", DIM, 2))
     if a.detached:
-        rest.append("  detached", style=WARN)
+        parts.append(("  detached", WARN, 0))
     elif not a.connected:
-        rest.append("  disconnected", style=WARN)
-    t = Text().append("▶ " if focused_marker else "  ", style="bold #3fc1c9")
+        parts.append(("  disconnected", WARN, 0))
     cmd = command_text(a)
-    room = max(16, width - len(rest.plain) - 4)
+    budget = width - 2
+    for level in (2, 1):
+        if len(cmd) + sum(len(p[0]) for p in parts) <= budget:
+            break
+        parts = [p for p in parts if p[2] < level]
+    room = max(16, budget - sum(len(p[0]) for p in parts))
     if len(cmd) > room:
         cmd = cmd[: room - 1] + "…"
+    t = Text().append("▶ " if focused_marker else "  ", style="bold #3fc1c9")
     t.append(cmd, style="bold")
-    t.append_text(rest)
+    for text, style, _ in parts:
+        t.append(text, style=style)
     return t
 
 
