@@ -56,9 +56,12 @@ def _parts_missing() -> str | None:
 def test_demo_in_tmux_shows_its_run_and_stops_it_on_quit(tmp_path):
     session = f"batchmon-demo-{uuid.uuid4().hex[:8]}"
     status = tmp_path / "status"
-    cmd = f"{shlex.quote(sys.executable)} -m batchmon demo; echo $? > {shlex.quote(str(status))}"
-    subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "160", "-y", "48", "-c", str(ROOT), cmd],
+    cmd = (f"env -u COLUMNS -u LINES {shlex.quote(sys.executable)} -m batchmon demo; "
+           f"echo $? > {shlex.quote(str(status))}")
+    # start with a placeholder and respawn once the window has its size, so the app never starts at 80x24
+    subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "160", "-y", "48", "-c", str(ROOT), "cat"],
                    check=True)
+    subprocess.run(["tmux", "respawn-pane", "-k", "-t", session, "-c", str(ROOT), cmd], check=True)
     try:
         def screen() -> str:
             return subprocess.run(["tmux", "capture-pane", "-p", "-t", session], capture_output=True,
@@ -70,8 +73,11 @@ def test_demo_in_tmux_shows_its_run_and_stops_it_on_quit(tmp_path):
             time.sleep(0.1)
         text = screen()
         assert "demo: train_mlp.py" in text
-        pid = int(re.search(r"train_mlp\.py[^\n]*? pid (\d+)", text).group(1))  # the job panel's title
+        found = re.search(r"train_mlp\.py[^\n]*? pid (\d+)", text)  # the job panel's title
+        assert found, text
+        pid = int(found.group(1))
         assert psutil.pid_exists(pid)
+        assert str(demo.UNTIL_QUIT_STEPS) in " ".join(psutil.Process(pid).cmdline())
         subprocess.run(["tmux", "send-keys", "-t", session, "q"], check=True)
         deadline = time.monotonic() + 30
         while not (status.exists() and status.read_text().strip()):

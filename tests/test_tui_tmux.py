@@ -39,8 +39,12 @@ def session():
 def test_monitor_in_tmux_shows_screen_reacts_to_keys_and_quits(session, tmp_path):
     status = tmp_path / "status"
     app = ROOT / "tests" / "tui_fixture_app.py"
-    cmd = f"{shlex.quote(sys.executable)} {shlex.quote(str(app))}; echo $? > {shlex.quote(str(status))}"
-    tmux("new-session", "-d", "-s", session, "-x", "160", "-y", "48", cmd)
+    # tmux may hand the pane COLUMNS/LINES of whoever started its server; the app must ask the terminal
+    cmd = (f"env -u COLUMNS -u LINES {shlex.quote(sys.executable)} {shlex.quote(str(app))}; "
+           f"echo $? > {shlex.quote(str(status))}")
+    # a placeholder first, the app once the window has its size (no start at 80x24 followed by a resize)
+    tmux("new-session", "-d", "-s", session, "-x", "160", "-y", "48", "cat")
+    tmux("respawn-pane", "-k", "-t", session, cmd)
 
     def screen() -> str:
         return tmux("capture-pane", "-p", "-t", session)
@@ -50,6 +54,7 @@ def test_monitor_in_tmux_shows_screen_reacts_to_keys_and_quits(session, tmp_path
     assert "batchmon" in text and "fixture" in text and "GPU 0" in text
     assert "train.py --model gpt-medium" in text and "finetune.py" in text
     assert "every 250 ms" in text
+    assert max(len(line) for line in text.splitlines()) > 120  # laid out for 160 columns
 
     tmux("send-keys", "-t", session, "+")
     wait_until(lambda: "pred b=24" in screen(), what="the what-if batch to change")
