@@ -27,10 +27,12 @@ import json
 import math
 import os
 import platform
+import shutil
 import statistics
 import sys
+import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -48,6 +50,9 @@ LIGHTNING_STEPS_PER_TRIAL = 3  # Lightning's scale_batch_size default
 LIGHTNING_INIT = 2
 LIGHTNING_MAX_TRIALS = 25
 BLOCK = 512  # the CUDA caching allocator's block granularity
+#: RuntimeErrors that mean "out of memory" near the limit (library workspaces), as in Lightning's is_oom_error
+OOM_LIKE = ("CUDA out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_NOT_SUPPORTED",
+            "CUDNN_STATUS_ALLOC_FAILED", "CUDA_ERROR_OUT_OF_MEMORY", "CUDNN_STATUS_INTERNAL_ERROR")
 
 
 # ----------------------------------------------------------------------------------------------- models
@@ -379,17 +384,22 @@ class Runner:
         self.opt.zero_grad(set_to_none=True)
         self.dev.clean()
         start = time.perf_counter()
-        ok = True
+        ok, failure = True, None
         try:
             self.step(batch, count=self.dev.kind != "cuda", accumulation=accumulation)
             self.dev.sync()
         except self.dev.oom_types:
-            ok = False
+            ok, failure = False, "oom"
+        except RuntimeError as exc:  # what Lightning's is_oom_error also counts as out of memory
+            if not any(text in str(exc) for text in OOM_LIKE):
+                raise
+            ok, failure = False, " ".join(str(exc).split())[:160]
         seconds = time.perf_counter() - start
         s = self.dev.stats() if ok else {}
         self.opt.zero_grad(set_to_none=True)
         self.dev.clean()
-        return {"batch": batch, "ok": ok, "peak_allocated": s.get("peak_allocated"), "reserved": s.get("reserved"),
+        return {"batch": batch, "ok": ok, "failure": failure, "peak_allocated": s.get("peak_allocated"),
+                "reserved": s.get("reserved"),
                 "inactive_split_peak": s.get("inactive_split_peak"), "seconds": round(seconds, 4)}
 
 
@@ -465,19 +475,59 @@ def pct(pred: int, real: int) -> float:
     return abs(pred - real) / real * 100.0
 
 
-def bench_arch(arch: Arch, dev: Any, quick: bool, deadline: float) -> dict[str, Any]:
+def observe_with_agent(runner: Runner, sizes: list[int]) -> tuple[list[Step] | None, str]:
+    """The observed steps as batchmon's own agent reports them (None and why, when it can't)."""
+    try:
+        from batchmon import agent as bm_agent
+    except Exception as exc:  # noqa: BLE001 - the bench runs without the agent too
+        return None, f"agent not importable: {type(exc).__name__}: {exc}"
+    folder = tempfile.mkdtemp(prefix="batchmon-bench-")
+    readings: list[int | None] = []
+    try:
+        handle = bm_agent.attach(runner.model, runner.opt, activation_every=1, socket_dir=folder)
+        try:
+            for b in sizes:
+                runner.step(b, count=False)
+                runner.dev.sync()
+                readings.append(runner.dev.stats().get("device_used") if runner.dev.kind == "cuda" else None)
+            steps = list(handle.steps)
+            error = handle.error
+        finally:
+            handle.detach()
+    except Exception as exc:  # noqa: BLE001
+        return None, f"agent failed: {type(exc).__name__}: {exc}"
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    if error or len(steps) != len(sizes):
+        return None, f"agent gave {len(steps)} steps for {len(sizes)} ({error or 'no error'})"
+    filled = 0
+    for i, (step, used) in enumerate(zip(steps, readings)):
+        if step.device_used is None and step.peak_allocated is not None and used is not None:
+            steps[i] = replace(step, device_used=used)  # its NVML sample (1 s cadence) had not arrived yet
+            filled += 1
+    return steps, f"batchmon.agent ({filled} device_used readings filled in by the bench)" if filled else "batchmon.agent"
+
+
+def bench_arch(arch: Arch, dev: Any, quick: bool, deadline: float, observer: str) -> dict[str, Any]:
     t0 = time.perf_counter()
     dev.clean()
     runner = Runner(arch, dev)
     n_params = sum(p.numel() for p in runner.model.parameters())
     big, small = arch.observe
-    steps = [runner.observe(big), runner.observe(big), runner.observe(small)]
+    steps, how = None, "bench accounting"
+    if observer == "agent":
+        steps, how = observe_with_agent(runner, [big, big, small])
+        if steps is None:
+            print(f"{arch.name}: {how}; observing with the bench's own accounting", file=sys.stderr)
+            how = f"bench accounting ({how})"
+    if steps is None:
+        steps = [runner.observe(big), runner.observe(big), runner.observe(small)]
     model = fit(steps, optimizer=type(runner.opt).__name__, amp=arch.amp)
     assert model is not None
     pred_max = model.max_batch(dev.total) or 0
     pred_max_no_margin = model.max_batch(dev.total, margin=0) or 0
     result: dict[str, Any] = {
-        "arch": arch.name, "description": arch.description, "parameters": n_params,
+        "arch": arch.name, "description": arch.description, "parameters": n_params, "observer": how,
         "observed": [s.to_dict() for s in steps], "basis": model.basis,
         "fit": {"lines": {k: [v.fixed, v.per_sample] for k, v in model.lines.items()}, "cache": model.cache,
                 "context": model.context, "frag_ratio": model.frag_ratio},
@@ -618,6 +668,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny CPU models against a fake device (tests the script)")
     ap.add_argument("--arch", default="", help="comma-separated subset of: mlp, cnn, gpt, gpt-amp-tied")
     ap.add_argument("--budget", type=float, default=450.0, help="seconds; later parts are skipped past it")
+    ap.add_argument("--observer", choices=("auto", "agent", "bench"), default="auto",
+                    help="who measures the observed steps: batchmon's agent, or the bench's own accounting "
+                         "(auto: the agent on CUDA when importable, the bench's accounting with --cpu-smoke)")
     args = ap.parse_args(argv)
     out = Path(os.environ.get("OUT", "./out"))
     out.mkdir(parents=True, exist_ok=True)
@@ -636,12 +689,13 @@ def main(argv: list[str] | None = None) -> int:
         wanted = set(args.arch.split(","))
         archs = [a for a in archs if a.name in wanted]
 
+    observer = args.observer if args.observer != "auto" else ("bench" if args.cpu_smoke else "agent")
     results = []
     for arch in archs:
         if time.perf_counter() > deadline:
             print(f"skipping {arch.name}: past the time budget", file=sys.stderr)
             continue
-        r = bench_arch(arch, dev, args.quick, deadline)
+        r = bench_arch(arch, dev, args.quick, deadline, observer)
         results.append(r)
         lt = r.get("lightning") or {}
         print(f"{arch.name}: peak error mean {fmt(r['mean_error_pct'])}% worst {fmt(r['worst_error_pct'])}%; "
@@ -662,6 +716,7 @@ def main(argv: list[str] | None = None) -> int:
     lts = [r["lightning"] for r in results if r.get("lightning")]
     doc = {
         "device": dev.name, "device_total": dev.total, "torch": torch.__version__, "python": platform.python_version(),
+        "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
         "mode": ("cpu-smoke" if args.cpu_smoke else "cuda") + (" quick" if args.quick else ""),
         "seconds": round(time.perf_counter() - start, 1), "results": results, "what_if": what_if, "what_if_arch": "gpt",
         "summary": {
