@@ -19,7 +19,6 @@ import batchmon
 from batchmon.cli import CliError
 
 EXAMPLE = "train_mlp.py"
-UNTIL_QUIT_STEPS = 10**9  # `--steps 0`: train until the monitor quits
 STOP_GRACE_S = 5.0
 
 
@@ -30,7 +29,7 @@ def examples_dir() -> Path:
 
 def training_command(script: Path, steps: int) -> list[str]:
     return [sys.executable, "-m", "batchmon", "run", "--", sys.executable, str(script),
-            "--steps", str(steps or UNTIL_QUIT_STEPS), "--device", "auto"]
+            "--steps", str(steps), "--device", "auto"]  # the example trains until stopped at --steps 0
 
 
 def start_training(script: Path, steps: int, socket_dir: Path, log_path: Path) -> subprocess.Popen:
