@@ -324,3 +324,35 @@ async def test_list_source_drives_the_app_and_stops_with_it():
         await fx.wait_for(pilot, lambda: app.shown is snaps[-1])
         assert f"step {snaps[-1].agents[0].last_step.step}" in fx.screen_text(app)
     assert source._stop.is_set()
+
+
+def odd_snapshot():
+    """Everything a driver or an agent may leave out: a lost GPU, NA fields, an agent without steps, a gone one."""
+    from dataclasses import replace
+
+    from batchmon.probes.nvml import DeviceSample, GpuProcess
+
+    base = fx.one_gpu(2)
+    lost = DeviceSample(index=1, name="NVIDIA H200", uuid="GPU-lost", memory=None, utilization=None,
+                        temperature=None, power=None, lost=True, error="GPU is lost")
+    bare = DeviceSample(index=2, name=None, uuid=None, memory=None, utilization=None, temperature=None,
+                        power=None, processes=(GpuProcess(999, None),))
+    nvml = replace(base.nvml, devices=base.nvml.devices + (lost, bare))
+    fresh = fx.agent(fx.hello(6161, ["python", "new.py"], uuid=None, device="cuda:2"), ())
+    gone = replace(base.agents[1], connected=False, detached=True)
+    return replace(base, nvml=nvml, agents=(base.agents[0], gone, fresh))
+
+
+@pytest.mark.parametrize("size", [(160, 48), (80, 24)])
+async def test_missing_fields_lost_gpu_and_stepless_agents_render(size):
+    app = BatchmonApp(snapshot=odd_snapshot())
+    async with app.run_test(size=size) as pilot:
+        await fx.wait_for(pilot, lambda: len(app.query(JobPanel)) == 3)
+        for _ in range(4):
+            await pilot.press("down")
+        await pilot.press("left", "plus", "a")
+        text = fx.screen_text(app)
+        assert "LOST" in text and "GPU is lost" in text or size == (80, 24)
+        assert "new.py" in text or size == (80, 24)
+        if size == (160, 48):
+            assert "no step yet" in text and "detached" in text

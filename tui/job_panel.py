@@ -130,6 +130,8 @@ def _bar_line(label: str, comps: dict[str, int] | None, scale: int, bar_w: int, 
 def _predicted_label(v: JobView) -> str:
     p = v.prediction
     b = p.batch_size if p is not None else v.what_if.effective_batch(_observed_batch(v))
+    if b is None:
+        return "pred"
     extra = v.what_if.describe()
     return f"pred b={b}" + (f" {extra}" if extra else "")
 
@@ -283,6 +285,10 @@ def job_lines(v: JobView, width: int, level: str, *, focused: bool = False, char
         return [t1, t2]
 
     lines = [_title(v, focused, width), _stats(v)]
+    if s is None:
+        lines.append(Text().append("  waiting for the first training step (hello received)", style=DIM))
+        lines.extend(_events(v, 3))
+        return lines
     bar_w = max(10, width - 2 - 16 - 12)
     scale = max(measured_total, p.total if p else 0, 1)
     lines.append(_bar_line(f"measured b={s.batch_size}" if s else "measured", measured, scale, bar_w,
