@@ -1,0 +1,358 @@
+"""The agent's side of the socket: one listening unix socket, one daemon thread, bounded everything.
+
+The training thread only calls put()/set_hello(): an append to a bounded deque (oldest dropped and counted
+when full), never a lock, a syscall or an exception. The thread owns everything else: it accepts monitors,
+sends each new one the latest hello and the history (last steps and events), then live lines; it reads and
+discards whatever a monitor sends (never parsed); and it keeps a bounded outbound buffer per monitor, so a
+monitor that never reads loses its oldest lines instead of growing memory or slowing the others.
+
+No torch here: the monitor side imports protocol only, this module only runs inside the training process.
+"""
+
+from __future__ import annotations
+
+import errno
+import heapq
+import os
+import selectors
+import socket
+import stat
+import threading
+import time
+from collections import deque
+from pathlib import Path
+from typing import Callable
+
+from batchmon import protocol
+from batchmon.protocol import Bye, Event, Hello, Step
+
+HISTORY_STEPS = 2000
+HISTORY_EVENTS = 200
+QUEUE_MAX = 4096  # live messages waiting for the thread
+CLIENT_MAX_LINES = HISTORY_STEPS + HISTORY_EVENTS + 512
+CLIENT_MAX_BYTES = 16 << 20
+MAX_CLIENTS = 64
+POLL_SECONDS = 0.05  # how stale a live line may get before the thread picks it up
+READ_DISCARD = 64 << 10
+
+
+class _Client:
+    """One connected monitor: a non-blocking socket and its bounded outbound lines."""
+
+    __slots__ = ("sock", "lines", "pinned", "bytes", "partial", "dropped", "sent")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.lines: deque[bytes] = deque()
+        self.pinned: set[int] = set()  # id() of hello lines, never dropped
+        self.bytes = 0
+        self.partial: memoryview | None = None  # rest of a line the kernel took only part of
+        self.dropped = 0
+        self.sent = 0
+
+    def push(self, line: bytes, pinned: bool = False) -> None:
+        self.lines.append(line)
+        self.bytes += len(line)
+        if pinned:
+            self.pinned.add(id(line))
+        while (len(self.lines) > CLIENT_MAX_LINES or self.bytes > CLIENT_MAX_BYTES) and len(self.lines) > 1:
+            if id(self.lines[0]) not in self.pinned:
+                old = self.lines.popleft()
+            else:  # keep the hello: drop the oldest line that is not one
+                index = next((i for i, ln in enumerate(self.lines) if id(ln) not in self.pinned), None)
+                if index is None:
+                    break
+                old = self.lines[index]
+                del self.lines[index]
+            self.bytes -= len(old)
+            self.dropped += 1
+
+    def flush(self) -> bool:
+        """Send what the kernel takes now. Returns False when the monitor is gone."""
+        while True:
+            if self.partial is None:
+                if not self.lines:
+                    return True
+                line = self.lines.popleft()
+                self.pinned.discard(id(line))
+                self.bytes -= len(line)
+                self.partial = memoryview(line)
+            try:
+                n = self.sock.send(self.partial)
+            except (BlockingIOError, InterruptedError):
+                return True
+            except OSError:
+                return False
+            self.sent += n
+            self.partial = self.partial[n:] if n < len(self.partial) else None
+
+    @property
+    def pending(self) -> bool:
+        return self.partial is not None or bool(self.lines)
+
+
+class Transport:
+    """Listening socket + daemon thread. Create, start() (may raise OSError/SocketDirError), put(), close()."""
+
+    def __init__(self, path: Path, *, on_error: Callable[[BaseException], None] | None = None,
+                 tick: Callable[[], None] | None = None, tick_seconds: float = 1.0) -> None:
+        self.path = path
+        self._on_error = on_error
+        self._tick = tick
+        self._tick_seconds = tick_seconds
+        self._queue: deque[Step | Event] = deque(maxlen=QUEUE_MAX)
+        self._new_hello: Hello | None = None
+        self._hello_line: bytes | None = None
+        self._steps: deque[tuple[float, bytes]] = deque(maxlen=HISTORY_STEPS)
+        self._events: deque[tuple[float, bytes]] = deque(maxlen=HISTORY_EVENTS)
+        self._clients: dict[int, _Client] = {}
+        self._listener: socket.socket | None = None
+        self._inode: tuple[int, int] | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._bye: Bye | None = None
+        self.queue_dropped = 0
+        self.client_dropped = 0  # lines dropped for monitors that did not keep up (closed ones included)
+        self.encode_errors = 0
+        self.connections = 0
+
+    # ------------------------------------------------------------------ training thread side (never blocks)
+
+    def set_hello(self, hello: Hello) -> None:
+        self._new_hello = hello
+
+    def put(self, message: Step | Event) -> None:
+        queue = self._queue
+        if len(queue) >= QUEUE_MAX:
+            self.queue_dropped += 1
+        queue.append(message)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        """Bind ``path`` (0600) and start the thread. Raises OSError when the socket cannot be created."""
+        path = self.path
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            pass
+        else:
+            if not stat.S_ISSOCK(st.st_mode):
+                raise OSError(errno.EEXIST, f"{path} exists and is not a socket; not replacing it")
+            os.unlink(path)  # a stale socket of a dead process that had our pid
+        # Bind under a name monitors ignore, listen, then rename into place: a monitor that sees <pid>.sock
+        # can connect at once (never "refused" between bind and listen).
+        staging = path.with_name(f".{path.name}.tmp")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            try:
+                os.unlink(staging)
+            except FileNotFoundError:
+                pass
+            sock.bind(str(staging))
+            os.chmod(staging, 0o600)
+            sock.listen(16)
+            sock.setblocking(False)
+            os.rename(staging, path)
+            st = os.stat(path)
+        except BaseException:
+            sock.close()
+            try:
+                os.unlink(staging)
+            except OSError:
+                pass
+            raise
+        self._inode = (st.st_dev, st.st_ino)
+        self._listener = sock
+        self._thread = threading.Thread(target=self._run, name="batchmon-agent", daemon=True)
+        self._thread.start()
+
+    def close(self, bye: Bye | None = None, timeout: float = 1.0) -> None:
+        """Send bye to every monitor (briefly waiting for slow ones), close, remove the socket file."""
+        self._bye = bye
+        self._stop.set()
+        thread = self._thread
+        if thread is not None and thread.is_alive() and thread is not threading.current_thread():
+            thread.join(timeout)
+        self._cleanup()
+
+    def forget(self) -> None:
+        """In a forked child: drop the parent's sockets without touching the parent's socket file."""
+        self._stop.set()
+        self._inode = None
+        for client in list(self._clients.values()):
+            _close_quietly(client.sock)
+        self._clients.clear()
+        if self._listener is not None:
+            _close_quietly(self._listener)
+            self._listener = None
+
+    @property
+    def monitors(self) -> int:
+        return len(self._clients)
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # ------------------------------------------------------------------ the thread
+
+    def _run(self) -> None:
+        sel = selectors.DefaultSelector()
+        try:
+            sel.register(self._listener, selectors.EVENT_READ, None)  # type: ignore[arg-type]
+            next_tick = 0.0
+            while not self._stop.is_set():
+                try:
+                    for key, mask in sel.select(POLL_SECONDS):
+                        if key.data is None:
+                            self._accept(sel)
+                        else:
+                            self._service(sel, key.data, mask)
+                    self._drain(sel)
+                    if self._tick is not None and time.monotonic() >= next_tick:
+                        next_tick = time.monotonic() + self._tick_seconds
+                        self._tick()
+                except Exception as exc:  # noqa: BLE001 - report once, then stop serving
+                    if self._on_error is not None:
+                        self._on_error(exc)
+                    self._drain(sel)
+                    break
+            self._final_flush(sel)
+        finally:
+            sel.close()
+
+    def _accept(self, sel: selectors.BaseSelector) -> None:
+        assert self._listener is not None
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            if len(self._clients) >= MAX_CLIENTS:
+                _close_quietly(conn)
+                continue
+            conn.setblocking(False)
+            self._drain(sel)  # live lines so far go to the existing monitors and into the history
+            client = _Client(conn)
+            if self._hello_line is not None:
+                client.push(self._hello_line, pinned=True)
+            for _, line in heapq.merge(self._steps, self._events, key=lambda item: item[0]):
+                client.push(line)
+            self._clients[conn.fileno()] = client
+            self.connections += 1
+            sel.register(conn, selectors.EVENT_READ, client)
+            self._send(sel, client)
+
+    def _service(self, sel: selectors.BaseSelector, client: _Client, mask: int) -> None:
+        if mask & selectors.EVENT_READ:
+            try:
+                data = client.sock.recv(READ_DISCARD)  # whatever a monitor says is read and dropped
+            except (BlockingIOError, InterruptedError):
+                data = None
+            except OSError:
+                data = b""
+            if data == b"":
+                self._drop_client(sel, client)
+                return
+        if mask & selectors.EVENT_WRITE:
+            self._send(sel, client)
+
+    def _send(self, sel: selectors.BaseSelector, client: _Client) -> None:
+        if not client.flush():
+            self._drop_client(sel, client)
+            return
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if client.pending else 0)
+        try:
+            if sel.get_key(client.sock).events != events:
+                sel.modify(client.sock, events, client)
+        except (KeyError, ValueError, OSError):
+            self._drop_client(sel, client)
+
+    def _drop_client(self, sel: selectors.BaseSelector, client: _Client) -> None:
+        self._clients.pop(client.sock.fileno(), None)
+        try:
+            sel.unregister(client.sock)
+        except (KeyError, ValueError, OSError):
+            pass
+        self.client_dropped += client.dropped
+        _close_quietly(client.sock)
+
+    def _encode(self, message: Hello | Step | Event | Bye) -> bytes | None:
+        try:
+            return protocol.encode(message)
+        except (protocol.ProtocolError, TypeError, ValueError):
+            self.encode_errors += 1
+            return None
+
+    def _drain(self, sel: selectors.BaseSelector) -> None:
+        """Move new messages from the queue into the history and every monitor's buffer."""
+        hello, self._new_hello = self._new_hello, None
+        touched = False
+        if hello is not None:
+            line = self._encode(hello)
+            if line is not None:
+                self._hello_line = line
+                for client in self._clients.values():
+                    client.push(line, pinned=True)
+                touched = True
+        queue = self._queue
+        while True:
+            try:
+                message = queue.popleft()
+            except IndexError:
+                break
+            line = self._encode(message)
+            if line is None:
+                continue
+            stamp = message.time if message.time is not None else time.time()
+            (self._steps if isinstance(message, Step) else self._events).append((stamp, line))
+            for client in self._clients.values():
+                client.push(line)
+            touched = True
+        if touched:
+            for client in list(self._clients.values()):
+                self._send(sel, client)
+
+    def _final_flush(self, sel: selectors.BaseSelector) -> None:
+        self._drain(sel)
+        bye = self._encode(self._bye) if self._bye is not None else None
+        for client in self._clients.values():
+            if bye is not None:
+                client.push(bye, pinned=True)
+        deadline = time.monotonic() + 0.5
+        while time.monotonic() < deadline:
+            waiting = [c for c in list(self._clients.values()) if c.pending]
+            if not waiting:
+                break
+            for client in waiting:
+                if not client.flush():
+                    self._drop_client(sel, client)
+            if any(c.pending for c in self._clients.values()):
+                time.sleep(0.01)
+
+    def _cleanup(self) -> None:
+        for client in list(self._clients.values()):
+            self.client_dropped += client.dropped
+            _close_quietly(client.sock)
+        self._clients.clear()
+        if self._listener is not None:
+            _close_quietly(self._listener)
+            self._listener = None
+        inode, self._inode = self._inode, None
+        if inode is not None:
+            try:
+                st = os.lstat(self.path)
+                if (st.st_dev, st.st_ino) == inode:  # only our own socket, never a successor's
+                    os.unlink(self.path)
+            except OSError:
+                pass
+
+
+def _close_quietly(sock: socket.socket) -> None:
+    try:
+        sock.close()
+    except OSError:
+        pass

@@ -1,0 +1,90 @@
+"""`batchmon run [--] CMD ARGS...`: run a training command with the agent attached, no code change.
+
+The command runs as a child with stdin/stdout/stderr inherited, BATCHMON_AUTO=1 and batchmon's bootstrap
+folder first on PYTHONPATH (batchmon._bootstrap: every Python process it starts attaches the agent when it
+imports torch). Signals sent to the launcher (SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2) are passed
+to the child, except those the terminal sent to the whole foreground process group, which the child already
+got once; the exit code is the child's, or 128+N when signal N ended it, as shells report it.
+
+This process never imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+from typing import Mapping, Sequence
+
+from batchmon._bootstrap import ENV_FLAG, FOLDER
+from batchmon.cli import CliError
+
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
+SI_KERNEL = 0x80  # si_code of a signal the kernel raised (terminal keys, hangup), not kill()
+USAGE = "run needs a command, e.g. batchmon run -- python train.py"
+
+
+def main(args: argparse.Namespace) -> int:
+    cmd = list(getattr(args, "cmd", None) or [])
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    if not cmd or not cmd[0]:
+        raise CliError(USAGE, code=2)
+    executable = resolve(cmd[0])
+    return run(cmd, executable, child_env(os.environ))
+
+
+def child_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """The child's environment: the agent's bootstrap folder first on PYTHONPATH, auto-attach on."""
+    env = dict(environ)
+    env[ENV_FLAG] = "1"
+    rest = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != FOLDER]
+    env["PYTHONPATH"] = os.pathsep.join([FOLDER, *rest])
+    return env
+
+
+def resolve(program: str) -> str:
+    """The executable to run, like a shell finds it; CliError 127 when there is none, 126 when not runnable."""
+    if os.sep in program:
+        if not os.path.exists(program):
+            raise CliError(f"{program}: no such file", code=127)
+        if os.path.isdir(program) or not os.access(program, os.X_OK):
+            raise CliError(f"{program}: not executable", code=126)
+        return program
+    found = shutil.which(program)
+    if found is None:
+        raise CliError(f"{program}: command not found", code=127)
+    return found
+
+
+def run(cmd: Sequence[str], executable: str, env: Mapping[str, str]) -> int:
+    """Run the child to completion, forwarding signals; returns its exit status shell-style."""
+    waited = set(FORWARDED) | {signal.SIGCHLD}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, waited)
+
+    def restore_mask() -> None:  # in the child, before exec: the command gets the mask we started with
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+    try:
+        try:
+            child = subprocess.Popen(list(cmd), executable=executable, env=dict(env), preexec_fn=restore_mask)
+        except OSError as exc:
+            raise CliError(f"{cmd[0]}: {exc.strerror or exc}", code=126) from None
+        while True:
+            code = child.poll()
+            if code is not None:
+                break
+            info = signal.sigtimedwait(waited, 0.5)
+            if info is None or info.si_signo == signal.SIGCHLD:
+                continue
+            if info.si_code == SI_KERNEL:
+                continue  # from the terminal: the child, in the same foreground process group, has it too
+            try:
+                child.send_signal(info.si_signo)
+            except ProcessLookupError:
+                pass
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    return code if code >= 0 else 128 - code

@@ -1,0 +1,93 @@
+"""Shared pieces of the agent, accounting and launcher tests: a short socket folder, models, a socket reader."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from batchmon import protocol
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+
+
+@pytest.fixture
+def agent_dir(monkeypatch: pytest.MonkeyPatch):
+    """BATCHMON_DIR in a short folder (unix socket paths are limited to 107 bytes); detaches after the test."""
+    base = tempfile.mkdtemp(prefix="bmt")
+    path = Path(base) / "s"
+    monkeypatch.setenv("BATCHMON_DIR", str(path))
+    yield path
+    from batchmon import agent
+
+    agent.detach()
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def wait_for(condition: Callable[[], object], timeout: float = 90.0, what: str = "condition") -> object:
+    """Poll until condition() is truthy; fail after timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.01)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class Reader:
+    """A plain socket client that decodes protocol lines."""
+
+    def __init__(self, path: Path) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(str(path))
+        self.sock.settimeout(0.05)
+        self.buf = protocol.LineBuffer()
+        self.messages: list[object] = []
+        self.eof = False
+
+    def pump(self) -> None:
+        try:
+            data = self.sock.recv(1 << 16)
+        except (socket.timeout, BlockingIOError):
+            return
+        if not data:
+            self.eof = True
+            return
+        for line in self.buf.feed(data):
+            self.messages.append(protocol.decode(line))
+
+    def until(self, condition: Callable[[list[object]], bool], timeout: float = 90.0) -> list[object]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if condition(self.messages):
+                return self.messages
+            if self.eof:
+                break
+            self.pump()
+        raise AssertionError(f"condition not met; got {len(self.messages)} messages, eof={self.eof}")
+
+    def of(self, kind: type) -> list:
+        return [m for m in self.messages if isinstance(m, kind)]
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def batchmon_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "batchmon", *args]
+
+
+def run_batchmon(*args: str, env: dict[str, str] | None = None, timeout: float = 60,
+                 input: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(batchmon_cmd(*args), capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})}, input=input, cwd=ROOT)
