@@ -1,19 +1,45 @@
 """The in-process agent: measures what each byte of training memory is, step by step, and serves it on a socket.
 
-``attach(model, optimizer)`` hooks the model's forward (root module only: one slow-path module, not all of
-them), the optimizers' steps (global step post hook) and ``torch.autograd.backward``; with model or optimizer
-omitted it finds them (the outermost module with trainable parameters whose forward runs with grad enabled;
-every optimizer that steps). A step ends at the first optimizer's step; it is then measured
-(batchmon.accounting) and published: kept in ``handle.steps`` and handed to the transport thread.
+``attach(model, optimizer)`` hooks the model's forward (the root module only: one slow-path module, not all of
+them), the optimizers' steps (global step post hook; ``optimizer.step`` is also wrapped, to see an OOM leave
+it) and ``torch.autograd.backward``. With model or optimizer omitted the agent finds them: the root is the
+outermost module with trainable parameters whose forward runs with grad enabled when no other forward is
+running (global forward hooks, removed once it is found); optimizers are whatever steps. A step ends at the
+first optimizer's step (others count for optimizer bytes only); it is then measured (batchmon.accounting) and
+published: kept in ``handle.steps`` and handed to the transport thread (batchmon.agent_transport).
+
+What a step reports:
+
+- ``batch_size``: leading dimension of the first tensor argument of the root forward (or ``batch_size_fn``);
+  with gradient accumulation, that of the last micro-batch (what is in memory at once).
+- ``batch``: storages of the tensors passed to the root forward (positional and keyword, inside tuples, lists
+  and dicts), plus targets where seen: tensors that do not require grad passed to a criterion module called
+  after the model's forward (a torch loss module, or a parameter-free module named ...Loss/...Criterion; it is
+  looked for during the first 3 steps, then hooked). A functional loss (``F.cross_entropy`` called outside
+  the model) is not seen: its targets are not batch, its saved tensors not activations (on CUDA they end up
+  in ``other``). Forwards since the last backward form a group; the step reports its largest group.
+- ``activations``: bytes saved for backward inside the root forward and the criterion's forward
+  (accounting.ActivationCounter), same grouping.
+- ``other``: on CUDA the allocator peak since the previous step minus the five above (>= 0); on CPU 0, as
+  there is no allocator peak to take it from.
+- on CUDA: ``allocated``, ``peak_allocated`` (the peak is reset after every step - note that this resets
+  what ``torch.cuda.max_memory_allocated()`` reports to the training script too), ``reserved``,
+  ``num_alloc_retries``, ``num_ooms``, and ``device_used``: NVML's per-process figure, read by the agent
+  thread once a second (null where NVML does not see this pid, e.g. in some containers).
+- ``step_seconds``: wall time between optimizer steps as the host sees it (no device sync is added).
 
 Cost control (the overhead target is 1% of step time): activations are counted on *sampled* steps only -
-the first 3 steps, every ``activation_every``-th step (default DEFAULT_ACTIVATION_EVERY = 10) and any step
-whose batch size differs from the last sampled one. Parameter, gradient and optimizer bytes are recomputed on
-the same steps (they do not change between them); other steps carry the last measured values forward.
+the first 3 steps, every ``activation_every``-th step (default DEFAULT_ACTIVATION_EVERY = 10; env
+BATCHMON_ACTIVATION_EVERY under ``batchmon run``) and any step whose batch size differs from the last sampled
+one. Parameter, gradient and optimizer bytes are recomputed on the same steps (or when optimizer state
+appears); other steps carry the last measured values forward.
 
-Everything the agent runs on the training thread is wrapped: an internal error turns into one ``warning``
-event, one stderr line ``batchmon: ...`` and a disabled agent; training goes on. Exceptions of the training
-itself (out-of-memory included) pass through unchanged, after an ``oom`` event for monitors.
+Events: ``oom`` when a torch.OutOfMemoryError (by type) leaves the root forward, the criterion, backward or
+the optimizer step, with the components so far, the batch size and the requested bytes (from CUDA's OOM
+observer; else read from the error text); ``alloc_retry`` when num_alloc_retries grew during a step;
+``warning`` for an internal error. Everything the agent runs on the training thread is wrapped: an internal
+error turns into one ``warning`` event, one stderr line ``batchmon: ...`` and a disabled agent; training goes
+on. Exceptions of the training itself pass through unchanged (same object, re-raised).
 """
 
 from __future__ import annotations
@@ -310,20 +336,24 @@ class AgentHandle:
 
     def _update(self, model: Any, optimizer: Any, *, name: str | None, batch_size_fn: Any,
                 activation_every: int | None) -> None:
+        if self._disabled:
+            return
         try:
-            if name is not None:
-                self.name = name
+            changed = self.auto
+            if name is not None and name != self.name:
+                self.name, changed = name, True
             if batch_size_fn is not None:
                 self.batch_size_fn = batch_size_fn
             if activation_every is not None:
                 self.activation_every = activation_every
             if optimizer is not None and optimizer is not self._primary():
-                self._track_optimizer(optimizer, primary=True)
+                self._track_optimizer(optimizer, primary=True)  # publishes a new hello itself
             if model is not None and model is not self.model:
-                self._set_model(model)
+                self._set_model(model)  # likewise
             self.auto = False
             self._ensure_transport()
-            self._publish_hello()
+            if changed:
+                self._publish_hello()
         except Exception as exc:  # noqa: BLE001
             self._fail(exc)
 
@@ -332,24 +362,31 @@ class AgentHandle:
             handle.remove()
         self._stop_discovery()
         self._model_ref = weakref.ref(model)
-        self._device = _device_of(model) or self._device or torch.device("cpu")
         self._root_hooks = [
             model.register_forward_pre_hook(self._root_pre, with_kwargs=True),
             model.register_forward_hook(self._root_post, with_kwargs=True, always_call=True),
         ]
-        params, nbytes = accounting.parameter_count(model)
-        self._model_info = ModelInfo(type(model).__name__, params, nbytes)
+        self._use_device(_device_of(model) or self._device or torch.device("cpu"))
+        self._ensure_transport()
+        self._publish_hello()
+
+    def _use_device(self, device: torch.device) -> None:
+        """Measure on this device (the model's); called again when the model moved (checked on sampled steps)."""
+        self._device = device
+        model = self.model
+        if model is not None:
+            params, nbytes = accounting.parameter_count(model)
+            self._model_info = ModelInfo(type(model).__name__, params, nbytes)
         self._static = None
-        if self._device.type == "cuda":
-            index = _cuda_index(self._device)
+        self._nvml = None
+        self._device_used = None
+        if device.type == "cuda":
+            index = _cuda_index(device)
             torch.cuda.reset_peak_memory_stats(index)
             _install_oom_observer()
-            self._nvml = None
             uuid = _nvml_uuid(index)
             if uuid is not None:
                 self._nvml = ProcessMemory(uuid, self.pid)
-        self._ensure_transport()
-        self._publish_hello()
 
     def _track_optimizer(self, optimizer: torch.optim.Optimizer, primary: bool = False) -> None:
         if not any(ref() is optimizer for ref in self._optimizer_refs):
@@ -452,6 +489,10 @@ class AgentHandle:
         if self._sampled:
             self._sampled_batch_size = batch_size
             model = self.model
+            moved = _device_of(model) if model is not None else None
+            if moved is not None and moved != self._device:
+                self._use_device(moved)
+                self._publish_hello()
             found = accounting.parameter_storages(
                 model, self._device_or_cpu(), accounting.parameters_of(None, self.optimizers))
             self._param_keys = found.keys
@@ -643,6 +684,8 @@ class AgentHandle:
             return None
         index = _cuda_index(device)
         stats = torch.cuda.memory_stats_as_nested_dict(index)
+        if not stats:  # CUDA not initialised (yet): nothing to report
+            return None
         figures = (int(stats["allocated_bytes"]["all"]["current"]), int(stats["allocated_bytes"]["all"]["peak"]),
                    int(stats["reserved_bytes"]["all"]["current"]), int(stats.get("num_alloc_retries", 0)),
                    int(stats.get("num_ooms", 0)))

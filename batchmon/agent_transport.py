@@ -214,7 +214,7 @@ class Transport:
                         next_tick = time.monotonic() + self._tick_seconds
                         self._tick()
                 except Exception as exc:  # noqa: BLE001 - report once, then stop serving
-                    if self._on_error is not None:
+                    if self._on_error is not None and not self._stop.is_set():  # not a shutdown race
                         self._on_error(exc)
                     self._drain(sel)
                     break

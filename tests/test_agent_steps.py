@@ -327,3 +327,18 @@ def test_oom_inside_a_step_closure_is_reported_once(agent_dir):
         opt.step(closure)
     ooms = [e for e in handle.events if e.kind == "oom"]
     assert len(ooms) == 1 and "forward" in ooms[0].message and ooms[0].requested_bytes == 1024
+
+
+def test_model_changed_after_attach_is_remeasured_on_sampled_steps(agent_dir):
+    model = mlp().to(torch.float64)  # CPU only here: change the dtype (a device move takes the same path)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    handle = batchmon.attach(model, opt)
+    opt.zero_grad()
+    model(torch.randn(4, D, dtype=torch.float64)).sum().backward()
+    opt.step()
+    assert handle.last_step.components["parameters"] == (D * H + H + H * O + O) * 8
+    model.to(torch.float32)
+    opt.zero_grad()
+    model(torch.randn(4, D)).sum().backward()
+    opt.step()
+    assert handle.last_step.components["parameters"] == (D * H + H + H * O + O) * 4  # re-measured (step 2)
