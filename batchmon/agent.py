@@ -72,6 +72,7 @@ DEFAULT_ACTIVATION_EVERY = 10
 FULL_STEPS = 3  # the first steps are always fully measured
 LOSS_SEARCH_STEPS = 3  # how many steps the agent looks for a criterion module after the model's forward
 NVML_SECONDS = 1.0
+EXIT_LINGER_SECONDS = 1.5  # at exit after an OOM, wait this long for a first monitor to collect the history
 
 _lock = threading.RLock()
 _current: "AgentHandle | None" = None
@@ -303,7 +304,9 @@ class AgentHandle:
         _uninstall_backward_patch()
         transport, self._transport = self._transport, None
         if transport is not None and self.pid == os.getpid():
-            transport.close(Bye(reason=reason, time=time.time()))
+            # a run that dies of an OOM right after starting would vanish before a monitor's next scan
+            linger = EXIT_LINGER_SECONDS if reason == "exit" and self.oom_count else 0.0
+            transport.close(Bye(reason=reason, time=time.time()), linger=linger)
 
     def __enter__(self) -> "AgentHandle":
         return self

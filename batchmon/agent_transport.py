@@ -110,6 +110,7 @@ class Transport:
         self._inode: tuple[int, int] | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        self._linger_until = 0.0
         self._bye: Bye | None = None
         self.queue_dropped = 0
         self.client_dropped = 0  # lines dropped for monitors that did not keep up (closed ones included)
@@ -167,13 +168,18 @@ class Transport:
         self._thread = threading.Thread(target=self._run, name="batchmon-agent", daemon=True)
         self._thread.start()
 
-    def close(self, bye: Bye | None = None, timeout: float = 1.0) -> None:
-        """Send bye to every monitor (briefly waiting for slow ones), close, remove the socket file."""
+    def close(self, bye: Bye | None = None, timeout: float = 1.0, linger: float = 0.0) -> None:
+        """Send bye to every monitor (briefly waiting for slow ones), close, remove the socket file.
+
+        ``linger``: when no monitor ever connected, keep listening up to this long for one to come and
+        collect the history (used at exit after an OOM, so a monitor scanning for sockets still sees it).
+        """
         self._bye = bye
+        self._linger_until = time.monotonic() + linger if linger > 0 and self.connections == 0 else 0.0
         self._stop.set()
         thread = self._thread
         if thread is not None and thread.is_alive() and thread is not threading.current_thread():
-            thread.join(timeout)
+            thread.join(timeout + max(0.0, linger))
         self._cleanup()
 
     def forget(self) -> None:
@@ -202,7 +208,7 @@ class Transport:
         try:
             sel.register(self._listener, selectors.EVENT_READ, None)  # type: ignore[arg-type]
             next_tick = 0.0
-            while not self._stop.is_set():
+            while not self._stop.is_set() or (self.connections == 0 and time.monotonic() < self._linger_until):
                 try:
                     for key, mask in sel.select(POLL_SECONDS):
                         if key.data is None:

@@ -211,3 +211,47 @@ def test_unusable_socket_folder_warns_once_and_training_continues(monkeypatch, t
         assert err.count("batchmon:") == 1 and "not monitoring" in err
     finally:
         batchmon.detach()
+
+
+OOM_SCRIPT = """
+import sys, torch, batchmon
+class M(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+        self.n = 0
+    def forward(self, x):
+        self.n += 1
+        if self.n == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB.")
+        return self.lin(x)
+m = M()
+opt = torch.optim.SGD(m.parameters(), lr=0.1)
+handle = batchmon.attach(m, opt)
+print(handle.socket_path, flush=True)
+for _ in range(3):
+    opt.zero_grad(); m(torch.randn(2, 4)).sum().backward(); opt.step()
+"""
+
+
+def test_run_dying_of_oom_waits_briefly_for_a_first_monitor(agent_dir):
+    proc = subprocess.Popen([sys.executable, "-c", OOM_SCRIPT], env={**os.environ, "BATCHMON_DIR": str(agent_dir)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        path = Path(proc.stdout.readline().strip())
+        err = ""
+        while "OutOfMemoryError" not in err:  # the traceback is printed before exit handlers run
+            line = proc.stderr.readline()
+            assert line, "child ended without the expected traceback"
+            err += line
+        reader = Reader(path)  # connected after the crash, during the agent's linger
+        reader.until(lambda ms: ms and isinstance(ms[-1], Bye))
+        assert [s.step for s in reader.of(Step)] == [1, 2]
+        (oom,) = reader.of(Event)
+        assert oom.kind == "oom" and oom.requested_bytes == 4 << 30 and oom.step == 3
+        assert proc.wait(30) == 1
+        assert not path.exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
