@@ -22,7 +22,16 @@ BMCMD="python3 -m batchmon"
 stage() { echo; echo "=== $1  ($(date +%T))"; }
 
 record_start() { $BMCMD record -o "$1" --interval 0.25 & REC=$!; }
-record_stop() { kill -INT $REC 2>/dev/null; wait $REC; }
+# background jobs of a script ignore SIGINT, so stop them with SIGTERM
+record_stop() { kill -TERM $REC 2>/dev/null; wait $REC; }
+
+# SMOKE=1: the same stages, tiny and on the CPU, to check this script here before spending device time
+if [ "${SMOKE:-0}" = 1 ]; then
+  GPTX="--tiny"; DEV=cpu; N16=3; REC16=8; MONDUR=3; CHECK=""; OOMB=4; CNNX="--image-size 16 --width 4"; PREDX="--cpu-smoke"
+else
+  GPTX=""; DEV=cuda; N16=16; REC16=66; MONDUR=60; CHECK="--check"; OOMB=2048; CNNX=""; PREDX=""
+fi
+T="timeout 150"
 
 for s in "$@"; do
 case $s in
@@ -37,43 +46,60 @@ nvml)
   python3 bench/nvml_probe.py --child-gib 1 2>&1 | tee $R/nvml_probe_procs.log
   ;;
 agent)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
   stage agent-gpt
-  record_start $R/rec_gpt.jsonl
-  $BMCMD run -- python3 examples/train_gpt.py --steps 40 --batch-size 16 --check --check-out $R/check_gpt.json 2>&1 | tail -n 30 | tee $R/gpt.log
+  record_start $R/tui_h200_one_job.jsonl
+  $T $BMCMD run -- python3 examples/train_gpt.py $GPTX --steps 40 --batch-size 16 $CHECK --check-out $R/check_gpt.json 2>&1 | tail -n 30 | tee $R/gpt.log
   echo "exit ${PIPESTATUS[0]}" | tee -a $R/gpt.log
-  $BMCMD --once --json > $R/once_after_gpt.json 2>&1
   record_stop
   stage agent-cnn
-  record_start $R/rec_cnn.jsonl
-  $BMCMD run -- python3 examples/train_cnn.py --steps 40 --batch-size 64 --check --check-out $R/check_cnn.json 2>&1 | tail -n 30 | tee $R/cnn.log
+  $T $BMCMD run -- python3 examples/train_cnn.py $CNNX --steps 40 --batch-size 64 $CHECK --check-out $R/check_cnn.json 2>&1 | tail -n 30 | tee $R/cnn.log
   echo "exit ${PIPESTATUS[0]}" | tee -a $R/cnn.log
+  stage agent-two-jobs
+  record_start $R/tui_h200_two_jobs.jsonl
+  $T $BMCMD run -- python3 examples/train_gpt.py $GPTX --steps 60 --batch-size 12 > $R/two_gpt.log 2>&1 &
+  J1=$!
+  $T $BMCMD run -- python3 examples/train_cnn.py $CNNX --steps 300 --batch-size 96 > $R/two_cnn.log 2>&1 &
+  J2=$!
+  wait $J1 $J2
   record_stop
   stage agent-oom
   record_start $R/rec_oom.jsonl
-  $BMCMD run -- python3 examples/train_gpt.py --steps 3 --batch-size 2048 2>&1 | tail -n 15 | tee $R/oom.log
+  $T $BMCMD run -- python3 examples/train_gpt.py $GPTX --steps 3 --batch-size $OOMB 2>&1 | tail -n 15 | tee $R/oom.log
   echo "exit ${PIPESTATUS[0]}" | tee -a $R/oom.log
   record_stop
   stage agent-live-once
   # a monitor that connects while training runs: --once must show the agent with its components
-  $BMCMD run -- python3 examples/train_gpt.py --steps 400 --batch-size 8 > $R/live_train.log 2>&1 &
+  $T $BMCMD run -- python3 examples/train_gpt.py $GPTX --steps 400 --batch-size 8 > $R/live_train.log 2>&1 &
   TR=$!
   for i in $(seq 1 120); do ls $BATCHMON_DIR/*.sock >/dev/null 2>&1 && grep -q "step   *2 " $R/live_train.log && break; sleep 0.5; done
   $BMCMD --once > $R/once_live.txt 2>&1; $BMCMD --once --json > $R/once_live.json 2>&1
-  kill -INT $TR; wait $TR
+  kill -TERM $TR; wait $TR
+  stage agent-16
+  # 16 live agents on one GPU: recorded for the UI fixtures, and the monitor's CPU measured on them live
+  PIDS=()
+  for i in $(seq 1 $N16); do
+    $BMCMD run -- python3 examples/train_mlp.py --device $DEV --steps 0 --sleep 1.0 --vary-batch --batch-size $((64 * i)) --hidden $((256 * (1 + i % 4))) > $R/mlp16_$i.log 2>&1 &
+    PIDS+=($!)
+  done
+  for i in $(seq 1 120); do [ "$(ls $BATCHMON_DIR/*.sock 2>/dev/null | wc -l)" -ge $N16 ] && break; sleep 0.5; done
+  $BMCMD record -o $R/tui_h200_16_agents.jsonl --interval 0.5 --duration $REC16 &
+  REC=$!
+  python3 bench/monitor_cpu.py --duration $MONDUR --name monitor_cpu_live16 2>&1 | tail -n 15 | tee $R/monitor_cpu_live16.log
+  wait $REC
+  kill -TERM "${PIDS[@]}"; wait
+  stage agent-none
+  $BMCMD record -o $R/tui_h200_no_agents.jsonl --interval 0.5 --duration 3
+  [ "${REPLAY_CPU:-0}" = 1 ] && python3 bench/monitor_cpu.py --duration $MONDUR --replay $R/tui_h200_16_agents.jsonl --name monitor_cpu_replay16 2>&1 | tail -n 15 | tee $R/monitor_cpu_replay16.log
+  ls -la $R
   ;;
 overhead)
   stage overhead
-  python3 bench/agent_overhead.py 2>&1 | tail -n 40 | tee $R/agent_overhead.log
+  python3 bench/agent_overhead.py $GPTX 2>&1 | tail -n 40 | tee $R/agent_overhead.log
   ;;
 predict)
   stage predict
-  python3 bench/predict_accuracy.py 2>&1 | tail -n 80 | tee $R/predict_accuracy.log
-  ;;
-tui)
-  stage tui
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
-  for f in $R/rec_*.jsonl tests/fixtures/rec_*.jsonl; do [ -f "$f" ] && echo "$f"; done | head -n 1
-  python3 bench/monitor_cpu.py --seconds 60 2>&1 | tail -n 20 | tee $R/monitor_cpu_live.log
+  python3 bench/predict_accuracy.py $PREDX 2>&1 | tail -n 80 | tee $R/predict_accuracy.log
   ;;
 esac
 done
