@@ -189,7 +189,7 @@ FIXTURES = __import__("pathlib").Path(__file__).parent / "fixtures"
 
 
 def recorded_or(name: str, fallback):
-    """The last Snapshot of tests/fixtures/<name> (a `batchmon record` file) when it is there, else fallback().
+    """The busiest Snapshot of tests/fixtures/<name> (a `batchmon record` file) when it is there, else fallback().
 
     The snapshot screens are meant to come from real H200 recordings; until one is committed under that name
     the synthetic fixture stands in (and the SVGs are regenerated with --snapshot-update when it lands)."""
@@ -197,5 +197,8 @@ def recorded_or(name: str, fallback):
     if path.exists():
         from batchmon.replay import load_snapshots
 
-        return load_snapshots(path)[-1]
+        snaps = load_snapshots(path)
+        live = [sum(1 for a in snap.agents if a.connected and a.last_step) for snap in snaps]
+        # the last moment with the most training processes live: what a user watching the run saw
+        return snaps[max(range(len(snaps)), key=lambda i: (live[i], i))]
     return fallback()
