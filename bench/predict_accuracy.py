@@ -399,7 +399,8 @@ class Runner:
         self.opt.zero_grad(set_to_none=True)
         self.dev.clean()
         return {"batch": batch, "ok": ok, "failure": failure, "peak_allocated": s.get("peak_allocated"),
-                "reserved": s.get("reserved"),
+                "reserved": s.get("reserved"), "device_used": s.get("device_used"),
+                "num_alloc_retries": s.get("num_alloc_retries"),
                 "inactive_split_peak": s.get("inactive_split_peak"), "seconds": round(seconds, 4)}
 
 
@@ -500,12 +501,19 @@ def observe_with_agent(runner: Runner, sizes: list[int]) -> tuple[list[Step] | N
         shutil.rmtree(folder, ignore_errors=True)
     if error or len(steps) != len(sizes):
         return None, f"agent gave {len(steps)} steps for {len(sizes)} ({error or 'no error'})"
-    filled = 0
+    # The agent samples NVML once a second on its thread, so its device_used can predate the step's pool (run 1:
+    # 813 MB against 2.6 GB reserved, context 0). The bench reads the process's use synchronously after each
+    # step (same pool as the step's reserved) and uses that; the agent's figure is kept as agent_device_used.
+    runner.agent_device_used = [step.device_used for step in steps]  # type: ignore[attr-defined]
+    replaced = 0
     for i, (step, used) in enumerate(zip(steps, readings)):
-        if step.device_used is None and step.peak_allocated is not None and used is not None:
-            steps[i] = replace(step, device_used=used)  # its NVML sample (1 s cadence) had not arrived yet
-            filled += 1
-    return steps, f"batchmon.agent ({filled} device_used readings filled in by the bench)" if filled else "batchmon.agent"
+        if step.peak_allocated is not None and used is not None and used != step.device_used:
+            steps[i] = replace(step, device_used=used)
+            replaced += 1
+    how = "batchmon.agent"
+    if replaced:
+        how += f" (device_used read by the bench after each step, {replaced} differed from the agent's NVML sample)"
+    return steps, how
 
 
 def bench_arch(arch: Arch, dev: Any, quick: bool, deadline: float, observer: str) -> dict[str, Any]:
@@ -530,7 +538,8 @@ def bench_arch(arch: Arch, dev: Any, quick: bool, deadline: float, observer: str
         "arch": arch.name, "description": arch.description, "parameters": n_params, "observer": how,
         "observed": [s.to_dict() for s in steps], "basis": model.basis,
         "fit": {"lines": {k: [v.fixed, v.per_sample] for k, v in model.lines.items()}, "cache": model.cache,
-                "context": model.context, "frag_ratio": model.frag_ratio},
+                "context": model.context, "frag_ratio": model.frag_ratio, "alloc_retries": model.alloc_retries},
+        "agent_device_used": getattr(runner, "agent_device_used", None),
         "device_total": dev.total, "predicted_max_batch": pred_max, "predicted_max_batch_without_margin": pred_max_no_margin,
     }
     log: list[dict[str, Any]] = []

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from batchmon.memory_model import (OPTIMIZER_STATES, Observation, WhatIf, fit, fit_line, optimizer_kind,
+from batchmon.memory_model import (FRAG_SURVIVAL, OPTIMIZER_STATES, Observation, WhatIf, fit, fit_line, optimizer_kind,
                                    predict_from_steps)
 from batchmon.protocol import ALL_COMPONENTS, COMPONENTS, Step, decode, encode
 
@@ -110,7 +110,7 @@ def test_margin_rises_with_measured_fragmentation_retries_and_reserved_growth():
     device = 141 * 2**30
     base = [T.step(i, 32, cache=20_000_000) for i in range(2, 5)]
     frag = [T.step(i, 32, cache=400_000_000) for i in range(2, 5)]
-    retry = [T.step(i, 32, cache=20_000_000, retries=3) for i in range(2, 5)]
+    retry = [T.step(i, 32, cache=20_000_000, retries=i) for i in range(2, 5)]  # the counter grows by 2
     growth = [T.step(i, 32, cache=20_000_000, reserved_extra=(i - 2) * 30_000_000) for i in range(2, 5)]
     m_base, b_base = _margin_and_max(base, device)
     m_frag, b_frag = _margin_and_max(frag, device)
@@ -119,12 +119,48 @@ def test_margin_rises_with_measured_fragmentation_retries_and_reserved_growth():
     assert 0 < m_base < m_frag and b_frag < b_base
     assert m_retry == m_base + 20_000_000 and b_retry <= b_base  # the cache is kept once more
     assert m_growth >= m_base + 60_000_000 and b_growth <= b_base
-    # the fragmentation term is the measured ratio applied to the growth of the pool
+    # the fragmentation term: the measured ratio applied to the growth of the pool, times the share that
+    # survives the allocator's flush-and-retry at the limit
     model = fit(base)
     ratio = 20_000_000 / sum(T.components(32).values())
     p = model.predict(WhatIf(batch_size=2048), device_total=device)
-    assert p.margin == round(ratio * (p.peak_allocated - sum(T.components(32).values())))
+    assert p.margin == round(FRAG_SURVIVAL * ratio * (p.peak_allocated - sum(T.components(32).values())))
     assert model.predict(WhatIf(batch_size=32)).margin == 0  # at the observed batch the measured cache is all
+
+
+def test_retries_count_only_their_increase_during_the_observed_steps():
+    device = 141 * 2**30
+    base = [T.step(i, 32, cache=20_000_000) for i in range(2, 5)]
+    old = [T.step(i, 32, cache=20_000_000, retries=431) for i in range(2, 5)]  # an earlier run's retries
+    grew = [T.step(i, 32, cache=20_000_000, retries=431 + (i == 4)) for i in range(2, 5)]
+    assert fit(old).alloc_retries == 0 and fit(grew).alloc_retries == 1
+    assert _margin_and_max(old, device) == _margin_and_max(base, device)
+    m_grew, b_grew = _margin_and_max(grew, device)
+    assert m_grew == _margin_and_max(base, device)[0] + 20_000_000 and b_grew <= _margin_and_max(base, device)[1]
+    assert "allocator retries" in fit(grew).basis and "allocator retries" not in fit(old).basis
+
+
+def test_context_lowers_the_largest_batch_and_a_stale_reading_bounds_it():
+    device = 141 * 2**30
+    small, large = Truth(context=300_000_000), Truth(context=900_000_000)
+    m_small = fit([small.step(i, 32) for i in range(2, 5)])
+    m_large = fit([large.step(i, 32) for i in range(2, 5)])
+    assert m_small.context == 300_000_000 and m_large.context == 900_000_000
+    p_small = m_small.predict(WhatIf(batch_size=2048), device_total=device)
+    p_large = m_large.predict(WhatIf(batch_size=2048), device_total=device)
+    assert p_large.total + p_large.margin - (p_small.total + p_small.margin) == 600_000_000
+    assert m_large.max_batch(device) < m_small.max_batch(device)
+    # an NVML reading taken before the pool grew (device used < reserved, as the agent's 1 s sample can be):
+    # not "context 0", but device used - parameters, an upper bound
+    stale = [Step.from_dict({**T.step(i, 32).to_dict(), "device_used": 813_000_000}) for i in range(2, 5)]
+    model = fit(stale)
+    assert model.context == 813_000_000 - T.parameters
+    assert "older than the pool" in model.basis
+    assert model.max_batch(device) < fit([replace_used(s, None) for s in stale]).max_batch(device)
+
+
+def replace_used(step: Step, used: int | None) -> Step:
+    return Step.from_dict({**step.to_dict(), "device_used": used})
 
 
 def test_max_batch_solves_at_the_boundaries():
