@@ -93,6 +93,19 @@ agent)
   [ "${REPLAY_CPU:-0}" = 1 ] && python3 bench/monitor_cpu.py --duration $MONDUR --replay $R/tui_h200_16_agents.jsonl --name monitor_cpu_replay16 2>&1 | tail -n 15 | tee $R/monitor_cpu_replay16.log
   ls -la $R
   ;;
+final)
+  # the last checks of a session: NVML against nvidia-smi with `batchmon --once` live, the CNN --check run under
+  # a recorder, and the out-of-sample accuracy run of the memory model
+  stage final-nvml
+  python3 bench/nvml_check.py 2>&1 | tail -n 12 | tee $R/nvml_check.log
+  stage final-cnn
+  record_start $R/agent_h200_cnn_check.jsonl
+  $T $BMCMD run -- python3 examples/train_cnn.py $CNNX --steps 40 --batch-size 64 $CHECK --check-out $R/check_cnn.json 2>&1 | tail -n 5 | tee $R/cnn.log
+  record_stop
+  stage final-predict
+  python3 bench/predict_accuracy.py --quick $PREDX 2>&1 | tail -n 60 | tee $R/predict_accuracy.log
+  python3 bench/recalibrate_margin.py $OUT/predict_accuracy.json --derive 2>&1 | tail -n 30 | tee $R/recalibrate.log
+  ;;
 overhead)
   stage overhead
   python3 bench/agent_overhead.py $GPTX 2>&1 | tail -n 40 | tee $R/agent_overhead.log
