@@ -92,3 +92,13 @@ def test_oom_event_recorded_with_batch_and_requested_bytes():
     # the caching allocator's own message said "Tried to allocate 6.00 GiB"
     assert oom.requested_bytes == 6 * 2**30
     assert oom.components is not None and oom.components["parameters"] > 0
+
+
+def test_cnn_check_run_components_on_cuda():
+    snap, agent = last_view("agent_h200_cnn_check.jsonl", "train_cnn.py")
+    c, step = agent.last_step.components, agent.last_step
+    assert agent.hello.optimizer == "SGD"
+    # BatchNorm buffers are parameters-side bytes without gradients; SGD momentum keeps one buffer per gradient
+    assert c["parameters"] > c["gradients"] > 0
+    assert c["optimizer"] == c["gradients"]
+    assert sum(c.values()) == step.peak_allocated <= step.reserved <= step.device_used
