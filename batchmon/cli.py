@@ -124,7 +124,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--json needs --once")
     module_name, _, func_name = args.handler.partition(":")
     try:
-        handler = getattr(importlib.import_module(module_name), func_name)
+        try:
+            handler = getattr(importlib.import_module(module_name), func_name)
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:
+                raise
+            raise CliError(f"'{args.command}' is not available in this version of batchmon") from None
         return int(handler(args) or 0)
     except CliError as exc:
         print(f"batchmon: error: {exc}", file=sys.stderr)
