@@ -1,0 +1,348 @@
+"""Load on one monitor: N protocol-v1 agents at R steps/s for D seconds against one Hub (issue 7, point 3).
+
+    python3 bench/load.py                                # 64 agents, 10 steps/s, 600 s, --interval 0.25
+    python3 bench/load.py --agents 8 --duration 20       # smoke test
+
+The agents are lightweight protocol peers (no torch): a few worker processes (multiprocessing) each listen on
+``<pid>.sock`` for their share of the agents (the pids are real ``sleep`` children, so the hub's liveness checks
+see live processes) and send a hello, then one step every 1/R s with ``time`` = the send time. The Hub runs in
+this process with its real NVML and host probes, exactly as the monitor uses it.
+
+Measured:
+- monitor RSS (this process: the Hub plus fixed-size bookkeeping - latencies go into a fixed histogram) every
+  second; "flat" = the largest RSS after warm-up is at most +10% over the RSS at the end of warm-up;
+- dropped connections: monitor connections the peers saw closed before the end, plus agents the hub showed
+  disconnected or reconnected;
+- step-to-screen latency: for every step, the time from its ``time`` field to the first snapshot that contains
+  it (``Hub(on_snapshot=...)``). Snapshots are built once per interval, so the latency includes up to one
+  interval of waiting: measure at ``--interval 0.25`` (the UI's fastest redraw) for the ≤ 500 ms target;
+- steps lost: sent by the peers but never seen in any snapshot's history.
+
+Writes $OUT/load.json (OUT defaults to ./out) and prints a summary. Exit code 0 when all targets hold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import selectors
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from batchmon import protocol  # noqa: E402
+from batchmon.protocol import COMPONENTS, Hello, ModelInfo, Step  # noqa: E402
+
+BIN_MS = 1  # latency histogram: 1 ms bins up to 20 s, then one overflow bin
+BINS = 20_000
+
+
+# ---------------------------------------------------------------------------------------------- the peers
+
+
+class _Agent:
+    def __init__(self, directory: Path, index: int, duration: float) -> None:
+        self.sleeper = subprocess.Popen(["sleep", str(int(duration) + 300)])
+        self.pid = self.sleeper.pid
+        self.index = index
+        self.path = protocol.socket_path(self.pid, directory)
+        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.server.bind(str(self.path))
+        os.chmod(self.path, 0o600)
+        self.server.listen(4)
+        self.server.setblocking(False)
+        self.clients: dict[int, tuple[socket.socket, bytearray]] = {}
+        self.step = 0
+        self.hello = protocol.encode(Hello(
+            pid=self.pid, host=socket.gethostname(), argv=("bench/load.py", f"--agent={index}"), python="3",
+            torch="none", device="cpu", nvml_uuid=None, rank=0, local_rank=0, world_size=1,
+            model=ModelInfo("LoadPeer", 1_000_000, 4_000_000), optimizer="Adam", time=time.time()))
+
+    def step_line(self, rate: float) -> bytes:
+        self.step += 1
+        comps = {name: 4_000_000 * (i + 1) + (self.step % 7) * 4096 for i, name in enumerate(COMPONENTS)}
+        return protocol.encode(Step(step=self.step, time=time.time(), step_seconds=1.0 / rate, batch_size=16,
+                                    components=comps))
+
+
+def _peer(directory: str, first: int, count: int, rate: float, duration: float, ready: "mp.Queue",
+          results: "mp.Queue", stop: "mp.synchronize.Event", close: "mp.synchronize.Event") -> None:
+    """One worker process: `count` agents, each stepping at `rate`; reports what it sent and saw."""
+    agents = [_Agent(Path(directory), first + i, duration) for i in range(count)]
+    sel = selectors.DefaultSelector()
+    for a in agents:
+        sel.register(a.server, selectors.EVENT_READ, ("listen", a))
+    ready.put([a.pid for a in agents])
+    accepted = closed_early = send_errors = 0
+    period = 1.0 / rate
+    start = time.time()
+    due = [start + period * (i / max(1, count)) for i in range(count)]  # staggered
+    sent = [0] * count
+    try:
+        while True:
+            now = time.time()
+            if close.is_set():
+                break
+            stopping = stop.is_set()  # no more steps; keep serving until the monitor has stopped
+            nxt = min(due) if not stopping else now + 0.05
+            for key, mask in sel.select(max(0.0, min(nxt - now, 0.05))):
+                kind, obj = key.data
+                if kind == "listen":
+                    try:
+                        conn, _ = obj.server.accept()
+                    except OSError:
+                        continue
+                    conn.setblocking(False)
+                    obj.clients[conn.fileno()] = (conn, bytearray(obj.hello))
+                    accepted += 1
+                    sel.register(conn, selectors.EVENT_READ | selectors.EVENT_WRITE, ("client", (obj, conn)))
+                else:
+                    a, conn = obj
+                    entry = a.clients.get(conn.fileno())
+                    if entry is None:
+                        continue
+                    if mask & selectors.EVENT_READ:
+                        try:
+                            data = conn.recv(65536)
+                        except BlockingIOError:
+                            data = None
+                        except OSError:
+                            data = b""
+                        if data == b"":
+                            closed_early += 0 if stopping else 1
+                            sel.unregister(conn)
+                            a.clients.pop(conn.fileno(), None)
+                            conn.close()
+                            continue
+                    if mask & selectors.EVENT_WRITE:
+                        _flush(sel, a, conn, entry[1])
+            now = time.time()
+            for i, a in enumerate(agents):
+                if not stopping and now >= due[i]:
+                    due[i] += period
+                    if now - due[i] > 1.0:  # this process fell behind: skip, never burst
+                        due[i] = now + period
+                    line = a.step_line(rate)
+                    if a.clients:  # a step counts as sent once a monitor is there to get it
+                        sent[i] += 1
+                    for conn, buf in list(a.clients.values()):
+                        buf += line
+                        if not _flush(sel, a, conn, buf):
+                            send_errors += 1
+    finally:
+        results.put({"pids": [a.pid for a in agents], "steps": sent, "last": [a.step for a in agents], "accepted": accepted,
+                     "closed_early": closed_early, "send_errors": send_errors})
+        for a in agents:
+            for conn, _ in a.clients.values():
+                conn.close()
+            a.server.close()
+            try:
+                a.path.unlink()
+            except OSError:
+                pass
+            a.sleeper.kill()
+            a.sleeper.wait()
+
+
+def _flush(sel: selectors.BaseSelector, a: _Agent, conn: socket.socket, buf: bytearray) -> bool:
+    try:
+        n = conn.send(buf)
+        del buf[:n]
+    except BlockingIOError:
+        pass
+    except OSError:
+        return False
+    events = selectors.EVENT_READ | (selectors.EVENT_WRITE if buf else 0)
+    try:
+        if sel.get_key(conn).events != events:
+            sel.modify(conn, events, ("client", (a, conn)))
+    except (KeyError, ValueError):
+        pass
+    return True
+
+
+# ---------------------------------------------------------------------------------------------- the monitor
+
+
+class Watch:
+    """on_snapshot callback: per-step latency into a fixed histogram, connection bookkeeping. Constant memory."""
+
+    def __init__(self) -> None:
+        self.hist = [0] * (BINS + 1)
+        self.seen: dict[str, int] = {}  # agent key -> highest step seen
+        self.steps_seen = 0
+        self.gaps = 0
+        self.snapshots = 0
+        self.connected = 0
+        self.disconnect_events = 0
+        self._was_connected: dict[str, bool] = {}
+        self.max_latency = 0.0
+
+    def __call__(self, snap) -> None:
+        now = time.time()
+        self.snapshots += 1
+        connected = 0
+        for agent in snap.agents:
+            if agent.connected:
+                connected += 1
+            was = self._was_connected.get(agent.key)
+            if was and not agent.connected:
+                self.disconnect_events += 1
+            self._was_connected[agent.key] = agent.connected
+            last = self.seen.get(agent.key, 0)
+            top = last
+            for step in reversed(agent.history):
+                if step.step <= last:
+                    break
+                lat = max(0.0, now - step.time)
+                self.max_latency = max(self.max_latency, lat)
+                self.hist[min(BINS, int(lat * 1000 / BIN_MS))] += 1
+                self.steps_seen += 1
+                top = max(top, step.step)
+            if agent.history and agent.history[0].step > last + 1 and last:
+                self.gaps += agent.history[0].step - last - 1
+            self.seen[agent.key] = top
+        self.connected = connected
+
+    def percentile(self, q: float) -> float | None:
+        total = sum(self.hist)
+        if not total:
+            return None
+        want = q * total
+        run = 0
+        for i, n in enumerate(self.hist):
+            run += n
+            if run >= want:
+                return (i + 1) * BIN_MS / 1000.0
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--agents", type=int, default=64)
+    ap.add_argument("--rate", type=float, default=10.0, help="steps per second per agent")
+    ap.add_argument("--duration", type=float, default=600.0, help="seconds of load (after the agents connected)")
+    ap.add_argument("--interval", type=float, default=0.25, help="the hub's snapshot interval")
+    ap.add_argument("--workers", type=int, default=0, help="peer processes (default: min(8, agents))")
+    ap.add_argument("--warmup", type=float, default=None, help="seconds before the RSS baseline (default 10%%, ≤60)")
+    args = ap.parse_args(argv)
+    if args.agents < 1 or args.rate <= 0 or args.duration <= 0:
+        print("load.py: --agents, --rate and --duration must be positive", file=sys.stderr)
+        return 2
+    from batchmon.hub import Hub
+
+    out = Path(os.environ.get("OUT", "out"))
+    out.mkdir(parents=True, exist_ok=True)
+    workers = args.workers or min(8, args.agents)
+    warmup = args.warmup if args.warmup is not None else min(60.0, max(3.0, args.duration * 0.1))
+    base = Path(tempfile.mkdtemp(prefix="bml"))
+    sockdir = protocol.ensure_socket_dir(base / "s")
+    ctx = mp.get_context("fork")
+    ready, results = ctx.Queue(), ctx.Queue()
+    setup_s = 30.0
+    stop, close = ctx.Event(), ctx.Event()
+    procs = []
+    share = [args.agents // workers + (1 if i < args.agents % workers else 0) for i in range(workers)]
+    first = 0
+    for n in share:
+        if n:
+            p = ctx.Process(target=_peer, args=(str(sockdir), first, n, args.rate, args.duration, ready, results,
+                                                 stop, close), daemon=True)
+            p.start()
+            procs.append(p)
+            first += n
+    for _ in procs:
+        ready.get(timeout=60)
+    watch = Watch()
+    me = psutil.Process()
+    hub = Hub(interval=args.interval, socket_dir=sockdir, on_snapshot=watch).start()
+    t0 = time.monotonic()
+    deadline = t0 + setup_s
+    while watch.connected < args.agents and time.monotonic() < deadline:
+        time.sleep(0.05)
+    all_connected_s = time.monotonic() - t0
+    # the load phase: from now until the peers stop
+    end = time.monotonic() + args.duration
+    load_start = time.monotonic()
+    rss: list[tuple[float, int]] = []
+    connected_min = args.agents
+    cpu0 = me.cpu_times()
+    while time.monotonic() < end:
+        rss.append((round(time.monotonic() - load_start, 2), me.memory_info().rss))
+        connected_min = min(connected_min, watch.connected)
+        time.sleep(min(1.0, max(0.0, end - time.monotonic())))
+    cpu1 = me.cpu_times()
+    stop.set()
+    time.sleep(2 * args.interval + 0.2)  # fixed drain time: the last steps reach one more snapshot
+    hub.stop()
+    close.set()
+    peer_results = [results.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(30)
+    shutil.rmtree(base, ignore_errors=True)
+    if os.environ.get("LOAD_DEBUG"):
+        last = {pid: st for r in peer_results for pid, st in zip(r["pids"], r["last"])}
+        print({k: (v, last.get(int(k.rsplit(":", 1)[1]))) for k, v in watch.seen.items()})
+
+    after = [r for t, r in rss if t >= warmup]
+    at_warm = after[0] if after else None
+    growth = (max(after) / at_warm - 1.0) * 100 if after else None
+    sent = sum(sum(r["steps"]) for r in peer_results)
+    accepted = sum(r["accepted"] for r in peer_results)
+    closed_early = sum(r["closed_early"] for r in peer_results)
+    dropped = closed_early + watch.disconnect_events + max(0, accepted - args.agents)
+    p99 = watch.percentile(0.99)
+    result = {
+        "config": {"agents": args.agents, "rate": args.rate, "duration": args.duration, "interval": args.interval,
+                   "workers": len(procs), "warmup": warmup},
+        "machine": {"host": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version()},
+        "all_connected_after_s": round(all_connected_s, 3),
+        "connected_min_during_load": connected_min,
+        "rss_bytes": {"at_warmup": at_warm, "max_after_warmup": max(after) if after else None,
+                      "first": rss[0][1] if rss else None, "last": rss[-1][1] if rss else None,
+                      "growth_pct_after_warmup": round(growth, 2) if growth is not None else None,
+                      "series_every_5s": rss[::5]},
+        "monitor_cpu_seconds": round((cpu1.user + cpu1.system) - (cpu0.user + cpu0.system), 2),
+        "connections": {"accepted": accepted, "closed_early": closed_early,
+                        "hub_disconnects": watch.disconnect_events, "dropped": dropped},
+        "steps": {"sent": sent, "seen": watch.steps_seen, "lost": max(0, sent - watch.steps_seen),
+                  "history_gaps": watch.gaps},
+        "latency_s": {"p50": watch.percentile(0.50), "p90": watch.percentile(0.90), "p99": p99,
+                      "max": round(watch.max_latency, 4)},
+        "snapshots": watch.snapshots,
+    }
+    checks = {
+        "rss_flat": growth is not None and growth <= 10.0,
+        "no_dropped_connections": dropped == 0 and connected_min == args.agents,
+        "latency_p99_le_500ms": p99 is not None and p99 <= 0.5,
+    }
+    result["checks"] = checks
+    (out / "load.json").write_text(json.dumps(result, indent=1))
+    print(f"load: {args.agents} agents x {args.rate:g} steps/s for {args.duration:g} s, interval {args.interval:g} s")
+    rb = result["rss_bytes"]
+    print(f"  monitor RSS {rb['at_warmup'] / 2**20:.1f} MiB after warm-up -> max {rb['max_after_warmup'] / 2**20:.1f} MiB"
+          f" ({rb['growth_pct_after_warmup']:+.1f}%)" if after else "  monitor RSS: no samples after warm-up")
+    print(f"  connections: {accepted} accepted, dropped {dropped}; min connected {connected_min}/{args.agents}")
+    print(f"  steps: sent {sent}, seen {watch.steps_seen}, lost {result['steps']['lost']}")
+    lat = result["latency_s"]
+    print(f"  step-to-snapshot latency p50 {lat['p50']} s, p90 {lat['p90']} s, p99 {lat['p99']} s, max {lat['max']} s")
+    print(f"  monitor CPU {result['monitor_cpu_seconds']} s; checks: {checks}")
+    print(f"  wrote {out / 'load.json'}")
+    return 0 if all(checks.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
