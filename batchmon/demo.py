@@ -29,7 +29,9 @@ def examples_dir() -> Path:
 
 def training_command(script: Path, steps: int) -> list[str]:
     return [sys.executable, "-m", "batchmon", "run", "--", sys.executable, str(script),
-            "--steps", str(steps), "--device", "auto"]  # the example trains until stopped at --steps 0
+            "--steps", str(steps), "--device", "auto",  # the example trains until stopped at --steps 0
+            # a watchable pace, and three batch sizes so the memory model fits a line, not a single point
+            "--sleep", "0.2", "--vary-batch"]
 
 
 def start_training(script: Path, steps: int, socket_dir: Path, log_path: Path) -> subprocess.Popen:

@@ -60,14 +60,14 @@ def _device_label(agent: AgentView, dev: DeviceSample | None) -> str:
 
 
 def _title(v: JobView, focused_marker: bool, width: int = 200) -> Text:
-    """Marker, command, ranks, device, pid, user: all literal text. When narrow, user then pid give way
-    before the command is cut."""
+    """Marker, command, ranks, device, pid, user: all literal text. When narrow, the user gives way, then the
+    command is cut; the pid stays, since it is what names the process in the GPU panel and in `ps`."""
     a = v.lead
     parts: list[tuple[str, str, int]] = []  # (text, style, drop order: higher goes first)
     if len(v.ranks) > 1 or a.hello.world_size > 1:
         parts.append((f"  {len(v.ranks)}/{a.hello.world_size} ranks", "#b07cf0", 0))
     parts.append((f"  {_device_label(a, v.devices.get(a.key))}", DIM, 0))
-    parts.append((f"  pid {a.hello.pid}", DIM, 1))
+    parts.append((f"  pid {a.hello.pid}", DIM, 0))
     if v.user:
         parts.append((f" {v.user}", DIM, 2))
     if a.detached:
