@@ -8,7 +8,8 @@ The agents are lightweight protocol peers (no torch): a few worker processes (mu
 see live processes) and send a hello, then one step every 1/R s with ``time`` = the send time. The Hub runs in
 this process with its real NVML and host probes, exactly as the monitor uses it.
 
-Measured:
+Measured (the hub keeps the last 2000 steps per agent, so RSS grows until that history is full, 200 s at
+10 steps/s; the default warm-up waits for that, so a 600 s run judges flatness over the last ~390 s):
 - monitor RSS (this process: the Hub plus fixed-size bookkeeping - latencies go into a fixed histogram) every
   second; "flat" = the largest RSS after warm-up is at most +10% over the RSS at the end of warm-up;
 - dropped connections: monitor connections the peers saw closed before the end, plus agents the hub showed
@@ -190,9 +191,16 @@ class Watch:
         self.disconnect_events = 0
         self._was_connected: dict[str, bool] = {}
         self.max_latency = 0.0
+        self.last_call: float | None = None
+        self.max_gap = 0.0  # longest time between two snapshots: a slow tick shows here
+        self.gap_sum = 0.0
 
     def __call__(self, snap) -> None:
         now = time.time()
+        if self.last_call is not None:
+            self.max_gap = max(self.max_gap, now - self.last_call)
+            self.gap_sum += now - self.last_call
+        self.last_call = now
         self.snapshots += 1
         connected = 0
         for agent in snap.agents:
@@ -237,7 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=float, default=600.0, help="seconds of load (after the agents connected)")
     ap.add_argument("--interval", type=float, default=0.25, help="the hub's snapshot interval")
     ap.add_argument("--workers", type=int, default=0, help="peer processes (default: min(8, agents))")
-    ap.add_argument("--warmup", type=float, default=None, help="seconds before the RSS baseline (default 10%%, ≤60)")
+    ap.add_argument("--warmup", type=float, default=None,
+                    help="seconds before the RSS baseline (default: until the hub's per-agent history is full, "
+                         "HISTORY_LIMIT/rate + 10 s, at most half the duration)")
     args = ap.parse_args(argv)
     if args.agents < 1 or args.rate <= 0 or args.duration <= 0:
         print("load.py: --agents, --rate and --duration must be positive", file=sys.stderr)
@@ -247,7 +257,11 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(os.environ.get("OUT", "out"))
     out.mkdir(parents=True, exist_ok=True)
     workers = args.workers or min(8, args.agents)
-    warmup = args.warmup if args.warmup is not None else min(60.0, max(3.0, args.duration * 0.1))
+    from batchmon.hub_state import HISTORY_LIMIT
+
+    # The hub keeps the last HISTORY_LIMIT steps per agent by design (bounded), so RSS rises until that is full
+    # (200 s at 10 steps/s); "flat" is judged after that.
+    warmup = args.warmup if args.warmup is not None else min(args.duration / 2, HISTORY_LIMIT / args.rate + 10.0)
     base = Path(tempfile.mkdtemp(prefix="bml"))
     sockdir = protocol.ensure_socket_dir(base / "s")
     ctx = mp.get_context("fork")
@@ -314,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         "rss_bytes": {"at_warmup": at_warm, "max_after_warmup": max(after) if after else None,
                       "first": rss[0][1] if rss else None, "last": rss[-1][1] if rss else None,
                       "growth_pct_after_warmup": round(growth, 2) if growth is not None else None,
+                      "history_full_after_s": HISTORY_LIMIT / args.rate,
                       "series_every_5s": rss[::5]},
         "monitor_cpu_seconds": round((cpu1.user + cpu1.system) - (cpu0.user + cpu0.system), 2),
         "connections": {"accepted": accepted, "closed_early": closed_early,
@@ -323,6 +338,8 @@ def main(argv: list[str] | None = None) -> int:
         "latency_s": {"p50": watch.percentile(0.50), "p90": watch.percentile(0.90), "p99": p99,
                       "max": round(watch.max_latency, 4)},
         "snapshots": watch.snapshots,
+        "snapshot_gap_s": {"mean": round(watch.gap_sum / max(1, watch.snapshots - 1), 4),
+                           "max": round(watch.max_gap, 4)},
     }
     checks = {
         "rss_flat": growth is not None and growth <= 10.0,
@@ -339,6 +356,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  steps: sent {sent}, seen {watch.steps_seen}, lost {result['steps']['lost']}")
     lat = result["latency_s"]
     print(f"  step-to-snapshot latency p50 {lat['p50']} s, p90 {lat['p90']} s, p99 {lat['p99']} s, max {lat['max']} s")
+    gap = result["snapshot_gap_s"]
+    print(f"  {watch.snapshots} snapshots, {gap['mean']} s apart on average (max {gap['max']} s)")
     print(f"  monitor CPU {result['monitor_cpu_seconds']} s; checks: {checks}")
     print(f"  wrote {out / 'load.json'}")
     return 0 if all(checks.values()) else 1

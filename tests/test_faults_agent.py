@@ -24,7 +24,7 @@ import pytest
 import torch
 
 import batchmon
-from batchmon import agent, protocol
+from batchmon import agent
 from batchmon.protocol import Event, Hello, Step
 
 from agent_helpers import Reader, wait_for

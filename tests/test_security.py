@@ -22,7 +22,7 @@ import pytest
 import tui_fixtures as fx
 from batchmon import protocol
 from batchmon.protocol import ModelInfo
-from hub_peer import FakeAgent, LivePid, make_hello, make_step, wait_for
+from hub_peer import FakeAgent, LivePid, make_hello, make_step
 
 MARKUP = ("[bold red]x[/]", "[link=file:///etc/passwd]y[/link]", "[@click=app.quit]z[/]")
 

@@ -1,0 +1,204 @@
+"""CPU cost of batchmon's monitor against nvitop, side by side, same terminal size and refresh interval (issue 7, point 5).
+
+    python3 bench/vs_nvitop.py                       # 60 s measured after 10 s warm-up, --interval 1, 160x48
+    python3 bench/vs_nvitop.py --duration 20 --interval 2
+
+Each tool runs at the same time in its own pseudo-terminal (Python's pty, window size set with TIOCSWINSZ, TERM
+xterm-256color); both terminals are read continuously so neither blocks. CPU seconds (user + system) of each
+process tree (the process, its live children, and children it has reaped) are read with psutil after the
+warm-up and at the end; the difference is the steady cost. Then `q` is sent to each and the exit is checked.
+nvitop is started as `python -m nvitop --interval SEC` (needs the nvitop wheel); batchmon as
+`python -m batchmon --interval SEC`. A tool that exits early (nvitop on a machine without an NVIDIA driver)
+is recorded with its exit code and its terminal output's last line, and the comparison is then not made.
+
+Writes $OUT/vs_nvitop.json (OUT defaults to ./out) and prints a summary. Exit code 0 when both ran the whole
+window and batchmon's CPU seconds ≤ nvitop's; 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import pty
+import re
+import select
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from monitor_cpu import parse_size, set_winsize  # noqa: E402  (the pty helpers of the monitor CPU bench)
+
+
+@dataclass
+class Tool:
+    name: str
+    argv: list[str]
+    pid: int = 0
+    fd: int = -1
+    out_bytes: int = 0
+    tail: bytes = b""
+    exit_code: int | None = None
+    cpu: list[float] = field(default_factory=list)
+
+    def start(self, cols: int, rows: int) -> None:
+        pid, fd = pty.fork()
+        if pid == 0:
+            os.environ["TERM"] = "xterm-256color"
+            os.environ.pop("COLUMNS", None)
+            os.environ.pop("LINES", None)
+            try:
+                os.execv(self.argv[0], self.argv)
+            finally:
+                os._exit(127)
+        self.pid, self.fd = pid, fd
+        set_winsize(fd, cols, rows)
+        os.kill(pid, signal.SIGWINCH)
+
+    def alive(self) -> bool:
+        if self.exit_code is not None:
+            return False
+        done, status = os.waitpid(self.pid, os.WNOHANG)
+        if done:
+            self.exit_code = os.waitstatus_to_exitcode(status)
+            return False
+        return True
+
+    def cpu_seconds(self) -> float | None:
+        """User + system seconds of the process tree: itself, reaped children, live children."""
+        try:
+            proc = psutil.Process(self.pid)
+            t = proc.cpu_times()
+            total = t.user + t.system + t.children_user + t.children_system
+            for child in proc.children(recursive=True):
+                try:
+                    c = child.cpu_times()
+                    total += c.user + c.system
+                except psutil.Error:
+                    pass
+            return total
+        except psutil.Error:
+            return None
+
+    def last_line(self) -> str:
+        text = re.sub(rb"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07|\x1b[()][A-Z0-9]|\r", b"", self.tail)
+        lines = [ln.strip() for ln in text.decode("utf-8", "replace").splitlines() if ln.strip()]
+        errors = [ln for ln in lines if "rror" in ln or "NVIDIA" in ln or "NVML" in ln]
+        return (errors or lines or [""])[-1][:300]
+
+
+def drain(tools: list[Tool], until: float) -> None:
+    """Read every terminal until the deadline (a child whose terminal is not read blocks)."""
+    while True:
+        left = until - time.monotonic()
+        if left <= 0:
+            return
+        fds = {t.fd: t for t in tools if t.fd >= 0}
+        if not fds:
+            time.sleep(min(left, 0.2))
+            continue
+        ready, _, _ = select.select(list(fds), [], [], min(left, 0.2))
+        for fd in ready:
+            tool = fds[fd]
+            try:
+                data = os.read(fd, 65536)
+            except OSError:
+                data = b""
+            if not data:
+                os.close(fd)
+                tool.fd = -1
+                continue
+            tool.out_bytes += len(data)
+            tool.tail = (tool.tail + data)[-8192:]
+
+
+def quit_tool(tool: Tool, others: list[Tool]) -> None:
+    if tool.fd >= 0 and tool.alive():
+        try:
+            os.write(tool.fd, b"q")
+        except OSError:
+            pass
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and tool.alive():
+        drain(others, time.monotonic() + 0.1)
+    if tool.alive():
+        os.kill(tool.pid, signal.SIGKILL)
+        _, status = os.waitpid(tool.pid, 0)
+        tool.exit_code = os.waitstatus_to_exitcode(status)
+    if tool.fd >= 0:
+        os.close(tool.fd)
+        tool.fd = -1
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="CPU seconds of batchmon vs nvitop in pseudo-terminals")
+    p.add_argument("--duration", type=float, default=60.0, help="measured seconds after warm-up (default 60)")
+    p.add_argument("--warmup", type=float, default=10.0, help="seconds before measuring (default 10)")
+    p.add_argument("--interval", type=float, default=1.0, help="refresh interval of both tools (default 1.0)")
+    p.add_argument("--size", type=parse_size, default=(160, 48), help="terminal COLSxROWS (default 160x48)")
+    args = p.parse_args(argv)
+    if args.duration <= 0 or args.warmup < 0 or args.interval <= 0:
+        print("vs_nvitop: --duration and --interval must be positive", file=sys.stderr)
+        return 2
+    cols, rows = args.size
+    interval = f"{args.interval:g}"
+    tools = [Tool("batchmon", [sys.executable, "-m", "batchmon", "--interval", interval]),
+             Tool("nvitop", [sys.executable, "-m", "nvitop", "--interval", interval])]
+    for tool in tools:
+        tool.start(cols, rows)
+    drain(tools, time.monotonic() + args.warmup)
+    for tool in tools:
+        tool.cpu.append(tool.cpu_seconds() if tool.alive() else None)
+    t0 = time.monotonic()
+    end = t0 + args.duration
+    while time.monotonic() < end and any(t.fd >= 0 for t in tools):
+        drain(tools, min(end, time.monotonic() + 1.0))
+    window = time.monotonic() - t0
+    for tool in tools:
+        tool.cpu.append(tool.cpu_seconds() if tool.alive() else None)
+    for i, tool in enumerate(tools):
+        quit_tool(tool, [t for j, t in enumerate(tools) if j != i])
+
+    result: dict = {"interval_s": args.interval, "size": [cols, rows], "warmup_s": args.warmup,
+                    "window_s": round(window, 3), "host": platform.node(), "cpu_count": os.cpu_count(),
+                    "python": platform.python_version(), "time": time.time(), "tools": {}}
+    for tool in tools:
+        a, b = tool.cpu
+        steady = round(b - a, 4) if a is not None and b is not None else None
+        result["tools"][tool.name] = {
+            "argv": tool.argv, "cpu_seconds_steady": steady,
+            "cpu_percent_steady": round(100 * steady / window, 3) if steady is not None and window > 0 else None,
+            "ran_whole_window": steady is not None, "exit_code_after_q": tool.exit_code,
+            "terminal_bytes": tool.out_bytes, "last_line": tool.last_line() if steady is None else None}
+    try:
+        from importlib.metadata import version
+
+        result["versions"] = {name: version(name) for name in ("nvitop", "textual", "nvidia-ml-py")}
+    except Exception:  # noqa: BLE001 - a missing package is recorded, not fatal
+        result["versions"] = None
+    bm, nv = (result["tools"][n]["cpu_seconds_steady"] for n in ("batchmon", "nvitop"))
+    result["batchmon_le_nvitop"] = bm <= nv if bm is not None and nv is not None else None
+    out = Path(os.environ.get("OUT", "out"))
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "vs_nvitop.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"vs_nvitop: {cols}x{rows}, interval {interval} s, {window:.1f} s measured after {args.warmup:g} s warm-up")
+    for name, r in result["tools"].items():
+        if r["ran_whole_window"]:
+            print(f"  {name:8s} {r['cpu_seconds_steady']:.3f} CPU s ({r['cpu_percent_steady']:.2f}% of one core); "
+                  f"q -> exit {r['exit_code_after_q']}")
+        else:
+            print(f"  {name:8s} did not run the window: exit {r['exit_code_after_q']}: {r['last_line']}")
+    print(f"  batchmon <= nvitop: {result['batchmon_le_nvitop']}")
+    print(f"wrote {path}")
+    return 0 if result["batchmon_le_nvitop"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
