@@ -113,6 +113,7 @@ def train(kind: str, on_step: Callable[[int], None] | None = None, attach: bool 
 
 @pytest.fixture(scope="module")
 def baseline() -> dict[str, list[float]]:
+    agent.detach()  # whatever an earlier test left attached: the baseline runs unattached
     assert agent.current() is None
     return {kind: train(kind) for kind in ("mlp", "weird")}
 
