@@ -17,7 +17,8 @@ Measured (the hub keeps the last 2000 steps per agent, so RSS grows until that h
 - step-to-screen latency: for every step, the time from its ``time`` field to the first snapshot that contains
   it (``Hub(on_snapshot=...)``). Snapshots are built once per interval, so the latency includes up to one
   interval of waiting: measure at ``--interval 0.25`` (the UI's fastest redraw) for the ≤ 500 ms target;
-- steps lost: sent by the peers but never seen in any snapshot's history.
+- steps lost: sent by the peers but never seen in any snapshot's history (after the load, the hub gets up to
+  15 s to read any backlog before it is stopped).
 
 Writes $OUT/load.json (OUT defaults to ./out) and prints a summary. Exit code 0 when all targets hold.
 """
@@ -299,7 +300,12 @@ def main(argv: list[str] | None = None) -> int:
         time.sleep(min(1.0, max(0.0, end - time.monotonic())))
     cpu1 = me.cpu_times()
     stop.set()
-    time.sleep(2 * args.interval + 0.2)  # fixed drain time: the last steps reach one more snapshot
+    # drain: let the hub read what was sent (a lagging hub has a backlog) until nothing new for 1 s (max 15 s)
+    drain_end, seen, quiet_since = time.monotonic() + 15, -1, time.monotonic()
+    while time.monotonic() < drain_end and time.monotonic() - quiet_since < max(1.0, 3 * args.interval):
+        if watch.steps_seen != seen:
+            seen, quiet_since = watch.steps_seen, time.monotonic()
+        time.sleep(0.05)
     hub.stop()
     close.set()
     peer_results = [results.get(timeout=60) for _ in procs]
