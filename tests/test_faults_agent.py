@@ -80,7 +80,8 @@ class OddOptimizer(torch.optim.Optimizer):
                 p.add_(buf, alpha=-group["lr"])
 
 
-def train(kind: str, on_step: Callable[[int], None] | None = None, attach: bool = False) -> list[float]:
+def train(kind: str, on_step: Callable[[int], None] | None = None, attach: bool = False,
+          steps: int = STEPS) -> list[float]:
     """A seeded training run; returns the loss of every step. ``attach``: with the agent attached."""
     torch.manual_seed(1234)
     gen = torch.Generator().manual_seed(99)
@@ -93,7 +94,7 @@ def train(kind: str, on_step: Callable[[int], None] | None = None, attach: bool 
     crit = torch.nn.CrossEntropyLoss()
     handle = batchmon.attach(model, opt, activation_every=1) if attach else None
     losses = []
-    for i in range(STEPS):
+    for i in range(steps):
         x = torch.randn(8, 16, generator=gen)
         y = torch.randint(0, 4, (8,), generator=gen)
         opt.zero_grad()
@@ -242,25 +243,35 @@ def test_monitor_killed_mid_stream(baseline, sock_dir, capfd) -> None:
 def test_monitor_that_never_reads(baseline, sock_dir, capfd, monkeypatch) -> None:
     from batchmon import agent_transport
 
-    monkeypatch.setattr(agent_transport, "CLIENT_MAX_BYTES", 4096)  # small bound so the drop path runs
+    # A small kernel send buffer (accepted sockets inherit it from the listener) and a small per-monitor bound,
+    # so the agent really has to drop lines for the stalled monitor within a few steps.
+    steps = 40
+    monkeypatch.setattr(agent_transport, "CLIENT_MAX_BYTES", 4096)
     stalled: list[socket.socket] = []
 
     def on_step(i: int) -> None:
         if i == 0:
+            path = socket_of(agent.current())
+            agent.current()._transport._listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
-            s.connect(str(socket_of(agent.current())))
+            s.connect(str(path))
             stalled.append(s)
 
     try:
-        assert train("mlp", on_step=on_step, attach=True) == baseline["mlp"]
+        losses = train("mlp", on_step=on_step, attach=True, steps=steps)
         handle = agent.current()
         assert handle._transport.monitors == 1  # still connected, never read from
         fresh_reader_sees_steps(handle)
     finally:
         for s in stalled:
             s.close()
-    assert_clean(capfd, handle)
+    wait_for(lambda: handle.stats["monitors"] == 0, 10, "stalled monitor closed")
+    assert handle.stats["monitor_dropped"] > 0  # its oldest lines were dropped, memory stayed bounded
+    assert agent_lines(capfd.readouterr().err) == [] and warnings_of(handle) == []
+    assert len(handle.steps) == steps
+    agent.detach()
+    assert losses == train("mlp", steps=steps)  # unattached, same seed
 
 
 def test_fifty_monitors_at_once(baseline, sock_dir, capfd) -> None:
