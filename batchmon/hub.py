@@ -13,8 +13,9 @@ import selectors
 import socket
 import threading
 import time
+from collections import deque
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from batchmon import protocol
 from batchmon.agent_client import AgentConnection, ConnectResult, Found, pid_alive, scan, unlink_stale
@@ -41,6 +42,7 @@ class Hub:
         host_probe: Any = None,
         on_snapshot: Callable[[Snapshot], None] | None = None,
         recorder: Callable[[Record], None] | None = None,
+        hosts: Sequence[str] = (),
     ) -> None:
         self._interval = _check_interval(interval)
         self._socket_dir = Path(socket_dir) if socket_dir is not None else None
@@ -65,18 +67,45 @@ class Hub:
         self._last_data = time.monotonic()
         self.error: BaseException | None = None  # what ended the IO thread early (a recorder that failed)
         self.ticks = 0
+        self._injected: deque[Record] = deque()  # records from other threads (remote links), drained by the IO thread
+        self._links: list[Any] = []
+        if hosts:
+            from batchmon.remote import RemoteLink
+
+            self._links = [RemoteLink(h, self.inject, interval=self._interval) for h in dict.fromkeys(hosts)]
         self._latest = self.state.snapshot(time.time(), self._interval)
 
     # ------------------------------------------------------------------------------------------ public API
 
     def start(self) -> "Hub":
         if self._thread is None and not self._closed:
+            self.start_remotes()
             self._thread = threading.Thread(target=self._run, name="batchmon-hub", daemon=True)
             self._thread.start()
         return self
 
+    def start_remotes(self) -> None:
+        """Start one reader thread per --host (start() does it; --once calls it before sample_once)."""
+        for link in self._links:
+            link.start()
+
+    @property
+    def links(self) -> list[Any]:
+        return list(self._links)
+
+    def remotes_ready(self) -> bool:
+        """Every remote host sent a first NVML sample or failed an attempt (what --once waits for)."""
+        return all(link.ready for link in self._links)
+
+    def inject(self, record: Record) -> None:
+        """Hand a record to the IO thread from any thread (the remote links do). Thread-safe."""
+        self._injected.append(record)
+        self._wake()
+
     def stop(self) -> None:
-        """Stop the IO thread, close agent sockets and the probes this hub opened. Idempotent."""
+        """Stop the IO thread, remote links, agent sockets and the probes this hub opened. Idempotent."""
+        for link in self._links:
+            link.stop()
         self._stopping.set()
         self._wake()
         if self._thread is not None and self._thread is not threading.current_thread():
@@ -127,10 +156,13 @@ class Hub:
                     break
                 self._poll(min(deadline - now, quiet))
             self._sample_host(nvml_sample)
+            self._drain_injected()
             snap = self.state.snapshot(time.time(), self._interval)
             self._latest = snap
             return snap
         finally:
+            for link in self._links:
+                link.stop()
             self._close()
 
     # ------------------------------------------------------------------------------------------ IO thread
@@ -156,6 +188,7 @@ class Hub:
         self._reap()
         nvml_sample = self._sample_nvml()
         self._sample_host(nvml_sample)
+        self._drain_injected()
         snap = self.state.snapshot(time.time(), self._interval)
         self._latest = snap
         self.ticks += 1
@@ -170,6 +203,10 @@ class Hub:
         self.state.ingest(record)
         if self._recorder is not None:
             self._recorder(record)  # a failing recorder ends the hub (stream: the reader went away)
+
+    def _drain_injected(self) -> None:
+        while self._injected:
+            self._emit(self._injected.popleft())
 
     def _warn(self, origin: str, message: str) -> None:
         self._emit({"t": time.time(), "kind": "warning", "source": LOCAL, "data": {"source": origin, "message": message}})
@@ -286,6 +323,7 @@ class Hub:
                         pass
                 except OSError:
                     pass
+                self._drain_injected()
                 continue
             bodies = conn.read()
             if bodies:

@@ -3,7 +3,8 @@
 Live monitoring and replay feed the very same records through ``HubState.ingest``, so a recording replays to
 exactly what the monitor showed. A record is one dict::
 
-    {"t": unix time, "kind": "nvml" | "host" | "agent" | "agent_eof" | "agent_gone" | "warning" | "tick" | "meta",
+    {"t": unix time, "kind": "nvml" | "host" | "agent" | "agent_eof" | "agent_gone" | "warning" | "tick" | "meta"
+                     | "link",
      "source": "local" or a remote host, "key": "<host>:<pid>" (agent kinds), "data": ...}
 
 ``data`` is the probe sample dict (nvml, host), the raw protocol message object (agent; null with an
@@ -76,6 +77,8 @@ class _Source:
     host: HostSample | None = None
     agents: dict[str, _Agent] = field(default_factory=dict)
     warnings: dict[tuple[str, str], list] = field(default_factory=dict)  # (source, category) -> [count, detail]
+    link: dict[str, Any] | None = None  # remote sources: the last link record's data (connected / lost)
+    ever_connected: bool = False
 
 
 class HubState:
@@ -124,6 +127,8 @@ class HubState:
                 src.host = host_probe.sample_from_dict(data)
             except Exception as exc:  # noqa: BLE001
                 self.warn(source_name, "host", "bad host sample", f"{type(exc).__name__}: {exc}")
+        elif kind == "link":
+            self._link(src, data)
         elif kind == "warning":
             d = data if isinstance(data, dict) else {}
             detail = d.get("detail")
@@ -145,6 +150,36 @@ class HubState:
                 return
             self._agent_message(src, agent, data, record.get("error"))
         # unknown kinds: ignored, like unknown protocol types (forward compatibility)
+
+    def _link(self, src: _Source, data: Any) -> None:
+        """A remote connection came up or went down. Up: the new stream resends every agent's hello and
+        history, so the old agent list is dropped (agents that ended during the outage do not linger).
+        Down: the agents are kept but shown as disconnected."""
+        if not isinstance(data, dict) or data.get("state") not in ("connected", "lost"):
+            self.warn(LOCAL, src.name, "bad link record", _short(data))  # shown even before the host has data
+            return
+        src.link = dict(data)
+        if data["state"] == "connected":
+            src.ever_connected = True
+            src.agents.clear()
+        else:
+            for agent in src.agents.values():
+                agent.connected = False
+
+    def link_warnings(self) -> tuple[Warning, ...]:
+        """One Warning per remote source whose connection is down: "connection lost, retrying in Ns"."""
+        out = []
+        for name, src in self._sources.items():
+            if name == LOCAL or src.link is None or src.link.get("state") != "lost":
+                continue
+            retry = src.link.get("retry_in")
+            what = "connection lost" if src.ever_connected else "cannot connect"
+            text = what if not isinstance(retry, (int, float)) else f"{what}, retrying in {retry:g}s"
+            detail = src.link.get("message")
+            if detail:
+                text += f" ({_short(detail)})"
+            out.append(Warning(source=name, message=text))
+        return tuple(out)
 
     def _source(self, name: str) -> _Source:
         src = self._sources.get(name)
@@ -230,12 +265,16 @@ class HubState:
 
     def snapshot(self, now: float, interval: float = 1.0, *, kind: str = "live") -> Snapshot:
         """An immutable view of the state now: tuples only, nothing the state will mutate later."""
+        # A remote snapshot's ``source`` is the host as given to --host, so every front end can name it.
         remote = tuple(
-            self._source_snapshot(src, now, interval, kind)
+            self._source_snapshot(src, now, interval, name)
             for name, src in self._sources.items()
             if name != LOCAL and (src.nvml is not None or src.host is not None or src.agents)
         )
         local = self._source_snapshot(self._sources[LOCAL], now, interval, kind)
+        links = self.link_warnings()
+        if links:
+            local = replace(local, warnings=local.warnings + links)
         return replace(local, remote=remote) if remote else local
 
     def _source_snapshot(self, src: _Source, now: float, interval: float, kind: str) -> Snapshot:

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from typing import Any
 
 from batchmon.cli import CliError
 from batchmon.snapshot import Snapshot
 
 ONCE_MAX_WAIT_S = 0.5  # how long --once waits for agents' hello and history, at most
+ONCE_REMOTE_WAIT_S = 10.0  # how long --once --host waits for each host's first NVML sample, at most
 
 
 def print_snapshot(snap: Snapshot, as_json: bool) -> None:
@@ -36,16 +38,30 @@ def _run_monitor(source: Any, *, interval: float, mouse: bool, title: str | None
         source.stop()
 
 
+def _hosts(args: Any) -> list[str]:
+    hosts = list(getattr(args, "host", None) or [])
+    for h in hosts:
+        if not h.strip() or h.startswith("-") or any(c.isspace() for c in h):
+            raise CliError(f"--host: bad host name {h!r}", code=2)
+    return hosts
+
+
 def main(args: Any) -> int:
-    if getattr(args, "host", None):
-        raise CliError("--host (remote boxes) is not implemented yet")
     from batchmon.hub import Hub
 
+    hosts = _hosts(args)
     if args.once:
-        snap = Hub(interval=args.interval).sample_once(max_wait=ONCE_MAX_WAIT_S)
+        hub = Hub(interval=args.interval, hosts=hosts)
+        if hosts:
+            # Remote hosts first: their ssh sessions start while we wait, bounded, for a first sample each.
+            hub.start_remotes()
+            deadline = time.monotonic() + ONCE_REMOTE_WAIT_S
+            while not hub.remotes_ready() and time.monotonic() < deadline:
+                time.sleep(0.02)  # polling a condition with a deadline
+        snap = hub.sample_once(max_wait=ONCE_MAX_WAIT_S)
         print_snapshot(snap, args.json)
         return 0
-    return _run_monitor(Hub(interval=args.interval), interval=args.interval, mouse=not args.no_mouse)
+    return _run_monitor(Hub(interval=args.interval, hosts=hosts), interval=args.interval, mouse=not args.no_mouse)
 
 
 def main_replay(args: Any) -> int:
