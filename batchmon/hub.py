@@ -73,6 +73,8 @@ class Hub:
             from batchmon.remote import RemoteLink
 
             self._links = [RemoteLink(h, self.inject, interval=self._interval) for h in dict.fromkeys(hosts)]
+            for link in self._links:
+                self.state.add_source(link.host)
         self._latest = self.state.snapshot(time.time(), self._interval)
 
     # ------------------------------------------------------------------------------------------ public API

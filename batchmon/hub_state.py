@@ -181,6 +181,10 @@ class HubState:
             out.append(Warning(source=name, message=text))
         return tuple(out)
 
+    def add_source(self, name: str) -> None:
+        """Reserve a remote source's place, so remote hosts are shown in the order given (not of first data)."""
+        self._source(name)
+
     def _source(self, name: str) -> _Source:
         src = self._sources.get(name)
         if src is None:

@@ -184,3 +184,30 @@ def test_collector_on_h200_recording(fixture):
     # cache and context are derived from the recorded CUDA figures, so they are exported too
     assert {name for _, name in comps} >= {"cache", "context"}
     assert preds, "the H200 recording has predictions"
+
+
+def test_export_ctrl_c_exits_zero(sockdir):
+    port = free_port()
+    proc = start_exporter(sockdir, port)
+    try:
+        wait_for(lambda: scrape(port) is not None or proc.poll() is not None, timeout=15, what="exporter up")
+        assert proc.poll() is None
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+        code, _, err = stop_after_exit(proc)
+    assert code == 0, err
+    assert "Traceback" not in err
+
+
+def test_export_without_prometheus_client_says_how_to_install(sockdir, tmp_path):
+    # A package on PYTHONPATH that fails to import, as a missing prometheus-client does.
+    shadow = tmp_path / "shadow" / "prometheus_client"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('No module named prometheus_client')\n")
+    env = dict(os.environ, BATCHMON_DIR=str(sockdir), PYTHONPATH=str(shadow.parent))
+    r = subprocess.run([sys.executable, "-m", "batchmon", "export", "--prometheus", "--port", str(free_port())],
+                       capture_output=True, text=True, env=env, timeout=30)
+    assert r.returncode == 1
+    assert r.stderr.strip().count("\n") == 0
+    assert 'pip install "batchmon[prometheus]"' in r.stderr

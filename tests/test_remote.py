@@ -29,6 +29,7 @@ from hub_peer import FakeAgent, LivePid, make_hello, make_step, wait_for
 SSHD = shutil.which("sshd") or ("/usr/sbin/sshd" if os.path.exists("/usr/sbin/sshd") else None)
 SSH = shutil.which("ssh")
 HOST = "testhost"
+HOST2 = "testhost2"  # a second alias of the same sshd: --host is repeatable
 
 
 
@@ -57,7 +58,7 @@ class Sshd:
         self.client_config = root / "ssh_config"
         user = os.environ.get("USER") or __import__("pwd").getpwuid(os.getuid()).pw_name
         self.client_config.write_text("\n".join([
-            f"Host {HOST}", "  HostName 127.0.0.1", f"  Port {self.port}", f"  User {user}",
+            f"Host {HOST} {HOST2}", "  HostName 127.0.0.1", f"  Port {self.port}", f"  User {user}",
             f"  IdentityFile {root / 'user_key'}", "  IdentitiesOnly yes", "  UserKnownHostsFile /dev/null",
             "  StrictHostKeyChecking no", "  LogLevel ERROR", ""]))
         self.proc: subprocess.Popen | None = None
@@ -170,12 +171,14 @@ def test_once_json_shows_remote_host(sshd, remote_env, remote_agent):
     assert agent["components"] == step_components(steps[-1])
     assert elapsed < 15
 
-    table = subprocess.run([sys.executable, "-m", "batchmon", "--host", HOST, "--once"],
+    table = subprocess.run([sys.executable, "-m", "batchmon", "--host", HOST, "--host", HOST2, "--once"],
                            capture_output=True, text=True, env=remote_env[2], timeout=30)
     assert table.returncode == 0, table.stderr
     local_part, _, remote_part = table.stdout.partition(f"({HOST})")
-    assert remote_part, table.stdout  # the remote box's section is headed with the host name
-    assert str(pid) in remote_part and f"step {steps[-1].step}" in remote_part
+    first, _, second = remote_part.partition(f"({HOST2})")
+    assert first and second, table.stdout  # each remote box's section is headed with its host name, in order
+    for part in (first, second):
+        assert str(pid) in part and f"step {steps[-1].step}" in part
     assert NO_AGENTS in local_part
 
 
