@@ -30,7 +30,7 @@ def test_hub_with_the_agent_transport(sockdir):
     hub = None
     try:
         wait_for(lambda: transport.running)
-        snap = Hub(socket_dir=sockdir).sample_once(max_wait=5.0)  # a monitor that connects late
+        snap = Hub(socket_dir=sockdir).sample_once(max_wait=10.0, quiet=0.5)  # a monitor that connects late
         (view,) = snap.agents
         assert view.hello.pid == os.getpid() and len(view.history) == 1500 and view.invalid_lines == 0
 

@@ -351,7 +351,7 @@ class BatchmonApp(App[int]):
 
     def _apply_levels(self) -> None:
         """Panel sizes: the selected GPU and job expand, the rest shrink when there are many or little room."""
-        if not self.is_mounted:
+        if not self.is_mounted or not self.screen_stack:  # a focus message can arrive while shutting down
             return
         w, h = self.size
         narrow, short = w < NARROW_WIDTH, h < SHORT_HEIGHT
@@ -394,6 +394,8 @@ class BatchmonApp(App[int]):
 
     @on(PanelFocused)
     def _panel_focused(self) -> None:
+        if not self.screen_stack:  # the app is closing: nothing left to lay out
+            return
         self._apply_levels()
         self._update_whatif_bar()
         if isinstance(self.focused, GpuPanel):  # show the job the what-if keys now act on
