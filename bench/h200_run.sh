@@ -106,6 +106,16 @@ final)
   python3 bench/predict_accuracy.py --quick $PREDX 2>&1 | tail -n 60 | tee $R/predict_accuracy.log
   python3 bench/recalibrate_margin.py $OUT/predict_accuracy.json --derive 2>&1 | tail -n 30 | tee $R/recalibrate.log
   ;;
+nvitop)
+  # issue 7: batchmon and nvitop side by side, same interval, 60 s, with one training process on the GPU
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
+  stage nvitop
+  $BMCMD run -- python3 examples/train_mlp.py --device $DEV --steps 0 --sleep 0.2 > $R/nvitop_train.log 2>&1 &
+  TR=$!
+  for i in $(seq 1 120); do ls $BATCHMON_DIR/*.sock >/dev/null 2>&1 && break; sleep 0.5; done
+  python3 bench/vs_nvitop.py 2>&1 | tail -n 25 | tee $R/vs_nvitop.log
+  kill -TERM $TR; wait $TR
+  ;;
 overhead)
   stage overhead
   python3 bench/agent_overhead.py $GPTX 2>&1 | tail -n 40 | tee $R/agent_overhead.log
