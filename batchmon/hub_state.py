@@ -54,6 +54,9 @@ def _short(text: Any, limit: int = 200) -> str:
     return s if len(s) <= limit else s[: limit - 1] + "…"
 
 
+PREDICT_EVERY_S = 1.0  # refit an agent at most this often (snapshot time), unless its batch sizes change
+
+
 @dataclass
 class _Agent:
     key: str
@@ -66,6 +69,8 @@ class _Agent:
     invalid_lines: int = 0
     prediction_key: tuple | None = None
     prediction: Any = None
+    prediction_time: float | None = None  # snapshot time of the last fit
+    prediction_sizes: frozenset = frozenset()  # batch sizes that fit saw
 
 
 @dataclass
@@ -302,7 +307,12 @@ class HubState:
         return replace(base, agents=tuple(views), warnings=warnings)
 
     def _predict(self, src: _Source, view: AgentView, base: Snapshot) -> Any:
-        """The memory model's prediction for one agent, recomputed only when its steps or device change."""
+        """The memory model's prediction for one agent.
+
+        Fitting costs time linear in the steps it reads, and a hub with 64 agents at 10 steps/s builds 4
+        snapshots a second: refitting every agent's whole history each time fell behind (bench/load.py). So an
+        agent is refitted at most every PREDICT_EVERY_S of snapshot time, at once when a new batch size or a new
+        device size appears, and on a bounded summary of its history (model_steps)."""
         if not view.history:
             return None
         device = base.device_of(view)
@@ -312,16 +322,41 @@ class HubState:
         agent = src.agents[view.key]
         if agent.prediction_key == key:
             return agent.prediction
-        agent.prediction_key = key
+        same_setup = agent.prediction_key is not None and agent.prediction_key[3:] == key[3:]
+        recent = agent.prediction_time is not None and 0 <= base.time - agent.prediction_time < PREDICT_EVERY_S
+        if same_setup and recent and last.batch_size in agent.prediction_sizes:
+            return agent.prediction
+        agent.prediction_key, agent.prediction_time = key, base.time
+        agent.prediction_sizes = frozenset(s.batch_size for s in view.history)
         agent.prediction = None
         try:
             from batchmon import memory_model
 
-            agent.prediction = memory_model.predict_from_steps(view.history, device_total,
+            agent.prediction = memory_model.predict_from_steps(model_steps(view.history), device_total,
                                                                optimizer=view.hello.optimizer)
         except Exception as exc:  # noqa: BLE001 - a model bug costs the prediction, never the monitor
             self.warn(src.name, "memory model", "prediction failed", f"{type(exc).__name__}: {_short(exc)}")
         return agent.prediction
+
+
+def model_steps(history: tuple[Step, ...], recent: int = 32, sizes: int = 32) -> list[Step]:
+    """What the memory model needs from a long history, bounded: the first step (the baseline of cumulative
+    counters such as alloc retries), the step with the highest peak at each of the latest `sizes` batch sizes
+    (the model keeps one point per batch size, its largest peak), and the last `recent` steps (the current
+    state: optimizer, reserved growth). In history order; a short history is returned whole."""
+    if len(history) <= 1 + recent + sizes:
+        return list(history)
+    keep = {0, *range(len(history) - recent, len(history))}
+    best: dict[int | None, int] = {}
+    for i, step in enumerate(history):
+        j = best.pop(step.batch_size, None)  # re-inserted: the most recently seen sizes come last
+        best[step.batch_size] = i if j is None or _peak(step) >= _peak(history[j]) else j
+    keep.update(list(best.values())[-sizes:])
+    return [history[i] for i in sorted(keep)]
+
+
+def _peak(step: Step) -> int:
+    return step.peak_allocated if step.peak_allocated is not None else sum(step.components.values())
 
 
 def record_line(record: Mapping[str, Any]) -> str:

@@ -196,3 +196,24 @@ def test_ingest_never_raises_and_snapshot_always_builds(batch):
     snap = s.snapshot(1.0)
     assert isinstance(snap.agents, tuple) and isinstance(snap.warnings, tuple)
     assert hub_state.record_line({"kind": "tick"}).endswith("\n")
+
+
+def test_model_steps_bounds_a_long_history_and_keeps_what_the_fit_needs():
+    from batchmon.hub_state import model_steps
+    from batchmon.protocol import COMPONENTS, Step
+
+    def step(n: int, batch: int, peak: int) -> Step:
+        return Step(step=n, time=float(n), step_seconds=0.1, batch_size=batch,
+                    components={c: 1 for c in COMPONENTS}, peak_allocated=peak, num_alloc_retries=n // 500)
+
+    history = tuple(step(n, 8 if n % 100 == 0 else 32, 1000 + n % 7) for n in range(1, 2001))
+    kept = model_steps(history)
+    assert len(kept) <= 1 + 32 + 32
+    assert kept[0] is history[0]  # baseline of the cumulative counters
+    assert list(kept[-32:]) == list(history[-32:])  # the current state
+    assert [s.step for s in kept] == sorted(s.step for s in kept)
+    for batch in (8, 32):  # each batch size's largest peak is there
+        top = max(p.peak_allocated for p in history if p.batch_size == batch)
+        assert any(s.batch_size == batch and s.peak_allocated == top for s in kept)
+    short = history[:50]
+    assert model_steps(short) == list(short)
