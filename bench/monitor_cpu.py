@@ -58,9 +58,10 @@ def cpu_seconds(proc: psutil.Process) -> tuple[float, float]:
 
 
 def monitor_argv(args: argparse.Namespace) -> list[str]:
+    py = [sys.executable] + (["-m", "cProfile", "-o", str(args.profile)] if args.profile else [])
     if args.replay:
-        return [sys.executable, "-m", "batchmon", "replay", str(args.replay), "--speed", str(args.speed)]
-    return [sys.executable, "-m", "batchmon", "--interval", str(args.interval)]
+        return py + ["-m", "batchmon", "replay", str(args.replay), "--speed", str(args.speed)]
+    return py + ["-m", "batchmon", "--interval", str(args.interval)]
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -150,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--replay", type=Path, help="replay this recording instead of the live hub")
     p.add_argument("--speed", type=float, default=1.0, help="replay speed (default 1)")
     p.add_argument("--size", type=parse_size, default=(160, 48), help="terminal COLSxROWS (default 160x48)")
+    p.add_argument("--profile", type=Path, help="run the monitor under cProfile, stats to this file (inflates CPU)")
     p.add_argument("--name", default="monitor_cpu", help="result file stem (default monitor_cpu)")
     args = p.parse_args(argv)
     if args.replay and not args.replay.is_file():

@@ -248,7 +248,7 @@ class BatchmonApp(App[int]):
             existing = list(box.query(NoGpuPanel))
             if existing and len(box.children) == 1:
                 existing[0].nvml, existing[0].host = snap.nvml, snap.host
-                existing[0].changed()
+                existing[0].update_if_changed((snap.nvml, snap.host))
             else:
                 await box.remove_children()
                 await box.mount(NoGpuPanel(snap.nvml, snap.host, id="no-gpu"))
@@ -571,10 +571,21 @@ class WhatIfBar(Widget):
         self.view: JobView | None = None
 
     def update_view(self, view: JobView | None) -> None:
+        """Repaint only when the line would read differently: a repaint here, at the bottom of the screen,
+        widens every frame's update region to the whole screen (Textual repaints the bounding box)."""
         self.view = view
-        self.refresh()
+        if not self.is_mounted or self.content_size.width <= 0:
+            self.refresh()
+            return
+        text = self._text()
+        if text != getattr(self, "_shown", None):
+            self.refresh()
 
     def render(self) -> Text:
+        self._shown = self._text()
+        return self._shown
+
+    def _text(self) -> Text:
         v = self.view
         t = Text().append(" what-if ", style="bold #0b0d10 on #3fc1c9")
         if v is None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from rich.text import Text
-from textual.geometry import Size
+from textual.geometry import Region, Size
 from textual.widget import Widget
 
 from batchmon.tui.messages import PanelFocused
@@ -29,11 +29,29 @@ class LinesPanel(Widget):
         self.refresh(layout=True)
 
     def update_if_changed(self, signature: object) -> bool:
-        """changed() unless ``signature`` equals the last one: identical data costs no render."""
+        """Repaint unless ``signature`` equals the last one: identical data costs no render.
+
+        New data repaints only the lines that read differently; a layout pass (and a repaint of the whole
+        panel) only when the height may change: the line count differs, or there is nothing laid out to
+        compare with. Re-laying out the screen every refresh was most of the monitor's CPU time.
+        """
         if signature == getattr(self, "_signature", None):
             return False
         self._signature = signature
-        self.changed()
+        old = self._cache
+        width = self.content_size.width
+        if old is None or width <= 0 or old[0] != width or old[1] != self._version or not self.is_mounted:
+            self.changed()
+            return True
+        self._version += 1
+        self._cache = None
+        new = self.lines(width)
+        if len(new) != len(old[2]):
+            self.refresh(layout=True)
+            return True
+        dirty = [Region(0, y, width, 1) for y, (a, b) in enumerate(zip(old[2], new)) if a != b]
+        if dirty:
+            self.refresh(*dirty)
         return True
 
     def lines(self, width: int) -> list[Text]:
