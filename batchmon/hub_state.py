@@ -124,9 +124,12 @@ class HubState:
         data = record.get("data")
         if kind == "nvml":
             try:
-                src.nvml = nvml_probe.sample_from_dict(data)
+                sample = nvml_probe.sample_from_dict(data)
             except Exception as exc:  # noqa: BLE001
                 self.warn(source_name, "nvml", "bad NVML sample", f"{type(exc).__name__}: {exc}")
+            else:
+                self._warn_lost_gpus(src, sample)
+                src.nvml = sample
         elif kind == "host":
             try:
                 src.host = host_probe.sample_from_dict(data)
@@ -155,6 +158,15 @@ class HubState:
                 return
             self._agent_message(src, agent, data, record.get("error"))
         # unknown kinds: ignored, like unknown protocol types (forward compatibility)
+
+    def _warn_lost_gpus(self, src: _Source, sample: NvmlSample) -> None:
+        """A GPU that turns lost is a counted Warning (once per turn, not once per sample): the device row
+        says "lost" only while it is on screen, the warning list keeps it and how often it happened."""
+        before = {d.index: d.lost for d in src.nvml.devices} if src.nvml is not None else {}
+        for dev in sample.devices:
+            if dev.lost and not before.get(dev.index, False):
+                name = f"GPU {dev.index}" + (f" ({dev.name})" if dev.name else "")
+                self.warn(src.name, "nvml", f"{name} lost", _short(dev.error) if dev.error else None)
 
     def _link(self, src: _Source, data: Any) -> None:
         """A remote connection came up or went down. Up: the new stream resends every agent's hello and
