@@ -31,8 +31,10 @@ class AgentView:
 
     @property
     def job(self) -> str:
-        """Ranks of one job group together: same host, same command line, same world size."""
-        return f"{self.source}|{self.hello.host}|{' '.join(self.hello.argv)}|{self.hello.world_size}"
+        """Ranks of one job share this key (batchmon.jobs.job_key says how)."""
+        from batchmon.jobs import job_key  # jobs builds on this module
+
+        return job_key(self)
 
 
 @dataclass(frozen=True)
