@@ -765,7 +765,7 @@ class AgentHandle:
                      device=str(device) if device is not None else "cpu", nvml_uuid=uuid, rank=rank,
                      local_rank=local_rank, world_size=world_size, model=self._model_info,
                      optimizer=type(primary).__name__ if primary is not None else None, name=self.name,
-                     time=time.time())
+                     time=time.time(), job=_job_id(world_size))
 
     def _publish_event(self, event: Event) -> None:
         self._events.append(event)
@@ -1046,6 +1046,18 @@ def _ranks() -> tuple[int, int, int]:
     except Exception:  # noqa: BLE001
         pass
     return rank, local_rank, world
+
+
+def _job_id(world_size: int) -> str | None:
+    """What every rank of one distributed job shares and two concurrent jobs don't: the rendezvous address
+    (MASTER_ADDR:MASTER_PORT, set by torchrun and most launchers) and torchrun's run id. None alone."""
+    if world_size <= 1:
+        return None
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    parts = [f"{addr}:{port}" if addr and port else None, run_id]
+    text = " ".join(p for p in parts if p)
+    return text[:256] or None
 
 
 def _env_int0(name: str) -> int:

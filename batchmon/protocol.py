@@ -128,6 +128,7 @@ class Hello:
     optimizer: str | None
     name: str | None = None
     time: float | None = None
+    job: str | None = None  # added in v1: what the ranks of one distributed job share (torchrun's rendezvous)
     type: str = field(default="hello", init=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -156,6 +157,7 @@ class Hello:
             optimizer=_str(d, "optimizer", nullable=True, limit=256),
             name=_str(d, "name", nullable=True, limit=256),
             time=_float(d, "time", nullable=True),
+            job=_str(d, "job", nullable=True, limit=256),
         )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from batchmon.jobs import Imbalance, Job, group_jobs
 from batchmon.memory_model import Prediction
 from batchmon.probes.nvml import DeviceSample
 from batchmon.protocol import ALL_COMPONENTS, COMPONENTS, Step
@@ -178,6 +179,7 @@ def _agent_json(agent: AgentView, snap: Snapshot) -> dict[str, Any]:
         "rank": h.rank,
         "local_rank": h.local_rank,
         "world_size": h.world_size,
+        "job": h.job,
         "model": None if h.model is None else h.model.to_dict(),
         "optimizer": h.optimizer,
         "started": h.time,
@@ -201,6 +203,12 @@ def _agent_json(agent: AgentView, snap: Snapshot) -> dict[str, Any]:
     }
 
 
+def _job_json(job: Job) -> dict[str, Any]:
+    found = job.imbalance()
+    return {"key": job.key, "world_size": job.world_size, "ranks": [a.key for a in job.ranks],
+            "imbalance": None if found is None else found.to_dict()}
+
+
 def snapshot_to_json(snap: Snapshot) -> dict[str, Any]:
     """The `batchmon --once --json` object (README documents it). Every key is always present; null where a
     driver or an agent does not say; sizes are integers in bytes."""
@@ -212,6 +220,7 @@ def snapshot_to_json(snap: Snapshot) -> dict[str, Any]:
                  "memory_used": snap.host.memory_used},
         "devices": [_device_json(d, snap) for d in snap.nvml.devices],
         "agents": [_agent_json(a, snap) for a in snap.agents],
+        "jobs": [_job_json(job) for job in group_jobs(snap.agents)],
         "warnings": [{"source": w.source, "message": w.message, "count": w.count} for w in snap.warnings],
         "remote": [snapshot_to_json(r) for r in snap.remote],
     }
@@ -308,6 +317,24 @@ def _agent_lines(agent: AgentView, snap: Snapshot, width: int) -> list[str]:
     return lines
 
 
+def imbalance_text(found: Imbalance) -> str:
+    """"imbalance 12.0 MiB (4.1%): rank 1 heaviest, rank 0 lightest; activations +10.0 MiB, batch +2.0 MiB"."""
+    parts = ", ".join(f"{name} +{fmt_bytes(b)}" for name, b in list(found.by_component.items())[:2])
+    text = f"imbalance {fmt_bytes(found.spread)} ({found.spread_pct:.1f}%)"
+    if found.spread:
+        text += f": rank {found.heaviest_rank} heaviest, rank {found.lightest_rank} lightest"
+    return text + (f"; {parts}" if parts else "")
+
+
+def _job_lines(job: Job) -> list[str]:
+    lead = job.lead.hello
+    name = clean(lead.name or " ".join(lead.argv) or "python")
+    found = job.imbalance()
+    lines = [f"  job of {len(job.ranks)}/{job.world_size} ranks  {name}"]
+    lines.append(f"    {imbalance_text(found)}" if found else "    imbalance: waiting for two ranks' steps")
+    return lines
+
+
 def format_table(snap: Snapshot, width: int = 100) -> str:
     """The `batchmon --once` text: one line per GPU with a bar and its processes under it, host memory, agents."""
     width = max(width, 40)
@@ -331,8 +358,11 @@ def format_table(snap: Snapshot, width: int = 100) -> str:
     lines.append("Agents")
     if not snap.agents:
         lines.append(f"  {NO_AGENTS}")
-    for agent in snap.agents:
-        lines += _agent_lines(agent, snap, width)
+    for job in group_jobs(snap.agents):
+        if len(job.ranks) > 1 or job.world_size > 1:
+            lines += _job_lines(job)
+        for agent in job.ranks:
+            lines += _agent_lines(agent, snap, width)
     if snap.warnings:
         lines.append("Warnings")
         for w in snap.warnings:

@@ -7,9 +7,11 @@ from dataclasses import dataclass, field
 
 from rich.text import Text
 
+from batchmon.jobs import imbalance
 from batchmon.memory_model import Prediction
 from batchmon.probes.nvml import DeviceSample
 from batchmon.protocol import ALL_COMPONENTS, Event
+from batchmon.render import imbalance_text
 from batchmon.snapshot import AgentView
 from batchmon.tui.bars import COMPONENT_LABELS, COMPONENT_STYLES, component_parts, stacked_bar
 from batchmon.tui.chart import ChartInput, render_chart
@@ -234,7 +236,19 @@ def _rank_lines(v: JobView, width: int) -> list[Text]:
         if any(e.kind == "oom" for e in a.events):
             t.append("  OOM", style=EVENT_STYLES["oom"])
         out.append(t)
+    out.extend(_imbalance_line(v))
     return out
+
+
+def _imbalance_line(v: JobView) -> list[Text]:
+    """The spread between the ranks' totals and the components that differ most; literal text."""
+    if len(v.ranks) <= 1:
+        return []
+    found = imbalance(v.ranks)
+    if found is None:
+        return [Text().append("  imbalance: waiting for two ranks' steps", style=DIM)]
+    style = BAD if found.spread_pct >= 20 else WARN if found.spread_pct >= 5 else OK
+    return [Text("  ").append(imbalance_text(found), style=style)]
 
 
 def _side_by_side(left: list[Text], right: list[Text], left_w: int) -> list[Text]:
@@ -325,7 +339,7 @@ def job_lines(v: JobView, width: int, level: str, *, focused: bool = False, char
     for note in v.notes if p is not None else []:
         lines.append(Text().append(f"  {note}", style=WARN))
     lines.extend(_events(v, 3 if level == "full" else 2))
-    lines.extend(_rank_lines(v, width) if level == "full" else [])
+    lines.extend(_rank_lines(v, width) if level == "full" else _imbalance_line(v))
     return lines
 
 

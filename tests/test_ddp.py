@@ -1,0 +1,108 @@
+"""DDP under real torchrun (gloo on the CPU here; NCCL on two H200s is recorded in tests/fixtures/ddp_h200_*.jsonl):
+every rank attaches, both under `batchmon run -- torchrun ...` and with batchmon.attach() in the script, and the
+monitor groups the ranks into one job with their imbalance."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from agent_helpers import EXAMPLES, batchmon_cmd, wait_for
+from batchmon import protocol
+from batchmon.hub import Hub
+from batchmon.jobs import group_jobs
+
+SMALL = ["--cpu", "--hidden", "64", "--input-dim", "32", "--layers", "2", "--batch-size", "16",
+         "--rank-batch-step", "48"]
+
+
+def free_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def torchrun(*args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+            "--master-port", free_port(), str(EXAMPLES / "train_ddp.py"), *SMALL, *args]
+
+
+@pytest.fixture
+def sockdir(tmp_path, monkeypatch):
+    path = protocol.ensure_socket_dir(tmp_path / "s")
+    monkeypatch.setenv("BATCHMON_DIR", str(path))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    return path
+
+
+def two_ranks_stepping(hub: Hub):
+    snap = hub.snapshot()
+    jobs = [j for j in group_jobs(snap.agents) if j.world_size == 2]
+    if len(jobs) == 1 and len(jobs[0].ranks) == 2 and all(a.last_step and a.last_step.step >= 3
+                                                            for a in jobs[0].ranks):
+        return jobs[0]
+    return None
+
+
+@pytest.mark.parametrize("mode", ["batchmon run", "attach in the script"])
+def test_every_rank_attaches_and_the_monitor_groups_them(sockdir, mode) -> None:
+    cmd = torchrun("--steps", "0", "--sleep", "0.05")
+    if mode == "batchmon run":
+        cmd = batchmon_cmd("run", "--", *cmd)
+    else:
+        cmd.append("--attach")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    hub = Hub(interval=0.1, socket_dir=sockdir).start()
+    try:
+        job = wait_for(lambda: two_ranks_stepping(hub), 120, "two DDP ranks stepping")
+        r0, r1 = job.ranks
+        assert (r0.hello.rank, r1.hello.rank) == (0, 1) and r0.hello.world_size == r1.hello.world_size == 2
+        assert r0.hello.job and r0.hello.job == r1.hello.job  # the rendezvous both share
+        assert r0.hello.pid != r1.hello.pid and proc.pid not in (r0.hello.pid, r1.hello.pid)  # workers, not torchrun
+        assert r0.hello.model is not None and r0.hello.model.parameters == r1.hello.model.parameters
+        # parameters, gradients and optimizer are replicated; rank 1's bigger shard costs it activations and batch
+        for name in ("parameters", "gradients", "optimizer"):
+            assert r0.last_step.components[name] == r1.last_step.components[name] > 0
+        assert (r0.last_step.batch_size, r1.last_step.batch_size) in {(16, 64)}
+        found = job.imbalance()
+        assert found is not None and found.heaviest_rank == 1 and found.lightest_rank == 0
+        assert {"activations", "batch"} <= set(found.by_component) and found.spread > 0
+        once = subprocess.run(batchmon_cmd("--once", "--json"), capture_output=True, text=True, timeout=120)
+        assert once.returncode == 0, once.stderr
+        (listed,) = [j for j in json.loads(once.stdout)["jobs"] if j["world_size"] == 2]
+        assert listed["ranks"] == [r0.key, r1.key] and listed["imbalance"]["heaviest_rank"] == 1
+    finally:
+        hub.stop()
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    assert "batchmon" not in err, err[-2000:]  # no agent warning from any rank (torchrun's own SIGTERM noise aside)
+
+
+def reports(out: str) -> dict[int, dict]:
+    found = {}
+    for line in out.splitlines():
+        if line.startswith("{"):
+            d = json.loads(line)
+            found[d["rank"]] = d
+    return found
+
+
+def test_attached_ranks_train_exactly_like_unattached_ones(sockdir) -> None:
+    plain = subprocess.run(torchrun("--steps", "12", "--report"), capture_output=True, text=True, timeout=180)
+    ran = subprocess.run(batchmon_cmd("run", "--", *torchrun("--steps", "12", "--report")), capture_output=True,
+                         text=True, timeout=180)
+    assert plain.returncode == 0 and ran.returncode == 0, (plain.stderr[-2000:], ran.stderr[-2000:])
+    before, after = reports(plain.stdout), reports(ran.stdout)
+    assert set(before) == set(after) == {0, 1}
+    for rank in (0, 1):
+        assert not before[rank]["agent"]["attached"] and after[rank]["agent"]["attached"]
+        assert after[rank]["agent"]["steps"] == 12 and after[rank]["agent"]["model"] == "DistributedDataParallel"
+        assert len(before[rank]["losses"]) == 12 and before[rank]["losses"] == after[rank]["losses"]
+    assert before[0]["losses"] != before[1]["losses"]  # the ranks did train on different shards
