@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from typing import Any
 
 from batchmon.memory_model import (DTYPES, OPTIMIZER_STATES, formula_breakdown, formula_max_batch,
@@ -18,37 +19,25 @@ from batchmon.protocol import COMPONENTS
 from batchmon.units import format_bytes, format_count, parse_count, parse_size
 
 
-def _positive_count(text: str) -> int:
-    if text.strip().startswith("-"):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    try:
-        value = parse_count(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
+def _checked(parse: Callable[[str], int], minimum: int, expected: str) -> Callable[[str], int]:
+    """An argparse type: ``parse`` the text and require at least ``minimum``, so bad input is a one-line error."""
+    def convert(text: str) -> int:
+        if text.strip().startswith("-"):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        try:
+            value = parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    return convert
 
 
-def _count(text: str) -> int:
-    if text.strip().startswith("-"):
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
-    try:
-        return parse_count(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _size(text: str) -> int:
-    if text.strip().startswith("-"):
-        raise argparse.ArgumentTypeError(f"expected a positive size, got {text!r}")
-    try:
-        value = parse_size(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive size, got {text!r}")
-    return value
+_positive_count = _checked(parse_count, 1, "a positive number")
+_count = _checked(parse_count, 0, "a number >= 0")
+_size = _checked(parse_size, 1, "a positive size")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

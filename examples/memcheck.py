@@ -13,6 +13,9 @@ Parameters, gradients, optimizer and batch must agree exactly, activations withi
 allocator to split every block it hands out, so the check turns on ``expandable_segments`` (set before torch
 is imported; ``--allocator default`` keeps the stock allocator, where a block is not split when the rest
 would be 1 MiB or less and may count up to that much extra).
+
+``measured_step``/``run_steps`` are the examples' training loop with those deltas taken in place, so every
+example measures the same way.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +65,48 @@ class Meter:
     def record(self, name: str, before: int | None, after: int | None) -> None:
         if before is not None and after is not None:
             self.measured[name] = after - before
+
+
+def measured_step(meter: Meter, optimizer: Any, make_batch: Callable[[], tuple[Any, Any]],
+                  loss_of: Callable[[Any, Any], Any], *, amp: bool, first: bool, last: bool) -> float:
+    """One step (batch to the device, forward and loss, backward, optimizer step); returns the loss value.
+
+    Records the optimizer delta on the ``first`` step and batch, activations and gradients on the ``last``
+    (the checked one). ``make_batch()`` returns (inputs, targets) on the device; ``loss_of(inputs, targets)``
+    runs under bf16 autocast when ``amp``. The batch and loss are freed on return, before the next step.
+    """
+    torch = meter.torch
+    before = meter.allocated()
+    x, y = make_batch()
+    if last:
+        meter.record("batch", before, meter.allocated())
+    optimizer.zero_grad(set_to_none=True)
+    before = meter.allocated()
+    with torch.autocast(meter.device.type, dtype=torch.bfloat16, enabled=amp):
+        loss = loss_of(x, y)
+    if last:
+        meter.record("activations", before, meter.allocated())
+    loss.backward()
+    before = meter.allocated()
+    optimizer.step()
+    if first:
+        meter.record("optimizer", before, meter.allocated())
+    if last:
+        before = meter.allocated()
+        optimizer.zero_grad(set_to_none=True)
+        meter.record("gradients", meter.allocated(), before)
+    return loss.item()
+
+
+def run_steps(meter: Meter, optimizer: Any, steps: int, make_batch: Callable[[], tuple[Any, Any]],
+              loss_of: Callable[[Any, Any], Any], *, amp: bool) -> None:
+    """``steps`` measured steps; a progress line after the first, every tenth and the last."""
+    t0 = time.perf_counter()
+    for step in range(1, steps + 1):
+        last = step == steps
+        value = measured_step(meter, optimizer, make_batch, loss_of, amp=amp, first=step == 1, last=last)
+        if step == 1 or last or step % 10 == 0:
+            print(f"step {step:4d}  loss {value:.4f}  {time.perf_counter() - t0:.1f}s", flush=True)
 
 
 def compare(example: str, meter: Meter, step: Any, extra: dict[str, Any]) -> dict[str, Any]:

@@ -14,10 +14,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import memcheck  # noqa: E402
+from common import pick_device  # noqa: E402
 
 if __name__ == "__main__":
     memcheck.prepare_allocator(sys.argv[1:])
@@ -42,15 +42,6 @@ class SmallCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(torch.flatten(self.pool(self.features(x)), 1))
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())  # set_device needs an index
-    return device
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -98,33 +89,15 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.image_size}x{args.image_size}, amp={args.amp}", flush=True)
 
     gen = torch.Generator().manual_seed(args.seed)
-    t0 = time.perf_counter()
-    for step in range(1, args.steps + 1):
-        last = step == args.steps
-        before = meter.allocated()
+
+    def make_batch() -> tuple[torch.Tensor, torch.Tensor]:
         x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=gen).to(device)
-        y = torch.randint(0, args.classes, (args.batch_size,), generator=gen).to(device)
-        if last:
-            meter.record("batch", before, meter.allocated())
-        optimizer.zero_grad(set_to_none=True)
-        before = meter.allocated()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
-            loss = criterion(model(x), y)  # the logits are not kept: only what backward needs stays allocated
-        if last:
-            meter.record("activations", before, meter.allocated())
-        loss.backward()
-        before = meter.allocated()
-        optimizer.step()
-        if step == 1:
-            meter.record("optimizer", before, meter.allocated())
-        if last:
-            before = meter.allocated()
-            optimizer.zero_grad(set_to_none=True)
-            meter.record("gradients", meter.allocated(), before)
-        value = loss.item()
-        if step == 1 or last or step % 10 == 0:
-            print(f"step {step:4d}  loss {value:.4f}  {time.perf_counter() - t0:.1f}s", flush=True)
-        del loss, x, y
+        return x, torch.randint(0, args.classes, (args.batch_size,), generator=gen).to(device)
+
+    def loss_of(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return criterion(model(x), y)  # the logits are not kept: only what backward needs stays allocated
+
+    memcheck.run_steps(meter, optimizer, args.steps, make_batch, loss_of, amp=args.amp)
 
     if args.check:
         result = memcheck.compare("train_cnn", meter, handle.last_step if handle else None,

@@ -20,11 +20,11 @@ import argparse
 import math
 import os
 import sys
-import time
 from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import memcheck  # noqa: E402
+from common import pick_device  # noqa: E402 - bench/agent_overhead.py calls it as train_gpt.pick_device
 
 if __name__ == "__main__":
     memcheck.prepare_allocator(sys.argv[1:])
@@ -132,15 +132,6 @@ def param_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())  # set_device needs an index
-    return device
-
-
 def make_optimizer(model: nn.Module, lr: float = 3e-4, weight_decay: float = 0.1) -> torch.optim.Optimizer:
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
@@ -210,32 +201,8 @@ def main(argv: list[str] | None = None) -> int:
           f"batch {args.batch_size}x{seq_len}, amp={args.amp}", flush=True)
 
     gen = torch.Generator().manual_seed(args.seed)
-    t0 = time.perf_counter()
-    for step in range(1, args.steps + 1):
-        last = step == args.steps
-        before = meter.allocated()
-        x, y = make_batch(cfg, args.batch_size, seq_len, device, gen)
-        if last:
-            meter.record("batch", before, meter.allocated())
-        optimizer.zero_grad(set_to_none=True)
-        before = meter.allocated()
-        with autocast(device, args.amp):
-            loss = model(x, y)
-        if last:
-            meter.record("activations", before, meter.allocated())
-        loss.backward()
-        before = meter.allocated()
-        optimizer.step()
-        if step == 1:
-            meter.record("optimizer", before, meter.allocated())
-        if last:
-            before = meter.allocated()
-            optimizer.zero_grad(set_to_none=True)
-            meter.record("gradients", meter.allocated(), before)
-        value = loss.item()
-        if step == 1 or last or step % 10 == 0:
-            print(f"step {step:4d}  loss {value:.4f}  {time.perf_counter() - t0:.1f}s", flush=True)
-        del loss, x, y
+    memcheck.run_steps(meter, optimizer, args.steps, lambda: make_batch(cfg, args.batch_size, seq_len, device, gen),
+                       model, amp=args.amp)
 
     if args.check:
         result = memcheck.compare("train_gpt", meter, handle.last_step if handle else None,

@@ -13,11 +13,15 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import sys
 import time
 
 import torch
 import torch.nn as nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import pick_device  # noqa: E402
 
 
 def build_model(input_dim: int, hidden: int, layers: int, classes: int) -> nn.Sequential:
@@ -29,15 +33,6 @@ def build_model(input_dim: int, hidden: int, layers: int, classes: int) -> nn.Se
         width = hidden
     mods.append(nn.Linear(width, classes))
     return nn.Sequential(*mods)
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())  # set_device needs an index
-    return device
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
