@@ -28,8 +28,10 @@ record_stop() { kill -TERM $REC 2>/dev/null; wait $REC; }
 # SMOKE=1: the same stages, tiny and on the CPU, to check this script here before spending device time
 if [ "${SMOKE:-0}" = 1 ]; then
   GPTX="--tiny"; DEV=cpu; N16=3; REC16=8; MONDUR=3; CHECK=""; OOMB=4; CNNX="--image-size 16 --width 4"; PREDX="--cpu-smoke"
+  DDPX="--cpu --hidden 256 --input-dim 64"; INTX="--cpu"; LOADX="--agents 8 --duration 20 --warmup 5"
 else
   GPTX=""; DEV=cuda; N16=16; REC16=66; MONDUR=60; CHECK="--check"; OOMB=2048; CNNX=""; PREDX=""
+  DDPX=""; INTX=""; LOADX=""
 fi
 T="timeout 150"
 
@@ -115,6 +117,58 @@ nvitop)
   for i in $(seq 1 120); do ls $BATCHMON_DIR/*.sock >/dev/null 2>&1 && break; sleep 0.5; done
   python3 bench/vs_nvitop.py 2>&1 | tail -n 25 | tee $R/vs_nvitop.log
   kill -TERM $TR; wait $TR
+  ;;
+ddp)
+  # issue 6: DDP on two GPUs under torchrun, every rank attached (batchmon run, then attach() in the script),
+  # recorded for the CI fixtures; then the same run unattached, for the losses
+  TRUN="python3 -m torch.distributed.run --nproc-per-node 2 --master-addr 127.0.0.1"
+  DDPARGS="$DDPX --steps 300 --sleep 0.05 --rank-batch-step 512 --vary-batch --report"
+  for mode in run attach; do
+    stage ddp-$mode
+    if [ $mode = run ]; then PORT=29531; PRE="$BMCMD run --"; EXTRA=""; else PORT=29532; PRE=""; EXTRA="--attach"; fi
+    record_start $R/ddp_h200_$mode.jsonl
+    $T $PRE $TRUN --master-port $PORT examples/train_ddp.py $DDPARGS $EXTRA > $R/ddp_$mode.log 2>&1 &
+    J=$!
+    for i in $(seq 1 240); do grep -q "step   100 " $R/ddp_$mode.log && break; sleep 0.25; done
+    $BMCMD --once > $R/ddp_once_$mode.txt 2>&1; $BMCMD --once --json > $R/ddp_once_$mode.json 2>&1
+    wait $J; echo "exit $?" >> $R/ddp_$mode.log
+    record_stop
+    tail -n 4 $R/ddp_$mode.log; cat $R/ddp_once_$mode.txt
+  done
+  stage ddp-plain
+  $T $TRUN --master-port 29533 examples/train_ddp.py $DDPARGS > $R/ddp_plain.log 2>&1; echo "exit $?" >> $R/ddp_plain.log
+  python3 - $R <<'PY'
+import json, sys
+from pathlib import Path
+r = Path(sys.argv[1])
+def reps(name):
+    return {d["rank"]: d for d in (json.loads(l) for l in (r / name).read_text().splitlines() if l.startswith("{"))}
+plain = reps("ddp_plain.log")
+out = {}
+for mode in ("run", "attach"):
+    got = reps(f"ddp_{mode}.log")
+    out[mode] = {str(k): {"attached": got[k]["agent"]["attached"], "agent_steps": got[k]["agent"].get("steps"),
+                          "batch_size": got[k]["batch_size"], "losses_equal_unattached": got[k]["losses"] == plain[k]["losses"],
+                          "steps": len(got[k]["losses"])} for k in sorted(got)}
+print(json.dumps(out, indent=1)); (r / "ddp_losses.json").write_text(json.dumps(out, indent=1))
+PY
+  ;;
+integrations)
+  stage integrations
+  python3 bench/integrations_check.py $INTX 2>&1 | tail -n 30 | tee $R/integrations.log
+  cp "$OUT"/integrations_check.json $R/ 2>/dev/null
+  ;;
+load_start)
+  # issue 7: 64 agents x 10 steps/s for 10 minutes; longer than one device call, so it runs on in its own session
+  # from its own copy and load_collect (a later call) picks up its results
+  rm -rf /tmp/bmload /tmp/loadout && cp -r $BM /tmp/bmload && mkdir -p /tmp/loadout
+  (cd /tmp/bmload && OUT=/tmp/loadout setsid nohup python3 bench/load.py $LOADX > /tmp/loadout/load.log 2>&1 < /dev/null &)
+  stage load-started
+  ;;
+load_collect)
+  stage load-collect
+  for i in $(seq 1 ${LOADWAIT:-560}); do [ -f /tmp/loadout/load.json ] && break; sleep 1; done
+  cp /tmp/loadout/* $R/ 2>/dev/null; tail -n 12 /tmp/loadout/load.log
   ;;
 overhead)
   stage overhead
