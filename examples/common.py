@@ -13,12 +13,18 @@ if TYPE_CHECKING:
 
 
 def pick_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when available; a bare ``cuda`` gets the current index (set_device needs one)."""
+    """``auto`` picks CUDA when available; a bare ``cuda`` gets the current index (set_device needs one).
+    A device this machine lacks exits with a one-line message, not a traceback."""
     import torch
 
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise SystemExit(f"--device {name}: {exc}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: CUDA is not available here (use --device cpu or auto)")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     return device

@@ -25,6 +25,9 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from train_mlp import build_model  # noqa: E402
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -49,16 +52,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def build_model(input_dim: int, hidden: int, layers: int, classes: int) -> nn.Sequential:
-    mods: list[nn.Module] = []
-    width = input_dim
-    for _ in range(layers):
-        mods += [nn.Linear(width, hidden), nn.GELU()]
-        width = hidden
-    mods.append(nn.Linear(width, classes))
-    return nn.Sequential(*mods)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
@@ -74,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world,
                             **({"device_id": device} if cuda else {}))
     torch.manual_seed(args.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
-    model = DistributedDataParallel(build_model(args.input_dim, args.hidden, args.layers, args.classes).to(device),
+    model = DistributedDataParallel(build_model(args.input_dim, args.hidden, args.layers, args.classes, nn.GELU).to(device),
                                     device_ids=[local] if cuda else None)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     criterion = nn.CrossEntropyLoss()

@@ -24,12 +24,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import pick_device  # noqa: E402
 
 
-def build_model(input_dim: int, hidden: int, layers: int, classes: int) -> nn.Sequential:
-    """``layers`` hidden Linear+ReLU layers of width ``hidden``, then a Linear classifier."""
+def build_model(input_dim: int, hidden: int, layers: int, classes: int,
+                activation: type[nn.Module] = nn.ReLU) -> nn.Sequential:
+    """``layers`` hidden Linear+activation layers of width ``hidden``, then a Linear classifier."""
     mods: list[nn.Module] = []
     width = input_dim
     for _ in range(layers):
-        mods += [nn.Linear(width, hidden), nn.ReLU()]
+        mods += [nn.Linear(width, hidden), activation()]
         width = hidden
     mods.append(nn.Linear(width, classes))
     return nn.Sequential(*mods)

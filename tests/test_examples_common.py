@@ -19,8 +19,11 @@ def test_pick_device():
     assert common.pick_device("cpu") == torch.device("cpu")
     expected = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     assert common.pick_device("auto") == expected
-    with pytest.raises(RuntimeError):
+    with pytest.raises(SystemExit, match="^--device nonsense: "):  # one line for the user, no traceback
         common.pick_device("nonsense")
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="CUDA is not available"):
+            common.pick_device("cuda:0")
 
 
 def _setup(seed: int = 0):  # noqa: ANN202
