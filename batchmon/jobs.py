@@ -67,7 +67,9 @@ class Imbalance:
     heaviest_bytes: int
     lightest_rank: int
     lightest_bytes: int
-    by_component: dict[str, int] = field(default_factory=dict)  # max - min across ranks, largest first, > 0 only
+    # heaviest minus lightest rank, per component, signed (a rank can be heavier overall yet lighter in one
+    # component), largest difference first, zero differences left out
+    by_component: dict[str, int] = field(default_factory=dict)
 
     @property
     def spread(self) -> int:
@@ -92,10 +94,8 @@ def imbalance(ranks: Iterable[AgentView]) -> Imbalance | None:
     totals = [(rank_total(a.last_step), a.hello.rank) for a in stepped]  # type: ignore[arg-type]
     heavy = max(totals, key=lambda t: (t[0], -t[1]))
     light = min(totals, key=lambda t: (t[0], t[1]))
-    spreads = {}
-    for name in COMPONENTS:
-        values = [int(a.last_step.components.get(name) or 0) for a in stepped]  # type: ignore[union-attr]
-        if max(values) > min(values):
-            spreads[name] = max(values) - min(values)
-    ordered = dict(sorted(spreads.items(), key=lambda kv: -kv[1]))
+    by_rank = {a.hello.rank: a.last_step.components for a in stepped}  # type: ignore[union-attr]
+    diffs = {name: int(by_rank[heavy[1]].get(name) or 0) - int(by_rank[light[1]].get(name) or 0)
+             for name in COMPONENTS}
+    ordered = dict(sorted(((n, d) for n, d in diffs.items() if d), key=lambda kv: -abs(kv[1])))
     return Imbalance(len(stepped), heavy[1], heavy[0], light[1], light[0], ordered)

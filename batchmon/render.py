@@ -318,8 +318,10 @@ def _agent_lines(agent: AgentView, snap: Snapshot, width: int) -> list[str]:
 
 
 def imbalance_text(found: Imbalance) -> str:
-    """"imbalance 12.0 MiB (4.1%): rank 1 heaviest, rank 0 lightest; activations +10.0 MiB, batch +2.0 MiB"."""
-    parts = ", ".join(f"{name} +{fmt_bytes(b)}" for name, b in list(found.by_component.items())[:2])
+    """"imbalance 1.2 MiB (0.1%): rank 1 heaviest, rank 0 lightest; activations +32.0 MiB, other -31.8 MiB":
+    the two components that differ most, heaviest rank minus lightest."""
+    parts = ", ".join(f"{name} {'+' if b > 0 else '-'}{fmt_bytes(abs(b))}"
+                      for name, b in list(found.by_component.items())[:2])
     text = f"imbalance {fmt_bytes(found.spread)} ({found.spread_pct:.1f}%)"
     if found.spread:
         text += f": rank {found.heaviest_rank} heaviest, rank {found.lightest_rank} lightest"

@@ -138,11 +138,15 @@ ddp)
   stage ddp-plain
   $T $TRUN --master-port 29533 examples/train_ddp.py $DDPARGS > $R/ddp_plain.log 2>&1; echo "exit $?" >> $R/ddp_plain.log
   python3 - $R <<'PY'
-import json, sys
+import json, re, sys
 from pathlib import Path
 r = Path(sys.argv[1])
-def reps(name):
-    return {d["rank"]: d for d in (json.loads(l) for l in (r / name).read_text().splitlines() if l.startswith("{"))}
+def reps(name):  # the ranks print their report lines at the same moment: they can share a line
+    text, dec, out = (r / name).read_text(), json.JSONDecoder(), {}
+    for m in re.finditer(r'\{"rank": \d+', text):
+        d = dec.raw_decode(text, m.start())[0]
+        out[d["rank"]] = d
+    return out
 plain = reps("ddp_plain.log")
 out = {}
 for mode in ("run", "attach"):

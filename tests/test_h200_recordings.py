@@ -102,3 +102,58 @@ def test_cnn_check_run_components_on_cuda():
     assert c["parameters"] > c["gradients"] > 0
     assert c["optimizer"] == c["gradients"]
     assert sum(c.values()) == step.peak_allocated <= step.reserved <= step.device_used
+
+
+# ------------------------------------------------------------------- DDP on two H200s (issue 6, point 1)
+
+DDP_RECORDINGS = ["ddp_h200_run.jsonl", "ddp_h200_attach.jsonl"]  # `batchmon run -- torchrun`, attach() in script
+
+
+def ddp_job(name: str):
+    """The last snapshot in which both ranks of the recorded torchrun job had stepped, and that job."""
+    from batchmon.jobs import group_jobs
+
+    for snap in reversed(load_snapshots(FIXTURES / name)):
+        jobs = [j for j in group_jobs(snap.agents) if len(j.ranks) == 2 and all(a.last_step for a in j.ranks)]
+        if jobs:
+            return snap, jobs[0]
+    raise AssertionError(f"{name}: the two ranks never stepped together")
+
+
+@pytest.mark.parametrize("name", DDP_RECORDINGS)
+def test_ddp_ranks_group_into_one_job_on_two_gpus(name):
+    snap, job = ddp_job(name)
+    r0, r1 = job.ranks
+    assert (r0.hello.rank, r1.hello.rank) == (0, 1) and job.world_size == 2
+    assert r0.hello.job and r0.hello.job == r1.hello.job
+    assert r0.hello.model.cls == "DistributedDataParallel" and r0.hello.optimizer == "AdamW"
+    d0, d1 = snap.device_of(r0), snap.device_of(r1)
+    assert d0 is not None and d1 is not None and d0.index != d1.index  # one GPU per rank
+    assert (r0.hello.device, r1.hello.device) == (f"cuda:{d0.index}", f"cuda:{d1.index}")
+    for agent, dev in ((r0, d0), (r1, d1)):  # each rank is a process on its own GPU in the NVML probe
+        assert agent.hello.pid in {p.pid for p in dev.processes}
+        c, s = agent.last_step.components, agent.last_step
+        assert c["gradients"] == c["parameters"] == agent.hello.model.parameter_bytes
+        assert c["optimizer"] == 2 * c["parameters"]
+        assert sum(c.values()) == s.peak_allocated <= s.reserved <= s.device_used
+
+
+@pytest.mark.parametrize("name", DDP_RECORDINGS)
+def test_ddp_imbalance_follows_the_uneven_shards(name):
+    # rank r trained on 256 + r*512 rows (--rank-batch-step 512): rank 1 carries more
+    # activations and batch at every step of the same number, and the same replicated state
+    snap, job = ddp_job(name)
+    r0, r1 = job.ranks
+    same = {s.step: s for s in r0.history}
+    paired = [(same[s.step], s) for s in r1.history if s.step in same]
+    assert len(paired) >= 20
+    for a, b in paired:
+        assert b.batch_size == 3 * a.batch_size  # 256 vs 768 rows, each cycled through 1/4, 1/2, 1x
+        assert b.components["activations"] > a.components["activations"]
+        assert b.components["parameters"] == a.components["parameters"]
+    found = job.imbalance()
+    assert found is not None and found.heaviest_rank == 1 and found.lightest_rank == 0
+    assert found.spread == sum(r1.last_step.components.values()) - sum(r0.last_step.components.values()) > 0
+    assert found.by_component["activations"] > 0 and found.by_component["batch"] > 0
+    (listed,) = [j for j in snapshot_to_json(snap)["jobs"] if j["world_size"] == 2]
+    assert listed["imbalance"]["spread"] == found.spread and listed["ranks"] == [r0.key, r1.key]

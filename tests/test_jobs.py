@@ -72,3 +72,12 @@ def test_imbalance_needs_two_ranks_with_steps_and_even_ranks_spread_nothing() ->
     even = imbalance([agent(1, world=2, job="j", comps=comps), agent(2, rank=1, world=2, job="j", comps=comps)])
     assert even is not None and even.spread == 0 and even.by_component == {} and even.spread_pct == 0.0
     assert imbalance_text(even) == "imbalance 0 B (0.0%)"
+
+
+def test_a_component_the_heaviest_rank_has_less_of_shows_negative() -> None:
+    r0 = agent(1, world=2, job="j", comps={"activations": 100, "other": 300})
+    r1 = agent(2, rank=1, world=2, job="j", comps={"activations": 400, "other": 50})
+    found = imbalance([r0, r1])
+    assert found is not None and found.heaviest_rank == 1 and found.spread == 50
+    assert found.by_component == {"activations": 300, "other": -250}
+    assert imbalance_text(found).endswith("; activations +300 B, other -250 B")
