@@ -318,14 +318,14 @@ def _agent_lines(agent: AgentView, snap: Snapshot, width: int) -> list[str]:
 
 
 def imbalance_text(found: Imbalance) -> str:
-    """"imbalance 1.2 MiB (0.1%): rank 1 heaviest, rank 0 lightest; activations +32.0 MiB, other -31.8 MiB":
-    the two components that differ most, heaviest rank minus lightest."""
+    """"imbalance 1.2 MiB (0.1%), rank 1 over rank 0: activations +32.0 MiB, other -31.8 MiB": the heaviest
+    rank over the lightest, and the two components that differ most between them."""
     parts = ", ".join(f"{name} {'+' if b > 0 else '-'}{fmt_bytes(abs(b))}"
                       for name, b in list(found.by_component.items())[:2])
     text = f"imbalance {fmt_bytes(found.spread)} ({found.spread_pct:.1f}%)"
     if found.spread:
-        text += f": rank {found.heaviest_rank} heaviest, rank {found.lightest_rank} lightest"
-    return text + (f"; {parts}" if parts else "")
+        text += f", rank {found.heaviest_rank} over rank {found.lightest_rank}"
+    return text + (f": {parts}" if parts else "")
 
 
 def _job_lines(job: Job) -> list[str]:

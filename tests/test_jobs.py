@@ -63,7 +63,7 @@ def test_imbalance_names_the_heaviest_rank_and_the_components_that_differ() -> N
     assert found.by_component == {"activations": 400, "batch": 40}
     assert abs(found.spread_pct - 100 * 440 / sum(heavy.values())) < 1e-9
     text = imbalance_text(found)
-    assert text.startswith("imbalance 440 B") and "rank 1 heaviest" in text and "activations +400 B" in text
+    assert text.startswith("imbalance 440 B") and "rank 1 over rank 0: " in text and "activations +400 B" in text
 
 
 def test_imbalance_needs_two_ranks_with_steps_and_even_ranks_spread_nothing() -> None:
@@ -80,4 +80,4 @@ def test_a_component_the_heaviest_rank_has_less_of_shows_negative() -> None:
     found = imbalance([r0, r1])
     assert found is not None and found.heaviest_rank == 1 and found.spread == 50
     assert found.by_component == {"activations": 300, "other": -250}
-    assert imbalance_text(found).endswith("; activations +300 B, other -250 B")
+    assert imbalance_text(found).endswith(": activations +300 B, other -250 B")

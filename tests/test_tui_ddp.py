@@ -31,4 +31,4 @@ async def test_one_panel_per_job_with_rank_lines_and_imbalance(name):
             line = next(ln for ln in text.splitlines() if re.search(rf"rank {agent.hello.rank}\s+pid {agent.hello.pid}", ln))
             assert fmt_bytes(total) in line and f"step {agent.last_step.step}" in line
         expected = imbalance_text(job.imbalance())
-        assert expected[:60] in text and "rank 1 heaviest" in text
+        assert expected[:60] in text and "rank 1 over rank 0" in text
