@@ -11,6 +11,7 @@ No torch here: the monitor side imports protocol only, this module only runs ins
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import heapq
 import os
@@ -102,6 +103,7 @@ class Transport:
         self._tick_seconds = tick_seconds
         self._queue: deque[Step | Event] = deque(maxlen=QUEUE_MAX)
         self._new_hello: Hello | None = None
+        self._hello: Hello | None = None
         self._hello_line: bytes | None = None
         self._steps: deque[tuple[float, bytes]] = deque(maxlen=HISTORY_STEPS)
         self._events: deque[tuple[float, bytes]] = deque(maxlen=HISTORY_EVENTS)
@@ -243,8 +245,11 @@ class Transport:
             conn.setblocking(False)
             self._drain(sel)  # live lines so far go to the existing monitors and into the history
             client = _Client(conn)
-            if self._hello_line is not None:
-                client.push(self._hello_line, pinned=True)
+            if self._hello is not None:  # this monitor's hello says how long its history burst is
+                burst = dataclasses.replace(self._hello, history=len(self._steps) + len(self._events))
+                line = self._encode(burst) or self._hello_line
+                if line is not None:
+                    client.push(line, pinned=True)
             for _, line in heapq.merge(self._steps, self._events, key=lambda item: item[0]):
                 client.push(line)
             self._clients[conn.fileno()] = client
@@ -300,7 +305,7 @@ class Transport:
         if hello is not None:
             line = self._encode(hello)
             if line is not None:
-                self._hello_line = line
+                self._hello, self._hello_line = hello, line
                 for client in self._clients.values():
                     client.push(line, pinned=True)
                 touched = True

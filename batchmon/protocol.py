@@ -129,6 +129,7 @@ class Hello:
     name: str | None = None
     time: float | None = None
     job: str | None = None  # added in v1: what the ranks of one distributed job share (torchrun's rendezvous)
+    history: int | None = None  # added in v1: how many step/event lines follow this hello as the history burst
     type: str = field(default="hello", init=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -158,6 +159,7 @@ class Hello:
             name=_str(d, "name", nullable=True, limit=256),
             time=_float(d, "time", nullable=True),
             job=_str(d, "job", nullable=True, limit=256),
+            history=_int(d, "history", nullable=True, maximum=1 << 20),
         )
 
 

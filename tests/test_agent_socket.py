@@ -67,6 +67,7 @@ def test_late_monitor_gets_hello_history_then_live_lines_then_bye(agent_dir):
     assert hello.model.cls == "Model" and hello.model.parameters == D * H + H
     assert hello.optimizer == "SGD" and (hello.rank, hello.local_rank, hello.world_size) == (0, 0, 1)
     assert hello.torch == torch.__version__ and hello.nvml_uuid is None
+    assert hello.history == 1101 == len(reader.messages) - 1  # the burst it announced: 1100 steps and the OOM
     steps = reader.of(Step)
     assert [s.step for s in steps] == list(range(1, 1101))
     events = reader.of(Event)
@@ -139,11 +140,11 @@ def test_transport_bounds_a_stuck_monitor_and_keeps_its_hello(tmp_path):
         assert len(client.lines) <= CLIENT_MAX_LINES and client.dropped > 0
         reader = Reader(path)  # a late monitor: hello, then the history (the last 2000 steps)
         reader.until(lambda ms: ms and isinstance(ms[-1], Step) and ms[-1].step == total)
-        assert isinstance(reader.messages[0], Hello)
+        assert isinstance(reader.messages[0], Hello) and reader.messages[0].history == 2000
         assert [s.step for s in reader.of(Step)] == list(range(total - 1999, total + 1))
         # the stuck monitor, once it reads, starts with its hello even though lines were dropped
-        first = stuck.recv(4096).split(b"\n", 1)[0]
-        assert isinstance(protocol.decode(first), Hello)
+        first = protocol.decode(stuck.recv(4096).split(b"\n", 1)[0])
+        assert isinstance(first, Hello) and first.history == 0  # it connected before any step
         stuck.close()
         reader.close()
     finally:
