@@ -157,10 +157,17 @@ for mode in ("run", "attach"):
 print(json.dumps(out, indent=1)); (r / "ddp_losses.json").write_text(json.dumps(out, indent=1))
 PY
   ;;
+checks)
+  # the agent's components against allocator deltas, GPT and CNN (re-run after the examples' shared step)
+  stage checks
+  $T $BMCMD run -- python3 examples/train_gpt.py $GPTX --steps 40 --batch-size 16 $CHECK --check-out $R/check_gpt.json 2>&1 | tail -n 12 | tee $R/gpt.log
+  $T $BMCMD run -- python3 examples/train_cnn.py $CNNX --steps 40 --batch-size 64 $CHECK --check-out $R/check_cnn.json 2>&1 | tail -n 12 | tee $R/cnn.log
+  ;;
 integrations)
   stage integrations
   python3 bench/integrations_check.py $INTX 2>&1 | tail -n 30 | tee $R/integrations.log
-  cp "$OUT"/integrations_check.json $R/ 2>/dev/null
+  python3 bench/integrations_check.py $INTX --ddp 2 2>&1 | tail -n 30 | tee $R/integrations_ddp.log
+  cp "$OUT"/integrations_check*.json $R/ 2>/dev/null
   ;;
 load_start)
   # issue 7: 64 agents x 10 steps/s for 10 minutes; longer than one device call, so it runs on in its own session
