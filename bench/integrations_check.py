@@ -139,8 +139,11 @@ def verify(name: str, state: dict[str, Any], *, model: nn.Module, optimizer: tor
     reader.close()
     hellos, steps = reader.of(Hello), reader.of(Step)
     hello = hellos[-1] if hellos else None
-    params = tensor_bytes([*model.parameters(), *model.buffers()], device)
-    opt_bytes = tensor_bytes([t for st in optimizer.state.values() for t in st.values()], device)
+    if "refs" in state:  # taken during training (see check_lightning)
+        params, opt_bytes = state["refs"]
+    else:
+        params = tensor_bytes([*model.parameters(), *model.buffers()], device)
+        opt_bytes = tensor_bytes([t for st in optimizer.state.values() for t in st.values()], device)
     checks: dict[str, bool] = {
         "hello": hello is not None,
         "bye": bool(reader.of(Bye)),
@@ -227,6 +230,14 @@ def check_lightning(device: torch.device, steps: int, tmp: Path, ddp: int = 0) -
         def on_train_start(self, trainer: Any, pl_module: Any) -> None:
             connect_to_agent(state)
 
+        def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+            # the references while model and optimizer are still on the training device: Lightning's teardown
+            # moves both back to the CPU after fit
+            state["device"] = pl_module.device
+            state["refs"] = (tensor_bytes([*pl_module.parameters(), *pl_module.buffers()], pl_module.device),
+                             tensor_bytes([t for st in trainer.optimizers[0].state.values() for t in st.values()],
+                                          pl_module.device))
+
     def fit(callbacks: list[Any]) -> tuple[Any, Any]:
         L.seed_everything(0, verbose=False)
         data = torch.utils.data.TensorDataset(torch.randn(samples, dim), torch.randint(0, classes, (samples,)))
@@ -242,7 +253,7 @@ def check_lightning(device: torch.device, steps: int, tmp: Path, ddp: int = 0) -
     plain, _ = fit([])
     callback = BatchmonCallback(name="integrations_check-lightning", activation_every=1)
     module, trainer = fit([callback, Probe()])
-    device = module.device  # under DDP, this rank's GPU
+    device = state.get("device", module.device)  # under DDP, this rank's GPU
     result = verify("lightning", state, model=module, optimizer=trainer.optimizers[0], seen=module.seen,
                     losses=module.losses, plain_losses=plain.losses, device=device,
                     expected_sizes=[batch] * (steps - 1) + [batch // 2], errors=callback.session.errors,
