@@ -32,6 +32,14 @@ class Hub:
     GONE_GRACE_S = 10.0
     #: how long stop() waits for the IO thread
     STOP_TIMEOUT_S = 5.0
+    #: the host probe (CPU and RSS of each GPU/agent process) runs at most this often while its pid set stays
+    #: the same: at --interval 0.25 with 64 agents, reading /proc for every pid 4 times a second was the
+    #: largest part of the hub's own work; a CPU share over 1 s is also the steadier figure
+    HOST_EVERY_S = 1.0
+    #: the socket folder is listed when its mtime changed, when a connection failed or dropped, while its mtime
+    #: is recent (file times are coarse: a second change in the same clock tick keeps the mtime), and at least
+    #: this often
+    SCAN_EVERY_S = 5.0
 
     def __init__(
         self,
@@ -65,6 +73,10 @@ class Hub:
         self._thread: threading.Thread | None = None
         self._closed = False
         self._last_data = time.monotonic()
+        self._host_key: tuple[float, tuple[int, ...]] | None = None  # (monotonic time, pids) of the last host sample
+        self._scan_key: tuple[int, float] | None = None  # (folder mtime_ns, monotonic time) of the last listing
+        self._rescan = True
+        self._pending: list[Any] = []  # selector events not handled yet (a poll stopped for the next tick)
         self.error: BaseException | None = None  # what ended the IO thread early (a recorder that failed)
         self.ticks = 0
         self._injected: deque[Record] = deque()  # records from other threads (remote links), drained by the IO thread
@@ -157,7 +169,7 @@ class Hub:
                 if all_hello and now - self._last_data >= quiet:
                     break
                 self._poll(min(deadline - now, quiet))
-            self._sample_host(nvml_sample)
+            self._sample_host(nvml_sample, always=True)
             self._drain_injected()
             snap = self.state.snapshot(time.time(), self._interval)
             self._latest = snap
@@ -179,7 +191,7 @@ class Hub:
                     last_tick = now
                     self._tick()
                     continue
-                self._poll(max(0.0, last_tick + self._interval - now))
+                self._poll(max(0.0, last_tick + self._interval - now), last_tick + self._interval)
         except BaseException as exc:  # noqa: BLE001 - kept for the owner (recorder failure, broken pipe)
             self.error = exc
         finally:
@@ -254,18 +266,23 @@ class Hub:
         self._emit({"t": time.time(), "kind": "nvml", "source": LOCAL, "data": data})
         return sample
 
-    def _sample_host(self, nvml_sample: Any) -> None:
+    def _sample_host(self, nvml_sample: Any, *, always: bool = False) -> None:
         from batchmon.probes import host
 
         pids = set(self.state.agent_pids()) | set(self._conns)
         for dev in getattr(nvml_sample, "devices", ()) or ():
             pids.update(p.pid for p in dev.processes)
+        now, wanted = time.monotonic(), tuple(sorted(pids))
+        last = self._host_key
+        if not always and last is not None and last[1] == wanted and 0 <= now - last[0] < self.HOST_EVERY_S:
+            return  # the state keeps the previous host sample
+        self._host_key = (now, wanted)
         try:
             if isinstance(self._host, _FailedProbe):
                 sample = host.HostSample(hostname=self.hostname, memory_total=None, memory_used=None,
                                          processes={}, time=time.time())
             else:
-                sample = self._host.sample(sorted(pids))
+                sample = self._host.sample(wanted)
             data = host.sample_to_dict(sample)
         except Exception as exc:  # noqa: BLE001
             self._warn("host", f"probe failed: {type(exc).__name__}: {exc}")
@@ -292,19 +309,31 @@ class Hub:
                 self._warn("socket folder", f"{problem.removeprefix('socket folder ')}; not connecting to agents there")
         if problem or not os.path.lexists(directory):
             return
+        try:
+            mtime = os.stat(directory).st_mtime_ns  # before listing: a later change shows as a new mtime
+        except OSError:
+            mtime = -1
+        now, last = time.monotonic(), self._scan_key
+        settled = time.time() - mtime / 1e9 > 1.0
+        if (not self._rescan and settled and last is not None and last[0] == mtime
+                and 0 <= now - last[1] < self.SCAN_EVERY_S):
+            return  # nothing appeared or vanished since the last listing
+        self._scan_key, self._rescan = (mtime, now), False
         for found in scan(directory):
-            if found.pid not in self._conns:
-                self._connect(found)
+            if found.pid not in self._conns and not self._connect(found):
+                self._rescan = True  # busy listener, or stale with a live pid: look again next tick
 
-    def _connect(self, found: Found) -> None:
+    def _connect(self, found: Found) -> bool:
         conn = AgentConnection(found.pid, found.path, self._key(found.pid))
         result = conn.connect()
         if result == ConnectResult.CONNECTED:
             self._conns[found.pid] = conn
             self._disconnected.pop(found.pid, None)
             self._sel.register(conn.sock, selectors.EVENT_READ, conn)
-        elif result == ConnectResult.STALE and not pid_alive(found.pid):
+            return True
+        if result == ConnectResult.STALE and not pid_alive(found.pid):
             unlink_stale(found.path)
+        return False
 
     def _reap(self) -> None:
         """Remove disconnected agents whose process died or whose grace period is over."""
@@ -316,8 +345,15 @@ class Hub:
                 del self._disconnected[pid]
                 self._emit({"t": time.time(), "kind": "agent_gone", "source": LOCAL, "key": key})
 
-    def _poll(self, timeout: float) -> None:
-        for sel_key, _ in self._sel.select(timeout):
+    def _poll(self, timeout: float, until: float | None = None) -> None:
+        """Read what the agents sent. With ``until`` (the next tick, monotonic), stop between connections once
+        it has passed: a burst (64 agents each sending a 2000-step history on connect) must not hold back the
+        snapshots; the connections not yet read are read first next time, so none is starved."""
+        events, self._pending = self._pending or self._sel.select(timeout), []
+        for i, (sel_key, _) in enumerate(events):
+            if until is not None and i and time.monotonic() >= until:
+                self._pending = events[i:]
+                return
             conn = sel_key.data
             if conn is None:
                 try:
@@ -344,6 +380,7 @@ class Hub:
             pass
         conn.close()
         self._conns.pop(conn.pid, None)
+        self._rescan = True  # its socket may still be there (a new listener): reconnect at the next tick
         self._disconnected[conn.pid] = (conn.key, time.monotonic())
         self._emit({"t": time.time(), "kind": "agent_eof", "source": LOCAL, "key": conn.key})
 

@@ -26,6 +26,7 @@ from batchmon.probes.host import HostSample
 from batchmon.probes.nvml import NvmlSample
 from batchmon.protocol import Bye, Event, Hello, ProtocolError, Step
 from batchmon.snapshot import AgentView, Snapshot, Warning
+from batchmon.step_history import RECENT_SIZES, RECENT_STEPS, StepHistory, step_peak
 
 LOCAL = "local"
 HISTORY_LIMIT = 2000  # steps kept per agent (the agent sends >= 1000 on connect)
@@ -62,11 +63,16 @@ class _Agent:
     key: str
     source: str
     hello: Hello | None = None
-    history: deque = field(default_factory=lambda: deque(maxlen=HISTORY_LIMIT))
+    history: StepHistory = field(default_factory=lambda: StepHistory(HISTORY_LIMIT))
     events: deque = field(default_factory=lambda: deque(maxlen=EVENTS_LIMIT))
+    events_added: int = 0  # events ever appended: changes exactly when ``events`` does
+    events_tuple: tuple = ()  # ``events`` as a tuple, as of events_tuple_at events added
+    events_tuple_at: int = 0
     connected: bool = True
     detached: bool = False
     invalid_lines: int = 0
+    view: AgentView | None = None  # the last snapshot's view of this agent, reused while nothing changed
+    view_key: tuple | None = None
     prediction_key: tuple | None = None
     prediction: Any = None
     prediction_time: float | None = None  # snapshot time of the last fit
@@ -215,7 +221,7 @@ class HubState:
                 self.warn(src.name, "hub", "too many agents; ignoring new ones", key)
                 return None
             agent = src.agents[key] = _Agent(key, src.name)
-            agent.history = deque(maxlen=self.history_limit)
+            agent.history = StepHistory(self.history_limit)
             agent.events = deque(maxlen=self.events_limit)
         return agent
 
@@ -236,13 +242,14 @@ class HubState:
             agent.hello = msg
             agent.detached = False
         elif isinstance(msg, Step):
-            last = agent.history[-1] if agent.history else None
+            last = agent.history.last
             # A reconnect resends the agent's history: keep each step once.
             if last is not None and msg.step <= last.step and msg.time <= last.time:
                 return
             agent.history.append(msg)
         elif isinstance(msg, Event):
             agent.events.append(msg)
+            agent.events_added += 1
         elif isinstance(msg, Bye):
             agent.detached = True
         # None: a valid object of an unknown type, ignored by design
@@ -302,36 +309,54 @@ class HubState:
         nvml = src.nvml or NvmlSample(available=False, error="no NVML sample yet", driver=None, time=now)
         host = src.host or HostSample(hostname=src.name if src.name != LOCAL else "", memory_total=None,
                                       memory_used=None, processes={}, time=now)
-        views = [
-            AgentView(key=a.key, source=a.source, hello=a.hello, last_step=a.history[-1] if a.history else None,
-                      history=tuple(a.history), events=tuple(a.events), connected=a.connected,
-                      detached=a.detached, invalid_lines=a.invalid_lines)
-            for a in src.agents.values()
-            if a.hello is not None
-        ]
+        agents = [a for a in src.agents.values() if a.hello is not None]
+        base = Snapshot(time=now, host=host, nvml=nvml, agents=(), interval=interval, source=kind)
+        views = [self._view(src, a, base) for a in agents]
         views.sort(key=lambda v: (v.hello.host, v.job, v.hello.rank, v.hello.pid, v.key))
-        base = Snapshot(time=now, host=host, nvml=nvml, agents=tuple(views), interval=interval, source=kind)
-        views = [replace(v, prediction=self._predict(src, v, base)) for v in views]
         warnings = tuple(
             Warning(source=origin, message=f"{category}: {detail}" if detail else category, count=count)
             for (origin, category), (count, detail) in src.warnings.items()
         )
         return replace(base, agents=tuple(views), warnings=warnings)
 
-    def _predict(self, src: _Source, view: AgentView, base: Snapshot) -> Any:
+    def _view(self, src: _Source, agent: _Agent, base: Snapshot) -> AgentView:
+        """An agent's AgentView, reused from the previous snapshot while nothing it shows has changed.
+
+        64 agents at 10 steps/s and 4 snapshots a second: building every view (and copying every history) for
+        every snapshot was most of the hub's work; now an unchanged agent costs a tuple comparison."""
+        history = agent.history
+        if agent.events_tuple_at != agent.events_added:
+            agent.events_tuple, agent.events_tuple_at = tuple(agent.events), agent.events_added
+        view = agent.view
+        if view is None or view.hello is not agent.hello or agent.view_key != (history.appended, agent.events_added):
+            view = AgentView(key=agent.key, source=agent.source, hello=agent.hello, last_step=history.last,
+                             history=history.window(), events=agent.events_tuple, connected=agent.connected,
+                             detached=agent.detached, invalid_lines=agent.invalid_lines)
+        elif (view.connected, view.detached, view.invalid_lines) != (agent.connected, agent.detached,
+                                                                      agent.invalid_lines):
+            view = replace(view, connected=agent.connected, detached=agent.detached,
+                           invalid_lines=agent.invalid_lines)
+        prediction = self._predict(src, agent, view, base)
+        if prediction is not view.prediction:
+            view = replace(view, prediction=prediction)
+        agent.view, agent.view_key = view, (history.appended, agent.events_added)
+        return view
+
+    def _predict(self, src: _Source, agent: _Agent, view: AgentView, base: Snapshot) -> Any:
         """The memory model's prediction for one agent.
 
         Fitting costs time linear in the steps it reads, and a hub with 64 agents at 10 steps/s builds 4
         snapshots a second: refitting every agent's whole history each time fell behind (bench/load.py). So an
         agent is refitted at most every PREDICT_EVERY_S of snapshot time, at once when a new batch size or a new
-        device size appears, and on a bounded summary of its history (model_steps)."""
-        if not view.history:
+        device size appears, and on a bounded summary of its history (model_steps, kept up to date on every
+        append by StepHistory)."""
+        history = agent.history
+        last = history.last
+        if last is None:
             return None
         device = base.device_of(view)
         device_total = device.memory.total if device is not None and device.memory is not None else None
-        last = view.history[-1]
-        key = (len(view.history), last.step, last.time, device_total, view.hello.optimizer)
-        agent = src.agents[view.key]
+        key = (len(history), last.step, last.time, device_total, view.hello.optimizer)
         if agent.prediction_key == key:
             return agent.prediction
         same_setup = agent.prediction_key is not None and agent.prediction_key[3:] == key[3:]
@@ -339,23 +364,26 @@ class HubState:
         if same_setup and recent and last.batch_size in agent.prediction_sizes:
             return agent.prediction
         agent.prediction_key, agent.prediction_time = key, base.time
-        agent.prediction_sizes = frozenset(s.batch_size for s in view.history)
+        agent.prediction_sizes = history.batch_sizes()
         agent.prediction = None
         try:
             from batchmon import memory_model
 
-            agent.prediction = memory_model.predict_from_steps(model_steps(view.history), device_total,
+            agent.prediction = memory_model.predict_from_steps(history.model_steps(), device_total,
                                                                optimizer=view.hello.optimizer)
         except Exception as exc:  # noqa: BLE001 - a model bug costs the prediction, never the monitor
             self.warn(src.name, "memory model", "prediction failed", f"{type(exc).__name__}: {_short(exc)}")
         return agent.prediction
 
 
-def model_steps(history: tuple[Step, ...], recent: int = 32, sizes: int = 32) -> list[Step]:
+def model_steps(history: tuple[Step, ...], recent: int = RECENT_STEPS, sizes: int = RECENT_SIZES) -> list[Step]:
     """What the memory model needs from a long history, bounded: the first step (the baseline of cumulative
     counters such as alloc retries), the step with the highest peak at each of the latest `sizes` batch sizes
     (the model keeps one point per batch size, its largest peak), and the last `recent` steps (the current
-    state: optimizer, reserved growth). In history order; a short history is returned whole."""
+    state: optimizer, reserved growth). In history order; a short history is returned whole.
+
+    The reference definition, O(history); the hub uses StepHistory.model_steps, which keeps the same answer
+    up to date on every append."""
     if len(history) <= 1 + recent + sizes:
         return list(history)
     keep = {0, *range(len(history) - recent, len(history))}
@@ -367,8 +395,7 @@ def model_steps(history: tuple[Step, ...], recent: int = 32, sizes: int = 32) ->
     return [history[i] for i in sorted(keep)]
 
 
-def _peak(step: Step) -> int:
-    return step.peak_allocated if step.peak_allocated is not None else sum(step.components.values())
+_peak = step_peak
 
 
 def record_line(record: Mapping[str, Any]) -> str:

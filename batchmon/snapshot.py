@@ -6,7 +6,7 @@ The hub builds one per refresh; front ends never look anywhere else, so they can
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 from batchmon.memory_model import Prediction
 from batchmon.probes.host import HostSample, ProcessInfo
@@ -22,7 +22,9 @@ class AgentView:
     source: str  # "local" or the remote host name it came from
     hello: Hello
     last_step: Step | None = None
-    history: tuple[Step, ...] = ()  # recent steps, oldest first (bounded)
+    # recent steps, oldest first (bounded): a tuple, or from the hub an immutable StepWindow (batchmon.step_history)
+    # that behaves like one (equal to the tuple of its steps, slices to tuples) and costs O(1) per snapshot
+    history: Sequence[Step] = ()
     events: tuple[Event, ...] = ()  # recent events, oldest first (bounded)
     connected: bool = True
     detached: bool = False  # said bye

@@ -55,7 +55,7 @@ BINS = 20_000
 
 
 class _Agent:
-    def __init__(self, directory: Path, index: int, duration: float) -> None:
+    def __init__(self, directory: Path, index: int, duration: float, prefill: int = 0, rate: float = 10.0) -> None:
         self.sleeper = subprocess.Popen(["sleep", str(int(duration) + 300)])
         self.pid = self.sleeper.pid
         self.index = index
@@ -71,18 +71,23 @@ class _Agent:
             pid=self.pid, host=socket.gethostname(), argv=("bench/load.py", f"--agent={index}"), python="3",
             torch="none", device="cpu", nvml_uuid=None, rank=0, local_rank=0, world_size=1,
             model=ModelInfo("LoadPeer", 1_000_000, 4_000_000), optimizer="Adam", time=time.time()))
+        # --prefill: a history burst right after the hello, as a real agent sends on connect; its steps are
+        # stamped in the past (before the hub started), so Watch does not count them as live steps
+        start = time.time() - prefill / rate
+        self.hello += b"".join(self.step_line(rate, start + i / rate) for i in range(prefill))
 
-    def step_line(self, rate: float) -> bytes:
+    def step_line(self, rate: float, when: float | None = None) -> bytes:
         self.step += 1
         comps = {name: 4_000_000 * (i + 1) + (self.step % 7) * 4096 for i, name in enumerate(COMPONENTS)}
-        return protocol.encode(Step(step=self.step, time=time.time(), step_seconds=1.0 / rate, batch_size=16,
+        return protocol.encode(Step(step=self.step, time=time.time() if when is None else when,
+                                    step_seconds=1.0 / rate, batch_size=16,
                                     components=comps))
 
 
 def _peer(directory: str, first: int, count: int, rate: float, duration: float, ready: "mp.Queue",
-          results: "mp.Queue", stop: "mp.synchronize.Event", close: "mp.synchronize.Event") -> None:
+          results: "mp.Queue", stop: "mp.synchronize.Event", close: "mp.synchronize.Event", prefill: int = 0) -> None:
     """One worker process: `count` agents, each stepping at `rate`; reports what it sent and saw."""
-    agents = [_Agent(Path(directory), first + i, duration) for i in range(count)]
+    agents = [_Agent(Path(directory), first + i, duration, prefill, rate) for i in range(count)]
     sel = selectors.DefaultSelector()
     for a in agents:
         sel.register(a.server, selectors.EVENT_READ, ("listen", a))
@@ -181,8 +186,11 @@ def _flush(sel: selectors.BaseSelector, a: _Agent, conn: socket.socket, buf: byt
 class Watch:
     """on_snapshot callback: per-step latency into a fixed histogram, connection bookkeeping. Constant memory."""
 
-    def __init__(self) -> None:
+    def __init__(self, since: float = 0.0) -> None:
+        self.since = since  # steps stamped before this (a --prefill history burst) are not live steps
         self.hist = [0] * (BINS + 1)
+        self.warm_hist = [0] * (BINS + 1)  # the same, only for steps stamped after warm_since (steady state)
+        self.warm_since: float | None = None
         self.seen: dict[str, int] = {}  # agent key -> highest step seen
         self.steps_seen = 0
         self.gaps = 0
@@ -215,23 +223,28 @@ class Watch:
             for step in reversed(agent.history):
                 if step.step <= last:
                     break
+                top = max(top, step.step)
+                if step.time < self.since:
+                    continue
                 lat = max(0.0, now - step.time)
                 self.max_latency = max(self.max_latency, lat)
                 self.hist[min(BINS, int(lat * 1000 / BIN_MS))] += 1
+                if self.warm_since is not None and step.time >= self.warm_since:
+                    self.warm_hist[min(BINS, int(lat * 1000 / BIN_MS))] += 1
                 self.steps_seen += 1
-                top = max(top, step.step)
             if agent.history and agent.history[0].step > last + 1 and last:
                 self.gaps += agent.history[0].step - last - 1
             self.seen[agent.key] = top
         self.connected = connected
 
-    def percentile(self, q: float) -> float | None:
-        total = sum(self.hist)
+    def percentile(self, q: float, hist: list[int] | None = None) -> float | None:
+        hist = self.hist if hist is None else hist
+        total = sum(hist)
         if not total:
             return None
         want = q * total
         run = 0
-        for i, n in enumerate(self.hist):
+        for i, n in enumerate(hist):
             run += n
             if run >= want:
                 return (i + 1) * BIN_MS / 1000.0
@@ -245,6 +258,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=float, default=600.0, help="seconds of load (after the agents connected)")
     ap.add_argument("--interval", type=float, default=0.25, help="the hub's snapshot interval")
     ap.add_argument("--workers", type=int, default=0, help="peer processes (default: min(8, agents))")
+    ap.add_argument("--prefill", type=int, default=0,
+                    help="steps of history each peer sends right after its hello (a real agent sends its recent "
+                         "history on connect); with HISTORY_LIMIT the hub's history is full at once, so a short "
+                         "run sees the steady state (these steps are not counted as live steps)")
     ap.add_argument("--warmup", type=float, default=None,
                     help="seconds before the RSS baseline (default: until the hub's per-agent history is full, "
                          "HISTORY_LIMIT/rate + 10 s, at most half the duration)")
@@ -274,13 +291,13 @@ def main(argv: list[str] | None = None) -> int:
     for n in share:
         if n:
             p = ctx.Process(target=_peer, args=(str(sockdir), first, n, args.rate, args.duration, ready, results,
-                                                 stop, close), daemon=True)
+                                                 stop, close, args.prefill), daemon=True)
             p.start()
             procs.append(p)
             first += n
     for _ in procs:
         ready.get(timeout=60)
-    watch = Watch()
+    watch = Watch(since=time.time())
     me = psutil.Process()
     hub = Hub(interval=args.interval, socket_dir=sockdir, on_snapshot=watch).start()
     t0 = time.monotonic()
@@ -291,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     # the load phase: from now until the peers stop
     end = time.monotonic() + args.duration
     load_start = time.monotonic()
+    watch.warm_since = time.time() + warmup
     rss: list[tuple[float, int]] = []
     connected_min = args.agents
     cpu0 = me.cpu_times()
@@ -326,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     p99 = watch.percentile(0.99)
     result = {
         "config": {"agents": args.agents, "rate": args.rate, "duration": args.duration, "interval": args.interval,
-                   "workers": len(procs), "warmup": warmup},
+                   "workers": len(procs), "warmup": warmup, "prefill": args.prefill},
         "machine": {"host": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version()},
         "all_connected_after_s": round(all_connected_s, 3),
         "connected_min_during_load": connected_min,
@@ -342,6 +360,11 @@ def main(argv: list[str] | None = None) -> int:
                   "history_gaps": watch.gaps},
         "latency_s": {"p50": watch.percentile(0.50), "p90": watch.percentile(0.90), "p99": p99,
                       "max": round(watch.max_latency, 4)},
+        # the same over the steps sent after warm-up (the start - connecting, a --prefill burst - left out)
+        "latency_after_warmup_s": {"p50": watch.percentile(0.50, watch.warm_hist),
+                                   "p90": watch.percentile(0.90, watch.warm_hist),
+                                   "p99": watch.percentile(0.99, watch.warm_hist),
+                                   "steps": sum(watch.warm_hist)},
         "snapshots": watch.snapshots,
         "snapshot_gap_s": {"mean": round(watch.gap_sum / max(1, watch.snapshots - 1), 4),
                            "max": round(watch.max_gap, 4)},
@@ -361,6 +384,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  steps: sent {sent}, seen {watch.steps_seen}, lost {result['steps']['lost']}")
     lat = result["latency_s"]
     print(f"  step-to-snapshot latency p50 {lat['p50']} s, p90 {lat['p90']} s, p99 {lat['p99']} s, max {lat['max']} s")
+    wl = result["latency_after_warmup_s"]
+    print(f"  after warm-up ({wl['steps']} steps): p50 {wl['p50']} s, p90 {wl['p90']} s, p99 {wl['p99']} s")
     gap = result["snapshot_gap_s"]
     print(f"  {watch.snapshots} snapshots, {gap['mean']} s apart on average (max {gap['max']} s)")
     print(f"  monitor CPU {result['monitor_cpu_seconds']} s; checks: {checks}")

@@ -39,16 +39,24 @@ class HostProbe:
     """Host memory and, for the pids asked about, who runs them and what they cost the host. Never raises.
 
     psutil.Process objects are kept between samples (only for pids still asked about), so cpu_percent is the
-    share since the previous sample; on a process's first sample it is None, not a meaningless 0.0.
+    share since the previous sample; on a process's first sample it is None, not a meaningless 0.0. A process's
+    user and command line are read again only every STATIC_EVERY_S (the hub samples every pid each tick:
+    re-reading /proc/<pid>/status and cmdline each time was most of the probe's cost; a command line changes
+    rarely, e.g. setproctitle); CPU and RSS are read every sample.
     """
+
+    STATIC_EVERY_S = 10.0
 
     def __init__(self) -> None:
         self._procs: dict[int, psutil.Process] = {}
+        # pid -> (user, command, denied, monotonic time read)
+        self._static: dict[int, tuple[str | None, str | None, bool, float]] = {}
         self._hostname = _hostname()
 
     def close(self) -> None:
         """Forget the kept psutil.Process objects (the probe stays usable)."""
         self._procs.clear()
+        self._static.clear()
 
     def sample(self, pids: Iterable[int] = ()) -> HostSample:
         memory_total = memory_used = None
@@ -61,6 +69,7 @@ class HostProbe:
         processes = {pid: self._process(pid) for pid in wanted}
         for pid in [p for p in self._procs if p not in processes]:
             del self._procs[pid]  # forget processes nobody asks about any more
+            self._static.pop(pid, None)
         return HostSample(hostname=self._hostname, memory_total=memory_total, memory_used=memory_used,
                           processes=processes, time=time.time())
 
@@ -93,16 +102,25 @@ class HostProbe:
 
         try:
             with proc.oneshot():
-                user = read(proc.username)
-                cmdline = read(proc.cmdline)
-                command = " ".join(cmdline) if cmdline else read(proc.name)
+                if proc.status() == psutil.STATUS_ZOMBIE:  # the stat file oneshot reads for cpu_percent anyway
+                    raise psutil.ZombieProcess(pid)
+                now = time.monotonic()
+                static = None if first else self._static.get(pid)
+                if static is None or now - static[3] >= self.STATIC_EVERY_S:
+                    user = read(proc.username)
+                    cmdline = read(proc.cmdline)
+                    command = " ".join(cmdline) if cmdline else read(proc.name)
+                    static = self._static[pid] = (user, command, denied, now)
+                user, command, denied, _ = static
                 cpu = read(lambda: proc.cpu_percent(None))
                 mem = read(proc.memory_info)
         except (psutil.NoSuchProcess, ProcessLookupError):  # ZombieProcess included: it is gone for us
             self._procs.pop(pid, None)
+            self._static.pop(pid, None)
             return ProcessInfo(pid, None, None, None, None, state="gone")
         except Exception:
             self._procs.pop(pid, None)
+            self._static.pop(pid, None)
             return ProcessInfo(pid, None, None, None, None, state="denied")
         return ProcessInfo(pid=pid, user=user, command=command or None,
                            cpu_percent=None if first or cpu is None else float(cpu),

@@ -199,7 +199,12 @@ def test_snapshots_are_immutable_and_independent(sockdir, pids, agents, hub_fact
     agent.send_message(make_step(3))
     wait_for(lambda: agent_view(hub, p.pid).last_step.step == 3)
     assert len(old.agents[0].history) == 2 and old.agents[0].last_step.step == 2
-    assert isinstance(old.agents, tuple) and isinstance(old.agents[0].history, tuple)
+    assert [s.step for s in old.agents[0].history] == [1, 2] and old.agents[0].history[-1:] == (make_step(2),)
+    assert isinstance(old.agents, tuple)
+    history = old.agents[0].history  # a tuple or an immutable window that behaves like one
+    assert history == (make_step(1), make_step(2)) and not hasattr(history, "append")
+    with pytest.raises(TypeError):
+        history[0] = make_step(9)  # type: ignore[index]
     assert isinstance(old.warnings, tuple) and isinstance(old.nvml.devices, tuple)
     with pytest.raises(dataclasses.FrozenInstanceError):
         old.agents[0].connected = False  # type: ignore[misc]
@@ -301,3 +306,75 @@ def test_a_failing_on_snapshot_callback_is_a_warning(hub_factory):
     wait_for(lambda: hub.ticks >= 3)
     (w,) = [w for w in hub.snapshot().warnings if "on_snapshot" in w.message]
     assert w.count >= 2 and hub.running
+
+
+class CountingHostProbe:
+    """The real HostProbe, counting its samples and the pids asked for."""
+
+    def __init__(self) -> None:
+        from batchmon.probes.host import HostProbe
+
+        self.probe = HostProbe()
+        self.calls: list[tuple[float, tuple[int, ...]]] = []
+
+    def sample(self, pids=()):
+        self.calls.append((time.monotonic(), tuple(pids)))
+        return self.probe.sample(pids)
+
+    def close(self) -> None:
+        self.probe.close()
+
+
+def test_host_probe_runs_once_a_second_while_its_pids_stay_and_at_once_for_a_new_pid(sockdir, pids, agents,
+                                                                                     hub_factory):
+    host = CountingHostProbe()
+    hub = hub_factory(host_probe=host).start()
+    p1 = pids()
+    agents(sockdir, p1.pid, history=[make_step(1)])
+    wait_for(lambda: any(p1.pid in c[1] for c in host.calls), what="the first agent's pid sampled")
+    first = next(i for i, c in enumerate(host.calls) if p1.pid in c[1])
+    ticks0 = hub.ticks
+    wait_for(lambda: hub.ticks >= ticks0 + 30, what="30 ticks (1.5 s at 0.05 s)")
+    same = [c for c in host.calls[first:] if c[1] == host.calls[first][1]]
+    gaps = [b[0] - a[0] for a, b in zip(same, same[1:])]
+    assert 1 <= len(same) <= 3 and all(g >= hub.HOST_EVERY_S - 0.01 for g in gaps), same  # not 30 samples
+    assert hub.snapshot().process(p1.pid) is not None  # the snapshot still shows the last sample
+    p2 = pids()
+    agents(sockdir, p2.pid, history=[make_step(1)])
+    seen = time.monotonic()
+    wait_for(lambda: agent_view(hub, p2.pid) is not None, what="the second agent")
+    t2 = wait_for(lambda: next((c[0] for c in host.calls if p2.pid in c[1]), None), what="the new pid sampled")
+    assert t2 - seen < hub.HOST_EVERY_S / 2 + 0.3  # a new pid does not wait for the second to pass
+    assert hub.snapshot().process(p2.pid) is not None
+
+
+def test_scan_skips_an_unchanged_folder_but_finds_an_agent_added_right_after_a_listing(sockdir, pids, agents,
+                                                                                      hub_factory):
+    """The folder is listed again only when it changes (or a connection failed); an agent whose socket appears
+    within the same coarse file-time tick as the hub's last listing is still found."""
+    import batchmon.hub as hub_module
+
+    listings = []
+    real_scan = hub_module.scan
+
+    def counting_scan(directory):
+        listings.append(time.monotonic())
+        return real_scan(directory)
+
+    hub_module.scan = counting_scan
+    try:
+        p1 = pids()
+        agents(sockdir, p1.pid, history=[make_step(1)])
+        hub = hub_factory().start()
+        wait_for(lambda: agent_view(hub, p1.pid) is not None, what="the first agent")
+        old = time.time() - 5  # the folder's last change looks settled: later ticks need not list it
+        os.utime(sockdir, (old, old))
+        n0, ticks0 = len(listings), hub.ticks
+        wait_for(lambda: hub.ticks >= ticks0 + 20, what="20 ticks")
+        assert len(listings) - n0 <= 2, "an unchanged folder was listed on every tick"
+        for _ in range(3):  # new sockets, each found within a few ticks
+            p = pids()
+            agents(sockdir, p.pid, history=[make_step(1)])
+            wait_for(lambda: agent_view(hub, p.pid) is not None, timeout=3, what="an agent added later")
+    finally:
+        hub_module.scan = real_scan

@@ -217,3 +217,73 @@ def test_model_steps_bounds_a_long_history_and_keeps_what_the_fit_needs():
         assert any(s.batch_size == batch and s.peak_allocated == top for s in kept)
     short = history[:50]
     assert model_steps(short) == list(short)
+
+
+def _history_step(n: int, batch: int | None, peak: int | None):
+    from batchmon.protocol import COMPONENTS, Step
+
+    return Step(step=n, time=float(n), step_seconds=0.1, batch_size=batch,
+                components={c: 1 + n % 3 for c in COMPONENTS}, peak_allocated=peak)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(1, 40), st.lists(st.tuples(st.sampled_from([None, 1, 2, 3, 4, 8, 16, 64]),
+                                              st.one_of(st.none(), st.integers(0, 6))), max_size=200),
+       st.integers(0, 6), st.integers(1, 6))
+def test_step_history_keeps_model_steps_exact_under_eviction(limit, spec, recent, sizes):
+    """StepHistory's incremental summary equals the reference model_steps on the window, after every append
+    (small limits, few sizes and many equal peaks: evictions, ties and sizes leaving the window all happen)."""
+    from batchmon.hub_state import model_steps
+    from batchmon.step_history import StepHistory
+
+    h = StepHistory(limit)
+    for n, (batch, peak) in enumerate(spec, 1):
+        h.append(_history_step(n, batch, peak))
+        window = tuple(h)
+        assert len(window) == min(n, limit) and h.window() == window and tuple(h.window()) == window
+        assert [s.step for s in window] == list(range(max(1, n - limit + 1), n + 1))
+        got = h.model_steps(recent, sizes)
+        want = model_steps(window, recent, sizes)
+        assert [s.step for s in got] == [s.step for s in want]
+        assert h.batch_sizes() == frozenset(s.batch_size for s in window)
+
+
+def test_unchanged_agent_keeps_its_view_object_between_snapshots():
+    """O(changed) snapshots: an agent with no new message is the very same AgentView in the next snapshot; a new
+    step, an event or a disconnect gives a new one (and the old snapshot still shows what it showed)."""
+    s = HubState()
+    s.ingest(agent(make_hello(pid=4242)))
+    s.ingest(agent(make_step(1)))
+    first = s.snapshot(1.0).agents[0]
+    assert s.snapshot(1.1).agents[0] is first
+    s.ingest(agent(make_step(2)))
+    second = s.snapshot(1.2).agents[0]
+    assert second is not first and [x.step for x in second.history] == [1, 2]
+    assert [x.step for x in first.history] == [1] and first.last_step.step == 1
+    s.ingest(agent(Event(time=1.3, kind="oom", message="m")))
+    third = s.snapshot(1.3).agents[0]
+    assert len(third.events) == 1 and second.events == () and third.history is second.history
+    s.ingest({"t": 1.4, "kind": "agent_eof", "source": "local", "key": KEY})
+    fourth = s.snapshot(1.4).agents[0]
+    assert not fourth.connected and third.connected and fourth.history is third.history
+
+
+def test_step_window_is_immutable_across_appends_and_compaction_and_acts_like_a_tuple():
+    from batchmon.step_history import COMPACT_EVERY, StepHistory
+
+    h = StepHistory(10)
+    steps = [_history_step(n, 16, n) for n in range(1, 3 * COMPACT_EVERY + 30)]
+    old_windows = []
+    for i, step in enumerate(steps):
+        h.append(step)
+        w = h.window()
+        assert h.window() is w  # the same object until the next append
+        old_windows.append((w, tuple(steps[max(0, i - 9): i + 1])))
+    for w, want in old_windows:  # every earlier window still holds exactly its steps, after 3 compactions
+        assert w == want and tuple(w) == want and list(reversed(w)) == list(reversed(want))
+        assert w[0] is want[0] and w[-1] is want[-1] and w[-3:] == want[-3:] and w[::2] == want[::2]
+        assert w[5:2] == () and w[-100:] == want and len(w) == len(want) and bool(w)
+        assert w + () == want and () + w == want and w != want[:-1] and not (w == list(want))
+    with pytest.raises(IndexError):
+        old_windows[-1][0][10]
+    assert StepHistory(5).window() == () and not StepHistory(5).window()

@@ -1,0 +1,177 @@
+"""One agent's bounded step history: O(1) immutable windows for snapshots, and the memory model's summary.
+
+Two costs of the hub under load (bench/load.py: 64 agents at 10 steps/s, 4 snapshots a second) live here:
+
+- Every snapshot showed every agent's history as a fresh 2000-step tuple, and dropped the previous one: about
+  130k reference-count updates per snapshot, on objects spread over 100 MB. A StepWindow is an immutable view
+  of a range of an append-only list, made in O(1); the list is only ever appended to, and replaced by a copy
+  of its live part every COMPACT_EVERY evictions, so no window ever sees its steps change.
+- The refit's summary of the history (``model_steps``: the first step, the highest-peak step at each of the
+  latest batch sizes, the most recent steps) scanned the whole history. Here each append and each eviction
+  updates, per batch size, a sliding-window maximum (monotonic deque), so the summary costs O(summary).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+from itertools import islice
+from typing import Any, Iterator, overload
+
+from batchmon.protocol import Step
+
+RECENT_STEPS = 32  # model_steps: the last steps kept (the current state)
+RECENT_SIZES = 32  # model_steps: the latest batch sizes kept (their highest-peak step each)
+COMPACT_EVERY = 64  # evicted steps kept in the buffer before it is copied (bounded extra memory: 64 steps)
+
+
+def step_peak(step: Step) -> int:
+    """What the model ranks a step's memory by: the measured peak, else the sum of the components."""
+    return step.peak_allocated if step.peak_allocated is not None else sum(step.components.values())
+
+
+class StepWindow(Sequence):
+    """An immutable sequence of steps, oldest first, that behaves like the tuple it stands for.
+
+    Equal to a tuple (or window) of the same steps, hashes like it, slices to tuples. Its range of the
+    underlying list is fixed at creation and the list is only appended to, so its contents never change.
+    """
+
+    __slots__ = ("_buf", "_start", "_stop")
+
+    def __init__(self, buf: list[Step], start: int, stop: int) -> None:
+        self._buf, self._start, self._stop = buf, start, stop
+
+    def __len__(self) -> int:
+        return self._stop - self._start
+
+    @overload
+    def __getitem__(self, index: int) -> Step: ...
+    @overload
+    def __getitem__(self, index: slice) -> tuple[Step, ...]: ...
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            start, stop, stride = index.indices(self._stop - self._start)
+            if stride == 1:
+                return tuple(self._buf[self._start + start: self._start + max(start, stop)])
+            return tuple(self._buf[self._start: self._stop][index])
+        n = self._stop - self._start
+        i = index.__index__()
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError("StepWindow index out of range")
+        return self._buf[self._start + i]
+
+    def __iter__(self) -> Iterator[Step]:
+        return map(self._buf.__getitem__, range(self._start, self._stop))
+
+    def __reversed__(self) -> Iterator[Step]:
+        return map(self._buf.__getitem__, range(self._stop - 1, self._start - 1, -1))
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, StepWindow):
+            if other._buf is self._buf and (other._start, other._stop) == (self._start, self._stop):
+                return True
+            return len(other) == len(self) and tuple(self) == tuple(other)
+        if isinstance(other, tuple):
+            return len(other) == len(self) and tuple(self) == other
+        return NotImplemented
+
+    def __ne__(self, other: object) -> bool:
+        eq = self.__eq__(other)
+        return eq if eq is NotImplemented else not eq
+
+    def __hash__(self) -> int:
+        return hash(tuple(self))
+
+    def __add__(self, other: Any) -> tuple[Step, ...]:
+        return tuple(self) + tuple(other) if isinstance(other, (tuple, StepWindow)) else NotImplemented
+
+    def __radd__(self, other: Any) -> tuple[Step, ...]:
+        return tuple(other) + tuple(self) if isinstance(other, tuple) else NotImplemented
+
+    def __repr__(self) -> str:
+        return repr(tuple(self))
+
+
+class StepHistory:
+    """The last ``limit`` steps, oldest first, plus what ``model_steps`` needs. Only ``append`` changes it."""
+
+    __slots__ = ("limit", "_buf", "_start", "_first", "_sizes", "_order", "_window", "appended")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = max(1, int(limit))
+        self._buf: list[Step] = []  # append-only; the history is _buf[_start:]
+        self._start = 0
+        self._first = 0  # global index (steps ever appended before it) of the oldest step kept
+        # batch size -> deque of (global index, peak), peaks strictly decreasing: the front is the window's
+        # highest peak at that size, the latest such step on ties (as model_steps picks it)
+        self._sizes: dict[int | None, deque[tuple[int, int]]] = {}
+        self._order: dict[int | None, None] = {}  # batch sizes in order of their latest step, latest last
+        self._window: StepWindow | None = None
+        self.appended = 0  # steps ever appended: changes exactly when the history does
+
+    def __len__(self) -> int:
+        return len(self._buf) - self._start
+
+    def __iter__(self) -> Iterator[Step]:
+        return map(self._buf.__getitem__, range(self._start, len(self._buf)))
+
+    @property
+    def last(self) -> Step | None:
+        return self._buf[-1] if len(self._buf) > self._start else None
+
+    def append(self, step: Step) -> None:
+        index = self._first + len(self)
+        self._buf.append(step)
+        self.appended += 1
+        self._window = None
+        peak = step_peak(step)
+        best = self._sizes.get(step.batch_size)
+        if best is None:
+            best = self._sizes[step.batch_size] = deque()
+        while best and best[-1][1] <= peak:
+            best.pop()
+        best.append((index, peak))
+        self._order.pop(step.batch_size, None)
+        self._order[step.batch_size] = None
+        if len(self) > self.limit:
+            self._evict()
+
+    def _evict(self) -> None:
+        old = self._buf[self._start]
+        best = self._sizes[old.batch_size]
+        if best and best[0][0] == self._first:
+            best.popleft()
+        if not best:  # the size's latest step is always in its deque: empty means no step of it is left
+            del self._sizes[old.batch_size]
+            del self._order[old.batch_size]
+        self._first += 1
+        self._start += 1
+        if self._start >= COMPACT_EVERY:
+            # a new list: windows on the old one keep seeing exactly their steps
+            self._buf = self._buf[self._start:]
+            self._start = 0
+
+    def window(self) -> StepWindow:
+        """The steps now, as an immutable sequence (O(1); the same object until the next append)."""
+        if self._window is None:
+            self._window = StepWindow(self._buf, self._start, len(self._buf))
+        return self._window
+
+    def batch_sizes(self) -> frozenset:
+        return frozenset(self._order)
+
+    def model_steps(self, recent: int = RECENT_STEPS, sizes: int = RECENT_SIZES) -> list[Step]:
+        """Exactly ``hub_state.model_steps(tuple(self), recent, sizes)``, in O(recent + batch sizes)."""
+        n = len(self)
+        if n <= 1 + recent + sizes:
+            return self._buf[self._start:]
+        first = self._first
+        keep = {first, *range(first + n - recent, first + n)}
+        latest = list(islice(reversed(self._order), sizes))
+        keep.update(self._sizes[size][0][0] for size in latest)
+        offset = self._start - first
+        return [self._buf[i + offset] for i in sorted(keep)]
