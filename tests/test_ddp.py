@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -86,11 +87,11 @@ def test_every_rank_attaches_and_the_monitor_groups_them(sockdir, mode) -> None:
 
 
 def reports(out: str) -> dict[int, dict]:
-    found = {}
-    for line in out.splitlines():
-        if line.startswith("{"):
-            d = json.loads(line)
-            found[d["rank"]] = d
+    """Each rank's --report object; the ranks print at the same moment, so two can share a line."""
+    found, decoder = {}, json.JSONDecoder()
+    for match in re.finditer(r'\{"rank": \d+', out):
+        d = decoder.raw_decode(out, match.start())[0]
+        found[d["rank"]] = d
     return found
 
 
