@@ -26,6 +26,7 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import agent_report  # noqa: E402
 from train_mlp import build_model  # noqa: E402
 
 
@@ -105,18 +106,6 @@ def main(argv: list[str] | None = None) -> int:
         if code == 0:
             dist.destroy_process_group()
     return code
-
-
-def agent_report() -> dict[str, object]:
-    """What this rank's agent saw, if one is attached (batchmon is not imported when it is not)."""
-    agent = sys.modules.get("batchmon.agent")
-    handle = agent.current() if agent is not None else None
-    if handle is None:
-        return {"attached": False}
-    last = handle.last_step
-    return {"attached": True, "pid": handle.pid, "steps": len(handle.steps),
-            "batch_size": last.batch_size if last else None, "components": last.components if last else None,
-            "model": type(handle.model).__name__ if handle.model is not None else None}
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import pick_device  # noqa: E402
+from common import agent_report, pick_device  # noqa: E402
 
 
 def build_model(input_dim: int, hidden: int, layers: int, classes: int,
@@ -67,20 +67,6 @@ def make_optimizer(name: str, params: list[nn.Parameter], lr: float) -> torch.op
     if name == "sgd-momentum":
         return torch.optim.SGD(params, lr=lr, momentum=0.9)
     return torch.optim.SGD(params, lr=lr)
-
-
-def agent_report() -> dict[str, object]:
-    """What the attached agent saw, if one is attached (no import of batchmon when it is not installed)."""
-    agent = sys.modules.get("batchmon.agent")
-    handle = agent.current() if agent is not None else None
-    if handle is None:
-        return {"attached": False}
-    last = handle.last_step
-    return {"attached": True, "pid": handle.pid, "socket": str(handle.socket_path) if handle.socket_path else None,
-            "steps": len(handle.steps), "last_step": last.step if last else None,
-            "batch_size": last.batch_size if last else None, "components": last.components if last else None,
-            "model": type(handle.model).__name__ if handle.model is not None else None,
-            "optimizer": [type(o).__name__ for o in handle.optimizers]}
 
 
 def main(argv: list[str] | None = None) -> int:
