@@ -76,6 +76,7 @@ class Hub:
         self._host_key: tuple[float, tuple[int, ...]] | None = None  # (monotonic time, pids) of the last host sample
         self._scan_key: tuple[int, float] | None = None  # (folder mtime_ns, monotonic time) of the last listing
         self._rescan = True
+        self._dir_seen: tuple | None = None  # the socket folder's lstat identity when its safety was last checked
         self._pending: list[Any] = []  # selector events not handled yet (a poll stopped for the next tick)
         self.error: BaseException | None = None  # what ended the IO thread early (a recorder that failed)
         self.ticks = 0
@@ -259,12 +260,23 @@ class Hub:
                 sample = nvml.NvmlSample(available=False, error=self._nvml.reason, driver=None, time=time.time())
             else:
                 sample = self._nvml.sample()
-            data = nvml.sample_to_dict(sample)
+            record = self._sample_record("nvml", sample, nvml.NvmlSample, nvml.sample_to_dict)
         except Exception as exc:  # noqa: BLE001 - the probe promises not to raise; we do not rely on it
             self._warn("nvml", f"probe failed: {type(exc).__name__}: {exc}")
             return None
-        self._emit({"t": time.time(), "kind": "nvml", "source": LOCAL, "data": data})
+        self._emit(record)
         return sample
+
+    def _sample_record(self, kind: str, sample: Any, sample_type: type, to_dict: Callable[[Any], Any]) -> Record:
+        """A probe sample as a hub record. With a recorder: its dict form (what is written is what is shown).
+        Without one, the sample object itself rides along (HubState takes it as is): converting to a dict and
+        parsing it back each tick was a good part of an idle monitor's per-second work."""
+        record: Record = {"t": time.time(), "kind": kind, "source": LOCAL}
+        if self._recorder is None and type(sample) is sample_type:
+            record["sample"] = sample
+        else:
+            record["data"] = to_dict(sample)
+        return record
 
     def _sample_host(self, nvml_sample: Any, *, always: bool = False) -> None:
         from batchmon.probes import host
@@ -283,11 +295,11 @@ class Hub:
                                          processes={}, time=time.time())
             else:
                 sample = self._host.sample(wanted)
-            data = host.sample_to_dict(sample)
+            record = self._sample_record("host", sample, host.HostSample, host.sample_to_dict)
         except Exception as exc:  # noqa: BLE001
             self._warn("host", f"probe failed: {type(exc).__name__}: {exc}")
             return
-        self._emit({"t": time.time(), "kind": "host", "source": LOCAL, "data": data})
+        self._emit(record)
 
     # ------------------------------------------------------------------------------------------ agents
 
@@ -295,24 +307,33 @@ class Hub:
         return f"{self.hostname}:{pid}"
 
     def _scan(self) -> None:
-        """Connect to new agent sockets; drop stale ones. Missing folder: no agents. Unsafe folder: a warning."""
+        """Connect to new agent sockets; drop stale ones. Missing folder: no agents. Unsafe folder: a warning.
+
+        One lstat of the folder per tick: its safety is checked again only when that changes (created, replaced,
+        chmod, chown, entries added or removed), and it is listed only as SCAN_EVERY_S says. An idle monitor
+        ticks once a second for days; each tick's fixed cost is most of what it costs."""
         directory = self._socket_dir or protocol.socket_dir()
-        problem = None
-        if os.path.lexists(directory):
-            try:
-                protocol.check_socket_dir(directory)
-            except protocol.SocketDirError as exc:
-                problem = str(exc)
-        if problem != self._dir_problem:
-            self._dir_problem = problem
-            if problem:
-                self._warn("socket folder", f"{problem.removeprefix('socket folder ')}; not connecting to agents there")
-        if problem or not os.path.lexists(directory):
-            return
         try:
-            mtime = os.stat(directory).st_mtime_ns  # before listing: a later change shows as a new mtime
+            st = os.lstat(directory)
+            seen: tuple = (directory, st.st_ino, st.st_mode, st.st_uid, st.st_mtime_ns)
         except OSError:
-            mtime = -1
+            st, seen = None, (directory, None)
+        if seen != self._dir_seen:
+            self._dir_seen = seen
+            problem = None
+            if st is not None:
+                try:
+                    protocol.check_socket_dir(directory)
+                except protocol.SocketDirError as exc:
+                    problem = str(exc)
+            if problem != self._dir_problem:
+                self._dir_problem = problem
+                if problem:
+                    self._warn("socket folder",
+                               f"{problem.removeprefix('socket folder ')}; not connecting to agents there")
+        if self._dir_problem or st is None:
+            return
+        mtime = st.st_mtime_ns  # before listing: a later change shows as a new mtime
         now, last = time.monotonic(), self._scan_key
         settled = time.time() - mtime / 1e9 > 1.0
         if (not self._rescan and settled and last is not None and last[0] == mtime

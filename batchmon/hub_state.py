@@ -7,7 +7,8 @@ exactly what the monitor showed. A record is one dict::
                      | "link",
      "source": "local" or a remote host, "key": "<host>:<pid>" (agent kinds), "data": ...}
 
-``data`` is the probe sample dict (nvml, host), the raw protocol message object (agent; null with an
+``data`` is the probe sample dict (nvml, host; a live hub with no recorder may pass the sample object itself as
+``"sample"`` instead), the raw protocol message object (agent; null with an
 ``"error"`` when the line was not a JSON object) or ``{"source", "message"[, "detail"]}`` (warning, counted per
 source and message). ``ingest`` never raises: anything malformed becomes a counted Warning.
 """
@@ -130,7 +131,9 @@ class HubState:
         data = record.get("data")
         if kind == "nvml":
             try:
-                sample = nvml_probe.sample_from_dict(data)
+                sample = record.get("sample")  # the hub's own probe object, when nothing records (see Hub)
+                if type(sample) is not NvmlSample:
+                    sample = nvml_probe.sample_from_dict(data)
             except Exception as exc:  # noqa: BLE001
                 self.warn(source_name, "nvml", "bad NVML sample", f"{type(exc).__name__}: {exc}")
             else:
@@ -138,7 +141,8 @@ class HubState:
                 src.nvml = sample
         elif kind == "host":
             try:
-                src.host = host_probe.sample_from_dict(data)
+                sample = record.get("sample")
+                src.host = sample if type(sample) is HostSample else host_probe.sample_from_dict(data)
             except Exception as exc:  # noqa: BLE001
                 self.warn(source_name, "host", "bad host sample", f"{type(exc).__name__}: {exc}")
         elif kind == "link":

@@ -3,6 +3,8 @@
     python3 bench/monitor_cpu.py                          # live: NVML + agents on this machine, 60 s
     python3 bench/monitor_cpu.py --replay rec.jsonl       # a recording (e.g. 16 agents) replayed in the app
     python3 bench/monitor_cpu.py --duration 20 --interval 0.5 --size 160x48
+    python3 bench/monitor_cpu.py --nvml-replay tests/fixtures/nvml_h200_recording.json --idle-gpu
+                                                          # live hub, NVML answered from an H200 recording (loop)
 
 Starts the monitor with Python's pty (a real terminal as far as Textual knows, window size set with
 TIOCSWINSZ), keeps reading its output so it never blocks, and reads the child's CPU seconds (user + system)
@@ -57,8 +59,58 @@ def cpu_seconds(proc: psutil.Process) -> tuple[float, float]:
     return t.user, t.system
 
 
+#: the live monitor with NVML answered by a recording (no GPU needed): what `batchmon --interval N` runs,
+#: with NvmlProbe(backend=ReplayBackend(...)) instead of the real driver; --idle-gpu drops the recorded
+#: processes (an idle GPU, as in bench/vs_nvitop.py's H200 comparison)
+NVML_REPLAY_MAIN = """
+import json, sys
+from batchmon.hub import Hub
+from batchmon.probes.nvml import NvmlProbe
+from batchmon.probes.nvml_recording import ReplayBackend, load_recording
+from batchmon.tui.app import run_monitor
+path, interval, idle = sys.argv[1], float(sys.argv[2]), sys.argv[3] == "1"
+data = load_recording(path)
+if idle:
+    for part in [data.get("init", [])] + [s["calls"] for s in data["samples"]]:
+        for call in part:
+            if "RunningProcesses" in call.get("fn", "") and isinstance(call.get("value"), list):
+                call["value"] = []
+hub = Hub(interval=interval, nvml_probe=NvmlProbe(backend=ReplayBackend(data, loop=True)))
+try:
+    sys.exit(run_monitor(hub, interval=interval, mouse=True))
+finally:
+    hub.stop()
+"""
+
+
+#: the floor: a bare Textual app in the same pty. "static": one Static, nothing changes; "ticking": the same
+#: Static rewritten every interval with the time (the least a monitor that shows something new each refresh does)
+BARE_MAIN = """
+import sys, time
+from textual.app import App
+from textual.widgets import Static
+mode, interval = sys.argv[1], float(sys.argv[2])
+class Bare(App):
+    BINDINGS = [("q", "quit", "quit")]
+    def compose(self):
+        yield Static("bare Textual app: " + mode, id="s")
+    def on_mount(self):
+        if mode == "ticking":
+            self.set_interval(interval, lambda: self.query_one("#s", Static).update(time.strftime("%H:%M:%S")))
+Bare().run()
+"""
+
+
 def monitor_argv(args: argparse.Namespace) -> list[str]:
     py = [sys.executable] + (["-m", "cProfile", "-o", str(args.profile)] if args.profile else [])
+    if args.bare:
+        script = Path(os.environ.get("TMPDIR", "/tmp")) / "batchmon_monitor_cpu_bare.py"
+        script.write_text(BARE_MAIN)
+        return py + [str(script), args.bare, str(args.interval)]
+    if args.nvml_replay:
+        script = Path(os.environ.get("TMPDIR", "/tmp")) / "batchmon_monitor_cpu_nvml_replay.py"
+        script.write_text(NVML_REPLAY_MAIN)
+        return py + [str(script), str(args.nvml_replay.resolve()), str(args.interval), "1" if args.idle_gpu else "0"]
     if args.replay:
         return py + ["-m", "batchmon", "replay", str(args.replay), "--speed", str(args.speed)]
     return py + ["-m", "batchmon", "--interval", str(args.interval)]
@@ -114,8 +166,10 @@ def run(args: argparse.Namespace) -> dict:
     except ImportError:
         textual_version = None
     return {
-        "mode": "replay" if args.replay else "live",
-        "recording": str(args.replay) if args.replay else None,
+        "mode": (f"bare Textual app ({args.bare})" if args.bare else "replay" if args.replay
+                 else "live, NVML replayed" if args.nvml_replay else "live"),
+        "recording": str(args.replay or args.nvml_replay or "") or None,
+        "idle_gpu": bool(args.idle_gpu) if args.nvml_replay else None,
         "speed": args.speed if args.replay else None,
         "interval_s": args.interval,
         "size": [cols, rows],
@@ -150,13 +204,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--interval", type=float, default=1.0, help="live refresh interval (default 1.0)")
     p.add_argument("--replay", type=Path, help="replay this recording instead of the live hub")
     p.add_argument("--speed", type=float, default=1.0, help="replay speed (default 1)")
+    p.add_argument("--nvml-replay", type=Path, help="live monitor, NVML answered from this NVML recording "
+                                                     "(probes/nvml_recording.py format), looped")
+    p.add_argument("--idle-gpu", action="store_true", help="with --nvml-replay: drop the recorded GPU processes")
+    p.add_argument("--bare", choices=("static", "ticking"),
+                   help="measure a bare Textual app instead (the floor): one Static, unchanged or rewritten every "
+                        "--interval")
     p.add_argument("--size", type=parse_size, default=(160, 48), help="terminal COLSxROWS (default 160x48)")
     p.add_argument("--profile", type=Path, help="run the monitor under cProfile, stats to this file (inflates CPU)")
     p.add_argument("--name", default="monitor_cpu", help="result file stem (default monitor_cpu)")
     args = p.parse_args(argv)
-    if args.replay and not args.replay.is_file():
-        print(f"monitor_cpu: no such recording: {args.replay}", file=sys.stderr)
-        return 1
+    for rec in (args.replay, args.nvml_replay):
+        if rec and not rec.is_file():
+            print(f"monitor_cpu: no such recording: {rec}", file=sys.stderr)
+            return 1
+    if args.replay and args.nvml_replay:
+        print("monitor_cpu: --replay and --nvml-replay exclude each other", file=sys.stderr)
+        return 2
     result = run(args)
     out = Path(os.environ.get("OUT", "out"))
     out.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,10 @@ nvitop is started as `python -m nvitop --interval SEC` (needs the nvitop wheel);
 `python -m batchmon --interval SEC`. A tool that exits early (nvitop on a machine without an NVIDIA driver)
 is recorded with its exit code and its terminal output's last line, and the comparison is then not made.
 
+With the two, by default, two floors run the same way (--no-floors leaves them out): a bare Textual app with
+one Static that never changes (Textual's own idle cost) and the same Static rewritten every interval (the least
+a Textual app that shows something new each refresh costs); see bench/monitor_cpu.py --bare.
+
 Writes $OUT/vs_nvitop.json (OUT defaults to ./out) and prints a summary. Exit code 0 when both ran the whole
 window and batchmon's CPU seconds ≤ nvitop's; 1 otherwise.
 """
@@ -33,7 +37,7 @@ from pathlib import Path
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from monitor_cpu import parse_size, set_winsize  # noqa: E402  (the pty helpers of the monitor CPU bench)
+from monitor_cpu import BARE_MAIN, parse_size, set_winsize  # noqa: E402  (the pty helpers of the monitor CPU bench)
 
 
 @dataclass
@@ -142,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=float, default=10.0, help="seconds before measuring (default 10)")
     p.add_argument("--interval", type=float, default=1.0, help="refresh interval of both tools (default 1.0)")
     p.add_argument("--size", type=parse_size, default=(160, 48), help="terminal COLSxROWS (default 160x48)")
+    p.add_argument("--no-floors", action="store_true", help="leave out the bare Textual app floors")
     args = p.parse_args(argv)
     if args.duration <= 0 or args.warmup < 0 or args.interval <= 0:
         print("vs_nvitop: --duration and --interval must be positive", file=sys.stderr)
@@ -150,6 +155,11 @@ def main(argv: list[str] | None = None) -> int:
     interval = f"{args.interval:g}"
     tools = [Tool("batchmon", [sys.executable, "-m", "batchmon", "--interval", interval]),
              Tool("nvitop", [sys.executable, "-m", "nvitop", "--interval", interval])]
+    if not args.no_floors:
+        bare = Path(os.environ.get("TMPDIR", "/tmp")) / "batchmon_vs_nvitop_bare.py"
+        bare.write_text(BARE_MAIN)
+        tools += [Tool(f"textual_bare_{mode}", [sys.executable, str(bare), mode, interval])
+                  for mode in ("static", "ticking")]
     for tool in tools:
         tool.start(cols, rows)
     drain(tools, time.monotonic() + args.warmup)

@@ -287,3 +287,24 @@ def test_step_window_is_immutable_across_appends_and_compaction_and_acts_like_a_
     with pytest.raises(IndexError):
         old_windows[-1][0][10]
     assert StepHistory(5).window() == () and not StepHistory(5).window()
+
+
+def test_probe_sample_objects_are_taken_as_they_are_and_equal_their_dict_form():
+    """A live hub without a recorder hands its probes' objects over ("sample"); the state shows the same as from
+    the dict form a recording holds. Anything else under "sample" is ignored and "data" parsed as always."""
+    from batchmon.probes.host import sample_from_dict as host_from_dict
+    from batchmon.probes.nvml import sample_from_dict as nvml_from_dict
+
+    by_dict, by_object = HubState(), HubState()
+    for rec in (nvml_record(), host_record()):
+        by_dict.ingest(rec)
+        parse = nvml_from_dict if rec["kind"] == "nvml" else host_from_dict
+        obj = parse(rec["data"])
+        by_object.ingest({k: v for k, v in rec.items() if k != "data"} | {"sample": obj})
+    a, b = by_dict.snapshot(2.0), by_object.snapshot(2.0)
+    assert a == b and b.nvml.devices[0].memory.total == 80 * GIB and b.host.processes[4242].user == "me"
+    odd = HubState()
+    odd.ingest({**nvml_record(), "sample": {"not": "a sample"}})  # the data is still read
+    assert odd.snapshot(2.0).nvml.available
+    odd.ingest({"t": 1.0, "kind": "host", "source": "local", "sample": "junk"})  # no data: a counted warning
+    assert any("bad host sample" in w.message for w in odd.snapshot(2.0).warnings)

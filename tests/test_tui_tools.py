@@ -56,3 +56,19 @@ def test_monitor_cpu_bench_runs_the_monitor_in_a_pty(recording, tmp_path):
     assert result["cpu_seconds_total"] > 0  # it did start Python and Textual
     assert 0 <= result["cpu_seconds_steady"] <= result["cpu_seconds_total"]
     assert 0.9 <= result["window_s"] < 5
+
+
+@pytest.mark.parametrize("extra, mode", [
+    (["--nvml-replay", str(ROOT / "tests" / "fixtures" / "nvml_h200_recording.json"), "--idle-gpu"],
+     "live, NVML replayed"),
+    (["--bare", "ticking"], "bare Textual app (ticking)"),
+])
+def test_monitor_cpu_bench_nvml_replay_and_bare_floor_modes(extra, mode, tmp_path):
+    env = {**os.environ, "OUT": str(tmp_path), "TMPDIR": str(tmp_path), "BATCHMON_DIR": str(tmp_path / "sock")}
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "monitor_cpu.py"), *extra, "--duration", "1",
+                           "--warmup", "2", "--name", "t"], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads((tmp_path / "t.json").read_text())
+    assert result["mode"] == mode and result["exit_code_after_q"] == 0 and result["cpu_seconds_total"] > 0
+    if "--idle-gpu" in extra:
+        assert result["idle_gpu"] is True and result["terminal_bytes_steady"] > 0  # the GPU panel refreshes

@@ -116,8 +116,28 @@ class BatchmonApp(App[int]):
         self._dev_order: list[str] = []
         self._jobs: dict[str, JobView] = {}
         self._focused_once = False
+        # the panels mounted now, kept here so a refresh does not query the DOM (a query walks and matches it)
+        self._gpu_panels: list[GpuPanel] = []
+        self._job_panels: list[JobPanel] = []
+        self._warnings_panel: WarningsPanel | None = None
+        self._levels_key: tuple | None = None  # what _apply_levels last laid out for
         if snapshot is not None:
             self._record_history(snapshot)
+
+    def get_driver_class(self) -> Any:
+        """Textual's driver for the platform, except on Linux: the same driver without its 10 Hz input poll
+        (batchmon.tui.driver), when Textual's internals look as that driver expects."""
+        driver_class = super().get_driver_class()
+        try:
+            from textual.drivers.linux_driver import LinuxDriver
+
+            from batchmon.tui import driver as quiet
+
+            if driver_class is LinuxDriver and quiet.available():
+                return quiet.QuietLinuxDriver
+        except Exception:  # noqa: BLE001 - any doubt: Textual's own driver
+            pass
+        return driver_class
 
     # ------------------------------------------------------------------------------------------- layout
 
@@ -215,9 +235,14 @@ class BatchmonApp(App[int]):
         header.refresh()
         await self._apply_devices(snap)
         await self._apply_jobs(snap)
-        self._apply_levels()
+        # panel sizes depend on the panels, the focus (on_focus/on_blur re-run it), and the room: only when one
+        # of those changed, not on every refresh
+        key = (tuple(map(id, self._gpu_panels)), tuple(map(id, self._job_panels)), self.focused, self.size,
+               self.query_one("#jobs").size)
+        if key != self._levels_key:
+            self._apply_levels()
         if not self._focused_once:
-            panels = list(self.query(JobPanel)) or list(self.query(GpuPanel))
+            panels = list(self._job_panels) or list(self._gpu_panels)
             if panels:
                 panels[0].focus(scroll_visible=False)
                 self._focused_once = True
@@ -253,14 +278,16 @@ class BatchmonApp(App[int]):
                 await box.remove_children()
                 await box.mount(NoGpuPanel(snap.nvml, snap.host, id="no-gpu"))
             self._dev_order = []
+            self._gpu_panels = []
             return
-        if keys != self._dev_order:
+        if keys != self._dev_order or not self._gpu_panels:
             focused_key = self._focused_key()
             await box.remove_children()
-            await box.mount_all([GpuPanel(v) for _, v in views])
+            self._gpu_panels = [GpuPanel(v) for _, v in views]
+            await box.mount_all(self._gpu_panels)
             self._dev_order = keys
             self._restore_focus(focused_key)
-        for panel, (_, view) in zip(box.query(GpuPanel), views):
+        for panel, (_, view) in zip(self._gpu_panels, views):
             panel.view = view
             panel.update_if_changed((view.device, tuple(view.history[-200:]), tuple(view.procs), panel.level))
 
@@ -316,21 +343,24 @@ class BatchmonApp(App[int]):
         groups = self._group_jobs(snap)
         self._jobs = {key: self._job_view(snap, key, ranks) for key, ranks in groups}
         keys = [k for k, _ in groups]
-        if keys != self._job_order or not box.children:
+        if keys != self._job_order or not box.children or self._warnings_panel is None:
             focused_key = self._focused_key()
             await box.remove_children()
-            widgets: list[Widget] = [JobPanel(self._jobs[k]) for k in keys] or [NoAgentsPanel(id="no-agents")]
-            widgets.append(WarningsPanel(id="warnings"))
+            self._job_panels = [JobPanel(self._jobs[k]) for k in keys]
+            self._warnings_panel = WarningsPanel(id="warnings")
+            widgets: list[Widget] = list(self._job_panels) or [NoAgentsPanel(id="no-agents")]
+            widgets.append(self._warnings_panel)
             await box.mount_all(widgets)
             self._job_order = keys
             self._restore_focus(focused_key)
-        for panel in box.query(JobPanel):
+        for panel in self._job_panels:
             panel.view = self._jobs[panel.view.key]
             panel.update_if_changed(job_signature(panel.view))
-        warn = box.query_one(WarningsPanel)
-        warn.warnings = snap.warnings
-        warn.display = bool(snap.warnings)
-        warn.update_if_changed(snap.warnings)
+        warn = self._warnings_panel
+        if warn.warnings != snap.warnings or warn.display != bool(snap.warnings):
+            warn.warnings = snap.warnings
+            warn.display = bool(snap.warnings)
+            warn.update_if_changed(snap.warnings)
 
     def _focused_key(self) -> str | None:
         f = self.focused
@@ -355,9 +385,11 @@ class BatchmonApp(App[int]):
             return
         w, h = self.size
         narrow, short = w < NARROW_WIDTH, h < SHORT_HEIGHT
-        gpus = list(self.query(GpuPanel))
-        jobs = list(self.query(JobPanel))
+        gpus = list(self._gpu_panels)
+        jobs = list(self._job_panels)
         focused = self.focused
+        self._levels_key = (tuple(map(id, gpus)), tuple(map(id, jobs)), focused, self.size,
+                            self.query_one("#jobs").size)
         for g in gpus:
             if len(gpus) == 1 and not short:
                 level = "full"

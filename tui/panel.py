@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from rich.text import Text
 from textual.geometry import Region, Size
+from textual.strip import Strip
+from textual.visual import Visual, visualize
 from textual.widget import Widget
 
 from batchmon.tui.messages import PanelFocused
@@ -18,6 +20,9 @@ class LinesPanel(Widget):
         super().__init__(id=id, classes=classes)
         self._cache: tuple[int, int, list[Text]] | None = None
         self._version = 0
+        # one rendered Strip per line of the cache, kept across updates for the lines that read the same
+        self._strips: list[Strip | None] = []
+        self._strips_key: tuple | None = None  # (width, version, visual style) the strips were made for
 
     def build(self, width: int) -> list[Text]:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -49,7 +54,12 @@ class LinesPanel(Widget):
         if len(new) != len(old[2]):
             self.refresh(layout=True)
             return True
-        dirty = [Region(0, y, width, 1) for y, (a, b) in enumerate(zip(old[2], new)) if a != b]
+        same = [a == b for a, b in zip(old[2], new)]
+        if self._strips_key is not None and self._strips_key[:2] == (width, self._version - 1):
+            # unchanged lines keep their rendered strips; only the others are rendered again
+            self._strips = [s if keep else None for s, keep in zip(self._strips, same)]
+            self._strips_key = (width, self._version, self._strips_key[2])
+        dirty = [Region(0, y, width, 1) for y, keep in enumerate(same) if not keep]
         if dirty:
             self.refresh(*dirty)
         return True
@@ -74,6 +84,31 @@ class LinesPanel(Widget):
         text.no_wrap = True
         text.overflow = "ellipsis"
         return text
+
+    def render_line(self, y: int) -> Strip:
+        """One content line, rendered as Textual renders the whole panel (same visual style, no wrap,
+        ellipsis), once per distinct line: a repaint after update_if_changed renders only the lines that
+        changed, where Textual's default renders every line of the panel again."""
+        width = self.content_size.width
+        lines = self.lines(width)
+        style = self.visual_style
+        key = (width, self._version, style)
+        if self._strips_key != key or len(self._strips) != len(lines):
+            self._strips = [None] * len(lines)
+            self._strips_key = key
+        self._dirty_regions.clear()  # what Widget._render_content would clear: nothing else reads it here
+        if not 0 <= y < len(lines):
+            return Strip.blank(width, style.rich_style)
+        strip = self._strips[y]
+        if strip is None:
+            visual = visualize(self, lines[y], markup=False)
+            strips = Visual.to_strips(self, visual, width, 1, style)
+            strip = self._strips[y] = strips[0] if strips else Strip.blank(width, style.rich_style)
+        return strip
+
+    def selection_updated(self, selection: object) -> None:
+        self._strips_key = None  # selected text is drawn into the strips
+        super().selection_updated(selection)  # type: ignore[arg-type]
 
     def on_resize(self) -> None:
         self.refresh(layout=True)

@@ -1,0 +1,93 @@
+"""The monitor's Linux driver: Textual's own, less its 10 Hz input poll (batchmon/tui/driver.py).
+
+Its input thread runs for real on a real pseudo-terminal; only the hand-off of parsed events to an app is
+replaced by a list (the app is not what is tested here). The monitor in a real terminal (keys, q) is covered by
+test_tui_tmux.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pty
+import signal
+import sys
+import threading
+import time
+import tty
+
+import pytest
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux driver")
+
+
+def wakeups(thread: threading.Thread) -> int:
+    """Times the thread was scheduled to run (its wake-ups), from /proc."""
+    with open(f"/proc/self/task/{thread.native_id}/schedstat") as fh:
+        return int(fh.read().split()[2])
+
+
+async def wait_until(predicate, timeout: float = 5.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+async def test_input_thread_reads_keys_times_out_a_lone_escape_sleeps_when_idle_and_stops_at_once():
+    from textual import events
+
+    from batchmon.tui.driver import IDLE_MAX_S, QuietLinuxDriver, available
+
+    assert available()  # the Textual internals it relies on are there (else the app uses Textual's driver)
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTSTP, signal.SIGCONT, signal.SIGWINCH)}
+    master, slave = pty.openpty()
+    tty.setraw(slave)  # as the driver's start_application_mode leaves the terminal: bytes, not lines
+    got: list = []
+
+    class Recording(QuietLinuxDriver):
+        def process_message(self, message) -> None:  # the app's side of the hand-off
+            got.append(message)
+
+    driver = Recording(None, mouse=False)  # type: ignore[arg-type]
+    driver.fileno = slave
+    thread = threading.Thread(target=driver.run_input_thread, daemon=True)
+    driver._key_thread = thread  # as start_application_mode does: disable_input joins it
+    thread.start()
+    try:
+        keys = lambda: [m.key for m in got if isinstance(m, events.Key)]  # noqa: E731
+        os.write(master, b"a")
+        await wait_until(lambda: "a" in keys(), what="the key a")
+        sent = time.monotonic()
+        os.write(master, b"\x1b")  # a lone Escape: only the parser's timeout turns it into a key
+        await wait_until(lambda: "escape" in keys(), what="the lone escape")
+        assert time.monotonic() - sent < 1.0  # waited for the parser's timeout, not for IDLE_MAX_S
+        before = wakeups(thread)
+        await asyncio.sleep(2.0)  # the measuring window: nothing typed
+        idle = wakeups(thread) - before
+        assert idle <= 2.0 / IDLE_MAX_S + 2, f"{idle} wake-ups in 2 s idle (Textual's own driver: about 20)"
+        t = time.monotonic()
+        driver.disable_input()
+        assert not thread.is_alive() and time.monotonic() - t < 0.5  # woken by the pipe, not the timeout
+    finally:
+        driver.exit_event.set()
+        thread.join(IDLE_MAX_S + 1)
+        for fd in (master, slave):
+            os.close(fd)
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
+def test_the_monitor_uses_it_on_linux_unless_a_driver_is_forced():
+    from textual import constants
+    from textual.drivers.linux_driver import LinuxDriver
+
+    from batchmon.tui.app import BatchmonApp
+    from batchmon.tui.driver import QuietLinuxDriver
+
+    cls = BatchmonApp().get_driver_class()
+    if constants.DRIVER is None:
+        assert cls is QuietLinuxDriver and issubclass(cls, LinuxDriver)
+    else:  # TEXTUAL_DRIVER set: Textual's choice stands
+        assert cls is not QuietLinuxDriver

@@ -1,0 +1,95 @@
+"""Textual's Linux driver without its 10-a-second input poll: the monitor's idle cost is mostly wake-ups.
+
+Textual's LinuxDriver reads the terminal in a thread that wakes every 0.1 s even when no key is pressed (to time
+out a lone Escape). For a monitor that refreshes once a second that thread was about a third of its idle CPU
+(bench/monitor_cpu.py, bench/results/monitor_cpu_devbox_*.json). This driver's input thread waits for input
+(at most IDLE_MAX_S), except while the key parser waits on a timeout (then exactly until it), and a pipe wakes
+it when input is disabled (quit, suspend). Everything else is Textual's own driver.
+
+Textual internals are used (the parser's ``_timeout_time``, the thread target's shape): ``available()`` says
+whether they look as expected, and the app falls back to Textual's driver otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+import selectors
+from codecs import getincrementaldecoder
+
+from textual._loop import loop_last
+from textual._time import get_time
+from textual._xterm_parser import XTermParser
+from textual.drivers.linux_driver import LinuxDriver
+
+POLL_S = 0.1  # Textual's own poll, used when the parser does not expose its timeout
+IDLE_MAX_S = 2.0  # the longest wait without input: bounds a quit that races the thread's start-up
+
+
+def available() -> bool:
+    """The Textual internals this driver relies on are there."""
+    return (hasattr(LinuxDriver, "run_input_thread") and hasattr(LinuxDriver, "disable_input")
+            and hasattr(LinuxDriver, "process_message") and "_timeout_time" in vars(XTermParser(False)))
+
+
+class QuietLinuxDriver(LinuxDriver):
+    """LinuxDriver whose input thread sleeps until there is input (or a pending key sequence times out)."""
+
+    _wake_w: int | None = None
+
+    def disable_input(self) -> None:
+        # LinuxDriver.disable_input sets exit_event and joins the input thread; the thread waits up to IDLE_MAX_S,
+        # so it needs a wake-up to see the flag at once. The byte is never read: until the flag is up, each wait returns
+        # at once (a few microseconds of spinning at most), then the thread ends.
+        wake = self._wake_w
+        if wake is not None:
+            try:
+                os.write(wake, b"x")
+            except OSError:
+                pass
+        super().disable_input()
+
+    def run_input_thread(self) -> None:
+        """Textual's run_input_thread, with a wait that ends on input, on the parser's timeout, or on the pipe."""
+        wake_r, wake_w = os.pipe()
+        self._wake_w = wake_w
+        selector = selectors.DefaultSelector()
+        selector.register(self.fileno, selectors.EVENT_READ, "tty")
+        selector.register(wake_r, selectors.EVENT_READ, "wake")
+        fileno = self.fileno
+        parser = XTermParser(self._debug)
+        feed, tick = parser.feed, parser.tick
+        decode = getincrementaldecoder("utf-8")().decode
+
+        def process(events: list, final: bool = False) -> None:
+            tty_events = [(key, mask) for key, mask in events if key.data == "tty"]
+            for last, (_key, mask) in loop_last(tty_events):
+                if mask & selectors.EVENT_READ:
+                    data = decode(os.read(fileno, 1024 * 4), final=final and last)
+                    if not data:
+                        break
+                    for event in feed(data):
+                        self.process_message(event)
+            for event in tick():
+                self.process_message(event)
+
+        def timeout() -> float | None:
+            due = getattr(parser, "_timeout_time", POLL_S)
+            if due is None:
+                return IDLE_MAX_S  # nothing pending: wait for input (or the wake pipe)
+            if due is POLL_S:
+                return POLL_S
+            return max(0.0, due - get_time())
+
+        try:
+            while not self.exit_event.is_set():
+                process(selector.select(timeout()))
+            selector.unregister(self.fileno)
+            process(selector.select(0.1), final=True)
+        finally:
+            self._wake_w = None
+            selector.close()
+            for fd in (wake_r, wake_w):
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
