@@ -333,7 +333,9 @@ class BatchmonApp(App[int]):
             def predict_total(b: int, _lead=lead, _state=state, _obs=observed, _dt=device_total) -> int | None:
                 return pred.total(_lead, _state.to_what_if(_obs, b), _dt)
 
-            chart = ChartInput(predict_total, points[-64:], device_total, prediction.max_batch, prediction.batch_size)
+            shown = tuple(points[-64:])
+            chart = ChartInput(predict_total, shown, device_total, prediction.max_batch, prediction.batch_size,
+                               key=(lead.key, shown, device_total, prediction.max_batch, prediction.batch_size, state))
         proc = snap.process(lead.hello.pid)
         return JobView(key, ranks, {a.key: snap.device_of(a) for a in ranks}, state, prediction, chart,
                        user=proc.user if proc else None, notes=notes)

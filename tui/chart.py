@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from collections import OrderedDict
+from typing import Callable, Hashable, Sequence
 
 from rich.text import Text
 
@@ -96,6 +97,9 @@ class ChartInput:
     device_total: int | None
     max_batch: int | None
     what_if_batch: int | None
+    # equal keys promise the same chart (same observations, what-if, limits): the drawing is then reused, so a
+    # steady run costs one chart per change rather than ~100 predictions every refresh; None never reuses
+    key: Hashable | None = None
 
 
 def nice_ceiling(x: float) -> int:
@@ -121,8 +125,27 @@ def x_range(inp: ChartInput) -> int:
     return nice_ceiling(max(candidates))
 
 
+_DRAWN: OrderedDict[tuple, list[Text]] = OrderedDict()
+_DRAWN_MAX = 32
+
+
 def render_chart(inp: ChartInput, width: int, height: int) -> list[Text]:
-    """The chart as ``height`` lines of ``width`` cells: y labels, plot, x axis and x labels included."""
+    """The chart as ``height`` lines of ``width`` cells: y labels, plot, x axis and x labels included.
+    Reused (as copies) while the input's key and the size stay the same."""
+    if inp.key is None:
+        return _draw(inp, width, height)
+    cache_key = (inp.key, width, height)
+    lines = _DRAWN.get(cache_key)
+    if lines is None:
+        lines = _DRAWN[cache_key] = _draw(inp, width, height)
+        while len(_DRAWN) > _DRAWN_MAX:
+            _DRAWN.popitem(last=False)
+    else:
+        _DRAWN.move_to_end(cache_key)
+    return [line.copy() for line in lines]
+
+
+def _draw(inp: ChartInput, width: int, height: int) -> list[Text]:
     label_w = 6
     plot_w = max(4, width - label_w - 1)
     plot_h = max(2, height - 2)
