@@ -252,7 +252,8 @@ class BatchmonApp(App[int]):
         out = []
         for s in (snap, *snap.remote):
             remote = s is not snap
-            agent_pids = {a.hello.pid: s.device_of(a) for a in s.agents if a.source in ("local", s.host.hostname)}
+            # every agent of this host's snapshot runs on this host, whatever alias --host gave it (its source)
+            agent_pids = {a.hello.pid: s.device_of(a) for a in s.agents}
             for dev in s.nvml.devices:
                 procs = [
                     ProcRow(p.pid, p.used, s.process(p.pid),

@@ -1,0 +1,21 @@
+"""A remote box's agents are marked on its GPU process rows whatever alias `--host` named the box by."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import tui_fixtures as fx
+from batchmon.tui.app import BatchmonApp
+
+
+def test_remote_agents_marked_on_their_process_rows_under_an_alias() -> None:
+    local = fx.no_agents()
+    box = fx.one_gpu(1)
+    assert box.host.hostname != "gpu1"
+    aliased = dataclasses.replace(box, agents=tuple(dataclasses.replace(a, source="gpu1") for a in box.agents))
+    snap = dataclasses.replace(local, remote=(aliased,))
+    views = dict(BatchmonApp(snapshot=snap)._device_views(snap))
+    remote_rows = [row for key, view in views.items() if key.startswith(f"{box.host.hostname}:") for row in view.procs]
+    agent_pid = box.agents[0].hello.pid
+    assert [row.agent for row in remote_rows if row.pid == agent_pid] == [True]
+    assert not any(row.agent for row in remote_rows if row.pid != agent_pid)
