@@ -154,8 +154,9 @@ class Hub:
         """One snapshot without a thread, for ``batchmon --once``.
 
         Connects to every agent socket, samples NVML, then reads until every connected agent has said hello
-        and its history burst has gone quiet for ``quiet`` seconds, or ``max_wait`` passes; then samples the
-        host and builds the snapshot. Closes everything before returning.
+        and sent the history burst its hello announced (an agent that announces none: until its lines have gone
+        quiet for ``quiet`` seconds), or ``max_wait`` passes; then samples the host and builds the snapshot.
+        Closes everything before returning.
         """
         try:
             self._open_probes()
@@ -166,9 +167,11 @@ class Hub:
                 now = time.monotonic()
                 if now >= deadline:
                     break
-                all_hello = all(self.state.has_hello(c.key) for c in self._conns.values())
-                if all_hello and now - self._last_data >= quiet:
+                received = [self.state.history_received(c.key) for c in self._conns.values()]
+                if all(received):  # every agent's announced history is in: exact, no waiting for quiet
                     break
+                if False not in received and now - self._last_data >= quiet:
+                    break  # agents that announce no burst: their burst is over once the lines go quiet
                 self._poll(min(deadline - now, quiet))
             self._sample_host(nvml_sample, always=True)
             self._drain_injected()

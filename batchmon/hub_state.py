@@ -72,6 +72,7 @@ class _Agent:
     connected: bool = True
     detached: bool = False
     invalid_lines: int = 0
+    burst_left: int | None = None  # lines of the history burst its hello announced still to come (None: not said)
     view: AgentView | None = None  # the last snapshot's view of this agent, reused while nothing changed
     view_key: tuple | None = None
     prediction_key: tuple | None = None
@@ -231,6 +232,8 @@ class HubState:
 
     def _agent_message(self, src: _Source, agent: _Agent, data: Any, error: Any) -> None:
         agent.connected = True
+        if agent.burst_left:
+            agent.burst_left -= 1  # counted before decoding: an invalid line of the burst is still one of it
         if data is None:
             self._invalid(src, agent, error or "line is not JSON")
             return
@@ -245,6 +248,7 @@ class HubState:
         if isinstance(msg, Hello):
             agent.hello = msg
             agent.detached = False
+            agent.burst_left = msg.history
         elif isinstance(msg, Step):
             last = agent.history.last
             # A reconnect resends the agent's history: keep each step once.
@@ -288,6 +292,15 @@ class HubState:
         src = self._sources.get(source)
         agent = src.agents.get(key) if src else None
         return agent is not None and agent.hello is not None
+
+    def history_received(self, key: str, source: str = LOCAL) -> bool | None:
+        """Whether an agent's announced history burst has all arrived: None when it said hello without
+        announcing one (an older agent: wait for quiet instead), False before its hello."""
+        src = self._sources.get(source)
+        agent = src.agents.get(key) if src else None
+        if agent is None or agent.hello is None:
+            return False
+        return None if agent.burst_left is None else agent.burst_left <= 0
 
     def agent_keys(self, source: str = LOCAL) -> list[str]:
         src = self._sources.get(source)

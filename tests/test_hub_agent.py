@@ -49,6 +49,23 @@ def test_hub_with_the_agent_transport(sockdir):
             hub.stop()
 
 
+def test_once_waits_for_exactly_the_history_the_hello_announced(sockdir):
+    transport_mod = pytest.importorskip("batchmon.agent_transport")
+    transport = transport_mod.Transport(protocol.socket_path(os.getpid(), sockdir))
+    transport.set_hello(make_hello(os.getpid()))
+    for n in range(1, 1801):
+        transport.put(make_step(n))
+    transport.start()
+    try:
+        wait_for(lambda: transport.running)
+        # quiet=0: no waiting for the lines to go quiet; only the announced count can make the burst complete
+        snap = Hub(socket_dir=sockdir).sample_once(max_wait=60.0, quiet=0.0)
+        (view,) = snap.agents
+        assert view.hello.history == 1800 and len(view.history) == 1800 and view.last_step.step == 1800
+    finally:
+        transport.close()
+
+
 TRAIN = textwrap.dedent("""
     import sys, torch, batchmon
     torch.manual_seed(0)

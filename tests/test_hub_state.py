@@ -76,6 +76,23 @@ def test_resent_history_after_reconnect_is_kept_once():
     assert [x.step for x in s.snapshot(1.0).agents[0].history] == [1, 2, 3, 4, 5, 6]
 
 
+def test_announced_history_burst_is_counted_to_its_end():
+    s = HubState()
+    assert s.history_received(KEY) is False  # nothing yet
+    s.ingest(agent(dataclasses.replace(make_hello(4242), history=3)))
+    s.ingest(agent(make_step(1)))
+    s.ingest({"t": 1, "kind": "agent", "source": "local", "key": KEY, "data": None, "error": "line is not JSON"})
+    assert s.history_received(KEY) is False  # two of three lines (an invalid one counts: it was sent)
+    s.ingest(agent(make_step(2)))
+    assert s.history_received(KEY) is True
+    s.ingest(agent(make_step(3)))  # live lines after the burst change nothing
+    assert s.history_received(KEY) is True
+    s.ingest(agent(make_hello(4242)))  # a hello without the count (an older agent): unknown, wait for quiet
+    assert s.history_received(KEY) is None
+    s.ingest(agent(dataclasses.replace(make_hello(4242), history=0)))
+    assert s.history_received(KEY) is True
+
+
 def test_invalid_messages_counted_per_agent_with_one_warning():
     s = HubState()
     s.ingest(agent(make_hello(4242)))
