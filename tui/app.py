@@ -232,7 +232,7 @@ class BatchmonApp(App[int]):
     async def _apply(self, snap: Snapshot) -> None:
         header = self.query_one(HeaderBar)
         header.snapshot, header.paused, header.interval = snap, self.paused, self.interval
-        header.refresh()
+        header.update_text()
         await self._apply_devices(snap)
         await self._apply_jobs(snap)
         # panel sizes depend on the panels, the focus (on_focus/on_blur re-run it), and the room: only when one

@@ -5,10 +5,12 @@ from __future__ import annotations
 import time as _time
 
 from rich.text import Text
+from textual.geometry import Region
 from textual.widget import Widget
 
 from batchmon.snapshot import Snapshot
 from batchmon.tui.fmt import fmt_bytes, fmt_interval
+from batchmon.tui.panel import changed_cells
 
 
 def header_text(snapshot: Snapshot | None, *, interval: float, paused: bool, title: str | None, width: int) -> Text:
@@ -66,6 +68,24 @@ class HeaderBar(Widget):
         self.paused = False
         self.interval = 1.0
 
-    def render(self) -> Text:
+    def _text(self) -> Text:
         return header_text(self.snapshot, interval=self.interval, paused=self.paused, title=self.title_text,
                            width=self.content_size.width or 80)
+
+    def update_text(self) -> None:
+        """Repaint the columns whose text changed since the last render (each second: the clock, perhaps the
+        host memory), or nothing; the whole line when it was never drawn at this width."""
+        shown: Text | None = getattr(self, "_shown", None)
+        width = self.content_size.width
+        if shown is None or width <= 0 or not self.is_mounted:
+            self.refresh()
+            return
+        new = self._text()
+        if new == shown and new.style == shown.style:
+            return
+        x0, x1 = changed_cells(shown, new, width)
+        self.refresh(Region(x0, 0, x1 - x0, 1))
+
+    def render(self) -> Text:
+        self._shown = self._text()
+        return self._shown

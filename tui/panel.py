@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from rich.cells import cell_len
 from rich.text import Text
 from textual.geometry import Region, Size
 from textual.strip import Strip
@@ -9,6 +10,33 @@ from textual.visual import Visual, visualize
 from textual.widget import Widget
 
 from batchmon.tui.messages import PanelFocused
+
+
+def changed_cells(old: Text, new: Text, width: int) -> tuple[int, int]:
+    """Columns [x0, x1) of a line drawn ``width`` cells wide where ``new`` can differ from ``old``: the start and,
+    at equal lengths, the end they share (text and styles) are left out. The whole width when in doubt (wide
+    characters, text longer than the line, styles split differently).
+
+    A repaint of only these columns is what reaches the terminal: the clock's seconds or a GPU's watts, not the
+    whole line (a full-width line with its colours is over a kilobyte of escape codes)."""
+    a, b = old.plain, new.plain
+    if (old.style != new.style or len(a) > width or len(b) > width or cell_len(a) != len(a)
+            or cell_len(b) != len(b)):
+        return 0, width
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    if old[:i] != new[:i]:
+        return 0, width
+    if len(a) != len(b):  # the rest moved: everything from i to the longer end (the other is blank there)
+        return (i, max(len(a), len(b))) if i < max(len(a), len(b)) else (0, width)
+    j = 0
+    while j < n - i and a[-1 - j] == b[-1 - j]:
+        j += 1
+    if j and old[len(a) - j:] != new[len(b) - j:]:
+        return 0, width
+    return (i, len(a) - j) if i < len(a) - j else (0, width)
 
 
 class LinesPanel(Widget):
@@ -59,7 +87,11 @@ class LinesPanel(Widget):
             # unchanged lines keep their rendered strips; only the others are rendered again
             self._strips = [s if keep else None for s, keep in zip(self._strips, same)]
             self._strips_key = (width, self._version, self._strips_key[2])
-        dirty = [Region(0, y, width, 1) for y, keep in enumerate(same) if not keep]
+        dirty = []
+        for y, keep in enumerate(same):
+            if not keep:
+                x0, x1 = changed_cells(old[2][y], new[y], width)
+                dirty.append(Region(x0, y, x1 - x0, 1))
         if dirty:
             self.refresh(*dirty)
         return True
