@@ -27,16 +27,22 @@ def changed_cells(old: Text, new: Text, width: int) -> tuple[int, int]:
     i = 0
     while i < n and a[i] == b[i]:
         i += 1
-    if old[:i] != new[:i]:
+    if _styles(old, 0, i) != _styles(new, 0, i):
         return 0, width
     if len(a) != len(b):  # the rest moved: everything from i to the longer end (the other is blank there)
         return (i, max(len(a), len(b))) if i < max(len(a), len(b)) else (0, width)
     j = 0
     while j < n - i and a[-1 - j] == b[-1 - j]:
         j += 1
-    if j and old[len(a) - j:] != new[len(b) - j:]:
+    if j and _styles(old, len(a) - j, len(a)) != _styles(new, len(b) - j, len(b)):
         return 0, width
     return (i, len(a) - j) if i < len(a) - j else (0, width)
+
+
+def _styles(text: Text, lo: int, hi: int) -> list[tuple[int, int, object]]:
+    """The text's style spans cut to [lo, hi), relative to lo (cheaper than slicing the Text)."""
+    return [(max(sp.start, lo) - lo, min(sp.end, hi) - lo, sp.style) for sp in text.spans
+            if sp.start < hi and sp.end > lo and sp.start < sp.end]
 
 
 class LinesPanel(Widget):
