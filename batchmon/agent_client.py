@@ -12,6 +12,7 @@ import json
 import os
 import socket
 import stat
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,7 @@ class AgentConnection:
         self.pid = pid
         self.path = path
         self.key = key
+        self.opened = time.monotonic()
         self.sock: socket.socket | None = None
         self.lines = protocol.LineBuffer(protocol.MAX_LINE_BYTES)
         self._oversized_seen = 0

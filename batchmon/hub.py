@@ -69,6 +69,11 @@ class Hub:
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self._sel.register(self._wake_r, selectors.EVENT_READ, None)
+        # Between ticks the IO thread waits on this one: the wake pipe and the connections still in their first
+        # history burst. A steady agent's lines wait in its socket until the tick that shows them (snapshots are
+        # built only at ticks, so they show the same steps), and a training step costs the monitor no wake-up.
+        self._idle_sel = selectors.DefaultSelector()
+        self._idle_sel.register(self._wake_r, selectors.EVENT_READ, None)
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -193,9 +198,10 @@ class Hub:
                 now = time.monotonic()
                 if last_tick is None or now - last_tick >= self._interval:
                     last_tick = now
+                    self._read_agents(now + min(self._interval / 2, 0.2))
                     self._tick()
                     continue
-                self._poll(max(0.0, last_tick + self._interval - now), last_tick + self._interval)
+                self._poll(max(0.0, last_tick + self._interval - now), last_tick + self._interval, idle=True)
         except BaseException as exc:  # noqa: BLE001 - kept for the owner (recorder failure, broken pipe)
             self.error = exc
         finally:
@@ -354,6 +360,7 @@ class Hub:
             self._conns[found.pid] = conn
             self._disconnected.pop(found.pid, None)
             self._sel.register(conn.sock, selectors.EVENT_READ, conn)
+            self._idle_sel.register(conn.sock, selectors.EVENT_READ, conn)
             return True
         if result == ConnectResult.STALE and not pid_alive(found.pid):
             unlink_stale(found.path)
@@ -369,11 +376,28 @@ class Hub:
                 del self._disconnected[pid]
                 self._emit({"t": time.time(), "kind": "agent_gone", "source": LOCAL, "key": key})
 
-    def _poll(self, timeout: float, until: float | None = None) -> None:
+    def _read_agents(self, until: float) -> None:
+        """At a tick: everything the agents sent since the last one, within a time budget (a burst's rest is
+        read first at the next tick)."""
+        while True:
+            self._poll(0.0, until)
+            if self._pending or not self._sel.select(0) or time.monotonic() >= until:
+                return
+
+    def _settled(self, conn: AgentConnection) -> None:
+        """A connection whose history burst is in waits for the ticks from now on (see _idle_sel)."""
+        received = self.state.history_received(conn.key)
+        if received or (received is None and time.monotonic() - conn.opened > 1.0):
+            try:
+                self._idle_sel.unregister(conn.sock)
+            except (KeyError, ValueError, OSError):
+                pass
+
+    def _poll(self, timeout: float, until: float | None = None, idle: bool = False) -> None:
         """Read what the agents sent. With ``until`` (the next tick, monotonic), stop between connections once
         it has passed: a burst (64 agents each sending a 2000-step history on connect) must not hold back the
         snapshots; the connections not yet read are read first next time, so none is starved."""
-        events, self._pending = self._pending or self._sel.select(timeout), []
+        events, self._pending = self._pending or (self._idle_sel if idle else self._sel).select(timeout), []
         for i, (sel_key, _) in enumerate(events):
             if until is not None and i and time.monotonic() >= until:
                 self._pending = events[i:]
@@ -396,10 +420,16 @@ class Hub:
                 self._emit(record)
             if conn.eof:
                 self._drop(conn)
+            elif idle:
+                self._settled(conn)
 
     def _drop(self, conn: AgentConnection) -> None:
         try:
             self._sel.unregister(conn.sock)
+        except (KeyError, ValueError, OSError):
+            pass
+        try:
+            self._idle_sel.unregister(conn.sock)
         except (KeyError, ValueError, OSError):
             pass
         conn.close()
@@ -426,6 +456,10 @@ class Hub:
         try:
             self._sel.close()
         except Exception:  # noqa: BLE001
+            pass
+        try:
+            self._idle_sel.close()
+        except OSError:
             pass
         for s in (self._wake_r, self._wake_w):
             s.close()
