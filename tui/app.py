@@ -19,6 +19,7 @@ from textual.containers import Container, VerticalScroll
 from textual.widget import Widget
 from textual.widgets import Footer
 
+from batchmon.jobs import Job, group_jobs
 from batchmon.snapshot import AgentView, Snapshot
 from batchmon.tui.chart import ChartInput
 from batchmon.tui.fmt import fmt_interval
@@ -293,19 +294,13 @@ class BatchmonApp(App[int]):
             panel.update_if_changed((view.device, tuple(view.history[-200:]), tuple(view.procs), panel.level))
 
     def _group_jobs(self, snap: Snapshot) -> list[tuple[str, list[AgentView]]]:
-        groups: dict[str, list[AgentView]] = {}
-        for agent in snap.agents:
-            groups.setdefault(agent.job, []).append(agent)
+        """batchmon.jobs' grouping (ranks by rank, then pid), jobs in the order of their lead's GPU, then pid."""
 
-        def order(item: tuple[str, list[AgentView]]) -> tuple:
-            lead = min(item[1], key=lambda a: (a.hello.rank, a.hello.pid))
-            dev = snap.device_of(lead)
-            return (dev.index if dev else 1 << 20, lead.hello.pid)
+        def order(job: Job) -> tuple:
+            dev = snap.device_of(job.lead)
+            return (dev.index if dev else 1 << 20, job.lead.hello.pid)
 
-        out = []
-        for key, ranks in sorted(groups.items(), key=order):
-            out.append((key, sorted(ranks, key=lambda a: (a.hello.rank, a.hello.pid))))
-        return out
+        return [(job.key, list(job.ranks)) for job in sorted(group_jobs(snap.agents), key=order)]
 
     def _job_view(self, snap: Snapshot, key: str, ranks: list[AgentView]) -> JobView:
         lead = ranks[0]
