@@ -288,11 +288,6 @@ class HubState:
         src = self._sources.get(source)
         return [] if src is None else [a.hello.pid for a in src.agents.values() if a.hello is not None]
 
-    def has_hello(self, key: str, source: str = LOCAL) -> bool:
-        src = self._sources.get(source)
-        agent = src.agents.get(key) if src else None
-        return agent is not None and agent.hello is not None
-
     def history_received(self, key: str, source: str = LOCAL) -> bool | None:
         """Whether an agent's announced history burst has all arrived: None when it said hello without
         announcing one (an older agent: wait for quiet instead), False before its hello."""

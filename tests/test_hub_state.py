@@ -180,7 +180,7 @@ def test_agents_without_hello_are_not_shown_but_pids_come_from_hellos():
     s.ingest(agent(make_step(1)))
     assert s.snapshot(1.0).agents == ()
     s.ingest(agent(make_hello(4242)))
-    assert s.agent_pids() == [4242] and s.has_hello(KEY)
+    assert s.agent_pids() == [4242] and s.history_received(KEY) is not False
     assert [x.step for x in s.snapshot(1.0).agents[0].history] == [1]
 
 
