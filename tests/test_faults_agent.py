@@ -27,7 +27,7 @@ import batchmon
 from batchmon import agent
 from batchmon.protocol import Event, Hello, Step
 
-from agent_helpers import Reader, wait_for
+from agent_helpers import Reader, agent_dir, wait_for  # noqa: F401 (agent_dir: a fixture)
 
 STEPS = 12
 
@@ -119,16 +119,6 @@ def baseline() -> dict[str, list[float]]:
     return {kind: train(kind) for kind in ("mlp", "weird")}
 
 
-@pytest.fixture
-def sock_dir(monkeypatch: pytest.MonkeyPatch):
-    base = tempfile.mkdtemp(prefix="bmf")
-    path = Path(base) / "s"
-    monkeypatch.setenv("BATCHMON_DIR", str(path))
-    yield path
-    agent.detach()
-    shutil.rmtree(base, ignore_errors=True)
-
-
 def agent_lines(err: str) -> list[str]:
     return [ln for ln in err.splitlines() if ln.startswith("batchmon:")]
 
@@ -172,14 +162,14 @@ def fresh_reader_sees_steps(handle: agent.AgentHandle) -> None:
 # ------------------------------------------------------------------------------------------ the matrix
 
 
-def test_no_monitor(baseline, sock_dir, capfd) -> None:
+def test_no_monitor(baseline, agent_dir, capfd) -> None:
     assert train("mlp", attach=True) == baseline["mlp"]
     handle = agent.current()
     assert handle is not None and handle.socket_path is not None and handle.socket_path.exists()
     assert_clean(capfd, handle)
 
 
-def test_torch_without_cuda(baseline, sock_dir, capfd) -> None:
+def test_torch_without_cuda(baseline, agent_dir, capfd) -> None:
     assert not torch.cuda.is_available()  # the CPU build: the agent must not need CUDA
     assert train("mlp", attach=True) == baseline["mlp"]
     handle = agent.current()
@@ -189,7 +179,7 @@ def test_torch_without_cuda(baseline, sock_dir, capfd) -> None:
     assert last.allocated is None and last.device_used is None  # CUDA-only figures are absent, not made up
 
 
-def test_unknown_model_and_optimizer(baseline, sock_dir, capfd) -> None:
+def test_unknown_model_and_optimizer(baseline, agent_dir, capfd) -> None:
     assert train("weird", attach=True) == baseline["weird"]
     handle = agent.current()
     assert_clean(capfd, handle)
@@ -213,7 +203,7 @@ while True:
 """
 
 
-def test_monitor_killed_mid_stream(baseline, sock_dir, capfd) -> None:
+def test_monitor_killed_mid_stream(baseline, agent_dir, capfd) -> None:
     procs: list[subprocess.Popen[str]] = []
 
     def on_step(i: int) -> None:
@@ -240,7 +230,7 @@ def test_monitor_killed_mid_stream(baseline, sock_dir, capfd) -> None:
     assert_clean(capfd, handle)
 
 
-def test_monitor_that_never_reads(baseline, sock_dir, capfd, monkeypatch) -> None:
+def test_monitor_that_never_reads(baseline, agent_dir, capfd, monkeypatch) -> None:
     from batchmon import agent_transport
 
     # A small kernel send buffer (accepted sockets inherit it from the listener) and a small per-monitor bound,
@@ -274,7 +264,7 @@ def test_monitor_that_never_reads(baseline, sock_dir, capfd, monkeypatch) -> Non
     assert losses == train("mlp", steps=steps)  # unattached, same seed
 
 
-def test_fifty_monitors_at_once(baseline, sock_dir, capfd) -> None:
+def test_fifty_monitors_at_once(baseline, agent_dir, capfd) -> None:
     readers: list[Reader] = []
 
     def on_step(i: int) -> None:
@@ -304,7 +294,7 @@ def test_fifty_monitors_at_once(baseline, sock_dir, capfd) -> None:
     assert_clean(capfd, agent.current())
 
 
-def test_garbage_partial_lines_and_100mb_line(baseline, sock_dir, capfd) -> None:
+def test_garbage_partial_lines_and_100mb_line(baseline, agent_dir, capfd) -> None:
     done = threading.Event()
     sent: list[int] = []
 

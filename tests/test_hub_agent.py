@@ -20,13 +20,19 @@ def sockdir(tmp_path):
     return protocol.ensure_socket_dir(tmp_path / "sock")
 
 
-def test_hub_with_the_agent_transport(sockdir):
+def started_transport(sockdir, steps: int):
+    """The agent's real transport in this process, with a hello and ``steps`` steps of history."""
     transport_mod = pytest.importorskip("batchmon.agent_transport")
     transport = transport_mod.Transport(protocol.socket_path(os.getpid(), sockdir))
     transport.set_hello(make_hello(os.getpid()))
-    for n in range(1, 1501):
+    for n in range(1, steps + 1):
         transport.put(make_step(n))
     transport.start()
+    return transport
+
+
+def test_hub_with_the_agent_transport(sockdir):
+    transport = started_transport(sockdir, 1500)
     hub = None
     try:
         wait_for(lambda: transport.running)
@@ -50,12 +56,7 @@ def test_hub_with_the_agent_transport(sockdir):
 
 
 def test_once_waits_for_exactly_the_history_the_hello_announced(sockdir):
-    transport_mod = pytest.importorskip("batchmon.agent_transport")
-    transport = transport_mod.Transport(protocol.socket_path(os.getpid(), sockdir))
-    transport.set_hello(make_hello(os.getpid()))
-    for n in range(1, 1801):
-        transport.put(make_step(n))
-    transport.start()
+    transport = started_transport(sockdir, 1800)
     try:
         wait_for(lambda: transport.running)
         # quiet=0: no waiting for the lines to go quiet; only the announced count can make the burst complete
