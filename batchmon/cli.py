@@ -48,11 +48,12 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _add_monitor_options(p: argparse.ArgumentParser) -> None:
+def _add_monitor_options(p: argparse.ArgumentParser, *, remote_hosts: bool = True) -> None:
     p.add_argument("--interval", type=_positive_float, default=1.0, metavar="SECONDS",
                    help="refresh interval of probes and screen (default: 1.0)")
-    p.add_argument("--host", action="append", default=[], metavar="HOST",
-                   help="also show a remote box through `ssh HOST batchmon stream` (repeatable)")
+    if remote_hosts:
+        p.add_argument("--host", action="append", default=[], metavar="HOST",
+                       help="also show a remote box through `ssh HOST batchmon stream` (repeatable)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -110,9 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="serve metrics for Prometheus")
     p.add_argument("--prometheus", action="store_true", required=True, help="Prometheus text format over HTTP")
-    p.add_argument("--bind", default="127.0.0.1", metavar="ADDR", help="address to bind (default: loopback)")
+    p.add_argument("--host", "--bind", dest="bind", default="127.0.0.1", metavar="ADDR",
+                   help="address to serve on (default: 127.0.0.1, loopback only; 0.0.0.0 for every interface)")
     p.add_argument("--port", type=int, default=9400, help="port (default: 9400)")
-    _add_monitor_options(p)
+    _add_monitor_options(p, remote_hosts=False)  # one exporter per box: its --host is where it listens
     p.set_defaults(handler="batchmon.export:main")
     return parser
 

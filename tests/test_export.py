@@ -141,10 +141,22 @@ def stop_after_exit(proc: subprocess.Popen) -> tuple[int, str, str]:
     return proc.returncode, out, err
 
 
-def test_export_refuses_remote_hosts(sockdir):
-    proc = start_exporter(sockdir, free_port(), "--host", "gpu1")
+@pytest.mark.parametrize("flag", ["--host", "--bind"])
+def test_export_host_is_the_address_it_listens_on(sockdir, flag):
+    port = free_port()
+    proc = start_exporter(sockdir, port, flag, "127.0.0.1")
+    try:
+        text = wait_for(lambda: scrape(port), 60, "first scrape")
+        assert all(f"# TYPE {fam} gauge" in text for fam in FAMILIES)
+    finally:
+        code, out, err = stop(proc)
+    assert code == 0 and f"on http://127.0.0.1:{port}/metrics" in out and "Traceback" not in err
+
+
+def test_export_host_that_is_not_an_address_here_is_one_line_error(sockdir):
+    proc = start_exporter(sockdir, free_port(), "--host", "gpu1.invalid")
     code, _, err = stop_after_exit(proc)
-    assert code == 1 and "export --host is not supported" in err and "Traceback" not in err
+    assert code == 1 and err.strip().startswith("batchmon: error: cannot listen on gpu1.invalid:") and "Traceback" not in err
 
 
 @pytest.mark.parametrize("fixture", ["tui_h200_two_jobs.jsonl"])
