@@ -297,13 +297,24 @@ class BatchmonApp(App[int]):
         """batchmon.jobs' grouping (ranks by rank, then pid), jobs in the order of their lead's GPU, then pid."""
 
         def order(job: Job) -> tuple:
-            dev = snap.device_of(job.lead)
-            return (dev.index if dev else 1 << 20, job.lead.hello.pid)
+            dev = self._box_of(snap, job.lead).device_of(job.lead)
+            return (job.lead.source != "local", dev.index if dev else 1 << 20, job.lead.hello.pid)
 
-        return [(job.key, list(job.ranks)) for job in sorted(group_jobs(snap.agents), key=order)]
+        agents = [a for box in (snap, *snap.remote) for a in box.agents]  # --host boxes' jobs get panels too
+        return [(job.key, list(job.ranks)) for job in sorted(group_jobs(agents), key=order)]
+
+    @staticmethod
+    def _box_of(snap: Snapshot, agent: AgentView) -> Snapshot:
+        """The snapshot of the box an agent runs on: its devices and processes are there."""
+        for box in snap.remote:
+            if any(a is agent for a in box.agents):
+                return box
+        return snap
 
     def _job_view(self, snap: Snapshot, key: str, ranks: list[AgentView]) -> JobView:
         lead = ranks[0]
+        box = self._box_of(snap, lead)
+        remote, snap = box is not snap, box
         state = self.what_ifs.get(key, WhatIfState())
         dev = snap.device_of(lead)
         device_total = dev.memory.total if dev is not None and dev.memory is not None else None
@@ -334,7 +345,7 @@ class BatchmonApp(App[int]):
                                key=(lead.key, shown, device_total, prediction.max_batch, prediction.batch_size, state))
         proc = snap.process(lead.hello.pid)
         return JobView(key, ranks, {a.key: snap.device_of(a) for a in ranks}, state, prediction, chart,
-                       user=proc.user if proc else None, notes=notes)
+                       user=proc.user if proc else None, notes=notes, host=snap.host.hostname if remote else "")
 
     async def _apply_jobs(self, snap: Snapshot) -> None:
         box = self.query_one("#jobs", VerticalScroll)

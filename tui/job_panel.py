@@ -39,6 +39,7 @@ class JobView:
     chart: ChartInput | None
     user: str | None = None
     notes: list[str] = field(default_factory=list)  # model errors, "waiting for steps"
+    host: str = ""  # the remote box (--host) it runs on, named in its title as in its GPU's panel; "" when local
 
     @property
     def lead(self) -> AgentView:
@@ -70,6 +71,8 @@ def _title(v: JobView, focused_marker: bool, width: int = 200) -> Text:
         parts.append((f"  {len(v.ranks)}/{a.hello.world_size} ranks", "#b07cf0", 0))
     parts.append((f"  {_device_label(a, v.devices.get(a.key))}", DIM, 0))
     parts.append((f"  pid {a.hello.pid}", DIM, 0))
+    if v.host:
+        parts.append((f" @{v.host}", DIM, 0))
     if v.user:
         parts.append((f" {v.user}", DIM, 2))
     if a.detached:
