@@ -17,6 +17,13 @@ from agent_helpers import EXAMPLES, ROOT, Reader, agent_dir, batchmon_cmd, run_b
 PY = sys.executable
 
 
+def default_signals() -> None:
+    """In the launcher before exec: the signals it is sent start at their defaults, as from a terminal, whatever
+    this test process holds at that moment (an ignored SIGINT would be inherited by the child and lost)."""
+    for sig in (signal.SIGINT, signal.SIGQUIT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 def test_exit_code_passes_through():
     result = run_batchmon("run", "--", PY, "-c", "import sys; sys.exit(3)")
     assert result.returncode == 3 and result.stderr == ""
@@ -53,7 +60,8 @@ def test_not_executable_exits_126(tmp_path):
 
 def _start(child_code: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     proc = subprocess.Popen(batchmon_cmd("run", "--", PY, "-c", child_code), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})},
+                            preexec_fn=default_signals)
     assert proc.stdout is not None
     assert proc.stdout.readline().strip() == "ready"  # the child is up and has its handlers
     return proc
