@@ -104,19 +104,22 @@ def main(args: Any) -> int:
     hub = Hub(interval=args.interval)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(SnapshotCollector(hub.snapshot))
-    try:
-        server, thread = start_http_server(args.port, addr=args.bind, registry=registry)
-    except OSError as exc:
-        why = "address already in use" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
-        raise CliError(f"cannot listen on {args.bind}:{args.port}: {why}") from None
     previous = {}
     for sig in (signal.SIGTERM, signal.SIGHUP):
         try:
             previous[sig] = signal.signal(sig, _raise_stop)
         except (ValueError, OSError):
             pass
-    print(f"batchmon: serving Prometheus metrics on http://{args.bind}:{args.port}/metrics", flush=True)
+    server = None
+    # everything after the server is up runs inside the try: a Ctrl-C as soon as the first scrape answers
+    # (a script, a test) is a clean stop, not an interrupted start-up (it exited 130 there, silently)
     try:
+        try:
+            server, _ = start_http_server(args.port, addr=args.bind, registry=registry)
+        except OSError as exc:
+            why = "address already in use" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
+            raise CliError(f"cannot listen on {args.bind}:{args.port}: {why}") from None
+        print(f"batchmon: serving Prometheus metrics on http://{args.bind}:{args.port}/metrics", flush=True)
         hub.start()
         while hub.running:
             hub.wait(0.5)
@@ -124,8 +127,9 @@ def main(args: Any) -> int:
         pass
     finally:
         hub.stop()
-        server.shutdown()
-        server.server_close()
+        if server is not None:
+            server.shutdown()
+            server.server_close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     if hub.error is not None:

@@ -77,6 +77,7 @@ class _Agent:
     view_key: tuple | None = None
     prediction_key: tuple | None = None
     prediction: Any = None
+    model: Any = None  # the MemoryModel behind ``prediction``
     prediction_time: float | None = None  # snapshot time of the last fit
     prediction_sizes: frozenset = frozenset()  # batch sizes that fit saw
 
@@ -350,7 +351,7 @@ class HubState:
                            invalid_lines=agent.invalid_lines)
         prediction = self._predict(src, agent, view, base)
         if prediction is not view.prediction:
-            view = replace(view, prediction=prediction)
+            view = replace(view, prediction=prediction, model=agent.model)
         agent.view, agent.view_key = view, (history.appended, agent.events_added)
         return view
 
@@ -377,12 +378,14 @@ class HubState:
             return agent.prediction
         agent.prediction_key, agent.prediction_time = key, base.time
         agent.prediction_sizes = history.batch_sizes()
-        agent.prediction = None
+        agent.prediction = agent.model = None
         try:
             from batchmon import memory_model
 
-            agent.prediction = memory_model.predict_from_steps(history.model_steps(), device_total,
-                                                               optimizer=view.hello.optimizer)
+            model = memory_model.fit(history.window().model_steps(), optimizer=view.hello.optimizer)
+            if model is not None:
+                agent.prediction = model.predict(memory_model.WhatIf(), device_total=device_total)
+                agent.model = model
         except Exception as exc:  # noqa: BLE001 - a model bug costs the prediction, never the monitor
             self.warn(src.name, "memory model", "prediction failed", f"{type(exc).__name__}: {_short(exc)}")
         return agent.prediction

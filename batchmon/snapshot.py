@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from batchmon.memory_model import Prediction
+from batchmon.memory_model import MemoryModel, Prediction
 from batchmon.probes.host import HostSample, ProcessInfo
 from batchmon.probes.nvml import DeviceSample, NvmlSample
 from batchmon.protocol import Event, Hello, Step
@@ -30,6 +30,9 @@ class AgentView:
     detached: bool = False  # said bye
     invalid_lines: int = 0  # lines dropped from this agent as invalid
     prediction: Prediction | None = None
+    # the fitted model the prediction came from (the hub's; None in recordings' own views): the TUI's what-ifs
+    # and chart ask it instead of fitting the same steps again, so they agree with the prediction
+    model: MemoryModel | None = field(default=None, compare=False, repr=False)
 
     @property
     def job(self) -> str:

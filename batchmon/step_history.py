@@ -37,10 +37,20 @@ class StepWindow(Sequence):
     underlying list is fixed at creation and the list is only appended to, so its contents never change.
     """
 
-    __slots__ = ("_buf", "_start", "_stop")
+    __slots__ = ("_buf", "_start", "_stop", "_summary")
 
-    def __init__(self, buf: list[Step], start: int, stop: int) -> None:
+    def __init__(self, buf: list[Step], start: int, stop: int, summary: list[Step] | None = None) -> None:
         self._buf, self._start, self._stop = buf, start, stop
+        self._summary = tuple(summary) if summary is not None else None
+
+    def model_steps(self) -> list[Step]:
+        """The memory model's bounded summary of these steps (StepHistory.model_steps when the window was
+        made): what the hub fits its prediction on, so the UI's what-ifs fit the same steps without a rescan."""
+        if self._summary is not None:
+            return list(self._summary)
+        from batchmon.hub_state import model_steps  # the reference definition, O(history)
+
+        return model_steps(tuple(self))
 
     def __len__(self) -> int:
         return self._stop - self._start
@@ -158,7 +168,7 @@ class StepHistory:
     def window(self) -> StepWindow:
         """The steps now, as an immutable sequence (O(1); the same object until the next append)."""
         if self._window is None:
-            self._window = StepWindow(self._buf, self._start, len(self._buf))
+            self._window = StepWindow(self._buf, self._start, len(self._buf), self.model_steps())
         return self._window
 
     def batch_sizes(self) -> frozenset:

@@ -54,6 +54,23 @@ def drain(fd: int, until: float) -> int:
             total += len(data)
 
 
+def thread_cpu_ns(pid: int) -> dict[int, int]:
+    """Each thread's time on a CPU in ns (/proc/PID/task/TID/schedstat: ns, where cpu_times counts 10 ms ticks),
+    by thread id; the lowest id is the main thread."""
+    out = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                out[int(tid)] = int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            pass
+    return out
+
+
 def cpu_seconds(proc: psutil.Process) -> tuple[float, float]:
     t = proc.cpu_times()
     return t.user, t.system
@@ -137,9 +154,11 @@ def run(args: argparse.Namespace) -> dict:
         _, status = os.waitpid(pid, 0)
         raise SystemExit(f"monitor_cpu: the monitor exited during warm-up (status {status}); run `{' '.join(argv)}` by hand")
     u0, s0 = cpu_seconds(proc)
+    th0 = thread_cpu_ns(pid)
     t0 = time.monotonic()
     out_bytes_steady = drain(fd, t0 + args.duration)
     u1, s1 = cpu_seconds(proc)
+    th1 = thread_cpu_ns(pid)
     t1 = time.monotonic()
     out_bytes += out_bytes_steady
 
@@ -179,6 +198,9 @@ def run(args: argparse.Namespace) -> dict:
         "cpu_user_steady": round(u1 - u0, 4),
         "cpu_system_steady": round(s1 - s0, 4),
         "cpu_percent_steady": round(100 * steady / window, 3) if window > 0 else None,
+        # per thread (ns clock, finer than the ticks above), in thread id order: main first, then the threads
+        # in the order they started (for the monitor: hub, Textual's output and input threads)
+        "threads_cpu_s": [round((th1[t] - th0.get(t, 0)) / 1e9, 4) for t in sorted(th1)],
         "cpu_seconds_total": round(u1 + s1, 4),
         "terminal_bytes_steady": out_bytes_steady,
         "terminal_bytes_per_s": round(out_bytes_steady / window, 1) if window > 0 else None,
@@ -229,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"monitor ({result['mode']}, {args.size[0]}x{args.size[1]}): {result['cpu_seconds_steady']:.3f} CPU s over "
           f"{result['window_s']:.1f} s = {result['cpu_percent_steady']:.2f}% of one core; "
           f"{result['terminal_bytes_per_s']:.0f} B/s to the terminal; q -> exit {result['exit_code_after_q']}")
+    print("  per thread (main first): " + ", ".join(f"{t:.3f}" for t in result["threads_cpu_s"]) + " s")
     print(f"wrote {path}")
     return 0 if result["exit_code_after_q"] == 0 else 1
 

@@ -127,7 +127,7 @@ def test_a_failing_memory_model_costs_the_prediction_not_the_snapshot(monkeypatc
         calls.append(a)
         raise ZeroDivisionError("bad fit")
 
-    monkeypatch.setattr(memory_model, "predict_from_steps", broken, raising=False)
+    monkeypatch.setattr(memory_model, "fit", broken, raising=False)
     s = HubState()
     s.ingest(agent(make_hello(4242)))
     s.ingest(agent(make_step(1)))
@@ -262,6 +262,7 @@ def test_step_history_keeps_model_steps_exact_under_eviction(limit, spec, recent
         got = h.model_steps(recent, sizes)
         want = model_steps(window, recent, sizes)
         assert [s.step for s in got] == [s.step for s in want]
+        assert [s.step for s in h.window().model_steps()] == [s.step for s in model_steps(window)]
         assert h.batch_sizes() == frozenset(s.batch_size for s in window)
 
 
@@ -286,10 +287,11 @@ def test_unchanged_agent_keeps_its_view_object_between_snapshots():
 
 
 def test_step_window_is_immutable_across_appends_and_compaction_and_acts_like_a_tuple():
-    from batchmon.step_history import COMPACT_EVERY, StepHistory
+    from batchmon.hub_state import model_steps
+    from batchmon.step_history import COMPACT_EVERY, StepHistory, StepWindow
 
     h = StepHistory(10)
-    steps = [_history_step(n, 16, n) for n in range(1, 3 * COMPACT_EVERY + 30)]
+    steps = [_history_step(n, 16 + n % 50, n % 7) for n in range(1, 3 * COMPACT_EVERY + 30)]
     old_windows = []
     for i, step in enumerate(steps):
         h.append(step)
@@ -301,9 +303,31 @@ def test_step_window_is_immutable_across_appends_and_compaction_and_acts_like_a_
         assert w[0] is want[0] and w[-1] is want[-1] and w[-3:] == want[-3:] and w[::2] == want[::2]
         assert w[5:2] == () and w[-100:] == want and len(w) == len(want) and bool(w)
         assert w + () == want and () + w == want and w != want[:-1] and not (w == list(want))
+    bare = StepWindow(steps, 3, 80)  # made without a summary: the reference definition answers
+    assert bare.model_steps() == model_steps(tuple(steps[3:80])) and len(bare.model_steps()) < 77
     with pytest.raises(IndexError):
         old_windows[-1][0][10]
     assert StepHistory(5).window() == () and not StepHistory(5).window()
+
+
+def test_step_window_carries_the_summary_of_its_own_steps():
+    """What the UI fits on: every window's model_steps() is the reference summary of exactly its steps, also
+    after later appends, evictions and compactions changed the history's own summary."""
+    from batchmon.hub_state import model_steps
+    from batchmon.step_history import StepHistory
+
+    h = StepHistory(150)
+    windows = []
+    for n in range(1, 400):
+        h.append(_history_step(n, 1 + (n * 7) % 45, (n * 13) % 11))
+        if n % 9 == 0:
+            windows.append(h.window())
+    long = [w for w in windows if len(w) > 1 + 32 + 32]
+    assert long  # the summary is shorter than the window there
+    for w in windows:
+        want = model_steps(tuple(w))
+        assert [x.step for x in w.model_steps()] == [x.step for x in want]
+    assert len(long[-1].model_steps()) < len(long[-1])
 
 
 def test_probe_sample_objects_are_taken_as_they_are_and_equal_their_dict_form():

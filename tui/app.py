@@ -29,7 +29,7 @@ from batchmon.tui.job_panel import JobPanel, JobView, command_text
 from batchmon.tui.messages import PanelFocused, SnapshotArrived
 from batchmon.tui.notices import NoAgentsPanel, NoGpuPanel, WarningsPanel
 from batchmon.tui.panel import LinesPanel
-from batchmon.tui.predict import Predictor, measured_total
+from batchmon.tui.predict import Predictor, fit_steps, measured_total
 from batchmon.tui.screens import EXTRA_KEYS, BatchPrompt, HelpScreen
 from batchmon.tui.state import WhatIfState, cycle_interval, next_interval
 
@@ -196,11 +196,15 @@ class BatchmonApp(App[int]):
         """Thread-safe: hand a new Snapshot to the UI. Call from any thread."""
         self.post_message(SnapshotArrived(snapshot))
 
-    def on_snapshot_arrived(self, message: SnapshotArrived) -> None:
+    async def on_snapshot_arrived(self, message: SnapshotArrived) -> None:
         self.received += 1
         self.latest = message.snapshot
         self._record_history(message.snapshot)
-        if not self.paused:
+        if self.paused or self._render_scheduled:
+            return
+        if self._last_render + self.min_frame - self.clock() <= 0:
+            await self._render_now()  # here, not through call_later: one message per snapshot, not two
+        else:
             self._schedule_render()
 
     def _record_history(self, snapshot: Snapshot) -> None:
@@ -329,7 +333,7 @@ class BatchmonApp(App[int]):
         if prediction is not None and Predictor.available():
             seen: set[tuple[int, int]] = set()
             points = []
-            for s in lead.history or ((lead.last_step,) if lead.last_step else ()):
+            for s in fit_steps(lead):  # the steps the model was fitted on: bounded, not the whole history
                 if s.batch_size:
                     pt = (s.batch_size, measured_total(s))
                     if pt not in seen:

@@ -1,7 +1,10 @@
-"""The UI's view of the memory model: fit once per new step, predict what-ifs and chart points, never raise.
+"""The UI's view of the memory model: predict what-ifs and chart points, never raise.
 
-The model is pure and cheap, so it runs on the UI thread; fits and chart curves are cached per agent and
-last step so a refresh with nothing new costs nothing.
+A snapshot from the hub carries the model the hub fitted for its own prediction (AgentView.model): the UI asks
+that one, so the TUI agrees with `--once` and a refresh fits nothing. Without one (views built elsewhere) it
+fits, once per new step, the same bounded summary of the history the hub would (hub_state.model_steps: first
+step, highest peak per batch size, last steps): O(summary), not O(2000 steps). Predictions are cached per model
+and what-if, so a refresh with nothing new costs nothing.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-from batchmon import memory_model
+from batchmon import hub_state, memory_model
 from batchmon.memory_model import Prediction, WhatIf
 from batchmon.protocol import Step
 from batchmon.snapshot import AgentView
@@ -34,6 +37,15 @@ def measured_total(step: Step) -> int:
     return sum(measured_components(step).values())
 
 
+def fit_steps(agent: AgentView) -> list[Step]:
+    """The steps the model is fitted on: the history's bounded summary (the hub's StepWindow carries it)."""
+    history = agent.history
+    if not history:
+        return [agent.last_step] if agent.last_step is not None else []
+    summary = getattr(history, "model_steps", None)
+    return summary() if callable(summary) else hub_state.model_steps(tuple(history))
+
+
 @dataclass
 class Forecast:
     """Predictions for one agent under one what-if: at the what-if batch, and a curve for the chart."""
@@ -43,11 +55,12 @@ class Forecast:
 
 
 class Predictor:
-    """Caches one fitted model per (agent key, last step); answers predictions without raising."""
+    """The hub's fitted model where the snapshot carries one, else one fit per (agent key, last step), cached;
+    answers predictions without raising."""
 
     def __init__(self, max_models: int = 64) -> None:
         self._models: OrderedDict[tuple[str, int, int], Any] = OrderedDict()
-        self._predictions: OrderedDict[tuple, Prediction | None] = OrderedDict()
+        self._predictions: OrderedDict[tuple, tuple[Any, Prediction | None]] = OrderedDict()
         self._max = max_models
         self.errors: dict[str, str] = {}
 
@@ -59,13 +72,15 @@ class Predictor:
         step = agent.last_step
         if step is None or not hasattr(memory_model, "fit"):
             return None
+        if agent.model is not None:  # the hub fitted these steps already: its model, not a second fit
+            self.errors.pop(agent.key, None)
+            return agent.model
         key = (agent.key, step.step, len(agent.history))
         if key in self._models:
             self._models.move_to_end(key)
             return self._models[key]
-        steps = agent.history or (step,)
         try:
-            model = memory_model.fit(list(steps), optimizer=agent.hello.optimizer)
+            model = memory_model.fit(fit_steps(agent), optimizer=agent.hello.optimizer)
             self.errors.pop(agent.key, None)
         except Exception as exc:  # noqa: BLE001 - a model bug must not take the monitor down
             model = None
@@ -85,15 +100,18 @@ class Predictor:
                 return agent.prediction
             return None
         step = agent.last_step
-        key = (agent.key, step.step if step else -1, len(agent.history), what_if, device_total)
-        if key in self._predictions:
-            return self._predictions[key]
+        # the model is part of the key (the hub may refit the same steps later): kept in the value, so its id
+        # can't be reused while the entry lives
+        key = (agent.key, step.step if step else -1, len(agent.history), id(model), what_if, device_total)
+        cached = self._predictions.get(key)
+        if cached is not None and cached[0] is model:
+            return cached[1]
         try:
             pred = model.predict(what_if, device_total=device_total)
         except Exception as exc:  # noqa: BLE001
             pred = None
             self.errors[agent.key] = f"prediction failed: {type(exc).__name__}: {exc}"
-        self._predictions[key] = pred
+        self._predictions[key] = (model, pred)
         while len(self._predictions) > 4096:
             self._predictions.popitem(last=False)
         return pred
