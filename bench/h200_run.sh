@@ -115,7 +115,7 @@ nvitop)
   $BMCMD run -- python3 examples/train_mlp.py --device $DEV --steps 0 --sleep 0.2 > $R/nvitop_train.log 2>&1 &
   TR=$!
   for i in $(seq 1 120); do ls $BATCHMON_DIR/*.sock >/dev/null 2>&1 && break; sleep 0.5; done
-  python3 bench/vs_nvitop.py 2>&1 | tail -n 25 | tee $R/vs_nvitop.log
+  python3 bench/vs_nvitop.py --repeat ${NVREPEAT:-3} 2>&1 | tail -n 25 | tee $R/vs_nvitop.log
   kill -TERM $TR; wait $TR
   ;;
 ddp)

@@ -2,6 +2,7 @@
 
     python3 bench/vs_nvitop.py                       # 60 s measured after 10 s warm-up, --interval 1, 160x48
     python3 bench/vs_nvitop.py --duration 20 --interval 2
+    python3 bench/vs_nvitop.py --repeat 3              # three rounds, each tool freshly started
 
 Each tool runs at the same time in its own pseudo-terminal (Python's pty, window size set with TIOCSWINSZ, TERM
 xterm-256color); both terminals are read continuously so neither blocks. CPU seconds (user + system) of each
@@ -15,8 +16,11 @@ With the two, by default, two floors run the same way (--no-floors leaves them o
 one Static that never changes (Textual's own idle cost) and the same Static rewritten every interval (the least
 a Textual app that shows something new each refresh costs); see bench/monitor_cpu.py --bare.
 
+--repeat N measures N rounds, each with freshly started tools (a single 60 s figure moves by 10-20% between
+runs on the same box); the verdict holds only if it holds in every round.
+
 Writes $OUT/vs_nvitop.json (OUT defaults to ./out) and prints a summary. Exit code 0 when both ran the whole
-window and batchmon's CPU seconds ≤ nvitop's; 1 otherwise.
+window and batchmon's CPU seconds ≤ nvitop's (in every round); 1 otherwise.
 """
 
 from __future__ import annotations
@@ -140,22 +144,13 @@ def quit_tool(tool: Tool, others: list[Tool]) -> None:
         tool.fd = -1
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="CPU seconds of batchmon vs nvitop in pseudo-terminals")
-    p.add_argument("--duration", type=float, default=60.0, help="measured seconds after warm-up (default 60)")
-    p.add_argument("--warmup", type=float, default=10.0, help="seconds before measuring (default 10)")
-    p.add_argument("--interval", type=float, default=1.0, help="refresh interval of both tools (default 1.0)")
-    p.add_argument("--size", type=parse_size, default=(160, 48), help="terminal COLSxROWS (default 160x48)")
-    p.add_argument("--no-floors", action="store_true", help="leave out the bare Textual app floors")
-    args = p.parse_args(argv)
-    if args.duration <= 0 or args.warmup < 0 or args.interval <= 0:
-        print("vs_nvitop: --duration and --interval must be positive", file=sys.stderr)
-        return 2
+def measure_round(args: argparse.Namespace, floors: bool) -> dict:
+    """One side-by-side window: every tool started together, warmed up, measured, quit."""
     cols, rows = args.size
     interval = f"{args.interval:g}"
     tools = [Tool("batchmon", [sys.executable, "-m", "batchmon", "--interval", interval]),
              Tool("nvitop", [sys.executable, "-m", "nvitop", "--interval", interval])]
-    if not args.no_floors:
+    if floors:
         bare = Path(os.environ.get("TMPDIR", "/tmp")) / "batchmon_vs_nvitop_bare.py"
         bare.write_text(BARE_MAIN)
         tools += [Tool(f"textual_bare_{mode}", [sys.executable, str(bare), mode, interval])
@@ -174,38 +169,70 @@ def main(argv: list[str] | None = None) -> int:
         tool.cpu.append(tool.cpu_seconds() if tool.alive() else None)
     for i, tool in enumerate(tools):
         quit_tool(tool, [t for j, t in enumerate(tools) if j != i])
-
-    result: dict = {"interval_s": args.interval, "size": [cols, rows], "warmup_s": args.warmup,
-                    "window_s": round(window, 3), "host": platform.node(), "cpu_count": os.cpu_count(),
-                    "python": platform.python_version(), "time": time.time(), "tools": {}}
+    out: dict = {"window_s": round(window, 3), "tools": {}}
     for tool in tools:
         a, b = tool.cpu
         steady = round(b - a, 4) if a is not None and b is not None else None
-        result["tools"][tool.name] = {
+        out["tools"][tool.name] = {
             "argv": tool.argv, "cpu_seconds_steady": steady,
             "cpu_percent_steady": round(100 * steady / window, 3) if steady is not None and window > 0 else None,
             "ran_whole_window": steady is not None, "exit_code_after_q": tool.exit_code,
             "terminal_bytes": tool.out_bytes, "last_line": tool.last_line() if steady is None else None}
+    bm, nv = (out["tools"][n]["cpu_seconds_steady"] for n in ("batchmon", "nvitop"))
+    out["batchmon_le_nvitop"] = bm <= nv if bm is not None and nv is not None else None
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="CPU seconds of batchmon vs nvitop in pseudo-terminals")
+    p.add_argument("--duration", type=float, default=60.0, help="measured seconds after warm-up (default 60)")
+    p.add_argument("--warmup", type=float, default=10.0, help="seconds before measuring (default 10)")
+    p.add_argument("--interval", type=float, default=1.0, help="refresh interval of both tools (default 1.0)")
+    p.add_argument("--size", type=parse_size, default=(160, 48), help="terminal COLSxROWS (default 160x48)")
+    p.add_argument("--no-floors", action="store_true", help="leave out the bare Textual app floors")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="measure this many rounds, each with freshly started tools (default 1; floors in the "
+                        "first only): one round can be luck, the verdict is every round's")
+    args = p.parse_args(argv)
+    if args.duration <= 0 or args.interval <= 0 or args.warmup < 0 or args.repeat < 1:
+        print("vs_nvitop: --duration and --interval must be positive, --repeat at least 1", file=sys.stderr)
+        return 2
+    cols, rows = args.size
+    rounds = [measure_round(args, floors=not args.no_floors and r == 0) for r in range(args.repeat)]
+    first = rounds[0]
+    result: dict = {"interval_s": args.interval, "size": [cols, rows], "warmup_s": args.warmup,
+                    "window_s": first["window_s"], "host": platform.node(), "cpu_count": os.cpu_count(),
+                    "python": platform.python_version(), "time": time.time(),
+                    "tools": first["tools"],  # round 1 (with the floors), as single-round results have it
+                    "rounds": rounds}
     try:
         from importlib.metadata import version
 
         result["versions"] = {name: version(name) for name in ("nvitop", "textual", "nvidia-ml-py")}
     except Exception:  # noqa: BLE001 - a missing package is recorded, not fatal
         result["versions"] = None
-    bm, nv = (result["tools"][n]["cpu_seconds_steady"] for n in ("batchmon", "nvitop"))
-    result["batchmon_le_nvitop"] = bm <= nv if bm is not None and nv is not None else None
+    verdicts = [r["batchmon_le_nvitop"] for r in rounds]
+    result["batchmon_le_nvitop"] = all(verdicts) if None not in verdicts else None
+    totals = {}
+    for name in ("batchmon", "nvitop"):
+        figures = [r["tools"][name]["cpu_seconds_steady"] for r in rounds]
+        totals[name] = round(sum(figures), 4) if None not in figures else None
+    result["cpu_seconds_all_rounds"] = totals
     out = Path(os.environ.get("OUT", "out"))
     out.mkdir(parents=True, exist_ok=True)
     path = out / "vs_nvitop.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"vs_nvitop: {cols}x{rows}, interval {interval} s, {window:.1f} s measured after {args.warmup:g} s warm-up")
-    for name, r in result["tools"].items():
-        if r["ran_whole_window"]:
-            print(f"  {name:8s} {r['cpu_seconds_steady']:.3f} CPU s ({r['cpu_percent_steady']:.2f}% of one core); "
-                  f"q -> exit {r['exit_code_after_q']}")
-        else:
-            print(f"  {name:8s} did not run the window: exit {r['exit_code_after_q']}: {r['last_line']}")
-    print(f"  batchmon <= nvitop: {result['batchmon_le_nvitop']}")
+    print(f"vs_nvitop: {cols}x{rows}, interval {args.interval:g} s, {len(rounds)} round(s) of "
+          f"{args.duration:g} s measured after {args.warmup:g} s warm-up")
+    for k, rnd in enumerate(rounds, 1):
+        for name, r in rnd["tools"].items():
+            if r["ran_whole_window"]:
+                print(f"  round {k} {name:22s} {r['cpu_seconds_steady']:.3f} CPU s "
+                      f"({r['cpu_percent_steady']:.2f}% of one core); q -> exit {r['exit_code_after_q']}")
+            else:
+                print(f"  round {k} {name:22s} did not run the window: exit {r['exit_code_after_q']}: {r['last_line']}")
+    print(f"  all rounds: batchmon {totals['batchmon']} vs nvitop {totals['nvitop']} CPU s; "
+          f"batchmon <= nvitop in every round: {result['batchmon_le_nvitop']}")
     print(f"wrote {path}")
     return 0 if result["batchmon_le_nvitop"] else 1
 
