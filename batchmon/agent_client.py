@@ -12,6 +12,7 @@ import json
 import os
 import socket
 import stat
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,17 @@ from batchmon import protocol
 
 RECV_BYTES = 256 * 1024
 READ_BUDGET = 4 * 1024 * 1024  # per connection per wake-up, so one chatty agent cannot starve the others
+
+_local = threading.local()
+
+
+def _recv_buffer() -> memoryview:
+    """One receive buffer per reading thread, reused: sock.recv(RECV_BYTES) allocated (and gave back) 256 KB
+    for every read, mostly to hold a line or two."""
+    buf = getattr(_local, "buf", None)
+    if buf is None:
+        buf = _local.buf = memoryview(bytearray(RECV_BYTES))
+    return buf
 
 
 @dataclass(frozen=True)
@@ -127,9 +139,10 @@ class AgentConnection:
         if self.sock is None or self.eof:
             return out
         budget = READ_BUDGET
+        buf = _recv_buffer()
         while budget > 0:
             try:
-                data = self.sock.recv(RECV_BYTES)
+                data = bytes(buf[:self.sock.recv_into(buf)])
             except (BlockingIOError, InterruptedError):
                 break
             except OSError:

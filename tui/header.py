@@ -84,8 +84,16 @@ class HeaderBar(Widget):
         if new == shown and new.style == shown.style:
             return
         x0, x1 = changed_cells(shown, new, width)
+        self._next = (self._inputs(width), new)  # what render() shows: built once a refresh, not twice
         self.refresh(Region(x0, 0, x1 - x0, 1))
 
     def render(self) -> Text:
-        self._shown = self._text()
+        ready: tuple[tuple, Text] | None = getattr(self, "_next", None)
+        self._next = None
+        now = self._inputs(self.content_size.width)
+        fresh = ready is not None and ready[0][0] is now[0] and ready[0][1:] == now[1:]
+        self._shown = ready[1] if fresh else self._text()  # type: ignore[index]
         return self._shown
+
+    def _inputs(self, width: int) -> tuple:
+        return (self.snapshot, self.paused, self.interval, self.title_text, width)

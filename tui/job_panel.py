@@ -3,6 +3,7 @@ and the predicted-peak-vs-batch chart."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from rich.text import Text
@@ -265,6 +266,12 @@ def _side_by_side(left: list[Text], right: list[Text], left_w: int) -> list[Text
     return out
 
 
+# the fitted steps' range, "(steps 7354-9353)", moves with every refit: left out of the panel (the job line
+# shows the step), so the panel's last line doesn't change every second and widen each frame's repaint to the
+# whole panel; --once and --json keep the whole basis
+_STEP_RANGE = re.compile(r" \(steps? \d+(?:-\d+)?\)")
+
+
 def job_lines(v: JobView, width: int, level: str, *, focused: bool = False, chart_rows: int = 10) -> list[Text]:
     """level: 'full' (bars, table and chart), 'medium' (bars and summary), 'compact' (two lines)."""
     a = v.lead
@@ -338,7 +345,7 @@ def job_lines(v: JobView, width: int, level: str, *, focused: bool = False, char
         if v.chart is not None and chart_rows >= 5:
             lines.extend(render_chart(v.chart, width, chart_rows))
     if p is not None and p.basis and level == "full":
-        lines.append(Text().append(f"  basis: {p.basis}", style=DIM))
+        lines.append(Text().append(f"  basis: {_STEP_RANGE.sub('', p.basis, count=1)}", style=DIM))
     for note in v.notes if p is not None else []:
         lines.append(Text().append(f"  {note}", style=WARN))
     lines.extend(_events(v, 3 if level == "full" else 2))
