@@ -111,15 +111,21 @@ def main(args: Any) -> int:
         except (ValueError, OSError):
             pass
     server = None
-    # everything after the server is up runs inside the try: a Ctrl-C as soon as the first scrape answers
-    # (a script, a test) is a clean stop, not an interrupted start-up (it exited 130 there, silently)
+    # A stop as soon as the first scrape answers (a script, a test) is a clean exit that has said where it
+    # served: Ctrl-C, TERM and HUP wait (blocked) from before the server is up until that line is out, then
+    # land inside the try. Unblocked, a Ctrl-C there exited 130 silently and a TERM left without the line.
+    stops = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
     try:
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, stops)
         try:
-            server, _ = start_http_server(args.port, addr=args.bind, registry=registry)
-        except OSError as exc:
-            why = "address already in use" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
-            raise CliError(f"cannot listen on {args.bind}:{args.port}: {why}") from None
-        print(f"batchmon: serving Prometheus metrics on http://{args.bind}:{args.port}/metrics", flush=True)
+            try:
+                server, _ = start_http_server(args.port, addr=args.bind, registry=registry)
+            except OSError as exc:
+                why = "address already in use" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
+                raise CliError(f"cannot listen on {args.bind}:{args.port}: {why}") from None
+            print(f"batchmon: serving Prometheus metrics on http://{args.bind}:{args.port}/metrics", flush=True)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         hub.start()
         while hub.running:
             hub.wait(0.5)

@@ -212,6 +212,30 @@ def test_export_ctrl_c_exits_zero(sockdir):
     assert "Traceback" not in err
 
 
+def listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_export_stopped_the_moment_it_listens_exits_zero_having_said_where(sockdir, sig):
+    """The signal lands as soon as the port accepts, before or while the exporter prints its line: a clean
+    exit that printed it (a Ctrl-C there exited 130 silently; a TERM left without the line)."""
+    port = free_port()
+    proc = start_exporter(sockdir, port)
+    try:
+        wait_for(lambda: listening(port) or proc.poll() is not None, timeout=15, what="exporter listening")
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(sig)
+        code, out, err = stop_after_exit(proc)
+    assert code == 0, err
+    assert f"on http://127.0.0.1:{port}/metrics" in out and "Traceback" not in err
+
+
 def test_export_without_prometheus_client_says_how_to_install(sockdir, tmp_path):
     # A package on PYTHONPATH that fails to import, as a missing prometheus-client does.
     shadow = tmp_path / "shadow" / "prometheus_client"
