@@ -91,15 +91,22 @@ def _na(value: Any, fmt: str = "{}") -> str:
 
 
 def step_components(step: Step | None) -> dict[str, int | None]:
-    """Every component of ALL_COMPONENTS: the six measured ones from the step, cache and context derived
-    (cache = reserved - allocated, context = device_used - reserved), None where a figure is missing."""
+    """Every component of ALL_COMPONENTS: the six measured ones from the step, cache and context derived,
+    None where a figure is missing.
+
+    cache = reserved - peak allocated: the allocator's free blocks at the step's peak, the moment the six
+    components describe (they sum to the peak). The end-of-step reserved - allocated also counts the blocks
+    the activations held and freed after backward, already counted as activations, so the eight summed to
+    more than the device used. The TUI's bars, the memory model and the prediction use the same definition.
+    Without a peak (an agent that doesn't report one): reserved - allocated."""
     out: dict[str, int | None] = {name: None for name in ALL_COMPONENTS}
     if step is None:
         return out
     for name in COMPONENTS:
         out[name] = step.components.get(name)
-    if step.reserved is not None and step.allocated is not None:
-        out["cache"] = max(step.reserved - step.allocated, 0)
+    base = step.peak_allocated if step.peak_allocated is not None else step.allocated
+    if step.reserved is not None and base is not None:
+        out["cache"] = max(step.reserved - base, 0)
     if step.device_used is not None and step.reserved is not None:
         out["context"] = max(step.device_used - step.reserved, 0)
     return out

@@ -195,7 +195,12 @@ def test_json_agents() -> None:
     assert a["model"] == {"class": "GPT", "parameters": 124_000_000, "parameter_bytes": 496_000_000}
     assert a["step"] == s.step and a["batch_size"] == s.batch_size and a["device_used"] == s.device_used
     assert {k: a["components"][k] for k in COMPONENTS} == s.components
-    assert a["components"]["cache"] == s.reserved - s.allocated  # type: ignore[operator]
+    # cache at the step's peak (as the TUI and the model define it): the eight then sum to the device figure
+    assert s.peak_allocated > s.allocated  # the two definitions differ here
+    assert a["components"]["cache"] == s.reserved - s.peak_allocated  # type: ignore[operator]
+    from batchmon.tui.predict import measured_components  # the TUI's bars: the same eight figures
+
+    assert measured_components(s) == a["components"]
     assert a["components"]["context"] == s.device_used - s.reserved  # type: ignore[operator]
     assert a["prediction"]["max_batch"] == 96 and a["prediction"]["basis"].startswith("3 steps")
     assert b["gpu"] is None and b["step"] is None and b["prediction"] is None

@@ -16,21 +16,14 @@ from typing import Any
 from batchmon import hub_state, memory_model
 from batchmon.memory_model import Prediction, WhatIf
 from batchmon.protocol import Step
+from batchmon.render import step_components
 from batchmon.snapshot import AgentView
 
 
 def measured_components(step: Step) -> dict[str, int]:
-    """The last step's eight components: the agent's six plus cache and context derived from allocator and NVML."""
-    comps = {name: int(step.components.get(name, 0) or 0) for name in step.components}
-    if step.reserved is not None and step.peak_allocated is not None:
-        comps["cache"] = max(0, step.reserved - step.peak_allocated)
-    else:
-        comps["cache"] = 0
-    if step.device_used is not None and step.reserved is not None:
-        comps["context"] = max(0, step.device_used - step.reserved)
-    else:
-        comps["context"] = 0
-    return comps
+    """The last step's eight components, as --once and the exporter give them (render.step_components: cache
+    at the step's peak, so the eight sum to the device figure), a missing figure as 0."""
+    return {name: value or 0 for name, value in step_components(step).items()}
 
 
 def measured_total(step: Step) -> int:
