@@ -141,7 +141,7 @@ ddp)
 import json, re, sys
 from pathlib import Path
 r = Path(sys.argv[1])
-def reps(name):  # the ranks print their report lines at the same moment: they can share a line
+def reps(name):  # tolerant: in logs from before the ranks took turns, two report lines could share a line
     text, dec, out = (r / name).read_text(), json.JSONDecoder(), {}
     for m in re.finditer(r'\{"rank": \d+', text):
         d = dec.raw_decode(text, m.start())[0]

@@ -101,8 +101,15 @@ def main(argv: list[str] | None = None) -> int:
         code = 130
     finally:
         if args.report:
-            print(json.dumps({"rank": rank, "world_size": world, "batch_size": full, "losses": losses,
-                              "agent": agent_report()}), flush=True)
+            line = json.dumps({"rank": rank, "world_size": world, "batch_size": full, "losses": losses,
+                               "agent": agent_report()})
+            if code == 0:  # one rank at a time: lines the ranks write at the same moment can share a line
+                for turn in range(world):
+                    if turn == rank:
+                        print(line, flush=True)
+                    dist.barrier()
+            else:  # interrupted: the other ranks may be gone, no barrier
+                print(line, flush=True)
         if code == 0:
             dist.destroy_process_group()
     return code

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -87,11 +86,12 @@ def test_every_rank_attaches_and_the_monitor_groups_them(sockdir, mode) -> None:
 
 
 def reports(out: str) -> dict[int, dict]:
-    """Each rank's --report object; the ranks print at the same moment, so two can share a line."""
-    found, decoder = {}, json.JSONDecoder()
-    for match in re.finditer(r'\{"rank": \d+', out):
-        d = decoder.raw_decode(out, match.start())[0]
-        found[d["rank"]] = d
+    """Each rank's --report object, each a whole line of its own (the ranks take turns to print them)."""
+    found = {}
+    for line in out.splitlines():
+        if line.startswith('{"rank": '):
+            d = json.loads(line)
+            found[d["rank"]] = d
     return found
 
 
