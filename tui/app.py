@@ -202,7 +202,7 @@ class BatchmonApp(App[int]):
         self._record_history(message.snapshot)
         if self.paused or self._render_scheduled:
             return
-        if self._last_render + self.min_frame - self.clock() <= 0:
+        if self._frame_delay() <= 0:
             await self._render_now()  # here, not through call_later: one message per snapshot, not two
         else:
             self._schedule_render()
@@ -217,11 +217,15 @@ class BatchmonApp(App[int]):
         if self._render_scheduled:
             return
         self._render_scheduled = True
-        delay = self._last_render + self.min_frame - self.clock()
+        delay = self._frame_delay()
         if delay <= 0:
             self.call_later(self._render_now)
         else:
             self.set_timer(delay, self._render_now)
+
+    def _frame_delay(self) -> float:
+        """Seconds until the next render may run (max_fps); <= 0: now."""
+        return self._last_render + self.min_frame - self.clock()
 
     async def _render_now(self) -> None:
         self._render_scheduled = False
@@ -242,9 +246,7 @@ class BatchmonApp(App[int]):
         await self._apply_jobs(snap)
         # panel sizes depend on the panels, the focus (on_focus/on_blur re-run it), and the room: only when one
         # of those changed, not on every refresh
-        key = (tuple(map(id, self._gpu_panels)), tuple(map(id, self._job_panels)), self.focused, self.size,
-               self.query_one("#jobs").size)
-        if key != self._levels_key:
+        if self._levels_inputs() != self._levels_key:
             self._apply_levels()
         if not self._focused_once:
             panels = list(self._job_panels) or list(self._gpu_panels)
@@ -392,6 +394,11 @@ class BatchmonApp(App[int]):
             elif isinstance(panel, GpuPanel) and key == f"gpu:{panel.view.device.uuid or panel.view.device.index}":
                 panel.focus(scroll_visible=False)
 
+    def _levels_inputs(self) -> tuple:
+        """What the panel sizes depend on: the panels, the focus and the room."""
+        return (tuple(map(id, self._gpu_panels)), tuple(map(id, self._job_panels)), self.focused, self.size,
+                self.query_one("#jobs").size)
+
     def _apply_levels(self) -> None:
         """Panel sizes: the selected GPU and job expand, the rest shrink when there are many or little room."""
         if not self.is_mounted or not self.screen_stack:  # a focus message can arrive while shutting down
@@ -401,8 +408,7 @@ class BatchmonApp(App[int]):
         gpus = list(self._gpu_panels)
         jobs = list(self._job_panels)
         focused = self.focused
-        self._levels_key = (tuple(map(id, gpus)), tuple(map(id, jobs)), focused, self.size,
-                            self.query_one("#jobs").size)
+        self._levels_key = self._levels_inputs()
         for g in gpus:
             if len(gpus) == 1 and not short:
                 level = "full"

@@ -67,10 +67,18 @@ class HeaderBar(Widget):
         self.snapshot: Snapshot | None = None
         self.paused = False
         self.interval = 1.0
+        self._made: tuple[tuple, Text] | None = None  # (what it showed, the line): see _text
 
     def _text(self) -> Text:
-        return header_text(self.snapshot, interval=self.interval, paused=self.paused, title=self.title_text,
-                           width=self.content_size.width or 80)
+        """The header line for what it shows now; built once per change of that (update_text and render both
+        ask for it each refresh)."""
+        width = self.content_size.width or 80
+        inputs = (self.snapshot, self.paused, self.interval, self.title_text, width)
+        made = self._made
+        if made is None or made[0][0] is not inputs[0] or made[0][1:] != inputs[1:]:
+            made = self._made = (inputs, header_text(self.snapshot, interval=self.interval, paused=self.paused,
+                                                     title=self.title_text, width=width))
+        return made[1]
 
     def update_text(self) -> None:
         """Repaint the columns whose text changed since the last render (each second: the clock, perhaps the
@@ -84,16 +92,8 @@ class HeaderBar(Widget):
         if new == shown and new.style == shown.style:
             return
         x0, x1 = changed_cells(shown, new, width)
-        self._next = (self._inputs(width), new)  # what render() shows: built once a refresh, not twice
         self.refresh(Region(x0, 0, x1 - x0, 1))
 
     def render(self) -> Text:
-        ready: tuple[tuple, Text] | None = getattr(self, "_next", None)
-        self._next = None
-        now = self._inputs(self.content_size.width)
-        fresh = ready is not None and ready[0][0] is now[0] and ready[0][1:] == now[1:]
-        self._shown = ready[1] if fresh else self._text()  # type: ignore[index]
+        self._shown = self._text()
         return self._shown
-
-    def _inputs(self, width: int) -> tuple:
-        return (self.snapshot, self.paused, self.interval, self.title_text, width)

@@ -92,10 +92,9 @@ class Predictor:
             ):
                 return agent.prediction
             return None
-        step = agent.last_step
-        # the model is part of the key (the hub may refit the same steps later): kept in the value, so its id
-        # can't be reused while the entry lives
-        key = (agent.key, step.step if step else -1, len(agent.history), id(model), what_if, device_total)
+        # one model answers one what-if one way (the hub may refit the same steps later: another model); the
+        # model is kept in the value, so its id can't be reused while the entry lives
+        key = (id(model), what_if, device_total)
         cached = self._predictions.get(key)
         if cached is not None and cached[0] is model:
             return cached[1]
