@@ -405,12 +405,10 @@ def model_steps(history: tuple[Step, ...], recent: int = RECENT_STEPS, sizes: in
     best: dict[int | None, int] = {}
     for i, step in enumerate(history):
         j = best.pop(step.batch_size, None)  # re-inserted: the most recently seen sizes come last
-        best[step.batch_size] = i if j is None or _peak(step) >= _peak(history[j]) else j
+        best[step.batch_size] = i if j is None or step_peak(step) >= step_peak(history[j]) else j
     keep.update(list(best.values())[-sizes:])
     return [history[i] for i in sorted(keep)]
 
-
-_peak = step_peak
 
 
 def record_line(record: Mapping[str, Any]) -> str:

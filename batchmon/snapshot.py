@@ -23,7 +23,7 @@ class AgentView:
     hello: Hello
     last_step: Step | None = None
     # recent steps, oldest first (bounded): a tuple, or from the hub an immutable StepWindow (batchmon.step_history)
-    # that behaves like one (equal to the tuple of its steps, slices to tuples) and costs O(1) per snapshot
+    # that behaves like one (equal to the tuple of its steps, slices to tuples) and costs no copy of the steps
     history: Sequence[Step] = ()
     events: tuple[Event, ...] = ()  # recent events, oldest first (bounded)
     connected: bool = True

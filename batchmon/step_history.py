@@ -1,11 +1,11 @@
-"""One agent's bounded step history: O(1) immutable windows for snapshots, and the memory model's summary.
+"""One agent's bounded step history: cheap immutable windows for snapshots, and the memory model's summary.
 
 Two costs of the hub under load (bench/load.py: 64 agents at 10 steps/s, 4 snapshots a second) live here:
 
 - Every snapshot showed every agent's history as a fresh 2000-step tuple, and dropped the previous one: about
   130k reference-count updates per snapshot, on objects spread over 100 MB. A StepWindow is an immutable view
-  of a range of an append-only list, made in O(1); the list is only ever appended to, and replaced by a copy
-  of its live part every COMPACT_EVERY evictions, so no window ever sees its steps change.
+  of a range of an append-only list, made without copying the steps; the list is only ever appended to, and
+  replaced by a copy of its live part every COMPACT_EVERY evictions, so no window ever sees its steps change.
 - The refit's summary of the history (``model_steps``: the first step, the highest-peak step at each of the
   latest batch sizes, the most recent steps) scanned the whole history. Here each append and each eviction
   updates, per batch size, a sliding-window maximum (monotonic deque), so the summary costs O(summary).
@@ -166,7 +166,8 @@ class StepHistory:
             self._start = 0
 
     def window(self) -> StepWindow:
-        """The steps now, as an immutable sequence (O(1); the same object until the next append)."""
+        """The steps now, as an immutable sequence carrying their model summary (O(summary), not O(history);
+        the same object until the next append)."""
         if self._window is None:
             self._window = StepWindow(self._buf, self._start, len(self._buf), self.model_steps())
         return self._window
