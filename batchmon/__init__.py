@@ -13,13 +13,13 @@ __all__ = ["attach", "detach", "__version__"]
 
 def attach(model: Any = None, optimizer: Any = None, **kwargs: Any) -> Any:
     """Attach the agent to this training process (idempotent). See batchmon.agent.attach."""
-    from batchmon.agent import attach as _attach
+    from batchmon.agent.handle import attach as _attach
 
     return _attach(model, optimizer, **kwargs)
 
 
 def detach() -> None:
     """Detach the agent, if attached."""
-    from batchmon.agent import detach as _detach
+    from batchmon.agent.handle import detach as _detach
 
     _detach()

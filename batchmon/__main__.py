@@ -1,5 +1,5 @@
 import sys
 
-from batchmon.cli import main
+from batchmon.cli.main import main
 
 sys.exit(main())

@@ -22,7 +22,7 @@ class AgentView:
     source: str  # "local" or the remote host name it came from
     hello: Hello
     last_step: Step | None = None
-    # recent steps, oldest first (bounded): a tuple, or from the hub an immutable StepWindow (batchmon.step_history)
+    # recent steps, oldest first (bounded): a tuple, or from the hub an immutable StepWindow (batchmon.monitor.step_history)
     # that behaves like one (equal to the tuple of its steps, slices to tuples) and costs no copy of the steps
     history: Sequence[Step] = ()
     events: tuple[Event, ...] = ()  # recent events, oldest first (bounded)

@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     import batchmon
-    from batchmon import agent as agent_mod
+    from batchmon.agent import handle as agent_mod
 
     torch.manual_seed(0)
     device = gpt.pick_device(args.device)

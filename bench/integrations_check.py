@@ -45,7 +45,8 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from batchmon import agent, protocol  # noqa: E402
+from batchmon import protocol  # noqa: E402
+from batchmon.agent import handle as agent  # noqa: E402
 from batchmon.protocol import Bye, Hello, Step  # noqa: E402
 
 CUDA_BLOCK = 512
@@ -200,7 +201,7 @@ def check_lightning(device: torch.device, steps: int, tmp: Path, ddp: int = 0) -
         import lightning.pytorch as L
     except ImportError:
         import pytorch_lightning as L  # type: ignore[no-redef]
-    from batchmon.integrations.lightning import BatchmonCallback
+    from batchmon.agent.integrations.lightning import BatchmonCallback
 
     dim, hidden, classes, batch = 256, 1024, 10, 64
     ranks = max(1, ddp)
@@ -269,7 +270,7 @@ def check_lightning(device: torch.device, steps: int, tmp: Path, ddp: int = 0) -
 
 def check_transformers(device: torch.device, steps: int, tmp: Path) -> dict[str, Any]:
     import transformers as hf
-    from batchmon.integrations.transformers import BatchmonCallback
+    from batchmon.agent.integrations.transformers import BatchmonCallback
 
     vocab, seq, batch = 1024, 64, 8
     samples = (steps - 1) * batch + batch // 2

@@ -269,12 +269,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.agents < 1 or args.rate <= 0 or args.duration <= 0:
         print("load.py: --agents, --rate and --duration must be positive", file=sys.stderr)
         return 2
-    from batchmon.hub import Hub
+    from batchmon.monitor.hub import Hub
 
     out = Path(os.environ.get("OUT", "out"))
     out.mkdir(parents=True, exist_ok=True)
     workers = args.workers or min(8, args.agents)
-    from batchmon.hub_state import HISTORY_LIMIT
+    from batchmon.monitor.hub_state import HISTORY_LIMIT
 
     # The hub keeps the last HISTORY_LIMIT steps per agent by design (bounded), so RSS rises until that is full
     # (200 s at 10 steps/s); "flat" is judged after that.

@@ -81,7 +81,7 @@ def cpu_seconds(proc: psutil.Process) -> tuple[float, float]:
 #: processes (an idle GPU, as in bench/vs_nvitop.py's H200 comparison)
 NVML_REPLAY_MAIN = """
 import json, sys
-from batchmon.hub import Hub
+from batchmon.monitor.hub import Hub
 from batchmon.probes.nvml import NvmlProbe
 from batchmon.probes.nvml_recording import ReplayBackend, load_recording
 from batchmon.tui.app import run_monitor

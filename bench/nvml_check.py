@@ -4,7 +4,7 @@
 Writes under $OUT (default ./out):
   nvml_h200_recording.json  the raw NVML readings of the run (test fixture: tests/fixtures/)
   nvml_check.json           the figures: NVML and nvidia-smi used/total MiB, differences, the child's bytes
-  nvml_check_once.txt/.json what batchmon.render makes of the last recorded sample
+  nvml_check_once.txt/.json what batchmon.monitor.render makes of the last recorded sample
   batchmon_once.txt/.json   the real `python -m batchmon --once [--json]` run while the child holds its memory
 Exit 0 when every check passes (or when there is no NVML here: nothing to check), else 1.
 
@@ -170,7 +170,7 @@ def main() -> int:
         write_json(out / "nvml_check.json", result)
 
         # what --once renders from this very sample
-        from batchmon.render import format_table, snapshot_to_json
+        from batchmon.monitor.render import format_table, snapshot_to_json
         from batchmon.snapshot import Snapshot
 
         pids = [p.pid for dev in last.devices for p in dev.processes]

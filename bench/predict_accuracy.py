@@ -479,7 +479,7 @@ def pct(pred: int, real: int) -> float:
 def observe_with_agent(runner: Runner, sizes: list[int]) -> tuple[list[Step] | None, str]:
     """The observed steps as batchmon's own agent reports them (None and why, when it can't)."""
     try:
-        from batchmon import agent as bm_agent
+        from batchmon.agent import handle as bm_agent
     except Exception as exc:  # noqa: BLE001 - the bench runs without the agent too
         return None, f"agent not importable: {type(exc).__name__}: {exc}"
     folder = tempfile.mkdtemp(prefix="batchmon-bench-")
@@ -510,7 +510,7 @@ def observe_with_agent(runner: Runner, sizes: list[int]) -> tuple[list[Step] | N
         if step.peak_allocated is not None and used is not None and used != step.device_used:
             steps[i] = replace(step, device_used=used)
             replaced += 1
-    how = "batchmon.agent"
+    how = "batchmon.agent.handle"
     if replaced:
         how += f" (device_used read by the bench after each step, {replaced} differed from the agent's NVML sample)"
     return steps, how

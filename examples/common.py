@@ -33,7 +33,7 @@ def pick_device(name: str) -> torch.device:
 
 def agent_report() -> dict[str, object]:
     """What the attached agent saw, if one is attached (no import of batchmon when it is not installed)."""
-    agent = sys.modules.get("batchmon.agent")
+    agent = sys.modules.get("batchmon.agent.handle")
     handle = agent.current() if agent is not None else None
     if handle is None:
         return {"attached": False}

@@ -50,8 +50,20 @@ def printable_svg(svg: str) -> str:
     return svg.replace("<svg ", '<svg xml:space="preserve" ', 1)
 
 
+class ConvertFailed(Exception):
+    """The converter exists but did not make a PNG: one line for the user, no traceback."""
+
+
+def _run_converter(argv: list[str]) -> None:
+    proc = subprocess.run(argv, capture_output=True, text=True)
+    if proc.returncode != 0:
+        first = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[0]
+        raise ConvertFailed(f"{argv[0]} failed: {first}")
+
+
 def to_png(svg_path: Path, png_path: Path) -> str | None:
-    """Convert with the first converter available; returns its name, or None when there is none."""
+    """Convert with the first converter available; returns its name, or None when there is none.
+    Raises ConvertFailed when it fails (the stand-in `convert` some boxes ship only passes PNGs through)."""
     fixed = svg_path.with_suffix(".print.svg")
     fixed.write_text(printable_svg(svg_path.read_text(encoding="utf-8")), encoding="utf-8")
     try:
@@ -63,10 +75,10 @@ def to_png(svg_path: Path, png_path: Path) -> str | None:
         except ImportError:
             pass
         if shutil.which("rsvg-convert"):
-            subprocess.run(["rsvg-convert", str(fixed), "-o", str(png_path)], check=True)
+            _run_converter(["rsvg-convert", str(fixed), "-o", str(png_path)])
             return "rsvg-convert"
         if shutil.which("convert"):
-            subprocess.run(["convert", str(fixed), str(png_path)], check=True)
+            _run_converter(["convert", str(fixed), str(png_path)])
             return "convert"
         return None
     finally:
@@ -87,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["TZ"] = "UTC"
     time.tzset()
     try:
-        from batchmon.replay import load_snapshots
+        from batchmon.monitor.replay import load_snapshots
 
         snapshots = load_snapshots(args.recording)
     except OSError as exc:
@@ -112,8 +124,14 @@ def main(argv: list[str] | None = None) -> int:
         line = f"{svg}"
         if not args.no_png:
             png = svg.with_suffix(".png")
-            tool = to_png(svg, png)
-            line += f"  {png} ({tool})" if tool else "  (no PNG: install cairosvg, librsvg2-bin or ImageMagick)"
+            try:
+                tool = to_png(svg, png)
+            except ConvertFailed as exc:
+                png.unlink(missing_ok=True)
+                print(f"make_screenshots: no PNG for {svg.name}: {exc}", file=sys.stderr)
+                tool = None
+            else:
+                line += f"  {png} ({tool})" if tool else "  (no PNG: install cairosvg, librsvg2-bin or ImageMagick)"
         print(line)
     return 0
 

@@ -27,7 +27,7 @@ def agent_dir(monkeypatch: pytest.MonkeyPatch):
     path = Path(base) / "s"
     monkeypatch.setenv("BATCHMON_DIR", str(path))
     yield path
-    from batchmon import agent
+    from batchmon.agent import handle as agent
 
     agent.detach()
     shutil.rmtree(base, ignore_errors=True)

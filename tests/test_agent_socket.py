@@ -18,7 +18,7 @@ import torch.nn as nn
 
 import batchmon
 from batchmon import protocol
-from batchmon.agent_transport import CLIENT_MAX_LINES, Transport
+from batchmon.agent.transport import CLIENT_MAX_LINES, Transport
 from batchmon.protocol import Bye, Event, Hello, Step
 from agent_helpers import EXAMPLES, Reader, agent_dir, wait_for  # noqa: F401 - fixture
 

@@ -7,7 +7,7 @@ import torch.nn as nn
 import pytest
 
 import batchmon
-from batchmon import agent
+from batchmon.agent import handle as agent
 from batchmon.protocol import COMPONENTS, Event
 from agent_helpers import agent_dir  # noqa: F401 - fixture
 

@@ -15,7 +15,7 @@ import pytest
 
 from agent_helpers import EXAMPLES, batchmon_cmd, wait_for
 from batchmon import protocol
-from batchmon.hub import Hub
+from batchmon.monitor.hub import Hub
 from batchmon.jobs import group_jobs
 
 SMALL = ["--cpu", "--hidden", "64", "--input-dim", "32", "--layers", "2", "--batch-size", "16",

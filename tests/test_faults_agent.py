@@ -24,7 +24,7 @@ import pytest
 import torch
 
 import batchmon
-from batchmon import agent
+from batchmon.agent import handle as agent
 from batchmon.protocol import Event, Hello, Step
 
 from agent_helpers import Reader, agent_dir, wait_for  # noqa: F401 (agent_dir: a fixture)
@@ -231,7 +231,7 @@ def test_monitor_killed_mid_stream(baseline, agent_dir, capfd) -> None:
 
 
 def test_monitor_that_never_reads(baseline, agent_dir, capfd, monkeypatch) -> None:
-    from batchmon import agent_transport
+    from batchmon.agent import transport as agent_transport
 
     # A small kernel send buffer (accepted sockets inherit it from the listener) and a small per-monitor bound,
     # so the agent really has to drop lines for the stalled monitor within a few steps.

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 import tui_fixtures as fx
 from batchmon import protocol
-from batchmon.hub import Hub
+from batchmon.monitor.hub import Hub
 from batchmon.probes.nvml import NvmlProbe
 from batchmon.probes.nvml_recording import ReplayBackend
 from batchmon.protocol import COMPONENTS, MAX_SIZE
@@ -194,7 +194,7 @@ def test_gpu_lost_adds_a_counted_warning(sockdir) -> None:
 
 
 def test_recording_truncated_mid_line_replays_with_a_counted_warning(tmp_path) -> None:
-    from batchmon.replay import load_snapshots
+    from batchmon.monitor.replay import load_snapshots
 
     src = FIXTURES / "tui_h200_one_job.jsonl"
     raw = src.read_bytes()

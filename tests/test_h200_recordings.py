@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from batchmon.protocol import decode
-from batchmon.replay import load_snapshots
-from batchmon.render import snapshot_to_json
+from batchmon.monitor.replay import load_snapshots
+from batchmon.monitor.render import snapshot_to_json
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

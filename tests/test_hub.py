@@ -10,7 +10,7 @@ import time
 import pytest
 
 from batchmon import protocol
-from batchmon.hub import Hub
+from batchmon.monitor.hub import Hub
 from batchmon.protocol import Bye, Event
 from hub_peer import FakeAgent, LivePid, make_hello, make_step, wait_for
 
@@ -352,7 +352,7 @@ def test_scan_skips_an_unchanged_folder_but_finds_an_agent_added_right_after_a_l
                                                                                       hub_factory):
     """The folder is listed again only when it changes (or a connection failed); an agent whose socket appears
     within the same coarse file-time tick as the hub's last listing is still found."""
-    import batchmon.hub as hub_module
+    import batchmon.monitor.hub as hub_module
 
     listings = []
     real_scan = hub_module.scan

@@ -10,7 +10,7 @@ import textwrap
 import pytest
 
 from batchmon import protocol
-from batchmon.hub import Hub
+from batchmon.monitor.hub import Hub
 from batchmon.protocol import Bye
 from hub_peer import make_hello, make_step, wait_for
 
@@ -22,7 +22,7 @@ def sockdir(tmp_path):
 
 def started_transport(sockdir, steps: int):
     """The agent's real transport in this process, with a hello and ``steps`` steps of history."""
-    transport_mod = pytest.importorskip("batchmon.agent_transport")
+    transport_mod = pytest.importorskip("batchmon.agent.transport")
     transport = transport_mod.Transport(protocol.socket_path(os.getpid(), sockdir))
     transport.set_hello(make_hello(os.getpid()))
     for n in range(1, steps + 1):
@@ -94,7 +94,7 @@ TRAIN = textwrap.dedent("""
 
 
 def test_hub_with_a_real_attached_training_process(sockdir):
-    pytest.importorskip("batchmon.agent")
+    pytest.importorskip("batchmon.agent.handle")
     pytest.importorskip("torch")
     env = dict(os.environ, BATCHMON_DIR=str(sockdir))
     proc = subprocess.Popen([sys.executable, "-c", TRAIN], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,

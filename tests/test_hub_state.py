@@ -8,8 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from batchmon import hub_state, memory_model
-from batchmon.hub_state import HubState
+from batchmon import memory_model
+from batchmon.monitor import hub_state
+from batchmon.monitor.hub_state import HubState
 from batchmon.probes.host import HostSample, ProcessInfo
 from batchmon.probes.host import sample_to_dict as host_to_dict
 from batchmon.probes.nvml import DeviceMemory, DeviceSample, GpuProcess, NvmlSample
@@ -216,7 +217,7 @@ def test_ingest_never_raises_and_snapshot_always_builds(batch):
 
 
 def test_model_steps_bounds_a_long_history_and_keeps_what_the_fit_needs():
-    from batchmon.hub_state import model_steps
+    from batchmon.monitor.hub_state import model_steps
     from batchmon.protocol import COMPONENTS, Step
 
     def step(n: int, batch: int, peak: int) -> Step:
@@ -250,8 +251,8 @@ def _history_step(n: int, batch: int | None, peak: int | None):
 def test_step_history_keeps_model_steps_exact_under_eviction(limit, spec, recent, sizes):
     """StepHistory's incremental summary equals the reference model_steps on the window, after every append
     (small limits, few sizes and many equal peaks: evictions, ties and sizes leaving the window all happen)."""
-    from batchmon.hub_state import model_steps
-    from batchmon.step_history import StepHistory
+    from batchmon.monitor.hub_state import model_steps
+    from batchmon.monitor.step_history import StepHistory
 
     h = StepHistory(limit)
     for n, (batch, peak) in enumerate(spec, 1):
@@ -287,8 +288,8 @@ def test_unchanged_agent_keeps_its_view_object_between_snapshots():
 
 
 def test_step_window_is_immutable_across_appends_and_compaction_and_acts_like_a_tuple():
-    from batchmon.hub_state import model_steps
-    from batchmon.step_history import COMPACT_EVERY, StepHistory, StepWindow
+    from batchmon.monitor.hub_state import model_steps
+    from batchmon.monitor.step_history import COMPACT_EVERY, StepHistory, StepWindow
 
     h = StepHistory(10)
     steps = [_history_step(n, 16 + n % 50, n % 7) for n in range(1, 3 * COMPACT_EVERY + 30)]
@@ -313,8 +314,8 @@ def test_step_window_is_immutable_across_appends_and_compaction_and_acts_like_a_
 def test_step_window_carries_the_summary_of_its_own_steps():
     """What the UI fits on: every window's model_steps() is the reference summary of exactly its steps, also
     after later appends, evictions and compactions changed the history's own summary."""
-    from batchmon.hub_state import model_steps
-    from batchmon.step_history import StepHistory
+    from batchmon.monitor.hub_state import model_steps
+    from batchmon.monitor.step_history import StepHistory
 
     h = StepHistory(150)
     windows = []

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import batchmon
-from batchmon import agent
+from batchmon.agent import handle as agent
 from batchmon.protocol import Bye, Hello, Step
 from agent_helpers import ROOT, Reader, agent_dir  # noqa: F401 - fixture
 
@@ -133,7 +133,7 @@ def lightning_probe(L: Any, probe: dict[str, Any]) -> Any:
 
 @pytest.mark.parametrize("via_forward", [False, True], ids=["net-in-training-step", "self-forward"])
 def test_lightning_callback_reports_each_step_with_the_real_batch(agent_dir, tmp_path, L, via_forward):
-    from batchmon.integrations.lightning import BatchmonCallback
+    from batchmon.agent.integrations.lightning import BatchmonCallback
 
     plain, _ = fit(L, tmp_path, [], via_forward)
     probe: dict[str, Any] = {}
@@ -167,7 +167,7 @@ def test_lightning_callback_reports_each_step_with_the_real_batch(agent_dir, tmp
 
 
 def test_lightning_callback_leaves_an_agent_it_did_not_attach(agent_dir, tmp_path, L):
-    from batchmon.integrations.lightning import BatchmonCallback
+    from batchmon.agent.integrations.lightning import BatchmonCallback
 
     handle = batchmon.attach(name="mine")
     callback = BatchmonCallback()
@@ -179,7 +179,7 @@ def test_lightning_callback_leaves_an_agent_it_did_not_attach(agent_dir, tmp_pat
 
 
 def test_lightning_module_with_forward_hooks_of_its_own_is_not_routed(agent_dir, tmp_path, L):
-    from batchmon.integrations.lightning import BatchmonCallback
+    from batchmon.agent.integrations.lightning import BatchmonCallback
 
     inputs: list[int] = []
 
@@ -193,7 +193,7 @@ def test_lightning_module_with_forward_hooks_of_its_own_is_not_routed(agent_dir,
 
 
 def test_lightning_callback_error_is_one_warning_and_training_goes_on(agent_dir, tmp_path, L):
-    from batchmon.integrations.lightning import BatchmonCallback
+    from batchmon.agent.integrations.lightning import BatchmonCallback
 
     plain, _ = fit(L, tmp_path, [])
     callback = BatchmonCallback(activation_every=0)  # the agent refuses this setting: attach raises
@@ -208,7 +208,7 @@ def test_lightning_callback_error_is_one_warning_and_training_goes_on(agent_dir,
 
 
 def test_lightning_missing_is_a_clear_import_error():
-    assert_no_import_of("lightning pytorch_lightning", "batchmon.integrations.lightning", "pip install lightning")
+    assert_no_import_of("lightning pytorch_lightning", "batchmon.agent.integrations.lightning", "pip install lightning")
 
 
 # ------------------------------------------------------------------------------------------------ transformers
@@ -264,7 +264,7 @@ def hf_probe(hf: Any, probe: dict[str, Any]) -> Any:
 
 
 def test_transformers_callback_reports_each_step_with_the_micro_batch(agent_dir, tmp_path, hf):
-    from batchmon.integrations.transformers import BatchmonCallback
+    from batchmon.agent.integrations.transformers import BatchmonCallback
 
     plain = train_hf(hf, tmp_path, [])
     probe: dict[str, Any] = {}
@@ -294,7 +294,7 @@ def test_transformers_callback_reports_each_step_with_the_micro_batch(agent_dir,
 
 
 def test_transformers_accumulation_reports_the_per_device_micro_batch(agent_dir, tmp_path, hf):
-    from batchmon.integrations.transformers import BatchmonCallback
+    from batchmon.agent.integrations.transformers import BatchmonCallback
 
     callback = BatchmonCallback()
     run = train_hf(hf, tmp_path, [callback], batch=2, accumulate=2)
@@ -305,7 +305,7 @@ def test_transformers_accumulation_reports_the_per_device_micro_batch(agent_dir,
 
 
 def test_transformers_error_is_one_warning_and_training_goes_on(agent_dir, tmp_path, hf):
-    from batchmon.integrations.transformers import BatchmonCallback
+    from batchmon.agent.integrations.transformers import BatchmonCallback
 
     plain = train_hf(hf, tmp_path, [])
     callback = BatchmonCallback(activation_every=-1)
@@ -319,11 +319,11 @@ def test_transformers_error_is_one_warning_and_training_goes_on(agent_dir, tmp_p
 
 
 def test_transformers_missing_is_a_clear_import_error():
-    assert_no_import_of("transformers", "batchmon.integrations.transformers", "pip install transformers")
+    assert_no_import_of("transformers", "batchmon.agent.integrations.transformers", "pip install transformers")
 
 
 def test_the_package_itself_imports_no_library():
-    code = ("import sys, batchmon.integrations\n"
+    code = ("import sys, batchmon.agent.integrations\n"
             "print(sorted(m for m in sys.modules if m.split('.')[0] in "
             "('torch', 'lightning', 'pytorch_lightning', 'transformers')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)

@@ -6,7 +6,7 @@ from typing import Any
 
 from batchmon.jobs import group_jobs, imbalance, job_key, rank_total
 from batchmon.protocol import COMPONENTS, Hello, ModelInfo, Step
-from batchmon.render import imbalance_text
+from batchmon.monitor.render import imbalance_text
 from batchmon.snapshot import AgentView
 
 

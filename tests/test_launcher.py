@@ -91,8 +91,8 @@ def test_death_by_signal_is_reported_as_128_plus_n(sig, code):
 
 
 def test_child_env_puts_bootstrap_first_and_keeps_pythonpath():
-    from batchmon._bootstrap import FOLDER
-    from batchmon.launcher import child_env
+    from batchmon.agent.bootstrap import FOLDER
+    from batchmon.cli.run import child_env
 
     env = child_env({"PYTHONPATH": f"/a{os.pathsep}/b", "HOME": "/h"})
     assert env["PYTHONPATH"].split(os.pathsep) == [FOLDER, "/a", "/b"]
@@ -104,7 +104,7 @@ def test_python_without_torch_never_loads_it_and_other_sitecustomize_still_runs(
     other.mkdir()
     (other / "sitecustomize.py").write_text("import builtins\nbuiltins.OTHER_SITECUSTOMIZE = True\n")
     code = "import sys, builtins; print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'), " \
-           "getattr(builtins, 'OTHER_SITECUSTOMIZE', False), 'batchmon._bootstrap' in sys.modules)"
+           "getattr(builtins, 'OTHER_SITECUSTOMIZE', False), 'batchmon.agent.bootstrap' in sys.modules)"
     result = run_batchmon("run", "--", PY, "-c", code, env={"PYTHONPATH": str(other)})
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[] True True"

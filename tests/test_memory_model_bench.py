@@ -35,13 +35,13 @@ def test_cpu_smoke_run_writes_json_and_markdown(tmp_path):
 
 
 def test_cpu_smoke_with_batchmons_agent_as_the_observer(tmp_path):
-    pytest.importorskip("batchmon.agent")
+    pytest.importorskip("batchmon.agent.handle")
     env = {**os.environ, "OUT": str(tmp_path)}
     proc = subprocess.run([sys.executable, str(SCRIPT), "--cpu-smoke", "--quick", "--arch", "mlp", "--observer", "agent"],
                           capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     (r,) = json.loads((tmp_path / "predict_accuracy.json").read_text())["results"]
-    assert r["observer"].startswith("batchmon.agent"), r["observer"]
+    assert r["observer"].startswith("batchmon.agent.handle"), r["observer"]
     assert [s["batch_size"] for s in r["observed"]] == [8, 8, 4]
     assert all(s["components"]["activations"] > 0 for s in r["observed"])
     assert r["predicted_max_batch"] > 0 and r["real_max_batch"] > 0

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from batchmon import protocol
-from batchmon.replay import load_snapshots
+from batchmon.monitor.replay import load_snapshots
 from hub_peer import FakeAgent, LivePid, make_step, wait_for
 
 

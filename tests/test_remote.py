@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 
 from batchmon import protocol
-from batchmon.hub import Hub
-from batchmon.hub_state import HubState
-from batchmon.render import NO_AGENTS, step_components
+from batchmon.monitor.hub import Hub
+from batchmon.monitor.hub_state import HubState
+from batchmon.monitor.render import NO_AGENTS, step_components
 from hub_peer import FakeAgent, LivePid, make_hello, make_step, wait_for
 
 SSHD = shutil.which("sshd") or ("/usr/sbin/sshd" if os.path.exists("/usr/sbin/sshd") else None)

@@ -16,7 +16,7 @@ from batchmon.probes.host import HostProbe, HostSample, ProcessInfo
 from batchmon.probes.nvml import DeviceSample, NvmlProbe, NvmlSample
 from batchmon.probes.nvml_recording import ReplayBackend
 from batchmon.protocol import ALL_COMPONENTS, COMPONENTS, Event, Hello, ModelInfo, Step
-from batchmon.render import (
+from batchmon.monitor.render import (
     NO_AGENTS,
     clean,
     fmt_bytes,

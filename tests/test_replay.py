@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from batchmon import protocol
-from batchmon.hub import Hub
-from batchmon.recorder import LineWriter, meta_record
-from batchmon.replay import ReplaySource, final_snapshot, load_snapshots
+from batchmon.monitor.hub import Hub
+from batchmon.monitor.recorder import LineWriter, meta_record
+from batchmon.monitor.replay import ReplaySource, final_snapshot, load_snapshots
 from hub_peer import FakeAgent, LivePid, make_step, wait_for
 
 INTERVAL = 0.05

@@ -12,7 +12,8 @@ import pytest
 from textual.widgets import Input
 
 import tui_fixtures as fx
-from batchmon import hub_state, memory_model
+from batchmon import memory_model
+from batchmon.monitor import hub_state
 from batchmon.memory_model import WhatIf
 from batchmon.tui.app import BatchmonApp
 from batchmon.tui.fmt import fmt_bytes
@@ -20,7 +21,7 @@ from batchmon.tui.gpu_panel import GpuPanel
 from batchmon.tui.job_panel import JobPanel
 from batchmon.tui.messages import SnapshotArrived
 from batchmon.tui.screens import BatchPrompt, HelpScreen
-from batchmon.tui.sources import ListSource
+from list_source import ListSource
 from batchmon.tui.state import WhatIfState
 
 WIDE = (160, 48)

@@ -8,7 +8,7 @@ import re
 import pytest
 
 import tui_fixtures as fx
-from batchmon.render import imbalance_text
+from batchmon.monitor.render import imbalance_text
 from batchmon.tui.app import BatchmonApp
 from batchmon.tui.fmt import fmt_bytes
 from batchmon.tui.job_panel import JobPanel

@@ -14,7 +14,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from batchmon import cli, demo
+from batchmon.cli import demo
+from batchmon.cli import main as cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,7 +46,7 @@ def _parts_missing() -> str | None:
     if not (demo.examples_dir() / demo.EXAMPLE).is_file():
         return "examples/train_mlp.py not there yet"
     try:
-        import batchmon.launcher  # noqa: F401
+        import batchmon.cli.run  # noqa: F401
         import torch  # noqa: F401
     except ImportError as exc:
         return f"needs the launcher and torch ({exc})"

@@ -6,7 +6,7 @@ import socket
 
 from hub_peer import FakeAgent, LivePid, make_hello, make_step
 import tui_fixtures as fx
-from batchmon.hub import Hub
+from batchmon.monitor.hub import Hub
 from batchmon.protocol import Event
 from batchmon.tui.app import BatchmonApp
 from batchmon.tui.job_panel import JobPanel

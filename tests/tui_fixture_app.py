@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import tui_fixtures as fx  # noqa: E402
 from batchmon.tui.app import run_monitor  # noqa: E402
-from batchmon.tui.sources import ListSource  # noqa: E402
+from list_source import ListSource  # noqa: E402
 
 
 def main() -> int:

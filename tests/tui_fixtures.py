@@ -195,7 +195,7 @@ def recorded_or(name: str, fallback):
     the synthetic fixture stands in (and the SVGs are regenerated with --snapshot-update when it lands)."""
     path = FIXTURES / name
     if path.exists():
-        from batchmon.replay import load_snapshots
+        from batchmon.monitor.replay import load_snapshots
 
         snaps = load_snapshots(path)
         live = [sum(1 for a in snap.agents if a.connected and a.last_step) for snap in snaps]

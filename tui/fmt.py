@@ -19,8 +19,8 @@ def _fallback_fmt_bytes(n: int | float | None) -> str:
     return f"{sign}{value:.2f} {_UNITS[unit]}" if value < 10 else f"{sign}{value:.1f} {_UNITS[unit]}"
 
 
-try:  # one formatter for every front end, once batchmon.render provides it
-    from batchmon.render import fmt_bytes as _shared_fmt_bytes  # type: ignore[attr-defined]
+try:  # one formatter for every front end, once batchmon.monitor.render provides it
+    from batchmon.monitor.render import fmt_bytes as _shared_fmt_bytes  # type: ignore[attr-defined]
 except Exception:  # noqa: BLE001 - missing module or name: use ours
     _shared_fmt_bytes = None
 
@@ -82,7 +82,7 @@ def fmt_interval(seconds: float) -> str:
 def fmt_used_total(used: int | None, total: int | None) -> str:
     """'48.8/140.4 GiB': both in the total's unit, so they compare at a glance."""
     try:
-        from batchmon.render import fmt_used_total as shared
+        from batchmon.monitor.render import fmt_used_total as shared
 
         return str(shared(used, total))
     except Exception:  # noqa: BLE001 - not there yet or failed: plain form

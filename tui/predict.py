@@ -13,10 +13,11 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-from batchmon import hub_state, memory_model
+from batchmon import memory_model
+from batchmon.monitor import hub_state
 from batchmon.memory_model import Prediction, WhatIf
 from batchmon.protocol import Step
-from batchmon.render import step_components
+from batchmon.monitor.render import step_components
 from batchmon.snapshot import AgentView
 
 

@@ -21,13 +21,18 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
 
 from batchmon import protocol
+from batchmon.monitor.step_history import (
+    RECENT_SIZES,
+    RECENT_STEPS,
+    StepHistory,
+    step_peak,
+)
 from batchmon.probes import host as host_probe
 from batchmon.probes import nvml as nvml_probe
 from batchmon.probes.host import HostSample
 from batchmon.probes.nvml import NvmlSample
 from batchmon.protocol import Bye, Event, Hello, ProtocolError, Step
 from batchmon.snapshot import AgentView, Snapshot, Warning
-from batchmon.step_history import RECENT_SIZES, RECENT_STEPS, StepHistory, step_peak
 
 LOCAL = "local"
 HISTORY_LIMIT = 2000  # steps kept per agent (the agent sends >= 1000 on connect)

@@ -24,6 +24,8 @@ import threading
 import time
 from typing import IO, Any, Callable
 
+from batchmon.monitor.threads import join_started, start_daemon
+
 Record = dict[str, Any]
 
 DEFAULT_COMMAND = "batchmon stream"
@@ -97,8 +99,7 @@ class RemoteLink:
 
     def start(self) -> "RemoteLink":
         if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name=f"batchmon-remote-{self.host}", daemon=True)
-            self._thread.start()
+            self._thread = start_daemon(self._run, f"batchmon-remote-{self.host}")
         return self
 
     def stop(self) -> None:
@@ -111,8 +112,7 @@ class RemoteLink:
                 proc.terminate()  # the reader thread then sees EOF, waits for it and closes the pipe
             except OSError:
                 pass
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(STOP_TIMEOUT_S)
+        join_started(self._thread, STOP_TIMEOUT_S)
 
     @property
     def ready(self) -> bool:

@@ -10,7 +10,7 @@ import shutil
 import time
 from typing import Any
 
-from batchmon.cli import CliError
+from batchmon.cli.main import CliError
 from batchmon.snapshot import Snapshot
 
 ONCE_MAX_WAIT_S = 0.5  # how long --once waits for agents' hello and history, at most
@@ -18,7 +18,7 @@ ONCE_REMOTE_WAIT_S = 10.0  # how long --once --host waits for each host's first 
 
 
 def print_snapshot(snap: Snapshot, as_json: bool) -> None:
-    from batchmon.render import format_table, snapshot_to_json
+    from batchmon.monitor.render import format_table, snapshot_to_json
 
     if as_json:
         print(json.dumps(snapshot_to_json(snap), indent=2))
@@ -47,7 +47,7 @@ def _hosts(args: Any) -> list[str]:
 
 
 def main(args: Any) -> int:
-    from batchmon.hub import Hub
+    from batchmon.monitor.hub import Hub
 
     hosts = _hosts(args)
     if args.once:
@@ -65,7 +65,7 @@ def main(args: Any) -> int:
 
 
 def main_replay(args: Any) -> int:
-    from batchmon.replay import ReplaySource, final_snapshot
+    from batchmon.monitor.replay import ReplaySource, final_snapshot
 
     try:
         if args.once:

@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true", help="with --once: print JSON instead of a table")
     parser.add_argument("--no-mouse", action="store_true", help="do not capture the mouse in the monitor")
     _add_monitor_options(parser)
-    parser.set_defaults(handler="batchmon.monitor_cli:main")
+    parser.set_defaults(handler="batchmon.cli.monitor:main")
 
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run CMD with the batchmon agent attached to every Python process it starts. "
                                    "stdin/stdout/stderr, signals and the exit code pass through unchanged.")
     p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="[--] CMD ARGS...")
-    p.set_defaults(handler="batchmon.launcher:main")
+    p.set_defaults(handler="batchmon.cli.run:main")
 
     p = sub.add_parser("record", help="record every hub input as JSON lines",
                        description="Write everything the monitor sees (NVML and host samples, agent messages) "
@@ -80,12 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, metavar="FILE", help="file to write ('-' for stdout)")
     p.add_argument("--duration", type=_positive_float, metavar="SECONDS", help="stop after this long")
     _add_monitor_options(p)
-    p.set_defaults(handler="batchmon.recorder:main_record")
+    p.set_defaults(handler="batchmon.monitor.recorder:main_record")
 
     p = sub.add_parser("stream", help="write every hub input to stdout as JSON lines (used by --host)")
     p.add_argument("--duration", type=_positive_float, metavar="SECONDS", help="stop after this long")
     _add_monitor_options(p)
-    p.set_defaults(handler="batchmon.recorder:main_stream")
+    p.set_defaults(handler="batchmon.monitor.recorder:main_stream")
 
     p = sub.add_parser("replay", help="drive the monitor from a recording",
                        description="Open the monitor on a recording made by `batchmon record`.")
@@ -94,20 +94,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--once", action="store_true", help="print the final snapshot of the recording and exit")
     p.add_argument("--json", action="store_true", help="with --once: print JSON")
     p.add_argument("--no-mouse", action="store_true", help="do not capture the mouse")
-    p.set_defaults(handler="batchmon.monitor_cli:main_replay")
+    p.set_defaults(handler="batchmon.cli.monitor:main_replay")
 
     p = sub.add_parser("predict", help="the memory equation as a calculator, no GPU needed",
                        description="Estimate training memory from the seed's formulas: parameters N*b, "
                                    "gradients N*b, optimizer states k*N*b, activations B*L*H*b, batch B*D*b.")
-    p.set_defaults(handler="batchmon.predict_cli:main")
-    from batchmon.predict_cli import add_arguments  # no torch, no textual: plain argparse
+    p.set_defaults(handler="batchmon.cli.predict:main")
+    from batchmon.cli.predict import add_arguments  # no torch, no textual: plain argparse
 
     add_arguments(p)
 
     p = sub.add_parser("demo", help="a real small training run with the agent attached, shown in the monitor")
     p.add_argument("--steps", type=int, default=0, help="training steps (default: run until the monitor quits)")
     p.add_argument("--no-mouse", action="store_true", help="do not capture the mouse")
-    p.set_defaults(handler="batchmon.demo:main")
+    p.set_defaults(handler="batchmon.cli.demo:main")
 
     p = sub.add_parser("export", help="serve metrics for Prometheus")
     p.add_argument("--prometheus", action="store_true", required=True, help="Prometheus text format over HTTP")
@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="address to serve on (default: 127.0.0.1, loopback only; 0.0.0.0 for every interface)")
     p.add_argument("--port", type=int, default=9400, help="port (default: 9400)")
     _add_monitor_options(p, remote_hosts=False)  # one exporter per box: its --host is where it listens
-    p.set_defaults(handler="batchmon.export:main")
+    p.set_defaults(handler="batchmon.monitor.export:main")
     return parser
 
 

@@ -13,7 +13,8 @@ from typing import Any, Callable
 
 import torch
 
-from batchmon import accounting, agent
+from batchmon.agent import accounting
+from batchmon.agent import handle as agent
 
 BatchSizeFn = Callable[..., "int | None"]
 

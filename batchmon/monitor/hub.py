@@ -18,8 +18,16 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from batchmon import protocol
-from batchmon.agent_client import AgentConnection, ConnectResult, Found, pid_alive, scan, unlink_stale
-from batchmon.hub_state import LOCAL, HubState
+from batchmon.monitor.agent_sockets import (
+    AgentConnection,
+    ConnectResult,
+    Found,
+    pid_alive,
+    scan,
+    unlink_stale,
+)
+from batchmon.monitor.hub_state import LOCAL, HubState
+from batchmon.monitor.threads import join_started, start_daemon
 from batchmon.snapshot import Snapshot
 
 Record = dict[str, Any]
@@ -88,7 +96,7 @@ class Hub:
         self._injected: deque[Record] = deque()  # records from other threads (remote links), drained by the IO thread
         self._links: list[Any] = []
         if hosts:
-            from batchmon.remote import RemoteLink
+            from batchmon.monitor.remote import RemoteLink
 
             self._links = [RemoteLink(h, self.inject, interval=self._interval) for h in dict.fromkeys(hosts)]
             for link in self._links:
@@ -100,8 +108,7 @@ class Hub:
     def start(self) -> "Hub":
         if self._thread is None and not self._closed:
             self.start_remotes()
-            self._thread = threading.Thread(target=self._run, name="batchmon-hub", daemon=True)
-            self._thread.start()
+            self._thread = start_daemon(self._run, "batchmon-hub")
         return self
 
     def start_remotes(self) -> None:
@@ -128,9 +135,8 @@ class Hub:
             link.stop()
         self._stopping.set()
         self._wake()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            # Bounded: a driver call that hangs must not hang quitting; the daemon thread then closes on its way out.
-            self._thread.join(self.STOP_TIMEOUT_S)
+        # Bounded: a driver call that hangs must not hang quitting; the daemon thread then closes on its way out.
+        join_started(self._thread, self.STOP_TIMEOUT_S)
         self._close()
 
     def snapshot(self) -> Snapshot:

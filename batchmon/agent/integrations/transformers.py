@@ -17,12 +17,12 @@ import importlib.util
 from typing import Any
 
 if importlib.util.find_spec("transformers") is None:
-    raise ImportError("batchmon.integrations.transformers needs Hugging Face transformers, which is not installed: "
+    raise ImportError("batchmon.agent.integrations.transformers needs Hugging Face transformers, which is not installed: "
                       "pip install transformers")
 
 from transformers import TrainerCallback  # noqa: E402 - after the check that names the pip command
 
-from batchmon.integrations._session import BatchSizeFn, Session, batch_size_of  # noqa: E402
+from batchmon.agent.integrations._session import BatchSizeFn, Session, batch_size_of  # noqa: E402
 
 
 class BatchmonCallback(TrainerCallback):

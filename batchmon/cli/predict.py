@@ -105,7 +105,7 @@ def render(doc: dict[str, Any]) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    from batchmon.cli import CliError
+    from batchmon.cli.main import CliError
 
     try:
         doc = compute(args)

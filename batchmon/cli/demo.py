@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import batchmon
-from batchmon.cli import CliError
+from batchmon.cli.main import CliError
 
 EXAMPLE = "train_mlp.py"
 STOP_GRACE_S = 5.0
@@ -69,7 +69,7 @@ def main(args: Any) -> int:
         from batchmon.tui.app import run_monitor
     except ImportError as exc:
         raise CliError(f"the interactive monitor is not available ({exc})") from None
-    from batchmon.hub import Hub
+    from batchmon.monitor.hub import Hub
 
     workdir = Path(tempfile.mkdtemp(prefix="batchmon-demo-"))  # 0700, ours alone
     socket_dir = workdir / "sockets"

@@ -1,4 +1,4 @@
-"""batchmon run: attach the agent to this Python process when it imports torch (see batchmon._bootstrap).
+"""batchmon run: attach the agent to this Python process when it imports torch (see batchmon.agent.bootstrap).
 
 Python imports the first ``sitecustomize`` on sys.path; ``batchmon run`` puts this folder first, so after
 installing the hook we run the sitecustomize that would otherwise have been imported.
@@ -12,7 +12,7 @@ def _install() -> None:
     if os.environ.get("BATCHMON_AUTO") != "1":
         return
     try:
-        from batchmon._bootstrap import install
+        from batchmon.agent.bootstrap import install
     except Exception as exc:  # noqa: BLE001 - e.g. a Python without batchmon installed
         sys.stderr.write(f"batchmon: agent not attached in {sys.executable}: {type(exc).__name__}: {exc}\n")
         return

@@ -1,7 +1,7 @@
 """`batchmon run [--] CMD ARGS...`: run a training command with the agent attached, no code change.
 
 The command runs as a child with stdin/stdout/stderr inherited, BATCHMON_AUTO=1 and batchmon's bootstrap
-folder first on PYTHONPATH (batchmon._bootstrap: every Python process it starts attaches the agent when it
+folder first on PYTHONPATH (batchmon.agent.bootstrap: every Python process it starts attaches the agent when it
 imports torch). Signals sent to the launcher (SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2) are passed
 to the child, except those the terminal sent to the whole foreground process group, which the child already
 got once; the exit code is the child's, or 128+N when signal N ended it, as shells report it.
@@ -18,8 +18,8 @@ import signal
 import subprocess
 from typing import Mapping, Sequence
 
-from batchmon._bootstrap import ENV_FLAG, FOLDER
-from batchmon.cli import CliError
+from batchmon.agent.bootstrap import ENV_FLAG, FOLDER
+from batchmon.cli.main import CliError
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 SI_KERNEL = 0x80  # si_code of a signal the kernel raised (terminal keys, hangup), not kill()

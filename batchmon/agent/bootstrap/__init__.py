@@ -86,7 +86,7 @@ def uninstall() -> None:
 
 def _attach_after_torch_import() -> None:
     try:
-        from batchmon.agent import _auto_attach
+        from batchmon.agent.handle import _auto_attach
 
         _auto_attach()
     except Exception as exc:  # noqa: BLE001 - never break the user's `import torch`

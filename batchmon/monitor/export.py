@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import errno
 import signal
-import time
 from typing import Any, Callable, Iterator
 
-from batchmon.cli import CliError
-from batchmon.render import step_components
+from batchmon.cli.main import CliError
+from batchmon.monitor.render import step_components
 from batchmon.snapshot import AgentView, Snapshot
 
 DEVICE_KINDS = ("used", "reserved", "total", "free")
@@ -99,7 +98,7 @@ def main(args: Any) -> int:
         raise CliError('prometheus-client is not installed; install it with: pip install "batchmon[prometheus]"') from None
     if not 0 < args.port < 65536:
         raise CliError(f"--port must be 1..65535, got {args.port}", code=2)
-    from batchmon.hub import Hub
+    from batchmon.monitor.hub import Hub
 
     hub = Hub(interval=args.interval)
     registry = CollectorRegistry(auto_describe=False)

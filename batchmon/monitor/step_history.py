@@ -48,7 +48,9 @@ class StepWindow(Sequence):
         made): what the hub fits its prediction on, so the UI's what-ifs fit the same steps without a rescan."""
         if self._summary is not None:
             return list(self._summary)
-        from batchmon.hub_state import model_steps  # the reference definition, O(history)
+        from batchmon.monitor.hub_state import (
+            model_steps,  # the reference definition, O(history)
+        )
 
         return model_steps(tuple(self))
 

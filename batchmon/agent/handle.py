@@ -5,8 +5,8 @@ them), the optimizers' steps (global step post hook; ``optimizer.step`` is also 
 it) and ``torch.autograd.backward``. With model or optimizer omitted the agent finds them: the root is the
 outermost module with trainable parameters whose forward runs with grad enabled when no other forward is
 running (global forward hooks, removed once it is found); optimizers are whatever steps. A step ends at the
-first optimizer's step (others count for optimizer bytes only); it is then measured (batchmon.accounting) and
-published: kept in ``handle.steps`` and handed to the transport thread (batchmon.agent_transport).
+first optimizer's step (others count for optimizer bytes only); it is then measured (batchmon.agent.accounting) and
+published: kept in ``handle.steps`` and handed to the transport thread (batchmon.agent.transport).
 
 What a step reports:
 
@@ -63,9 +63,10 @@ import torch
 import torch.nn.modules.module as _module_hooks
 import torch.optim.optimizer as _optimizer_hooks
 
-from batchmon import accounting, protocol
-from batchmon.agent_nvml import ProcessMemory
-from batchmon.agent_transport import HISTORY_EVENTS, HISTORY_STEPS, Transport
+from batchmon import protocol
+from batchmon.agent import accounting
+from batchmon.agent.process_memory import ProcessMemory
+from batchmon.agent.transport import HISTORY_EVENTS, HISTORY_STEPS, Transport
 from batchmon.protocol import Bye, Event, Hello, ModelInfo, Step
 
 DEFAULT_ACTIVATION_EVERY = 10

@@ -15,9 +15,9 @@ import time
 from typing import IO, Any
 
 from batchmon import __version__
-from batchmon.cli import CliError
-from batchmon.hub import Hub
-from batchmon.hub_state import record_line
+from batchmon.cli.main import CliError
+from batchmon.monitor.hub import Hub
+from batchmon.monitor.hub_state import record_line
 
 FORMAT_VERSION = 1
 

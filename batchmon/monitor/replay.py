@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from batchmon.hub_state import LOCAL, HubState
+from batchmon.monitor.hub_state import LOCAL, HubState
+from batchmon.monitor.threads import join_started, start_daemon
 from batchmon.snapshot import Snapshot
 
 
@@ -135,14 +136,12 @@ class ReplaySource:
 
     def start(self) -> "ReplaySource":
         if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="batchmon-replay", daemon=True)
-            self._thread.start()
+            self._thread = start_daemon(self._run, "batchmon-replay")
         return self
 
     def stop(self) -> None:
         self._stopping.set()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join()
+        join_started(self._thread)
 
     def snapshot(self) -> Snapshot:
         return self._latest

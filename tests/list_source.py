@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 from typing import Callable, Sequence
 
+from batchmon.monitor.threads import join_started, start_daemon
 from batchmon.snapshot import Snapshot
 
 
@@ -32,14 +33,12 @@ class ListSource:
     def start(self) -> None:
         if self._thread is not None:
             return
-        self._thread = threading.Thread(target=self._run, name="batchmon-list-source", daemon=True)
-        self._thread.start()
+        self._thread = start_daemon(self._run, "batchmon-list-source")
 
     def stop(self) -> None:
         self._stop.set()
         self._wake.set()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout=2)
+        join_started(self._thread, 2)
 
     def snapshot(self) -> Snapshot | None:
         return self._current
