@@ -1,4 +1,4 @@
-"""The seed's memory equation, fitted to measured steps: predict any batch size, the largest batch, what-ifs.
+"""The memory equation, fitted to measured steps: predict any batch size, the largest batch, what-ifs.
 
 Pure: no torch, no textual. Everything here is integer bytes in, integer bytes out, and cheap: fitting is a
 handful of least-squares sums, predicting is a few multiplications, so a UI may call ``predict`` for a hundred
@@ -8,11 +8,14 @@ API (all a caller needs)::
 
     model = fit(steps, optimizer="AdamW")            # protocol.Step (or Observation) sequence -> MemoryModel | None
     p = model.predict(WhatIf(batch_size=256), device_total=141 * 2**30)   # -> Prediction
-    p.components["activations"], p.peak_allocated, p.total, p.max_batch, p.headroom, p.margin, p.basis
+    p.components["activations"], p.peak_allocated, p.total, p.max_batch, p.headroom, p.margin
+    p.band.low, p.band.high                          # what the observations support at p.batch_size
+    p.basis_fields (Basis: steps, batch_sizes, step_range, notes, what_if, extrapolation, conservative, ...)
+    p.basis                                          # the same as one line, for --once/--json
     model.max_batch(device_total, WhatIf(amp=True))  # -> int | None
     predict_from_steps(steps, device_total, WhatIf(), optimizer=None)    # fit + predict, None without data
-    formula_breakdown(params, layers, hidden, input_dim, batch, optimizer="adam", dtype="fp32")  # the seed
-    formula_max_batch(params, layers, hidden, input_dim, device_total, optimizer="adam", dtype="fp32")
+
+The calculator's closed forms (no measurement) are in batchmon.formulas.
 
 The fit (documented rules, each chosen for what it predicts, not for convenience):
 
@@ -71,7 +74,7 @@ What-ifs (``WhatIf``), applied to the fitted lines:
   underestimate); autocast's cache of 16-bit weight copies adds half the trainable parameter bytes to ``other``;
   parameters, gradients, optimizer (fp32 master copies) and batch (inputs as loaded) are unchanged. A no-op when
   the observed run already used AMP (``fit(..., amp=True)``).
-* checkpointing: every one of n blocks wrapped in a checkpoint (the seed's example, and what
+* checkpointing: every one of n blocks wrapped in a checkpoint (the classic example, and what
   ``gradient_checkpointing_enable()`` does): forward keeps only each block's input, backward recomputes one
   block at a time, so about one block's activations plus the boundaries are alive: ``2/n`` of the
   activations (one block ~ A/n, the n boundary inputs ~ A/n for a transformer, whose blocks save ~17 tensors
@@ -91,6 +94,7 @@ import statistics
 from dataclasses import dataclass, field, replace
 from typing import Iterable, Sequence
 
+from batchmon.formulas import OPTIMIZER_STATES, optimizer_kind
 from batchmon.protocol import ALL_COMPONENTS, COMPONENTS, Step
 
 
@@ -108,24 +112,75 @@ class WhatIf:
 
 
 @dataclass(frozen=True)
+class Basis:
+    """What a prediction rests on, as fields: front ends format them (``text``), never parse them."""
+
+    steps: int  # observed steps the model was fitted on
+    batch_sizes: tuple[int, ...]  # distinct observed batch sizes, ascending
+    step_range: tuple[int, int]  # first and last fitted step
+    notes: tuple[str, ...] = ()  # assumptions of the fit (one batch size, optimizer state not yet seen, ...)
+    what_if: tuple[str, ...] = ()  # assumptions of each what-if applied
+    extrapolation: float | None = None  # the largest batch / the largest observed batch size (None: unknown)
+    conservative: bool = False  # the largest batch comes from the band's high side, not the central fit
+    conservative_why: tuple[str, ...] = ()  # why the observations cannot support the central extrapolation
+    margin_source: str = "measured"  # "measured" (fragmentation, growth, retries) or "given" (an override)
+
+    @property
+    def largest_observed(self) -> int:
+        return self.batch_sizes[-1] if self.batch_sizes else 0
+
+    def observed_text(self, *, step_range: bool = True) -> str:
+        """'3 steps at batch 16, 32 (steps 1-40)'; without the step range for a display that must not move."""
+        sizes = ", ".join(str(b) for b in self.batch_sizes)
+        text = f"{self.steps} step{'s' if self.steps != 1 else ''} at batch {sizes}"
+        if step_range:
+            lo, hi = self.step_range
+            text += f" (step {lo})" if lo == hi else f" (steps {lo}-{hi})"
+        return text
+
+    def text(self, *, step_range: bool = True) -> str:
+        """The whole basis on one line (--once, --json): observations; fit notes; conservative; what-ifs."""
+        parts = [self.observed_text(step_range=step_range), *self.notes]
+        if self.conservative:
+            parts.append("largest batch conservative: " + ", ".join(self.conservative_why))
+        parts.extend(f"what-if: {n}" for n in self.what_if)
+        if self.margin_source != "measured":
+            parts.append(f"margin {self.margin_source}")
+        return "; ".join(parts)
+
+
+@dataclass(frozen=True)
+class Band:
+    """Low and high predicted device use (bytes) at one batch size: what the observations can support."""
+
+    low: int
+    high: int
+
+
+@dataclass(frozen=True)
 class Prediction:
     """Predicted breakdown at one batch size, and the largest batch that fits."""
 
     batch_size: int
-    components: dict[str, int]  # every name in protocol.ALL_COMPONENTS
-    total: int  # predicted peak device use of the process: allocator peak + cache + context
-    peak_allocated: int  # predicted allocator peak
-    max_batch: int | None  # largest batch that fits the device, None when unknown (no device size)
+    components: dict[str, int]  # every name in protocol.ALL_COMPONENTS (the central fit)
+    total: int  # predicted peak device use of the process: allocator peak + cache + context (central)
+    peak_allocated: int  # predicted allocator peak (central)
+    max_batch: int | None  # largest batch that fits the device (from the band's high side), None when unknown
     device_total: int | None
-    headroom: int | None  # device_total - margin - total at batch_size; negative: will not fit
+    headroom: int | None  # device_total - margin - band.high at batch_size; negative: will not fit
     margin: int  # bytes kept free, derived from measured fragmentation, retries and context
-    basis: str  # which observations this rests on, e.g. "3 steps at batch 16, 32 (steps 1-40)"
+    basis_fields: Basis  # which observations this rests on, and every assumption made
+    band: Band | None = None  # total's low/high at batch_size; None: low == high == total
+    max_batch_central: int | None = None  # the largest batch of the central fit (>= max_batch)
     what_if: WhatIf = field(default_factory=WhatIf)
     micro_batch: int | None = None  # batch per forward pass (differs from batch_size with accumulation)
 
+    @property
+    def basis(self) -> str:
+        """The basis as one line, e.g. '3 steps at batch 16, 32 (steps 1-40); what-if: amp ...'."""
+        return self.basis_fields.text()
 
-#: optimizer states per trainable parameter
-OPTIMIZER_STATES: dict[str, int] = {"sgd": 0, "sgd-momentum": 1, "adam": 2, "adamw": 2}
+
 FIXED = ("parameters", "gradients", "optimizer")
 PER_SAMPLE = ("activations", "batch")
 DEFAULT_CHECKPOINT_LAYERS = 12
@@ -136,26 +191,6 @@ DEFAULT_CHECKPOINT_LAYERS = 12
 #: batch so that peak error is covered too; doubled, as it rests on one run of four models: the doubling costs
 #: at most 1.5% of the largest batch on those four)
 FRAG_SURVIVAL = 0.16
-
-
-def optimizer_kind(name: str | None) -> str | None:
-    """Normalise an optimizer class or kind name: 'AdamW' -> 'adamw', 'SGD' -> 'sgd'; unknown -> None.
-
-    Plain 'SGD' means SGD without momentum unless state was observed (see fit)."""
-    if not name:
-        return None
-    key = name.strip().lower().replace("_", "-")
-    if key in OPTIMIZER_STATES:
-        return key
-    if key in ("sgdm", "sgd-nesterov", "momentum"):
-        return "sgd-momentum"
-    if "adamw" in key:
-        return "adamw"
-    if "adam" in key:
-        return "adam"
-    if key.startswith("sgd"):
-        return "sgd"
-    return None
 
 
 # ----------------------------------------------------------------------------------------------- observations
@@ -271,13 +306,15 @@ class MemoryModel:
 
     # -- description
 
+    def basis_fields(self, what_if_notes: Sequence[str] = (), **extra: object) -> Basis:
+        """The structured basis of a prediction from this model (extra: Basis fields set by the prediction)."""
+        return Basis(steps=self.count, batch_sizes=self.batch_sizes, step_range=self.step_range,
+                     notes=self.notes, what_if=tuple(what_if_notes), **extra)  # type: ignore[arg-type]
+
     @property
     def basis(self) -> str:
-        sizes = ", ".join(str(b) for b in self.batch_sizes)
-        lo, hi = self.step_range
-        steps = f"step {lo}" if lo == hi else f"steps {lo}-{hi}"
-        text = f"{self.count} step{'s' if self.count != 1 else ''} at batch {sizes} ({steps})"
-        return "; ".join((text,) + self.notes)
+        """The fit's basis as one line (no what-if)."""
+        return self.basis_fields().text()
 
     @property
     def peak_line(self) -> Line:
@@ -379,10 +416,11 @@ class MemoryModel:
         kept = self._margin(peak, margin, device_total)
         max_batch = self.max_batch(device_total, what_if, margin=margin) if device_total else None
         headroom = device_total - kept - total if device_total else None
-        basis = "; ".join([self.basis] + [f"what-if: {n}" for n in notes])
+        basis = self.basis_fields(notes, margin_source="measured" if margin is None else "given")
         return Prediction(batch_size=batch, components={n: comps[n] for n in ALL_COMPONENTS}, total=total,
                           peak_allocated=peak, max_batch=max_batch, device_total=device_total, headroom=headroom,
-                          margin=kept, basis=basis, what_if=what_if, micro_batch=micro)
+                          margin=kept, basis_fields=basis, band=Band(total, total), max_batch_central=max_batch,
+                          what_if=what_if, micro_batch=micro)
 
     def max_batch(self, device_total: int | None, what_if: WhatIf = WhatIf(), *,
                   margin: int | float | None = None) -> int | None:
@@ -547,71 +585,3 @@ def predict_from_steps(steps: Sequence[Step], device_total: int | None, what_if:
     """fit + predict in one call (the hub and the agent use this). None when no step is usable."""
     model = fit(steps, optimizer=optimizer, amp=amp)
     return model.predict(what_if, device_total=device_total) if model else None
-
-
-# ----------------------------------------------------------------------------------------------- the seed's formulas
-
-DTYPES = ("fp32", "bf16", "amp")
-
-#: bytes per element: (parameters, gradients, optimizer state, activations, batch, 16-bit weight copies in other)
-_DTYPE_BYTES: dict[str, tuple[int, int, int, int, int, int]] = {
-    "fp32": (4, 4, 4, 4, 4, 0),
-    # pure bf16 training: weights, gradients, activations and inputs in 2 bytes; optimizer states kept in fp32
-    # as mixed-precision optimizers do (torch.optim on bf16 parameters keeps bf16 states: half this figure)
-    "bf16": (2, 2, 4, 2, 2, 0),
-    # autocast: fp32 master weights, fp32 gradients and states; 16-bit saved activations; inputs as loaded
-    # (fp32); autocast caches a 16-bit copy of the weights for the forward pass, counted in 'other'
-    "amp": (4, 4, 4, 2, 4, 2),
-}
-
-
-def formula_breakdown(params: int, layers: int, hidden: int, input_dim: int, batch: int,
-                      optimizer: str = "adam", dtype: str = "fp32") -> dict[str, int]:
-    """The seed's equation with protocol component names. fp32 + adam is the seed exactly (N*4, B*L*H*4,
-    2*N*4, B*D*4) plus gradients N*4, which the seed leaves out. Exact for an L-layer ReLU MLP of width H
-    (saved ReLU outputs); a lower bound for real networks (several saved tensors per layer)."""
-    kind = optimizer_kind(optimizer)
-    if kind is None:
-        raise ValueError(f"unknown optimizer {optimizer!r} (expected one of {', '.join(OPTIMIZER_STATES)})")
-    if dtype not in _DTYPE_BYTES:
-        raise ValueError(f"unknown dtype {dtype!r} (expected one of {', '.join(DTYPES)})")
-    for name, value in (("params", params), ("layers", layers), ("hidden", hidden), ("batch", batch)):
-        if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
-    if input_dim < 0:
-        raise ValueError(f"input_dim must be >= 0, got {input_dim}")
-    p, g, s, a, x, w = _DTYPE_BYTES[dtype]
-    return {
-        "parameters": params * p,
-        "gradients": params * g,
-        "optimizer": OPTIMIZER_STATES[kind] * params * s,
-        "activations": batch * layers * hidden * a,
-        "batch": batch * input_dim * x,
-        "other": params * w,
-    }
-
-
-def formula_text(optimizer: str = "adam", dtype: str = "fp32") -> dict[str, str]:
-    """The formula behind each component of formula_breakdown, for tables."""
-    kind = optimizer_kind(optimizer) or optimizer
-    p, g, s, a, x, w = _DTYPE_BYTES[dtype]
-    k = OPTIMIZER_STATES.get(kind, 0)
-    return {
-        "parameters": f"N*{p}",
-        "gradients": f"N*{g}",
-        "optimizer": f"{k}*N*{s}" if k else "0",
-        "activations": f"B*L*H*{a}",
-        "batch": f"B*D*{x}",
-        "other": f"N*{w} (16-bit weight copies)" if w else "0",
-    }
-
-
-def formula_max_batch(params: int, layers: int, hidden: int, input_dim: int, device_total: int,
-                      optimizer: str = "adam", dtype: str = "fp32") -> int:
-    """Largest B with formula total <= device_total (no margin: the formulas measure nothing). 0 if none."""
-    fixed = sum(formula_breakdown(params, layers, hidden, input_dim, 1, optimizer, dtype).values())
-    per_sample = sum(formula_breakdown(params, layers, hidden, input_dim, 2, optimizer, dtype).values()) - fixed
-    fixed -= per_sample
-    if device_total < fixed + per_sample:
-        return 0
-    return (device_total - fixed) // per_sample

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from batchmon.cli.main import main
-from batchmon.memory_model import formula_breakdown, formula_max_batch
+from batchmon.formulas import formula_breakdown, formula_max_batch
 from batchmon.protocol import COMPONENTS
 from batchmon.units import format_bytes, parse_count, parse_size
 

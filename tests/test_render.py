@@ -11,21 +11,14 @@ from typing import Any
 
 import pytest
 
-from batchmon.memory_model import Prediction
+from batchmon.memory_model import Basis, Prediction
 from batchmon.probes.host import HostProbe, HostSample, ProcessInfo
 from batchmon.probes.nvml import DeviceSample, NvmlProbe, NvmlSample
 from batchmon.probes.nvml_recording import ReplayBackend
-from batchmon.protocol import ALL_COMPONENTS, COMPONENTS, Event, Hello, ModelInfo, Step
-from batchmon.monitor.render import (
-    NO_AGENTS,
-    clean,
-    fmt_bytes,
-    fmt_used_total,
-    format_table,
-    snapshot_to_json,
-    step_components,
-    text_bar,
-)
+from batchmon.protocol import ALL_COMPONENTS, COMPONENTS, Event, Hello, ModelInfo, Step, step_components
+from batchmon.monitor.render import NO_AGENTS, format_table, snapshot_to_json, text_bar
+from batchmon.units import clean_text as clean
+from batchmon.units import fmt_bytes, fmt_used_total
 from batchmon.snapshot import AgentView, Snapshot, Warning
 
 FIXTURES = sorted((Path(__file__).parent / "fixtures").glob("nvml_*_recording.json"))
@@ -68,7 +61,7 @@ def step(n: int = 7, batch: int = 32) -> Step:
 def prediction(max_batch: int | None = 96) -> Prediction:
     return Prediction(batch_size=32, components={n: 1 << 20 for n in ALL_COMPONENTS}, total=6 << 30,
                       peak_allocated=5 << 30, max_batch=max_batch, device_total=80 << 30, headroom=70 << 30,
-                      margin=1 << 30, basis="3 steps at batch 32 (steps 5-7)")
+                      margin=1 << 30, basis_fields=Basis(steps=3, batch_sizes=(32,), step_range=(5, 7)))
 
 
 def snapshot(nvml: NvmlSample, agents: tuple[AgentView, ...] = (), host: HostSample | None = None,

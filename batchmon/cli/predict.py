@@ -13,8 +13,8 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from batchmon.memory_model import (DTYPES, OPTIMIZER_STATES, formula_breakdown, formula_max_batch,
-                                   formula_text)
+from batchmon.formulas import (DTYPES, OPTIMIZER_STATES, formula_breakdown, formula_max_batch,
+                                formula_text)
 from batchmon.protocol import COMPONENTS
 from batchmon.units import format_bytes, format_count, parse_count, parse_size
 
@@ -105,7 +105,7 @@ def render(doc: dict[str, Any]) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    from batchmon.cli.main import CliError
+    from batchmon.errors import CliError
 
     try:
         doc = compute(args)
