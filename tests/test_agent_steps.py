@@ -299,10 +299,6 @@ def test_internal_error_disables_agent_with_one_warning(agent_dir, capfd):
 
 
 def test_suggest_batch_size_on_cpu_is_none_and_calls_the_memory_model(agent_dir):
-    from batchmon import memory_model
-
-    if not hasattr(memory_model, "predict_from_steps"):
-        pytest.skip("batchmon.memory_model.predict_from_steps not written yet")
     model = mlp()
     opt = torch.optim.Adam(model.parameters())
     handle = batchmon.attach(model, opt)
