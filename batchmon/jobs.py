@@ -1,4 +1,4 @@
-"""Ranks of one distributed job, grouped, and how unevenly their memory is spread.
+"""Ranks of one distributed job, grouped (by snapshot.job_key), and how unevenly their memory is spread.
 
 Every front end groups the same way (TUI panels, `--once` text and JSON), so this lives beside the Snapshot and
 not in any of them. Pure functions of AgentView objects: no torch, no textual.
@@ -10,21 +10,8 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 from batchmon.protocol import COMPONENTS, Step
-from batchmon.snapshot import AgentView
-
-
-def job_key(agent: AgentView) -> str:
-    """Agents with the same key are ranks of one job.
-
-    Distributed ranks share the job id their agents report (torchrun's rendezvous address and run id); agents
-    of an older protocol writer without one fall back to the command line and world size. A single process
-    is a job of its own, even when another process runs the same command.
-    """
-    h = agent.hello
-    if h.world_size <= 1:
-        return f"{agent.source}|{h.host}|pid {h.pid}"
-    who = f"id {h.job}" if h.job else f"argv {' '.join(h.argv)}"
-    return f"{agent.source}|{h.host}|{who}|world {h.world_size}"
+from batchmon.snapshot import AgentView, job_key
+from batchmon.units import fmt_bytes
 
 
 @dataclass(frozen=True)
@@ -99,3 +86,14 @@ def imbalance(ranks: Iterable[AgentView]) -> Imbalance | None:
              for name in COMPONENTS}
     ordered = dict(sorted(((n, d) for n, d in diffs.items() if d), key=lambda kv: -abs(kv[1])))
     return Imbalance(len(stepped), heavy[1], heavy[0], light[1], light[0], ordered)
+
+
+def imbalance_text(found: Imbalance) -> str:
+    """"imbalance 1.2 MiB (0.1%), rank 1 over rank 0: activations +32.0 MiB, other -31.8 MiB": the heaviest
+    rank over the lightest, and the two components that differ most between them (--once and the TUI)."""
+    parts = ", ".join(f"{name} {'+' if b > 0 else '-'}{fmt_bytes(abs(b))}"
+                      for name, b in list(found.by_component.items())[:2])
+    text = f"imbalance {fmt_bytes(found.spread)} ({found.spread_pct:.1f}%)"
+    if found.spread:
+        text += f", rank {found.heaviest_rank} over rank {found.lightest_rank}"
+    return text + (f": {parts}" if parts else "")

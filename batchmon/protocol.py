@@ -176,6 +176,8 @@ class Step:
     num_alloc_retries: int | None = None
     num_ooms: int | None = None
     device_used: int | None = None
+    batch_source: str | None = None  # added field: where batch_size comes from, e.g. "input dim 1 (LSTM ...)"
+    micro_batches: int | None = None  # added field: backward passes in the step (gradient accumulation)
     type: str = field(default="step", init=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -197,7 +199,18 @@ class Step:
             num_alloc_retries=_int(d, "num_alloc_retries", nullable=True),
             num_ooms=_int(d, "num_ooms", nullable=True),
             device_used=_int(d, "device_used", nullable=True),
+            batch_source=_lenient_str(d.get("batch_source"), 128),
+            micro_batches=_lenient_int(d.get("micro_batches")),
         )
+
+
+def _lenient_str(value: Any, limit: int) -> str | None:
+    """An added optional field: a string, else None (an old or odd agent's value never fails the line)."""
+    return value[:limit] if isinstance(value, str) else None
+
+
+def _lenient_int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_SIZE else None
 
 
 @dataclass(frozen=True)
@@ -247,6 +260,28 @@ Message = Hello | Step | Event | Bye
 _PARSERS = {"hello": Hello.from_dict, "step": Step.from_dict, "event": Event.from_dict, "bye": Bye.from_dict}
 
 
+def step_components(step: Step | None) -> dict[str, int | None]:
+    """The eight components of a step (ALL_COMPONENTS): the six measured ones from the step, cache and context
+    derived, None where a figure is missing. One definition for --once/--json, the exporter and the UI.
+
+    cache = reserved - peak allocated: the allocator's free blocks at the step's peak, the moment the six
+    components describe (they sum to the peak). The end-of-step reserved - allocated also counts the blocks
+    the activations held and freed after backward, already counted as activations, so the eight summed to
+    more than the device used. The TUI's bars, the memory model and the prediction use the same definition.
+    Without a peak (an agent that doesn't report one): reserved - allocated. context = device used - reserved."""
+    out: dict[str, int | None] = {name: None for name in ALL_COMPONENTS}
+    if step is None:
+        return out
+    for name in COMPONENTS:
+        out[name] = step.components.get(name)
+    base = step.peak_allocated if step.peak_allocated is not None else step.allocated
+    if step.reserved is not None and base is not None:
+        out["cache"] = max(step.reserved - base, 0)
+    if step.device_used is not None and step.reserved is not None:
+        out["context"] = max(step.device_used - step.reserved, 0)
+    return out
+
+
 # ----------------------------------------------------------------------------------------------- codec
 
 
@@ -278,6 +313,12 @@ def decode(line: bytes | str) -> Message | None:
         obj = json.loads(line)
     except (ValueError, RecursionError) as exc:
         raise ProtocolError("line is not JSON") from exc
+    return decode_object(obj)
+
+
+def decode_object(obj: Any) -> Message | None:
+    """``decode`` for a line already parsed as JSON (a recording's ``data``): None for a valid object of an
+    unknown type, ProtocolError for anything else that is not a valid v1 message."""
     if not isinstance(obj, dict):
         raise ProtocolError("line is not a JSON object")
     if obj.get("v") != VERSION:

@@ -36,10 +36,22 @@ class AgentView:
 
     @property
     def job(self) -> str:
-        """Ranks of one job share this key (batchmon.jobs.job_key says how)."""
-        from batchmon.jobs import job_key  # jobs builds on this module
-
+        """Ranks of one job share this key (job_key says how)."""
         return job_key(self)
+
+
+def job_key(agent: AgentView) -> str:
+    """Agents with the same key are ranks of one job.
+
+    Distributed ranks share the job id their agents report (torchrun's rendezvous address and run id); agents
+    of an older protocol writer without one fall back to the command line and world size. A single process
+    is a job of its own, even when another process runs the same command.
+    """
+    h = agent.hello
+    if h.world_size <= 1:
+        return f"{agent.source}|{h.host}|pid {h.pid}"
+    who = f"id {h.job}" if h.job else f"argv {' '.join(h.argv)}"
+    return f"{agent.source}|{h.host}|{who}|world {h.world_size}"
 
 
 @dataclass(frozen=True)

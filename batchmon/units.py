@@ -1,4 +1,4 @@
-"""Human sizes and counts: parse "125M", "1.3B", "141GiB", "80GB"; format bytes for tables.
+"""Human sizes and counts: parse "125M", "1.3B", "141GiB", "80GB"; format bytes; clean outside text to draw.
 
 Counts use decimal suffixes (K=1e3, M=1e6, B/G=1e9, T=1e12), as model sizes are quoted ("1.3B parameters").
 Byte sizes accept both decimal (KB, MB, GB, TB = powers of 1000, as GPU vendors quote them: "80GB") and binary
@@ -51,19 +51,60 @@ def parse_size(text: str) -> int:
     return _parse(text, _BYTE_SUFFIX, "size", "141GiB, 80GB, 512MiB")
 
 
-def format_bytes(n: int | float | None, *, precision: int = 1) -> str:
-    """Binary units, as nvidia-smi and PyTorch print them: 1536 -> '1.5 KiB'. None -> '-'."""
+_BYTE_UNITS = ("KiB", "MiB", "GiB", "TiB", "PiB")
+
+
+def format_bytes(n: int | float | None, precision: int = 1, *, missing: str = "-") -> str:
+    """Binary units, as nvidia-smi and PyTorch print them: 512 B, 1.5 KiB, 10.5 GiB; negative sizes keep their
+    sign; ``missing`` for None. The unit is the one whose rounded figure stays under 1024 (1023.99 KiB is
+    '1.0 MiB', not '1024.0 KiB'). The one byte formatter: the calculator, the tables and the UI all use it."""
     if n is None:
-        return "-"
+        return missing
     sign = "-" if n < 0 else ""
     value = float(abs(n))
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            if unit == "B":
-                return f"{sign}{int(value)} B"
-            return f"{sign}{value:.{precision}f} {unit}"
+    if value < 1024:
+        return f"{sign}{int(value)} B"
+    for unit in _BYTE_UNITS:
         value /= 1024
+        if round(value, precision) < 1024 or unit == _BYTE_UNITS[-1]:
+            return f"{sign}{value:.{precision}f} {unit}"
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def fmt_bytes(n: int | float | None, precision: int = 1) -> str:
+    """format_bytes as the monitor's tables and panels show it: 'n/a' for a figure nobody reported."""
+    return format_bytes(n, precision, missing="n/a")
+
+
+def unit_of(n: int | float) -> tuple[str, int]:
+    """The binary unit format_bytes would pick for n, and its size in bytes."""
+    value, size = abs(float(n)), 1
+    if value < 1024:
+        return "B", 1
+    for unit in _BYTE_UNITS:
+        size *= 1024
+        if round(value / size, 1) < 1024 or unit == _BYTE_UNITS[-1]:
+            return unit, size
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def fmt_used_total(used: int | None, total: int | None, precision: int = 1) -> str:
+    """'10.5/139.8 GiB': both figures in the total's unit, so they compare at a glance."""
+    if total is None:
+        return f"{fmt_bytes(used, precision)}/n/a"
+    unit, size = unit_of(total)
+    if unit == "B":
+        return f"{'?' if used is None else int(used)}/{int(total)} B"
+    shown = "?" if used is None else f"{used / size:.{precision}f}"
+    return f"{shown}/{total / size:.{precision}f} {unit}"
+
+
+def clean_text(text: object) -> str:
+    """One printable line of a string from outside (an agent's argv, a GPU name, another user's command line,
+    a recording): control characters, terminal escapes among them, become spaces, so nothing anyone sends can
+    move the cursor, set the window title or clear the screen. Every front end draws through it."""
+    s = str(text)
+    return s if s.isprintable() else "".join(ch if ch.isprintable() else " " for ch in s)
 
 
 def format_count(n: int) -> str:

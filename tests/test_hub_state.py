@@ -107,8 +107,6 @@ def test_invalid_messages_counted_per_agent_with_one_warning():
 
 
 def test_prediction_uses_the_agents_device_total():
-    if not hasattr(memory_model, "predict_from_steps"):
-        pytest.skip("memory_model.predict_from_steps not written yet")
     s = HubState()
     s.ingest(agent(make_hello(4242, device="cuda:0", nvml_uuid="GPU-1")))
     steps = [make_step(n, batch=8 if n % 2 else 16) for n in range(1, 9)]
@@ -217,7 +215,7 @@ def test_ingest_never_raises_and_snapshot_always_builds(batch):
 
 
 def test_model_steps_bounds_a_long_history_and_keeps_what_the_fit_needs():
-    from batchmon.monitor.hub_state import model_steps
+    from batchmon.monitor.step_history import model_steps
     from batchmon.protocol import COMPONENTS, Step
 
     def step(n: int, batch: int, peak: int) -> Step:
@@ -251,7 +249,7 @@ def _history_step(n: int, batch: int | None, peak: int | None):
 def test_step_history_keeps_model_steps_exact_under_eviction(limit, spec, recent, sizes):
     """StepHistory's incremental summary equals the reference model_steps on the window, after every append
     (small limits, few sizes and many equal peaks: evictions, ties and sizes leaving the window all happen)."""
-    from batchmon.monitor.hub_state import model_steps
+    from batchmon.monitor.step_history import model_steps
     from batchmon.monitor.step_history import StepHistory
 
     h = StepHistory(limit)
@@ -288,7 +286,7 @@ def test_unchanged_agent_keeps_its_view_object_between_snapshots():
 
 
 def test_step_window_is_immutable_across_appends_and_compaction_and_acts_like_a_tuple():
-    from batchmon.monitor.hub_state import model_steps
+    from batchmon.monitor.step_history import model_steps
     from batchmon.monitor.step_history import COMPACT_EVERY, StepHistory, StepWindow
 
     h = StepHistory(10)
@@ -314,7 +312,7 @@ def test_step_window_is_immutable_across_appends_and_compaction_and_acts_like_a_
 def test_step_window_carries_the_summary_of_its_own_steps():
     """What the UI fits on: every window's model_steps() is the reference summary of exactly its steps, also
     after later appends, evictions and compactions changed the history's own summary."""
-    from batchmon.monitor.hub_state import model_steps
+    from batchmon.monitor.step_history import model_steps
     from batchmon.monitor.step_history import StepHistory
 
     h = StepHistory(150)

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from batchmon.jobs import group_jobs, imbalance, job_key, rank_total
+from batchmon.jobs import group_jobs, imbalance, imbalance_text, job_key, rank_total
 from batchmon.protocol import COMPONENTS, Hello, ModelInfo, Step
-from batchmon.monitor.render import imbalance_text
 from batchmon.snapshot import AgentView
 
 

@@ -13,7 +13,7 @@ from textual.widgets import Input
 
 import tui_fixtures as fx
 from batchmon import memory_model
-from batchmon.monitor import hub_state
+from batchmon.monitor import step_history
 from batchmon.memory_model import WhatIf
 from batchmon.tui.app import BatchmonApp
 from batchmon.tui.fmt import fmt_bytes
@@ -29,9 +29,9 @@ WIDE = (160, 48)
 
 def expected(snap, what_if: WhatIf, agent_index: int = 0):
     """The memory model's own answer for an agent of the snapshot (what the panel must show): fitted, as the
-    hub fits its prediction, on the reference summary of the history (hub_state.model_steps)."""
+    hub fits its prediction, on the reference summary of the history (step_history.model_steps)."""
     a = snap.agents[agent_index]
-    model = memory_model.fit(hub_state.model_steps(tuple(a.history)), optimizer=a.hello.optimizer)
+    model = memory_model.fit(step_history.model_steps(tuple(a.history)), optimizer=a.hello.optimizer)
     dev = snap.device_of(a)
     return model.predict(what_if, device_total=dev.memory.total if dev else None)
 

@@ -8,8 +8,8 @@ import re
 import pytest
 
 import tui_fixtures as fx
-from batchmon.monitor.render import imbalance_text
 from batchmon.tui.app import BatchmonApp
+from batchmon.jobs import imbalance_text
 from batchmon.tui.fmt import fmt_bytes
 from batchmon.tui.job_panel import JobPanel
 from batchmon.tui.predict import measured_components

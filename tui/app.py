@@ -165,8 +165,6 @@ class BatchmonApp(App[int]):
         src = self.source
         if hasattr(src, "on_snapshot"):
             src.on_snapshot = self.deliver
-        elif hasattr(src, "subscribe"):
-            src.subscribe(self.deliver)
         if hasattr(src, "set_interval"):
             src.set_interval(self.interval)
         src.start()
@@ -330,9 +328,9 @@ class BatchmonApp(App[int]):
         if lead.key in self.predictor.errors:
             notes.append(self.predictor.errors[lead.key])
         elif lead.last_step is not None and prediction is None:
-            notes.append("memory model unavailable" if not Predictor.available() else "not enough steps to fit yet")
+            notes.append("not enough steps to fit yet")
         chart = None
-        if prediction is not None and Predictor.available():
+        if prediction is not None:
             seen: set[tuple[int, int]] = set()
             points = []
             for s in fit_steps(lead):  # the steps the model was fitted on: bounded, not the whole history

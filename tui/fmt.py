@@ -1,40 +1,13 @@
-"""Small, exact formatters for the UI (human bytes, seconds, batch sizes). Pure functions, no textual."""
+"""Small, exact formatters for the UI (seconds, batch sizes, axis labels). Pure functions, no textual.
+
+Human bytes and clean text are the shared ones (batchmon.units), so the UI and `--once` print the same figure."""
 
 from __future__ import annotations
 
-_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
+from batchmon.units import clean_text, fmt_bytes, fmt_used_total
 
-
-def _fallback_fmt_bytes(n: int | float | None) -> str:
-    if n is None:
-        return "n/a"
-    sign = "-" if n < 0 else ""
-    value = float(abs(n))
-    unit = 0
-    while value >= 1024 and unit < len(_UNITS) - 1:
-        value /= 1024
-        unit += 1
-    if unit == 0:
-        return f"{sign}{int(value)} B"
-    return f"{sign}{value:.2f} {_UNITS[unit]}" if value < 10 else f"{sign}{value:.1f} {_UNITS[unit]}"
-
-
-try:  # one formatter for every front end, once batchmon.monitor.render provides it
-    from batchmon.monitor.render import fmt_bytes as _shared_fmt_bytes  # type: ignore[attr-defined]
-except Exception:  # noqa: BLE001 - missing module or name: use ours
-    _shared_fmt_bytes = None
-
-
-def fmt_bytes(n: int | float | None) -> str:
-    """Human bytes in binary units: '1.50 GiB', '512 B'; 'n/a' for unknown."""
-    if n is None:
-        return "n/a"
-    if _shared_fmt_bytes is not None:
-        try:
-            return str(_shared_fmt_bytes(n))
-        except Exception:  # noqa: BLE001 - never let a formatter break a frame
-            pass
-    return _fallback_fmt_bytes(n)
+__all__ = ["clean_text", "fmt_bytes", "fmt_count", "fmt_interval", "fmt_seconds", "fmt_short_bytes",
+           "fmt_used_total"]
 
 
 def fmt_short_bytes(n: int | float | None) -> str:
@@ -77,13 +50,3 @@ def fmt_interval(seconds: float) -> str:
     if seconds < 1:
         return f"{seconds * 1000:.0f} ms"
     return f"{seconds:g} s"
-
-
-def fmt_used_total(used: int | None, total: int | None) -> str:
-    """'48.8/140.4 GiB': both in the total's unit, so they compare at a glance."""
-    try:
-        from batchmon.monitor.render import fmt_used_total as shared
-
-        return str(shared(used, total))
-    except Exception:  # noqa: BLE001 - not there yet or failed: plain form
-        return f"{fmt_bytes(used)} / {fmt_bytes(total)}"

@@ -8,11 +8,10 @@ from dataclasses import dataclass, field
 
 from rich.text import Text
 
-from batchmon.jobs import imbalance
+from batchmon.jobs import imbalance, imbalance_text
 from batchmon.memory_model import Prediction
 from batchmon.probes.nvml import DeviceSample
 from batchmon.protocol import ALL_COMPONENTS, Event
-from batchmon.monitor.render import imbalance_text
 from batchmon.snapshot import AgentView
 from batchmon.tui.bars import COMPONENT_LABELS, COMPONENT_STYLES, component_parts, stacked_bar
 from batchmon.tui.chart import ChartInput, render_chart

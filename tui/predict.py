@@ -2,27 +2,24 @@
 
 A snapshot from the hub carries the model the hub fitted for its own prediction (AgentView.model): the UI asks
 that one, so the TUI agrees with `--once` and a refresh fits nothing. Without one (views built elsewhere) it
-fits, once per new step, the same bounded summary of the history the hub would (hub_state.model_steps: first
-step, highest peak per batch size, last steps): O(summary), not O(2000 steps). Predictions are cached per model
-and what-if, so a refresh with nothing new costs nothing.
+fits, once per new step, the history's bounded summary that the hub's StepWindow carries (first step, highest
+peak per batch size, last steps), or a hand-built view's few steps as they are. Predictions are cached per
+model and what-if, so a refresh with nothing new costs nothing.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
 from typing import Any
 
 from batchmon import memory_model
-from batchmon.monitor import hub_state
 from batchmon.memory_model import Prediction, WhatIf
-from batchmon.protocol import Step
-from batchmon.monitor.render import step_components
+from batchmon.protocol import Step, step_components
 from batchmon.snapshot import AgentView
 
 
 def measured_components(step: Step) -> dict[str, int]:
-    """The last step's eight components, as --once and the exporter give them (render.step_components: cache
+    """The last step's eight components, as --once and the exporter give them (protocol.step_components: cache
     at the step's peak, so the eight sum to the device figure), a missing figure as 0."""
     return {name: value or 0 for name, value in step_components(step).items()}
 
@@ -32,20 +29,13 @@ def measured_total(step: Step) -> int:
 
 
 def fit_steps(agent: AgentView) -> list[Step]:
-    """The steps the model is fitted on: the history's bounded summary (the hub's StepWindow carries it)."""
+    """The steps the model is fitted on: the history's bounded summary (the hub's StepWindow carries it), else
+    the steps of a view built by hand (a test's few steps: the summary of a short history is all of it)."""
     history = agent.history
     if not history:
         return [agent.last_step] if agent.last_step is not None else []
     summary = getattr(history, "model_steps", None)
-    return summary() if callable(summary) else hub_state.model_steps(tuple(history))
-
-
-@dataclass
-class Forecast:
-    """Predictions for one agent under one what-if: at the what-if batch, and a curve for the chart."""
-
-    prediction: Prediction | None
-    error: str | None = None
+    return summary() if callable(summary) else list(history)
 
 
 class Predictor:
@@ -58,13 +48,9 @@ class Predictor:
         self._max = max_models
         self.errors: dict[str, str] = {}
 
-    @staticmethod
-    def available() -> bool:
-        return hasattr(memory_model, "fit")
-
     def _model(self, agent: AgentView) -> Any:
         step = agent.last_step
-        if step is None or not hasattr(memory_model, "fit"):
+        if step is None:
             return None
         if agent.model is not None:  # the hub fitted these steps already: its model, not a second fit
             self.errors.pop(agent.key, None)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import batchmon
-from batchmon.cli.main import CliError
+from batchmon.errors import CliError
 
 EXAMPLE = "train_mlp.py"
 STOP_GRACE_S = 5.0

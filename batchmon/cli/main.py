@@ -9,6 +9,7 @@ import sys
 from typing import Sequence
 
 from batchmon import __version__
+from batchmon.errors import CliError
 
 DESCRIPTION = """\
 Where does my GPU memory go, and what batch size will fit?
@@ -28,14 +29,6 @@ examples:
   batchmon predict --params 125M --layers 12 --hidden 768 --input-dim 1024 --batch 32 --optimizer adam
   batchmon demo                              a small real training run, shown in the monitor
 """
-
-
-class CliError(Exception):
-    """A user-facing error: printed as one line, exit code 1 (or .code)."""
-
-    def __init__(self, message: str, code: int = 1) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 def _positive_float(text: str) -> float:

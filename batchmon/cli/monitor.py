@@ -10,7 +10,7 @@ import shutil
 import time
 from typing import Any
 
-from batchmon.cli.main import CliError
+from batchmon.errors import CliError
 from batchmon.snapshot import Snapshot
 
 ONCE_MAX_WAIT_S = 0.5  # how long --once waits for agents' hello and history, at most

@@ -19,7 +19,7 @@ import subprocess
 from typing import Mapping, Sequence
 
 from batchmon.agent.bootstrap import ENV_FLAG, FOLDER
-from batchmon.cli.main import CliError
+from batchmon.errors import CliError
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 SI_KERNEL = 0x80  # si_code of a signal the kernel raised (terminal keys, hangup), not kill()

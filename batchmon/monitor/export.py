@@ -12,7 +12,7 @@ import errno
 import signal
 from typing import Any, Callable, Iterator
 
-from batchmon.cli.main import CliError
+from batchmon.errors import CliError
 from batchmon.monitor.render import step_components
 from batchmon.snapshot import AgentView, Snapshot
 

@@ -21,12 +21,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
 
 from batchmon import protocol
-from batchmon.monitor.step_history import (
-    RECENT_SIZES,
-    RECENT_STEPS,
-    StepHistory,
-    step_peak,
-)
+from batchmon.monitor.step_history import StepHistory
 from batchmon.probes import host as host_probe
 from batchmon.probes import nvml as nvml_probe
 from batchmon.probes.host import HostSample
@@ -39,22 +34,6 @@ HISTORY_LIMIT = 2000  # steps kept per agent (the agent sends >= 1000 on connect
 EVENTS_LIMIT = 200  # events kept per agent
 WARNINGS_LIMIT = 100  # distinct warnings kept per source; more fold into one
 AGENTS_LIMIT = 1024  # agents kept per source (a flood of fake keys must not grow memory forever)
-
-_PARSERS = {"hello": Hello.from_dict, "step": Step.from_dict, "event": Event.from_dict, "bye": Bye.from_dict}
-
-
-def decode_object(obj: Any) -> protocol.Message | None:
-    """``protocol.decode`` for a line already parsed as JSON: None for an unknown type, ProtocolError if invalid."""
-    if not isinstance(obj, dict):
-        raise ProtocolError("line is not a JSON object")
-    if obj.get("v") != protocol.VERSION:
-        raise ProtocolError(f"unsupported protocol version {obj.get('v')!r}")
-    kind = obj.get("type")
-    if not isinstance(kind, str):
-        raise ProtocolError("type: missing")
-    parser = _PARSERS.get(kind)
-    return None if parser is None else parser(obj)
-
 
 def _short(text: Any, limit: int = 200) -> str:
     s = str(text).replace("\n", " ")
@@ -244,7 +223,7 @@ class HubState:
             self._invalid(src, agent, error or "line is not JSON")
             return
         try:
-            msg = decode_object(data)
+            msg = protocol.decode_object(data)
         except ProtocolError as exc:
             self._invalid(src, agent, str(exc))
             return
@@ -366,7 +345,7 @@ class HubState:
         Fitting costs time linear in the steps it reads, and a hub with 64 agents at 10 steps/s builds 4
         snapshots a second: refitting every agent's whole history each time fell behind (bench/load.py). So an
         agent is refitted at most every PREDICT_EVERY_S of snapshot time, at once when a new batch size or a new
-        device size appears, and on a bounded summary of its history (model_steps, kept up to date on every
+        device size appears, and on a bounded summary of its history (step_history.model_steps, kept up to date on every
         append by StepHistory)."""
         history = agent.history
         last = history.last
@@ -394,26 +373,6 @@ class HubState:
         except Exception as exc:  # noqa: BLE001 - a model bug costs the prediction, never the monitor
             self.warn(src.name, "memory model", "prediction failed", f"{type(exc).__name__}: {_short(exc)}")
         return agent.prediction
-
-
-def model_steps(history: tuple[Step, ...], recent: int = RECENT_STEPS, sizes: int = RECENT_SIZES) -> list[Step]:
-    """What the memory model needs from a long history, bounded: the first step (the baseline of cumulative
-    counters such as alloc retries), the step with the highest peak at each of the latest `sizes` batch sizes
-    (the model keeps one point per batch size, its largest peak), and the last `recent` steps (the current
-    state: optimizer, reserved growth). In history order; a short history is returned whole.
-
-    The reference definition, O(history); the hub uses StepHistory.model_steps, which keeps the same answer
-    up to date on every append."""
-    if len(history) <= 1 + recent + sizes:
-        return list(history)
-    keep = {0, *range(len(history) - recent, len(history))}
-    best: dict[int | None, int] = {}
-    for i, step in enumerate(history):
-        j = best.pop(step.batch_size, None)  # re-inserted: the most recently seen sizes come last
-        best[step.batch_size] = i if j is None or step_peak(step) >= step_peak(history[j]) else j
-    keep.update(list(best.values())[-sizes:])
-    return [history[i] for i in sorted(keep)]
-
 
 
 def record_line(record: Mapping[str, Any]) -> str:

@@ -15,7 +15,7 @@ import time
 from typing import IO, Any
 
 from batchmon import __version__
-from batchmon.cli.main import CliError
+from batchmon.errors import CliError
 from batchmon.monitor.hub import Hub
 from batchmon.monitor.hub_state import record_line
 

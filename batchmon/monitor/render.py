@@ -1,7 +1,8 @@
 """Plain renderings of a Snapshot: the `--once --json` object and the `--once` text table.
 
 Pure functions of a Snapshot (no I/O, no textual, no torch), so every front end that prints shows the same
-thing. fmt_bytes and friends are public: the TUI and the exporters format sizes the same way.
+thing. What the TUI shares with it lives in the shared language: sizes and clean text in units, the eight
+components of a step in protocol, the imbalance line in jobs.
 """
 
 from __future__ import annotations
@@ -9,56 +10,16 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from batchmon.jobs import Imbalance, Job, group_jobs
+from batchmon.jobs import Job, group_jobs, imbalance_text
 from batchmon.memory_model import Prediction
 from batchmon.probes.nvml import DeviceSample
-from batchmon.protocol import ALL_COMPONENTS, COMPONENTS, Step
+from batchmon.protocol import ALL_COMPONENTS, step_components
 from batchmon.snapshot import AgentView, Snapshot
+from batchmon.units import clean_text, fmt_bytes, fmt_used_total
 
 NO_AGENTS = "no agents attached — add `batchmon.attach(model, optimizer)` or run `batchmon run -- python train.py`"
 
-_UNITS = ("KiB", "MiB", "GiB", "TiB", "PiB")
-
-
 # ----------------------------------------------------------------------------------------------- formatting
-
-
-def fmt_bytes(n: int | float | None, precision: int = 1) -> str:
-    """Binary units: 512 B, 1.5 KiB, 10.5 GiB; 'n/a' for None; negative sizes keep their sign."""
-    if n is None:
-        return "n/a"
-    sign = "-" if n < 0 else ""
-    value = float(abs(n))
-    if value < 1024:
-        return f"{sign}{int(value)} B"
-    for unit in _UNITS:
-        value /= 1024
-        if round(value, precision) < 1024 or unit == _UNITS[-1]:
-            return f"{sign}{value:.{precision}f} {unit}"
-    raise AssertionError("unreachable")  # pragma: no cover
-
-
-def unit_of(n: int | float) -> tuple[str, int]:
-    """The binary unit fmt_bytes would pick for n, and its size in bytes."""
-    value, size = abs(float(n)), 1
-    if value < 1024:
-        return "B", 1
-    for unit in _UNITS:
-        size *= 1024
-        if round(value / size, 1) < 1024 or unit == _UNITS[-1]:
-            return unit, size
-    raise AssertionError("unreachable")  # pragma: no cover
-
-
-def fmt_used_total(used: int | None, total: int | None, precision: int = 1) -> str:
-    """'10.5/139.8 GiB': both figures in the total's unit, so they compare at a glance."""
-    if total is None:
-        return f"{fmt_bytes(used, precision)}/n/a"
-    unit, size = unit_of(total)
-    if unit == "B":
-        return f"{'?' if used is None else int(used)}/{int(total)} B"
-    shown = "?" if used is None else f"{used / size:.{precision}f}"
-    return f"{shown}/{total / size:.{precision}f} {unit}"
 
 
 def text_bar(used: int | float | None, total: int | float | None, width: int = 10) -> str:
@@ -73,43 +34,12 @@ def text_bar(used: int | float | None, total: int | float | None, width: int = 1
     return "[" + "#" * filled + "." * (width - filled) + "]"
 
 
-def clean(text: Any) -> str:
-    """One printable line: control characters (newlines, terminal escapes) become spaces; markup stays literal."""
-    s = str(text)
-    return s if s.isprintable() else "".join(ch if ch.isprintable() else " " for ch in s)
-
-
 def _fit(line: str, width: int) -> str:
     return line if len(line) <= width else line[: max(width - 1, 0)] + "…"
 
 
 def _na(value: Any, fmt: str = "{}") -> str:
     return "n/a" if value is None else fmt.format(value)
-
-
-# ----------------------------------------------------------------------------------------------- components
-
-
-def step_components(step: Step | None) -> dict[str, int | None]:
-    """Every component of ALL_COMPONENTS: the six measured ones from the step, cache and context derived,
-    None where a figure is missing.
-
-    cache = reserved - peak allocated: the allocator's free blocks at the step's peak, the moment the six
-    components describe (they sum to the peak). The end-of-step reserved - allocated also counts the blocks
-    the activations held and freed after backward, already counted as activations, so the eight summed to
-    more than the device used. The TUI's bars, the memory model and the prediction use the same definition.
-    Without a peak (an agent that doesn't report one): reserved - allocated."""
-    out: dict[str, int | None] = {name: None for name in ALL_COMPONENTS}
-    if step is None:
-        return out
-    for name in COMPONENTS:
-        out[name] = step.components.get(name)
-    base = step.peak_allocated if step.peak_allocated is not None else step.allocated
-    if step.reserved is not None and base is not None:
-        out["cache"] = max(step.reserved - base, 0)
-    if step.device_used is not None and step.reserved is not None:
-        out["context"] = max(step.device_used - step.reserved, 0)
-    return out
 
 
 # ----------------------------------------------------------------------------------------------- JSON
@@ -253,9 +183,9 @@ def _wrap(items: list[str], indent: str, width: int) -> list[str]:
 
 
 def _device_lines(dev: DeviceSample, snap: Snapshot, width: int, bar: int) -> list[str]:
-    head = f"GPU{dev.index} {clean(dev.name or 'unknown GPU')}"
+    head = f"GPU{dev.index} {clean_text(dev.name or 'unknown GPU')}"
     if dev.lost:
-        return [f"{head}  LOST: {clean(dev.error or 'GPU is lost')}"]
+        return [f"{head}  LOST: {clean_text(dev.error or 'GPU is lost')}"]
     m = dev.memory
     if m is None:
         mem = "memory n/a"
@@ -266,7 +196,7 @@ def _device_lines(dev: DeviceSample, snap: Snapshot, width: int, bar: int) -> li
     power = "power n/a" if dev.power is None else f"{dev.power:.0f}W"
     lines = [f"{head}  {mem}  {util}  {temp}  {power}"]
     if dev.error:
-        lines.append(f"     ! {clean(dev.error)}")
+        lines.append(f"     ! {clean_text(dev.error)}")
     procs = sorted(dev.processes, key=lambda p: (p.used is None, -(p.used or 0), p.pid))
     for p in procs:
         info = snap.process(p.pid)
@@ -275,9 +205,9 @@ def _device_lines(dev: DeviceSample, snap: Snapshot, width: int, bar: int) -> li
         elif info.state == "gone":
             user, command = "?", "(gone)"
         elif info.state == "denied" and info.command is None:
-            user, command = clean(info.user or "?"), "(no access)"
+            user, command = clean_text(info.user or "?"), "(no access)"
         else:
-            user, command = clean(info.user or "?"), clean(info.command or "")
+            user, command = clean_text(info.user or "?"), clean_text(info.command or "")
         lines.append(f"     pid {p.pid:<7} {user[:12]:<12} {fmt_bytes(p.used):>10}  {command}".rstrip())
     if not procs:
         lines.append("     no processes")
@@ -286,7 +216,7 @@ def _device_lines(dev: DeviceSample, snap: Snapshot, width: int, bar: int) -> li
 
 def _agent_lines(agent: AgentView, snap: Snapshot, width: int) -> list[str]:
     h, s = agent.hello, agent.last_step
-    rest = [clean(h.device)]
+    rest = [clean_text(h.device)]
     if h.world_size > 1:
         rest.append(f"rank {h.rank}/{h.world_size}")
     if s is None:
@@ -306,7 +236,7 @@ def _agent_lines(agent: AgentView, snap: Snapshot, width: int) -> list[str]:
         rest.append("(detached)")
     head = f"  pid {h.pid}"
     # the command line gets what room the figures leave (at least a little)
-    name = clean(h.name or " ".join(h.argv) or "python")
+    name = clean_text(h.name or " ".join(h.argv) or "python")
     room = max(width - len(head) - sum(len(r) + 2 for r in rest) - 2, 8)
     lines = [_fit("  ".join([head, _fit(name, room), *rest]), width)]
     items: list[str] = []
@@ -320,24 +250,13 @@ def _agent_lines(agent: AgentView, snap: Snapshot, width: int) -> list[str]:
     lines += _wrap(items, "      ", width)
     if agent.events and agent.events[-1].kind in ("oom", "alloc_retry", "warning"):
         ev = agent.events[-1]
-        lines.append(_fit(f"      last event: {clean(ev.kind)}: {clean(ev.message)}", width))
+        lines.append(_fit(f"      last event: {clean_text(ev.kind)}: {clean_text(ev.message)}", width))
     return lines
-
-
-def imbalance_text(found: Imbalance) -> str:
-    """"imbalance 1.2 MiB (0.1%), rank 1 over rank 0: activations +32.0 MiB, other -31.8 MiB": the heaviest
-    rank over the lightest, and the two components that differ most between them."""
-    parts = ", ".join(f"{name} {'+' if b > 0 else '-'}{fmt_bytes(abs(b))}"
-                      for name, b in list(found.by_component.items())[:2])
-    text = f"imbalance {fmt_bytes(found.spread)} ({found.spread_pct:.1f}%)"
-    if found.spread:
-        text += f", rank {found.heaviest_rank} over rank {found.lightest_rank}"
-    return text + (f": {parts}" if parts else "")
 
 
 def _job_lines(job: Job) -> list[str]:
     lead = job.lead.hello
-    name = clean(lead.name or " ".join(lead.argv) or "python")
+    name = clean_text(lead.name or " ".join(lead.argv) or "python")
     found = job.imbalance()
     lines = [f"  job of {len(job.ranks)}/{job.world_size} ranks  {name}"]
     lines.append(f"    {imbalance_text(found)}" if found else "    imbalance: waiting for two ranks' steps")
@@ -349,20 +268,20 @@ def format_table(snap: Snapshot, width: int = 100) -> str:
     width = max(width, 40)
     bar = 20 if width >= 100 else 10
     stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(snap.time)) if snap.time else ""
-    header = f"batchmon  {clean(snap.host.hostname)}  {stamp}"
+    header = f"batchmon  {clean_text(snap.host.hostname)}  {stamp}"
     if snap.nvml.available and snap.nvml.driver:
-        header += f"  driver {clean(snap.nvml.driver)}"
+        header += f"  driver {clean_text(snap.nvml.driver)}"
     if snap.source != "live":
-        header += f"  ({clean(snap.source)})"
+        header += f"  ({clean_text(snap.source)})"
     lines = [header]
     if not snap.nvml.available:
-        lines.append(f"NVML unavailable: {clean(snap.nvml.error or 'unknown reason')}")
+        lines.append(f"NVML unavailable: {clean_text(snap.nvml.error or 'unknown reason')}")
     elif not snap.nvml.devices:
         lines.append("no NVIDIA GPUs found")
     for dev in snap.nvml.devices:
         lines += _device_lines(dev, snap, width, bar)
     host = snap.host
-    lines.append(f"Host {clean(host.hostname)}  memory {text_bar(host.memory_used, host.memory_total, bar)} "
+    lines.append(f"Host {clean_text(host.hostname)}  memory {text_bar(host.memory_used, host.memory_total, bar)} "
                  f"{fmt_used_total(host.memory_used, host.memory_total)}")
     lines.append("Agents")
     if not snap.agents:
@@ -376,7 +295,7 @@ def format_table(snap: Snapshot, width: int = 100) -> str:
         lines.append("Warnings")
         for w in snap.warnings:
             count = f" (x{w.count})" if w.count > 1 else ""
-            lines.append(f"  {clean(w.source)}: {clean(w.message)}{count}")
+            lines.append(f"  {clean_text(w.source)}: {clean_text(w.message)}{count}")
     text = "\n".join(line if line.endswith(NO_AGENTS) else _fit(line, width) for line in lines)
     for remote in snap.remote:
         text += "\n\n" + format_table(remote, width)

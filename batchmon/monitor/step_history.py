@@ -30,6 +30,25 @@ def step_peak(step: Step) -> int:
     return step.peak_allocated if step.peak_allocated is not None else sum(step.components.values())
 
 
+def model_steps(history: tuple[Step, ...], recent: int = RECENT_STEPS, sizes: int = RECENT_SIZES) -> list[Step]:
+    """What the memory model needs from a long history, bounded: the first step (the baseline of cumulative
+    counters such as alloc retries), the step with the highest peak at each of the latest `sizes` batch sizes
+    (the model keeps one point per batch size, its largest peak), and the last `recent` steps (the current
+    state: optimizer, reserved growth). In history order; a short history is returned whole.
+
+    The reference definition, O(history); the hub uses StepHistory.model_steps, which keeps the same answer
+    up to date on every append."""
+    if len(history) <= 1 + recent + sizes:
+        return list(history)
+    keep = {0, *range(len(history) - recent, len(history))}
+    best: dict[int | None, int] = {}
+    for i, step in enumerate(history):
+        j = best.pop(step.batch_size, None)  # re-inserted: the most recently seen sizes come last
+        best[step.batch_size] = i if j is None or step_peak(step) >= step_peak(history[j]) else j
+    keep.update(list(best.values())[-sizes:])
+    return [history[i] for i in sorted(keep)]
+
+
 class StepWindow(Sequence):
     """An immutable sequence of steps, oldest first, that behaves like the tuple it stands for.
 
@@ -48,11 +67,7 @@ class StepWindow(Sequence):
         made): what the hub fits its prediction on, so the UI's what-ifs fit the same steps without a rescan."""
         if self._summary is not None:
             return list(self._summary)
-        from batchmon.monitor.hub_state import (
-            model_steps,  # the reference definition, O(history)
-        )
-
-        return model_steps(tuple(self))
+        return model_steps(tuple(self))  # the reference definition, O(history)
 
     def __len__(self) -> int:
         return self._stop - self._start
@@ -178,7 +193,7 @@ class StepHistory:
         return frozenset(self._order)
 
     def model_steps(self, recent: int = RECENT_STEPS, sizes: int = RECENT_SIZES) -> list[Step]:
-        """Exactly ``hub_state.model_steps(tuple(self), recent, sizes)``, in O(recent + batch sizes)."""
+        """Exactly ``model_steps(tuple(self), recent, sizes)``, in O(recent + batch sizes)."""
         n = len(self)
         if n <= 1 + recent + sizes:
             return self._buf[self._start:]
