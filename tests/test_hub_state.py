@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from batchmon import memory_model
-from batchmon.monitor import hub_state
+from batchmon.records import record_line
 from batchmon.monitor.hub_state import HubState
 from batchmon.probes.host import HostSample, ProcessInfo
 from batchmon.probes.host import sample_to_dict as host_to_dict
@@ -211,7 +211,7 @@ def test_ingest_never_raises_and_snapshot_always_builds(batch):
         s.ingest(rec)
     snap = s.snapshot(1.0)
     assert isinstance(snap.agents, tuple) and isinstance(snap.warnings, tuple)
-    assert hub_state.record_line({"kind": "tick"}).endswith("\n")
+    assert record_line({"kind": "tick"}).endswith("\n")
 
 
 def test_model_steps_bounds_a_long_history_and_keeps_what_the_fit_needs():

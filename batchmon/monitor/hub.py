@@ -17,7 +17,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from batchmon import protocol
+from batchmon import protocol, records
 from batchmon.monitor.agent_sockets import (
     AgentConnection,
     ConnectResult,
@@ -26,11 +26,10 @@ from batchmon.monitor.agent_sockets import (
     scan,
     unlink_stale,
 )
-from batchmon.monitor.hub_state import LOCAL, HubState
+from batchmon.monitor.hub_state import HubState
 from batchmon.monitor.threads import join_started, start_daemon
+from batchmon.records import Record
 from batchmon.snapshot import Snapshot
-
-Record = dict[str, Any]
 
 
 class Hub:
@@ -222,7 +221,7 @@ class Hub:
         snap = self.state.snapshot(time.time(), self._interval)
         self._latest = snap
         self.ticks += 1
-        self._emit({"t": snap.time, "kind": "tick", "source": LOCAL})
+        self._emit(records.tick(snap.time))
         if self.on_snapshot is not None:
             try:
                 self.on_snapshot(snap)
@@ -239,7 +238,7 @@ class Hub:
             self._emit(self._injected.popleft())
 
     def _warn(self, origin: str, message: str) -> None:
-        self._emit({"t": time.time(), "kind": "warning", "source": LOCAL, "data": {"source": origin, "message": message}})
+        self._emit(records.warning(origin, message))
 
     def _wake(self) -> None:
         try:
@@ -286,12 +285,9 @@ class Hub:
         """A probe sample as a hub record. With a recorder: its dict form (what is written is what is shown).
         Without one, the sample object itself rides along (HubState takes it as is): converting to a dict and
         parsing it back each tick was a good part of an idle monitor's per-second work."""
-        record: Record = {"t": time.time(), "kind": kind, "source": LOCAL}
         if self._recorder is None and type(sample) is sample_type:
-            record["sample"] = sample
-        else:
-            record["data"] = to_dict(sample)
-        return record
+            return records.sample(kind, sample=sample)
+        return records.sample(kind, data=to_dict(sample))
 
     def _sample_host(self, nvml_sample: Any, *, always: bool = False) -> None:
         from batchmon.probes import host
@@ -380,7 +376,7 @@ class Hub:
                 continue
             if not pid_alive(pid) or now - since >= self.GONE_GRACE_S:
                 del self._disconnected[pid]
-                self._emit({"t": time.time(), "kind": "agent_gone", "source": LOCAL, "key": key})
+                self._emit(records.agent_gone(key))
 
     def _read_agents(self, until: float) -> None:
         """At a tick: everything the agents sent since the last one, within a time budget (a burst's rest is
@@ -421,9 +417,7 @@ class Hub:
             if bodies:
                 self._last_data = time.monotonic()
             for body in bodies:
-                record = {"t": time.time(), "kind": "agent", "source": LOCAL, "key": conn.key}
-                record.update(body)
-                self._emit(record)
+                self._emit(records.agent(conn.key, body))
             if conn.eof:
                 self._drop(conn)
             elif idle:
@@ -442,7 +436,7 @@ class Hub:
         self._conns.pop(conn.pid, None)
         self._rescan = True  # its socket may still be there (a new listener): reconnect at the next tick
         self._disconnected[conn.pid] = (conn.key, time.monotonic())
-        self._emit({"t": time.time(), "kind": "agent_eof", "source": LOCAL, "key": conn.key})
+        self._emit(records.agent_eof(conn.key))
 
     def _close(self) -> None:
         if self._thread is not None and self._thread.is_alive() and self._thread is not threading.current_thread():

@@ -1,26 +1,18 @@
 """The hub's pure state: hub input records in, immutable Snapshots out. No threads, no sockets, no clocks.
 
 Live monitoring and replay feed the very same records through ``HubState.ingest``, so a recording replays to
-exactly what the monitor showed. A record is one dict::
-
-    {"t": unix time, "kind": "nvml" | "host" | "agent" | "agent_eof" | "agent_gone" | "warning" | "tick" | "meta"
-                     | "link",
-     "source": "local" or a remote host, "key": "<host>:<pid>" (agent kinds), "data": ...}
-
-``data`` is the probe sample dict (nvml, host; a live hub with no recorder may pass the sample object itself as
-``"sample"`` instead), the raw protocol message object (agent; null with an
-``"error"`` when the line was not a JSON object) or ``{"source", "message"[, "detail"]}`` (warning, counted per
-source and message). ``ingest`` never raises: anything malformed becomes a counted Warning.
+exactly what the monitor showed. A record is one dict (batchmon.records: its shape and
+constructors). ``ingest`` never raises: anything malformed becomes a counted Warning.
 """
 
 from __future__ import annotations
 
-import json
 from collections import deque
 from dataclasses import dataclass, field, replace
-from typing import Any, Mapping
+from typing import Any
 
 from batchmon import protocol
+from batchmon.records import LOCAL
 from batchmon.monitor.step_history import StepHistory
 from batchmon.probes import host as host_probe
 from batchmon.probes import nvml as nvml_probe
@@ -29,11 +21,11 @@ from batchmon.probes.nvml import NvmlSample
 from batchmon.protocol import Bye, Event, Hello, ProtocolError, Step
 from batchmon.snapshot import AgentView, Snapshot, Warning
 
-LOCAL = "local"
 HISTORY_LIMIT = 2000  # steps kept per agent (the agent sends >= 1000 on connect)
 EVENTS_LIMIT = 200  # events kept per agent
 WARNINGS_LIMIT = 100  # distinct warnings kept per source; more fold into one
 AGENTS_LIMIT = 1024  # agents kept per source (a flood of fake keys must not grow memory forever)
+
 
 def _short(text: Any, limit: int = 200) -> str:
     s = str(text).replace("\n", " ")
@@ -373,8 +365,3 @@ class HubState:
         except Exception as exc:  # noqa: BLE001 - a model bug costs the prediction, never the monitor
             self.warn(src.name, "memory model", "prediction failed", f"{type(exc).__name__}: {_short(exc)}")
         return agent.prediction
-
-
-def record_line(record: Mapping[str, Any]) -> str:
-    """One record as a compact JSON line (newline included), as `batchmon record` writes it."""
-    return json.dumps(record, separators=(",", ":"), default=str) + "\n"

@@ -17,7 +17,7 @@ from typing import IO, Any
 from batchmon import __version__
 from batchmon.errors import CliError
 from batchmon.monitor.hub import Hub
-from batchmon.monitor.hub_state import record_line
+from batchmon.records import record_line
 
 FORMAT_VERSION = 1
 

@@ -24,6 +24,7 @@ import threading
 import time
 from typing import IO, Any, Callable
 
+from batchmon import records
 from batchmon.monitor.threads import join_started, start_daemon
 
 Record = dict[str, Any]
@@ -135,8 +136,7 @@ class RemoteLink:
                 failures = 0
             delay = self._backoff[min(failures, len(self._backoff) - 1)]
             failures += 1
-            self._emit({"t": time.time(), "kind": "link", "source": self.host,
-                        "data": {"state": "lost", "message": reason, "retry_in": delay}})
+            self._emit(records.link(self.host, "lost", reason, delay))
             self.failed.set()
             self._stop.wait(delay)
 
@@ -166,8 +166,7 @@ class RemoteLink:
                     if not connected:
                         connected = True
                         self.connects += 1
-                        self._emit({"t": time.time(), "kind": "link", "source": self.host,
-                                    "data": {"state": "connected", "message": None, "retry_in": None}})
+                        self._emit(records.link(self.host, "connected"))
                     self._last_record = time.monotonic()
                     if record.get("kind") == "tick":
                         self.ticks += 1
@@ -179,9 +178,8 @@ class RemoteLink:
             finally:
                 code = self._end_proc()
             if bad:
-                self._emit({"t": time.time(), "kind": "warning", "source": self.host,
-                            "data": {"source": "remote", "message": "invalid lines dropped",
-                                     "detail": f"{bad} line(s) from ssh were not records"}})
+                self._emit(records.warning("remote", "invalid lines dropped",
+                                           f"{bad} line(s) from ssh were not records", source=self.host))
             why = _tail(err)
             if not why:
                 why = "stream ended" if code in (0, None) else f"ssh exited with code {code}"

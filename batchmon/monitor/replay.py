@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterator
 
 from batchmon.monitor.hub_state import LOCAL, HubState
 from batchmon.monitor.threads import join_started, start_daemon
+from batchmon.records import warning as warning_record
 from batchmon.snapshot import Snapshot
 
 
@@ -71,9 +72,7 @@ def iter_snapshots(rec: Recording, state: HubState | None = None) -> Iterator[Sn
     """Feed a recording through a HubState; yield the snapshot at each tick (deterministic)."""
     state = state or HubState()
     for number, why in rec.bad_lines:
-        state.ingest({"kind": "warning", "source": LOCAL,
-                      "data": {"source": "recording", "message": "bad lines skipped",
-                               "detail": f"line {number}: {why}"}})
+        state.ingest(warning_record("recording", "bad lines skipped", f"line {number}: {why}"))
     now = 0.0
     fed_since_snapshot = False
     yielded = 0

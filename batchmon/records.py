@@ -1,0 +1,83 @@
+"""The hub record: what `record`, `stream` and `replay` carry, and what ``HubState.ingest`` takes. One dict::
+
+    {"t": unix time, "kind": "nvml" | "host" | "agent" | "agent_eof" | "agent_gone" | "warning" | "tick" | "meta"
+                     | "link",
+     "source": "local" or a remote host, "key": "<host>:<pid>" (agent kinds), "data": ...}
+
+``data`` is the probe sample dict (nvml, host; a live hub with no recorder may pass the sample object itself as
+``"sample"`` instead), the raw protocol message object (agent; null with an ``"error"`` when the line was not a
+JSON object), ``{"source", "message"[, "detail"]}`` (warning, counted per source and message) or
+``{"state": "connected" | "lost", "message", "retry_in"}`` (link: a remote box's ssh session came up or went
+down). Records are plain JSON-able dicts, so a recording is one per line (``record_line``).
+
+Every producer (the hub, remote boxes, replay) builds them with the constructors here, so a record's shape is
+written once.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, Mapping
+
+LOCAL = "local"
+
+Record = dict[str, Any]
+
+
+def _now(t: float | None) -> float:
+    return time.time() if t is None else t
+
+
+def tick(t: float | None = None, source: str = LOCAL) -> Record:
+    """A refresh boundary: replay shows one snapshot per local tick."""
+    return {"t": _now(t), "kind": "tick", "source": source}
+
+
+def warning(origin: str, message: str, detail: str | None = None, *, source: str = LOCAL,
+            t: float | None = None) -> Record:
+    """A problem the monitor survived, counted per (origin, message); ``detail`` is the latest occurrence's."""
+    data: dict[str, Any] = {"source": origin, "message": message}
+    if detail is not None:
+        data["detail"] = detail
+    return {"t": _now(t), "kind": "warning", "source": source, "data": data}
+
+
+def sample(kind: str, *, data: Any = None, sample: Any = None, source: str = LOCAL, t: float | None = None) -> Record:
+    """A probe sample ("nvml" or "host"): its dict form as ``data``, or (a live hub that records nothing) the
+    sample object itself as ``sample``, which HubState takes as is."""
+    record: Record = {"t": _now(t), "kind": kind, "source": source}
+    if sample is not None:
+        record["sample"] = sample
+    else:
+        record["data"] = data
+    return record
+
+
+def agent(key: str, body: Mapping[str, Any], *, source: str = LOCAL, t: float | None = None) -> Record:
+    """One line from an agent: ``body`` is ``{"data": the JSON object}`` or ``{"data": None, "error": why}``."""
+    record: Record = {"t": _now(t), "kind": "agent", "source": source, "key": key}
+    record.update(body)
+    return record
+
+
+def agent_eof(key: str, *, source: str = LOCAL, t: float | None = None) -> Record:
+    """The agent's connection closed (it may come back: the pid is alive)."""
+    return {"t": _now(t), "kind": "agent_eof", "source": source, "key": key}
+
+
+def agent_gone(key: str, *, source: str = LOCAL, t: float | None = None) -> Record:
+    """The agent is gone for good (its process ended, or it stayed disconnected past the grace time)."""
+    return {"t": _now(t), "kind": "agent_gone", "source": source, "key": key}
+
+
+def link(host: str, state: str, message: str | None = None, retry_in: float | None = None,
+         *, t: float | None = None) -> Record:
+    """A remote box's connection: ``state`` "connected" or "lost" (then why, and the seconds to the retry)."""
+    return {"t": _now(t), "kind": "link", "source": host,
+            "data": {"state": state, "message": message, "retry_in": retry_in}}
+
+
+def record_line(record: Mapping[str, Any]) -> str:
+    """One record as a compact JSON line (newline included), as `batchmon record` writes it."""
+    return json.dumps(record, separators=(",", ":"), default=str) + "\n"
