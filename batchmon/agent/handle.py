@@ -2,16 +2,20 @@
 
 ``attach(model, optimizer)`` hooks the model's forward (the root module only: one slow-path module, not all of
 them), the optimizers' steps (global step post hook; ``optimizer.step`` is also wrapped, to see an OOM leave
-it) and ``torch.autograd.backward``. With model or optimizer omitted the agent finds them: the root is the
+it), ``torch.autograd.backward`` and ``GradScaler.update`` (batchmon.agent.torch_patches: nothing that can reach
+the agent is left on the user's objects; copies, pickles and ``torch.save`` of them carry no hook). With model or optimizer omitted the agent finds them: the root is the
 outermost module with trainable parameters whose forward runs with grad enabled when no other forward is
-running (global forward hooks, removed once it is found); optimizers are whatever steps. A step ends at the
-first optimizer's step (others count for optimizer bytes only); it is then measured (batchmon.agent.accounting) and
+running (global forward hooks, removed once it is found); optimizers are whatever steps. Where a step ends
+is batchmon.agent.step_meter's rule (the primary optimizer's step; a GradScaler-skipped step; without any
+optimizer, the next training forward after the gradients were cleared); the meter returns the Step, which is
 published: kept in ``handle.steps`` and handed to the transport thread (batchmon.agent.transport).
 
 What a step reports:
 
-- ``batch_size``: leading dimension of the first tensor argument of the root forward (or ``batch_size_fn``);
-  with gradient accumulation, that of the last micro-batch (what is in memory at once).
+- ``batch_size``: the batch dimension of the root forward's input (batchmon.agent.batch_dim: ``batch_size_fn``,
+  a packed sequence, ``batch_dim``/``BATCHMON_BATCH_DIM``, the model's sequence-first modules, else dim 0), with
+  ``batch_source`` saying which; with gradient accumulation, that of the last micro-batch (what is in memory
+  at once), ``micro_batches`` the number of backward passes.
 - ``batch``: storages of the tensors passed to the root forward (positional and keyword, inside tuples, lists
   and dicts), plus targets where seen: tensors that do not require grad passed to a criterion module called
   after the model's forward (a torch loss module, or a parameter-free module named ...Loss/...Criterion; it is
@@ -45,12 +49,8 @@ on. Exceptions of the training itself pass through unchanged (same object, re-ra
 from __future__ import annotations
 
 import atexit
-import functools
-import inspect
 import os
-import platform
 import re
-import socket
 import sys
 import threading
 import time
@@ -64,25 +64,26 @@ import torch.nn.modules.module as _module_hooks
 import torch.optim.optimizer as _optimizer_hooks
 
 from batchmon import protocol
-from batchmon.agent import accounting
+from batchmon.agent import identity
+from batchmon.agent import torch_patches as patches
+from batchmon.agent.accounting import iter_tensors
+from batchmon.agent.batch_dim import ENV_BATCH_DIM, BatchSizer, explicit_dim
 from batchmon.agent.process_memory import ProcessMemory
+from batchmon.agent.step_meter import FULL_STEPS, CudaFigures, StepMeter, device_of, device_of_optimizer
 from batchmon.agent.transport import HISTORY_EVENTS, HISTORY_STEPS, Transport
-from batchmon.protocol import Bye, Event, Hello, ModelInfo, Step
+from batchmon.protocol import Bye, Event, Hello, Step
 
 DEFAULT_ACTIVATION_EVERY = 10
-FULL_STEPS = 3  # the first steps are always fully measured
 LOSS_SEARCH_STEPS = 3  # how many steps the agent looks for a criterion module after the model's forward
 NVML_SECONDS = 1.0
 EXIT_LINGER_SECONDS = 1.5  # at exit after an OOM, wait this long for a first monitor to collect the history
 
 _lock = threading.RLock()
 _current: "AgentHandle | None" = None
-_original_backward: Callable[..., Any] | None = None
-_oom_observer_installed = False
-_oom_requested: int | None = None  # bytes of the last failed allocation (CUDA's OOM observer)
 
 _TRIED = re.compile(r"Tried to allocate (\d+(?:\.\d+)?) ?(B|bytes|KiB|MiB|GiB|TiB)\b")
 _UNITS = {"B": 1, "bytes": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40}
+__all__ = ["AgentHandle", "DEFAULT_ACTIVATION_EVERY", "FULL_STEPS", "attach", "current", "detach"]
 
 
 # ------------------------------------------------------------------------------------------------ public API
@@ -90,18 +91,23 @@ _UNITS = {"B": 1, "bytes": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "T
 
 def attach(model: torch.nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None, *,
            name: str | None = None, batch_size_fn: Callable[..., int] | None = None,
-           activation_every: int | None = None, socket_dir: str | os.PathLike[str] | None = None) -> "AgentHandle":
+           activation_every: int | None = None, socket_dir: str | os.PathLike[str] | None = None,
+           batch_dim: int | None = None) -> "AgentHandle":
     """Attach the agent to this process; idempotent.
 
     A second call returns the same handle, adopting a model or optimizer it did not know yet (and a new
-    ``name``, ``batch_size_fn`` or ``activation_every`` when given). ``batch_size_fn`` is called with the
-    model's forward arguments (``batch_size_fn(*args, **kwargs)``) and returns the batch size; by default it
-    is the leading dimension of the first tensor input. ``activation_every``: count activations every N-th
-    step (default 10, see the module docstring); 1 counts every step. ``socket_dir`` overrides the socket
-    folder (default: protocol.socket_dir()).
+    ``name``, ``batch_size_fn``, ``activation_every`` or ``batch_dim`` when given). ``batch_size_fn`` is called
+    with the model's forward arguments (``batch_size_fn(*args, **kwargs)``) and returns the batch size; else the
+    batch dimension is found (batchmon.agent.batch_dim), or ``batch_dim`` says which dimension of the first
+    tensor input it is. ``activation_every``: count activations every N-th step (default 10, see the module
+    docstring); 1 counts every step. ``socket_dir`` overrides the socket folder (default:
+    protocol.socket_dir()).
     """
+    if batch_dim is not None and (isinstance(batch_dim, bool) or not isinstance(batch_dim, int) or batch_dim < 0):
+        raise ValueError(f"attach(batch_dim=...) expects an integer >= 0, got {batch_dim!r}")
     return _attach(model, optimizer, name=name, batch_size_fn=batch_size_fn, activation_every=activation_every,
-                   socket_dir=socket_dir, auto=False)
+                   socket_dir=socket_dir, auto=False, batch_dim=(batch_dim, "batch_dim=") if batch_dim is not None
+                   else None)
 
 
 def detach() -> None:
@@ -122,13 +128,23 @@ def _auto_attach() -> "AgentHandle | None":
     Installs only the discovery hooks; the socket opens when a model's first forward is seen, so processes
     that import torch but never train (tools, data workers) do not show up as agents.
     """
-    every = _env_int("BATCHMON_ACTIVATION_EVERY")
+    every = identity.env_int("BATCHMON_ACTIVATION_EVERY")
     return _attach(None, None, name=os.environ.get("BATCHMON_NAME") or None, batch_size_fn=None,
-                   activation_every=every, socket_dir=None, auto=True)
+                   activation_every=every, socket_dir=None, auto=True, batch_dim=None)
+
+
+def _env_batch_dim() -> tuple[int, str] | None:
+    try:
+        dim, origin = explicit_dim(os.environ.get(ENV_BATCH_DIM), ENV_BATCH_DIM)
+    except ValueError:
+        sys.stderr.write(f"batchmon: {ENV_BATCH_DIM}={os.environ.get(ENV_BATCH_DIM)!r} is not an integer >= 0; "
+                         "finding the batch dimension instead\n")
+        return None
+    return (dim, origin) if dim is not None and origin is not None else None
 
 
 def _attach(model: Any, optimizer: Any, *, name: str | None, batch_size_fn: Any, activation_every: int | None,
-            socket_dir: Any, auto: bool) -> "AgentHandle":
+            socket_dir: Any, auto: bool, batch_dim: tuple[int, str] | None) -> "AgentHandle":
     global _current
     if model is not None and not isinstance(model, torch.nn.Module):
         raise TypeError(f"attach(model=...) expects a torch.nn.Module, got {type(model).__name__}")
@@ -144,13 +160,21 @@ def _attach(model: Any, optimizer: Any, *, name: str | None, batch_size_fn: Any,
         if handle is None:
             handle = AgentHandle(name=name, batch_size_fn=batch_size_fn,
                                  activation_every=activation_every or DEFAULT_ACTIVATION_EVERY,
-                                 socket_dir=Path(socket_dir) if socket_dir is not None else None, auto=auto)
+                                 socket_dir=Path(socket_dir) if socket_dir is not None else None, auto=auto,
+                                 batch_dim=batch_dim or _env_batch_dim())
             _current = handle
             handle._start(model, optimizer)
         else:
             handle._update(model, optimizer, name=name, batch_size_fn=batch_size_fn,
-                           activation_every=activation_every)
+                           activation_every=activation_every, batch_dim=batch_dim)
         return handle
+
+
+def _current_agent() -> "AgentHandle | None":
+    return _current
+
+
+patches.current = _current_agent  # type: ignore[assignment]
 
 
 # ------------------------------------------------------------------------------------------------ the handle
@@ -163,10 +187,8 @@ class AgentHandle:
     """
 
     def __init__(self, *, name: str | None, batch_size_fn: Callable[..., int] | None, activation_every: int,
-                 socket_dir: Path | None, auto: bool) -> None:
+                 socket_dir: Path | None, auto: bool, batch_dim: tuple[int, str] | None = None) -> None:
         self.name = name
-        self.batch_size_fn = batch_size_fn
-        self.activation_every = activation_every
         self.auto = auto
         self.pid = os.getpid()
         self.attached = False
@@ -180,13 +202,10 @@ class AgentHandle:
         self._warned: set[str] = set()
         self._steps: deque[Step] = deque(maxlen=HISTORY_STEPS)
         self._events: deque[Event] = deque(maxlen=HISTORY_EVENTS)
-        # what is measured
-        self._model_ref: weakref.ReferenceType[torch.nn.Module] | None = None
-        self._primary_ref: weakref.ReferenceType[torch.optim.Optimizer] | None = None
-        self._optimizer_refs: list[weakref.ReferenceType[torch.optim.Optimizer]] = []
+        dim, origin = batch_dim if batch_dim is not None else (None, None)
+        self._sizer = BatchSizer(batch_size_fn, dim, origin, self._warn_once)
+        self._meter = StepMeter(activation_every, self._sizer, _cuda_figures)
         self._criterion_ref: weakref.ReferenceType[torch.nn.Module] | None = None
-        self._device: torch.device | None = None
-        self._model_info: ModelInfo | None = None
         # hooks
         self._root_hooks: list[Any] = []
         self._discovery_hooks: list[Any] = []
@@ -196,26 +215,6 @@ class AgentHandle:
         self._tls = threading.local()
         self._window_depth = 0
         self._loss_search_left = LOSS_SEARCH_STEPS
-        # per-step state (training thread)
-        self._step = 0
-        self._step_open = False
-        self._sampled = False
-        self._first_forward_t: float | None = None
-        self._last_step_end: float | None = None
-        self._root_depth = 0
-        self._root_counting = False
-        self._crit_depth = 0
-        self._batch_size: int | None = None
-        self._sampled_batch_size: int | None = None
-        self._param_keys: set[int] = set()
-        self._batch: accounting.StorageSet | None = None
-        self._counter: accounting.ActivationCounter | None = None
-        self._batch_max = 0
-        self._acts_max = 0
-        self._last_acts = 0
-        self._static: tuple[int, int, int] | None = None
-        self._static_state_len = -1
-        self._retries: int | None = None
         self.oom_count = 0  # OOM events so far; the wrappers use it to report a nested OOM only once
 
     # -------------------------------------------------------------------------------------------- public
@@ -239,11 +238,19 @@ class AgentHandle:
 
     @property
     def model(self) -> torch.nn.Module | None:
-        return self._model_ref() if self._model_ref is not None else None
+        return self._meter.model
 
     @property
     def optimizers(self) -> list[torch.optim.Optimizer]:
-        return [opt for opt in (ref() for ref in self._optimizer_refs) if opt is not None]
+        return self._meter.optimizers
+
+    @property
+    def batch_size_fn(self) -> Callable[..., int] | None:
+        return self._sizer.fn
+
+    @property
+    def activation_every(self) -> int:
+        return self._meter.activation_every
 
     @property
     def socket_path(self) -> Path | None:
@@ -263,28 +270,21 @@ class AgentHandle:
     def suggest_batch_size(self, margin: int | None = None) -> int | None:
         """The largest batch that fits this device, predicted from the measured steps (None when unknown).
 
-        ``margin``: bytes to keep free on top of the model's own margin (passed on when the memory model
-        takes one, else taken off the device size).
+        ``margin``: bytes to keep free on top of the memory model's own margin (taken off the device size).
         """
         try:
             from batchmon import memory_model
 
-            predict = getattr(memory_model, "predict_from_steps", None)
             steps = self.steps
-            if predict is None or not steps:
-                return None
             total = self._device_total()
-            if total is None:
+            if not steps or total is None:
                 return None
-            kwargs: dict[str, Any] = {}
             if margin is not None:
-                if "margin" in inspect.signature(predict).parameters:
-                    kwargs["margin"] = int(margin)
-                else:
-                    total = max(0, total - int(margin))
-            primary = self._primary()
-            prediction = predict(steps, total, what_if=memory_model.WhatIf(),
-                                 optimizer=type(primary).__name__ if primary is not None else None, **kwargs)
+                total = max(0, total - int(margin))
+            primary = self._meter.primary()
+            prediction = memory_model.predict_from_steps(
+                steps, total, what_if=memory_model.WhatIf(),
+                optimizer=type(primary).__name__ if primary is not None else None)
             return None if prediction is None else prediction.max_batch
         except Exception as exc:  # noqa: BLE001 - a helper for the training script: never raise into it
             self._warn_once("suggest", f"suggest_batch_size failed: {type(exc).__name__}: {exc}")
@@ -298,11 +298,19 @@ class AgentHandle:
                 _current = None
         if not self.attached:
             return
+        if not self._disabled and self.pid == os.getpid():
+            try:  # a loop without an optimizer step: its last step ends here
+                meter = self._meter
+                if meter.step_open and meter.backwards and meter.optimizer_steps == 0:
+                    self._finish_step()
+            except Exception:  # noqa: BLE001
+                pass
         self.attached = False
         self._disabled = True
         self._teardown_hooks()
-        self._unwrap_optimizers()
-        _uninstall_backward_patch()
+        for opt in self.optimizers:
+            patches.unwrap_step(opt)
+        patches.uninstall()
         transport, self._transport = self._transport, None
         if transport is not None and self.pid == os.getpid():
             # a run that dies of an OOM right after starting would vanish before a monitor's next scan
@@ -318,14 +326,20 @@ class AgentHandle:
     def __repr__(self) -> str:
         model = self.model
         return (f"<batchmon agent pid={self.pid} model={type(model).__name__ if model is not None else None} "
-                f"steps={self._step} socket={self.socket_path} enabled={self.enabled}>")
+                f"steps={self._meter.step} socket={self.socket_path} enabled={self.enabled}>")
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> "AgentHandle":
+        return self  # one agent per process; a copy of something that reaches it reaches the same one
+
+    def __reduce__(self) -> Any:
+        raise TypeError("the batchmon agent cannot be pickled")
 
     # -------------------------------------------------------------------------------------------- start/update
 
     def _start(self, model: torch.nn.Module | None, optimizer: torch.optim.Optimizer | None) -> None:
         self.attached = True
         try:
-            _install_backward_patch()
+            patches.install()
             self._step_hook = _optimizer_hooks.register_optimizer_step_post_hook(self._on_step)
             if optimizer is not None:
                 self._track_optimizer(optimizer, primary=True)
@@ -339,7 +353,7 @@ class AgentHandle:
             self._fail(exc)
 
     def _update(self, model: Any, optimizer: Any, *, name: str | None, batch_size_fn: Any,
-                activation_every: int | None) -> None:
+                activation_every: int | None, batch_dim: tuple[int, str] | None) -> None:
         if self._disabled:
             return
         try:
@@ -347,10 +361,12 @@ class AgentHandle:
             if name is not None and name != self.name:
                 self.name, changed = name, True
             if batch_size_fn is not None:
-                self.batch_size_fn = batch_size_fn
+                self._sizer.fn = batch_size_fn
+            if batch_dim is not None:
+                self._sizer.dim, self._sizer.dim_origin = batch_dim
             if activation_every is not None:
-                self.activation_every = activation_every
-            if optimizer is not None and optimizer is not self._primary():
+                self._meter.activation_every = activation_every
+            if optimizer is not None and optimizer is not self._meter.primary():
                 self._track_optimizer(optimizer, primary=True)  # publishes a new hello itself
             if model is not None and model is not self.model:
                 self._set_model(model)  # likewise
@@ -362,49 +378,40 @@ class AgentHandle:
             self._fail(exc)
 
     def _set_model(self, model: torch.nn.Module) -> None:
-        for handle in self._root_hooks:
-            handle.remove()
+        for hook in self._root_hooks:
+            hook.remove()
         self._stop_discovery()
-        self._model_ref = weakref.ref(model)
-        self._root_hooks = [
-            model.register_forward_pre_hook(self._root_pre, with_kwargs=True),
-            model.register_forward_hook(self._root_post, with_kwargs=True, always_call=True),
-        ]
-        self._use_device(_device_of(model) or self._device or torch.device("cpu"))
+        self._meter.model_ref = weakref.ref(model)
+        self._sizer.use_model(model)
+        self._root_hooks = patches.register_pair(model, patches.root_pre_hook, patches.root_post_hook)
+        self._use_device(device_of(model) or self._meter.device or torch.device("cpu"))
         self._ensure_transport()
         self._publish_hello()
 
     def _use_device(self, device: torch.device) -> None:
         """Measure on this device (the model's); called again when the model moved (checked on sampled steps)."""
-        self._device = device
-        model = self.model
-        if model is not None:
-            params, nbytes = accounting.parameter_count(model)
-            self._model_info = ModelInfo(type(model).__name__, params, nbytes)
-        self._static = None
+        self._meter.set_device(device)
         self._nvml = None
         self._device_used = None
         if device.type == "cuda":
-            index = _cuda_index(device)
+            index = identity.cuda_index(device)
             torch.cuda.reset_peak_memory_stats(index)
-            _install_oom_observer()
-            uuid = _nvml_uuid(index)
+            patches.install_oom_observer()
+            uuid = identity.nvml_uuid(index)
             if uuid is not None:
                 self._nvml = ProcessMemory(uuid, self.pid)
 
     def _track_optimizer(self, optimizer: torch.optim.Optimizer, primary: bool = False) -> None:
-        if not any(ref() is optimizer for ref in self._optimizer_refs):
-            self._optimizer_refs.append(weakref.ref(optimizer))
-            _wrap_step(optimizer)
-        if primary or self._primary() is None:
-            self._primary_ref = weakref.ref(optimizer)
-            self._static = None
-            if self._device is None:
-                self._device = _device_of_optimizer(optimizer)
+        meter = self._meter
+        if optimizer not in meter.optimizer_set:
+            meter.optimizer_set.add(optimizer)
+            patches.wrap_step(optimizer)
+        if primary or meter.primary() is None:
+            meter.primary_ref = weakref.ref(optimizer)
+            meter._static = None
+            if meter.device is None:
+                meter.device = device_of_optimizer(optimizer)
             self._publish_hello()
-
-    def _primary(self) -> torch.optim.Optimizer | None:
-        return self._primary_ref() if self._primary_ref is not None else None
 
     # -------------------------------------------------------------------------------------------- discovery
 
@@ -418,8 +425,8 @@ class AgentHandle:
 
     def _stop_discovery(self) -> None:
         hooks, self._discovery_hooks = self._discovery_hooks, []
-        for handle in hooks:
-            handle.remove()
+        for hook in hooks:
+            hook.remove()
 
     def _discover_pre(self, module: torch.nn.Module, args: tuple[Any, ...]) -> None:
         if self._disabled:
@@ -427,7 +434,7 @@ class AgentHandle:
         try:
             depth = getattr(self._tls, "depth", 0)
             self._tls.depth = depth + 1
-            if depth == 0 and self._model_ref is None and torch.is_grad_enabled() and _has_trainable(module):
+            if depth == 0 and self.model is None and torch.is_grad_enabled() and _has_trainable(module):
                 self._set_model(module)
                 # this call's instance pre-hooks were fixed before we registered ours: run it by hand
                 self._root_pre(module, args, {})
@@ -440,94 +447,52 @@ class AgentHandle:
     # -------------------------------------------------------------------------------------------- forward
 
     def _root_pre(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if self._disabled:
+        if self._disabled or module is not self.model:
             return
+        meter = self._meter
         try:
-            self._root_depth += 1
-            if self._root_depth > 1 or not torch.is_grad_enabled():
+            meter.root_depth += 1
+            if meter.root_depth > 1 or not torch.is_grad_enabled():
                 return  # a nested call of the root, or an eval/no-grad forward: not part of a training step
-            self._root_counting = True
+            meter.root_counting = True
             if self._window_hooks:
                 self._close_loss_window()
-            inputs = list(accounting.iter_tensors((args, kwargs) if kwargs else args, depth=4))
-            size = self._batch_size_of(args, kwargs, inputs)
-            self._batch_size = size
-            if not self._step_open:
-                self._open_step(size)
-            if self._batch is None:
-                self._batch = accounting.StorageSet(self._device_or_cpu())
-            self._batch.add_all(inputs)
-            if self._sampled:
-                self._counter_for_group().push()
+            if meter.loop_boundary():
+                self._finish_step()
+            inputs = list(iter_tensors((args, kwargs) if kwargs else args, depth=4))
+            measured = self._sizer.measure(args, kwargs, inputs)
+            meter.batch_size, meter.batch_source = measured.size, measured.source
+            if not meter.step_open and meter.open_step():
+                self._use_device(meter.device_or_cpu())
+                self._publish_hello()
+            if meter.sampled or meter.step < FULL_STEPS:
+                self._sizer.start_probe()
+            meter.add_inputs(inputs)
         except Exception as exc:  # noqa: BLE001
             self._fail(exc)
 
-    def _root_post(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
-                   result: Any) -> None:
-        exc = _exception_leaving(sys._getframe(1))
+    def _root_post(self, module: torch.nn.Module, exc: BaseException | None) -> None:
+        if module is not self.model:
+            return
+        meter = self._meter
         try:
-            self._root_depth = max(0, self._root_depth - 1)
-            if self._root_depth > 0:
+            meter.root_depth = max(0, meter.root_depth - 1)
+            if meter.root_depth > 0:
                 return
-            counting, self._root_counting = self._root_counting, False
-            if self._counter is not None and self._counter.active:
-                self._counter.pop()
+            counting, meter.root_counting = meter.root_counting, False
+            meter.stop_counting()
+            learned = self._sizer.stop_probe()
+            if learned is not None and counting:
+                meter.batch_size, meter.batch_source = learned.size, learned.source
             if self._disabled:
                 self._teardown_hooks()
                 return
-            if exc is not None and _is_oom(exc):
+            if exc is not None and isinstance(exc, torch.OutOfMemoryError):
                 self._on_oom(exc, "forward")
             elif exc is None and counting:
                 self._open_loss_window()
         except Exception as err:  # noqa: BLE001
             self._fail(err)
-
-    def _open_step(self, batch_size: int | None) -> None:
-        self._step_open = True
-        if self._first_forward_t is None:
-            self._first_forward_t = time.perf_counter()
-        n = self._step + 1
-        every = self.activation_every
-        self._sampled = (every <= 1 or n <= FULL_STEPS or n % every == 0
-                         or batch_size != self._sampled_batch_size)
-        if self._sampled:
-            self._sampled_batch_size = batch_size
-            model = self.model
-            moved = _device_of(model) if model is not None else None
-            if moved is not None and moved != self._device:
-                self._use_device(moved)
-                self._publish_hello()
-            found = accounting.parameter_storages(
-                model, self._device_or_cpu(), accounting.parameters_of(None, self.optimizers))
-            self._param_keys = found.keys
-
-    def _counter_for_group(self) -> accounting.ActivationCounter:
-        if self._counter is None:
-            assert self._batch is not None
-            self._counter = accounting.ActivationCounter(self._device_or_cpu(), (self._param_keys, self._batch.keys))
-        return self._counter
-
-    def _batch_size_of(self, args: tuple[Any, ...], kwargs: dict[str, Any], inputs: list[torch.Tensor]) -> int | None:
-        fn = self.batch_size_fn
-        if fn is None:
-            return next((int(t.shape[0]) for t in inputs if t.dim() >= 1), None)
-        try:
-            value = fn(*args, **kwargs)
-            return int(value) if value is not None else None
-        except Exception as exc:  # noqa: BLE001 - the user's function failed: fall back, say so once
-            self._warn_once("batch_size_fn", f"batch_size_fn failed ({type(exc).__name__}: {exc}); "
-                                             "using the leading dimension of the first tensor input")
-            return accounting.first_batch_size(args, kwargs)
-
-    def _fold_group(self) -> None:
-        """A forward group (forwards since the last backward) ended: keep the step's maximum."""
-        counter = self._counter
-        if counter is not None and not counter.active:
-            self._acts_max = max(self._acts_max, counter.bytes)
-            self._counter = None
-        if self._batch is not None:
-            self._batch_max = max(self._batch_max, self._batch.bytes)
-            self._batch = None
 
     # -------------------------------------------------------------------------------------------- criterion
 
@@ -543,8 +508,8 @@ class AgentHandle:
 
     def _close_loss_window(self) -> None:
         hooks, self._window_hooks = self._window_hooks, []
-        for handle in hooks:
-            handle.remove()
+        for hook in hooks:
+            hook.remove()
 
     def _window_pre(self, module: torch.nn.Module, args: tuple[Any, ...]) -> None:
         if self._disabled:
@@ -555,10 +520,7 @@ class AgentHandle:
             if depth == 0 and _looks_like_loss(module) and torch.is_grad_enabled():
                 self._close_loss_window()
                 self._criterion_ref = weakref.ref(module)
-                self._criterion_hooks = [
-                    module.register_forward_pre_hook(self._crit_pre, with_kwargs=True),
-                    module.register_forward_hook(self._crit_post, with_kwargs=True, always_call=True),
-                ]
+                self._criterion_hooks = patches.register_pair(module, patches.crit_pre_hook, patches.crit_post_hook)
                 self._crit_pre(module, args, {})
         except Exception as exc:  # noqa: BLE001
             self._fail(exc)
@@ -567,35 +529,32 @@ class AgentHandle:
         self._window_depth = max(0, self._window_depth - 1)
 
     def _crit_pre(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if self._disabled:
+        criterion = self._criterion_ref() if self._criterion_ref is not None else None
+        if self._disabled or module is not criterion:
             return
+        meter = self._meter
         try:
-            self._crit_depth += 1
-            if self._crit_depth > 1 or self._root_depth > 0 or not self._step_open or not torch.is_grad_enabled():
+            meter.crit_depth += 1
+            if meter.crit_depth > 1 or meter.root_depth > 0 or not meter.step_open or not torch.is_grad_enabled():
                 return
-            if self._batch is None:
-                self._batch = accounting.StorageSet(self._device_or_cpu())
-            for t in accounting.iter_tensors((args, kwargs), depth=4):
-                if not t.requires_grad:  # targets; the model's output requires grad
-                    self._batch.add(t)
-            if self._sampled:
-                self._counter_for_group().push()
+            meter.add_targets(iter_tensors((args, kwargs), depth=4))
         except Exception as exc:  # noqa: BLE001
             self._fail(exc)
 
-    def _crit_post(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
-                   result: Any) -> None:
-        exc = _exception_leaving(sys._getframe(1))
+    def _crit_post(self, module: torch.nn.Module, exc: BaseException | None) -> None:
+        criterion = self._criterion_ref() if self._criterion_ref is not None else None
+        if module is not criterion:
+            return
+        meter = self._meter
         try:
-            self._crit_depth = max(0, self._crit_depth - 1)
-            if self._crit_depth > 0 or self._root_depth > 0:
+            meter.crit_depth = max(0, meter.crit_depth - 1)
+            if meter.crit_depth > 0 or meter.root_depth > 0:
                 return
-            if self._counter is not None and self._counter.active:
-                self._counter.pop()
+            meter.stop_counting()
             if self._disabled:
                 self._teardown_hooks()
                 return
-            if exc is not None and _is_oom(exc):
+            if exc is not None and isinstance(exc, torch.OutOfMemoryError):
                 self._on_oom(exc, "loss")
         except Exception as err:  # noqa: BLE001
             self._fail(err)
@@ -607,7 +566,26 @@ class AgentHandle:
             return
         try:
             self._close_loss_window()
-            self._fold_group()
+            self._meter.fold_group()
+        except Exception as exc:  # noqa: BLE001
+            self._fail(exc)
+
+    def _after_backward(self) -> None:
+        if self._disabled:
+            return
+        try:
+            self._meter.after_backward()
+        except Exception as exc:  # noqa: BLE001
+            self._fail(exc)
+
+    def _scaler_update(self) -> None:
+        """GradScaler.update() ran: a step whose optimizer step the scaler skipped ends here."""
+        if self._disabled:
+            return
+        try:
+            meter = self._meter
+            if meter.step_open and meter.backwards and self.pid == os.getpid():
+                self._finish_step()
         except Exception as exc:  # noqa: BLE001
             self._fail(exc)
 
@@ -617,119 +595,59 @@ class AgentHandle:
         try:
             if self.pid != os.getpid():
                 return
-            primary = self._primary()
-            if primary is None or not any(ref() is optimizer for ref in self._optimizer_refs):
+            meter = self._meter
+            primary = meter.primary()
+            if primary is None or optimizer not in meter.optimizer_set:
                 self._track_optimizer(optimizer)
-                primary = self._primary()
+                primary = meter.primary()
             if optimizer is primary:
+                meter.optimizer_steps += 1
                 self._finish_step()
         except Exception as exc:  # noqa: BLE001
             self._fail(exc)
 
     def _finish_step(self) -> None:
-        now = time.perf_counter()
-        start = self._last_step_end if self._last_step_end is not None else self._first_forward_t
-        self._last_step_end = now
-        self._step += 1
         self._close_loss_window()
         if self._loss_search_left > 0 and self._criterion_ref is None:
             self._loss_search_left -= 1
-        self._fold_group()
         self._ensure_transport()
-        sampled = self._sampled or not self._step_open
-        if sampled:
-            self._last_acts = self._acts_max if self._step_open else self._last_acts
-        parameters, gradients, optimizer = self._static_components(force=sampled)
-        comps = accounting.components(parameters, gradients, optimizer, self._last_acts, self._batch_max)
-        cuda = self._cuda_figures(reset=True)
-        allocated = peak = reserved = retries = ooms = None
-        if cuda is not None:
-            allocated, peak, reserved, retries, ooms = cuda
-            comps["other"] = max(0, peak - sum(comps.values()))
-        step = Step(step=self._step, time=time.time(), step_seconds=(now - start) if start is not None else None,
-                    batch_size=self._batch_size if self._step_open else None, components=comps,
-                    allocated=allocated, peak_allocated=peak, reserved=reserved, num_alloc_retries=retries,
-                    num_ooms=ooms, device_used=self._device_used if cuda is not None else None)
+        meter = self._meter
+        step, cuda = meter.finish(self._device_used)
         self._steps.append(step)
         if self._transport is not None:
             self._transport.put(step)
-        if retries is not None:
-            if self._retries is not None and retries > self._retries:
+        if cuda is not None:
+            retries = cuda.retries
+            if meter.retries is not None and retries > meter.retries:
                 self._publish_event(Event(
-                    kind="alloc_retry", components=comps, time=step.time, step=step.step,
+                    kind="alloc_retry", components=step.components, time=step.time, step=step.step,
                     batch_size=step.batch_size,
-                    message=f"the CUDA caching allocator freed its cache and retried {retries - self._retries} "
+                    message=f"the CUDA caching allocator freed its cache and retried {retries - meter.retries} "
                             f"allocation(s) during step {step.step}: memory is nearly full or fragmented"))
-            self._retries = retries
-        self._step_open = False
-        self._sampled = False
-        self._acts_max = 0
-        self._batch_max = 0
-        global _oom_requested
-        _oom_requested = None  # an allocation failure someone caught and survived is not the next OOM's size
-
-    def _static_components(self, force: bool) -> tuple[int, int, int]:
-        optimizers = self.optimizers
-        state_len = sum(len(opt.state) for opt in optimizers)
-        if force or self._static is None or state_len != self._static_state_len:
-            device = self._device_or_cpu()
-            model = self.model
-            params = accounting.parameters_of(model, optimizers)
-            pset = accounting.parameter_storages(model, device, accounting.parameters_of(None, optimizers))
-            gset = accounting.gradient_storages(params, device, pset.keys)
-            oset = accounting.optimizer_storages(optimizers, device, pset.keys | gset.keys)
-            self._static = (pset.bytes, gset.bytes, oset.bytes)
-            self._static_state_len = state_len
-        return self._static
-
-    def _cuda_figures(self, reset: bool) -> tuple[int, int, int, int, int] | None:
-        device = self._device
-        if device is None or device.type != "cuda":
-            return None
-        index = _cuda_index(device)
-        stats = torch.cuda.memory_stats_as_nested_dict(index)
-        if not stats:  # CUDA not initialised (yet): nothing to report
-            return None
-        figures = (int(stats["allocated_bytes"]["all"]["current"]), int(stats["allocated_bytes"]["all"]["peak"]),
-                   int(stats["reserved_bytes"]["all"]["current"]), int(stats.get("num_alloc_retries", 0)),
-                   int(stats.get("num_ooms", 0)))
-        if reset:
-            torch.cuda.reset_peak_memory_stats(index)
-        return figures
+            meter.retries = retries
+        patches.take_oom_requested()  # an allocation failure someone caught and survived is not the next OOM's size
 
     # -------------------------------------------------------------------------------------------- OOM
 
     def _on_oom(self, exc: BaseException, where: str) -> None:
         """An out-of-memory error is leaving forward, loss, backward or the optimizer step."""
-        global _oom_requested
         if self._disabled:
             return
         self.oom_count += 1
         try:
-            requested, _oom_requested = _oom_requested, None
+            requested = patches.take_oom_requested()
             if requested is None:
                 requested = _requested_from_text(str(exc))
             self._close_loss_window()
-            comps = self._current_components()
+            comps = self._meter.current_components()
             text = " ".join(str(exc).split())
             first = text.split(". ", 1)[0][:300]
-            self._publish_event(Event(kind="oom", message=f"out of memory in {where} at step {self._step + 1}: {first}",
-                                      components=comps, time=time.time(), step=self._step + 1,
-                                      batch_size=self._batch_size, requested_bytes=requested))
+            n = self._meter.step + 1
+            self._publish_event(Event(kind="oom", message=f"out of memory in {where} at step {n}: {first}",
+                                      components=comps, time=time.time(), step=n,
+                                      batch_size=self._meter.batch_size, requested_bytes=requested))
         except Exception as err:  # noqa: BLE001
             self._fail(err)
-
-    def _current_components(self) -> dict[str, int]:
-        parameters, gradients, optimizer = self._static_components(force=True)
-        acts = self._last_acts
-        if self._sampled:
-            acts = max(self._acts_max, self._counter.bytes if self._counter is not None else 0)
-        batch = max(self._batch_max, self._batch.bytes if self._batch is not None else 0)
-        comps = accounting.components(parameters, gradients, optimizer, acts, batch)
-        cuda = self._cuda_figures(reset=False)
-        if cuda is not None:
-            comps["other"] = max(0, cuda[1] - sum(comps.values()))
-        return comps
 
     # -------------------------------------------------------------------------------------------- publishing
 
@@ -757,16 +675,9 @@ class AgentHandle:
             self._transport.set_hello(self._hello())
 
     def _hello(self) -> Hello:
-        rank, local_rank, world_size = _ranks()
-        device = self._device
-        primary = self._primary()
-        uuid = _nvml_uuid(_cuda_index(device)) if device is not None and device.type == "cuda" else None
-        return Hello(pid=self.pid, host=socket.gethostname(), argv=tuple(str(a) for a in sys.argv),
-                     python=platform.python_version(), torch=torch.__version__,
-                     device=str(device) if device is not None else "cpu", nvml_uuid=uuid, rank=rank,
-                     local_rank=local_rank, world_size=world_size, model=self._model_info,
-                     optimizer=type(primary).__name__ if primary is not None else None, name=self.name,
-                     time=time.time(), job=_job_id(world_size))
+        primary = self._meter.primary()
+        return identity.hello(self.pid, self._meter.device, self._meter.model_info,
+                              type(primary).__name__ if primary is not None else None, self.name)
 
     def _publish_event(self, event: Event) -> None:
         self._events.append(event)
@@ -789,7 +700,7 @@ class AgentHandle:
         self.error = f"{type(exc).__name__}: {exc}"
         try:
             self._publish_event(Event(kind="warning", message=f"agent disabled after an internal error: {self.error}",
-                                      time=time.time(), step=self._step))
+                                      time=time.time(), step=self._meter.step))
         except Exception:  # noqa: BLE001
             pass
         self._warn_once("fail", f"agent disabled after an internal error ({self.error}); training continues")
@@ -815,21 +726,18 @@ class AgentHandle:
 
     def _teardown_hooks(self) -> None:
         """Remove every hook; the forward post hooks stay while a saved-tensor context they must close is open."""
-        busy = self._counter is not None and self._counter.active
+        counter = self._meter.counter
+        busy = counter is not None and counter.active
         groups = [self._discovery_hooks, self._window_hooks]
         if not busy:
             groups += [self._root_hooks, self._criterion_hooks]
         for group in groups:
-            for handle in group:
-                handle.remove()
+            for hook in group:
+                hook.remove()
             group.clear()
         if self._step_hook is not None:
             self._step_hook.remove()
             self._step_hook = None
-
-    def _unwrap_optimizers(self) -> None:
-        for opt in self.optimizers:
-            _unwrap_step(opt)
 
     def _after_fork(self) -> None:
         """In a forked child: this agent belongs to the parent. Go quiet, keep the parent's socket file."""
@@ -839,142 +747,29 @@ class AgentHandle:
         if transport is not None:
             transport.forget()
 
-    # -------------------------------------------------------------------------------------------- helpers
-
-    def _device_or_cpu(self) -> torch.device:
-        return self._device if self._device is not None else torch.device("cpu")
-
     def _device_total(self) -> int | None:
-        device = self._device
+        device = self._meter.device
         if device is None or device.type != "cuda":
             return None
-        return int(torch.cuda.get_device_properties(_cuda_index(device)).total_memory)
-
-
-# ------------------------------------------------------------------------------------------------ hooks on torch
-
-
-def _patched_backward(*args: Any, **kwargs: Any) -> Any:
-    """torch.autograd.backward, seen by the agent: folds the forward group, reports OOM leaving backward."""
-    handle = _current
-    mark = 0
-    if handle is not None:
-        handle._before_backward()
-        mark = handle.oom_count
-    assert _original_backward is not None
-    try:
-        return _original_backward(*args, **kwargs)
-    except torch.OutOfMemoryError as exc:
-        if handle is not None and handle is _current and handle.oom_count == mark:
-            handle._on_oom(exc, "backward")
-        raise
-
-
-def _install_backward_patch() -> None:
-    global _original_backward
-    if torch.autograd.backward is _patched_backward:
-        return
-    _original_backward = torch.autograd.backward
-    functools.update_wrapper(_patched_backward, _original_backward)
-    torch.autograd.backward = _patched_backward  # type: ignore[assignment]
-
-
-def _uninstall_backward_patch() -> None:
-    if torch.autograd.backward is _patched_backward and _original_backward is not None:
-        torch.autograd.backward = _original_backward  # type: ignore[assignment]
-
-
-class _StepWrapper:
-    """``optimizer.step`` seen by the agent: reports an OOM leaving the step, then re-raises it unchanged.
-
-    Set as an instance attribute; it looks enough like a bound method (``__func__``, ``__self__``) for
-    LRScheduler, which wraps ``optimizer.step`` through ``__func__``. Holds the optimizer weakly.
-    """
-
-    def __init__(self, optimizer: torch.optim.Optimizer, inner: Any) -> None:
-        self._opt = weakref.ref(optimizer)
-        self._inner = inner  # an instance-level step set before us (an LRScheduler's wrapper), or None
-        wrapper = self
-
-        def step(opt: Any, *args: Any, **kwargs: Any) -> Any:
-            return wrapper(*args, **kwargs)
-
-        self.__func__ = functools.wraps(type(optimizer).step)(step)
-        self.__wrapped__ = type(optimizer).step
-
-    @property
-    def __self__(self) -> torch.optim.Optimizer | None:
-        return self._opt()
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        opt = self._opt()
-        if opt is None:
-            raise ReferenceError("optimizer no longer exists")
-        fn = self._inner if self._inner is not None else type(opt).step.__get__(opt, type(opt))
-        handle = _current
-        mark = handle.oom_count if handle is not None else 0
-        try:
-            return fn(*args, **kwargs)
-        except torch.OutOfMemoryError as exc:
-            # reported once: an OOM in a closure's forward or backward was reported where it happened
-            if handle is not None and handle is _current and handle.oom_count == mark:
-                handle._on_oom(exc, "optimizer step")
-            raise
-
-
-def _wrap_step(optimizer: torch.optim.Optimizer) -> None:
-    if isinstance(optimizer.__dict__.get("step"), _StepWrapper):
-        return
-    optimizer.step = _StepWrapper(optimizer, optimizer.__dict__.get("step"))  # type: ignore[method-assign]
-
-
-def _unwrap_step(optimizer: torch.optim.Optimizer) -> None:
-    current = optimizer.__dict__.get("step")
-    if isinstance(current, _StepWrapper):
-        if current._inner is None:
-            del optimizer.__dict__["step"]
-        else:
-            optimizer.step = current._inner  # type: ignore[method-assign]
-
-
-def _oom_observer(device: int, alloc: int, device_allocated: int, device_free: int) -> None:
-    global _oom_requested
-    try:
-        _oom_requested = int(alloc)
-    except Exception:  # noqa: BLE001
-        pass
-
-
-def _install_oom_observer() -> None:
-    """CUDA's allocator tells its observers how many bytes the failed allocation asked for."""
-    global _oom_observer_installed
-    if _oom_observer_installed:
-        return
-    attach_observer = getattr(torch._C, "_cuda_attach_out_of_memory_observer", None)
-    if attach_observer is not None:
-        try:
-            attach_observer(_oom_observer)
-        except Exception:  # noqa: BLE001 - then the size comes from the error text
-            return
-    _oom_observer_installed = True
+        return int(torch.cuda.get_device_properties(identity.cuda_index(device)).total_memory)
 
 
 # ------------------------------------------------------------------------------------------------ small helpers
 
 
-def _exception_leaving(caller: Any) -> BaseException | None:
-    """The exception a forward hook is being called for: torch runs ``always_call`` hooks from the except
-    block of the module's ``_call_impl``, so that frame heads the exception's traceback. (An exception
-    merely being handled further out, around a normal forward, does not count.)"""
-    exc = sys.exc_info()[1]
-    if exc is None:
+def _cuda_figures(device: torch.device | None, reset: bool) -> CudaFigures | None:
+    if device is None or device.type != "cuda":
         return None
-    tb = exc.__traceback__
-    return exc if tb is not None and tb.tb_frame is caller else None
-
-
-def _is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, torch.OutOfMemoryError)
+    index = identity.cuda_index(device)
+    stats = torch.cuda.memory_stats_as_nested_dict(index)
+    if not stats:  # CUDA not initialised (yet): nothing to report
+        return None
+    figures = CudaFigures(int(stats["allocated_bytes"]["all"]["current"]), int(stats["allocated_bytes"]["all"]["peak"]),
+                          int(stats["reserved_bytes"]["all"]["current"]), int(stats.get("num_alloc_retries", 0)),
+                          int(stats.get("num_ooms", 0)))
+    if reset:
+        torch.cuda.reset_peak_memory_stats(index)
+    return figures
 
 
 def _requested_from_text(text: str) -> int | None:
@@ -995,77 +790,6 @@ def _looks_like_loss(module: torch.nn.Module) -> bool:
         return True
     name = type(module).__name__.lower()
     return ("loss" in name or "criterion" in name) and not _has_trainable(module)
-
-
-def _device_of(model: torch.nn.Module) -> torch.device | None:
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return None
-
-
-def _device_of_optimizer(optimizer: torch.optim.Optimizer) -> torch.device | None:
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            return p.device
-    return None
-
-
-def _cuda_index(device: torch.device) -> int:
-    return device.index if device.index is not None else torch.cuda.current_device()
-
-
-def _nvml_uuid(index: int) -> str | None:
-    try:
-        uuid = str(torch.cuda.get_device_properties(index).uuid)
-    except Exception:  # noqa: BLE001
-        return None
-    if not uuid:
-        return None
-    return uuid if uuid.startswith(("GPU-", "MIG-")) else f"GPU-{uuid}"
-
-
-def _env_int(name: str) -> int | None:
-    try:
-        value = int(os.environ.get(name, ""))
-    except ValueError:
-        return None
-    return value if value >= 1 else None
-
-
-def _ranks() -> tuple[int, int, int]:
-    """(rank, local_rank, world_size) from torch.distributed, else the torchrun environment, else 0/0/1."""
-    rank = _env_int0("RANK")
-    local_rank = _env_int0("LOCAL_RANK")
-    world = _env_int("WORLD_SIZE") or 1
-    try:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            rank, world = dist.get_rank(), dist.get_world_size()
-    except Exception:  # noqa: BLE001
-        pass
-    return rank, local_rank, world
-
-
-def _job_id(world_size: int) -> str | None:
-    """What every rank of one distributed job shares and two concurrent jobs don't: the rendezvous address
-    (MASTER_ADDR:MASTER_PORT, set by torchrun and most launchers) and torchrun's run id. None alone."""
-    if world_size <= 1:
-        return None
-    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
-    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
-    parts = [f"{addr}:{port}" if addr and port else None, run_id]
-    text = " ".join(p for p in parts if p)
-    return text[:256] or None
-
-
-def _env_int0(name: str) -> int:
-    try:
-        return max(0, int(os.environ.get(name, "0")))
-    except ValueError:
-        return 0
 
 
 def _snapshot(items: deque[Any]) -> list[Any]:

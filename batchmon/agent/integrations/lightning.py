@@ -162,8 +162,10 @@ def _call_through_forward(module: Any, method: Callable[..., Any], args: tuple[A
 def _only_agent_hooks(module: Any, handle: Any) -> bool:
     """Whether every forward hook on the module is the agent's: hooks of your own expect the forward's
     arguments, so with one of them the training step is not routed through the forward."""
+    from batchmon.agent.torch_patches import AGENT_HOOKS
+
     hooks = [*module._forward_pre_hooks.values(), *module._forward_hooks.values()]
-    return all(getattr(hook, "__self__", None) is handle for hook in hooks)
+    return all(hook in AGENT_HOOKS for hook in hooks)
 
 
 def _loader_batch_size(trainer: Any) -> int | None:

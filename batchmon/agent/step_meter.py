@@ -1,0 +1,294 @@
+"""The step meter: what one training step holds, measured from the hooks' calls, returned as Step values.
+
+It owns no hooks and no socket (batchmon.agent.handle wires it to torch and publishes what it returns).
+
+A step ends (README, "How a step is recognised"):
+
+- at the primary optimizer's ``step()`` (the first ``torch.optim`` optimizer that steps, or the one given to
+  ``attach``); other optimizers' steps count for optimizer bytes only (two models, two optimizers: one step
+  per loop iteration);
+- at ``GradScaler.update()`` when the scaler skipped the optimizer step (inf/NaN gradients): the step still
+  ends, it just updated nothing;
+- without any optimizer step seen (manual ``p.data.add_`` updates, an optimizer that is not a
+  ``torch.optim.Optimizer``): at the next training forward after a backward once the gradients were cleared
+  or replaced (``zero_grad``, ``p.grad = None``); gradients left to accumulate mean the same step goes on;
+  the last such step is published at detach/exit;
+- never inside an optimizer step (an LBFGS closure's forwards and backwards are that one step).
+
+Forwards under ``no_grad``/``inference_mode`` (evaluation) are not part of any step. ``micro_batches`` is the
+number of backward passes in the step (gradient accumulation's micro-batches; an LBFGS closure's evaluations).
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from batchmon.agent import accounting
+from batchmon.agent.batch_dim import BatchSizer
+from batchmon.protocol import ModelInfo, Step
+
+FULL_STEPS = 3  # the first steps are always fully measured
+GRAD_MARKS = 4  # parameters whose .grad is watched to tell accumulation from a new step
+
+
+@dataclass(frozen=True)
+class CudaFigures:
+    allocated: int
+    peak: int
+    reserved: int
+    retries: int
+    ooms: int
+
+
+def device_of(model: torch.nn.Module) -> torch.device | None:
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return None
+
+
+def device_of_optimizer(optimizer: Any) -> torch.device | None:
+    for group in getattr(optimizer, "param_groups", ()):
+        for p in group["params"]:
+            return p.device
+    return None
+
+
+def _layout(model: torch.nn.Module | None) -> tuple[Any, ...] | None:
+    """Where and how the model's first parameter is stored: a change means .to()/.half() moved it."""
+    if model is None:
+        return None
+    for p in model.parameters():
+        return (p.device, p.dtype, p.data_ptr())
+    return None
+
+
+class StepMeter:
+    """Per-step measurement state (training thread). ``cuda(reset)`` reads the allocator, ``None`` off CUDA."""
+
+    def __init__(self, activation_every: int, sizer: BatchSizer,
+                 cuda: Callable[[torch.device | None, bool], CudaFigures | None]) -> None:
+        self.activation_every = activation_every
+        self.sizer = sizer
+        self._cuda = cuda
+        self.model_ref: weakref.ReferenceType[torch.nn.Module] | None = None
+        self.primary_ref: weakref.ReferenceType[Any] | None = None
+        self.optimizer_set: "weakref.WeakSet[Any]" = weakref.WeakSet()  # dead optimizers drop out by themselves
+        self.device: torch.device | None = None
+        self.model_info: ModelInfo | None = None
+        self.step = 0
+        self.optimizer_steps = 0  # steps ended by the primary optimizer
+        self.step_open = False
+        self.sampled = False
+        self.root_depth = 0
+        self.root_counting = False
+        self.crit_depth = 0
+        self.batch_size: int | None = None
+        self.batch_source: str | None = None
+        self._first_forward_t: float | None = None
+        self._last_step_end: float | None = None
+        self._sampled_batch_size: int | None = None
+        self._layout: tuple[Any, ...] | None = None
+        self._param_keys: set[int] = set()
+        self.batch: accounting.StorageSet | None = None
+        self.counter: accounting.ActivationCounter | None = None
+        self._batch_max = 0
+        self._acts_max = 0
+        self._last_acts = 0
+        self._static: tuple[int, int, int] | None = None
+        self._static_state_len = -1
+        self.retries: int | None = None
+        self.backwards = 0  # backward passes in the open step
+        self._grad_marks: list[tuple[weakref.ReferenceType[torch.Tensor], int, int]] = []
+
+    # -------------------------------------------------------------------------------------------- what
+
+    @property
+    def model(self) -> torch.nn.Module | None:
+        return self.model_ref() if self.model_ref is not None else None
+
+    @property
+    def optimizers(self) -> list[Any]:
+        return list(self.optimizer_set)
+
+    def primary(self) -> Any:
+        return self.primary_ref() if self.primary_ref is not None else None
+
+    def device_or_cpu(self) -> torch.device:
+        return self.device if self.device is not None else torch.device("cpu")
+
+    def set_device(self, device: torch.device) -> None:
+        self.device = device
+        model = self.model
+        if model is not None:
+            params, nbytes = accounting.parameter_count(model)
+            self.model_info = ModelInfo(type(model).__name__, params, nbytes)
+        self._static = None
+
+    # -------------------------------------------------------------------------------------------- forward
+
+    def loop_boundary(self) -> bool:
+        """At a training forward's start: did the previous step end without an optimizer step we saw?"""
+        if not self.step_open or self.backwards == 0 or self.optimizer_steps > 0:
+            return False
+        from batchmon.agent import torch_patches
+
+        if torch_patches.step_depth > 0:
+            return False  # inside an optimizer step (an LBFGS closure): the same step
+        return self._grads_changed()
+
+    def open_step(self) -> bool:
+        """A training forward of the root begins a step; returns whether the model moved (device changed)."""
+        self.step_open = True
+        self.backwards = 0
+        self._grad_marks = []
+        if self._first_forward_t is None:
+            self._first_forward_t = time.perf_counter()
+        n = self.step + 1
+        every = self.activation_every
+        model = self.model
+        layout = _layout(model)
+        self.sampled = (every <= 1 or n <= FULL_STEPS or n % every == 0
+                        or self.batch_size != self._sampled_batch_size or layout != self._layout)
+        moved = False
+        if self.sampled:
+            self._sampled_batch_size = self.batch_size
+            self._layout = layout
+            where = device_of(model) if model is not None else None
+            if where is not None and where != self.device:
+                self.set_device(where)
+                moved = True
+            found = accounting.parameter_storages(
+                model, self.device_or_cpu(), accounting.parameters_of(None, self.optimizers))
+            self._param_keys = found.keys
+        return moved
+
+    def add_inputs(self, inputs: list[torch.Tensor]) -> None:
+        if self.batch is None:
+            self.batch = accounting.StorageSet(self.device_or_cpu())
+        self.batch.add_all(inputs)
+        if self.sampled:
+            self.counter_for_group().push()
+
+    def add_targets(self, tensors: Any) -> None:
+        if self.batch is None:
+            self.batch = accounting.StorageSet(self.device_or_cpu())
+        for t in tensors:
+            if not t.requires_grad:  # targets; the model's output requires grad
+                self.batch.add(t)
+        if self.sampled:
+            self.counter_for_group().push()
+
+    def stop_counting(self) -> None:
+        if self.counter is not None and self.counter.active:
+            self.counter.pop()
+
+    def counter_for_group(self) -> accounting.ActivationCounter:
+        if self.counter is None:
+            keys = self.batch.keys if self.batch is not None else set()
+            self.counter = accounting.ActivationCounter(self.device_or_cpu(), (self._param_keys, keys))
+        return self.counter
+
+    def fold_group(self) -> None:
+        """A forward group (forwards since the last backward) ended: keep the step's maximum."""
+        counter = self.counter
+        if counter is not None and not counter.active:
+            self._acts_max = max(self._acts_max, counter.bytes)
+            self.counter = None
+        if self.batch is not None:
+            self._batch_max = max(self._batch_max, self.batch.bytes)
+            self.batch = None
+
+    # -------------------------------------------------------------------------------------------- backward
+
+    def after_backward(self) -> None:
+        if not self.step_open:
+            return
+        self.backwards += 1
+        marks = []
+        model = self.model
+        if model is not None:
+            for p in model.parameters():
+                g = p.grad
+                if g is not None:
+                    marks.append((weakref.ref(p), id(g), g._version))
+                    if len(marks) >= GRAD_MARKS:
+                        break
+        self._grad_marks = marks
+
+    def _grads_changed(self) -> bool:
+        """Gradients cleared or replaced since the last backward (accumulation leaves them as they were)."""
+        for ref, gid, version in self._grad_marks:
+            p = ref()
+            if p is None:
+                return True
+            g = p.grad
+            if g is None or id(g) != gid or g._version != version:
+                return True
+        return True if not self._grad_marks else False
+
+    # -------------------------------------------------------------------------------------------- step end
+
+    def finish(self, device_used: int | None) -> tuple[Step, CudaFigures | None]:
+        """The step ended: its Step (and the CUDA figures it used); resets the per-step state."""
+        now = time.perf_counter()
+        start = self._last_step_end if self._last_step_end is not None else self._first_forward_t
+        self._last_step_end = now
+        self.step += 1
+        self.fold_group()
+        sampled = self.sampled or not self.step_open
+        if sampled:
+            self._last_acts = self._acts_max if self.step_open else self._last_acts
+        parameters, gradients, optimizer = self.static_components(force=sampled)
+        comps = accounting.components(parameters, gradients, optimizer, self._last_acts, self._batch_max)
+        cuda = self._cuda(self.device, True)
+        if cuda is not None:
+            comps["other"] = max(0, cuda.peak - sum(comps.values()))
+        opened = self.step_open
+        step = Step(step=self.step, time=time.time(), step_seconds=(now - start) if start is not None else None,
+                    batch_size=self.batch_size if opened else None, components=comps,
+                    allocated=cuda.allocated if cuda else None, peak_allocated=cuda.peak if cuda else None,
+                    reserved=cuda.reserved if cuda else None, num_alloc_retries=cuda.retries if cuda else None,
+                    num_ooms=cuda.ooms if cuda else None, device_used=device_used if cuda is not None else None,
+                    batch_source=self.batch_source if opened else None,
+                    micro_batches=self.backwards if opened else None)
+        self.step_open = False
+        self.sampled = False
+        self._acts_max = 0
+        self._batch_max = 0
+        self.backwards = 0
+        self._grad_marks = []
+        return step, cuda
+
+    def static_components(self, force: bool) -> tuple[int, int, int]:
+        optimizers = self.optimizers
+        state_len = sum(len(opt.state) for opt in optimizers if hasattr(opt, "state"))
+        if force or self._static is None or state_len != self._static_state_len:
+            device = self.device_or_cpu()
+            model = self.model
+            params = accounting.parameters_of(model, optimizers)
+            pset = accounting.parameter_storages(model, device, accounting.parameters_of(None, optimizers))
+            gset = accounting.gradient_storages(params, device, pset.keys)
+            oset = accounting.optimizer_storages(optimizers, device, pset.keys | gset.keys)
+            self._static = (pset.bytes, gset.bytes, oset.bytes)
+            self._static_state_len = state_len
+        return self._static
+
+    def current_components(self) -> dict[str, int]:
+        """The components so far in the open step (for an OOM event)."""
+        parameters, gradients, optimizer = self.static_components(force=True)
+        acts = self._last_acts
+        if self.sampled:
+            acts = max(self._acts_max, self.counter.bytes if self.counter is not None else 0)
+        batch = max(self._batch_max, self.batch.bytes if self.batch is not None else 0)
+        comps = accounting.components(parameters, gradients, optimizer, acts, batch)
+        cuda = self._cuda(self.device, False)
+        if cuda is not None:
+            comps["other"] = max(0, cuda.peak - sum(comps.values()))
+        return comps

@@ -1,0 +1,311 @@
+"""What the agent changes in torch itself, and the hooks it puts on the user's modules - all of it undoable.
+
+The rule (issue 12): the agent leaves no trace on user objects. A hook registered on the user's root module or
+loss module is one of the module-level functions below (never a bound method of the handle, which reaches the
+monitor sockets), so whatever copies a module cannot reach the agent's state; and while the agent is attached,
+``nn.Module.__getstate__`` leaves the agent's hooks out, so ``copy.deepcopy``, ``pickle`` and ``torch.save`` of
+a whole model give a copy without them (a file that loads where batchmon is not installed, an EMA copy that is
+not measured as the model). The hook functions run eagerly under ``torch.compile`` (``torch._dynamo.disable``
+once dynamo is loaded; never importing dynamo ourselves: it costs seconds), so a model compiled after attach
+is measured every step, as in eager mode.
+
+Patches on torch (installed at attach, removed at detach): ``torch.autograd.backward`` (forward groups,
+accumulation, OOM leaving backward), ``nn.Module.__getstate__`` (above), ``GradScaler.update`` (a step whose
+optimizer step the scaler skipped still ends), CUDA's OOM observer. ``optimizer.step`` of a tracked optimizer
+is wrapped on the instance (``_StepWrapper``) to see an OOM leave it; ``Optimizer.__getstate__`` already drops
+it from copies.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import weakref
+from typing import Any, Callable, Protocol
+
+import torch
+
+
+class Sink(Protocol):
+    """What the patches call on the attached agent (AgentHandle)."""
+
+    oom_count: int
+
+    def _before_backward(self) -> None: ...
+    def _after_backward(self) -> None: ...
+    def _on_oom(self, exc: BaseException, where: str) -> None: ...
+    def _scaler_update(self) -> None: ...
+    def _optimizer_step_entered(self, depth: int) -> None: ...
+    def _root_pre(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None: ...
+    def _root_post(self, module: torch.nn.Module, exc: BaseException | None) -> None: ...
+    def _crit_pre(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None: ...
+    def _crit_post(self, module: torch.nn.Module, exc: BaseException | None) -> None: ...
+
+
+def _no_agent() -> Sink | None:
+    return None
+
+
+current: Callable[[], Sink | None] = _no_agent  # set by batchmon.agent.handle
+oom_requested: int | None = None  # bytes of the last failed allocation (CUDA's OOM observer)
+_originals: dict[str, Any] = {}
+_oom_observer_installed = False
+step_depth = 0  # optimizer steps running on the training thread (an LBFGS closure runs inside one)
+
+
+# ------------------------------------------------------------------------------------------------ eager hooks
+
+
+def eager(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` run eagerly even inside a ``torch.compile``d call, without importing dynamo ourselves."""
+    disabled: list[Callable[..., Any]] = []
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        dynamo = sys.modules.get("torch._dynamo")
+        if dynamo is None:
+            return fn(*args, **kwargs)
+        if not disabled:
+            disabled.append(dynamo.disable(fn))
+        return disabled[0](*args, **kwargs)
+
+    return call
+
+
+def _leaving(depth: int = 8) -> BaseException | None:
+    """The exception a forward hook is being called for: torch runs ``always_call`` hooks from the except block
+    of the module's ``_call_impl``, so that frame heads the exception's traceback. (An exception merely being
+    handled further out, around a normal forward, does not count.)"""
+    exc = sys.exc_info()[1]
+    if exc is None or exc.__traceback__ is None:
+        return None
+    caller = sys._getframe(2)
+    for _ in range(depth):  # up to the module's _call_impl (through our own and dynamo's wrappers)
+        if caller is None:
+            return None
+        if caller.f_code.co_name == "_call_impl":
+            return exc if caller is exc.__traceback__.tb_frame else None
+        caller = caller.f_back
+    return None
+
+
+@eager
+def root_pre_hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    agent = current()
+    if agent is not None:
+        agent._root_pre(module, args, kwargs)
+
+
+@eager
+def root_post_hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], result: Any) -> None:
+    agent = current()
+    if agent is not None:
+        agent._root_post(module, _leaving())
+
+
+@eager
+def crit_pre_hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    agent = current()
+    if agent is not None:
+        agent._crit_pre(module, args, kwargs)
+
+
+@eager
+def crit_post_hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], result: Any) -> None:
+    agent = current()
+    if agent is not None:
+        agent._crit_post(module, _leaving())
+
+
+AGENT_HOOKS = frozenset((root_pre_hook, root_post_hook, crit_pre_hook, crit_post_hook))
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
+               "_forward_hooks_with_kwargs", "_forward_hooks_always_called")
+
+
+def register_pair(module: torch.nn.Module, pre: Callable[..., Any], post: Callable[..., Any]) -> list[Any]:
+    return [module.register_forward_pre_hook(pre, with_kwargs=True),
+            module.register_forward_hook(post, with_kwargs=True, always_call=True)]
+
+
+def _without_agent_hooks(state: dict[str, Any]) -> dict[str, Any]:
+    """A module's pickled state minus the agent's hooks (the live module keeps them)."""
+    pre, post = state.get("_forward_pre_hooks"), state.get("_forward_hooks")
+    ours = [k for hooks in (pre, post) if hooks for k, fn in hooks.items() if fn in AGENT_HOOKS]
+    if not ours:
+        return state
+    state = dict(state)
+    for name in _HOOK_DICTS:
+        table = state.get(name)
+        if table is not None:
+            state[name] = type(table)((k, v) for k, v in table.items() if k not in ours)
+    return state
+
+
+def _getstate(self: torch.nn.Module) -> Any:
+    return _without_agent_hooks(_originals["getstate"](self))
+
+
+# ------------------------------------------------------------------------------------------------ backward
+
+
+def _backward(*args: Any, **kwargs: Any) -> Any:
+    """torch.autograd.backward, seen by the agent: folds the forward group, reports OOM leaving backward."""
+    agent = current()
+    mark = 0
+    if agent is not None:
+        agent._before_backward()
+        mark = agent.oom_count
+    try:
+        result = _originals["backward"](*args, **kwargs)
+    except torch.OutOfMemoryError as exc:
+        if agent is not None and agent is current() and agent.oom_count == mark:
+            agent._on_oom(exc, "backward")
+        raise
+    if agent is not None and agent is current():
+        agent._after_backward()
+    return result
+
+
+def _scaler_update(self: Any, *args: Any, **kwargs: Any) -> Any:
+    result = _originals["scaler_update"](self, *args, **kwargs)
+    agent = current()
+    if agent is not None:
+        agent._scaler_update()
+    return result
+
+
+def _step_pre(optimizer: Any, args: Any, kwargs: Any) -> None:
+    global step_depth
+    step_depth += 1
+
+
+def _step_post(optimizer: Any, args: Any, kwargs: Any) -> None:
+    global step_depth
+    step_depth = max(0, step_depth - 1)
+
+
+def install() -> None:
+    """Patch torch (idempotent)."""
+    if "backward" not in _originals:
+        _originals["backward"] = torch.autograd.backward
+        functools.update_wrapper(_backward, _originals["backward"])
+        torch.autograd.backward = _backward  # type: ignore[assignment]
+    if "getstate" not in _originals:
+        _originals["getstate"] = torch.nn.Module.__dict__["__getstate__"]
+        torch.nn.Module.__getstate__ = _getstate  # type: ignore[method-assign]
+    scaler = getattr(getattr(torch, "amp", None), "GradScaler", None)
+    if scaler is not None and "scaler_update" not in _originals and "update" in scaler.__dict__:
+        _originals["scaler_update"] = scaler.__dict__["update"]
+        functools.update_wrapper(_scaler_update, _originals["scaler_update"])
+        scaler.update = _scaler_update
+    if "step_hooks" not in _originals:
+        import torch.optim.optimizer as optim
+
+        _originals["step_hooks"] = (optim.register_optimizer_step_pre_hook(_step_pre),
+                                    optim.register_optimizer_step_post_hook(_step_post))
+
+
+def uninstall() -> None:
+    """Undo install()."""
+    global step_depth
+    original = _originals.pop("backward", None)
+    if original is not None and torch.autograd.backward is _backward:
+        torch.autograd.backward = original  # type: ignore[assignment]
+    original = _originals.pop("getstate", None)
+    if original is not None:
+        torch.nn.Module.__getstate__ = original  # type: ignore[method-assign]
+    original = _originals.pop("scaler_update", None)
+    if original is not None:
+        torch.amp.GradScaler.update = original  # type: ignore[method-assign]
+    hooks = _originals.pop("step_hooks", ())
+    for hook in hooks:
+        hook.remove()
+    step_depth = 0
+
+
+# ------------------------------------------------------------------------------------------------ optimizer.step
+
+
+class _StepWrapper:
+    """``optimizer.step`` seen by the agent: reports an OOM leaving the step, then re-raises it unchanged.
+
+    Set as an instance attribute; it looks enough like a bound method (``__func__``, ``__self__``) for
+    LRScheduler, which wraps ``optimizer.step`` through ``__func__``. Holds the optimizer weakly. Copies of
+    the optimizer do not carry it (``Optimizer.__getstate__`` keeps only defaults, state and param_groups).
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, inner: Any) -> None:
+        self._opt = weakref.ref(optimizer)
+        self._inner = inner  # an instance-level step set before us (an LRScheduler's wrapper), or None
+        wrapper = self
+
+        def step(opt: Any, *args: Any, **kwargs: Any) -> Any:
+            return wrapper(*args, **kwargs)
+
+        self.__func__ = functools.wraps(type(optimizer).step)(step)
+        self.__wrapped__ = type(optimizer).step
+
+    @property
+    def __self__(self) -> torch.optim.Optimizer | None:
+        return self._opt()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        opt = self._opt()
+        if opt is None:
+            raise ReferenceError("optimizer no longer exists")
+        fn = self._inner if self._inner is not None else type(opt).step.__get__(opt, type(opt))
+        agent = current()
+        mark = agent.oom_count if agent is not None else 0
+        try:
+            return fn(*args, **kwargs)
+        except torch.OutOfMemoryError as exc:
+            # reported once: an OOM in a closure's forward or backward was reported where it happened
+            if agent is not None and agent is current() and agent.oom_count == mark:
+                agent._on_oom(exc, "optimizer step")
+            raise
+
+
+def wrap_step(optimizer: torch.optim.Optimizer) -> None:
+    if isinstance(optimizer.__dict__.get("step"), _StepWrapper):
+        return
+    optimizer.step = _StepWrapper(optimizer, optimizer.__dict__.get("step"))  # type: ignore[method-assign]
+
+
+def unwrap_step(optimizer: torch.optim.Optimizer) -> None:
+    wrapper = optimizer.__dict__.get("step")
+    if isinstance(wrapper, _StepWrapper):
+        if wrapper._inner is None:
+            del optimizer.__dict__["step"]
+        else:
+            optimizer.step = wrapper._inner  # type: ignore[method-assign]
+
+
+# ------------------------------------------------------------------------------------------------ CUDA OOM size
+
+
+def _oom_observer(device: int, alloc: int, device_allocated: int, device_free: int) -> None:
+    global oom_requested
+    try:
+        oom_requested = int(alloc)
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def install_oom_observer() -> None:
+    """CUDA's allocator tells its observers how many bytes the failed allocation asked for."""
+    global _oom_observer_installed
+    if _oom_observer_installed:
+        return
+    attach_observer = getattr(torch._C, "_cuda_attach_out_of_memory_observer", None)
+    if attach_observer is not None:
+        try:
+            attach_observer(_oom_observer)
+        except Exception:  # noqa: BLE001 - then the size comes from the error text
+            return
+    _oom_observer_installed = True
+
+
+def take_oom_requested() -> int | None:
+    global oom_requested
+    value, oom_requested = oom_requested, None
+    return value
