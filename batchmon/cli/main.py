@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run a Python training command with the agent attached (no code change)",
                        description="Run CMD with the batchmon agent attached to every Python process it starts. "
                                    "stdin/stdout/stderr, signals and the exit code pass through unchanged.")
-    p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="[--] CMD ARGS...")
+    importlib.import_module("batchmon.cli.run").add_arguments(p)
     p.set_defaults(handler="batchmon.cli.run:main")
 
     p = sub.add_parser("record", help="record every hub input as JSON lines",

@@ -6,6 +6,9 @@ imports torch). Signals sent to the launcher (SIGINT, SIGTERM, SIGHUP, SIGQUIT, 
 to the child, except those the terminal sent to the whole foreground process group, which the child already
 got once; the exit code is the child's, or 128+N when signal N ended it, as shells report it.
 
+``--batch-dim N`` tells the agent which dimension of the model's input is the batch (BATCHMON_BATCH_DIM in the
+child), where the agent cannot find it (batchmon.agent.batch_dim).
+
 This process never imports torch.
 """
 
@@ -26,6 +29,27 @@ SI_KERNEL = 0x80  # si_code of a signal the kernel raised (terminal keys, hangup
 USAGE = "run needs a command, e.g. batchmon run -- python train.py"
 
 
+ENV_BATCH_DIM = "BATCHMON_BATCH_DIM"  # read by batchmon.agent.batch_dim (same name; agent/ is not imported here)
+
+
+def _batch_dim(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``run`` subcommand's options (called by batchmon.cli.main)."""
+    parser.add_argument("--batch-dim", type=_batch_dim, metavar="N",
+                        help="the batch is dimension N of the model's first tensor input (default: found from the "
+                             "model's batch_first layers, else 0)")
+    parser.add_argument("cmd", nargs=argparse.REMAINDER, metavar="[--] CMD ARGS...")
+
+
 def main(args: argparse.Namespace) -> int:
     cmd = list(getattr(args, "cmd", None) or [])
     if cmd and cmd[0] == "--":
@@ -33,13 +57,15 @@ def main(args: argparse.Namespace) -> int:
     if not cmd or not cmd[0]:
         raise CliError(USAGE, code=2)
     executable = resolve(cmd[0])
-    return run(cmd, executable, child_env(os.environ))
+    return run(cmd, executable, child_env(os.environ, getattr(args, "batch_dim", None)))
 
 
-def child_env(environ: Mapping[str, str]) -> dict[str, str]:
+def child_env(environ: Mapping[str, str], batch_dim: int | None = None) -> dict[str, str]:
     """The child's environment: the agent's bootstrap folder first on PYTHONPATH, auto-attach on."""
     env = dict(environ)
     env[ENV_FLAG] = "1"
+    if batch_dim is not None:
+        env[ENV_BATCH_DIM] = str(batch_dim)
     rest = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != FOLDER]
     env["PYTHONPATH"] = os.pathsep.join([FOLDER, *rest])
     return env
