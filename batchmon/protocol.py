@@ -422,6 +422,7 @@ def socket_path(pid: int, directory: Path | None = None) -> Path:
 
 def pid_of_socket(path: Path) -> int | None:
     """The pid a socket file is named after, or None for a file that is not an agent socket."""
-    if path.suffix != ".sock" or not path.stem.isdigit():
+    pid, _, n = path.stem.partition("-")  # <pid>-<n>.sock: another process with our pid had <pid>.sock
+    if path.suffix != ".sock" or not pid.isdigit() or (n and not n.isdigit()):
         return None
-    return int(path.stem)
+    return int(pid)

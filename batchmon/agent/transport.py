@@ -35,21 +35,43 @@ CLIENT_MAX_BYTES = 16 << 20
 MAX_CLIENTS = 64
 POLL_SECONDS = 0.05  # how stale a live line may get before the thread picks it up
 READ_DISCARD = 64 << 10
+# send() on a connection the monitor closed raises SIGPIPE, which kills a process that runs with SIGPIPE at its
+# default (the `signal(SIGPIPE, SIG_DFL)` CLI idiom, embedded interpreters): the flag turns it into EPIPE.
+SEND_FLAGS = getattr(socket, "MSG_NOSIGNAL", 0)
+ALTERNATE_NAMES = 16  # <pid>-1.sock ... when a live socket of another process (another container) has our name
 
 
 class _Client:
     """One connected monitor: a non-blocking socket and its bounded outbound lines."""
 
-    __slots__ = ("sock", "lines", "pinned", "bytes", "partial", "dropped", "sent")
+    __slots__ = ("sock", "lines", "pinned", "bytes", "partial", "dropped", "sent", "hello", "history")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.lines: deque[bytes] = deque()
-        self.pinned: set[int] = set()  # id() of hello lines, never dropped
+        self.pinned: set[int] = set()  # id() of hello (and bye) lines, never dropped
         self.bytes = 0
         self.partial: memoryview | None = None  # rest of a line the kernel took only part of
         self.dropped = 0
         self.sent = 0
+        self.hello: bytes | None = None  # the hello line still waiting here (at most one: a new one replaces it)
+        self.history: int | None = None  # that hello's history count (the burst's length), kept on replacing
+
+    def push_hello(self, line: bytes, history: int | None = None) -> None:
+        """Queue a hello; one still waiting is replaced in place (so re-published hellos never pile up past the
+        caps: pinned lines are never dropped)."""
+        old = self.hello
+        self.hello = line
+        self.pinned.add(id(line))
+        if old is not None:
+            for index, queued in enumerate(self.lines):
+                if queued is old:
+                    self.lines[index] = line
+                    self.pinned.discard(id(old))
+                    self.bytes += len(line) - len(old)
+                    return
+        self.history = history
+        self.push(line)
 
     def push(self, line: bytes, pinned: bool = False) -> None:
         self.lines.append(line)
@@ -76,10 +98,12 @@ class _Client:
                     return True
                 line = self.lines.popleft()
                 self.pinned.discard(id(line))
+                if line is self.hello:
+                    self.hello = self.history = None
                 self.bytes -= len(line)
                 self.partial = memoryview(line)
             try:
-                n = self.sock.send(self.partial)
+                n = self.sock.send(self.partial, SEND_FLAGS)
             except (BlockingIOError, InterruptedError):
                 return True
             except OSError:
@@ -133,20 +157,17 @@ class Transport:
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
-        """Bind ``path`` (0600) and start the thread. Raises OSError when the socket cannot be created."""
-        path = self.path
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            pass
-        else:
-            if not stat.S_ISSOCK(st.st_mode):
-                raise OSError(errno.EEXIST, f"{path} exists and is not a socket; not replacing it")
-            os.unlink(path)  # a stale socket of a dead process that had our pid
-        # Bind under a name monitors ignore, listen, then rename into place: a monitor that sees <pid>.sock
-        # can connect at once (never "refused" between bind and listen).
-        staging = path.with_name(f".{path.name}.tmp")
+        """Bind ``path`` (0600) and start the thread. Raises OSError when the socket cannot be created.
+
+        A socket already at ``path`` is replaced only when nothing listens on it (a dead process that had our
+        pid); a live one belongs to another process with our pid (containers sharing the folder): we take
+        ``<pid>-1.sock``, ``<pid>-2.sock``, ... instead and ``path`` says which."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        base = self.path
+        # Bind under a name monitors ignore (no longer than the final one, so every folder that fits the final
+        # name fits it), listen, then link it into place: a monitor that sees <pid>.sock can connect at once
+        # (never "refused" between bind and listen), and link() never replaces what is there (rename would).
+        staging = base.with_name(f".{base.stem}.t")
         try:
             try:
                 os.unlink(staging)
@@ -156,7 +177,13 @@ class Transport:
             os.chmod(staging, 0o600)
             sock.listen(16)
             sock.setblocking(False)
-            os.rename(staging, path)
+            for n in range(ALTERNATE_NAMES + 1):
+                path = base if n == 0 else base.with_name(f"{base.stem}-{n}{base.suffix}")
+                if _place(staging, path):
+                    break
+            else:
+                raise OSError(errno.EADDRINUSE, f"{base} and {ALTERNATE_NAMES} other names are taken by live sockets")
+            os.unlink(staging)
             st = os.stat(path)
         except BaseException:
             sock.close()
@@ -165,6 +192,7 @@ class Transport:
             except OSError:
                 pass
             raise
+        self.path = path
         self._inode = (st.st_dev, st.st_ino)
         self._listener = sock
         self._thread = threading.Thread(target=self._run, name="batchmon-agent", daemon=True)
@@ -246,10 +274,10 @@ class Transport:
             self._drain(sel)  # live lines so far go to the existing monitors and into the history
             client = _Client(conn)
             if self._hello is not None:  # this monitor's hello says how long its history burst is
-                burst = dataclasses.replace(self._hello, history=len(self._steps) + len(self._events))
-                line = self._encode(burst) or self._hello_line
+                history = len(self._steps) + len(self._events)
+                line = self._encode(dataclasses.replace(self._hello, history=history)) or self._hello_line
                 if line is not None:
-                    client.push(line, pinned=True)
+                    client.push_hello(line, history)
             for _, line in heapq.merge(self._steps, self._events, key=lambda item: item[0]):
                 client.push(line)
             self._clients[conn.fileno()] = client
@@ -307,7 +335,11 @@ class Transport:
             if line is not None:
                 self._hello, self._hello_line = hello, line
                 for client in self._clients.values():
-                    client.push(line, pinned=True)
+                    if client.hello is not None and client.history is not None:  # its burst hello not sent yet
+                        burst = self._encode(dataclasses.replace(hello, history=client.history))
+                        client.push_hello(burst or line)
+                    else:
+                        client.push_hello(line)
                 touched = True
         queue = self._queue
         while True:
@@ -360,6 +392,45 @@ class Transport:
                     os.unlink(self.path)
             except OSError:
                 pass
+
+
+def _place(staging: Path, path: Path) -> bool:
+    """Link the bound socket at ``staging`` to ``path``. False when a live socket is there (never touched);
+    a stale socket there (nobody listens) is removed first. Raises OSError for anything else in the way."""
+    for _ in range(3):
+        try:
+            os.link(staging, path)
+            return True
+        except FileExistsError:
+            pass
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            continue
+        if not stat.S_ISSOCK(st.st_mode):
+            raise OSError(errno.EEXIST, f"{path} exists and is not a socket; not replacing it")
+        if _listening(path):
+            return False
+        try:
+            os.unlink(path)  # a stale socket of a dead process that had our pid
+        except FileNotFoundError:
+            pass
+    return False
+
+
+def _listening(path: Path) -> bool:
+    """Whether a process accepts connections on the unix socket at path (a full backlog counts as live)."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.setblocking(False)
+    try:
+        probe.connect(str(path))
+        return True
+    except (BlockingIOError, InterruptedError):
+        return True
+    except OSError as exc:
+        return exc.errno not in (errno.ECONNREFUSED, errno.ENOENT, errno.ENOTSOCK)
+    finally:
+        probe.close()
 
 
 def _close_quietly(sock: socket.socket) -> None:
