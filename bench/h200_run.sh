@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The batched H200 session: every GPU claim of the issues, measured in few device calls.
-#   bash bench/h200_run.sh STAGE...   (stages: env nvml agent overhead predict tui)
+#   bash bench/h200_run.sh STAGE...   (stages: env nvml agent final nvitop ddp checks integrations load_start
+#   load_collect overhead predict public patterns zoo)
 # Runs from the repo root on the GPU machine; results land under $OUT (packed into $OUT/results.tar.gz too).
 set -u
 OUT=${OUT:-$PWD/out}
@@ -184,6 +185,24 @@ load_collect)
 overhead)
   stage overhead
   python3 bench/agent_overhead.py $GPTX 2>&1 | tail -n 40 | tee $R/agent_overhead.log
+  ;;
+public)
+  # issue 12: public training scripts nobody here wrote (fetched into .ext/, carried), run unmodified, plain
+  # and under `batchmon run` with a recorder beside them (bench/public_scripts.py)
+  stage public
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
+  (cd .ext/time_sequence_prediction && [ -f traindata.pt ] || python3 generate_sine_wave.py)
+  python3 bench/public_scripts.py --root .ext --out $R/public_scripts_h200.json ${PUBLIC_ONLY:-} 2>&1 | tee $R/public_scripts.log
+  ;;
+patterns)
+  # issue 12: the pattern corpus (tests/patterns/) on CUDA, plain and under `batchmon run`
+  stage patterns
+  python3 bench/patterns_run.py --device $DEV --out $R/patterns_h200.json 2>&1 | tail -n 40 | tee $R/patterns.log
+  ;;
+zoo)
+  # issue 13: predicted vs measured peaks and largest batches on architectures nobody here tuned on
+  stage zoo
+  python3 bench/predict_zoo.py ${ZOOX:-} --out $R/predict_zoo_h200.json 2>&1 | tail -n 60 | tee $R/predict_zoo.log
   ;;
 predict)
   stage predict
