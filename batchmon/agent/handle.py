@@ -302,7 +302,7 @@ class AgentHandle:
             try:  # a loop without an optimizer step: its last step ends here
                 meter = self._meter
                 if meter.step_open and meter.backwards and meter.optimizer_steps == 0:
-                    self._finish_step()
+                    self._finish_step(in_loop=True)
             except Exception:  # noqa: BLE001
                 pass
         self.attached = False
@@ -458,7 +458,7 @@ class AgentHandle:
             if self._window_hooks:
                 self._close_loss_window()
             if meter.loop_boundary():
-                self._finish_step()
+                self._finish_step(in_loop=True)
             inputs = list(iter_tensors((args, kwargs) if kwargs else args, depth=4))
             measured = self._sizer.measure(args, kwargs, inputs)
             meter.batch_size, meter.batch_source = measured.size, measured.source
@@ -606,13 +606,13 @@ class AgentHandle:
         except Exception as exc:  # noqa: BLE001
             self._fail(exc)
 
-    def _finish_step(self) -> None:
+    def _finish_step(self, in_loop: bool = False) -> None:
         self._close_loss_window()
         if self._loss_search_left > 0 and self._criterion_ref is None:
             self._loss_search_left -= 1
         self._ensure_transport()
         meter = self._meter
-        step, cuda = meter.finish(self._device_used)
+        step, cuda = meter.finish(self._device_used, in_loop)
         self._steps.append(step)
         if self._transport is not None:
             self._transport.put(step)

@@ -105,6 +105,7 @@ class StepMeter:
         self._static_state_len = -1
         self.retries: int | None = None
         self.backwards = 0  # backward passes in the open step
+        self._backward_static: tuple[int, int, int] | None = None
         self._grad_marks: list[tuple[weakref.ReferenceType[torch.Tensor], int, int]] = []
 
     # -------------------------------------------------------------------------------------------- what
@@ -221,6 +222,8 @@ class StepMeter:
                     if len(marks) >= GRAD_MARKS:
                         break
         self._grad_marks = marks
+        if self.optimizer_steps == 0:  # a loop step ends later, after zero_grad: keep the gradients as they are now
+            self._backward_static = self.static_components(force=self.sampled)
 
     def _grads_changed(self) -> bool:
         """Gradients cleared or replaced since the last backward (accumulation leaves them as they were)."""
@@ -235,8 +238,9 @@ class StepMeter:
 
     # -------------------------------------------------------------------------------------------- step end
 
-    def finish(self, device_used: int | None) -> tuple[Step, CudaFigures | None]:
-        """The step ended: its Step (and the CUDA figures it used); resets the per-step state."""
+    def finish(self, device_used: int | None, in_loop: bool = False) -> tuple[Step, CudaFigures | None]:
+        """The step ended: its Step (and the CUDA figures it used); resets the per-step state. ``in_loop``: ended
+        by the loop rule (gradients already cleared): parameters, gradients, optimizer as at the last backward."""
         now = time.perf_counter()
         start = self._last_step_end if self._last_step_end is not None else self._first_forward_t
         self._last_step_end = now
@@ -245,7 +249,10 @@ class StepMeter:
         sampled = self.sampled or not self.step_open
         if sampled:
             self._last_acts = self._acts_max if self.step_open else self._last_acts
-        parameters, gradients, optimizer = self.static_components(force=sampled)
+        if in_loop and self._backward_static is not None:
+            parameters, gradients, optimizer = self._backward_static
+        else:
+            parameters, gradients, optimizer = self.static_components(force=sampled)
         comps = accounting.components(parameters, gradients, optimizer, self._last_acts, self._batch_max)
         cuda = self._cuda(self.device, True)
         if cuda is not None:
@@ -264,6 +271,7 @@ class StepMeter:
         self._batch_max = 0
         self.backwards = 0
         self._grad_marks = []
+        self._backward_static = None
         return step, cuda
 
     def static_components(self, force: bool) -> tuple[int, int, int]:
