@@ -141,10 +141,9 @@ def stop_after_exit(proc: subprocess.Popen) -> tuple[int, str, str]:
     return proc.returncode, out, err
 
 
-@pytest.mark.parametrize("flag", ["--host", "--bind"])
-def test_export_host_is_the_address_it_listens_on(sockdir, flag):
+def test_export_bind_is_the_address_it_listens_on(sockdir):
     port = free_port()
-    proc = start_exporter(sockdir, port, flag, "127.0.0.1")
+    proc = start_exporter(sockdir, port, "--bind", "127.0.0.1")
     try:
         text = wait_for(lambda: scrape(port), 60, "first scrape")
         assert all(f"# TYPE {fam} gauge" in text for fam in FAMILIES)
@@ -153,8 +152,15 @@ def test_export_host_is_the_address_it_listens_on(sockdir, flag):
     assert code == 0 and f"on http://127.0.0.1:{port}/metrics" in out and "Traceback" not in err
 
 
-def test_export_host_that_is_not_an_address_here_is_one_line_error(sockdir):
-    proc = start_exporter(sockdir, free_port(), "--host", "gpu1.invalid")
+def test_export_host_is_a_usage_error_naming_bind(sockdir):
+    """Issue 17 C13: one meaning per name: --host is a remote box everywhere; export listens on --bind."""
+    proc = start_exporter(sockdir, free_port(), "--host", "127.0.0.1")
+    code, _, err = stop_after_exit(proc)
+    assert code == 2 and "--bind ADDR" in err and "usage: batchmon export" in err and "Traceback" not in err
+
+
+def test_export_bind_that_is_not_an_address_here_is_one_line_error(sockdir):
+    proc = start_exporter(sockdir, free_port(), "--bind", "gpu1.invalid")
     code, _, err = stop_after_exit(proc)
     assert code == 1 and err.strip().startswith("batchmon: error: cannot listen on gpu1.invalid:") and "Traceback" not in err
 

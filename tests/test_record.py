@@ -111,3 +111,19 @@ def test_stream_ends_quietly_when_the_reader_goes_away(env):
     proc.wait(timeout=20)
     stderr = proc.stderr.read()
     assert proc.returncode == 0 and "Traceback" not in stderr and "Exception" not in stderr, stderr
+
+
+@pytest.mark.parametrize("command", ["record", "stream"])
+def test_help_advertises_only_options_it_accepts(command):
+    """Issue 17 C13: record/stream --help listed --host, then refused it (rc 1). Now neither: a usage error."""
+    import subprocess
+    import sys
+
+    help_text = subprocess.run([sys.executable, "-m", "batchmon", command, "--help"], capture_output=True,
+                               text=True, timeout=30).stdout
+    assert "--host" not in help_text and "--interval" in help_text
+    extra = ["-o", "-"] if command == "record" else []
+    for argv in ([command, *extra, "--host", "gpu1"], ["--host", "gpu1", command, *extra]):
+        proc = subprocess.run([sys.executable, "-m", "batchmon", *argv], capture_output=True, text=True, timeout=30)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, (argv, proc.stderr)
+        assert len(proc.stderr.strip().splitlines()) <= 3  # usage + one error line

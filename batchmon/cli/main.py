@@ -41,8 +41,38 @@ def _positive_float(text: str) -> float:
     return value
 
 
+MAX_INTERVAL_S = 3600.0  # an hour between refreshes; beyond that timers overflow (1e300 s) and nothing is shown
+
+
+def _interval(text: str) -> float:
+    value = _positive_float(text)
+    if value > MAX_INTERVAL_S:
+        raise argparse.ArgumentTypeError(f"expected at most {MAX_INTERVAL_S:g} seconds, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or more, got {text!r}")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 < value < 65536:
+        raise argparse.ArgumentTypeError(f"expected a port in 1..65535, got {text!r}")
+    return value
+
+
 def _add_monitor_options(p: argparse.ArgumentParser, *, remote_hosts: bool = True) -> None:
-    p.add_argument("--interval", type=_positive_float, default=1.0, metavar="SECONDS",
+    p.add_argument("--interval", type=_interval, default=1.0, metavar="SECONDS",
                    help="refresh interval of probes and screen (default: 1.0)")
     if remote_hosts:
         p.add_argument("--host", action="append", default=[], metavar="HOST",
@@ -72,12 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "to FILE as JSON lines, flushed per line. Stop with Ctrl-C.")
     p.add_argument("-o", "--output", required=True, metavar="FILE", help="file to write ('-' for stdout)")
     p.add_argument("--duration", type=_positive_float, metavar="SECONDS", help="stop after this long")
-    _add_monitor_options(p)
+    _add_monitor_options(p, remote_hosts=False)  # records this box; run it on the remote box for that one
     p.set_defaults(handler="batchmon.monitor.recorder:main_record")
 
     p = sub.add_parser("stream", help="write every hub input to stdout as JSON lines (used by --host)")
     p.add_argument("--duration", type=_positive_float, metavar="SECONDS", help="stop after this long")
-    _add_monitor_options(p)
+    _add_monitor_options(p, remote_hosts=False)
     p.set_defaults(handler="batchmon.monitor.recorder:main_stream")
 
     p = sub.add_parser("replay", help="drive the monitor from a recording",
@@ -98,23 +128,44 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(p)
 
     p = sub.add_parser("demo", help="a real small training run with the agent attached, shown in the monitor")
-    p.add_argument("--steps", type=int, default=0, help="training steps (default: run until the monitor quits)")
+    p.add_argument("--steps", type=_non_negative_int, default=0,
+                   help="training steps (default 0: run until the monitor quits)")
     p.add_argument("--no-mouse", action="store_true", help="do not capture the mouse")
     p.set_defaults(handler="batchmon.cli.demo:main")
 
     p = sub.add_parser("export", help="serve metrics for Prometheus")
     p.add_argument("--prometheus", action="store_true", required=True, help="Prometheus text format over HTTP")
-    p.add_argument("--host", "--bind", dest="bind", default="127.0.0.1", metavar="ADDR",
+    p.add_argument("--bind", dest="bind", default="127.0.0.1", metavar="ADDR",
                    help="address to serve on (default: 127.0.0.1, loopback only; 0.0.0.0 for every interface)")
-    p.add_argument("--port", type=int, default=9400, help="port (default: 9400)")
-    _add_monitor_options(p, remote_hosts=False)  # one exporter per box: its --host is where it listens
+    p.add_argument("--port", type=_port, default=9400, help="port (default: 9400)")
+    _add_monitor_options(p, remote_hosts=False)  # one exporter per box; --host means a remote box everywhere
     p.set_defaults(handler="batchmon.monitor.export:main")
     return parser
 
 
+def _subparser(parser: argparse.ArgumentParser, command: str | None) -> argparse.ArgumentParser:
+    for action in parser._actions:  # argparse keeps its subparsers here; no public accessor
+        if isinstance(action, argparse._SubParsersAction) and command in action.choices:
+            return action.choices[command]
+    return parser
+
+
+def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """parse_args, but an unknown option is reported with the usage of the subcommand it was given to
+    (`batchmon demo --bogus` printed the top-level usage)."""
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        command = getattr(args, "command", None)
+        sub = _subparser(parser, command)
+        if command == "export" and "--host" in extra:
+            sub.error("--host is the remote-box option; the address export listens on is --bind ADDR")
+        sub.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = _parse(parser, argv)
     if args.json and not args.once:
         parser.error("--json needs --once")
     module_name, _, func_name = args.handler.partition(":")

@@ -82,7 +82,7 @@ def run_recording(stream: IO[str], *, interval: float, duration: float | None, c
 
 def main_record(args: Any) -> int:
     if args.host:
-        raise CliError("record --host is not supported; run `batchmon record` on that host")
+        raise CliError("record --host is not supported; run `batchmon record` on that host", code=2)
     if args.output == "-":
         return main_stream(args)
     try:
@@ -100,7 +100,7 @@ def main_record(args: Any) -> int:
 
 def main_stream(args: Any) -> int:
     if getattr(args, "host", None):
-        raise CliError("stream --host is not supported; run `batchmon stream` on that host")
+        raise CliError("stream --host is not supported; run `batchmon stream` on that host", code=2)
     try:
         return run_recording(sys.stdout, interval=args.interval, duration=args.duration, command="stream")
     except BrokenPipeError:
