@@ -41,7 +41,8 @@ class SocketDirError(OSError):
 # ----------------------------------------------------------------------------------------------- field checks
 
 
-def _int(d: Mapping[str, Any], key: str, *, nullable: bool = False, minimum: int = 0, maximum: int = MAX_SIZE) -> int | None:
+def _int(d: Mapping[str, Any], key: str, *, nullable: bool = False, minimum: int = 0,
+         maximum: int = MAX_SIZE) -> int | None:
     value = d.get(key)
     if value is None:
         if nullable:
@@ -253,7 +254,8 @@ class Bye:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Bye":
-        return cls(reason=_str(d, "reason", nullable=True, limit=256) or "detached", time=_float(d, "time", nullable=True))
+        return cls(reason=_str(d, "reason", nullable=True, limit=256) or "detached",
+                   time=_float(d, "time", nullable=True))
 
 
 Message = Hello | Step | Event | Bye
@@ -400,7 +402,8 @@ def check_socket_dir(path: Path) -> None:
     if st.st_uid != os.getuid():
         raise SocketDirError(f"socket folder {path} is owned by uid {st.st_uid}, not by you (uid {os.getuid()})")
     if st.st_mode & 0o077:
-        raise SocketDirError(f"socket folder {path} is open to other users (mode {stat.S_IMODE(st.st_mode):o}); expected 0700")
+        raise SocketDirError(f"socket folder {path} is open to other users (mode {stat.S_IMODE(st.st_mode):o}); "
+                             "expected 0700")
 
 
 def ensure_socket_dir(path: Path | None = None) -> Path:

@@ -6,7 +6,7 @@ The hub builds one per refresh; front ends never look anywhere else, so they can
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Sequence
 
 from batchmon.memory_model import MemoryModel, Prediction
 from batchmon.probes.host import HostSample, ProcessInfo
@@ -22,7 +22,8 @@ class AgentView:
     source: str  # "local" or the remote host name it came from
     hello: Hello
     last_step: Step | None = None
-    # recent steps, oldest first (bounded): a tuple, or from the hub an immutable StepWindow (batchmon.monitor.step_history)
+    # recent steps, oldest first (bounded): a tuple, or from the hub an immutable StepWindow
+    # (batchmon.monitor.step_history)
     # that behaves like one (equal to the tuple of its steps, slices to tuples) and costs no copy of the steps
     history: Sequence[Step] = ()
     events: tuple[Event, ...] = ()  # recent events, oldest first (bounded)
@@ -33,6 +34,11 @@ class AgentView:
     # the fitted model the prediction came from (the hub's; None in recordings' own views): the TUI's what-ifs
     # and chart ask it instead of fitting the same steps again, so they agree with the prediction
     model: MemoryModel | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def observed_batch(self) -> int | None:
+        """The batch size of its last step: what the run uses now (what-ifs start from it)."""
+        return self.last_step.batch_size if self.last_step is not None else None
 
     @property
     def job(self) -> str:

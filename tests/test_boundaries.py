@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 # batchmon/agent/ runs inside the training process and may import torch (lazily); nothing else may.
 TRAINING_SIDE = ROOT / "batchmon" / "agent"
@@ -58,3 +60,13 @@ def test_importing_the_monitor_loads_neither_torch_nor_textual():
             "print(bad)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_import_linter_contracts_hold():
+    """pyproject.toml's import-linter contracts (no cycles, counting imports inside functions; the agent never
+    imports the monitor, the CLI or the UI; the UI reads only the shared language; only the agent imports
+    torch; only the UI imports textual), checked on the package as installed (.ci/lint-imports lays it out)."""
+    pytest.importorskip("importlinter")
+    out = subprocess.run([str(ROOT / ".ci" / "lint-imports")], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+    assert "0 broken" in out.stdout.split("Contracts:")[-1]

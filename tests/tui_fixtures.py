@@ -202,3 +202,30 @@ def recorded_or(name: str, fallback):
         # the last moment with the most training processes live: what a user watching the run saw
         return snaps[max(range(len(snaps)), key=lambda i: (live[i], i))]
     return fallback()
+
+
+#: what a hostile agent, recording or remote box may send: an OSC that sets the window title, a clear screen,
+#: a cursor move, a bell, a C1 control (CSI as one byte)
+TITLE_ESCAPE = "\x1b]2;PWNED\x1b\\"
+CLEAR_SCREEN = "\x1b[2J"
+HOSTILE = f"x{TITLE_ESCAPE}y{CLEAR_SCREEN}z\x1b[10;10H\x07\x9b31m"
+
+
+def hostile(*, t: float = T0) -> Snapshot:
+    """Every string that comes from outside carries terminal escapes: argv and name, model class, optimizer,
+    device, event text, GPU name, host name, process user and command, warnings."""
+    params = 355_000_000 * 4
+    uuid = "GPU-00000000-0000-0000-0000-h200fixture"
+    h = hello(4242, ["python", f"train{HOSTILE}.py", HOSTILE], uuid=uuid, cls=f"GPT{HOSTILE}",
+              optimizer=f"Adam{HOSTILE}", device=f"cuda:0{HOSTILE}", host=f"box{HOSTILE}")
+    s = history(20, 16, params=params, act=1_900 * MiB, t_end=t)
+    ev = (Event(kind=f"oom{HOSTILE}", message=f"CUDA out of memory{HOSTILE}", time=t - 1, step=19, batch_size=16),)
+    view = AgentView(key=f"box:{h.pid}", source="local", hello=h, last_step=s[-1], history=s, events=ev)
+    procs = {4242: ProcessInfo(pid=4242, user=f"eve{HOSTILE}", command=f"python train.py {HOSTILE}",
+                               cpu_percent=99.0, rss=GiB)}
+    dev = device(0, s[-1].device_used or 0, (GpuProcess(4242, s[-1].device_used),), name=f"NVIDIA H200{HOSTILE}")
+    nvml = NvmlSample(available=True, error=None, driver=f"570{HOSTILE}", devices=(dev,), time=t)
+    host = HostSample(hostname=f"gpu-box{HOSTILE}", memory_total=2015 * GiB, memory_used=187 * GiB,
+                      processes=procs, time=t)
+    warnings = (Warning(f"agent box{HOSTILE}", f"invalid lines dropped: {HOSTILE}", 2),)
+    return Snapshot(time=t, host=host, nvml=nvml, agents=(view,), warnings=warnings, interval=1.0)

@@ -7,6 +7,10 @@ app's own loop (a timer, not a thread).
 
 from __future__ import annotations
 
+import asyncio
+import os
+import signal
+import sys
 import time
 from collections import deque
 from typing import Any, Callable
@@ -19,21 +23,23 @@ from textual.containers import Container, VerticalScroll
 from textual.widget import Widget
 from textual.widgets import Footer
 
-from batchmon.jobs import Job, group_jobs
+from batchmon.errors import CliError
 from batchmon.snapshot import AgentView, Snapshot
-from batchmon.tui.chart import ChartInput
-from batchmon.tui.fmt import fmt_interval
-from batchmon.tui.gpu_panel import GpuPanel, GpuView, ProcRow
+from batchmon.tui.fmt import clean_line, fmt_interval
+from batchmon.tui import views
+from batchmon.tui.gpu_panel import GpuPanel
 from batchmon.tui.header import HeaderBar
-from batchmon.tui.job_panel import JobPanel, JobView, command_text
+from batchmon.tui.job_panel import JobPanel, command_text
 from batchmon.tui.messages import PanelFocused, SnapshotArrived
 from batchmon.tui.notices import NoAgentsPanel, NoGpuPanel, WarningsPanel
 from batchmon.tui.panel import LinesPanel
-from batchmon.tui.predict import Predictor, fit_steps, measured_total
+from batchmon.tui.predict import Predictor
 from batchmon.tui.screens import EXTRA_KEYS, BatchPrompt, HelpScreen
 from batchmon.tui.state import WhatIfState, cycle_interval, next_interval
+from batchmon.tui.views import JobView
 
 HISTORY = 240  # sparkline samples kept per GPU
+QUIT_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
 NARROW_WIDTH = 120
 SHORT_HEIGHT = 28
 
@@ -68,6 +74,8 @@ class BatchmonApp(App[int]):
     ENABLE_COMMAND_PALETTE = False
     BINDINGS = [
         Binding("q", "quit", "quit"),
+        # Ctrl-C quits, as in nvitop, htop and gpustat (Textual's default only says "press ctrl+q")
+        Binding("ctrl+c", "quit", "quit", show=False, priority=True),
         Binding("question_mark", "help", "help", key_display="?"),
         Binding("p", "pause", "pause"),
         Binding("plus,equals_sign", "batch(1)", "batch+", key_display="+"),
@@ -120,8 +128,10 @@ class BatchmonApp(App[int]):
         # the panels mounted now, kept here so a refresh does not query the DOM (a query walks and matches it)
         self._gpu_panels: list[GpuPanel] = []
         self._job_panels: list[JobPanel] = []
+        self._host_panels: list[NoGpuPanel] = []
         self._warnings_panel: WarningsPanel | None = None
         self._levels_key: tuple | None = None  # what _apply_levels last laid out for
+        self._signals: list[int] = []  # signals whose handlers on_mount installed
         if snapshot is not None:
             self._record_history(snapshot)
 
@@ -151,6 +161,7 @@ class BatchmonApp(App[int]):
         yield Footer()
 
     async def on_mount(self) -> None:
+        self._catch_signals()
         self._update_size_classes()
         header = self.query_one(HeaderBar)
         header.interval = self.interval
@@ -172,7 +183,29 @@ class BatchmonApp(App[int]):
         if first is not None:
             self.deliver(first)
 
+    def _catch_signals(self) -> None:
+        """SIGTERM, SIGHUP (the terminal closed) and SIGINT from outside end the app the way `q` does: Textual
+        restores the terminal (alternate screen and mouse reporting off, cursor shown) and on_unmount stops
+        the source, which ends what it started (ssh sessions of --host). Exit status 128 + the signal's number."""
+        loop = asyncio.get_running_loop()
+        for sig in QUIT_SIGNALS:
+            try:
+                loop.add_signal_handler(sig, self._signalled, sig)
+            except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or no such signal
+                continue
+            self._signals.append(sig)
+
+    def _signalled(self, sig: int) -> None:
+        self.exit(return_code=128 + int(sig))
+
+    def _release_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in self._signals:
+            loop.remove_signal_handler(sig)
+        self._signals.clear()
+
     def on_unmount(self) -> None:
+        self._release_signals()
         if self.source is not None:
             try:
                 self.source.stop()
@@ -206,10 +239,8 @@ class BatchmonApp(App[int]):
             self._schedule_render()
 
     def _record_history(self, snapshot: Snapshot) -> None:
-        for dev in snapshot.nvml.devices:
-            if dev.memory is not None:
-                key = dev.uuid or f"{snapshot.host.hostname}:{dev.index}"
-                self.history.setdefault(key, deque(maxlen=HISTORY)).append(dev.memory.used)
+        for key, used in views.memory_samples(snapshot):
+            self.history.setdefault(key, deque(maxlen=HISTORY)).append(used)
 
     def _schedule_render(self) -> None:
         if self._render_scheduled:
@@ -253,107 +284,34 @@ class BatchmonApp(App[int]):
                 self._focused_once = True
         self._update_whatif_bar()
 
-    def _device_views(self, snap: Snapshot) -> list[tuple[str, GpuView]]:
-        out = []
-        for s in (snap, *snap.remote):
-            remote = s is not snap
-            # every agent of this host's snapshot runs on this host, whatever alias --host gave it (its source)
-            agent_pids = {a.hello.pid: s.device_of(a) for a in s.agents}
-            for dev in s.nvml.devices:
-                procs = [
-                    ProcRow(p.pid, p.used, s.process(p.pid),
-                            agent=p.pid in agent_pids and (agent_pids[p.pid] is None or agent_pids[p.pid].index == dev.index))
-                    for p in dev.processes
-                ]
-                key = dev.uuid or f"{s.host.hostname}:{dev.index}"
-                hist = list(self.history.get(key, ()))
-                out.append((f"{s.host.hostname}:{dev.index}",
-                            GpuView(dev, hist, procs, host=s.host.hostname if remote else "")))
-        return out
-
     async def _apply_devices(self, snap: Snapshot) -> None:
+        """A panel per GPU of every box; a host panel per box with no GPU to show (a --host box always, this
+        box when no box has one). Remounted only when the list of panels changes."""
         box = self.query_one("#devices", VerticalScroll)
-        views = self._device_views(snap)
-        keys = [k for k, _ in views]
-        if not views:
-            existing = list(box.query(NoGpuPanel))
-            if existing and len(box.children) == 1:
-                existing[0].nvml, existing[0].host = snap.nvml, snap.host
-                existing[0].update_if_changed((snap.nvml, snap.host))
-            else:
-                await box.remove_children()
-                await box.mount(NoGpuPanel(snap.nvml, snap.host, id="no-gpu"))
-            self._dev_order = []
-            self._gpu_panels = []
-            return
-        if keys != self._dev_order or not self._gpu_panels:
+        gpus = views.device_views(snap, self.history)
+        hosts = views.host_views(snap, any_gpu=bool(gpus))
+        keys = [k for k, _ in gpus] + [k for k, _ in hosts]
+        if keys != self._dev_order or len(box.children) != len(keys):
             focused_key = self._focused_key()
             await box.remove_children()
-            self._gpu_panels = [GpuPanel(v) for _, v in views]
-            await box.mount_all(self._gpu_panels)
+            self._gpu_panels = [GpuPanel(v) for _, v in gpus]
+            self._host_panels = [NoGpuPanel(v) for _, v in hosts]
+            await box.mount_all([*self._gpu_panels, *self._host_panels])
             self._dev_order = keys
             self._restore_focus(focused_key)
-        for panel, (_, view) in zip(self._gpu_panels, views):
+        for panel, (_, view) in zip(self._gpu_panels, gpus):
             panel.view = view
             panel.update_if_changed((view.device, tuple(view.history[-200:]), tuple(view.procs), panel.level))
-
-    def _group_jobs(self, snap: Snapshot) -> list[tuple[str, list[AgentView]]]:
-        """batchmon.jobs' grouping (ranks by rank, then pid), jobs in the order of their lead's GPU, then pid."""
-
-        def order(job: Job) -> tuple:
-            dev = self._box_of(snap, job.lead).device_of(job.lead)
-            return (job.lead.source != "local", dev.index if dev else 1 << 20, job.lead.hello.pid)
-
-        agents = [a for box in (snap, *snap.remote) for a in box.agents]  # --host boxes' jobs get panels too
-        return [(job.key, list(job.ranks)) for job in sorted(group_jobs(agents), key=order)]
-
-    @staticmethod
-    def _box_of(snap: Snapshot, agent: AgentView) -> Snapshot:
-        """The snapshot of the box an agent runs on: its devices and processes are there."""
-        for box in snap.remote:
-            if any(a is agent for a in box.agents):
-                return box
-        return snap
+        for host_panel, (_, host_view) in zip(self._host_panels, hosts):
+            host_panel.view = host_view
+            host_panel.update_if_changed(host_view)
 
     def _job_view(self, snap: Snapshot, key: str, ranks: list[AgentView]) -> JobView:
-        lead = ranks[0]
-        box = self._box_of(snap, lead)
-        remote, snap = box is not snap, box
-        state = self.what_ifs.get(key, WhatIfState())
-        dev = snap.device_of(lead)
-        device_total = dev.memory.total if dev is not None and dev.memory is not None else None
-        observed = lead.last_step.batch_size if lead.last_step is not None else None
-        prediction = self.predictor.predict(lead, state.to_what_if(observed), device_total) if lead.last_step else None
-        notes = []
-        if lead.key in self.predictor.errors:
-            notes.append(self.predictor.errors[lead.key])
-        elif lead.last_step is not None and prediction is None:
-            notes.append("not enough steps to fit yet")
-        chart = None
-        if prediction is not None:
-            seen: set[tuple[int, int]] = set()
-            points = []
-            for s in fit_steps(lead):  # the steps the model was fitted on: bounded, not the whole history
-                if s.batch_size:
-                    pt = (s.batch_size, measured_total(s))
-                    if pt not in seen:
-                        seen.add(pt)
-                        points.append(pt)
-            pred = self.predictor
-
-            def predict_total(b: int, _lead=lead, _state=state, _obs=observed, _dt=device_total) -> int | None:
-                return pred.total(_lead, _state.to_what_if(_obs, b), _dt)
-
-            shown = tuple(points[-64:])
-            chart = ChartInput(predict_total, shown, device_total, prediction.max_batch, prediction.batch_size,
-                               key=(lead.key, shown, device_total, prediction.max_batch, prediction.batch_size, state))
-        proc = snap.process(lead.hello.pid)
-        return JobView(key, ranks, {a.key: snap.device_of(a) for a in ranks}, state, prediction, chart,
-                       user=proc.user if proc else None, notes=notes, host=snap.host.hostname if remote else "")
+        return views.job_view(snap, key, ranks, self.what_ifs.get(key, WhatIfState()), self.predictor)
 
     async def _apply_jobs(self, snap: Snapshot) -> None:
         box = self.query_one("#jobs", VerticalScroll)
-        groups = self._group_jobs(snap)
+        groups = views.ordered_jobs(snap)
         self._jobs = {key: self._job_view(snap, key, ranks) for key, ranks in groups}
         keys = [k for k, _ in groups]
         if keys != self._job_order or not box.children or self._warnings_panel is None:
@@ -368,7 +326,7 @@ class BatchmonApp(App[int]):
             self._restore_focus(focused_key)
         for panel in self._job_panels:
             panel.view = self._jobs[panel.view.key]
-            panel.update_if_changed(job_signature(panel.view))
+            panel.update_if_changed(views.job_signature(panel.view))
         warn = self._warnings_panel
         if warn.warnings != snap.warnings or warn.display != bool(snap.warnings):
             warn.warnings = snap.warnings
@@ -399,7 +357,7 @@ class BatchmonApp(App[int]):
 
     def _apply_levels(self) -> None:
         """Panel sizes: the selected GPU and job expand, the rest shrink when there are many or little room."""
-        if not self.is_mounted or not self.screen_stack:  # a focus message can arrive while shutting down
+        if not self.screen_stack:  # a focus message can arrive while shutting down
             return
         w, h = self.size
         narrow, short = w < NARROW_WIDTH, h < SHORT_HEIGHT
@@ -460,10 +418,9 @@ class BatchmonApp(App[int]):
         if isinstance(f, JobPanel):
             return f.view.key
         if isinstance(f, GpuPanel):
-            for key, view in self._jobs.items():
-                dev = view.devices.get(view.lead.key)
-                if dev is not None and dev.index == f.view.device.index and dev.uuid == f.view.device.uuid:
-                    return key
+            key = views.job_on_device(self._jobs, f.view.device)
+            if key is not None:
+                return key
         return self._job_order[0] if self._job_order else None
 
     def _change_what_if(self, change: Callable[[WhatIfState, int | None], WhatIfState]) -> None:
@@ -471,10 +428,7 @@ class BatchmonApp(App[int]):
         if key is None or key not in self._jobs:
             self.notify("No training process attached: nothing to predict.", severity="warning", timeout=3)
             return
-        view = self._jobs[key]
-        step = view.lead.last_step
-        observed = step.batch_size if step is not None else None
-        self.what_ifs[key] = change(self.what_ifs.get(key, WhatIfState()), observed)
+        self.what_ifs[key] = change(self.what_ifs.get(key, WhatIfState()), self._jobs[key].observed_batch)
         self._refresh_jobs()
 
     def _refresh_jobs(self) -> None:
@@ -482,12 +436,12 @@ class BatchmonApp(App[int]):
         snap = self.shown
         if snap is None:
             return
-        for key, ranks in self._group_jobs(snap):
+        for key, ranks in views.ordered_jobs(snap):
             self._jobs[key] = self._job_view(snap, key, ranks)
-        for panel in self.query(JobPanel):
+        for panel in self._job_panels:
             if panel.view.key in self._jobs:
                 panel.view = self._jobs[panel.view.key]
-                panel.update_if_changed(job_signature(panel.view))
+                panel.update_if_changed(views.job_signature(panel.view))
         self._update_whatif_bar()
 
     def action_batch(self, direction: int) -> None:
@@ -498,8 +452,7 @@ class BatchmonApp(App[int]):
         if key is None or key not in self._jobs:
             self.notify("No training process attached: nothing to predict.", severity="warning", timeout=3)
             return
-        step = self._jobs[key].lead.last_step
-        current = self.what_ifs.get(key, WhatIfState()).effective_batch(step.batch_size if step else None)
+        current = self.what_ifs.get(key, WhatIfState()).effective_batch(self._jobs[key].observed_batch)
 
         def done(value: int | None) -> None:
             if value is not None:
@@ -599,15 +552,6 @@ class BatchmonApp(App[int]):
             target.focus()
 
 
-def job_signature(view: JobView) -> tuple:
-    """Everything a job panel draws, comparable: equal signatures draw the same lines."""
-    ranks = tuple((a.key, a.last_step, a.events, a.connected, a.detached, a.history[-64:] if a.history else ())
-                  for a in view.ranks)
-    devices = tuple((k, d.index, d.memory.total if d and d.memory else None) if d else (k,)
-                    for k, d in view.devices.items())
-    return (ranks, devices, view.what_if, view.prediction, view.user, tuple(view.notes))
-
-
 class PanelColumn(VerticalScroll, inherit_bindings=False):
     """A scrolling column of panels that leaves the arrow keys to the app (they select, not scroll)."""
 
@@ -641,8 +585,7 @@ class WhatIfBar(Widget):
             t.append("  no training process attached", style="#8a8f98")
             return t
         s = v.what_if
-        step = v.lead.last_step
-        observed = step.batch_size if step is not None else None
+        observed = v.observed_batch
         b = s.effective_batch(observed)
         wide = self.content_size.width >= 120
         t.append(" ")
@@ -668,11 +611,24 @@ class WhatIfBar(Widget):
         flag("optim", s.optimizer or "as run", "o", s.optimizer is not None)
         t.no_wrap = True
         t.overflow = "ellipsis"
-        return t
+        return clean_line(t)  # the command comes from the agent
 
 
 def run_monitor(source: Any, *, interval: float, mouse: bool, title: str | None = None) -> int:
-    """Run the monitor on ``source`` until the user quits; starts and stops the source. Returns an exit code."""
+    """Run the monitor on ``source`` until the user quits; starts and stops the source. Returns an exit code.
+
+    Raises CliError (one line, no traceback) when stdin is not a terminal (`batchmon < /dev/null`, cron): the
+    app reads its keys there, and Textual's driver would fail deep inside with a traceback."""
+    if not _is_terminal(sys.stdin):
+        raise CliError("the live monitor needs a terminal to read keys from, and stdin is not one "
+                       "(for one snapshot without a terminal: batchmon --once)")
     app = BatchmonApp(source, interval=interval, title=title)
     app.run(mouse=mouse)
     return int(app.return_code or 0)
+
+
+def _is_terminal(stream: Any) -> bool:
+    try:
+        return stream is not None and os.isatty(stream.fileno())
+    except (AttributeError, OSError, ValueError):  # closed, or no file descriptor at all
+        return False

@@ -227,7 +227,8 @@ def _x_labels(inp: ChartInput, x_max: int, left: int, plot_w: int, px_width: int
     styles: list[str] = [AXIS_STYLE] * len(cells)
 
     def put(col: int, label: str, style: str) -> bool:
-        if col < 0 or col + len(label) > len(cells) or any(c != " " for c in cells[max(0, col - 1):col + len(label) + 1]):
+        around = cells[max(0, col - 1):col + len(label) + 1]
+        if col < 0 or col + len(label) > len(cells) or any(c != " " for c in around):
             return False
         for i, ch in enumerate(label):
             cells[col + i] = ch
@@ -241,7 +242,8 @@ def _x_labels(inp: ChartInput, x_max: int, left: int, plot_w: int, px_width: int
     if inp.max_batch:
         col = left + int(round(inp.max_batch / x_max * (px_width - 1))) // 2
         label = f"max {fmt_count(inp.max_batch)}"
-        put(col - len(label) // 2, label, MAX_STYLE) or put(col, label, MAX_STYLE) or put(col - len(label), label, MAX_STYLE)
+        (put(col - len(label) // 2, label, MAX_STYLE) or put(col, label, MAX_STYLE)
+         or put(col - len(label), label, MAX_STYLE))
     text = Text()
     for ch, st in zip(cells, styles):
         text.append(ch, style=st)

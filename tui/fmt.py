@@ -4,9 +4,11 @@ Human bytes and clean text are the shared ones (batchmon.units), so the UI and `
 
 from __future__ import annotations
 
+from rich.text import Text
+
 from batchmon.units import clean_text, fmt_bytes, fmt_used_total
 
-__all__ = ["clean_text", "fmt_bytes", "fmt_count", "fmt_interval", "fmt_seconds", "fmt_short_bytes",
+__all__ = ["clean_line", "clean_text", "fmt_bytes", "fmt_count", "fmt_interval", "fmt_seconds", "fmt_short_bytes",
            "fmt_used_total"]
 
 
@@ -50,3 +52,14 @@ def fmt_interval(seconds: float) -> str:
     if seconds < 1:
         return f"{seconds * 1000:.0f} ms"
     return f"{seconds:g} s"
+
+
+def clean_line(text: Text) -> Text:
+    """``text`` with every control character (terminal escapes among them) drawn as a space, in place: what an
+    agent, a recording or another user's command line holds is shown, never obeyed. Length-preserving
+    (units.clean_text maps a character to one character), so the line's styles stay where they were. Every
+    line the UI draws passes here (LinesPanel.lines, the header, the what-if bar)."""
+    plain = text.plain
+    if not plain.isprintable():
+        text.plain = clean_text(plain)
+    return text

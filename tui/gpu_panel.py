@@ -2,34 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 from rich.text import Text
 
-from batchmon.probes.host import ProcessInfo
 from batchmon.probes.nvml import DeviceSample
 from batchmon.tui.bars import memory_bar, percent_bar, sparkline
 from batchmon.tui.fmt import fmt_bytes, fmt_short_bytes, fmt_used_total
 from batchmon.tui.panel import LinesPanel
+from batchmon.tui.views import GpuView, ProcRow
 
 DIM = "#8a8f98"
 AGENT_STYLE = "bold #3fc1c9"
-
-
-@dataclass(frozen=True)
-class ProcRow:
-    pid: int
-    used: int | None
-    info: ProcessInfo | None
-    agent: bool
-
-
-@dataclass
-class GpuView:
-    device: DeviceSample
-    history: list[int] = field(default_factory=list)
-    procs: list[ProcRow] = field(default_factory=list)
-    host: str = ""
 
 
 def _title(v: GpuView, width: int) -> Text:

@@ -9,8 +9,9 @@ from textual.geometry import Region
 from textual.widget import Widget
 
 from batchmon.snapshot import Snapshot
-from batchmon.tui.fmt import fmt_bytes, fmt_interval
+from batchmon.tui.fmt import clean_line, fmt_bytes, fmt_interval
 from batchmon.tui.panel import changed_cells
+from batchmon.tui.views import agent_count
 
 
 def header_text(snapshot: Snapshot | None, *, interval: float, paused: bool, title: str | None, width: int) -> Text:
@@ -45,7 +46,7 @@ def header_text(snapshot: Snapshot | None, *, interval: float, paused: bool, tit
         if width >= 100 and host.memory_total:
             text.append("  host mem ", style="#8a8f98")
             text.append(f"{fmt_bytes(host.memory_used)} / {fmt_bytes(host.memory_total)}")
-        agents = len(snapshot.agents)
+        agents = agent_count(snapshot)  # every box's: the job panels show them all
         text.append(f"  {agents} agent{'s' if agents != 1 else ''}", style="#8a8f98")
     if snapshot is not None:
         stamp = _time.strftime("%H:%M:%S", _time.localtime(snapshot.time))
@@ -55,7 +56,7 @@ def header_text(snapshot: Snapshot | None, *, interval: float, paused: bool, tit
             text.append(stamp, style="#8a8f98")
     text.no_wrap = True
     text.overflow = "ellipsis"
-    return text
+    return clean_line(text)  # the host name and the title come from outside (a remote box, a recording's name)
 
 
 class HeaderBar(Widget):

@@ -3,47 +3,24 @@ and the predicted-peak-vs-batch chart."""
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass, field
-
 from rich.text import Text
 
 from batchmon.jobs import imbalance, imbalance_text
-from batchmon.memory_model import Prediction
 from batchmon.probes.nvml import DeviceSample
 from batchmon.protocol import ALL_COMPONENTS, Event
 from batchmon.snapshot import AgentView
 from batchmon.tui.bars import COMPONENT_LABELS, COMPONENT_STYLES, component_parts, stacked_bar
-from batchmon.tui.chart import ChartInput, render_chart
+from batchmon.tui.chart import render_chart
 from batchmon.tui.fmt import fmt_bytes, fmt_count, fmt_seconds
 from batchmon.tui.panel import LinesPanel
 from batchmon.tui.predict import measured_components
-from batchmon.tui.state import WhatIfState
+from batchmon.tui.views import JobView
 
 DIM = "#8a8f98"
 OK = "#6cc644"
 WARN = "#f0b43c"
 BAD = "#e5484d"
 EVENT_STYLES = {"oom": f"bold {BAD}", "alloc_retry": f"bold {WARN}", "warning": WARN, "detached": DIM}
-
-
-@dataclass
-class JobView:
-    """Everything one job panel shows, computed by the app from the snapshot, the what-if and the model."""
-
-    key: str
-    ranks: list[AgentView]
-    devices: dict[str, DeviceSample | None]  # agent key -> its GPU
-    what_if: WhatIfState
-    prediction: Prediction | None  # at the what-if batch
-    chart: ChartInput | None
-    user: str | None = None
-    notes: list[str] = field(default_factory=list)  # model errors, "waiting for steps"
-    host: str = ""  # the remote box (--host) it runs on, named in its title as in its GPU's panel; "" when local
-
-    @property
-    def lead(self) -> AgentView:
-        return self.ranks[0]
 
 
 def command_text(agent: AgentView) -> str:
@@ -134,16 +111,11 @@ def _bar_line(label: str, comps: dict[str, int] | None, scale: int, bar_w: int, 
 
 def _predicted_label(v: JobView) -> str:
     p = v.prediction
-    b = p.batch_size if p is not None else v.what_if.effective_batch(_observed_batch(v))
+    b = p.batch_size if p is not None else v.what_if.effective_batch(v.observed_batch)
     if b is None:
         return "pred"
     extra = v.what_if.describe()
     return f"pred b={b}" + (f" {extra}" if extra else "")
-
-
-def _observed_batch(v: JobView) -> int | None:
-    s = v.lead.last_step
-    return s.batch_size if s is not None else None
 
 
 def _summary(v: JobView) -> Text:
@@ -265,12 +237,6 @@ def _side_by_side(left: list[Text], right: list[Text], left_w: int) -> list[Text
     return out
 
 
-# the fitted steps' range, "(steps 7354-9353)", moves with every refit: left out of the panel (the job line
-# shows the step), so the panel's last line doesn't change every second and widen each frame's repaint to the
-# whole panel; --once and --json keep the whole basis
-_STEP_RANGE = re.compile(r" \(steps? \d+(?:-\d+)?\)")
-
-
 def job_lines(v: JobView, width: int, level: str, *, focused: bool = False, chart_rows: int = 10) -> list[Text]:
     """level: 'full' (bars, table and chart), 'medium' (bars and summary), 'compact' (two lines)."""
     a = v.lead
@@ -344,7 +310,9 @@ def job_lines(v: JobView, width: int, level: str, *, focused: bool = False, char
         if v.chart is not None and chart_rows >= 5:
             lines.extend(render_chart(v.chart, width, chart_rows))
     if p is not None and p.basis and level == "full":
-        lines.append(Text().append(f"  basis: {_STEP_RANGE.sub('', p.basis, count=1)}", style=DIM))
+        # without the fitted steps' range, which moves with every refit: the job line shows the step, and a last
+        # line that changed every second would widen each frame's repaint to the whole panel (--once keeps it)
+        lines.append(Text().append(f"  basis: {p.basis_fields.text(step_range=False)}", style=DIM))
     for note in v.notes if p is not None else []:
         lines.append(Text().append(f"  {note}", style=WARN))
     lines.extend(_events(v, 3 if level == "full" else 2))

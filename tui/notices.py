@@ -12,14 +12,18 @@ from batchmon.snapshot import Warning
 from batchmon.tui.bars import memory_bar
 from batchmon.tui.fmt import fmt_bytes
 from batchmon.tui.panel import LinesPanel
+from batchmon.tui.views import HostView
 
 DIM = "#8a8f98"
 ATTACH_ONE_LINER = "batchmon.attach(model, optimizer)"
 RUN_COMMAND = "batchmon run -- python train.py"
 
 
-def no_gpu_lines(nvml: NvmlSample, host: HostSample, width: int) -> list[Text]:
+def no_gpu_lines(nvml: NvmlSample, host: HostSample, width: int, *, box: str = "") -> list[Text]:
+    """Why no GPU is shown, and the box's memory; ``box``: the --host box it is about ("" for this one)."""
     t = Text().append("No GPU visible", style="bold #f0b43c")
+    if box:
+        t.append(f" @{box}", style=DIM)
     lines = [t]
     reason = textwrap.wrap(nvml.error or "no devices found", max(20, width - 6)) or [""]
     for i, part in enumerate(reason):
@@ -55,7 +59,8 @@ def no_agents_lines(width: int) -> list[Text]:
     lines.append(one)
     lines.append(Text().append("or run it unchanged under the agent:", style=DIM))
     lines.append(Text().append(f"    {RUN_COMMAND}", style="bold #3fc1c9"))
-    lines.append(Text().append("It appears here within a second; the monitor and the run may start in any order.", style=DIM))
+    lines.append(Text().append("It appears here within a second; the monitor and the run may start in any order.",
+                               style=DIM))
     return lines
 
 
@@ -73,12 +78,14 @@ def warning_lines(warnings: tuple[Warning, ...], width: int) -> list[Text]:
 
 
 class NoGpuPanel(LinesPanel):
-    def __init__(self, nvml: NvmlSample, host: HostSample, *, id: str | None = None) -> None:
+    """A box with no GPU to show: why, and its host memory (views.host_views says which boxes get one)."""
+
+    def __init__(self, view: HostView, *, id: str | None = None) -> None:
         super().__init__(id=id, classes="notice")
-        self.nvml, self.host = nvml, host
+        self.view = view
 
     def build(self, width: int) -> list[Text]:
-        return no_gpu_lines(self.nvml, self.host, width)
+        return no_gpu_lines(self.view.nvml, self.view.sample, width, box=self.view.host)
 
 
 class NoAgentsPanel(LinesPanel):

@@ -1,4 +1,5 @@
-"""Base for panels that draw themselves as lines of Rich Text at whatever width they get."""
+"""Base for panels that draw themselves as lines of Rich Text at whatever width they get (each line cleaned of
+control characters: see fmt.clean_line)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from textual.strip import Strip
 from textual.visual import Visual, visualize
 from textual.widget import Widget
 
+from batchmon.tui.fmt import clean_line
 from batchmon.tui.messages import PanelFocused
 
 
@@ -105,7 +107,7 @@ class LinesPanel(Widget):
     def lines(self, width: int) -> list[Text]:
         width = max(1, width)
         if self._cache is None or self._cache[0] != width or self._cache[1] != self._version:
-            built = self.build(width)
+            built = [clean_line(line) for line in self.build(width)]
             for line in built:
                 line.no_wrap = True
                 line.overflow = "ellipsis"

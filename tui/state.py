@@ -5,7 +5,7 @@ Kept apart from widgets so that every key's effect is a plain function of the ol
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 from batchmon.memory_model import WhatIf
 
@@ -45,21 +45,20 @@ def next_batch(current: int, direction: int) -> int:
 
 def cycle(values: tuple, current: object) -> object:
     """The value after ``current`` in ``values``, wrapping around; the first one when current is unknown."""
+    return values[_next_index(values, current)]
+
+
+def _next_index(values: tuple, current: object) -> int:
     try:
-        return values[(values.index(current) + 1) % len(values)]
+        return (values.index(current) + 1) % len(values)
     except ValueError:
-        return values[0]
+        return 0
 
 
 @dataclass(frozen=True)
-class WhatIfState:
-    """The what-if settings of one job. batch_size None: the batch size the job runs with."""
-
-    batch_size: int | None = None
-    amp: bool = False
-    checkpointing: bool = False
-    accumulation_steps: int = 1
-    optimizer: str | None = None
+class WhatIfState(WhatIf):
+    """The what-if settings of one job: the memory model's WhatIf (its fields, one definition), plus what each
+    key does to it. batch_size None: the batch size the job runs with."""
 
     def effective_batch(self, observed: int | None) -> int | None:
         return self.batch_size if self.batch_size is not None else observed
@@ -78,10 +77,11 @@ class WhatIfState:
         return replace(self, checkpointing=not self.checkpointing)
 
     def cycle_accumulation(self) -> "WhatIfState":
-        return replace(self, accumulation_steps=int(cycle(ACCUMULATION_STEPS, self.accumulation_steps)))
+        steps = ACCUMULATION_STEPS[_next_index(ACCUMULATION_STEPS, self.accumulation_steps)]
+        return replace(self, accumulation_steps=steps)
 
     def cycle_optimizer(self) -> "WhatIfState":
-        return replace(self, optimizer=cycle(OPTIMIZERS, self.optimizer))  # type: ignore[arg-type]
+        return replace(self, optimizer=OPTIMIZERS[_next_index(OPTIMIZERS, self.optimizer)])
 
     @property
     def is_default(self) -> bool:
@@ -90,13 +90,7 @@ class WhatIfState:
     def to_what_if(self, observed: int | None, batch_size: int | None = None) -> WhatIf:
         """The memory model's WhatIf at this state's batch (or an explicit one, for the chart's x axis)."""
         b = batch_size if batch_size is not None else self.effective_batch(observed)
-        return WhatIf(
-            batch_size=b,
-            amp=self.amp,
-            checkpointing=self.checkpointing,
-            accumulation_steps=self.accumulation_steps,
-            optimizer=self.optimizer,
-        )
+        return WhatIf(**{f.name: getattr(self, f.name) for f in fields(WhatIf)} | {"batch_size": b})
 
     def describe(self) -> str:
         """Short label of what differs from the observed run, e.g. 'AMP, ckpt, accum 4, sgd'."""
