@@ -22,7 +22,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-LOSS_LINE = re.compile(r"loss", re.IGNORECASE)
+LOSS_VALUE = re.compile(r"loss[\s:=]+(-?[0-9][0-9.e+-]*)", re.IGNORECASE)
+DIGITS = re.compile(r"[0-9]+")
 
 
 @dataclass
@@ -81,8 +82,9 @@ class Run:
     rc: int | None
     seconds: float
     timed_out: bool
-    loss_lines: list[str]
+    losses: list[str]             # every number printed right after the word "loss", in order
     tail: list[str]
+    lines: list[str]              # the whole output, digits masked (what the agent may add shows here)
 
 
 @dataclass
@@ -92,6 +94,8 @@ class Result:
     plain: Run
     attached: Run
     losses_equal: bool
+    control_losses_equal: bool | None = None   # plain vs plain again: is the script deterministic at all?
+    added_lines: list[str] = field(default_factory=list)  # printed only when attached (digits masked)
     steps: int = 0
     hellos: int = 0
     batch_sizes: list[int] = field(default_factory=list)
@@ -121,7 +125,8 @@ def run(argv: list[str], cwd: Path, env: dict, timeout: float) -> Run:
             out, _ = proc.communicate()
     lines = out.splitlines()
     return Run(proc.returncode, round(time.monotonic() - t0, 1), timed_out,
-               [ln for ln in lines if LOSS_LINE.search(ln)][:40], lines[-15:])
+               [v for ln in lines for v in LOSS_VALUE.findall(ln)], lines[-15:],
+               [DIGITS.sub("#", ln) for ln in lines])
 
 
 def read_recording(path: Path) -> dict:
@@ -144,9 +149,10 @@ def read_recording(path: Path) -> dict:
     return out
 
 
-def measure(case: Case, root: Path, py: str, bm_env: dict) -> Result:
+def measure(case: Case, root: Path, py: str, bm_env: dict, control: bool) -> Result:
     cwd = root / case.cwd
     plain = run([py, *case.argv], cwd, {**os.environ, **case.env}, case.timeout)
+    again = run([py, *case.argv], cwd, {**os.environ, **case.env}, case.timeout) if control else None
     with tempfile.TemporaryDirectory(prefix="bm-public-") as tmp:
         env = {**bm_env, **case.env, "BATCHMON_DIR": tmp}
         rec_path = Path(tmp) / "rec.jsonl"
@@ -167,8 +173,13 @@ def measure(case: Case, root: Path, py: str, bm_env: dict) -> Result:
         rec.wait(10)
         seen = read_recording(rec_path)
     steps = seen["steps"]
-    res = Result(case.name, case.pattern, plain, attached, plain.loss_lines == attached.loss_lines,
+    n = min(len(plain.losses), len(attached.losses)) if plain.timed_out or attached.timed_out else None
+    res = Result(case.name, case.pattern, plain, attached, plain.losses[:n] == attached.losses[:n],
                  steps=len(steps), hellos=seen["hellos"], events=seen["events"][:10], expect_batch=case.expect_batch)
+    if again is not None:
+        res.control_losses_equal = plain.losses[:n] == again.losses[:n]
+    plain_lines = set(plain.lines) | set(again.lines if again else ())
+    res.added_lines = sorted({ln for ln in attached.lines if ln not in plain_lines})[:20]
     res.batch_sizes = sorted({s.get("batch_size") for s in steps if s.get("batch_size") is not None})
     res.batch_sources = sorted({str(s.get("batch_source")) for s in steps if s.get("batch_source")})
     if steps:
@@ -189,6 +200,8 @@ def main() -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--only", action="append", default=[], help="run only these cases (repeatable)")
     p.add_argument("--cpu", action="store_true", help="CPU variants (tiny settings)")
+    p.add_argument("--control", action="store_true",
+                   help="run each script plain twice: tells a script's own run-to-run noise from the agent's doing")
     args = p.parse_args()
     py = sys.executable
     bm_env = os.environ.copy()
@@ -199,12 +212,15 @@ def main() -> int:
         if not (args.root / case.cwd).is_dir():
             print(f"skip {case.name}: {args.root / case.cwd} missing", flush=True)
             continue
-        res = measure(case, args.root, py, bm_env)
+        res = measure(case, args.root, py, bm_env, args.control)
         results.append(asdict(res))
         print(f"{case.name}: rc {res.plain.rc}/{res.attached.rc} "
-              f"({'timeout' if res.attached.timed_out else 'ended'}), losses equal {res.losses_equal}, "
+              f"({'timeout' if res.attached.timed_out else 'ended'}), losses equal {res.losses_equal} "
+              f"(plain vs plain: {res.control_losses_equal}), added lines {len(res.added_lines)}, "
               f"steps {res.steps}, batch {res.batch_sizes} {res.batch_sources} right={res.batch_right}, "
               f"sum=peak {res.components_sum_to_peak}, events {res.events[:3]}", flush=True)
+        for line in res.added_lines[:4]:
+            print(f"   + {line[:200]}", flush=True)
         if res.attached.rc not in (0, None) and not res.attached.timed_out:
             print("   attached tail: " + " | ".join(res.attached.tail[-6:]), flush=True)
         args.out.write_text(json.dumps(results, indent=1))
