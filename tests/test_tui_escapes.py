@@ -51,6 +51,7 @@ async def test_every_cell_of_a_hostile_snapshot_is_inert():
             assert drawn in text, drawn
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux not installed")
 def test_hostile_strings_leave_a_real_terminal_alone(tmp_path):
     session = f"batchmon-esc-{uuid.uuid4().hex[:8]}"
