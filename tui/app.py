@@ -26,7 +26,7 @@ from textual.widgets import Footer
 from batchmon.errors import CliError
 from batchmon.snapshot import AgentView, Snapshot
 from batchmon.tui.fmt import clean_line, fmt_interval
-from batchmon.tui import views
+from batchmon.tui import palette, views
 from batchmon.tui.gpu_panel import GpuPanel
 from batchmon.tui.header import HeaderBar
 from batchmon.tui.job_panel import JobPanel, command_text
@@ -37,6 +37,7 @@ from batchmon.tui.predict import Predictor
 from batchmon.tui.screens import EXTRA_KEYS, BatchPrompt, HelpScreen
 from batchmon.tui.state import WhatIfState, cycle_interval, next_interval
 from batchmon.tui.views import JobView
+from batchmon.tui.palette import ACCENT, BG, DIM
 
 HISTORY = 240  # sparkline samples kept per GPU
 QUIT_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
@@ -134,6 +135,10 @@ class BatchmonApp(App[int]):
         self._signals: list[int] = []  # signals whose handlers on_mount installed
         if snapshot is not None:
             self._record_history(snapshot)
+
+    def get_css_variables(self) -> dict[str, str]:
+        """Textual's variables plus the palette's ($bm-bg, $bm-accent ...): batchmon.tcss uses only those."""
+        return {**super().get_css_variables(), **palette.CSS_VARIABLES}
 
     def get_driver_class(self) -> Any:
         """Textual's driver for the platform, except on Linux: the same driver without its 10 Hz input poll
@@ -580,9 +585,9 @@ class WhatIfBar(Widget):
 
     def _text(self) -> Text:
         v = self.view
-        t = Text().append(" what-if ", style="bold #0b0d10 on #3fc1c9")
+        t = Text().append(" what-if ", style=f"bold {BG} on {ACCENT}")
         if v is None:
-            t.append("  no training process attached", style="#8a8f98")
+            t.append("  no training process attached", style=DIM)
             return t
         s = v.what_if
         observed = v.observed_batch
@@ -592,18 +597,18 @@ class WhatIfBar(Widget):
         if wide:
             t.append(command_text(v.lead)[:30], style="bold")
             t.append("  ")
-        t.append("batch ", style="#8a8f98")
+        t.append("batch ", style=DIM)
         t.append(str(b) if b is not None else "n/a", style="bold")
         if s.batch_size is not None and s.batch_size != observed:
-            t.append(f" (ran {observed})", style="#8a8f98")
+            t.append(f" (ran {observed})", style=DIM)
         elif wide:
-            t.append(" (+/- b)", style="#8a8f98")
+            t.append(" (+/- b)", style=DIM)
 
         def flag(label: str, value: str, key: str, on_: bool) -> None:
-            t.append(f"  {label} ", style="#8a8f98")
-            t.append(value, style="bold #3fc1c9" if on_ else "")
+            t.append(f"  {label} ", style=DIM)
+            t.append(value, style=f"bold {ACCENT}" if on_ else "")
             if wide:
-                t.append(f" ({key})", style="#8a8f98")
+                t.append(f" ({key})", style=DIM)
 
         flag("AMP", "on" if s.amp else "off", "a", s.amp)
         flag("ckpt", "on" if s.checkpointing else "off", "c", s.checkpointing)

@@ -10,17 +10,18 @@ from typing import Mapping, Sequence
 from rich.text import Text
 
 from batchmon.protocol import ALL_COMPONENTS
+from batchmon.tui.palette import ACCENT, BAD, BLUE, BORDER, DIM, FAINT, OK, PINK, PURPLE, WARN
 
 #: one colour per component, fixed so measured and predicted bars read the same
 COMPONENT_STYLES: dict[str, str] = {
-    "parameters": "#4f8fe6",
-    "gradients": "#3fc1c9",
-    "optimizer": "#b07cf0",
-    "activations": "#f0b43c",
-    "batch": "#6cc644",
-    "other": "#e0709a",
-    "cache": "#8a8f98",
-    "context": "#5a5f68",
+    "parameters": BLUE,
+    "gradients": ACCENT,
+    "optimizer": PURPLE,
+    "activations": WARN,
+    "batch": OK,
+    "other": PINK,
+    "cache": DIM,
+    "context": FAINT,
 }
 COMPONENT_LABELS: dict[str, str] = {
     "parameters": "parameters",
@@ -32,7 +33,7 @@ COMPONENT_LABELS: dict[str, str] = {
     "cache": "cache",
     "context": "context",
 }
-EMPTY_STYLE = "#3a3d44"
+EMPTY_STYLE = BORDER
 SPARK_CHARS = "▁▂▃▄▅▆▇█"
 _EIGHTHS = " ▏▎▍▌▋▊▉█"
 
@@ -76,10 +77,10 @@ def component_parts(components: Mapping[str, int]) -> list[tuple[int, str]]:
 
 def memory_bar(used: int, reserved: int | None, total: int, width: int) -> Text:
     """Device memory: used (solid), driver-reserved (shaded, shown separately), free (dotted)."""
-    used_style = "#6cc644" if used < 0.8 * total else ("#f0b43c" if used < 0.95 * total else "#e5484d")
+    used_style = OK if used < 0.8 * total else (WARN if used < 0.95 * total else BAD)
     parts: list[tuple] = [(used, used_style)]
     if reserved:
-        parts.append((reserved, "#8a8f98", "▒"))
+        parts.append((reserved, DIM, "▒"))
     return stacked_bar(parts, total, width)
 
 
@@ -90,7 +91,7 @@ def percent_bar(percent: float | None, width: int) -> Text:
     pct = max(0.0, min(100.0, float(percent)))
     eighths = round(pct / 100 * width * 8)
     full, rem = divmod(eighths, 8)
-    style = "#6cc644" if pct < 60 else ("#f0b43c" if pct < 90 else "#e5484d")
+    style = OK if pct < 60 else (WARN if pct < 90 else BAD)
     text = Text().append("█" * full, style=style)
     if rem and full < width:
         text.append(_EIGHTHS[rem], style=style)
@@ -100,7 +101,7 @@ def percent_bar(percent: float | None, width: int) -> Text:
     return text
 
 
-def sparkline(values: Sequence[float], width: int, *, maximum: float | None = None, style: str = "#4f8fe6") -> Text:
+def sparkline(values: Sequence[float], width: int, *, maximum: float | None = None, style: str = BLUE) -> Text:
     """The last ``width`` values as ▁..█ on a fixed 0..maximum scale (absolute, so heights compare over time)."""
     if width <= 0:
         return Text()

@@ -14,17 +14,18 @@ from typing import Callable, Hashable, Sequence
 from rich.text import Text
 
 from batchmon.tui.fmt import fmt_count, fmt_short_bytes
+from batchmon.tui.palette import ACCENT, BAD, BLUE, DIM, OK, WARN
 
 # braille dot bit for (row 0..3, column 0..1) inside one cell
 _DOTS = ((0x01, 0x08), (0x02, 0x10), (0x04, 0x20), (0x40, 0x80))
 
-LINE_STYLE = "#4f8fe6"
-OVER_STYLE = "#e5484d"
-LIMIT_STYLE = "#e5484d"
-MAX_STYLE = "#6cc644"
-POINT_STYLE = "bold #f0b43c"
-WHATIF_STYLE = "bold #3fc1c9"
-AXIS_STYLE = "#8a8f98"
+LINE_STYLE = BLUE
+OVER_STYLE = BAD
+LIMIT_STYLE = BAD
+MAX_STYLE = OK
+POINT_STYLE = f"bold {WARN}"
+WHATIF_STYLE = f"bold {ACCENT}"
+AXIS_STYLE = DIM
 
 
 class BrailleCanvas:

@@ -9,9 +9,9 @@ from batchmon.tui.bars import memory_bar, percent_bar, sparkline
 from batchmon.tui.fmt import fmt_bytes, fmt_short_bytes, fmt_used_total
 from batchmon.tui.panel import LinesPanel
 from batchmon.tui.views import GpuView, ProcRow
+from batchmon.tui.palette import ACCENT, BAD, DIM, WARN
 
-DIM = "#8a8f98"
-AGENT_STYLE = "bold #3fc1c9"
+AGENT_STYLE = f"bold {ACCENT}"
 
 
 def _title(v: GpuView, width: int) -> Text:
@@ -56,7 +56,7 @@ def _proc_line(p: ProcRow, width: int) -> Text:
     t.append(f"{user[:10]:<10} ", style=DIM)
     t.append(f"{fmt_bytes(p.used) if p.used is not None else 'n/a':>10} ")
     if p.info is not None and p.info.state != "ok":
-        t.append(f"({p.info.state}) ", style="#f0b43c")
+        t.append(f"({p.info.state}) ", style=WARN)
     cmd = (p.info.command if p.info else None) or ""
     t.append(cmd, style=AGENT_STYLE if p.agent else "")  # literal: Text.append never parses markup
     return t
@@ -67,9 +67,9 @@ def gpu_lines(v: GpuView, width: int, level: str) -> list[Text]:
     d = v.device
     if d.lost or d.memory is None and d.error:
         t = _title(v, width)
-        t.append("  LOST" if d.lost else "  error", style="bold #e5484d")
+        t.append("  LOST" if d.lost else "  error", style=f"bold {BAD}")
         if d.error:
-            t.append(f": {d.error}", style="#e5484d")
+            t.append(f": {d.error}", style=BAD)
         return [t]
     m = d.memory
     agents = sum(1 for p in v.procs if p.agent)

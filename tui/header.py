@@ -12,48 +12,49 @@ from batchmon.snapshot import Snapshot
 from batchmon.tui.fmt import clean_line, fmt_bytes, fmt_interval
 from batchmon.tui.panel import changed_cells
 from batchmon.tui.views import agent_count
+from batchmon.tui.palette import BG, BLUE, DIM, OK, PURPLE, WARN
 
 
 def header_text(snapshot: Snapshot | None, *, interval: float, paused: bool, title: str | None, width: int) -> Text:
     """Header line. Wide: every field; narrow: host, interval and state only."""
-    text = Text().append(" batchmon ", style="bold #0b0d10 on #4f8fe6")
+    text = Text().append(" batchmon ", style=f"bold {BG} on {BLUE}")
     text.append(" ")
     if paused:
-        text.append(" ⏸ PAUSED ", style="bold #0b0d10 on #f0b43c")
+        text.append(" ⏸ PAUSED ", style=f"bold {BG} on {WARN}")
     elif snapshot is not None and snapshot.source == "replay":
-        text.append(" ▶ replay ", style="bold #0b0d10 on #b07cf0")
+        text.append(" ▶ replay ", style=f"bold {BG} on {PURPLE}")
     else:
-        text.append(" ● live ", style="bold #0b0d10 on #6cc644")
-    text.append(" every ", style="#8a8f98")
+        text.append(" ● live ", style=f"bold {BG} on {OK}")
+    text.append(" every ", style=DIM)
     text.append(fmt_interval(interval), style="bold")
     text.append("  ")
     if title:
         text.append(title, style="bold")
         text.append("  ")
     if snapshot is None:
-        text.append("waiting for the first sample…", style="italic #8a8f98")
+        text.append("waiting for the first sample…", style=f"italic {DIM}")
     else:
         host = snapshot.host
-        text.append("host ", style="#8a8f98")
+        text.append("host ", style=DIM)
         text.append(host.hostname or "?", style="bold")
         nv = snapshot.nvml
         if nv.available:
-            text.append("  driver ", style="#8a8f98")
+            text.append("  driver ", style=DIM)
             text.append(nv.driver or "n/a")
-            text.append(f"  {len(nv.devices)} GPU{'s' if len(nv.devices) != 1 else ''}", style="#8a8f98")
+            text.append(f"  {len(nv.devices)} GPU{'s' if len(nv.devices) != 1 else ''}", style=DIM)
         else:
-            text.append("  no NVML", style="#f0b43c")
+            text.append("  no NVML", style=WARN)
         if width >= 100 and host.memory_total:
-            text.append("  host mem ", style="#8a8f98")
+            text.append("  host mem ", style=DIM)
             text.append(f"{fmt_bytes(host.memory_used)} / {fmt_bytes(host.memory_total)}")
         agents = agent_count(snapshot)  # every box's: the job panels show them all
-        text.append(f"  {agents} agent{'s' if agents != 1 else ''}", style="#8a8f98")
+        text.append(f"  {agents} agent{'s' if agents != 1 else ''}", style=DIM)
     if snapshot is not None:
         stamp = _time.strftime("%H:%M:%S", _time.localtime(snapshot.time))
         used = len(text.plain)
         if width - used > len(stamp) + 1:
             text.append(" " * (width - used - len(stamp) - 1))
-            text.append(stamp, style="#8a8f98")
+            text.append(stamp, style=DIM)
     text.no_wrap = True
     text.overflow = "ellipsis"
     return clean_line(text)  # the host name and the title come from outside (a remote box, a recording's name)

@@ -15,11 +15,8 @@ from batchmon.tui.fmt import fmt_bytes, fmt_count, fmt_seconds
 from batchmon.tui.panel import LinesPanel
 from batchmon.tui.predict import measured_components
 from batchmon.tui.views import JobView
+from batchmon.tui.palette import ACCENT, BAD, BLUE, BORDER, DIM, OK, PURPLE, WARN
 
-DIM = "#8a8f98"
-OK = "#6cc644"
-WARN = "#f0b43c"
-BAD = "#e5484d"
 EVENT_STYLES = {"oom": f"bold {BAD}", "alloc_retry": f"bold {WARN}", "warning": WARN, "detached": DIM}
 
 
@@ -45,7 +42,7 @@ def _title(v: JobView, focused_marker: bool, width: int = 200) -> Text:
     a = v.lead
     parts: list[tuple[str, str, int]] = []  # (text, style, drop order: higher goes first)
     if len(v.ranks) > 1 or a.hello.world_size > 1:
-        parts.append((f"  {len(v.ranks)}/{a.hello.world_size} ranks", "#b07cf0", 0))
+        parts.append((f"  {len(v.ranks)}/{a.hello.world_size} ranks", PURPLE, 0))
     parts.append((f"  {_device_label(a, v.devices.get(a.key))}", DIM, 0))
     parts.append((f"  pid {a.hello.pid}", DIM, 0))
     if v.host:
@@ -65,7 +62,7 @@ def _title(v: JobView, focused_marker: bool, width: int = 200) -> Text:
     room = max(16, budget - sum(len(p[0]) for p in parts))
     if len(cmd) > room:
         cmd = cmd[: room - 1] + "…"
-    t = Text().append("▶ " if focused_marker else "  ", style="bold #3fc1c9")
+    t = Text().append("▶ " if focused_marker else "  ", style=f"bold {ACCENT}")
     t.append(cmd, style="bold")
     for text, style, _ in parts:
         t.append(text, style=style)
@@ -102,7 +99,7 @@ def _stats(v: JobView) -> Text:
 def _bar_line(label: str, comps: dict[str, int] | None, scale: int, bar_w: int, total_label: str) -> Text:
     t = Text().append(f"  {label:<16}", style=DIM)
     if comps is None:
-        t.append("·" * bar_w, style="#3a3d44")
+        t.append("·" * bar_w, style=BORDER)
     else:
         t.append_text(stacked_bar(component_parts(comps), scale, bar_w))
     t.append(f" {total_label}", style="bold")
@@ -299,9 +296,9 @@ def job_lines(v: JobView, width: int, level: str, *, focused: bool = False, char
             lines.extend(table)
         if v.chart is not None and chart_rows >= 4:
             key = Text("  ")
-            key.append("● observed  ", style="bold #f0b43c")
-            key.append("◆ what-if  ", style="bold #3fc1c9")
-            key.append("── predicted peak  ", style="#4f8fe6")
+            key.append("● observed  ", style=f"bold {WARN}")
+            key.append("◆ what-if  ", style=f"bold {ACCENT}")
+            key.append("── predicted peak  ", style=BLUE)
             key.append("┄┄ device limit  ", style=BAD)
             key.append("┊ largest batch", style=OK)
             lines.append(key)

@@ -13,15 +13,15 @@ from batchmon.tui.bars import memory_bar
 from batchmon.tui.fmt import fmt_bytes
 from batchmon.tui.panel import LinesPanel
 from batchmon.tui.views import HostView
+from batchmon.tui.palette import ACCENT, DIM, WARN
 
-DIM = "#8a8f98"
 ATTACH_ONE_LINER = "batchmon.attach(model, optimizer)"
 RUN_COMMAND = "batchmon run -- python train.py"
 
 
 def no_gpu_lines(nvml: NvmlSample, host: HostSample, width: int, *, box: str = "") -> list[Text]:
     """Why no GPU is shown, and the box's memory; ``box``: the --host box it is about ("" for this one)."""
-    t = Text().append("No GPU visible", style="bold #f0b43c")
+    t = Text().append("No GPU visible", style=f"bold {WARN}")
     if box:
         t.append(f" @{box}", style=DIM)
     lines = [t]
@@ -54,11 +54,11 @@ def host_lines(host: HostSample, width: int) -> list[Text]:
 def no_agents_lines(width: int) -> list[Text]:
     lines = [Text().append("No training process attached", style="bold")]
     lines.append(Text().append("Attach from your training script:", style=DIM))
-    one = Text().append("    import batchmon; ", style="bold #3fc1c9")
-    one.append(ATTACH_ONE_LINER, style="bold #3fc1c9")
+    one = Text().append("    import batchmon; ", style=f"bold {ACCENT}")
+    one.append(ATTACH_ONE_LINER, style=f"bold {ACCENT}")
     lines.append(one)
     lines.append(Text().append("or run it unchanged under the agent:", style=DIM))
-    lines.append(Text().append(f"    {RUN_COMMAND}", style="bold #3fc1c9"))
+    lines.append(Text().append(f"    {RUN_COMMAND}", style=f"bold {ACCENT}"))
     lines.append(Text().append("It appears here within a second; the monitor and the run may start in any order.",
                                style=DIM))
     return lines
@@ -67,7 +67,7 @@ def no_agents_lines(width: int) -> list[Text]:
 def warning_lines(warnings: tuple[Warning, ...], width: int) -> list[Text]:
     out = []
     for w in warnings[-5:]:
-        t = Text().append("⚠ ", style="#f0b43c")
+        t = Text().append("⚠ ", style=WARN)
         t.append(w.source, style="bold")
         t.append(": ")
         t.append(w.message)

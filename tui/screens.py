@@ -9,6 +9,8 @@ from textual.containers import Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Input, Static
 
+from batchmon.tui.palette import ACCENT, BAD, DIM
+
 #: keys that are not App bindings but still do something, for the help screen
 EXTRA_KEYS: tuple[tuple[str, str], ...] = (
     ("tab / shift+tab", "select the next / previous device or process"),
@@ -21,11 +23,11 @@ def help_text(rows: list[tuple[str, str]]) -> Text:
     t = Text().append("Keys\n\n", style="bold")
     width = max(len(k) for k, _ in rows) + 2
     for key, desc in rows:
-        t.append(f"  {key:<{width}}", style="bold #3fc1c9")
+        t.append(f"  {key:<{width}}", style=f"bold {ACCENT}")
         t.append(desc + "\n")
     t.append("\nWhat-ifs apply to the selected training process (the first one if a GPU is selected).\n",
-             style="#8a8f98")
-    t.append("Press ? or escape to close.", style="#8a8f98")
+             style=DIM)
+    t.append("Press ? or escape to close.", style=DIM)
     return t
 
 
@@ -73,7 +75,7 @@ class BatchPrompt(ModalScreen[int | None]):
         except ValueError:
             value = 0
         if value < 1 or value > (1 << 30):
-            self.query_one("#batch-error", Static).update(Text().append(f"not a batch size: {text!r}", style="#e5484d"))
+            self.query_one("#batch-error", Static).update(Text().append(f"not a batch size: {text!r}", style=BAD))
             return
         self.dismiss(value)
 
