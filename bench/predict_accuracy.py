@@ -541,6 +541,7 @@ def bench_arch(arch: Arch, dev: Any, quick: bool, deadline: float, observer: str
                 "context": model.context, "frag_ratio": model.frag_ratio, "alloc_retries": model.alloc_retries},
         "agent_device_used": getattr(runner, "agent_device_used", None),
         "device_total": dev.total, "predicted_max_batch": pred_max, "predicted_max_batch_without_margin": pred_max_no_margin,
+        "predicted_max_batch_central": model.predict(device_total=dev.total).max_batch_central,
     }
     log: list[dict[str, Any]] = []
 

@@ -28,7 +28,10 @@ def test_cpu_smoke_run_writes_json_and_markdown(tmp_path):
     assert len(r["points"]) == 4 and all(pt["ok"] for pt in r["points"])
     assert r["worst_error_pct"] == 0.0
     assert r["batchmon_ooms"] == 0
-    assert r["predicted_max_batch"] == r["real_max_batch"] > 0
+    # the central fit is exact on the smoke device; the largest batch may be conservative (a tiny model's
+    # gradients are large against its per-sample bytes: the band's high side), never above the real one
+    assert r["predicted_max_batch_central"] == r["real_max_batch"] > 0
+    assert 0 < r["predicted_max_batch"] <= r["real_max_batch"]
     lt = r["lightning"]
     assert lt["ooms"] >= 1 and lt["trials"] > lt["ooms"] and lt["found"] == r["real_max_batch"]
     assert r["basis"].startswith("3 steps at batch 2, 4 (steps 1-3)")

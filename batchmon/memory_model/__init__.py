@@ -1,0 +1,126 @@
+"""The memory equation, fitted to measured steps: predict any batch size, the largest batch, what-ifs.
+
+Pure: no torch, no textual. Everything here is integer bytes in, integer bytes out, and cheap: fitting is a
+handful of least-squares sums, predicting is a few multiplications, so a UI may call ``predict`` for a hundred
+batch sizes per frame.
+
+API (all a caller needs)::
+
+    model = fit(steps, optimizer="AdamW")            # protocol.Step (or Observation) sequence -> MemoryModel | None
+    p = model.predict(WhatIf(batch_size=256), device_total=141 * 2**30)   # -> Prediction
+    p.components["activations"], p.peak_allocated, p.total, p.max_batch, p.headroom, p.margin
+    p.band.low, p.band.high                          # what the observations support at p.batch_size
+    p.basis_fields (Basis: steps, batch_sizes, step_range, notes, what_if, extrapolation, conservative, ...)
+    p.basis                                          # the same as one line, for --once/--json
+    model.max_batch(device_total, WhatIf(amp=True))  # -> int | None
+    predict_from_steps(steps, device_total, WhatIf(), optimizer=None)    # fit + predict, None without data
+
+The calculator's closed forms (no measurement) are in batchmon.formulas.
+
+The fit (documented rules, each chosen for what it predicts, not for convenience):
+
+* parameters, gradients, optimizer: batch-independent; the largest value seen (they never shrink in a run, and
+  an early step may precede lazily created optimizer state). If the optimizer is Adam-like (or SGD with
+  momentum) and no state was seen yet, its states are taken as 2 (1) x the gradient bytes.
+* activations, batch: per-sample. One batch size seen: value / B (no fixed part). Two or more: least squares
+  ``fixed + per_sample * B`` over every step; a negative slope falls back to the mean.
+* peak allocated (the allocator's high-water mark in the step) is fitted the same way, on the steps after the
+  optimizer state exists, one point per batch size: the largest peak seen at it (a first step at a size peaks
+  lower than the steady ones: lazy optimizer state, warm-up); ``other`` = fitted peak - the five components above,
+  so the components always sum to the fitted peak (with ``other`` clamped at 0). With one batch size, ``other``
+  (workspaces, temporaries, activation gradients, foreach-optimizer intermediates) is split between fixed and
+  per-sample in proportion to the measured fixed (parameters+gradients+optimizer) and batch-dependent
+  (activations+batch) bytes: temporaries at the peak are copies of whatever dominates — parameter-sized optimizer
+  intermediates when the model dominates, activation gradients when activations dominate — so the split is exact
+  at both extremes. A second batch size replaces the rule with least squares. Without an allocator (CPU) the
+  reported ``other`` is fitted like a component.
+* cache (reserved - peak allocated) is a measured fixed part (median over the steps at the largest batch
+  size). context (device used - reserved: CUDA context, lazily loaded kernels, libraries outside the
+  allocator) likewise, from the readings that are consistent (device used >= reserved: the reading saw the
+  pool it is compared with). The agent reads NVML once a second, so a reading can predate a step's pool growth
+  (device used < reserved, seen on the H200 for the first architecture of a run): the process then used
+  ``device_used`` while its pool held at least the parameters, so ``device_used - parameters`` bounds the
+  context from above and is taken (the safe side; the basis says so). 0 when not measured at all.
+
+Margin (bytes kept free on top of the predicted total, all from measurements):
+
+* fragmentation growth: the allocator wasted ``phi = cache / peak_allocated`` of its pool at the observed
+  batch size. Most of that is whole cached segments, which the allocator frees and retries with when a
+  cudaMalloc fails (num_alloc_retries), so it does not scale up to the limit: on the H200 (run 1) the
+  allocator kept 4-14% of its pool cached at the small observed batches and at batch 900-4000 in the middle of
+  the range, yet at the OOM boundary every architecture reached within 0.8-1.4 GiB of the device (context
+  included). What survives the flush is the free space inside segments that still hold live blocks; its
+  measured share of the proportional estimate, ``FRAG_SURVIVAL``, is derived from the run-1 boundary trials
+  by ``bench/recalibrate_margin.py --derive`` (the largest share over the four architectures, doubled for
+  safety as it rests on one run; see FRAG_SURVIVAL). The term is
+  ``FRAG_SURVIVAL * phi * max(0, peak(B) - peak(B_observed))``: it still rises with the measured
+  fragmentation and vanishes at the observed batch, where the measured cache is all.
+* growth of reserved over the steady steps at one batch size (fragmentation still creeping): added once.
+* allocation retries: num_alloc_retries is cumulative for the process, so only its increase across the
+  observed steps counts (a process that ran out earlier, e.g. a finder's OOM trials, reports old retries).
+  An increase means the allocator already had to flush its cache to satisfy a step at the observed batch, so
+  the measured cache understates what it wants; the cache is added once more.
+
+The band (``Prediction.band``: low = the central fit, high = what the observations cannot rule out):
+
+A step's peak is the maximum over its phases (forward, loss, backward, optimizer step), each about
+``fixed_i + slope_i * B``: a convex function of B whose steepest phase wins at large batches. Issue 13's LSTM
+LM (observed at 20, 20, 20, 10) peaked in the forward at those batches (the previous step's logits and
+gradients still alive) and in the loss's backward at large ones (several logits-sized tensors): the line
+through batch 10 and 20 was too flat, 38% low at 160, and the largest batch 1.9x the real one. Reproduced on
+CPU with real torch in tests/test_memory_model_lstm.py. The cause is in the fit, not the measurement: every
+component was measured right; a straight line through two small batches cannot see a phase that is not yet
+the peak. So:
+
+* every phase holds at least the parameters and the optimizer state (the floor), and peaked at most at the
+  step's measured peak, so no phase grows faster than ``(peak - floor) / B`` of any observed step (the slope
+  bound; each step's own floor, as Adam's first step has no state before its update);
+* the high side follows ``floor + slope_bound * B`` beyond the largest observed batch when the fitted peak's
+  batch-independent part above the floor is more than ``INTERCEPT_SHARE`` of the batch-dependent bytes at
+  the largest observed batch (suspect: a workspace and noise explain less; 2.8-4.7% on the four H200
+  architectures of run 1/2, 197% for the LSTM), or when the central largest batch lies beyond
+  ``FAR_EXTRAPOLATION`` (100) x the largest observed batch; with three or more batch sizes whose peaks curve
+  upward (a secant ``CURVATURE_TOLERANCE`` steeper than the fit), the steepest secant's slope is used too;
+* below the largest observed batch the band is the central fit (the observations hold there).
+
+``max_batch`` is the largest B with ``high(B) + margin(B) <= device_total`` (the conservative answer;
+``Prediction.max_batch_central`` is the central fit's), found by exact integer search over the (monotone)
+prediction, so it agrees with ``predict`` by construction: 0 when not even batch 1 fits, None when unknown
+(no device size, or nothing grows with the batch). When it is below the central one, ``Basis.conservative``
+is set and ``Basis.conservative_why`` names the extrapolation (``Basis.extrapolation``: largest batch /
+largest observed batch).
+
+What-ifs (``WhatIf``), applied to the fitted lines:
+
+* optimizer swap: states per trainable parameter sgd 0, sgd-momentum 1, adam/adamw 2; the bytes of one state
+  are the observed optimizer bytes / the observed kind's count when known, else the gradient bytes (states have
+  the dtype of the parameters, as torch.optim keeps them).
+* amp (observed run fp32, autocast to fp16/bf16): activations and the per-sample part of ``other`` halve (saved
+  tensors and their gradients are 16-bit; ops autocast keeps in fp32, softmax and norms, make this a slight
+  underestimate); autocast's cache of 16-bit weight copies adds half the trainable parameter bytes to ``other``;
+  parameters, gradients, optimizer (fp32 master copies) and batch (inputs as loaded) are unchanged. A no-op when
+  the observed run already used AMP (``fit(..., amp=True)``).
+* checkpointing: every one of n blocks wrapped in a checkpoint (the classic example, and what
+  ``gradient_checkpointing_enable()`` does): forward keeps only each block's input, backward recomputes one
+  block at a time, so about one block's activations plus the boundaries are alive: ``2/n`` of the
+  activations (one block ~ A/n, the n boundary inputs ~ A/n for a transformer, whose blocks save ~17 tensors
+  of the size of their input). Activations outside the blocks (embeddings, logits, loss) are treated like the
+  blocks', a slight underestimate where logits are large. n is ``WhatIf.checkpoint_layers``; unknown, 12 is
+  assumed (factor 1/6) and the basis says so.
+* gradient accumulation: ``batch_size`` is the effective batch; activations, batch and the per-sample ``other``
+  follow the micro-batch ceil(batch_size / accumulation_steps); gradients and optimizer see the full batch
+  (unchanged). ``max_batch`` then answers in effective batch (largest micro-batch x steps).
+* sharding over N GPUs (ZeRO-3 / FSDP): parameters, gradients and optimizer states / N per GPU; the batch is
+  per GPU; the layer-at-a-time gather buffers of FSDP are not modelled (one layer, small against the rest).
+"""
+
+from batchmon.formulas import OPTIMIZER_STATES, optimizer_kind
+from batchmon.memory_model.fit import CURVATURE_TOLERANCE, INTERCEPT_SHARE, fit, predict_from_steps
+from batchmon.memory_model.model import FAR_EXTRAPOLATION, FRAG_SURVIVAL, MemoryModel
+from batchmon.memory_model.observations import FIXED, PER_SAMPLE, Line, Observation, fit_line
+from batchmon.memory_model.prediction import Band, Basis, Prediction, WhatIf
+from batchmon.memory_model.what_ifs import DEFAULT_CHECKPOINT_LAYERS, apply_what_if
+
+__all__ = ["Band", "Basis", "CURVATURE_TOLERANCE", "DEFAULT_CHECKPOINT_LAYERS", "FAR_EXTRAPOLATION", "FIXED",
+           "FRAG_SURVIVAL", "INTERCEPT_SHARE", "Line", "MemoryModel", "OPTIMIZER_STATES", "Observation", "PER_SAMPLE",
+           "Prediction", "WhatIf", "apply_what_if", "fit", "fit_line", "optimizer_kind", "predict_from_steps"]

@@ -1,0 +1,174 @@
+"""Fitting the memory model to measured steps (the rules are in batchmon.memory_model's docstring)."""
+
+from __future__ import annotations
+
+import statistics
+from typing import Iterable, Sequence
+
+from batchmon.formulas import OPTIMIZER_STATES, optimizer_kind
+from batchmon.memory_model.model import MemoryModel
+from batchmon.memory_model.observations import FIXED, PER_SAMPLE, Line, Observation, fit_line
+from batchmon.memory_model.prediction import Prediction, WhatIf
+from batchmon.protocol import COMPONENTS, Step
+
+#: the fitted peak's batch-independent part above parameters + optimizer state, as a share of the batch-dependent
+#: bytes at the largest observed batch, that a workspace and noise explain: on the four H200 run-1/2
+#: architectures it was 2.8% (MLP), 3.2% (CNN), 3.3% (GPT), 4.7% (GPT, AMP); in issue 13's LSTM, 197%
+INTERCEPT_SHARE = 0.05
+#: a secant of the observed peaks this much steeper than the fitted slope is curvature, not noise
+CURVATURE_TOLERANCE = 1.02
+
+
+
+
+def _as_observations(steps: Iterable[Step | Observation]) -> list[Observation]:
+    out = []
+    for s in steps:
+        obs = s if isinstance(s, Observation) else Observation.from_step(s)
+        if obs is not None:
+            out.append(obs)
+    return out
+
+
+def _median_int(values: Iterable[int | None]) -> int | None:
+    vals = [v for v in values if v is not None]
+    return round(statistics.median(vals)) if vals else None
+
+
+def fit(steps: Iterable[Step | Observation], *, optimizer: str | None = None, amp: bool = False) -> MemoryModel | None:
+    """Fit the memory equation to measured steps (protocol.Step or Observation). None when no step is usable.
+
+    optimizer: the observed optimizer's class or kind name (hello's ``optimizer``), used for the lazy-state rule
+    and the optimizer what-if; amp: the observed run already used autocast (the AMP what-if is then a no-op)."""
+    obs = _as_observations(steps)
+    if not obs:
+        return None
+    obs.sort(key=lambda o: o.step)
+    kind = optimizer_kind(optimizer)
+    notes: list[str] = []
+    lines: dict[str, Line] = {}
+
+    for name in FIXED:
+        lines[name] = Line(float(max(o.components[name] for o in obs)), 0.0)
+    if lines["optimizer"].fixed == 0 and OPTIMIZER_STATES.get(kind or "", 0) and lines["gradients"].fixed > 0:
+        k = OPTIMIZER_STATES[kind]  # type: ignore[index]
+        lines["optimizer"] = Line(k * lines["gradients"].fixed, 0.0)
+        notes.append(f"optimizer state not yet seen: {k} x gradients assumed ({kind})")
+    if kind == "sgd" and lines["optimizer"].fixed > 0:
+        kind = "sgd-momentum"  # SGD with state is SGD with momentum
+
+    # steady steps: optimizer state allocated (step 1 of Adam creates it during its own step)
+    max_opt = max(o.components["optimizer"] for o in obs)
+    steady = [o for o in obs if o.components["optimizer"] >= max_opt] or obs
+
+    act_obs = [o for o in obs if o.components["activations"] > 0] or obs  # a step without counting is a gap
+    lines["activations"] = fit_line([(o.batch_size, o.components["activations"]) for o in act_obs])
+    lines["batch"] = fit_line([(o.batch_size, o.components["batch"]) for o in obs])
+
+    with_peak = [o for o in steady if o.peak_allocated is not None]
+    measured_peak = bool(with_peak)
+    basis_obs = with_peak or steady
+    distinct = sorted({o.batch_size for o in basis_obs})
+    known = Line()
+    for name in FIXED + PER_SAMPLE:
+        known = known + lines[name]
+    if with_peak:
+        peaks = _largest_per_batch((o.batch_size, o.peak_allocated) for o in with_peak)  # type: ignore[misc]
+        if len(distinct) >= 2:
+            lines["other"] = fit_line(peaks) - known
+        else:
+            b, peak = peaks[0]
+            lines["other"] = _split_other(max(0.0, peak - known.at(b)), known, b)
+            notes.append("other split by fixed/batch share (one batch size)")
+    else:
+        others = _largest_per_batch((o.batch_size, o.components["other"]) for o in steady)
+        if len(distinct) >= 2:
+            lines["other"] = fit_line(others)
+        else:
+            b, other = others[0]
+            lines["other"] = _split_other(other, known, b)
+        notes.append("no allocator peak (CPU): peak = sum of components")
+
+    band = _band_inputs(lines, with_peak or steady,
+                        _largest_per_batch((o.batch_size, o.peak_allocated) for o in with_peak)  # type: ignore[misc]
+                        if with_peak else
+                        _largest_per_batch((o.batch_size, sum(o.components.values())) for o in steady))
+
+    reference = max(distinct)
+    at_ref = [o for o in basis_obs if o.batch_size == reference]
+    cache = _median_int(o.cache for o in at_ref)
+    context = _median_int(o.context for o in at_ref) if any(o.context is not None for o in at_ref) else \
+        _median_int(o.context for o in basis_obs)
+    if context is None:
+        context = _median_int(o.stale_context for o in basis_obs)
+        if context is not None:
+            notes.append("context bounded by a device reading older than the pool")
+    if context is None and measured_peak:
+        notes.append("context not measured")
+    reference_peak = sum(lines[n].at(reference) for n in COMPONENTS)
+    frag_ratio = (cache or 0) / reference_peak if reference_peak > 0 else 0.0
+    reserved = [o.reserved for o in at_ref if o.reserved is not None]
+    growth = max(0, reserved[-1] - reserved[0]) if len(reserved) >= 2 else 0
+    counters = [o.num_alloc_retries for o in obs if o.num_alloc_retries is not None]
+    retries = max(0, counters[-1] - counters[0]) if len(counters) >= 2 else 0  # cumulative: the increase
+    if retries:
+        notes.append(f"{retries} allocator retries during the observed steps: cache kept twice")
+
+    return MemoryModel(
+        lines=lines, cache=cache or 0, context=context or 0, frag_ratio=frag_ratio, reserved_growth=growth,
+        alloc_retries=retries, reference_batch=reference, last_batch=obs[-1].batch_size,
+        batch_sizes=tuple(sorted({o.batch_size for o in obs})), step_range=(obs[0].step, obs[-1].step),
+        count=len(obs), optimizer=kind, observed_amp=amp, notes=tuple(notes), measured_peak=measured_peak,
+        **band,
+    )
+
+
+def _band_inputs(lines: dict[str, Line], with_peak: Sequence[Observation],
+                 peaks: Sequence[tuple[int, int]]) -> dict:
+    """What the band's high side rests on (MemoryModel fields); see "The band" in the module docstring."""
+    peak_line = Line()
+    for name in COMPONENTS:
+        peak_line = peak_line + lines[name]
+    reference = max((b for b, _ in peaks), default=0) or 1
+    floor = lines["parameters"].fixed + lines["optimizer"].fixed
+    excess = max(0.0, peak_line.fixed - floor)
+    suspect = excess > INTERCEPT_SHARE * peak_line.per_sample * reference
+    # every phase of a step is (fixed >= floor) + slope * B and peaks at most at the step's peak, so its slope is
+    # at most (peak - floor) / B; the step's own floor (Adam's first step has no state before its update)
+    bounds = [(o.peak_allocated - o.components["parameters"] - o.components["optimizer"]) / o.batch_size
+              for o in with_peak if o.peak_allocated is not None]
+    out: dict = {"floor": floor, "slope_bound": max(peak_line.per_sample, min(bounds, default=0.0)),
+                 "suspect": suspect, "unexplained_fixed": excess if suspect else 0.0}
+    if len(peaks) >= 3:
+        slope = fit_line(peaks).per_sample
+        steepest, between = 0.0, None
+        for (b1, v1), (b2, v2) in zip(peaks, peaks[1:], strict=False):
+            if b2 >= 1.1 * b1 and (v2 - v1) / (b2 - b1) > steepest:
+                steepest, between = (v2 - v1) / (b2 - b1), (b1, b2)
+        if between is not None and steepest > CURVATURE_TOLERANCE * slope:
+            out["curvature_slope"] = steepest - slope
+            out["steepest_between"] = between
+    return out
+
+
+def _largest_per_batch(points: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """One point per batch size, the largest value seen: a run's first step at a size (lazy optimizer state,
+    allocator and library warm-up) peaks lower than its steady steps, never higher."""
+    best: dict[int, int] = {}
+    for b, v in points:
+        best[b] = max(v, best.get(b, v))
+    return sorted(best.items())
+
+
+def _split_other(other: float, known: Line, batch: int) -> Line:
+    """One batch size: split 'other' between fixed and per-sample in the measured fixed : per-sample ratio."""
+    fixed, variable = known.fixed, known.per_sample * batch
+    share = variable / (fixed + variable) if fixed + variable > 0 else 1.0
+    return Line(other * (1.0 - share), other * share / batch)
+
+
+def predict_from_steps(steps: Sequence[Step], device_total: int | None, what_if: WhatIf | None = None,
+                       optimizer: str | None = None, *, amp: bool = False) -> Prediction | None:
+    """fit + predict in one call (the hub and the agent use this). None when no step is usable."""
+    model = fit(steps, optimizer=optimizer, amp=amp)
+    return model.predict(what_if or WhatIf(), device_total=device_total) if model else None

@@ -1,0 +1,261 @@
+"""The fitted memory model: component lines, measured fixed parts, margin, band; predict and search the largest
+batch (module docstring of batchmon.memory_model says every rule and why)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Sequence
+
+from batchmon.formulas import OPTIMIZER_STATES
+from batchmon.memory_model.observations import Line
+from batchmon.memory_model.prediction import Band, Basis, Prediction, WhatIf
+from batchmon.memory_model.what_ifs import apply_what_if
+from batchmon.protocol import ALL_COMPONENTS, COMPONENTS
+
+#: share of the proportional fragmentation estimate (phi x pool growth) that the caching allocator could not
+#: release at the OOM boundary, measured on the H200 (bench/results/predict_accuracy_h200_run1.json, derived by
+#: bench/recalibrate_margin.py --derive: the largest share over MLP, CNN, GPT, GPT-AMP-tied was 0.076 (AMP;
+#: the others needed none beyond context and cache), using the model's own peak prediction at the first failing
+#: batch so that peak error is covered too; doubled, as it rests on one run of four models: the doubling costs
+#: at most 1.5% of the largest batch on those four)
+FRAG_SURVIVAL = 0.16
+#: beyond this multiple of the largest observed batch, no fixed byte of 'other' is trusted to stay fixed
+FAR_EXTRAPOLATION = 100
+
+
+
+@dataclass(frozen=True)
+class MemoryModel:
+    """Fitted lines per component plus the measured fixed parts and margin ingredients. Build with fit()."""
+
+    lines: dict[str, Line]  # every name in COMPONENTS
+    cache: int
+    context: int
+    frag_ratio: float  # cache / peak allocated at the reference batch
+    reserved_growth: int
+    alloc_retries: int  # increase of num_alloc_retries across the observed steps
+    reference_batch: int  # largest steady observed batch size
+    last_batch: int  # batch size of the latest observation (WhatIf.batch_size default)
+    batch_sizes: tuple[int, ...]
+    step_range: tuple[int, int]
+    count: int
+    optimizer: str | None  # observed kind
+    observed_amp: bool = False
+    notes: tuple[str, ...] = ()
+    measured_peak: bool = True
+    # the band's high side (see "The band" in the module docstring)
+    floor: float = 0.0  # parameters + optimizer state: alive in every phase of every step
+    slope_bound: float = 0.0  # the tightest (peak - floor) / batch over the observed steps: no phase grows faster
+    suspect: bool = False  # the fitted peak's fixed part above the floor is more than a workspace explains
+    unexplained_fixed: float = 0.0  # that fixed part, when suspect (for the basis)
+    curvature_slope: float = 0.0  # steepest observed secant of the peak minus the fitted slope (>= 0)
+    steepest_between: tuple[int, int] | None = None  # the batch sizes of that secant
+    _max_batch_cache: dict = field(default_factory=dict, compare=False, repr=False)
+
+    # -- description
+
+    def basis_fields(self, what_if_notes: Sequence[str] = (), **extra: object) -> Basis:
+        """The structured basis of a prediction from this model (extra: Basis fields set by the prediction)."""
+        return Basis(steps=self.count, batch_sizes=self.batch_sizes, step_range=self.step_range,
+                     notes=self.notes, what_if=tuple(what_if_notes), **extra)  # type: ignore[arg-type]
+
+    @property
+    def basis(self) -> str:
+        """The fit's basis as one line (no what-if)."""
+        return self.basis_fields().text()
+
+    @property
+    def peak_line(self) -> Line:
+        total = Line()
+        for name in COMPONENTS:
+            total = total + self.lines[name]
+        return total
+
+    @property
+    def trainable_bytes(self) -> float:
+        """Bytes of the parameters that get gradients (the optimizer's parameters)."""
+        grads = self.lines["gradients"].fixed
+        return grads if grads > 0 else self.lines["parameters"].fixed
+
+    def _state_bytes(self) -> float:
+        """Bytes of one optimizer state per trainable parameter set."""
+        k = OPTIMIZER_STATES.get(self.optimizer or "", 0)
+        observed = self.lines["optimizer"].fixed
+        if k and observed > 0:
+            return observed / k
+        return self.trainable_bytes
+
+    # -- prediction
+
+    def _lines_for(self, what_if: WhatIf) -> tuple[dict[str, Line], list[str]]:
+        """Component lines in the micro-batch after the what-ifs; and notes on the assumptions used."""
+        return apply_what_if(self.lines, what_if, trainable_bytes=self.trainable_bytes,
+                             state_bytes=self._state_bytes(), observed_amp=self.observed_amp)
+
+    def _check(self, what_if: WhatIf) -> None:
+        if what_if.batch_size is not None and (isinstance(what_if.batch_size, bool) or what_if.batch_size < 1):
+            raise ValueError(f"batch_size must be >= 1, got {what_if.batch_size}")
+        if what_if.accumulation_steps < 1:
+            raise ValueError(f"accumulation_steps must be >= 1, got {what_if.accumulation_steps}")
+        if what_if.shards < 1:
+            raise ValueError(f"shards must be >= 1, got {what_if.shards}")
+        if what_if.checkpoint_layers is not None and what_if.checkpoint_layers < 1:
+            raise ValueError(f"checkpoint_layers must be >= 1, got {what_if.checkpoint_layers}")
+
+    def _evaluate(self, lines: dict[str, Line], batch: int, steps: int) -> tuple[dict[str, int], int]:
+        micro = -(-batch // steps)
+        comps = {name: max(0, round(lines[name].at(micro))) for name in COMPONENTS}
+        return comps, micro
+
+    def _margin(self, peak: int, override: int | float | None, device_total: int | None) -> int:
+        if override is not None:
+            if isinstance(override, float) and 0 <= override < 1:
+                return round(override * device_total) if device_total else 0
+            return max(0, int(override))
+        reference_peak = self.peak_line.at(self.reference_batch)
+        margin = FRAG_SURVIVAL * self.frag_ratio * max(0.0, peak - reference_peak) + self.reserved_growth
+        if self.alloc_retries > 0:
+            margin += self.cache
+        return round(margin)
+
+    def _extra(self, micro: int, far: bool, lines: dict[str, Line] | None = None) -> float:
+        """Bytes the band's high side adds to the central peak at micro-batch ``micro``: 0 up to the reference
+        batch, where the observations hold. Beyond it, when the fit's fixed part is suspect or the target lies
+        beyond FAR_EXTRAPOLATION x the largest observed batch (far), the peak may grow at the slope bound from
+        the floor; with upward curvature, at the steepest observed secant. ``lines``: a what-if's lines, whose
+        per-sample bytes scale the extra (what shrinks the activations shrinks their uncertainty too)."""
+        beyond = micro - self.reference_batch
+        if beyond <= 0:
+            return 0.0
+        central = self.peak_line.at(micro)
+        extra = self.curvature_slope * beyond
+        if self.suspect or far:
+            extra = max(extra, self.floor + self.slope_bound * micro - central)
+        if lines is not None and extra > 0:
+            observed = self.peak_line.per_sample
+            changed = sum(lines[n].per_sample for n in COMPONENTS)
+            if observed > 0:
+                extra *= min(1.0, max(0.0, changed / observed))
+        return max(0.0, extra)
+
+    def _total(self, lines: dict[str, Line], batch: int, steps: int, margin: int | float | None,
+               device_total: int | None, high: bool | str = False) -> tuple[int, int]:
+        """(total, margin) at ``batch``; high: False (central), True (band's high side), 'far' (high, far)."""
+        comps, micro = self._evaluate(lines, batch, steps)
+        peak = sum(comps.values())
+        if high:
+            peak += round(self._extra(micro, high == "far", lines))
+        return peak + self.cache + self.context, self._margin(peak, margin, device_total)
+
+    def _far(self, central_max: int | None, batch: int, steps: int) -> bool:
+        """Is the extrapolation beyond FAR_EXTRAPOLATION x the largest observed batch? Judged on the central
+        largest batch when there is one (the batch a user would try), else on the batch asked for."""
+        target = -(-central_max // steps) if central_max else -(-batch // steps)
+        return target > FAR_EXTRAPOLATION * self.reference_batch
+
+    def _conservative_why(self, max_high: int | None, central: int | None, far: bool) -> tuple[str, ...]:
+        """Why the largest batch is below the central fit's: what the observations cannot support."""
+        if central is None or max_high is None or max_high >= central:
+            return ()
+        why: list[str] = []
+        sizes = self.batch_sizes
+        if self.unexplained_fixed > 0:
+            close = len(sizes) == 2 and sizes[-1] <= 2 * sizes[0]
+            source = (f"two close batch sizes ({sizes[0]}, {sizes[-1]})" if close
+                      else "one batch size" if len(sizes) == 1 else f"batch sizes {', '.join(map(str, sizes))}")
+            why.append(f"from {source}, {self.unexplained_fixed / 2**20:.0f} MiB of the peak look batch-independent "
+                       f"but are not parameters or optimizer state: counted per-sample beyond batch "
+                       f"{self.reference_batch} (a step's peak can move to another phase, e.g. from forward to "
+                       f"backward, as the batch grows)")
+        if self.curvature_slope > 0 and self.steepest_between:
+            a, b = self.steepest_between
+            why.append(f"the measured peak curves upward (steepest between batch {a} and {b}): that slope is "
+                       f"used beyond batch {self.reference_batch}")
+        if far:
+            why.append(f"extrapolating {central / self.reference_batch:.0f}x beyond the largest observed batch "
+                       f"({self.reference_batch}): the peak's fixed part above parameters and optimizer state "
+                       f"counted per-sample")
+        return tuple(why)
+
+    def predict(self, what_if: WhatIf | None = None, *, device_total: int | None = None,
+                margin: int | float | None = None) -> Prediction:
+        """Breakdown at what_if.batch_size (default: the last observed). margin overrides the derived margin:
+        int bytes, or a float in [0, 1) as a fraction of device_total. Raises ValueError for a bad WhatIf."""
+        what_if = what_if or WhatIf()
+        self._check(what_if)
+        batch = what_if.batch_size or self.last_batch
+        lines, notes = self._lines_for(what_if)
+        comps, micro = self._evaluate(lines, batch, what_if.accumulation_steps)
+        peak = sum(comps.values())
+        comps["cache"] = self.cache
+        comps["context"] = self.context
+        total = peak + self.cache + self.context
+        steps = what_if.accumulation_steps
+        central_max = self._search(device_total, what_if, margin, high=False)
+        far = self._far(central_max, batch, steps)
+        high_peak = peak + round(self._extra(micro, far, lines))
+        kept = self._margin(high_peak, margin, device_total)
+        max_batch = self.max_batch(device_total, what_if, margin=margin) if device_total else None
+        band = Band(total, high_peak + self.cache + self.context)
+        headroom = device_total - kept - band.high if device_total else None
+        why = self._conservative_why(max_batch, central_max, far)
+        extrapolation = (max_batch / self.reference_batch) if max_batch else None
+        basis = self.basis_fields(notes, margin_source="measured" if margin is None else "given",
+                                  extrapolation=extrapolation, conservative=bool(why), conservative_why=why)
+        return Prediction(batch_size=batch, components={n: comps[n] for n in ALL_COMPONENTS}, total=total,
+                          peak_allocated=peak, max_batch=max_batch, device_total=device_total, headroom=headroom,
+                          margin=kept, basis_fields=basis, band=band, max_batch_central=central_max,
+                          what_if=what_if, micro_batch=micro)
+
+    def max_batch(self, device_total: int | None, what_if: WhatIf | None = None, *,
+                  margin: int | float | None = None) -> int | None:
+        """Largest (effective) batch with the band's high side + margin <= device_total (the conservative
+        answer; Prediction.max_batch_central is the central fit's). 0: not even batch 1 fits.
+        None: unknown (no device size, or no per-sample bytes measured, so nothing bounds the batch)."""
+        what_if = what_if or WhatIf()
+        if not device_total:
+            return None
+        central = self._search(device_total, what_if, margin, high=False)
+        far = self._far(central, 1, what_if.accumulation_steps)
+        return self._search(device_total, what_if, margin, high="far" if far else True)
+
+    def _search(self, device_total: int | None, what_if: WhatIf, margin: int | float | None,
+                high: bool | str) -> int | None:
+        """Exact integer search of the largest batch on the central (high=False) or high side."""
+        if not device_total:
+            return None
+        self._check(what_if)
+        key = (device_total, replace(what_if, batch_size=None), margin, high)
+        if key in self._max_batch_cache:
+            return self._max_batch_cache[key]
+        lines, _ = self._lines_for(what_if)
+        steps = what_if.accumulation_steps
+        if sum(lines[n].per_sample for n in COMPONENTS) <= 0:
+            result = None
+        else:
+            def fits(micro: int) -> bool:
+                total, kept = self._total(lines, micro, 1, margin, device_total, high)
+                return total + kept <= device_total
+
+            if not fits(1):
+                result = 0
+            else:
+                lo, hi = 1, 2
+                while fits(hi):  # exponential search, then bisection: exact on the integer prediction
+                    lo, hi = hi, hi * 2
+                    if hi > 1 << 50:
+                        break
+                if hi > 1 << 50:
+                    result = None
+                else:
+                    while hi - lo > 1:
+                        mid = (lo + hi) // 2
+                        if fits(mid):
+                            lo = mid
+                        else:
+                            hi = mid
+                    result = lo * steps
+        if len(self._max_batch_cache) > 256:
+            self._max_batch_cache.clear()
+        self._max_batch_cache[key] = result
+        return result

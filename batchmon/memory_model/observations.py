@@ -1,0 +1,96 @@
+"""The fit's inputs: a measured step reduced to what the model needs, and the straight line it fits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from batchmon.protocol import COMPONENTS, Step
+
+FIXED = ("parameters", "gradients", "optimizer")
+PER_SAMPLE = ("activations", "batch")
+
+
+
+@dataclass(frozen=True)
+class Observation:
+    """One measured training step, reduced to what the model needs."""
+
+    step: int
+    batch_size: int
+    components: dict[str, int]
+    peak_allocated: int | None = None
+    reserved: int | None = None
+    device_used: int | None = None
+    num_alloc_retries: int | None = None
+
+    @classmethod
+    def from_step(cls, step: Step) -> "Observation | None":
+        """None for a step the model cannot use (no batch size, or no components)."""
+        if not step.batch_size or step.batch_size < 1 or not step.components:
+            return None
+        comps = {name: max(0, int(step.components.get(name, 0) or 0)) for name in COMPONENTS}
+        return cls(step.step, step.batch_size, comps, step.peak_allocated, step.reserved, step.device_used,
+                   step.num_alloc_retries)
+
+    @property
+    def cache(self) -> int | None:
+        if self.reserved is None or self.peak_allocated is None:
+            return None
+        return max(0, self.reserved - self.peak_allocated)
+
+    @property
+    def context(self) -> int | None:
+        """device used - reserved; None when unmeasured or when the reading predates the step's pool
+        (device used < reserved: see stale_context)."""
+        if self.reserved is None or self.device_used is None or self.device_used < self.reserved:
+            return None
+        return self.device_used - self.reserved
+
+    @property
+    def stale_context(self) -> int | None:
+        """For a reading taken before the pool grew (device used < reserved): device used - parameters, an
+        upper bound of the context (the pool held at least the parameters then). None otherwise."""
+        if self.reserved is None or self.device_used is None or self.device_used >= self.reserved:
+            return None
+        return max(0, self.device_used - self.components.get("parameters", 0))
+
+
+@dataclass(frozen=True)
+class Line:
+    """value(B) = fixed + per_sample * B."""
+
+    fixed: float = 0.0
+    per_sample: float = 0.0
+
+    def at(self, batch: float) -> float:
+        return self.fixed + self.per_sample * batch
+
+    def __add__(self, other: "Line") -> "Line":
+        return Line(self.fixed + other.fixed, self.per_sample + other.per_sample)
+
+    def __sub__(self, other: "Line") -> "Line":
+        return Line(self.fixed - other.fixed, self.per_sample - other.per_sample)
+
+    def scaled(self, fixed: float = 1.0, per_sample: float = 1.0) -> "Line":
+        return Line(self.fixed * fixed, self.per_sample * per_sample)
+
+
+def fit_line(points: Sequence[tuple[int, int]], *, through_origin_when_single: bool = True) -> Line:
+    """Least squares over (batch, bytes). One distinct batch size: per-sample only (value / B), or fixed only.
+
+    A negative slope (noise) falls back to the mean as a fixed value, so every line is non-decreasing in B."""
+    if not points:
+        return Line()
+    xs = [float(b) for b, _ in points]
+    ys = [float(v) for _, v in points]
+    mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
+    sxx = sum((x - mean_x) ** 2 for x in xs)
+    if sxx == 0:
+        if through_origin_when_single:
+            return Line(0.0, mean_y / mean_x)
+        return Line(mean_y, 0.0)
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True)) / sxx
+    if slope < 0:
+        return Line(mean_y, 0.0)
+    return Line(mean_y - slope * mean_x, slope)
