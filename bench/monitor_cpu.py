@@ -81,9 +81,10 @@ def cpu_seconds(proc: psutil.Process) -> tuple[float, float]:
 #: processes (an idle GPU, as in bench/vs_nvitop.py's H200 comparison)
 NVML_REPLAY_MAIN = """
 import json, sys
+sys.path.insert(0, sys.argv[4])  # tests/: nvml_recording (test and bench tooling, not in the package)
 from batchmon.monitor.hub import Hub
 from batchmon.probes.nvml import NvmlProbe
-from batchmon.probes.nvml_recording import ReplayBackend, load_recording
+from nvml_recording import ReplayBackend, load_recording
 from batchmon.tui.app import run_monitor
 path, interval, idle = sys.argv[1], float(sys.argv[2]), sys.argv[3] == "1"
 data = load_recording(path)
@@ -127,7 +128,8 @@ def monitor_argv(args: argparse.Namespace) -> list[str]:
     if args.nvml_replay:
         script = Path(os.environ.get("TMPDIR", "/tmp")) / "batchmon_monitor_cpu_nvml_replay.py"
         script.write_text(NVML_REPLAY_MAIN)
-        return py + [str(script), str(args.nvml_replay.resolve()), str(args.interval), "1" if args.idle_gpu else "0"]
+        return py + [str(script), str(args.nvml_replay.resolve()), str(args.interval), "1" if args.idle_gpu else "0",
+                     str(Path(__file__).resolve().parents[1] / "tests")]
     if args.replay:
         return py + ["-m", "batchmon", "replay", str(args.replay), "--speed", str(args.speed)]
     return py + ["-m", "batchmon", "--interval", str(args.interval)]
@@ -227,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--replay", type=Path, help="replay this recording instead of the live hub")
     p.add_argument("--speed", type=float, default=1.0, help="replay speed (default 1)")
     p.add_argument("--nvml-replay", type=Path, help="live monitor, NVML answered from this NVML recording "
-                                                     "(probes/nvml_recording.py format), looped")
+                                                     "(tests/nvml_recording.py format), looped")
     p.add_argument("--idle-gpu", action="store_true", help="with --nvml-replay: drop the recorded GPU processes")
     p.add_argument("--bare", choices=("static", "ticking"),
                    help="measure a bare Textual app instead (the floor): one Static, unchanged or rewritten every "

@@ -67,7 +67,8 @@ def main() -> int:
 
     import pynvml
     from batchmon.probes.host import HostProbe
-    from batchmon.probes.nvml_recording import RecordingBackend
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # nvml_recording: test/bench tooling
+    from nvml_recording import RecordingBackend
 
     child = Child(CHILD_BYTES)
     try:

@@ -124,7 +124,7 @@ class NvmlProbe:
     """One NVML sample of every GPU per call, with None for anything the driver does not support.
 
     `backend` is the pynvml module (default, imported lazily) or anything with the same functions, such as
-    batchmon.probes.nvml_recording's RecordingBackend / ReplayBackend. Handles are fetched once; each field
+    tests/nvml_recording.py's RecordingBackend / ReplayBackend. Handles are fetched once; each field
     is one NVML call per sample; fields that answer NotSupported are not asked again. sample() never raises.
     Not thread-safe: one probe belongs to one sampling thread.
     """

@@ -19,7 +19,7 @@ import tui_fixtures as fx
 from batchmon import protocol
 from batchmon.monitor.hub import Hub
 from batchmon.probes.nvml import NvmlProbe
-from batchmon.probes.nvml_recording import ReplayBackend
+from nvml_recording import ReplayBackend
 from batchmon.protocol import COMPONENTS, MAX_SIZE
 from hub_peer import FakeAgent, LivePid, make_hello, make_step, wait_for
 

@@ -22,7 +22,7 @@ from batchmon.probes.nvml import (
     sample_from_dict,
     sample_to_dict,
 )
-from batchmon.probes.nvml_recording import RecordingBackend, ReplayBackend, check_recording, load_recording
+from nvml_recording import RecordingBackend, ReplayBackend, check_recording, load_recording
 
 FIXTURES = sorted((Path(__file__).parent / "fixtures").glob("nvml_*_recording.json"))
 SYNTHETIC = Path(__file__).parent / "fixtures" / "nvml_synthetic_recording.json"

@@ -14,7 +14,7 @@ import pytest
 from batchmon.memory_model import Basis, Prediction
 from batchmon.probes.host import HostProbe, HostSample, ProcessInfo
 from batchmon.probes.nvml import DeviceSample, NvmlProbe, NvmlSample
-from batchmon.probes.nvml_recording import ReplayBackend
+from nvml_recording import ReplayBackend
 from batchmon.protocol import ALL_COMPONENTS, COMPONENTS, Event, Hello, ModelInfo, Step, step_components
 from batchmon.monitor.render import NO_AGENTS, format_table, snapshot_to_json, text_bar
 from batchmon.units import clean_text as clean
