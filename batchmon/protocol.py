@@ -4,7 +4,8 @@ Newline-delimited UTF-8 JSON, one object per line, at most 1 MiB a line. Every o
 ``"type"``. Unknown types and unknown fields are ignored; an invalid line raises ProtocolError, which a reader
 counts and drops (never fatal). No pickle, nothing evaluated: a message is data, never code or a path.
 
-This module is imported by both sides, so it must stay free of torch and textual.
+This module is imported by both sides, so it must stay free of torch and textual. Over 400 lines because the
+schema, its codec and the socket-path rules are one contract between agent and monitor: read in one place.
 """
 
 from __future__ import annotations

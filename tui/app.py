@@ -2,7 +2,11 @@
 
 Threads never touch the UI: a source calls ``deliver(snapshot)`` from its own thread, which only posts a
 SnapshotArrived message; newer ones replace older ones still queued, and rendering is throttled on the
-app's own loop (a timer, not a thread).
+app's own loop (a timer, not a thread). What the panels show is built in views.py (pure, tested without
+Textual); the widgets draw it.
+
+Over 400 lines, as one class: the App is where Textual's lifecycle (mount, signals, resize, focus), the mounting
+of panels, their sizes and every key's action meet; each part is short and needs the others' state.
 """
 
 from __future__ import annotations
@@ -15,7 +19,6 @@ import time
 from collections import deque
 from typing import Any, Callable
 
-from rich.text import Text
 from textual import on
 from textual.app import App, ComposeResult
 from textual.binding import Binding
@@ -25,46 +28,25 @@ from textual.widgets import Footer
 
 from batchmon.errors import CliError
 from batchmon.snapshot import AgentView, Snapshot
-from batchmon.tui.fmt import clean_line, fmt_interval
+from batchmon.tui.fmt import fmt_interval
 from batchmon.tui import palette, views
 from batchmon.tui.gpu_panel import GpuPanel
 from batchmon.tui.header import HeaderBar
-from batchmon.tui.job_panel import JobPanel, command_text
+from batchmon.tui.job_panel import JobPanel
 from batchmon.tui.messages import PanelFocused, SnapshotArrived
 from batchmon.tui.notices import NoAgentsPanel, NoGpuPanel, WarningsPanel
 from batchmon.tui.panel import LinesPanel
 from batchmon.tui.predict import Predictor
-from batchmon.tui.screens import EXTRA_KEYS, BatchPrompt, HelpScreen
+from batchmon.tui.screens import EXTRA_KEYS, HELP, BatchPrompt, HelpScreen
 from batchmon.tui.state import WhatIfState, cycle_interval, next_interval
 from batchmon.tui.views import JobView
-from batchmon.tui.palette import ACCENT, BG, DIM
+from batchmon.tui.whatif_bar import PanelColumn, WhatIfBar
 
 HISTORY = 240  # sparkline samples kept per GPU
 QUIT_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
 NARROW_WIDTH = 120
 SHORT_HEIGHT = 28
 
-#: long descriptions for the help screen, by action
-HELP: dict[str, str] = {
-    "quit": "quit",
-    "help": "show this help",
-    "pause": "pause / resume the display (data keeps arriving)",
-    "batch(1)": "what-if batch size: next larger (1, 2, 3, 4, 6, 8, 12, 16 ...)",
-    "batch(-1)": "what-if batch size: next smaller",
-    "type_batch": "type a what-if batch size",
-    "toggle_amp": "what-if: mixed precision (AMP) on / off",
-    "toggle_ckpt": "what-if: activation checkpointing on / off",
-    "cycle_accum": "what-if: gradient accumulation steps 1 → 2 → 4 → 8",
-    "cycle_optimizer": "what-if: optimizer as observed → sgd → sgd-momentum → adam",
-    "reset_what_if": "reset the what-ifs to the observed run",
-    "interval(-1)": "refresh faster (shorter interval)",
-    "interval(1)": "refresh slower (longer interval)",
-    "cycle_interval": "cycle the refresh interval",
-    "select(-1)": "select the previous device or process",
-    "select(1)": "select the next device or process",
-    "column('devices')": "select the GPU of the selected process",
-    "column('jobs')": "select a process on the selected GPU",
-}
 
 
 class BatchmonApp(App[int]):
@@ -555,68 +537,6 @@ class BatchmonApp(App[int]):
                 return
         if target is not None:
             target.focus()
-
-
-class PanelColumn(VerticalScroll, inherit_bindings=False):
-    """A scrolling column of panels that leaves the arrow keys to the app (they select, not scroll)."""
-
-
-class WhatIfBar(Widget):
-    """One line above the footer: the what-if settings of the selected job and their keys."""
-
-    def __init__(self, *, id: str | None = None) -> None:
-        super().__init__(id=id)
-        self.view: JobView | None = None
-
-    def update_view(self, view: JobView | None) -> None:
-        """Repaint only when the line would read differently: a repaint here, at the bottom of the screen,
-        widens every frame's update region to the whole screen (Textual repaints the bounding box)."""
-        self.view = view
-        if not self.is_mounted or self.content_size.width <= 0:
-            self.refresh()
-            return
-        text = self._text()
-        if text != getattr(self, "_shown", None):
-            self.refresh()
-
-    def render(self) -> Text:
-        self._shown = self._text()
-        return self._shown
-
-    def _text(self) -> Text:
-        v = self.view
-        t = Text().append(" what-if ", style=f"bold {BG} on {ACCENT}")
-        if v is None:
-            t.append("  no training process attached", style=DIM)
-            return t
-        s = v.what_if
-        observed = v.observed_batch
-        b = s.effective_batch(observed)
-        wide = self.content_size.width >= 120
-        t.append(" ")
-        if wide:
-            t.append(command_text(v.lead)[:30], style="bold")
-            t.append("  ")
-        t.append("batch ", style=DIM)
-        t.append(str(b) if b is not None else "n/a", style="bold")
-        if s.batch_size is not None and s.batch_size != observed:
-            t.append(f" (ran {observed})", style=DIM)
-        elif wide:
-            t.append(" (+/- b)", style=DIM)
-
-        def flag(label: str, value: str, key: str, on_: bool) -> None:
-            t.append(f"  {label} ", style=DIM)
-            t.append(value, style=f"bold {ACCENT}" if on_ else "")
-            if wide:
-                t.append(f" ({key})", style=DIM)
-
-        flag("AMP", "on" if s.amp else "off", "a", s.amp)
-        flag("ckpt", "on" if s.checkpointing else "off", "c", s.checkpointing)
-        flag("accum", str(s.accumulation_steps), "g", s.accumulation_steps != 1)
-        flag("optim", s.optimizer or "as run", "o", s.optimizer is not None)
-        t.no_wrap = True
-        t.overflow = "ellipsis"
-        return clean_line(t)  # the command comes from the agent
 
 
 def run_monitor(source: Any, *, interval: float, mouse: bool, title: str | None = None) -> int:

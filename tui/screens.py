@@ -11,6 +11,28 @@ from textual.widgets import Input, Static
 
 from batchmon.tui.palette import ACCENT, BAD, DIM
 
+#: long descriptions for the help screen, by action
+HELP: dict[str, str] = {
+    "quit": "quit",
+    "help": "show this help",
+    "pause": "pause / resume the display (data keeps arriving)",
+    "batch(1)": "what-if batch size: next larger (1, 2, 3, 4, 6, 8, 12, 16 ...)",
+    "batch(-1)": "what-if batch size: next smaller",
+    "type_batch": "type a what-if batch size",
+    "toggle_amp": "what-if: mixed precision (AMP) on / off",
+    "toggle_ckpt": "what-if: activation checkpointing on / off",
+    "cycle_accum": "what-if: gradient accumulation steps 1 → 2 → 4 → 8",
+    "cycle_optimizer": "what-if: optimizer as observed → sgd → sgd-momentum → adam",
+    "reset_what_if": "reset the what-ifs to the observed run",
+    "interval(-1)": "refresh faster (shorter interval)",
+    "interval(1)": "refresh slower (longer interval)",
+    "cycle_interval": "cycle the refresh interval",
+    "select(-1)": "select the previous device or process",
+    "select(1)": "select the next device or process",
+    "column('devices')": "select the GPU of the selected process",
+    "column('jobs')": "select a process on the selected GPU",
+}
+
 #: keys that are not App bindings but still do something, for the help screen
 EXTRA_KEYS: tuple[tuple[str, str], ...] = (
     ("tab / shift+tab", "select the next / previous device or process"),

@@ -1,9 +1,13 @@
 """The hub: one IO thread that hears every agent on this host, samples NVML and the host, and publishes Snapshots.
 
-Every input becomes a record (see hub_state) that goes through ``HubState.ingest`` and, if given, the
+Every input becomes a record (batchmon.records) that goes through ``HubState.ingest`` and, if given, the
 ``recorder`` callback; so the TUI, ``--once``, ``record`` and ``stream`` all see exactly the same data.
 One thread for everything: a selectors loop over agent sockets between probe ticks, no thread per refresh.
 Nothing an agent or NVML sends can crash it; problems become counted Warnings in the snapshot.
+
+Over 400 lines: the IO thread's loop is one piece (ticks, the socket folder's scan, connections, reads within a
+time budget, reaping), tuned together for an idle monitor's cost; the pure parts live in hub_state and
+agent_sockets.
 """
 
 from __future__ import annotations
