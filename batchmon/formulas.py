@@ -52,11 +52,55 @@ _DTYPE_BYTES: dict[str, tuple[int, int, int, int, int, int]] = {
 }
 
 
+ATTENTION = ("standard", "flash")
+RECOMPUTE = ("none", "full")
+
+
+def transformer_activations(layers: int, hidden: int, heads: int, seq_len: int, batch: int, dtype: str = "bf16",
+                            attention: str = "standard", recompute: str = "none") -> int:
+    """Bytes saved for backward by ``layers`` transformer layers (Korthikanti et al., MLSys 2023, Eq. 1, no
+    tensor or sequence parallelism): per layer ``s*b*h*(34 + 5*a*s/h)`` with 16-bit activations (the 34 counts
+    the 16-bit tensors and 1-byte dropout masks of attention and MLP; 5*a*s/h the attention scores, softmax
+    and its dropout). Variants: flash attention keeps no s x s matrix (``s*b*h*34``); full recompute keeps only
+    each layer's input (``2*s*b*h``); fp32 activations double every term. Embeddings, the final norm and the
+    logits are not in it (a lower bound by those)."""
+    if attention not in ATTENTION:
+        raise ValueError(f"unknown attention {attention!r} (expected one of {', '.join(ATTENTION)})")
+    if recompute not in RECOMPUTE:
+        raise ValueError(f"unknown recompute {recompute!r} (expected one of {', '.join(RECOMPUTE)})")
+    for name, value in (("layers", layers), ("hidden", hidden), ("heads", heads), ("seq_len", seq_len),
+                        ("batch", batch)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    width = 2 if dtype == "fp32" else 1  # the formula's bytes are for 16-bit activations
+    s, b, h, a = seq_len, batch, hidden, heads
+    if recompute == "full":
+        per_layer = 2 * s * b * h
+    elif attention == "flash":
+        per_layer = 34 * s * b * h
+    else:
+        per_layer = 34 * s * b * h + 5 * a * s * s * b
+    return layers * per_layer * width
+
+
+def transformer_text(dtype: str = "bf16", attention: str = "standard", recompute: str = "none") -> str:
+    """The formula transformer_activations uses, for tables."""
+    width = "2*" if dtype == "fp32" else ""
+    if recompute == "full":
+        return f"{width}L*2*s*B*h"
+    if attention == "flash":
+        return f"{width}L*34*s*B*h"
+    return f"{width}L*s*B*h*(34+5*a*s/h)"
+
+
 def formula_breakdown(params: int, layers: int, hidden: int, input_dim: int, batch: int,
-                      optimizer: str = "adam", dtype: str = "fp32") -> dict[str, int]:
-    """The seed's equation with protocol component names. fp32 + adam is the seed exactly (N*4, B*L*H*4,
-    2*N*4, B*D*4) plus gradients N*4, which the seed leaves out. Exact for an L-layer ReLU MLP of width H
-    (saved ReLU outputs); a lower bound for real networks (several saved tensors per layer)."""
+                      optimizer: str = "adam", dtype: str = "fp32", *, heads: int | None = None,
+                      seq_len: int | None = None, attention: str = "standard",
+                      recompute: str = "none") -> dict[str, int]:
+    """Training memory by component (protocol names): parameters N*p, gradients N*g, optimizer k*N*s,
+    activations, batch B*D*x, other (autocast's 16-bit weight copies). Activations: with ``seq_len`` (and
+    ``heads`` unless flash attention or full recompute), transformer_activations; without, B*L*H*a - one
+    saved tensor per layer, exact for an L-layer ReLU MLP of width H, a lower bound for anything else."""
     kind = optimizer_kind(optimizer)
     if kind is None:
         raise ValueError(f"unknown optimizer {optimizer!r} (expected one of {', '.join(OPTIMIZER_STATES)})")
@@ -68,17 +112,24 @@ def formula_breakdown(params: int, layers: int, hidden: int, input_dim: int, bat
     if input_dim < 0:
         raise ValueError(f"input_dim must be >= 0, got {input_dim}")
     p, g, s, a, x, w = _DTYPE_BYTES[dtype]
+    if seq_len is not None:
+        if heads is None and attention == "standard" and recompute == "none":
+            raise ValueError("a sequence length needs the number of attention heads (or flash attention)")
+        activations = transformer_activations(layers, hidden, heads or 1, seq_len, batch, dtype, attention, recompute)
+    else:
+        activations = batch * layers * hidden * a
     return {
         "parameters": params * p,
         "gradients": params * g,
         "optimizer": OPTIMIZER_STATES[kind] * params * s,
-        "activations": batch * layers * hidden * a,
+        "activations": activations,
         "batch": batch * input_dim * x,
         "other": params * w,
     }
 
 
-def formula_text(optimizer: str = "adam", dtype: str = "fp32") -> dict[str, str]:
+def formula_text(optimizer: str = "adam", dtype: str = "fp32", *, transformer: bool = False,
+                 attention: str = "standard", recompute: str = "none") -> dict[str, str]:
     """The formula behind each component of formula_breakdown, for tables."""
     kind = optimizer_kind(optimizer) or optimizer
     p, g, s, a, x, w = _DTYPE_BYTES[dtype]
@@ -87,18 +138,23 @@ def formula_text(optimizer: str = "adam", dtype: str = "fp32") -> dict[str, str]
         "parameters": f"N*{p}",
         "gradients": f"N*{g}",
         "optimizer": f"{k}*N*{s}" if k else "0",
-        "activations": f"B*L*H*{a}",
+        "activations": transformer_text(dtype, attention, recompute) if transformer else f"B*L*H*{a}",
         "batch": f"B*D*{x}",
         "other": f"N*{w} (16-bit weight copies)" if w else "0",
     }
 
 
 def formula_max_batch(params: int, layers: int, hidden: int, input_dim: int, device_total: int,
-                      optimizer: str = "adam", dtype: str = "fp32") -> int:
-    """Largest B with formula total <= device_total (no margin: the formulas measure nothing). 0 if none."""
-    fixed = sum(formula_breakdown(params, layers, hidden, input_dim, 1, optimizer, dtype).values())
-    per_sample = sum(formula_breakdown(params, layers, hidden, input_dim, 2, optimizer, dtype).values()) - fixed
-    fixed -= per_sample
+                      optimizer: str = "adam", dtype: str = "fp32", **transformer: object) -> int:
+    """Largest B with formula total <= device_total (no margin: the formulas measure nothing). 0 if none.
+    ``transformer``: heads, seq_len, attention, recompute as formula_breakdown takes them (every term is
+    linear in B)."""
+    def total(b: int) -> int:
+        return sum(formula_breakdown(params, layers, hidden, input_dim, b, optimizer, dtype,
+                                     **transformer).values())  # type: ignore[arg-type]
+
+    fixed = 2 * total(1) - total(2)
+    per_sample = total(2) - total(1)
     if device_total < fixed + per_sample:
         return 0
     return (device_total - fixed) // per_sample

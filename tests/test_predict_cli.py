@@ -1,4 +1,4 @@
-"""`batchmon predict`: the seed's formulas, unit parsing, JSON, and clear errors for bad input."""
+"""`batchmon predict`: the closed forms, transformer activations, unit parsing, JSON, and clear errors for bad input."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from batchmon.cli.main import main
-from batchmon.formulas import formula_breakdown, formula_max_batch
+from batchmon.formulas import formula_breakdown, formula_max_batch, transformer_activations
 from batchmon.protocol import COMPONENTS
 from batchmon.units import format_bytes, parse_count, parse_size
 
@@ -25,12 +25,12 @@ def _rows(text: str) -> dict[str, int]:
     return rows
 
 
-def test_reproduces_the_seeds_four_lines_and_adds_gradients(capsys):
+def test_reproduces_the_classic_four_lines_and_adds_gradients(capsys):
     assert main(SEED + ["--optimizer", "adam"]) == 0
     rows = _rows(capsys.readouterr().out)
-    n, l, h, d, b = 125 * 10**6, 12, 768, 1024, 32
+    n, layers, h, d, b = 125 * 10**6, 12, 768, 1024, 32
     assert rows["parameters"] == n * 4  # Model Memory = N * 4 bytes
-    assert rows["activations"] == b * l * h * 4  # Activation Memory = B * L * H * 4 bytes
+    assert rows["activations"] == b * layers * h * 4  # Activation Memory = B * L * H * 4 bytes
     assert rows["optimizer"] == 2 * n * 4  # Optimizer Memory = 2 * N * 4 bytes
     assert rows["batch"] == b * d * 4  # Batch Data Memory = B * D * 4 bytes
     assert rows["gradients"] == n * 4  # what the seed leaves out
@@ -122,3 +122,81 @@ def test_units():
         with pytest.raises(ValueError):
             parse_count(bad)
     assert format_bytes(1536) == "1.5 KiB" and format_bytes(None) == "-" and format_bytes(12) == "12 B"
+
+
+GPT2 = ["predict", "--params", "124M", "--layers", "12", "--hidden", "768", "--input-dim", "1024", "--batch", "8"]
+
+
+def test_transformer_activations_follow_korthikanti_and_their_variants():
+    layers, h, a, s, b = 12, 768, 12, 1024, 8
+    per_layer = s * b * h * (34 + 5 * a * s / h)  # 16-bit activations, no parallelism, no recompute
+    assert transformer_activations(layers, h, a, s, b, "bf16") == round(layers * per_layer)
+    assert transformer_activations(layers, h, a, s, b, "amp") == round(layers * per_layer)
+    assert transformer_activations(layers, h, a, s, b, "fp32") == round(2 * layers * per_layer)
+    flash = transformer_activations(layers, h, a, s, b, "bf16", attention="flash")
+    assert flash == layers * 34 * s * b * h  # no s x s matrix: the 5*a*s^2*b term is gone
+    full = transformer_activations(layers, h, a, s, b, "bf16", recompute="full")
+    assert full == layers * 2 * s * b * h  # only each layer's input is kept
+    # the attention term is quadratic in the sequence, the rest linear
+    assert transformer_activations(1, h, a, 2 * s, 1) - 2 * transformer_activations(1, h, a, s, 1) == 5 * a * 2 * s * s
+    for bad in ({"attention": "sparse"}, {"recompute": "some"}):
+        with pytest.raises(ValueError):
+            transformer_activations(layers, h, a, s, b, **bad)
+
+
+def test_cli_with_heads_and_seq_len_gives_transformer_figures_and_largest_batch(capsys):
+    assert main(GPT2 + ["--heads", "12", "--seq-len", "1024", "--dtype", "amp", "--device-memory", "24GiB",
+                        "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    expected = transformer_activations(12, 768, 12, 1024, 8, "amp")
+    assert doc["components"]["activations"] == expected and doc["activations_lower_bound"] is False
+    mb = doc["max_batch"]
+    args = (124 * 10**6, 12, 768, 1024)
+    kw = {"heads": 12, "seq_len": 1024}
+    assert sum(formula_breakdown(*args, mb, "adam", "amp", **kw).values()) <= 24 * 2**30
+    assert sum(formula_breakdown(*args, mb + 1, "adam", "amp", **kw).values()) > 24 * 2**30
+    assert 10 < mb < 100  # a real transformer's order of magnitude, not 580317
+    assert main(GPT2 + ["--seq-len", "1024", "--attention", "flash"]) == 0  # flash needs no head count
+    out = capsys.readouterr().out
+    assert "L*34*s*B*h" in out and "lower bound" not in out
+
+
+def test_without_seq_len_the_output_says_activations_are_a_lower_bound(capsys):
+    assert main(SEED + ["--device-memory", "24GiB"]) == 0
+    out = capsys.readouterr().out
+    assert "Activations are a lower bound" in out
+    assert "largest batch on 24.0 GiB: at most" in out and "real largest batch is smaller" in out
+    assert main(SEED + ["--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["activations_lower_bound"] is True
+
+
+def test_no_seed_wording_in_output_or_help():
+    for argv in (SEED + ["--device-memory", "24GiB"], ["predict", "--help"], ["--help"]):
+        proc = subprocess.run([sys.executable, "-m", "batchmon", *argv], capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        assert "seed" not in (proc.stdout + proc.stderr).lower(), argv
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["--params", "1e400"], "argument --params: expected at most"),
+    (["--hidden", "1e400"], "argument --hidden: expected at most"),
+    (["--device-memory", "1e999"], "argument --device-memory: expected at most"),
+    (["--batch", "99999999999999999999"], "argument --batch: expected at most 1,099,511,627,776"),
+    (["--input-dim", "1e300"], "argument --input-dim: expected at most"),
+    (["--seq-len", "1e400", "--heads", "12"], "argument --seq-len: expected at most"),
+    (["--seq-len", "1024"], "--seq-len needs --heads"),
+    (["--heads", "12"], "--heads needs --seq-len"),
+    (["--attention", "sparse"], "argument --attention: invalid choice"),
+])
+def test_huge_and_inconsistent_values_exit_2_with_one_clear_line(bad, message):
+    argv = list(SEED)
+    flag = bad[0]
+    if flag in argv:
+        i = argv.index(flag)
+        del argv[i:i + 2]
+    proc = subprocess.run([sys.executable, "-m", "batchmon", *argv, *bad], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+    assert sum(1 for line in proc.stderr.splitlines() if "error" in line) == 1

@@ -120,8 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler="batchmon.cli.monitor:main_replay")
 
     p = sub.add_parser("predict", help="the memory equation as a calculator, no GPU needed",
-                       description="Estimate training memory from the seed's formulas: parameters N*b, "
-                                   "gradients N*b, optimizer states k*N*b, activations B*L*H*b, batch B*D*b.")
+                       description="Estimate training memory from closed forms: parameters N*b, gradients N*b, "
+                                   "optimizer states k*N*b, batch B*D*b; activations per transformer layer "
+                                   "s*B*h*(34+5*a*s/h) with --heads/--seq-len, else B*L*H*b (a lower bound).")
     p.set_defaults(handler="batchmon.cli.predict:main")
     from batchmon.cli.predict import add_arguments  # no torch, no textual: plain argparse
 
