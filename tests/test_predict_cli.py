@@ -35,7 +35,7 @@ def test_reproduces_the_classic_four_lines_and_adds_gradients(capsys):
     assert rows["batch"] == b * d * 4  # Batch Data Memory = B * D * 4 bytes
     assert rows["gradients"] == n * 4  # what the seed leaves out
     assert rows["other"] == 0
-    assert rows["total"] == 4 * n * 4 + b * l * h * 4 + b * d * 4
+    assert rows["total"] == 4 * n * 4 + b * layers * h * 4 + b * d * 4
 
 
 def test_json_keys_and_largest_batch(capsys):
