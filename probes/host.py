@@ -162,9 +162,18 @@ def _field(d: Mapping[str, Any], key: str, where: str, kinds: tuple[type, ...], 
         raise ValueError(f"{where}{key}: missing")
     if isinstance(value, bool) or not isinstance(value, kinds):
         raise ValueError(f"{where}{key}: expected {kinds[0].__name__}, got {type(value).__name__}")
-    if isinstance(value, (int, float)) and not (0 <= value < float("inf")):
-        raise ValueError(f"{where}{key}: {value} out of range")
+    if isinstance(value, (int, float)) and not (0 <= value <= MAX_NUMBER):
+        # as the agent protocol caps its sizes: a JSON integer >= 2**1024 made float() raise OverflowError later
+        raise ValueError(f"{where}{key}: {_short(value)} out of range")
     return value
+
+
+MAX_NUMBER = 1 << 62  # protocol.MAX_SIZE: no byte count, pid, CPU share or time a sample holds is larger
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:20]}...({len(text)} digits)"
 
 
 def sample_from_dict(d: Any) -> HostSample:

@@ -124,7 +124,7 @@ class NvmlProbe:
     """One NVML sample of every GPU per call, with None for anything the driver does not support.
 
     `backend` is the pynvml module (default, imported lazily) or anything with the same functions, such as
-    tests/nvml_recording.py's RecordingBackend / ReplayBackend. Handles are fetched once; each field
+    batchmon.probes.nvml_recording's RecordingBackend / ReplayBackend. Handles are fetched once; each field
     is one NVML call per sample; fields that answer NotSupported are not asked again. sample() never raises.
     Not thread-safe: one probe belongs to one sampling thread.
     """
@@ -401,7 +401,13 @@ def _get(d: Mapping[str, Any], key: str, where: str, kinds: tuple[type, ...], *,
         raise ValueError(f"{where}{key}: negative value {value}")
     if isinstance(value, float) and not (value == value and abs(value) != float("inf")):
         raise ValueError(f"{where}{key}: not a finite number")
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > MAX_NUMBER:
+        # as the agent protocol caps its sizes: a JSON integer >= 2**1024 made float() raise OverflowError later
+        raise ValueError(f"{where}{key}: out of range")
     return value
+
+
+MAX_NUMBER = 1 << 62  # protocol.MAX_SIZE: no memory figure, pid, power or time a sample holds is larger
 
 
 def _obj(value: Any, where: str) -> Mapping[str, Any]:

@@ -43,7 +43,12 @@ SSH_BASE_OPTIONS = ("-o", "BatchMode=yes", "-o", "ConnectTimeout=10", "-o", "Ser
 
 
 def remote_command(interval: float) -> str:
+    """The command ssh runs on the remote box. Raises ValueError for one starting with '-': ssh reads the
+    word after its options as the host and the rest as the command, but a leading '-' makes it an option
+    (``-oProxyCommand=...`` ran a local command), so it is refused as a bad --host is."""
     command = os.environ.get(COMMAND_ENV, "").strip() or DEFAULT_COMMAND
+    if command.startswith("-"):
+        raise ValueError(f"{COMMAND_ENV} must be a command, not an ssh option: {command[:60]!r}")
     return f"{command} --interval {interval:g}"
 
 
