@@ -59,8 +59,8 @@ class StorageSet:
             storage = t.untyped_storage()
             key = storage.data_ptr()
             size = storage.nbytes()
-        except (RuntimeError, NotImplementedError, TypeError, AttributeError):
-            return 0  # sparse, nested, fake or functional tensors have no plain storage
+        except (RuntimeError, NotImplementedError, TypeError, AttributeError, ValueError):
+            return 0  # sparse, nested, fake, functional or lazy (uninitialised) tensors have no plain storage
         if size == 0 or key == 0 or key in self.keys:
             return 0
         for excluded in self.exclude:
@@ -145,10 +145,15 @@ def optimizer_storages(optimizers: Iterable[torch.optim.Optimizer], device: torc
     return found
 
 
+def has_lazy(model: torch.nn.Module) -> bool:
+    """Whether some parameter is still uninitialised (a LazyLinear before its first forward)."""
+    return any(torch.nn.parameter.is_lazy(p) for p in model.parameters())
+
+
 def parameter_count(model: torch.nn.Module) -> tuple[int, int]:
-    """(number of parameters, their bytes as stored on their device), tied weights once."""
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    params = list(model.parameters())
+    """(number of parameters, their bytes as stored on their device), tied weights once; lazy ones not yet."""
+    params = [p for p in model.parameters() if not torch.nn.parameter.is_lazy(p)]
+    device = next((p.device for p in params), torch.device("cpu"))
     bytes_ = StorageSet(device).add_all(params)
     return sum(p.numel() for p in params), bytes_
 

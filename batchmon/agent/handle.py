@@ -215,6 +215,7 @@ class AgentHandle:
         self._tls = threading.local()
         self._window_depth = 0
         self._loss_search_left = LOSS_SEARCH_STEPS
+        self._discovered_call = False  # the running root forward is the one discovery found the model in
         self.oom_count = 0  # OOM events so far; the wrappers use it to report a nested OOM only once
 
     # -------------------------------------------------------------------------------------------- public
@@ -436,7 +437,9 @@ class AgentHandle:
             self._tls.depth = depth + 1
             if depth == 0 and self.model is None and torch.is_grad_enabled() and _has_trainable(module):
                 self._set_model(module)
-                # this call's instance pre-hooks were fixed before we registered ours: run it by hand
+                # this call's instance pre-hooks were fixed before we registered ours: run it by hand (a global
+                # pre hook gets no keyword arguments: the post hook adds them to this first step's batch)
+                self._discovered_call = True
                 self._root_pre(module, args, {})
         except Exception as exc:  # noqa: BLE001
             self._fail(exc)
@@ -471,7 +474,8 @@ class AgentHandle:
         except Exception as exc:  # noqa: BLE001
             self._fail(exc)
 
-    def _root_post(self, module: torch.nn.Module, exc: BaseException | None) -> None:
+    def _root_post(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
+                   exc: BaseException | None) -> None:
         if module is not self.model:
             return
         meter = self._meter
@@ -481,6 +485,12 @@ class AgentHandle:
                 return
             counting, meter.root_counting = meter.root_counting, False
             meter.stop_counting()
+            discovered, self._discovered_call = self._discovered_call, False
+            if discovered and counting and kwargs:
+                inputs = list(iter_tensors((args, kwargs), depth=4))
+                measured = self._sizer.measure(args, kwargs, inputs)
+                meter.batch_size, meter.batch_source = measured.size, measured.source
+                meter.add_inputs(inputs, count=False)
             learned = self._sizer.stop_probe()
             if learned is not None and counting:
                 meter.batch_size, meter.batch_source = learned.size, learned.source

@@ -105,6 +105,7 @@ class StepMeter:
         self._static_state_len = -1
         self.retries: int | None = None
         self.backwards = 0  # backward passes in the open step
+        self._lazy = False  # the model had uninitialised (lazy) parameters when last counted
         self._backward_static: tuple[int, int, int] | None = None
         self._grad_marks: list[tuple[weakref.ReferenceType[torch.Tensor], int, int]] = []
 
@@ -130,6 +131,7 @@ class StepMeter:
         if model is not None:
             params, nbytes = accounting.parameter_count(model)
             self.model_info = ModelInfo(type(model).__name__, params, nbytes)
+            self._lazy = accounting.has_lazy(model)
         self._static = None
 
     # -------------------------------------------------------------------------------------------- forward
@@ -162,19 +164,20 @@ class StepMeter:
             self._sampled_batch_size = self.batch_size
             self._layout = layout
             where = device_of(model) if model is not None else None
-            if where is not None and where != self.device:
-                self.set_device(where)
+            if where is not None and (where != self.device or self._lazy):
+                self.set_device(where)  # moved, or lazy parameters materialised since: count the model again
                 moved = True
             found = accounting.parameter_storages(
                 model, self.device_or_cpu(), accounting.parameters_of(None, self.optimizers))
             self._param_keys = found.keys
         return moved
 
-    def add_inputs(self, inputs: list[torch.Tensor]) -> None:
+    def add_inputs(self, inputs: list[torch.Tensor], count: bool = True) -> None:
+        """The root forward's inputs are batch; ``count``: start counting saved tensors (forward begins)."""
         if self.batch is None:
             self.batch = accounting.StorageSet(self.device_or_cpu())
         self.batch.add_all(inputs)
-        if self.sampled:
+        if self.sampled and count:
             self.counter_for_group().push()
 
     def add_targets(self, tensors: Any) -> None:

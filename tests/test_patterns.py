@@ -1,0 +1,40 @@
+"""Issue 12 point 5: the pattern corpus (tests/patterns/), each script plain and under ``batchmon run``.
+
+Real subprocesses: the same script, same seed, once plain and once under ``batchmon run``; the losses must be
+bit-identical, the agent must see one step per step the script took (tests/patterns/pattern_common.py: each
+script reports its own steps and batch sizes), with the script's batch sizes, and where the script says where
+its batch dimension is, the agent must name it (``batch_source``). The same corpus runs on CUDA with
+``bench/patterns_run.py``. Marked slow: every pattern starts four Python processes that import torch.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "patterns"))
+
+import corpus  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def short_dir():
+    """A short folder: the agent's socket path (at most 107 bytes) lives under it."""
+    path = Path(tempfile.mkdtemp(prefix="bmpat"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.mark.parametrize("pattern", corpus.PATTERNS, ids=[p.name for p in corpus.PATTERNS])
+def test_pattern_plain_and_under_batchmon_run(pattern, short_dir):
+    row = corpus.run_pattern(pattern, "cpu", short_dir)
+    assert row.problems == [], row.problems
+    assert row.ok and row.loss_unchanged and row.batch_right
+    assert row.steps_seen == row.steps_expected > 0
+    assert row.components_sum_to_peak is None  # CPU: no allocator peak to sum to
