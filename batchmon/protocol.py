@@ -16,7 +16,7 @@ import os
 import stat
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 VERSION = 1
 MAX_LINE_BYTES = 1 << 20
@@ -260,7 +260,8 @@ class Bye:
 
 
 Message = Hello | Step | Event | Bye
-_PARSERS = {"hello": Hello.from_dict, "step": Step.from_dict, "event": Event.from_dict, "bye": Bye.from_dict}
+_PARSERS: dict[str, Callable[[Mapping[str, Any]], Message]] = {
+    "hello": Hello.from_dict, "step": Step.from_dict, "event": Event.from_dict, "bye": Bye.from_dict}
 
 
 def step_components(step: Step | None) -> dict[str, int | None]:

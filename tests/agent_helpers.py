@@ -10,11 +10,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import pytest
 
 from batchmon import protocol
+from conftest import wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -33,15 +34,9 @@ def agent_dir(monkeypatch: pytest.MonkeyPatch):
     shutil.rmtree(base, ignore_errors=True)
 
 
-def wait_for(condition: Callable[[], object], timeout: float = 90.0, what: str = "condition") -> object:
-    """Poll until condition() is truthy; fail after timeout."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
+def wait_for(condition: Callable[[], Any], timeout: float = 90.0, what: str = "condition") -> Any:
+    """conftest.wait_until with this module's default deadline."""
+    return wait_until(condition, timeout, what)
 
 
 class Reader:

@@ -11,28 +11,22 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 from batchmon import protocol
-from batchmon.protocol import COMPONENTS, Hello, ModelInfo, Step
+from batchmon.protocol import Hello, ModelInfo, Step
+from conftest import make_step as conftest_make_step
+from conftest import wait_until
 
 
-def wait_for(predicate: Callable[[], object], timeout: float = 10.0, what: str = "condition") -> object:
-    """Poll a condition until it holds or the deadline passes (no fixed sleeps as synchronisation)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.01)
+def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
+    """conftest.wait_until with this module's default deadline."""
+    return wait_until(predicate, timeout, what)
 
 
 def make_hello(pid: int, **kw) -> Hello:
-    base = dict(pid=pid, host=socket.gethostname(), argv=("train.py", "--lr", "3e-4"), python="3.11",
+    base: dict[str, Any] = dict(pid=pid, host=socket.gethostname(), argv=("train.py", "--lr", "3e-4"), python="3.11",
                 torch="2.13.0", device="cpu", nvml_uuid=None, rank=0, local_rank=0, world_size=1,
                 model=ModelInfo("MLP", 1000, 4000), optimizer="Adam")
     base.update(kw)
@@ -40,9 +34,8 @@ def make_hello(pid: int, **kw) -> Hello:
 
 
 def make_step(n: int, batch: int = 16, t0: float = 1_700_000_000.0) -> Step:
-    return Step(step=n, time=t0 + n * 0.1, step_seconds=0.1, batch_size=batch,
-                components={name: (i + 1) * 1000 + (batch * 10 if name in ("activations", "batch") else 0)
-                            for i, name in enumerate(COMPONENTS)})
+    """conftest.make_step at 0.1 s per step from ``t0``."""
+    return conftest_make_step(n, batch, time=t0 + n * 0.1)
 
 
 class LivePid:

@@ -16,20 +16,17 @@ import psutil
 import pytest
 
 from batchmon.probes.host import HostProbe, HostSample, ProcessInfo, sample_from_dict, sample_to_dict
+from conftest import wait_until
 
 
 def wait_for(predicate: Any, timeout: float = 10.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
+    """conftest.wait_until with this module's default deadline."""
+    return wait_until(predicate, timeout, what)
 
 
 def unused_pid() -> int:
-    pid_max = int(Path("/proc/sys/kernel/pid_max").read_text()) if Path("/proc/sys/kernel/pid_max").exists() else 1 << 22
+    limit = Path("/proc/sys/kernel/pid_max")
+    pid_max = int(limit.read_text()) if limit.exists() else 1 << 22
     return pid_max + 1  # above the kernel's limit: can never exist
 
 

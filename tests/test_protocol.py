@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -24,22 +25,25 @@ from batchmon.protocol import (
     decode,
     encode,
 )
+from conftest import make_step as conftest_make_step
 
 
-def make_hello(**kw) -> Hello:
-    base = dict(pid=1234, host="box", argv=("train.py", "--lr", "3e-4"), python="3.11.7", torch="2.13.0",
+def make_hello(**kw: Any) -> Hello:
+    base: dict[str, Any] = dict(pid=1234, host="box", argv=("train.py", "--lr", "3e-4"), python="3.11.7", torch="2.13.0",
                 device="cuda:0", nvml_uuid="GPU-abc", rank=1, local_rank=1, world_size=2,
                 model=ModelInfo("GPT", 124_000_000, 496_000_000), optimizer="AdamW")
     base.update(kw)
     return Hello(**base)
 
 
-def make_step(**kw) -> Step:
-    base = dict(step=7, time=1_700_000_000.5, step_seconds=0.25, batch_size=32,
-                components={name: (i + 1) * 1000 for i, name in enumerate(COMPONENTS)},
-                allocated=10, peak_allocated=20, reserved=30, num_alloc_retries=0, num_ooms=0, device_used=40)
+def make_step(**kw: Any) -> Step:
+    """conftest.make_step with every allocator figure set (each field can be overridden, None included)."""
+    base: dict[str, Any] = dict(time=1_700_000_000.5, step_seconds=0.25,
+                                components={name: (i + 1) * 1000 for i, name in enumerate(COMPONENTS)},
+                                allocated=10, peak_allocated=20, reserved=30, num_alloc_retries=0, num_ooms=0,
+                                device_used=40)
     base.update(kw)
-    return Step(**base)
+    return conftest_make_step(base.pop("step", 7), base.pop("batch_size", 32), **base)
 
 
 @pytest.mark.parametrize("message", [

@@ -14,6 +14,7 @@ import pytest
 from batchmon.memory_model import Basis, Prediction
 from batchmon.probes.host import HostProbe, HostSample, ProcessInfo
 from batchmon.probes.nvml import DeviceSample, NvmlProbe, NvmlSample
+from conftest import make_step
 from nvml_recording import ReplayBackend
 from batchmon.protocol import ALL_COMPONENTS, COMPONENTS, Event, Hello, ModelInfo, Step, step_components
 from batchmon.monitor.render import NO_AGENTS, format_table, snapshot_to_json, text_bar
@@ -53,9 +54,9 @@ def step(n: int = 7, batch: int = 32) -> Step:
     comps = {"parameters": 496_000_000, "gradients": 496_000_000, "optimizer": 992_000_000,
              "activations": 3_100_000_000, "batch": 12_582_912, "other": 301_000_000}
     allocated = sum(comps.values())
-    return Step(step=n, time=1_767_225_600.5, step_seconds=0.21, batch_size=batch, components=comps,
-                allocated=allocated, peak_allocated=allocated + 50_000_000, reserved=allocated + 400 << 20,
-                num_alloc_retries=0, num_ooms=0, device_used=allocated + 900 << 20)
+    return make_step(n, batch, time=1_767_225_600.5, step_seconds=0.21, components=comps, allocated=allocated,
+                     peak_allocated=allocated + 50_000_000, reserved=allocated + 400 << 20, num_alloc_retries=0,
+                     num_ooms=0, device_used=allocated + 900 << 20)
 
 
 def prediction(max_batch: int | None = 96) -> Prediction:

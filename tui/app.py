@@ -265,7 +265,7 @@ class BatchmonApp(App[int]):
         if self._levels_inputs() != self._levels_key:
             self._apply_levels()
         if not self._focused_once:
-            panels = list(self._job_panels) or list(self._gpu_panels)
+            panels: list[LinesPanel] = [*self._job_panels] or [*self._gpu_panels]
             if panels:
                 panels[0].focus(scroll_visible=False)
                 self._focused_once = True

@@ -9,7 +9,7 @@ by the name the user typed (``box_name``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Iterable, Mapping
 
 from batchmon.jobs import Job, group_jobs
 from batchmon.memory_model import Prediction
@@ -120,7 +120,7 @@ def memory_samples(snap: Snapshot) -> Iterable[tuple[str, int]]:
                 yield history_key(box, dev), dev.memory.used
 
 
-def device_views(snap: Snapshot, history: dict[str, Iterable[int]]) -> list[tuple[str, GpuView]]:
+def device_views(snap: Snapshot, history: Mapping[str, Iterable[int]]) -> list[tuple[str, GpuView]]:
     """One (key, view) per GPU of every box, this box's first."""
     out = []
     for box in boxes(snap):

@@ -365,8 +365,10 @@ class Hub:
         if result == ConnectResult.CONNECTED:
             self._conns[found.pid] = conn
             self._disconnected.pop(found.pid, None)
-            self._sel.register(conn.sock, selectors.EVENT_READ, conn)
-            self._idle_sel.register(conn.sock, selectors.EVENT_READ, conn)
+            sock = conn.sock
+            assert sock is not None  # connected: it has its socket
+            self._sel.register(sock, selectors.EVENT_READ, conn)
+            self._idle_sel.register(sock, selectors.EVENT_READ, conn)
             return True
         if result == ConnectResult.STALE and not pid_alive(found.pid):
             unlink_stale(found.path)
@@ -394,10 +396,11 @@ class Hub:
         """A connection whose history burst is in waits for the ticks from now on (see _idle_sel)."""
         received = self.state.history_received(conn.key)
         if received or (received is None and time.monotonic() - conn.opened > 1.0):
-            try:
-                self._idle_sel.unregister(conn.sock)
-            except (KeyError, ValueError, OSError):
-                pass
+            if conn.sock is not None:
+                try:
+                    self._idle_sel.unregister(conn.sock)
+                except (KeyError, ValueError, OSError):
+                    pass
 
     def _poll(self, timeout: float, until: float | None = None, idle: bool = False) -> None:
         """Read what the agents sent. With ``until`` (the next tick, monotonic), stop between connections once
@@ -428,14 +431,12 @@ class Hub:
                 self._settled(conn)
 
     def _drop(self, conn: AgentConnection) -> None:
-        try:
-            self._sel.unregister(conn.sock)
-        except (KeyError, ValueError, OSError):
-            pass
-        try:
-            self._idle_sel.unregister(conn.sock)
-        except (KeyError, ValueError, OSError):
-            pass
+        for sel in (self._sel, self._idle_sel):
+            if conn.sock is not None:
+                try:
+                    sel.unregister(conn.sock)
+                except (KeyError, ValueError, OSError):
+                    pass
         conn.close()
         self._conns.pop(conn.pid, None)
         self._rescan = True  # its socket may still be there (a new listener): reconnect at the next tick

@@ -317,6 +317,7 @@ class HubState:
         if agent.events_tuple_at != agent.events_added:
             agent.events_tuple, agent.events_tuple_at = tuple(agent.events), agent.events_added
         view = agent.view
+        assert agent.hello is not None  # only agents that said hello are shown
         if view is None or view.hello is not agent.hello or agent.view_key != (history.appended, agent.events_added):
             view = AgentView(key=agent.key, source=agent.source, hello=agent.hello, last_step=history.last,
                              history=history.window(), events=agent.events_tuple, connected=agent.connected,
