@@ -3,12 +3,13 @@
 ``attach(model, optimizer)`` hooks the model's forward (the root module only: one slow-path module, not all of
 them), the optimizers' steps (global step post hook; ``optimizer.step`` is also wrapped, to see an OOM leave
 it), ``torch.autograd.backward`` and ``GradScaler.update`` (batchmon.agent.torch_patches: nothing that can reach
-the agent is left on the user's objects; copies, pickles and ``torch.save`` of them carry no hook). With model or optimizer omitted the agent finds them: the root is the
-outermost module with trainable parameters whose forward runs with grad enabled when no other forward is
-running (global forward hooks, removed once it is found); optimizers are whatever steps. Where a step ends
-is batchmon.agent.step_meter's rule (the primary optimizer's step; a GradScaler-skipped step; without any
-optimizer, the next training forward after the gradients were cleared); the meter returns the Step, which is
-published: kept in ``handle.steps`` and handed to the transport thread (batchmon.agent.transport).
+the agent is left on the user's objects; copies, pickles and ``torch.save`` of them carry no hook). With model
+or optimizer omitted the agent finds them: the root is the outermost module with trainable parameters whose
+forward runs with grad enabled when no other forward is running (global forward hooks, removed once it is
+found); optimizers are whatever steps. Where a step ends is batchmon.agent.step_meter's rule (the primary
+optimizer's step; a GradScaler-skipped step; without any optimizer, the next training forward after the
+gradients were cleared); the meter returns the Step, which is published: kept in ``handle.steps`` and handed to
+the transport thread (batchmon.agent.transport).
 
 What a step reports:
 

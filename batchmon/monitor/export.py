@@ -95,7 +95,8 @@ def main(args: Any) -> int:
     try:
         from prometheus_client import CollectorRegistry, start_http_server
     except ImportError:
-        raise CliError('prometheus-client is not installed; install it with: pip install "batchmon[prometheus]"') from None
+        raise CliError('prometheus-client is not installed; install it with: '
+                       'pip install "batchmon[prometheus]"') from None
     if not 0 < args.port < 65536:
         raise CliError(f"--port must be 1..65535, got {args.port}", code=2)
     from batchmon.monitor.hub import Hub

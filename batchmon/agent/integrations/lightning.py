@@ -32,7 +32,8 @@ def _import_lightning() -> Any:
     for name in ("lightning.pytorch", "pytorch_lightning"):
         if importlib.util.find_spec(name.split(".")[0]) is not None:
             return importlib.import_module(name)  # installed but broken: its own error is the useful one
-    raise ImportError("batchmon.agent.integrations.lightning needs Lightning, which is not installed: pip install lightning")
+    raise ImportError("batchmon.agent.integrations.lightning needs Lightning, which is not installed: "
+                      "pip install lightning")
 
 
 pl = _import_lightning()

@@ -17,8 +17,8 @@ import importlib.util
 from typing import Any
 
 if importlib.util.find_spec("transformers") is None:
-    raise ImportError("batchmon.agent.integrations.transformers needs Hugging Face transformers, which is not installed: "
-                      "pip install transformers")
+    raise ImportError("batchmon.agent.integrations.transformers needs Hugging Face transformers, which is not "
+                      "installed: pip install transformers")
 
 from transformers import TrainerCallback  # noqa: E402 - after the check that names the pip command
 
