@@ -1,0 +1,47 @@
+"""Issue 17 C7: replay streams the recording: the peak memory of `replay --once` does not grow with the file.
+
+A real recording (the 16-agent H200 fixture) repeated to 60 MB; reading it whole used ~7.6x its size (a 543 MB
+recording needed 4.1 GB), so the old reader would peak near 450 MB here. The peak RSS of the replay process is
+measured by a parent that has no other child (RUSAGE_CHILDREN)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURE = ROOT / "tests" / "fixtures" / "tui_h200_16_agents.jsonl"
+SIZE = 60 << 20
+PEAK_LIMIT_KB = 150 << 10
+
+MEASURE = ("import resource, subprocess, sys\n"
+           "r = subprocess.run([sys.executable, '-m', 'batchmon', 'replay', sys.argv[1], '--once', '--json'],"
+           " stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)\n"
+           "print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
+           "sys.stderr.write(r.stderr.decode())\n")
+
+
+def _big_recording(path: Path) -> int:
+    lines = FIXTURE.read_bytes().splitlines(keepends=True)
+    body = b"".join(lines[1:])
+    written = 0
+    with open(path, "wb") as f:
+        f.write(lines[0])  # the meta line once, then the same minutes of recording again and again
+        while written < SIZE:
+            f.write(body)
+            written += len(body)
+    return written + len(lines[0])
+
+
+def test_replay_once_of_a_60mb_recording_stays_under_150mb(tmp_path):
+    path = tmp_path / "big.jsonl"
+    size = _big_recording(path)
+    proc = subprocess.run([sys.executable, "-c", MEASURE, str(path)], capture_output=True, text=True, timeout=180,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    code, peak_kb = map(int, proc.stdout.split())
+    assert code == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert peak_kb < PEAK_LIMIT_KB, f"peak RSS {peak_kb / 1024:.0f} MB replaying {size / 2**20:.0f} MB"
