@@ -27,8 +27,8 @@ What a step reports:
   (accounting.ActivationCounter), same grouping.
 - ``other``: on CUDA the allocator peak since the previous step minus the five above (>= 0); on CPU 0, as
   there is no allocator peak to take it from.
-- on CUDA: ``allocated``, ``peak_allocated`` (the peak is reset after every step - note that this resets
-  what ``torch.cuda.max_memory_allocated()`` reports to the training script too), ``reserved``,
+- on CUDA: ``allocated``, ``peak_allocated`` (the allocator's peak is reset after every step; the script's
+  own ``max_memory_allocated()`` and ``reset_peak_memory_stats()`` still work: batchmon.agent.torch_patches), ``reserved``,
   ``num_alloc_retries``, ``num_ooms``, and ``device_used``: NVML's per-process figure, read by the agent
   thread once a second (null where NVML does not see this pid, e.g. in some containers).
 - ``step_seconds``: wall time between optimizer steps as the host sees it (no device sync is added).
@@ -397,7 +397,9 @@ class AgentHandle:
         self._device_used = None
         if device.type == "cuda":
             index = identity.cuda_index(device)
-            torch.cuda.reset_peak_memory_stats(index)
+            patches.install_cuda_memory()
+            patches.agent_reset(index, patches.raw_stats(index))
+            patches.agent_missed(index)
             patches.install_oom_observer()
             uuid = identity.nvml_uuid(index)
             if uuid is not None:
@@ -772,14 +774,16 @@ def _cuda_figures(device: torch.device | None, reset: bool) -> CudaFigures | Non
     if device is None or device.type != "cuda":
         return None
     index = identity.cuda_index(device)
-    stats = torch.cuda.memory_stats_as_nested_dict(index)
+    stats = patches.raw_stats(index)
     if not stats:  # CUDA not initialised (yet): nothing to report
         return None
-    figures = CudaFigures(int(stats["allocated_bytes"]["all"]["current"]), int(stats["allocated_bytes"]["all"]["peak"]),
+    # a peak the script's own reset_peak_memory_stats() cleared during the step still counts for the step
+    peak = max(int(stats["allocated_bytes"]["all"]["peak"]), patches.agent_missed(index, take=reset))
+    figures = CudaFigures(int(stats["allocated_bytes"]["all"]["current"]), peak,
                           int(stats["reserved_bytes"]["all"]["current"]), int(stats.get("num_alloc_retries", 0)),
                           int(stats.get("num_ooms", 0)))
     if reset:
-        torch.cuda.reset_peak_memory_stats(index)
+        patches.agent_reset(index, stats)
     return figures
 
 
