@@ -330,7 +330,7 @@ def check_transformers(device: torch.device, steps: int, tmp: Path) -> dict[str,
 
 
 CHECKS = {"lightning": check_lightning, "transformers": check_transformers}
-REQUIRES = {"lightning": [("lightning", "pytorch_lightning")], "transformers": [("transformers",), ("accelerate",)]}
+REQUIRES: dict[str, list[tuple[str, ...]]] = {"lightning": [("lightning", "pytorch_lightning")], "transformers": [("transformers",), ("accelerate",)]}
 
 
 def missing(name: str) -> str | None:

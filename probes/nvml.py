@@ -148,9 +148,11 @@ class NvmlProbe:
     def _start(self) -> None:
         self._started = True
         try:
-            nvml = self._backend
+            nvml: Any = self._backend
             if nvml is None:
-                import pynvml as nvml  # nvidia-ml-py; imported only when a probe first samples
+                import pynvml  # nvidia-ml-py; imported only when a probe first samples
+
+                nvml = pynvml
             self._nvml = nvml
             self._nvml_error = getattr(nvml, "NVMLError", Exception)
             self._begin = getattr(nvml, "begin_sample", None)

@@ -38,8 +38,9 @@ class _LoaderProxy:
             self._loader.exec_module(module)
         finally:  # leave no trace of us on torch itself
             module.__loader__ = self._loader
-            if getattr(module, "__spec__", None) is not None:
-                module.__spec__.loader = self._loader
+            spec = getattr(module, "__spec__", None)
+            if spec is not None:
+                spec.loader = self._loader
         _attach_after_torch_import()
 
 
@@ -56,7 +57,7 @@ class TorchImportHook(importlib.abc.MetaPathFinder):
             return None
         if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
             return spec
-        spec.loader = _LoaderProxy(spec.loader)
+        spec.loader = _LoaderProxy(spec.loader)  # type: ignore[assignment]  # a Loader by duck typing
         return spec
 
 
