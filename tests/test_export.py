@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 
 from batchmon import protocol  # noqa: E402
 from batchmon.monitor.export import SnapshotCollector  # noqa: E402
-from batchmon.monitor.render import step_components  # noqa: E402
+from batchmon.protocol import step_components  # noqa: E402
 from batchmon.monitor.replay import final_snapshot  # noqa: E402
 from hub_peer import FakeAgent, LivePid, make_hello, make_step, wait_for  # noqa: E402
 

@@ -23,7 +23,8 @@ import pytest
 from batchmon import protocol
 from batchmon.monitor.hub import Hub
 from batchmon.monitor.hub_state import HubState
-from batchmon.monitor.render import NO_AGENTS, step_components
+from batchmon.monitor.render import NO_AGENTS
+from batchmon.protocol import step_components
 from hub_peer import FakeAgent, LivePid, make_hello, make_step, wait_for
 
 SSHD = shutil.which("sshd") or ("/usr/sbin/sshd" if os.path.exists("/usr/sbin/sshd") else None)

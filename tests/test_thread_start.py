@@ -40,3 +40,30 @@ def test_replay_start_interrupted(interrupted_start):
 
 def test_remote_link_start_interrupted(interrupted_start):
     _start_then_stop(RemoteLink("gpu1", lambda record: None, argv=["true"]))
+
+
+def test_list_source_start_interrupted(interrupted_start):
+    import tui_fixtures as fx
+    from list_source import ListSource
+
+    _start_then_stop(ListSource([fx.no_agents()], interval=0.05))
+
+
+def test_a_start_interrupted_after_the_thread_began_leaves_no_worker_running(tmp_path, monkeypatch):
+    """The interrupt lands after Thread.start returned, before the worker kept the thread: stop() still ends it
+    (the thread sees the stop flag) and does not raise."""
+    real_start = threading.Thread.start
+    started: list[threading.Thread] = []
+
+    def start(self):
+        real_start(self)
+        started.append(self)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    hub = Hub(interval=0.05, socket_dir=tmp_path / "socks")
+    _start_then_stop(hub)
+    monkeypatch.setattr(threading.Thread, "start", real_start)
+    (thread,) = started
+    thread.join(10)
+    assert not thread.is_alive()
