@@ -12,6 +12,8 @@ batch_first=False)"``).
 
 from __future__ import annotations
 
+import os
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -155,6 +157,17 @@ def _probe_hook(module: torch.nn.Module, args: tuple[Any, ...]) -> None:
             sizer._observe(module, args)
     except Exception:  # noqa: BLE001 - a probe never breaks the forward
         pass
+
+
+def env_batch_dim() -> tuple[int, str] | None:
+    """(dim, origin) from BATCHMON_BATCH_DIM (set by ``batchmon run --batch-dim``); a bad value is one warning."""
+    try:
+        dim, origin = explicit_dim(os.environ.get(ENV_BATCH_DIM), ENV_BATCH_DIM)
+    except ValueError:
+        sys.stderr.write(f"batchmon: {ENV_BATCH_DIM}={os.environ.get(ENV_BATCH_DIM)!r} is not an integer >= 0; "
+                         "finding the batch dimension instead\n")
+        return None
+    return (dim, origin) if dim is not None and origin is not None else None
 
 
 def explicit_dim(value: Any, origin: str) -> tuple[int | None, str | None]:

@@ -1,43 +1,17 @@
 """The in-process agent: measures what each byte of training memory is, step by step, and serves it on a socket.
 
-``attach(model, optimizer)`` hooks the model's forward (the root module only: one slow-path module, not all of
-them), the optimizers' steps (global step post hook; ``optimizer.step`` is also wrapped, to see an OOM leave
-it), ``torch.autograd.backward`` and ``GradScaler.update`` (batchmon.agent.torch_patches: nothing that can reach
-the agent is left on the user's objects; copies, pickles and ``torch.save`` of them carry no hook). With model
-or optimizer omitted the agent finds them: the root is the outermost module with trainable parameters whose
-forward runs with grad enabled when no other forward is running (global forward hooks, removed once it is
-found); optimizers are whatever steps. Where a step ends is batchmon.agent.step_meter's rule (the primary
-optimizer's step; a GradScaler-skipped step; without any optimizer, the next training forward after the
-gradients were cleared); the meter returns the Step, which is published: kept in ``handle.steps`` and handed to
-the transport thread (batchmon.agent.transport).
+``attach(model, optimizer)`` hooks the model's forward (the root module only: one slow-path module), the
+optimizers' steps, ``torch.autograd.backward`` and ``GradScaler.update`` (batchmon.agent.torch_patches: nothing
+that can reach the agent is left on the user's objects). With model or optimizer omitted the agent finds them
+(batchmon.agent.module_watch); optimizers are whatever steps. Where a step ends is batchmon.agent.step_meter's
+rule; the Step it returns is kept in ``handle.steps`` and served to monitors (batchmon.agent.publisher).
 
-What a step reports:
-
-- ``batch_size``: the batch dimension of the root forward's input (batchmon.agent.batch_dim: ``batch_size_fn``,
-  a packed sequence, ``batch_dim``/``BATCHMON_BATCH_DIM``, the model's sequence-first modules, else dim 0), with
-  ``batch_source`` saying which; with gradient accumulation, that of the last micro-batch (what is in memory
-  at once), ``micro_batches`` the number of backward passes.
-- ``batch``: storages of the tensors passed to the root forward (positional and keyword, inside tuples, lists
-  and dicts), plus targets where seen: tensors that do not require grad passed to a criterion module called
-  after the model's forward (a torch loss module, or a parameter-free module named ...Loss/...Criterion; it is
-  looked for during the first 3 steps, then hooked). A functional loss (``F.cross_entropy`` called outside
-  the model) is not seen: its targets are not batch, its saved tensors not activations (on CUDA they end up
-  in ``other``). Forwards since the last backward form a group; the step reports its largest group.
-- ``activations``: bytes saved for backward inside the root forward and the criterion's forward
-  (accounting.ActivationCounter), same grouping.
-- ``other``: on CUDA the allocator peak since the previous step minus the five above (>= 0); on CPU 0, as
-  there is no allocator peak to take it from.
-- on CUDA: ``allocated``, ``peak_allocated`` (the allocator's peak is reset after every step; the script's
-  own ``max_memory_allocated()`` and ``reset_peak_memory_stats()`` still work: batchmon.agent.torch_patches), ``reserved``,
-  ``num_alloc_retries``, ``num_ooms``, and ``device_used``: NVML's per-process figure, read by the agent
-  thread once a second (null where NVML does not see this pid, e.g. in some containers).
-- ``step_seconds``: wall time between optimizer steps as the host sees it (no device sync is added).
-
-Cost control (the overhead target is 1% of step time): activations are counted on *sampled* steps only -
-the first 3 steps, every ``activation_every``-th step (default DEFAULT_ACTIVATION_EVERY = 10; env
-BATCHMON_ACTIVATION_EVERY under ``batchmon run``) and any step whose batch size differs from the last sampled
-one. Parameter, gradient and optimizer bytes are recomputed on the same steps (or when optimizer state
-appears); other steps carry the last measured values forward.
+What a step reports, and what cost control leaves out, is batchmon.agent.step_meter's docstring. The agent is
+split along its seams: step_meter (measurement state, returns Step/Event values), torch_patches (everything
+changed in torch and the hooks on user modules), module_watch (root discovery, the loss module), batch_dim,
+identity (hello fields), publisher (history, socket, warnings). This module (about 600 lines, over the 400 of
+the guide) is the wiring between them: the public API, the handle's lifecycle, and the dispatch of every hook
+with its never-raise-into-training guard, which reads best in one place.
 
 Events: ``oom`` when a torch.OutOfMemoryError (by type) leaves the root forward, the criterion, backward or
 the optimizer step, with the components so far, the batch size and the requested bytes (from CUDA's OOM
@@ -51,39 +25,30 @@ from __future__ import annotations
 
 import atexit
 import os
-import re
-import sys
 import threading
 import time
 import weakref
-from collections import deque
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.nn.modules.module as _module_hooks
 import torch.optim.optimizer as _optimizer_hooks
 
-from batchmon import protocol
 from batchmon.agent import identity
 from batchmon.agent import torch_patches as patches
-from batchmon.agent.accounting import iter_tensors
-from batchmon.agent.batch_dim import ENV_BATCH_DIM, BatchSizer, explicit_dim
+from batchmon.agent.batch_dim import BatchSizer, env_batch_dim
+from batchmon.agent.module_watch import ModuleWatch
 from batchmon.agent.process_memory import ProcessMemory
-from batchmon.agent.step_meter import FULL_STEPS, CudaFigures, StepMeter, device_of, device_of_optimizer
-from batchmon.agent.transport import HISTORY_EVENTS, HISTORY_STEPS, Transport
+from batchmon.agent.publisher import Publisher, snapshot
+from batchmon.agent.step_meter import FULL_STEPS, StepMeter, cuda_figures, device_of, device_of_optimizer
 from batchmon.protocol import Bye, Event, Hello, Step
 
 DEFAULT_ACTIVATION_EVERY = 10
-LOSS_SEARCH_STEPS = 3  # how many steps the agent looks for a criterion module after the model's forward
-NVML_SECONDS = 1.0
 EXIT_LINGER_SECONDS = 1.5  # at exit after an OOM, wait this long for a first monitor to collect the history
 
 _lock = threading.RLock()
 _current: "AgentHandle | None" = None
 
-_TRIED = re.compile(r"Tried to allocate (\d+(?:\.\d+)?) ?(B|bytes|KiB|MiB|GiB|TiB)\b")
-_UNITS = {"B": 1, "bytes": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40}
 __all__ = ["AgentHandle", "DEFAULT_ACTIVATION_EVERY", "FULL_STEPS", "attach", "current", "detach"]
 
 
@@ -134,16 +99,6 @@ def _auto_attach() -> "AgentHandle | None":
                    activation_every=every, socket_dir=None, auto=True, batch_dim=None)
 
 
-def _env_batch_dim() -> tuple[int, str] | None:
-    try:
-        dim, origin = explicit_dim(os.environ.get(ENV_BATCH_DIM), ENV_BATCH_DIM)
-    except ValueError:
-        sys.stderr.write(f"batchmon: {ENV_BATCH_DIM}={os.environ.get(ENV_BATCH_DIM)!r} is not an integer >= 0; "
-                         "finding the batch dimension instead\n")
-        return None
-    return (dim, origin) if dim is not None and origin is not None else None
-
-
 def _attach(model: Any, optimizer: Any, *, name: str | None, batch_size_fn: Any, activation_every: int | None,
             socket_dir: Any, auto: bool, batch_dim: tuple[int, str] | None) -> "AgentHandle":
     global _current
@@ -162,7 +117,7 @@ def _attach(model: Any, optimizer: Any, *, name: str | None, batch_size_fn: Any,
             handle = AgentHandle(name=name, batch_size_fn=batch_size_fn,
                                  activation_every=activation_every or DEFAULT_ACTIVATION_EVERY,
                                  socket_dir=Path(socket_dir) if socket_dir is not None else None, auto=auto,
-                                 batch_dim=batch_dim or _env_batch_dim())
+                                 batch_dim=batch_dim or env_batch_dim())
             _current = handle
             handle._start(model, optimizer)
         else:
@@ -194,28 +149,17 @@ class AgentHandle:
         self.pid = os.getpid()
         self.attached = False
         self.error: str | None = None  # why the agent disabled itself, if it did
-        self.socket_error: str | None = None  # why there is no socket (training continues unmonitored)
         self._socket_dir = socket_dir
-        self._transport: Transport | None = None
         self._nvml: ProcessMemory | None = None
         self._device_used: int | None = None
         self._disabled = False
-        self._warned: set[str] = set()
-        self._steps: deque[Step] = deque(maxlen=HISTORY_STEPS)
-        self._events: deque[Event] = deque(maxlen=HISTORY_EVENTS)
+        self._out = Publisher(self.pid, socket_dir, self._hello, self._transport_failed, self._tick)
         dim, origin = batch_dim if batch_dim is not None else (None, None)
-        self._sizer = BatchSizer(batch_size_fn, dim, origin, self._warn_once)
-        self._meter = StepMeter(activation_every, self._sizer, _cuda_figures)
-        self._criterion_ref: weakref.ReferenceType[torch.nn.Module] | None = None
-        # hooks
+        self._sizer = BatchSizer(batch_size_fn, dim, origin, self._out.warn_once)
+        self._meter = StepMeter(activation_every, self._sizer, cuda_figures)
+        self._watch = ModuleWatch(self, lambda: self._meter.model_ref is not None)
         self._root_hooks: list[Any] = []
-        self._discovery_hooks: list[Any] = []
-        self._criterion_hooks: list[Any] = []
-        self._window_hooks: list[Any] = []
         self._step_hook: Any = None
-        self._tls = threading.local()
-        self._window_depth = 0
-        self._loss_search_left = LOSS_SEARCH_STEPS
         self._discovered_call = False  # the running root forward is the one discovery found the model in
         self.oom_count = 0  # OOM events so far; the wrappers use it to report a nested OOM only once
 
@@ -224,19 +168,19 @@ class AgentHandle:
     @property
     def steps(self) -> list[Step]:
         """Recent step messages, oldest first (at most the last 2000)."""
-        return _snapshot(self._steps)
+        return snapshot(self._out.steps)
 
     @property
     def last_step(self) -> Step | None:
         try:
-            return self._steps[-1]
+            return self._out.steps[-1]
         except IndexError:
             return None
 
     @property
     def events(self) -> list[Event]:
         """Recent events (oom, alloc_retry, warning), oldest first."""
-        return _snapshot(self._events)
+        return snapshot(self._out.events)
 
     @property
     def model(self) -> torch.nn.Module | None:
@@ -255,6 +199,15 @@ class AgentHandle:
         return self._meter.activation_every
 
     @property
+    def socket_error(self) -> str | None:
+        """Why there is no socket (training continues unmonitored), None while there is no such reason."""
+        return self._out.socket_error
+
+    @property
+    def _transport(self) -> Any:
+        return self._out.transport
+
+    @property
     def socket_path(self) -> Path | None:
         """The socket monitors connect to, None while there is none (not yet opened, or unusable)."""
         return self._transport.path if self._transport is not None else None
@@ -265,7 +218,7 @@ class AgentHandle:
 
     @property
     def stats(self) -> dict[str, int]:
-        t = self._transport
+        t = self._out.transport
         return {"monitors": t.monitors if t else 0, "connections": t.connections if t else 0,
                 "queue_dropped": t.queue_dropped if t else 0, "monitor_dropped": t.client_dropped if t else 0}
 
@@ -313,11 +266,10 @@ class AgentHandle:
         for opt in self.optimizers:
             patches.unwrap_step(opt)
         patches.uninstall()
-        transport, self._transport = self._transport, None
-        if transport is not None and self.pid == os.getpid():
+        if self.pid == os.getpid():
             # a run that dies of an OOM right after starting would vanish before a monitor's next scan
             linger = EXIT_LINGER_SECONDS if reason == "exit" and self.oom_count else 0.0
-            transport.close(Bye(reason=reason, time=time.time()), linger=linger)
+            self._out.close(Bye(reason=reason, time=time.time()), linger=linger)
 
     def __enter__(self) -> "AgentHandle":
         return self
@@ -348,7 +300,7 @@ class AgentHandle:
             if model is not None:
                 self._set_model(model)
             else:
-                self._start_discovery()
+                self._watch.start_discovery()
             if not self.auto:
                 self._ensure_transport()
         except Exception as exc:  # noqa: BLE001
@@ -382,7 +334,7 @@ class AgentHandle:
     def _set_model(self, model: torch.nn.Module) -> None:
         for hook in self._root_hooks:
             hook.remove()
-        self._stop_discovery()
+        self._watch.stop_discovery()
         self._meter.model_ref = weakref.ref(model)
         self._sizer.use_model(model)
         self._root_hooks = patches.register_pair(model, patches.root_pre_hook, patches.root_post_hook)
@@ -417,40 +369,24 @@ class AgentHandle:
                 meter.device = device_of_optimizer(optimizer)
             self._publish_hello()
 
-    # -------------------------------------------------------------------------------------------- discovery
-
-    def _start_discovery(self) -> None:
-        if not self._discovery_hooks:
-            mod = _module_hooks
-            self._discovery_hooks = [
-                mod.register_module_forward_pre_hook(self._discover_pre),
-                mod.register_module_forward_hook(self._discover_post, always_call=True),
-            ]
-
-    def _stop_discovery(self) -> None:
-        hooks, self._discovery_hooks = self._discovery_hooks, []
-        for hook in hooks:
-            hook.remove()
-
-    def _discover_pre(self, module: torch.nn.Module, args: tuple[Any, ...]) -> None:
-        if self._disabled:
-            return
-        try:
-            depth = getattr(self._tls, "depth", 0)
-            self._tls.depth = depth + 1
-            if depth == 0 and self.model is None and torch.is_grad_enabled() and _has_trainable(module):
-                self._set_model(module)
-                # this call's instance pre-hooks were fixed before we registered ours: run it by hand (a global
-                # pre hook gets no keyword arguments: the post hook adds them to this first step's batch)
-                self._discovered_call = True
-                self._root_pre(module, args, {})
-        except Exception as exc:  # noqa: BLE001
-            self._fail(exc)
-
-    def _discover_post(self, module: torch.nn.Module, args: tuple[Any, ...], result: Any) -> None:
-        self._tls.depth = max(0, getattr(self._tls, "depth", 1) - 1)
-
     # -------------------------------------------------------------------------------------------- forward
+
+    @property
+    def disabled(self) -> bool:
+        return self._disabled
+
+    def _found_root(self, module: torch.nn.Module, args: tuple[Any, ...]) -> None:
+        """Discovery found the model: hook it, and measure this very call (its instance pre-hooks were fixed
+        before ours; a global pre hook gets no keyword arguments: the post hook adds them to the batch)."""
+        self._set_model(module)
+        self._discovered_call = True
+        self._root_pre(module, args, {})
+
+    def _crit_pre(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self._watch.crit_pre(module, args, kwargs)
+
+    def _crit_post(self, module: torch.nn.Module, exc: BaseException | None) -> None:
+        self._watch.crit_post(module, exc)
 
     def _root_pre(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if self._disabled or module is not self.model:
@@ -461,19 +397,13 @@ class AgentHandle:
             if meter.root_depth > 1 or not torch.is_grad_enabled():
                 return  # a nested call of the root, or an eval/no-grad forward: not part of a training step
             meter.root_counting = True
-            if self._window_hooks:
-                self._close_loss_window()
+            if self._watch.window_hooks:
+                self._watch.close_loss_window()
             if meter.loop_boundary():
                 self._finish_step(in_loop=True)
-            inputs = list(iter_tensors((args, kwargs) if kwargs else args, depth=4))
-            measured = self._sizer.measure(args, kwargs, inputs)
-            meter.batch_size, meter.batch_source = measured.size, measured.source
-            if not meter.step_open and meter.open_step():
+            if meter.begin_forward(args, kwargs):
                 self._use_device(meter.device_or_cpu())
                 self._publish_hello()
-            if meter.sampled or meter.step < FULL_STEPS:
-                self._sizer.start_probe()
-            meter.add_inputs(inputs)
         except Exception as exc:  # noqa: BLE001
             self._fail(exc)
 
@@ -489,86 +419,14 @@ class AgentHandle:
             counting, meter.root_counting = meter.root_counting, False
             meter.stop_counting()
             discovered, self._discovered_call = self._discovered_call, False
-            if discovered and counting and kwargs:
-                inputs = list(iter_tensors((args, kwargs), depth=4))
-                measured = self._sizer.measure(args, kwargs, inputs)
-                meter.batch_size, meter.batch_source = measured.size, measured.source
-                meter.add_inputs(inputs, count=False)
-            learned = self._sizer.stop_probe()
-            if learned is not None and counting:
-                meter.batch_size, meter.batch_source = learned.size, learned.source
+            meter.end_forward(args, kwargs, counting, discovered)
             if self._disabled:
                 self._teardown_hooks()
                 return
             if exc is not None and isinstance(exc, torch.OutOfMemoryError):
                 self._on_oom(exc, "forward")
             elif exc is None and counting:
-                self._open_loss_window()
-        except Exception as err:  # noqa: BLE001
-            self._fail(err)
-
-    # -------------------------------------------------------------------------------------------- criterion
-
-    def _open_loss_window(self) -> None:
-        """After the model's forward, briefly watch for a loss module called on its output (targets, loss
-        activations). Closed by backward, the step or the next forward."""
-        if self._criterion_ref is not None or self._loss_search_left <= 0 or self._window_hooks:
-            return
-        mod = _module_hooks
-        self._window_depth = 0
-        self._window_hooks = [mod.register_module_forward_pre_hook(self._window_pre),
-                              mod.register_module_forward_hook(self._window_post, always_call=True)]
-
-    def _close_loss_window(self) -> None:
-        hooks, self._window_hooks = self._window_hooks, []
-        for hook in hooks:
-            hook.remove()
-
-    def _window_pre(self, module: torch.nn.Module, args: tuple[Any, ...]) -> None:
-        if self._disabled:
-            return
-        try:
-            depth = self._window_depth
-            self._window_depth += 1
-            if depth == 0 and _looks_like_loss(module) and torch.is_grad_enabled():
-                self._close_loss_window()
-                self._criterion_ref = weakref.ref(module)
-                self._criterion_hooks = patches.register_pair(module, patches.crit_pre_hook, patches.crit_post_hook)
-                self._crit_pre(module, args, {})
-        except Exception as exc:  # noqa: BLE001
-            self._fail(exc)
-
-    def _window_post(self, module: torch.nn.Module, args: tuple[Any, ...], result: Any) -> None:
-        self._window_depth = max(0, self._window_depth - 1)
-
-    def _crit_pre(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        criterion = self._criterion_ref() if self._criterion_ref is not None else None
-        if self._disabled or module is not criterion:
-            return
-        meter = self._meter
-        try:
-            meter.crit_depth += 1
-            if meter.crit_depth > 1 or meter.root_depth > 0 or not meter.step_open or not torch.is_grad_enabled():
-                return
-            meter.add_targets(iter_tensors((args, kwargs), depth=4))
-        except Exception as exc:  # noqa: BLE001
-            self._fail(exc)
-
-    def _crit_post(self, module: torch.nn.Module, exc: BaseException | None) -> None:
-        criterion = self._criterion_ref() if self._criterion_ref is not None else None
-        if module is not criterion:
-            return
-        meter = self._meter
-        try:
-            meter.crit_depth = max(0, meter.crit_depth - 1)
-            if meter.crit_depth > 0 or meter.root_depth > 0:
-                return
-            meter.stop_counting()
-            if self._disabled:
-                self._teardown_hooks()
-                return
-            if exc is not None and isinstance(exc, torch.OutOfMemoryError):
-                self._on_oom(exc, "loss")
+                self._watch.open_loss_window()
         except Exception as err:  # noqa: BLE001
             self._fail(err)
 
@@ -578,7 +436,7 @@ class AgentHandle:
         if self._disabled:
             return
         try:
-            self._close_loss_window()
+            self._watch.close_loss_window()
             self._meter.fold_group()
         except Exception as exc:  # noqa: BLE001
             self._fail(exc)
@@ -620,24 +478,13 @@ class AgentHandle:
             self._fail(exc)
 
     def _finish_step(self, in_loop: bool = False) -> None:
-        self._close_loss_window()
-        if self._loss_search_left > 0 and self._criterion_ref is None:
-            self._loss_search_left -= 1
+        self._watch.step_ended()
         self._ensure_transport()
         meter = self._meter
-        step, cuda = meter.finish(self._device_used, in_loop)
-        self._steps.append(step)
-        if self._transport is not None:
-            self._transport.put(step)
-        if cuda is not None:
-            retries = cuda.retries
-            if meter.retries is not None and retries > meter.retries:
-                self._publish_event(Event(
-                    kind="alloc_retry", components=step.components, time=step.time, step=step.step,
-                    batch_size=step.batch_size,
-                    message=f"the CUDA caching allocator freed its cache and retried {retries - meter.retries} "
-                            f"allocation(s) during step {step.step}: memory is nearly full or fragmented"))
-            meter.retries = retries
+        step, events = meter.finish(self._device_used, in_loop)
+        self._out.step(step)
+        for event in events:
+            self._publish_event(event)
         patches.take_oom_requested()  # an allocation failure someone caught and survived is not the next OOM's size
 
     # -------------------------------------------------------------------------------------------- OOM
@@ -648,44 +495,19 @@ class AgentHandle:
             return
         self.oom_count += 1
         try:
-            requested = patches.take_oom_requested()
-            if requested is None:
-                requested = _requested_from_text(str(exc))
-            self._close_loss_window()
-            comps = self._meter.current_components()
-            text = " ".join(str(exc).split())
-            first = text.split(". ", 1)[0][:300]
-            n = self._meter.step + 1
-            self._publish_event(Event(kind="oom", message=f"out of memory in {where} at step {n}: {first}",
-                                      components=comps, time=time.time(), step=n,
-                                      batch_size=self._meter.batch_size, requested_bytes=requested))
+            self._watch.close_loss_window()
+            self._publish_event(self._meter.oom_event(exc, where))
         except Exception as err:  # noqa: BLE001
             self._fail(err)
 
     # -------------------------------------------------------------------------------------------- publishing
 
     def _ensure_transport(self) -> None:
-        if self._transport is not None or self.socket_error is not None or self._disabled:
-            return
-        try:
-            directory = protocol.ensure_socket_dir(self._socket_dir)
-            transport = Transport(protocol.socket_path(self.pid, directory), on_error=self._transport_failed,
-                                  tick=self._tick, tick_seconds=NVML_SECONDS)
-            transport.start()
-        except (protocol.SocketDirError, OSError) as exc:
-            self.socket_error = str(exc) or type(exc).__name__
-            self._warn_once("socket", f"not monitoring this process: {self.socket_error}")
-            self._events.append(Event(kind="warning", message=f"no agent socket: {self.socket_error}",
-                                      time=time.time()))
-            return
-        self._transport = transport
-        for event in self.events:
-            transport.put(event)
-        self._publish_hello()
+        if not self._disabled:
+            self._out.ensure()
 
     def _publish_hello(self) -> None:
-        if self._transport is not None:
-            self._transport.set_hello(self._hello())
+        self._out.hello()
 
     def _hello(self) -> Hello:
         primary = self._meter.primary()
@@ -693,9 +515,7 @@ class AgentHandle:
                               type(primary).__name__ if primary is not None else None, self.name)
 
     def _publish_event(self, event: Event) -> None:
-        self._events.append(event)
-        if self._transport is not None:
-            self._transport.put(event)
+        self._out.event(event)
 
     def _tick(self) -> None:
         """On the agent thread, once a second: NVML's figure for this process."""
@@ -728,26 +548,17 @@ class AgentHandle:
         self._fail(exc, teardown=False)
 
     def _warn_once(self, key: str, message: str) -> None:
-        if key in self._warned:
-            return
-        self._warned.add(key)
-        try:
-            sys.stderr.write(f"batchmon: {message}\n")
-            sys.stderr.flush()
-        except Exception:  # noqa: BLE001
-            pass
+        self._out.warn_once(key, message)
 
     def _teardown_hooks(self) -> None:
         """Remove every hook; the forward post hooks stay while a saved-tensor context they must close is open."""
         counter = self._meter.counter
         busy = counter is not None and counter.active
-        groups = [self._discovery_hooks, self._window_hooks]
+        self._watch.remove(busy)
         if not busy:
-            groups += [self._root_hooks, self._criterion_hooks]
-        for group in groups:
-            for hook in group:
+            for hook in self._root_hooks:
                 hook.remove()
-            group.clear()
+            self._root_hooks.clear()
         if self._step_hook is not None:
             self._step_hook.remove()
             self._step_hook = None
@@ -756,9 +567,7 @@ class AgentHandle:
         """In a forked child: this agent belongs to the parent. Go quiet, keep the parent's socket file."""
         self._disabled = True
         self.attached = False
-        transport, self._transport = self._transport, None
-        if transport is not None:
-            transport.forget()
+        self._out.forget()
 
     def _device_total(self) -> int | None:
         device = self._meter.device
@@ -768,53 +577,6 @@ class AgentHandle:
 
 
 # ------------------------------------------------------------------------------------------------ small helpers
-
-
-def _cuda_figures(device: torch.device | None, reset: bool) -> CudaFigures | None:
-    if device is None or device.type != "cuda":
-        return None
-    index = identity.cuda_index(device)
-    stats = patches.raw_stats(index)
-    if not stats:  # CUDA not initialised (yet): nothing to report
-        return None
-    # a peak the script's own reset_peak_memory_stats() cleared during the step still counts for the step
-    peak = max(int(stats["allocated_bytes"]["all"]["peak"]), patches.agent_missed(index, take=reset))
-    figures = CudaFigures(int(stats["allocated_bytes"]["all"]["current"]), peak,
-                          int(stats["reserved_bytes"]["all"]["current"]), int(stats.get("num_alloc_retries", 0)),
-                          int(stats.get("num_ooms", 0)))
-    if reset:
-        patches.agent_reset(index, stats)
-    return figures
-
-
-def _requested_from_text(text: str) -> int | None:
-    """Fallback when the allocator's observer is unavailable: the size in CUDA's message (rounded there)."""
-    match = _TRIED.search(text)
-    if match is None:
-        return None
-    return int(float(match.group(1)) * _UNITS[match.group(2)])
-
-
-def _has_trainable(module: torch.nn.Module) -> bool:
-    return any(p.requires_grad for p in module.parameters())
-
-
-def _looks_like_loss(module: torch.nn.Module) -> bool:
-    """A criterion: a torch loss module, or a parameter-free module named like one (…Loss, …Criterion)."""
-    if isinstance(module, torch.nn.modules.loss._Loss):
-        return True
-    name = type(module).__name__.lower()
-    return ("loss" in name or "criterion" in name) and not _has_trainable(module)
-
-
-def _snapshot(items: deque[Any]) -> list[Any]:
-    """A copy of a deque another thread may append to."""
-    for _ in range(100):
-        try:
-            return list(items)
-        except RuntimeError:  # mutated during iteration
-            continue
-    return []
 
 
 def _after_fork_in_child() -> None:

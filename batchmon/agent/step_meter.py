@@ -1,5 +1,8 @@
 """The step meter: what one training step holds, measured from the hooks' calls, returned as Step values.
 
+(Over 400 lines: the rule of where a step ends, what it reports, and the sampling that keeps it cheap are one
+state machine over the same per-step fields; split, each half would reach into the other's state.)
+
 It owns no hooks and no socket (batchmon.agent.handle wires it to torch and publishes what it returns).
 
 A step ends (README, "How a step is recognised"):
@@ -17,6 +20,40 @@ A step ends (README, "How a step is recognised"):
 
 Forwards under ``no_grad``/``inference_mode`` (evaluation) are not part of any step. ``micro_batches`` is the
 number of backward passes in the step (gradient accumulation's micro-batches; an LBFGS closure's evaluations).
+
+What a step reports (the ``Step`` that ``finish`` returns):
+
+- ``batch_size``: the batch dimension of the root forward's input (batchmon.agent.batch_dim: ``batch_size_fn``,
+  a packed sequence, ``batch_dim``/``BATCHMON_BATCH_DIM``, the model's sequence-first modules, else dim 0), with
+  ``batch_source`` saying which; with gradient accumulation, that of the last micro-batch (what is in memory
+  at once), ``micro_batches`` the number of backward passes.
+- ``batch``: storages of the tensors passed to the root forward (positional and keyword, inside tuples, lists
+  and dicts), plus targets where seen: tensors that do not require grad passed to a criterion module called
+  after the model's forward (a torch loss module, or a parameter-free module named ...Loss/...Criterion; it is
+  looked for during the first 3 steps, then hooked). A functional loss (``F.cross_entropy`` called outside
+  the model) is not seen: its targets are not batch, its saved tensors not activations (on CUDA they end up
+  in ``other``). Forwards since the last backward form a group; the step reports its largest group.
+- ``activations``: bytes saved for backward inside the root forward and the criterion's forward
+  (accounting.ActivationCounter), same grouping.
+- ``other``: on CUDA the allocator peak since the previous step minus the five above (>= 0); on CPU 0, as
+  there is no allocator peak to take it from.
+- on CUDA: ``allocated``, ``peak_allocated`` (the allocator's peak is reset after every step; the script's
+  own ``max_memory_allocated()`` and ``reset_peak_memory_stats()`` still work: torch_patches), ``reserved``,
+  ``num_alloc_retries``, ``num_ooms``, and ``device_used``: NVML's per-process figure, read by the agent
+  thread once a second (null where NVML does not see this pid, e.g. in some containers).
+- ``step_seconds``: wall time between optimizer steps as the host sees it (no device sync is added).
+
+Cost control (the overhead target is 1% of step time): activations are counted on *sampled* steps only -
+the first 3 steps, every ``activation_every``-th step (default DEFAULT_ACTIVATION_EVERY = 10; env
+BATCHMON_ACTIVATION_EVERY under ``batchmon run``) and any step whose batch size differs from the last sampled
+one. Parameter, gradient and optimizer bytes are recomputed on the same steps (or when optimizer state
+appears); other steps carry the last measured values forward.
+
+Cost control (the overhead target is 1% of step time): activations are counted on *sampled* steps only -
+the first 3 steps, every ``activation_every``-th step (default 10; env BATCHMON_ACTIVATION_EVERY under
+``batchmon run``), any step whose batch size differs from the last sampled one and any step after the model
+moved or changed dtype. Parameter, gradient and optimizer bytes are recomputed on the same steps (or when
+optimizer state appears); other steps carry the last measured values forward.
 """
 
 from __future__ import annotations
@@ -29,8 +66,10 @@ from typing import Any, Callable
 import torch
 
 from batchmon.agent import accounting
+from batchmon.agent import torch_patches as patches
+from batchmon.agent.identity import cuda_index
 from batchmon.agent.batch_dim import BatchSizer
-from batchmon.protocol import ModelInfo, Step
+from batchmon.protocol import Event, ModelInfo, Step
 
 FULL_STEPS = 3  # the first steps are always fully measured
 GRAD_MARKS = 4  # parameters whose .grad is watched to tell accumulation from a new step
@@ -140,9 +179,7 @@ class StepMeter:
         """At a training forward's start: did the previous step end without an optimizer step we saw?"""
         if not self.step_open or self.backwards == 0 or self.optimizer_steps > 0:
             return False
-        from batchmon.agent import torch_patches
-
-        if torch_patches.step_depth > 0:
+        if patches.step_depth > 0:
             return False  # inside an optimizer step (an LBFGS closure): the same step
         return self._grads_changed()
 
@@ -209,6 +246,30 @@ class StepMeter:
             self._batch_max = max(self._batch_max, self.batch.bytes)
             self.batch = None
 
+    def begin_forward(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+        """A training forward of the root starts: its batch size, the step (opened if need be), its inputs as
+        batch, saved tensors counted on sampled steps. Returns whether the model moved (device changed)."""
+        inputs = list(accounting.iter_tensors((args, kwargs) if kwargs else args, depth=4))
+        measured = self.sizer.measure(args, kwargs, inputs)
+        self.batch_size, self.batch_source = measured.size, measured.source
+        moved = not self.step_open and self.open_step()
+        if self.sampled or self.step < FULL_STEPS:
+            self.sizer.start_probe()
+        self.add_inputs(inputs)
+        return moved
+
+    def end_forward(self, args: tuple[Any, ...], kwargs: dict[str, Any], counting: bool, discovered: bool) -> None:
+        """The root forward ended (saved-tensor counting already stopped). ``discovered``: the forward in which
+        discovery found the model, whose keyword inputs only the post hook sees."""
+        if discovered and counting and kwargs:
+            inputs = list(accounting.iter_tensors((args, kwargs), depth=4))
+            measured = self.sizer.measure(args, kwargs, inputs)
+            self.batch_size, self.batch_source = measured.size, measured.source
+            self.add_inputs(inputs, count=False)
+        learned = self.sizer.stop_probe()
+        if learned is not None and counting:
+            self.batch_size, self.batch_source = learned.size, learned.source
+
     # -------------------------------------------------------------------------------------------- backward
 
     def after_backward(self) -> None:
@@ -241,9 +302,9 @@ class StepMeter:
 
     # -------------------------------------------------------------------------------------------- step end
 
-    def finish(self, device_used: int | None, in_loop: bool = False) -> tuple[Step, CudaFigures | None]:
-        """The step ended: its Step (and the CUDA figures it used); resets the per-step state. ``in_loop``: ended
-        by the loop rule (gradients already cleared): parameters, gradients, optimizer as at the last backward."""
+    def finish(self, device_used: int | None, in_loop: bool = False) -> tuple[Step, list[Event]]:
+        """The step ended: its Step and events (alloc_retry); resets the per-step state. ``in_loop``: ended by
+        the loop rule (gradients already cleared): parameters, gradients, optimizer as at the last backward."""
         now = time.perf_counter()
         start = self._last_step_end if self._last_step_end is not None else self._first_forward_t
         self._last_step_end = now
@@ -275,7 +336,29 @@ class StepMeter:
         self.backwards = 0
         self._grad_marks = []
         self._backward_static = None
-        return step, cuda
+        events: list[Event] = []
+        if cuda is not None:
+            if self.retries is not None and cuda.retries > self.retries:
+                events.append(Event(
+                    kind="alloc_retry", components=step.components, time=step.time, step=step.step,
+                    batch_size=step.batch_size,
+                    message=f"the CUDA caching allocator freed its cache and retried {cuda.retries - self.retries} "
+                            f"allocation(s) during step {step.step}: memory is nearly full or fragmented"))
+            self.retries = cuda.retries
+        patches.take_oom_requested()  # an allocation failure someone caught and survived is not the next OOM's size
+        return step, events
+
+    def oom_event(self, exc: BaseException, where: str) -> Event:
+        """The ``oom`` event for an out-of-memory error leaving forward, loss, backward or the optimizer step."""
+        requested = patches.take_oom_requested()
+        if requested is None:
+            requested = patches.requested_from_text(str(exc))
+        text = " ".join(str(exc).split())
+        first = text.split(". ", 1)[0][:300]
+        n = self.step + 1
+        return Event(kind="oom", message=f"out of memory in {where} at step {n}: {first}",
+                     components=self.current_components(), time=time.time(), step=n,
+                     batch_size=self.batch_size, requested_bytes=requested)
 
     def static_components(self, force: bool) -> tuple[int, int, int]:
         optimizers = self.optimizers
@@ -303,3 +386,21 @@ class StepMeter:
         if cuda is not None:
             comps["other"] = max(0, cuda.peak - sum(comps.values()))
         return comps
+
+
+def cuda_figures(device: torch.device | None, reset: bool) -> CudaFigures | None:
+    """The allocator's figures for the step (None off CUDA); ``reset``: start the next step's peak."""
+    if device is None or device.type != "cuda":
+        return None
+    index = cuda_index(device)
+    stats = patches.raw_stats(index)
+    if not stats:  # CUDA not initialised (yet): nothing to report
+        return None
+    # a peak the script's own reset_peak_memory_stats() cleared during the step still counts for the step
+    peak = max(int(stats["allocated_bytes"]["all"]["peak"]), patches.agent_missed(index, take=reset))
+    figures = CudaFigures(int(stats["allocated_bytes"]["all"]["current"]), peak,
+                          int(stats["reserved_bytes"]["all"]["current"]), int(stats.get("num_alloc_retries", 0)),
+                          int(stats.get("num_ooms", 0)))
+    if reset:
+        patches.agent_reset(index, stats)
+    return figures

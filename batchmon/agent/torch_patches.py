@@ -1,5 +1,7 @@
 """What the agent changes in torch itself, and the hooks it puts on the user's modules - all of it undoable.
 
+(Over 400 lines on purpose: every patch and its undo sit together, so that detach provably restores torch.)
+
 The rule (issue 12): the agent leaves no trace on user objects. A hook registered on the user's root module or
 loss module is one of the module-level functions below (never a bound method of the handle, which reaches the
 monitor sockets), so whatever copies a module cannot reach the agent's state; and while the agent is attached,
@@ -27,6 +29,7 @@ and the profiler are left alone: the agent allocates nothing on the device and r
 from __future__ import annotations
 
 import functools
+import re
 import sys
 import weakref
 from typing import Any, Callable, Protocol
@@ -58,6 +61,8 @@ def _no_agent() -> Sink | None:
 current: Callable[[], Sink | None] = _no_agent  # set by batchmon.agent.handle
 oom_requested: int | None = None  # bytes of the last failed allocation (CUDA's OOM observer)
 _originals: dict[str, Any] = {}
+_TRIED = re.compile(r"Tried to allocate (\d+(?:\.\d+)?) ?(B|bytes|KiB|MiB|GiB|TiB)\b")
+_UNITS = {"B": 1, "bytes": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40}
 _oom_observer_installed = False
 step_depth = 0  # optimizer steps running on the training thread (an LBFGS closure runs inside one)
 
@@ -411,3 +416,11 @@ def take_oom_requested() -> int | None:
     global oom_requested
     value, oom_requested = oom_requested, None
     return value
+
+
+def requested_from_text(text: str) -> int | None:
+    """Fallback when the allocator's observer is unavailable: the size in CUDA's message (rounded there)."""
+    match = _TRIED.search(text)
+    if match is None:
+        return None
+    return int(float(match.group(1)) * _UNITS[match.group(2)])
