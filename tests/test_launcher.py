@@ -44,6 +44,26 @@ def test_empty_command_is_a_usage_error():
         assert "Traceback" not in result.stderr
 
 
+def test_batch_dim_reaches_the_childs_agent(agent_dir):
+    """``--batch-dim N``: the agent in the child takes dimension N of the input as the batch, and says so."""
+    code = ("import torch, json\n"
+            "from batchmon.agent import handle\n"
+            "m = torch.nn.Linear(4, 2); o = torch.optim.SGD(m.parameters(), lr=0.1)\n"
+            "m(torch.randn(30, 7, 4)).sum().backward(); o.step()\n"
+            "s = handle.current().last_step; print(json.dumps([s.batch_size, s.batch_source]))\n")
+    result = run_batchmon("run", "--batch-dim", "1", "--", PY, "-c", code, env={"BATCHMON_DIR": str(agent_dir)},
+                          timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == [7, "input dim 1 (BATCHMON_BATCH_DIM)"]
+
+
+@pytest.mark.parametrize("value", ["-1", "x", "1.5"])
+def test_bad_batch_dim_is_a_usage_error(value):
+    result = run_batchmon("run", "--batch-dim", value, "--", PY, "-c", "pass")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "--batch-dim" in result.stderr.strip().splitlines()[-1]
+
+
 def test_unknown_program_exits_127_with_one_line():
     result = run_batchmon("run", "--", "no-such-program-batchmon-test", "--flag")
     assert result.returncode == 127

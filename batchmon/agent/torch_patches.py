@@ -269,13 +269,17 @@ class _StepWrapper:
         if opt is None:
             raise ReferenceError("optimizer no longer exists")
         fn = self._inner if self._inner is not None else type(opt).step.__get__(opt, type(opt))
+        global step_depth
         agent = current()
         mark = agent.oom_count if agent is not None else 0
+        depth = step_depth
         try:
             return fn(*args, **kwargs)
-        except torch.OutOfMemoryError as exc:
+        except BaseException as exc:
+            step_depth = depth  # the step's post hook will not run: it is no longer "inside a step"
             # reported once: an OOM in a closure's forward or backward was reported where it happened
-            if agent is not None and agent is current() and agent.oom_count == mark:
+            if isinstance(exc, torch.OutOfMemoryError) and agent is not None and agent is current() \
+                    and agent.oom_count == mark:
                 agent._on_oom(exc, "optimizer step")
             raise
 
