@@ -17,7 +17,7 @@ import signal
 import sys
 import time
 from collections import deque
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 from textual import on
 from textual.app import App, ComposeResult
@@ -49,8 +49,23 @@ SHORT_HEIGHT = 28
 
 
 
+class Source(Protocol):
+    """What the app runs on: Hub, ReplaySource (batchmon.monitor) and the tests' ListSource all are one. The app
+    sets ``on_snapshot`` (called from the source's thread) before ``start()``, and stops it when it closes."""
+
+    on_snapshot: Callable[[Snapshot], None] | None
+
+    def start(self) -> object: ...
+
+    def stop(self) -> None: ...
+
+    def snapshot(self) -> Snapshot | None: ...
+
+    def set_interval(self, seconds: float) -> None: ...
+
+
 class BatchmonApp(App[int]):
-    """The monitor. ``source``: any object with start/stop/snapshot/set_interval and an ``on_snapshot`` slot."""
+    """The monitor, on a ``Source`` (the hub, a replay, a test's list of snapshots) or one fixed snapshot."""
 
     CSS_PATH = "batchmon.tcss"
     TITLE = "batchmon"
@@ -80,7 +95,7 @@ class BatchmonApp(App[int]):
 
     def __init__(
         self,
-        source: Any = None,
+        source: Source | None = None,
         *,
         snapshot: Snapshot | None = None,
         interval: float = 1.0,
@@ -157,16 +172,13 @@ class BatchmonApp(App[int]):
         else:
             header.refresh()
         if self.source is not None:
-            self._start_source()
+            self._start_source(self.source)
 
-    def _start_source(self) -> None:
-        src = self.source
-        if hasattr(src, "on_snapshot"):
-            src.on_snapshot = self.deliver
-        if hasattr(src, "set_interval"):
-            src.set_interval(self.interval)
+    def _start_source(self, src: Source) -> None:
+        src.on_snapshot = self.deliver
+        src.set_interval(self.interval)
         src.start()
-        first = src.snapshot() if hasattr(src, "snapshot") else None
+        first = src.snapshot()
         if first is not None:
             self.deliver(first)
 
@@ -473,7 +485,7 @@ class BatchmonApp(App[int]):
 
     def _set_interval(self, seconds: float) -> None:
         self.interval = seconds
-        if self.source is not None and hasattr(self.source, "set_interval"):
+        if self.source is not None:
             self.source.set_interval(seconds)
         header = self.query_one(HeaderBar)
         header.interval = seconds
@@ -539,7 +551,7 @@ class BatchmonApp(App[int]):
             target.focus()
 
 
-def run_monitor(source: Any, *, interval: float, mouse: bool, title: str | None = None) -> int:
+def run_monitor(source: Source, *, interval: float, mouse: bool, title: str | None = None) -> int:
     """Run the monitor on ``source`` until the user quits; starts and stops the source. Returns an exit code.
 
     Raises CliError (one line, no traceback) when stdin is not a terminal (`batchmon < /dev/null`, cron): the
