@@ -99,6 +99,20 @@ def fmt_used_total(used: int | None, total: int | None, precision: int = 1) -> s
     return f"{shown}/{total / size:.{precision}f} {unit}"
 
 
+def fmt_short_bytes(n: int | float | None) -> str:
+    """Axis-label bytes, at most 5 characters: '140G', '512M', '12K'."""
+    if n is None:
+        return "?"
+    value = float(n)
+    for unit in ("", "K", "M", "G", "T", "P"):
+        if abs(value) < 1024 or unit == "P":
+            if unit == "":
+                return f"{int(value)}"
+            return f"{value:.0f}{unit}" if abs(value) >= 10 else f"{value:.1f}{unit}"
+        value /= 1024
+    return f"{value:.0f}P"  # pragma: no cover
+
+
 def clean_text(text: object) -> str:
     """One printable line of a string from outside (an agent's argv, a GPU name, another user's command line,
     a recording): control characters, terminal escapes among them, become spaces, so nothing anyone sends can

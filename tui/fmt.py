@@ -1,29 +1,16 @@
-"""Small, exact formatters for the UI (seconds, batch sizes, axis labels). Pure functions, no textual.
+"""Small, exact formatters for the UI (seconds, batch sizes, intervals). Pure functions, no textual.
 
-Human bytes and clean text are the shared ones (batchmon.units), so the UI and `--once` print the same figure."""
+Bytes (also the chart's axis labels) and clean text are the shared ones (batchmon.units), so the UI and `--once`
+print the same figure."""
 
 from __future__ import annotations
 
 from rich.text import Text
 
-from batchmon.units import clean_text, fmt_bytes, fmt_used_total
+from batchmon.units import clean_text, fmt_bytes, fmt_short_bytes, fmt_used_total
 
 __all__ = ["clean_line", "clean_text", "fmt_bytes", "fmt_count", "fmt_interval", "fmt_seconds", "fmt_short_bytes",
            "fmt_used_total"]
-
-
-def fmt_short_bytes(n: int | float | None) -> str:
-    """Axis-label bytes, at most 5 characters: '140G', '512M', '12K'."""
-    if n is None:
-        return "?"
-    value = float(n)
-    for unit in ("", "K", "M", "G", "T", "P"):
-        if abs(value) < 1024 or unit == "P":
-            if unit == "":
-                return f"{int(value)}"
-            return f"{value:.0f}{unit}" if abs(value) >= 10 else f"{value:.1f}{unit}"
-        value /= 1024
-    return f"{value:.0f}P"  # pragma: no cover
 
 
 def fmt_seconds(s: float | None) -> str:
