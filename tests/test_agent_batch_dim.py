@@ -168,3 +168,23 @@ def test_batch_size_fn_is_named_as_the_source(agent_dir):
     opt.step()
     assert (handle.last_step.batch_size, handle.last_step.batch_source) == (11, "batch_size_fn")
     assert agent.current() is handle
+
+
+def test_sequence_first_classifier_batch_from_the_targets(agent_dir):
+    class ConvOverTime(nn.Module):  # (T, B, F) input, no batch_first module: only the targets tell
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.lin(x).mean(0)  # (B, 3)
+
+    model = ConvOverTime()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    crit = nn.CrossEntropyLoss()
+    handle = batchmon.attach(model, opt)
+    for _ in range(4):
+        opt.zero_grad()
+        crit(model(torch.randn(30, 7, 4)), torch.randint(0, 3, (7,))).backward()
+        opt.step()
+    assert [(s.batch_size, s.batch_source) for s in handle.steps] == [(7, "input dim 1 (matches the targets)")] * 4

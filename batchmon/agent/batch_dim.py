@@ -4,7 +4,9 @@ In order: the user's ``batch_size_fn``; a ``PackedSequence`` input (its first ``
 explicit dimension (``attach(batch_dim=N)``, ``BATCHMON_BATCH_DIM``, ``batchmon run --batch-dim N``); a
 dimension learned from the model's own sequence-first modules (an ``nn.LSTM``/``GRU``/``RNN``,
 ``nn.Transformer*`` layer or ``nn.MultiheadAttention`` with ``batch_first=False`` reads its batch from dim 1 of
-what it is given: the first forwards are watched, and the input dimension of that size is the batch); else
+what it is given: the first forwards are watched, and the input dimension of that size is the batch), or from
+the targets given to the loss module (on the first steps: when their leading dimension is not the input's dim 0
+but exactly one other input dimension, that one is the batch - a sequence-first classifier); else
 dim 0 of the first tensor input (positional, then keyword, inside tuples, lists, dicts and tokenizer outputs).
 Each answer carries its source, sent with every step as ``batch_source`` (e.g. ``"input dim 1 (LSTM
 batch_first=False)"``).
@@ -78,6 +80,7 @@ class BatchSizer:
         self._seen: int | None = None  # batch a sequence-first module saw in this forward
         self._seen_module = ""
         self._shape: tuple[int, ...] | None = None
+        self._target_checks = 3
 
     def use_model(self, model: torch.nn.Module) -> None:
         self._candidates = seq_first_modules(model)
@@ -139,6 +142,22 @@ class BatchSizer:
                 self.learned = (dim, f"{self._seen_module} batch_first=False")
                 return BatchSize(int(size), f"input dim {dim} ({self.learned[1]})")
         return None
+
+    def observe_targets(self, targets: list[torch.Tensor]) -> BatchSize | None:
+        """The loss module's targets (first steps, nothing else known): a corrected batch size, or None."""
+        if self._target_checks <= 0 or self.fn is not None or self.dim is not None or self.learned is not None:
+            return None
+        self._target_checks -= 1
+        shape = self._shape
+        first = next((t for t in targets if t.dim() >= 1), None)
+        if shape is None or first is None or len(shape) < 2 or shape[0] == first.shape[0]:
+            return None
+        matches = [dim for dim, size in enumerate(shape[1:], start=1) if size == first.shape[0]]
+        if len(matches) != 1:
+            return None
+        self.learned = (matches[0], "matches the targets")
+        self._probe_left = 0
+        return BatchSize(int(first.shape[0]), f"input dim {matches[0]} (matches the targets)")
 
     def _observe(self, module: torch.nn.Module, args: tuple[Any, ...]) -> None:
         if self._seen is None and id(module) in self._candidates:

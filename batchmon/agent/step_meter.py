@@ -220,9 +220,11 @@ class StepMeter:
     def add_targets(self, tensors: Any) -> None:
         if self.batch is None:
             self.batch = accounting.StorageSet(self.device_or_cpu())
-        for t in tensors:
-            if not t.requires_grad:  # targets; the model's output requires grad
-                self.batch.add(t)
+        targets = [t for t in tensors if not t.requires_grad]  # targets; the model's output requires grad
+        self.batch.add_all(targets)
+        corrected = self.sizer.observe_targets(targets)
+        if corrected is not None:
+            self.batch_size, self.batch_source = corrected.size, corrected.source
         if self.sampled:
             self.counter_for_group().push()
 
