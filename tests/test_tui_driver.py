@@ -18,6 +18,8 @@ import tty
 
 import pytest
 
+from conftest import wait_until_async
+
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux driver")
 
 
@@ -39,14 +41,6 @@ async def parked(thread: threading.Thread, timeout: float = 5.0) -> int:
         if time.monotonic() > deadline:
             raise AssertionError(f"the input thread never settled ({now} wake-ups and counting)")
         last = now
-
-
-async def wait_until(predicate, timeout: float = 5.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 async def test_input_thread_reads_keys_times_out_a_lone_escape_sleeps_when_idle_and_stops_at_once():
@@ -72,10 +66,10 @@ async def test_input_thread_reads_keys_times_out_a_lone_escape_sleeps_when_idle_
     try:
         keys = lambda: [m.key for m in got if isinstance(m, events.Key)]  # noqa: E731
         os.write(master, b"a")
-        await wait_until(lambda: "a" in keys(), what="the key a")
+        await wait_until_async(lambda: "a" in keys(), what="the key a")
         sent = time.monotonic()
         os.write(master, b"\x1b")  # a lone Escape: only the parser's timeout turns it into a key
-        await wait_until(lambda: "escape" in keys(), what="the lone escape")
+        await wait_until_async(lambda: "escape" in keys(), what="the lone escape")
         assert time.monotonic() - sent < 1.0  # waited for the parser's timeout, not for IDLE_MAX_S
         before = await parked(thread)  # the Escape's own handling (GIL hand-offs) is over before the window opens
         await asyncio.sleep(2.0)  # the measuring window: nothing typed
