@@ -9,15 +9,16 @@ each box, so ``--host`` is refused here.
 from __future__ import annotations
 
 import errno
+import selectors
 import signal
 import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any, Callable, Iterator
 
 from batchmon.errors import CliError
+from batchmon.monitor.threads import join_started, start_daemon
 from batchmon.protocol import step_components
 from batchmon.snapshot import AgentView, Snapshot
 
@@ -88,134 +89,172 @@ class SnapshotCollector:
         yield step
 
 
-WORKERS = 4  # requests served at once
-QUEUED = 16  # accepted connections waiting for a worker; beyond that a connection is closed at once
-REQUEST_DEADLINE_S = 10.0  # a client has this long to send its request (slow or idle ones are cut off)
-MAX_REQUEST_BYTES = 64 << 10
+WORKERS = 2  # threads building and writing answers; requests are read by the one listener thread
+MAX_PENDING = 256  # connections still sending their request; when full, the oldest is closed for a new one
+REQUEST_DEADLINE_S = 5.0  # a client has this long to send its whole request (slow or idle ones are cut off)
+WRITE_TIMEOUT_S = 5.0
+MAX_REQUEST_BYTES = 16 << 10
 
 
-class _DeadlineReader:
-    """The request side of a connection with one deadline for all of it (the request line and every header):
-    a client that sends a byte every few seconds cannot hold a worker longer than REQUEST_DEADLINE_S."""
-
-    def __init__(self, sock: socket.socket, seconds: float) -> None:
-        self._sock = sock
-        self._deadline = time.monotonic() + seconds
-        self._buf = b""
-        self._total = 0
-
-    def _fill(self) -> bool:
-        left = self._deadline - time.monotonic()
-        if left <= 0 or self._total > MAX_REQUEST_BYTES:
-            raise TimeoutError("request too slow or too large")
-        self._sock.settimeout(left)
-        chunk = self._sock.recv(4096)
-        self._total += len(chunk)
-        self._buf += chunk
-        return bool(chunk)
-
-    def readline(self, limit: int = -1) -> bytes:
-        while b"\n" not in self._buf and (limit < 0 or len(self._buf) < limit):
-            if not self._fill():
-                break
-        end = self._buf.find(b"\n") + 1 or len(self._buf)
-        if limit >= 0:
-            end = min(end, limit)
-        line, self._buf = self._buf[:end], self._buf[end:]
-        return line
-
-    def read(self, n: int = -1) -> bytes:
-        while n < 0 or len(self._buf) < n:
-            if not self._fill():
-                break
-        data, self._buf = (self._buf, b"") if n < 0 else (self._buf[:n], self._buf[n:])
-        return data
-
-    def close(self) -> None:
-        pass
-
-
-class _MetricsHandler(BaseHTTPRequestHandler):
-    """GET /metrics (or /): the registry in Prometheus text format. Nothing is logged per request."""
-
-    registry: Any = None
-    protocol_version = "HTTP/1.0"  # one request per connection: a worker is never parked on a kept-alive socket
-
-    def setup(self) -> None:
-        super().setup()
-        self.rfile = _DeadlineReader(self.connection, REQUEST_DEADLINE_S)  # type: ignore[assignment]
-        self.connection.settimeout(REQUEST_DEADLINE_S)  # and for writing the answer
-
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
-        if self.path.split("?", 1)[0] not in ("/metrics", "/"):
-            self.send_error(404, "only /metrics is served here")
-            return
-        body = generate_latest(self.registry)
-        self.send_response(200)
-        self.send_header("Content-Type", CONTENT_TYPE_LATEST)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - http.server's signature
-        pass
-
-
-class BoundedHTTPServer(HTTPServer):
-    """An HTTP server with a fixed pool of worker threads and a bounded queue of connections.
+class BoundedHTTPServer:
+    """A minimal HTTP/1.0 server for GET /metrics with bounded threads and file descriptors.
 
     prometheus_client's server starts a thread per connection and waits on each without a timeout: at the
-    usual open-file limit (1024) slow or idle connections took it down (no /metrics, 100% CPU). Here a
-    connection over WORKERS + QUEUED is closed at once, and each has REQUEST_DEADLINE_S to send its request."""
+    usual open-file limit (1024) slow or idle connections took it down (/metrics unanswered, 100% CPU). Here
+    one thread reads every request without blocking (at most MAX_PENDING connections, each with
+    REQUEST_DEADLINE_S for its whole request; when full, the oldest is dropped, so a scraper always gets in),
+    and WORKERS threads answer complete requests. Threads and fds stay bounded whatever clients do."""
 
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 64
-
-    def __init__(self, address: tuple[str, int], registry: Any) -> None:
-        handler = type("Handler", (_MetricsHandler,), {"registry": registry})
-        family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-        self.address_family = family
-        super().__init__(address, handler)
+    def __init__(self, bind: str, port: int, render: Callable[[], tuple[bytes, str]]) -> None:
+        infos = socket.getaddrinfo(bind, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, _, _, _, address = infos[0]
+        self._listener = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self._listener.bind(address)
+            self._listener.listen(128)
+            self._listener.setblocking(False)
+        except OSError:
+            self._listener.close()
+            raise
+        self.port = self._listener.getsockname()[1]
+        self._render = render
+        self._pending: dict[socket.socket, tuple[float, bytearray]] = {}  # insertion order: oldest first
         self._pool = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="batchmon-export")
-        self._slots = threading.BoundedSemaphore(WORKERS + QUEUED)
-        self.refused = 0
+        self._answering = threading.BoundedSemaphore(WORKERS * 4)
+        self._stop = threading.Event()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self.dropped = 0  # connections closed unanswered (too slow, too many, too large)
+        self._thread = start_daemon(self._serve, "batchmon-export")
 
-    def process_request(self, request: Any, client_address: Any) -> None:
-        if not self._slots.acquire(blocking=False):
-            self.refused += 1
-            self.shutdown_request(request)  # busy: the fd is freed now, not when a thread gets to it
-            return
+    def shutdown(self) -> None:
+        self._stop.set()
         try:
-            self._pool.submit(self._work, request, client_address)
-        except RuntimeError:  # shutting down
-            self._slots.release()
-            self.shutdown_request(request)
-
-    def _work(self, request: Any, client_address: Any) -> None:
-        try:
-            self.finish_request(request, client_address)
-        except Exception:  # noqa: BLE001 - a client that vanished or timed out is not the exporter's problem
+            self._wake_w.send(b"x")
+        except OSError:
             pass
-        finally:
-            self.shutdown_request(request)
-            self._slots.release()
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        pass  # never a traceback on stderr for one bad connection
+        join_started(self._thread, 5.0)
 
     def server_close(self) -> None:
-        super().server_close()
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.shutdown()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        for sock in (self._listener, self._wake_r, self._wake_w, *self._pending):
+            try:
+                sock.close()
+            except OSError:
+                pass
+        self._pending.clear()
+
+    # ------------------------------------------------------------------------------------------ listener thread
+
+    def _serve(self) -> None:
+        sel = selectors.DefaultSelector()
+        sel.register(self._listener, selectors.EVENT_READ, "listen")
+        sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+        try:
+            while not self._stop.is_set():
+                for key, _ in sel.select(0.5):
+                    if key.data == "listen":
+                        self._accept(sel)
+                    elif key.data == "wake":
+                        pass
+                    else:
+                        self._read(sel, key.fileobj)  # type: ignore[arg-type]
+                self._expire(sel)
+        finally:
+            sel.close()
+
+    def _accept(self, sel: selectors.BaseSelector) -> None:
+        for _ in range(64):
+            try:
+                conn, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:  # EMFILE and the like: the pending ones are dropped below as they expire
+                return
+            if len(self._pending) >= MAX_PENDING:
+                self._drop(sel, next(iter(self._pending)))
+            conn.setblocking(False)
+            self._pending[conn] = (time.monotonic() + REQUEST_DEADLINE_S, bytearray())
+            sel.register(conn, selectors.EVENT_READ, "conn")
+
+    def _read(self, sel: selectors.BaseSelector, conn: socket.socket) -> None:
+        entry = self._pending.get(conn)
+        if entry is None:
+            return
+        try:
+            data = conn.recv(4096)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        buf = entry[1]
+        buf += data
+        if not data or len(buf) > MAX_REQUEST_BYTES:
+            self._drop(sel, conn)
+            return
+        if b"\r\n\r\n" in buf or b"\n\n" in buf:  # the whole request is in
+            sel.unregister(conn)
+            del self._pending[conn]
+            if not self._answering.acquire(blocking=False):  # every worker busy and a queue behind them
+                self.dropped += 1
+                _close(conn)
+                return
+            self._pool.submit(self._answer, conn, bytes(buf))
+
+    def _expire(self, sel: selectors.BaseSelector) -> None:
+        now = time.monotonic()
+        for conn, (deadline, _) in list(self._pending.items()):
+            if deadline > now:
+                break  # oldest first: the rest are younger
+            self._drop(sel, conn)
+
+    def _drop(self, sel: selectors.BaseSelector, conn: socket.socket) -> None:
+        self._pending.pop(conn, None)
+        try:
+            sel.unregister(conn)
+        except (KeyError, ValueError):
+            pass
+        self.dropped += 1
+        _close(conn)
+
+    # ------------------------------------------------------------------------------------------ workers
+
+    def _answer(self, conn: socket.socket, request: bytes) -> None:
+        try:
+            parts = request.split(b"\n", 1)[0].split()
+            method, path = (parts[0], parts[1]) if len(parts) >= 2 else (b"", b"")
+            if method not in (b"GET", b"HEAD"):
+                status, body, ctype = "405 Method Not Allowed", b"only GET\n", "text/plain"
+            elif path.split(b"?", 1)[0] not in (b"/metrics", b"/"):
+                status, body, ctype = "404 Not Found", b"only /metrics is served here\n", "text/plain"
+            else:
+                body, ctype = self._render()
+                status = "200 OK"
+            head = (f"HTTP/1.0 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
+                    "Connection: close\r\n\r\n").encode()
+            conn.setblocking(True)
+            conn.settimeout(WRITE_TIMEOUT_S)
+            conn.sendall(head + (b"" if method == b"HEAD" else body))
+        except Exception:  # noqa: BLE001 - a client that vanished is not the exporter's problem
+            self.dropped += 1
+        finally:
+            _close(conn)
+            self._answering.release()
+
+
+def _close(sock: socket.socket) -> None:
+    try:
+        sock.close()
+    except OSError:
+        pass
 
 
 def start_server(bind: str, port: int, registry: Any) -> BoundedHTTPServer:
-    """Listen on bind:port and serve on a daemon thread. Raises OSError when it cannot listen."""
-    server = BoundedHTTPServer((bind, port), registry)
-    threading.Thread(target=server.serve_forever, name="batchmon-export-accept", daemon=True).start()
-    return server
+    """Listen on bind:port and serve the registry. Raises OSError when it cannot listen."""
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    return BoundedHTTPServer(bind, port, lambda: (generate_latest(registry), CONTENT_TYPE_LATEST))
 
 
 class _Stop(Exception):
