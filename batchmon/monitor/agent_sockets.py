@@ -35,6 +35,24 @@ def _recv_buffer() -> memoryview:
     return buf
 
 
+def connection_limit() -> int:
+    """How many agents one monitor connects to at most: half the open-file limit left after a margin for
+    everything else it opens (NVML, pipes, the terminal, ssh), at most 1024. 2000 agent sockets exhausted the
+    monitor's file descriptors at the usual limit of 1024 (--once traceback, record stopped)."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):
+        return 256
+    if soft == resource.RLIM_INFINITY:
+        return 1024
+    return max(8, min(1024, (soft - 128) // 2))
+
+
+REFUSED = "an agent closed the connection without a word (it may already serve its 64 monitors)"
+
+
 @dataclass(frozen=True)
 class Found:
     pid: int

@@ -23,9 +23,11 @@ from typing import Any, Callable, Sequence
 
 from batchmon import protocol, records
 from batchmon.monitor.agent_sockets import (
+    REFUSED,
     AgentConnection,
     ConnectResult,
     Found,
+    connection_limit,
     pid_alive,
     scan,
     unlink_stale,
@@ -356,6 +358,10 @@ class Hub:
             return  # nothing appeared or vanished since the last listing
         self._scan_key, self._rescan = (mtime, now), False
         for found in scan(directory):
+            if found.pid not in self._conns and len(self._conns) >= connection_limit():
+                self._warn("agents", f"more agent sockets than {connection_limit()} (the open-file limit); "
+                                     "not connecting to the rest")
+                break
             if found.pid not in self._conns and not self._connect(found):
                 self._rescan = True  # busy listener, or stale with a live pid: look again next tick
 
@@ -441,6 +447,8 @@ class Hub:
         self._conns.pop(conn.pid, None)
         self._rescan = True  # its socket may still be there (a new listener): reconnect at the next tick
         self._disconnected[conn.pid] = (conn.key, time.monotonic())
+        if conn.bytes_read == 0:  # not even a hello: the agent refuses monitors (or was ending)
+            self._emit(records.warning("agents", REFUSED, f"pid {conn.pid}"))
         self._emit(records.agent_eof(conn.key))
 
     def _close(self) -> None:
