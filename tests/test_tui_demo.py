@@ -32,6 +32,7 @@ def test_demo_script_is_inside_the_installed_package():
 
 def test_demo_without_its_script_is_a_one_line_error(monkeypatch, capsys):
     monkeypatch.setattr(demo, "training_script", lambda: None)
+    monkeypatch.setattr(demo, "_stdin_is_terminal", lambda: True)
     assert cli.main(["demo", "--steps", "3"]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "demo_train" in err and err.startswith("batchmon: error:")

@@ -103,6 +103,13 @@ def _catch_one(sig: int, handler: Any) -> None:
         pass
 
 
+def _stdin_is_terminal() -> bool:
+    try:
+        return sys.stdin is not None and os.isatty(sys.stdin.fileno())
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
 def _say(text: str) -> None:
     """A line on stderr; the terminal may be gone (SIGHUP), which is no error of the demo's."""
     try:
@@ -123,6 +130,9 @@ def main(args: Any) -> int:
     steps = int(getattr(args, "steps", 0) or 0)
     if steps < 0:
         raise CliError(f"--steps must be 0 (until you quit) or positive, got {steps}", code=2)
+    if not _stdin_is_terminal():  # before anything starts: the monitor would refuse after the run began
+        raise CliError("the demo shows its run in the live monitor, which needs a terminal to read keys from, "
+                       "and stdin is not one")
     if training_script() is None:
         raise CliError(f"the demo's training script ({TRAINING_MODULE}) is missing from this installation")
     try:

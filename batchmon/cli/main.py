@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import Sequence
 
@@ -164,7 +165,66 @@ def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argpa
     return args
 
 
+class _ClosedStdout:
+    """Stands in for sys.stdout when the process started with it closed (`>&-`): the first write is one line
+    on stderr and exit code 1, not an AttributeError on None."""
+
+    def write(self, text: str) -> int:
+        raise CliError("cannot write the output: stdout is closed")
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return False
+
+    def fileno(self) -> int:
+        raise OSError(9, "stdout is closed")
+
+
+def _silence_stdout() -> None:
+    """Point fd 1 at /dev/null so the interpreter's last flush (of output a reader no longer takes, or a full
+    disk does not) neither fails nor prints "Exception ignored"."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+def _flush_output() -> int | None:
+    """Flush stdout now; an error is one line (exit 1), a closed pipe a quiet end (exit 0). None when fine."""
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _silence_stdout()
+        return 0
+    except OSError as exc:  # what no handler expected (a full disk under stdout): one line, not a traceback
+        _silence_stdout()
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"batchmon: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        _silence_stdout()
+        print(f"batchmon: error: cannot write the output: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    except CliError:
+        return None
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    if sys.stdout is None:
+        sys.stdout = _ClosedStdout()  # type: ignore[assignment]
+    try:
+        return _main(argv)
+    except CliError as exc:  # from parsing: --version or --help into a closed stdout
+        print(f"batchmon: error: {exc}", file=sys.stderr)
+        return exc.code
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = _parse(parser, argv)
     if args.json and not args.once:
@@ -177,14 +237,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             if exc.name != module_name:
                 raise
             raise CliError(f"'{args.command}' is not available in this version of batchmon") from None
-        return int(handler(args) or 0)
+        code = int(handler(args) or 0)
+        flushed = _flush_output()
+        return code if flushed is None else (flushed if code == 0 else code)
     except CliError as exc:
         print(f"batchmon: error: {exc}", file=sys.stderr)
         return exc.code
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
+        _silence_stdout()
         return 0
+    except OSError as exc:  # what no handler expected (a full disk under stdout): one line, not a traceback
+        _silence_stdout()
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"batchmon: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,15 +1,16 @@
 """`batchmon record` and `batchmon stream`: every hub input as JSON lines, flushed per line.
 
-The first line is ``{"kind": "meta", "version": 1, ...}``; every further line is one hub record (see hub_state).
+The first line is ``{"kind": "meta", "version": 1, ...}``; every further line is one hub record (batchmon.records).
 Flushing each line means a crash loses at most the line being written. Ctrl-C (or SIGTERM/SIGHUP, as when an
 ssh session ends) stops cleanly with exit code 0.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import signal
-import socket
 import sys
 import time
 from typing import IO, Any
@@ -17,14 +18,15 @@ from typing import IO, Any
 from batchmon import __version__
 from batchmon.errors import CliError
 from batchmon.monitor.hub import Hub
+from batchmon import records
 from batchmon.records import record_line
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = records.FORMAT_VERSION
 
 
 def meta_record(interval: float, command: str) -> dict[str, Any]:
-    return {"t": time.time(), "kind": "meta", "version": FORMAT_VERSION, "batchmon": __version__,
-            "host": socket.gethostname(), "interval": interval, "command": command, "source": "local"}
+    """The recording's first line (records.meta) for this batchmon."""
+    return records.meta(interval, command, version=__version__)
 
 
 class LineWriter:
@@ -86,7 +88,7 @@ def main_record(args: Any) -> int:
     if args.output == "-":
         return main_stream(args)
     try:
-        stream = open(args.output, "w", encoding="utf-8")  # noqa: SIM115 - closed below
+        stream = _open_output(args.output)
     except OSError as exc:
         raise CliError(f"cannot write {args.output}: {exc.strerror or exc}") from None
     try:
@@ -98,9 +100,34 @@ def main_record(args: Any) -> int:
             pass
 
 
+def _open_output(path: str) -> IO[str]:
+    """Open the recording for writing. A FIFO is opened only when a reader is on it (ENXIO otherwise), so
+    `record -o FIFO` with nobody reading is an error, not a hang in open()."""
+    if not path:
+        raise FileNotFoundError(2, "empty file name")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        st = None
+    if st is not None and stat.S_ISFIFO(st.st_mode):
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:
+                raise OSError(errno.ENXIO, "a FIFO with no process reading it") from None
+            raise
+        os.set_blocking(fd, True)
+    else:
+        fd = os.open(path, flags, 0o644)
+    return open(fd, "w", encoding="utf-8")  # noqa: SIM115 - the caller closes it
+
+
 def main_stream(args: Any) -> int:
     if getattr(args, "host", None):
         raise CliError("stream --host is not supported; run `batchmon stream` on that host", code=2)
+    if sys.stdout is None or not hasattr(sys.stdout, "buffer"):  # started with stdout closed (`>&-`)
+        raise CliError("cannot write the stream: stdout is closed")
     try:
         return run_recording(sys.stdout, interval=args.interval, duration=args.duration, command="stream")
     except BrokenPipeError:
