@@ -1,0 +1,482 @@
+"""Prediction truth on architectures nobody here tuned on (issue 13, point 5), on one GPU.
+
+For each architecture, built from a config (no downloads): observe 3 steps at a small batch and a short last
+batch through batchmon's real agent (bench/predict_accuracy.py's observe_with_agent), fit, predict the peak at
+a few batch sizes and the largest batch; then run those batch sizes for real and find the real largest batch by
+bisection (each trial one step from a clean allocator). GPT-2 also runs its AMP and checkpointing what-ifs for
+real: the what-if's largest batch predicted from the fp32 observation against the real one under the what-if.
+
+The device is emulated smaller with ``torch.cuda.set_per_process_memory_fraction`` (default 24 GiB of the
+H200's 141 GiB) so that bisection is fast: the caching allocator raises OutOfMemoryError past the cap. The cap
+bounds what the allocator reserves, not the CUDA context, so the prediction's device size is cap + the measured
+context (the model's ``total`` counts the context); the JSON says so.
+
+Usage (H200, from the checkout; the whole run is budgeted to finish within 9 minutes):
+    python3 bench/predict_zoo.py --out bench/results/predict_zoo_h200.json
+    python3 bench/predict_zoo.py --markdown bench/results/predict_zoo_h200.json   # README table
+    python3 bench/predict_zoo.py --cpu-smoke --out /tmp/zoo.json                  # tiny, on CPU: tests the script
+
+JSON: {"device", "emulated_device_memory", "emulation", ..., "results": [{arch, points: [{batch,
+predicted_peak, measured_peak}], predicted_max_batch, real_max_batch, what_ifs: [{what_if, predicted_max_batch,
+real_max_batch}], ...}]}. With --cpu-smoke the "peak" is the sum of measured components on a fake device
+(SmokeDevice), so its figures say nothing about a real allocator.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # predict_accuracy.py beside this file
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # batchmon from the checkout
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from batchmon.memory_model import WhatIf, fit  # noqa: E402
+from predict_accuracy import (GPT, OOM_LIKE, Arch, CudaDevice, Runner, SmokeDevice, observe_with_agent,  # noqa: E402
+                              pct)
+
+GIB = 2**30
+BUDGET_S = 510.0  # the whole run, leaving time to write the results inside the coordinator's 9 minutes
+
+
+# ----------------------------------------------------------------------------------------------- small models
+
+
+class LSTMLM(nn.Module):
+    """word_language_model's LSTM: embedding, 2-layer LSTM (batch_first), linear decoder to the vocabulary."""
+
+    def __init__(self, vocab: int, hidden: int, layers: int = 2) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, hidden)
+        self.rnn = nn.LSTM(hidden, hidden, layers, batch_first=True)
+        self.out = nn.Linear(hidden, vocab)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.rnn(self.emb(x))[0])
+
+
+class GRUSeq2Seq(nn.Module):
+    """GRU encoder-decoder with teacher forcing; x packs source and decoder input along the sequence."""
+
+    def __init__(self, vocab: int, hidden: int, src_len: int) -> None:
+        super().__init__()
+        self.src_len = src_len
+        self.emb = nn.Embedding(vocab, hidden)
+        self.enc = nn.GRU(hidden, hidden, batch_first=True)
+        self.dec = nn.GRU(hidden, hidden, batch_first=True)
+        self.out = nn.Linear(hidden, vocab)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, h = self.enc(self.emb(x[:, :self.src_len]))
+        y, _ = self.dec(self.emb(x[:, self.src_len:]), h)
+        return self.out(y)
+
+
+class UNet(nn.Module):
+    """A small UNet: conv blocks down with max-pooling, up with transposed convs and skip concatenation."""
+
+    def __init__(self, base: int, depth: int = 4, classes: int = 2) -> None:
+        super().__init__()
+
+        def block(cin: int, cout: int) -> nn.Module:
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(),
+                                 nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+
+        chans = [base * 2**i for i in range(depth + 1)]
+        self.down = nn.ModuleList([block(3, chans[0])] + [block(chans[i], chans[i + 1]) for i in range(depth)])
+        self.up = nn.ModuleList(nn.ConvTranspose2d(chans[i + 1], chans[i], 2, stride=2) for i in reversed(range(depth)))
+        self.merge = nn.ModuleList(block(2 * chans[i], chans[i]) for i in reversed(range(depth)))
+        self.head = nn.Conv2d(chans[0], classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = []
+        for i, down in enumerate(self.down):
+            x = down(x if i == 0 else F.max_pool2d(x, 2))
+            skips.append(x)
+        skips.pop()
+        for up, merge in zip(self.up, self.merge, strict=True):
+            x = merge(torch.cat([up(x), skips.pop()], dim=1))
+        return self.head(x)
+
+
+class HFLogits(nn.Module):
+    """A Hugging Face model called as model(x) -> logits (the bench's Runner calls model(x)). For an
+    encoder-decoder, x packs the encoder input and the decoder input along the sequence."""
+
+    def __init__(self, model: nn.Module, src_len: int | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.src_len = src_len
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.src_len is None:
+            return self.model(input_ids=x).logits
+        return self.model(input_ids=x[:, :self.src_len], decoder_input_ids=x[:, self.src_len:]).logits
+
+
+# ----------------------------------------------------------------------------------------------- the zoo
+
+
+def _ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Cross entropy on fp32 logits, as Hugging Face models compute their loss (logits.float())."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
+
+
+def _tokens(vocab: int, length: int, target: int | None = None) -> Callable:
+    def batch(b: int, dev: torch.device, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.randint(0, vocab, (b, length + 1), device=dev, generator=g)
+        if target is None:
+            return x[:, :-1].contiguous(), x[:, 1:].contiguous()
+        return x[:, :-1].contiguous(), x[:, -target:].contiguous()  # y: the decoder part, shifted by one
+    return batch
+
+
+def _images(size: int, classes: int, dense: bool = False) -> Callable:
+    def batch(b: int, dev: torch.device, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.randn(b, 3, size, size, device=dev, generator=g)
+        shape = (b, size, size) if dense else (b,)
+        return x, torch.randint(0, classes, shape, device=dev, generator=g)
+    return batch
+
+
+def _opt(kind: str) -> Callable[[nn.Module], torch.optim.Optimizer]:
+    def make(m: nn.Module) -> torch.optim.Optimizer:
+        params = [p for p in m.parameters() if p.requires_grad]
+        if kind == "sgd":
+            return torch.optim.SGD(params, lr=0.1)
+        if kind == "sgdm":
+            return torch.optim.SGD(params, lr=0.01, momentum=0.9)
+        return torch.optim.AdamW(params, lr=1e-4)
+    return make
+
+
+@dataclass
+class Entry:
+    arch: Arch
+    optimizer_name: str
+    needs: str = ""  # module to import first ("torchvision", "transformers"): skipped without it
+    what_ifs: tuple[str, ...] = ()  # "amp", "checkpointing" (run for real)
+    checkpoint_layers: int | None = None
+    compiled: bool = False
+
+
+def _hf_gpt2(smoke: bool, checkpointing: bool = False) -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=256, n_positions=64) if smoke else GPT2Config()
+    model = GPT2LMHeadModel(cfg)
+    model.config.use_cache = False
+    if checkpointing:
+        model.gradient_checkpointing_enable()
+    return HFLogits(model)
+
+
+def _tv(name: str, **kw: Any) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        import torchvision
+
+        return getattr(torchvision.models, name)(weights=None, **kw)
+    return build
+
+
+def zoo(smoke: bool) -> list[Entry]:
+    """The architectures (tiny shapes with smoke). Observed at (larger, smaller) batch sizes."""
+    s = smoke
+    out: list[Entry] = []
+    v, h, seq = (100, 16, 8) if s else (33278, 650, 35)
+    out.append(Entry(Arch("lstm-lm", f"LSTM LM V={v} 2x{h} T={seq}, fp32, SGD", lambda: LSTMLM(v, h), _opt("sgd"),
+                          _tokens(v, seq), _ce, (20, 10)), "SGD"))
+    gv, gh, src, tgt = (100, 16, 6, 4) if s else (10000, 512, 40, 30)
+    out.append(Entry(Arch("gru-seq2seq", f"GRU encoder-decoder V={gv} H={gh} {src}->{tgt}, fp32, AdamW",
+                          lambda: GRUSeq2Seq(gv, gh, src), _opt("adamw"), _tokens(gv, src + tgt, tgt), _ce,
+                          (8, 4) if s else (64, 32)), "AdamW"))
+    img = 32 if s else 224
+    out.append(Entry(Arch("vit-b16", "ViT-B/16 224, fp32, AdamW",
+                          _tv("vit_b_16") if not s else _tv("vit_b_16", image_size=32), _opt("adamw"),
+                          _images(img, 1000), F.cross_entropy, (4, 2) if s else (16, 8)), "AdamW", "torchvision"))
+    out.append(Entry(Arch("resnet50", "ResNet-50 224, fp32, SGD momentum", _tv("resnet50"), _opt("sgdm"),
+                          _images(img, 1000), F.cross_entropy, (4, 2) if s else (32, 16)), "SGD", "torchvision"))
+    out.append(Entry(Arch("efficientnet-b0", "EfficientNet-B0 224, fp32, AdamW", _tv("efficientnet_b0"), _opt("adamw"),
+                          _images(img, 1000), F.cross_entropy, (4, 2) if s else (32, 16)), "AdamW", "torchvision"))
+    out.append(Entry(Arch("convnext-tiny", "ConvNeXt-T 224, fp32, AdamW", _tv("convnext_tiny"), _opt("adamw"),
+                          _images(img, 1000), F.cross_entropy, (4, 2) if s else (16, 8)), "AdamW", "torchvision"))
+    ui, ub = (32, 2) if s else (256, 32)
+    out.append(Entry(Arch("unet", f"UNet 4 levels base {ub}, {ui}x{ui}, 2 classes, fp32, AdamW", lambda: UNet(ub),
+                          _opt("adamw"), _images(ui, 2, dense=True), F.cross_entropy, (4, 2) if s else (8, 4)),
+                     "AdamW"))
+
+    def bert() -> nn.Module:
+        from transformers import BertConfig, BertForMaskedLM
+
+        cfg = (BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                          vocab_size=256, max_position_embeddings=64) if s else BertConfig())
+        return HFLogits(BertForMaskedLM(cfg))
+
+    bv, bseq = (256, 32) if s else (30522, 512)
+    out.append(Entry(Arch("bert-base-amp", f"BERT-base MLM T={bseq}, bf16 autocast, AdamW", bert, _opt("adamw"),
+                          _tokens(bv, bseq), _ce, (4, 2) if s else (8, 4), amp=True), "AdamW", "transformers"))
+    pv, pseq = (256, 32) if s else (50257, 512)
+    out.append(Entry(Arch("gpt2-fp32", f"GPT-2 124M (HF) T={pseq}, fp32, AdamW, loss on logits.float()",
+                          lambda: _hf_gpt2(s), _opt("adamw"), _tokens(pv, pseq), _ce, (4, 2) if s else (4, 2)),
+                     "AdamW", "transformers", what_ifs=("amp", "checkpointing"), checkpoint_layers=2 if s else 12))
+
+    def t5() -> nn.Module:
+        from transformers import T5Config, T5ForConditionalGeneration
+
+        cfg = (T5Config(d_model=64, d_ff=128, num_layers=2, num_heads=4, d_kv=16, vocab_size=256) if s else
+               T5Config(d_model=512, d_ff=2048, num_layers=6, num_heads=8, d_kv=64, vocab_size=32128))
+        return HFLogits(T5ForConditionalGeneration(cfg), src_len=t5_src)
+
+    t5_src, t5_tgt, t5v = (16, 8, 256) if s else (512, 128, 32128)
+    out.append(Entry(Arch("t5-small", f"T5-small {t5_src}->{t5_tgt}, fp32, AdamW", t5, _opt("adamw"),
+                          _tokens(t5v, t5_src + t5_tgt, t5_tgt), _ce, (4, 2) if s else (8, 4)),
+                     "AdamW", "transformers"))
+    cv, cseq, cd, ch, cl = (64, 16, 32, 4, 2) if s else (8192, 512, 512, 8, 8)
+    out.append(Entry(Arch("gpt-compiled", f"GPT {cl}L d={cd} T={cseq} under torch.compile(dynamic=True), fp32, AdamW",
+                          lambda: torch.compile(GPT(cv, cseq, cd, ch, cl, tied=False), dynamic=True,
+                                                backend="eager" if s else "inductor"), _opt("adamw"),
+                          _tokens(cv, cseq), _ce, (4, 2) if s else (8, 4)), "AdamW", compiled=True))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- measuring
+
+
+def _available(needs: str) -> str | None:
+    if not needs:
+        return None
+    try:
+        __import__(needs)
+    except Exception as exc:  # noqa: BLE001 - an optional library missing is a skipped architecture
+        return f"{needs} not importable ({type(exc).__name__})"
+    return None
+
+
+def _trial(runner: Runner, b: int, log: list[dict[str, Any]]) -> dict[str, Any]:
+    try:
+        r = runner.trial(b)
+    except RuntimeError as exc:  # a compiled graph's OOM can surface as another RuntimeError
+        if not any(text in str(exc) for text in OOM_LIKE):
+            raise
+        r = {"batch": b, "ok": False, "failure": " ".join(str(exc).split())[:160], "peak_allocated": None}
+    log.append({k: r.get(k) for k in ("batch", "ok", "peak_allocated", "seconds")})
+    return r
+
+
+def real_largest(runner: Runner, predicted: int, log: list[dict[str, Any]], deadline: float) -> dict[str, Any]:
+    """The real largest batch, exact (to 1% past the deadline), by bisection around the prediction. A trial at
+    the predicted batch comes first: whether a user who follows the prediction runs out of memory."""
+    lo, hi = 0, None
+    at_predicted = None
+    if predicted > 0:
+        at_predicted = _trial(runner, predicted, log)["ok"]
+        lo, hi = (predicted, None) if at_predicted else (0, predicted)
+    if lo == 0:
+        if not _trial(runner, 1, log)["ok"]:
+            return {"real_max_batch": 0, "ok_at_predicted": at_predicted, "exact": True}
+        lo = 1
+    step = 0.03
+    while hi is None:
+        b = max(lo + 1, int(lo * (1 + step)))
+        if _trial(runner, b, log)["ok"]:
+            lo, step = b, step * 2
+        else:
+            hi = b
+    exact = True
+    while hi - lo > 1:
+        if time.perf_counter() > deadline and hi - lo <= max(1, lo // 100):
+            exact = False
+            break
+        mid = (lo + hi) // 2
+        if _trial(runner, mid, log)["ok"]:
+            lo = mid
+        else:
+            hi = mid
+    return {"real_max_batch": lo, "ok_at_predicted": at_predicted, "exact": exact, "first_failing": hi}
+
+
+def _cleanup(dev: Any) -> None:
+    gc.collect()
+    dev.clean()
+
+
+def run_entry(entry: Entry, dev: Any, deadline: float, smoke: bool) -> dict[str, Any]:
+    arch = entry.arch
+    t0 = time.perf_counter()
+    result: dict[str, Any] = {"arch": arch.name, "description": arch.description, "points": [], "what_ifs": []}
+    _cleanup(dev)
+    runner = Runner(arch, dev)
+    result["parameters"] = sum(p.numel() for p in runner.model.parameters())
+    big, small = arch.observe
+    steps, how = observe_with_agent(runner, [big, big, big, small])
+    if steps is None:
+        result["error"] = how
+        return result
+    model = fit(steps, optimizer=entry.optimizer_name, amp=arch.amp)
+    assert model is not None
+    device_total = dev.total + model.context  # the cap bounds the allocator; the context lies outside it
+    p = model.predict(device_total=device_total)
+    predicted = p.max_batch or 0
+    result.update({
+        "observer": how, "observed": [s.batch_size for s in steps], "basis": p.basis,
+        "conservative": p.basis_fields.conservative, "device_total_for_prediction": device_total,
+        "predicted_max_batch": predicted, "predicted_max_batch_central": p.max_batch_central,
+    })
+    log: list[dict[str, Any]] = []
+    for frac in (0.25, 0.5):
+        b = max(1, round(predicted * frac))
+        r = _trial(runner, b, log)
+        q = model.predict(WhatIf(batch_size=b), device_total=device_total)
+        result["points"].append({"batch": b, "predicted_peak": q.peak_allocated, "predicted_peak_high":
+                                 q.band.high - model.cache - model.context if q.band else None,
+                                 "measured_peak": r.get("peak_allocated"), "ok": r["ok"]})
+    real = real_largest(runner, predicted, log, deadline)
+    result.update(real)
+    ok_at = [t for t in log if t["batch"] == predicted and t["ok"]]
+    if ok_at:
+        q = model.predict(WhatIf(batch_size=predicted), device_total=device_total)
+        result["points"].append({"batch": predicted, "predicted_peak": q.peak_allocated,
+                                 "measured_peak": ok_at[0]["peak_allocated"], "ok": True})
+    errors = [pct(pt["predicted_peak"], pt["measured_peak"]) for pt in result["points"]
+              if pt["ok"] and pt["measured_peak"]]
+    result["mean_error_pct"] = statistics.mean(errors) if errors else None
+    result["worst_error_pct"] = max(errors) if errors else None
+    result["max_batch_ratio"] = predicted / result["real_max_batch"] if result["real_max_batch"] else None
+    del runner
+    _cleanup(dev)
+
+    for what in entry.what_ifs:
+        if time.perf_counter() > deadline:
+            result["what_ifs"].append({"what_if": what, "skipped": "past the time budget"})
+            continue
+        wi = (WhatIf(amp=True) if what == "amp" else
+              WhatIf(checkpointing=True, checkpoint_layers=entry.checkpoint_layers))
+        q = model.predict(wi, device_total=device_total)
+        if what == "amp":
+            variant = replace(arch, amp=True)
+        else:
+            variant = replace(arch, build=lambda: _hf_gpt2(smoke, checkpointing=True))
+        runner = Runner(variant, dev)
+        runner.step(small, count=False)  # optimizer state exists, as in a running job
+        wlog: list[dict[str, Any]] = []
+        wreal = real_largest(runner, q.max_batch or 0, wlog, deadline)
+        result["what_ifs"].append({"what_if": what, "assumptions": list(q.basis_fields.what_if),
+                                   "predicted_max_batch": q.max_batch, **wreal,
+                                   "ratio": (q.max_batch or 0) / wreal["real_max_batch"]
+                                   if wreal["real_max_batch"] else None, "trials": len(wlog)})
+        del runner
+        _cleanup(dev)
+    result["trials"] = log
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------- report
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    """The README table: one row per architecture, then one per what-if."""
+    lines = [f"Device: {doc['device']}, emulated {doc['emulated_device_memory'] / GIB:.0f} GiB "
+             f"({doc['emulation']}); torch {doc['torch']}; {doc['seconds']} s.", "",
+             "| arch | observed | peak error mean % | worst % | predicted largest batch | real | pred/real | "
+             "OOM at prediction | conservative |", "|---|---|---:|---:|---:|---:|---:|---|---|"]
+
+    def f(x: float | None, spec: str = ".2f") -> str:
+        return "-" if x is None else format(x, spec)
+
+    for r in doc["results"]:
+        if r.get("skipped") or r.get("error"):
+            lines.append(f"| {r['arch']} | {r.get('skipped') or r.get('error')} | | | | | | | |")
+            continue
+        oom = {True: "no", False: "**yes**", None: "-"}[r.get("ok_at_predicted")]
+        lines.append(f"| {r['arch']} | {', '.join(map(str, r['observed']))} | {f(r['mean_error_pct'])} | "
+                     f"{f(r['worst_error_pct'])} | {r['predicted_max_batch']} | {r['real_max_batch']}"
+                     f"{'' if r.get('exact', True) else ' (±1%)'} | {f(r['max_batch_ratio'], '.3f')} | {oom} | "
+                     f"{'yes' if r.get('conservative') else 'no'} |")
+    whatifs = [(r["arch"], w) for r in doc["results"] for w in r.get("what_ifs", []) if "skipped" not in w]
+    if whatifs:
+        lines += ["", "| what-if (from the observed run) | predicted largest batch | real | pred/real | "
+                      "OOM at prediction |", "|---|---:|---:|---:|---|"]
+        for arch, w in whatifs:
+            oom = {True: "no", False: "**yes**", None: "-"}[w.get("ok_at_predicted")]
+            lines.append(f"| {arch}: {w['what_if']} | {w['predicted_max_batch']} | {w['real_max_batch']} | "
+                         f"{f(w.get('ratio'), '.3f')} | {oom} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, help="JSON results (e.g. bench/results/predict_zoo_h200.json)")
+    ap.add_argument("--markdown", type=Path, metavar="JSON", help="print the README table of a results file")
+    ap.add_argument("--cpu-smoke", action="store_true", help="tiny models on CPU against a fake device")
+    ap.add_argument("--device-memory-gib", type=float, default=24.0, help="emulated device size (default 24)")
+    ap.add_argument("--arch", default="", help="comma-separated subset of the architecture names")
+    ap.add_argument("--budget", type=float, default=BUDGET_S, help="seconds for the whole run")
+    args = ap.parse_args(argv)
+    if args.markdown:
+        print(markdown(json.loads(args.markdown.read_text())), end="")
+        return 0
+    if not args.out:
+        ap.error("--out is required (or --markdown)")
+    start = time.perf_counter()
+    if args.cpu_smoke:
+        dev: Any = SmokeDevice(total=8 << 20)
+        emulation = "cpu-smoke: peak = sum of measured components, OOM past a fake 8 MiB device"
+    elif not torch.cuda.is_available():
+        print("predict_zoo: no CUDA device (use --cpu-smoke to test the script on CPU)", file=sys.stderr)
+        return 2
+    else:
+        dev = CudaDevice()
+        physical = dev.total
+        cap = int(args.device_memory_gib * GIB)
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap / physical), dev.device)
+        dev.total = cap
+        emulation = (f"torch.cuda.set_per_process_memory_fraction({cap / physical:.4f}) of {physical / GIB:.1f} "
+                     f"GiB: the caching allocator may reserve at most {args.device_memory_gib:g} GiB; predictions "
+                     f"use that + the measured CUDA context as the device size")
+    entries = zoo(args.cpu_smoke)
+    if args.arch:
+        wanted = set(args.arch.split(","))
+        entries = [e for e in entries if e.arch.name in wanted]
+    results = []
+    for i, entry in enumerate(entries):
+        missing = _available(entry.needs)
+        left = args.budget - (time.perf_counter() - start)
+        if missing or left <= 5:
+            results.append({"arch": entry.arch.name, "skipped": missing or "past the time budget"})
+            print(f"{entry.arch.name}: skipped ({results[-1]['skipped']})", file=sys.stderr, flush=True)
+            continue
+        deadline = time.perf_counter() + left / (len(entries) - i)  # an equal share of what is left
+        try:
+            r = run_entry(entry, dev, deadline, args.cpu_smoke)
+        except Exception as exc:  # noqa: BLE001 - one architecture failing must not lose the others' results
+            r = {"arch": entry.arch.name, "error": f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"}
+            _cleanup(dev)
+        results.append(r)
+        print(f"{r['arch']}: predicted {r.get('predicted_max_batch')} real {r.get('real_max_batch')} "
+              f"peak error mean {r.get('mean_error_pct')} what-ifs "
+              f"{[(w['what_if'], w.get('predicted_max_batch'), w.get('real_max_batch')) for w in r.get('what_ifs', [])]}"
+              f" {r.get('error', '')} ({r.get('seconds')} s)", flush=True)
+    doc = {"device": dev.name, "emulated_device_memory": dev.total, "emulation": emulation,
+           "torch": torch.__version__, "python": platform.python_version(),
+           "mode": "cpu-smoke" if args.cpu_smoke else "cuda", "seconds": round(time.perf_counter() - start, 1),
+           "results": results}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(doc, indent=1))
+    print(markdown(doc), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
