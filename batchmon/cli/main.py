@@ -200,11 +200,6 @@ def _flush_output() -> int | None:
     except BrokenPipeError:
         _silence_stdout()
         return 0
-    except OSError as exc:  # what no handler expected (a full disk under stdout): one line, not a traceback
-        _silence_stdout()
-        where = f" ({exc.filename})" if exc.filename else ""
-        print(f"batchmon: error: {exc.strerror or exc}{where}", file=sys.stderr)
-        return 1
     except OSError as exc:
         _silence_stdout()
         print(f"batchmon: error: cannot write the output: {exc.strerror or exc}", file=sys.stderr)
