@@ -227,21 +227,23 @@ def test_what_if_amp_checkpointing_accumulation_shards_expected_values():
     model = fit([T.step(1, 16), T.step(2, 32)], optimizer="adam")
     base = model.predict(WhatIf(batch_size=256))
     amp = model.predict(WhatIf(batch_size=256, amp=True))
-    assert amp.components["activations"] == round(T.act_per_sample * 256 / 2)
-    assert amp.components["other"] == round(T.other_fixed + T.gradients / 2 + T.other_per_sample * 256 / 2)
-    for name in ("parameters", "gradients", "optimizer", "batch"):
+    # no shrink assumed (what autocast lowers is not measured); its 16-bit weight copies are added
+    assert amp.components["activations"] == round(T.act_per_sample * 256 + T.gradients / 2)
+    assert "saved activations and activation gradients assumed not to shrink" in amp.basis
+    for name in ("parameters", "gradients", "optimizer", "batch", "other"):
         assert amp.components[name] == base.components[name]
     # already AMP: the what-if changes nothing
     observed_amp = fit([T.step(1, 16), T.step(2, 32)], amp=True)
     assert observed_amp.predict(WhatIf(batch_size=256, amp=True)).components == base.components
 
-    for layers, factor in ((1, 1.0), (2, 1.0), (4, 0.5), (16, 0.125)):
+    for layers, factor in ((1, 1.0), (3, 1.0), (4, 0.75), (16, 3 / 16)):
         ck = model.predict(WhatIf(batch_size=256, checkpointing=True, checkpoint_layers=layers))
         assert ck.components["activations"] == round(T.act_per_sample * 256 * factor)
         assert ck.components["batch"] == base.components["batch"]
     default = model.predict(WhatIf(batch_size=256, checkpointing=True))
     assert "12 blocks assumed" in default.basis
-    assert default.components["activations"] == round(T.act_per_sample * 256 * 2 / 12)
+    assert default.components["activations"] == round(T.act_per_sample * 256 * 3 / 12)
+    assert "outside the blocks" in default.basis
 
     acc = model.predict(WhatIf(batch_size=256, accumulation_steps=4))
     micro = model.predict(WhatIf(batch_size=64))
@@ -261,7 +263,9 @@ def test_what_ifs_are_monotonic_in_max_batch():
     model = fit([T.step(1, 16), T.step(2, 32)], optimizer="adam")
     device = 141 * 2**30
     plain = model.max_batch(device)
-    assert model.max_batch(device, WhatIf(amp=True)) > plain
+    # AMP: a lower bound of the gain (issue 13: never above the real largest batch); with no shrink assumed, the
+    # weight copies make it a cost on this synthetic run
+    assert model.max_batch(device, WhatIf(amp=True)) <= plain
     assert model.max_batch(device, WhatIf(checkpointing=True)) > plain
     assert model.max_batch(device, WhatIf(optimizer="sgd")) > plain
     assert model.max_batch(device, WhatIf(shards=8)) > plain

@@ -95,18 +95,20 @@ What-ifs (``WhatIf``), applied to the fitted lines:
 * optimizer swap: states per trainable parameter sgd 0, sgd-momentum 1, adam/adamw 2; the bytes of one state
   are the observed optimizer bytes / the observed kind's count when known, else the gradient bytes (states have
   the dtype of the parameters, as torch.optim keeps them).
-* amp (observed run fp32, autocast to fp16/bf16): activations and the per-sample part of ``other`` halve (saved
-  tensors and their gradients are 16-bit; ops autocast keeps in fp32, softmax and norms, make this a slight
-  underestimate); autocast's cache of 16-bit weight copies adds half the trainable parameter bytes to ``other``;
-  parameters, gradients, optimizer (fp32 master copies) and batch (inputs as loaded) are unchanged. A no-op when
-  the observed run already used AMP (``fit(..., amp=True)``).
-* checkpointing: every one of n blocks wrapped in a checkpoint (the classic example, and what
-  ``gradient_checkpointing_enable()`` does): forward keeps only each block's input, backward recomputes one
-  block at a time, so about one block's activations plus the boundaries are alive: ``2/n`` of the
-  activations (one block ~ A/n, the n boundary inputs ~ A/n for a transformer, whose blocks save ~17 tensors
-  of the size of their input). Activations outside the blocks (embeddings, logits, loss) are treated like the
-  blocks', a slight underestimate where logits are large. n is ``WhatIf.checkpoint_layers``; unknown, 12 is
-  assumed (factor 1/6) and the basis says so.
+* amp (observed run fp32, autocast to fp16/bf16): parameters, gradients, optimizer (fp32 master copies) and
+  batch (inputs as loaded) unchanged; autocast's 16-bit weight copies, saved for backward, add half the
+  trainable parameter bytes to the activations. Nothing measured today says which saved tensors autocast lowers
+  (matmul inputs) and which it keeps or adds in fp32 (softmax and norm outputs, upcast logits - an fp32 run's
+  ``logits.float()`` is a no-op, an AMP run's a new fp32 copy beside the 16-bit logits), so no shrink of the
+  activations or activation gradients is assumed: the what-if bounds the gain from below. Issue 13: the old
+  "activations halve" rule predicted 285 for HF GPT-2 where 185 ran. A no-op when the observed run already
+  used AMP (``fit(..., amp=True)``).
+* checkpointing: every one of n blocks wrapped in a checkpoint (what ``gradient_checkpointing_enable()``
+  does): forward keeps each block's input, backward recomputes one block at a time; what stays outside the
+  blocks (embeddings, logits, loss) is not measured apart from the blocks', so it is taken as at most one
+  block's worth: ``3/n`` of the activations (issue 13: 2/n predicted 337 for HF GPT-2 where 332 ran).
+  Activation gradients ('other') unchanged. n is ``WhatIf.checkpoint_layers``; unknown, 12 is assumed and the
+  basis says so.
 * gradient accumulation: ``batch_size`` is the effective batch; activations, batch and the per-sample ``other``
   follow the micro-batch ceil(batch_size / accumulation_steps); gradients and optimizer see the full batch
   (unchanged). ``max_batch`` then answers in effective batch (largest micro-batch x steps).

@@ -18,23 +18,32 @@ def apply_what_if(observed: dict[str, Line], what_if: WhatIf, *, trainable_bytes
         if kind is None:
             raise ValueError(f"unknown optimizer {what_if.optimizer!r} (expected one of {', '.join(OPTIMIZER_STATES)})")
         lines["optimizer"] = Line(OPTIMIZER_STATES[kind] * state_bytes, 0.0)
-        notes.append(f"optimizer {kind}")
+        notes.append(f"optimizer {kind}: {OPTIMIZER_STATES[kind]} state(s) per trainable parameter of the measured "
+                     f"state size; the old optimizer's temporaries in 'other' kept")
     if what_if.amp and not observed_amp:
-        other = lines["other"]
-        lines["activations"] = lines["activations"].scaled(0.5, 0.5)
-        lines["other"] = Line(other.fixed + 0.5 * trainable_bytes, 0.5 * other.per_sample)
-        notes.append("amp: 16-bit activations, +16-bit weight copies")
+        # what autocast lowers is not measured today (which saved tensors feed matmuls, which stay fp32): no
+        # shrink is assumed, only what is sure to be added - the 16-bit weight copies saved for backward
+        act = lines["activations"]
+        lines["activations"] = Line(act.fixed + 0.5 * trainable_bytes, act.per_sample)
+        notes.append("amp: fp32 master weights, gradients and optimizer kept; +16-bit weight copies (half the "
+                     "trainable bytes); saved activations and activation gradients assumed not to shrink "
+                     "(autocast keeps softmax, norms and upcast logits in fp32 and saves a cast tensor in both "
+                     "dtypes where an fp32 op feeds a 16-bit one): a lower bound of the gain")
     if what_if.checkpointing:
         n = what_if.checkpoint_layers or DEFAULT_CHECKPOINT_LAYERS
-        factor = min(1.0, 2.0 / n)
+        factor = min(1.0, 3.0 / n)
         lines["activations"] = lines["activations"].scaled(factor, factor)
         assumed = "" if what_if.checkpoint_layers else " assumed"
-        notes.append(f"checkpointing: {n} blocks{assumed}, activations x{factor:.2f}")
+        notes.append(f"checkpointing: {n} blocks{assumed}; activations x{factor:.2f}: the block inputs kept, one "
+                     f"block recomputed at a time, and the activations outside the blocks (embeddings, logits, "
+                     f"loss) at most one block's worth; activation gradients ('other') unchanged")
     if what_if.shards > 1:
         n = what_if.shards
         for name in FIXED:
             lines[name] = lines[name].scaled(1.0 / n, 1.0 / n)
-        notes.append(f"sharded over {n} GPUs")
+        notes.append(f"sharded over {n} GPUs: parameters, gradients and optimizer state / {n} per GPU; the "
+                     f"layer FSDP gathers at a time and its communication buffers not counted")
     if what_if.accumulation_steps > 1:
-        notes.append(f"{what_if.accumulation_steps} accumulation steps")
+        notes.append(f"{what_if.accumulation_steps} accumulation steps: activations follow the micro-batch, "
+                     f"gradients and optimizer state the full batch")
     return lines, notes
