@@ -278,6 +278,8 @@ class StepMeter:
         if not self.step_open:
             return
         self.backwards += 1
+        if self.optimizer_steps > 0:
+            return  # the optimizer's step ends steps: the loop rule (and its marks) is not needed
         marks = []
         model = self.model
         if model is not None:
@@ -288,8 +290,8 @@ class StepMeter:
                     if len(marks) >= GRAD_MARKS:
                         break
         self._grad_marks = marks
-        if self.optimizer_steps == 0:  # a loop step ends later, after zero_grad: keep the gradients as they are now
-            self._backward_static = self.static_components(force=self.sampled)
+        # a loop step ends later, after zero_grad: keep the gradients as they are now
+        self._backward_static = self.static_components(force=self.sampled)
 
     def _grads_changed(self) -> bool:
         """Gradients cleared or replaced since the last backward (accumulation leaves them as they were)."""
