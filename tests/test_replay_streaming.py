@@ -45,3 +45,21 @@ def test_replay_once_of_a_60mb_recording_stays_under_150mb(tmp_path):
     code, peak_kb = map(int, proc.stdout.split())
     assert code == 0 and "Traceback" not in proc.stderr, proc.stderr
     assert peak_kb < PEAK_LIMIT_KB, f"peak RSS {peak_kb / 1024:.0f} MB replaying {size / 2**20:.0f} MB"
+
+
+def test_the_tui_source_opens_a_big_recording_at_once(tmp_path):
+    """The TUI waited 15 s for its first frame of a 543 MB recording: ReplaySource now reads only the first
+    lines before the first snapshot."""
+    import time
+
+    from batchmon.monitor.replay import ReplaySource
+
+    path = tmp_path / "big.jsonl"
+    _big_recording(path)
+    started = time.monotonic()
+    source = ReplaySource(path, speed=1.0)
+    try:
+        assert source.snapshot() is not None
+        assert time.monotonic() - started < 5
+    finally:
+        source.stop()
