@@ -54,15 +54,16 @@ def test_block_meter_splits_saved_bytes_inside_and_outside_the_blocks():
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 500), torch.randint(0, 500, (128,)))
     finally:
         counter.pop()
-    inside, n = meter.take()
+    inside, inputs, n = meter.take()
     assert n == 4 and 0 < inside < counter.bytes
+    assert inputs == 4 * 8 * 16 * 32 * 4  # each block's (8, 16, 32) fp32 input: what a checkpoint keeps
     # each block saves its input (fc1's) and the relu output (relu's and fc2's input, one storage):
     # 8*16*(32 + 128) fp32 values
     assert inside == 4 * 8 * 16 * (32 + 128) * 4
     # outside: the head's input is the last block's output, the logits' log-softmax, the embedding's indices
     assert counter.bytes - inside >= 8 * 16 * 500 * 4
     loss.backward()  # the hooks did not change the training
-    assert meter.take() == (0, 4) and meter.errors == 0
+    assert meter.take() == (0, 0, 4) and meter.errors == 0
     meter.remove()
     assert not model.blocks[0]._forward_hooks
 

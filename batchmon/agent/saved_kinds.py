@@ -4,7 +4,8 @@ Two splits of the bytes saved for backward that the memory model cannot see in t
 
 * by where they are saved: inside the model's repeated blocks (the transformer layers, a ResNet stage's
   blocks: what ``gradient_checkpointing_enable()`` or a checkpoint per block wraps) or outside them
-  (embeddings, heads, logits, loss). With it the checkpointing what-if keeps ``outside + inside * 2 / n``
+  (embeddings, heads, logits, loss), and the bytes of the blocks' inputs (what a checkpoint keeps). With it
+  the checkpointing what-if keeps ``outside + block inputs + inside / n`` (one block recomputed at a time)
   instead of assuming the outside is at most one block's worth.
 * by dtype: 16-bit, fp32 and other (masks, indices). With it the AMP what-if can tell an AMP run's saved bytes
   from an fp32 run's (an observed fp32 run saves no 16-bit tensor; what autocast would lower still needs the
@@ -16,8 +17,9 @@ classifies one saved tensor. Nothing here raises into the training: hooks catch 
 
 Call site (batchmon/agent/handle.py, owned by the agent helper): when the step meter opens a sampled step,
 ``meter = BlockMeter(repeated_blocks(model), lambda: counter.bytes)``; on the step's end read
-``meter.take()`` -> (bytes saved inside the blocks, number of blocks) into the optional Step fields
-``saved_in_blocks`` and ``blocks`` (protocol.Step, additive), and ``meter.remove()`` on detach.
+``meter.take()`` -> (bytes saved inside the blocks, bytes of the blocks' inputs, number of blocks) into the
+optional Step fields ``saved_in_blocks``, ``block_inputs`` and ``blocks`` (protocol.Step, additive), and
+``meter.remove()`` on detach.
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ class BlockMeter:
         self.blocks = len(blocks)
         self._read = read_bytes
         self._inside = 0
+        self._inputs = 0
         self._depth = 0
         self._start = 0
         self.errors = 0
@@ -76,6 +79,7 @@ class BlockMeter:
         try:
             if self._depth == 0:
                 self._start = self._read()
+                self._inputs += sum(t.untyped_storage().nbytes() for t in args if isinstance(t, torch.Tensor))
             self._depth += 1
         except Exception:  # noqa: BLE001 - metering must never break the forward
             self.errors += 1
@@ -88,10 +92,12 @@ class BlockMeter:
         except Exception:  # noqa: BLE001
             self.errors += 1
 
-    def take(self) -> tuple[int, int]:
-        """(bytes saved inside the blocks since the last take, number of blocks); resets the count."""
+    def take(self) -> tuple[int, int, int]:
+        """(bytes saved inside the blocks, bytes of the blocks' tensor inputs - both since the last take -,
+        number of blocks); resets the counts."""
         inside, self._inside = self._inside, 0
-        return inside, self.blocks
+        inputs, self._inputs = self._inputs, 0
+        return inside, inputs, self.blocks
 
     def remove(self) -> None:
         for handle in self._handles:
