@@ -56,7 +56,7 @@ __all__ = ["AgentHandle", "DEFAULT_ACTIVATION_EVERY", "FULL_STEPS", "attach", "c
 
 
 def attach(model: torch.nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None, *,
-           name: str | None = None, batch_size_fn: Callable[..., int] | None = None,
+           name: str | None = None, batch_size_fn: Callable[..., int | None] | None = None,
            activation_every: int | None = None, socket_dir: str | os.PathLike[str] | None = None,
            batch_dim: int | None = None) -> "AgentHandle":
     """Attach the agent to this process; idempotent.
@@ -142,7 +142,7 @@ class AgentHandle:
     Also a context manager: ``with batchmon.attach(model, opt): train()`` detaches at the end.
     """
 
-    def __init__(self, *, name: str | None, batch_size_fn: Callable[..., int] | None, activation_every: int,
+    def __init__(self, *, name: str | None, batch_size_fn: Callable[..., int | None] | None, activation_every: int,
                  socket_dir: Path | None, auto: bool, batch_dim: tuple[int, str] | None = None) -> None:
         self.name = name
         self.auto = auto
@@ -191,7 +191,7 @@ class AgentHandle:
         return self._meter.optimizers
 
     @property
-    def batch_size_fn(self) -> Callable[..., int] | None:
+    def batch_size_fn(self) -> Callable[..., int | None] | None:
         return self._sizer.fn
 
     @property

@@ -32,6 +32,7 @@ import functools
 import re
 import sys
 import weakref
+from types import FrameType
 from typing import Any, Callable, Protocol
 
 import torch
@@ -93,7 +94,7 @@ def _leaving(depth: int = 8) -> BaseException | None:
     exc = sys.exc_info()[1]
     if exc is None or exc.__traceback__ is None:
         return None
-    caller = sys._getframe(2)
+    caller: FrameType | None = sys._getframe(2)
     for _ in range(depth):  # up to the module's _call_impl (through our own and dynamo's wrappers)
         if caller is None:
             return None
