@@ -17,16 +17,24 @@ written once.
 from __future__ import annotations
 
 import json
+import socket
 import time
 from typing import Any, Mapping
 
 LOCAL = "local"
+FORMAT_VERSION = 1  # of a recording: its first line, ``meta``, says it
 
 Record = dict[str, Any]
 
 
 def _now(t: float | None) -> float:
     return time.time() if t is None else t
+
+
+def meta(interval: float, command: str, *, version: str, t: float | None = None) -> Record:
+    """A recording's first line: its format, who wrote it (batchmon ``version``, host) and how (interval, command)."""
+    return {"t": _now(t), "kind": "meta", "version": FORMAT_VERSION, "batchmon": version,
+            "host": socket.gethostname(), "interval": interval, "command": command, "source": LOCAL}
 
 
 def tick(t: float | None = None, source: str = LOCAL) -> Record:
