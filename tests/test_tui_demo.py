@@ -200,3 +200,27 @@ def test_demo_runs_from_outside_the_checkout(tmp_path):
         assert [d for d in tmpdir.iterdir() if d.name.startswith("batchmon-demo-")] == []
     finally:
         subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+
+
+@pytest.mark.slow
+def test_demo_script_resolves_inside_an_installed_wheel(tmp_path):
+    """Issue 15 point 6 from a real wheel: built from a copy of the tracked tree, installed into a private
+    folder, imported from elsewhere: the demo's training script is a file of that installation."""
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    src = tmp_path / "src"
+    for name in files:
+        if (ROOT / name).is_file():
+            (src / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, src / name)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path / "whl"), str(src)], check=True, capture_output=True, timeout=300)
+    (wheel,) = (tmp_path / "whl").glob("batchmon-*.whl")
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
+                   check=True, capture_output=True, timeout=300)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    out = subprocess.run([sys.executable, "-c", "from batchmon.cli import demo; print(demo.training_script())"],
+                         cwd=elsewhere, capture_output=True, text=True, timeout=60, check=True,
+                         env={k: v for k, v in {**os.environ, "PYTHONPATH": str(site)}.items()}).stdout.strip()
+    assert Path(out).is_file() and Path(out).is_relative_to(site), out
