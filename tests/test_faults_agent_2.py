@@ -83,6 +83,7 @@ def _run_training(attach: bool, steps: int, env: dict[str, str], during=None) ->
     return json.loads(lines[-1].split(" ", 1)[1])
 
 
+@pytest.mark.slow
 def test_sigpipe_at_default_and_monitors_that_hang_up(agent_dir) -> None:
     """A1: monitors that connect and close at once, hundreds of times, while the script runs with SIGPIPE at
     SIG_DFL: the agent's sends to closed sockets must not raise SIGPIPE (the process died with -13)."""
@@ -136,6 +137,7 @@ def _train(on_step=None, attach: bool = False, steps: int = STEPS) -> tuple[list
     return losses, times
 
 
+@pytest.mark.slow
 def test_stalled_monitor_and_republished_hellos(agent_dir, monkeypatch) -> None:
     """A2: a monitor that never reads (a TUI suspended with Ctrl-Z) while the script re-calls
     attach(name=...) every step: each re-published hello replaces the one still waiting, so the per-monitor
