@@ -65,3 +65,36 @@ def make_step(n: int = 7, batch: int | None = 32, *, time: float | None = None, 
                       for i, name in enumerate(COMPONENTS)}
     return Step(step=n, time=T_STEP0 + n * 0.1 if time is None else time, step_seconds=step_seconds,
                 batch_size=batch, components=components, **fields)
+
+
+#: tests that take ten seconds or more on the 2-core CI box (a full run's --durations, 2026-11-30), marked slow
+#: here in one list so that `python -m pytest -m "not slow"` is the fast subset; a module listed whole is slow in
+#: every test. Tests may also carry @pytest.mark.slow themselves (tmux, torch.compile, the pattern corpus).
+SLOW_TESTS = (
+    "test_ddp.py",  # real torchrun jobs
+    "test_memory_model_bench.py::test_cpu_smoke_run_writes_json_and_markdown",
+    "test_memory_model_bench.py::test_cpu_smoke_with_batchmons_agent_as_the_observer",
+    "test_memory_model_lstm.py",
+    "test_integrations.py::test_lightning_ddp_every_rank_attaches",
+    "test_hub_state.py::test_ingest_never_raises_and_snapshot_always_builds",  # hypothesis
+    "test_protocol.py::test_decode_of_typed_garbage_is_a_message_or_protocol_error",  # hypothesis
+    "test_agent_socket.py::test_two_agents_in_two_processes",
+    "test_agent_socket.py::test_run_dying_of_oom_waits_briefly_for_a_first_monitor",
+    "test_replay_streaming.py::test_replay_once_of_a_60mb_recording_stays_under_150mb",
+    "test_security.py::test_another_user_cannot_connect_to_the_agent_socket",
+    "test_launcher.py::test_monitor_connects_to_the_child_during_the_run",
+    "test_launcher.py::test_agent_attaches_to_an_unmodified_script",
+    "test_launcher.py::test_batch_dim_reaches_the_childs_agent",
+    "test_hub_agent.py::test_hub_with_a_real_attached_training_process",
+    "test_agent_examples.py",  # real example training runs
+    "test_faults_agent.py::test_monitor_that_never_reads",
+    "test_faults_agent_2.py::test_sigpipe_at_default_and_monitors_that_hang_up",
+)
+
+
+def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
+    slow_mark = __import__("pytest").mark.slow
+    for item in items:
+        node = item.nodeid.removeprefix("tests/")
+        if any(node == name or node.startswith(name + "::") or node.startswith(name + "[") for name in SLOW_TESTS):
+            item.add_marker(slow_mark)

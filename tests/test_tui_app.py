@@ -291,7 +291,7 @@ async def test_many_gpus_and_agents_stay_readable(size):
     snap = fx.many(8, 16)
     app = BatchmonApp(snapshot=snap)
     async with app.run_test(size=size) as pilot:
-        await fx.wait_for(pilot, lambda: len(app.query(JobPanel)) == 9)
+        await fx.wait_for(pilot, lambda: len(app.query(JobPanel)) == 9 and "8/8 ranks" in fx.screen_text(app))
         text = fx.screen_text(app)
         assert "pretrain.py --model llama-1b" in text and "8/8 ranks" in text
         assert "sweep.py --trial 0" in text

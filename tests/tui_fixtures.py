@@ -174,8 +174,9 @@ def screen_text(app) -> str:
     return "\n".join(strip.text for strip in app.screen._compositor.render_strips())
 
 
-async def wait_for(pilot, predicate, timeout: float = 5.0) -> None:
-    """Poll ``predicate()`` on the app's loop until true or fail after ``timeout`` seconds (no fixed sleeps)."""
+async def wait_for(pilot, predicate, timeout: float = 20.0) -> None:
+    """Poll ``predicate()`` on the app's loop until true or fail after ``timeout`` seconds (no fixed sleeps; the
+    deadline is generous for a loaded 2-core CI box, and costs nothing when the condition comes true early)."""
     import time as _time
 
     deadline = _time.monotonic() + timeout
