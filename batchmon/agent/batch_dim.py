@@ -116,11 +116,11 @@ class BatchSizer:
         """Watch this forward's sequence-first modules (only while the layout is unknown, first forwards)."""
         if self._probe_left <= 0 or self.fn is not None or self.dim is not None or self._probe is not None:
             return
-        import torch.nn.modules.module as hooks
+        from batchmon.agent import global_hooks
 
         self._probe_left -= 1
         self._seen = None
-        self._probe = hooks.register_module_forward_pre_hook(_probe_hook)
+        self._probe = global_hooks.forward_pre(_probe_hook)
         _probing.append(self)
 
     def stop_probe(self) -> BatchSize | None:

@@ -16,8 +16,8 @@ import weakref
 from typing import Any, Callable, Protocol
 
 import torch
-import torch.nn.modules.module as module_hooks
 
+from batchmon.agent import global_hooks
 from batchmon.agent import torch_patches as patches
 from batchmon.agent.accounting import iter_tensors
 from batchmon.agent.step_meter import StepMeter
@@ -69,8 +69,8 @@ class ModuleWatch:
     def start_discovery(self) -> None:
         if not self.discovery_hooks:
             self.discovery_hooks = [
-                module_hooks.register_module_forward_pre_hook(self._discover_pre),
-                module_hooks.register_module_forward_hook(self._discover_post, always_call=True),
+                global_hooks.forward_pre(self._discover_pre),
+                global_hooks.forward(self._discover_post, always_call=True),
             ]
 
     def stop_discovery(self) -> None:
@@ -100,8 +100,8 @@ class ModuleWatch:
         if self.criterion_ref is not None or self.loss_search_left <= 0 or self.window_hooks:
             return
         self._window_depth = 0
-        self.window_hooks = [module_hooks.register_module_forward_pre_hook(self._window_pre),
-                             module_hooks.register_module_forward_hook(self._window_post, always_call=True)]
+        self.window_hooks = [global_hooks.forward_pre(self._window_pre),
+                             global_hooks.forward(self._window_post, always_call=True)]
 
     def close_loss_window(self) -> None:
         hooks, self.window_hooks = self.window_hooks, []
