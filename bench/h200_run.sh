@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The batched H200 session: every GPU claim of the issues, measured in few device calls.
 #   bash bench/h200_run.sh STAGE...   (stages: env nvml agent final nvitop ddp checks integrations load_start
-#   load_collect overhead predict public patterns zoo)
+#   load_collect overhead predict public patterns cudatests zoo)
 # Runs from the repo root on the GPU machine; results land under $OUT (packed into $OUT/results.tar.gz too).
 set -u
 OUT=${OUT:-$PWD/out}
@@ -198,6 +198,12 @@ patterns)
   # issue 12: the pattern corpus (tests/patterns/) on CUDA, plain and under `batchmon run`
   stage patterns
   python3 bench/patterns_run.py --device $DEV --out $R/patterns_h200.json 2>&1 | tail -n 40 | tee $R/patterns.log
+  ;;
+cudatests)
+  # the agent tests that have CUDA cases (a script's own memory calls, no trace, compile), on the GPU
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
+  stage cudatests
+  python3 -m pytest -q -p no:cacheprovider -rs tests/test_agent_memory_calls.py tests/test_agent_no_trace.py tests/test_agent_compile_quiet.py 2>&1 | tail -n 25 | tee $R/cudatests.log
   ;;
 zoo)
   # issue 13: predicted vs measured peaks and largest batches on architectures nobody here tuned on
