@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import torch.nn.modules.module as module_hooks
 
@@ -54,7 +54,7 @@ def _released() -> None:
             return
         entry, _filter = _filter, None
         try:
-            warnings.filters.remove(entry)
+            cast(list, warnings.filters).remove(entry)  # a list at run time; typeshed says Sequence
         except ValueError:  # the script reset the filters meanwhile: nothing of ours is left
             return
         mutated = getattr(warnings, "_filters_mutated", None)  # drops cached decisions, as filterwarnings does
