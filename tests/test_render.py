@@ -50,13 +50,13 @@ def hello(pid: int, **kw: Any) -> Hello:
     return Hello(**base)  # type: ignore[arg-type]
 
 
-def step(n: int = 7, batch: int = 32) -> Step:
+def step(n: int = 7, batch: int = 32, **fields: Any) -> Step:
     comps = {"parameters": 496_000_000, "gradients": 496_000_000, "optimizer": 992_000_000,
              "activations": 3_100_000_000, "batch": 12_582_912, "other": 301_000_000}
     allocated = sum(comps.values())
     return make_step(n, batch, time=1_767_225_600.5, step_seconds=0.21, components=comps, allocated=allocated,
                      peak_allocated=allocated + 50_000_000, reserved=allocated + 400 << 20, num_alloc_retries=0,
-                     num_ooms=0, device_used=allocated + 900 << 20)
+                     num_ooms=0, device_used=allocated + 900 << 20, **fields)
 
 
 def prediction(max_batch: int | None = 96) -> Prediction:
@@ -319,3 +319,23 @@ def test_remote_snapshots_follow() -> None:
     assert "batchmon  gpu2" in text and text.count("NVML unavailable:") == 2
     d = snapshot_to_json(snapshot(unavailable(), remote=(remote,)))
     assert d["remote"][0]["host"]["hostname"] == "gpu2"
+
+
+def test_batch_source_shown_in_table_and_json() -> None:
+    """Issue 12: where the batch size comes from (a sequence-first model's batch is not dim 0) is shown."""
+    nvml = replayed(SYNTHETIC)[0]
+    seq_first = step(n=9, batch=20, batch_source="input dim 1 (LSTM batch_first=False)", micro_batches=2)
+    plain = step(n=9, batch=20)
+    agents = (AgentView(key="box:101", source="local", hello=hello(101), last_step=seq_first, prediction=prediction()),
+              AgentView(key="box:102", source="local", hello=hello(102), last_step=plain, prediction=prediction()))
+    snap = snapshot(nvml, agents)
+    lines = format_table(snap, width=160).splitlines()
+    first = next(line for line in lines if line.startswith("  pid 101"))
+    assert "batch 20 (input dim 1 (LSTM batch_first=False))" in first
+    second = next(line for line in lines if line.startswith("  pid 102"))
+    assert "batch 20" in second and "batch 20 (" not in second  # no source reported: nothing invented
+    doc = snapshot_to_json(snap)
+    by_pid = {a["pid"]: a for a in doc["agents"]}
+    assert by_pid[101]["batch_source"] == "input dim 1 (LSTM batch_first=False)"
+    assert by_pid[101]["micro_batches"] == 2
+    assert by_pid[102]["batch_source"] is None and by_pid[102]["micro_batches"] is None

@@ -66,3 +66,18 @@ def test_what_if_state_is_the_models_what_if_plus_the_keys():
     assert state.to_what_if(16) == WhatIf(batch_size=16, amp=True, accumulation_steps=2, optimizer="sgd")
     assert state.to_what_if(16, 64).batch_size == 64 and state.describe() == "AMP, accum 2, sgd"
     assert WhatIfState().is_default and not state.is_default
+
+
+def test_job_panel_names_where_the_batch_size_comes_from():
+    """Issue 12: a sequence-first model's batch is found in dim 1; the panel says so next to the figure."""
+    from batchmon.tui.job_panel import job_lines
+
+    snap = fx.one_gpu(1)
+    agent = snap.agents[0]
+    seq_first = dataclasses.replace(agent.last_step, batch_source="input dim 1 (LSTM batch_first=False)")
+    shown = dataclasses.replace(agent, last_step=seq_first)
+    view = views.job_view(snap, "k", [shown], WhatIfState(), Predictor())
+    text = "\n".join(line.plain for line in job_lines(view, 160, "full"))
+    assert f"batch {seq_first.batch_size} (input dim 1 (LSTM batch_first=False))" in text
+    plain = views.job_view(snap, "k", [agent], WhatIfState(), Predictor())
+    assert "(input dim" not in "\n".join(line.plain for line in job_lines(plain, 160, "full"))

@@ -87,6 +87,8 @@ def _stats(v: JobView) -> Text:
     t.append(str(s.step), style="bold")
     t.append("  batch ", style=DIM)
     t.append(str(s.batch_size) if s.batch_size is not None else "n/a", style="bold")
+    if s.batch_source:  # where the agent found it: a sequence-first model's batch is not dim 0
+        t.append(f" ({s.batch_source})", style=DIM)
     t.append("  ", style=DIM)
     t.append(f"{fmt_seconds(s.step_seconds)}/step")
     if s.num_alloc_retries:

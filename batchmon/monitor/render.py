@@ -13,7 +13,7 @@ from typing import Any
 from batchmon.jobs import Job, group_jobs, imbalance_text
 from batchmon.memory_model import Prediction
 from batchmon.probes.nvml import DeviceSample
-from batchmon.protocol import ALL_COMPONENTS, step_components
+from batchmon.protocol import ALL_COMPONENTS, Step, step_components
 from batchmon.snapshot import AgentView, Snapshot
 from batchmon.units import clean_text, fmt_bytes, fmt_used_total
 
@@ -126,6 +126,8 @@ def _agent_json(agent: AgentView, snap: Snapshot) -> dict[str, Any]:
         "time": None if s is None else s.time,
         "step_seconds": None if s is None else s.step_seconds,
         "batch_size": None if s is None else s.batch_size,
+        "batch_source": None if s is None else s.batch_source,
+        "micro_batches": None if s is None else s.micro_batches,
         "components": step_components(s),
         "allocated": None if s is None else s.allocated,
         "peak_allocated": None if s is None else s.peak_allocated,
@@ -214,6 +216,11 @@ def _device_lines(dev: DeviceSample, snap: Snapshot, width: int, bar: int) -> li
     return lines
 
 
+def _batch_source(step: Step) -> str:
+    """Where the agent found the batch size (' (input dim 1 (LSTM batch_first=False))'), '' where unknown."""
+    return f" ({clean_text(step.batch_source)})" if step.batch_source else ""
+
+
 def _agent_lines(agent: AgentView, snap: Snapshot, width: int) -> list[str]:
     h, s = agent.hello, agent.last_step
     rest = [clean_text(h.device)]
@@ -222,7 +229,7 @@ def _agent_lines(agent: AgentView, snap: Snapshot, width: int) -> list[str]:
     if s is None:
         rest.append("waiting for the first step")
     else:
-        rest += [f"step {s.step}", f"batch {_na(s.batch_size)}"]
+        rest += [f"step {s.step}", f"batch {_na(s.batch_size)}" + _batch_source(s)]
     pred = agent.prediction
     if pred is None:
         rest.append("max batch ?")
