@@ -278,12 +278,24 @@ def step_components(step: Step | None) -> dict[str, int | None]:
         return out
     for name in COMPONENTS:
         out[name] = step.components.get(name)
-    base = step.peak_allocated if step.peak_allocated is not None else step.allocated
-    if step.reserved is not None and base is not None:
-        out["cache"] = max(step.reserved - base, 0)
-    if step.device_used is not None and step.reserved is not None:
-        out["context"] = max(step.device_used - step.reserved, 0)
+    out["cache"], out["context"] = cache_and_context(step.peak_allocated, step.allocated, step.reserved,
+                                                     step.device_used)
     return out
+
+
+def cache_and_context(peak_allocated: int | None, allocated: int | None, reserved: int | None,
+                      device_used: int | None, *, strict: bool = False) -> tuple[int | None, int | None]:
+    """The two derived components, defined once (step_components and the memory model's observations):
+    cache = reserved - peak allocated, context = device used - reserved, never negative.
+
+    strict is the memory model's reading: no cache without a peak (the end-of-step allocated also counts the
+    activations' freed blocks), and no context from an NVML reading older than the step's pool (device used <
+    reserved: None, not 0, so the fit does not take a stale 0 for a measured one)."""
+    base = peak_allocated if peak_allocated is not None or strict else allocated
+    cache = None if reserved is None or base is None else max(reserved - base, 0)
+    if reserved is None or device_used is None or (strict and device_used < reserved):
+        return cache, None
+    return cache, max(device_used - reserved, 0)
 
 
 # ----------------------------------------------------------------------------------------------- codec

@@ -186,3 +186,19 @@ def test_integer_too_large_for_a_float_is_a_protocol_error():
     obj["time"] = 10 ** 400
     with pytest.raises(ProtocolError, match="time"):
         decode(json.dumps(obj))
+
+
+def test_cache_and_context_one_definition_two_readings():
+    """step_components (front ends) and the memory model's observations derive cache and context from one
+    function; the model's strict reading differs only where a figure is missing or stale."""
+    from batchmon.memory_model.observations import Observation
+    from batchmon.protocol import cache_and_context
+
+    assert cache_and_context(900, 700, 1000, 1500) == (100, 500)
+    assert cache_and_context(None, 700, 1000, 1500) == (300, 500)  # no peak: reserved - allocated
+    assert cache_and_context(None, 700, 1000, 1500, strict=True) == (None, 500)
+    assert cache_and_context(900, 700, 1000, 800) == (100, 0)  # NVML read before the pool grew
+    assert cache_and_context(900, 700, 1000, 800, strict=True) == (100, None)
+    assert cache_and_context(900, 700, None, 1500) == (None, None)
+    obs = Observation(step=1, batch_size=8, components={}, peak_allocated=900, reserved=1000, device_used=800)
+    assert (obs.cache, obs.context) == cache_and_context(900, None, 1000, 800, strict=True)

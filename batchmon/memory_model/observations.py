@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from batchmon.protocol import COMPONENTS, Step
+from batchmon.protocol import COMPONENTS, Step, cache_and_context
 
 FIXED = ("parameters", "gradients", "optimizer")
 PER_SAMPLE = ("activations", "batch")
@@ -35,17 +35,14 @@ class Observation:
 
     @property
     def cache(self) -> int | None:
-        if self.reserved is None or self.peak_allocated is None:
-            return None
-        return max(0, self.reserved - self.peak_allocated)
+        """reserved - peak allocated (protocol.cache_and_context, strict: None without a peak)."""
+        return cache_and_context(self.peak_allocated, None, self.reserved, self.device_used, strict=True)[0]
 
     @property
     def context(self) -> int | None:
         """device used - reserved; None when unmeasured or when the reading predates the step's pool
-        (device used < reserved: see stale_context)."""
-        if self.reserved is None or self.device_used is None or self.device_used < self.reserved:
-            return None
-        return self.device_used - self.reserved
+        (device used < reserved: see stale_context). protocol.cache_and_context, strict."""
+        return cache_and_context(self.peak_allocated, None, self.reserved, self.device_used, strict=True)[1]
 
     @property
     def stale_context(self) -> int | None:
