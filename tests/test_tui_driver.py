@@ -99,3 +99,31 @@ def test_the_monitor_uses_it_on_linux_unless_a_driver_is_forced():
         assert cls is QuietLinuxDriver and issubclass(cls, LinuxDriver)
     else:  # TEXTUAL_DRIVER set: Textual's choice stands
         assert cls is not QuietLinuxDriver
+
+
+async def test_input_thread_ends_when_the_terminal_is_closed():
+    """A closed terminal (window closed, tmux session killed) leaves the tty readable at EOF forever: the input
+    thread spun at 100% CPU and, not being a daemon, kept a demo whose app had already ended alive (seen after a
+    killed tmux session under load). It must end on its own, without exit_event."""
+    from batchmon.tui.driver import QuietLinuxDriver
+
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTSTP, signal.SIGCONT, signal.SIGWINCH)}
+    master, slave = pty.openpty()
+    tty.setraw(slave)
+    driver = QuietLinuxDriver(None, mouse=False)  # type: ignore[arg-type]
+    driver.fileno = slave
+    thread = threading.Thread(target=driver.run_input_thread, daemon=True)
+    thread.start()
+    try:
+        os.close(master)  # the terminal goes away: reads give EIO / EOF from now on
+        master = -1
+        await wait_until_async(lambda: not thread.is_alive(), what="the input thread to end", timeout=5.0)
+        assert not driver.exit_event.is_set()
+    finally:
+        driver.exit_event.set()
+        thread.join(2.0)
+        for fd in (master, slave):
+            if fd >= 0:
+                os.close(fd)
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)

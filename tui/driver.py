@@ -60,11 +60,24 @@ class QuietLinuxDriver(LinuxDriver):
         feed, tick = parser.feed, parser.tick
         decode = getincrementaldecoder("utf-8")().decode
 
+        hung_up = False
+
         def process(events: list, final: bool = False) -> None:
+            nonlocal hung_up
             tty_events = [(key, mask) for key, mask in events if key.data == "tty"]
             for last, (_key, mask) in loop_last(tty_events):
                 if mask & selectors.EVENT_READ:
-                    data = decode(os.read(fileno, 1024 * 4), final=final and last)
+                    try:
+                        raw = os.read(fileno, 1024 * 4)
+                    except OSError:  # EIO: the terminal was closed
+                        raw = b""
+                    if not raw:
+                        # End of input: the terminal is gone (closed window, killed tmux session). Reading on
+                        # would spin (the tty stays readable) and, this thread not being a daemon, keep the
+                        # process alive after the app ended; SIGHUP tells the app.
+                        hung_up = True
+                        break
+                    data = decode(raw, final=final and last)
                     if not data:
                         break
                     for event in feed(data):
@@ -81,7 +94,7 @@ class QuietLinuxDriver(LinuxDriver):
             return max(0.0, due - get_time())
 
         try:
-            while not self.exit_event.is_set():
+            while not self.exit_event.is_set() and not hung_up:
                 process(selector.select(timeout()))
             selector.unregister(self.fileno)
             process(selector.select(0.1), final=True)
