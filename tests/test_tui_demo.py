@@ -182,11 +182,13 @@ def test_demo_ended_by_a_signal_leaves_no_run_and_no_temp_folder(tmp_path, how):
 
 @pytest.mark.skipif(_parts_missing() is not None, reason=str(_parts_missing()))
 def test_demo_runs_from_outside_the_checkout(tmp_path):
-    """Issue 15 point 6: started in a folder that is not the checkout, `batchmon demo --steps 3` finds its
-    training script in the package, trains, shows it, and quits on q leaving nothing behind."""
+    """Issue 15 point 6: started in a folder that is not the checkout, `batchmon demo --steps 100` finds its
+    training script in the package, trains, shows it, and quits on q leaving nothing behind. (With --steps 3 the
+    run, 0.6 s of steps, could end before a loaded CI box's monitor had shown it: a run that ends leaves the
+    screen.)"""
     outside = tmp_path / "elsewhere"
     outside.mkdir()
-    session, tmpdir = _tmux_demo(tmp_path, outside, "--steps 3")
+    session, tmpdir = _tmux_demo(tmp_path, outside, "--steps 100")
     try:
         def screen() -> str:
             return subprocess.run(["tmux", "capture-pane", "-p", "-t", session], capture_output=True,
