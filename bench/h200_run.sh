@@ -214,6 +214,41 @@ predict)
   stage predict
   python3 bench/predict_accuracy.py $PREDX 2>&1 | tail -n 80 | tee $R/predict_accuracy.log
   ;;
+longrun)
+  # issue 16 point 4: a long CIFAR-sized ResNet-18 run with a common slow leak (logits kept per epoch), recorded
+  stage longrun
+  record_start $R/tui_h200_long_run.jsonl
+  $T $BMCMD run -- python3 bench/long_run.py --steps ${LONGSTEPS:-1600} --epoch 400 --sleep ${LONGSLEEP:-0.01} 2>&1 | tail -n 8 | tee $R/long_run.log
+  record_stop
+  ;;
+fast16)
+  # issue 14 point 3: 16 fast agents (MLP steps, >= 100 steps/s each) and the monitor beside nvitop
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
+  stage fast16
+  PIDS=()
+  for i in $(seq 1 16); do
+    $BMCMD run -- python3 examples/train_mlp.py --device $DEV --steps 0 --sleep ${FASTSLEEP:-0.004} --batch-size 256 --hidden 512 --layers 8 > $R/fast16_$i.log 2>&1 &
+    PIDS+=($!)
+  done
+  for i in $(seq 1 120); do [ "$(ls $BATCHMON_DIR/*.sock 2>/dev/null | wc -l)" -ge 16 ] && break; sleep 0.5; done
+  sleep 5
+  $BMCMD --once --json > $R/fast16_once_a.json 2>&1
+  python3 bench/vs_nvitop.py --repeat ${NVREPEAT16:-1} --no-floors --name vs_nvitop_fast16 --duration ${FASTDUR:-60} 2>&1 | tail -n 12 | tee $R/vs_nvitop_fast16.log
+  $BMCMD --once --json > $R/fast16_once_b.json 2>&1
+  kill -TERM "${PIDS[@]}"; wait
+  cp $OUT/vs_nvitop_fast16.json $R/ 2>/dev/null
+  python3 - $R <<'PY'
+import json, sys
+from pathlib import Path
+r = Path(sys.argv[1])
+a, b = (json.loads((r / f).read_text()) for f in ("fast16_once_a.json", "fast16_once_b.json"))
+before = {x["pid"]: x for x in a["agents"]}
+rates = sorted(round((x["step"] - before[x["pid"]]["step"]) / (x["time"] - before[x["pid"]]["time"]), 1)
+               for x in b["agents"] if x["pid"] in before and x["step"] and before[x["pid"]]["step"] and x["time"] > before[x["pid"]]["time"])
+out = {"agents_a": len(a["agents"]), "agents_b": len(b["agents"]), "steps_per_s": rates}
+print(json.dumps(out)); (r / "fast16_rates.json").write_text(json.dumps(out, indent=1))
+PY
+  ;;
 esac
 done
 

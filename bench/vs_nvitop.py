@@ -54,6 +54,21 @@ class Tool:
     tail: bytes = b""
     exit_code: int | None = None
     cpu: list[float] = field(default_factory=list)
+    rss_max: int = 0  # the process tree's largest resident set seen in the window (bytes)
+    window_bytes: int = 0  # terminal bytes written during the measured window only
+
+    def sample_rss(self) -> None:
+        try:
+            proc = psutil.Process(self.pid)
+            rss = proc.memory_info().rss
+            for child in proc.children(recursive=True):
+                try:
+                    rss += child.memory_info().rss
+                except psutil.Error:
+                    pass
+        except psutil.Error:
+            return
+        self.rss_max = max(self.rss_max, rss)
 
     def start(self, cols: int, rows: int) -> None:
         pid, fd = pty.fork()
@@ -160,11 +175,16 @@ def measure_round(args: argparse.Namespace, floors: bool) -> dict:
     drain(tools, time.monotonic() + args.warmup)
     for tool in tools:
         tool.cpu.append(tool.cpu_seconds() if tool.alive() else None)
+    start_bytes = {t.name: t.out_bytes for t in tools}
     t0 = time.monotonic()
     end = t0 + args.duration
     while time.monotonic() < end and any(t.fd >= 0 for t in tools):
         drain(tools, min(end, time.monotonic() + 1.0))
+        for tool in tools:
+            tool.sample_rss()
     window = time.monotonic() - t0
+    for tool in tools:
+        tool.window_bytes = tool.out_bytes - start_bytes[tool.name]
     for tool in tools:
         tool.cpu.append(tool.cpu_seconds() if tool.alive() else None)
     for i, tool in enumerate(tools):
@@ -177,9 +197,16 @@ def measure_round(args: argparse.Namespace, floors: bool) -> dict:
             "argv": tool.argv, "cpu_seconds_steady": steady,
             "cpu_percent_steady": round(100 * steady / window, 3) if steady is not None and window > 0 else None,
             "ran_whole_window": steady is not None, "exit_code_after_q": tool.exit_code,
-            "terminal_bytes": tool.out_bytes, "last_line": tool.last_line() if steady is None else None}
+            "terminal_bytes": tool.out_bytes, "terminal_bytes_window": tool.window_bytes,
+            "rss_max_mib": round(tool.rss_max / 2**20, 1),
+            "last_line": tool.last_line() if steady is None else None}
     bm, nv = (out["tools"][n]["cpu_seconds_steady"] for n in ("batchmon", "nvitop"))
     out["batchmon_le_nvitop"] = bm <= nv if bm is not None and nv is not None else None
+    if bm is not None and nv:
+        b, n = out["tools"]["batchmon"], out["tools"]["nvitop"]
+        out["ratios"] = {"cpu": round(bm / nv, 3),
+                         "terminal_bytes_window": round(b["terminal_bytes_window"] / max(1, n["terminal_bytes_window"]), 3),
+                         "rss_minus_nvitop_mib": round(b["rss_max_mib"] - n["rss_max_mib"], 1)}
     return out
 
 
@@ -190,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--interval", type=float, default=1.0, help="refresh interval of both tools (default 1.0)")
     p.add_argument("--size", type=parse_size, default=(160, 48), help="terminal COLSxROWS (default 160x48)")
     p.add_argument("--no-floors", action="store_true", help="leave out the bare Textual app floors")
+    p.add_argument("--name", default="vs_nvitop", help="result file stem under $OUT (default vs_nvitop)")
     p.add_argument("--repeat", type=int, default=1,
                    help="measure this many rounds, each with freshly started tools (default 1; floors in the "
                         "first only): one round can be luck, the verdict is every round's")
@@ -220,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     result["cpu_seconds_all_rounds"] = totals
     out = Path(os.environ.get("OUT", "out"))
     out.mkdir(parents=True, exist_ok=True)
-    path = out / "vs_nvitop.json"
+    path = out / f"{args.name}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"vs_nvitop: {cols}x{rows}, interval {args.interval:g} s, {len(rounds)} round(s) of "
           f"{args.duration:g} s measured after {args.warmup:g} s warm-up")
@@ -228,11 +256,16 @@ def main(argv: list[str] | None = None) -> int:
         for name, r in rnd["tools"].items():
             if r["ran_whole_window"]:
                 print(f"  round {k} {name:22s} {r['cpu_seconds_steady']:.3f} CPU s "
-                      f"({r['cpu_percent_steady']:.2f}% of one core); q -> exit {r['exit_code_after_q']}")
+                      f"({r['cpu_percent_steady']:.2f}% of one core), RSS {r['rss_max_mib']} MiB, "
+                      f"{r['terminal_bytes_window']} terminal bytes; q -> exit {r['exit_code_after_q']}")
             else:
                 print(f"  round {k} {name:22s} did not run the window: exit {r['exit_code_after_q']}: {r['last_line']}")
     print(f"  all rounds: batchmon {totals['batchmon']} vs nvitop {totals['nvitop']} CPU s; "
           f"batchmon <= nvitop in every round: {result['batchmon_le_nvitop']}")
+    for k, rnd in enumerate(rounds, 1):
+        if "ratios" in rnd:
+            print(f"  round {k} batchmon/nvitop: CPU {rnd['ratios']['cpu']}, terminal bytes "
+                  f"{rnd['ratios']['terminal_bytes_window']}, RSS {rnd['ratios']['rss_minus_nvitop_mib']:+} MiB")
     print(f"wrote {path}")
     return 0 if result["batchmon_le_nvitop"] else 1
 
