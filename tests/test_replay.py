@@ -112,7 +112,7 @@ def test_replay_source_paces_by_recorded_time(recorded):
     span = expected[-1].time - expected[0].time
     seen = []
     done = threading.Event()
-    src = ReplaySource(path, speed=2.0, on_snapshot=seen.append)
+    src = ReplaySource(path, speed=2.0, from_start=True, on_snapshot=seen.append)
     assert src.snapshot() == expected[0] and src.interval == INTERVAL
     t0 = time.monotonic()
     src.start()
@@ -120,8 +120,9 @@ def test_replay_source_paces_by_recorded_time(recorded):
     elapsed = time.monotonic() - t0
     src.stop()
     done.set()
-    assert seen == expected
-    assert src.snapshot() == expected[-1]
+    # every snapshot once, then the last once more: the end of the recording, said by position()
+    assert seen == expected + [expected[-1]]
+    assert src.snapshot() == expected[-1] and src.position().at_end
     assert elapsed >= span / 2.0 * 0.9
 
 

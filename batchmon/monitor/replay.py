@@ -87,6 +87,8 @@ class Recording:
     interval: float
     has_ticks: bool
     records_in_header: int  # valid records among the first HEADER_LINES lines
+    start_time: float | None = None  # recorded time of the first record with one
+    end_time: float | None = None  # of the last one (read from the file's tail; None when not found there)
 
     def records(self) -> Iterator[tuple[dict[str, Any] | None, str | None, int]]:
         """(record, None, line number) for each record, (None, why, line number) for each bad line."""
@@ -113,6 +115,7 @@ def read_recording(path: str | Path, *, strict: bool = False) -> Recording:
     interval: float | None = None
     has_ticks = False
     valid = 0
+    start: float | None = None
     for number, line, complete in _lines(path):
         if number > HEADER_LINES:
             break
@@ -120,18 +123,43 @@ def read_recording(path: str | Path, *, strict: bool = False) -> Recording:
         if record is None:
             continue
         valid += 1
+        if start is None and "t" in record:
+            start = _time(record, math.nan)
+            start = None if math.isnan(start) else start
         if interval is None and record.get("kind") == "meta":
             value = record.get("interval")
             if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < 1e6:
                 interval = float(value)
         has_ticks = has_ticks or _is_local_tick(record)
-        if has_ticks and interval is not None:
+        if has_ticks and interval is not None and start is not None:
             break
     if strict and valid == 0:
         raise NotARecording(f"{path} is not a batchmon recording (no record in its first {HEADER_LINES} lines)")
     if not has_ticks:
         has_ticks = _scan_for_tick(path)
-    return Recording(path, interval if interval is not None else 1.0, has_ticks, valid)
+    return Recording(path, interval if interval is not None else 1.0, has_ticks, valid, start, _end_time(path))
+
+
+TAIL_BYTES = 1 << 20  # how much of the file's end is read for its last record's time
+
+
+def _end_time(path: Path) -> float | None:
+    """The recorded time of the file's last record that has one, from its last TAIL_BYTES (the position bar's
+    end); None when none is there."""
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(0, size - TAIL_BYTES))
+            tail = f.read(TAIL_BYTES)
+    except OSError:
+        return None
+    for line in reversed(tail.split(b"\n")):
+        record, _ = _parse(line, True)
+        if record is not None and "t" in record:
+            t = _time(record, math.nan)
+            if not math.isnan(t):
+                return t
+    return None
 
 
 def _scan_for_tick(path: Path) -> bool:
@@ -155,44 +183,200 @@ def _time(record: dict[str, Any], default: float) -> float:
     return value if math.isfinite(value) and 0 <= value <= MAX_TIME else default
 
 
+class SnapshotFeed:
+    """A recording fed through a HubState one snapshot moment at a time, streaming.
+
+    ``advance()`` ingests the records up to the next moment a snapshot is taken (a recorded tick; without ticks,
+    just before the next NVML sample) and returns its time, without building the snapshot: a seek skips moments
+    at the cost of ingesting their records only. ``snapshot()`` builds the one of the moment ``advance`` reached.
+    """
+
+    def __init__(self, rec: Recording, state: HubState | None = None) -> None:
+        self.rec = rec
+        self.state = state or HubState()
+        self._records = rec.records()
+        self.now = 0.0  # time of the last record read
+        self.moment: float | None = None  # the moment advance() reached (None before the first, after the last)
+        self.hellos = 0  # agent hello messages ingested so far
+        self._fed = False  # records ingested since the last moment
+        self._moments = 0
+        self._held: dict[str, Any] | None = None  # no-tick recordings: the NVML record after the moment
+        self._sources: set[str] = {LOCAL}
+        self._done = False
+
+    def advance(self) -> float | None:
+        """Ingest up to the next snapshot moment; its recorded time, or None when the recording is over."""
+        if self._held is not None:
+            self._ingest(self._held)
+            self._held = None
+            self._fed = True
+        if self._done:
+            self.moment = None
+            return None
+        rec = self.rec
+        for record, why, number in self._records:
+            if record is None:
+                self.state.ingest(warning_record("recording", "bad lines skipped", f"line {number}: {why}", t=self.now))
+                continue
+            before, self.now = self.now, _time(record, self.now)
+            if "t" in record and record["t"] != self.now:
+                record["t"] = self.now  # the state and the screen never see an unbelievable time
+            source = record.get("source", LOCAL)
+            if source not in self._sources:
+                if not isinstance(source, str) or len(self._sources) >= MAX_SOURCES:
+                    self.state.ingest(warning_record("recording", f"more than {MAX_SOURCES} sources; the rest skipped",
+                                                     f"line {number}", t=self.now))
+                    continue
+                self._sources.add(source)
+            kind = record.get("kind")
+            is_local = source == LOCAL
+            if rec.has_ticks:
+                self._ingest(record)
+                self._fed = True
+                if kind == "tick" and is_local:
+                    return self._reached(self.now)
+            else:
+                if kind == "nvml" and is_local and self._fed:
+                    self._held = record
+                    return self._reached(before)
+                self._ingest(record)
+                self._fed = self._fed or kind != "meta"
+        self._done = True
+        if self._fed or not self._moments:
+            return self._reached(self.now)
+        self.moment = None
+        return None
+
+    def _reached(self, t: float) -> float:
+        self._fed = False
+        self._moments += 1
+        self.moment = t
+        return t
+
+    def _ingest(self, record: dict[str, Any]) -> None:
+        if record.get("kind") == "agent":
+            data = record.get("data")
+            if isinstance(data, dict) and data.get("type") == "hello":
+                self.hellos += 1
+        self.state.ingest(record)
+
+    def snapshot(self, t: float | None = None) -> Snapshot:
+        """The state now, as the snapshot of time ``t`` (default: the moment reached, else the last record's)."""
+        when = t if t is not None else self.moment if self.moment is not None else self.now
+        return self.state.snapshot(when, self.rec.interval, kind="replay")
+
+
 def iter_snapshots(rec: Recording, state: HubState | None = None) -> Iterator[Snapshot]:
     """Feed a recording through a HubState; yield the snapshot at each tick (deterministic), streaming."""
-    state = state or HubState()
-    now = 0.0
-    fed_since_snapshot = False
-    yielded = 0
-    sources: set[str] = {LOCAL}
-    for record, why, number in rec.records():
-        if record is None:
-            state.ingest(warning_record("recording", "bad lines skipped", f"line {number}: {why}", t=now))
-            continue
-        before, now = now, _time(record, now)
-        if "t" in record and record["t"] != now:
-            record["t"] = now  # the state and the screen never see an unbelievable time
-        source = record.get("source", LOCAL)
-        if source not in sources:
-            if not isinstance(source, str) or len(sources) >= MAX_SOURCES:
-                state.ingest(warning_record("recording", f"more than {MAX_SOURCES} sources; the rest skipped",
-                                            f"line {number}", t=now))
-                continue
-            sources.add(source)
-        kind = record.get("kind")
-        is_local = source == LOCAL
-        if rec.has_ticks:
-            state.ingest(record)
-            fed_since_snapshot = True
-            if kind == "tick" and is_local:
-                fed_since_snapshot = False
-                yielded += 1
-                yield state.snapshot(now, rec.interval, kind="replay")
+    feed = SnapshotFeed(rec, state)
+    while (t := feed.advance()) is not None:
+        yield feed.snapshot(t)
+
+
+@dataclass(frozen=True)
+class ReplayPosition:
+    """Where a replay is: the recorded time shown, the recording's first and last record times (end None while
+    unknown), whether the last snapshot is shown, and how many seeks were made (a front end drops what it
+    accumulated over time, e.g. a GPU's memory history, when that changes)."""
+
+    time: float
+    start: float | None
+    end: float | None
+    at_end: bool
+    seeks: int = 0
+
+    @property
+    def fraction(self) -> float | None:
+        if self.start is None or self.end is None or self.end <= self.start:
+            return None
+        return max(0.0, min(1.0, (self.time - self.start) / (self.end - self.start)))
+
+
+class ReplayCursor:
+    """The replay's pure state: which snapshot is shown, what comes next, seeking. No threads, no clocks.
+
+    Forward (the next moment, a seek ahead) streams on; a seek back starts a fresh HubState from the file's
+    start and streams to the target (O(target), memory bounded as ever). Unless ``from_start``, the replay starts
+    at the first moment after the first agent's hello (a recording often begins long before a training process
+    attaches); a recording without a hello starts at its beginning."""
+
+    def __init__(self, rec: Recording, *, from_start: bool = False) -> None:
+        self.rec = rec
+        self.seeks = 0
+        self.start, self.end = rec.start_time, rec.end_time
+        self._restart()
+        if not from_start:
+            self.to_first_hello()
+
+    def _restart(self) -> None:
+        self._feed = SnapshotFeed(self.rec)
+        first = self._feed.advance()
+        self.current = self._feed.snapshot(first)
+        self._next = self._feed.advance()
+
+    def to_first_hello(self) -> None:
+        """From the recording's first snapshot: move to the first one that shows an agent's hello."""
+        if self.current.agents:  # an agent is there from the first moment
+            return
+        while self._next is not None and not self._feed.hellos:
+            self._next = self._feed.advance()
+        if self._next is None:  # no hello at all: the whole recording, from its start
+            self._restart()
+            return
+        self.current = self._feed.snapshot(self._next)
+        self._next = self._feed.advance()
+
+    @property
+    def at_end(self) -> bool:
+        return self._next is None
+
+    @property
+    def next_time(self) -> float | None:
+        """Recorded time of the next snapshot (None at the end)."""
+        return self._next
+
+    def step(self) -> Snapshot | None:
+        """Move to the next snapshot and return it; None at the end (nothing changes)."""
+        if self._next is None:
+            return None
+        self.current = self._feed.snapshot(self._next)
+        self._next = self._feed.advance()
+        self._note_time(self.current.time)
+        return self.current
+
+    def seek(self, t: float) -> Snapshot:
+        """Show the first snapshot at or after recorded time ``t`` (the last one when ``t`` is past the end,
+        the first when before the start)."""
+        self.seeks += 1
+        if t < self.current.time:
+            self._restart()
+            if t < self.current.time or self._next is None:
+                return self.current
+        while self._next is not None and self._next < t:
+            self._next = self._feed.advance()
+        if self._next is None:  # past the end: everything ingested, the final snapshot
+            self.current = self._feed.snapshot()
         else:
-            if kind == "nvml" and is_local and fed_since_snapshot:
-                yielded += 1
-                yield state.snapshot(before, rec.interval, kind="replay")
-            state.ingest(record)
-            fed_since_snapshot = fed_since_snapshot or kind != "meta"
-    if fed_since_snapshot or not yielded:
-        yield state.snapshot(now, rec.interval, kind="replay")
+            self.current = self._feed.snapshot(self._next)
+            self._next = self._feed.advance()
+        self._note_time(self.current.time)
+        return self.current
+
+    def seek_by(self, seconds: float) -> Snapshot:
+        return self.seek(self.current.time + seconds)
+
+    def seek_start(self) -> Snapshot:
+        return self.seek(-math.inf)
+
+    def seek_end(self) -> Snapshot:
+        return self.seek(math.inf)
+
+    def _note_time(self, t: float) -> None:
+        if self.end is None or t > self.end:
+            self.end = t
+
+    def position(self) -> ReplayPosition:
+        return ReplayPosition(self.current.time, self.start, self.end, self.at_end, self.seeks)
 
 
 def load_snapshots(path: str | Path) -> list[Snapshot]:
@@ -210,26 +394,36 @@ def final_snapshot(path: str | Path, *, strict: bool = False) -> Snapshot:
 
 
 class ReplaySource:
-    """Drives a front end from a recording, paced by recorded time / speed. Same shape as Hub."""
+    """Drives a front end from a recording, paced by recorded time / speed, seekable. Same shape as Hub.
 
-    def __init__(self, path: str | Path, *, speed: float = 1.0,
+    The cursor (pure) lives on the replay thread; ``seek_by``/``seek_start``/``seek_end`` (any thread) post a
+    request that thread carries out, and ``position()`` says where the snapshot last published is. At the end
+    of the recording the last snapshot is published once more, with ``position().at_end`` true, so a front end
+    can say so; a seek from there plays on."""
+
+    def __init__(self, path: str | Path, *, speed: float = 1.0, from_start: bool = False,
                  on_snapshot: Callable[[Snapshot], None] | None = None) -> None:
         if not speed > 0:
             raise ValueError("speed must be positive")
         self.path = Path(path)
         self.speed = float(speed)
+        self.from_start = from_start
         self.on_snapshot = on_snapshot  # public, as on Hub
         # OSError or NotARecording here: the caller says so in one line
         self._recording = read_recording(self.path, strict=True)
         self._interval = self._recording.interval
-        self._snapshots = iter_snapshots(self._recording)
-        self._latest = next(self._snapshots)
-        self._pending: Snapshot | None = next(self._snapshots, None)
+        # the first snapshot at once (the first lines only); the jump to the first hello happens on the thread
+        self._cursor = ReplayCursor(self._recording, from_start=True)
+        self._latest = self._cursor.current
+        self._position = self._cursor.position()
+        self._lock = threading.Lock()
+        self._request: tuple[str, float] | None = None
+        self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self.finished = threading.Event()
         self.error: BaseException | None = None
-        if self._pending is None:
+        if self._cursor.at_end and from_start:
             self.finished.set()
 
     def start(self) -> "ReplaySource":
@@ -239,10 +433,31 @@ class ReplaySource:
 
     def stop(self) -> None:
         self._stopping.set()
+        self._wake.set()
         join_started(self._thread)
 
     def snapshot(self) -> Snapshot:
         return self._latest
+
+    def position(self) -> ReplayPosition:
+        """Where the last published snapshot is in the recording."""
+        return self._position
+
+    def seek_by(self, seconds: float) -> None:
+        self._post("by", float(seconds))
+
+    def seek_start(self) -> None:
+        self._post("to", -math.inf)
+
+    def seek_end(self) -> None:
+        self._post("to", math.inf)
+
+    def _post(self, kind: str, value: float) -> None:
+        with self._lock:
+            if kind == "by" and self._request is not None and self._request[0] == "by":
+                value += self._request[1]  # keys pressed faster than the thread seeks add up
+            self._request = (kind, value)
+        self._wake.set()
 
     def set_interval(self, seconds: float) -> None:
         """Accepted for the Hub shape; a replay is paced by recorded time (see ``speed``), not by this."""
@@ -260,24 +475,51 @@ class ReplaySource:
 
     def _publish(self, snap: Snapshot) -> None:
         self._latest = snap
+        self._position = self._cursor.position()
         if self.on_snapshot is not None:
             self.on_snapshot(snap)
 
+    def _take_request(self) -> tuple[str, float] | None:
+        with self._lock:
+            request, self._request = self._request, None
+            self._wake.clear()
+        return request
+
     def _run(self) -> None:
+        cursor = self._cursor
         try:
-            self._publish(self._latest)
-            wall0, rec0 = time.monotonic(), self._latest.time
-            while self._pending is not None and not self._stopping.is_set():
-                snap = self._pending
-                due = wall0 + min(max(0.0, snap.time - rec0) / self.speed, 1e9)
-                while not self._stopping.is_set() and time.monotonic() < due:
-                    self._stopping.wait(min(MAX_WAIT_S, max(0.0, due - time.monotonic())))
-                if self._stopping.is_set():
+            if not self.from_start:
+                cursor.to_first_hello()  # streams to it: on this thread, not before the first frame
+            self._publish(cursor.current)
+            wall0, rec0 = time.monotonic(), cursor.current.time
+            ended = False
+            while not self._stopping.is_set():
+                request = self._take_request()
+                if self._stopping.is_set():  # stop() sets it before waking us: a cleared wake-up is not lost
                     break
-                self._publish(snap)
-                self._pending = next(self._snapshots, None)
+                if request is not None:
+                    kind, value = request
+                    snap = cursor.seek_by(value) if kind == "by" else cursor.seek(value)
+                    self.finished.clear()
+                    ended = False
+                    self._publish(snap)
+                    wall0, rec0 = time.monotonic(), snap.time
+                    continue
+                if cursor.at_end:
+                    if not ended:  # once: the same snapshot, now said to be the end
+                        ended = True
+                        self._publish(cursor.current)
+                        self.finished.set()
+                    self._wake.wait(MAX_WAIT_S)
+                    continue
+                due = wall0 + min(max(0.0, (cursor.next_time or rec0) - rec0) / self.speed, 1e9)
+                left = due - time.monotonic()
+                if left > 0:
+                    self._wake.wait(min(MAX_WAIT_S, left))
+                    continue
+                snap = cursor.step()
+                if snap is not None:
+                    self._publish(snap)
         except BaseException as exc:  # noqa: BLE001 - kept for the owner; the last snapshot stays shown
             self.error = exc
-        finally:
-            if self._pending is None:
-                self.finished.set()
+            self.finished.set()
