@@ -115,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Open the monitor on a recording made by `batchmon record`.")
     p.add_argument("file", metavar="FILE")
     p.add_argument("--speed", type=_positive_float, default=1.0, help="playback speed factor (default: 1)")
+    p.add_argument("--from-start", action="store_true",
+                   help="start at the recording's first line (default: when the first training process said hello); "
+                        "keys: left/right seek 10 s, home/end")
     p.add_argument("--once", action="store_true", help="print the final snapshot of the recording and exit")
     p.add_argument("--json", action="store_true", help="with --once: print JSON")
     p.add_argument("--no-mouse", action="store_true", help="do not capture the mouse")

@@ -116,7 +116,7 @@ def main_replay(args: Any) -> int:
         if args.once:
             snap = final_snapshot(args.file, strict=True)
         else:
-            source = ReplaySource(args.file, speed=args.speed)
+            source = ReplaySource(args.file, speed=args.speed, from_start=getattr(args, "from_start", False))
     except NotARecording as exc:
         raise CliError(str(exc)) from None
     except OSError as exc:
