@@ -17,7 +17,7 @@ batch at no more cost) by largest batch per cost.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from batchmon.formulas import OPTIMIZER_STATES
 from batchmon.memory_model.model import MemoryModel
@@ -64,9 +64,9 @@ class _Option:
 def _accumulation_factor(model: MemoryModel, steps: int, batch: int | None) -> tuple[float, str]:
     """k micro-batches of B/k: per-sample time unchanged, the per-pass overhead paid k times. Measured when the
     observed steps at two or more batch sizes fit step time = overhead + per-sample x B."""
-    timing = getattr(model, "time_line", None)
+    timing = model.time_line
     if timing is not None and timing.fixed > 0 and timing.per_sample > 0:
-        b = batch or max(model.batch_sizes)
+        b = max(batch or 0, steps, 1)
         full = timing.at(b)
         factor = (steps * timing.fixed + timing.per_sample * b) / full
         return factor, (f"measured: step time {timing.fixed * 1e3:.1f} ms + {timing.per_sample * 1e6:.1f} us x "
@@ -76,7 +76,7 @@ def _accumulation_factor(model: MemoryModel, steps: int, batch: int | None) -> t
                  f"(per-pass overhead not measured; small micro-batches use the GPU less well)")
 
 
-def _options(model: MemoryModel, gpus: int, target_batch: int | None) -> list[_Option]:
+def _options(model: MemoryModel, gpus: int) -> list[_Option]:
     observed_states = OPTIMIZER_STATES.get(model.optimizer or "", None)
     optimizers: list[str | None] = [None]
     if observed_states:
@@ -103,10 +103,7 @@ def _options(model: MemoryModel, gpus: int, target_batch: int | None) -> list[_O
             labels.append(opt)
             basis.append(f"{opt} x1 (the update is a small share of the step; changes the training: re-tune)")
         if acc > 1:
-            labels.append(f"{acc} accumulation steps")
-            f, why = _accumulation_factor(model, acc, target_batch)
-            factor *= f
-            basis.append(f"accumulation x{f:.2f} {why}")
+            labels.append(f"{acc} accumulation steps")  # its factor depends on the batch: set in advise()
         if shards > 1:
             need = "" if shards == gpus else f" (needs {shards} GPUs)"
             labels.append(f"sharded over {shards} GPUs{need}")
@@ -114,7 +111,7 @@ def _options(model: MemoryModel, gpus: int, target_batch: int | None) -> list[_O
             basis.append(f"sharding x{SHARD_FACTOR:g} estimated (3 x parameter bytes over NVLink per step, mostly "
                          f"overlapped)")
         out.append(_Option(spec, " + ".join(labels) or "as observed", factor,
-                           tuple(basis) or ("the observed run",), int(amp) + int(opt is not None), len(labels)))
+                           tuple(basis), int(amp) + int(opt is not None), len(labels)))
     return out
 
 
@@ -126,12 +123,16 @@ def advise(model: MemoryModel, *, capacity: int, target_batch: int | None = None
     if gpus < 1:
         raise ValueError(f"gpus must be >= 1, got {gpus}")
     rows: list[tuple[_Option, Advice]] = []
-    for opt in _options(model, gpus, target_batch):
+    for opt in _options(model, gpus):
         pred = model.predict(opt.spec, device_total=capacity)
         best = pred.max_batch
         fits = None if target_batch is None else (best is not None and best >= target_batch)
+        if opt.spec.accumulation_steps > 1:  # at the batch the user would run: the target, else the largest
+            f, why = _accumulation_factor(model, opt.spec.accumulation_steps, target_batch or best)
+            opt = replace(opt, factor=opt.factor * f,
+                          basis=(*opt.basis, f"accumulation x{f:.2f} {why}"))
         advice = Advice(what_if=opt.label, max_batch=best, step_time_factor=round(opt.factor, 3),
-                        factor_basis="; ".join(opt.basis), fits_target=fits,
+                        factor_basis="; ".join(opt.basis) or "the observed run", fits_target=fits,
                         assumptions=pred.basis_fields.what_if + pred.basis_fields.conservative_why, spec=opt.spec)
         rows.append((opt, advice))
     return tuple(a for _, a in _rank(rows, gpus, target_batch))
@@ -180,3 +181,26 @@ def _undominated(rows: list[tuple[_Option, Advice]], *, by_batch: bool,
         if not dominated:
             out.append((o, a))
     return out
+
+
+def advice_for(model: MemoryModel | None, device_total: int | None, *, target_batch: int | None = None,
+               gpus: int = 1) -> tuple[Advice, ...]:
+    """advise() for a front end: () without a fitted model or a device size (nothing to advise on)."""
+    if model is None or not device_total:
+        return ()
+    return advise(model, capacity=device_total, target_batch=target_batch, gpus=max(1, gpus))
+
+
+def advice_json(advice: tuple[Advice, ...]) -> list[dict]:
+    """`--once --json`'s prediction.advice: [{what_if, max_batch, step_time_factor, factor_basis, ...}]."""
+    return [{"what_if": a.what_if, "max_batch": a.max_batch, "step_time_factor": a.step_time_factor,
+             "factor_basis": a.factor_basis, "fits_target": a.fits_target, "assumptions": list(a.assumptions)}
+            for a in advice]
+
+
+def advice_text(advice: tuple[Advice, ...], count: int = 2) -> str | None:
+    """The best ``count`` as one line for `--once`: 'amp + checkpointing: batch 3235 at step time x1.07; ...'."""
+    if not advice:
+        return None
+    return "; ".join(f"{a.what_if}: batch {'?' if a.max_batch is None else a.max_batch} at step time "
+                     f"x{a.step_time_factor:.2f}" for a in advice[:count])

@@ -119,8 +119,30 @@ def fit(steps: Iterable[Step | Observation], *, optimizer: str | None = None, am
         alloc_retries=retries, reference_batch=reference, last_batch=obs[-1].batch_size,
         batch_sizes=tuple(sorted({o.batch_size for o in obs})), step_range=(obs[0].step, obs[-1].step),
         count=len(obs), optimizer=kind, observed_amp=amp, notes=tuple(notes), measured_peak=measured_peak,
-        **band,
+        time_line=_time_line(obs), **band,
     )
+
+
+def _time_line(obs: Sequence[Observation]) -> Line | None:
+    """Step time against batch size, for the advisor's measured factors: the median step time per batch size
+    (a run's first step is left out: allocator, cuDNN and compile warm-up), fitted as overhead + per-sample x B.
+    None unless two batch sizes at least 1.5x apart are timed, or when the fit is not physical (a slope <= 0,
+    a negative overhead: timing noise larger than the batch's effect)."""
+    timed: dict[int, list[float]] = {}
+    for o in obs[1:]:
+        if o.step_seconds is not None and o.step_seconds > 0:
+            timed.setdefault(o.batch_size, []).append(o.step_seconds)
+    if len(timed) < 2 or max(timed) < 1.5 * min(timed):
+        return None
+    xs = sorted(timed)
+    ys = [statistics.median(timed[b]) for b in xs]
+    mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
+    sxx = sum((x - mean_x) ** 2 for x in xs)
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True)) / sxx
+    overhead = mean_y - slope * mean_x
+    if slope <= 0 or overhead < 0:
+        return None
+    return Line(overhead, slope)
 
 
 def _band_inputs(lines: dict[str, Line], with_peak: Sequence[Observation],

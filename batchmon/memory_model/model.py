@@ -4,6 +4,7 @@ batch (module docstring of batchmon.memory_model says every rule and why)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Sequence
 
 from batchmon.formulas import OPTIMIZER_STATES
@@ -50,6 +51,7 @@ class MemoryModel:
     unexplained_fixed: float = 0.0  # that fixed part, when suspect (for the basis)
     curvature_slope: float = 0.0  # steepest observed secant of the peak minus the fitted slope (>= 0)
     steepest_between: tuple[int, int] | None = None  # the batch sizes of that secant
+    time_line: Line | None = None  # step seconds = fixed + per_sample x B (two or more batch sizes timed)
     _max_batch_cache: dict = field(default_factory=dict, compare=False, repr=False)
 
     # -- description
@@ -64,8 +66,9 @@ class MemoryModel:
         """The fit's basis as one line (no what-if)."""
         return self.basis_fields().text()
 
-    @property
+    @cached_property
     def peak_line(self) -> Line:
+        """The fitted peak allocated: the sum of the component lines (computed once; the model is frozen)."""
         total = Line()
         for name in COMPONENTS:
             total = total + self.lines[name]
@@ -255,7 +258,7 @@ class MemoryModel:
                         else:
                             hi = mid
                     result = lo * steps
-        if len(self._max_batch_cache) > 256:
+        if len(self._max_batch_cache) > 2048:  # the advisor asks ~200 what-ifs x 3 searches
             self._max_batch_cache.clear()
         self._max_batch_cache[key] = result
         return result

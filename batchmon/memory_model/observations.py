@@ -23,6 +23,7 @@ class Observation:
     reserved: int | None = None
     device_used: int | None = None
     num_alloc_retries: int | None = None
+    step_seconds: float | None = None  # wall time of the step (the advisor's measured step-time factors)
 
     @classmethod
     def from_step(cls, step: Step) -> "Observation | None":
@@ -31,7 +32,7 @@ class Observation:
             return None
         comps = {name: max(0, int(step.components.get(name, 0) or 0)) for name in COMPONENTS}
         return cls(step.step, step.batch_size, comps, step.peak_allocated, step.reserved, step.device_used,
-                   step.num_alloc_retries)
+                   step.num_alloc_retries, step.step_seconds)
 
     @property
     def cache(self) -> int | None:

@@ -11,11 +11,13 @@ import time
 from typing import Any
 
 from batchmon.jobs import Job, group_jobs, imbalance_text
-from batchmon.memory_model import Prediction
+from batchmon.memory_model import Advice, Prediction, advice_for, advice_json, advice_text
 from batchmon.probes.nvml import DeviceSample
 from batchmon.protocol import ALL_COMPONENTS, Step, step_components
-from batchmon.snapshot import AgentView, Snapshot
+from batchmon.postmortem import OomReport
+from batchmon.snapshot import RUNNING, AgentView, RunEnd, Snapshot
 from batchmon.units import clean_text, fmt_bytes, fmt_used_total
+from batchmon.where_used import DeviceUse, agent_figures, device_use
 
 NO_AGENTS = "no agents attached — add `batchmon.attach(model, optimizer)` or run `batchmon run -- python train.py`"
 
@@ -45,14 +47,23 @@ def _na(value: Any, fmt: str = "{}") -> str:
 # ----------------------------------------------------------------------------------------------- JSON
 
 
+def _use_json(use: DeviceUse) -> dict[str, Any]:
+    return {"processes_total": use.processes_total, "unattributed": use.unattributed,
+            "processes": [{"pid": p.pid, "used": p.used, "agent": p.agent, "reserved": p.reserved,
+                           "outside_allocator": p.outside} for p in use.processes]}
+
+
 def _device_json(dev: DeviceSample, snap: Snapshot) -> dict[str, Any]:
     m = dev.memory
     processes = []
+    figures = agent_figures(snap, dev)
+    use = device_use(dev, figures) if m is not None and not dev.lost else None
     for p in dev.processes:
         info = snap.process(p.pid)
         processes.append({
             "pid": p.pid,
             "used": p.used,
+            "agent": p.pid in figures,
             "user": None if info is None else info.user,
             "command": None if info is None else info.command,
             "kind": p.kind,
@@ -76,10 +87,11 @@ def _device_json(dev: DeviceSample, snap: Snapshot) -> dict[str, Any]:
         "lost": dev.lost,
         "error": dev.error,
         "processes": processes,
+        "where_used": None if use is None else _use_json(use),
     }
 
 
-def prediction_json(pred: Prediction | None) -> dict[str, Any] | None:
+def prediction_json(pred: Prediction | None, advice: tuple[Advice, ...] = ()) -> dict[str, Any] | None:
     if pred is None:
         return None
     return {
@@ -92,7 +104,15 @@ def prediction_json(pred: Prediction | None) -> dict[str, Any] | None:
         "components": {name: pred.components.get(name) for name in ALL_COMPONENTS},
         "peak_allocated": pred.peak_allocated,
         "device_total": pred.device_total,
+        "advice": advice_json(advice),  # the fit advisor (memory_model.advisor), ranked
     }
+
+
+def _ended_json(end: RunEnd | None) -> dict[str, Any] | None:
+    if end is None:
+        return None
+    return {"time": end.time, "how": end.how, "text": end.text, "steps": end.steps, "peak": end.peak,
+            "exit_code": end.exit_code, "signal": end.signal}
 
 
 def _agent_json(agent: AgentView, snap: Snapshot) -> dict[str, Any]:
@@ -102,6 +122,9 @@ def _agent_json(agent: AgentView, snap: Snapshot) -> dict[str, Any]:
     return {
         "key": agent.key,
         "source": agent.source,
+        "state": agent.state,
+        "ended": _ended_json(agent.ended),
+        "oom": None if agent.oom is None else agent.oom.to_dict(),
         "connected": agent.connected,
         "detached": agent.detached,
         # the hello fields
@@ -138,8 +161,13 @@ def _agent_json(agent: AgentView, snap: Snapshot) -> dict[str, Any]:
         "last_event": None if last_event is None else {"kind": last_event.kind, "message": last_event.message,
                                                         "time": last_event.time},
         "invalid_lines": agent.invalid_lines,
-        "prediction": prediction_json(agent.prediction),
+        "prediction": prediction_json(agent.prediction, _advice(agent)),
     }
+
+
+def _advice(agent: AgentView) -> tuple[Advice, ...]:
+    pred = agent.prediction
+    return advice_for(agent.model, pred.device_total if pred else None, gpus=agent.hello.world_size)
 
 
 def _job_json(job: Job) -> dict[str, Any]:
@@ -184,6 +212,20 @@ def _wrap(items: list[str], indent: str, width: int) -> list[str]:
     return lines
 
 
+def _use_lines(use: DeviceUse, width: int) -> list[str]:
+    """Where the device's used bytes go: processes, unattributed; per attached process its allocator pool."""
+    items = [f"used {fmt_bytes(use.used)} = processes {fmt_bytes(use.processes_total)}"]
+    if use.unattributed is not None:
+        items.append(f"+ unattributed {fmt_bytes(use.unattributed)} (driver, processes not visible here)")
+    lines = _wrap(items, "     ", width)
+    for p in use.processes:
+        if p.agent:
+            outside = "n/a (pool grew after NVML's sample)" if p.outside is None else fmt_bytes(p.outside)
+            lines.append(f"       pid {p.pid}: allocator reserved {fmt_bytes(p.reserved)} + {p.outside_label} "
+                         f"{outside}")
+    return lines
+
+
 def _device_lines(dev: DeviceSample, snap: Snapshot, width: int, bar: int) -> list[str]:
     head = f"GPU{dev.index} {clean_text(dev.name or 'unknown GPU')}"
     if dev.lost:
@@ -213,6 +255,13 @@ def _device_lines(dev: DeviceSample, snap: Snapshot, width: int, bar: int) -> li
         lines.append(f"     pid {p.pid:<7} {user[:12]:<12} {fmt_bytes(p.used):>10}  {command}".rstrip())
     if not procs:
         lines.append("     no processes")
+        return lines
+    figures = agent_figures(snap, dev)
+    if m is not None:
+        lines += _use_lines(device_use(dev, figures), width)
+    others = [p.pid for p in procs if p.pid not in figures]
+    if others:
+        lines.append(f"     without an agent: pid {', '.join(str(pid) for pid in others)}")
     return lines
 
 
@@ -255,9 +304,58 @@ def _agent_lines(agent: AgentView, snap: Snapshot, width: int) -> list[str]:
     if pred is not None and pred.headroom is not None:
         items.append(f"headroom {fmt_bytes(pred.headroom)} at batch {pred.batch_size}")
     lines += _wrap(items, "      ", width)
+    advice = advice_text(_advice(agent))
+    if advice:
+        lines.append(_fit(f"      fit advice: {advice}", width))
     if agent.events and agent.events[-1].kind in ("oom", "alloc_retry", "warning"):
         ev = agent.events[-1]
         lines.append(_fit(f"      last event: {clean_text(ev.kind)}: {clean_text(ev.message)}", width))
+    return lines
+
+
+def _ended_lines(agent: AgentView, width: int) -> list[str]:
+    """An ended run: its final summary, and after an OOM the post-mortem."""
+    h, end = agent.hello, agent.ended
+    assert end is not None
+    when = time.strftime("%H:%M:%S", time.localtime(end.time)) if end.time else "?"
+    name = clean_text(h.name or " ".join(h.argv) or "python")
+    label = "OOM" if agent.state == "oom" else "ended"
+    lines = [_fit(f"  pid {h.pid}  {name}  [{label} {when}]", width)]
+    peak = "n/a" if end.peak is None else fmt_bytes(end.peak)
+    lines.append(_fit(f"      {clean_text(end.text)}; {end.steps} step{'s' if end.steps != 1 else ''}, peak {peak}",
+                      width))
+    if agent.oom is not None and agent.state == "oom":
+        lines += _oom_lines(agent.oom, width)
+    return lines
+
+
+def _oom_lines(r: OomReport, width: int) -> list[str]:
+    asked = "?" if r.requested_bytes is None else fmt_bytes(r.requested_bytes)
+    head = f"      post-mortem: step {_na(r.step)}, batch {_na(r.batch_size)}, asked for {asked}"
+    if r.device_total is not None:
+        head += f" on a device of {fmt_bytes(r.device_total)}"
+    lines = [_fit(head, width)]
+    items = [f"{_LABELS[n]} {fmt_bytes(v)}" for n, v in r.components.items() if v is not None]
+    items.append(f"live {fmt_bytes(r.allocated)}")
+    lines += _wrap(items, "        ", width)
+    pool = [f"reserved {fmt_bytes(r.reserved)}" if r.reserved is not None else f"reserved n/a ({r.reserved_basis})"]
+    if r.fragmentation is not None:
+        pool.append(f"fragmentation {fmt_bytes(r.fragmentation)}")
+    if r.device_used is not None:
+        pool.append(f"NVML process {fmt_bytes(r.device_used)} (beyond live tensors {fmt_bytes(r.beyond_allocated)})")
+    if r.device_free is not None:
+        pool.append(f"device free {fmt_bytes(r.device_free)}")
+    pool.append(f"alloc retries {_na(r.num_alloc_retries)}")
+    lines += _wrap(pool, "        ", width)
+    if r.advice:
+        lines.append(_fit(f"      would have fit batch {_na(r.batch_size)} (cheapest first; {r.advice_basis}):",
+                          width))
+        for a in r.advice:
+            fits = "fits" if a.fits_target else "short"
+            lines.append(_fit(f"        {a.what_if:<40} max batch {_na(a.max_batch):>7}  "
+                              f"step time x{a.step_time_factor:.2f}  {fits}", width))
+    elif r.advice_basis:
+        lines.append(_fit(f"      {r.advice_basis}", width))
     return lines
 
 
@@ -291,13 +389,19 @@ def format_table(snap: Snapshot, width: int = 100) -> str:
     lines.append(f"Host {clean_text(host.hostname)}  memory {text_bar(host.memory_used, host.memory_total, bar)} "
                  f"{fmt_used_total(host.memory_used, host.memory_total)}")
     lines.append("Agents")
-    if not snap.agents:
+    running = [a for a in snap.agents if a.state == RUNNING]
+    if not running:
         lines.append(f"  {NO_AGENTS}")
-    for job in group_jobs(snap.agents):
+    for job in group_jobs(running):
         if len(job.ranks) > 1 or job.world_size > 1:
             lines += _job_lines(job)
         for agent in job.ranks:
             lines += _agent_lines(agent, snap, width)
+    ended = [a for a in snap.agents if a.state != RUNNING]
+    if ended:
+        lines.append("Ended runs (newest first)")
+        for agent in ended:
+            lines += _ended_lines(agent, width)
     if snap.warnings:
         lines.append("Warnings")
         for w in snap.warnings:
