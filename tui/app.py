@@ -37,6 +37,7 @@ from batchmon.tui.messages import PanelFocused, SnapshotArrived
 from batchmon.tui.notices import NoAgentsPanel, NoGpuPanel, WarningsPanel
 from batchmon.tui.panel import LinesPanel
 from batchmon.tui.predict import Predictor
+from batchmon.tui.replay_bar import SEEK_SECONDS, ReplayBar
 from batchmon.tui.screens import EXTRA_KEYS, HELP, BatchPrompt, HelpScreen
 from batchmon.tui.state import WhatIfState, cycle_interval, next_interval
 from batchmon.tui.views import JobView
@@ -89,8 +90,13 @@ class BatchmonApp(App[int]):
         Binding("i", "cycle_interval", "interval", show=False),
         Binding("up,k", "select(-1)", "previous", key_display="↑", show=False),
         Binding("down,j", "select(1)", "next", key_display="↓", show=False),
-        Binding("left,h", "column('devices')", "GPUs", key_display="←", show=False),
-        Binding("right,l", "column('jobs')", "processes", key_display="→", show=False),
+        Binding("h", "column('devices')", "GPUs", show=False),
+        Binding("l", "column('jobs')", "processes", show=False),
+        # on a replay ← / → seek (the position bar says so); live they select a column, as h / l do
+        Binding("left", "arrow(-1)", "GPUs / seek back", key_display="←", show=False),
+        Binding("right", "arrow(1)", "processes / seek on", key_display="→", show=False),
+        Binding("home", "seek_start", "replay start", show=False),
+        Binding("end", "seek_end", "replay end", show=False),
     ]
 
     def __init__(
@@ -130,6 +136,8 @@ class BatchmonApp(App[int]):
         self._warnings_panel: WarningsPanel | None = None
         self._levels_key: tuple | None = None  # what _apply_levels last laid out for
         self._signals: list[int] = []  # signals whose handlers on_mount installed
+        self._seeks_seen = 0  # the replay's seek count the GPU histories were sampled for
+        self._last_sampled: Snapshot | None = None
         if snapshot is not None:
             self._record_history(snapshot)
 
@@ -159,6 +167,7 @@ class BatchmonApp(App[int]):
         with Container(id="body"):
             yield PanelColumn(id="devices", can_focus=False)
             yield PanelColumn(id="jobs", can_focus=False)
+        yield ReplayBar(id="replay")
         yield WhatIfBar(id="whatif")
         yield Footer()
 
@@ -167,6 +176,7 @@ class BatchmonApp(App[int]):
         self._update_size_classes()
         header = self.query_one(HeaderBar)
         header.interval = self.interval
+        self.query_one(ReplayBar).display = self._replay_position() is not None
         if self.latest is not None:
             await self._render_now()
         else:
@@ -237,7 +247,19 @@ class BatchmonApp(App[int]):
         else:
             self._schedule_render()
 
+    def _replay_position(self) -> Any:
+        """The replay's position (ReplaySource.position()), None when the source is not a replay."""
+        position = getattr(self.source, "position", None)
+        return position() if callable(position) else None
+
     def _record_history(self, snapshot: Snapshot) -> None:
+        pos = self._replay_position()
+        if pos is not None and pos.seeks != self._seeks_seen:  # a seek: the samples so far are another time's
+            self._seeks_seen = pos.seeks
+            self.history.clear()
+        if snapshot is self._last_sampled:  # the same snapshot again (a replay's end): not a new sample
+            return
+        self._last_sampled = snapshot
         for key, used in views.memory_samples(snapshot):
             self.history.setdefault(key, deque(maxlen=HISTORY)).append(used)
 
@@ -282,6 +304,9 @@ class BatchmonApp(App[int]):
                 panels[0].focus(scroll_visible=False)
                 self._focused_once = True
         self._update_whatif_bar()
+        pos = self._replay_position()
+        if pos is not None:
+            self.query_one(ReplayBar).update_position(pos)
 
     async def _apply_devices(self, snap: Snapshot) -> None:
         """A panel per GPU of every box; a host panel per box with no GPU to show (a --host box always, this
@@ -514,6 +539,24 @@ class BatchmonApp(App[int]):
         if name == "devices":
             return list(self.query(GpuPanel)) + [p for p in self.query(NoGpuPanel)]
         return list(self.query(JobPanel))
+
+    def action_arrow(self, direction: int) -> None:
+        """← / →: seek a replay by SEEK_SECONDS; live, select the GPUs' or the processes' column."""
+        seek_by = getattr(self.source, "seek_by", None)
+        if self._replay_position() is not None and callable(seek_by):
+            seek_by(direction * SEEK_SECONDS)
+        else:
+            self.action_column("devices" if direction < 0 else "jobs")
+
+    def action_seek_start(self) -> None:
+        seek = getattr(self.source, "seek_start", None)
+        if callable(seek):
+            seek()
+
+    def action_seek_end(self) -> None:
+        seek = getattr(self.source, "seek_end", None)
+        if callable(seek):
+            seek()
 
     def action_select(self, direction: int) -> None:
         f = self.focused

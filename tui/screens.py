@@ -31,6 +31,10 @@ HELP: dict[str, str] = {
     "select(1)": "select the next device or process",
     "column('devices')": "select the GPU of the selected process",
     "column('jobs')": "select a process on the selected GPU",
+    "arrow(-1)": "replay: seek 10 s back; live: select the GPU of the selected process",
+    "arrow(1)": "replay: seek 10 s on; live: select a process on the selected GPU",
+    "seek_start": "replay: go to the recording's start",
+    "seek_end": "replay: go to the recording's end",
 }
 
 #: keys that are not App bindings but still do something, for the help screen
