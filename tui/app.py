@@ -38,7 +38,8 @@ from batchmon.tui.notices import NoAgentsPanel, NoGpuPanel, WarningsPanel
 from batchmon.tui.panel import LinesPanel
 from batchmon.tui.predict import Predictor
 from batchmon.tui.replay_bar import SEEK_SECONDS, ReplayBar
-from batchmon.tui.screens import EXTRA_KEYS, HELP, BatchPrompt, HelpScreen
+from batchmon.tui.advisor import AdvisorPrompt
+from batchmon.tui.screens import EXTRA_KEYS, HELP, HelpScreen
 from batchmon.tui.state import WhatIfState, cycle_interval, next_interval
 from batchmon.tui.views import JobView
 from batchmon.tui.whatif_bar import PanelColumn, WhatIfBar
@@ -483,7 +484,7 @@ class BatchmonApp(App[int]):
                 self.what_ifs[key] = self.what_ifs.get(key, WhatIfState()).with_batch(value)
                 self._refresh_jobs()
 
-        self.push_screen(BatchPrompt(current), done)
+        self.push_screen(AdvisorPrompt.for_job(self._jobs[key], current), done)  # the prompt + the fit advisor
 
     def action_toggle_amp(self) -> None:
         self._change_what_if(lambda s, _: s.toggle_amp())

@@ -122,8 +122,9 @@ from batchmon.memory_model.model import FAR_EXTRAPOLATION, FRAG_SURVIVAL, Memory
 from batchmon.memory_model.observations import FIXED, PER_SAMPLE, Line, Observation, fit_line
 from batchmon.memory_model.prediction import Band, Basis, Prediction, WhatIf
 from batchmon.memory_model.what_ifs import DEFAULT_CHECKPOINT_LAYERS, apply_what_if
-from batchmon.memory_model.advisor import Advice, advice_for, advice_json, advice_text, advise  # noqa: E402 (after model)
+from batchmon.memory_model.advisor import Advice, advice_for, advice_json, advice_text, advise
 
-__all__ = ["Advice", "advice_for", "advice_json", "advice_text", "advise", "Band", "Basis", "CURVATURE_TOLERANCE", "DEFAULT_CHECKPOINT_LAYERS", "FAR_EXTRAPOLATION", "FIXED",
+__all__ = ["Advice", "advice_for", "advice_json", "advice_text", "advise",
+           "Band", "Basis", "CURVATURE_TOLERANCE", "DEFAULT_CHECKPOINT_LAYERS", "FAR_EXTRAPOLATION", "FIXED",
            "FRAG_SURVIVAL", "INTERCEPT_SHARE", "Line", "MemoryModel", "OPTIMIZER_STATES", "Observation", "PER_SAMPLE",
            "Prediction", "WhatIf", "apply_what_if", "fit", "fit_line", "optimizer_kind", "predict_from_steps"]
