@@ -1,14 +1,14 @@
 """The hub record: what `record`, `stream` and `replay` carry, and what ``HubState.ingest`` takes. One dict::
 
     {"t": unix time, "kind": "nvml" | "host" | "agent" | "agent_eof" | "agent_gone" | "warning" | "tick" | "meta"
-                     | "link",
+                     | "link" | "clear_ended",
      "source": "local" or a remote host, "key": "<host>:<pid>" (agent kinds), "data": ...}
 
 ``data`` is the probe sample dict (nvml, host; a live hub with no recorder may pass the sample object itself as
 ``"sample"`` instead), the raw protocol message object (agent; null with an ``"error"`` when the line was not a
 JSON object), ``{"source", "message"[, "detail"]}`` (warning, counted per source and message) or
 ``{"state": "connected" | "lost", "message", "retry_in"}`` (link: a remote box's ssh session came up or went
-down). Records are plain JSON-able dicts, so a recording is one per line (``record_line``).
+down), ``{"why": "process ended" | "silent"}`` (agent_gone). Records are plain JSON-able dicts, so a recording is one per line (``record_line``).
 
 Every producer (the hub, remote boxes, replay) builds them with the constructors here, so a record's shape is
 written once.
@@ -74,9 +74,18 @@ def agent_eof(key: str, *, source: str = LOCAL, t: float | None = None) -> Recor
     return {"t": _now(t), "kind": "agent_eof", "source": source, "key": key}
 
 
-def agent_gone(key: str, *, source: str = LOCAL, t: float | None = None) -> Record:
-    """The agent is gone for good (its process ended, or it stayed disconnected past the grace time)."""
-    return {"t": _now(t), "kind": "agent_gone", "source": source, "key": key}
+def agent_gone(key: str, *, why: str | None = None, source: str = LOCAL, t: float | None = None) -> Record:
+    """The agent is gone for good: ``why`` "process ended" (its pid is gone) or "silent" (it stayed disconnected
+    past the grace time, its process alive). Recordings older than ``why`` have no ``data``."""
+    record: Record = {"t": _now(t), "kind": "agent_gone", "source": source, "key": key}
+    if why is not None:
+        record["data"] = {"why": why}
+    return record
+
+
+def clear_ended(t: float | None = None) -> Record:
+    """The user cleared the ended runs (the monitor's `x`): every box's ended runs go."""
+    return {"t": _now(t), "kind": "clear_ended", "source": LOCAL}
 
 
 def link(host: str, state: str, message: str | None = None, retry_in: float | None = None,

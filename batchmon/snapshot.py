@@ -9,9 +9,33 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from batchmon.memory_model import MemoryModel, Prediction
+from batchmon.postmortem import OomReport
 from batchmon.probes.host import HostSample, ProcessInfo
 from batchmon.probes.nvml import DeviceSample, NvmlSample
 from batchmon.protocol import Event, Hello, Step
+
+RUNNING, ENDED, OOM = "running", "ended", "oom"  # AgentView.state
+ENDED_LIMIT = 20  # ended runs kept per box, newest first, until cleared
+
+
+@dataclass(frozen=True)
+class RunEnd:
+    """How and when a run ended, as the monitor saw it: what the final summary of an ended run shows.
+
+    ``how``: "oom" (its last event was an out-of-memory error and no step followed), "exited" (said bye at
+    interpreter exit), "detached" (said bye, the process went on without the agent), "killed" (its process
+    ended without a bye: SIGKILL, SIGTERM, a crash, os._exit), "lost" (no bye, process alive, silent past the
+    grace time), "gone" (no bye; an older recording does not say why). The agent does not report an exit code
+    or a signal (protocol v1's bye has only a reason), so ``exit_code`` and ``signal`` stay None unless a bye
+    carries them."""
+
+    time: float  # when it ended (the bye's time, else when the monitor saw it go)
+    how: str
+    text: str  # one line: "out of memory in forward at step 1", "exited (exit code not reported)", ...
+    steps: int  # steps completed (the last step's number; 0 when none finished)
+    peak: int | None  # the highest allocator peak (or measured total off CUDA) of any step or of the OOM moment
+    exit_code: int | None = None
+    signal: int | None = None
 
 
 @dataclass(frozen=True)
@@ -34,6 +58,9 @@ class AgentView:
     # the fitted model the prediction came from (the hub's; None in recordings' own views): the TUI's what-ifs
     # and chart ask it instead of fitting the same steps again, so they agree with the prediction
     model: MemoryModel | None = field(default=None, compare=False, repr=False)
+    state: str = RUNNING  # RUNNING, ENDED or OOM
+    ended: RunEnd | None = None  # set once the run ended
+    oom: OomReport | None = None  # the post-mortem of its last out-of-memory error, if it had one
 
     @property
     def observed_batch(self) -> int | None:
@@ -52,12 +79,19 @@ def job_key(agent: AgentView) -> str:
     Distributed ranks share the job id their agents report (torchrun's rendezvous address and run id); agents
     of an older protocol writer without one fall back to the command line and world size. A single process
     is a job of its own, even when another process runs the same command.
+
+    An ended run is a job apart from a running one with the same key (a new run of the same pid or rendezvous
+    after it): its ranks share the suffix "|ended"; a single process also keeps its end time, so two ended runs of
+    one pid stay two.
     """
     h = agent.hello
+    end = "" if agent.ended is None else "|ended"
     if h.world_size <= 1:
-        return f"{agent.source}|{h.host}|pid {h.pid}"
+        if agent.ended is not None:
+            end += f" {agent.ended.time:.6f}"
+        return f"{agent.source}|{h.host}|pid {h.pid}{end}"
     who = f"id {h.job}" if h.job else f"argv {' '.join(h.argv)}"
-    return f"{agent.source}|{h.host}|{who}|world {h.world_size}"
+    return f"{agent.source}|{h.host}|{who}|world {h.world_size}{end}"
 
 
 @dataclass(frozen=True)
@@ -85,14 +119,24 @@ class Snapshot:
 
     def device_of(self, agent: AgentView) -> DeviceSample | None:
         """The GPU an agent runs on: by NVML UUID, else by the index in its device string."""
-        if agent.hello.nvml_uuid:
-            for dev in self.nvml.devices:
-                if dev.uuid == agent.hello.nvml_uuid:
-                    return dev
-        if agent.hello.device.startswith("cuda"):
-            _, _, idx = agent.hello.device.partition(":")
-            index = int(idx) if idx.isdigit() else 0
-            for dev in self.nvml.devices:
-                if dev.index == index:
-                    return dev
-        return None
+        return device_for(agent.hello, self.nvml.devices)
+
+    @property
+    def running(self) -> tuple[AgentView, ...]:
+        """The agents whose run has not ended (what the export and the GPU's process list count)."""
+        return tuple(a for a in self.agents if a.state == RUNNING)
+
+
+def device_for(hello: Hello, devices: Sequence[DeviceSample]) -> DeviceSample | None:
+    """The GPU of the process that said ``hello``: by NVML UUID, else by the index in its device string."""
+    if hello.nvml_uuid:
+        for dev in devices:
+            if dev.uuid == hello.nvml_uuid:
+                return dev
+    if hello.device.startswith("cuda"):
+        _, _, idx = hello.device.partition(":")
+        index = int(idx) if idx.isdigit() else 0
+        for dev in devices:
+            if dev.index == index:
+                return dev
+    return None

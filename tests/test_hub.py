@@ -108,8 +108,9 @@ def test_agent_vanishing_mid_line_is_counted_not_fatal(sockdir, pids, agents, hu
     assert view.last_step.step == 1
     warned = [w for w in hub.snapshot().warnings if str(p.pid) in w.source]
     assert len(warned) == 1 and warned[0].count == 1 and "closed mid-line" in warned[0].message
-    # after the grace period the agent is removed; the hub keeps running
-    wait_for(lambda: agent_view(hub, p.pid) is None, what="removal after grace")
+    # after the grace period (its process alive) the run is over: an ended run, "lost"; the hub keeps running
+    ended = wait_for(lambda: (v := agent_view(hub, p.pid)) and v.state == "ended" and v, what="end after grace")
+    assert ended.ended.how == "lost" and ended.ended.steps == 1 and hub.state.agent_keys() == []
     assert hub.running and hub.error is None
 
 
@@ -121,7 +122,8 @@ def test_agent_whose_process_dies_is_removed_without_waiting_for_grace(sockdir, 
     wait_for(lambda: agent_view(hub, p.pid), what="agent")
     p.kill()
     agent.close()
-    wait_for(lambda: agent_view(hub, p.pid) is None, what="removal of a dead agent")
+    ended = wait_for(lambda: (v := agent_view(hub, p.pid)) and v.state == "ended" and v, what="end of a dead agent")
+    assert ended.ended.how == "killed" and "without a goodbye" in ended.ended.text
 
 
 def test_garbage_lines_are_counted_and_dropped(sockdir, pids, agents, hub_factory):

@@ -59,11 +59,13 @@ def test_agent_messages_build_an_agent_view():
     assert snap.host.processes[4242].command == "python train.py"
     assert snap.device_of(view).uuid == "GPU-1"
     s.ingest(agent(Bye()))
-    assert s.snapshot(3.0).agents[0].detached
+    # a bye ends the run: it stays, as an ended run (tests/test_ended_runs.py), and its connection's end and
+    # removal change nothing more
+    ended = s.snapshot(3.0).agents[0]
+    assert ended.detached and ended.state == "ended" and ended.ended.how == "detached"
     s.ingest({"t": 4.0, "kind": "agent_eof", "source": "local", "key": KEY})
-    assert not s.snapshot(4.0).agents[0].connected
     s.ingest({"t": 5.0, "kind": "agent_gone", "source": "local", "key": KEY})
-    assert s.snapshot(5.0).agents == ()
+    assert s.snapshot(5.0).agents == (ended,) and s.agent_keys() == []
 
 
 def test_resent_history_after_reconnect_is_kept_once():

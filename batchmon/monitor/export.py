@@ -71,7 +71,7 @@ class SnapshotCollector:
                                       labels=["host", "pid", "rank"])
         step = GaugeMetricFamily("batchmon_step_seconds", "duration of the last training step",
                                  labels=["host", "pid", "rank"])
-        for agent in snap.agents:
+        for agent in snap.running:  # an ended run (kept on screen until cleared) takes its series with it
             h = agent.hello
             who = [_label(h.host), str(h.pid), _label(h.rank)]
             gpu = _gpu_label(agent, snap)

@@ -134,6 +134,10 @@ class Hub:
         self._injected.append(record)
         self._wake()
 
+    def clear_ended(self) -> None:
+        """Forget the ended runs (the monitor's `x`); thread-safe, recorded like every other input."""
+        self.inject(records.clear_ended())
+
     def stop(self) -> None:
         """Stop the IO thread, remote links, agent sockets and the probes this hub opened. Idempotent."""
         for link in self._links:
@@ -386,9 +390,10 @@ class Hub:
         for pid, (key, since) in list(self._disconnected.items()):
             if pid in self._conns:
                 continue
-            if not pid_alive(pid) or now - since >= self.GONE_GRACE_S:
+            alive = pid_alive(pid)
+            if not alive or now - since >= self.GONE_GRACE_S:
                 del self._disconnected[pid]
-                self._emit(records.agent_gone(key))
+                self._emit(records.agent_gone(key, why="silent" if alive else "process ended"))
 
     def _read_agents(self, until: float) -> None:
         """At a tick: everything the agents sent since the last one, within a time budget (a burst's rest is

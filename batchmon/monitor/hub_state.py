@@ -3,6 +3,10 @@
 Live monitoring and replay feed the very same records through ``HubState.ingest``, so a recording replays to
 exactly what the monitor showed. A record is one dict (batchmon.records: its shape and
 constructors). ``ingest`` never raises: anything malformed becomes a counted Warning.
+
+A run that ends (its agent said bye, or went away without one) leaves the live agents for the box's ended runs:
+the last ENDED_LIMIT, newest first, each with its final summary (snapshot.RunEnd) and, after an out-of-memory
+error, its post-mortem (batchmon.postmortem), until a ``clear_ended`` record clears them.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from batchmon import protocol
+from batchmon.postmortem import OomReport, oom_report
 from batchmon.records import LOCAL
 from batchmon.monitor.step_history import StepHistory
 from batchmon.probes import host as host_probe
@@ -19,7 +24,7 @@ from batchmon.probes import nvml as nvml_probe
 from batchmon.probes.host import HostSample
 from batchmon.probes.nvml import NvmlSample
 from batchmon.protocol import Bye, Event, Hello, ProtocolError, Step
-from batchmon.snapshot import AgentView, Snapshot, Warning
+from batchmon.snapshot import ENDED, ENDED_LIMIT, OOM, RUNNING, AgentView, RunEnd, Snapshot, Warning, device_for
 
 HISTORY_LIMIT = 2000  # steps kept per agent (the agent sends >= 1000 on connect)
 EVENTS_LIMIT = 200  # events kept per agent
@@ -33,6 +38,15 @@ def _short(text: Any, limit: int = 200) -> str:
 
 
 PREDICT_EVERY_S = 1.0  # refit an agent at most this often (snapshot time), unless its batch sizes change
+ADVICE_EVERY_S = 2.0  # a loop that catches OOMs (a batch finder): the advice for one batch size at most this often
+
+#: RunEnd.text for an end without a bye, by the agent_gone record's ``why`` (None: an older recording)
+GONE_TEXT = {
+    "process ended": ("killed", "ended without a goodbye: killed by a signal, crashed or os._exit (its exit "
+                                "status is not visible to the monitor)"),
+    "silent": ("lost", "no goodbye, and silent past the grace time while its process lives on"),
+    None: ("gone", "ended without a goodbye"),
+}
 
 
 @dataclass
@@ -56,6 +70,11 @@ class _Agent:
     model: Any = None  # the MemoryModel behind ``prediction``
     prediction_time: float | None = None  # snapshot time of the last fit
     prediction_sizes: frozenset = frozenset()  # batch sizes that fit saw
+    peak: int | None = None  # the highest allocator peak (or measured total off CUDA) of its steps
+    ended: RunEnd | None = None  # set when the run ended (then it lives in _Source.ended)
+    oom_event: Any = None  # its last oom Event
+    oom: OomReport | None = None  # that event's post-mortem
+    oom_waiting: bool = False  # the post-mortem still waits for NVML's first sample after the error
 
 
 @dataclass
@@ -69,6 +88,8 @@ class _Source:
     warnings: dict[tuple[str, str], list] = field(default_factory=dict)  # (source, category) -> [count, detail]
     link: dict[str, Any] | None = None  # remote sources: the last link record's data (connected / lost)
     ever_connected: bool = False
+    ended: deque = field(default_factory=lambda: deque(maxlen=ENDED_LIMIT))  # ended _Agents, oldest first
+    oom_waiting: list = field(default_factory=list)  # _Agents whose post-mortem waits for an NVML sample
 
 
 class HubState:
@@ -105,6 +126,10 @@ class HubState:
             return
         if kind == "tick":
             return
+        if kind == "clear_ended":  # the user cleared the ended runs (`x`): every box's
+            for each in self._sources.values():
+                each.ended.clear()
+            return
         src = self._source(source_name)
         data = record.get("data")
         if kind == "nvml":
@@ -117,6 +142,8 @@ class HubState:
             else:
                 self._warn_lost_gpus(src, sample)
                 src.nvml = sample
+                if src.oom_waiting:
+                    self._oom_device_figures(src, sample)
         elif kind == "host":
             try:
                 sample = record.get("sample")
@@ -135,16 +162,22 @@ class HubState:
             if not isinstance(key, str) or not key:
                 self.warn(source_name, "recording", "agent record without key", None)
                 return
-            if kind == "agent_gone":
-                src.agents.pop(key, None)
+            if kind != "agent":  # only for an agent still running: a run that said bye has already ended
+                running = src.agents.get(key)
+                if running is not None and kind == "agent_eof":
+                    running.connected = False
+                elif running is not None:
+                    if running.hello is None:
+                        src.agents.pop(key, None)
+                    else:
+                        why = data.get("why") if isinstance(data, dict) else None
+                        how, text = GONE_TEXT.get(why, GONE_TEXT[None])
+                        self._end(src, running, how, text, _time(record.get("t")))
                 return
             agent = self._agent(src, key)
             if agent is None:
                 return
-            if kind == "agent_eof":
-                agent.connected = False
-                return
-            self._agent_message(src, agent, data, record.get("error"))
+            self._agent_message(src, agent, data, record.get("error"), _time(record.get("t")))
         # unknown kinds: ignored, like unknown protocol types (forward compatibility)
 
     def _warn_lost_gpus(self, src: _Source, sample: NvmlSample) -> None:
@@ -207,7 +240,7 @@ class HubState:
             agent.events = deque(maxlen=self.events_limit)
         return agent
 
-    def _agent_message(self, src: _Source, agent: _Agent, data: Any, error: Any) -> None:
+    def _agent_message(self, src: _Source, agent: _Agent, data: Any, error: Any, t: float) -> None:
         agent.connected = True
         if agent.burst_left:
             agent.burst_left -= 1  # counted before decoding: an invalid line of the burst is still one of it
@@ -232,12 +265,94 @@ class HubState:
             if last is not None and msg.step <= last.step and msg.time <= last.time:
                 return
             agent.history.append(msg)
+            peak = msg.peak_allocated if msg.peak_allocated is not None else sum(msg.components.values())
+            agent.peak = peak if agent.peak is None else max(agent.peak, peak)
         elif isinstance(msg, Event):
             agent.events.append(msg)
             agent.events_added += 1
+            if msg.kind == "oom":
+                self._oom(src, agent, msg)
         elif isinstance(msg, Bye):
             agent.detached = True
+            if agent.hello is not None:
+                how, text = _bye_text(msg)
+                self._end(src, agent, how, text, msg.time if msg.time is not None else t, bye=msg)
         # None: a valid object of an unknown type, ignored by design
+
+    # ------------------------------------------------------------------------------------------ ended runs
+
+    def _end(self, src: _Source, agent: _Agent, how: str, text: str, t: float, bye: Bye | None = None) -> None:
+        """The run ended: it leaves the live agents for the box's ended runs, with its final summary."""
+        last = agent.history.last
+        failing = agent.oom_event
+        oom_last = failing is not None and (last is None or last.step < (failing.step or 0))
+        peak = agent.peak
+        if oom_last and agent.oom is not None:
+            how, text = "oom", _short(failing.message or "out of memory", 300)
+            peak = agent.oom.allocated if peak is None else max(peak, agent.oom.allocated)
+        code, sig = _lenient_code(getattr(bye, "exit_code", None)), _lenient_code(getattr(bye, "signal", None))
+        if code is not None and how == "exited":
+            text = f"exited with code {code}"
+        if sig is not None:
+            text += f" (signal {sig})"
+        agent.ended = RunEnd(time=t, how=how, text=text, steps=last.step if last is not None else 0, peak=peak,
+                             exit_code=code, signal=sig)
+        if src.agents.get(agent.key) is agent:
+            del src.agents[agent.key]
+        for old in [a for a in src.ended if a.key == agent.key and a.hello == agent.hello]:
+            src.ended.remove(old)  # the same run again (a remote box's stream resent it): kept once
+        src.ended.append(agent)
+
+    def _oom(self, src: _Source, agent: _Agent, event: Event) -> None:
+        """An out-of-memory error: its post-mortem now, completed by NVML's next sample of the device."""
+        previous = agent.oom
+        agent.oom_event = event
+        if (previous is not None and previous.batch_size == event.batch_size and previous.time is not None
+                and event.time is not None and 0 <= event.time - previous.time < ADVICE_EVERY_S):
+            agent.oom = replace(previous, time=event.time, step=event.step, requested_bytes=event.requested_bytes,
+                                message=event.message)  # an OOM-catching loop: the advice of a moment ago
+            return
+        agent.oom = self._oom_report(src, agent, event)
+        if not agent.oom_waiting:
+            agent.oom_waiting = True
+            src.oom_waiting.append(agent)
+
+    def _oom_report(self, src: _Source, agent: _Agent, event: Event, device_used: int | None = None,
+                    device_free: int | None = None) -> OomReport | None:
+        dev = device_for(agent.hello, src.nvml.devices) if agent.hello is not None and src.nvml else None
+        total = dev.memory.total if dev is not None and dev.memory is not None else None
+        model = agent.model
+        try:
+            if model is None and agent.history.last is not None:
+                from batchmon import memory_model
+
+                model = memory_model.fit(agent.history.window().model_steps(),
+                                         optimizer=agent.hello.optimizer if agent.hello else None)
+            return oom_report(event, last_step=agent.history.last, model=model,
+                              optimizer=agent.hello.optimizer if agent.hello else None, device_total=total,
+                              device_used=device_used, device_free=device_free)
+        except Exception as exc:  # noqa: BLE001 - a post-mortem bug costs the post-mortem, never the monitor
+            self.warn(src.name, "post-mortem", "OOM post-mortem failed", f"{type(exc).__name__}: {_short(exc)}")
+            return None
+
+    def _oom_device_figures(self, src: _Source, sample: NvmlSample) -> None:
+        """NVML's first sample after an OOM: the process's figure and the device's free bytes at that moment."""
+        for agent in list(src.oom_waiting):
+            event = agent.oom_event
+            if event is None or agent.hello is None or not sample.available:
+                continue
+            if event.time is not None and sample.time < event.time:
+                continue  # taken before the error
+            src.oom_waiting.remove(agent)
+            agent.oom_waiting = False
+            dev = device_for(agent.hello, sample.devices)
+            used = next((p.used for p in dev.processes if p.pid == agent.hello.pid), None) if dev else None
+            if used is None:
+                continue  # the process was already gone from the device
+            free = dev.memory.free if dev is not None and dev.memory is not None else None
+            report = self._oom_report(src, agent, event, used, free)
+            if report is not None:
+                agent.oom = report
 
     def _invalid(self, src: _Source, agent: _Agent, reason: str) -> None:
         agent.invalid_lines += 1
@@ -270,6 +385,8 @@ class HubState:
         announcing one (an older agent: wait for quiet instead), False before its hello."""
         src = self._sources.get(source)
         agent = src.agents.get(key) if src else None
+        if agent is None and src is not None and any(a.key == key for a in src.ended):
+            return True  # it said bye: nothing follows
         if agent is None or agent.hello is None:
             return False
         return None if agent.burst_left is None else agent.burst_left <= 0
@@ -302,6 +419,9 @@ class HubState:
         base = Snapshot(time=now, host=host, nvml=nvml, agents=(), interval=interval, source=kind)
         views = [self._view(src, a, base) for a in agents]
         views.sort(key=lambda v: (v.hello.host, v.job, v.hello.rank, v.hello.pid, v.key))
+        ended = [self._view(src, a, base) for a in reversed(src.ended)]  # newest first
+        ended.sort(key=lambda v: -v.ended.time if v.ended is not None else 0.0)
+        views += ended
         warnings = tuple(
             Warning(source=origin, message=f"{category}: {detail}" if detail else category, count=count)
             for (origin, category), (count, detail) in src.warnings.items()
@@ -318,14 +438,18 @@ class HubState:
             agent.events_tuple, agent.events_tuple_at = tuple(agent.events), agent.events_added
         view = agent.view
         assert agent.hello is not None  # only agents that said hello are shown
+        end = agent.ended
+        state = RUNNING if end is None else OOM if end.how == "oom" else ENDED
         if view is None or view.hello is not agent.hello or agent.view_key != (history.appended, agent.events_added):
             view = AgentView(key=agent.key, source=agent.source, hello=agent.hello, last_step=history.last,
                              history=history.window(), events=agent.events_tuple, connected=agent.connected,
-                             detached=agent.detached, invalid_lines=agent.invalid_lines)
-        elif (view.connected, view.detached, view.invalid_lines) != (agent.connected, agent.detached,
-                                                                      agent.invalid_lines):
+                             detached=agent.detached, invalid_lines=agent.invalid_lines, state=state, ended=end,
+                             oom=agent.oom)
+        elif ((view.connected, view.detached, view.invalid_lines, view.state) != (agent.connected, agent.detached,
+                                                                                  agent.invalid_lines, state)
+              or view.ended is not end or view.oom is not agent.oom):
             view = replace(view, connected=agent.connected, detached=agent.detached,
-                           invalid_lines=agent.invalid_lines)
+                           invalid_lines=agent.invalid_lines, state=state, ended=end, oom=agent.oom)
         prediction = self._predict(src, agent, view, base)
         if prediction is not view.prediction:
             view = replace(view, prediction=prediction, model=agent.model)
@@ -366,3 +490,21 @@ class HubState:
         except Exception as exc:  # noqa: BLE001 - a model bug costs the prediction, never the monitor
             self.warn(src.name, "memory model", "prediction failed", f"{type(exc).__name__}: {_short(exc)}")
         return agent.prediction
+
+
+def _time(value: Any) -> float:
+    """A record's time (its ``t``), 0.0 when it has none that makes sense."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and value == value else 0.0
+
+
+def _lenient_code(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and -1024 < value < 1024 else None
+
+
+def _bye_text(bye: Bye) -> tuple[str, str]:
+    """RunEnd.how and .text for a run that said bye."""
+    if bye.reason == "exit":
+        return "exited", "exited (exit code not reported by the agent)"
+    if bye.reason == "detached":
+        return "detached", "detached: the process went on without the agent"
+    return "exited", f"ended: {_short(bye.reason, 80)}"

@@ -259,9 +259,13 @@ def _device_lines(dev: DeviceSample, snap: Snapshot, width: int, bar: int) -> li
     figures = agent_figures(snap, dev)
     if m is not None:
         lines += _use_lines(device_use(dev, figures), width)
-    others = [p.pid for p in procs if p.pid not in figures]
+    ended = {a.hello.pid for a in snap.agents if a.state != RUNNING and snap.device_of(a) is dev}
+    others = [p.pid for p in procs if p.pid not in figures and p.pid not in ended]
     if others:
         lines.append(f"     without an agent: pid {', '.join(str(pid) for pid in others)}")
+    exiting = [p.pid for p in procs if p.pid in ended and p.pid not in figures]
+    if exiting:
+        lines.append(f"     run ended, process still exiting: pid {', '.join(str(pid) for pid in exiting)}")
     return lines
 
 
@@ -348,8 +352,9 @@ def _oom_lines(r: OomReport, width: int) -> list[str]:
     pool.append(f"alloc retries {_na(r.num_alloc_retries)}")
     lines += _wrap(pool, "        ", width)
     if r.advice:
-        lines.append(_fit(f"      would have fit batch {_na(r.batch_size)} (cheapest first; {r.advice_basis}):",
-                          width))
+        lines.append(f"      what would have fit batch {_na(r.batch_size)}, cheapest first:")
+        lines += _wrap([f"({r.advice_basis})"], "        ", width) if len(r.advice_basis) < width - 10 else \
+            [_fit(f"        ({r.advice_basis})", width)]
         for a in r.advice:
             fits = "fits" if a.fits_target else "short"
             lines.append(_fit(f"        {a.what_if:<40} max batch {_na(a.max_batch):>7}  "
