@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 from batchmon import protocol  # noqa: E402
 from batchmon.monitor.export import SnapshotCollector  # noqa: E402
 from batchmon.protocol import step_components  # noqa: E402
-from batchmon.monitor.replay import final_snapshot  # noqa: E402
+from batchmon.monitor.replay import final_snapshot, iter_snapshots, read_recording  # noqa: E402
 from hub_peer import FakeAgent, LivePid, make_hello, make_step, wait_for  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -166,8 +166,9 @@ def test_export_bind_that_is_not_an_address_here_is_one_line_error(sockdir):
 
 @pytest.mark.parametrize("fixture", ["tui_h200_two_jobs.jsonl"])
 def test_collector_on_h200_recording(fixture):
-    """Device memory and predictions come from a real H200 recording (no GPU here)."""
-    snap = final_snapshot(FIXTURES / fixture)
+    """Device memory and predictions come from a real H200 recording (no GPU here): its last moment with both runs
+    running; at its end both ended, and an ended run has no series (test_export_ended_runs_have_no_series)."""
+    snap = [s for s in iter_snapshots(read_recording(FIXTURES / fixture)) if len(s.running) == 2][-1]
     assert snap.nvml.devices and snap.agents
     registry = CollectorRegistry(auto_describe=False)
     registry.register(SnapshotCollector(lambda: snap))
@@ -201,6 +202,17 @@ def test_collector_on_h200_recording(fixture):
     # cache and context are derived from the recorded CUDA figures, so they are exported too
     assert {name for _, name in comps} >= {"cache", "context"}
     assert preds, "the H200 recording has predictions"
+
+
+def test_export_ended_runs_have_no_series():
+    """The recording's end: both runs ended (kept on screen), so no component, max batch or step series."""
+    snap = final_snapshot(FIXTURES / "tui_h200_two_jobs.jsonl")
+    assert {a.state for a in snap.agents} == {"ended"} and len(snap.agents) == 2
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(SnapshotCollector(lambda: snap))
+    fams = parse(generate_latest(registry).decode())
+    assert fams["batchmon_device_memory_bytes"]
+    assert not fams.get("batchmon_component_bytes") and not fams.get("batchmon_predicted_max_batch")
 
 
 def test_export_ctrl_c_exits_zero(sockdir):
