@@ -40,6 +40,12 @@ def group_jobs(agents: Iterable[AgentView]) -> list[Job]:
             for key, ranks in groups.items()]
 
 
+def run_order(job: Job) -> tuple[bool, float]:
+    """Running jobs first, then the ended ones newest first (a sort key's first terms)."""
+    end = max((a.ended.time for a in job.ranks if a.ended is not None), default=None)
+    return (end is not None, -(end or 0.0))
+
+
 def rank_total(step: Step) -> int:
     """One rank's measured bytes: the six agent components (their sum is the step's peak allocated on CUDA)."""
     return sum(int(step.components.get(name) or 0) for name in COMPONENTS)

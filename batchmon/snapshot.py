@@ -13,6 +13,10 @@ from batchmon.postmortem import OomReport
 from batchmon.probes.host import HostSample, ProcessInfo
 from batchmon.probes.nvml import DeviceSample, NvmlSample
 from batchmon.protocol import Event, Hello, Step
+from batchmon.where_used import AgentFigures, DeviceUse, ProcessUse, device_use
+
+__all__ = ["AgentFigures", "AgentView", "DeviceUse", "ENDED", "ENDED_LIMIT", "OOM", "OomReport", "ProcessUse",
+           "RUNNING", "RunEnd", "Snapshot", "Warning", "device_for", "device_use", "job_key"]
 
 RUNNING, ENDED, OOM = "running", "ended", "oom"  # AgentView.state
 ENDED_LIMIT = 20  # ended runs kept per box, newest first, until cleared
@@ -125,6 +129,22 @@ class Snapshot:
     def running(self) -> tuple[AgentView, ...]:
         """The agents whose run has not ended (what the export and the GPU's process list count)."""
         return tuple(a for a in self.agents if a.state == RUNNING)
+
+    def agent_figures(self, dev: DeviceSample) -> dict[int, AgentFigures]:
+        """pid -> what the running agents on ``dev`` reported that splits their NVML figure (batchmon.where_used);
+        an ended run's pid may be another process's now, so it is left out."""
+        out: dict[int, AgentFigures] = {}
+        for a in self.running:
+            on = self.device_of(a)
+            if on is not None and on.index == dev.index and on.uuid == dev.uuid:
+                step = a.last_step
+                out[a.hello.pid] = AgentFigures(step.reserved if step is not None else None, a.hello.world_size > 1)
+        return out
+
+    def where_used(self) -> tuple[DeviceUse, ...]:
+        """Where each GPU's used bytes go (batchmon.where_used), this box's GPUs."""
+        return tuple(device_use(dev, self.agent_figures(dev)) for dev in self.nvml.devices
+                     if not dev.lost and dev.memory is not None)
 
 
 def device_for(hello: Hello, devices: Sequence[DeviceSample]) -> DeviceSample | None:

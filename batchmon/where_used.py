@@ -14,18 +14,16 @@ and per attached process::
 
 ``reserved`` is the agent's figure at its last step and ``usedGpuMemory`` the latest NVML sample; when the pool
 grew after that sample (used < reserved) the outside share is unknown (None), not negative.
-Pure: a function of a DeviceSample and what the agents reported; every front end calls it.
+Pure: a function of a DeviceSample and what the agents reported; every front end calls it through the Snapshot
+(``Snapshot.agent_figures``, ``Snapshot.where_used``), which re-exports these types for the UI.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Mapping
+from typing import Mapping
 
 from batchmon.probes.nvml import DeviceSample
-
-if TYPE_CHECKING:
-    from batchmon.snapshot import Snapshot
 
 
 @dataclass(frozen=True)
@@ -77,19 +75,3 @@ def device_use(dev: DeviceSample, agents: Mapping[int, AgentFigures]) -> DeviceU
     unattributed = None if used is None or not known else max(used - total, 0)
     return DeviceUse(dev.index, used, total, unattributed, tuple(rows))
 
-
-def agent_figures(snap: "Snapshot", dev: DeviceSample) -> dict[int, AgentFigures]:
-    """pid -> figures of the running agents of ``snap`` on ``dev`` (an ended run's pid may be another's now)."""
-    out: dict[int, AgentFigures] = {}
-    for a in snap.running:
-        on = snap.device_of(a)
-        if on is not None and on.index == dev.index and on.uuid == dev.uuid:
-            step = a.last_step
-            out[a.hello.pid] = AgentFigures(step.reserved if step is not None else None, a.hello.world_size > 1)
-    return out
-
-
-def snapshot_use(snap: "Snapshot") -> tuple[DeviceUse, ...]:
-    """Every GPU of one box's snapshot, split."""
-    return tuple(device_use(dev, agent_figures(snap, dev)) for dev in snap.nvml.devices
-                 if not dev.lost and dev.memory is not None)

@@ -32,6 +32,7 @@ from batchmon.tui.fmt import fmt_interval
 from batchmon.tui import palette, views
 from batchmon.tui.gpu_panel import GpuPanel
 from batchmon.tui.header import HeaderBar
+from batchmon.tui.ended_panel import clear_ended_runs
 from batchmon.tui.job_panel import JobPanel
 from batchmon.tui.messages import PanelFocused, SnapshotArrived
 from batchmon.tui.notices import NoAgentsPanel, NoGpuPanel, WarningsPanel
@@ -86,6 +87,7 @@ class BatchmonApp(App[int]):
         Binding("g", "cycle_accum", "accum"),
         Binding("o", "cycle_optimizer", "optim"),
         Binding("r", "reset_what_if", "reset", show=False),
+        Binding("x", "clear_ended", "clear ended", show=False),
         Binding("left_square_bracket", "interval(-1)", "faster", key_display="[", show=False),
         Binding("right_square_bracket", "interval(1)", "slower", key_display="]", show=False),
         Binding("i", "cycle_interval", "interval", show=False),
@@ -430,6 +432,9 @@ class BatchmonApp(App[int]):
             return
         self._apply_levels()
         self._update_whatif_bar()
+        focused = self.focused
+        if isinstance(focused, JobPanel):  # it grew to its full size: show all of it once laid out again
+            self.call_after_refresh(focused.scroll_visible, animate=False)
         if isinstance(self.focused, GpuPanel):  # show the job the what-if keys now act on
             key = self._current_job_key()
             for job in self.query(JobPanel):
@@ -500,6 +505,9 @@ class BatchmonApp(App[int]):
 
     def action_reset_what_if(self) -> None:
         self._change_what_if(lambda s, _: WhatIfState())
+
+    def action_clear_ended(self) -> None:
+        clear_ended_runs(self.source)  # tui/ended_panel.py: the source forgets them; the next snapshot shows it
 
     def action_pause(self) -> None:
         self.paused = not self.paused

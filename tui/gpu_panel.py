@@ -7,6 +7,7 @@ from rich.text import Text
 from batchmon.probes.nvml import DeviceSample
 from batchmon.tui.bars import memory_bar, percent_bar, sparkline
 from batchmon.tui.fmt import fmt_bytes, fmt_short_bytes, fmt_used_total
+from batchmon.tui.gpu_usage import usage_lines
 from batchmon.tui.panel import LinesPanel
 from batchmon.tui.views import GpuView, ProcRow
 from batchmon.tui.palette import ACCENT, BAD, DIM, WARN
@@ -130,6 +131,7 @@ def gpu_lines(v: GpuView, width: int, level: str) -> list[Text]:
         lines.append(Text().append(f"  {'PID':>7} {'USER':<10} {'GPU MEM':>10} COMMAND", style="bold " + DIM))
         for p in sorted(v.procs, key=lambda p: (-(p.used or 0), p.pid)):
             lines.append(_proc_line(p, width))
+        lines.extend(usage_lines(v, width))  # where "used" goes (tui/gpu_usage.py)
     else:
         lines.append(Text().append("  no processes", style=DIM))
     return lines

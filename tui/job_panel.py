@@ -11,6 +11,7 @@ from batchmon.protocol import ALL_COMPONENTS, Event
 from batchmon.snapshot import AgentView
 from batchmon.tui.bars import COMPONENT_LABELS, COMPONENT_STYLES, component_parts, stacked_bar
 from batchmon.tui.chart import render_chart
+from batchmon.tui.ended_panel import ended_lines
 from batchmon.tui.fmt import fmt_bytes, fmt_count, fmt_seconds
 from batchmon.tui.panel import LinesPanel
 from batchmon.tui.predict import measured_components
@@ -239,6 +240,8 @@ def _side_by_side(left: list[Text], right: list[Text], left_w: int) -> list[Text
 def job_lines(v: JobView, width: int, level: str, *, focused: bool = False, chart_rows: int = 10) -> list[Text]:
     """level: 'full' (bars, table and chart), 'medium' (bars and summary), 'compact' (two lines)."""
     a = v.lead
+    if a.ended is not None:  # an ended run: its summary, after an OOM its post-mortem (tui/ended_panel.py)
+        return ended_lines(v, command_text(a), width, level, focused=focused)
     s = a.last_step
     measured = measured_components(s) if s is not None else None
     measured_total = sum(measured.values()) if measured else 0

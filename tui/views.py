@@ -11,11 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
-from batchmon.jobs import Job, group_jobs
+from batchmon.jobs import Job, group_jobs, run_order
 from batchmon.memory_model import Prediction
 from batchmon.probes.host import HostSample, ProcessInfo
 from batchmon.probes.nvml import DeviceSample, NvmlSample
-from batchmon.snapshot import AgentView, Snapshot
+from batchmon.snapshot import AgentFigures, AgentView, Snapshot
 from batchmon.tui.chart import ChartInput
 from batchmon.tui.predict import Predictor, fit_steps, measured_total
 from batchmon.tui.state import WhatIfState
@@ -31,6 +31,7 @@ class ProcRow:
     used: int | None
     info: ProcessInfo | None
     agent: bool
+    figures: AgentFigures | None = None  # what its agent reported that splits its NVML figure (where_used)
 
 
 @dataclass
@@ -125,14 +126,16 @@ def device_views(snap: Snapshot, history: Mapping[str, Iterable[int]]) -> list[t
     out = []
     for box in boxes(snap):
         # every agent of this box's snapshot runs on this box, whatever alias --host gave it
-        agent_devices = {a.hello.pid: box.device_of(a) for a in box.agents}
+        agent_devices = {a.hello.pid: box.device_of(a) for a in box.running}
         for dev in box.nvml.devices:
             procs = []
+            figures = box.agent_figures(dev)
             for p in dev.processes:
                 found = p.pid in agent_devices
                 on = agent_devices.get(p.pid)
                 procs.append(ProcRow(p.pid, p.used, box.process(p.pid),
-                                     agent=found and (on is None or on.index == dev.index)))
+                                     agent=found and (on is None or on.index == dev.index),
+                                     figures=figures.get(p.pid)))
             key = history_key(box, dev)
             out.append((key, GpuView(dev, list(history.get(key, ())), procs, host=box_name(snap, box))))
     return out
@@ -158,7 +161,7 @@ def ordered_jobs(snap: Snapshot) -> list[tuple[str, list[AgentView]]]:
 
     def order(job: Job) -> tuple:
         dev = box_of(snap, job.lead).device_of(job.lead)
-        return (job.lead.source != "local", dev.index if dev else 1 << 20, job.lead.hello.pid)
+        return (*run_order(job), job.lead.source != "local", dev.index if dev else 1 << 20, job.lead.hello.pid)
 
     agents = [a for box in boxes(snap) for a in box.agents]
     return [(job.key, list(job.ranks)) for job in sorted(group_jobs(agents), key=order)]
@@ -201,8 +204,8 @@ def job_view(snap: Snapshot, key: str, ranks: list[AgentView], state: WhatIfStat
 
 def job_signature(view: JobView) -> tuple:
     """Everything a job panel draws, comparable: equal signatures draw the same lines."""
-    ranks = tuple((a.key, a.last_step, a.events, a.connected, a.detached, a.history[-64:] if a.history else ())
-                  for a in view.ranks)
+    ranks = tuple((a.key, a.last_step, a.events, a.connected, a.detached, a.history[-64:] if a.history else (),
+                   a.state, a.ended, a.oom) for a in view.ranks)
     devices = tuple((k, d.index, d.memory.total if d and d.memory else None) if d else (k,)
                     for k, d in view.devices.items())
     return (ranks, devices, view.what_if, view.prediction, view.user, tuple(view.notes))

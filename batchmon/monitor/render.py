@@ -17,7 +17,7 @@ from batchmon.protocol import ALL_COMPONENTS, Step, step_components
 from batchmon.postmortem import OomReport
 from batchmon.snapshot import RUNNING, AgentView, RunEnd, Snapshot
 from batchmon.units import clean_text, fmt_bytes, fmt_used_total
-from batchmon.where_used import DeviceUse, agent_figures, device_use
+from batchmon.where_used import DeviceUse, device_use
 
 NO_AGENTS = "no agents attached — add `batchmon.attach(model, optimizer)` or run `batchmon run -- python train.py`"
 
@@ -56,7 +56,7 @@ def _use_json(use: DeviceUse) -> dict[str, Any]:
 def _device_json(dev: DeviceSample, snap: Snapshot) -> dict[str, Any]:
     m = dev.memory
     processes = []
-    figures = agent_figures(snap, dev)
+    figures = snap.agent_figures(dev)
     use = device_use(dev, figures) if m is not None and not dev.lost else None
     for p in dev.processes:
         info = snap.process(p.pid)
@@ -256,7 +256,7 @@ def _device_lines(dev: DeviceSample, snap: Snapshot, width: int, bar: int) -> li
     if not procs:
         lines.append("     no processes")
         return lines
-    figures = agent_figures(snap, dev)
+    figures = snap.agent_figures(dev)
     if m is not None:
         lines += _use_lines(device_use(dev, figures), width)
     ended = {a.hello.pid for a in snap.agents if a.state != RUNNING and snap.device_of(a) is dev}
