@@ -294,14 +294,16 @@ async def test_many_gpus_and_agents_stay_readable(size):
         await fx.wait_for(pilot, lambda: len(app.query(JobPanel)) == 9 and "8/8 ranks" in fx.screen_text(app))
         text = fx.screen_text(app)
         assert "pretrain.py --model llama-1b" in text and "8/8 ranks" in text
-        assert "sweep.py --trial 0" in text
         if size == (160, 48):
+            assert "sweep.py --trial 0" in text
             for i in range(8):
                 assert f"GPU {i}" in text
             assert "rank 7" in text and "largest batch" in text and "OOM" in text
-        else:
+        else:  # 80×24: the selected job's component table (two columns) first; the next job one key away
             assert "GPU0" in text and "GPU5" in text
-            assert "largest batch" in text
+            assert "largest batch" in text and "■ activations" in text and "■ context" in text
+            await pilot.press("down")
+            await fx.wait_for(pilot, lambda: "sweep.py --trial 0" in fx.screen_text(app))
         for _ in range(9):  # walk every job: each expands in turn without errors
             await pilot.press("down")
         assert "OOM" in fx.screen_text(app) or size == (80, 24)

@@ -40,4 +40,5 @@ async def test_seek_keys_move_the_replay_and_the_end_is_said():
                           src.position().time - src.position().start < 1)
         await fx.wait_for(pilot, lambda: "No training process attached" in fx.screen_text(app)
                           or not app.shown.agents)
-        assert "end of recording" not in fx.screen_text(app)
+        await fx.wait_for(pilot, lambda: "end of recording" not in fx.screen_text(app)
+                          and " 0:00 " in fx.screen_text(app))

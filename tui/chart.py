@@ -13,7 +13,7 @@ from typing import Callable, Hashable, Sequence
 
 from rich.text import Text
 
-from batchmon.tui.fmt import fmt_count, fmt_short_bytes
+from batchmon.tui.fmt import fmt_axis_bytes, fmt_count
 from batchmon.tui.palette import ACCENT, BAD, BLUE, DIM, OK, WARN
 
 # braille dot bit for (row 0..3, column 0..1) inside one cell
@@ -147,7 +147,7 @@ def render_chart(inp: ChartInput, width: int, height: int) -> list[Text]:
 
 
 def _draw(inp: ChartInput, width: int, height: int) -> list[Text]:
-    label_w = 6
+    label_w = 8  # '140 GiB', '1023 MiB': the tables' units
     plot_w = max(4, width - label_w - 1)
     plot_h = max(2, height - 2)
     canvas = BrailleCanvas(plot_w, plot_h)
@@ -212,7 +212,7 @@ def _draw(inp: ChartInput, width: int, height: int) -> list[Text]:
         label_rows[mid] = y_max * (1 - (mid * 4 + 2) / (canvas.px_height - 1))
     for cy, row in enumerate(canvas.rows()):
         label = label_rows.get(cy)
-        text = Text().append(f"{fmt_short_bytes(label) if label is not None else '':>{label_w}}", style=AXIS_STYLE)
+        text = Text().append(f"{fmt_axis_bytes(label) if label is not None else '':>{label_w}}", style=AXIS_STYLE)
         text.append("┤" if label is not None else "│", style=AXIS_STYLE)
         text.append_text(row)
         lines.append(text)

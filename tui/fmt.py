@@ -9,8 +9,8 @@ from rich.text import Text
 
 from batchmon.units import clean_text, fmt_bytes, fmt_short_bytes, fmt_used_total
 
-__all__ = ["clean_line", "clean_text", "fmt_bytes", "fmt_count", "fmt_interval", "fmt_seconds", "fmt_short_bytes",
-           "fmt_used_total"]
+__all__ = ["clean_line", "clean_text", "fit_label", "fmt_axis_bytes", "fmt_bytes", "fmt_count", "fmt_interval",
+           "fmt_seconds", "fmt_short_bytes", "fmt_used_total"]
 
 
 def fmt_seconds(s: float | None) -> str:
@@ -50,3 +50,23 @@ def clean_line(text: Text) -> Text:
     if not plain.isprintable():
         text.plain = clean_text(plain)
     return text
+
+
+def fmt_axis_bytes(n: float | None) -> str:
+    """Axis-label bytes in the tables' units, at most 8 characters: '140 GiB', '1.5 GiB', '512 MiB', '0'."""
+    if n is None:
+        return "?"
+    if n == 0:
+        return "0"
+    text = fmt_bytes(n, 0 if abs(n) >= 10 * 1024 ** 3 or 10 * 1024 ** 2 <= abs(n) < 1024 ** 3 else 1)
+    if len(text) > 8:  # '1023 MiB' fits; anything longer loses its decimal
+        text = fmt_bytes(n, 0)
+    return text
+
+
+def fit_label(label: str, width: int) -> str:
+    """``label`` padded to ``width`` cells, or cut with '…': a label never pushes what follows it (a bar, a
+    total) off the line."""
+    if len(label) <= width:
+        return f"{label:<{width}}"
+    return label[: max(0, width - 2)] + "… "

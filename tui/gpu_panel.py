@@ -6,7 +6,7 @@ from rich.text import Text
 
 from batchmon.probes.nvml import DeviceSample
 from batchmon.tui.bars import memory_bar, percent_bar, sparkline
-from batchmon.tui.fmt import fmt_bytes, fmt_short_bytes, fmt_used_total
+from batchmon.tui.fmt import fmt_bytes, fmt_used_total
 from batchmon.tui.gpu_usage import usage_lines
 from batchmon.tui.panel import LinesPanel
 from batchmon.tui.views import GpuView, ProcRow
@@ -79,7 +79,7 @@ def gpu_lines(v: GpuView, width: int, level: str) -> list[Text]:
         bar_w = max(6, min(30, width // 4))
         t.append_text(memory_bar(m.used, m.reserved, m.total, bar_w) if m else Text("?" * bar_w))
         if m:
-            t.append(f" {fmt_short_bytes(m.used)}/{fmt_short_bytes(m.total)}")
+            t.append(f" {fmt_used_total(m.used, m.total, 0)}")  # '13/140 GiB': the tables' units
         t.append(f" {d.utilization}%" if d.utilization is not None else " n/a", style=DIM)
         t.append(f" {len(v.procs)}p", style=DIM)
         if agents:

@@ -50,11 +50,17 @@ def header_text(snapshot: Snapshot | None, *, interval: float, paused: bool, tit
         agents = agent_count(snapshot)  # every box's: the job panels show them all
         text.append(f"  {agents} agent{'s' if agents != 1 else ''}", style=DIM)
     if snapshot is not None:
+        # the clock stays at the right end, whatever the width: what does not fit before it is cut with '…'
+        # (the state, live / replay / paused, comes first, so it is never what is cut)
         stamp = _time.strftime("%H:%M:%S", _time.localtime(snapshot.time))
-        used = len(text.plain)
-        if width - used > len(stamp) + 1:
-            text.append(" " * (width - used - len(stamp) - 1))
-            text.append(stamp, style=DIM)
+        room = width - len(stamp) - 2
+        if len(text.plain) > room:
+            text.truncate(max(0, room), overflow="ellipsis")
+            if len(text.plain) >= room and room > 0:
+                text.right_crop(len(text.plain) - room + 1)
+                text.append("…", style=DIM)
+        text.append(" " * max(1, width - len(text.plain) - len(stamp) - 1))
+        text.append(stamp, style=DIM)
     text.no_wrap = True
     text.overflow = "ellipsis"
     return clean_line(text)  # the host name and the title come from outside (a remote box, a recording's name)

@@ -12,7 +12,8 @@ from batchmon.snapshot import AgentView
 from batchmon.tui.bars import COMPONENT_LABELS, COMPONENT_STYLES, component_parts, stacked_bar
 from batchmon.tui.chart import render_chart
 from batchmon.tui.ended_panel import ended_lines
-from batchmon.tui.fmt import fmt_bytes, fmt_count, fmt_seconds
+from batchmon.tui.component_table import MIN_WIDTH as COMPACT_TABLE_WIDTH, compact_table
+from batchmon.tui.fmt import fit_label, fmt_bytes, fmt_count, fmt_seconds
 from batchmon.tui.panel import LinesPanel
 from batchmon.tui.predict import measured_components
 from batchmon.tui.views import JobView
@@ -100,7 +101,7 @@ def _stats(v: JobView) -> Text:
 
 
 def _bar_line(label: str, comps: dict[str, int] | None, scale: int, bar_w: int, total_label: str) -> Text:
-    t = Text().append(f"  {label:<16}", style=DIM)
+    t = Text().append(f"  {fit_label(label, 16)}", style=DIM)
     if comps is None:
         t.append("·" * bar_w, style=BORDER)
     else:
@@ -307,6 +308,10 @@ def job_lines(v: JobView, width: int, level: str, *, focused: bool = False, char
             key.append("┄┄ device limit  ", style=BAD)
             key.append("┊ largest batch", style=OK)
             lines.append(key)
+    elif width >= COMPACT_TABLE_WIDTH:  # short terminals (80×24): the table in two columns, not a legend
+        lines.extend(compact_table(measured, p.components if p else None))
+        if v.chart is not None and chart_rows >= 5:
+            lines.extend(render_chart(v.chart, width, chart_rows))
     else:
         lines.append(_legend(width, measured))
         if v.chart is not None and chart_rows >= 5:
