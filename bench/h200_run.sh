@@ -233,7 +233,13 @@ fast16)
   for i in $(seq 1 120); do [ "$(ls $BATCHMON_DIR/*.sock 2>/dev/null | wc -l)" -ge 16 ] && break; sleep 0.5; done
   sleep 5
   $BMCMD --once --json > $R/fast16_once_a.json 2>&1
-  python3 bench/vs_nvitop.py --repeat ${NVREPEAT16:-1} --no-floors --name vs_nvitop_fast16 --duration ${FASTDUR:-60} 2>&1 | tail -n 12 | tee $R/vs_nvitop_fast16.log
+  if [ "${FASTPROF:-0}" = 1 ]; then
+    # where the monitor's CPU goes beside 16 fast agents: per thread, then under cProfile
+    python3 bench/monitor_cpu.py --duration 30 --name monitor_cpu_fast16 2>&1 | tail -n 4 | tee $R/monitor_cpu_fast16.log
+    python3 bench/monitor_cpu.py --duration 30 --name monitor_cpu_fast16_prof --profile $R/monitor_fast16.prof 2>&1 | tail -n 4
+    cp $OUT/monitor_cpu_fast16*.json $R/ 2>/dev/null
+  fi
+  [ "${FASTPROF:-0}" = 1 ] && [ "${FASTNV:-1}" = 0 ] || python3 bench/vs_nvitop.py --repeat ${NVREPEAT16:-1} --no-floors --name vs_nvitop_fast16 --duration ${FASTDUR:-60} 2>&1 | tail -n 12 | tee $R/vs_nvitop_fast16.log
   $BMCMD --once --json > $R/fast16_once_b.json 2>&1
   kill -TERM "${PIDS[@]}"; wait
   cp $OUT/vs_nvitop_fast16.json $R/ 2>/dev/null
