@@ -255,6 +255,12 @@ out = {"agents_a": len(a["agents"]), "agents_b": len(b["agents"]), "steps_per_s"
 print(json.dumps(out)); (r / "fast16_rates.json").write_text(json.dumps(out, indent=1))
 PY
   ;;
+load64)
+  # issue 14 point 3: 64 agents at 1000 steps/s each, coalescing as the real agent does, one hub
+  stage load64
+  python3 bench/load.py --agents 64 --rate 1000 --duration ${LOAD64DUR:-60} --warmup 20 --coalesce --p99 0.25 --interval ${LOAD64INT:-0.25} 2>&1 | tail -n 12 | tee $R/load64.log
+  cp $OUT/load.json $R/load64_h200.json 2>/dev/null
+  ;;
 esac
 done
 
