@@ -17,7 +17,7 @@ import signal
 import sys
 import time
 from collections import deque
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterable, Protocol
 
 from textual import on
 from textual.app import App, ComposeResult
@@ -33,12 +33,13 @@ from batchmon.tui import palette, views
 from batchmon.tui.gpu_panel import GpuPanel
 from batchmon.tui.header import HeaderBar
 from batchmon.tui.ended_panel import clear_ended_runs
-from batchmon.tui.job_panel import JobPanel
+from batchmon.tui.job_panel import JobPanel, command_text
 from batchmon.tui.messages import PanelFocused, SnapshotArrived
 from batchmon.tui.notices import NoAgentsPanel, NoGpuPanel, WarningsPanel
 from batchmon.tui.panel import LinesPanel
 from batchmon.tui.predict import Predictor
 from batchmon.tui.replay_bar import SEEK_SECONDS, ReplayBar
+from batchmon.tui.timeline_panel import TimelinePanel
 from batchmon.tui.advisor import AdvisorPrompt
 from batchmon.tui.screens import EXTRA_KEYS, HELP, HelpScreen
 from batchmon.tui.state import WhatIfState, cycle_interval, next_interval
@@ -137,6 +138,9 @@ class BatchmonApp(App[int]):
         self._job_panels: list[JobPanel] = []
         self._host_panels: list[NoGpuPanel] = []
         self._warnings_panel: WarningsPanel | None = None
+        self._timeline: TimelinePanel | None = None  # the selected job's memory over steps, under the GPUs
+        self._history_rows = 1  # rows of a full GPU panel's memory history (more when the column has room)
+        self._timeline_rows = 0  # 0: no room, hidden
         self._levels_key: tuple | None = None  # what _apply_levels last laid out for
         self._signals: list[int] = []  # signals whose handlers on_mount installed
         self._seeks_seen = 0  # the replay's seek count the GPU histories were sampled for
@@ -250,6 +254,16 @@ class BatchmonApp(App[int]):
         else:
             self._schedule_render()
 
+    def add_history(self, snapshots: Iterable[Snapshot]) -> None:
+        """Sample the GPUs' memory history from earlier snapshots (a screenshot of a recording's moment shows
+        the history up to it, as the monitor would have)."""
+        self.history.clear()
+        for snap in snapshots:
+            self._record_history(snap)
+        if self.latest is not None:
+            self._last_sampled = None
+            self._record_history(self.latest)
+
     def _replay_position(self) -> Any:
         """The replay's position (ReplaySource.position()), None when the source is not a replay."""
         position = getattr(self.source, "position", None)
@@ -307,6 +321,7 @@ class BatchmonApp(App[int]):
                 panels[0].focus(scroll_visible=False)
                 self._focused_once = True
         self._update_whatif_bar()
+        self._update_timeline()
         pos = self._replay_position()
         if pos is not None:
             self.query_one(ReplayBar).update_position(pos)
@@ -318,17 +333,21 @@ class BatchmonApp(App[int]):
         gpus = views.device_views(snap, self.history)
         hosts = views.host_views(snap, any_gpu=bool(gpus))
         keys = [k for k, _ in gpus] + [k for k, _ in hosts]
-        if keys != self._dev_order or len(box.children) != len(keys):
+        if keys != self._dev_order or len(box.children) != len(keys) + 1:
             focused_key = self._focused_key()
             await box.remove_children()
             self._gpu_panels = [GpuPanel(v) for _, v in gpus]
             self._host_panels = [NoGpuPanel(v) for _, v in hosts]
-            await box.mount_all([*self._gpu_panels, *self._host_panels])
+            self._timeline = TimelinePanel(id="timeline")
+            self._timeline.display = False  # until _apply_levels finds it room
+            await box.mount_all([*self._gpu_panels, *self._host_panels, self._timeline])
             self._dev_order = keys
             self._restore_focus(focused_key)
         for panel, (_, view) in zip(self._gpu_panels, gpus):
+            view.history_rows = self._history_rows if panel.level == "full" else 1
             panel.view = view
-            panel.update_if_changed((view.device, tuple(view.history[-200:]), tuple(view.procs), panel.level))
+            panel.update_if_changed((view.device, tuple(view.history[-200:]), tuple(view.procs), panel.level,
+                                     view.history_rows))
         for host_panel, (_, host_view) in zip(self._host_panels, hosts):
             host_panel.view = host_view
             host_panel.update_if_changed(host_view)
@@ -380,7 +399,8 @@ class BatchmonApp(App[int]):
     def _levels_inputs(self) -> tuple:
         """What the panel sizes depend on: the panels, the focus and the room."""
         return (tuple(map(id, self._gpu_panels)), tuple(map(id, self._job_panels)), self.focused, self.size,
-                self.query_one("#jobs").size)
+                self.query_one("#jobs").size, self.query_one("#devices").size,
+                tuple(g.outer_size.height for g in self._gpu_panels))
 
     def _apply_levels(self) -> None:
         """Panel sizes: the selected GPU and job expand, the rest shrink when there are many or little room."""
@@ -405,6 +425,7 @@ class BatchmonApp(App[int]):
                 g.level = level
                 g.set_class(level != "full", "-dense")
                 g.changed()
+        self._size_memory_views(gpus, narrow, short)
         current = self._current_job_key()  # the job the what-if keys act on is the one shown in full
         expanded = next((j for j in jobs if j.view.key == current), jobs[0] if jobs else None)
         # rows left for a chart in the expanded job when space is short: what the jobs column has, less
@@ -420,6 +441,54 @@ class BatchmonApp(App[int]):
                 j.set_class(level == "compact", "-dense")
                 j.changed()
 
+    def _size_memory_views(self, gpus: list[GpuPanel], narrow: bool, short: bool) -> None:
+        """The GPU column's free rows go to memory over time: a taller history in one or two full GPU panels,
+        and the selected job's timeline under them (hidden when narrow, short, or without room)."""
+        history_rows = 6 if not (narrow or short) and 0 < len(gpus) <= 2 else 1
+        if history_rows != self._history_rows:
+            self._history_rows = history_rows
+            self._levels_key = None  # the panels' heights change: look again once laid out
+            if self.shown is not None:
+                self.call_after_refresh(self._refresh_devices)
+        column = self.query_one("#devices").size.height
+        used = 0
+        for g in gpus:  # what each GPU panel takes: its laid-out height, else an estimate until it is laid out
+            estimate = (10 + history_rows + len(g.view.procs)) if g.level == "full" else 3
+            used += g.outer_size.height or estimate
+        used += sum(p.outer_size.height for p in self._host_panels)
+        rows = min(16, column - used - 12) if not (narrow or short) and column else 0
+        rows = rows if rows >= 4 else 0
+        if rows != self._timeline_rows:
+            self._timeline_rows = rows
+            self._update_timeline()
+        if any(g.outer_size.height == 0 for g in gpus):  # not laid out yet: size again once they are
+            self.call_after_refresh(self._relevel)
+
+    def _relevel(self) -> None:
+        if self.screen_stack and self._levels_inputs() != self._levels_key:
+            self._apply_levels()
+
+    async def _refresh_devices(self) -> None:
+        if self.shown is not None:
+            await self._apply_devices(self.shown)
+
+    def _update_timeline(self) -> None:
+        """The timeline shows the job the what-if keys act on (its lead rank), repainting on its new steps."""
+        panel = self._timeline
+        if panel is None:
+            return
+        key = self._current_job_key()
+        view = self._jobs.get(key) if key else None
+        show = self._timeline_rows > 0 and view is not None
+        if panel.display != show:
+            panel.display = show
+        if not show or view is None:
+            return
+        dev = view.devices.get(view.lead.key)
+        total = dev.memory.total if dev is not None and dev.memory is not None else None
+        name = f"{command_text(view.lead)[:40]} (pid {view.lead.hello.pid})"
+        panel.show(view.lead, name, total, self._timeline_rows)
+
     def _update_whatif_bar(self) -> None:
         bar = self.query_one(WhatIfBar)
         key = self._current_job_key()
@@ -432,6 +501,7 @@ class BatchmonApp(App[int]):
             return
         self._apply_levels()
         self._update_whatif_bar()
+        self._update_timeline()
         focused = self.focused
         if isinstance(focused, JobPanel):  # it grew to its full size: show all of it once laid out again
             self.call_after_refresh(focused.scroll_visible, animate=False)

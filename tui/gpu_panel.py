@@ -9,6 +9,7 @@ from batchmon.tui.bars import memory_bar, percent_bar, sparkline
 from batchmon.tui.fmt import fmt_bytes, fmt_used_total
 from batchmon.tui.gpu_usage import usage_lines
 from batchmon.tui.panel import LinesPanel
+from batchmon.tui.timeline import history_lines
 from batchmon.tui.views import GpuView, ProcRow
 from batchmon.tui.palette import ACCENT, BAD, DIM, WARN
 
@@ -124,9 +125,12 @@ def gpu_lines(v: GpuView, width: int, level: str) -> list[Text]:
     label_line = Text("     ")
     label_line.append_text(label)
     lines.append(label_line)
-    hist = Text().append("hist ", style=DIM)
-    hist.append_text(sparkline(v.history, max(4, width - 5), maximum=m.total if m else None))
-    lines.append(hist)
+    if v.history_rows > 1:  # room for it: used memory over time with an axis (tui/timeline.py)
+        lines.extend(history_lines(v.history, width, v.history_rows, maximum=m.total if m else None))
+    else:
+        hist = Text().append("hist ", style=DIM)
+        hist.append_text(sparkline(v.history, max(4, width - 5), maximum=m.total if m else None))
+        lines.append(hist)
     if v.procs:
         lines.append(Text().append(f"  {'PID':>7} {'USER':<10} {'GPU MEM':>10} COMMAND", style="bold " + DIM))
         for p in sorted(v.procs, key=lambda p: (-(p.used or 0), p.pid)):

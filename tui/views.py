@@ -42,6 +42,7 @@ class GpuView:
     history: list[int] = field(default_factory=list)  # used bytes, oldest first (the sparkline)
     procs: list[ProcRow] = field(default_factory=list)
     host: str = ""  # the remote box (--host) it is on, as the user named it; "" when local
+    history_rows: int = 1  # rows of the memory history (the app gives one or two GPUs more when there is room)
 
 
 @dataclass(frozen=True)

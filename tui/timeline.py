@@ -1,0 +1,225 @@
+"""Memory over time: one job's stacked components over its recent steps, and a GPU's used memory over time, as
+rows of block characters. Pure (Rich Text only): tests/test_tui_timeline.py draws them without Textual.
+
+The timeline reads AgentView.history (the hub's bounded window of steps). Steps are grouped into columns of a
+fixed number of steps, aligned on step numbers (a column covers steps k·n … k·n+n−1), and each column shows its
+highest-peak step: a new step changes the last column only, until a new column starts, so a panel that repaints
+only changed cells repaints little. Creep and leaks show as a rising stack; ``growth`` names the components
+that grew between the window's first and last columns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from rich.text import Text
+
+from batchmon.protocol import ALL_COMPONENTS, Step
+from batchmon.tui.bars import COMPONENT_LABELS, COMPONENT_STYLES
+from batchmon.tui.fmt import fmt_axis_bytes, fmt_bytes
+from batchmon.tui.palette import BAD, BLUE, BORDER, DIM, OK, WARN
+from batchmon.tui.predict import measured_components
+
+LABEL_W = 8  # y-axis labels: '140 GiB'
+_EIGHTHS = " ▁▂▃▄▅▆▇█"
+NICE_STEPS = (1, 2, 5, 10, 20, 25, 50, 100, 200, 250, 500, 1000, 2000, 5000, 10000)
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column of the timeline: the steps first..last, shown by their highest-peak step's components."""
+
+    first: int
+    last: int
+    components: tuple[int, ...]  # in ALL_COMPONENTS order
+
+    @property
+    def total(self) -> int:
+        return sum(self.components)
+
+
+def _peak(step: Step) -> int:
+    return step.peak_allocated if step.peak_allocated is not None else sum(step.components.values())
+
+
+def steps_per_column(first: int, last: int, columns: int) -> int:
+    """The smallest 'nice' step count (1, 2, 5, 10 …) that fits steps first..last into ``columns`` columns."""
+    span = max(1, last - first + 1)
+    for n in NICE_STEPS:
+        if -(-span // n) <= columns:
+            return n
+    return -(-span // max(1, columns))
+
+
+def timeline_columns(history: Sequence[Step], columns: int) -> list[Column]:
+    """The history (oldest first) in at most ``columns`` step-aligned columns, each its highest-peak step's eight
+    components (only those steps' components are computed: cheap on a 2000-step window)."""
+    if not history or columns <= 0:
+        return []
+    n = steps_per_column(history[0].step, history[-1].step, columns)
+    best: dict[int, Step] = {}
+    for s in history:
+        k = s.step // n
+        b = best.get(k)
+        if b is None or _peak(s) >= _peak(b):
+            best[k] = s
+    keys = sorted(best)[-columns:]
+    out = []
+    for k in keys:
+        comps = measured_components(best[k])
+        out.append(Column(k * n, k * n + n - 1, tuple(comps.get(name, 0) for name in ALL_COMPONENTS)))
+    return out
+
+
+def growth(cols: Sequence[Column], *, least: int = 1 << 20) -> list[tuple[str, int]]:
+    """(component, bytes) that changed by at least ``least`` between the window's first columns (a quarter in,
+    past the warm-up) and its last, largest change first: a leak names itself here."""
+    if len(cols) < 2:
+        return []
+    # from a quarter in: the first steps (allocator warm-up, the optimizer's state appearing) are not a leak
+    a, b = cols[len(cols) // 4].components, cols[-1].components
+    diffs = [(name, b[i] - a[i]) for i, name in enumerate(ALL_COMPONENTS) if abs(b[i] - a[i]) >= least]
+    return sorted(diffs, key=lambda d: -abs(d[1]))
+
+
+def _stack_cell(comps: Sequence[int], lo: float, hi: float) -> tuple[str, str] | None:
+    """The glyph and style of the cell covering bytes [lo, hi) of a column stacked bottom-up in component order:
+    a full block in the colour of the component at the cell's middle, or the partial top of the stack."""
+    total = sum(comps)
+    if total <= lo:
+        return None
+    mid = (lo + hi) / 2 if total >= hi else (lo + total) / 2
+    acc = 0
+    style = COMPONENT_STYLES[ALL_COMPONENTS[-1]]
+    for name, value in zip(ALL_COMPONENTS, comps):
+        acc += value
+        if acc > mid:
+            style = COMPONENT_STYLES[name]
+            break
+    if total >= hi:
+        return "█", style
+    eighth = int((total - lo) / (hi - lo) * 8)
+    return (_EIGHTHS[eighth], style) if eighth > 0 else None
+
+
+def _axis_top(value: int) -> int:
+    """A round top for the y axis at or above ``value`` (…, 1, 2, 5, 10 … in MiB or GiB)."""
+    unit = 1 << 30 if value >= 1 << 30 else 1 << 20
+    x = max(1.0, value / unit)
+    mag = 1.0
+    while mag * 10 < x:
+        mag *= 10
+    for m in (1, 1.5, 2, 2.5, 3, 4, 5, 6, 8, 10):
+        if m * mag >= x:
+            return int(m * mag * unit)
+    return int(10 * mag * unit)  # pragma: no cover
+
+
+def stacked_rows(values: Sequence[Sequence[int]], rows: int, top: int) -> list[list[tuple[str, str] | None]]:
+    """``rows`` rows (top first) of one cell per column: each column's components stacked on a 0..top scale."""
+    grid: list[list[tuple[str, str] | None]] = []
+    step = top / rows
+    for r in range(rows):
+        lo = (rows - 1 - r) * step
+        grid.append([_stack_cell(v, lo, lo + step) for v in values])
+    return grid
+
+
+def _with_axis(grid: list[list[tuple[str, str] | None]], top: int, width: int) -> list[Text]:
+    rows = len(grid)
+    labels = {0: fmt_axis_bytes(top), rows - 1: "0"}
+    if rows >= 5:
+        labels[rows // 2] = fmt_axis_bytes(top * (rows - rows // 2 - 0.5) / rows)
+    out = []
+    for r, cells in enumerate(grid):
+        label = labels.get(r)
+        t = Text().append(f"{label or '':>{LABEL_W}}", style=DIM)
+        t.append("┤" if label is not None else "│", style=DIM)
+        for cell in cells:
+            if cell is None:
+                t.append(" ")
+            else:
+                t.append(cell[0], style=cell[1])
+        out.append(t)
+    return out
+
+
+def timeline_lines(history: Sequence[Step], width: int, rows: int, *, device_total: int | None = None) -> list[Text]:
+    """The job's timeline: a title line (steps shown, what grew), ``rows`` rows of stacked components over steps
+    with a y axis in MiB/GiB, the step axis, and a legend. Empty history: one line saying so."""
+    if not history:
+        return [Text().append("memory over steps: waiting for steps", style=DIM)]
+    plot_w = max(4, width - LABEL_W - 1)
+    cols = timeline_columns(history, plot_w)
+    peak = max((c.total for c in cols), default=0)
+    top = _axis_top(max(peak, 1))
+    n = cols[0].last - cols[0].first + 1 if cols else 1
+    title = Text().append("memory over steps", style="bold")
+    title.append(f"  {history[0].step}–{history[-1].step}", style=DIM)
+    if n > 1:
+        title.append(f", {n} a column (its highest peak)", style=DIM)
+    sub = Text()
+    grown = growth(cols)
+    if grown:
+        sub.append("grew ", style=DIM)
+        for i, (name, diff) in enumerate(grown[:2]):
+            sub.append(", " if i else "", style=DIM)
+            sub.append(f"{COMPONENT_LABELS[name]} {'+' if diff > 0 else '−'}{fmt_bytes(abs(diff))}",
+                       style=f"bold {WARN if diff > 0 else OK}")
+        sub.append(" since a quarter of the window in", style=DIM)
+    else:
+        sub.append("steady: no component changed by 1 MiB over the window", style=DIM)
+    lines = [title, sub]
+    grid = stacked_rows([c.components for c in cols], max(2, rows), top)
+    lines.extend(_with_axis(grid, top, width))
+    axis = Text().append(" " * LABEL_W + "└" + "─" * len(cols), style=DIM)
+    lines.append(axis)
+    first, last = f"step {history[0].step}", f"{history[-1].step}"
+    steps = Text().append(" " * (LABEL_W + 1) + first, style=DIM)
+    gap = len(cols) - len(first) - len(last)
+    if gap >= 1:
+        steps.append(" " * gap + last, style=DIM)
+    lines.append(steps)
+    if device_total is not None and peak > 0:
+        share = peak / device_total
+        lines.append(Text().append(f"{'':>{LABEL_W}} peak {fmt_bytes(peak)} = {share:.1%} of the GPU",
+                                   style=BAD if share > 0.95 else DIM))
+    return lines
+
+
+def history_lines(values: Sequence[int], width: int, rows: int, *, maximum: int | None) -> list[Text]:
+    """A GPU's used memory over time (oldest first, one sample a column, the latest at the right) as ``rows``
+    rows of eighth blocks on a 0..maximum scale, with a y axis in MiB/GiB."""
+    plot_w = max(4, width - LABEL_W - 1)
+    vals = list(values)[-plot_w:]
+    top = maximum or _axis_top(max(vals, default=1) or 1)
+    style = BLUE
+    grid: list[list[tuple[str, str] | None]] = []
+    step = top / rows
+    pad = plot_w - len(vals)
+    for r in range(rows):
+        lo = (rows - 1 - r) * step
+        row: list[tuple[str, str] | None] = [None] * pad
+        for v in vals:
+            if v >= lo + step:
+                row.append(("█", style))
+            elif v > lo:
+                e = int((v - lo) / step * 8)
+                row.append((_EIGHTHS[e], style) if e > 0 else (("▁", style) if r == rows - 1 else None))
+            else:
+                row.append(("▁", BORDER) if r == rows - 1 and not v else None)
+        grid.append(row)
+    return _with_axis(grid, top, width)
+
+
+def legend(width: int) -> list[Text]:
+    """The components' colours, on as many lines as the width needs."""
+    out = [Text()]
+    for name in ALL_COMPONENTS:
+        piece = f"■{COMPONENT_LABELS[name]} "
+        if out[-1].plain and len(out[-1].plain) + len(piece) > width:
+            out.append(Text())
+        out[-1].append("■", style=COMPONENT_STYLES[name])
+        out[-1].append(f"{COMPONENT_LABELS[name]} ", style=DIM)
+    return out

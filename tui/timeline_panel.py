@@ -1,0 +1,37 @@
+"""The selected job's memory timeline, in the GPU column's free rows (tui/timeline.py draws it)."""
+
+from __future__ import annotations
+
+from rich.text import Text
+
+from batchmon.snapshot import AgentView
+from batchmon.tui.palette import DIM
+from batchmon.tui.panel import LinesPanel
+from batchmon.tui.timeline import legend, timeline_lines
+
+
+class TimelinePanel(LinesPanel):
+    """Not focusable (the keys act on the job it shows); the app sets the job with ``show`` and its rows."""
+
+    can_focus = False
+
+    def __init__(self, *, id: str | None = None) -> None:
+        super().__init__(id=id, classes="timeline")
+        self.agent: AgentView | None = None
+        self.job_name = ""
+        self.device_total: int | None = None
+        self.rows = 8
+
+    def show(self, agent: AgentView | None, name: str, device_total: int | None, rows: int) -> None:
+        """Repaints only when what it draws changed: a new step of the job, another job, other rows."""
+        self.agent, self.job_name, self.device_total, self.rows = agent, name, device_total, rows
+        step = agent.last_step if agent is not None else None
+        self.update_if_changed((agent.key if agent else None, step, len(agent.history) if agent else 0,
+                                name, device_total, rows))
+
+    def build(self, width: int) -> list[Text]:
+        a = self.agent
+        if a is None:
+            return [Text().append("memory over steps: no training process attached", style=DIM)]
+        head = Text().append(self.job_name, style="bold")
+        return [head, *timeline_lines(a.history, width, self.rows, device_total=self.device_total), *legend(width)]
