@@ -180,15 +180,24 @@ class Step:
     device_used: int | None = None
     batch_source: str | None = None  # added field: where batch_size comes from, e.g. "input dim 1 (LSTM ...)"
     micro_batches: int | None = None  # added field: backward passes in the step (gradient accumulation)
+    steps: int = 1  # added field: how many steps this message stands for (a coalesced window; see below)
     type: str = field(default="step", init=False)
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["components"] = dict(self.components)
-        return d
+        # written out, not dataclasses.asdict (which deep-copies field by field): the agent's socket thread
+        # encodes every message it sends
+        return {"step": self.step, "time": self.time, "step_seconds": self.step_seconds,
+                "batch_size": self.batch_size, "components": dict(self.components), "allocated": self.allocated,
+                "peak_allocated": self.peak_allocated, "reserved": self.reserved,
+                "num_alloc_retries": self.num_alloc_retries, "num_ooms": self.num_ooms,
+                "device_used": self.device_used, "batch_source": self.batch_source,
+                "micro_batches": self.micro_batches, "steps": self.steps, "type": "step"}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Step":
+        fast = _step_fast(d)  # the monitor decodes every step message: a valid one takes the short road
+        if fast is not None:
+            return fast
         return cls(
             step=_int(d, "step"),  # type: ignore[arg-type]
             time=_float(d, "time"),  # type: ignore[arg-type]
@@ -203,7 +212,63 @@ class Step:
             device_used=_int(d, "device_used", nullable=True),
             batch_source=_lenient_str(d.get("batch_source"), 128),
             micro_batches=_lenient_int(d.get("micro_batches")),
+            steps=_window_steps(d.get("steps")),
         )
+
+
+def new_step(step: int, time: float, step_seconds: float | None, batch_size: int | None,
+             components: dict[str, int], allocated: int | None, peak_allocated: int | None, reserved: int | None,
+             num_alloc_retries: int | None, num_ooms: int | None, device_used: int | None,
+             batch_source: str | None, micro_batches: int | None, steps: int = 1) -> Step:
+    """A Step equal to ``Step(...)`` with the same fields, made in a fraction of the time: a frozen dataclass's
+    ``__init__`` sets each field through ``object.__setattr__``, which the agent would pay on every training step.
+    """
+    s = object.__new__(Step)
+    s.__dict__.update(step=step, time=time, step_seconds=step_seconds, batch_size=batch_size,
+                      components=components, allocated=allocated, peak_allocated=peak_allocated,
+                      reserved=reserved, num_alloc_retries=num_alloc_retries, num_ooms=num_ooms,
+                      device_used=device_used, batch_source=batch_source, micro_batches=micro_batches, steps=steps)
+    return s
+
+
+_OPTIONAL_SIZES = ("allocated", "peak_allocated", "reserved", "num_alloc_retries", "num_ooms", "device_used")
+
+
+def _step_fast(d: Mapping[str, Any]) -> Step | None:
+    """``Step.from_dict`` for a message whose every field is plainly valid, else None (the checked road then
+    names what is wrong). The same Step the checked road makes, in about half the time: one exact type test
+    per field instead of a checking call per field (the hub decodes every agent's every step message)."""
+    get = d.get
+    step, when, secs, batch, comps = get("step"), get("time"), get("step_seconds"), get("batch_size"), get("components")
+    if type(step) is not int or not 0 <= step <= MAX_SIZE or type(comps) is not dict:
+        return None
+    if type(when) is not float or not 0.0 <= when <= 1e12:  # NaN fails the comparison
+        return None
+    if secs is not None and (type(secs) is not float or not 0.0 <= secs <= 1e12):
+        return None
+    if batch is not None and (type(batch) is not int or not 0 <= batch <= 1 << 40):
+        return None
+    components = {}
+    for name in COMPONENTS:
+        value = comps.get(name)
+        if type(value) is not int or not 0 <= value <= MAX_SIZE:
+            return None
+        components[name] = value
+    sizes = []
+    for key in _OPTIONAL_SIZES:
+        value = get(key)
+        if value is not None and (type(value) is not int or not 0 <= value <= MAX_SIZE):
+            return None
+        sizes.append(value)
+    allocated, peak, reserved, retries, ooms, used = sizes
+    return new_step(step, when, secs, batch, components, allocated, peak, reserved, retries, ooms, used,
+                    _lenient_str(get("batch_source"), 128), _lenient_int(get("micro_batches")),
+                    _window_steps(get("steps")))
+
+
+def _window_steps(value: Any) -> int:
+    """The added ``steps`` field: a count >= 1; missing (an older agent) or odd values read as 1 step."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 1 << 40 else 1
 
 
 def _lenient_str(value: Any, limit: int) -> str | None:
@@ -227,9 +292,10 @@ class Event:
     type: str = field(default="event", init=False)
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["components"] = dict(self.components) if self.components is not None else None
-        return d
+        return {"kind": self.kind, "message": self.message,
+                "components": dict(self.components) if self.components is not None else None,
+                "time": self.time, "step": self.step, "batch_size": self.batch_size,
+                "requested_bytes": self.requested_bytes, "type": "event"}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Event":
