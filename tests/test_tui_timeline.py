@@ -7,7 +7,7 @@ from __future__ import annotations
 import tui_fixtures as fx
 from batchmon.protocol import Step
 from batchmon.tui.app import BatchmonApp
-from batchmon.tui.timeline import growth, history_lines, steps_per_column, timeline_columns, timeline_lines
+from batchmon.tui.timeline import changes, history_lines, steps_per_column, timeline_columns, timeline_lines
 from batchmon.tui.timeline_panel import TimelinePanel
 
 MiB = 1 << 20
@@ -31,10 +31,10 @@ def test_a_leak_rises_in_the_timeline_and_is_named():
     cols = timeline_columns(steps, 50)
     assert len(cols) <= 50 and cols[0].first == 0 and cols[-1].last >= 399
     assert cols[-1].total > cols[0].total + 1000 * MiB  # the stack rises
-    (name, diff), *_ = growth(cols)
-    assert name == "other" and diff > 1000 * MiB
+    (change, *others) = changes(cols)
+    assert change.name == "other" and change.rising and change.last - change.first > 1000 * MiB and not others
     text = "\n".join(line.plain for line in timeline_lines(steps, 60, 10, device_total=140 << 30))
-    assert "grew other +" in text and "step 0" in text and "399" in text and "GiB" in text
+    assert "moved: other +" in text and "step 0" in text and "399" in text and "GiB" in text
     rows = timeline_lines(steps, 60, 10)[2:12]
     heights = [sum(1 for r in rows if len(r.plain) > 9 + c and r.plain[9 + c] != " ") for c in (0, len(cols) - 1)]
     assert heights[1] > heights[0]  # the last column is taller than the first
@@ -42,12 +42,25 @@ def test_a_leak_rises_in_the_timeline_and_is_named():
 
 def test_a_steady_run_says_so_and_a_new_step_changes_only_the_last_column():
     steps = leaky(200, leak_per_step=0)
-    assert growth(timeline_columns(steps, 40)) == []
+    assert changes(timeline_columns(steps, 40)) == []
     assert "steady" in timeline_lines(steps, 60, 8)[1].plain
     n = steps_per_column(0, 149, 40)
     before = timeline_columns(steps[:150], 40)
     after = timeline_columns(steps[:151], 40)
-    assert n == 5 and len(after) == len(before) + 1 and before == after[:len(before)]
+    assert n == 4 and len(after) == len(before) + 1 and before == after[:len(before)]
+
+
+def test_a_leak_freed_every_epoch_is_a_range_not_a_rise():
+    steps = [s for _ in range(4) for s in leaky(100)]
+    renumbered = []
+    for i, s in enumerate(steps):
+        d = {k: v for k, v in vars(s).items() if k != "type"}
+        d["step"] = i
+        renumbered.append(Step(**d))
+    cols = timeline_columns(renumbered, 40)  # 10 steps a column: the sawtooth of 'other', epoch by epoch
+    (change, *_) = changes(cols)
+    assert change.name == "other" and not change.rising and change.high - change.low > 300 * MiB
+    assert "other " in change.text() and "–" in change.text()
 
 
 def test_the_gpu_history_is_rows_with_an_axis_in_gib():

@@ -4,8 +4,8 @@ rows of block characters. Pure (Rich Text only): tests/test_tui_timeline.py draw
 The timeline reads AgentView.history (the hub's bounded window of steps). Steps are grouped into columns of a
 fixed number of steps, aligned on step numbers (a column covers steps k·n … k·n+n−1), and each column shows its
 highest-peak step: a new step changes the last column only, until a new column starts, so a panel that repaints
-only changed cells repaints little. Creep and leaks show as a rising stack; ``growth`` names the components
-that grew between the window's first and last columns.
+only changed cells repaints little. Creep and leaks show as a rising stack (or a component's colour band
+widening); ``changes`` names the components that moved, and whether they kept rising.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from batchmon.tui.predict import measured_components
 
 LABEL_W = 8  # y-axis labels: '140 GiB'
 _EIGHTHS = " ▁▂▃▄▅▆▇█"
-NICE_STEPS = (1, 2, 5, 10, 20, 25, 50, 100, 200, 250, 500, 1000, 2000, 5000, 10000)
+NICE_STEPS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 15, 20, 25, 30, 40, 50, 60, 80, 100, 120, 150, 200, 250, 300, 400, 500,
+              1000, 2000, 5000, 10000)
 
 
 @dataclass(frozen=True)
@@ -72,15 +73,47 @@ def timeline_columns(history: Sequence[Step], columns: int) -> list[Column]:
     return out
 
 
-def growth(cols: Sequence[Column], *, least: int = 1 << 20) -> list[tuple[str, int]]:
-    """(component, bytes) that changed by at least ``least`` between the window's first columns (a quarter in,
-    past the warm-up) and its last, largest change first: a leak names itself here."""
-    if len(cols) < 2:
+@dataclass(frozen=True)
+class Change:
+    """How one component moved over the window (from a quarter in, past the warm-up): its range and its ends."""
+
+    name: str
+    low: int
+    high: int
+    first: int
+    last: int
+    fall: int = 0  # the largest drop from one column to the next
+
+    @property
+    def rising(self) -> bool:
+        """A creep: it ends at (or near) its highest, well above where it started, and never fell much on the
+        way (a leak freed every epoch is a sawtooth, not a rise)."""
+        span = self.high - self.low
+        return (span > 0 and self.last - self.first >= 0.75 * span and self.last >= self.high - 0.1 * span
+                and self.fall <= 0.25 * span)
+
+    def text(self) -> str:
+        label = COMPONENT_LABELS[self.name]
+        if self.rising:
+            return f"{label} +{fmt_bytes(self.last - self.first)}"
+        return f"{label} {fmt_bytes(self.low)}–{fmt_bytes(self.high)}"
+
+
+def changes(cols: Sequence[Column], *, least: int = 1 << 20) -> list[Change]:
+    """The components whose figure moved by at least ``least`` across the columns from a quarter in (the first
+    steps: allocator warm-up, the optimizer's state appearing), the widest range first. A leak that grows all
+    the way is ``rising``; one freed now and then (per epoch) shows as a range."""
+    window = cols[len(cols) // 4:] if len(cols) >= 4 else cols
+    if len(window) < 2:
         return []
-    # from a quarter in: the first steps (allocator warm-up, the optimizer's state appearing) are not a leak
-    a, b = cols[len(cols) // 4].components, cols[-1].components
-    diffs = [(name, b[i] - a[i]) for i, name in enumerate(ALL_COMPONENTS) if abs(b[i] - a[i]) >= least]
-    return sorted(diffs, key=lambda d: -abs(d[1]))
+    out = []
+    for i, name in enumerate(ALL_COMPONENTS):
+        values = [c.components[i] for c in window]
+        lo, hi = min(values), max(values)
+        if hi - lo >= least:
+            fall = max((a - b for a, b in zip(values, values[1:])), default=0)
+            out.append(Change(name, lo, hi, values[0], values[-1], max(0, fall)))
+    return sorted(out, key=lambda c: -(c.high - c.low))
 
 
 def _stack_cell(comps: Sequence[int], lo: float, hi: float) -> tuple[str, str] | None:
@@ -160,14 +193,12 @@ def timeline_lines(history: Sequence[Step], width: int, rows: int, *, device_tot
     if n > 1:
         title.append(f", {n} a column (its highest peak)", style=DIM)
     sub = Text()
-    grown = growth(cols)
-    if grown:
-        sub.append("grew ", style=DIM)
-        for i, (name, diff) in enumerate(grown[:2]):
+    moved = changes(cols)
+    if moved:
+        sub.append("moved: ", style=DIM)
+        for i, change in enumerate(moved[:2]):
             sub.append(", " if i else "", style=DIM)
-            sub.append(f"{COMPONENT_LABELS[name]} {'+' if diff > 0 else '−'}{fmt_bytes(abs(diff))}",
-                       style=f"bold {WARN if diff > 0 else OK}")
-        sub.append(" since a quarter of the window in", style=DIM)
+            sub.append(change.text(), style=f"bold {WARN if change.rising else OK}")
     else:
         sub.append("steady: no component changed by 1 MiB over the window", style=DIM)
     lines = [title, sub]
