@@ -44,10 +44,11 @@ def test_a_steady_run_says_so_and_a_new_step_changes_only_the_last_column():
     steps = leaky(200, leak_per_step=0)
     assert changes(timeline_columns(steps, 40)) == []
     assert "steady" in timeline_lines(steps, 60, 8)[1].plain
-    n = steps_per_column(0, 149, 40)
-    before = timeline_columns(steps[:150], 40)
-    after = timeline_columns(steps[:151], 40)
-    assert n == 4 and len(after) == len(before) + 1 and before == after[:len(before)]
+    n = steps_per_column(0, 151, 40)
+    before = timeline_columns(steps[:151], 40)  # the last column holds steps 148..150 of 148..151
+    after = timeline_columns(steps[:152], 40)
+    assert n == 4 and len(after) == len(before) and before[:-1] == after[:-1]
+    assert len(timeline_columns(steps[:153], 40)) == len(before) + 1  # a new column starts at step 152
 
 
 def test_a_leak_freed_every_epoch_is_a_range_not_a_rise():
