@@ -484,13 +484,18 @@ def observe_with_agent(runner: Runner, sizes: list[int]) -> tuple[list[Step] | N
         return None, f"agent not importable: {type(exc).__name__}: {exc}"
     folder = tempfile.mkdtemp(prefix="batchmon-bench-")
     readings: list[int | None] = []
+    allocator: list[dict[str, Any]] = []
     try:
         handle = bm_agent.attach(runner.model, runner.opt, activation_every=1, socket_dir=folder)
         try:
             for b in sizes:
                 runner.step(b, count=False)
                 runner.dev.sync()
-                readings.append(runner.dev.stats().get("device_used") if runner.dev.kind == "cuda" else None)
+                stats = runner.dev.stats() if runner.dev.kind == "cuda" else {}
+                readings.append(stats.get("device_used"))
+                # the allocator after the step, as the bench reads it (inactive split: free space inside live
+                # segments, the fragmentation a retry cannot release), for deriving the margin offline
+                allocator.append({k: stats.get(k) for k in ("reserved", "inactive_split_peak", "num_alloc_retries")})
             steps = list(handle.steps)
             error = handle.error
         finally:
@@ -505,6 +510,7 @@ def observe_with_agent(runner: Runner, sizes: list[int]) -> tuple[list[Step] | N
     # 813 MB against 2.6 GB reserved, context 0). The bench reads the process's use synchronously after each
     # step (same pool as the step's reserved) and uses that; the agent's figure is kept as agent_device_used.
     runner.agent_device_used = [step.device_used for step in steps]  # type: ignore[attr-defined]
+    runner.observed_allocator = allocator  # type: ignore[attr-defined]
     replaced = 0
     for i, (step, used) in enumerate(zip(steps, readings)):
         if step.peak_allocated is not None and used is not None and used != step.device_used:

@@ -15,10 +15,15 @@ Usage (H200, from the checkout; the whole run is budgeted to finish within 9 min
     python3 bench/predict_zoo.py --out bench/results/predict_zoo_h200.json
     python3 bench/predict_zoo.py --markdown bench/results/predict_zoo_h200.json   # README table
     python3 bench/predict_zoo.py --cpu-smoke --out /tmp/zoo.json                  # tiny, on CPU: tests the script
+    python3 bench/predict_zoo.py --reevaluate bench/results/predict_zoo_h200.json # the current model, offline
 
 JSON: {"device", "emulated_device_memory", "emulation", ..., "results": [{arch, points: [{batch,
 predicted_peak, measured_peak}], predicted_max_batch, real_max_batch, what_ifs: [{what_if, predicted_max_batch,
-real_max_batch}], ...}]}. With --cpu-smoke the "peak" is the sum of measured components on a fake device
+real_max_batch, spec, trial_log, timing}], observed_steps, observed_allocator, fit, trials, timing, ...}]}.
+Everything a later model change needs is recorded: the observed steps as the agent reported them (``--reevaluate``
+refits on them without a GPU), each trial's allocator figures (reserved and inactive split bytes at the boundary:
+what the margin must cover), and step times (plain, 2 and 4 accumulation micro-batches, each what-if) at one
+batch: the advisor's step-time factors measured on the device. With --cpu-smoke the "peak" is the sum of measured components on a fake device
 (SmokeDevice), so its figures say nothing about a real allocator.
 """
 
@@ -47,7 +52,14 @@ from predict_accuracy import (GPT, OOM_LIKE, Arch, CudaDevice, Runner, SmokeDevi
                               pct)
 
 GIB = 2**30
-BUDGET_S = 510.0  # the whole run, leaving time to write the results inside the coordinator's 9 minutes
+BUDGET_S = 510.0
+#: what each trial records: the allocator at the trial's end (reserved - peak at the boundary is the overhead a
+#: margin must cover; inactive_split_peak the part of it inside live segments, which a retry cannot release)
+TRIAL_FIELDS = ("batch", "ok", "peak_allocated", "reserved", "inactive_split_peak", "num_alloc_retries",
+                "device_used", "seconds")
+#: timed steps per measurement (after one warm-up step) for the measured step-time factors
+TIMED_STEPS = 3
+ACCUMULATION_TIMED = (2, 4)  # the whole run, leaving time to write the results inside the coordinator's 9 minutes
 
 
 # ----------------------------------------------------------------------------------------------- small models
@@ -270,7 +282,7 @@ def _trial(runner: Runner, b: int, log: list[dict[str, Any]]) -> dict[str, Any]:
         if not any(text in str(exc) for text in OOM_LIKE):
             raise
         r = {"batch": b, "ok": False, "failure": " ".join(str(exc).split())[:160], "peak_allocated": None}
-    log.append({k: r.get(k) for k in ("batch", "ok", "peak_allocated", "seconds")})
+    log.append({k: r.get(k) for k in TRIAL_FIELDS})
     return r
 
 
@@ -306,6 +318,39 @@ def real_largest(runner: Runner, predicted: int, log: list[dict[str, Any]], dead
     return {"real_max_batch": lo, "ok_at_predicted": at_predicted, "exact": exact, "first_failing": hi}
 
 
+def time_steps(runner: Runner, batch: int, *, accumulation: int = 1, steps: int = TIMED_STEPS) -> float | None:
+    """Median seconds of an optimizer step at ``batch`` (``accumulation`` micro-batches), after a warm-up step;
+    None when it does not fit. For the advisor's step-time factors measured on the device."""
+    try:
+        runner.step(batch, count=False, accumulation=accumulation)
+        runner.dev.sync()
+        times = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            runner.step(batch, count=False, accumulation=accumulation)
+            runner.dev.sync()
+            times.append(time.perf_counter() - t0)
+    except runner.dev.oom_types:
+        return None
+    except RuntimeError as exc:
+        if not any(text in str(exc) for text in OOM_LIKE):
+            raise
+        return None
+    finally:
+        runner.opt.zero_grad(set_to_none=True)
+        runner.dev.clean()
+    return round(statistics.median(times), 5)
+
+
+def model_internals(model: Any) -> dict[str, Any]:
+    """What the fitted model rests on, for deriving a rule offline (bench/predict_zoo.py --reevaluate)."""
+    return {"lines": {k: [v.fixed, v.per_sample] for k, v in model.lines.items()}, "cache": model.cache,
+            "context": model.context, "frag_ratio": model.frag_ratio, "reserved_growth": model.reserved_growth,
+            "alloc_retries": model.alloc_retries, "floor": model.floor, "slope_bound": model.slope_bound,
+            "suspect": model.suspect, "curvature_slope": model.curvature_slope,
+            "time_line": None if model.time_line is None else [model.time_line.fixed, model.time_line.per_sample]}
+
+
 def _cleanup(dev: Any) -> None:
     gc.collect()
     dev.clean()
@@ -330,6 +375,8 @@ def run_entry(entry: Entry, dev: Any, deadline: float, smoke: bool) -> dict[str,
     predicted = p.max_batch or 0
     result.update({
         "observer": how, "observed": [s.batch_size for s in steps], "basis": p.basis,
+        "observed_steps": [s.to_dict() for s in steps], "optimizer": entry.optimizer_name, "amp": arch.amp,
+        "observed_allocator": getattr(runner, "observed_allocator", None), "fit": model_internals(model),
         "conservative": p.basis_fields.conservative, "device_total_for_prediction": device_total,
         "predicted_max_batch": predicted, "predicted_max_batch_central": p.max_batch_central,
     })
@@ -353,6 +400,13 @@ def run_entry(entry: Entry, dev: Any, deadline: float, smoke: bool) -> dict[str,
     result["mean_error_pct"] = statistics.mean(errors) if errors else None
     result["worst_error_pct"] = max(errors) if errors else None
     result["max_batch_ratio"] = predicted / result["real_max_batch"] if result["real_max_batch"] else None
+    timing_batch = max(ACCUMULATION_TIMED[-1], result["real_max_batch"] // 2)
+    timing: dict[str, Any] = {"batch": timing_batch}
+    if time.perf_counter() < deadline:
+        timing["plain_s"] = time_steps(runner, timing_batch)
+        for k in ACCUMULATION_TIMED:  # the same effective batch in k micro-batches: the accumulation factor
+            timing[f"accumulation_{k}_s"] = time_steps(runner, timing_batch, accumulation=k)
+    result["timing"] = timing
     del runner
     _cleanup(dev)
 
@@ -371,15 +425,85 @@ def run_entry(entry: Entry, dev: Any, deadline: float, smoke: bool) -> dict[str,
         runner.step(small, count=False)  # optimizer state exists, as in a running job
         wlog: list[dict[str, Any]] = []
         wreal = real_largest(runner, q.max_batch or 0, wlog, deadline)
+        # the what-if's step time at the plain run's timing batch: the measured factor the advisor estimates
+        wsec = time_steps(runner, timing_batch) if time.perf_counter() < deadline else None
+        plain_s = timing.get("plain_s")
         result["what_ifs"].append({"what_if": what, "assumptions": list(q.basis_fields.what_if),
                                    "predicted_max_batch": q.max_batch, **wreal,
                                    "ratio": (q.max_batch or 0) / wreal["real_max_batch"]
-                                   if wreal["real_max_batch"] else None, "trials": len(wlog)})
+                                   if wreal["real_max_batch"] else None, "trials": len(wlog), "trial_log": wlog,
+                                   "timing": {"batch": timing_batch, "seconds": wsec,
+                                              "factor": round(wsec / plain_s, 4) if wsec and plain_s else None},
+                                   "spec": {"amp": wi.amp, "checkpointing": wi.checkpointing,
+                                            "checkpoint_layers": wi.checkpoint_layers}})
         del runner
         _cleanup(dev)
     result["trials"] = log
     result["seconds"] = round(time.perf_counter() - t0, 1)
     return result
+
+
+# ----------------------------------------------------------------------------------------------- offline
+
+
+def exact_boundary(trials: list[dict[str, Any]]) -> int | None:
+    """The largest batch that ran below the smallest that ran out of memory (None without a failing trial)."""
+    fails = [t["batch"] for t in trials if not t["ok"]]
+    if not fails:
+        return None
+    ok = [t["batch"] for t in trials if t["ok"] and t["batch"] < min(fails)]
+    return max(ok, default=0)
+
+
+def reevaluate(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """Refit the current memory model on each architecture's recorded observation (no GPU) and compare its
+    largest batch, plain and per what-if, with the real one the run measured. Results recorded before the
+    observation was kept (no ``observed_steps``) are listed with ``skipped``."""
+    from batchmon.protocol import Step
+
+    rows: list[dict[str, Any]] = []
+    for r in doc.get("results", []):
+        if "observed_steps" not in r:
+            rows.append({"arch": r["arch"], "skipped": "no recorded observation (an older run)"})
+            continue
+        steps = [Step.from_dict(d) for d in r["observed_steps"]]
+        model = fit(steps, optimizer=r.get("optimizer"), amp=bool(r.get("amp")))
+        if model is None:
+            rows.append({"arch": r["arch"], "skipped": "no usable step"})
+            continue
+        device_total = doc["emulated_device_memory"] + model.context
+        real = exact_boundary(r.get("trials", [])) or r["real_max_batch"]
+        pred = model.max_batch(device_total) or 0
+        row: dict[str, Any] = {"arch": r["arch"], "predicted": pred, "recorded": r["predicted_max_batch"],
+                               "real": real, "ratio": pred / real if real else None, "what_ifs": []}
+        for w in r.get("what_ifs", []):
+            if "spec" not in w or not w.get("real_max_batch"):
+                continue
+            spec = WhatIf(amp=w["spec"]["amp"], checkpointing=w["spec"]["checkpointing"],
+                          checkpoint_layers=w["spec"]["checkpoint_layers"])
+            wpred = model.max_batch(device_total, spec) or 0
+            wreal = exact_boundary(w.get("trial_log", [])) or w["real_max_batch"]
+            row["what_ifs"].append({"what_if": w["what_if"], "predicted": wpred, "recorded": w["predicted_max_batch"],
+                                    "real": wreal, "ratio": wpred / wreal})
+        rows.append(row)
+    return rows
+
+
+def reevaluation_text(rows: list[dict[str, Any]]) -> tuple[str, bool]:
+    """The re-evaluation as a table, and whether every prediction is at or below the real largest batch."""
+    lines = ["| arch | predicted now (recorded) | real | pred/real |", "|---|---:|---:|---:|"]
+    safe = True
+    for row in rows:
+        if "skipped" in row:
+            lines.append(f"| {row['arch']} | {row['skipped']} | | |")
+            continue
+        for name, x in [(row["arch"], row), *((f"{row['arch']}: {w['what_if']}", w) for w in row["what_ifs"])]:
+            above = x["real"] is not None and x["predicted"] > x["real"]
+            safe = safe and not above
+            ratio = "-" if x["ratio"] is None else f"{x['ratio']:.3f}"
+            lines.append(f"| {name} | {x['predicted']} ({x['recorded']}) | {x['real']} | "
+                         f"{ratio}{' **above**' if above else ''} |")
+    return "\n".join(lines) + "\n", safe
 
 
 # ----------------------------------------------------------------------------------------------- report
@@ -419,6 +543,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, help="JSON results (e.g. bench/results/predict_zoo_h200.json)")
     ap.add_argument("--markdown", type=Path, metavar="JSON", help="print the README table of a results file")
+    ap.add_argument("--reevaluate", type=Path, metavar="JSON",
+                    help="refit the current model on a results file's recorded observations (no GPU); exit 1 when "
+                         "a largest batch is above the real one")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny models on CPU against a fake device")
     ap.add_argument("--device-memory-gib", type=float, default=24.0, help="emulated device size (default 24)")
     ap.add_argument("--arch", default="", help="comma-separated subset of the architecture names")
@@ -427,6 +554,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.markdown:
         print(markdown(json.loads(args.markdown.read_text())), end="")
         return 0
+    if args.reevaluate:
+        text, safe = reevaluation_text(reevaluate(json.loads(args.reevaluate.read_text())))
+        print(text, end="")
+        return 0 if safe else 1
     if not args.out:
         ap.error("--out is required (or --markdown)")
     start = time.perf_counter()

@@ -34,3 +34,86 @@ def test_cpu_smoke_writes_the_issue_13_json_and_a_table(tmp_path):
     table = subprocess.run([sys.executable, str(SCRIPT), "--markdown", str(out)], capture_output=True, text=True,
                            timeout=60)
     assert table.returncode == 0 and "| lstm-lm | 20, 20, 20, 10 |" in table.stdout
+    # everything an offline re-derivation needs is recorded, and --reevaluate refits on it to the same answer
+    for r in doc["results"]:
+        assert len(r["observed_steps"]) == 4 and r["observed_steps"][0]["components"]
+        assert {"cache", "context", "frag_ratio", "slope_bound", "floor", "lines"} <= set(r["fit"])
+        assert {"batch", "plain_s", "accumulation_2_s", "accumulation_4_s"} <= set(r["timing"])
+        assert all({"reserved", "inactive_split_peak"} <= set(t) for t in r["trials"])
+    rows = _zoo().reevaluate(doc)
+    assert [row["predicted"] for row in rows] == [r["predicted_max_batch"] for r in doc["results"]]
+
+
+def _zoo():
+    import importlib.util
+
+    if "predict_zoo" in sys.modules:
+        return sys.modules["predict_zoo"]
+    spec = importlib.util.spec_from_file_location("predict_zoo", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["predict_zoo"] = module  # its dataclasses resolve their module while it loads
+    spec.loader.exec_module(module)
+    return module
+
+
+RECORDED = sorted((SCRIPT.parent / "results").glob("predict_zoo_h200*.json"))
+
+
+@pytest.mark.parametrize("path", RECORDED, ids=lambda p: p.name)
+def test_recorded_zoo_never_above_real_and_the_current_model_neither(path):
+    """Issue 13's rule on the recorded H200 runs: no largest batch above the real one, plain or what-if, as
+    recorded; and where the run kept its observation, the current memory model refitted on it neither (a model
+    change that would send a user into an OOM on a recorded architecture fails here)."""
+    doc = json.loads(path.read_text())
+    for r in doc["results"]:
+        if r.get("skipped") or r.get("error"):
+            continue
+        assert r["predicted_max_batch"] <= r["real_max_batch"], r["arch"]
+        for w in r["what_ifs"]:
+            if w.get("real_max_batch"):
+                assert w["predicted_max_batch"] <= w["real_max_batch"], (r["arch"], w["what_if"])
+    zoo = _zoo()
+    rows = zoo.reevaluate(doc)
+    _, safe = zoo.reevaluation_text(rows)
+    assert safe, zoo.reevaluation_text(rows)[0]
+    for row in rows:
+        if "skipped" in row:
+            continue
+        assert row["predicted"] <= row["real"], row
+        assert all(w["predicted"] <= w["real"] for w in row["what_ifs"]), row
+
+
+def test_reevaluate_refits_a_recorded_observation(tmp_path, capsys):
+    """--reevaluate on a hand-built result: the current model's answer from the recorded steps, the exact
+    boundary from the trials, and exit 1 when a prediction is above it."""
+    from test_memory_model import Truth
+
+    truth = Truth()
+    steps = [truth.step(i, b).to_dict() for i, b in enumerate((32, 32, 32, 16), start=1)]
+    from batchmon.memory_model import WhatIf, fit
+    from batchmon.protocol import Step
+
+    model = fit([Step.from_dict(s) for s in steps], optimizer="AdamW")
+    cap = 24 * 2**30
+    pred = model.max_batch(cap + model.context)
+    doc = {"emulated_device_memory": cap, "results": [
+        {"arch": "truth", "observed_steps": steps, "optimizer": "AdamW", "amp": False, "predicted_max_batch": pred,
+         "real_max_batch": pred + 5, "trials": [{"batch": pred + 5, "ok": True}, {"batch": pred + 6, "ok": False}],
+         "what_ifs": [{"what_if": "checkpointing", "predicted_max_batch": 1, "real_max_batch": 10,
+                       "spec": {"amp": False, "checkpointing": True, "checkpoint_layers": 12}, "trial_log": []}]},
+        {"arch": "old", "predicted_max_batch": 1, "real_max_batch": 2}]}
+    zoo = _zoo()
+    rows = zoo.reevaluate(doc)
+    assert rows[0]["predicted"] == pred and rows[0]["real"] == pred + 5  # the exact boundary from the trials
+    ckpt = model.max_batch(cap + model.context, WhatIf(checkpointing=True, checkpoint_layers=12))
+    assert ckpt > 10 and rows[0]["what_ifs"][0]["predicted"] == ckpt
+    assert rows[1]["skipped"]
+    path = tmp_path / "zoo.json"
+    path.write_text(json.dumps(doc))
+    assert zoo.main(["--reevaluate", str(path)]) == 1  # the command line, in process (torch loads once)
+    out = capsys.readouterr().out
+    assert "truth: checkpointing" in out and "**above**" in out
+    doc["results"][0]["what_ifs"] = []
+    path.write_text(json.dumps(doc))
+    assert zoo.main(["--reevaluate", str(path)]) == 0
+    assert "**above**" not in capsys.readouterr().out
