@@ -60,20 +60,23 @@ def test_late_monitor_gets_hello_history_then_live_lines_then_bye(agent_dir):
     assert path is not None and path == agent_dir / f"{os.getpid()}.sock"
 
     reader = Reader(path)
-    reader.until(lambda ms: sum(isinstance(m, Step) for m in ms) >= 1100)
+    reader.until(lambda ms: any(isinstance(m, Step) and m.step == 1100 for m in ms))
     hello = reader.messages[0]
     assert isinstance(hello, Hello)
     assert hello.pid == os.getpid() and hello.name == "late" and hello.device == "cpu"
     assert hello.model.cls == "Model" and hello.model.parameters == D * H + H
     assert hello.optimizer == "SGD" and (hello.rank, hello.local_rank, hello.world_size) == (0, 0, 1)
     assert hello.torch == torch.__version__ and hello.nvml_uuid is None
-    assert hello.history == 1101 == len(reader.messages) - 1  # the burst it announced: 1100 steps and the OOM
-    steps = reader.of(Step)
-    assert [s.step for s in steps] == list(range(1, 1101))
+    assert hello.history == len(reader.messages) - 1  # the burst it announced: the steps' windows and the OOM
+    steps = reader.of(Step)  # coalesced (batchmon.agent.coalesce): windows of consecutive steps, all covered
+    assert [s.step - s.steps + 1 for s in steps] == [1] + [s.step + 1 for s in steps[:-1]]
+    assert steps[-1].step == 1100 and sum(s.steps for s in steps) == 1100
+    assert [s.step for s in steps[:3]] == [1, 2, 3]  # the first steps one by one
     events = reader.of(Event)
     assert [e.kind for e in events] == ["oom"]
     position = reader.messages.index(events[0])
-    assert reader.messages[position - 1].step == 9 and reader.messages[position + 1].step == 10  # in time order
+    after = reader.messages[position + 1]
+    assert reader.messages[position - 1].step == 9 and after.step - after.steps + 1 == 10  # in time order
 
     train(model, opt, 5)  # live
     reader.until(lambda ms: isinstance(ms[-1], Step) and ms[-1].step == 1105)

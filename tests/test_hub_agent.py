@@ -46,8 +46,10 @@ def test_hub_with_the_agent_transport(sockdir):
         transport.put(make_step(1501, batch=32))
         wait_for(lambda: hub.snapshot().agents[0].last_step.step == 1501, what="live step")
         transport.close(Bye())
-        wait_for(lambda: not hub.snapshot().agents or hub.snapshot().agents[0].detached, what="bye")
-        wait_for(lambda: hub.snapshot().agents == (), what="agent removed after it closed")
+        # the run ended: it stays as an ended run with its summary (tests/test_ended_runs.py), not running
+        ended = wait_for(lambda: hub.snapshot().agents[0].state == "ended" and hub.snapshot().agents[0],
+                         what="the run ended")
+        assert ended.ended.how == "detached" and ended.ended.steps == 1501 and hub.snapshot().running == ()
         assert hub.running and hub.error is None
     finally:
         transport.close()
@@ -108,26 +110,30 @@ def test_hub_with_a_real_attached_training_process(sockdir):
             agents = [a for a in hub.snapshot().agents if a.hello.pid == proc.pid]
             return agents[0] if agents else None
 
-        v = wait_for(lambda: (v := view()) and len(v.history) >= 20 and v, timeout=30, what="agent history")
+        # step numbers, not messages: the agent coalesces fast steps into windows (batchmon.agent.coalesce)
+        v = wait_for(lambda: (v := view()) and v.last_step is not None and v.last_step.step >= 20 and v, timeout=30,
+                     what="agent history")
         params = (32 * 64 + 64 + 64 * 4 + 4) * 4
         assert v.hello.optimizer == "Adam" and v.hello.name == "hubtest"
         assert v.last_step.components["parameters"] == params
         assert v.last_step.components["gradients"] in (0, params)  # measured at the step, before or after zero_grad
         assert v.last_step.components["optimizer"] >= 2 * params
         assert v.last_step.batch_size == 8
-        first_steps = len(v.history)
+        first_steps = v.last_step.step
         proc.stdin.write("\n")
         proc.stdin.flush()
         assert proc.stdout.readline().strip() == "more"
-        wait_for(lambda: len(view().history) >= first_steps + 5, timeout=30, what="live steps")
+        wait_for(lambda: view().last_step.step >= first_steps + 5, timeout=30, what="live steps")
         proc.stdin.write("\n")
         proc.stdin.flush()
         assert proc.stdout.readline().strip() == "detached"
-        wait_for(lambda: view() is None or view().detached or not view().connected, timeout=30, what="detach")
+        # detach() says bye: the run has ended (the process goes on), with how many steps it made
+        ended = wait_for(lambda: (v := view()) and v.state == "ended" and v, timeout=30, what="detach")
+        assert ended.ended.how == "detached" and ended.ended.steps >= first_steps + 5
         proc.stdin.write("\n")
         proc.stdin.flush()
         proc.wait(timeout=30)
-        wait_for(lambda: view() is None, timeout=30, what="removal after the process ended")
+        assert hub.snapshot().running == ()
         assert hub.error is None and not any(w.source.startswith("agent") for w in hub.snapshot().warnings)
     finally:
         if proc.poll() is None:

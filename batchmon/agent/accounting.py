@@ -44,8 +44,9 @@ class StorageSet:
 
     __slots__ = ("on_device", "block", "keys", "bytes", "exclude")
 
-    def __init__(self, device: torch.device, exclude: Iterable[set[int]] = ()) -> None:
-        self.on_device = device_matcher(device)
+    def __init__(self, device: torch.device, exclude: Iterable[set[int]] = (),
+                 matcher: Callable[[torch.Tensor], bool] | None = None) -> None:
+        self.on_device = matcher or device_matcher(device)
         self.block = CUDA_BLOCK_BYTES if device.type == "cuda" else 1
         self.keys: set[int] = set()
         self.bytes = 0
@@ -92,6 +93,17 @@ def iter_tensors(obj: Any, depth: int = 3) -> Iterator[torch.Tensor]:
                     yield from iter_tensors(obj[key], depth - 1)
             except Exception:  # noqa: BLE001 - a strange mapping is just not a batch
                 return
+
+
+def tensors_in(obj: Any, depth: int = 4) -> list[torch.Tensor]:
+    """``list(iter_tensors(obj, depth))``, with the usual case - a tuple of tensors - taken without generators."""
+    if type(obj) is tuple:
+        for value in obj:
+            if not isinstance(value, torch.Tensor):
+                break
+        else:
+            return list(obj)
+    return list(iter_tensors(obj, depth))
 
 
 def first_batch_size(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:

@@ -98,7 +98,7 @@ class BatchSizer:
             except Exception as exc:  # noqa: BLE001 - the user's function failed: fall back, say so once
                 self._warn("batch_size_fn", f"batch_size_fn failed ({type(exc).__name__}: {exc}); "
                                             "finding the batch dimension instead")
-        packed = _packed(args) or _packed(list(kwargs.values()))
+        packed = _packed(args) or (_packed(list(kwargs.values())) if kwargs else None)
         if packed is not None and packed.batch_sizes.numel():
             return BatchSize(int(packed.batch_sizes[0]), "packed sequence")
         shape = self._shape
@@ -108,7 +108,13 @@ class BatchSizer:
             return BatchSize(int(shape[self.dim]), f"input dim {self.dim} ({self.dim_origin})")
         if self.learned is not None and self.learned[0] < len(shape):
             return BatchSize(int(shape[self.learned[0]]), f"input dim {self.learned[0]} ({self.learned[1]})")
-        return BatchSize(int(shape[0]), "input dim 0")
+        size = shape[0]
+        found = _DIM0.get(size)
+        if found is None:
+            found = BatchSize(int(size), "input dim 0")
+            if len(_DIM0) < 4096:
+                _DIM0[size] = found
+        return found
 
     # ---------------------------------------------------------------------------------------- learning
 
@@ -167,6 +173,7 @@ class BatchSizer:
 
 
 _probing: list[BatchSizer] = []
+_DIM0: dict[int, BatchSize] = {}  # the common answer, made once per size (a frozen dataclass costs us a step)
 
 
 @eager

@@ -359,8 +359,7 @@ class AgentHandle:
 
     def _track_optimizer(self, optimizer: torch.optim.Optimizer, primary: bool = False) -> None:
         meter = self._meter
-        if optimizer not in meter.optimizer_set:
-            meter.optimizer_set.add(optimizer)
+        if meter.add_optimizer(optimizer):
             patches.wrap_step(optimizer)
         if primary or meter.primary() is None:
             meter.primary_ref = weakref.ref(optimizer)

@@ -19,7 +19,7 @@ import torch
 
 from batchmon.agent import global_hooks
 from batchmon.agent import torch_patches as patches
-from batchmon.agent.accounting import iter_tensors
+from batchmon.agent.accounting import tensors_in
 from batchmon.agent.step_meter import StepMeter
 
 LOSS_SEARCH_STEPS = 3  # how many steps the agent looks for a criterion module after the model's forward
@@ -143,7 +143,7 @@ class ModuleWatch:
             meter.crit_depth += 1
             if meter.crit_depth > 1 or meter.root_depth > 0 or not meter.step_open or not torch.is_grad_enabled():
                 return
-            meter.add_targets(iter_tensors((args, kwargs), depth=4))
+            meter.add_targets(tensors_in((args, kwargs) if kwargs else args, depth=4))
         except Exception as exc:  # noqa: BLE001
             self._owner._fail(exc)
 

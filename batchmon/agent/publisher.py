@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from batchmon import protocol
+from batchmon.agent.coalesce import WINDOW_SECONDS
 from batchmon.agent.transport import HISTORY_EVENTS, HISTORY_STEPS, Transport
 from batchmon.protocol import Bye, Event, Hello, Step
 
@@ -52,7 +53,7 @@ class Publisher:
         try:
             directory = protocol.ensure_socket_dir(self.socket_dir)
             transport = Transport(protocol.socket_path(self.pid, directory), on_error=self._on_error,
-                                  tick=self._tick, tick_seconds=NVML_SECONDS)
+                                  tick=self._tick, tick_seconds=NVML_SECONDS, window_seconds=WINDOW_SECONDS)
             transport.start()
         except (protocol.SocketDirError, OSError) as exc:
             self.socket_error = str(exc) or type(exc).__name__

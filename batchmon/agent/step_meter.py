@@ -44,16 +44,19 @@ What a step reports (the ``Step`` that ``finish`` returns):
 - ``step_seconds``: wall time between optimizer steps as the host sees it (no device sync is added).
 
 Cost control (the overhead target is 1% of step time): activations are counted on *sampled* steps only -
-the first 3 steps, every ``activation_every``-th step (default DEFAULT_ACTIVATION_EVERY = 10; env
-BATCHMON_ACTIVATION_EVERY under ``batchmon run``) and any step whose batch size differs from the last sampled
-one. Parameter, gradient and optimizer bytes are recomputed on the same steps (or when optimizer state
-appears); other steps carry the last measured values forward.
-
-Cost control (the overhead target is 1% of step time): activations are counted on *sampled* steps only -
 the first 3 steps, every ``activation_every``-th step (default 10; env BATCHMON_ACTIVATION_EVERY under
 ``batchmon run``), any step whose batch size differs from the last sampled one and any step after the model
 moved or changed dtype. Parameter, gradient and optimizer bytes are recomputed on the same steps (or when
 optimizer state appears); other steps carry the last measured values forward.
+
+The fixed cost of the other steps (issue 14: about 25 us is 1% of a 2.6 ms step) is kept free of anything that
+grows with the model: no walk over parameters (the layout check reads one remembered parameter), no walk over a
+WeakSet of optimizers (a plain list of weak references), and the allocator's figures - a nested dict of a few
+hundred entries built by torch on every call - read only on sampled steps, on the first steps and at most every
+ALLOCATOR_READ_SECONDS in between (the monitor gets at most about 20 messages a second, batchmon.agent.transport);
+a step in between carries the last figures forward, and the allocator's peak is reset only when it is read, so
+the next read's peak covers every step since (no step's peak is lost, it is reported at the next read). The step
+where the batch size changes resets the peak first, so no step is given the peak of another batch size.
 """
 
 from __future__ import annotations
@@ -69,9 +72,10 @@ from batchmon.agent import accounting
 from batchmon.agent import torch_patches as patches
 from batchmon.agent.identity import cuda_index
 from batchmon.agent.batch_dim import BatchSizer
-from batchmon.protocol import Event, ModelInfo, Step
+from batchmon.protocol import Event, ModelInfo, Step, new_step
 
 FULL_STEPS = 3  # the first steps are always fully measured
+ALLOCATOR_READ_SECONDS = 0.05  # the allocator's figures are read at least this often (and on sampled steps)
 GRAD_MARKS = 4  # parameters whose .grad is watched to tell accumulation from a new step
 
 
@@ -99,13 +103,17 @@ def device_of_optimizer(optimizer: Any) -> torch.device | None:
     return None
 
 
-def _layout(model: torch.nn.Module | None) -> tuple[Any, ...] | None:
-    """Where and how the model's first parameter is stored: a change means .to()/.half() moved it."""
+def _first_parameter(model: torch.nn.Module | None) -> torch.Tensor | None:
     if model is None:
         return None
     for p in model.parameters():
-        return (p.device, p.dtype, p.data_ptr())
+        return p
     return None
+
+
+def _layout_of(p: torch.Tensor | None) -> tuple[Any, ...] | None:
+    """Where and how a parameter is stored: a change means .to()/.half() moved it (the Parameter object stays)."""
+    return None if p is None else (p.device, p.dtype, p.data_ptr())
 
 
 class StepMeter:
@@ -119,6 +127,8 @@ class StepMeter:
         self.model_ref: weakref.ReferenceType[torch.nn.Module] | None = None
         self.primary_ref: weakref.ReferenceType[Any] | None = None
         self.optimizer_set: "weakref.WeakSet[Any]" = weakref.WeakSet()  # dead optimizers drop out by themselves
+        self._optimizer_refs: list[weakref.ReferenceType[Any]] = []  # the same, as a list: cheap to walk per step
+        self._first_param: weakref.ReferenceType[torch.Tensor] | None = None  # whose layout open_step checks
         self.device: torch.device | None = None
         self.model_info: ModelInfo | None = None
         self.step = 0
@@ -147,6 +157,10 @@ class StepMeter:
         self._lazy = False  # the model had uninitialised (lazy) parameters when last counted
         self._backward_static: tuple[int, int, int] | None = None
         self._grad_marks: list[tuple[weakref.ReferenceType[torch.Tensor], int, int]] = []
+        self._matcher: tuple[torch.device, Callable[[torch.Tensor], bool]] | None = None
+        self._figures: CudaFigures | None = None  # the allocator's figures as last read
+        self._figures_t = 0.0  # perf_counter of that read
+        self._last_batch_size: int | None = None  # of the last step (a change resets the allocator's peak)
 
     # -------------------------------------------------------------------------------------------- what
 
@@ -156,7 +170,18 @@ class StepMeter:
 
     @property
     def optimizers(self) -> list[Any]:
-        return list(self.optimizer_set)
+        found = [opt for ref in self._optimizer_refs if (opt := ref()) is not None]
+        if len(found) != len(self._optimizer_refs):
+            self._optimizer_refs = [weakref.ref(opt) for opt in found]
+        return found
+
+    def add_optimizer(self, optimizer: Any) -> bool:
+        """Track an optimizer (its bytes count as optimizer state); False when it already was."""
+        if optimizer in self.optimizer_set:
+            return False
+        self.optimizer_set.add(optimizer)
+        self._optimizer_refs.append(weakref.ref(optimizer))
+        return True
 
     def primary(self) -> Any:
         return self.primary_ref() if self.primary_ref is not None else None
@@ -192,14 +217,19 @@ class StepMeter:
             self._first_forward_t = time.perf_counter()
         n = self.step + 1
         every = self.activation_every
-        model = self.model
-        layout = _layout(model)
-        self.sampled = (every <= 1 or n <= FULL_STEPS or n % every == 0
+        first = self._first_param() if self._first_param is not None else None
+        layout = _layout_of(first)
+        self.sampled = (every <= 1 or n <= FULL_STEPS or n % every == 0 or first is None
                         or self.batch_size != self._sampled_batch_size or layout != self._layout)
+        if self.batch_size != self._last_batch_size and self._figures is not None and self.step >= 1:
+            self._cuda(self.device, True)  # the peak so far belongs to the previous batch size: not to this step
         moved = False
         if self.sampled:
+            model = self.model
+            first = _first_parameter(model)
+            self._first_param = weakref.ref(first) if first is not None else None
             self._sampled_batch_size = self.batch_size
-            self._layout = layout
+            self._layout = _layout_of(first)
             where = device_of(model) if model is not None else None
             if where is not None and (where != self.device or self._lazy):
                 self.set_device(where)  # moved, or lazy parameters materialised since: count the model again
@@ -209,17 +239,24 @@ class StepMeter:
             self._param_keys = found.keys
         return moved
 
+    def _storages(self) -> accounting.StorageSet:
+        """An empty StorageSet on the agent's device (its device test made once per device, not per step)."""
+        device = self.device_or_cpu()
+        if self._matcher is None or self._matcher[0] != device:
+            self._matcher = (device, accounting.device_matcher(device))
+        return accounting.StorageSet(device, matcher=self._matcher[1])
+
     def add_inputs(self, inputs: list[torch.Tensor], count: bool = True) -> None:
         """The root forward's inputs are batch; ``count``: start counting saved tensors (forward begins)."""
         if self.batch is None:
-            self.batch = accounting.StorageSet(self.device_or_cpu())
+            self.batch = self._storages()
         self.batch.add_all(inputs)
         if self.sampled and count:
             self.counter_for_group().push()
 
     def add_targets(self, tensors: Any) -> None:
         if self.batch is None:
-            self.batch = accounting.StorageSet(self.device_or_cpu())
+            self.batch = self._storages()
         targets = [t for t in tensors if not t.requires_grad]  # targets; the model's output requires grad
         self.batch.add_all(targets)
         corrected = self.sizer.observe_targets(targets)
@@ -251,7 +288,7 @@ class StepMeter:
     def begin_forward(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
         """A training forward of the root starts: its batch size, the step (opened if need be), its inputs as
         batch, saved tensors counted on sampled steps. Returns whether the model moved (device changed)."""
-        inputs = list(accounting.iter_tensors((args, kwargs) if kwargs else args, depth=4))
+        inputs = accounting.tensors_in((args, kwargs) if kwargs else args, depth=4)
         measured = self.sizer.measure(args, kwargs, inputs)
         self.batch_size, self.batch_source = measured.size, measured.source
         moved = not self.step_open and self.open_step()
@@ -321,18 +358,31 @@ class StepMeter:
             parameters, gradients, optimizer = self._backward_static
         else:
             parameters, gradients, optimizer = self.static_components(force=sampled)
-        comps = accounting.components(parameters, gradients, optimizer, self._last_acts, self._batch_max)
-        cuda = self._cuda(self.device, True)
+        acts, batch = self._last_acts, self._batch_max
+        comps = {"parameters": parameters, "gradients": gradients, "optimizer": optimizer, "activations": acts,
+                 "batch": batch, "other": 0}
+        cuda: CudaFigures | None = None
+        fresh = False
+        device = self.device
+        if device is not None and device.type == "cuda":
+            if sampled or self.step <= FULL_STEPS or now - self._figures_t >= ALLOCATOR_READ_SECONDS \
+                    or self._figures is None:
+                cuda = self._cuda(device, True)
+                fresh = cuda is not None
+                if fresh:
+                    self._figures, self._figures_t = cuda, now
+            else:
+                cuda = self._figures  # carried forward: the peak keeps growing until the next read
         if cuda is not None:
-            comps["other"] = max(0, cuda.peak - sum(comps.values()))
+            comps["other"] = max(0, cuda.peak - (parameters + gradients + optimizer + acts + batch))
         opened = self.step_open
-        step = Step(step=self.step, time=time.time(), step_seconds=(now - start) if start is not None else None,
-                    batch_size=self.batch_size if opened else None, components=comps,
-                    allocated=cuda.allocated if cuda else None, peak_allocated=cuda.peak if cuda else None,
-                    reserved=cuda.reserved if cuda else None, num_alloc_retries=cuda.retries if cuda else None,
-                    num_ooms=cuda.ooms if cuda else None, device_used=device_used if cuda is not None else None,
-                    batch_source=self.batch_source if opened else None,
-                    micro_batches=self.backwards if opened else None)
+        self._last_batch_size = self.batch_size if opened else self._last_batch_size
+        step = new_step(self.step, time.time(), (now - start) if start is not None else None,
+                        self.batch_size if opened else None, comps,
+                        cuda.allocated if cuda else None, cuda.peak if cuda else None,
+                        cuda.reserved if cuda else None, cuda.retries if cuda else None,
+                        cuda.ooms if cuda else None, device_used if cuda is not None else None,
+                        self.batch_source if opened else None, self.backwards if opened else None)
         self.step_open = False
         self.sampled = False
         self._acts_max = 0
@@ -341,7 +391,7 @@ class StepMeter:
         self._grad_marks = []
         self._backward_static = None
         events: list[Event] = []
-        if cuda is not None:
+        if cuda is not None and fresh:
             if self.retries is not None and cuda.retries > self.retries:
                 events.append(Event(
                     kind="alloc_retry", components=step.components, time=step.time, step=step.step,
@@ -366,7 +416,11 @@ class StepMeter:
 
     def static_components(self, force: bool) -> tuple[int, int, int]:
         optimizers = self.optimizers
-        state_len = sum(len(opt.state) for opt in optimizers if hasattr(opt, "state"))
+        state_len = 0
+        for opt in optimizers:
+            state = getattr(opt, "state", None)
+            if state is not None:
+                state_len += len(state)
         if force or self._static is None or state_len != self._static_state_len:
             device = self.device_or_cpu()
             model = self.model

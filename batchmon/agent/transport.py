@@ -6,6 +6,10 @@ sends each new one the latest hello and the history (last steps and events), the
 discards whatever a monitor sends (never parsed); and it keeps a bounded outbound buffer per monitor, so a
 monitor that never reads loses its oldest lines instead of growing memory or slowing the others.
 
+Steps are coalesced here (batchmon.agent.coalesce): at high step rates one message stands for a window of
+steps, at most about 20 a second, without losing a batch size's peak, a batch change or an event; the
+training thread's put() stays an append, the windows are made on this thread.
+
 No torch here: the monitor side imports protocol only, this module only runs inside the training process.
 """
 
@@ -25,6 +29,7 @@ from pathlib import Path
 from typing import Callable
 
 from batchmon import protocol
+from batchmon.agent.coalesce import StepCoalescer
 from batchmon.protocol import Bye, Event, Hello, Step
 
 HISTORY_STEPS = 2000
@@ -120,7 +125,10 @@ class Transport:
     """Listening socket + daemon thread. Create, start() (may raise OSError/SocketDirError), put(), close()."""
 
     def __init__(self, path: Path, *, on_error: Callable[[BaseException], None] | None = None,
-                 tick: Callable[[], None] | None = None, tick_seconds: float = 1.0) -> None:
+                 tick: Callable[[], None] | None = None, tick_seconds: float = 1.0,
+                 window_seconds: float = 0.0) -> None:
+        """``window_seconds``: coalesce steps into windows of at least this long (batchmon.agent.coalesce;
+        the agent uses coalesce.WINDOW_SECONDS); 0 sends every step as it comes."""
         self.path = path
         self._on_error = on_error
         self._tick = tick
@@ -142,6 +150,7 @@ class Transport:
         self.client_dropped = 0  # lines dropped for monitors that did not keep up (closed ones included)
         self.encode_errors = 0
         self.connections = 0
+        self.coalescer = StepCoalescer(window_seconds)
 
     # ------------------------------------------------------------------ training thread side (never blocks)
 
@@ -246,6 +255,8 @@ class Transport:
                         else:
                             self._service(sel, key.data, mask)
                     self._drain(sel)
+                    if self.coalescer.due(time.monotonic()):
+                        self._emit(sel, self.coalescer.flush(time.monotonic()))
                     if self._tick is not None and time.monotonic() >= next_tick:
                         next_tick = time.monotonic() + self._tick_seconds
                         self._tick()
@@ -272,6 +283,7 @@ class Transport:
                 continue
             conn.setblocking(False)
             self._drain(sel)  # live lines so far go to the existing monitors and into the history
+            self._emit(sel, self.coalescer.flush(time.monotonic()))  # with the open window: the history is complete
             client = _Client(conn)
             if self._hello is not None:  # this monitor's hello says how long its history burst is
                 history = len(self._steps) + len(self._events)
@@ -342,11 +354,30 @@ class Transport:
                         client.push_hello(line)
                 touched = True
         queue = self._queue
+        coalescer = self.coalescer
+        now = time.monotonic()
         while True:
             try:
                 message = queue.popleft()
             except IndexError:
                 break
+            if isinstance(message, Step):
+                touched = self._queue_lines(coalescer.add(message, now)) or touched
+            else:  # an event: the open window of steps goes first
+                touched = self._queue_lines([*coalescer.flush(now), message]) or touched
+        if touched:
+            for client in list(self._clients.values()):
+                self._send(sel, client)
+
+    def _emit(self, sel: selectors.BaseSelector, messages: list[Step | Event]) -> None:
+        if self._queue_lines(messages):
+            for client in list(self._clients.values()):
+                self._send(sel, client)
+
+    def _queue_lines(self, messages: list[Step | Event]) -> bool:
+        """Encode, keep in the history, queue for every monitor; True when something was queued."""
+        queued = False
+        for message in messages:
             line = self._encode(message)
             if line is None:
                 continue
@@ -354,13 +385,12 @@ class Transport:
             (self._steps if isinstance(message, Step) else self._events).append((stamp, line))
             for client in self._clients.values():
                 client.push(line)
-            touched = True
-        if touched:
-            for client in list(self._clients.values()):
-                self._send(sel, client)
+            queued = True
+        return queued
 
     def _final_flush(self, sel: selectors.BaseSelector) -> None:
         self._drain(sel)
+        self._queue_lines(self.coalescer.flush(time.monotonic()))  # the last window before bye
         bye = self._encode(self._bye) if self._bye is not None else None
         for client in self._clients.values():
             if bye is not None:

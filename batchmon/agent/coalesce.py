@@ -1,0 +1,97 @@
+"""Coalesced steps: at high step rates one message stands for a window of steps (issue 14 point 2).
+
+A job at 1000 steps/s would send 1000 lines a second to every monitor, which redraws at most 4 times a second
+and whose memory model keeps one point per batch size (its highest peak). The agent's socket thread
+(batchmon.agent.transport) therefore sends a window of steps as one ``step`` message:
+
+- ``steps``: how many steps the message stands for (protocol v1 added field, default 1: older agents' steps
+  are windows of one; older monitors ignore it);
+- ``step``, ``time``: the window's last step (the step count the monitor shows stays right);
+- ``step_seconds``: the mean step time over the window (so rates stay right: steps / sum of step_seconds);
+- the memory figures (``components``, ``allocated``, ``peak_allocated``, ``reserved``, ``device_used``,
+  ``micro_batches``): those of the window's peak step (highest ``peak_allocated``, else highest sum of the
+  components; the latest on ties);
+- ``num_alloc_retries``, ``num_ooms`` (cumulative counters): the last step's.
+
+A window never spans two batch sizes, and is sent at once (never held back) when: it is one of the first
+FIRST_STEPS steps of the run (a new run shows at once); its batch size (or batch source) differs from the
+previous step's (then the step is a window of its own, sent at once, after the previous window); an event is
+about to be sent (the window goes first, so events stay in step order); the agent says bye; or WINDOW_SECONDS
+passed since the last message. So a monitor gets at most about 1/WINDOW_SECONDS step messages a second in steady
+training, every batch size's peak, every batch change and every event.
+
+No torch here (the module runs on the agent's socket thread).
+"""
+
+from __future__ import annotations
+
+from batchmon.protocol import Step, new_step
+
+WINDOW_SECONDS = 0.05  # at most ~20 step messages a second per agent in steady training
+FIRST_STEPS = 3  # the run's first steps are sent one by one
+
+
+def _peak(step: Step) -> int:
+    return step.peak_allocated if step.peak_allocated is not None else sum(step.components.values())
+
+
+class StepCoalescer:
+    """Turns the agent's stream of steps into window messages. ``add``/``flush``/``due`` take a monotonic now."""
+
+    __slots__ = ("interval", "first_steps", "_peak_step", "_peak", "_last", "_count", "_seconds", "_timed",
+                 "_last_sent", "sent", "seen")
+
+    def __init__(self, interval: float = WINDOW_SECONDS, first_steps: int = FIRST_STEPS) -> None:
+        self.interval = interval
+        self.first_steps = first_steps
+        self._peak_step: Step | None = None  # the open window's peak step
+        self._peak = 0
+        self._last: Step | None = None  # the open window's last step
+        self._count = 0  # steps in the open window
+        self._seconds = 0.0  # sum of the window's step_seconds
+        self._timed = 0  # steps in the window with a step_seconds
+        self._last_sent = float("-inf")
+        self.sent = 0  # step messages made
+        self.seen = 0  # steps taken in
+
+    def add(self, step: Step, now: float) -> list[Step]:
+        """Take one step (a window of ``step.steps``); returns the messages to send now, in order."""
+        self.seen += step.steps
+        last = self._last
+        changed = last is not None and (step.batch_size != last.batch_size or step.batch_source != last.batch_source)
+        if step.step <= self.first_steps or changed:
+            out = self.flush(now)  # the previous window first: it ends here
+            self._take(step)
+            out.extend(self.flush(now))
+            return out
+        self._take(step)
+        return self.flush(now) if now - self._last_sent >= self.interval else []
+
+    def _take(self, step: Step) -> None:
+        peak = _peak(step)
+        if self._peak_step is None or peak >= self._peak:
+            self._peak_step, self._peak = step, peak
+        self._last = step
+        self._count += step.steps
+        if step.step_seconds is not None:
+            self._seconds += step.step_seconds * step.steps
+            self._timed += step.steps
+
+    def due(self, now: float) -> bool:
+        """Whether an open window has waited its time (the socket thread checks on every poll)."""
+        return self._count > 0 and now - self._last_sent >= self.interval
+
+    def flush(self, now: float) -> list[Step]:
+        """The open window as one message (none if no step is waiting)."""
+        peak, last, count = self._peak_step, self._last, self._count
+        if peak is None or last is None or count == 0:
+            return []
+        seconds = self._seconds / self._timed if self._timed else None
+        self._peak_step, self._peak, self._count, self._seconds, self._timed = None, 0, 0, 0.0, 0
+        self._last_sent = now
+        self.sent += 1
+        if count == last.steps and peak is last:
+            return [last]  # a window of one step (or one the agent already made): sent as it is
+        return [new_step(last.step, last.time, seconds, last.batch_size, peak.components, peak.allocated,
+                         peak.peak_allocated, peak.reserved, last.num_alloc_retries, last.num_ooms,
+                         peak.device_used, last.batch_source, peak.micro_batches, count)]

@@ -1,0 +1,368 @@
+#!/usr/bin/env python3
+"""The agent's fixed cost per training step (issue 14 point 1): attached vs plain, and where the time goes.
+
+One process, one model: after a warm-up, rounds alternate (A B B A A B ...) between the agent attached
+(``batchmon.attach(model, optimizer)``, defaults, ``detach()`` at the end of the round) and not attached. Every
+step is timed to ``loss.item()`` (a host sync, as training loops log), so a step's time covers the device work.
+A monitor reads the agent's socket all along (a separate process, ``--no-reader`` to leave it out), as under a
+real ``batchmon`` beside the job. The result: the ratio of the median attached step to the median plain step,
+and the CPU time per step of the whole process (the agent's socket thread included) in both modes.
+
+Then a profiling pass (attached, not part of the timed rounds): each part of the agent's step path is wrapped
+with a perf_counter_ns timer - forward hooks, backward, the optimizer-step end, inside it the counting, the
+allocator figures, the message building and the hand-off to the socket thread - and reported in microseconds
+per step (inclusive times; a wrapper adds ~0.2 us of its own per call).
+
+    python3 bench/agent_cost.py --model mlp --device cpu --out /tmp/x.json      # tiny MLP, ~100 us steps
+    python3 bench/agent_cost.py --model mlp --device cuda --out mlp.json        # 8 x 512 MLP, batch 256, Adam
+    python3 bench/agent_cost.py --model resnet18 --device cuda --out rn.json    # 32x32, batch 128, SGD momentum
+    python3 bench/agent_cost.py --model gpt2 --device cuda --out gpt2.json      # 124M, batch 8 x 512, AdamW
+
+A model whose library is not installed (torchvision, transformers) is skipped: one line, exit 0, and the
+output says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+
+READER = r"""
+import os, socket, sys, time, selectors
+d = sys.argv[1]
+sel = selectors.DefaultSelector()
+seen = {}
+lines = 0
+while True:
+    try:
+        names = [n for n in os.listdir(d) if n.endswith('.sock')]
+    except FileNotFoundError:
+        names = []
+    for n in names:
+        if n not in seen:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                s.connect(os.path.join(d, n))
+            except OSError:
+                s.close(); continue
+            s.setblocking(False)
+            seen[n] = s
+            sel.register(s, selectors.EVENT_READ, n)
+    for key, _ in sel.select(0.05):
+        try:
+            data = key.fileobj.recv(1 << 16)
+        except BlockingIOError:
+            continue
+        except OSError:
+            data = b''
+        if not data:
+            sel.unregister(key.fileobj); key.fileobj.close(); seen.pop(key.data, None)
+        else:
+            lines += data.count(b'\n')
+            sys.stdout.write(f'{lines}\n'); sys.stdout.flush()
+"""
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", choices=("mlp", "resnet18", "gpt2"), default="mlp")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--rounds", type=int, default=None, help="rounds per mode (default 8 on cpu, 6 on cuda)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per round (default: about 1 s of steps)")
+    p.add_argument("--warmup", type=int, default=30, help="untimed steps first (default 30)")
+    p.add_argument("--batch-size", type=int, default=None, help="default: mlp 256 (cpu: 32), resnet18 128, gpt2 8")
+    p.add_argument("--width", type=int, default=None, help="mlp width (default 512; cpu: 64)")
+    p.add_argument("--layers", type=int, default=None, help="mlp layers (default 8; cpu: 3)")
+    p.add_argument("--seq-len", type=int, default=512, help="gpt2 sequence length (default 512)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: steadier on a shared box)")
+    p.add_argument("--profile-steps", type=int, default=None, help="steps of the profiling pass (default 3 rounds)")
+    p.add_argument("--no-reader", action="store_true", help="no monitor process reading the agent's socket")
+    p.add_argument("--cpu-smoke", action="store_true", help="a few short rounds: checks the script, not the cost")
+    p.add_argument("--out", default=None, help="write the result as JSON here")
+    args = p.parse_args(argv)
+    if args.cpu_smoke:
+        args.device = "cpu"
+        args.rounds, args.steps, args.warmup = 2, 20, 5
+    return args
+
+
+# ------------------------------------------------------------------------------------------------ models
+
+
+def build(args: argparse.Namespace, torch: Any, device: Any) -> tuple[Any, Any, Any, Callable[[], Any], dict]:
+    """(model, optimizer, criterion, make_batch, settings) or raises ModuleNotFoundError for a missing library."""
+    nn = torch.nn
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    if args.model == "mlp":
+        cpu = device.type == "cpu"
+        width = args.width or (64 if cpu else 512)
+        layers = args.layers or (3 if cpu else 8)
+        batch = args.batch_size or (32 if cpu else 256)
+        mods: list[Any] = []
+        for i in range(layers):
+            mods += [nn.Linear(width, width), nn.ReLU()]
+        mods.append(nn.Linear(width, 10))
+        model = nn.Sequential(*mods).to(device)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        x = torch.randn(batch, width, generator=gen).to(device)
+        y = torch.randint(0, 10, (batch,), generator=gen).to(device)
+        settings = {"width": width, "layers": layers, "batch_size": batch, "optimizer": "Adam"}
+        return model, opt, nn.CrossEntropyLoss(), lambda: (x, y), settings
+    if args.model == "resnet18":
+        import torchvision  # noqa: F401 - ModuleNotFoundError means: skip
+
+        batch = args.batch_size or 128
+        model = torchvision.models.resnet18(num_classes=10).to(device)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        x = torch.randn(batch, 3, 32, 32, generator=gen).to(device)
+        y = torch.randint(0, 10, (batch,), generator=gen).to(device)
+        settings = {"image": 32, "batch_size": batch, "optimizer": "SGD momentum 0.9"}
+        return model, opt, nn.CrossEntropyLoss(), lambda: (x, y), settings
+    import transformers  # noqa: F401 - ModuleNotFoundError means: skip
+
+    batch = args.batch_size or 8
+    cfg = transformers.GPT2Config()
+    model = transformers.GPT2LMHeadModel(cfg).to(device)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4)
+    ids = torch.randint(0, cfg.vocab_size, (batch, args.seq_len), generator=gen).to(device)
+
+    class LMLoss(nn.Module):
+        def forward(self, logits: Any, labels: Any) -> Any:
+            return nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), labels.view(-1))
+
+    class Wrapped(nn.Module):
+        def __init__(self, inner: Any) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, ids: Any) -> Any:
+            return self.inner(input_ids=ids).logits
+
+    settings = {"config": "GPT2Config()", "batch_size": batch, "seq_len": args.seq_len, "optimizer": "AdamW"}
+    return Wrapped(model), opt, LMLoss(), lambda: (ids, ids), settings
+
+
+# ------------------------------------------------------------------------------------------------ profiling
+
+
+class Timers:
+    """perf_counter_ns wrappers around the agent's step-path functions; inclusive ns and calls per part."""
+
+    def __init__(self) -> None:
+        self.ns: dict[str, int] = {}
+        self.calls: dict[str, int] = {}
+        self._undo: list[Callable[[], None]] = []
+
+    def wrap(self, owner: Any, attr: str, part: str) -> None:
+        original = getattr(owner, attr, None)
+        if original is None:
+            return
+        clock = time.perf_counter_ns
+        ns, calls = self.ns, self.calls
+        ns.setdefault(part, 0)
+        calls.setdefault(part, 0)
+
+        def timed(*a: Any, **k: Any) -> Any:
+            t = clock()
+            try:
+                return original(*a, **k)
+            finally:
+                ns[part] += clock() - t
+                calls[part] += 1
+
+        had_own = isinstance(owner, type) or attr in getattr(owner, "__dict__", {})
+        setattr(owner, attr, timed)
+        self._undo.append((lambda: setattr(owner, attr, original)) if had_own
+                          else (lambda: delattr(owner, attr)))
+
+    def undo(self) -> None:
+        for fn in reversed(self._undo):
+            fn()
+        self._undo.clear()
+
+
+def profile(handle: Any, run_steps: Callable[[int], list[float]], steps: int) -> dict[str, Any]:
+    """The step path's parts in us per step, timed on ``steps`` attached steps."""
+    from batchmon.agent import handle as handle_mod
+    from batchmon.agent import step_meter, torch_patches
+
+    t = Timers()
+    # wrapped on the instances and modules the step path reaches them through
+    t.wrap(handle, "_root_pre", "forward pre hook (agent side)")
+    t.wrap(handle, "_root_post", "forward post hook (agent side)")
+    t.wrap(handle, "_crit_pre", "loss pre hook (agent side)")
+    t.wrap(handle, "_crit_post", "loss post hook (agent side)")
+    t.wrap(handle, "_before_backward", "before backward")
+    t.wrap(handle, "_after_backward", "after backward")
+    t.wrap(handle, "_on_step", "optimizer step end (all of it)")
+    meter = handle._meter
+    t.wrap(meter, "begin_forward", "  forward: batch size, inputs as batch")
+    t.wrap(meter, "finish", "  step end: measure (counting + message)")
+    t.wrap(meter, "static_components", "    counting: parameters/gradients/optimizer")
+    t.wrap(meter, "_cuda", "    allocator figures")
+    t.wrap(step_meter, "Step", "    message building (Step)")
+    t.wrap(handle._out, "step", "  transport hand-off")
+    t.wrap(handle._watch, "step_ended", "  loss window bookkeeping")
+    t.wrap(torch_patches, "_leaving", "  post hook: exception check")
+    del handle_mod
+    per_step: dict[str, list[int]] = {name: [] for name in t.ns}
+    times: list[float] = []
+    for _ in range(steps):
+        before = dict(t.ns)
+        times.extend(run_steps(1))
+        for name, ns in t.ns.items():
+            per_step[name].append(ns - before[name])
+    t.undo()
+    n = max(1, steps)
+    parts = {name: {"us_per_step": round(ns / n / 1e3, 3),
+                    "median_us": round(statistics.median(per_step[name]) / 1e3, 3) if per_step[name] else 0.0,
+                    "calls_per_step": round(t.calls[name] / n, 3)}
+             for name, ns in t.ns.items()}
+    top = [k for k in parts if not k.startswith(" ")]
+    totals = [sum(per_step[k][i] for k in top) for i in range(steps)]
+    return {"steps": steps, "parts": parts,
+            "agent_side_us_per_step": round(sum(parts[k]["us_per_step"] for k in top), 3),
+            "agent_side_median_us": round(statistics.median(totals) / 1e3, 3) if totals else None,
+            "median_step_s_while_profiled": statistics.median(times) if times else None}
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("agent_cost: --device cuda but CUDA is not available", file=sys.stderr)
+        return 2
+    device = torch.device("cuda", 0) if args.device == "cuda" else torch.device("cpu")
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    try:
+        model, opt, crit, batch, settings = build(args, torch, device)
+    except ModuleNotFoundError as exc:
+        result = {"benchmark": "agent_cost", "model": args.model, "skipped": f"{exc.name} is not installed"}
+        print(f"agent_cost: {args.model} skipped: {exc.name} is not installed")
+        if args.out:
+            Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        return 0
+
+    sock_dir = Path(tempfile.mkdtemp(prefix="bmc")) / "s"
+    os.environ["BATCHMON_DIR"] = str(sock_dir)
+    import batchmon
+    from batchmon import protocol
+
+    protocol.ensure_socket_dir(sock_dir)
+    reader = None
+    if not args.no_reader:
+        reader = subprocess.Popen([sys.executable, "-c", READER, str(sock_dir)], stdout=subprocess.PIPE,
+                                  stderr=subprocess.DEVNULL, text=True)
+
+    def one_step() -> float:
+        t = time.perf_counter()
+        x, y = batch()
+        opt.zero_grad(set_to_none=True)
+        loss = crit(model(x), y)
+        loss.backward()
+        opt.step()
+        loss.item()
+        return time.perf_counter() - t
+
+    def run_steps(n: int) -> list[float]:
+        return [one_step() for _ in range(n)]
+
+    for _ in range(args.warmup):
+        one_step()
+    if args.steps is None:  # about a second of steps per round
+        probe = statistics.median(run_steps(10))
+        args.steps = int(min(2000, max(20, 1.0 / max(probe, 1e-6))))
+    rounds_n = args.rounds or (8 if device.type == "cpu" else 6)
+    times: dict[str, list[float]] = {"attached": [], "plain": []}
+    cpu: dict[str, list[float]] = {"attached": [], "plain": []}
+    rounds: list[dict[str, Any]] = []
+    messages = 0
+    agent_steps = 0
+    for i in range(rounds_n):
+        for mode in (("attached", "plain") if i % 2 == 0 else ("plain", "attached")):
+            handle = batchmon.attach(model, opt, name="agent_cost") if mode == "attached" else None
+            c0 = time.process_time()
+            round_times = run_steps(args.steps)
+            c1 = time.process_time()
+            if handle is not None:
+                agent_steps += handle.last_step.step if handle.last_step is not None else 0
+                handle.detach()
+            times[mode].extend(round_times)
+            cpu[mode].append((c1 - c0) / args.steps)
+            rounds.append({"mode": mode, "median_s": statistics.median(round_times), "cpu_s_per_step": cpu[mode][-1]})
+
+    handle = batchmon.attach(model, opt, name="agent_cost_profile")
+    run_steps(5)
+    prof = profile(handle, run_steps, args.profile_steps or args.steps * 3)
+    handle.detach()
+    if reader is not None:
+        time.sleep(0.3)
+        reader.terminate()
+        out, _ = reader.communicate(timeout=10)
+        counts = [int(x) for x in out.split()] if out.strip() else [0]
+        messages = counts[-1]
+    shutil.rmtree(sock_dir.parent, ignore_errors=True)
+
+    med_a, med_p = statistics.median(times["attached"]), statistics.median(times["plain"])
+    ratio = med_a / med_p
+    cpu_a, cpu_p = statistics.median(cpu["attached"]), statistics.median(cpu["plain"])
+    result = {
+        "benchmark": "agent_cost", "model": args.model, "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or
+        platform.machine(),
+        "ratio": round(ratio, 5),
+        "added_us_per_step": round((med_a - med_p) * 1e6, 2),
+        "median_step_s": {"attached": med_a, "plain": med_p},
+        "cpu_s_per_step": {"attached": cpu_a, "plain": cpu_p, "added_us": round((cpu_a - cpu_p) * 1e6, 2)},
+        "steps_per_mode": {k: len(v) for k, v in times.items()},
+        "agent_steps_seen": agent_steps,
+        "monitor_lines_read": messages if reader is not None else None,
+        "profile": prof,
+        "rounds": rounds,
+        "settings": {"rounds": rounds_n, "steps": args.steps, "warmup": args.warmup, "threads": args.threads,
+                     "reader": reader is not None, **settings},
+        "torch": torch.__version__, "python": platform.python_version(), "time": time.time(),
+    }
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"agent_cost {args.model} on {device}: median step {med_a * 1e6:.1f} us attached vs {med_p * 1e6:.1f} us "
+          f"plain, ratio {ratio:.4f} (+{(med_a - med_p) * 1e6:.1f} us); CPU per step +{(cpu_a - cpu_p) * 1e6:.1f} us; "
+          f"{len(times['attached'])}+{len(times['plain'])} steps; monitor read {messages} lines")
+    print(f"  agent's step path (profiled, inclusive): mean {prof['agent_side_us_per_step']} us/step, "
+          f"median step {prof['agent_side_median_us']} us")
+    print(f"    {'part':<48} {'mean':>8}    {'median':>8}")
+    for name, part in prof["parts"].items():
+        if part["calls_per_step"]:
+            print(f"    {name:<48} {part['us_per_step']:8.2f} us {part['median_us']:8.2f} us  "
+                  f"({part['calls_per_step']:g} calls/step)")
+    if args.out:
+        print(f"  wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
