@@ -8,7 +8,8 @@
 ``"sample"`` instead), the raw protocol message object (agent; null with an ``"error"`` when the line was not a
 JSON object), ``{"source", "message"[, "detail"]}`` (warning, counted per source and message) or
 ``{"state": "connected" | "lost", "message", "retry_in"}`` (link: a remote box's ssh session came up or went
-down), ``{"why": "process ended" | "silent"}`` (agent_gone). Records are plain JSON-able dicts, so a recording is one per line (``record_line``).
+down), ``{"why": "process ended" | "silent"}`` (agent_gone; absent in older recordings). Records are plain
+JSON-able dicts, so a recording is one per line (``record_line``).
 
 Every producer (the hub, remote boxes, replay) builds them with the constructors here, so a record's shape is
 written once.

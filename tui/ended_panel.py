@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 
+from rich.console import Console
 from rich.text import Text
 
 from batchmon.protocol import ALL_COMPONENTS
@@ -20,6 +21,7 @@ from batchmon.tui.predict import measured_components
 from batchmon.tui.views import JobView
 
 ADVICE_ROWS = {"full": 6, "medium": 3}
+_CONSOLE = Console(width=1000, color_system=None, legacy_windows=False)  # Text.wrap's measuring console only
 
 
 def end_summary(end: RunEnd) -> str:
@@ -28,6 +30,20 @@ def end_summary(end: RunEnd) -> str:
     steps = f"{end.steps} step{'s' if end.steps != 1 else ''}"
     peak = "peak n/a" if end.peak is None else f"peak {fmt_bytes(end.peak)}"
     return f"ended {when} · {end.text} · {steps} · {peak}"
+
+
+def _wrapped(t: Text, width: int) -> list[Text]:
+    """A line folded at its spaces into lines of ``width`` cells (continuations indented): a label never pushes
+    what follows off the panel; a word longer than a line is cut with '…'."""
+    if len(t.plain) <= width:
+        return [t]
+    out = []
+    for piece in t.wrap(_CONSOLE, max(width - 4, 10)):
+        piece.rstrip()
+        line = piece if not out else Text("    ").append_text(piece)
+        line.truncate(width, overflow="ellipsis")
+        out.append(line)
+    return out
 
 
 def _title(v: JobView, command: str, focused: bool, width: int) -> Text:
@@ -65,7 +81,7 @@ def _oom_lines(r: OomReport, width: int, level: str) -> list[Text]:
     if r.device_free is not None:
         head.append("  free ", style=DIM)
         head.append(fmt_bytes(r.device_free), style=BAD)
-    lines.append(head)
+    lines.extend(_wrapped(head, width))
     scale = r.device_total or (r.allocated + (r.requested_bytes or 0)) or 1
     bar_w = max(10, width - 4)
     parts = component_parts({k: v or 0 for k, v in r.components.items()})
@@ -101,7 +117,7 @@ def _oom_lines(r: OomReport, width: int, level: str) -> list[Text]:
         pool.append(")", style=DIM)
     pool.append("  retries ", style=DIM)
     pool.append(str(r.num_alloc_retries) if r.num_alloc_retries is not None else "n/a")
-    lines.append(pool)
+    lines.extend(_wrapped(pool, width))
     rows = ADVICE_ROWS.get(level, 0)
     if rows and r.advice:
         lines.append(Text().append(f"  what would have fit batch {r.batch_size}, cheapest first", style=f"bold {DIM}"))
@@ -117,9 +133,9 @@ def _oom_lines(r: OomReport, width: int, level: str) -> list[Text]:
             t.append(f"  step x{a.step_time_factor:.2f}", style=DIM)
             lines.append(t)
         if level == "full" and r.advice_basis:
-            lines.append(Text().append(f"  basis: {r.advice_basis}", style=DIM))
+            lines.extend(_wrapped(Text().append(f"  basis: {r.advice_basis}", style=DIM), width))
     elif rows and r.advice_basis:
-        lines.append(Text().append(f"  {r.advice_basis}", style=DIM))
+        lines.extend(_wrapped(Text().append(f"  {r.advice_basis}", style=DIM), width))
     return lines
 
 
@@ -130,7 +146,7 @@ def ended_lines(v: JobView, command: str, width: int, level: str, *, focused: bo
     lines = [_title(v, command, focused, width)]
     end = a.ended
     if end is not None:
-        lines.append(Text().append(f"  {end_summary(end)}", style=DIM))
+        lines.extend(_wrapped(Text().append(f"  {end_summary(end)}", style=DIM), width))
     if a.state == OOM and a.oom is not None:
         if level == "compact":
             r = a.oom

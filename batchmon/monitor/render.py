@@ -395,8 +395,10 @@ def format_table(snap: Snapshot, width: int = 100) -> str:
                  f"{fmt_used_total(host.memory_used, host.memory_total)}")
     lines.append("Agents")
     running = [a for a in snap.agents if a.state == RUNNING]
-    if not running:
+    if not snap.agents:
         lines.append(f"  {NO_AGENTS}")
+    elif not running:
+        lines.append("  none running (ended runs below)")
     for job in group_jobs(running):
         if len(job.ranks) > 1 or job.world_size > 1:
             lines += _job_lines(job)
