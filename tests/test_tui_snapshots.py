@@ -56,5 +56,28 @@ def test_no_agents(snap_compare):
     assert snap_compare(app_for(snap), terminal_size=(120, 36))
 
 
+def test_two_jobs_live_with_memory_over_time(snap_compare):
+    """Two jobs on one H200, the GPT's timeline under the GPU and a 6-row GPU history (issue 16 point 4)."""
+    assert snap_compare(fx.recorded_app("tui_h200_two_jobs.jsonl"), terminal_size=(160, 48))
+
+
+def test_timeline_after_a_long_run(snap_compare):
+    """1600 ResNet-18 steps with a logits leak freed every epoch: the sawtooth of 'other' in the timeline."""
+    assert snap_compare(fx.recorded_app("tui_h200_long_run.jsonl"), terminal_size=(160, 48))
+
+
+def test_oom_post_mortem(snap_compare):
+    """The GPT OOM on the H200: the recording's end, the run ended by the OOM and kept on screen."""
+    assert snap_compare(fx.recorded_app("agent_h200_oom.jsonl", index=-1), terminal_size=(160, 48))
+
+
+def test_torchrun_job(snap_compare):
+    assert snap_compare(fx.recorded_app("ddp_h200_run.jsonl"), terminal_size=(160, 48))
+
+
+def test_component_table_at_80x24(snap_compare):
+    assert snap_compare(fx.recorded_app("tui_h200_two_jobs.jsonl"), terminal_size=(80, 24))
+
+
 def test_help_screen(snap_compare):
     assert snap_compare(app_for(fx.one_gpu(1)), terminal_size=(120, 40), press=["question_mark"])

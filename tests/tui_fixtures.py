@@ -199,10 +199,27 @@ def recorded_or(name: str, fallback):
         from batchmon.monitor.replay import load_snapshots
 
         snaps = load_snapshots(path)
-        live = [sum(1 for a in snap.agents if a.connected and a.last_step) for snap in snaps]
-        # the last moment with the most training processes live: what a user watching the run saw
-        return snaps[max(range(len(snaps)), key=lambda i: (live[i], i))]
+        return snaps[busiest(snaps)]
     return fallback()
+
+
+def busiest(snaps) -> int:
+    """The last moment with the most training processes live: what a user watching the run saw."""
+    live = [sum(1 for a in snap.agents if a.connected and a.last_step) for snap in snaps]
+    return max(range(len(snaps)), key=lambda i: (live[i], i))
+
+
+def recorded_app(name: str, index: int | None = None, **kw):
+    """The monitor on one moment of tests/fixtures/<name> (the busiest unless ``index``), its GPU memory history
+    sampled from the moments before, as the monitor watching the run would have it."""
+    from batchmon.monitor.replay import load_snapshots
+    from batchmon.tui.app import BatchmonApp
+
+    snaps = load_snapshots(FIXTURES / name)
+    i = busiest(snaps) if index is None else index % len(snaps)
+    app = BatchmonApp(snapshot=snaps[i], **kw)
+    app.add_history(snaps[:i])
+    return app
 
 
 #: what a hostile agent, recording or remote box may send: an OSC that sets the window title, a clear screen,

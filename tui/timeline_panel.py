@@ -34,4 +34,6 @@ class TimelinePanel(LinesPanel):
         if a is None:
             return [Text().append("memory over steps: no training process attached", style=DIM)]
         head = Text().append(self.job_name, style="bold")
+        if not a.history and not a.connected:
+            return [head, Text().append("memory over steps: it ended before its first step did", style=DIM)]
         return [head, *timeline_lines(a.history, width, self.rows, device_total=self.device_total), *legend(width)]
