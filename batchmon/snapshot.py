@@ -133,12 +133,19 @@ class Snapshot:
     def agent_figures(self, dev: DeviceSample) -> dict[int, AgentFigures]:
         """pid -> what the running agents on ``dev`` reported that splits their NVML figure (batchmon.where_used);
         an ended run's pid may be another process's now, so it is left out."""
-        out: dict[int, AgentFigures] = {}
-        for a in self.running:
+        return self.figures_by_device().get((dev.index, dev.uuid), {})
+
+    def figures_by_device(self) -> dict[tuple[int, str | None], dict[int, AgentFigures]]:
+        """agent_figures for every GPU at once, keyed (index, uuid): one pass over the running agents."""
+        out: dict[tuple[int, str | None], dict[int, AgentFigures]] = {}
+        for a in self.agents:
+            if a.state != RUNNING:
+                continue
             on = self.device_of(a)
-            if on is not None and on.index == dev.index and on.uuid == dev.uuid:
+            if on is not None:
                 step = a.last_step
-                out[a.hello.pid] = AgentFigures(step.reserved if step is not None else None, a.hello.world_size > 1)
+                out.setdefault((on.index, on.uuid), {})[a.hello.pid] = AgentFigures(
+                    step.reserved if step is not None else None, a.hello.world_size > 1)
         return out
 
     def where_used(self) -> tuple[DeviceUse, ...]:

@@ -84,3 +84,13 @@ def test_a_pool_that_grew_after_nvmls_sample_leaves_the_outside_share_unknown_no
     rows = {p.pid: p for p in use.processes}
     assert rows[1].outside is None and rows[2].outside == 8 and not rows[3].agent
     assert use.unattributed is None  # one process's figure is unknown: the rest cannot be told apart
+
+
+def test_an_ended_runs_process_still_on_the_gpu_is_named_so_not_as_without_an_agent():
+    snap = load_snapshots(FIXTURES / "tui_h200_two_jobs.jsonl")[-1]  # the GPT said bye; its process still exits
+    assert snap.running == () and [p.pid for p in snap.nvml.devices[0].processes] == [516]
+    (_, view), = device_views(snap, {})
+    panel = "\n".join(t.plain for t in gpu_lines(view, 100, "full"))
+    assert "run ended, process still on the GPU: 516" in panel and "without an agent" not in panel
+    text = format_table(snap, 120)
+    assert "run ended, process still exiting: pid 516" in text and "without an agent" not in text

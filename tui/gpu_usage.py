@@ -43,7 +43,13 @@ def usage_lines(v: GpuView, width: int) -> list[Text]:
         row.append(f" + {p.outside_label} ", style=DIM)
         row.append(fmt_bytes(p.outside) if p.outside is not None else "n/a")
         lines.append(row)
-    others = [p for p in use.processes if not p.agent]
+    ended = {p.pid for p in v.procs if p.ended}
+    exiting = [p for p in use.processes if p.pid in ended]
+    if exiting:
+        row = Text().append("  run ended, process still on the GPU: ", style=DIM)
+        row.append(", ".join(f"{p.pid} {fmt_bytes(p.used) if p.used is not None else 'n/a'}" for p in exiting))
+        lines.append(row)
+    others = [p for p in use.processes if not p.agent and p.pid not in ended]
     if others:
         row = Text().append("  without an agent: ", style=DIM)
         row.append(", ".join(f"{p.pid} {fmt_bytes(p.used) if p.used is not None else 'n/a'}" for p in others))

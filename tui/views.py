@@ -32,6 +32,7 @@ class ProcRow:
     info: ProcessInfo | None
     agent: bool
     figures: AgentFigures | None = None  # what its agent reported that splits its NVML figure (where_used)
+    ended: bool = False  # an agent ran in it, and its run ended (the process is exiting, or went on without it)
 
 
 @dataclass
@@ -102,8 +103,8 @@ def box_name(snap: Snapshot, box: Snapshot) -> str:
 
 
 def agent_count(snap: Snapshot) -> int:
-    """Agents on every box shown (the header's count)."""
-    return sum(len(box.agents) for box in boxes(snap))
+    """Running agents on every box shown (the header's count; ended runs are listed, not counted)."""
+    return sum(len(box.running) for box in boxes(snap))
 
 
 # ------------------------------------------------------------------------------------------------ devices
@@ -128,15 +129,17 @@ def device_views(snap: Snapshot, history: Mapping[str, Iterable[int]]) -> list[t
     for box in boxes(snap):
         # every agent of this box's snapshot runs on this box, whatever alias --host gave it
         agent_devices = {a.hello.pid: box.device_of(a) for a in box.running}
+        figures_on = box.figures_by_device()
+        ended = {a.hello.pid for a in box.agents if a.ended is not None}
         for dev in box.nvml.devices:
             procs = []
-            figures = box.agent_figures(dev)
+            figures = figures_on.get((dev.index, dev.uuid), {})
             for p in dev.processes:
                 found = p.pid in agent_devices
                 on = agent_devices.get(p.pid)
                 procs.append(ProcRow(p.pid, p.used, box.process(p.pid),
                                      agent=found and (on is None or on.index == dev.index),
-                                     figures=figures.get(p.pid)))
+                                     figures=figures.get(p.pid), ended=p.pid in ended and p.pid not in figures))
             key = history_key(box, dev)
             out.append((key, GpuView(dev, list(history.get(key, ())), procs, host=box_name(snap, box))))
     return out
