@@ -7,6 +7,9 @@ constructors). ``ingest`` never raises: anything malformed becomes a counted War
 A run that ends (its agent said bye, or went away without one) leaves the live agents for the box's ended runs:
 the last ENDED_LIMIT, newest first, each with its final summary (snapshot.RunEnd) and, after an out-of-memory
 error, its post-mortem (batchmon.postmortem), until a ``clear_ended`` record clears them.
+
+Over 400 lines: ingest, an agent's life (hello, steps, events, its end) and the snapshot's cached views are one
+state machine over the same per-agent records; the rules of a run's end and of its OOM report are in run_ends.
 """
 
 from __future__ import annotations
@@ -16,15 +19,16 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from batchmon import protocol
-from batchmon.postmortem import OomReport, oom_report
+from batchmon.postmortem import OomReport
 from batchmon.records import LOCAL
+from batchmon.monitor import run_ends
 from batchmon.monitor.step_history import StepHistory
 from batchmon.probes import host as host_probe
 from batchmon.probes import nvml as nvml_probe
 from batchmon.probes.host import HostSample
 from batchmon.probes.nvml import NvmlSample
 from batchmon.protocol import Bye, Event, Hello, ProtocolError, Step
-from batchmon.snapshot import ENDED, ENDED_LIMIT, OOM, RUNNING, AgentView, RunEnd, Snapshot, Warning, device_for
+from batchmon.snapshot import ENDED, ENDED_LIMIT, OOM, RUNNING, AgentView, RunEnd, Snapshot, Warning
 
 HISTORY_LIMIT = 2000  # steps kept per agent (the agent sends >= 1000 on connect)
 EVENTS_LIMIT = 200  # events kept per agent
@@ -38,15 +42,7 @@ def _short(text: Any, limit: int = 200) -> str:
 
 
 PREDICT_EVERY_S = 1.0  # refit an agent at most this often (snapshot time), unless its batch sizes change
-ADVICE_EVERY_S = 2.0  # a loop that catches OOMs (a batch finder): the advice for one batch size at most this often
 
-#: RunEnd.text for an end without a bye, by the agent_gone record's ``why`` (None: an older recording)
-GONE_TEXT = {
-    "process ended": ("killed", "ended without a goodbye: killed by a signal, crashed or os._exit (its exit "
-                                "status is not visible to the monitor)"),
-    "silent": ("lost", "no goodbye, and silent past the grace time while its process lives on"),
-    None: ("gone", "ended without a goodbye"),
-}
 
 
 @dataclass
@@ -171,7 +167,7 @@ class HubState:
                         src.agents.pop(key, None)
                     else:
                         why = data.get("why") if isinstance(data, dict) else None
-                        how, text = GONE_TEXT.get(why, GONE_TEXT[None])
+                        how, text = run_ends.GONE_TEXT.get(why, run_ends.GONE_TEXT[None])
                         self._end(src, running, how, text, _time(record.get("t")))
                 return
             agent = self._agent(src, key)
@@ -275,7 +271,7 @@ class HubState:
         elif isinstance(msg, Bye):
             agent.detached = True
             if agent.hello is not None:
-                how, text = _bye_text(msg)
+                how, text = run_ends.bye_text(msg)
                 self._end(src, agent, how, text, msg.time if msg.time is not None else t, bye=msg)
         # None: a valid object of an unknown type, ignored by design
 
@@ -283,20 +279,7 @@ class HubState:
 
     def _end(self, src: _Source, agent: _Agent, how: str, text: str, t: float, bye: Bye | None = None) -> None:
         """The run ended: it leaves the live agents for the box's ended runs, with its final summary."""
-        last = agent.history.last
-        failing = agent.oom_event
-        oom_last = failing is not None and (last is None or last.step < (failing.step or 0))
-        peak = agent.peak
-        if oom_last and agent.oom is not None:
-            how, text = "oom", _short(failing.message or "out of memory", 300)
-            peak = agent.oom.allocated if peak is None else max(peak, agent.oom.allocated)
-        code, sig = _lenient_code(getattr(bye, "exit_code", None)), _lenient_code(getattr(bye, "signal", None))
-        if code is not None and how == "exited":
-            text = f"exited with code {code}"
-        if sig is not None:
-            text += f" (signal {sig})"
-        agent.ended = RunEnd(time=t, how=how, text=text, steps=last.step if last is not None else 0, peak=peak,
-                             exit_code=code, signal=sig)
+        agent.ended = run_ends.run_end(agent.history.last, agent.oom_event, agent.oom, agent.peak, how, text, t, bye)
         if src.agents.get(agent.key) is agent:
             del src.agents[agent.key]
         for old in [a for a in src.ended if a.key == agent.key and a.hello == agent.hello]:
@@ -305,12 +288,10 @@ class HubState:
 
     def _oom(self, src: _Source, agent: _Agent, event: Event) -> None:
         """An out-of-memory error: its post-mortem now, completed by NVML's next sample of the device."""
-        previous = agent.oom
         agent.oom_event = event
-        if (previous is not None and previous.batch_size == event.batch_size and previous.time is not None
-                and event.time is not None and 0 <= event.time - previous.time < ADVICE_EVERY_S):
-            agent.oom = replace(previous, time=event.time, step=event.step, requested_bytes=event.requested_bytes,
-                                message=event.message)  # an OOM-catching loop: the advice of a moment ago
+        again = run_ends.same_oom_again(agent.oom, event)
+        if again is not None:
+            agent.oom = again  # an OOM-catching loop: the advice of a moment ago
             return
         agent.oom = self._oom_report(src, agent, event)
         if not agent.oom_waiting:
@@ -319,18 +300,8 @@ class HubState:
 
     def _oom_report(self, src: _Source, agent: _Agent, event: Event, device_used: int | None = None,
                     device_free: int | None = None) -> OomReport | None:
-        dev = device_for(agent.hello, src.nvml.devices) if agent.hello is not None and src.nvml else None
-        total = dev.memory.total if dev is not None and dev.memory is not None else None
-        model = agent.model
         try:
-            if model is None and agent.history.last is not None:
-                from batchmon import memory_model
-
-                model = memory_model.fit(agent.history.window().model_steps(),
-                                         optimizer=agent.hello.optimizer if agent.hello else None)
-            return oom_report(event, last_step=agent.history.last, model=model,
-                              optimizer=agent.hello.optimizer if agent.hello else None, device_total=total,
-                              device_used=device_used, device_free=device_free)
+            return run_ends.report(event, agent.hello, agent.history, agent.model, src.nvml, device_used, device_free)
         except Exception as exc:  # noqa: BLE001 - a post-mortem bug costs the post-mortem, never the monitor
             self.warn(src.name, "post-mortem", "OOM post-mortem failed", f"{type(exc).__name__}: {_short(exc)}")
             return None
@@ -345,14 +316,11 @@ class HubState:
                 continue  # taken before the error
             src.oom_waiting.remove(agent)
             agent.oom_waiting = False
-            dev = device_for(agent.hello, sample.devices)
-            used = next((p.used for p in dev.processes if p.pid == agent.hello.pid), None) if dev else None
-            if used is None:
-                continue  # the process was already gone from the device
-            free = dev.memory.free if dev is not None and dev.memory is not None else None
-            report = self._oom_report(src, agent, event, used, free)
-            if report is not None:
-                agent.oom = report
+            figures = run_ends.process_figures(agent.hello, sample)
+            if figures is not None:  # else the process was already gone from the device
+                report = self._oom_report(src, agent, event, *figures)
+                if report is not None:
+                    agent.oom = report
 
     def _invalid(self, src: _Source, agent: _Agent, reason: str) -> None:
         agent.invalid_lines += 1
@@ -492,19 +460,7 @@ class HubState:
         return agent.prediction
 
 
+
 def _time(value: Any) -> float:
     """A record's time (its ``t``), 0.0 when it has none that makes sense."""
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and value == value else 0.0
-
-
-def _lenient_code(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) and -1024 < value < 1024 else None
-
-
-def _bye_text(bye: Bye) -> tuple[str, str]:
-    """RunEnd.how and .text for a run that said bye."""
-    if bye.reason == "exit":
-        return "exited", "exited (exit code not reported by the agent)"
-    if bye.reason == "detached":
-        return "detached", "detached: the process went on without the agent"
-    return "exited", f"ended: {_short(bye.reason, 80)}"
