@@ -137,3 +137,72 @@ def test_text_and_job_panel_show_the_post_mortem_within_the_width():
         full = "\n".join(t.plain for t in job_lines(view, width, "full"))
         assert "asked for 6.0 GiB" in full and "what would have fit batch 2048" in full
         assert r"✓ amp" in full or "✓ 2 accumulation" in full
+
+
+OOM_SCRIPT = """
+import sys, torch, batchmon
+torch.manual_seed(0)
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4))
+    def forward(self, x):
+        if x.shape[0] > 16:  # what a CUDA allocator would do at a batch this size: the error type torch raises
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.")
+        return self.body(x)
+
+model = Net()
+opt = torch.optim.Adam(model.parameters())
+batchmon.attach(model, opt, name="oomtest")
+print("attached", flush=True)
+sys.stdin.readline()
+for batch in [8] * 6 + [64]:
+    loss = model(torch.randn(batch, 32)).square().mean()
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+"""
+
+
+def test_a_real_training_process_that_dies_of_an_oom_stays_as_oom_with_its_post_mortem(tmp_path):
+    """A real agent in a real torch process (CPU: the forward raises torch.OutOfMemoryError at batch 64, as the
+    CUDA allocator would), a real hub: the run ends as "oom" after its 6 steps, with its post-mortem."""
+    import os
+    import subprocess
+    import sys
+
+    import pytest
+
+    pytest.importorskip("torch")
+    from batchmon.monitor.hub import Hub
+    from hub_peer import wait_for
+
+    sockdir = protocol.ensure_socket_dir(tmp_path / "sock")
+    proc = subprocess.Popen([sys.executable, "-c", OOM_SCRIPT], env=dict(os.environ, BATCHMON_DIR=str(sockdir)),
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    hub = Hub(interval=0.05, socket_dir=sockdir).start()
+    try:
+        assert proc.stdout.readline().strip() == "attached", proc.stderr.read() if proc.poll() is not None else ""
+        wait_for(lambda: any(a.hello.pid == proc.pid for a in hub.snapshot().agents), timeout=30, what="hello")
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 1 and "OutOfMemoryError" in err  # the script's own exit, unchanged
+
+        def ended():
+            found = [a for a in hub.snapshot().agents if a.hello.pid == proc.pid and a.ended is not None]
+            return found[0] if found else None
+
+        run = wait_for(ended, timeout=30, what="the run's end")
+        assert run.state == "oom" and run.ended.how == "oom" and run.ended.steps == 6
+        assert "out of memory in forward at step 7" in run.ended.text
+        r = run.oom
+        assert (r.step, r.batch_size) == (7, 64) and r.components["parameters"] == (32 * 64 + 64 + 64 * 4 + 4) * 4
+        # on the CPU there is no device to fit: said, not guessed (on a GPU: test_the_advice_is_the_advisors_...)
+        assert r.device_total is None and r.advice == () and r.advice_basis == "no advice: the device size is unknown"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        hub.stop()
