@@ -2,10 +2,11 @@
 
     python screenshots/make_screenshots.py RECORDING.jsonl [--out screenshots] [--name h200] [--size 160x48]
                                            [--press plus --press a] [--index -1]
+    python screenshots/make_screenshots.py --set        # every screenshot the README shows, from tests/fixtures
 
-The app runs headless (Textual's run_test) on one Snapshot of the recording (the last by default), so the
-picture is exactly what `batchmon replay RECORDING` shows at that moment. The header clock is shown in UTC so
-a screenshot does not depend on the machine's time zone.
+The app runs headless (Textual's run_test) on one Snapshot of the recording (the last by default), its GPU
+memory history sampled from the snapshots before it, so the picture is what `batchmon replay RECORDING` shows at
+that moment. The header clock is shown in UTC so a screenshot does not depend on the machine's time zone.
 
 PNG: cairosvg when it is importable, else rsvg-convert (Debian: apt-get install -y librsvg2-bin), else
 ImageMagick's convert. Before converting, non-breaking spaces in Rich's SVG are turned into spaces with
@@ -32,10 +33,35 @@ def parse_size(text: str) -> tuple[int, int]:
     return int(m.group(1)), int(m.group(2))
 
 
-async def render_svg(snapshot, size: tuple[int, int], press: list[str], path: Path, title: str | None) -> None:
+FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures"
+
+#: the README's screenshots: (file stem, recording under tests/fixtures, moment (None: the busiest), size, keys)
+SET: tuple[tuple[str, str, int | None, tuple[int, int], tuple[str, ...]], ...] = (
+    ("h200_two_jobs", "tui_h200_two_jobs.jsonl", None, (160, 48), ()),
+    ("h200_oom_post_mortem", "agent_h200_oom.jsonl", -1, (160, 48), ()),
+    ("h200_advisor", "tui_h200_two_jobs.jsonl", None, (160, 48), ("b", "2", "5", "6")),
+    ("h200_timeline_long_run", "tui_h200_long_run.jsonl", None, (160, 48), ()),
+    ("h200_ddp", "ddp_h200_run.jsonl", None, (160, 48), ()),
+    ("h200_16_agents", "tui_h200_16_agents.jsonl", None, (160, 48), ()),
+    ("h200_16_agents", "tui_h200_16_agents.jsonl", None, (80, 24), ()),
+    ("h200_two_jobs", "tui_h200_two_jobs.jsonl", None, (80, 24), ()),
+    ("h200_what_if", "tui_h200_one_job.jsonl", None, (160, 48), ("plus", "plus", "a", "c")),
+    ("h200_no_agents", "tui_h200_no_agents.jsonl", None, (100, 30), ()),
+)
+
+
+def busiest(snapshots) -> int:
+    """The last moment with the most training processes live (as tests/tui_fixtures.busiest picks it)."""
+    live = [sum(1 for a in snap.agents if a.connected and a.last_step) for snap in snapshots]
+    return max(range(len(snapshots)), key=lambda i: (live[i], i))
+
+
+async def render_svg(snapshot, size: tuple[int, int], press: list[str], path: Path, title: str | None,
+                     earlier=()) -> None:
     from batchmon.tui.app import BatchmonApp
 
     app = BatchmonApp(snapshot=snapshot, title=title, interval=snapshot.interval)
+    app.add_history(earlier)
     async with app.run_test(size=size) as pilot:
         await pilot.pause()
         for key in press:
@@ -87,7 +113,8 @@ def to_png(svg_path: Path, png_path: Path) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("recording", type=Path, help="a file written by `batchmon record`")
+    p.add_argument("recording", type=Path, nargs="?", help="a file written by `batchmon record`")
+    p.add_argument("--set", action="store_true", help="render the README's screenshots from tests/fixtures")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent, help="output folder")
     p.add_argument("--name", help="file name stem (default: the recording's stem)")
     p.add_argument("--size", type=parse_size, action="append", help="WIDTHxHEIGHT, repeatable (default 160x48)")
@@ -98,6 +125,10 @@ def main(argv: list[str] | None = None) -> int:
 
     os.environ["TZ"] = "UTC"
     time.tzset()
+    if args.set:
+        return render_set(args.out, png=not args.no_png)
+    if args.recording is None:
+        p.error("a recording, or --set")
     try:
         from batchmon.monitor.replay import load_snapshots
 
@@ -120,19 +151,42 @@ def main(argv: list[str] | None = None) -> int:
     stem = args.name or args.recording.name.split(".")[0]
     for width, height in args.size or [(160, 48)]:
         svg = args.out / f"{stem}_{width}x{height}.svg"
-        asyncio.run(render_svg(snapshot, (width, height), args.press, svg, title=f"replay {args.recording.name}"))
-        line = f"{svg}"
-        if not args.no_png:
-            png = svg.with_suffix(".png")
-            try:
-                tool = to_png(svg, png)
-            except ConvertFailed as exc:
-                png.unlink(missing_ok=True)
-                print(f"make_screenshots: no PNG for {svg.name}: {exc}", file=sys.stderr)
-                tool = None
-            else:
-                line += f"  {png} ({tool})" if tool else "  (no PNG: install cairosvg, librsvg2-bin or ImageMagick)"
-        print(line)
+        index = args.index % len(snapshots)
+        asyncio.run(render_svg(snapshot, (width, height), args.press, svg, title=f"replay {args.recording.name}",
+                               earlier=snapshots[:index]))
+        print(with_png(svg, png=not args.no_png))
+    return 0
+
+
+def with_png(svg: Path, *, png: bool) -> str:
+    """Convert ``svg`` to PNG beside it (unless not asked); the line to print about both."""
+    line = f"{svg}"
+    if png:
+        out = svg.with_suffix(".png")
+        try:
+            tool = to_png(svg, out)
+        except ConvertFailed as exc:
+            out.unlink(missing_ok=True)
+            print(f"make_screenshots: no PNG for {svg.name}: {exc}", file=sys.stderr)
+        else:
+            line += f"  {out} ({tool})" if tool else "  (no PNG: install cairosvg, librsvg2-bin or ImageMagick)"
+    return line
+
+
+def render_set(out: Path, *, png: bool) -> int:
+    """Every screenshot of SET, each from its recording's moment with the GPU history before it."""
+    from batchmon.monitor.replay import load_snapshots
+
+    out.mkdir(parents=True, exist_ok=True)
+    loaded: dict[str, list] = {}
+    for stem, name, index, size, press in SET:
+        snaps = loaded.get(name)
+        if snaps is None:
+            snaps = loaded[name] = load_snapshots(FIXTURES / name)
+        i = busiest(snaps) if index is None else index % len(snaps)
+        svg = out / f"{stem}_{size[0]}x{size[1]}.svg"
+        asyncio.run(render_svg(snaps[i], size, list(press), svg, title=f"replay {name}", earlier=snaps[:i]))
+        print(with_png(svg, png=png))
     return 0
 
 

@@ -188,10 +188,11 @@ def timeline_lines(history: Sequence[Step], width: int, rows: int, *, device_tot
     peak = max((c.total for c in cols), default=0)
     top = _axis_top(max(peak, 1))
     n = cols[0].last - cols[0].first + 1 if cols else 1
+    # nothing here moves with every step (the job panel shows the step): the axis ends at the last column's
+    # first step, so a new step repaints the last column's cells only, until a new column starts
     title = Text().append("memory over steps", style="bold")
-    title.append(f"  {history[0].step}–{history[-1].step}", style=DIM)
     if n > 1:
-        title.append(f", {n} a column (its highest peak)", style=DIM)
+        title.append(f"  {n} steps a column (its highest peak)", style=DIM)
     sub = Text()
     moved = changes(cols)
     if moved:
@@ -206,7 +207,7 @@ def timeline_lines(history: Sequence[Step], width: int, rows: int, *, device_tot
     lines.extend(_with_axis(grid, top, width))
     axis = Text().append(" " * LABEL_W + "└" + "─" * len(cols), style=DIM)
     lines.append(axis)
-    first, last = f"step {history[0].step}", f"{history[-1].step}"
+    first, last = f"step {cols[0].first if n > 1 else history[0].step}", f"{cols[-1].first}"
     steps = Text().append(" " * (LABEL_W + 1) + first, style=DIM)
     gap = len(cols) - len(first) - len(last)
     if gap >= 1:
