@@ -7,6 +7,7 @@ components of a step in protocol, the imbalance line in jobs.
 
 from __future__ import annotations
 
+import textwrap
 import time
 from typing import Any
 
@@ -342,7 +343,7 @@ def _oom_lines(r: OomReport, width: int) -> list[str]:
     items = [f"{_LABELS[n]} {fmt_bytes(v)}" for n, v in r.components.items() if v is not None]
     items.append(f"live {fmt_bytes(r.allocated)}")
     lines += _wrap(items, "        ", width)
-    pool = [f"reserved {fmt_bytes(r.reserved)}" if r.reserved is not None else f"reserved n/a ({r.reserved_basis})"]
+    pool = [f"reserved {fmt_bytes(r.reserved)}" if r.reserved is not None else "reserved n/a (not reported by the agent)"]
     if r.fragmentation is not None:
         pool.append(f"fragmentation {fmt_bytes(r.fragmentation)}")
     if r.device_used is not None:
@@ -353,8 +354,7 @@ def _oom_lines(r: OomReport, width: int) -> list[str]:
     lines += _wrap(pool, "        ", width)
     if r.advice:
         lines.append(f"      what would have fit batch {_na(r.batch_size)}, cheapest first:")
-        lines += _wrap([f"({r.advice_basis})"], "        ", width) if len(r.advice_basis) < width - 10 else \
-            [_fit(f"        ({r.advice_basis})", width)]
+        lines += textwrap.wrap(f"({r.advice_basis})", width, initial_indent="        ", subsequent_indent="         ")
         for a in r.advice:
             fits = "fits" if a.fits_target else "short"
             lines.append(_fit(f"        {a.what_if:<40} max batch {_na(a.max_batch):>7}  "
