@@ -147,3 +147,29 @@ async def test_tui_shows_the_oom_run_as_its_post_mortem_and_x_clears_it(tmp_path
         assert " OOM " in text and "asked for 6.0 GiB" in text and "No training process attached" not in text
         await pilot.press("x")
         await fx.wait_for(pilot, lambda: not list(app.query(JobPanel)) and list(app.query(NoAgentsPanel)))
+
+
+def test_once_sees_a_process_lingering_after_its_oom_as_oom(tmp_path):
+    """What an agent sends a first monitor while it lingers after dying of an OOM (hello, its steps, the oom
+    event, bye) over a real socket: `batchmon --once`'s sample_once lists the run as oom, without waiting out
+    its max_wait for more."""
+    import time
+
+    from hub_peer import FakeAgent, LivePid
+
+    sockdir = protocol.ensure_socket_dir(tmp_path / "sock")
+    live = LivePid()
+    fail = Event(kind="oom", message="out of memory in backward at step 3", step=3, batch_size=64,
+                 components=dict(make_step(2).components), requested_bytes=1 << 30, time=10.0)
+    greeting = b"".join(protocol.encode(m) for m in (make_hello(live.pid), make_step(1), make_step(2), fail,
+                                                      Bye(reason="exit", time=11.0)))
+    agent = FakeAgent(sockdir, live.pid, greeting=greeting)
+    try:
+        started = time.monotonic()
+        snap = Hub(socket_dir=sockdir).sample_once(max_wait=20.0, quiet=0.5)
+        (run,) = snap.agents
+        assert run.state == "oom" and run.ended.steps == 2 and run.oom.batch_size == 64
+        assert time.monotonic() - started < 10.0  # the bye ends its burst: no wait for max_wait
+    finally:
+        agent.close()
+        live.kill()
