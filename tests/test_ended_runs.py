@@ -173,3 +173,19 @@ def test_once_sees_a_process_lingering_after_its_oom_as_oom(tmp_path):
     finally:
         agent.close()
         live.kill()
+
+
+def test_a_torchrun_job_that_ended_is_one_panel_with_each_ranks_end():
+    from batchmon.tui.job_panel import job_lines
+    from batchmon.tui.predict import Predictor
+    from batchmon.tui.state import WhatIfState
+    from batchmon.tui.views import job_view, ordered_jobs
+
+    snap = final_snapshot(FIXTURES / "ddp_h200_run.jsonl")
+    jobs = ordered_jobs(snap)
+    (key, ranks), = [(k, r) for k, r in jobs if len(r) == 2]
+    assert all(a.state == "ended" for a in ranks) and key.endswith("|ended")
+    lines = [t.plain for t in job_lines(job_view(snap, key, ranks, WhatIfState(), Predictor()), 120, "full")]
+    assert lines[0].lstrip().startswith("ENDED") and "2/2 ranks" in lines[0]
+    for a in ranks:
+        assert any(f"rank {a.hello.rank}" in ln and f"{a.ended.steps} steps" in ln for ln in lines)

@@ -20,9 +20,10 @@ FIXTURES = Path(__file__).parent / "fixtures"
 
 
 def last_view(name: str, argv0: str):
-    """The last snapshot in which the agent running argv0 had reported a step, and that agent."""
+    """The last snapshot in which the agent running argv0 was running and had reported a step, and that agent
+    (after it, the run is an ended run)."""
     for snap in reversed(load_snapshots(FIXTURES / name)):
-        for agent in snap.agents:
+        for agent in snap.running:
             if agent.last_step and agent.hello.argv[0].endswith(argv0):
                 return snap, agent
     raise AssertionError(f"{name}: no step from {argv0}")
@@ -110,11 +111,12 @@ DDP_RECORDINGS = ["ddp_h200_run.jsonl", "ddp_h200_attach.jsonl"]  # `batchmon ru
 
 
 def ddp_job(name: str):
-    """The last snapshot in which both ranks of the recorded torchrun job had stepped, and that job."""
+    """The last snapshot in which both ranks of the recorded torchrun job were running and had stepped, and that
+    job (after it, the job is an ended run: tests/test_ended_runs.py)."""
     from batchmon.jobs import group_jobs
 
     for snap in reversed(load_snapshots(FIXTURES / name)):
-        jobs = [j for j in group_jobs(snap.agents) if len(j.ranks) == 2 and all(a.last_step for a in j.ranks)]
+        jobs = [j for j in group_jobs(snap.running) if len(j.ranks) == 2 and all(a.last_step for a in j.ranks)]
         if jobs:
             return snap, jobs[0]
     raise AssertionError(f"{name}: the two ranks never stepped together")

@@ -157,6 +157,15 @@ def ended_lines(v: JobView, command: str, width: int, level: str, *, focused: bo
                 t.append(f"  → {best.what_if}: max {fmt_count(best.max_batch)}", style=OK)
             return [lines[0], t]
         return lines + _oom_lines(a.oom, width, level)
+    if level != "compact" and len(v.ranks) > 1:  # a distributed job: each rank's own end
+        for rank in v.ranks:
+            t = Text().append(f"  rank {rank.hello.rank:<3} pid {rank.hello.pid:<7} ", style=DIM)
+            if rank.ended is not None:
+                peak = "n/a" if rank.ended.peak is None else fmt_bytes(rank.ended.peak)
+                t.append(f"{rank.ended.how}, {rank.ended.steps} steps, peak {peak}",
+                         style=f"dim {BAD}" if rank.state == OOM else "dim")
+            lines.extend(_wrapped(t, width))
+        return lines
     if level != "compact" and a.last_step is not None:
         measured = measured_components(a.last_step)
         total = sum(measured.values())
