@@ -30,6 +30,7 @@ batch: the advisor's step-time factors measured on the device. With --cpu-smoke 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import platform
@@ -47,7 +48,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from batchmon.memory_model import WhatIf, fit  # noqa: E402
+from batchmon.memory_model import SavedSplit, WhatIf, fit  # noqa: E402
 from predict_accuracy import (GPT, OOM_LIKE, Arch, CudaDevice, Runner, SmokeDevice, observe_with_agent,  # noqa: E402
                               pct)
 
@@ -342,6 +343,58 @@ def time_steps(runner: Runner, batch: int, *, accumulation: int = 1, steps: int 
     return round(statistics.median(times), 5)
 
 
+def measure_saved_split(runner: Runner, batch: int) -> SavedSplit:
+    """What the saved activations are made of at ``batch``: bytes saved in one forward (storages counted once,
+    parameters and the batch's tensors excluded, as the agent counts activations), the part saved inside the
+    repeated blocks and the blocks' input bytes (batchmon.agent.saved_kinds.BlockMeter, what a per-block
+    checkpoint drops and keeps), and the bytes the same forward saves under bf16 autocast. Each forward is
+    followed by its backward (the graph freed) and no optimizer step: the training state is untouched."""
+    from batchmon.agent.saved_kinds import BlockMeter, repeated_blocks
+
+    model, dev = runner.model, runner.dev.device
+    blocks = repeated_blocks(model)
+    params = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+
+    def forward(amp: bool) -> tuple[int, int, int]:
+        x, y = runner.arch.batch(batch, dev, runner.gen)
+        excluded = params | {x.untyped_storage().data_ptr(), y.untyped_storage().data_ptr()}
+        saved: dict[int, int] = {}
+        total = [0]
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            if t.device.type == dev.type:
+                st = t.untyped_storage()
+                key = st.data_ptr()
+                if key not in excluded and key not in saved and st.nbytes():
+                    saved[key] = st.nbytes()
+                    total[0] += st.nbytes()
+            return t
+
+        meter = BlockMeter(blocks, lambda: total[0]) if blocks else None
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+                    loss = runner.arch.loss(model(x), y)
+            inside, inputs, _ = meter.take() if meter else (0, 0, 0)
+        finally:
+            if meter:
+                meter.remove()
+        loss.backward()
+        runner.opt.zero_grad(set_to_none=True)
+        return total[0], inside, inputs
+
+    saved, inside, inputs = forward(False)
+    saved_amp = None
+    if not runner.arch.amp:
+        try:
+            saved_amp = forward(True)[0]
+        except RuntimeError:  # an op without a 16-bit kernel here (oneDNN's LSTM on CPU): the AMP share unknown
+            runner.opt.zero_grad(set_to_none=True)
+    runner.dev.clean()
+    return SavedSplit(batch=batch, saved=saved, in_blocks=inside, block_inputs=inputs, blocks=len(blocks),
+                      saved_amp=saved_amp)
+
+
 def model_internals(model: Any) -> dict[str, Any]:
     """What the fitted model rests on, for deriving a rule offline (bench/predict_zoo.py --reevaluate)."""
     return {"lines": {k: [v.fixed, v.per_sample] for k, v in model.lines.items()}, "cache": model.cache,
@@ -368,8 +421,17 @@ def run_entry(entry: Entry, dev: Any, deadline: float, smoke: bool) -> dict[str,
     if steps is None:
         result["error"] = how
         return result
-    model = fit(steps, optimizer=entry.optimizer_name, amp=arch.amp)
-    assert model is not None
+    split = None
+    if not entry.compiled:  # saved-tensor hooks and forward hooks would break a compiled graph
+        try:
+            split = measure_saved_split(runner, small)
+        except Exception as exc:  # noqa: BLE001 - the split feeds the derived what-ifs only
+            result["saved_split_error"] = f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+            _cleanup(dev)
+    result["saved_split"] = None if split is None else dataclasses.asdict(split)
+    model = fit(steps, optimizer=entry.optimizer_name, amp=arch.amp, saved_split=split)
+    rule_model = fit(steps, optimizer=entry.optimizer_name, amp=arch.amp)  # the what-ifs' rules, for comparison
+    assert model is not None and rule_model is not None
     device_total = dev.total + model.context  # the cap bounds the allocator; the context lies outside it
     p = model.predict(device_total=device_total)
     predicted = p.max_batch or 0
@@ -416,7 +478,10 @@ def run_entry(entry: Entry, dev: Any, deadline: float, smoke: bool) -> dict[str,
             continue
         wi = (WhatIf(amp=True) if what == "amp" else
               WhatIf(checkpointing=True, checkpoint_layers=entry.checkpoint_layers))
-        q = model.predict(wi, device_total=device_total)
+        # the prediction a user gets today (the documented rules: the agent does not measure the split yet),
+        # and the one derived from the measured split, to be validated here before the agent feeds it
+        q = rule_model.predict(wi, device_total=device_total)
+        derived_max = model.max_batch(device_total, wi) if split is not None else None
         if what == "amp":
             variant = replace(arch, amp=True)
         else:
@@ -429,7 +494,10 @@ def run_entry(entry: Entry, dev: Any, deadline: float, smoke: bool) -> dict[str,
         wsec = time_steps(runner, timing_batch) if time.perf_counter() < deadline else None
         plain_s = timing.get("plain_s")
         result["what_ifs"].append({"what_if": what, "assumptions": list(q.basis_fields.what_if),
-                                   "predicted_max_batch": q.max_batch, **wreal,
+                                   "predicted_max_batch": q.max_batch, "predicted_max_batch_derived": derived_max,
+                                   "derived_assumptions": list(model.predict(wi, device_total=device_total)
+                                                               .basis_fields.what_if) if split is not None else [],
+                                   **wreal,
                                    "ratio": (q.max_batch or 0) / wreal["real_max_batch"]
                                    if wreal["real_max_batch"] else None, "trials": len(wlog), "trial_log": wlog,
                                    "timing": {"batch": timing_batch, "seconds": wsec,
@@ -467,7 +535,10 @@ def reevaluate(doc: dict[str, Any]) -> list[dict[str, Any]]:
             rows.append({"arch": r["arch"], "skipped": "no recorded observation (an older run)"})
             continue
         steps = [Step.from_dict(d) for d in r["observed_steps"]]
+        split = SavedSplit(**r["saved_split"]) if r.get("saved_split") else None
         model = fit(steps, optimizer=r.get("optimizer"), amp=bool(r.get("amp")))
+        derived_model = fit(steps, optimizer=r.get("optimizer"), amp=bool(r.get("amp")), saved_split=split) \
+            if split is not None else None
         if model is None:
             rows.append({"arch": r["arch"], "skipped": "no usable step"})
             continue
@@ -483,8 +554,9 @@ def reevaluate(doc: dict[str, Any]) -> list[dict[str, Any]]:
                           checkpoint_layers=w["spec"]["checkpoint_layers"])
             wpred = model.max_batch(device_total, spec) or 0
             wreal = exact_boundary(w.get("trial_log", [])) or w["real_max_batch"]
+            derived = derived_model.max_batch(device_total, spec) if derived_model is not None else None
             row["what_ifs"].append({"what_if": w["what_if"], "predicted": wpred, "recorded": w["predicted_max_batch"],
-                                    "real": wreal, "ratio": wpred / wreal})
+                                    "real": wreal, "ratio": wpred / wreal, "derived": derived})
         rows.append(row)
     return rows
 
@@ -501,8 +573,11 @@ def reevaluation_text(rows: list[dict[str, Any]]) -> tuple[str, bool]:
             above = x["real"] is not None and x["predicted"] > x["real"]
             safe = safe and not above
             ratio = "-" if x["ratio"] is None else f"{x['ratio']:.3f}"
+            derived = x.get("derived")
+            note = "" if derived is None else f"; derived from the split: {derived}" + (
+                " (above real)" if x["real"] is not None and derived > x["real"] else "")
             lines.append(f"| {name} | {x['predicted']} ({x['recorded']}) | {x['real']} | "
-                         f"{ratio}{' **above**' if above else ''} |")
+                         f"{ratio}{' **above**' if above else ''}{note} |")
     return "\n".join(lines) + "\n", safe
 
 
@@ -531,11 +606,16 @@ def markdown(doc: dict[str, Any]) -> str:
     whatifs = [(r["arch"], w) for r in doc["results"] for w in r.get("what_ifs", []) if "skipped" not in w]
     if whatifs:
         lines += ["", "| what-if (from the observed run) | predicted largest batch | real | pred/real | "
-                      "OOM at prediction |", "|---|---:|---:|---:|---|"]
+                      "OOM at prediction | derived from the measured split (not yet used) | step time vs plain |",
+                  "|---|---:|---:|---:|---|---:|---:|"]
         for arch, w in whatifs:
             oom = {True: "no", False: "**yes**", None: "-"}[w.get("ok_at_predicted")]
+            factor = (w.get("timing") or {}).get("factor")
+            derived = w.get("predicted_max_batch_derived")
+            above = derived is not None and w.get("real_max_batch") is not None and derived > w["real_max_batch"]
             lines.append(f"| {arch}: {w['what_if']} | {w['predicted_max_batch']} | {w['real_max_batch']} | "
-                         f"{f(w.get('ratio'), '.3f')} | {oom} |")
+                         f"{f(w.get('ratio'), '.3f')} | {oom} | {'-' if derived is None else derived}"
+                         f"{' **above real**' if above else ''} | {f(factor, '.2f')} |")
     return "\n".join(lines) + "\n"
 
 

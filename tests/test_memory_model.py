@@ -333,3 +333,30 @@ def test_first_step_with_lazy_state_does_not_drag_the_peak_down():
     model = fit([low_peak, T.step(2, 32), T.step(3, 16)], optimizer="adam")
     for b in (64, 512):
         assert model.predict(WhatIf(batch_size=b)).peak_allocated == sum(T.components(b).values())
+
+
+def test_measured_saved_split_derives_checkpointing_and_amp_what_ifs():
+    from batchmon.memory_model import SavedSplit
+
+    steps = [T.step(1, 32), T.step(2, 32), T.step(3, 16)]
+    rule = fit(steps, optimizer="AdamW")
+    # 1000 B saved per sample-batch: 800 inside 12 blocks, block inputs 60, outside 200
+    split = SavedSplit(batch=16, saved=1000, in_blocks=800, block_inputs=60, blocks=12, saved_amp=600)
+    derived = fit(steps, optimizer="AdamW", saved_split=split)
+    share = (200 + 60 + 800 / 12) / 1000
+    assert split.checkpoint_share(12) == pytest.approx(share)
+    act = rule.lines["activations"]
+    p = derived.predict(WhatIf(batch_size=64, checkpointing=True))  # n: the measured block count
+    assert p.components["activations"] == round(act.at(64) * share)
+    assert any("as measured at batch 16" in n for n in p.basis_fields.what_if)
+    amp = derived.predict(WhatIf(batch_size=64, amp=True))
+    expected = act.fixed * 0.6 + 0.5 * rule.trainable_bytes + act.per_sample * 0.6 * 64
+    assert amp.components["activations"] == round(expected)
+    assert any("measured under autocast" in n for n in amp.basis_fields.what_if)
+    # without a split the documented rules, unchanged
+    assert rule.predict(WhatIf(batch_size=64, checkpointing=True)).components["activations"] == round(act.at(64) * 0.25)
+    # nothing measured that a what-if needs: the rule again
+    none = fit(steps, optimizer="AdamW", saved_split=SavedSplit(16, 1000, 0, 0, 0, None))
+    assert none.predict(WhatIf(batch_size=64, amp=True)).components == \
+        rule.predict(WhatIf(batch_size=64, amp=True)).components
+    assert SavedSplit(16, 0, 0, 0, 3).checkpoint_share(3) is None

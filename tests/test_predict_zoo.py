@@ -42,6 +42,11 @@ def test_cpu_smoke_writes_the_issue_13_json_and_a_table(tmp_path):
         assert all({"reserved", "inactive_split_peak"} <= set(t) for t in r["trials"])
     rows = _zoo().reevaluate(doc)
     assert [row["predicted"] for row in rows] == [r["predicted_max_batch"] for r in doc["results"]]
+    # the saved activations' make-up (derived what-ifs): measured where hooks may run, not under torch.compile
+    by_arch = {r["arch"]: r for r in doc["results"]}
+    unet = by_arch["unet"]["saved_split"]
+    assert unet["blocks"] >= 2 and 0 < unet["in_blocks"] <= unet["saved"] and unet["block_inputs"] > 0
+    assert by_arch["gpt-compiled"]["saved_split"] is None
 
 
 def _zoo():

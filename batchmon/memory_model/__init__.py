@@ -96,19 +96,24 @@ What-ifs (``WhatIf``), applied to the fitted lines:
   are the observed optimizer bytes / the observed kind's count when known, else the gradient bytes (states have
   the dtype of the parameters, as torch.optim keeps them).
 * amp (observed run fp32, autocast to fp16/bf16): parameters, gradients, optimizer (fp32 master copies) and
-  batch (inputs as loaded) unchanged; autocast's 16-bit weight copies, saved for backward, add half the
-  trainable parameter bytes to the activations. Nothing measured today says which saved tensors autocast lowers
-  (matmul inputs) and which it keeps or adds in fp32 (softmax and norm outputs, upcast logits - an fp32 run's
-  ``logits.float()`` is a no-op, an AMP run's a new fp32 copy beside the 16-bit logits), so no shrink of the
-  activations or activation gradients is assumed: the what-if bounds the gain from below. Issue 13: the old
-  "activations halve" rule predicted 285 for HF GPT-2 where 185 ran. A no-op when the observed run already
+  batch (inputs as loaded) unchanged. Derived when measured (``fit(..., saved_split=SavedSplit(...))`` with
+  ``saved_amp``: the bytes the same forward saves under autocast, bench/predict_zoo.py measures them; the agent
+  does not yet): the activations' per-sample part x saved_amp / saved, plus the 16-bit weight copies (half the
+  trainable bytes) once more as fixed (they are inside the measured bytes too: counted twice, the safe side).
+  Not measured: autocast's 16-bit weight copies, saved for backward, add half the trainable parameter bytes to
+  the activations and no shrink is assumed (autocast keeps softmax, norms and upcast logits in fp32 - an fp32
+  run's ``logits.float()`` is a no-op, an AMP run's a new fp32 copy beside the 16-bit logits): the what-if
+  bounds the gain from below. Issue 13: the old "activations halve" rule predicted 285 for HF GPT-2 where 185
+  ran. Activation gradients ('other') assumed not to shrink either way. A no-op when the observed run already
   used AMP (``fit(..., amp=True)``).
 * checkpointing: every one of n blocks wrapped in a checkpoint (what ``gradient_checkpointing_enable()``
-  does): forward keeps each block's input, backward recomputes one block at a time; what stays outside the
-  blocks (embeddings, logits, loss) is not measured apart from the blocks', so it is taken as at most one
+  does): forward keeps each block's input, backward recomputes one block at a time. Derived when measured
+  (``SavedSplit``: bytes saved inside the repeated blocks, the blocks' input bytes, the block count, as
+  batchmon.agent.saved_kinds.BlockMeter measures them): activations x (outside + block inputs + inside / n) /
+  saved. Not measured: what stays outside the blocks (embeddings, logits, loss) is taken as at most one
   block's worth: ``3/n`` of the activations (issue 13: 2/n predicted 337 for HF GPT-2 where 332 ran).
-  Activation gradients ('other') unchanged. n is ``WhatIf.checkpoint_layers``; unknown, 12 is assumed and the
-  basis says so.
+  Activation gradients ('other') unchanged. n is ``WhatIf.checkpoint_layers``, else the measured block count;
+  unknown, 12 is assumed and the basis says so.
 * gradient accumulation: ``batch_size`` is the effective batch; activations, batch and the per-sample ``other``
   follow the micro-batch ceil(batch_size / accumulation_steps); gradients and optimizer see the full batch
   (unchanged). ``max_batch`` then answers in effective batch (largest micro-batch x steps).
@@ -119,7 +124,7 @@ What-ifs (``WhatIf``), applied to the fitted lines:
 from batchmon.formulas import OPTIMIZER_STATES, optimizer_kind
 from batchmon.memory_model.fit import CURVATURE_TOLERANCE, INTERCEPT_SHARE, fit, predict_from_steps
 from batchmon.memory_model.model import FAR_EXTRAPOLATION, FRAG_SURVIVAL, MemoryModel
-from batchmon.memory_model.observations import FIXED, PER_SAMPLE, Line, Observation, fit_line
+from batchmon.memory_model.observations import FIXED, PER_SAMPLE, Line, Observation, SavedSplit, fit_line
 from batchmon.memory_model.prediction import Band, Basis, Prediction, WhatIf
 from batchmon.memory_model.what_ifs import DEFAULT_CHECKPOINT_LAYERS, apply_what_if
 from batchmon.memory_model.advisor import Advice, advice_for, advice_json, advice_text, advise
@@ -127,4 +132,5 @@ from batchmon.memory_model.advisor import Advice, advice_for, advice_json, advic
 __all__ = ["Advice", "advice_for", "advice_json", "advice_text", "advise",
            "Band", "Basis", "CURVATURE_TOLERANCE", "DEFAULT_CHECKPOINT_LAYERS", "FAR_EXTRAPOLATION", "FIXED",
            "FRAG_SURVIVAL", "INTERCEPT_SHARE", "Line", "MemoryModel", "OPTIMIZER_STATES", "Observation", "PER_SAMPLE",
-           "Prediction", "WhatIf", "apply_what_if", "fit", "fit_line", "optimizer_kind", "predict_from_steps"]
+           "Prediction", "SavedSplit", "WhatIf", "apply_what_if", "fit", "fit_line", "optimizer_kind",
+           "predict_from_steps"]

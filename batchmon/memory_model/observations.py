@@ -55,6 +55,33 @@ class Observation:
 
 
 @dataclass(frozen=True)
+class SavedSplit:
+    """What the saved activations of one measured forward are made of (batchmon.agent.saved_kinds measures it):
+    the derived checkpointing and AMP what-ifs rest on it instead of a rule of thumb. Bytes at ``batch``."""
+
+    batch: int
+    saved: int  # bytes saved for backward (counted as the 'activations' component is)
+    in_blocks: int  # of which saved inside the model's repeated blocks (what a per-block checkpoint drops)
+    block_inputs: int  # bytes of the blocks' inputs (what a per-block checkpoint keeps)
+    blocks: int  # the number of repeated blocks
+    saved_amp: int | None = None  # bytes the same forward saves under autocast (None: not measured)
+
+    def checkpoint_share(self, n: int) -> float | None:
+        """Share of the saved bytes a checkpoint per block keeps with ``n`` segments: outside the blocks, the
+        blocks' inputs, one block's internals recomputed at a time. None when nothing was measured."""
+        if self.saved <= 0 or self.blocks < 1 or self.in_blocks > self.saved:
+            return None
+        keep = (self.saved - self.in_blocks) + self.block_inputs + self.in_blocks / max(1, n)
+        return min(1.0, keep / self.saved)
+
+    def amp_share(self) -> float | None:
+        """Saved bytes under autocast per saved byte of the observed (fp32) forward. None when not measured."""
+        if self.saved_amp is None or self.saved <= 0:
+            return None
+        return self.saved_amp / self.saved
+
+
+@dataclass(frozen=True)
 class Line:
     """value(B) = fixed + per_sample * B."""
 

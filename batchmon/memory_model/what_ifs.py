@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from batchmon.formulas import OPTIMIZER_STATES, optimizer_kind
-from batchmon.memory_model.observations import FIXED, Line
+from batchmon.memory_model.observations import FIXED, Line, SavedSplit
 from batchmon.memory_model.prediction import WhatIf
 
 DEFAULT_CHECKPOINT_LAYERS = 12
 
 
 def apply_what_if(observed: dict[str, Line], what_if: WhatIf, *, trainable_bytes: float, state_bytes: float,
-                  observed_amp: bool) -> tuple[dict[str, Line], list[str]]:
+                  observed_amp: bool, split: SavedSplit | None = None) -> tuple[dict[str, Line], list[str]]:
+    """The component lines under ``what_if``, and the assumptions each change rests on. ``split``: the measured
+    make-up of the saved activations; where it has what a what-if needs, the what-if is derived from it."""
     lines = dict(observed)
     notes: list[str] = []
     if what_if.optimizer is not None:
@@ -21,22 +23,40 @@ def apply_what_if(observed: dict[str, Line], what_if: WhatIf, *, trainable_bytes
         notes.append(f"optimizer {kind}: {OPTIMIZER_STATES[kind]} state(s) per trainable parameter of the measured "
                      f"state size; the old optimizer's temporaries in 'other' kept")
     if what_if.amp and not observed_amp:
-        # what autocast lowers is not measured today (which saved tensors feed matmuls, which stay fp32): no
-        # shrink is assumed, only what is sure to be added - the 16-bit weight copies saved for backward
         act = lines["activations"]
-        lines["activations"] = Line(act.fixed + 0.5 * trainable_bytes, act.per_sample)
-        notes.append("amp: fp32 master weights, gradients and optimizer kept; +16-bit weight copies (half the "
-                     "trainable bytes); saved activations and activation gradients assumed not to shrink "
-                     "(autocast keeps softmax, norms and upcast logits in fp32 and saves a cast tensor in both "
-                     "dtypes where an fp32 op feeds a 16-bit one): a lower bound of the gain")
+        share = split.amp_share() if split is not None else None
+        if share is not None:
+            # measured: the same forward under autocast saved `share` of the bytes; applied to the per-sample
+            # part, and the 16-bit weight copies (already inside the measured bytes) added once more as fixed:
+            # counted twice, on the safe side
+            lines["activations"] = Line(act.fixed * share + 0.5 * trainable_bytes, act.per_sample * share)
+            notes.append(f"amp: saved activations x{share:.2f} as measured under autocast at batch {split.batch} "
+                         f"(+16-bit weight copies, half the trainable bytes); fp32 master weights, gradients and "
+                         f"optimizer kept; activation gradients assumed not to shrink")
+        else:
+            # what autocast lowers is not measured (which saved tensors feed matmuls, which stay fp32): no shrink
+            # is assumed, only what is sure to be added - the 16-bit weight copies saved for backward
+            lines["activations"] = Line(act.fixed + 0.5 * trainable_bytes, act.per_sample)
+            notes.append("amp: fp32 master weights, gradients and optimizer kept; +16-bit weight copies (half the "
+                         "trainable bytes); saved activations and activation gradients assumed not to shrink "
+                         "(autocast keeps softmax, norms and upcast logits in fp32 and saves a cast tensor in both "
+                         "dtypes where an fp32 op feeds a 16-bit one): a lower bound of the gain")
     if what_if.checkpointing:
-        n = what_if.checkpoint_layers or DEFAULT_CHECKPOINT_LAYERS
-        factor = min(1.0, 3.0 / n)
-        lines["activations"] = lines["activations"].scaled(factor, factor)
-        assumed = "" if what_if.checkpoint_layers else " assumed"
-        notes.append(f"checkpointing: {n} blocks{assumed}; activations x{factor:.2f}: the block inputs kept, one "
-                     f"block recomputed at a time, and the activations outside the blocks (embeddings, logits, "
-                     f"loss) at most one block's worth; activation gradients ('other') unchanged")
+        n = what_if.checkpoint_layers or (split.blocks if split is not None and split.blocks else None) \
+            or DEFAULT_CHECKPOINT_LAYERS
+        share = split.checkpoint_share(n) if split is not None else None
+        if share is not None:
+            lines["activations"] = lines["activations"].scaled(share, share)
+            notes.append(f"checkpointing: {n} blocks; activations x{share:.2f} as measured at batch {split.batch}: "
+                         f"what is saved outside the blocks and the blocks' inputs kept, one block's internals "
+                         f"recomputed at a time; activation gradients ('other') unchanged")
+        else:
+            factor = min(1.0, 3.0 / n)
+            lines["activations"] = lines["activations"].scaled(factor, factor)
+            assumed = "" if what_if.checkpoint_layers else " assumed"
+            notes.append(f"checkpointing: {n} blocks{assumed}; activations x{factor:.2f}: the block inputs kept, one "
+                         f"block recomputed at a time, and the activations outside the blocks (embeddings, logits, "
+                         f"loss) at most one block's worth; activation gradients ('other') unchanged")
     if what_if.shards > 1:
         n = what_if.shards
         for name in FIXED:
