@@ -546,7 +546,8 @@ def reevaluate(doc: dict[str, Any]) -> list[dict[str, Any]]:
         real = exact_boundary(r.get("trials", [])) or r["real_max_batch"]
         pred = model.max_batch(device_total) or 0
         row: dict[str, Any] = {"arch": r["arch"], "predicted": pred, "recorded": r["predicted_max_batch"],
-                               "real": real, "ratio": pred / real if real else None, "what_ifs": []}
+                               "real": real, "ratio": pred / real if real else None, "what_ifs": [],
+                               "overhead": _overhead(model, r, real, doc["emulated_device_memory"])}
         for w in r.get("what_ifs", []):
             if "spec" not in w or not w.get("real_max_batch"):
                 continue
@@ -559,6 +560,25 @@ def reevaluate(doc: dict[str, Any]) -> list[dict[str, Any]]:
                                     "real": wreal, "ratio": wpred / wreal, "derived": derived})
         rows.append(row)
     return rows
+
+
+def _overhead(model: Any, r: dict[str, Any], real: int, cap: int) -> dict[str, Any]:
+    """What the margin must cover, for deriving it: the model's cache + margin at the real largest batch against
+    what the allocator really held above its peak there (reserved - peak, from a clean allocator) and its
+    inactive split bytes (free space inside live segments, which a retry cannot release); and what the run had
+    to spare (the cap - the measured peak)."""
+    at = next((t for t in r.get("trials", []) if t["ok"] and t["batch"] == real), None)
+    central = model.predict(WhatIf(batch_size=real), device_total=cap + model.context)
+    out: dict[str, Any] = {"model_cache": model.cache, "model_margin": central.margin,
+                           "model_overhead": model.cache + central.margin}
+    if at and at.get("peak_allocated") is not None:
+        out["spare_at_real"] = cap - at["peak_allocated"]
+        if at.get("reserved") is not None:
+            out["real_cache_at_real"] = at["reserved"] - at["peak_allocated"]
+        out["inactive_split_at_real"] = at.get("inactive_split_peak")
+    observed = [a.get("inactive_split_peak") for a in r.get("observed_allocator") or [] if a]
+    out["observed_inactive_split"] = max((v for v in observed if v is not None), default=None)
+    return out
 
 
 def reevaluation_text(rows: list[dict[str, Any]]) -> tuple[str, bool]:
@@ -578,6 +598,22 @@ def reevaluation_text(rows: list[dict[str, Any]]) -> tuple[str, bool]:
                 " (above real)" if x["real"] is not None and derived > x["real"] else "")
             lines.append(f"| {name} | {x['predicted']} ({x['recorded']}) | {x['real']} | "
                          f"{ratio}{' **above**' if above else ''}{note} |")
+    mib = 2**20
+
+    def m(v: Any) -> str:
+        return "-" if v is None else f"{v / mib:.0f}"
+
+    lines += ["", "margin: what the model keeps above the peak at the real largest batch vs what the allocator held "
+                  "(MiB)", "", "| arch | model cache | model margin | model total | real reserved - peak | "
+                  "inactive split there | spare below the cap | inactive split observed |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        o = row.get("overhead")
+        if o:
+            lines.append(f"| {row['arch']} | {m(o['model_cache'])} | {m(o['model_margin'])} | "
+                         f"{m(o['model_overhead'])} | {m(o.get('real_cache_at_real'))} | "
+                         f"{m(o.get('inactive_split_at_real'))} | {m(o.get('spare_at_real'))} | "
+                         f"{m(o.get('observed_inactive_split'))} |")
     return "\n".join(lines) + "\n", safe
 
 
