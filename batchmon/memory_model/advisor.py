@@ -76,13 +76,14 @@ def _accumulation_factor(model: MemoryModel, steps: int, batch: int | None) -> t
                  f"(per-pass overhead not measured; small micro-batches use the GPU less well)")
 
 
-def _options(model: MemoryModel, gpus: int) -> list[_Option]:
+def _options(model: MemoryModel, gpus: int, shard_choices: tuple[int, ...]) -> list[_Option]:
+    """Every combination, with its label, its batch-independent step-time factor and that factor's basis: only
+    optimizers with less state than the observed one, no AMP where the run already uses it."""
     observed_states = OPTIMIZER_STATES.get(model.optimizer or "", None)
     optimizers: list[str | None] = [None]
     if observed_states:
         optimizers += [k for k in ("sgd-momentum", "sgd") if OPTIMIZER_STATES[k] < observed_states]
     amps = [False] if model.observed_amp else [False, True]
-    shard_choices = [1, gpus] if gpus > 1 else [1, *SHARD_COUNTS]
     out: list[_Option] = []
     for acc, amp, ckpt, opt, shards in itertools.product((1, *ACCUMULATION_STEPS), amps, (False, True),
                                                          optimizers, shard_choices):
@@ -122,20 +123,33 @@ def advise(model: MemoryModel, *, capacity: int, target_batch: int | None = None
         raise ValueError(f"target batch must be >= 1, got {target_batch}")
     if gpus < 1:
         raise ValueError(f"gpus must be >= 1, got {gpus}")
+    rows = _evaluate(model, _options(model, gpus, (1, gpus) if gpus > 1 else (1,)), capacity, target_batch)
+    if target_batch is not None and not any(a.fits_target for _, a in rows):
+        # nothing on the run's own GPUs reaches the target: the fewest GPUs that would, sharded
+        for n in (n for n in SHARD_COUNTS if n > gpus):
+            more = _evaluate(model, _options(model, gpus, (n,)), capacity, target_batch)
+            if any(a.fits_target for _, a in more):
+                rows += more
+                break
+    return tuple(a for _, a in _rank(rows, gpus, target_batch))
+
+
+def _evaluate(model: MemoryModel, options: list[_Option], capacity: int,
+              target_batch: int | None) -> list[tuple[_Option, Advice]]:
+    """Each option asked of the model: its largest batch, whether it reaches the target, its final factor."""
     rows: list[tuple[_Option, Advice]] = []
-    for opt in _options(model, gpus):
+    for opt in options:
         pred = model.predict(opt.spec, device_total=capacity)
         best = pred.max_batch
         fits = None if target_batch is None else (best is not None and best >= target_batch)
         if opt.spec.accumulation_steps > 1:  # at the batch the user would run: the target, else the largest
             f, why = _accumulation_factor(model, opt.spec.accumulation_steps, target_batch or best)
-            opt = replace(opt, factor=opt.factor * f,
-                          basis=(*opt.basis, f"accumulation x{f:.2f} {why}"))
+            opt = replace(opt, factor=opt.factor * f, basis=(*opt.basis, f"accumulation x{f:.2f} {why}"))
         advice = Advice(what_if=opt.label, max_batch=best, step_time_factor=round(opt.factor, 3),
                         factor_basis="; ".join(opt.basis) or "the observed run", fits_target=fits,
                         assumptions=pred.basis_fields.what_if + pred.basis_fields.conservative_why, spec=opt.spec)
         rows.append((opt, advice))
-    return tuple(a for _, a in _rank(rows, gpus, target_batch))
+    return rows
 
 
 def _rank(rows: list[tuple[_Option, Advice]], gpus: int,
