@@ -37,7 +37,7 @@ def _wrapped(t: Text, width: int) -> list[Text]:
     what follows off the panel; a word longer than a line is cut with '…'."""
     if len(t.plain) <= width:
         return [t]
-    out = []
+    out: list[Text] = []
     for piece in t.wrap(_CONSOLE, max(width - 4, 10)):
         piece.rstrip()
         line = piece if not out else Text("    ").append_text(piece)
@@ -84,7 +84,7 @@ def _oom_lines(r: OomReport, width: int, level: str) -> list[Text]:
     lines.extend(_wrapped(head, width))
     scale = r.device_total or (r.allocated + (r.requested_bytes or 0)) or 1
     bar_w = max(10, width - 4)
-    parts = component_parts({k: v or 0 for k, v in r.components.items()})
+    parts: list[tuple] = list(component_parts({k: v or 0 for k, v in r.components.items()}))
     if r.requested_bytes:
         parts.append((r.requested_bytes, f"bold {BAD}", "▒"))  # what it asked for, past what it had
     bar = Text("  ").append_text(stacked_bar(parts, scale, bar_w))
