@@ -3,6 +3,9 @@ ways to fit it, Enter applies the batch). Real Textual, real memory model, tests
 
 from __future__ import annotations
 
+import time
+
+import pytest
 from textual.widgets import Input, Static
 
 import tui_fixtures as fx
@@ -72,3 +75,30 @@ async def test_b_opens_the_advisor_ranks_as_you_type_and_enter_applies_the_batch
         await fx.wait_for(pilot, lambda: not isinstance(app.screen, BatchPrompt))
         key = list(app.query(JobPanel))[0].view.key
         assert app.what_ifs[key].batch_size == target
+
+
+@pytest.fixture
+def utc(monkeypatch):
+    """The header shows local time: pin the zone so the SVG never depends on it."""
+    monkeypatch.setenv("TZ", "UTC")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+def test_advisor_with_a_target_batch_snapshot(snap_compare, utc):
+    """The advisor over the real H200 recording of two jobs, for a target twice the first job's largest batch.
+    Update after an intended change with: pytest tests/test_tui_advisor.py --snapshot-update"""
+    snap = fx.recorded_or("tui_h200_two_jobs.jsonl", lambda: fx.one_gpu(2))
+
+    async def run_before(pilot) -> None:
+        await fx.wait_for(pilot, lambda: pilot.app.query(JobPanel))
+        await pilot.press("b")
+        await fx.wait_for(pilot, lambda: isinstance(pilot.app.screen, AdvisorPrompt))
+        inp = pilot.app.screen.advisor
+        target = 2 * (inp.model.max_batch(inp.device_total) or 1)
+        pilot.app.screen.query_one(Input).value = str(target)
+        await fx.wait_for(pilot, lambda: pilot.app.screen.shown_target == target)
+
+    assert snap_compare(BatchmonApp(snapshot=snap, title=None), terminal_size=(160, 48), run_before=run_before)
