@@ -41,7 +41,7 @@ from batchmon.snapshot import Snapshot
 class Hub:
     """Live source of Snapshots. ``start()`` runs the IO thread; ``snapshot()`` is the latest one."""
 
-    #: seconds a disconnected agent (no bye, pid alive) stays listed before it is removed
+    #: seconds a disconnected agent (no bye, pid alive) stays running before its run counts as ended ("lost")
     GONE_GRACE_S = 10.0
     #: how long stop() waits for the IO thread
     STOP_TIMEOUT_S = 5.0
