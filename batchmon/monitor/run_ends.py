@@ -34,7 +34,7 @@ def _short(text: Any, limit: int) -> str:
 def bye_text(bye: Bye) -> tuple[str, str]:
     """RunEnd.how and .text for a run that said bye."""
     if bye.reason == "exit":
-        return "exited", "exited (exit code not reported by the agent)"
+        return "exited", "exited (exit code not reported)"
     if bye.reason == "detached":
         return "detached", "detached: the process went on without the agent"
     return "exited", f"ended: {_short(bye.reason, 80)}"
