@@ -22,7 +22,8 @@ predicted_peak, measured_peak}], predicted_max_batch, real_max_batch, what_ifs: 
 real_max_batch, spec, trial_log, timing}], observed_steps, observed_allocator, fit, trials, timing, ...}]}.
 Everything a later model change needs is recorded: the observed steps as the agent reported them (``--reevaluate``
 refits on them without a GPU), each trial's allocator figures (reserved and inactive split bytes at the boundary:
-what the margin must cover), and step times (plain, 2 and 4 accumulation micro-batches, each what-if) at one
+what the margin must cover), the peak of each phase of a step at the observed batch sizes (forward,
+backward, optimizer: for a phase-wise fit), and step times (plain, 2 and 4 accumulation micro-batches, each what-if) at one
 batch: the advisor's step-time factors measured on the device. With --cpu-smoke the "peak" is the sum of measured components on a fake device
 (SmokeDevice), so its figures say nothing about a real allocator.
 """
@@ -395,6 +396,37 @@ def measure_saved_split(runner: Runner, batch: int) -> SavedSplit:
                       saved_amp=saved_amp)
 
 
+def phase_peaks(runner: Runner, batch: int) -> dict[str, Any] | None:
+    """The allocator's peak in each phase of one step at ``batch`` (forward with the loss, backward, optimizer
+    step; the peak statistics reset between them): which phase peaks, and how each grows with the batch - the
+    data a phase-wise fit needs (issue 13: the LSTM's peak moves from the forward to the backward as the batch
+    grows). None off CUDA."""
+    if runner.dev.kind != "cuda":
+        return None
+    dev = runner.dev.device
+    model, opt, arch = runner.model, runner.opt, runner.arch
+    opt.zero_grad(set_to_none=True)
+    runner.dev.clean()
+    out: dict[str, Any] = {"batch": batch}
+    x, y = arch.batch(batch, dev, runner.gen)
+    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=arch.amp):
+        loss = arch.loss(model(x), y)
+    torch.cuda.synchronize(dev)
+    out["forward"] = torch.cuda.max_memory_allocated(dev)
+    torch.cuda.reset_peak_memory_stats(dev)
+    loss.backward()
+    torch.cuda.synchronize(dev)
+    out["backward"] = torch.cuda.max_memory_allocated(dev)
+    torch.cuda.reset_peak_memory_stats(dev)
+    del loss, x, y
+    opt.step()
+    torch.cuda.synchronize(dev)
+    out["optimizer"] = torch.cuda.max_memory_allocated(dev)
+    opt.zero_grad(set_to_none=True)
+    runner.dev.clean()
+    return out
+
+
 def model_internals(model: Any) -> dict[str, Any]:
     """What the fitted model rests on, for deriving a rule offline (bench/predict_zoo.py --reevaluate)."""
     return {"lines": {k: [v.fixed, v.per_sample] for k, v in model.lines.items()}, "cache": model.cache,
@@ -429,6 +461,11 @@ def run_entry(entry: Entry, dev: Any, deadline: float, smoke: bool) -> dict[str,
             result["saved_split_error"] = f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
             _cleanup(dev)
     result["saved_split"] = None if split is None else dataclasses.asdict(split)
+    try:
+        result["phase_peaks"] = [phase_peaks(runner, b) for b in (big, small)]
+    except Exception as exc:  # noqa: BLE001 - recorded for an offline derivation only
+        result["phase_peaks_error"] = f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+        _cleanup(dev)
     model = fit(steps, optimizer=entry.optimizer_name, amp=arch.amp, saved_split=split)
     rule_model = fit(steps, optimizer=entry.optimizer_name, amp=arch.amp)  # the what-ifs' rules, for comparison
     assert model is not None and rule_model is not None
