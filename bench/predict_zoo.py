@@ -16,6 +16,7 @@ Usage (H200, from the checkout; the whole run is budgeted to finish within 9 min
     python3 bench/predict_zoo.py --markdown bench/results/predict_zoo_h200.json   # README table
     python3 bench/predict_zoo.py --cpu-smoke --out /tmp/zoo.json                  # tiny, on CPU: tests the script
     python3 bench/predict_zoo.py --reevaluate bench/results/predict_zoo_h200.json # the current model, offline
+    python3 bench/predict_zoo.py --merge a.json b.json --out bench/results/predict_zoo_h200.json  # two calls
 
 JSON: {"device", "emulated_device_memory", "emulation", ..., "results": [{arch, points: [{batch,
 predicted_peak, measured_peak}], predicted_max_batch, real_max_batch, what_ifs: [{what_if, predicted_max_batch,
@@ -618,6 +619,21 @@ def _overhead(model: Any, r: dict[str, Any], real: int, cap: int) -> dict[str, A
     return out
 
 
+def merge(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One results document from several device calls: the first's header, every call's results in order,
+    ``runs`` naming each call's architectures and seconds. Refuses calls on another device or emulation."""
+    first = docs[0]
+    for d in docs[1:]:
+        if (d["device"], d["emulated_device_memory"]) != (first["device"], first["emulated_device_memory"]):
+            raise SystemExit("predict_zoo: --merge needs results from the same device and emulated size")
+    merged = {k: v for k, v in first.items() if k not in ("results", "seconds", "runs")}
+    merged["runs"] = [{"archs": [r["arch"] for r in d["results"]], "seconds": d.get("seconds")} for d in docs]
+    merged["seconds"] = round(sum(d.get("seconds") or 0 for d in docs), 1)
+    merged["results"] = [r for d in docs for r in d["results"]]
+    merged["note"] = f"{len(docs)} device calls of bench/predict_zoo.py --arch ..., same code, same emulated device"
+    return merged
+
+
 def reevaluation_text(rows: list[dict[str, Any]]) -> tuple[str, bool]:
     """The re-evaluation as a table, and whether every prediction is at or below the real largest batch."""
     lines = ["| arch | predicted now (recorded) | real | pred/real |", "|---|---:|---:|---:|"]
@@ -696,6 +712,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, help="JSON results (e.g. bench/results/predict_zoo_h200.json)")
     ap.add_argument("--markdown", type=Path, metavar="JSON", help="print the README table of a results file")
+    ap.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
+                    help="merge the results of several device calls (same device and emulation) into --out")
     ap.add_argument("--reevaluate", type=Path, metavar="JSON",
                     help="refit the current model on a results file's recorded observations (no GPU); exit 1 when "
                          "a largest batch is above the real one")
@@ -706,6 +724,14 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.markdown:
         print(markdown(json.loads(args.markdown.read_text())), end="")
+        return 0
+    if args.merge:
+        if not args.out:
+            ap.error("--merge needs --out")
+        docs = [json.loads(path.read_text()) for path in args.merge]
+        merged = merge(docs)
+        args.out.write_text(json.dumps(merged, indent=1))
+        print(markdown(merged), end="")
         return 0
     if args.reevaluate:
         text, safe = reevaluation_text(reevaluate(json.loads(args.reevaluate.read_text())))

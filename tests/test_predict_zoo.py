@@ -122,3 +122,16 @@ def test_reevaluate_refits_a_recorded_observation(tmp_path, capsys):
     path.write_text(json.dumps(doc))
     assert zoo.main(["--reevaluate", str(path)]) == 0
     assert "**above**" not in capsys.readouterr().out
+
+
+def test_merge_joins_device_calls_and_refuses_another_device():
+    zoo = _zoo()
+    head = {"device": "NVIDIA H200", "emulated_device_memory": 24 * 2**30, "emulation": "cap", "torch": "2.11"}
+    a = {**head, "seconds": 50.0, "results": [{"arch": "lstm-lm"}, {"arch": "unet"}]}
+    b = {**head, "seconds": 130.0, "results": [{"arch": "t5-small"}]}
+    merged = zoo.merge([a, b])
+    assert [r["arch"] for r in merged["results"]] == ["lstm-lm", "unet", "t5-small"]
+    assert merged["runs"] == [{"archs": ["lstm-lm", "unet"], "seconds": 50.0}, {"archs": ["t5-small"], "seconds": 130.0}]
+    assert merged["seconds"] == 180.0 and merged["emulation"] == "cap"
+    with pytest.raises(SystemExit):
+        zoo.merge([a, {**b, "device": "NVIDIA A100"}])
