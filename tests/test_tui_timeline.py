@@ -92,3 +92,32 @@ async def test_no_timeline_at_80x24():
     async with app.run_test(size=(80, 24)) as pilot:
         await fx.wait_for(pilot, lambda: app.renders >= 1 and "largest batch" in fx.screen_text(app))
         assert "memory over steps" not in fx.screen_text(app)
+
+
+async def test_new_steps_redraw_the_timeline_at_most_once_a_second():
+    snaps = fx.series(5)
+    app = BatchmonApp(snapshot=snaps[0])
+    async with app.run_test(size=(160, 48)) as pilot:
+        await fx.wait_for(pilot, lambda: "memory over steps" in fx.screen_text(app))
+        panel = app.query_one(TimelinePanel)
+        agent = snaps[0].agents[0]
+        later = snaps[1].agents[0]  # the same job, one more step
+        panel.show(agent, "job", None, 8, now=100.0)
+        drawn = panel._signature
+        panel.show(later, "job", None, 8, now=100.5)
+        assert panel._signature == drawn and panel.agent is agent  # within the second: not redrawn
+        panel.show(later, "job", None, 8, now=101.0)
+        assert panel._signature != drawn and panel.agent is later
+        panel.show(later, "job", None, 12, now=101.1)  # other rows: at once
+        assert panel.rows == 12
+
+
+def test_the_gpu_history_keeps_one_sample_a_second():
+    import dataclasses
+
+    base = fx.one_gpu(1)
+    quick = [dataclasses.replace(base, time=fx.T0 + i * 0.25) for i in range(8)]  # 2 s at 4 snapshots a second
+    app = BatchmonApp(snapshot=quick[-1])
+    app.add_history(quick[:-1])
+    (samples,) = app.history.values()
+    assert len(samples) == 2

@@ -46,7 +46,7 @@ from batchmon.tui.state import WhatIfState, cycle_interval, next_interval
 from batchmon.tui.views import JobView
 from batchmon.tui.whatif_bar import PanelColumn, WhatIfBar
 
-HISTORY = 240  # sparkline samples kept per GPU
+HISTORY = 240  # GPU memory history: samples kept per GPU, one a second
 QUIT_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
 NARROW_WIDTH = 120
 SHORT_HEIGHT = 28
@@ -145,6 +145,7 @@ class BatchmonApp(App[int]):
         self._signals: list[int] = []  # signals whose handlers on_mount installed
         self._seeks_seen = 0  # the replay's seek count the GPU histories were sampled for
         self._last_sampled: Snapshot | None = None
+        self._sampled_second: int | None = None
         if snapshot is not None:
             self._record_history(snapshot)
 
@@ -258,6 +259,7 @@ class BatchmonApp(App[int]):
         """Sample the GPUs' memory history from earlier snapshots (a screenshot of a recording's moment shows
         the history up to it, as the monitor would have)."""
         self.history.clear()
+        self._sampled_second = None
         for snap in snapshots:
             self._record_history(snap)
         if self.latest is not None:
@@ -274,11 +276,19 @@ class BatchmonApp(App[int]):
         if pos is not None and pos.seeks != self._seeks_seen:  # a seek: the samples so far are another time's
             self._seeks_seen = pos.seeks
             self.history.clear()
+            self._sampled_second = None
         if snapshot is self._last_sampled:  # the same snapshot again (a replay's end): not a new sample
             return
         self._last_sampled = snapshot
+        second = int(snapshot.time)
+        same_second = second == self._sampled_second
+        self._sampled_second = second
         for key, used in views.memory_samples(snapshot):
-            self.history.setdefault(key, deque(maxlen=HISTORY)).append(used)
+            samples = self.history.setdefault(key, deque(maxlen=HISTORY))
+            if same_second and samples:  # one sample a second, its highest: faster refreshes (a replay at 4 a
+                samples[-1] = max(samples[-1], used)  # second) change the last column, not shift the history
+            else:
+                samples.append(used)
 
     def _schedule_render(self) -> None:
         if self._render_scheduled:
@@ -487,7 +497,7 @@ class BatchmonApp(App[int]):
         dev = view.devices.get(view.lead.key)
         total = dev.memory.total if dev is not None and dev.memory is not None else None
         name = f"{command_text(view.lead)[:40]} (pid {view.lead.hello.pid})"
-        panel.show(view.lead, name, total, self._timeline_rows)
+        panel.show(view.lead, name, total, self._timeline_rows, self.shown.time if self.shown else 0.0)
 
     def _update_whatif_bar(self) -> None:
         bar = self.query_one(WhatIfBar)

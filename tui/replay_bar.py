@@ -9,10 +9,12 @@ from __future__ import annotations
 from typing import Protocol
 
 from rich.text import Text
+from textual.geometry import Region
 from textual.widget import Widget
 
 from batchmon.tui.fmt import clean_line
 from batchmon.tui.palette import BG, BORDER, DIM, OK, PURPLE, WARN
+from batchmon.tui.panel import changed_cells
 
 SEEK_SECONDS = 10.0  # what ← and → move by
 
@@ -84,8 +86,12 @@ class ReplayBar(Widget):
         if not self.is_mounted or self.content_size.width <= 0:
             self.refresh()
             return
-        if self._text() != self._shown:
+        new, shown = self._text(), self._shown
+        if shown is None:
             self.refresh()
+        elif new != shown or new.spans != shown.spans:
+            x0, x1 = changed_cells(shown, new, self.content_size.width)
+            self.refresh(Region(x0, 0, x1 - x0, 1))  # the clock's seconds and the marker, not the whole line
 
     def _text(self) -> Text:
         if self.position is None:

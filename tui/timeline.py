@@ -10,10 +10,11 @@ widening); ``changes`` names the components that moved, and whether they kept ri
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Sequence
 
-from rich.text import Text
+from rich.text import Span, Text
 
 from batchmon.protocol import ALL_COMPONENTS, Step
 from batchmon.tui.bars import COMPONENT_LABELS, COMPONENT_STYLES
@@ -53,23 +54,64 @@ def steps_per_column(first: int, last: int, columns: int) -> int:
     return -(-span // max(1, columns))
 
 
+_COLUMNS: OrderedDict[tuple[int, int, int], tuple[Step, Step, Column]] = OrderedDict()
+_COLUMNS_MAX = 4096
+
+
+def _first_at_or_after(history: Sequence[Step], step: int, lo: int = 0) -> int:
+    """Index of the first step numbered ``step`` or more (the history is in step order): a binary search, so a
+    2000-step window costs a few comparisons per column, not a pass over it."""
+    hi = len(history)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if history[mid].step < step:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+def _column(history: Sequence[Step], lo: int, hi: int, k: int, n: int, complete: bool) -> Column:
+    """Column k (steps k·n … k·n+n−1, history[lo:hi]): its highest-peak step's components, the latest on ties. A
+    complete column never changes (steps are immutable, the history only grows at its end): it is kept, found
+    again by its first and last step objects."""
+    key = (id(history[lo]), id(history[hi - 1]), n)
+    if complete:
+        found = _COLUMNS.get(key)
+        if found is not None and found[0] is history[lo] and found[1] is history[hi - 1]:
+            _COLUMNS.move_to_end(key)
+            return found[2]
+    best = history[lo]
+    best_peak = _peak(best)
+    for i in range(lo + 1, hi):
+        s = history[i]
+        p = _peak(s)
+        if p >= best_peak:
+            best, best_peak = s, p
+    comps = measured_components(best)
+    col = Column(k * n, k * n + n - 1, tuple(comps.get(name, 0) for name in ALL_COMPONENTS))
+    if complete:
+        _COLUMNS[key] = (history[lo], history[hi - 1], col)
+        while len(_COLUMNS) > _COLUMNS_MAX:
+            _COLUMNS.popitem(last=False)
+    return col
+
+
 def timeline_columns(history: Sequence[Step], columns: int) -> list[Column]:
-    """The history (oldest first) in at most ``columns`` step-aligned columns, each its highest-peak step's eight
-    components (only those steps' components are computed: cheap on a 2000-step window)."""
+    """The history (oldest first, in step order) in at most ``columns`` step-aligned columns, each its
+    highest-peak step's eight components. Cost: a binary search per column and a pass over the last (filling)
+    column; the complete ones are reused from earlier calls."""
     if not history or columns <= 0:
         return []
     n = steps_per_column(history[0].step, history[-1].step, columns)
-    best: dict[int, Step] = {}
-    for s in history:
-        k = s.step // n
-        b = best.get(k)
-        if b is None or _peak(s) >= _peak(b):
-            best[k] = s
-    keys = sorted(best)[-columns:]
-    out = []
-    for k in keys:
-        comps = measured_components(best[k])
-        out.append(Column(k * n, k * n + n - 1, tuple(comps.get(name, 0) for name in ALL_COMPONENTS)))
+    first_k, last_k = history[0].step // n, history[-1].step // n
+    out: list[Column] = []
+    lo = _first_at_or_after(history, max(first_k, last_k - columns + 1) * n)
+    for k in range(max(first_k, last_k - columns + 1), last_k + 1):
+        hi = _first_at_or_after(history, (k + 1) * n, lo) if k < last_k else len(history)
+        if hi > lo:
+            out.append(_column(history, lo, hi, k, n, complete=k < last_k))
+        lo = hi
     return out
 
 
@@ -149,14 +191,49 @@ def _axis_top(value: int) -> int:
     return int(10 * mag * unit)  # pragma: no cover
 
 
+_STACKS: OrderedDict[tuple, tuple[tuple[str, str] | None, ...]] = OrderedDict()
+
+
+def _stack(comps: tuple[int, ...], rows: int, top: int) -> tuple[tuple[str, str] | None, ...]:
+    """One column's cells, top row first; kept per (components, rows, top): a column drawn once is reused."""
+    key = (comps, rows, top)
+    cells = _STACKS.get(key)
+    if cells is None:
+        step = top / rows
+        cells = _STACKS[key] = tuple(_stack_cell(comps, (rows - 1 - r) * step, (rows - r) * step)
+                                     for r in range(rows))
+        while len(_STACKS) > _COLUMNS_MAX:
+            _STACKS.popitem(last=False)
+    else:
+        _STACKS.move_to_end(key)
+    return cells
+
+
 def stacked_rows(values: Sequence[Sequence[int]], rows: int, top: int) -> list[list[tuple[str, str] | None]]:
     """``rows`` rows (top first) of one cell per column: each column's components stacked on a 0..top scale."""
-    grid: list[list[tuple[str, str] | None]] = []
-    step = top / rows
-    for r in range(rows):
-        lo = (rows - 1 - r) * step
-        grid.append([_stack_cell(v, lo, lo + step) for v in values])
-    return grid
+    columns = [_stack(tuple(v), rows, top) for v in values]
+    return [[col[r] for col in columns] for r in range(rows)]
+
+
+def _row_text(prefix: str, cells: Sequence[tuple[str, str] | None]) -> Text:
+    """The axis prefix (dim) and the cells, as one string with a span per run of one style (a Text.append per
+    cell cost most of the timeline's drawing time)."""
+    chars = [prefix]
+    spans = [Span(0, len(prefix), DIM)]
+    pos = len(prefix)
+    run_style: str | None = None
+    run_start = pos
+    for cell in cells:
+        char, style = cell if cell is not None else (" ", None)
+        if style != run_style:
+            if run_style is not None and pos > run_start:
+                spans.append(Span(run_start, pos, run_style))
+            run_style, run_start = style, pos
+        chars.append(char)
+        pos += 1
+    if run_style is not None and pos > run_start:
+        spans.append(Span(run_start, pos, run_style))
+    return Text("".join(chars), spans=spans)
 
 
 def _with_axis(grid: list[list[tuple[str, str] | None]], top: int, width: int) -> list[Text]:
@@ -167,14 +244,8 @@ def _with_axis(grid: list[list[tuple[str, str] | None]], top: int, width: int) -
     out = []
     for r, cells in enumerate(grid):
         label = labels.get(r)
-        t = Text().append(f"{label or '':>{LABEL_W}}", style=DIM)
-        t.append("┤" if label is not None else "│", style=DIM)
-        for cell in cells:
-            if cell is None:
-                t.append(" ")
-            else:
-                t.append(cell[0], style=cell[1])
-        out.append(t)
+        prefix = f"{label or '':>{LABEL_W}}" + ("┤" if label is not None else "│")
+        out.append(_row_text(prefix, cells))
     return out
 
 

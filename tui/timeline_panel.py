@@ -9,6 +9,8 @@ from batchmon.tui.palette import DIM
 from batchmon.tui.panel import LinesPanel
 from batchmon.tui.timeline import legend, timeline_lines
 
+MIN_REDRAW_S = 1.0  # new steps of the shown job redraw the timeline at most this often
+
 
 class TimelinePanel(LinesPanel):
     """Not focusable (the keys act on the job it shows); the app sets the job with ``show`` and its rows."""
@@ -21,13 +23,20 @@ class TimelinePanel(LinesPanel):
         self.job_name = ""
         self.device_total: int | None = None
         self.rows = 8
+        self._shown_for: tuple | None = None
+        self._drawn_at = float("-inf")
 
-    def show(self, agent: AgentView | None, name: str, device_total: int | None, rows: int) -> None:
-        """Repaints only when what it draws changed: a new step of the job, another job, other rows."""
+    def show(self, agent: AgentView | None, name: str, device_total: int | None, rows: int, now: float) -> None:
+        """Repaints only when what it draws changed (a new step of the job, another job, other rows), and for new
+        steps of the same job at most once a second of snapshot time ``now``: a run at 100 steps a second
+        moves its last column that often, which no one reads at 4 frames a second."""
+        shown_for = (agent.key if agent else None, name, device_total, rows)
+        if shown_for == self._shown_for and agent is not None and 0 <= now - self._drawn_at < MIN_REDRAW_S:
+            return
+        self._shown_for, self._drawn_at = shown_for, now
         self.agent, self.job_name, self.device_total, self.rows = agent, name, device_total, rows
         step = agent.last_step if agent is not None else None
-        self.update_if_changed((agent.key if agent else None, step, len(agent.history) if agent else 0,
-                                name, device_total, rows))
+        self.update_if_changed((shown_for, step, len(agent.history) if agent else 0))
 
     def build(self, width: int) -> list[Text]:
         a = self.agent
