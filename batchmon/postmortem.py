@@ -16,7 +16,7 @@ from typing import Any
 
 from batchmon.memory_model import MemoryModel, Observation, fit
 from batchmon.memory_model.advisor import Advice, advise
-from batchmon.protocol import ALL_COMPONENTS, COMPONENTS, Event, Step
+from batchmon.protocol import ALL_COMPONENTS, COMPONENTS, Event, Step, step_components
 
 ADVICE_SHOWN = 8  # advice rows kept in a report (the advisor ranks them, cheapest way to the batch first)
 
@@ -42,6 +42,11 @@ class OomReport:
     device_free: int | None  # NVML's free bytes on the device at that sample
     advice: tuple[Advice, ...] = ()
     advice_basis: str = ""  # what the advice rests on (the fitted steps, or the failing step alone)
+
+    @property
+    def reserved_estimated(self) -> bool:
+        """``reserved`` is NVML's figure less the context measured earlier, not the allocator's own."""
+        return self.reserved is not None and self.reserved_basis.startswith("estimated")
 
     @property
     def needed(self) -> int | None:
@@ -82,8 +87,15 @@ def oom_report(event: Event, *, last_step: Step | None, model: MemoryModel | Non
     comps: dict[str, int | None] = {name: int(six.get(name) or 0) for name in COMPONENTS}
     allocated = sum(int(v or 0) for v in comps.values())
     reserved = _reported(event, "reserved")
+    context = step_components(last_step)["context"] if last_step is not None else None
     if reserved is not None:
         basis = "reported with the error"
+    elif device_used is not None and context is not None and device_used - context >= allocated:
+        # the CUDA context and libraries outside the allocator stay put within a run: what NVML saw the process
+        # hold after the error, less the context measured at its last step, is the pool the error met
+        reserved = device_used - context
+        basis = (f"estimated: NVML's figure for the process after the error less its context at step "
+                 f"{last_step.step} ({context} bytes)")  # type: ignore[union-attr]
     elif device_used is not None:
         basis = "not reported by the agent; NVML's figure for the process holds it with the CUDA context"
     else:

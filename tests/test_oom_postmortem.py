@@ -14,11 +14,14 @@ from batchmon.monitor import step_history
 from batchmon.monitor.hub_state import HubState
 from batchmon.monitor.render import format_table, snapshot_to_json
 from batchmon.monitor.replay import final_snapshot, read_recording
+from batchmon.probes.nvml import DeviceMemory, DeviceSample, GpuProcess, NvmlSample
+from batchmon.probes.nvml import sample_to_dict as nvml_to_dict
 from batchmon.protocol import COMPONENTS, Event
 from batchmon.tui.job_panel import job_lines
 from batchmon.tui.predict import Predictor
 from batchmon.tui.state import WhatIfState
 from batchmon.tui.views import job_view, ordered_jobs
+from conftest import make_step as full_step
 from hub_peer import make_hello, make_step
 from test_hub_state import nvml_record
 
@@ -206,3 +209,32 @@ def test_a_real_training_process_that_dies_of_an_oom_stays_as_oom_with_its_post_
             proc.kill()
             proc.wait()
         hub.stop()
+
+
+def test_without_the_agents_reserved_it_is_estimated_from_nvml_less_the_measured_context():
+    """After steps whose context (device used - reserved) was measured, NVML's figure for the process after the
+    error less that context is the pool the error met; fragmentation follows from it, and both say so."""
+    s = HubState()
+    s.ingest(nvml_record(used=60 << 30, pids=(5,), t=1.0))
+    ingest(s, 5, make_hello(5, device="cuda:0", nvml_uuid="GPU-1"))
+    comps = {"parameters": 1 << 30, "gradients": 1 << 30, "optimizer": 2 << 30, "activations": 8 << 30,
+             "batch": 1 << 20, "other": 1 << 30}
+    peak = sum(comps.values())
+    ingest(s, 5, full_step(1, 16, time=10.0, components=comps, peak_allocated=peak, allocated=4 << 30,
+                           reserved=peak + (512 << 20), device_used=peak + (512 << 20) + (700 << 20),
+                           num_alloc_retries=3))
+    failing = Event(kind="oom", message="out of memory in forward at step 2", step=2, batch_size=64,
+                    components={**comps, "activations": 30 << 30}, requested_bytes=4 << 30, time=50.0)
+    ingest(s, 5, failing)
+    used_after = sum(failing.components.values()) + (900 << 20) + (700 << 20)  # live + cache + context
+    dev = DeviceSample(index=0, name="NVIDIA H200", uuid="GPU-1",
+                       memory=DeviceMemory(80 << 30, used_after, 0, (80 << 30) - used_after),
+                       utilization=100, temperature=50, power=500.0, processes=(GpuProcess(5, used_after),))
+    s.ingest({"t": 51.0, "kind": "nvml", "source": "local",
+              "data": nvml_to_dict(NvmlSample(True, None, "550", (dev,), time=51.0))})
+    r = s.snapshot(52.0).agents[0].oom
+    assert r.reserved_estimated and r.reserved == used_after - (700 << 20)
+    assert r.fragmentation == r.reserved - r.allocated == 900 << 20 and r.components["context"] == 700 << 20
+    assert r.num_alloc_retries == 3 and "less its context at step 1" in r.reserved_basis
+    ingest(s, 5, protocol.Bye(reason="exit", time=53.0))  # the error ended the run: --once shows the post-mortem
+    assert s.snapshot(54.0).agents[0].state == "oom" and "reserved ~" in format_table(s.snapshot(54.0), 160)

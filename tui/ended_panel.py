@@ -105,7 +105,12 @@ def _oom_lines(r: OomReport, width: int, level: str) -> list[Text]:
         lines.append(row)
     pool = Text("  ")
     pool.append("reserved ", style=DIM)
-    pool.append(fmt_bytes(r.reserved) if r.reserved is not None else "n/a (not reported by the agent)")
+    if r.reserved is None:
+        pool.append("n/a (not reported by the agent)")
+    else:
+        pool.append(("~" if r.reserved_estimated else "") + fmt_bytes(r.reserved))
+        if r.reserved_estimated:
+            pool.append(" (NVML less the context)", style=DIM)
     if r.fragmentation is not None:
         pool.append("  fragmentation ", style=DIM)
         pool.append(fmt_bytes(r.fragmentation), style=WARN)

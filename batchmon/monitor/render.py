@@ -343,7 +343,9 @@ def _oom_lines(r: OomReport, width: int) -> list[str]:
     items = [f"{_LABELS[n]} {fmt_bytes(v)}" for n, v in r.components.items() if v is not None]
     items.append(f"live {fmt_bytes(r.allocated)}")
     lines += _wrap(items, "        ", width)
-    pool = ["reserved n/a (not reported by the agent)" if r.reserved is None else f"reserved {fmt_bytes(r.reserved)}"]
+    pool = ["reserved n/a (not reported by the agent)" if r.reserved is None else
+            f"reserved ~{fmt_bytes(r.reserved)} (NVML less the context)" if r.reserved_estimated else
+            f"reserved {fmt_bytes(r.reserved)}"]
     if r.fragmentation is not None:
         pool.append(f"fragmentation {fmt_bytes(r.fragmentation)}")
     if r.device_used is not None:
