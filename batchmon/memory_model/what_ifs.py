@@ -25,7 +25,7 @@ def apply_what_if(observed: dict[str, Line], what_if: WhatIf, *, trainable_bytes
     if what_if.amp and not observed_amp:
         act = lines["activations"]
         share = split.amp_share() if split is not None else None
-        if share is not None:
+        if share is not None and split is not None:
             # measured: the same forward under autocast saved `share` of the bytes; applied to the per-sample
             # part, and the 16-bit weight copies (already inside the measured bytes) added once more as fixed:
             # counted twice, on the safe side
@@ -45,7 +45,7 @@ def apply_what_if(observed: dict[str, Line], what_if: WhatIf, *, trainable_bytes
         n = what_if.checkpoint_layers or (split.blocks if split is not None and split.blocks else None) \
             or DEFAULT_CHECKPOINT_LAYERS
         share = split.checkpoint_share(n) if split is not None else None
-        if share is not None:
+        if share is not None and split is not None:
             lines["activations"] = lines["activations"].scaled(share, share)
             notes.append(f"checkpointing: {n} blocks; activations x{share:.2f} as measured at batch {split.batch}: "
                          f"what is saved outside the blocks and the blocks' inputs kept, one block's internals "
