@@ -16,11 +16,10 @@ import os
 import signal
 import sys
 import time
-from collections import deque
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Callable, Protocol
 
 from textual import on
-from textual.app import App, ComposeResult
+from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Container, VerticalScroll
 from textual.widget import Widget
@@ -33,12 +32,13 @@ from batchmon.tui import palette, views
 from batchmon.tui.gpu_panel import GpuPanel
 from batchmon.tui.header import HeaderBar
 from batchmon.tui.ended_panel import clear_ended_runs
-from batchmon.tui.job_panel import JobPanel, command_text
+from batchmon.tui.job_panel import JobPanel
 from batchmon.tui.messages import PanelFocused, SnapshotArrived
 from batchmon.tui.notices import NoAgentsPanel, NoGpuPanel, WarningsPanel
 from batchmon.tui.panel import LinesPanel
 from batchmon.tui.predict import Predictor
-from batchmon.tui.replay_bar import SEEK_SECONDS, ReplayBar
+from batchmon.tui.app_memory import HISTORY, MemoryViewsApp  # noqa: F401 - HISTORY: its old home
+from batchmon.tui.replay_bar import ReplayBar
 from batchmon.tui.timeline_panel import TimelinePanel
 from batchmon.tui.advisor import AdvisorPrompt
 from batchmon.tui.screens import EXTRA_KEYS, HELP, HelpScreen
@@ -46,7 +46,6 @@ from batchmon.tui.state import WhatIfState, cycle_interval, next_interval
 from batchmon.tui.views import JobView
 from batchmon.tui.whatif_bar import PanelColumn, WhatIfBar
 
-HISTORY = 240  # GPU memory history: samples kept per GPU, one a second
 QUIT_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
 NARROW_WIDTH = 120
 SHORT_HEIGHT = 28
@@ -68,7 +67,7 @@ class Source(Protocol):
     def set_interval(self, seconds: float) -> None: ...
 
 
-class BatchmonApp(App[int]):
+class BatchmonApp(MemoryViewsApp):
     """The monitor, on a ``Source`` (the hub, a replay, a test's list of snapshots) or one fixed snapshot."""
 
     CSS_PATH = "batchmon.tcss"
@@ -124,7 +123,6 @@ class BatchmonApp(App[int]):
         self.shown: Snapshot | None = None
         self.what_ifs: dict[str, WhatIfState] = {}
         self.predictor = Predictor()
-        self.history: dict[str, deque[int]] = {}
         self.renders = 0  # frames drawn (tests check throttling and coalescing with it)
         self.received = 0  # SnapshotArrived messages handled (after coalescing)
         self._last_render = -1e9
@@ -138,14 +136,9 @@ class BatchmonApp(App[int]):
         self._job_panels: list[JobPanel] = []
         self._host_panels: list[NoGpuPanel] = []
         self._warnings_panel: WarningsPanel | None = None
-        self._timeline: TimelinePanel | None = None  # the selected job's memory over steps, under the GPUs
-        self._history_rows = 1  # rows of a full GPU panel's memory history (more when the column has room)
-        self._timeline_rows = 0  # 0: no room, hidden
         self._levels_key: tuple | None = None  # what _apply_levels last laid out for
         self._signals: list[int] = []  # signals whose handlers on_mount installed
-        self._seeks_seen = 0  # the replay's seek count the GPU histories were sampled for
-        self._last_sampled: Snapshot | None = None
-        self._sampled_second: int | None = None
+        self._init_memory_views()
         if snapshot is not None:
             self._record_history(snapshot)
 
@@ -254,41 +247,6 @@ class BatchmonApp(App[int]):
             await self._render_now()  # here, not through call_later: one message per snapshot, not two
         else:
             self._schedule_render()
-
-    def add_history(self, snapshots: Iterable[Snapshot]) -> None:
-        """Sample the GPUs' memory history from earlier snapshots (a screenshot of a recording's moment shows
-        the history up to it, as the monitor would have)."""
-        self.history.clear()
-        self._sampled_second = None
-        for snap in snapshots:
-            self._record_history(snap)
-        if self.latest is not None:
-            self._last_sampled = None
-            self._record_history(self.latest)
-
-    def _replay_position(self) -> Any:
-        """The replay's position (ReplaySource.position()), None when the source is not a replay."""
-        position = getattr(self.source, "position", None)
-        return position() if callable(position) else None
-
-    def _record_history(self, snapshot: Snapshot) -> None:
-        pos = self._replay_position()
-        if pos is not None and pos.seeks != self._seeks_seen:  # a seek: the samples so far are another time's
-            self._seeks_seen = pos.seeks
-            self.history.clear()
-            self._sampled_second = None
-        if snapshot is self._last_sampled:  # the same snapshot again (a replay's end): not a new sample
-            return
-        self._last_sampled = snapshot
-        second = int(snapshot.time)
-        same_second = second == self._sampled_second
-        self._sampled_second = second
-        for key, used in views.memory_samples(snapshot):
-            samples = self.history.setdefault(key, deque(maxlen=HISTORY))
-            if same_second and samples:  # one sample a second, its highest: faster refreshes (a replay at 4 a
-                samples[-1] = max(samples[-1], used)  # second) change the last column, not shift the history
-            else:
-                samples.append(used)
 
     def _schedule_render(self) -> None:
         if self._render_scheduled:
@@ -451,54 +409,6 @@ class BatchmonApp(App[int]):
                 j.set_class(level == "compact", "-dense")
                 j.changed()
 
-    def _size_memory_views(self, gpus: list[GpuPanel], narrow: bool, short: bool) -> None:
-        """The GPU column's free rows go to memory over time: a taller history in one or two full GPU panels,
-        and the selected job's timeline under them (hidden when narrow, short, or without room)."""
-        history_rows = 6 if not (narrow or short) and 0 < len(gpus) <= 2 else 1
-        if history_rows != self._history_rows:
-            self._history_rows = history_rows
-            self._levels_key = None  # the panels' heights change: look again once laid out
-            if self.shown is not None:
-                self.call_after_refresh(self._refresh_devices)
-        column = self.query_one("#devices").size.height
-        used = 0
-        for g in gpus:  # what each GPU panel takes: its laid-out height, else an estimate until it is laid out
-            estimate = (10 + history_rows + len(g.view.procs)) if g.level == "full" else 3
-            used += g.outer_size.height or estimate
-        used += sum(p.outer_size.height for p in self._host_panels)
-        rows = min(16, column - used - 12) if not (narrow or short) and column else 0
-        rows = rows if rows >= 4 else 0
-        if rows != self._timeline_rows:
-            self._timeline_rows = rows
-            self._update_timeline()
-        if any(g.outer_size.height == 0 for g in gpus):  # not laid out yet: size again once they are
-            self.call_after_refresh(self._relevel)
-
-    def _relevel(self) -> None:
-        if self.screen_stack and self._levels_inputs() != self._levels_key:
-            self._apply_levels()
-
-    async def _refresh_devices(self) -> None:
-        if self.shown is not None:
-            await self._apply_devices(self.shown)
-
-    def _update_timeline(self) -> None:
-        """The timeline shows the job the what-if keys act on (its lead rank), repainting on its new steps."""
-        panel = self._timeline
-        if panel is None:
-            return
-        key = self._current_job_key()
-        view = self._jobs.get(key) if key else None
-        show = self._timeline_rows > 0 and view is not None
-        if panel.display != show:
-            panel.display = show
-        if not show or view is None:
-            return
-        dev = view.devices.get(view.lead.key)
-        total = dev.memory.total if dev is not None and dev.memory is not None else None
-        name = f"{command_text(view.lead)[:40]} (pid {view.lead.hello.pid})"
-        panel.show(view.lead, name, total, self._timeline_rows, self.shown.time if self.shown else 0.0)
-
     def _update_whatif_bar(self) -> None:
         bar = self.query_one(WhatIfBar)
         key = self._current_job_key()
@@ -628,24 +538,6 @@ class BatchmonApp(App[int]):
         if name == "devices":
             return list(self.query(GpuPanel)) + [p for p in self.query(NoGpuPanel)]
         return list(self.query(JobPanel))
-
-    def action_arrow(self, direction: int) -> None:
-        """← / →: seek a replay by SEEK_SECONDS; live, select the GPUs' or the processes' column."""
-        seek_by = getattr(self.source, "seek_by", None)
-        if self._replay_position() is not None and callable(seek_by):
-            seek_by(direction * SEEK_SECONDS)
-        else:
-            self.action_column("devices" if direction < 0 else "jobs")
-
-    def action_seek_start(self) -> None:
-        seek = getattr(self.source, "seek_start", None)
-        if callable(seek):
-            seek()
-
-    def action_seek_end(self) -> None:
-        seek = getattr(self.source, "seek_end", None)
-        if callable(seek):
-            seek()
 
     def action_select(self, direction: int) -> None:
         f = self.focused

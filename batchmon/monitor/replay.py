@@ -522,9 +522,9 @@ class ReplaySource:
                 if left > 0:
                     self._wake.wait(min(MAX_WAIT_S, left))
                     continue
-                snap = cursor.step()
-                if snap is not None:
-                    self._publish(snap)
+                stepped = cursor.step()
+                if stepped is not None:
+                    self._publish(stepped)
         except BaseException as exc:  # noqa: BLE001 - kept for the owner; the last snapshot stays shown
             self.error = exc
             self.finished.set()
