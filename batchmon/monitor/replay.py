@@ -12,7 +12,10 @@ is read from the file's tail (the position bar's end).
 
 Seeking is pure state too: a ReplayCursor (SnapshotFeed underneath) steps from snapshot to snapshot, skips
 moments without building their snapshots, and seeks back by streaming a fresh HubState from the start. The
-ReplaySource paces it on its own thread and carries out seeks asked from the UI's. Record times that are not
+ReplaySource paces it on its own thread and carries out seeks asked from the UI's.
+
+Over 400 lines: reading a recording (streamed, bounded, hostile input survived), feeding it moment by moment,
+the seekable cursor and the paced source are one pipeline whose parts share the record rules above. Record times that are not
 finite, sane epoch seconds (Infinity, 1e300, 1e400) are replaced by the previous time, and at most MAX_SOURCES
 distinct sources are replayed (the rest is counted in one warning), so no recording can freeze or flood a replay.
 """
