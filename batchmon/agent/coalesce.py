@@ -27,6 +27,8 @@ from __future__ import annotations
 
 from batchmon.protocol import Step, new_step
 
+HISTORY_STEPS = 2000  # step messages an agent keeps for a monitor that connects later (and handle.steps)
+HISTORY_EVENTS = 200
 WINDOW_SECONDS = 0.05  # at most ~20 step messages a second per agent in steady training
 FIRST_STEPS = 3  # the run's first steps are sent one by one
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import platform
-import socket
 import sys
 import time
 
@@ -78,6 +77,8 @@ def hello(pid: int, device: torch.device | None, model: ModelInfo | None, optimi
     """The hello message for this process as it is now."""
     rank, local_rank, world_size = ranks()
     uuid = nvml_uuid(cuda_index(device)) if device is not None and device.type == "cuda" else None
+    import socket  # here, not at import: `import torch` under batchmon run loads only what discovery needs
+
     return Hello(pid=pid, host=socket.gethostname(), argv=tuple(str(a) for a in sys.argv),
                  python=platform.python_version(), torch=torch.__version__,
                  device=str(device) if device is not None else "cpu", nvml_uuid=uuid, rank=rank,

@@ -10,12 +10,14 @@ import sys
 import time
 from collections import deque
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from batchmon import protocol
-from batchmon.agent.coalesce import WINDOW_SECONDS
-from batchmon.agent.transport import HISTORY_EVENTS, HISTORY_STEPS, Transport
+from batchmon.agent.coalesce import HISTORY_EVENTS, HISTORY_STEPS, WINDOW_SECONDS
 from batchmon.protocol import Bye, Event, Hello, Step
+
+if TYPE_CHECKING:
+    from batchmon.agent.transport import Transport
 
 NVML_SECONDS = 1.0  # how often the transport thread calls ``tick`` (NVML's per-process figure)
 
@@ -50,6 +52,8 @@ class Publisher:
         """Open the socket if it is not open (and was never found unusable)."""
         if self.transport is not None or self.socket_error is not None:
             return
+        from batchmon.agent.transport import Transport  # sockets and selectors only once a model is seen
+
         try:
             directory = protocol.ensure_socket_dir(self.socket_dir)
             transport = Transport(protocol.socket_path(self.pid, directory), on_error=self._on_error,

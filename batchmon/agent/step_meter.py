@@ -57,6 +57,10 @@ ALLOCATOR_READ_SECONDS in between (the monitor gets at most about 20 messages a 
 a step in between carries the last figures forward, and the allocator's peak is reset only when it is read, so
 the next read's peak covers every step since (no step's peak is lost, it is reported at the next read). The step
 where the batch size changes resets the peak first, so no step is given the peak of another batch size.
+Sampled steps walk the parameters, gradients and optimizer state again (a walk over every tensor) only when
+something may have changed: the first steps, a batch-size change, the model moved, the optimizer state grew, or
+RECOUNT_SECONDS passed since the last walk; activations, which are the point of sampling, are counted on every
+sampled step.
 """
 
 from __future__ import annotations
@@ -76,6 +80,7 @@ from batchmon.protocol import Event, ModelInfo, Step, new_step
 
 FULL_STEPS = 3  # the first steps are always fully measured
 ALLOCATOR_READ_SECONDS = 0.05  # the allocator's figures are read at least this often (and on sampled steps)
+RECOUNT_SECONDS = 2.0  # parameter/gradient/optimizer storages walked again at least this often on sampled steps
 GRAD_MARKS = 4  # parameters whose .grad is watched to tell accumulation from a new step
 
 
@@ -158,6 +163,8 @@ class StepMeter:
         self._backward_static: tuple[int, int, int] | None = None
         self._grad_marks: list[tuple[weakref.ReferenceType[torch.Tensor], int, int]] = []
         self._matcher: tuple[torch.device, Callable[[torch.Tensor], bool]] | None = None
+        self._recount = True  # this sampled step walks the parameter/gradient/optimizer storages again
+        self._recount_t = float("-inf")  # perf_counter of the last walk
         self._figures: CudaFigures | None = None  # the allocator's figures as last read
         self._figures_t = 0.0  # perf_counter of that read
         self._last_batch_size: int | None = None  # of the last step (a change resets the allocator's peak)
@@ -226,23 +233,28 @@ class StepMeter:
         moved = False
         if self.sampled:
             model = self.model
-            first = _first_parameter(model)
-            self._first_param = weakref.ref(first) if first is not None else None
+            self._recount = (n <= FULL_STEPS or first is None or layout != self._layout or not self._param_keys
+                             or self.batch_size != self._sampled_batch_size
+                             or time.perf_counter() - self._recount_t >= RECOUNT_SECONDS)
+            if self._recount:
+                first = _first_parameter(model)
+                self._first_param = weakref.ref(first) if first is not None else None
+                self._layout = _layout_of(first)
             self._sampled_batch_size = self.batch_size
-            self._layout = _layout_of(first)
-            where = device_of(model) if model is not None else None
+            where = first.device if first is not None else (device_of(model) if model is not None else None)
             if where is not None and (where != self.device or self._lazy):
                 self.set_device(where)  # moved, or lazy parameters materialised since: count the model again
-                moved = True
-            found = accounting.parameter_storages(
-                model, self.device_or_cpu(), accounting.parameters_of(None, self.optimizers))
-            self._param_keys = found.keys
+                moved = self._recount = True
+            if self._recount:
+                found = accounting.parameter_storages(
+                    model, self.device_or_cpu(), accounting.parameters_of(None, self.optimizers))
+                self._param_keys = found.keys
         return moved
 
     def _storages(self) -> accounting.StorageSet:
         """An empty StorageSet on the agent's device (its device test made once per device, not per step)."""
         device = self.device_or_cpu()
-        if self._matcher is None or self._matcher[0] != device:
+        if self._matcher is None or (self._matcher[0] is not device and self._matcher[0] != device):
             self._matcher = (device, accounting.device_matcher(device))
         return accounting.StorageSet(device, matcher=self._matcher[1])
 
@@ -328,7 +340,7 @@ class StepMeter:
                         break
         self._grad_marks = marks
         # a loop step ends later, after zero_grad: keep the gradients as they are now
-        self._backward_static = self.static_components(force=self.sampled)
+        self._backward_static = self.static_components(force=self.sampled and self._recount)
 
     def _grads_changed(self) -> bool:
         """Gradients cleared or replaced since the last backward (accumulation leaves them as they were)."""
@@ -357,7 +369,8 @@ class StepMeter:
         if in_loop and self._backward_static is not None:
             parameters, gradients, optimizer = self._backward_static
         else:
-            parameters, gradients, optimizer = self.static_components(force=sampled)
+            parameters, gradients, optimizer = self.static_components(
+                force=sampled and (self._recount or not self.step_open))
         acts, batch = self._last_acts, self._batch_max
         comps = {"parameters": parameters, "gradients": gradients, "optimizer": optimizer, "activations": acts,
                  "batch": batch, "other": 0}
@@ -430,6 +443,7 @@ class StepMeter:
             oset = accounting.optimizer_storages(optimizers, device, pset.keys | gset.keys)
             self._static = (pset.bytes, gset.bytes, oset.bytes)
             self._static_state_len = state_len
+            self._recount_t = time.perf_counter()
         return self._static
 
     def current_components(self) -> dict[str, int]:

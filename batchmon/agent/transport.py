@@ -29,11 +29,9 @@ from pathlib import Path
 from typing import Callable
 
 from batchmon import protocol
-from batchmon.agent.coalesce import StepCoalescer
+from batchmon.agent.coalesce import HISTORY_EVENTS, HISTORY_STEPS, StepCoalescer
 from batchmon.protocol import Bye, Event, Hello, Step
 
-HISTORY_STEPS = 2000
-HISTORY_EVENTS = 200
 QUEUE_MAX = 4096  # live messages waiting for the thread
 CLIENT_MAX_LINES = HISTORY_STEPS + HISTORY_EVENTS + 512
 CLIENT_MAX_BYTES = 16 << 20

@@ -6,6 +6,9 @@ Two costs of the hub under load (bench/load.py: 64 agents at 10 steps/s, 4 snaps
   130k reference-count updates per snapshot, on objects spread over 100 MB. A StepWindow is an immutable view
   of a range of an append-only list, made without copying the steps; the list is only ever appended to, and
   replaced by a copy of its live part every COMPACT_EVERY evictions, so no window ever sees its steps change.
+- A message may stand for a window of steps (protocol: ``Step.steps``, coalesced by a fast agent; its figures
+  are the window's peak step's): the history counts messages, ``steps``/``covered`` count training steps, and
+  ``step_rate`` is steps per second from the step numbers and times, right with windows of any size.
 - The refit's summary of the history (``model_steps``: the first step, the highest-peak step at each of the
   latest batch sizes, the most recent steps) scanned the whole history. Here each append and each eviction
   updates, per batch size, a sliding-window maximum (monotonic deque), so the summary costs O(summary).
@@ -126,7 +129,7 @@ class StepWindow(Sequence):
 class StepHistory:
     """The last ``limit`` steps, oldest first, plus what ``model_steps`` needs. Only ``append`` changes it."""
 
-    __slots__ = ("limit", "_buf", "_start", "_first", "_sizes", "_order", "_window", "appended")
+    __slots__ = ("limit", "_buf", "_start", "_first", "_sizes", "_order", "_window", "appended", "covered", "steps")
 
     def __init__(self, limit: int) -> None:
         self.limit = max(1, int(limit))
@@ -138,7 +141,9 @@ class StepHistory:
         self._sizes: dict[int | None, deque[tuple[int, int]]] = {}
         self._order: dict[int | None, None] = {}  # batch sizes in order of their latest step, latest last
         self._window: StepWindow | None = None
-        self.appended = 0  # steps ever appended: changes exactly when the history does
+        self.appended = 0  # messages ever appended: changes exactly when the history does
+        self.covered = 0  # training steps those messages stood for (a coalesced window counts its steps)
+        self.steps = 0  # training steps the kept messages stand for
 
     def __len__(self) -> int:
         return len(self._buf) - self._start
@@ -154,6 +159,8 @@ class StepHistory:
         index = self._first + len(self)
         self._buf.append(step)
         self.appended += 1
+        self.covered += step.steps
+        self.steps += step.steps
         self._window = None
         peak = step_peak(step)
         best = self._sizes.get(step.batch_size)
@@ -169,6 +176,7 @@ class StepHistory:
 
     def _evict(self) -> None:
         old = self._buf[self._start]
+        self.steps -= old.steps
         best = self._sizes[old.batch_size]
         if best and best[0][0] == self._first:
             best.popleft()
@@ -188,6 +196,16 @@ class StepHistory:
         if self._window is None:
             self._window = StepWindow(self._buf, self._start, len(self._buf), self.model_steps())
         return self._window
+
+    def step_rate(self) -> float | None:
+        """Training steps per second over the kept history (None with fewer than two messages or no time
+        between them): from the step numbers, so a message that stands for 50 steps counts as 50."""
+        n = len(self)
+        if n < 2:
+            return None
+        first, last = self._buf[self._start], self._buf[-1]
+        seconds = last.time - first.time
+        return (last.step - first.step) / seconds if seconds > 0 and last.step > first.step else None
 
     def batch_sizes(self) -> frozenset:
         return frozenset(self._order)
