@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The batched H200 session: every GPU claim of the issues, measured in few device calls.
 #   bash bench/h200_run.sh STAGE...   (stages: env nvml agent final nvitop ddp checks integrations load_start
-#   load_collect overhead predict public patterns cudatests zoo)
+#   load_collect cost overhead predict public patterns cudatests zoo)
 # Runs from the repo root on the GPU machine; results land under $OUT (packed into $OUT/results.tar.gz too).
 set -u
 OUT=${OUT:-$PWD/out}
@@ -181,6 +181,16 @@ load_collect)
   stage load-collect
   for i in $(seq 1 ${LOADWAIT:-560}); do [ -f /tmp/loadout/load.json ] && break; sleep 1; done
   cp /tmp/loadout/* $R/ 2>/dev/null; tail -n 12 /tmp/loadout/load.log
+  ;;
+cost)
+  # issue 14 points 1 and 4: the agent's fixed cost per step (interleaved attached/plain, per-part profile)
+  # on the fast models, and start-up (batchmon run around import torch, attach())
+  stage cost
+  CX=${COSTX:-}; SR=${STARTROUNDS:-10}; [ "${SMOKE:-0}" = 1 ] && CX="--cpu-smoke" && SR=2
+  for m in ${COSTMODELS:-mlp resnet18 gpt2}; do
+    python3 bench/agent_cost.py --model $m --device $DEV $CX --out $R/agent_cost_${m}_h200.json 2>&1 | tail -n 24 | tee $R/agent_cost_$m.log
+  done
+  python3 bench/startup.py --rounds $SR --out $R/startup_h200.json 2>&1 | tail -n 5 | tee $R/startup.log
   ;;
 overhead)
   stage overhead
