@@ -136,7 +136,9 @@ def test_bad_input_and_front_end_helpers(adam_model):
     assert advice_for(None, GIB) == () and advice_for(adam_model, None) == ()
     rows = advice_json(advice_for(adam_model, 24 * GIB, target_batch=3000))
     json.dumps(rows)
-    assert {"what_if", "max_batch", "step_time_factor", "factor_basis"} <= set(rows[0])
+    assert {"what_if", "max_batch", "step_time_factor", "factor_basis", "micro_batch"} <= set(rows[0])
+    for row, a in zip(rows, advice_for(adam_model, 24 * GIB, target_batch=3000), strict=True):
+        assert row["micro_batch"] * a.spec.accumulation_steps == a.max_batch  # effective = micro x steps
     assert advice_text(()) is None
     assert "step time x" in advice_text(advise(adam_model, capacity=24 * GIB))
 

@@ -208,7 +208,10 @@ def advice_for(model: MemoryModel | None, device_total: int | None, *, target_ba
 def advice_json(advice: tuple[Advice, ...]) -> list[dict]:
     """`--once --json`'s prediction.advice: [{what_if, max_batch, step_time_factor, factor_basis, ...}]."""
     return [{"what_if": a.what_if, "max_batch": a.max_batch, "step_time_factor": a.step_time_factor,
-             "factor_basis": a.factor_basis, "fits_target": a.fits_target, "assumptions": list(a.assumptions)}
+             "factor_basis": a.factor_basis, "fits_target": a.fits_target, "assumptions": list(a.assumptions),
+             # max_batch is the effective batch; with accumulation each forward sees this many samples
+             "micro_batch": None if a.max_batch is None or a.spec is None else
+             a.max_batch // a.spec.accumulation_steps}
             for a in advice]
 
 
