@@ -40,7 +40,8 @@ from batchmon.agent.batch_dim import BatchSizer, env_batch_dim
 from batchmon.agent.module_watch import ModuleWatch
 from batchmon.agent.process_memory import ProcessMemory
 from batchmon.agent.publisher import Publisher, snapshot
-from batchmon.agent.step_meter import FULL_STEPS, StepMeter, cuda_figures, device_of, device_of_optimizer
+from batchmon.agent.step_meter import (FULL_STEPS, SAMPLE_SECONDS, StepMeter, cuda_figures, device_of,
+                                       device_of_optimizer)
 from batchmon.protocol import Bye, Event, Hello, Step
 
 DEFAULT_ACTIVATION_EVERY = 10
@@ -65,7 +66,9 @@ def attach(model: torch.nn.Module | None = None, optimizer: torch.optim.Optimize
     ``name``, ``batch_size_fn``, ``activation_every`` or ``batch_dim`` when given). ``batch_size_fn`` is called
     with the model's forward arguments (``batch_size_fn(*args, **kwargs)``) and returns the batch size; else the
     batch dimension is found (batchmon.agent.batch_dim), or ``batch_dim`` says which dimension of the first
-    tensor input it is. ``activation_every``: count activations every N-th step (default 10, see the module
+    tensor input it is. ``activation_every``: count activations every N-th step (default 10, and then at most
+    every SAMPLE_SECONDS, so that fast steps are not sampled hundreds of times a second: see step_meter; an
+    explicit value is exact: every N-th step whatever the step rate), see the module
     docstring); 1 counts every step. ``socket_dir`` overrides the socket folder (default:
     protocol.socket_dir()).
     """
@@ -116,6 +119,7 @@ def _attach(model: Any, optimizer: Any, *, name: str | None, batch_size_fn: Any,
         if handle is None:
             handle = AgentHandle(name=name, batch_size_fn=batch_size_fn,
                                  activation_every=activation_every or DEFAULT_ACTIVATION_EVERY,
+                                 activation_explicit=activation_every is not None,
                                  socket_dir=Path(socket_dir) if socket_dir is not None else None, auto=auto,
                                  batch_dim=batch_dim or env_batch_dim())
             _current = handle
@@ -143,7 +147,8 @@ class AgentHandle:
     """
 
     def __init__(self, *, name: str | None, batch_size_fn: Callable[..., int | None] | None, activation_every: int,
-                 socket_dir: Path | None, auto: bool, batch_dim: tuple[int, str] | None = None) -> None:
+                 socket_dir: Path | None, auto: bool, batch_dim: tuple[int, str] | None = None,
+                 activation_explicit: bool = True) -> None:
         self.name = name
         self.auto = auto
         self.pid = os.getpid()
@@ -157,6 +162,7 @@ class AgentHandle:
         dim, origin = batch_dim if batch_dim is not None else (None, None)
         self._sizer = BatchSizer(batch_size_fn, dim, origin, self._out.warn_once)
         self._meter = StepMeter(activation_every, self._sizer, cuda_figures)
+        self._meter.sample_seconds = 0.0 if activation_explicit else SAMPLE_SECONDS
         self._watch = ModuleWatch(self, lambda: self._meter.model_ref is not None)
         self._root_hooks: list[Any] = []
         self._step_hook: Any = None
@@ -320,6 +326,7 @@ class AgentHandle:
                 self._sizer.dim, self._sizer.dim_origin = batch_dim
             if activation_every is not None:
                 self._meter.activation_every = activation_every
+                self._meter.sample_seconds = 0.0  # an explicit setting: exactly every N-th step
             if optimizer is not None and optimizer is not self._meter.primary():
                 self._track_optimizer(optimizer, primary=True)  # publishes a new hello itself
             if model is not None and model is not self.model:

@@ -57,6 +57,9 @@ ALLOCATOR_READ_SECONDS in between (the monitor gets at most about 20 messages a 
 a step in between carries the last figures forward, and the allocator's peak is reset only when it is read, so
 the next read's peak covers every step since (no step's peak is lost, it is reported at the next read). The step
 where the batch size changes resets the peak first, so no step is given the peak of another batch size.
+With the default ``activation_every`` the every-N-th-step samples are also at most SAMPLE_SECONDS apart (a 2.6 ms
+step would otherwise count its saved tensors 40 times a second; the first steps, batch-size changes and a
+moved model are sampled whatever the time); an explicit ``activation_every`` is exact.
 Sampled steps walk the parameters, gradients and optimizer state again (a walk over every tensor) only when
 something may have changed: the first steps, a batch-size change, the model moved, the optimizer state grew, or
 RECOUNT_SECONDS passed since the last walk; activations, which are the point of sampling, are counted on every
@@ -80,6 +83,7 @@ from batchmon.protocol import Event, ModelInfo, Step, new_step
 
 FULL_STEPS = 3  # the first steps are always fully measured
 ALLOCATOR_READ_SECONDS = 0.05  # the allocator's figures are read at least this often (and on sampled steps)
+SAMPLE_SECONDS = 0.25  # with the default activation_every: the every-N-th-step samples at most this often
 RECOUNT_SECONDS = 2.0  # parameter/gradient/optimizer storages walked again at least this often on sampled steps
 GRAD_MARKS = 4  # parameters whose .grad is watched to tell accumulation from a new step
 
@@ -127,6 +131,8 @@ class StepMeter:
     def __init__(self, activation_every: int, sizer: BatchSizer,
                  cuda: Callable[[torch.device | None, bool], CudaFigures | None]) -> None:
         self.activation_every = activation_every
+        self.sample_seconds = 0.0  # every-N-th-step samples at least this far apart (0: exactly every N-th step)
+        self._sampled_t = float("-inf")  # perf_counter of the last sampled step's start
         self.sizer = sizer
         self._cuda = cuda
         self.model_ref: weakref.ReferenceType[torch.nn.Module] | None = None
@@ -226,8 +232,11 @@ class StepMeter:
         every = self.activation_every
         first = self._first_param() if self._first_param is not None else None
         layout = _layout_of(first)
-        self.sampled = (every <= 1 or n <= FULL_STEPS or n % every == 0 or first is None
-                        or self.batch_size != self._sampled_batch_size or layout != self._layout)
+        now = time.perf_counter()
+        self.sampled = ((every <= 1 or n % every == 0) and now - self._sampled_t >= self.sample_seconds) \
+            or n <= FULL_STEPS or first is None or self.batch_size != self._sampled_batch_size or layout != self._layout
+        if self.sampled:
+            self._sampled_t = now
         if self.batch_size != self._last_batch_size and self._figures is not None and self.step >= 1:
             self._cuda(self.device, True)  # the peak so far belongs to the previous batch size: not to this step
         moved = False

@@ -1,0 +1,114 @@
+"""The agent's fixed cost per step (issue 14 point 1), as something a test can hold: what a step runs.
+
+Timings belong to bench/agent_cost.py; here the work itself is counted. A step that is not sampled runs the
+same Python calls whether the model has 4 parameter tensors or 200 (nothing walks the parameters, their
+gradients or the optimizer state), and far fewer than a sampled step; a sampled step with nothing changed does
+not walk them either, except every RECOUNT_SECONDS.
+"""
+
+from __future__ import annotations
+
+import collections
+import sys
+from typing import Callable
+
+import pytest
+import torch
+import torch.nn as nn
+
+import batchmon
+from batchmon.agent import step_meter
+from agent_helpers import agent_dir  # noqa: F401 - fixture
+
+D = 16
+
+
+def mlp(layers: int) -> nn.Module:
+    mods: list[nn.Module] = []
+    for _ in range(layers):
+        mods += [nn.Linear(D, D), nn.ReLU()]
+    return nn.Sequential(*mods, nn.Linear(D, 4))
+
+
+def calls_in(fn: Callable[[], None]) -> collections.Counter:
+    """Python-level calls made while fn runs, by (file, function): batchmon's and torch's module walks."""
+    seen: collections.Counter = collections.Counter()
+
+    def profile(frame, event, arg):  # noqa: ANN001, ANN202 - sys.setprofile's signature
+        if event == "call":
+            code = frame.f_code
+            if "batchmon" in code.co_filename or code.co_name in ("_named_members", "named_modules",
+                                                                  "named_parameters", "parameters"):
+                seen[(code.co_filename.rsplit("/", 1)[-1], code.co_name)] += 1
+
+    sys.setprofile(profile)
+    try:
+        fn()
+    finally:
+        sys.setprofile(None)
+    return seen
+
+
+def one_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+    crit = nn.CrossEntropyLoss()
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        crit(model(x), y).backward()
+        opt.step()
+
+    return step
+
+
+def agent_calls(model: nn.Module, *, sampled: bool) -> collections.Counter:
+    """The batchmon calls of one step after 20 (counting is every 1000th step: steps 21.. are not sampled)."""
+    torch.manual_seed(0)
+    opt = torch.optim.Adam(model.parameters())
+    handle = batchmon.attach(model, opt, activation_every=1 if sampled else 1000)
+    step = one_step(model, opt, torch.randn(8, D), torch.randint(0, 4, (8,)))
+    for _ in range(20):
+        step()
+    counted = calls_in(step)
+    assert handle.last_step.step == 21
+    handle.detach()
+    return counted
+
+
+def test_a_step_costs_the_same_calls_with_4_or_200_parameter_tensors(agent_dir):
+    small = agent_calls(mlp(1), sampled=False)
+    large = agent_calls(mlp(99), sampled=False)
+    assert small == large, set(small.items()) ^ set(large.items())
+    assert not any(name in ("_named_members", "named_parameters", "parameters") for _, name in small)
+    assert sum(small.values()) < 150  # the whole step path, hooks to hand-off (about 80 calls when written)
+
+
+def test_a_sampled_step_with_nothing_changed_does_not_walk_the_parameters(agent_dir):
+    small = agent_calls(mlp(1), sampled=True)
+    large = agent_calls(mlp(99), sampled=True)
+    # saved tensors are counted (more layers save more: the pack hook runs per saved tensor) ...
+    assert large[("accounting.py", "_pack")] > small[("accounting.py", "_pack")] > 0
+    # ... but parameters, gradients and optimizer state are not walked again within RECOUNT_SECONDS
+    walks = ("parameter_storages", "gradient_storages", "optimizer_storages", "parameters_of")
+    assert all(large[("accounting.py", name)] == 0 for name in walks), {n: large[("accounting.py", n)] for n in walks}
+
+
+def test_a_sampled_step_walks_them_again_after_recount_seconds(agent_dir, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(step_meter, "RECOUNT_SECONDS", 0.0)  # every sampled step is due
+    counted = agent_calls(mlp(3), sampled=True)
+    assert counted[("accounting.py", "gradient_storages")] == 1 and counted[("accounting.py", "optimizer_storages")] == 1
+
+
+def test_freezing_a_layer_shows_in_gradients_at_the_next_recount(agent_dir, monkeypatch: pytest.MonkeyPatch):
+    model = mlp(2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    handle = batchmon.attach(model, opt, activation_every=1)
+    step = one_step(model, opt, torch.randn(8, D), torch.randint(0, 4, (8,)))
+    for _ in range(4):
+        step()
+    full = handle.last_step.components["gradients"]
+    model[0].weight.requires_grad_(False)
+    step()
+    assert handle.last_step.components["gradients"] == full  # carried: nothing it watches changed
+    monkeypatch.setattr(step_meter, "RECOUNT_SECONDS", 0.0)
+    step()
+    assert handle.last_step.components["gradients"] == full - D * D * 4  # the frozen weight has no gradient
