@@ -142,11 +142,11 @@ async def test_tui_shows_the_oom_run_as_its_post_mortem_and_x_clears_it(tmp_path
     app = BatchmonApp(hub, interval=0.05)
     async with app.run_test(size=(160, 48)) as pilot:
         await fx.wait_for(pilot, lambda: any(p.view.lead.state == "oom" for p in app.query(JobPanel))
-                          and "what would have fit batch 2048" in fx.screen_text(app))
+                          and "what would have fit batch 2048" in fx.screen_text(app), timeout=60)
         text = fx.screen_text(app)
         assert " OOM " in text and "asked for 6.0 GiB" in text and "No training process attached" not in text
         await pilot.press("x")
-        await fx.wait_for(pilot, lambda: not list(app.query(JobPanel)) and list(app.query(NoAgentsPanel)))
+        await fx.wait_for(pilot, lambda: not list(app.query(JobPanel)) and list(app.query(NoAgentsPanel)), timeout=60)
 
 
 def test_once_sees_a_process_lingering_after_its_oom_as_oom(tmp_path):
