@@ -286,8 +286,10 @@ def test_fifty_monitors_at_once(baseline, agent_dir, capfd) -> None:
         assert train("mlp", on_step=on_step, attach=True) == baseline["mlp"]
         assert len(readers) == 50
         for r in readers:
-            r.until(lambda ms: sum(isinstance(m, Step) for m in ms) >= STEPS, timeout=10)
-            assert [m.step for m in r.of(Step)] == [s.step for s in agent.current().steps]
+            # steps covered, not messages: fast steps come as windows (batchmon.agent.coalesce)
+            r.until(lambda ms: sum(m.steps for m in ms if isinstance(m, Step)) >= STEPS, timeout=10)
+            got = r.of(Step)
+            assert got[-1].step == agent.current().steps[-1].step and sum(m.steps for m in got) == STEPS
     finally:
         for r in readers:
             r.close()
