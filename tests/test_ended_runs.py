@@ -147,6 +147,8 @@ async def test_tui_shows_the_oom_run_as_its_post_mortem_and_x_clears_it(tmp_path
         assert " OOM " in text and "asked for 6.0 GiB" in text and "No training process attached" not in text
         await pilot.press("x")
         await fx.wait_for(pilot, lambda: not list(app.query(JobPanel)) and list(app.query(NoAgentsPanel)), timeout=60)
+        hub.stop()  # no snapshot in flight while the app closes (its on_unmount stops the hub too: idempotent)
+        await pilot.pause()
 
 
 def test_once_sees_a_process_lingering_after_its_oom_as_oom(tmp_path):
