@@ -1,5 +1,5 @@
 """The monitor's memory-over-time views and replay keys, as the part of the App they are (BatchmonApp derives
-from MemoryViewsApp): the GPU memory history sampled one value a second, the room the GPU column gives to a
+from MemoryViewsApp): the GPU memory history sampled one value per 5 s, the room the GPU column gives to a
 taller history and to the selected job's timeline, and ← / → / home / end on a replay.
 
 Split from app.py to keep that module under 600 lines; it reads the panels and the job views BatchmonApp keeps.
@@ -21,7 +21,8 @@ from batchmon.tui.replay_bar import SEEK_SECONDS
 from batchmon.tui.timeline_panel import TimelinePanel
 from batchmon.tui.views import JobView
 
-HISTORY = 240  # GPU memory history: samples kept per GPU, one a second
+HISTORY = 240  # GPU memory history: samples kept per GPU, one per HISTORY_SECONDS (20 minutes)
+HISTORY_SECONDS = 5  # the history shifts once per this many seconds: a taller history repaints that often
 HISTORY_ROWS = 6  # a full GPU panel's history rows, with one or two GPUs and room
 TIMELINE_MAX_ROWS = 16
 TIMELINE_OVERHEAD = 12  # the timeline panel's lines besides its plot rows, its frame, and a spare line
@@ -88,13 +89,13 @@ class MemoryViewsApp(App[int]):
         if snapshot is self._last_sampled:  # the same snapshot again (a replay's end): not a new sample
             return
         self._last_sampled = snapshot
-        second = int(snapshot.time)
-        same_second = second == self._sampled_second
-        self._sampled_second = second
+        bucket = int(snapshot.time) // HISTORY_SECONDS
+        same_bucket = bucket == self._sampled_second
+        self._sampled_second = bucket
         for key, used in views.memory_samples(snapshot):
             samples = self.history.setdefault(key, deque(maxlen=HISTORY))
-            if same_second and samples:  # one sample a second, its highest: faster refreshes (a replay at 4 a
-                samples[-1] = max(samples[-1], used)  # second) change the last column, not shift the history
+            if same_bucket and samples:  # one sample per HISTORY_SECONDS (aligned on the clock), its highest:
+                samples[-1] = max(samples[-1], used)  # refreshes in between change the last column only
             else:
                 samples.append(used)
 

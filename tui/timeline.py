@@ -105,9 +105,15 @@ def timeline_columns(history: Sequence[Step], columns: int) -> list[Column]:
         return []
     n = steps_per_column(history[0].step, history[-1].step, columns)
     first_k, last_k = history[0].step // n, history[-1].step // n
+    # the left edge moves in pages of a quarter of the width: as the window slides (its oldest steps dropped),
+    # the picture shifts once every few columns instead of with every column, so it repaints in whole only then
+    page = max(1, columns // 4)
+    start = max(first_k, last_k - columns + 1)
+    if start > 0 and (start + page - 1) // page * page <= last_k:
+        start = (start + page - 1) // page * page
     out: list[Column] = []
-    lo = _first_at_or_after(history, max(first_k, last_k - columns + 1) * n)
-    for k in range(max(first_k, last_k - columns + 1), last_k + 1):
+    lo = _first_at_or_after(history, start * n)
+    for k in range(start, last_k + 1):
         hi = _first_at_or_after(history, (k + 1) * n, lo) if k < last_k else len(history)
         if hi > lo:
             out.append(_column(history, lo, hi, k, n, complete=k < last_k))
