@@ -79,8 +79,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", choices=("mlp", "resnet18", "gpt2"), default="mlp")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--rounds", type=int, default=None, help="rounds per mode (default 8 on cpu, 6 on cuda)")
-    p.add_argument("--steps", type=int, default=None, help="timed steps per round (default: about 1 s of steps)")
+    p.add_argument("--rounds", type=int, default=None, help="rounds per mode (default 16 on cpu, 8 on cuda)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="timed steps per round (default: about 0.3 s of steps on cpu, 1 s on cuda)")
     p.add_argument("--warmup", type=int, default=30, help="untimed steps first (default 30)")
     p.add_argument("--batch-size", type=int, default=None, help="default: mlp 256 (cpu: 32), resnet18 128, gpt2 8")
     p.add_argument("--width", type=int, default=None, help="mlp width (default 512; cpu: 64)")
@@ -292,10 +293,11 @@ def main(argv: list[str] | None = None) -> int:
 
     for _ in range(args.warmup):
         one_step()
-    if args.steps is None:  # about a second of steps per round
+    round_s = 0.3 if device.type == "cpu" else 1.0  # short rounds on a shared CPU: load swings hit both modes
+    if args.steps is None:
         probe = statistics.median(run_steps(10))
-        args.steps = int(min(2000, max(20, 1.0 / max(probe, 1e-6))))
-    rounds_n = args.rounds or (8 if device.type == "cpu" else 6)
+        args.steps = int(min(2000, max(20, round_s / max(probe, 1e-6))))
+    rounds_n = args.rounds or (16 if device.type == "cpu" else 8)
     times: dict[str, list[float]] = {"attached": [], "plain": []}
     cpu: dict[str, list[float]] = {"attached": [], "plain": []}
     rounds: list[dict[str, Any]] = []

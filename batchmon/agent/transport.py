@@ -26,7 +26,7 @@ import threading
 import time
 from collections import deque
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from batchmon import protocol
 from batchmon.agent.coalesce import HISTORY_EVENTS, HISTORY_STEPS, StepCoalescer
@@ -367,12 +367,12 @@ class Transport:
             for client in list(self._clients.values()):
                 self._send(sel, client)
 
-    def _emit(self, sel: selectors.BaseSelector, messages: list[Step | Event]) -> None:
+    def _emit(self, sel: selectors.BaseSelector, messages: Sequence[Step | Event]) -> None:
         if self._queue_lines(messages):
             for client in list(self._clients.values()):
                 self._send(sel, client)
 
-    def _queue_lines(self, messages: list[Step | Event]) -> bool:
+    def _queue_lines(self, messages: Sequence[Step | Event]) -> bool:
         """Encode, keep in the history, queue for every monitor; True when something was queued."""
         queued = False
         for message in messages:
