@@ -1,15 +1,15 @@
 """The hub record: what `record`, `stream` and `replay` carry, and what ``HubState.ingest`` takes. One dict::
 
     {"t": unix time, "kind": "nvml" | "host" | "agent" | "agent_eof" | "agent_gone" | "warning" | "tick" | "meta"
-                     | "link" | "clear_ended",
+                     | "link" | "clear_ended" | "agent_exit",
      "source": "local" or a remote host, "key": "<host>:<pid>" (agent kinds), "data": ...}
 
 ``data`` is the probe sample dict (nvml, host; a live hub with no recorder may pass the sample object itself as
 ``"sample"`` instead), the raw protocol message object (agent; null with an ``"error"`` when the line was not a
 JSON object), ``{"source", "message"[, "detail"]}`` (warning, counted per source and message) or
 ``{"state": "connected" | "lost", "message", "retry_in"}`` (link: a remote box's ssh session came up or went
-down), ``{"why": "process ended" | "silent"}`` (agent_gone; absent in older recordings). Records are plain
-JSON-able dicts, so a recording is one per line (``record_line``).
+down), ``{"why": "process ended" | "silent"}`` (agent_gone; absent in older recordings), ``{"returncode": N}``
+(agent_exit). Records are plain JSON-able dicts, so a recording is one per line (``record_line``).
 
 Every producer (the hub, remote boxes, replay) builds them with the constructors here, so a record's shape is
 written once.
@@ -82,6 +82,12 @@ def agent_gone(key: str, *, why: str | None = None, source: str = LOCAL, t: floa
     if why is not None:
         record["data"] = {"why": why}
     return record
+
+
+def agent_exit(key: str, returncode: int, *, source: str = LOCAL, t: float | None = None) -> Record:
+    """A process's exit status as its launcher (`batchmon run`) saw it: ``returncode`` as Popen gives it (-N for
+    signal N)."""
+    return {"t": _now(t), "kind": "agent_exit", "source": source, "key": key, "data": {"returncode": returncode}}
 
 
 def clear_ended(t: float | None = None) -> Record:

@@ -191,3 +191,81 @@ def test_a_torchrun_job_that_ended_is_one_panel_with_each_ranks_end():
     assert lines[0].lstrip().startswith("ENDED") and "2/2 ranks" in lines[0]
     for a in ranks:
         assert any(f"rank {a.hello.rank}" in ln and f"{a.ended.steps} steps" in ln for ln in lines)
+
+
+EXITING = """
+import os, signal, sys, torch
+model = torch.nn.Linear(8, 2)
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+for _ in range(3):
+    model(torch.randn(4, 8)).sum().backward()
+    opt.step()
+    opt.zero_grad()
+sys.stdin.readline()  # the test lets it end once the monitor has seen its steps
+if sys.argv[1] == "kill":
+    os.kill(os.getpid(), signal.SIGKILL)
+sys.exit(int(sys.argv[1]))
+"""
+
+
+def test_batchmon_run_tells_the_monitor_its_childs_exit_code_and_signal(tmp_path):
+    """`batchmon run` (real launcher, real agent auto-attached, real hub): the child's exit status, which no
+    agent can report, reaches the run's summary through the launcher's exit note."""
+    import subprocess
+
+    import pytest
+
+    pytest.importorskip("torch")
+    from agent_helpers import batchmon_cmd
+
+    sockdir = protocol.ensure_socket_dir(tmp_path / "sock")
+    script = tmp_path / "exiting.py"
+    script.write_text(EXITING)
+    hub = Hub(interval=0.05, socket_dir=sockdir).start()
+    hub.GONE_GRACE_S = 0.5
+    try:
+        for arg, rc in (("3", 3), ("kill", 128 + 9)):
+            proc = subprocess.Popen(batchmon_cmd("run", "--", sys.executable, str(script), arg), cwd=ROOT,
+                                    env={**os.environ, "BATCHMON_DIR": str(sockdir)}, stdin=subprocess.PIPE,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            try:
+                def running(arg=arg):
+                    return any(a.state == "running" and a.hello.argv[-1] == arg and a.last_step is not None
+                               and a.last_step.step == 3 for a in hub.snapshot().agents)
+
+                wait_for(running, timeout=90, what=f"the steps of the run that ends with {arg}")
+                _, err = proc.communicate("\n", timeout=60)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+            assert proc.returncode == rc, err  # the launcher's own exit is unchanged
+
+            def ended(arg=arg):
+                return next((a.ended for a in hub.snapshot().agents if a.ended is not None and a.hello.argv[-1] == arg
+                             and (a.ended.exit_code is not None or a.ended.signal is not None)), None)
+
+            end = wait_for(ended, timeout=60, what=f"the end of the run that ends with {arg}")
+            if arg == "3":
+                assert (end.how, end.exit_code, end.signal, end.text) == ("exited", 3, None, "exited with code 3")
+            else:
+                assert (end.how, end.exit_code, end.signal) == ("killed", None, 9) and "SIGKILL" in end.text
+            assert end.steps == 3
+    finally:
+        hub.stop()
+
+
+def test_agent_exit_records_complete_the_summary_before_or_after_the_end():
+    s = HubState()
+    for pid in (1, 2):
+        s.ingest(msg(pid, make_hello(pid)))
+        s.ingest(msg(pid, make_step(1)))
+    s.ingest(msg(1, Bye(reason="exit", time=5.0)))
+    s.ingest(records.agent_exit("vm:1", 2, t=5.1))  # after its bye: the ended run gets it
+    s.ingest(records.agent_exit("vm:2", -15, t=6.0))  # before its end is seen: kept for it
+    s.ingest(records.agent_gone("vm:2", why="process ended", t=6.1))
+    s.ingest(records.agent_exit("vm:3", "x"))  # malformed: counted, not fatal
+    ends = {a.hello.pid: a.ended for a in s.snapshot(7.0).agents}
+    assert (ends[1].exit_code, ends[1].text) == (2, "exited with code 2")
+    assert (ends[2].how, ends[2].signal, ends[2].text) == ("killed", 15, "killed by SIGTERM (signal 15)")
+    assert any("bad agent_exit record" in w.message for w in s.snapshot(7.0).warnings)

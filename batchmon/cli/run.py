@@ -21,6 +21,7 @@ import signal
 import subprocess
 from typing import Mapping, Sequence
 
+from batchmon import protocol
 from batchmon.agent.bootstrap import ENV_FLAG, FOLDER
 from batchmon.errors import CliError
 
@@ -113,4 +114,21 @@ def run(cmd: Sequence[str], executable: str, env: Mapping[str, str]) -> int:
                 pass
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    leave_exit_note(child.pid, code, env)
     return code if code >= 0 else 128 - code
+
+
+def leave_exit_note(pid: int, returncode: int, env: Mapping[str, str]) -> None:
+    """``<socket folder>/<pid>.exit``: the child's exit status (Popen's returncode) for monitors, which cannot
+    see it (an agent's goodbye comes before the exit). Only into a folder that exists and is safe; never changes
+    the launcher's exit."""
+    try:
+        directory = protocol.socket_dir(env)
+        protocol.check_socket_dir(directory)
+        fd = os.open(directory / f"{pid}.exit", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        try:
+            os.write(fd, f"{returncode}\n".encode())
+        finally:
+            os.close(fd)
+    except OSError:
+        pass

@@ -59,6 +59,49 @@ class Found:
     path: Path
 
 
+@dataclass(frozen=True)
+class ExitNote:
+    """``<pid>.exit``: the exit status `batchmon run` wrote when its child ended (Popen's returncode: -N for
+    signal N), which no agent can report (its goodbye comes before the exit)."""
+
+    pid: int
+    returncode: int
+    path: Path
+    mtime: float
+
+
+EXIT_NOTE_BYTES = 64
+
+
+def exit_notes(directory: Path) -> list[ExitNote]:
+    """The ``<pid>.exit`` files in the socket folder (regular files owned by us, a small integer inside)."""
+    notes: list[ExitNote] = []
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return notes
+    uid = os.getuid()
+    for entry in entries:
+        stem, dot, ext = entry.name.partition(".")
+        if ext != "exit" or not dot or not stem.isdigit():
+            continue
+        try:
+            st = entry.stat(follow_symlinks=False)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != uid or st.st_size > EXIT_NOTE_BYTES:
+                continue
+            fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            try:
+                text = os.read(fd, EXIT_NOTE_BYTES).decode("ascii", "replace").strip()
+            finally:
+                os.close(fd)
+            code = int(text)
+        except (OSError, ValueError):
+            continue
+        if -256 < code < 256:
+            notes.append(ExitNote(int(stem), code, Path(entry.path), st.st_mtime))
+    return notes
+
+
 def scan(directory: Path) -> list[Found]:
     """Agent sockets (``<pid>.sock``, a socket, owned by us) in the folder, by pid. Missing folder: none."""
     found: list[Found] = []

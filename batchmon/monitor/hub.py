@@ -28,6 +28,7 @@ from batchmon.monitor.agent_sockets import (
     ConnectResult,
     Found,
     connection_limit,
+    exit_notes,
     pid_alive,
     scan,
     unlink_stale,
@@ -53,6 +54,8 @@ class Hub:
     #: is recent (file times are coarse: a second change in the same clock tick keeps the mtime), and at least
     #: this often
     SCAN_EVERY_S = 5.0
+    #: how long a launcher's exit note (``<pid>.exit``) stays in the socket folder for monitors to read
+    EXIT_NOTE_KEEP_S = 60.0
 
     def __init__(
         self,
@@ -94,6 +97,7 @@ class Hub:
         self._host_key: tuple[float, tuple[int, ...]] | None = None  # (monotonic time, pids) of the last host sample
         self._scan_key: tuple[int, float] | None = None  # (folder mtime_ns, monotonic time) of the last listing
         self._rescan = True
+        self._exits_seen: set[tuple[int, float]] = set()  # exit notes already turned into records
         self._dir_seen: tuple | None = None  # the socket folder's lstat identity when its safety was last checked
         self._pending: list[Any] = []  # selector events not handled yet (a poll stopped for the next tick)
         self.error: BaseException | None = None  # what ended the IO thread early (a recorder that failed)
@@ -361,6 +365,7 @@ class Hub:
                 and 0 <= now - last[1] < self.SCAN_EVERY_S):
             return  # nothing appeared or vanished since the last listing
         self._scan_key, self._rescan = (mtime, now), False
+        self._read_exit_notes(directory)
         for found in scan(directory):
             if found.pid not in self._conns and len(self._conns) >= connection_limit():
                 self._warn("agents", f"more agent sockets than {connection_limit()} (the open-file limit); "
@@ -368,6 +373,22 @@ class Hub:
                 break
             if found.pid not in self._conns and not self._connect(found):
                 self._rescan = True  # busy listener, or stale with a live pid: look again next tick
+
+    def _read_exit_notes(self, directory: Path) -> None:
+        """`batchmon run` leaves ``<pid>.exit`` (its child's exit status) in the socket folder: each becomes one
+        agent_exit record; a note older than EXIT_NOTE_KEEP_S is removed (every monitor has seen it by then)."""
+        now = time.time()
+        for note in exit_notes(directory):
+            seen = (note.pid, note.mtime)
+            if seen not in self._exits_seen:
+                self._exits_seen.add(seen)
+                self._emit(records.agent_exit(self._key(note.pid), note.returncode))
+            if now - note.mtime > self.EXIT_NOTE_KEEP_S:
+                try:
+                    note.path.unlink()
+                except OSError:
+                    pass
+                self._exits_seen.discard(seen)
 
     def _connect(self, found: Found) -> bool:
         conn = AgentConnection(found.pid, found.path, self._key(found.pid))

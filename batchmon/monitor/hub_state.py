@@ -71,6 +71,7 @@ class _Agent:
     oom_event: Any = None  # its last oom Event
     oom: OomReport | None = None  # that event's post-mortem
     oom_waiting: bool = False  # the post-mortem still waits for NVML's first sample after the error
+    returncode: int | None = None  # its exit status, when its launcher said it before the run's end was seen
 
 
 @dataclass
@@ -153,6 +154,8 @@ class HubState:
             detail = d.get("detail")
             self.warn(source_name, _short(d.get("source", "hub"), 64), _short(d.get("message", data), 300),
                       None if detail is None else _short(detail))
+        elif kind == "agent_exit":
+            self._exit(src, record.get("key"), data)
         elif kind in ("agent", "agent_eof", "agent_gone"):
             key = record.get("key")
             if not isinstance(key, str) or not key:
@@ -280,11 +283,28 @@ class HubState:
     def _end(self, src: _Source, agent: _Agent, how: str, text: str, t: float, bye: Bye | None = None) -> None:
         """The run ended: it leaves the live agents for the box's ended runs, with its final summary."""
         agent.ended = run_ends.run_end(agent.history.last, agent.oom_event, agent.oom, agent.peak, how, text, t, bye)
+        if agent.returncode is not None:
+            agent.ended = run_ends.with_returncode(agent.ended, agent.returncode)
         if src.agents.get(agent.key) is agent:
             del src.agents[agent.key]
         for old in [a for a in src.ended if a.key == agent.key and a.hello == agent.hello]:
             src.ended.remove(old)  # the same run again (a remote box's stream resent it): kept once
         src.ended.append(agent)
+
+    def _exit(self, src: _Source, key: Any, data: Any) -> None:
+        """The launcher's exit status for a process: the run's summary says it (the latest run of that key)."""
+        code = data.get("returncode") if isinstance(data, dict) else None
+        if not isinstance(key, str) or not isinstance(code, int) or isinstance(code, bool) or not -256 < code < 256:
+            self.warn(src.name, "recording", "bad agent_exit record", _short(data))
+            return
+        running = src.agents.get(key)
+        if running is not None:
+            running.returncode = code  # its end (EOF, gone) comes next
+            return
+        ended = next((a for a in reversed(src.ended) if a.key == key), None)
+        if ended is not None and ended.ended is not None and ended.ended.exit_code is None \
+                and ended.ended.signal is None:
+            ended.ended = run_ends.with_returncode(ended.ended, code)
 
     def _oom(self, src: _Source, agent: _Agent, event: Event) -> None:
         """An out-of-memory error: its post-mortem now, completed by NVML's next sample of the device."""

@@ -5,6 +5,7 @@ are the rules): the summary of an ended run (snapshot.RunEnd) and the report of 
 
 from __future__ import annotations
 
+import signal as signals
 from dataclasses import replace
 from typing import Any
 
@@ -93,3 +94,23 @@ def process_figures(hello: Hello, sample: NvmlSample) -> tuple[int, int | None] 
     if used is None:
         return None
     return used, dev.memory.free if dev.memory is not None else None
+
+
+def with_returncode(end: RunEnd, returncode: int) -> RunEnd:
+    """The summary once the launcher's exit status is known (Popen's returncode: -N for signal N)."""
+    code, sig = (returncode, None) if returncode >= 0 else (None, -returncode)
+    if sig is not None:
+        try:
+            name = signals.Signals(sig).name
+        except ValueError:
+            name = f"signal {sig}"
+        what = f"killed by {name} (signal {sig})"
+    else:
+        what = f"exit code {code}"
+    if end.how == "exited":
+        text = f"exited with code {code}" if sig is None else what
+    elif end.how in ("killed", "gone", "lost"):
+        text = what if sig is not None else f"ended without a goodbye, {what}"
+    else:  # oom, detached: how it ended stays; the status follows
+        text = f"{end.text}; {what}"
+    return replace(end, text=_short(text, 300), exit_code=code, signal=sig)
