@@ -46,9 +46,9 @@ def test_a_steady_run_says_so_and_a_new_step_changes_only_the_last_column():
     assert changes(timeline_columns(steps, 40)) == []
     assert "steady" in timeline_lines(steps, 60, 8)[1].plain
     n = steps_per_column(0, 151, 40)
-    before = timeline_columns(steps[:151], 40)  # the last column holds steps 148..150 of 148..151
+    before = timeline_columns(steps[:151], 40)  # the last column holds steps 144..150 of 144..151
     after = timeline_columns(steps[:152], 40)
-    assert n == 4 and len(after) == len(before) and before[:-1] == after[:-1]
+    assert n == 8 and len(after) == len(before) and before[:-1] == after[:-1]
     assert len(timeline_columns(steps[:153], 40)) == len(before) + 1  # a new column starts at step 152
 
 

@@ -46,8 +46,10 @@ def _peak(step: Step) -> int:
 
 
 def steps_per_column(first: int, last: int, columns: int) -> int:
-    """The smallest 'nice' step count (1, 2, 5, 10 …) that fits steps first..last into ``columns`` columns."""
-    span = max(1, last - first + 1)
+    """The smallest 'nice' step count (1, 2, 3, 4, 5 …) that fits steps first..last into ``columns`` columns, for
+    the span rounded up to a power of two: a young run's columns widen when its span doubles, not every few
+    steps (each change redraws the whole timeline)."""
+    span = 1 << max(0, last - first).bit_length()
     for n in NICE_STEPS:
         if -(-span // n) <= columns:
             return n
