@@ -214,7 +214,10 @@ def profile(handle: Any, run_steps: Callable[[int], list[float]], steps: int) ->
     t.wrap(meter, "finish", "  step end: measure (counting + message)")
     t.wrap(meter, "static_components", "    counting: parameters/gradients/optimizer")
     t.wrap(meter, "_cuda", "    allocator figures")
-    t.wrap(step_meter, "Step", "    message building (Step)")
+    if hasattr(step_meter, "new_step"):
+        t.wrap(step_meter, "new_step", "    message building (Step)")
+    else:  # the code before issue 14 built it with the dataclass's __init__
+        t.wrap(step_meter, "Step", "    message building (Step)")
     t.wrap(handle._out, "step", "  transport hand-off")
     t.wrap(handle._watch, "step_ended", "  loss window bookkeeping")
     t.wrap(torch_patches, "_leaving", "  post hook: exception check")

@@ -68,12 +68,23 @@ class StorageSet:
             if key in excluded:
                 return 0
         self.keys.add(key)
-        size = round_up(size, self.block)
+        block = self.block
+        if block > 1:
+            size = -(-size // block) * block
         self.bytes += size
         return size
 
     def add_all(self, tensors: Iterable[Any]) -> int:
-        return sum(self.add(t) for t in tensors)
+        added = 0
+        for t in tensors:
+            added += self.add(t)
+        return added
+
+    def reset(self) -> "StorageSet":
+        """Empty again, for the next step (a new key set: whoever kept the old one keeps its contents)."""
+        self.keys = set()
+        self.bytes = 0
+        return self
 
 
 def iter_tensors(obj: Any, depth: int = 3) -> Iterator[torch.Tensor]:

@@ -14,6 +14,7 @@ batch_first=False)"``).
 
 from __future__ import annotations
 
+import operator
 import os
 import sys
 from dataclasses import dataclass
@@ -89,8 +90,12 @@ class BatchSizer:
 
     def measure(self, args: tuple[Any, ...], kwargs: dict[str, Any], inputs: list[torch.Tensor]) -> BatchSize:
         """At the root forward's start."""
-        first = next((t for t in inputs if t.dim() >= 1), None)
-        self._shape = tuple(first.shape) if first is not None else None
+        first = None
+        for t in inputs:
+            if t.dim() >= 1:
+                first = t
+                break
+        self._shape = first.shape if first is not None else None  # a torch.Size: already an immutable tuple
         if self.fn is not None:
             try:
                 value = self.fn(*args, **kwargs)
@@ -98,7 +103,9 @@ class BatchSizer:
             except Exception as exc:  # noqa: BLE001 - the user's function failed: fall back, say so once
                 self._warn("batch_size_fn", f"batch_size_fn failed ({type(exc).__name__}: {exc}); "
                                             "finding the batch dimension instead")
-        packed = _packed(args) or (_packed(list(kwargs.values())) if kwargs else None)
+        packed = None
+        if kwargs or len(inputs) != len(args) or not all(map(operator.is_, inputs, args)):  # not just tensors
+            packed = _packed(args) or (_packed(list(kwargs.values())) if kwargs else None)
         if packed is not None and packed.batch_sizes.numel():
             return BatchSize(int(packed.batch_sizes[0]), "packed sequence")
         shape = self._shape

@@ -168,7 +168,7 @@ class StepMeter:
         self._lazy = False  # the model had uninitialised (lazy) parameters when last counted
         self._backward_static: tuple[int, int, int] | None = None
         self._grad_marks: list[tuple[weakref.ReferenceType[torch.Tensor], int, int]] = []
-        self._matcher: tuple[torch.device, Callable[[torch.Tensor], bool]] | None = None
+        self._matcher: tuple[torch.device, accounting.StorageSet] | None = None  # the batch's storage set
         self._recount = True  # this sampled step walks the parameter/gradient/optimizer storages again
         self._recount_t = float("-inf")  # perf_counter of the last walk
         self._figures: CudaFigures | None = None  # the allocator's figures as last read
@@ -261,11 +261,13 @@ class StepMeter:
         return moved
 
     def _storages(self) -> accounting.StorageSet:
-        """An empty StorageSet on the agent's device (its device test made once per device, not per step)."""
+        """An empty StorageSet on the agent's device for the step's batch: one object per device, emptied for
+        each forward group (made anew, with its device test, only when the device changes)."""
         device = self.device_or_cpu()
-        if self._matcher is None or (self._matcher[0] is not device and self._matcher[0] != device):
-            self._matcher = (device, accounting.device_matcher(device))
-        return accounting.StorageSet(device, matcher=self._matcher[1])
+        cached = self._matcher
+        if cached is None or (cached[0] is not device and cached[0] != device):
+            cached = self._matcher = (device, accounting.StorageSet(device))
+        return cached[1].reset()
 
     def add_inputs(self, inputs: list[torch.Tensor], count: bool = True) -> None:
         """The root forward's inputs are batch; ``count``: start counting saved tensors (forward begins)."""
