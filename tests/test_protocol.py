@@ -202,3 +202,22 @@ def test_cache_and_context_one_definition_two_readings():
     assert cache_and_context(900, 700, None, 1500) == (None, None)
     obs = Observation(step=1, batch_size=8, components={}, peak_allocated=900, reserved=1000, device_used=800)
     assert (obs.cache, obs.context) == cache_and_context(900, None, 1000, 800, strict=True)
+
+
+def test_written_out_to_dict_has_every_field_and_new_step_equals_the_constructor():
+    """Step/Event.to_dict are written out (not dataclasses.asdict, which the agent's socket thread paid per
+    line): they must list every field, so a field added later cannot be left out of the wire silently."""
+    import dataclasses
+
+    from batchmon.protocol import Event, new_step
+
+    step = conftest_make_step(5, 16, allocated=1, peak_allocated=2, reserved=3, num_alloc_retries=0, num_ooms=0,
+                              device_used=4, batch_source="input dim 0", micro_batches=2, steps=7)
+    assert step.to_dict() == dataclasses.asdict(step)
+    event = Event(kind="oom", message="m", components=dict(step.components), time=1.0, step=3, batch_size=2,
+                  requested_bytes=9)
+    assert event.to_dict() == dataclasses.asdict(event)
+    fields = [getattr(step, f.name) for f in dataclasses.fields(Step) if f.init]
+    made = new_step(*fields)
+    assert made == step and made.type == "step" and encode(made) == encode(step)
+    assert [f.name for f in dataclasses.fields(Step) if f.init][-1] == "steps"  # new_step's argument order
