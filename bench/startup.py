@@ -10,8 +10,9 @@ each run, medians:
 - bootstrap: the child alone with the bootstrap on (``BATCHMON_AUTO=1``, the bootstrap folder on PYTHONPATH),
   no launcher: what the agent adds inside the training process.
 
-Then ``attach()`` in a fresh process that imported torch and built a small model and optimizer: the first call
-(the agent's modules imported, hooks installed, socket opened) and the time to the first step's end, medians
+Then ``attach()`` in a fresh process that imported torch and built a small model and optimizer (on the GPU when
+there is one: then attach also reads NVML's uuid for the device): the first call (the agent's modules imported,
+hooks installed, socket opened) and the time to the first step's end, medians
 over ``--rounds`` processes. Targets: run within 100 ms of plain, attach() within 50 ms.
 
     python3 bench/startup.py --out bench/results/startup_devbox.json
@@ -38,9 +39,12 @@ ATTACH = r"""
 import json, sys, time
 import torch
 import torch.nn as nn
-model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 4))
+device = "cuda" if torch.cuda.is_available() else "cpu"
+model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 4)).to(device)
 opt = torch.optim.Adam(model.parameters())
-x = torch.randn(8, 32)
+x = torch.randn(8, 32, device=device)
+if device == "cuda":
+    torch.cuda.synchronize()  # CUDA's own start-up is the script's, not the agent's
 t0 = time.perf_counter()
 import batchmon
 handle = batchmon.attach(model, opt)
@@ -48,10 +52,11 @@ t1 = time.perf_counter()
 loss = model(x).square().mean()
 loss.backward()
 opt.step()
+loss.item()
 t2 = time.perf_counter()
 ok = handle.last_step is not None and handle.socket_path is not None
 handle.detach()
-print(json.dumps({"attach_s": t1 - t0, "first_step_s": t2 - t1, "ok": ok}))
+print(json.dumps({"attach_s": t1 - t0, "first_step_s": t2 - t1, "ok": ok, "device": device}))
 """
 
 
