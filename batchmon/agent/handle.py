@@ -40,8 +40,7 @@ from batchmon.agent.batch_dim import BatchSizer, env_batch_dim
 from batchmon.agent.module_watch import ModuleWatch
 from batchmon.agent.process_memory import ProcessMemory
 from batchmon.agent.publisher import Publisher, snapshot
-from batchmon.agent.step_meter import (FULL_STEPS, SAMPLE_SECONDS, StepMeter, cuda_figures, device_of,
-                                       device_of_optimizer)
+from batchmon.agent.step_meter import FULL_STEPS, StepMeter, cuda_figures, device_of, device_of_optimizer
 from batchmon.protocol import Bye, Event, Hello, Step
 
 DEFAULT_ACTIVATION_EVERY = 10
@@ -66,11 +65,8 @@ def attach(model: torch.nn.Module | None = None, optimizer: torch.optim.Optimize
     ``name``, ``batch_size_fn``, ``activation_every`` or ``batch_dim`` when given). ``batch_size_fn`` is called
     with the model's forward arguments (``batch_size_fn(*args, **kwargs)``) and returns the batch size; else the
     batch dimension is found (batchmon.agent.batch_dim), or ``batch_dim`` says which dimension of the first
-    tensor input it is. ``activation_every``: count activations every N-th step (default 10, and then at most
-    every SAMPLE_SECONDS, so that fast steps are not sampled hundreds of times a second: see step_meter; an
-    explicit value is exact: every N-th step whatever the step rate), see the module
-    docstring); 1 counts every step. ``socket_dir`` overrides the socket folder (default:
-    protocol.socket_dir()).
+    tensor input it is. ``activation_every``: count activations every N-th step (default 10, then at most 4 a
+    second; an explicit N is exact: step_meter). ``socket_dir``: the socket folder (default protocol.socket_dir()).
     """
     if batch_dim is not None and (isinstance(batch_dim, bool) or not isinstance(batch_dim, int) or batch_dim < 0):
         raise ValueError(f"attach(batch_dim=...) expects an integer >= 0, got {batch_dim!r}")
@@ -161,8 +157,7 @@ class AgentHandle:
         self._out = Publisher(self.pid, socket_dir, self._hello, self._transport_failed, self._tick)
         dim, origin = batch_dim if batch_dim is not None else (None, None)
         self._sizer = BatchSizer(batch_size_fn, dim, origin, self._out.warn_once)
-        self._meter = StepMeter(activation_every, self._sizer, cuda_figures)
-        self._meter.sample_seconds = 0.0 if activation_explicit else SAMPLE_SECONDS
+        self._meter = StepMeter(activation_every, self._sizer, cuda_figures, explicit_every=activation_explicit)
         self._watch = ModuleWatch(self, lambda: self._meter.model_ref is not None)
         self._root_hooks: list[Any] = []
         self._step_hook: Any = None
@@ -324,9 +319,8 @@ class AgentHandle:
                 self._sizer.fn = batch_size_fn
             if batch_dim is not None:
                 self._sizer.dim, self._sizer.dim_origin = batch_dim
-            if activation_every is not None:
-                self._meter.activation_every = activation_every
-                self._meter.sample_seconds = 0.0  # an explicit setting: exactly every N-th step
+            if activation_every is not None:  # an explicit setting: exactly every N-th step
+                self._meter.activation_every, self._meter.sample_seconds = activation_every, 0.0
             if optimizer is not None and optimizer is not self._meter.primary():
                 self._track_optimizer(optimizer, primary=True)  # publishes a new hello itself
             if model is not None and model is not self.model:

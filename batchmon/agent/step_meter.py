@@ -129,9 +129,10 @@ class StepMeter:
     """Per-step measurement state (training thread). ``cuda(reset)`` reads the allocator, ``None`` off CUDA."""
 
     def __init__(self, activation_every: int, sizer: BatchSizer,
-                 cuda: Callable[[torch.device | None, bool], CudaFigures | None]) -> None:
+                 cuda: Callable[[torch.device | None, bool], CudaFigures | None], explicit_every: bool = True) -> None:
         self.activation_every = activation_every
-        self.sample_seconds = 0.0  # every-N-th-step samples at least this far apart (0: exactly every N-th step)
+        # every-N-th-step samples at least this far apart (0: exactly every N-th step, as an explicit setting asks)
+        self.sample_seconds = 0.0 if explicit_every else SAMPLE_SECONDS
         self._sampled_t = float("-inf")  # perf_counter of the last sampled step's start
         self.sizer = sizer
         self._cuda = cuda
