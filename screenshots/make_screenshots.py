@@ -52,7 +52,8 @@ SET: tuple[tuple[str, str, int | None, tuple[int, int], tuple[str, ...]], ...] =
 
 def busiest(snapshots) -> int:
     """The last moment with the most training processes live (as tests/tui_fixtures.busiest picks it)."""
-    live = [sum(1 for a in snap.agents if a.connected and a.last_step) for snap in snapshots]
+    live = [sum(1 for a in snap.agents if a.connected and a.last_step and getattr(a, "state", "running") == "running")
+            for snap in snapshots]
     return max(range(len(snapshots)), key=lambda i: (live[i], i))
 
 

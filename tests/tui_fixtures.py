@@ -205,7 +205,8 @@ def recorded_or(name: str, fallback):
 
 def busiest(snaps) -> int:
     """The last moment with the most training processes live: what a user watching the run saw."""
-    live = [sum(1 for a in snap.agents if a.connected and a.last_step) for snap in snaps]
+    live = [sum(1 for a in snap.agents if a.connected and a.last_step and getattr(a, "state", "running") == "running")
+            for snap in snaps]
     return max(range(len(snaps)), key=lambda i: (live[i], i))
 
 
