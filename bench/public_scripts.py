@@ -175,7 +175,7 @@ def measure(case: Case, root: Path, py: str, bm_env: dict, control: bool) -> Res
     steps = seen["steps"]
     n = min(len(plain.losses), len(attached.losses)) if plain.timed_out or attached.timed_out else None
     res = Result(case.name, case.pattern, plain, attached, plain.losses[:n] == attached.losses[:n],
-                 steps=len(steps), hellos=seen["hellos"], events=seen["events"][:10], expect_batch=case.expect_batch)
+                 steps=sum(int(d.get("steps", 1)) if isinstance(d, dict) else 1 for d in steps), hellos=seen["hellos"], events=seen["events"][:10], expect_batch=case.expect_batch)
     if again is not None:
         res.control_losses_equal = plain.losses[:n] == again.losses[:n]
     plain_lines = set(plain.lines) | set(again.lines if again else ())

@@ -53,7 +53,7 @@ The fixed cost of the other steps (issue 14: about 25 us is 1% of a 2.6 ms step)
 grows with the model: no walk over parameters (the layout check reads one remembered parameter), no walk over a
 WeakSet of optimizers (a plain list of weak references), and the allocator's figures - a nested dict of a few
 hundred entries built by torch on every call - read only on sampled steps, on the first steps and at most every
-ALLOCATOR_READ_SECONDS in between (the monitor gets at most about 20 messages a second, batchmon.agent.transport);
+ALLOCATOR_READ_SECONDS in between (the monitor gets at most about 10 messages a second, batchmon.agent.transport);
 a step in between carries the last figures forward, and the allocator's peak is reset only when it is read, so
 the next read's peak covers every step since (no step's peak is lost, it is reported at the next read). The step
 where the batch size changes resets the peak first, so no step is given the peak of another batch size.

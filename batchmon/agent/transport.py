@@ -7,7 +7,7 @@ discards whatever a monitor sends (never parsed); and it keeps a bounded outboun
 monitor that never reads loses its oldest lines instead of growing memory or slowing the others.
 
 Steps are coalesced here (batchmon.agent.coalesce): at high step rates one message stands for a window of
-steps, at most about 20 a second, without losing a batch size's peak, a batch change or an event; the
+steps, at most about 10 a second, without losing a batch size's peak, a batch change or an event; the
 training thread's put() stays an append, the windows are made on this thread.
 
 No torch here: the monitor side imports protocol only, this module only runs inside the training process.
