@@ -8,16 +8,16 @@ The file is streamed, never loaded: memory stays bounded for a recording of any 
 4.1 GB when it was read whole). A line over MAX_RECORD_LINE bytes is skipped as a bad line without being held.
 Only the first lines are read before the replay starts (the interval, whether there are ticks); a file with
 no record in them is not a recording (NotARecording: the CLI says so and exits 1). The last record's time
-is read from the file's tail (the position bar's end).
+is read from the file's tail (the position bar's end). Record times that are not finite, sane epoch seconds
+(Infinity, 1e300, 1e400) are replaced by the previous time, and at most MAX_SOURCES distinct sources are
+replayed (the rest is counted in one warning), so no recording can freeze or flood a replay.
 
 Seeking is pure state too: a ReplayCursor (SnapshotFeed underneath) steps from snapshot to snapshot, skips
 moments without building their snapshots, and seeks back by streaming a fresh HubState from the start. The
 ReplaySource paces it on its own thread and carries out seeks asked from the UI's.
 
 Over 400 lines: reading a recording (streamed, bounded, hostile input survived), feeding it moment by moment,
-the seekable cursor and the paced source are one pipeline whose parts share the record rules above. Record times that are not
-finite, sane epoch seconds (Infinity, 1e300, 1e400) are replaced by the previous time, and at most MAX_SOURCES
-distinct sources are replayed (the rest is counted in one warning), so no recording can freeze or flood a replay.
+the seekable cursor and the paced source are one pipeline whose parts share the record rules above.
 """
 
 from __future__ import annotations
