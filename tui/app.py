@@ -138,6 +138,8 @@ class BatchmonApp(MemoryViewsApp):
         self._warnings_panel: WarningsPanel | None = None
         self._levels_key: tuple | None = None  # what _apply_levels last laid out for
         self._signals: list[int] = []  # signals whose handlers on_mount installed
+        self._loop: asyncio.AbstractEventLoop | None = None  # the app's loop, once mounted
+        self._pending_signal: int | None = None  # a signal quit_from_signal got before the app was mounted
         self._init_memory_views()
         if snapshot is not None:
             self._record_history(snapshot)
@@ -173,7 +175,10 @@ class BatchmonApp(MemoryViewsApp):
         yield Footer()
 
     async def on_mount(self) -> None:
+        self._loop = asyncio.get_running_loop()
         self._catch_signals()
+        if self._pending_signal is not None:
+            self._signalled(self._pending_signal)
         self._update_size_classes()
         header = self.query_one(HeaderBar)
         header.interval = self.interval
@@ -207,6 +212,14 @@ class BatchmonApp(MemoryViewsApp):
 
     def _signalled(self, sig: int) -> None:
         self.exit(return_code=128 + int(sig))
+
+    def quit_from_signal(self, sig: int) -> None:
+        """For a signal handler installed outside the app (the demo's, while Textual starts): end the app as its
+        own handlers do, wherever start-up was interrupted. Raising from the handler instead could land inside
+        Textual's start-up and leave it hanging; before the loop runs, on_mount ends the app at once."""
+        self._pending_signal = sig
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._signalled, sig)
 
     def _release_signals(self) -> None:
         loop = asyncio.get_running_loop()
@@ -575,7 +588,8 @@ class BatchmonApp(MemoryViewsApp):
             target.focus()
 
 
-def run_monitor(source: Source, *, interval: float, mouse: bool, title: str | None = None) -> int:
+def run_monitor(source: Source, *, interval: float, mouse: bool, title: str | None = None,
+                on_app: Callable[["BatchmonApp"], None] | None = None) -> int:
     """Run the monitor on ``source`` until the user quits; starts and stops the source. Returns an exit code.
 
     Raises CliError (one line, no traceback) when stdin is not a terminal (`batchmon < /dev/null`, cron): the
@@ -584,6 +598,8 @@ def run_monitor(source: Source, *, interval: float, mouse: bool, title: str | No
         raise CliError("the live monitor needs a terminal to read keys from, and stdin is not one "
                        "(for one snapshot without a terminal: batchmon --once)")
     app = BatchmonApp(source, interval=interval, title=title)
+    if on_app is not None:  # e.g. the demo routes its signals to quit_from_signal from here on
+        on_app(app)
     app.run(mouse=mouse)
     return int(app.return_code or 0)
 

@@ -157,7 +157,10 @@ def main(args: Any) -> int:
         proc = start_training(steps, socket_dir, log_path)
         hub = Hub(interval=interval, socket_dir=socket_dir)
         code = run_monitor(hub, interval=interval, mouse=not getattr(args, "no_mouse", False),
-                           title=f"demo: {EXAMPLE} (batchmon run, agent attached)")
+                           title=f"demo: {EXAMPLE} (batchmon run, agent attached)",
+                           # from here a signal asks the app to quit: raised, it could land inside Textual's
+                           # start-up (before the app's own handlers) and leave the demo hanging
+                           on_app=lambda app: _catch(lambda signum, frame: app.quit_from_signal(signum)))
     except Signalled as exc:
         code = 128 + exc.signum
     finally:
