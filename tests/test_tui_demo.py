@@ -195,7 +195,12 @@ def test_demo_runs_from_outside_the_checkout(tmp_path):
                                   text=True).stdout
 
         demo_pid = _pane_pid(session)
-        _wait(lambda: "demo_train.py" in screen() and "pid " in screen(), 90, "the demo's job panel")
+        deadline = time.monotonic() + 90
+        while not ("demo_train.py" in (text := screen()) and "pid " in text):
+            log = next(tmpdir.glob("batchmon-demo-*/train.log"), None)
+            assert time.monotonic() < deadline, (f"the demo's job panel did not show in 90 s; screen:\n{text}\n"
+                                                 f"train.log: {log.read_text()[-2000:] if log else None}")
+            time.sleep(0.1)
         subprocess.run(["tmux", "send-keys", "-t", session, "q"], check=True)
         _wait(lambda: not psutil.pid_exists(demo_pid) or psutil.Process(demo_pid).status() == psutil.STATUS_ZOMBIE,
               30, "demo exit after q")

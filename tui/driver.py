@@ -13,6 +13,7 @@ whether they look as expected, and the app falls back to Textual's driver otherw
 from __future__ import annotations
 
 import os
+import queue
 import selectors
 from codecs import getincrementaldecoder
 
@@ -23,6 +24,8 @@ from textual.drivers.linux_driver import LinuxDriver
 
 POLL_S = 0.1  # Textual's own poll, used when the parser does not expose its timeout
 IDLE_MAX_S = 2.0  # the longest wait without input: bounds a quit that races the thread's start-up
+
+OUTPUT_POLL_S = 0.5  # how often a wait on the output thread checks that it still lives
 
 
 def available() -> bool:
@@ -35,6 +38,33 @@ class QuietLinuxDriver(LinuxDriver):
     """LinuxDriver whose input thread sleeps until there is input (or a pending key sequence times out)."""
 
     _wake_w: int | None = None
+
+    def write(self, data: str) -> None:
+        """Queue output for Textual's output thread, but only while that thread lives: on a closed terminal (tmux
+        kill-session, a dropped ssh) its write fails and the thread dies, and LinuxDriver's unbounded ``put`` on
+        the full queue then hung the process on its way out (seen with ``batchmon demo``, whose training run
+        outlived it). A slow terminal still gets everything: the wait goes on while the thread is alive."""
+        writer = self._writer_thread
+        pending = getattr(writer, "_queue", None)  # Textual's WriterThread's queue (an internal: else its own write)
+        if writer is None or pending is None:
+            super().write(data)
+            return
+        while writer.is_alive():
+            try:
+                pending.put(data, timeout=OUTPUT_POLL_S)
+                return
+            except queue.Full:
+                continue
+
+    def close(self) -> None:
+        """Stop the output thread the same way: the stop mark is queued and waited for only while it lives."""
+        writer = self._writer_thread
+        if writer is None or getattr(writer, "_queue", None) is None:
+            super().close()
+            return
+        self.write(None)  # type: ignore[arg-type]  # the thread's stop mark
+        while writer.is_alive():
+            writer.join(timeout=OUTPUT_POLL_S)
 
     def disable_input(self) -> None:
         # LinuxDriver.disable_input sets exit_event and joins the input thread; the thread waits up to IDLE_MAX_S,
