@@ -289,13 +289,19 @@ class Event:
     step: int | None = None
     batch_size: int | None = None
     requested_bytes: int | None = None
+    # added fields (an oom event on CUDA): the caching allocator at the error - live tensors, its pool, and its
+    # cumulative cache-flush-and-retry count; older agents send none (the post-mortem then estimates or says n/a)
+    allocated: int | None = None
+    reserved: int | None = None
+    num_alloc_retries: int | None = None
     type: str = field(default="event", init=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "message": self.message,
                 "components": dict(self.components) if self.components is not None else None,
                 "time": self.time, "step": self.step, "batch_size": self.batch_size,
-                "requested_bytes": self.requested_bytes, "type": "event"}
+                "requested_bytes": self.requested_bytes, "allocated": self.allocated, "reserved": self.reserved,
+                "num_alloc_retries": self.num_alloc_retries, "type": "event"}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Event":
@@ -307,6 +313,9 @@ class Event:
             step=_int(d, "step", nullable=True),
             batch_size=_int(d, "batch_size", nullable=True, maximum=1 << 40),
             requested_bytes=_int(d, "requested_bytes", nullable=True),
+            allocated=_lenient_int(d.get("allocated")),
+            reserved=_lenient_int(d.get("reserved")),
+            num_alloc_retries=_lenient_int(d.get("num_alloc_retries")),
         )
 
 

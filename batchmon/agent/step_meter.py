@@ -435,9 +435,25 @@ class StepMeter:
         text = " ".join(str(exc).split())
         first = text.split(". ", 1)[0][:300]
         n = self.step + 1
+        allocated, reserved, retries = self._allocator_at_error()
         return Event(kind="oom", message=f"out of memory in {where} at step {n}: {first}",
                      components=self.current_components(), time=time.time(), step=n,
-                     batch_size=self.batch_size, requested_bytes=requested)
+                     batch_size=self.batch_size, requested_bytes=requested, allocated=allocated,
+                     reserved=reserved, num_alloc_retries=retries)
+
+    def _allocator_at_error(self) -> tuple[int | None, int | None, int | None]:
+        """The caching allocator right after an out-of-memory error (live tensors, its pool, retries so far), for
+        the post-mortem's fragmentation; None off CUDA or if torch cannot say (never raises: the error is the
+        training's, the agent only reports it)."""
+        device = self.device
+        if device is None or device.type != "cuda":
+            return None, None, None
+        try:
+            stats = torch.cuda.memory_stats(device)
+            return (int(torch.cuda.memory_allocated(device)), int(torch.cuda.memory_reserved(device)),
+                    int(stats.get("num_alloc_retries", 0)))
+        except Exception:  # noqa: BLE001
+            return None, None, None
 
     def static_components(self, force: bool) -> tuple[int, int, int]:
         optimizers = self.optimizers
