@@ -52,3 +52,22 @@ def test_the_agent_reports_no_allocator_figures_off_cuda() -> None:
     meter = StepMeter.__new__(StepMeter)
     meter.device = torch.device("cpu")
     assert meter._allocator_at_error() == (None, None, None)
+
+
+def test_h200_recording_post_mortem_reports_the_pool_at_the_error() -> None:
+    """A GPT at batch 2048 recorded on the H200 with this agent: the pool, fragmentation and retries come with the
+    error and agree with PyTorch's own message (138.71 GiB allocated, 44.78 MiB reserved but unallocated)."""
+    from pathlib import Path
+
+    from batchmon.monitor.render import snapshot_to_json
+    from batchmon.monitor.replay import final_snapshot
+
+    path = Path(__file__).parent / "fixtures" / "agent_h200_oom_allocator.jsonl"
+    snap = final_snapshot(path)
+    (agent,) = [a for a in snapshot_to_json(snap)["agents"] if a.get("oom")]
+    oom = agent["oom"]
+    assert agent["state"] == "oom" and agent["ended"]["exit_code"] == 1
+    assert oom["reserved_basis"] == "reported with the error"
+    assert abs(oom["fragmentation"] - 44.78 * 2**20) < 0.01 * 2**20
+    assert abs(oom["allocated"] - 138.71 * 2**30) < 0.01 * 2**30
+    assert oom["requested_bytes"] == 6 * 2**30 and oom["num_alloc_retries"] >= 1
