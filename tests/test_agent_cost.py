@@ -9,6 +9,7 @@ not walk them either, except every RECOUNT_SECONDS.
 from __future__ import annotations
 
 import collections
+from pathlib import Path
 import sys
 from typing import Callable
 
@@ -30,6 +31,11 @@ def mlp(layers: int) -> nn.Module:
     return nn.Sequential(*mods, nn.Linear(D, 4))
 
 
+# batchmon's own files (a path test on "batchmon" alone also matched torch's files when the virtual environment's
+# path contains that word, as CI's does: torch's optimizer then counted per parameter)
+PACKAGE = str(Path(batchmon.__file__).resolve().parent)
+
+
 def calls_in(fn: Callable[[], None]) -> collections.Counter:
     """Python-level calls made while fn runs, by (file, function): batchmon's and torch's module walks."""
     seen: collections.Counter = collections.Counter()
@@ -37,8 +43,8 @@ def calls_in(fn: Callable[[], None]) -> collections.Counter:
     def profile(frame, event, arg):  # noqa: ANN001, ANN202 - sys.setprofile's signature
         if event == "call":
             code = frame.f_code
-            if "batchmon" in code.co_filename or code.co_name in ("_named_members", "named_modules",
-                                                                  "named_parameters", "parameters"):
+            if code.co_filename.startswith(PACKAGE) or code.co_name in ("_named_members", "named_modules",
+                                                                        "named_parameters", "parameters"):
                 seen[(code.co_filename.rsplit("/", 1)[-1], code.co_name)] += 1
 
     sys.setprofile(profile)

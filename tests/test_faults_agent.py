@@ -237,6 +237,11 @@ def test_monitor_that_never_reads(baseline, agent_dir, capfd, monkeypatch) -> No
     # so the agent really has to drop lines for the stalled monitor within a few steps.
     steps = 40
     monkeypatch.setattr(agent_transport, "CLIENT_MAX_BYTES", 4096)
+    # every step its own message (no coalescing): 40 fast steps coalesce into a few lines that never fill the
+    # stalled monitor's buffers, and this test is about what the agent does when they are full
+    from batchmon.agent import publisher as agent_publisher
+
+    monkeypatch.setattr(agent_publisher, "WINDOW_SECONDS", 0.0)
     stalled: list[socket.socket] = []
 
     def on_step(i: int) -> None:
