@@ -11,9 +11,7 @@ of panels, their sizes and every key's action meet; each part is short and needs
 
 from __future__ import annotations
 
-import asyncio
 import os
-import signal
 import sys
 import time
 from typing import Any, Callable, Protocol
@@ -37,6 +35,7 @@ from batchmon.tui.messages import PanelFocused, SnapshotArrived
 from batchmon.tui.notices import NoAgentsPanel, NoGpuPanel, WarningsPanel
 from batchmon.tui.panel import LinesPanel
 from batchmon.tui.predict import Predictor
+from batchmon.tui.app_signals import QUIT_SIGNALS, SignalsApp  # noqa: F401 - QUIT_SIGNALS: the app's API
 from batchmon.tui.app_memory import HISTORY, MemoryViewsApp  # noqa: F401 - HISTORY: its old home
 from batchmon.tui.replay_bar import ReplayBar
 from batchmon.tui.timeline_panel import TimelinePanel
@@ -46,7 +45,6 @@ from batchmon.tui.state import WhatIfState, cycle_interval, next_interval
 from batchmon.tui.views import JobView
 from batchmon.tui.whatif_bar import PanelColumn, WhatIfBar
 
-QUIT_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
 NARROW_WIDTH = 120
 SHORT_HEIGHT = 28
 
@@ -67,7 +65,7 @@ class Source(Protocol):
     def set_interval(self, seconds: float) -> None: ...
 
 
-class BatchmonApp(MemoryViewsApp):
+class BatchmonApp(SignalsApp, MemoryViewsApp):
     """The monitor, on a ``Source`` (the hub, a replay, a test's list of snapshots) or one fixed snapshot."""
 
     CSS_PATH = "batchmon.tcss"
@@ -137,9 +135,6 @@ class BatchmonApp(MemoryViewsApp):
         self._host_panels: list[NoGpuPanel] = []
         self._warnings_panel: WarningsPanel | None = None
         self._levels_key: tuple | None = None  # what _apply_levels last laid out for
-        self._signals: list[int] = []  # signals whose handlers on_mount installed
-        self._loop: asyncio.AbstractEventLoop | None = None  # the app's loop, once mounted
-        self._pending_signal: int | None = None  # a signal quit_from_signal got before the app was mounted
         self._init_memory_views()
         if snapshot is not None:
             self._record_history(snapshot)
@@ -175,10 +170,7 @@ class BatchmonApp(MemoryViewsApp):
         yield Footer()
 
     async def on_mount(self) -> None:
-        self._loop = asyncio.get_running_loop()
         self._catch_signals()
-        if self._pending_signal is not None:
-            self._signalled(self._pending_signal)
         self._update_size_classes()
         header = self.query_one(HeaderBar)
         header.interval = self.interval
@@ -197,35 +189,6 @@ class BatchmonApp(MemoryViewsApp):
         first = src.snapshot()
         if first is not None:
             self.deliver(first)
-
-    def _catch_signals(self) -> None:
-        """SIGTERM, SIGHUP (the terminal closed) and SIGINT from outside end the app the way `q` does: Textual
-        restores the terminal (alternate screen and mouse reporting off, cursor shown) and on_unmount stops
-        the source, which ends what it started (ssh sessions of --host). Exit status 128 + the signal's number."""
-        loop = asyncio.get_running_loop()
-        for sig in QUIT_SIGNALS:
-            try:
-                loop.add_signal_handler(sig, self._signalled, sig)
-            except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or no such signal
-                continue
-            self._signals.append(sig)
-
-    def _signalled(self, sig: int) -> None:
-        self.exit(return_code=128 + int(sig))
-
-    def quit_from_signal(self, sig: int) -> None:
-        """For a signal handler installed outside the app (the demo's, while Textual starts): end the app as its
-        own handlers do, wherever start-up was interrupted. Raising from the handler instead could land inside
-        Textual's start-up and leave it hanging; before the loop runs, on_mount ends the app at once."""
-        self._pending_signal = sig
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._signalled, sig)
-
-    def _release_signals(self) -> None:
-        loop = asyncio.get_running_loop()
-        for sig in self._signals:
-            loop.remove_signal_handler(sig)
-        self._signals.clear()
 
     def on_unmount(self) -> None:
         self._release_signals()
