@@ -21,6 +21,7 @@ from typing import Any
 from batchmon import protocol
 
 RECV_BYTES = 256 * 1024
+UNIX_PATH_MAX = 108  # sun_path's size on Linux: Python's connect refuses a path of this length or more
 READ_BUDGET = 4 * 1024 * 1024  # per connection per wake-up, so one chatty agent cannot starve the others
 
 _local = threading.local()
@@ -172,8 +173,15 @@ class AgentConnection:
         except OSError:
             return ConnectResult.RETRY
         sock.setblocking(False)
+        folder = -1
         try:
-            sock.connect(str(self.path))
+            address = str(self.path)
+            if len(os.fsencode(address)) >= UNIX_PATH_MAX:
+                # too long for a socket address (the agent binds a shorter staging name and links it into place,
+                # so such a path exists in a deep TMPDIR): reach it through the folder's descriptor instead
+                folder = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
+                address = f"/proc/self/fd/{folder}/{self.path.name}"
+            sock.connect(address)
         except BlockingIOError:
             sock.close()
             return ConnectResult.RETRY
@@ -184,6 +192,9 @@ class AgentConnection:
             if exc.errno in (errno.ENOENT, errno.ENOTDIR):
                 return ConnectResult.GONE
             return ConnectResult.RETRY
+        finally:
+            if folder >= 0:
+                os.close(folder)
         self.sock = sock
         return ConnectResult.CONNECTED
 
