@@ -443,17 +443,15 @@ class StepMeter:
 
     def _allocator_at_error(self) -> tuple[int | None, int | None, int | None]:
         """The caching allocator right after an out-of-memory error (live tensors, its pool, retries so far), for
-        the post-mortem's fragmentation; None off CUDA or if torch cannot say (never raises: the error is the
-        training's, the agent only reports it)."""
-        device = self.device
-        if device is None or device.type != "cuda":
-            return None, None, None
+        the post-mortem's fragmentation: the step's own reading (cuda_figures) without starting a new peak; None
+        off CUDA or if torch cannot say (never raises: the error is the training's, the agent only reports it)."""
         try:
-            stats = torch.cuda.memory_stats(device)
-            return (int(torch.cuda.memory_allocated(device)), int(torch.cuda.memory_reserved(device)),
-                    int(stats.get("num_alloc_retries", 0)))
+            figures = cuda_figures(self.device, reset=False)
         except Exception:  # noqa: BLE001
+            figures = None
+        if figures is None:
             return None, None, None
+        return figures.allocated, figures.reserved, figures.retries
 
     def static_components(self, force: bool) -> tuple[int, int, int]:
         optimizers = self.optimizers
