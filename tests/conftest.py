@@ -21,6 +21,8 @@ for _sig, _default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGQ
 
 import asyncio  # noqa: E402
 import time  # noqa: E402
+
+import pytest  # noqa: E402
 from typing import Any, Callable  # noqa: E402
 
 from batchmon.protocol import COMPONENTS, Step  # noqa: E402
@@ -98,3 +100,13 @@ def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
         node = item.nodeid.removeprefix("tests/")
         if any(node == name or node.startswith(name + "::") or node.startswith(name + "[") for name in SLOW_TESTS):
             item.add_marker(slow_mark)
+
+
+@pytest.fixture
+def utc(monkeypatch):  # noqa: ANN001, ANN201 - a pytest fixture
+    """The monitor's header shows local time: pin the zone so an SVG snapshot never depends on it."""
+    monkeypatch.setenv("TZ", "UTC")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()

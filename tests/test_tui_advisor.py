@@ -3,9 +3,7 @@ ways to fit it, Enter applies the batch). Real Textual, real memory model, tests
 
 from __future__ import annotations
 
-import time
 
-import pytest
 from textual.widgets import Input, Static
 
 import tui_fixtures as fx
@@ -77,14 +75,6 @@ async def test_b_opens_the_advisor_ranks_as_you_type_and_enter_applies_the_batch
         assert app.what_ifs[key].batch_size == target
 
 
-@pytest.fixture
-def utc(monkeypatch):
-    """The header shows local time: pin the zone so the SVG never depends on it."""
-    monkeypatch.setenv("TZ", "UTC")
-    time.tzset()
-    yield
-    monkeypatch.undo()
-    time.tzset()
 
 
 def test_advisor_with_a_target_batch_snapshot(snap_compare, utc):

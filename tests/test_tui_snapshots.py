@@ -5,7 +5,6 @@ Update after an intended change with: pytest tests/test_tui_snapshots.py --snaps
 
 from __future__ import annotations
 
-import time
 
 import pytest
 
@@ -13,14 +12,7 @@ import tui_fixtures as fx
 from batchmon.tui.app import BatchmonApp
 
 
-@pytest.fixture(autouse=True)
-def utc(monkeypatch):
-    """The header shows the snapshot's time in local time: pin the zone so the SVG never depends on it."""
-    monkeypatch.setenv("TZ", "UTC")
-    time.tzset()
-    yield
-    monkeypatch.undo()
-    time.tzset()
+pytestmark = pytest.mark.usefixtures("utc")  # conftest: the header's clock in UTC for every SVG here
 
 
 def app_for(snapshot) -> BatchmonApp:
