@@ -29,6 +29,9 @@ DERIVED_COMPONENTS: tuple[str, ...] = ("cache", "context")
 ALL_COMPONENTS: tuple[str, ...] = COMPONENTS + DERIVED_COMPONENTS
 
 MESSAGE_TYPES = ("hello", "step", "event", "bye")
+#: the phases of a training step, in order: forward (loss included, up to backward), backward, and the rest of
+#: the step (the optimizer's step, zero_grad); a step's ``peak_phase`` is one of them
+PHASES: tuple[str, ...] = ("forward", "backward", "optimizer")
 
 
 class ProtocolError(ValueError):
@@ -181,6 +184,8 @@ class Step:
     batch_source: str | None = None  # added field: where batch_size comes from, e.g. "input dim 1 (LSTM ...)"
     micro_batches: int | None = None  # added field: backward passes in the step (gradient accumulation)
     steps: int = 1  # added field: how many steps this message stands for (a coalesced window; see below)
+    peak_phase: str | None = None  # added field: where in the step the peak was reached (PHASES; sampled steps)
+    phase_peaks: dict[str, int] | None = None  # added field: allocator peak by the end of each phase (cumulative)
     type: str = field(default="step", init=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -191,7 +196,8 @@ class Step:
                 "peak_allocated": self.peak_allocated, "reserved": self.reserved,
                 "num_alloc_retries": self.num_alloc_retries, "num_ooms": self.num_ooms,
                 "device_used": self.device_used, "batch_source": self.batch_source,
-                "micro_batches": self.micro_batches, "steps": self.steps, "type": "step"}
+                "micro_batches": self.micro_batches, "steps": self.steps, "peak_phase": self.peak_phase,
+                "phase_peaks": dict(self.phase_peaks) if self.phase_peaks is not None else None, "type": "step"}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Step":
@@ -213,13 +219,16 @@ class Step:
             batch_source=_lenient_str(d.get("batch_source"), 128),
             micro_batches=_lenient_int(d.get("micro_batches")),
             steps=_window_steps(d.get("steps")),
+            peak_phase=_phase(d.get("peak_phase")),
+            phase_peaks=_phase_peaks(d.get("phase_peaks")),
         )
 
 
 def new_step(step: int, time: float, step_seconds: float | None, batch_size: int | None,
              components: dict[str, int], allocated: int | None, peak_allocated: int | None, reserved: int | None,
              num_alloc_retries: int | None, num_ooms: int | None, device_used: int | None,
-             batch_source: str | None, micro_batches: int | None, steps: int = 1) -> Step:
+             batch_source: str | None, micro_batches: int | None, steps: int = 1, peak_phase: str | None = None,
+             phase_peaks: dict[str, int] | None = None) -> Step:
     """A Step equal to ``Step(...)`` with the same fields, made in a fraction of the time: a frozen dataclass's
     ``__init__`` sets each field through ``object.__setattr__``, which the agent would pay on every training step.
     """
@@ -227,7 +236,8 @@ def new_step(step: int, time: float, step_seconds: float | None, batch_size: int
     s.__dict__.update(step=step, time=time, step_seconds=step_seconds, batch_size=batch_size,
                       components=components, allocated=allocated, peak_allocated=peak_allocated,
                       reserved=reserved, num_alloc_retries=num_alloc_retries, num_ooms=num_ooms,
-                      device_used=device_used, batch_source=batch_source, micro_batches=micro_batches, steps=steps)
+                      device_used=device_used, batch_source=batch_source, micro_batches=micro_batches, steps=steps,
+                      peak_phase=peak_phase, phase_peaks=phase_peaks)
     return s
 
 
@@ -263,7 +273,24 @@ def _step_fast(d: Mapping[str, Any]) -> Step | None:
     allocated, peak, reserved, retries, ooms, used = sizes
     return new_step(step, when, secs, batch, components, allocated, peak, reserved, retries, ooms, used,
                     _lenient_str(get("batch_source"), 128), _lenient_int(get("micro_batches")),
-                    _window_steps(get("steps")))
+                    _window_steps(get("steps")), _phase(get("peak_phase")), _phase_peaks(get("phase_peaks")))
+
+
+def _phase(value: Any) -> str | None:
+    """The added ``peak_phase`` field: one of PHASES, else None (missing, an older agent, an odd value)."""
+    return value if value in PHASES else None
+
+
+def _phase_peaks(value: Any) -> dict[str, int] | None:
+    """The added ``phase_peaks`` field: {phase: bytes} for phases in PHASES, else None."""
+    if type(value) is not dict or not value:
+        return None
+    out = {}
+    for name, size in value.items():
+        if name not in PHASES or type(size) is not int or not 0 <= size <= MAX_SIZE:
+            return None
+        out[name] = size
+    return out
 
 
 def _window_steps(value: Any) -> int:

@@ -212,7 +212,8 @@ def test_written_out_to_dict_has_every_field_and_new_step_equals_the_constructor
     from batchmon.protocol import Event, new_step
 
     step = conftest_make_step(5, 16, allocated=1, peak_allocated=2, reserved=3, num_alloc_retries=0, num_ooms=0,
-                              device_used=4, batch_source="input dim 0", micro_batches=2, steps=7)
+                              device_used=4, batch_source="input dim 0", micro_batches=2, steps=7,
+                              peak_phase="backward", phase_peaks={"forward": 1, "backward": 2})
     assert step.to_dict() == dataclasses.asdict(step)
     event = Event(kind="oom", message="m", components=dict(step.components), time=1.0, step=3, batch_size=2,
                   requested_bytes=9)
@@ -220,4 +221,23 @@ def test_written_out_to_dict_has_every_field_and_new_step_equals_the_constructor
     fields = [getattr(step, f.name) for f in dataclasses.fields(Step) if f.init]
     made = new_step(*fields)
     assert made == step and made.type == "step" and encode(made) == encode(step)
-    assert [f.name for f in dataclasses.fields(Step) if f.init][-1] == "steps"  # new_step's argument order
+    assert [f.name for f in dataclasses.fields(Step) if f.init][-1] == "phase_peaks"  # new_step's argument order
+
+
+def test_peak_phase_fields_are_lenient():
+    """The added peak_phase/phase_peaks fields: kept when valid, None for an older agent or an odd value, and an
+    odd value never fails the line (the checked road included)."""
+    base = {"step": 1, "time": 1.0, "step_seconds": 0.1, "batch_size": 4,
+            "components": {name: 1 for name in ("parameters", "gradients", "optimizer", "activations", "batch", "other")}}
+    good = Step.from_dict({**base, "peak_phase": "optimizer", "phase_peaks": {"forward": 5, "backward": 7, "optimizer": 9}})
+    assert good.peak_phase == "optimizer" and good.phase_peaks == {"forward": 5, "backward": 7, "optimizer": 9}
+    assert Step.from_dict(base).peak_phase is None and Step.from_dict(base).phase_peaks is None
+    for odd_phase, odd_peaks in (("loss", {"loss": 1}), (3, {"forward": -1}), (None, {"forward": True}), ("", [1])):
+        for d in ({**base, "peak_phase": odd_phase, "phase_peaks": odd_peaks},
+                  {**base, "step_seconds": "x", "peak_phase": odd_phase, "phase_peaks": odd_peaks}):
+            try:
+                step = Step.from_dict(d)
+            except ProtocolError:
+                assert d["step_seconds"] == "x"  # the checked road refuses the bad step_seconds, not the phase
+                continue
+            assert step.peak_phase is None and step.phase_peaks is None
