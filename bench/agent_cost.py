@@ -95,6 +95,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: steadier on a shared box)")
     p.add_argument("--profile-steps", type=int, default=None, help="steps of the profiling pass (default 3 rounds)")
     p.add_argument("--no-reader", action="store_true", help="no monitor process reading the agent's socket")
+    p.add_argument("--only", choices=("attached", "plain"), default=None,
+                   help="run every round in this one mode, no profiling pass (for an outside sampling profiler, "
+                        "e.g. py-spy, one process per mode)")
     p.add_argument("--cpu-smoke", action="store_true", help="a few short rounds: checks the script, not the cost")
     p.add_argument("--out", default=None, help="write the result as JSON here")
     args = p.parse_args(argv)
@@ -315,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     messages = 0
     agent_steps = 0
     for i in range(rounds_n):
-        for mode in (("attached", "plain") if i % 2 == 0 else ("plain", "attached")):
+        for mode in (args.only,) if args.only else (("attached", "plain") if i % 2 == 0 else ("plain", "attached")):
             handle = batchmon.attach(model, opt, name="agent_cost") if mode == "attached" else None
             run_steps(args.round_warmup)  # the steady steps are timed: not a new attach's fully measured first ones
             c0 = time.process_time()
@@ -328,10 +331,13 @@ def main(argv: list[str] | None = None) -> int:
             cpu[mode].append((c1 - c0) / args.steps)
             rounds.append({"mode": mode, "median_s": statistics.median(round_times), "cpu_s_per_step": cpu[mode][-1]})
 
-    handle = batchmon.attach(model, opt, name="agent_cost_profile")
-    run_steps(5)
-    prof = profile(handle, run_steps, args.profile_steps or args.steps * 3)
-    handle.detach()
+    prof: dict[str, Any] = {"steps": 0, "parts": {}, "agent_side_us_per_step": None, "agent_side_median_us": None,
+                            "median_step_s_while_profiled": None}
+    if args.only is None:
+        handle = batchmon.attach(model, opt, name="agent_cost_profile")
+        run_steps(5)
+        prof = profile(handle, run_steps, args.profile_steps or args.steps * 3)
+        handle.detach()
     if reader is not None:
         time.sleep(0.3)
         reader.terminate()
@@ -340,9 +346,12 @@ def main(argv: list[str] | None = None) -> int:
         messages = counts[-1]
     shutil.rmtree(sock_dir.parent, ignore_errors=True)
 
-    med_a, med_p = statistics.median(times["attached"]), statistics.median(times["plain"])
+    def median(values: list[float]) -> float:
+        return statistics.median(values) if values else float("nan")
+
+    med_a, med_p = median(times["attached"]), median(times["plain"])
     ratio = med_a / med_p
-    cpu_a, cpu_p = statistics.median(cpu["attached"]), statistics.median(cpu["plain"])
+    cpu_a, cpu_p = median(cpu["attached"]), median(cpu["plain"])
     result = {
         "benchmark": "agent_cost", "model": args.model, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or

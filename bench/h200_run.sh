@@ -204,6 +204,18 @@ public)
   (cd .ext/time_sequence_prediction && [ -f traindata.pt ] || python3 generate_sine_wave.py)
   python3 bench/public_scripts.py --root .ext --out $R/public_scripts_h200.json ${PUBLIC_ONLY:-} 2>&1 | tee $R/public_scripts.log
   ;;
+spy)
+  # issue 14 point 1: where the attached step's extra time goes - py-spy samples of one process per mode
+  # (bench/agent_cost.py --only), raw collapsed stacks per thread, compared offline
+  stage spy
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/py_spy*.whl
+  for m in ${SPYMODELS:-resnet18 mlp}; do
+    for mode in attached plain; do
+      /tmp/site/bin/py-spy record --rate ${SPYRATE:-400} --nonblocking --threads --format raw -o $R/spy_${m}_$mode.txt -- \
+        python3 bench/agent_cost.py --model $m --device $DEV --only $mode --rounds ${SPYROUNDS:-12} --out $R/spy_${m}_$mode.json 2>&1 | tail -n 3
+    done
+  done
+  ;;
 patterns)
   # issue 12: the pattern corpus (tests/patterns/) on CUDA, plain and under `batchmon run`
   stage patterns
