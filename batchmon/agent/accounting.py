@@ -61,6 +61,9 @@ class StorageSet:
             key = storage.data_ptr()
             size = storage.nbytes()
         except (RuntimeError, NotImplementedError, TypeError, AttributeError, ValueError):
+            local = getattr(t, "_local_tensor", None)  # a DTensor (FSDP2's sharded parameters): this rank's shard
+            if isinstance(local, torch.Tensor) and local is not t:
+                return self.add(local)
             return 0  # sparse, nested, fake, functional or lazy (uninitialised) tensors have no plain storage
         if size == 0 or key == 0 or key in self.keys:
             return 0
