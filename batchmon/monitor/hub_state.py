@@ -6,7 +6,8 @@ constructors). ``ingest`` never raises: anything malformed becomes a counted War
 
 A run that ends (its agent said bye, or went away without one) leaves the live agents for the box's ended runs:
 the last ENDED_LIMIT, newest first, each with its final summary (snapshot.RunEnd) and, after an out-of-memory
-error, its post-mortem (batchmon.postmortem), until a ``clear_ended`` record clears them.
+error, its post-mortem (batchmon.postmortem), until a ``clear_ended`` record clears them (a replay's carries
+``before``: only the runs ended by then).
 
 Over 400 lines: ingest, an agent's life (hello, steps, events, its end) and the snapshot's cached views are one
 state machine over the same per-agent records; the rules of a run's end and of its OOM report are in run_ends.
@@ -124,8 +125,7 @@ class HubState:
         if kind == "tick":
             return
         if kind == "clear_ended":  # the user cleared the ended runs (`x`): every box's
-            for each in self._sources.values():
-                each.ended.clear()
+            self._clear_ended(record.get("before"))
             return
         src = self._source(source_name)
         data = record.get("data")
@@ -291,6 +291,19 @@ class HubState:
             src.ended.remove(old)  # the same run again (a remote box's stream resent it): kept once
         src.ended.append(agent)
 
+    def _clear_ended(self, before: Any) -> None:
+        """Forget the ended runs; with ``before`` (a replay's `x`: the recorded time shown when it was pressed),
+        only those that had ended by then, so a run that ends after that moment still shows its end."""
+        if not isinstance(before, (int, float)) or isinstance(before, bool) or before != before:
+            before = None
+        for each in self._sources.values():
+            if before is None:
+                each.ended.clear()
+                continue
+            kept = [a for a in each.ended if a.ended is not None and a.ended.time > before]
+            each.ended.clear()
+            each.ended.extend(kept)
+
     def _exit(self, src: _Source, key: Any, data: Any) -> None:
         """The launcher's exit status for a process: the run's summary says it (the latest run of that key)."""
         code = data.get("returncode") if isinstance(data, dict) else None
@@ -432,7 +445,7 @@ class HubState:
             view = AgentView(key=agent.key, source=agent.source, hello=agent.hello, last_step=history.last,
                              history=history.window(), events=agent.events_tuple, connected=agent.connected,
                              detached=agent.detached, invalid_lines=agent.invalid_lines, state=state, ended=end,
-                             oom=agent.oom)
+                             oom=agent.oom, phases=history.phases)
         elif ((view.connected, view.detached, view.invalid_lines, view.state) != (agent.connected, agent.detached,
                                                                                   agent.invalid_lines, state)
               or view.ended is not end or view.oom is not agent.oom):

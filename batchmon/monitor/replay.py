@@ -16,6 +16,11 @@ Seeking is pure state too: a ReplayCursor (SnapshotFeed underneath) steps from s
 moments without building their snapshots, and seeks back by streaming a fresh HubState from the start. The
 ReplaySource paces it on its own thread and carries out seeks asked from the UI's.
 
+Clearing the ended runs (the monitor's `x`) in a replay acts at the replay position shown when it is pressed,
+as if the recording had a ``clear_ended`` record there: the runs that had ended by then go; a run that ends
+later still shows its end. The clear belongs to that position, not to the screen: seeking back before it shows
+those ended runs again (the recording as it was then), and playing or seeking past it clears them again.
+
 Over 400 lines: reading a recording (streamed, bounded, hostile input survived), feeding it moment by moment,
 the seekable cursor and the paced source are one pipeline whose parts share the record rules above.
 """
@@ -28,14 +33,15 @@ import os
 import stat
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from batchmon.monitor.hub_state import LOCAL, HubState
 from batchmon.monitor.threads import join_started, start_daemon
+from batchmon.records import clear_ended as clear_ended_record
 from batchmon.records import warning as warning_record
-from batchmon.snapshot import Snapshot
+from batchmon.snapshot import RUNNING, Snapshot
 
 MAX_RECORD_LINE = 64 << 20  # a recorded agent line is at most protocol.MAX_LINE_BYTES (1 MiB) inside a record
 HEADER_LINES = 256  # read before the replay starts: the meta line, the first tick, proof it is a recording
@@ -199,9 +205,10 @@ class SnapshotFeed:
     at the cost of ingesting their records only. ``snapshot()`` builds the one of the moment ``advance`` reached.
     """
 
-    def __init__(self, rec: Recording, state: HubState | None = None) -> None:
+    def __init__(self, rec: Recording, state: HubState | None = None, clears: tuple[float, ...] = ()) -> None:
         self.rec = rec
         self.state = state or HubState()
+        self._clears = sorted(clears)  # the user's clears of the ended runs still ahead (recorded times)
         self._records = rec.records()
         self.now = 0.0  # time of the last record read
         self.moment: float | None = None  # the moment advance() reached (None before the first, after the last)
@@ -229,6 +236,8 @@ class SnapshotFeed:
             before, self.now = self.now, _time(record, self.now)
             if "t" in record and record["t"] != self.now:
                 record["t"] = self.now  # the state and the screen never see an unbelievable time
+            while self._clears and self.now > self._clears[0]:  # the recording has passed a clear: apply it
+                self.clear_ended(self._clears.pop(0))
             source = record.get("source", LOCAL)
             if source not in self._sources:
                 if not isinstance(source, str) or len(self._sources) >= MAX_SOURCES:
@@ -255,7 +264,13 @@ class SnapshotFeed:
         self.moment = None
         return None
 
+    def clear_ended(self, at: float) -> None:
+        """Forget the runs that had ended by recorded time ``at`` (the monitor's `x` at that position)."""
+        self.state.ingest({**clear_ended_record(t=at), "before": at})
+
     def _reached(self, t: float) -> float:
+        while self._clears and self._clears[0] <= t:  # a clear made at this very moment applies to its snapshot
+            self.clear_ended(self._clears.pop(0))
         self._fed = False
         self._moments += 1
         self.moment = t
@@ -312,12 +327,13 @@ class ReplayCursor:
         self.rec = rec
         self.seeks = 0
         self.start, self.end = rec.start_time, rec.end_time
+        self.clears: list[float] = []  # recorded times at which the user cleared the ended runs (`x`)
         self._restart()
         if not from_start:
             self.to_first_hello()
 
     def _restart(self) -> None:
-        self._feed = SnapshotFeed(self.rec)
+        self._feed = SnapshotFeed(self.rec, clears=tuple(self.clears))
         first = self._feed.advance()
         self.current = self._feed.snapshot(first)
         self._next = self._feed.advance()
@@ -373,6 +389,19 @@ class ReplayCursor:
     def seek_by(self, seconds: float) -> Snapshot:
         return self.seek(self.current.time + seconds)
 
+    def clear_ended(self) -> Snapshot:
+        """The monitor's `x`: forget the runs that had ended by the position shown, from that position on (see
+        the module's docstring). The snapshot shown stays that of its moment, without them."""
+        at = self.current.time
+        if at not in self.clears:
+            self.clears.append(at)
+            self.clears.sort()
+        # the feed has already read on to the next moment: only the runs ended by ``at`` go, in the state and
+        # in the snapshot shown (rebuilding it from the state would show the next moment's records early)
+        self._feed.clear_ended(at)
+        self.current = without_ended(self.current, at)
+        return self.current
+
     def seek_start(self) -> Snapshot:
         return self.seek(-math.inf)
 
@@ -385,6 +414,14 @@ class ReplayCursor:
 
     def position(self) -> ReplayPosition:
         return ReplayPosition(self.current.time, self.start, self.end, self.at_end, self.seeks)
+
+
+def without_ended(snap: Snapshot, at: float) -> Snapshot:
+    """``snap`` without the runs that had ended by recorded time ``at``, on every box."""
+    def kept(box: Snapshot) -> Snapshot:
+        agents = tuple(a for a in box.agents if a.state == RUNNING or a.ended is None or a.ended.time > at)
+        return box if len(agents) == len(box.agents) else replace(box, agents=agents)
+    return replace(kept(snap), remote=tuple(kept(box) for box in snap.remote))
 
 
 def load_snapshots(path: str | Path) -> list[Snapshot]:
@@ -425,7 +462,7 @@ class ReplaySource:
         self._latest = self._cursor.current
         self._position = self._cursor.position()
         self._lock = threading.Lock()
-        self._request: tuple[str, float] | None = None
+        self._requests: list[tuple[str, float]] = []  # seeks and clears asked from the UI's thread, in order
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -460,11 +497,18 @@ class ReplaySource:
     def seek_end(self) -> None:
         self._post("to", math.inf)
 
+    def clear_ended(self) -> None:
+        """The monitor's `x`: forget the ended runs from the replay position shown (ReplayCursor.clear_ended);
+        thread-safe, carried out on the replay thread after the seeks asked before it."""
+        self._post("clear", 0.0)
+
     def _post(self, kind: str, value: float) -> None:
         with self._lock:
-            if kind == "by" and self._request is not None and self._request[0] == "by":
-                value += self._request[1]  # keys pressed faster than the thread seeks add up
-            self._request = (kind, value)
+            if kind == "by" and self._requests and self._requests[-1][0] == "by":
+                value += self._requests.pop()[1]  # keys pressed faster than the thread seeks add up
+            elif kind == "to" and self._requests and self._requests[-1][0] in ("by", "to"):
+                self._requests.pop()  # a jump replaces the seek before it
+            self._requests.append((kind, value))
         self._wake.set()
 
     def set_interval(self, seconds: float) -> None:
@@ -489,8 +533,9 @@ class ReplaySource:
 
     def _take_request(self) -> tuple[str, float] | None:
         with self._lock:
-            request, self._request = self._request, None
-            self._wake.clear()
+            request = self._requests.pop(0) if self._requests else None
+            if not self._requests:
+                self._wake.clear()
         return request
 
     def _run(self) -> None:
@@ -505,6 +550,9 @@ class ReplaySource:
                 request = self._take_request()
                 if self._stopping.is_set():  # stop() sets it before waking us: a cleared wake-up is not lost
                     break
+                if request is not None and request[0] == "clear":  # no move: the pace goes on
+                    self._publish(cursor.clear_ended())
+                    continue
                 if request is not None:
                     kind, value = request
                     snap = cursor.seek_by(value) if kind == "by" else cursor.seek(value)
