@@ -6,17 +6,18 @@ The hub builds one per refresh; front ends never look anywhere else, so they can
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 from batchmon.memory_model import MemoryModel, Prediction
 from batchmon.postmortem import OomReport
 from batchmon.probes.host import HostSample, ProcessInfo
 from batchmon.probes.nvml import DeviceSample, NvmlSample
-from batchmon.protocol import Event, Hello, Step
+from batchmon.protocol import PHASES, Event, Hello, Step
+from batchmon.units import fmt_bytes
 from batchmon.where_used import AgentFigures, DeviceUse, ProcessUse, device_use
 
 __all__ = ["AgentFigures", "AgentView", "DeviceUse", "ENDED", "ENDED_LIMIT", "OOM", "OomReport", "ProcessUse",
-           "RUNNING", "RunEnd", "Snapshot", "Warning", "device_for", "device_use", "job_key"]
+           "RUNNING", "RunEnd", "Snapshot", "StepPhases", "Warning", "device_for", "device_use", "job_key"]
 
 RUNNING, ENDED, OOM = "running", "ended", "oom"  # AgentView.state
 ENDED_LIMIT = 20  # ended runs kept per box, newest first, until cleared
@@ -43,6 +44,54 @@ class RunEnd:
 
 
 @dataclass(frozen=True)
+class StepPhases:
+    """Where in a training step the allocator's peak was reached, as of the agent's latest sampled step.
+
+    The agent reads the allocator's peak at backward start, backward end and step end on its sampled steps only
+    (every ~0.25 s and the first steps); the other steps' messages carry no phase. So this is the latest one
+    known (``step``, ``batch_size``: of the step it was measured on), kept until a later sampled step replaces
+    it, never blanked by an unsampled one. ``peaks``: the peak reached by the end of each phase (cumulative
+    within the step, so forward <= backward <= optimizer, the step's peak), only the phases the agent sent."""
+
+    step: int
+    time: float
+    batch_size: int | None
+    peak_phase: str | None  # one of protocol.PHASES, None when only the peaks came
+    peaks: Mapping[str, int]  # phase -> bytes, in PHASES order
+
+    @classmethod
+    def of(cls, step: Step) -> "StepPhases | None":
+        """The phases a step message carries; None for a step the agent did not sample (or an older agent)."""
+        if step.peak_phase is None and not step.phase_peaks:
+            return None
+        given = step.phase_peaks or {}
+        peaks = {name: given[name] for name in PHASES if name in given}
+        return cls(step.step, step.time, step.batch_size, step.peak_phase, peaks)
+
+    def text(self, *, short: bool = False) -> str:
+        """'peak in backward (forward 10.2 GiB → backward 12.0 GiB → step 12.0 GiB)': the last phase's peak is
+        the step's own, named so. ``short``: 'peak in backward (fwd 10.2 → bwd 12.0 → step 12.0 GiB)'."""
+        head = f"peak in {self.peak_phase}" if self.peak_phase is not None else "step peak"
+        if not self.peaks:
+            return head
+        names = list(self.peaks)
+        labels = {"forward": "fwd", "backward": "bwd"} if short else {}
+        parts = []
+        for i, name in enumerate(names):
+            label = "step" if name == "optimizer" and i == len(names) - 1 else labels.get(name, name)
+            size = fmt_bytes(self.peaks[name])
+            if short and i < len(names) - 1 and size.split()[-1] == fmt_bytes(self.peaks[names[-1]]).split()[-1]:
+                size = size.split()[0]  # one unit for the whole line when they share it
+            parts.append(f"{label} {size}")
+        return f"{head} ({' → '.join(parts)})"
+
+    def to_dict(self) -> dict[str, Any]:
+        """`--once --json`'s agents[].peak_phase / phase_peaks / phase_step / phase_batch_size."""
+        return {"peak_phase": self.peak_phase, "phase_peaks": dict(self.peaks), "phase_step": self.step,
+                "phase_batch_size": self.batch_size}
+
+
+@dataclass(frozen=True)
 class AgentView:
     """One attached training process as the monitor last saw it."""
 
@@ -65,6 +114,9 @@ class AgentView:
     state: str = RUNNING  # RUNNING, ENDED or OOM
     ended: RunEnd | None = None  # set once the run ended
     oom: OomReport | None = None  # the post-mortem of its last out-of-memory error, if it had one
+    # where in the step the peak was reached, from its latest sampled step (None: no step sampled yet, or an
+    # agent / recording from before the measurement)
+    phases: StepPhases | None = None
 
     @property
     def observed_batch(self) -> int | None:

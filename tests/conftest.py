@@ -25,7 +25,7 @@ import time  # noqa: E402
 import pytest  # noqa: E402
 from typing import Any, Callable  # noqa: E402
 
-from batchmon.protocol import COMPONENTS, Step  # noqa: E402
+from batchmon.protocol import COMPONENTS, PHASES, Step  # noqa: E402
 
 T_STEP0 = 1_700_000_000.0
 
@@ -58,10 +58,18 @@ async def wait_until_async(predicate: Callable[[], Any], timeout: float = 5.0, w
 
 
 def make_step(n: int = 7, batch: int | None = 32, *, time: float | None = None, step_seconds: float | None = 0.1,
-              components: dict[str, int] | None = None, **fields: Any) -> Step:
+              components: dict[str, int] | None = None, phases: tuple[int, int, int] | None = None,
+              **fields: Any) -> Step:
     """The one Step builder: step ``n`` at ``batch``, 0.1 s apart from T_STEP0, components that grow with the
     batch (activations and batch data); any other Step field (allocated, peak_allocated, reserved,
-    device_used, ...) by keyword, None by default."""
+    device_used, peak_phase, phase_peaks, ...) by keyword, None by default.
+
+    ``phases=(forward, backward, optimizer)``: a step the agent sampled for the peak's phase: the peak reached by
+    the end of each phase (cumulative, as the agent sends them) as ``phase_peaks``, and ``peak_phase`` the first
+    phase that reached the step's peak, unless given."""
+    if phases is not None:
+        fields["phase_peaks"] = dict(zip(PHASES, phases))
+        fields.setdefault("peak_phase", PHASES[phases.index(max(phases))])
     if components is None:
         components = {name: (i + 1) * 1000 + ((batch or 0) * 10 if name in ("activations", "batch") else 0)
                       for i, name in enumerate(COMPONENTS)}

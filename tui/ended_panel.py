@@ -152,6 +152,14 @@ def ended_lines(v: JobView, command: str, width: int, level: str, *, focused: bo
     end = a.ended
     if end is not None:
         lines.extend(_wrapped(Text().append(f"  {end_summary(end)}", style=DIM), width))
+    if level != "compact" and a.phases is not None:  # where a finished step of this run peaked, its last sampled
+        ph = a.phases
+        text = f"  last sampled step {ph.step}: {ph.text()}"
+        if len(text) > width:
+            text = f"  last sampled step {ph.step}: {ph.text(short=True)}"
+        line = Text(text, style=DIM)
+        line.truncate(width, overflow="ellipsis")
+        lines.append(line)
     if a.state == OOM and a.oom is not None:
         if level == "compact":
             r = a.oom
@@ -184,7 +192,8 @@ def ended_lines(v: JobView, command: str, width: int, level: str, *, focused: bo
 
 def clear_ended_runs(source: object) -> bool:
     """The `x` key: ask the source to forget every ended run (the hub records the request, so a replay of its
-    recording clears them at the same moment). False when the source cannot (a fixed snapshot, a replay)."""
+    recording clears them at the same moment; a replay clears them from the position shown, see
+    batchmon.monitor.replay). False when the source cannot (a fixed snapshot)."""
     clear = getattr(source, "clear_ended", None)
     if not callable(clear):
         return False

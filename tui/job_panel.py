@@ -139,6 +139,31 @@ def _summary(v: JobView) -> Text:
     return t
 
 
+def _phase_line(v: JobView, width: int) -> list[Text]:
+    """Where in the step the lead rank's peak was reached (its latest sampled step): one line, the longest form
+    that fits the panel, so it never widens the panel or pushes anything off; nothing without a sampled step."""
+    ph = v.lead.phases
+    if ph is None:
+        return []
+    last = v.lead.last_step
+    since = f"  step {ph.step}" if last is not None and last.step != ph.step else ""
+    bare = f"peak in {ph.peak_phase}" if ph.peak_phase else "step peak"
+    for text in (ph.text() + since, ph.text(short=True) + since, ph.text(short=True), bare):
+        if len(text) <= width - 2:
+            break
+    t = Text("  ")
+    head, _, rest = text.partition(" (")
+    if head.startswith("peak in "):
+        t.append("peak in ", style=DIM)
+        t.append(head[len("peak in "):], style=f"bold {ACCENT}")
+    else:
+        t.append(head, style=DIM)
+    if rest:
+        t.append(" (" + rest, style=DIM)
+    t.truncate(width, overflow="ellipsis")
+    return [t]
+
+
 def _events(v: JobView, limit: int) -> list[Text]:
     out: list[Text] = []
     events: list[tuple[AgentView, Event]] = [(a, e) for a in v.ranks for e in a.events if e.kind != "detached"]
@@ -288,6 +313,10 @@ def job_lines(v: JobView, width: int, level: str, *, focused: bool = False, char
     lines.append(_bar_line(_predicted_label(v), p.components if p else None, scale, bar_w,
                            fmt_bytes(p.total) if p else "n/a"))
     lines.append(_summary(v))
+    phase = _phase_line(v, width)
+    lines.extend(phase)
+    if level != "full":
+        chart_rows -= len(phase)  # the rows the app measured for the chart: the phase line took one of them
     if level == "full":
         table = _table(v, measured)
         table_w = 40

@@ -16,7 +16,7 @@ from batchmon.memory_model import Advice, Prediction, advice_for, advice_json, a
 from batchmon.probes.nvml import DeviceSample
 from batchmon.protocol import ALL_COMPONENTS, Step, step_components
 from batchmon.postmortem import OomReport
-from batchmon.snapshot import RUNNING, AgentView, RunEnd, Snapshot
+from batchmon.snapshot import RUNNING, AgentView, RunEnd, Snapshot, StepPhases
 from batchmon.units import clean_text, fmt_bytes, fmt_used_total
 from batchmon.where_used import DeviceUse, device_use
 
@@ -162,8 +162,16 @@ def _agent_json(agent: AgentView, snap: Snapshot) -> dict[str, Any]:
         "last_event": None if last_event is None else {"kind": last_event.kind, "message": last_event.message,
                                                         "time": last_event.time},
         "invalid_lines": agent.invalid_lines,
+        # where in the step the peak was reached, from the latest sampled step (null: none sampled, older agent)
+        **_phases_json(agent.phases),
         "prediction": prediction_json(agent.prediction, _advice(agent)),
     }
+
+
+def _phases_json(phases: StepPhases | None) -> dict[str, Any]:
+    if phases is None:
+        return {"peak_phase": None, "phase_peaks": None, "phase_step": None, "phase_batch_size": None}
+    return phases.to_dict()
 
 
 def _advice(agent: AgentView) -> tuple[Advice, ...]:
@@ -309,6 +317,8 @@ def _agent_lines(agent: AgentView, snap: Snapshot, width: int) -> list[str]:
     if pred is not None and pred.headroom is not None:
         items.append(f"headroom {fmt_bytes(pred.headroom)} at batch {pred.batch_size}")
     lines += _wrap(items, "      ", width)
+    if agent.phases is not None:
+        lines.append(_fit(f"      {_phase_text(agent.phases, s)}", width))
     advice = advice_text(_advice(agent))
     if advice:
         lines.append(_fit(f"      fit advice: {advice}", width))
@@ -316,6 +326,16 @@ def _agent_lines(agent: AgentView, snap: Snapshot, width: int) -> list[str]:
         ev = agent.events[-1]
         lines.append(_fit(f"      last event: {clean_text(ev.kind)}: {clean_text(ev.message)}", width))
     return lines
+
+
+def _phase_text(phases: StepPhases, last: Step | None) -> str:
+    """The peak's phase, and which step it was measured on when that is not the step shown (sampled steps only)."""
+    text = phases.text()
+    if last is None or last.step != phases.step:
+        text += f", sampled at step {phases.step}"
+        if last is not None and phases.batch_size != last.batch_size:
+            text += f" (batch {_na(phases.batch_size)})"
+    return text
 
 
 def _ended_lines(agent: AgentView, width: int) -> list[str]:
@@ -329,6 +349,8 @@ def _ended_lines(agent: AgentView, width: int) -> list[str]:
     peak = "n/a" if end.peak is None else fmt_bytes(end.peak)
     lines.append(_fit(f"      {clean_text(end.text)}; {end.steps} step{'s' if end.steps != 1 else ''}, peak {peak}",
                       width))
+    if agent.phases is not None:  # its last sampled step: where a finished step of this run peaked
+        lines.append(_fit(f"      last sampled step {agent.phases.step}: {agent.phases.text()}", width))
     if agent.oom is not None and agent.state == "oom":
         lines += _oom_lines(agent.oom, width)
     return lines

@@ -12,6 +12,9 @@ Two costs of the hub under load (bench/load.py: 64 agents at 10 steps/s, 4 snaps
 - The refit's summary of the history (``model_steps``: the first step, the highest-peak step at each of the
   latest batch sizes, the most recent steps) scanned the whole history. Here each append and each eviction
   updates, per batch size, a sliding-window maximum (monotonic deque), so the summary costs O(summary).
+
+Where in the step the peak was reached (``Step.peak_phase`` / ``phase_peaks``) comes on the agent's sampled steps
+only: ``StepHistory.phases`` keeps the latest one known, which an unsampled step's message never blanks.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from itertools import islice
 from typing import Any, Iterator, overload
 
 from batchmon.protocol import Step
+from batchmon.snapshot import StepPhases
 
 RECENT_STEPS = 32  # model_steps: the last steps kept (the current state)
 RECENT_SIZES = 32  # model_steps: the latest batch sizes kept (their highest-peak step each)
@@ -129,7 +133,8 @@ class StepWindow(Sequence):
 class StepHistory:
     """The last ``limit`` steps, oldest first, plus what ``model_steps`` needs. Only ``append`` changes it."""
 
-    __slots__ = ("limit", "_buf", "_start", "_first", "_sizes", "_order", "_window", "appended", "covered", "steps")
+    __slots__ = ("limit", "_buf", "_start", "_first", "_sizes", "_order", "_window", "appended", "covered", "steps",
+                 "phases")
 
     def __init__(self, limit: int) -> None:
         self.limit = max(1, int(limit))
@@ -144,6 +149,7 @@ class StepHistory:
         self.appended = 0  # messages ever appended: changes exactly when the history does
         self.covered = 0  # training steps those messages stood for (a coalesced window counts its steps)
         self.steps = 0  # training steps the kept messages stand for
+        self.phases: StepPhases | None = None  # the latest sampled step's phases (kept past its eviction)
 
     def __len__(self) -> int:
         return len(self._buf) - self._start
@@ -162,6 +168,8 @@ class StepHistory:
         self.covered += step.steps
         self.steps += step.steps
         self._window = None
+        if step.peak_phase is not None or step.phase_peaks:
+            self.phases = StepPhases.of(step)
         peak = step_peak(step)
         best = self._sizes.get(step.batch_size)
         if best is None:
