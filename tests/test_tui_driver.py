@@ -127,3 +127,83 @@ async def test_input_thread_ends_when_the_terminal_is_closed():
                 os.close(fd)
         for sig, handler in saved.items():
             signal.signal(sig, handler)
+
+
+# ----------------------------------------------------------------------------------- cropped partial updates
+
+def terminal_cells(data: str) -> dict[tuple[int, int], tuple[str, str]]:
+    """What a terminal draws from ``data``: (x, y) -> (character, the colours in force); cursor moves, SGR."""
+    import re
+
+    cells: dict[tuple[int, int], tuple[str, str]] = {}
+    x = y = 0
+    sgr = ""
+    for m in re.finditer(r"\x1b\[(\d+);(\d+)H|\x1b\[([0-9;]*)m|(\n)|(.)", data, re.S):
+        if m.group(1):
+            y, x = int(m.group(1)) - 1, int(m.group(2)) - 1
+        elif m.group(3) is not None:
+            sgr = "" if m.group(3) in ("", "0") else sgr + ";" + m.group(3)
+        elif m.group(4):
+            x, y = 0, y + 1
+        else:
+            cells[(x, y)] = (m.group(5), sgr)
+            x += 1
+    return cells
+
+
+def test_a_cropped_update_draws_every_changed_cell_as_textual_would_and_little_else():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+    from rich.console import Console
+    from rich.segment import Segment
+    from rich.style import Style
+    from textual._compositor import ChopsUpdate
+    from textual.strip import Strip
+
+    from batchmon.tui.driver import CroppedChopsUpdate, cropped
+
+    console = Console(color_system="256", force_terminal=True, width=200)
+    styles = [Style(), Style(bold=True), Style(color="red"), Style(color="blue", bgcolor="black")]
+    segs = st.lists(st.tuples(st.text(alphabet="ab 09█▂│", min_size=1, max_size=7), st.sampled_from(styles)),
+                    min_size=1, max_size=6)
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.lists(segs, min_size=1, max_size=3), st.data())
+    def check(widgets, data):
+        # one line cut into widgets side by side (the chops), and changed spans over it
+        chops, ends, x = {}, [], 0
+        for parts in widgets:
+            strip = Strip([Segment(text, style) for text, style in parts])
+            chops[x] = strip
+            x += strip.cell_length
+            ends.append(x)
+        x1 = data.draw(st.integers(0, x - 1))
+        x2 = data.draw(st.integers(x1 + 1, x))
+        spans = [(0, x1, x2)]
+        textual = terminal_cells(ChopsUpdate([chops], spans, [ends]).render_segments(console))
+        ours = terminal_cells(cropped(ChopsUpdate([chops], spans, [ends])).render_segments(console))
+        assert set(ours) <= set(textual)
+        assert all(ours[c] == textual[c] for c in ours)  # the same characters in the same colours
+        assert {(i, 0) for i in range(x1, x2)} <= set(ours)  # every cell of the span
+        # nothing before the segment the span starts in
+        starts = [0]
+        for strip in chops.values():
+            for seg in strip:
+                starts.append(starts[-1] + len(seg.text))
+        first = max(s for s in starts if s <= x1)
+        assert min(i for i, _ in ours) == first
+
+    check()
+    assert type(cropped(ChopsUpdate([{}], [(0, 0, 1)], [[]]))) is CroppedChopsUpdate
+    assert cropped("a full update") == "a full update"
+
+
+def test_the_monitor_writes_its_partial_updates_cropped():
+    from batchmon.tui.app import BatchmonApp
+    from batchmon.tui.driver import CroppedUpdatesApp
+
+    assert issubclass(BatchmonApp, CroppedUpdatesApp)
+    assert "_display" in vars(CroppedUpdatesApp)
+    from textual.app import App
+
+    assert hasattr(App, "_display")  # the internal it wraps is still there in this Textual

@@ -8,6 +8,11 @@ it when input is disabled (quit, suspend). Everything else is Textual's own driv
 
 Textual internals are used (the parser's ``_timeout_time``, the thread target's shape): ``available()`` says
 whether they look as expected, and the app falls back to Textual's driver otherwise.
+
+Also here, as the other half of what reaches the terminal: ``CroppedUpdatesApp``, whose partial screen updates
+start where a line changed. Textual writes each changed span of a line from the left edge of the widget it is in
+(``ChopsUpdate.render_segments`` crops only the span's end): a clock's seconds repainted the whole header
+line, a GPU's watts its panel's line from the border on, so the monitor wrote ~12x nvitop's bytes beside one job.
 """
 
 from __future__ import annotations
@@ -17,9 +22,14 @@ import queue
 import selectors
 from codecs import getincrementaldecoder
 
+from rich.cells import cell_len
+from rich.console import Console
+from rich.control import Control
+from textual._compositor import ChopsUpdate
 from textual._loop import loop_last
 from textual._time import get_time
 from textual._xterm_parser import XTermParser
+from textual.app import App
 from textual.drivers.linux_driver import LinuxDriver
 
 POLL_S = 0.1  # Textual's own poll, used when the parser does not expose its timeout
@@ -136,3 +146,52 @@ class QuietLinuxDriver(LinuxDriver):
                     os.close(fd)
                 except OSError:
                     pass
+
+
+class CroppedChopsUpdate(ChopsUpdate):
+    """Textual's partial update, each changed span written from the segment it starts in rather than from the
+    widget's left edge. A segment is a run of one style (text, cursor move and colours are what the terminal
+    gets), so a line is never cut inside a character: a wide one included."""
+
+    def render_segments(self, console: Console) -> str:
+        out: list[str] = []
+        append = out.append
+        move_to = Control.move_to
+        chops, chop_ends = self.chops, self.chop_ends
+        last_y = self.spans[-1][0]
+        for y, x1, x2 in self.spans:
+            for end, (x, strip) in zip(chop_ends[y], chops[y].items()):
+                if strip is None or x > x2 or end <= x1:
+                    continue
+                if x2 > x >= x1 and end <= x2:  # the whole chop lies in the span
+                    append(move_to(x, y).segment.text)
+                    append(strip.render(console))
+                    continue
+                start = x
+                if x < x1:  # skip the segments that end before the span
+                    for segment in strip:
+                        width = cell_len(segment.text)
+                        if start + width > x1:
+                            break
+                        start += width
+                append(move_to(start, y).segment.text)
+                append(strip.crop(start - x, min(end, x2) - x).render(console))
+            if y != last_y:
+                append("\n")
+        return "".join(out)
+
+
+def cropped(update: object) -> object:
+    """A ChopsUpdate as a CroppedChopsUpdate (what the terminal gets for the same screen); anything else as is."""
+    if type(update) is ChopsUpdate and all(hasattr(update, a) for a in ("chops", "spans", "chop_ends")):
+        return CroppedChopsUpdate(update.chops, update.spans, update.chop_ends)
+    return update
+
+
+class CroppedUpdatesApp(App[int]):
+    """An App whose partial updates are cropped to where the lines changed (``cropped``); full-screen updates
+    (start-up, resize, a layout change) are Textual's own. Textual's ``_display`` is an internal: if it goes
+    away, this override is never called and the output is Textual's, uncropped."""
+
+    def _display(self, screen: object, renderable: object) -> None:
+        super()._display(screen, cropped(renderable))  # type: ignore[misc, arg-type]

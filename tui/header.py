@@ -10,7 +10,7 @@ from textual.widget import Widget
 
 from batchmon.snapshot import Snapshot
 from batchmon.tui.fmt import clean_line, fmt_bytes, fmt_interval
-from batchmon.tui.panel import changed_cells
+from batchmon.tui.panel import changed_runs
 from batchmon.tui.views import agent_count
 from batchmon.tui.palette import BG, BLUE, DIM, OK, PURPLE, WARN
 
@@ -99,8 +99,7 @@ class HeaderBar(Widget):
         new = self._text()
         if new == shown and new.style == shown.style:
             return
-        x0, x1 = changed_cells(shown, new, width)
-        self.refresh(Region(x0, 0, x1 - x0, 1))
+        self.refresh(*(Region(x0, 0, x1 - x0, 1) for x0, x1 in changed_runs(shown, new, width)))
 
     def render(self) -> Text:
         self._shown = self._text()
