@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 
+import phase_fixtures as pf
 import tui_fixtures as fx
 from batchmon.tui.app import BatchmonApp
 
@@ -73,3 +74,13 @@ def test_component_table_at_80x24(snap_compare):
 
 def test_help_screen(snap_compare):
     assert snap_compare(app_for(fx.one_gpu(1)), terminal_size=(120, 40), press=["question_mark"])
+
+
+def test_job_panel_with_the_peaks_phase(snap_compare):
+    """Issue 16 point 4: where in the step the peak was reached (the latest sampled step, via the real HubState),
+    one line under the summary; the bars and totals where they were."""
+    assert snap_compare(app_for(pf.run_with_phases()), terminal_size=(160, 48))
+
+
+def test_job_panel_with_the_peaks_phase_at_80x24(snap_compare):
+    assert snap_compare(app_for(pf.run_with_phases()), terminal_size=(80, 24))

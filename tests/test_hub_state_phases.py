@@ -1,0 +1,123 @@
+"""The peak's phase within the step (issue 16 point 4), end to end in the monitor: step messages with
+``peak_phase`` / ``phase_peaks`` (on the agent's sampled steps only) through the real protocol encoding and the
+real HubState, shown by `--once` and `--once --json`; the latest known phase is kept past unsampled steps, and
+recordings made before the field existed show nothing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from batchmon import protocol, records
+from batchmon.monitor.hub_state import HubState
+from batchmon.monitor.render import format_table, snapshot_to_json
+import tui_fixtures as fx
+from batchmon.monitor.replay import iter_snapshots, read_recording
+from batchmon.protocol import Bye, Event
+from conftest import make_step
+from hub_peer import make_hello
+
+GiB = 1 << 30
+FIXTURES = sorted((Path(__file__).parent / "fixtures").glob("*.jsonl"))
+PEAKS = (int(10.2 * GiB), 12 * GiB, 12 * GiB)  # forward, backward, optimizer: the peak is reached in backward
+
+
+def msg(pid: int, message, t: float = 1.0) -> dict:
+    return records.agent(f"vm:{pid}", {"data": json.loads(protocol.encode(message))}, t=t)
+
+
+def state_with(*steps, pid: int = 1, **kw) -> HubState:
+    s = HubState(**kw)
+    s.ingest(msg(pid, make_hello(pid)))
+    for step in steps:
+        s.ingest(msg(pid, step))
+    return s
+
+
+def test_the_latest_sampled_step_is_kept_and_an_unsampled_one_never_blanks_it():
+    s = state_with(make_step(1, 32, phases=PEAKS), make_step(2, 32), make_step(3, 32))
+    (agent,) = s.snapshot(2.0).agents
+    assert agent.last_step.step == 3 and agent.last_step.peak_phase is None
+    ph = agent.phases
+    assert (ph.step, ph.batch_size, ph.peak_phase) == (1, 32, "backward")
+    assert dict(ph.peaks) == {"forward": PEAKS[0], "backward": PEAKS[1], "optimizer": PEAKS[2]}
+    s.ingest(msg(1, make_step(4, 64, phases=(5 * GiB, 6 * GiB, 9 * GiB))))  # a later sample replaces it
+    s.ingest(msg(1, make_step(5, 64)))
+    (agent,) = s.snapshot(3.0).agents
+    assert (agent.phases.step, agent.phases.batch_size, agent.phases.peak_phase) == (4, 64, "optimizer")
+
+
+def test_the_phase_outlives_its_step_in_a_bounded_history():
+    s = state_with(make_step(1, phases=PEAKS), *(make_step(n) for n in range(2, 12)), history_limit=4)
+    (agent,) = s.snapshot(2.0).agents
+    assert len(agent.history) == 4 and agent.history[0].step == 8
+    assert agent.phases is not None and agent.phases.step == 1
+
+
+def test_once_text_and_json_show_the_phase():
+    s = state_with(make_step(1, 32, phases=PEAKS), make_step(2, 32))
+    snap = s.snapshot(2.0)
+    text = format_table(snap, 120)
+    assert "peak in backward (forward 10.2 GiB → backward 12.0 GiB → step 12.0 GiB), sampled at step 1" in text
+    (agent,) = snapshot_to_json(snap)["agents"]
+    assert agent["peak_phase"] == "backward" and agent["phase_step"] == 1 and agent["phase_batch_size"] == 32
+    assert agent["phase_peaks"] == {"forward": PEAKS[0], "backward": PEAKS[1], "optimizer": PEAKS[2]}
+    assert all(type(v) is int for v in agent["phase_peaks"].values())
+    s.ingest(msg(1, make_step(3, 48, phases=PEAKS)))  # the step shown is the sampled one: no "sampled at"
+    text = format_table(s.snapshot(3.0), 120)
+    assert "peak in backward (forward 10.2 GiB → backward 12.0 GiB → step 12.0 GiB)\n" in text + "\n"
+    assert "sampled at" not in text
+
+
+def test_a_sample_from_another_batch_size_says_its_batch():
+    s = state_with(make_step(1, 16, phases=PEAKS), make_step(2, 32))
+    assert "sampled at step 1 (batch 16)" in format_table(s.snapshot(2.0), 140)
+
+
+def test_only_peaks_or_only_the_phase_show_what_came():
+    s = state_with(make_step(1, phase_peaks={"forward": GiB, "backward": 2 * GiB}))
+    assert "step peak (forward 1.0 GiB → backward 2.0 GiB)" in format_table(s.snapshot(2.0), 120)
+    s = state_with(make_step(1, peak_phase="forward"))
+    text = format_table(s.snapshot(2.0), 120)
+    assert "      peak in forward\n" in text + "\n"
+    (agent,) = snapshot_to_json(s.snapshot(2.0))["agents"]
+    assert agent["peak_phase"] == "forward" and agent["phase_peaks"] == {}
+
+
+def test_odd_phase_values_from_an_agent_are_none_and_show_nothing():
+    line = json.loads(protocol.encode(make_step(1))) | {"peak_phase": "loss", "phase_peaks": {"forward": -5}}
+    s = HubState()
+    s.ingest(msg(1, make_hello(1)))
+    s.ingest(records.agent("vm:1", {"data": line}, t=1.0))
+    (agent,) = s.snapshot(2.0).agents
+    assert agent.last_step is not None and agent.phases is None
+    assert "peak in" not in format_table(s.snapshot(2.0), 120)
+
+
+def test_an_ended_run_keeps_its_last_phase_and_the_oom_post_mortem_says_it():
+    s = state_with(make_step(1, 16, phases=PEAKS), make_step(2, 16))
+    oom = Event(kind="oom", message="out of memory in backward at step 3", step=3, batch_size=16,
+                components=dict(make_step(2).components), requested_bytes=GiB, time=3.0)
+    s.ingest(msg(1, oom))
+    s.ingest(msg(1, Bye(reason="exit", time=4.0)))
+    snap = s.snapshot(5.0)
+    (agent,) = snap.agents
+    assert agent.state == "oom" and agent.phases.step == 1
+    text = format_table(snap, 140)
+    ended = text[text.index("Ended runs"):]
+    assert "last sampled step 1: peak in backward (forward 10.2 GiB → backward 12.0 GiB → step 12.0 GiB)" in ended
+    assert ended.index("last sampled step") < ended.index("post-mortem")
+    assert snapshot_to_json(snap)["agents"][0]["peak_phase"] == "backward"
+
+
+@pytest.mark.parametrize("path", FIXTURES, ids=[p.stem for p in FIXTURES])
+def test_recordings_from_before_the_field_show_no_phase_and_no_none(path):
+    snaps = list(iter_snapshots(read_recording(path)))
+    for snap in (snaps[fx.busiest(snaps)], snaps[-1]):  # the run at its busiest, and its end
+        assert all(a.phases is None for a in snap.agents)
+        text = format_table(snap, 120)
+        assert "peak in" not in text and "None" not in text and "sampled step" not in text
+        for agent in snapshot_to_json(snap)["agents"]:
+            assert (agent["peak_phase"], agent["phase_peaks"], agent["phase_step"]) == (None, None, None)
