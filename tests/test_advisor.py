@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from batchmon.memory_model import WhatIf, advice_for, advice_json, advice_text, advise, fit
+from batchmon.memory_model import ParamLayout, WhatIf, advice_for, advice_json, advice_text, advise, fit
 from batchmon.memory_model.advisor import AMP_FACTOR, CHECKPOINT_FACTOR
 from batchmon.protocol import Step
 from test_memory_model import Truth
@@ -77,7 +77,9 @@ def test_never_promises_what_does_not_fit(adam_model):
 def test_sharding_names_the_gpus_a_target_needs():
     # a model whose fixed part dominates: sharding, not accumulation, is what frees memory
     big = Truth(parameters=6 * GIB, gradients=6 * GIB, optimizer=12 * GIB, act_per_sample=40_000_000)
-    model = fit(_steps(big, (8, 8, 8, 4)), optimizer="AdamW")
+    # wrapped per block as FSDP2 is used: a root of 1 GiB and 24 blocks of 5/24 GiB (what it gathers at once)
+    layout = ParamLayout(root=GIB, largest_unit=5 * GIB // 24, units=24)
+    model = fit(_steps(big, (8, 8, 8, 4)), optimizer="AdamW", param_layout=layout)
     device = 28 * GIB
     one_gpu = max((model.max_batch(device, WhatIf(amp=a, checkpointing=c, accumulation_steps=k, optimizer=o)) or 0)
                   for a, c, k, o in itertools.product((False, True), (False, True), (1, 2, 4, 8),
@@ -90,6 +92,20 @@ def test_sharding_names_the_gpus_a_target_needs():
     # a job already on 4 GPUs: sharding over them is offered as is
     on_four = advise(model, capacity=device, target_batch=one_gpu + 1, gpus=4)
     assert any(a.spec.shards == 4 and "needs" not in a.what_if and a.fits_target for a in on_four)
+
+
+def test_sharding_without_a_layout_is_bounded_by_the_whole_model():
+    # how the model would be wrapped is unknown: the whole model's parameters and gradients are counted
+    # unsharded once more, so sharding a model whose fixed part dominates promises less than with a layout
+    big = Truth(parameters=6 * GIB, gradients=6 * GIB, optimizer=12 * GIB, act_per_sample=40_000_000)
+    bare = fit(_steps(big, (8, 8, 8, 4)), optimizer="AdamW")
+    laid = fit(_steps(big, (8, 8, 8, 4)), optimizer="AdamW",
+               param_layout=ParamLayout(root=GIB, largest_unit=5 * GIB // 24, units=24))
+    device = 28 * GIB
+    for n in (2, 4, 8):
+        assert (bare.max_batch(device, WhatIf(shards=n)) or 0) < (laid.max_batch(device, WhatIf(shards=n)) or 0)
+    assert "upper bound" in bare.predict(WhatIf(shards=8), device_total=device).basis
+    assert "upper bound" not in laid.predict(WhatIf(shards=8), device_total=device).basis
 
 
 def test_optimizer_and_amp_options_follow_what_was_observed():

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from batchmon.memory_model import (FRAG_SURVIVAL, OPTIMIZER_STATES, Observation, WhatIf, fit, fit_line, optimizer_kind,
+from batchmon.memory_model import (FRAG_SURVIVAL, OPTIMIZER_STATES, Observation, ParamLayout, WhatIf, fit, fit_line, optimizer_kind,
                                    predict_from_steps)
 from batchmon.protocol import ALL_COMPONENTS, COMPONENTS, Step, decode, encode
 
@@ -253,10 +253,22 @@ def test_what_if_amp_checkpointing_accumulation_shards_expected_values():
     odd = model.predict(WhatIf(batch_size=10, accumulation_steps=4))
     assert odd.micro_batch == 3
 
+    # sharding without a parameter layout: the whole model's parameters and gradients counted unsharded once
+    # more beside the shards (the upper bound: no wrapping gathers more at once)
     sharded = model.predict(WhatIf(batch_size=256, shards=8))
-    for name in ("parameters", "gradients", "optimizer"):
-        assert sharded.components[name] == round(getattr(T, name) / 8)
+    assert sharded.components["optimizer"] == round(T.optimizer / 8)
+    for name in ("parameters", "gradients"):
+        assert sharded.components[name] == round(getattr(T, name) / 8 + T.gradients)
     assert sharded.components["activations"] == base.components["activations"]
+    assert "upper bound" in sharded.basis
+    # with the layout FSDP2 shards by: the root and two blocks, as parameters and as gradients
+    layout = ParamLayout(root=T.gradients // 4, largest_unit=T.gradients // 16, units=12)
+    laid = fit([T.step(1, 16), T.step(2, 32)], optimizer="adam", param_layout=layout)
+    sharded = laid.predict(WhatIf(batch_size=256, shards=8))
+    for name in ("parameters", "gradients"):
+        assert sharded.components[name] == round(getattr(T, name) / 8 + T.gradients // 4 + 2 * (T.gradients // 16))
+    assert sharded.components["optimizer"] == round(T.optimizer / 8)
+    assert "two blocks" in sharded.basis and "upper bound" not in sharded.basis
 
 
 def test_what_ifs_are_monotonic_in_max_batch():

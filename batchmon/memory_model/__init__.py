@@ -117,20 +117,27 @@ What-ifs (``WhatIf``), applied to the fitted lines:
 * gradient accumulation: ``batch_size`` is the effective batch; activations, batch and the per-sample ``other``
   follow the micro-batch ceil(batch_size / accumulation_steps); gradients and optimizer see the full batch
   (unchanged). ``max_batch`` then answers in effective batch (largest micro-batch x steps).
-* sharding over N GPUs (ZeRO-3 / FSDP): parameters, gradients and optimizer states / N per GPU; the batch is
-  per GPU; the layer-at-a-time gather buffers of FSDP are not modelled (one layer, small against the rest).
+* sharding over N GPUs (FSDP2 ``fully_shard`` / ZeRO-3): parameters, gradients and optimizer states / N per
+  GPU; the batch is per GPU (activations unchanged). FSDP2 gathers a unit's parameters into an unsharded
+  buffer beside the shards, creates its gradients unsharded and copies them into a reduce-scatter buffer before
+  keeping the shard; the root unit is not resharded after forward and is reduce-scattered last, so its
+  parameters and gradients live unsharded through backward. So the root, the block computed and the one
+  prefetched are added once as parameters and once as gradients (``fit(..., param_layout=ParamLayout(root,
+  largest_unit, units))``, per-block wrapping). Without a layout the whole model's parameters and gradients
+  are added (no wrapping gathers more at once: an upper bound, and the basis says so). Checked against a real
+  FSDP2 run by bench/fsdp_predict.py.
 """
 
 from batchmon.formulas import OPTIMIZER_STATES, optimizer_kind
 from batchmon.memory_model.fit import CURVATURE_TOLERANCE, INTERCEPT_SHARE, fit, predict_from_steps
 from batchmon.memory_model.model import FAR_EXTRAPOLATION, FRAG_SURVIVAL, MemoryModel
-from batchmon.memory_model.observations import FIXED, PER_SAMPLE, Line, Observation, SavedSplit, fit_line
+from batchmon.memory_model.observations import FIXED, PER_SAMPLE, Line, Observation, ParamLayout, SavedSplit, fit_line
 from batchmon.memory_model.prediction import Band, Basis, Prediction, WhatIf
 from batchmon.memory_model.what_ifs import DEFAULT_CHECKPOINT_LAYERS, apply_what_if
 from batchmon.memory_model.advisor import Advice, advice_for, advice_json, advice_text, advise
 
 __all__ = ["Advice", "advice_for", "advice_json", "advice_text", "advise",
            "Band", "Basis", "CURVATURE_TOLERANCE", "DEFAULT_CHECKPOINT_LAYERS", "FAR_EXTRAPOLATION", "FIXED",
-           "FRAG_SURVIVAL", "INTERCEPT_SHARE", "Line", "MemoryModel", "OPTIMIZER_STATES", "Observation", "PER_SAMPLE",
+           "FRAG_SURVIVAL", "INTERCEPT_SHARE", "Line", "MemoryModel", "OPTIMIZER_STATES", "Observation", "PER_SAMPLE", "ParamLayout",
            "Prediction", "SavedSplit", "WhatIf", "apply_what_if", "fit", "fit_line", "optimizer_kind",
            "predict_from_steps"]

@@ -7,7 +7,7 @@ from typing import Iterable, Sequence
 
 from batchmon.formulas import OPTIMIZER_STATES, optimizer_kind
 from batchmon.memory_model.model import MemoryModel
-from batchmon.memory_model.observations import FIXED, PER_SAMPLE, Line, Observation, SavedSplit, fit_line
+from batchmon.memory_model.observations import FIXED, PER_SAMPLE, Line, Observation, ParamLayout, SavedSplit, fit_line
 from batchmon.memory_model.prediction import Prediction, WhatIf
 from batchmon.protocol import COMPONENTS, Step
 
@@ -36,13 +36,15 @@ def _median_int(values: Iterable[int | None]) -> int | None:
 
 
 def fit(steps: Iterable[Step | Observation], *, optimizer: str | None = None, amp: bool = False,
-        saved_split: SavedSplit | None = None) -> MemoryModel | None:
+        saved_split: SavedSplit | None = None, param_layout: ParamLayout | None = None) -> MemoryModel | None:
     """Fit the memory equation to measured steps (protocol.Step or Observation). None when no step is usable.
 
     optimizer: the observed optimizer's class or kind name (hello's ``optimizer``), used for the lazy-state rule
     and the optimizer what-if; amp: the observed run already used autocast (the AMP what-if is then a no-op);
     saved_split: the measured make-up of the saved activations, from which the checkpointing and AMP what-ifs
-    are derived (without it they rest on documented conservative rules)."""
+    are derived (without it they rest on documented conservative rules); param_layout: how the parameters split
+    into FSDP units, from which the sharding what-if counts what FSDP holds unsharded (without it, an upper
+    bound: the whole model)."""
     obs = _as_observations(steps)
     if not obs:
         return None
@@ -122,7 +124,8 @@ def fit(steps: Iterable[Step | Observation], *, optimizer: str | None = None, am
         alloc_retries=retries, reference_batch=reference, last_batch=obs[-1].batch_size,
         batch_sizes=tuple(sorted({o.batch_size for o in obs})), step_range=(obs[0].step, obs[-1].step),
         count=len(obs), optimizer=kind, observed_amp=amp, notes=tuple(notes), measured_peak=measured_peak,
-        time_line=_time_line(obs), saved_split=saved_split, **band,
+        time_line=_time_line(obs), saved_split=saved_split, param_layout=param_layout,
+        **band,
     )
 
 

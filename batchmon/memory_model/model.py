@@ -8,7 +8,7 @@ from functools import cached_property
 from typing import Sequence
 
 from batchmon.formulas import OPTIMIZER_STATES
-from batchmon.memory_model.observations import Line, SavedSplit
+from batchmon.memory_model.observations import Line, ParamLayout, SavedSplit
 from batchmon.memory_model.prediction import Band, Basis, Prediction, WhatIf
 from batchmon.memory_model.what_ifs import apply_what_if
 from batchmon.protocol import ALL_COMPONENTS, COMPONENTS
@@ -53,6 +53,7 @@ class MemoryModel:
     steepest_between: tuple[int, int] | None = None  # the batch sizes of that secant
     time_line: Line | None = None  # step seconds = fixed + per_sample x B (two or more batch sizes timed)
     saved_split: SavedSplit | None = None  # measured make-up of the saved activations (derived what-ifs)
+    param_layout: ParamLayout | None = None  # how the parameters split into FSDP units (the sharding what-if)
     _max_batch_cache: dict = field(default_factory=dict, compare=False, repr=False)
 
     # -- description
@@ -95,7 +96,7 @@ class MemoryModel:
         """Component lines in the micro-batch after the what-ifs; and notes on the assumptions used."""
         return apply_what_if(self.lines, what_if, trainable_bytes=self.trainable_bytes,
                              state_bytes=self._state_bytes(), observed_amp=self.observed_amp,
-                             split=self.saved_split)
+                             split=self.saved_split, layout=self.param_layout)
 
     def _check(self, what_if: WhatIf) -> None:
         if what_if.batch_size is not None and (isinstance(what_if.batch_size, bool) or what_if.batch_size < 1):

@@ -82,6 +82,22 @@ class SavedSplit:
 
 
 @dataclass(frozen=True)
+class ParamLayout:
+    """How the parameters split into the units FSDP shards and gathers one at a time (bytes, unsharded): what
+    the sharding what-if needs to count the parameters and gradients FSDP holds unsharded beside the shards.
+    Per-block wrapping (``fully_shard`` on each repeated block, then on the root) is assumed."""
+
+    root: int  # parameter bytes outside the wrapped blocks: FSDP2's root unit, gathered from forward to backward
+    largest_unit: int  # parameter bytes of the largest wrapped block
+    units: int  # number of wrapped blocks
+
+    def gathered(self) -> int:
+        """Bytes of parameters held unsharded at once at most: the root, the block being computed and the one
+        prefetched."""
+        return self.root + 2 * self.largest_unit
+
+
+@dataclass(frozen=True)
 class Line:
     """value(B) = fixed + per_sample * B."""
 

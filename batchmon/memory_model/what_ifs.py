@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 from batchmon.formulas import OPTIMIZER_STATES, optimizer_kind
-from batchmon.memory_model.observations import FIXED, Line, SavedSplit
+from batchmon.memory_model.observations import FIXED, Line, ParamLayout, SavedSplit
 from batchmon.memory_model.prediction import WhatIf
 
 DEFAULT_CHECKPOINT_LAYERS = 12
 
 
 def apply_what_if(observed: dict[str, Line], what_if: WhatIf, *, trainable_bytes: float, state_bytes: float,
-                  observed_amp: bool, split: SavedSplit | None = None) -> tuple[dict[str, Line], list[str]]:
+                  observed_amp: bool, split: SavedSplit | None = None,
+                  layout: ParamLayout | None = None) -> tuple[dict[str, Line], list[str]]:
     """The component lines under ``what_if``, and the assumptions each change rests on. ``split``: the measured
-    make-up of the saved activations; where it has what a what-if needs, the what-if is derived from it."""
+    make-up of the saved activations; where it has what a what-if needs, the what-if is derived from it.
+    ``layout``: how the parameters split into FSDP units (the sharding what-if's gathered bytes)."""
     lines = dict(observed)
     notes: list[str] = []
     if what_if.optimizer is not None:
@@ -61,8 +63,25 @@ def apply_what_if(observed: dict[str, Line], what_if: WhatIf, *, trainable_bytes
         n = what_if.shards
         for name in FIXED:
             lines[name] = lines[name].scaled(1.0 / n, 1.0 / n)
-        notes.append(f"sharded over {n} GPUs: parameters, gradients and optimizer state / {n} per GPU; the "
-                     f"layer FSDP gathers at a time and its communication buffers not counted")
+        # FSDP2 (fully_shard) gathers a unit's parameters into a new unsharded buffer beside the local shards and
+        # frees it after the unit's forward (and again after its backward); the unit's gradients are created
+        # unsharded and copied into a reduce-scatter buffer before only the shard is kept. The root unit is not
+        # resharded after forward and its gradients are reduce-scattered last, so both live through backward.
+        # At once: the root, the block computed and the one prefetched - as parameters and as gradients.
+        if layout is not None:
+            gathered = min(float(layout.gathered()), trainable_bytes)
+            how = (f"the gathered parameters and unsharded gradients of the root ({layout.root / 2**20:.0f} MiB) "
+                   f"and two blocks (the largest: {layout.largest_unit / 2**20:.0f} MiB of {layout.units}) added "
+                   f"to both")
+        else:
+            gathered = trainable_bytes
+            how = ("how the model is wrapped is not known: the whole model's parameters and gradients counted "
+                   "unsharded once more beside the shards (no wrapping gathers more at once; an upper bound)")
+        lines["parameters"] = lines["parameters"] + Line(gathered, 0.0)
+        lines["gradients"] = lines["gradients"] + Line(gathered, 0.0)
+        notes.append(f"sharded over {n} GPUs (FSDP2/ZeRO-3): parameters, gradients and optimizer state / {n} per "
+                     f"GPU; {how}; activations per GPU unchanged (the batch is per GPU); communication buffers "
+                     f"outside the allocator not counted")
     if what_if.accumulation_steps > 1:
         notes.append(f"{what_if.accumulation_steps} accumulation steps: activations follow the micro-batch, "
                      f"gradients and optimizer state the full batch")
