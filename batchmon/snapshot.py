@@ -64,9 +64,7 @@ class StepPhases:
         """The phases a step message carries; None for a step the agent did not sample (or an older agent)."""
         if step.peak_phase is None and not step.phase_peaks:
             return None
-        given = step.phase_peaks or {}
-        peaks = {name: given[name] for name in PHASES if name in given}
-        return cls(step.step, step.time, step.batch_size, step.peak_phase, peaks)
+        return cls(step.step, step.time, step.batch_size, step.peak_phase, phase_peaks(step))
 
     def text(self, *, short: bool = False) -> str:
         """'peak in backward (forward 10.2 GiB → backward 12.0 GiB → step 12.0 GiB)': the last phase's peak is
@@ -89,6 +87,12 @@ class StepPhases:
         """`--once --json`'s agents[].peak_phase / phase_peaks / phase_step / phase_batch_size."""
         return {"peak_phase": self.peak_phase, "phase_peaks": dict(self.peaks), "phase_step": self.step,
                 "phase_batch_size": self.batch_size}
+
+
+def phase_peaks(step: Step) -> dict[str, int]:
+    """A step's ``phase_peaks`` in PHASES order ({} when it has none)."""
+    given = step.phase_peaks or {}
+    return {name: given[name] for name in PHASES if name in given}
 
 
 @dataclass(frozen=True)

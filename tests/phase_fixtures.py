@@ -25,7 +25,7 @@ def agent_record(message, t: float) -> dict:
 
 def sampled(step: Step, forward: int, backward: int) -> Step:
     """``step`` as a sampled one: the peak by the end of forward and of backward; the step's peak at its end."""
-    peaks = dict(zip(PHASES, (forward, backward, step.peak_allocated)))
+    peaks = dict(zip(PHASES, (forward, backward, step.peak_allocated or backward)))
     phase = next(name for name in PHASES if peaks[name] == max(peaks.values()))
     return dataclasses.replace(step, peak_phase=phase, phase_peaks=peaks)
 

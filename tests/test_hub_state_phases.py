@@ -71,6 +71,16 @@ def test_once_text_and_json_show_the_phase():
     assert "sampled at" not in text
 
 
+def test_the_phase_shown_is_the_latest_at_the_batch_size_of_the_last_step():
+    short = (GiB, 2 * GiB, 2 * GiB)  # an epoch's short last batch, sampled
+    s = state_with(make_step(1, 16, phases=PEAKS), make_step(2, 8, phases=short), make_step(3, 16))
+    (agent,) = s.snapshot(2.0).agents
+    assert (agent.phases.step, agent.phases.batch_size) == (1, 16)
+    s.ingest(msg(1, make_step(4, 8)))
+    (agent,) = s.snapshot(3.0).agents
+    assert (agent.phases.step, agent.phases.batch_size) == (2, 8)
+
+
 def test_a_sample_from_another_batch_size_says_its_batch():
     s = state_with(make_step(1, 16, phases=PEAKS), make_step(2, 32))
     assert "sampled at step 1 (batch 16)" in format_table(s.snapshot(2.0), 140)
@@ -110,6 +120,17 @@ def test_an_ended_run_keeps_its_last_phase_and_the_oom_post_mortem_says_it():
     assert "last sampled step 1: peak in backward (forward 10.2 GiB → backward 12.0 GiB → step 12.0 GiB)" in ended
     assert ended.index("last sampled step") < ended.index("post-mortem")
     assert snapshot_to_json(snap)["agents"][0]["peak_phase"] == "backward"
+
+
+def test_a_recording_of_sampled_steps_replays_to_the_same_phase(tmp_path):
+    lines = [msg(1, make_hello(1), t=1.0), msg(1, make_step(1, phases=PEAKS), t=2.0), records.tick(t=2.5),
+             msg(1, make_step(2), t=3.0), records.tick(t=3.5)]
+    path = tmp_path / "rec.jsonl"
+    path.write_text("".join(records.record_line(r) for r in lines))
+    *_, last = iter_snapshots(read_recording(path))
+    (agent,) = last.agents
+    assert agent.last_step.step == 2 and agent.phases is not None and agent.phases.peak_phase == "backward"
+    assert dict(agent.phases.peaks) == dict(zip(("forward", "backward", "optimizer"), PEAKS))
 
 
 @pytest.mark.parametrize("path", FIXTURES, ids=[p.stem for p in FIXTURES])

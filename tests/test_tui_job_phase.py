@@ -48,6 +48,15 @@ def test_a_sample_at_the_step_shown_names_no_step():
     assert "  peak in backward (forward 35.3 GiB → backward 38.0 GiB → step 38.0 GiB)" in lines
 
 
+def test_a_sample_at_another_batch_size_names_it():
+    snap = pf.run_with_phases()
+    (agent,) = snap.agents
+    other = dataclasses.replace(agent, phases=dataclasses.replace(agent.phases, batch_size=8))
+    view = views.job_view(dataclasses.replace(snap, agents=(other,)), "k", [other], WhatIfState(), Predictor())
+    lines = [t.plain for t in job_lines(view, 156, "full")]
+    assert any(line.endswith("GiB)  step 37 b=8") for line in lines)
+
+
 def test_the_compact_level_stays_two_lines():
     assert len(job_lines(the_job(pf.run_with_phases()), 100, "compact")) == 2
 

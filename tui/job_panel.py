@@ -146,7 +146,11 @@ def _phase_line(v: JobView, width: int) -> list[Text]:
     if ph is None:
         return []
     last = v.lead.last_step
-    since = f"  step {ph.step}" if last is not None and last.step != ph.step else ""
+    since = ""
+    if last is not None and last.step != ph.step:
+        since = f"  step {ph.step}"
+        if ph.batch_size != last.batch_size:  # no sample at the batch size of the step shown yet
+            since += f" b={ph.batch_size}"
     bare = f"peak in {ph.peak_phase}" if ph.peak_phase else "step peak"
     for text in (ph.text() + since, ph.text(short=True) + since, ph.text(short=True), bare):
         if len(text) <= width - 2:

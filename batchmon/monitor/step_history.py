@@ -14,7 +14,8 @@ Two costs of the hub under load (bench/load.py: 64 agents at 10 steps/s, 4 snaps
   updates, per batch size, a sliding-window maximum (monotonic deque), so the summary costs O(summary).
 
 Where in the step the peak was reached (``Step.peak_phase`` / ``phase_peaks``) comes on the agent's sampled steps
-only: ``StepHistory.phases`` keeps the latest one known, which an unsampled step's message never blanks.
+only: ``StepHistory.phases()`` keeps the latest one known at the current batch size (an epoch's short last batch
+sampled does not stand for the batch the run uses), else the latest at any; an unsampled step never blanks it.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from itertools import islice
 from typing import Any, Iterator, overload
 
 from batchmon.protocol import Step
-from batchmon.snapshot import StepPhases
+from batchmon.snapshot import StepPhases, phase_peaks
 
 RECENT_STEPS = 32  # model_steps: the last steps kept (the current state)
 RECENT_SIZES = 32  # model_steps: the latest batch sizes kept (their highest-peak step each)
@@ -134,7 +135,7 @@ class StepHistory:
     """The last ``limit`` steps, oldest first, plus what ``model_steps`` needs. Only ``append`` changes it."""
 
     __slots__ = ("limit", "_buf", "_start", "_first", "_sizes", "_order", "_window", "appended", "covered", "steps",
-                 "phases")
+                 "_phases")
 
     def __init__(self, limit: int) -> None:
         self.limit = max(1, int(limit))
@@ -149,7 +150,8 @@ class StepHistory:
         self.appended = 0  # messages ever appended: changes exactly when the history does
         self.covered = 0  # training steps those messages stood for (a coalesced window counts its steps)
         self.steps = 0  # training steps the kept messages stand for
-        self.phases: StepPhases | None = None  # the latest sampled step's phases (kept past its eviction)
+        # batch size -> its latest sampled step's phases (kept past the step's eviction), latest size last
+        self._phases: dict[int | None, StepPhases] = {}
 
     def __len__(self) -> int:
         return len(self._buf) - self._start
@@ -168,8 +170,12 @@ class StepHistory:
         self.covered += step.steps
         self.steps += step.steps
         self._window = None
-        if step.peak_phase is not None or step.phase_peaks:
-            self.phases = StepPhases.of(step)
+        if step.peak_phase is not None or step.phase_peaks:  # a sampled step (most are not: one test, no call)
+            self._phases.pop(step.batch_size, None)
+            self._phases[step.batch_size] = StepPhases(step.step, step.time, step.batch_size, step.peak_phase,
+                                                       phase_peaks(step))
+            if len(self._phases) > RECENT_SIZES:
+                del self._phases[next(iter(self._phases))]
         peak = step_peak(step)
         best = self._sizes.get(step.batch_size)
         if best is None:
@@ -197,6 +203,14 @@ class StepHistory:
             # a new list: windows on the old one keep seeing exactly their steps
             self._buf = self._buf[self._start:]
             self._start = 0
+
+    def phases(self) -> StepPhases | None:
+        """Where the peak was reached in the latest sampled step at the last step's batch size, else in the latest
+        sampled step; None before any step was sampled."""
+        last = self.last
+        if last is not None and last.batch_size in self._phases:
+            return self._phases[last.batch_size]
+        return next(reversed(self._phases.values()), None)
 
     def window(self) -> StepWindow:
         """The steps now, as an immutable sequence carrying their model summary (O(summary), not O(history);
