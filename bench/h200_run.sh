@@ -225,7 +225,7 @@ cudatests)
   # the agent tests that have CUDA cases (a script's own memory calls, no trace, compile), on the GPU
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
   stage cudatests
-  python3 -m pytest -q -p no:cacheprovider -rs tests/test_agent_memory_calls.py tests/test_agent_no_trace.py tests/test_agent_compile_quiet.py 2>&1 | tail -n 25 | tee $R/cudatests.log
+  python3 -m pytest -q -p no:cacheprovider -rs tests/test_agent_memory_calls.py tests/test_agent_no_trace.py tests/test_agent_compile_quiet.py tests/test_agent_peak_phase.py 2>&1 | tail -n 25 | tee $R/cudatests.log
   ;;
 zoo)
   # issue 13: predicted vs measured peaks and largest batches on architectures nobody here tuned on

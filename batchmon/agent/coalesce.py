@@ -11,7 +11,9 @@ and whose memory model keeps one point per batch size (its highest peak). The ag
 - the memory figures (``components``, ``allocated``, ``peak_allocated``, ``reserved``, ``device_used``,
   ``micro_batches``): those of the window's peak step (highest ``peak_allocated``, else highest sum of the
   components; the latest on ties);
-- ``num_alloc_retries``, ``num_ooms`` (cumulative counters): the last step's.
+- ``num_alloc_retries``, ``num_ooms`` (cumulative counters): the last step's;
+- ``peak_phase``, ``phase_peaks`` (set on sampled steps only): the peak step's if it has them, else those of
+  the window's last step that has them (None if no step of the window was sampled).
 
 A window never spans two batch sizes, and is sent at once (never held back) when: it is one of the first
 FIRST_STEPS steps of the run (a new run shows at once); its batch size (or batch source) differs from the
@@ -42,7 +44,7 @@ class StepCoalescer:
     """Turns the agent's stream of steps into window messages. ``add``/``flush``/``due`` take a monotonic now."""
 
     __slots__ = ("interval", "first_steps", "_peak_step", "_peak", "_last", "_count", "_seconds", "_timed",
-                 "_last_sent", "sent", "seen")
+                 "_last_sent", "sent", "seen", "_phased")
 
     def __init__(self, interval: float = WINDOW_SECONDS, first_steps: int = FIRST_STEPS) -> None:
         self.interval = interval
@@ -50,6 +52,7 @@ class StepCoalescer:
         self._peak_step: Step | None = None  # the open window's peak step
         self._peak = 0
         self._last: Step | None = None  # the open window's last step
+        self._phased: Step | None = None  # the open window's last step with a peak phase (a sampled step)
         self._count = 0  # steps in the open window
         self._seconds = 0.0  # sum of the window's step_seconds
         self._timed = 0  # steps in the window with a step_seconds
@@ -75,6 +78,8 @@ class StepCoalescer:
         if self._peak_step is None or peak >= self._peak:
             self._peak_step, self._peak = step, peak
         self._last = step
+        if step.peak_phase is not None:
+            self._phased = step
         self._count += step.steps
         if step.step_seconds is not None:
             self._seconds += step.step_seconds * step.steps
@@ -86,15 +91,19 @@ class StepCoalescer:
 
     def flush(self, now: float) -> list[Step]:
         """The open window as one message (none if no step is waiting)."""
-        peak, last, count = self._peak_step, self._last, self._count
+        peak, last, count, phased = self._peak_step, self._last, self._count, self._phased
         if peak is None or last is None or count == 0:
             return []
         seconds = self._seconds / self._timed if self._timed else None
         self._peak_step, self._peak, self._count, self._seconds, self._timed = None, 0, 0, 0.0, 0
+        self._phased = None
         self._last_sent = now
         self.sent += 1
         if count == last.steps and peak is last:
             return [last]  # a window of one step (or one the agent already made): sent as it is
+        phased = peak if peak.peak_phase is not None else phased
         return [new_step(last.step, last.time, seconds, last.batch_size, peak.components, peak.allocated,
                          peak.peak_allocated, peak.reserved, last.num_alloc_retries, last.num_ooms,
-                         peak.device_used, last.batch_source, peak.micro_batches, count)]
+                         peak.device_used, last.batch_source, peak.micro_batches, count,
+                         phased.peak_phase if phased is not None else None,
+                         phased.phase_peaks if phased is not None else None)]

@@ -437,6 +437,7 @@ class AgentHandle:
             return
         try:
             self._watch.close_loss_window()
+            self._meter.before_backward()
             self._meter.fold_group()
         except Exception as exc:  # noqa: BLE001
             self._fail(exc)

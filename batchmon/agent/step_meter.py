@@ -68,6 +68,7 @@ sampled step.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import weakref
 from dataclasses import dataclass
@@ -78,6 +79,7 @@ import torch
 from batchmon.agent import accounting
 from batchmon.agent import torch_patches as patches
 from batchmon.agent.identity import cuda_index
+from batchmon.agent.peak_phase import PhaseTracker
 from batchmon.agent.batch_dim import BatchSizer
 from batchmon.protocol import Event, ModelInfo, Step, new_step
 
@@ -175,6 +177,8 @@ class StepMeter:
         self._figures: CudaFigures | None = None  # the allocator's figures as last read
         self._figures_t = 0.0  # perf_counter of that read
         self._last_batch_size: int | None = None  # of the last step (a change resets the allocator's peak)
+        self.phases = PhaseTracker(self._running_peak)  # where a sampled step's peak was reached
+        self._carry_peak = 0  # the peak of unread steps, read when a sampled step reset it for its phases
 
     # -------------------------------------------------------------------------------------------- what
 
@@ -259,7 +263,25 @@ class StepMeter:
                 found = accounting.parameter_storages(
                     model, self.device_or_cpu(), accounting.parameters_of(None, self.optimizers))
                 self._param_keys = found.keys
+            self._start_phases()
         return moved
+
+    def _start_phases(self) -> None:
+        """A sampled CUDA step follows its phases from a peak of its own: the allocator's peak is reset now
+        unless the last step's end just did (the peak of the steps since the last read is kept for this step)."""
+        device = self.device
+        if device is None or device.type != "cuda":
+            return
+        if self._figures is None or self._figures_t != self._last_step_end:
+            figures = self._cuda(device, True)
+            if figures is None:
+                return
+            self._carry_peak = max(self._carry_peak, figures.peak)
+        self.phases.start()
+
+    def _running_peak(self) -> int | None:
+        figures = self._cuda(self.device, False)
+        return figures.peak if figures is not None else None
 
     def _storages(self) -> accounting.StorageSet:
         """An empty StorageSet on the agent's device for the step's batch: one object per device, emptied for
@@ -335,9 +357,16 @@ class StepMeter:
 
     # -------------------------------------------------------------------------------------------- backward
 
+    def before_backward(self) -> None:
+        """Backward starts: the forward (and loss) phase of a sampled step ended."""
+        if self.step_open and self.phases.active:
+            self.phases.mark("forward")
+
     def after_backward(self) -> None:
         if not self.step_open:
             return
+        if self.phases.active:
+            self.phases.mark("backward")
         self.backwards += 1
         if self.optimizer_steps > 0:
             return  # the optimizer's step ends steps: the loop rule (and its marks) is not needed
@@ -398,6 +427,17 @@ class StepMeter:
                     self._figures, self._figures_t = cuda, now
             else:
                 cuda = self._figures  # carried forward: the peak keeps growing until the next read
+        peak_phase: str | None = None
+        phase_peaks: dict[str, int] | None = None
+        if self.phases.active:
+            if fresh and cuda is not None:
+                peak_phase, phase_peaks = self.phases.finish(cuda.peak)
+                if self._carry_peak > cuda.peak:  # an unread step before this one peaked higher: still reported
+                    cuda = dataclasses.replace(cuda, peak=self._carry_peak)
+                    self._figures = cuda
+            else:
+                self.phases.stop()
+        self._carry_peak = 0 if fresh else self._carry_peak
         if cuda is not None:
             comps["other"] = max(0, cuda.peak - (parameters + gradients + optimizer + acts + batch))
         opened = self.step_open
@@ -407,7 +447,8 @@ class StepMeter:
                         cuda.allocated if cuda else None, cuda.peak if cuda else None,
                         cuda.reserved if cuda else None, cuda.retries if cuda else None,
                         cuda.ooms if cuda else None, device_used if cuda is not None else None,
-                        self.batch_source if opened else None, self.backwards if opened else None)
+                        self.batch_source if opened else None, self.backwards if opened else None,
+                        peak_phase=peak_phase, phase_peaks=phase_peaks)
         self.step_open = False
         self.sampled = False
         self._acts_max = 0
