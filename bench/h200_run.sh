@@ -227,6 +227,13 @@ cudatests)
   stage cudatests
   python3 -m pytest -q -p no:cacheprovider -rs tests/test_agent_memory_calls.py tests/test_agent_no_trace.py tests/test_agent_compile_quiet.py tests/test_agent_peak_phase.py 2>&1 | tail -n 25 | tee $R/cudatests.log
   ;;
+fsdp)
+  # issue 13 point 3: FSDP2 (fully_shard) on 2 GPUs, every rank attached: per-rank peaks and largest batch
+  # predicted vs measured, and the sharding what-if from an unsharded one-GPU run (needs nvidia-h200-x2)
+  stage fsdp
+  if [ "${SMOKE:-0}" = 1 ]; then FSDPX="--cpu-smoke"; else FSDPX="--budget-s ${FSDP_BUDGET:-200}"; fi
+  timeout 420 python3 bench/fsdp_predict.py $FSDPX --out $R/fsdp_predict_h200_x2.json 2>&1 | tail -n 30 | tee $R/fsdp_predict.log
+  ;;
 zoo)
   # issue 13: predicted vs measured peaks and largest batches on architectures nobody here tuned on
   stage zoo

@@ -1,0 +1,124 @@
+"""Issue 13 point 3 on the CPU: the agent counts FSDP2's sharded tensors by their local shards, the parameter
+layout the sharding what-if needs is the one fully_shard wraps, and bench/fsdp_predict.py runs end to end on
+two gloo processes (--cpu-smoke), writing the JSON the H200 run will."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+dist = pytest.importorskip("torch.distributed")
+fsdp = pytest.importorskip("torch.distributed.fsdp")
+
+from batchmon.agent import handle as agent  # noqa: E402
+from batchmon.memory_model import ParamLayout, WhatIf, fit  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "bench" / "fsdp_predict.py"
+sys.path.insert(0, str(ROOT / "bench"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture()
+def one_rank_group():
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_agent_counts_dtensor_parameters_gradients_and_state(one_rank_group, tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
+    expected = sum(p.numel() * p.element_size() for p in model.parameters())
+    fsdp.fully_shard(model[0])
+    fsdp.fully_shard(model)
+    assert type(next(model.parameters())).__name__ == "DTensor"
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    handle = agent.attach(model, opt, activation_every=1, socket_dir=tempfile.mkdtemp(dir=tmp_path))
+    try:
+        for _ in range(2):
+            model(torch.randn(16, 32)).square().mean().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        steps = list(handle.steps)
+    finally:
+        handle.detach()
+    assert len(steps) == 2
+    last = steps[-1].components
+    # one rank: the local shard is the whole tensor (before the fix every DTensor counted 0 bytes)
+    assert last["parameters"] == expected
+    assert last["gradients"] == expected
+    assert last["optimizer"] >= 2 * expected  # exp_avg and exp_avg_sq (+ step counters)
+
+
+def test_param_layout_is_what_fully_shard_wraps():
+    from fsdp_predict import Config, build_model, param_layout
+
+    cfg = Config(vocab=512, seq=32, d=64, heads=4, layers=3)
+    model = build_model(cfg)
+    layout = param_layout(model)
+    block = sum(p.numel() * 4 for p in model.blocks[0].parameters())
+    total = sum(p.numel() * 4 for p in model.parameters())
+    assert layout == ParamLayout(root=total - 3 * block, largest_unit=block, units=3)
+    assert layout.gathered() == total - block  # root + two of the three blocks
+
+
+def test_sharding_what_if_with_the_layout_sits_between_the_shard_and_the_unsharded_run():
+    from batchmon.protocol import Step
+
+    params = 400 * 2**20
+    comps = {"parameters": params, "gradients": params, "optimizer": 2 * params, "batch": 0, "other": 0}
+    steps = [Step(step=i, time=float(i), step_seconds=0.1, batch_size=b,
+                  components={**comps, "activations": b * 50 * 2**20})
+             for i, b in enumerate((8, 8, 8, 4), start=1)]
+    layout = ParamLayout(root=100 * 2**20, largest_unit=25 * 2**20, units=12)
+    model = fit(steps, optimizer="AdamW", param_layout=layout)
+    plain = model.predict(WhatIf(batch_size=8))
+    sharded = model.predict(WhatIf(batch_size=8, shards=2))
+    fixed = {n: sharded.components[n] for n in ("parameters", "gradients", "optimizer")}
+    assert fixed == {"parameters": params // 2 + 150 * 2**20, "gradients": params // 2 + 150 * 2**20,
+                     "optimizer": params}
+    assert sharded.components["activations"] == plain.components["activations"]
+    device = 24 * 2**30
+    assert model.max_batch(device) < model.max_batch(device, WhatIf(shards=2)) < model.max_batch(
+        device, WhatIf(shards=8))
+
+
+@pytest.mark.slow
+def test_cpu_smoke_writes_the_point_3_json(tmp_path):
+    out = tmp_path / "fsdp.json"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--cpu-smoke", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads(out.read_text())
+    assert doc["world_size"] == 2 and doc["mode"] == "cpu-smoke"
+    assert doc["observed"] == [8, 8, 8, 4]
+    assert doc["points"] and all(set(p) == {"batch", "predicted_peak", "measured_peak"} for p in doc["points"])
+    assert all(p["measured_peak"] > 0 and p["predicted_peak"] > 0 for p in doc["points"])
+    assert doc["real_max_batch"] > 0 and doc["predicted_max_batch"] > 0
+    # the bisection's answer is a batch that ran, with the next one failing
+    ran = {t["batch"]: t["ok"] for t in doc["trials"]}
+    assert ran[doc["real_max_batch"]] and not ran[doc["first_failing"]]
+    assert doc["first_failing"] == doc["real_max_batch"] + 1 and doc["sessions"] >= 2
+    for rank in doc["ranks"]:  # every rank attached and reported its shard
+        first = rank["observed_steps"][0]["components"]
+        assert first["parameters"] > 0 and first["optimizer"] > 0
+    w = doc["what_if_from_unsharded"]
+    assert w["predicted_max_batch"] > 0 and len(w["points"]) == len(doc["points"])
+    assert any("FSDP2" in a for a in w["assumptions"])
+    unsharded_params = w["observed_unsharded_steps"][0]["components"]["parameters"]
+    assert abs(2 * doc["ranks"][0]["observed_steps"][0]["components"]["parameters"] - unsharded_params) < 4096
