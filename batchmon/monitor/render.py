@@ -3,6 +3,10 @@
 Pure functions of a Snapshot (no I/O, no textual, no torch), so every front end that prints shows the same
 thing. What the TUI shares with it lives in the shared language: sizes and clean text in units, the eight
 components of a step in protocol, the imbalance line in jobs.
+
+Over 400 lines: the JSON object and the text table are two renderings of the same fields of the same snapshot
+(devices, agents, jobs, ended runs, post-mortems), kept side by side so that a field added to one is seen next to
+the other.
 """
 
 from __future__ import annotations
