@@ -85,7 +85,7 @@ class StepPhases:
 
     def to_dict(self) -> dict[str, Any]:
         """`--once --json`'s agents[].peak_phase / phase_peaks / phase_step / phase_batch_size."""
-        return {"peak_phase": self.peak_phase, "phase_peaks": dict(self.peaks), "phase_step": self.step,
+        return {"peak_phase": self.peak_phase, "phase_peaks": dict(self.peaks) or None, "phase_step": self.step,
                 "phase_batch_size": self.batch_size}
 
 

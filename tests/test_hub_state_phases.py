@@ -93,7 +93,7 @@ def test_only_peaks_or_only_the_phase_show_what_came():
     text = format_table(s.snapshot(2.0), 120)
     assert "      peak in forward\n" in text + "\n"
     (agent,) = snapshot_to_json(s.snapshot(2.0))["agents"]
-    assert agent["peak_phase"] == "forward" and agent["phase_peaks"] == {}
+    assert agent["peak_phase"] == "forward" and agent["phase_peaks"] is None
 
 
 def test_odd_phase_values_from_an_agent_are_none_and_show_nothing():
