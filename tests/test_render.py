@@ -30,7 +30,8 @@ DEVICE_KEYS = {"index", "name", "uuid", "memory", "utilization", "temperature", 
 MEMORY_KEYS = {"total", "used", "reserved", "free"}
 PROCESS_KEYS = {"pid", "used", "user", "command"}
 STEP_KEYS = {"step", "time", "step_seconds", "batch_size", "components", "allocated", "peak_allocated", "reserved",
-             "num_alloc_retries", "num_ooms", "device_used"}
+             "num_alloc_retries", "num_ooms", "device_used",
+             "peak_phase", "phase_peaks", "phase_step", "phase_batch_size"}  # the latest sampled step's phase
 HELLO_KEYS = {"pid", "host", "argv", "python", "torch", "device", "nvml_uuid", "rank", "local_rank", "world_size",
               "model", "optimizer"}
 PREDICTION_KEYS = {"max_batch", "batch_size", "total", "headroom", "margin", "basis", "components"}
