@@ -59,13 +59,6 @@ class StepPhases:
     peak_phase: str | None  # one of protocol.PHASES, None when only the peaks came
     peaks: Mapping[str, int]  # phase -> bytes, in PHASES order
 
-    @classmethod
-    def of(cls, step: Step) -> "StepPhases | None":
-        """The phases a step message carries; None for a step the agent did not sample (or an older agent)."""
-        if step.peak_phase is None and not step.phase_peaks:
-            return None
-        return cls(step.step, step.time, step.batch_size, step.peak_phase, phase_peaks(step))
-
     def text(self, *, short: bool = False) -> str:
         """'peak in backward (forward 10.2 GiB → backward 12.0 GiB → step 12.0 GiB)': the last phase's peak is
         the step's own, named so. ``short``: 'peak in backward (fwd 10.2 → bwd 12.0 → step 12.0 GiB)'."""
@@ -76,7 +69,7 @@ class StepPhases:
         labels = {"forward": "fwd", "backward": "bwd"} if short else {}
         parts = []
         for i, name in enumerate(names):
-            label = "step" if name == "optimizer" and i == len(names) - 1 else labels.get(name, name)
+            label = "step" if name == "optimizer" else labels.get(name, name)  # the last phase's is the step's
             size = fmt_bytes(self.peaks[name])
             if short and i < len(names) - 1 and size.split()[-1] == fmt_bytes(self.peaks[names[-1]]).split()[-1]:
                 size = size.split()[0]  # one unit for the whole line when they share it

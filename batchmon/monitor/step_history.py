@@ -170,7 +170,7 @@ class StepHistory:
         self.covered += step.steps
         self.steps += step.steps
         self._window = None
-        if step.peak_phase is not None or step.phase_peaks:  # a sampled step (most are not: one test, no call)
+        if step.peak_phase is not None or step.phase_peaks:  # a sampled step; the others cost only this test
             self._phases.pop(step.batch_size, None)
             self._phases[step.batch_size] = StepPhases(step.step, step.time, step.batch_size, step.peak_phase,
                                                        phase_peaks(step))
