@@ -508,6 +508,8 @@ class ReplaySource:
                 value += self._requests.pop()[1]  # keys pressed faster than the thread seeks add up
             elif kind == "to" and self._requests and self._requests[-1][0] in ("by", "to"):
                 self._requests.pop()  # a jump replaces the seek before it
+            elif kind == "clear" and self._requests and self._requests[-1][0] == "clear":
+                return  # `x` held down: one clear
             self._requests.append((kind, value))
         self._wake.set()
 
