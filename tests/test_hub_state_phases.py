@@ -120,7 +120,7 @@ def test_an_ended_run_keeps_its_last_phase_and_the_oom_post_mortem_says_it():
     assert agent.state == "oom" and agent.phases.step == 1
     text = format_table(snap, 140)
     ended = text[text.index("Ended runs"):]
-    assert "last sampled step 1: peak in backward (forward 10.2 GiB → backward 12.0 GiB → step 12.0 GiB)" in ended
+    assert "last sampled step 1 (batch 16): peak in backward (forward 10.2 GiB → backward 12.0 GiB → step 12.0 GiB)" in ended
     assert ended.index("last sampled step") < ended.index("post-mortem")
     assert snapshot_to_json(snap)["agents"][0]["peak_phase"] == "backward"
 

@@ -68,7 +68,7 @@ def test_an_ended_run_says_its_last_sampled_step():
     ended = dataclasses.replace(agent, state="ended", ended=end)
     view = views.job_view(dataclasses.replace(snap, agents=(ended,)), "k", [ended], WhatIfState(), Predictor())
     lines = [t.plain for t in ended_lines(view, "train.py", 80, "full")]
-    assert any(line.startswith("  last sampled step 37: peak in backward") and len(line) <= 80 for line in lines)
+    assert any(line.startswith("  last sampled step 37 (batch 16): peak in backward") and len(line) <= 80 for line in lines)
     assert not any("sampled" in t.plain for t in ended_lines(view, "train.py", 80, "compact"))
 
 

@@ -154,9 +154,10 @@ def ended_lines(v: JobView, command: str, width: int, level: str, *, focused: bo
         lines.extend(_wrapped(Text().append(f"  {end_summary(end)}", style=DIM), width))
     if level != "compact" and a.phases is not None:  # where a finished step of this run peaked, its last sampled
         ph = a.phases
-        text = f"  last sampled step {ph.step}: {ph.text()}"
+        which = f"  last sampled step {ph.step}" + (f" (batch {ph.batch_size})" if ph.batch_size is not None else "")
+        text = f"{which}: {ph.text()}"
         if len(text) > width:
-            text = f"  last sampled step {ph.step}: {ph.text(short=True)}"
+            text = f"{which}: {ph.text(short=True)}"
         line = Text(text, style=DIM)
         line.truncate(width, overflow="ellipsis")
         lines.append(line)

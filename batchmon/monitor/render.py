@@ -354,7 +354,9 @@ def _ended_lines(agent: AgentView, width: int) -> list[str]:
     lines.append(_fit(f"      {clean_text(end.text)}; {end.steps} step{'s' if end.steps != 1 else ''}, peak {peak}",
                       width))
     if agent.phases is not None:  # its last sampled step: where a finished step of this run peaked
-        lines.append(_fit(f"      last sampled step {agent.phases.step}: {agent.phases.text()}", width))
+        ph = agent.phases
+        batch = f" (batch {ph.batch_size})" if ph.batch_size is not None else ""
+        lines.append(_fit(f"      last sampled step {ph.step}{batch}: {ph.text()}", width))
     if agent.oom is not None and agent.state == "oom":
         lines += _oom_lines(agent.oom, width)
     return lines
