@@ -9,8 +9,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 import tui_fixtures as fx
 from batchmon import protocol, records
+from batchmon.monitor.hub_state import HubState
 from batchmon.monitor.replay import ReplayCursor, ReplaySource, read_recording
 from batchmon.protocol import Bye
 from batchmon.tui.app import BatchmonApp
@@ -135,3 +138,23 @@ async def test_x_in_the_replayed_monitor_clears_and_a_seek_back_shows_them_again
         await fx.wait_for(pilot, lambda: src.position().at_end and ended_pids(app.shown) == [4]
                           and "end of recording" in fx.screen_text(app))
         assert "ENDED" in fx.screen_text(app)
+
+
+@pytest.mark.parametrize("before", [None, "soon", True, float("nan"), [1]])
+def test_a_clear_record_without_a_usable_before_clears_every_ended_run(before):
+    state = HubState()
+    for pid, end in ((1, 5.0), (2, 50.0)):
+        state.ingest(agent_line(pid, make_hello(pid), 1.0))
+        state.ingest(agent_line(pid, Bye(reason="exit", time=end), end))
+    record = records.clear_ended(t=10.0) | ({} if before is None else {"before": before})
+    state.ingest(record)
+    assert state.snapshot(60.0).agents == () and not state.snapshot(60.0).warnings
+
+
+def test_a_clear_record_with_before_keeps_the_runs_that_ended_after_it():
+    state = HubState()
+    for pid, end in ((1, 5.0), (2, 50.0)):
+        state.ingest(agent_line(pid, make_hello(pid), 1.0))
+        state.ingest(agent_line(pid, Bye(reason="exit", time=end), end))
+    state.ingest(records.clear_ended(t=60.0) | {"before": 10.0})
+    assert [a.hello.pid for a in state.snapshot(60.0).agents] == [2]
