@@ -216,6 +216,25 @@ spy)
     done
   done
   ;;
+ab)
+  # issue 14: public scripts' own step times, plain vs `batchmon run`, alternating (bench/step_time_ab.py)
+  stage ab
+  python3 bench/step_time_ab.py --name nanogpt-compile --cwd .ext/nanoGPT --pattern 'time ([0-9.]+)ms' --skip 1 \
+    --runs ${ABRUNS:-3} --out $R/ab_nanogpt_compile.json -- python3 train.py config/train_shakespeare_char.py \
+    --max_iters=150 --eval_interval=1000 --eval_iters=2 --log_interval=10 2>&1 | tail -n 8
+  python3 bench/step_time_ab.py --name nanogpt-eager --cwd .ext/nanoGPT --pattern 'time ([0-9.]+)ms' --skip 1 \
+    --runs ${ABRUNS:-3} --out $R/ab_nanogpt_eager.json -- python3 train.py config/train_shakespeare_char.py \
+    --max_iters=150 --eval_interval=1000 --eval_iters=2 --log_interval=10 --compile=False 2>&1 | tail -n 8
+  ;;
+phaserec)
+  # issue 16 point 4: a real recording with the peak's phase (GPT and CNN examples side by side)
+  stage phaserec
+  record_start $R/tui_h200_peak_phase.jsonl
+  $T $BMCMD run -- python3 examples/train_gpt.py $GPTX --steps 80 --batch-size 16 > $R/phase_gpt.log 2>&1 & G=$!
+  $T $BMCMD run -- python3 examples/train_cnn.py $CNNX --steps 120 --batch-size 64 2>&1 | tail -n 3
+  wait $G; tail -n 3 $R/phase_gpt.log; sleep 1
+  record_stop
+  ;;
 patterns)
   # issue 12: the pattern corpus (tests/patterns/) on CUDA, plain and under `batchmon run`
   stage patterns
