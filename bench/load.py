@@ -21,6 +21,13 @@ Measured (the hub keeps the last 2000 steps per agent, so RSS grows until that h
   15 s to read any backlog before it is stopped).
 
 Writes $OUT/load.json (OUT defaults to ./out) and prints a summary. Exit code 0 when all targets hold.
+
+    python3 bench/load.py --serve DIR --agents 16 --rate 100 --coalesce --duration 120
+                                                         # only the peers, in socket folder DIR, for a monitor
+                                                         # started elsewhere (bench/ab_monitor.py) to watch
+
+--serve runs no hub: it prints "ready" once every peer listens and serves until --duration ends or it gets
+SIGTERM/SIGINT, then stops its workers (and their ``sleep`` children) before it exits.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import os
 import platform
 import selectors
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -282,6 +290,55 @@ class Watch:
         return None
 
 
+def serve(args: argparse.Namespace) -> int:
+    """--serve DIR: the peers alone, listening in DIR, until the duration ends or a signal; no hub here."""
+    sockdir = protocol.ensure_socket_dir(Path(args.serve))
+    workers = args.workers or min(8, args.agents)
+    ctx = mp.get_context("fork")
+    ready, results = ctx.Queue(), ctx.Queue()
+    stop, close = ctx.Event(), ctx.Event()
+    procs = []
+    ended = {"signal": False}
+
+    def on_signal(signum: int, frame: object) -> None:
+        ended["signal"] = True
+
+    old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    share = [args.agents // workers + (1 if i < args.agents % workers else 0) for i in range(workers)]
+    try:
+        first = 0
+        for n in share:
+            if n:
+                p = ctx.Process(target=_peer, args=(str(sockdir), first, n, args.rate, args.duration, ready,
+                                                     results, stop, close, args.prefill, args.coalesce), daemon=True)
+                p.start()
+                procs.append(p)
+                first += n
+        pids = [pid for _ in procs for pid in ready.get(timeout=60)]
+        print(f"ready {len(pids)} agents in {sockdir}: {' '.join(map(str, pids))}", flush=True)
+        end = time.monotonic() + args.duration
+        while not ended["signal"] and time.monotonic() < end:
+            time.sleep(0.1)
+    finally:
+        stop.set()
+        close.set()
+        sent = 0
+        for _ in procs:
+            try:
+                sent += sum(results.get(timeout=30)["steps"])
+            except Exception:  # noqa: BLE001 - a worker that died reports nothing; it is joined below
+                pass
+        for p in procs:
+            p.join(10)
+            if p.is_alive():
+                p.kill()
+                p.join()
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+    print(f"served {args.agents} agents, {sent} steps sent", flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--agents", type=int, default=64)
@@ -300,10 +357,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="the peers send what the real agent sends: windows of steps (batchmon.agent.coalesce), "
                          "not one message per step (issue 14: 64 agents at 1000 steps/s)")
     ap.add_argument("--p99", type=float, default=0.5, help="the step-to-snapshot p99 target in seconds (default 0.5)")
+    ap.add_argument("--serve", metavar="DIR",
+                    help="run only the peers, listening in socket folder DIR, for a monitor started elsewhere")
     args = ap.parse_args(argv)
     if args.agents < 1 or args.rate <= 0 or args.duration <= 0:
         print("load.py: --agents, --rate and --duration must be positive", file=sys.stderr)
         return 2
+    if args.serve:
+        return serve(args)
     from batchmon.monitor.hub import Hub
 
     out = Path(os.environ.get("OUT", "out"))
