@@ -607,8 +607,9 @@ def _overhead(model: Any, r: dict[str, Any], real: int, cap: int) -> dict[str, A
     to spare (the cap - the measured peak)."""
     at = next((t for t in r.get("trials", []) if t["ok"] and t["batch"] == real), None)
     central = model.predict(WhatIf(batch_size=real), device_total=cap + model.context)
-    out: dict[str, Any] = {"model_cache": model.cache, "model_margin": central.margin,
-                           "model_overhead": model.cache + central.margin}
+    cache = central.components["cache"]  # the allocator's cache the model predicts there (on this device)
+    out: dict[str, Any] = {"model_cache": cache, "model_margin": central.margin,
+                           "model_overhead": cache + central.margin}
     if at and at.get("peak_allocated") is not None:
         out["spare_at_real"] = cap - at["peak_allocated"]
         if at.get("reserved") is not None:

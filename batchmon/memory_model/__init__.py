@@ -42,24 +42,26 @@ The fit (documented rules, each chosen for what it predicts, not for convenience
   ``device_used`` while its pool held at least the parameters, so ``device_used - parameters`` bounds the
   context from above and is taken (the safe side; the basis says so). 0 when not measured at all.
 
-Margin (bytes kept free on top of the predicted total, all from measurements):
+Cache and margin at the limit (all from measurements):
 
-* fragmentation growth: the allocator wasted ``phi = cache / peak_allocated`` of its pool at the observed
-  batch size. Most of that is whole cached segments, which the allocator frees and retries with when a
-  cudaMalloc fails (num_alloc_retries), so it does not scale up to the limit: on the H200 (run 1) the
-  allocator kept 4-14% of its pool cached at the small observed batches and at batch 900-4000 in the middle of
-  the range, yet at the OOM boundary every architecture reached within 0.8-1.4 GiB of the device (context
-  included). What survives the flush is the free space inside segments that still hold live blocks; its
-  measured share of the proportional estimate, ``FRAG_SURVIVAL``, is derived from the run-1 boundary trials
-  by ``bench/recalibrate_margin.py --derive`` (the largest share over the four architectures, doubled for
-  safety as it rests on one run; see FRAG_SURVIVAL). The term is
-  ``FRAG_SURVIVAL * phi * max(0, peak(B) - peak(B_observed))``: it still rises with the measured
-  fragmentation and vanishes at the observed batch, where the measured cache is all.
-* growth of reserved over the steady steps at one batch size (fragmentation still creeping): added once.
-* allocation retries: num_alloc_retries is cumulative for the process, so only its increase across the
-  observed steps counts (a process that ran out earlier, e.g. a finder's OOM trials, reports old retries).
-  An increase means the allocator already had to flush its cache to satisfy a step at the observed batch, so
-  the measured cache understates what it wants; the cache is added once more.
+* fragmentation: the allocator held ``phi = cache / peak allocated`` of its pool free at the observed batch.
+  Most of that is whole cached segments, which the caching allocator gives back when a cudaMalloc would fail
+  (it frees its cached blocks and retries before raising: num_alloc_retries), so the measured cache is not
+  kept at the limit as such (zoo: GPT-2, BERT, EfficientNet had 140-370 MiB to spare at their real
+  boundaries where the cache measured at the small batch was 0.7-1.2 GiB). What survives is the free space
+  inside segments that still hold live blocks, and it grows with the pool (zoo: UNet and the GRU seq2seq, with
+  the largest phi, ran out with ~2 GiB free of 24). So at batch B the model keeps ``FRAG_SURVIVAL * phi *
+  peak(B)`` free; FRAG_SURVIVAL (0.20) is the smallest two-digit share above what any of the 15 OOM boundaries
+  recorded on the H200 left room for (UNet 0.197; bench/recalibrate_margin.py --derive / --project-zoo). The
+  predicted ``cache`` component at B on a device is the measured cache, shrunk to the room left near the
+  limit but never below that fragmentation; without a device, the measured cache. A batch fits when peak +
+  context + fragmentation + margin <= device.
+* ``margin`` (Prediction.margin, bytes kept free on top of the cache): growth of reserved over the steady steps
+  at one batch size (fragmentation still creeping), added once; allocation retries: num_alloc_retries is
+  cumulative for the process, so only its increase across the observed steps counts (a process that ran out
+  earlier, e.g. a finder's OOM trials, reports old retries). An increase means the allocator already had to
+  flush its cache to satisfy a step at the observed batch, so the measured cache understates what it wants;
+  the cache is added once more.
 
 The band (``Prediction.band``: low = the central fit, high = what the observations cannot rule out):
 
@@ -138,6 +140,6 @@ from batchmon.memory_model.advisor import Advice, advice_for, advice_json, advic
 
 __all__ = ["Advice", "advice_for", "advice_json", "advice_text", "advise",
            "Band", "Basis", "CURVATURE_TOLERANCE", "DEFAULT_CHECKPOINT_LAYERS", "FAR_EXTRAPOLATION", "FIXED",
-           "FRAG_SURVIVAL", "INTERCEPT_SHARE", "Line", "MemoryModel", "OPTIMIZER_STATES", "Observation", "PER_SAMPLE", "ParamLayout",
-           "Prediction", "SavedSplit", "WhatIf", "apply_what_if", "fit", "fit_line", "optimizer_kind",
+           "FRAG_SURVIVAL", "INTERCEPT_SHARE", "Line", "MemoryModel", "OPTIMIZER_STATES", "Observation", "PER_SAMPLE",
+           "ParamLayout", "Prediction", "SavedSplit", "WhatIf", "apply_what_if", "fit", "fit_line", "optimizer_kind",
            "predict_from_steps"]

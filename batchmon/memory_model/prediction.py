@@ -75,7 +75,8 @@ class Prediction:
     max_batch: int | None  # largest batch that fits the device (from the band's high side), None when unknown
     device_total: int | None
     headroom: int | None  # device_total - margin - band.high at batch_size; negative: will not fit
-    margin: int  # bytes kept free, derived from measured fragmentation, retries and context
+    margin: int  # bytes kept free beyond the cache: measured reserved growth and retries (the fragmentation kept free
+    # at the limit is in components["cache"]), or the margin given
     basis_fields: Basis  # which observations this rests on, and every assumption made
     band: Band | None = None  # total's low/high at batch_size; None: low == high == total
     max_batch_central: int | None = None  # the largest batch of the central fit (>= max_batch)
