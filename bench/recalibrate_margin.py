@@ -125,9 +125,12 @@ def main(argv: list[str] | None = None) -> int:
             lo, hi = row["phi"]
             ratios = "-".join(f"{b / row['real']:.3f}" for b in sorted(set(row["projected"])))
             above = above or (max(row["projected"]) > row["real"] and not row["conservative"])
-            note = " (band: the high side decides, not projected)" if row["conservative"] else ""
+            if row["conservative"]:  # the recorded answer came from the band's high side: phi is not recoverable
+                print(f"| {row['arch']} | - | - | {row['recorded']} | not projected (the band's high side decided) "
+                      f"| {row['real']} | - |")
+                continue
             print(f"| {row['arch']} | {lo:.3f}-{hi:.3f} | {row['needed_share']:.3f} | {row['recorded']} | "
-                  f"{'-'.join(str(b) for b in sorted(set(row['projected'])))}{note} | {row['real']} | {ratios} |")
+                  f"{'-'.join(str(b) for b in sorted(set(row['projected'])))} | {row['real']} | {ratios} |")
         top = max(r["needed_share"] for r in rows if not r["conservative"])
         print(f"\nlargest share needed {top:.4f}; rounded up to 2 digits: {math.ceil(top * 100) / 100:.2f}")
         return 1 if above else 0
