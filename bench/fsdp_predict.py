@@ -24,6 +24,9 @@ Usage (from the repo root, PYTHONPATH with the checkout as bench/h200_run.sh lay
     python3 bench/fsdp_predict.py --out $OUT/fsdp_predict_h200_x2.json        # 2 GPUs, ~3-4 minutes
     python3 bench/fsdp_predict.py --cpu-smoke --out /tmp/fsdp.json            # 2 gloo processes on the CPU
 
+Over 400 lines: the rank side, the session driver that survives a rank's out-of-memory error, the bisection and the
+comparison belong to one experiment and are read together.
+
 JSON: {model, world_size, points: [{batch, predicted_peak, measured_peak}], predicted_max_batch,
 real_max_batch, what_if_from_unsharded: {...}, ranks: [...per-rank detail...], ...}. ``predicted_peak`` and
 ``measured_peak`` are the largest over the ranks (each rank's are under ``ranks``). With --cpu-smoke the

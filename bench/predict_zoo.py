@@ -25,7 +25,8 @@ Everything a later model change needs is recorded: the observed steps as the age
 refits on them without a GPU), each trial's allocator figures (reserved and inactive split bytes at the boundary:
 what the margin must cover), the peak of each phase of a step at the observed batch sizes (forward,
 backward, optimizer: for a phase-wise fit), and step times (plain, 2 and 4 accumulation micro-batches, each what-if) at one
-batch: the advisor's step-time factors measured on the device. With --cpu-smoke the "peak" is the sum of measured components on a fake device
+batch: the advisor's step-time factors measured on the device. Over 400 lines: one runner for eleven architectures, their what-ifs and timings (the models are in
+bench/zoo_models.py, the offline half - reevaluate, merge, the table - in bench/zoo_offline.py). With --cpu-smoke the "peak" is the sum of measured components on a fake device
 (SmokeDevice), so its figures say nothing about a real allocator.
 """
 
@@ -51,6 +52,8 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from batchmon.memory_model import SavedSplit, WhatIf, fit  # noqa: E402
+from zoo_models import HFLogits, GRUSeq2Seq, LSTMLM, UNet  # noqa: E402
+from zoo_offline import exact_boundary, markdown, merge, reevaluate, reevaluation_text  # noqa: E402,F401 - CLI, tests
 from predict_accuracy import (GPT, OOM_LIKE, Arch, CudaDevice, Runner, SmokeDevice, observe_with_agent,  # noqa: E402
                               pct)
 
@@ -63,81 +66,6 @@ TRIAL_FIELDS = ("batch", "ok", "peak_allocated", "reserved", "inactive_split_pea
 #: timed steps per measurement (after one warm-up step) for the measured step-time factors
 TIMED_STEPS = 3
 ACCUMULATION_TIMED = (2, 4)  # the whole run, leaving time to write the results inside the coordinator's 9 minutes
-
-
-# ----------------------------------------------------------------------------------------------- small models
-
-
-class LSTMLM(nn.Module):
-    """word_language_model's LSTM: embedding, 2-layer LSTM (batch_first), linear decoder to the vocabulary."""
-
-    def __init__(self, vocab: int, hidden: int, layers: int = 2) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(vocab, hidden)
-        self.rnn = nn.LSTM(hidden, hidden, layers, batch_first=True)
-        self.out = nn.Linear(hidden, vocab)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out(self.rnn(self.emb(x))[0])
-
-
-class GRUSeq2Seq(nn.Module):
-    """GRU encoder-decoder with teacher forcing; x packs source and decoder input along the sequence."""
-
-    def __init__(self, vocab: int, hidden: int, src_len: int) -> None:
-        super().__init__()
-        self.src_len = src_len
-        self.emb = nn.Embedding(vocab, hidden)
-        self.enc = nn.GRU(hidden, hidden, batch_first=True)
-        self.dec = nn.GRU(hidden, hidden, batch_first=True)
-        self.out = nn.Linear(hidden, vocab)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _, h = self.enc(self.emb(x[:, :self.src_len]))
-        y, _ = self.dec(self.emb(x[:, self.src_len:]), h)
-        return self.out(y)
-
-
-class UNet(nn.Module):
-    """A small UNet: conv blocks down with max-pooling, up with transposed convs and skip concatenation."""
-
-    def __init__(self, base: int, depth: int = 4, classes: int = 2) -> None:
-        super().__init__()
-
-        def block(cin: int, cout: int) -> nn.Module:
-            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(),
-                                 nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
-
-        chans = [base * 2**i for i in range(depth + 1)]
-        self.down = nn.ModuleList([block(3, chans[0])] + [block(chans[i], chans[i + 1]) for i in range(depth)])
-        self.up = nn.ModuleList(nn.ConvTranspose2d(chans[i + 1], chans[i], 2, stride=2) for i in reversed(range(depth)))
-        self.merge = nn.ModuleList(block(2 * chans[i], chans[i]) for i in reversed(range(depth)))
-        self.head = nn.Conv2d(chans[0], classes, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        skips = []
-        for i, down in enumerate(self.down):
-            x = down(x if i == 0 else F.max_pool2d(x, 2))
-            skips.append(x)
-        skips.pop()
-        for up, merge in zip(self.up, self.merge, strict=True):
-            x = merge(torch.cat([up(x), skips.pop()], dim=1))
-        return self.head(x)
-
-
-class HFLogits(nn.Module):
-    """A Hugging Face model called as model(x) -> logits (the bench's Runner calls model(x)). For an
-    encoder-decoder, x packs the encoder input and the decoder input along the sequence."""
-
-    def __init__(self, model: nn.Module, src_len: int | None = None) -> None:
-        super().__init__()
-        self.model = model
-        self.src_len = src_len
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.src_len is None:
-            return self.model(input_ids=x).logits
-        return self.model(input_ids=x[:, :self.src_len], decoder_input_ids=x[:, self.src_len:]).logits
 
 
 # ----------------------------------------------------------------------------------------------- the zoo
@@ -549,164 +477,6 @@ def run_entry(entry: Entry, dev: Any, deadline: float, smoke: bool) -> dict[str,
     return result
 
 
-# ----------------------------------------------------------------------------------------------- offline
-
-
-def exact_boundary(trials: list[dict[str, Any]]) -> int | None:
-    """The largest batch that ran below the smallest that ran out of memory (None without a failing trial)."""
-    fails = [t["batch"] for t in trials if not t["ok"]]
-    if not fails:
-        return None
-    ok = [t["batch"] for t in trials if t["ok"] and t["batch"] < min(fails)]
-    return max(ok, default=0)
-
-
-def reevaluate(doc: dict[str, Any]) -> list[dict[str, Any]]:
-    """Refit the current memory model on each architecture's recorded observation (no GPU) and compare its
-    largest batch, plain and per what-if, with the real one the run measured. Results recorded before the
-    observation was kept (no ``observed_steps``) are listed with ``skipped``."""
-    from batchmon.protocol import Step
-
-    rows: list[dict[str, Any]] = []
-    for r in doc.get("results", []):
-        if "observed_steps" not in r:
-            rows.append({"arch": r["arch"], "skipped": "no recorded observation (an older run)"})
-            continue
-        steps = [Step.from_dict(d) for d in r["observed_steps"]]
-        split = SavedSplit(**r["saved_split"]) if r.get("saved_split") else None
-        model = fit(steps, optimizer=r.get("optimizer"), amp=bool(r.get("amp")))
-        derived_model = fit(steps, optimizer=r.get("optimizer"), amp=bool(r.get("amp")), saved_split=split) \
-            if split is not None else None
-        if model is None:
-            rows.append({"arch": r["arch"], "skipped": "no usable step"})
-            continue
-        device_total = doc["emulated_device_memory"] + model.context
-        real = exact_boundary(r.get("trials", [])) or r["real_max_batch"]
-        pred = model.max_batch(device_total) or 0
-        row: dict[str, Any] = {"arch": r["arch"], "predicted": pred, "recorded": r["predicted_max_batch"],
-                               "real": real, "ratio": pred / real if real else None, "what_ifs": [],
-                               "overhead": _overhead(model, r, real, doc["emulated_device_memory"])}
-        for w in r.get("what_ifs", []):
-            if "spec" not in w or not w.get("real_max_batch"):
-                continue
-            spec = WhatIf(amp=w["spec"]["amp"], checkpointing=w["spec"]["checkpointing"],
-                          checkpoint_layers=w["spec"]["checkpoint_layers"])
-            wpred = model.max_batch(device_total, spec) or 0
-            wreal = exact_boundary(w.get("trial_log", [])) or w["real_max_batch"]
-            derived = derived_model.max_batch(device_total, spec) if derived_model is not None else None
-            row["what_ifs"].append({"what_if": w["what_if"], "predicted": wpred, "recorded": w["predicted_max_batch"],
-                                    "real": wreal, "ratio": wpred / wreal, "derived": derived})
-        rows.append(row)
-    return rows
-
-
-def _overhead(model: Any, r: dict[str, Any], real: int, cap: int) -> dict[str, Any]:
-    """What the margin must cover, for deriving it: the model's cache + margin at the real largest batch against
-    what the allocator really held above its peak there (reserved - peak, from a clean allocator) and its
-    inactive split bytes (free space inside live segments, which a retry cannot release); and what the run had
-    to spare (the cap - the measured peak)."""
-    at = next((t for t in r.get("trials", []) if t["ok"] and t["batch"] == real), None)
-    central = model.predict(WhatIf(batch_size=real), device_total=cap + model.context)
-    cache = central.components["cache"]  # the allocator's cache the model predicts there (on this device)
-    out: dict[str, Any] = {"model_cache": cache, "model_margin": central.margin,
-                           "model_overhead": cache + central.margin}
-    if at and at.get("peak_allocated") is not None:
-        out["spare_at_real"] = cap - at["peak_allocated"]
-        if at.get("reserved") is not None:
-            out["real_cache_at_real"] = at["reserved"] - at["peak_allocated"]
-        out["inactive_split_at_real"] = at.get("inactive_split_peak")
-    observed = [a.get("inactive_split_peak") for a in r.get("observed_allocator") or [] if a]
-    out["observed_inactive_split"] = max((v for v in observed if v is not None), default=None)
-    return out
-
-
-def merge(docs: list[dict[str, Any]]) -> dict[str, Any]:
-    """One results document from several device calls: the first's header, every call's results in order,
-    ``runs`` naming each call's architectures and seconds. Refuses calls on another device or emulation."""
-    first = docs[0]
-    for d in docs[1:]:
-        if (d["device"], d["emulated_device_memory"]) != (first["device"], first["emulated_device_memory"]):
-            raise SystemExit("predict_zoo: --merge needs results from the same device and emulated size")
-    merged = {k: v for k, v in first.items() if k not in ("results", "seconds", "runs")}
-    merged["runs"] = [{"archs": [r["arch"] for r in d["results"]], "seconds": d.get("seconds")} for d in docs]
-    merged["seconds"] = round(sum(d.get("seconds") or 0 for d in docs), 1)
-    merged["results"] = [r for d in docs for r in d["results"]]
-    merged["note"] = f"{len(docs)} device calls of bench/predict_zoo.py --arch ..., same code, same emulated device"
-    return merged
-
-
-def reevaluation_text(rows: list[dict[str, Any]]) -> tuple[str, bool]:
-    """The re-evaluation as a table, and whether every prediction is at or below the real largest batch."""
-    lines = ["| arch | predicted now (recorded) | real | pred/real |", "|---|---:|---:|---:|"]
-    safe = True
-    for row in rows:
-        if "skipped" in row:
-            lines.append(f"| {row['arch']} | {row['skipped']} | | |")
-            continue
-        for name, x in [(row["arch"], row), *((f"{row['arch']}: {w['what_if']}", w) for w in row["what_ifs"])]:
-            above = x["real"] is not None and x["predicted"] > x["real"]
-            safe = safe and not above
-            ratio = "-" if x["ratio"] is None else f"{x['ratio']:.3f}"
-            derived = x.get("derived")
-            note = "" if derived is None else f"; derived from the split: {derived}" + (
-                " (above real)" if x["real"] is not None and derived > x["real"] else "")
-            lines.append(f"| {name} | {x['predicted']} ({x['recorded']}) | {x['real']} | "
-                         f"{ratio}{' **above**' if above else ''}{note} |")
-    mib = 2**20
-
-    def m(v: Any) -> str:
-        return "-" if v is None else f"{v / mib:.0f}"
-
-    lines += ["", "margin: what the model keeps above the peak at the real largest batch vs what the allocator held "
-                  "(MiB)", "", "| arch | model cache | model margin | model total | real reserved - peak | "
-                  "inactive split there | spare below the cap | inactive split observed |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for row in rows:
-        o = row.get("overhead")
-        if o:
-            lines.append(f"| {row['arch']} | {m(o['model_cache'])} | {m(o['model_margin'])} | "
-                         f"{m(o['model_overhead'])} | {m(o.get('real_cache_at_real'))} | "
-                         f"{m(o.get('inactive_split_at_real'))} | {m(o.get('spare_at_real'))} | "
-                         f"{m(o.get('observed_inactive_split'))} |")
-    return "\n".join(lines) + "\n", safe
-
-
-# ----------------------------------------------------------------------------------------------- report
-
-
-def markdown(doc: dict[str, Any]) -> str:
-    """The README table: one row per architecture, then one per what-if."""
-    lines = [f"Device: {doc['device']}, emulated {doc['emulated_device_memory'] / GIB:.0f} GiB "
-             f"({doc['emulation']}); torch {doc['torch']}; {doc['seconds']} s.", "",
-             "| arch | observed | peak error mean % | worst % | predicted largest batch | real | pred/real | "
-             "OOM at prediction | conservative |", "|---|---|---:|---:|---:|---:|---:|---|---|"]
-
-    def f(x: float | None, spec: str = ".2f") -> str:
-        return "-" if x is None else format(x, spec)
-
-    for r in doc["results"]:
-        if r.get("skipped") or r.get("error"):
-            lines.append(f"| {r['arch']} | {r.get('skipped') or r.get('error')} | | | | | | | |")
-            continue
-        oom = {True: "no", False: "**yes**", None: "-"}[r.get("ok_at_predicted")]
-        lines.append(f"| {r['arch']} | {', '.join(map(str, r['observed']))} | {f(r['mean_error_pct'])} | "
-                     f"{f(r['worst_error_pct'])} | {r['predicted_max_batch']} | {r['real_max_batch']}"
-                     f"{'' if r.get('exact', True) else ' (±1%)'} | {f(r['max_batch_ratio'], '.3f')} | {oom} | "
-                     f"{'yes' if r.get('conservative') else 'no'} |")
-    whatifs = [(r["arch"], w) for r in doc["results"] for w in r.get("what_ifs", []) if "skipped" not in w]
-    if whatifs:
-        lines += ["", "| what-if (from the observed run) | predicted largest batch | real | pred/real | "
-                      "OOM at prediction | derived from the measured split (not yet used) | step time vs plain |",
-                  "|---|---:|---:|---:|---|---:|---:|"]
-        for arch, w in whatifs:
-            oom = {True: "no", False: "**yes**", None: "-"}[w.get("ok_at_predicted")]
-            factor = (w.get("timing") or {}).get("factor")
-            derived = w.get("predicted_max_batch_derived")
-            above = derived is not None and w.get("real_max_batch") is not None and derived > w["real_max_batch"]
-            lines.append(f"| {arch}: {w['what_if']} | {w['predicted_max_batch']} | {w['real_max_batch']} | "
-                         f"{f(w.get('ratio'), '.3f')} | {oom} | {'-' if derived is None else derived}"
-                         f"{' **above real**' if above else ''} | {f(factor, '.2f')} |")
-    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,172 @@
+"""bench/predict_zoo.py's offline half (no torch, no GPU): refit the current memory model on a results file's
+recorded observations (``--reevaluate``), merge the results of several device calls (``--merge``), and write
+the README table (``--markdown``). Split from predict_zoo.py so that file stays a runner."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # batchmon from the checkout
+
+from batchmon.memory_model import SavedSplit, WhatIf, fit  # noqa: E402
+
+GIB = 2**30
+
+
+def exact_boundary(trials: list[dict[str, Any]]) -> int | None:
+    """The largest batch that ran below the smallest that ran out of memory (None without a failing trial)."""
+    fails = [t["batch"] for t in trials if not t["ok"]]
+    if not fails:
+        return None
+    ok = [t["batch"] for t in trials if t["ok"] and t["batch"] < min(fails)]
+    return max(ok, default=0)
+
+
+def reevaluate(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """Refit the current memory model on each architecture's recorded observation (no GPU) and compare its
+    largest batch, plain and per what-if, with the real one the run measured. Results recorded before the
+    observation was kept (no ``observed_steps``) are listed with ``skipped``."""
+    from batchmon.protocol import Step
+
+    rows: list[dict[str, Any]] = []
+    for r in doc.get("results", []):
+        if "observed_steps" not in r:
+            rows.append({"arch": r["arch"], "skipped": "no recorded observation (an older run)"})
+            continue
+        steps = [Step.from_dict(d) for d in r["observed_steps"]]
+        split = SavedSplit(**r["saved_split"]) if r.get("saved_split") else None
+        model = fit(steps, optimizer=r.get("optimizer"), amp=bool(r.get("amp")))
+        derived_model = fit(steps, optimizer=r.get("optimizer"), amp=bool(r.get("amp")), saved_split=split) \
+            if split is not None else None
+        if model is None:
+            rows.append({"arch": r["arch"], "skipped": "no usable step"})
+            continue
+        device_total = doc["emulated_device_memory"] + model.context
+        real = exact_boundary(r.get("trials", [])) or r["real_max_batch"]
+        pred = model.max_batch(device_total) or 0
+        row: dict[str, Any] = {"arch": r["arch"], "predicted": pred, "recorded": r["predicted_max_batch"],
+                               "real": real, "ratio": pred / real if real else None, "what_ifs": [],
+                               "overhead": _overhead(model, r, real, doc["emulated_device_memory"])}
+        for w in r.get("what_ifs", []):
+            if "spec" not in w or not w.get("real_max_batch"):
+                continue
+            spec = WhatIf(amp=w["spec"]["amp"], checkpointing=w["spec"]["checkpointing"],
+                          checkpoint_layers=w["spec"]["checkpoint_layers"])
+            wpred = model.max_batch(device_total, spec) or 0
+            wreal = exact_boundary(w.get("trial_log", [])) or w["real_max_batch"]
+            derived = derived_model.max_batch(device_total, spec) if derived_model is not None else None
+            row["what_ifs"].append({"what_if": w["what_if"], "predicted": wpred, "recorded": w["predicted_max_batch"],
+                                    "real": wreal, "ratio": wpred / wreal, "derived": derived})
+        rows.append(row)
+    return rows
+
+
+def _overhead(model: Any, r: dict[str, Any], real: int, cap: int) -> dict[str, Any]:
+    """What the margin must cover, for deriving it: the model's cache + margin at the real largest batch against
+    what the allocator really held above its peak there (reserved - peak, from a clean allocator) and its
+    inactive split bytes (free space inside live segments, which a retry cannot release); and what the run had
+    to spare (the cap - the measured peak)."""
+    at = next((t for t in r.get("trials", []) if t["ok"] and t["batch"] == real), None)
+    central = model.predict(WhatIf(batch_size=real), device_total=cap + model.context)
+    cache = central.components["cache"]  # the allocator's cache the model predicts there (on this device)
+    out: dict[str, Any] = {"model_cache": cache, "model_margin": central.margin,
+                           "model_overhead": cache + central.margin}
+    if at and at.get("peak_allocated") is not None:
+        out["spare_at_real"] = cap - at["peak_allocated"]
+        if at.get("reserved") is not None:
+            out["real_cache_at_real"] = at["reserved"] - at["peak_allocated"]
+        out["inactive_split_at_real"] = at.get("inactive_split_peak")
+    observed = [a.get("inactive_split_peak") for a in r.get("observed_allocator") or [] if a]
+    out["observed_inactive_split"] = max((v for v in observed if v is not None), default=None)
+    return out
+
+
+def merge(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One results document from several device calls: the first's header, every call's results in order,
+    ``runs`` naming each call's architectures and seconds. Refuses calls on another device or emulation."""
+    first = docs[0]
+    for d in docs[1:]:
+        if (d["device"], d["emulated_device_memory"]) != (first["device"], first["emulated_device_memory"]):
+            raise SystemExit("predict_zoo: --merge needs results from the same device and emulated size")
+    merged = {k: v for k, v in first.items() if k not in ("results", "seconds", "runs")}
+    merged["runs"] = [{"archs": [r["arch"] for r in d["results"]], "seconds": d.get("seconds")} for d in docs]
+    merged["seconds"] = round(sum(d.get("seconds") or 0 for d in docs), 1)
+    merged["results"] = [r for d in docs for r in d["results"]]
+    merged["note"] = f"{len(docs)} device calls of bench/predict_zoo.py --arch ..., same code, same emulated device"
+    return merged
+
+
+def reevaluation_text(rows: list[dict[str, Any]]) -> tuple[str, bool]:
+    """The re-evaluation as a table, and whether every prediction is at or below the real largest batch."""
+    lines = ["| arch | predicted now (recorded) | real | pred/real |", "|---|---:|---:|---:|"]
+    safe = True
+    for row in rows:
+        if "skipped" in row:
+            lines.append(f"| {row['arch']} | {row['skipped']} | | |")
+            continue
+        for name, x in [(row["arch"], row), *((f"{row['arch']}: {w['what_if']}", w) for w in row["what_ifs"])]:
+            above = x["real"] is not None and x["predicted"] > x["real"]
+            safe = safe and not above
+            ratio = "-" if x["ratio"] is None else f"{x['ratio']:.3f}"
+            derived = x.get("derived")
+            note = "" if derived is None else f"; derived from the split: {derived}" + (
+                " (above real)" if x["real"] is not None and derived > x["real"] else "")
+            lines.append(f"| {name} | {x['predicted']} ({x['recorded']}) | {x['real']} | "
+                         f"{ratio}{' **above**' if above else ''}{note} |")
+    mib = 2**20
+
+    def m(v: Any) -> str:
+        return "-" if v is None else f"{v / mib:.0f}"
+
+    lines += ["", "margin: what the model keeps above the peak at the real largest batch vs what the allocator held "
+                  "(MiB)", "", "| arch | model cache | model margin | model total | real reserved - peak | "
+                  "inactive split there | spare below the cap | inactive split observed |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        o = row.get("overhead")
+        if o:
+            lines.append(f"| {row['arch']} | {m(o['model_cache'])} | {m(o['model_margin'])} | "
+                         f"{m(o['model_overhead'])} | {m(o.get('real_cache_at_real'))} | "
+                         f"{m(o.get('inactive_split_at_real'))} | {m(o.get('spare_at_real'))} | "
+                         f"{m(o.get('observed_inactive_split'))} |")
+    return "\n".join(lines) + "\n", safe
+
+
+# ----------------------------------------------------------------------------------------------- report
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    """The README table: one row per architecture, then one per what-if."""
+    lines = [f"Device: {doc['device']}, emulated {doc['emulated_device_memory'] / GIB:.0f} GiB "
+             f"({doc['emulation']}); torch {doc['torch']}; {doc['seconds']} s.", "",
+             "| arch | observed | peak error mean % | worst % | predicted largest batch | real | pred/real | "
+             "OOM at prediction | conservative |", "|---|---|---:|---:|---:|---:|---:|---|---|"]
+
+    def f(x: float | None, spec: str = ".2f") -> str:
+        return "-" if x is None else format(x, spec)
+
+    for r in doc["results"]:
+        if r.get("skipped") or r.get("error"):
+            lines.append(f"| {r['arch']} | {r.get('skipped') or r.get('error')} | | | | | | | |")
+            continue
+        oom = {True: "no", False: "**yes**", None: "-"}[r.get("ok_at_predicted")]
+        lines.append(f"| {r['arch']} | {', '.join(map(str, r['observed']))} | {f(r['mean_error_pct'])} | "
+                     f"{f(r['worst_error_pct'])} | {r['predicted_max_batch']} | {r['real_max_batch']}"
+                     f"{'' if r.get('exact', True) else ' (±1%)'} | {f(r['max_batch_ratio'], '.3f')} | {oom} | "
+                     f"{'yes' if r.get('conservative') else 'no'} |")
+    whatifs = [(r["arch"], w) for r in doc["results"] for w in r.get("what_ifs", []) if "skipped" not in w]
+    if whatifs:
+        lines += ["", "| what-if (from the observed run) | predicted largest batch | real | pred/real | "
+                      "OOM at prediction | derived from the measured split (not yet used) | step time vs plain |",
+                  "|---|---:|---:|---:|---|---:|---:|"]
+        for arch, w in whatifs:
+            oom = {True: "no", False: "**yes**", None: "-"}[w.get("ok_at_predicted")]
+            factor = (w.get("timing") or {}).get("factor")
+            derived = w.get("predicted_max_batch_derived")
+            above = derived is not None and w.get("real_max_batch") is not None and derived > w["real_max_batch"]
+            lines.append(f"| {arch}: {w['what_if']} | {w['predicted_max_batch']} | {w['real_max_batch']} | "
+                         f"{f(w.get('ratio'), '.3f')} | {oom} | {'-' if derived is None else derived}"
+                         f"{' **above real**' if above else ''} | {f(factor, '.2f')} |")
+    return "\n".join(lines) + "\n"
