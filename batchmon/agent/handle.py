@@ -486,7 +486,6 @@ class AgentHandle:
         self._out.step(step)
         for event in events:
             self._publish_event(event)
-        patches.take_oom_requested()  # an allocation failure someone caught and survived is not the next OOM's size
 
     # -------------------------------------------------------------------------------------------- OOM
 

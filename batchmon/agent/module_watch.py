@@ -141,8 +141,9 @@ class ModuleWatch:
         meter = self._owner._meter
         try:
             meter.crit_depth += 1
-            if meter.crit_depth > 1 or meter.root_depth > 0 or not meter.step_open or not torch.is_grad_enabled():
-                return
+            if meter.crit_depth > 1 or meter.root_depth > 0 or not meter.step_open or meter.batch_carried \
+                    or not torch.is_grad_enabled():
+                return  # (a carried step: the targets are the last step's, StepMeter.begin_forward)
             meter.add_targets(tensors_in((args, kwargs) if kwargs else args, depth=4))
         except Exception as exc:  # noqa: BLE001
             self._owner._fail(exc)

@@ -177,6 +177,9 @@ class StepMeter:
         self._figures: CudaFigures | None = None  # the allocator's figures as last read
         self._figures_t = 0.0  # perf_counter of that read
         self._last_batch_size: int | None = None  # of the last step (a change resets the allocator's peak)
+        self._carried_batch: tuple[tuple[Any, ...], int] | None = None  # (inputs' signature, the step's batch bytes)
+        self._step_sig: tuple[Any, ...] | None = None  # the open step's first forward's inputs, if plain tensors
+        self.batch_carried = False  # the open step's batch bytes are the last step's (same inputs, not sampled)
         self.phases = PhaseTracker(self._running_peak)  # where a sampled step's peak was reached
         self._carry_peak = 0  # the peak of unread steps, read when a sampled step reset it for its phases
 
@@ -301,6 +304,8 @@ class StepMeter:
             self.counter_for_group().push()
 
     def add_targets(self, tensors: Any) -> None:
+        if self.batch_carried:
+            return  # the steady step's shortcut: the targets are the last step's too
         if self.batch is None:
             self.batch = self._storages()
         targets = [t for t in tensors if not t.requires_grad]  # targets; the model's output requires grad
@@ -333,11 +338,32 @@ class StepMeter:
 
     def begin_forward(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
         """A training forward of the root starts: its batch size, the step (opened if need be), its inputs as
-        batch, saved tensors counted on sampled steps. Returns whether the model moved (device changed)."""
+        batch, saved tensors counted on sampled steps. Returns whether the model moved (device changed).
+
+        The steady step's shortcut: a step whose inputs are plain tensors of the same shapes, dtypes and places
+        as the last step's keeps that step's batch size and batch bytes, unless it is sampled (then everything is
+        measured again): the storages, the batch size and the loss's targets are not looked at."""
+        if not self.step_open and not kwargs and self.sizer.fn is None:
+            sig = _signature(args)
+            carried = self._carried_batch
+            self._step_sig = sig
+            if sig is not None and carried is not None and carried[0] == sig:
+                moved = self.open_step()
+                if not self.sampled:
+                    self.batch_carried = True
+                    self._batch_max = carried[1]
+                    return moved
+                return self._measure_forward(args, kwargs, moved)
+        elif not self.step_open:
+            self._step_sig = None
+        return self._measure_forward(args, kwargs, None)
+
+    def _measure_forward(self, args: tuple[Any, ...], kwargs: dict[str, Any], moved: bool | None) -> bool:
         inputs = accounting.tensors_in((args, kwargs) if kwargs else args, depth=4)
         measured = self.sizer.measure(args, kwargs, inputs)
         self.batch_size, self.batch_source = measured.size, measured.source
-        moved = not self.step_open and self.open_step()
+        if moved is None:
+            moved = not self.step_open and self.open_step()
         if self.sampled or self.step < FULL_STEPS:
             self.sizer.start_probe()
         self.add_inputs(inputs)
@@ -413,6 +439,9 @@ class StepMeter:
             parameters, gradients, optimizer = self.static_components(
                 force=sampled and (self._recount or not self.step_open))
         acts, batch = self._last_acts, self._batch_max
+        if self.step_open and not self.batch_carried:  # a measured step: the next one with these inputs carries it
+            sig = self._step_sig
+            self._carried_batch = (sig, batch) if sig is not None else None
         comps = {"parameters": parameters, "gradients": gradients, "optimizer": optimizer, "activations": acts,
                  "batch": batch, "other": 0}
         cuda: CudaFigures | None = None
@@ -453,6 +482,7 @@ class StepMeter:
         self.sampled = False
         self._acts_max = 0
         self._batch_max = 0
+        self.batch_carried = False
         self.backwards = 0
         self._grad_marks = []
         self._backward_static = None
@@ -525,6 +555,17 @@ class StepMeter:
         if cuda is not None:
             comps["other"] = max(0, cuda.peak - sum(comps.values()))
         return comps
+
+
+def _signature(args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    """What the batch bytes and size of a root forward depend on, when its arguments are all plain tensors:
+    their shapes, dtypes and whether they live on CUDA; None otherwise (anything else is measured every step)."""
+    sig = []
+    for a in args:
+        if type(a) is not torch.Tensor:
+            return None
+        sig.append((a.shape, a.dtype, a.is_cuda))
+    return tuple(sig)
 
 
 def cuda_figures(device: torch.device | None, reset: bool) -> CudaFigures | None:

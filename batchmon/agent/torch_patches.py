@@ -126,7 +126,7 @@ def root_pre_hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[s
 def root_post_hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], result: Any) -> None:
     agent = current()
     if agent is not None:
-        agent._root_post(module, args, kwargs, _leaving())
+        agent._root_post(module, args, kwargs, _leaving() if sys.exc_info()[1] is not None else None)
 
 
 @eager
@@ -140,7 +140,7 @@ def crit_pre_hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[s
 def crit_post_hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], result: Any) -> None:
     agent = current()
     if agent is not None:
-        agent._crit_post(module, _leaving())
+        agent._crit_post(module, _leaving() if sys.exc_info()[1] is not None else None)
 
 
 AGENT_HOOKS = frozenset((root_pre_hook, root_post_hook, crit_pre_hook, crit_post_hook))
