@@ -200,10 +200,10 @@ def test_a_cropped_update_draws_every_changed_cell_as_textual_would_and_little_e
 
 def test_the_monitor_writes_its_partial_updates_cropped():
     from batchmon.tui.app import BatchmonApp
-    from batchmon.tui.driver import CroppedUpdatesApp
+    from batchmon.tui.app_cost import CostApp
 
-    assert issubclass(BatchmonApp, CroppedUpdatesApp)
-    assert "_display" in vars(CroppedUpdatesApp)
+    assert issubclass(BatchmonApp, CostApp)
+    assert "_display" in vars(CostApp)
     from textual.app import App
 
     assert hasattr(App, "_display")  # the internal it wraps is still there in this Textual

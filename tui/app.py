@@ -37,7 +37,7 @@ from batchmon.tui.panel import LinesPanel
 from batchmon.tui.predict import Predictor
 from batchmon.tui.app_signals import QUIT_SIGNALS, SignalsApp  # noqa: F401 - QUIT_SIGNALS: the app's API
 from batchmon.tui.app_memory import HISTORY, MemoryViewsApp  # noqa: F401 - HISTORY: its old home
-from batchmon.tui.driver import CroppedUpdatesApp
+from batchmon.tui.app_cost import CostApp
 from batchmon.tui.replay_bar import ReplayBar
 from batchmon.tui.timeline_panel import TimelinePanel
 from batchmon.tui.advisor import AdvisorPrompt
@@ -66,7 +66,7 @@ class Source(Protocol):
     def set_interval(self, seconds: float) -> None: ...
 
 
-class BatchmonApp(SignalsApp, MemoryViewsApp, CroppedUpdatesApp):
+class BatchmonApp(SignalsApp, MemoryViewsApp, CostApp):
     """The monitor, on a ``Source`` (the hub, a replay, a test's list of snapshots) or one fixed snapshot."""
 
     CSS_PATH = "batchmon.tcss"

@@ -9,8 +9,8 @@ it when input is disabled (quit, suspend). Everything else is Textual's own driv
 Textual internals are used (the parser's ``_timeout_time``, the thread target's shape): ``available()`` says
 whether they look as expected, and the app falls back to Textual's driver otherwise.
 
-Also here, as the other half of what reaches the terminal: ``CroppedUpdatesApp``, whose partial screen updates
-start where a line changed. Textual writes each changed span of a line from the left edge of the widget it is in
+Also here, as the other half of what reaches the terminal: ``CroppedChopsUpdate``, partial screen updates that
+start where a line changed (the app uses it through tui/app_cost.py). Textual writes each changed span of a line from the left edge of the widget it is in
 (``ChopsUpdate.render_segments`` crops only the span's end): a clock's seconds repainted the whole header
 line, a GPU's watts its panel's line from the border on, so the monitor wrote ~12x nvitop's bytes beside one job.
 """
@@ -29,7 +29,6 @@ from textual._compositor import ChopsUpdate
 from textual._loop import loop_last
 from textual._time import get_time
 from textual._xterm_parser import XTermParser
-from textual.app import App
 from textual.drivers.linux_driver import LinuxDriver
 
 POLL_S = 0.1  # Textual's own poll, used when the parser does not expose its timeout
@@ -187,11 +186,3 @@ def cropped(update: object) -> object:
         return CroppedChopsUpdate(update.chops, update.spans, update.chop_ends)
     return update
 
-
-class CroppedUpdatesApp(App[int]):
-    """An App whose partial updates are cropped to where the lines changed (``cropped``); full-screen updates
-    (start-up, resize, a layout change) are Textual's own. Textual's ``_display`` is an internal: if it goes
-    away, this override is never called and the output is Textual's, uncropped."""
-
-    def _display(self, screen: object, renderable: object) -> None:
-        super()._display(screen, cropped(renderable))  # type: ignore[misc, arg-type]

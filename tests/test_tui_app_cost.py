@@ -1,0 +1,47 @@
+"""What the running monitor costs: its collector settled once the first screen is up (tui/app_cost.py); the
+cropped partial updates are tested in test_tui_driver.py."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import tui_fixtures as fx
+from batchmon.tui import app_cost
+from batchmon.tui.app import BatchmonApp
+from batchmon.tui.job_panel import JobPanel
+
+
+def test_settle_gc_freezes_what_lives_and_collects_young_objects_less_often():
+    # in a fresh interpreter: the test process's own collector is left as it is
+    code = ("import gc; from batchmon.tui.app_cost import settle_gc, GC_THRESHOLD; import batchmon.tui.app; "
+            "before = gc.get_freeze_count(); settle_gc(); "
+            "print(before, gc.get_freeze_count(), gc.get_threshold()[0] == GC_THRESHOLD)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    before, frozen, threshold = out.stdout.split()
+    assert before == "0" and int(frozen) > 10_000 and threshold == "True"
+
+
+async def test_the_app_settles_the_collector_once_after_its_first_screen(monkeypatch):
+    calls = []
+    monkeypatch.setattr(app_cost, "settle_gc", lambda: calls.append(1))
+    monkeypatch.setattr(app_cost.CostApp, "_gc_settled", False)
+    monkeypatch.setattr(app_cost.CostApp, "_settles_gc", lambda self: True)  # as in a terminal
+    app = BatchmonApp(snapshot=fx.one_gpu(1))
+    async with app.run_test(size=(160, 48)) as pilot:
+        await fx.wait_for(pilot, lambda: app.renders >= 1 and app.query(JobPanel) and calls)
+        app.deliver(fx.one_gpu(1))
+        await fx.wait_for(pilot, lambda: app.received >= 1)
+        await pilot.pause()
+    assert calls == [1]
+
+
+async def test_headless_apps_leave_the_collector_alone(monkeypatch):
+    calls = []
+    monkeypatch.setattr(app_cost, "settle_gc", lambda: calls.append(1))
+    monkeypatch.setattr(app_cost.CostApp, "_gc_settled", False)
+    app = BatchmonApp(snapshot=fx.one_gpu(1))
+    async with app.run_test(size=(160, 48)) as pilot:
+        await fx.wait_for(pilot, lambda: app.renders >= 1 and app.query(JobPanel))
+        await pilot.pause()
+    assert calls == [] and not app_cost.CostApp._gc_settled
