@@ -310,9 +310,12 @@ load64)
   cp $OUT/load.json $R/load64_h200.json 2>/dev/null
   ;;
 esac
+# packed after every stage too: a call that runs past its limit still brings back the stages it finished
+tar -czf /tmp/results_partial.tar.gz -C "$OUT" r 2>/dev/null && mv /tmp/results_partial.tar.gz "$OUT/results.tar.gz"
 done
 
 # only 8 files come back: pack everything into one archive
 ls -la "$OUT" "$R"
+rm -f "$OUT/results.tar.gz"
 tar -czf /tmp/results.tar.gz -C "$OUT" . && rm -rf "${OUT:?}"/* && mv /tmp/results.tar.gz "$OUT/"
 ls -la "$OUT"
