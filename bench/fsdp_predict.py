@@ -462,6 +462,11 @@ def run(cfg: Config, world: int, budget_s: float) -> dict[str, Any]:
     unsharded_total = (fake_total if cfg.smoke else cfg.cap) + unsharded.context
     what_if_max = unsharded.max_batch(unsharded_total, shard) or 0
     plain_max = unsharded.max_batch(unsharded_total) or 0
+    # the same what-if without the layout (the upper bound a user gets today: the agent reports no layout) and
+    # with nothing gathered (the rule before FSDP's gathered units were counted), for comparison
+    steps_unsharded = unsharded_obs["steps"]
+    bound_max = _fit(steps_unsharded).max_batch(unsharded_total, shard) or 0
+    nothing_gathered = _fit(steps_unsharded, ParamLayout(0, 0, 0)).max_batch(unsharded_total, shard) or 0
     errors = [abs(p["predicted_peak"] - p["measured_peak"]) / p["measured_peak"] * 100 for p in points
               if p["measured_peak"]]
     w_errors = [abs(p["what_if_peak"] - p["measured_peak"]) / p["measured_peak"] * 100 for p in points
@@ -476,6 +481,7 @@ def run(cfg: Config, world: int, budget_s: float) -> dict[str, Any]:
         "what_if_from_unsharded": {
             "observed_unsharded_steps": unsharded_obs["steps"], "unsharded_max_batch": plain_max,
             "predicted_max_batch": what_if_max, "real_max_batch": real["real_max_batch"],
+            "predicted_max_batch_without_layout": bound_max, "predicted_max_batch_nothing_gathered": nothing_gathered,
             "ratio": what_if_max / real["real_max_batch"] if real["real_max_batch"] else None,
             "points": [{"batch": p["batch"], "predicted_peak": p["what_if_peak"], "measured_peak": p["measured_peak"]}
                        for p in points],

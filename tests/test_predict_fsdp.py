@@ -120,5 +120,8 @@ def test_cpu_smoke_writes_the_point_3_json(tmp_path):
     w = doc["what_if_from_unsharded"]
     assert w["predicted_max_batch"] > 0 and len(w["points"]) == len(doc["points"])
     assert any("FSDP2" in a for a in w["assumptions"])
+    # the upper bound without a layout <= with the layout <= the old rule that gathered nothing
+    assert w["predicted_max_batch_without_layout"] <= w["predicted_max_batch"] <= w[
+        "predicted_max_batch_nothing_gathered"]
     unsharded_params = w["observed_unsharded_steps"][0]["components"]["parameters"]
     assert abs(2 * doc["ranks"][0]["observed_steps"][0]["components"]["parameters"] - unsharded_params) < 4096
