@@ -64,6 +64,11 @@ Sampled steps walk the parameters, gradients and optimizer state again (a walk o
 something may have changed: the first steps, a batch-size change, the model moved, the optimizer state grew, or
 RECOUNT_SECONDS passed since the last walk; activations, which are the point of sampling, are counted on every
 sampled step.
+A step that is not sampled and whose root inputs are plain tensors of the last step's shapes, dtypes and places
+(the steady step of a training loop) carries the last step's batch size, batch bytes and parameter, gradient and
+optimizer counts: its inputs' and targets' storages are not walked and the optimizers' state is not looked at
+(new state, e.g. an optimizer that starts stepping late, is counted on the next sampled step, at most
+SAMPLE_SECONDS later with the defaults).
 """
 
 from __future__ import annotations
@@ -435,6 +440,9 @@ class StepMeter:
             self._last_acts = self._acts_max if self.step_open else self._last_acts
         if in_loop and self._backward_static is not None:
             parameters, gradients, optimizer = self._backward_static
+        elif self.batch_carried and not sampled and self._static is not None:
+            # a carried step keeps the last counts: new optimizer state is looked for on the next sampled step
+            parameters, gradients, optimizer = self._static
         else:
             parameters, gradients, optimizer = self.static_components(
                 force=sampled and (self._recount or not self.step_open))
