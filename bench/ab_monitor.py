@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"RSS {t['rss_max_mib']} MiB")
             else:
                 print(f"  round {k} {n:8s} did not run the window: exit {t['exit_code_after_q']}: {t['last_line']}")
-    print(f"  all rounds: " + ", ".join(f"{n} {totals[n]} CPU s" for n in names))
+    print("  all rounds: " + ", ".join(f"{n} {totals[n]} CPU s" for n in names))
     print(f"wrote {path}")
     return 0 if all(t["ran_whole_window"] for r in rounds for t in r["tools"].values()) else 1
 

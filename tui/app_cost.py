@@ -38,8 +38,9 @@ class CostApp(App[int]):
 
     _gc_settled = False
 
-    def on_mount(self) -> None:
-        # Textual calls the on_mount of every class of the app; after the first refresh the screen is built
+    def _on_mount(self) -> None:
+        # Textual calls the (_)on_mount of every class of the app (BatchmonApp's own too); after the first refresh
+        # the screen is built
         self.call_after_refresh(self._settle_gc)
 
     def _settle_gc(self) -> None:

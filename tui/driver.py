@@ -10,9 +10,10 @@ Textual internals are used (the parser's ``_timeout_time``, the thread target's 
 whether they look as expected, and the app falls back to Textual's driver otherwise.
 
 Also here, as the other half of what reaches the terminal: ``CroppedChopsUpdate``, partial screen updates that
-start where a line changed (the app uses it through tui/app_cost.py). Textual writes each changed span of a line from the left edge of the widget it is in
-(``ChopsUpdate.render_segments`` crops only the span's end): a clock's seconds repainted the whole header
-line, a GPU's watts its panel's line from the border on, so the monitor wrote ~12x nvitop's bytes beside one job.
+start where a line changed (the app uses it through tui/app_cost.py). Textual writes each changed span of a
+line from the left edge of the widget it is in (``ChopsUpdate.render_segments`` crops only the span's end): a
+clock's seconds repainted the whole header line, a GPU's watts its panel's line from the border on, so the
+monitor wrote ~12x nvitop's bytes beside one job.
 """
 
 from __future__ import annotations
@@ -25,7 +26,10 @@ from codecs import getincrementaldecoder
 from rich.cells import cell_len
 from rich.console import Console
 from rich.control import Control
-from textual._compositor import ChopsUpdate
+try:  # an internal of Textual's: without it partial updates are written as Textual writes them
+    from textual._compositor import ChopsUpdate
+except ImportError:  # pragma: no cover - another Textual
+    ChopsUpdate = None  # type: ignore[assignment, misc]
 from textual._loop import loop_last
 from textual._time import get_time
 from textual._xterm_parser import XTermParser
@@ -147,7 +151,7 @@ class QuietLinuxDriver(LinuxDriver):
                     pass
 
 
-class CroppedChopsUpdate(ChopsUpdate):
+class CroppedChopsUpdate(ChopsUpdate if ChopsUpdate is not None else object):  # type: ignore[misc]
     """Textual's partial update, each changed span written from the segment it starts in rather than from the
     widget's left edge. A segment is a run of one style (text, cursor move and colours are what the terminal
     gets), so a line is never cut inside a character: a wide one included."""
@@ -182,7 +186,8 @@ class CroppedChopsUpdate(ChopsUpdate):
 
 def cropped(update: object) -> object:
     """A ChopsUpdate as a CroppedChopsUpdate (what the terminal gets for the same screen); anything else as is."""
-    if type(update) is ChopsUpdate and all(hasattr(update, a) for a in ("chops", "spans", "chop_ends")):
+    parts = ("chops", "spans", "chop_ends")
+    if ChopsUpdate is not None and type(update) is ChopsUpdate and all(hasattr(update, a) for a in parts):
         return CroppedChopsUpdate(update.chops, update.spans, update.chop_ends)
     return update
 

@@ -124,7 +124,7 @@ class LinesPanel(Widget):
             # unchanged lines keep their rendered strips; only the others are rendered again
             self._strips = [s if keep else None for s, keep in zip(self._strips, same)]
             self._strips_key = (width, self._version, self._strips_key[2])
-        dirty = []
+        dirty: list[Region] = []
         for y, keep in enumerate(same):
             if not keep:
                 dirty.extend(Region(x0, y, x1 - x0, 1) for x0, x1 in changed_runs(old[2][y], new[y], width))

@@ -57,7 +57,9 @@ def steps_per_column(first: int, last: int, columns: int) -> int:
 
 
 _COLUMNS: OrderedDict[tuple[int, int, int], tuple[Step, Step, Column]] = OrderedDict()
-_COLUMNS_MAX = 4096
+# complete columns kept (each holds its first and last step: steps the hub has dropped stay alive while kept); the
+# timeline draws one job's ~50-150 columns at a time, so a few of its windows fit
+_COLUMNS_MAX = 1024
 
 
 def _first_at_or_after(history: Sequence[Step], step: int, lo: int = 0) -> int:
@@ -200,6 +202,7 @@ def _axis_top(value: int) -> int:
 
 
 _STACKS: OrderedDict[tuple, tuple[tuple[str, str] | None, ...]] = OrderedDict()
+_STACKS_MAX = 1024
 
 
 def _stack(comps: tuple[int, ...], rows: int, top: int) -> tuple[tuple[str, str] | None, ...]:
@@ -210,7 +213,7 @@ def _stack(comps: tuple[int, ...], rows: int, top: int) -> tuple[tuple[str, str]
         step = top / rows
         cells = _STACKS[key] = tuple(_stack_cell(comps, (rows - 1 - r) * step, (rows - r) * step)
                                      for r in range(rows))
-        while len(_STACKS) > _COLUMNS_MAX:
+        while len(_STACKS) > _STACKS_MAX:
             _STACKS.popitem(last=False)
     else:
         _STACKS.move_to_end(key)
