@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import pytest
 
-import phase_fixtures as pf
 import tui_fixtures as fx
 from batchmon.tui.app import BatchmonApp
 
@@ -77,10 +76,10 @@ def test_help_screen(snap_compare):
 
 
 def test_job_panel_with_the_peaks_phase(snap_compare):
-    """Issue 16 point 4: where in the step the peak was reached (the latest sampled step, via the real HubState),
-    one line under the summary; the bars and totals where they were."""
-    assert snap_compare(app_for(pf.run_with_phases()), terminal_size=(160, 48))
+    """Issue 16 point 4, from the H200 recording with the peak's phase (a CNN and a GPT side by side): the GPT job
+    selected, where in the step its peak was reached one line under the summary; bars and totals where they were."""
+    assert snap_compare(fx.recorded_app("tui_h200_peak_phase.jsonl"), terminal_size=(160, 48), press=["down"])
 
 
 def test_job_panel_with_the_peaks_phase_at_80x24(snap_compare):
-    assert snap_compare(app_for(pf.run_with_phases()), terminal_size=(80, 24))
+    assert snap_compare(fx.recorded_app("tui_h200_peak_phase.jsonl"), terminal_size=(80, 24))
