@@ -125,3 +125,31 @@ def test_cpu_smoke_writes_the_point_3_json(tmp_path):
         "predicted_max_batch_nothing_gathered"]
     unsharded_params = w["observed_unsharded_steps"][0]["components"]["parameters"]
     assert abs(2 * doc["ranks"][0]["observed_steps"][0]["components"]["parameters"] - unsharded_params) < 4096
+
+
+def test_recorded_h200_fsdp2_run_never_above_real():
+    """The 2x H200 FSDP2 run (bench/results/fsdp_predict_h200_x2.json) refitted with the current model: the
+    per-rank largest batch from the sharded observation and the sharding what-if from the unsharded one are at
+    or below the real largest batch, the per-rank peaks within 1%; the rule before the gathered units were
+    counted (nothing gathered) predicted a batch that ran out of memory."""
+    from batchmon.protocol import Step
+
+    path = ROOT / "bench" / "results" / "fsdp_predict_h200_x2.json"
+    doc = json.loads(path.read_text())
+    cap, real = doc["emulated_device_memory"], doc["real_max_batch"]
+    ran = {t["batch"]: t["ok"] for t in doc["trials"]}
+    assert ran[real] and not ran[doc["first_failing"]] and doc["first_failing"] == real + 1
+    for rank in doc["ranks"]:
+        model = fit([Step.from_dict(s) for s in rank["observed_steps"]], optimizer="AdamW")
+        assert 0.9 * real <= model.max_batch(cap + model.context) <= real
+        for point in rank["points"]:
+            predicted = model.predict(WhatIf(batch_size=point["batch"])).peak_allocated
+            assert abs(predicted - point["measured_peak"]) <= 0.01 * point["measured_peak"]
+    steps = [Step.from_dict(s) for s in doc["what_if_from_unsharded"]["observed_unsharded_steps"]]
+    layout = ParamLayout(**doc["param_layout"])
+    unsharded = fit(steps, optimizer="AdamW", param_layout=layout)
+    total = cap + unsharded.context
+    assert unsharded.max_batch(total, WhatIf(shards=2)) <= real
+    assert fit(steps, optimizer="AdamW").max_batch(total, WhatIf(shards=2)) <= real  # no layout: the bound
+    nothing = fit(steps, optimizer="AdamW", param_layout=ParamLayout(0, 0, 0))
+    assert nothing.max_batch(total, WhatIf(shards=2)) > real  # the old rule: an out-of-memory error
