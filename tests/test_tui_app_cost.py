@@ -45,3 +45,39 @@ async def test_headless_apps_leave_the_collector_alone(monkeypatch):
         await fx.wait_for(pilot, lambda: app.renders >= 1 and app.query(JobPanel))
         await pilot.pause()
     assert calls == [] and not app_cost.CostApp._gc_settled
+
+
+async def test_a_job_panel_below_the_fold_is_not_repainted_but_shows_its_new_lines_when_scrolled_to():
+    from dataclasses import replace
+
+    snap = fx.many()  # 9 jobs (a torchrun job of 8 ranks, 8 single runs): the last ones are below the fold
+    app = BatchmonApp(snapshot=snap)
+    async with app.run_test(size=(160, 40)) as pilot:
+        await fx.wait_for(pilot, lambda: app.renders >= 1 and len(app.query(JobPanel)) == 9)
+        await pilot.pause()
+        panels = list(app.query(JobPanel))
+        last = panels[-1]
+        column = app.query_one("#jobs")
+        column.scroll_end(animate=False)  # drawn once, then scrolled away: its old lines are what Textual kept
+        await fx.wait_for(pilot, lambda: not last._off_screen())
+        await pilot.pause()
+        column.scroll_home(animate=False)
+        await fx.wait_for(pilot, lambda: last._off_screen())
+        await pilot.pause()
+        assert not panels[0]._off_screen()
+        key = last.view.lead.key
+        lead = next(a for a in snap.agents if a.key == key)
+        later = replace(lead.last_step, step=4321, time=lead.last_step.time + 1)
+        moved = replace(lead, last_step=later, history=(*lead.history, later))
+        newer = replace(snap, agents=tuple(moved if a.key == key else a for a in snap.agents), time=snap.time + 1)
+        repaints = []
+        refresh = last.refresh
+        last.refresh = lambda *a, **k: (repaints.append(a), refresh(*a, **k))[1]  # type: ignore[method-assign]
+        app.deliver(newer)
+        await fx.wait_for(pilot, lambda: app.shown is newer)
+        await pilot.pause()
+        assert "4321" in "".join(line.plain for line in last.lines(last.content_size.width))  # its new lines
+        assert repaints == []  # ... not repainted while out of sight
+        assert "4321" not in fx.screen_text(app)
+        column.scroll_end(animate=False)
+        await fx.wait_for(pilot, lambda: "4321" in fx.screen_text(app))  # drawn anew once it shows

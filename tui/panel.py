@@ -120,6 +120,13 @@ class LinesPanel(Widget):
             self.refresh(layout=True)
             return True
         same = [a == b for a, b in zip(old[2], new)]
+        if not all(same) and self._off_screen():
+            # scrolled out of its column: nothing to draw now. Its rendered lines are dropped, so it draws the new
+            # ones when it shows; a refresh here would make Textual lay the whole screen out again at the next
+            # look-up of any widget's place (16 job panels: half of them below the fold, every refresh)
+            self._strips_key = None
+            self._set_dirty()
+            return True
         if self._strips_key is not None and self._strips_key[:2] == (width, self._version - 1):
             # unchanged lines keep their rendered strips; only the others are rendered again
             self._strips = [s if keep else None for s, keep in zip(self._strips, same)]
@@ -131,6 +138,17 @@ class LinesPanel(Widget):
         if dirty:
             self.refresh(*dirty)
         return True
+
+    def _off_screen(self) -> bool:
+        """Laid out wholly outside the region its parent (a scrolling column) shows. False when in doubt."""
+        parent = self.parent
+        if not isinstance(parent, Widget) or not callable(getattr(self, "_set_dirty", None)):
+            return False
+        try:
+            mine, shown = self.region, parent.region
+        except Exception:  # noqa: BLE001 - no screen, not laid out: draw as usual
+            return False
+        return bool(mine) and bool(shown) and not mine.overlaps(shown)
 
     def lines(self, width: int) -> list[Text]:
         width = max(1, width)
