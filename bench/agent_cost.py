@@ -219,7 +219,9 @@ def profile(handle: Any, run_steps: Callable[[int], list[float]], steps: int) ->
     t.wrap(handle, "_crit_post", "loss post hook (agent side)")
     t.wrap(handle, "_before_backward", "before backward")
     t.wrap(handle, "_after_backward", "after backward")
-    t.wrap(handle, "_on_step", "optimizer step end (all of it)")
+    # the optimizer's post hook is the bound _on_step registered at attach (wrapping the attribute now would not
+    # reach it); the step's end inside it is looked up per call
+    t.wrap(handle, "_finish_step", "step end (all of it, inside the optimizer's post hook)")
     meter = handle._meter
     t.wrap(meter, "begin_forward", "  forward: batch size, inputs as batch")
     t.wrap(meter, "finish", "  step end: measure (counting + message)")
