@@ -350,3 +350,49 @@ def test_probe_sample_objects_are_taken_as_they_are_and_equal_their_dict_form():
     assert odd.snapshot(2.0).nvml.available
     odd.ingest({"t": 1.0, "kind": "host", "source": "local", "sample": "junk"})  # no data: a counted warning
     assert any("bad host sample" in w.message for w in odd.snapshot(2.0).warnings)
+
+
+def test_steady_steps_are_refitted_every_few_seconds_and_a_changed_figure_at_once(monkeypatch):
+    """A refit reads the memory figures of a bounded summary; while they stay the same (steady training) it would
+    give the same answer, so it happens only every PREDICT_STEADY_S; a new figure is fitted within
+    PREDICT_EVERY_S, a new batch size at once."""
+    from batchmon.monitor import hub_state
+
+    real_fit = memory_model.fit
+    fits: list[float] = []
+
+    def counting_fit(*a, **kw):  # the real fit, counted
+        fits.append(now[0])
+        return real_fit(*a, **kw)
+
+    monkeypatch.setattr(memory_model, "fit", counting_fit)
+    now = [1.0]
+    s = HubState()
+    s.ingest(agent(make_hello(4242, device="cuda:0", nvml_uuid="GPU-1")))
+    s.ingest(nvml_record(total=40 * GIB))
+    n = 0
+    for n in range(1, 101):  # past the summary's bound (first + sizes + recent steps): then it stays the same
+        s.ingest(agent(make_step(n, batch=16)))
+    s.snapshot(now[0])
+    assert len(fits) == 1
+    for t in (2.0, 3.0, 4.0, 5.0):  # steady: same figures at every step, a snapshot a second
+        now[0] = t
+        n += 1
+        s.ingest(agent(make_step(n, batch=16)))
+        view = s.snapshot(t).agents[0]
+    assert len(fits) == 1 and view.prediction is not None
+    now[0] = 6.5  # PREDICT_STEADY_S after the last fit: refitted (its basis' step range moves on)
+    n += 1
+    s.ingest(agent(make_step(n, batch=16)))
+    s.snapshot(now[0])
+    assert len(fits) == 2 and hub_state.PREDICT_STEADY_S == 5.0
+    grown = make_step(n + 1, batch=16)
+    grown = dataclasses.replace(grown, components={**grown.components, "other": grown.components["other"] + GIB})
+    now[0] = 7.6  # a figure changed: refitted once PREDICT_EVERY_S has passed
+    s.ingest(agent(grown))
+    view = s.snapshot(now[0]).agents[0]
+    assert len(fits) == 3
+    now[0] = 7.8  # a new batch size: at once
+    s.ingest(agent(make_step(n + 2, batch=32)))
+    s.snapshot(now[0])
+    assert len(fits) == 4
