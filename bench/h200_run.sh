@@ -238,7 +238,7 @@ phaserec)
 patterns)
   # issue 12: the pattern corpus (tests/patterns/) on CUDA, plain and under `batchmon run`
   stage patterns
-  python3 bench/patterns_run.py --device $DEV --out $R/patterns_h200.json 2>&1 | tail -n 40 | tee $R/patterns.log
+  python3 bench/patterns_run.py --device $DEV ${PATTERNSX:-} --out $R/patterns_h200.json 2>&1 | tail -n 40 | tee $R/patterns.log
   ;;
 cudatests)
   # the agent tests that have CUDA cases (a script's own memory calls, no trace, compile), on the GPU
