@@ -226,11 +226,12 @@ def test_hub_shows_lost_connection_and_reconnects(sshd, remote_env, remote_agent
     pid, hello, steps = remote_agent
     hub = Hub(interval=0.2, socket_dir=remote_env[1], hosts=[HOST]).start()
     try:
-        remote = wait_for(lambda: (r := _remote(hub)) and r.agents and r.agents[0].last_step and r,
-                          timeout=15, what="remote agent through ssh")
+        # the history comes as a burst over ssh: a snapshot may land inside it, so wait for its last step
+        remote = wait_for(lambda: (r := _remote(hub)) and r.agents and r.agents[0].last_step
+                          and r.agents[0].last_step.step == steps[-1].step and r,
+                          timeout=15, what="remote agent through ssh, its whole history")
         view = remote.agents[0]
         assert view.source == HOST and view.hello.pid == pid and view.connected
-        assert view.last_step.step == steps[-1].step
         assert hub.snapshot().agents == ()  # local side sees nothing
         assert _host_warnings(hub) == []
         [link] = hub.links
@@ -253,8 +254,9 @@ def test_hub_shows_lost_connection_and_reconnects(sshd, remote_env, remote_agent
         sshd.start()
         wait_for(lambda: link.connects == 2, timeout=15, what="reconnect after sshd restart")
         wait_for(lambda: _host_warnings(hub) == [] and (r := _remote(hub)) and r.agents
-                 and r.agents[0].connected and r.agents[0].last_step is not None, timeout=10,
-                 what="remote agent back, warning gone")
+                 and r.agents[0].connected and r.agents[0].last_step is not None
+                 and r.agents[0].last_step.step == steps[-1].step, timeout=10,
+                 what="remote agent back with its whole history, warning gone")
         assert _remote(hub).agents[0].last_step.step == steps[-1].step
     finally:
         hub.stop()
