@@ -39,7 +39,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 from monitor_cpu import NVML_REPLAY_MAIN, parse_size, thread_cpu_ns  # noqa: E402
-from vs_nvitop import Tool, drain, quit_tool  # noqa: E402
+from vs_nvitop import Tool, run_window  # noqa: E402
 
 
 def lay_out(rev: str, dest: Path) -> Path:
@@ -92,26 +92,13 @@ def measure_round(tools: list[Tool], trees: dict[str, Path], sockdir: Path, args
     finally:
         os.environ.clear()
         os.environ.update(saved)
-    drain(tools, time.monotonic() + args.warmup)
-    th0 = {}
-    for tool in tools:
-        tool.cpu.append(tool.cpu_seconds() if tool.alive() else None)
-        th0[tool.name] = thread_cpu_ns(tool.pid)
-    start_bytes = {t.name: t.out_bytes for t in tools}
-    t0 = time.monotonic()
-    end = t0 + args.duration
-    while time.monotonic() < end and any(t.fd >= 0 for t in tools):
-        drain(tools, min(end, time.monotonic() + 1.0))
-        for tool in tools:
-            tool.sample_rss()
-    window = time.monotonic() - t0
-    th1 = {}
-    for tool in tools:
-        tool.window_bytes = tool.out_bytes - start_bytes[tool.name]
-        tool.cpu.append(tool.cpu_seconds() if tool.alive() else None)
-        th1[tool.name] = thread_cpu_ns(tool.pid)
-    for i, tool in enumerate(tools):
-        quit_tool(tool, [t for j, t in enumerate(tools) if j != i])
+    threads: dict[str, dict] = {}  # per thread CPU ns of each tool at the window's start and end
+
+    def mark(at: str) -> None:
+        threads[at] = {tool.name: thread_cpu_ns(tool.pid) for tool in tools}
+
+    window = run_window(tools, args.warmup, args.duration, mark)
+    th0, th1 = threads["start"], threads["end"]
     out: dict = {"window_s": round(window, 3), "started_first": tools[order[0]].name, "tools": {}}
     for tool in tools:
         a, b = tool.cpu[-2:]

@@ -37,6 +37,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import psutil
 
@@ -159,6 +160,35 @@ def quit_tool(tool: Tool, others: list[Tool]) -> None:
         tool.fd = -1
 
 
+def run_window(tools: list[Tool], warmup: float, duration: float,
+               mark: Callable[[str], None] | None = None) -> float:
+    """Tools already started: warm up, then one measured window side by side - each tool's CPU seconds and
+    terminal bytes at both ends (``tool.cpu``, ``tool.window_bytes``), RSS sampled every second - then every tool
+    quit. ``mark("start")``/``mark("end")`` run at the window's ends (other per-tool readings). Returns the
+    window's length in seconds."""
+    drain(tools, time.monotonic() + warmup)
+    for tool in tools:
+        tool.cpu.append(tool.cpu_seconds() if tool.alive() else None)
+    if mark is not None:
+        mark("start")
+    start_bytes = {t.name: t.out_bytes for t in tools}
+    t0 = time.monotonic()
+    end = t0 + duration
+    while time.monotonic() < end and any(t.fd >= 0 for t in tools):
+        drain(tools, min(end, time.monotonic() + 1.0))
+        for tool in tools:
+            tool.sample_rss()
+    window = time.monotonic() - t0
+    for tool in tools:
+        tool.window_bytes = tool.out_bytes - start_bytes[tool.name]
+        tool.cpu.append(tool.cpu_seconds() if tool.alive() else None)
+    if mark is not None:
+        mark("end")
+    for i, tool in enumerate(tools):
+        quit_tool(tool, [t for j, t in enumerate(tools) if j != i])
+    return window
+
+
 def measure_round(args: argparse.Namespace, floors: bool) -> dict:
     """One side-by-side window: every tool started together, warmed up, measured, quit."""
     cols, rows = args.size
@@ -172,23 +202,7 @@ def measure_round(args: argparse.Namespace, floors: bool) -> dict:
                   for mode in ("static", "ticking")]
     for tool in tools:
         tool.start(cols, rows)
-    drain(tools, time.monotonic() + args.warmup)
-    for tool in tools:
-        tool.cpu.append(tool.cpu_seconds() if tool.alive() else None)
-    start_bytes = {t.name: t.out_bytes for t in tools}
-    t0 = time.monotonic()
-    end = t0 + args.duration
-    while time.monotonic() < end and any(t.fd >= 0 for t in tools):
-        drain(tools, min(end, time.monotonic() + 1.0))
-        for tool in tools:
-            tool.sample_rss()
-    window = time.monotonic() - t0
-    for tool in tools:
-        tool.window_bytes = tool.out_bytes - start_bytes[tool.name]
-    for tool in tools:
-        tool.cpu.append(tool.cpu_seconds() if tool.alive() else None)
-    for i, tool in enumerate(tools):
-        quit_tool(tool, [t for j, t in enumerate(tools) if j != i])
+    window = run_window(tools, args.warmup, args.duration)
     out: dict = {"window_s": round(window, 3), "tools": {}}
     for tool in tools:
         a, b = tool.cpu
