@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.optim.optimizer as _optimizer_hooks
 
 from batchmon.agent import identity
 from batchmon.agent import torch_patches as patches
@@ -46,6 +45,8 @@ from batchmon.protocol import Bye, Event, Hello, Step
 DEFAULT_ACTIVATION_EVERY = 10
 EXIT_LINGER_SECONDS = 1.5  # at exit after an OOM, wait this long for a first monitor to collect the history
 
+_grad_enabled = torch.is_grad_enabled
+_getpid = os.getpid
 _lock = threading.RLock()
 _current: "AgentHandle | None" = None
 
@@ -118,7 +119,7 @@ def _attach(model: Any, optimizer: Any, *, name: str | None, batch_size_fn: Any,
                                  activation_explicit=activation_every is not None,
                                  socket_dir=Path(socket_dir) if socket_dir is not None else None, auto=auto,
                                  batch_dim=batch_dim or env_batch_dim())
-            _current = handle
+            _set_current(handle)
             handle._start(model, optimizer)
         else:
             handle._update(model, optimizer, name=name, batch_size_fn=batch_size_fn,
@@ -126,11 +127,11 @@ def _attach(model: Any, optimizer: Any, *, name: str | None, batch_size_fn: Any,
         return handle
 
 
-def _current_agent() -> "AgentHandle | None":
-    return _current
-
-
-patches.current = _current_agent  # type: ignore[assignment]
+def _set_current(handle: "AgentHandle | None") -> None:
+    """The attached agent, here and where torch_patches' hooks read it (one global load per hook call)."""
+    global _current
+    _current = handle
+    patches.agent = handle
 
 
 # ------------------------------------------------------------------------------------------------ the handle
@@ -159,8 +160,10 @@ class AgentHandle:
         self._sizer = BatchSizer(batch_size_fn, dim, origin, self._out.warn_once)
         self._meter = StepMeter(activation_every, self._sizer, cuda_figures, explicit_every=activation_explicit)
         self._watch = ModuleWatch(self, lambda: self._meter.model_ref is not None)
+        # the criterion's hooks go straight to the watch (no call in between: they run on every step)
+        self._crit_pre = self._watch.crit_pre  # type: ignore[method-assign]
+        self._crit_post = self._watch.crit_post  # type: ignore[method-assign]
         self._root_hooks: list[Any] = []
-        self._step_hook: Any = None
         self._discovered_call = False  # the running root forward is the one discovery found the model in
         self.oom_count = 0  # OOM events so far; the wrappers use it to report a nested OOM only once
 
@@ -251,7 +254,7 @@ class AgentHandle:
         global _current
         with _lock:
             if _current is self:
-                _current = None
+                _set_current(None)
         if not self.attached:
             return
         if not self._disabled and self.pid == os.getpid():
@@ -294,8 +297,7 @@ class AgentHandle:
     def _start(self, model: torch.nn.Module | None, optimizer: torch.optim.Optimizer | None) -> None:
         self.attached = True
         try:
-            patches.install()
-            self._step_hook = _optimizer_hooks.register_optimizer_step_post_hook(self._on_step)
+            patches.install()  # its optimizer post hook calls _on_step
             if optimizer is not None:
                 self._track_optimizer(optimizer, primary=True)
             if model is not None:
@@ -389,17 +391,18 @@ class AgentHandle:
         self._watch.crit_post(module, exc)
 
     def _root_pre(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if self._disabled or module is not self.model:
-            return
         meter = self._meter
+        ref = meter.model_ref
+        if self._disabled or ref is None or module is not ref():
+            return
         try:
             meter.root_depth += 1
-            if meter.root_depth > 1 or not torch.is_grad_enabled():
+            if meter.root_depth > 1 or not _grad_enabled():
                 return  # a nested call of the root, or an eval/no-grad forward: not part of a training step
             meter.root_counting = True
             if self._watch.window_hooks:
                 self._watch.close_loss_window()
-            if meter.loop_boundary():
+            if meter.step_open and meter.loop_boundary():
                 self._finish_step(in_loop=True)
             if meter.begin_forward(args, kwargs):
                 self._use_device(meter.device_or_cpu())
@@ -409,24 +412,30 @@ class AgentHandle:
 
     def _root_post(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
                    exc: BaseException | None) -> None:
-        if module is not self.model:
-            return
         meter = self._meter
+        ref = meter.model_ref
+        if ref is None or module is not ref():
+            return
         try:
-            meter.root_depth = max(0, meter.root_depth - 1)
-            if meter.root_depth > 0:
+            depth = meter.root_depth - 1
+            meter.root_depth = depth if depth > 0 else 0
+            if depth > 0:
                 return
             counting, meter.root_counting = meter.root_counting, False
-            meter.stop_counting()
+            if meter.counter is not None:
+                meter.stop_counting()
             discovered, self._discovered_call = self._discovered_call, False
-            meter.end_forward(args, kwargs, counting, discovered)
+            if discovered or self._sizer._probe is not None:  # (else end_forward has nothing to do)
+                meter.end_forward(args, kwargs, counting, discovered)
             if self._disabled:
                 self._teardown_hooks()
                 return
             if exc is not None and isinstance(exc, torch.OutOfMemoryError):
                 self._on_oom(exc, "forward")
             elif exc is None and counting:
-                self._watch.open_loss_window()
+                watch = self._watch
+                if watch.loss_search_left > 0 and watch.criterion_ref is None:
+                    watch.open_loss_window()
         except Exception as err:  # noqa: BLE001
             self._fail(err)
 
@@ -436,9 +445,13 @@ class AgentHandle:
         if self._disabled:
             return
         try:
-            self._watch.close_loss_window()
-            self._meter.before_backward()
-            self._meter.fold_group()
+            if self._watch.window_hooks:
+                self._watch.close_loss_window()
+            meter = self._meter
+            if meter.phases.active:
+                meter.before_backward()
+            if meter.counter is not None or meter.batch is not None:
+                meter.fold_group()
         except Exception as exc:  # noqa: BLE001
             self._fail(exc)
 
@@ -446,7 +459,11 @@ class AgentHandle:
         if self._disabled:
             return
         try:
-            self._meter.after_backward()
+            meter = self._meter
+            if meter.optimizer_steps and meter.step_open and not meter.phases.active:
+                meter.backwards += 1  # the steady case of after_backward: the optimizer's step ends steps
+            else:
+                meter.after_backward()
         except Exception as exc:  # noqa: BLE001
             self._fail(exc)
 
@@ -465,12 +482,13 @@ class AgentHandle:
         if self._disabled:
             return
         try:
-            if self.pid != os.getpid():
+            if self.pid != _getpid():
                 return
             meter = self._meter
-            primary = meter.primary()
-            if primary is None or optimizer not in meter.optimizer_set:
-                self._track_optimizer(optimizer)
+            ref = meter.primary_ref
+            primary = ref() if ref is not None else None
+            if optimizer is not primary and (primary is None or optimizer not in meter.optimizer_set):
+                self._track_optimizer(optimizer)  # (the primary optimizer is tracked: no set look-up for it)
                 primary = meter.primary()
             if optimizer is primary:
                 meter.optimizer_steps += 1
@@ -479,11 +497,19 @@ class AgentHandle:
             self._fail(exc)
 
     def _finish_step(self, in_loop: bool = False) -> None:
-        self._watch.step_ended()
-        self._ensure_transport()
+        watch = self._watch
+        if watch.window_hooks or (watch.loss_search_left > 0 and watch.criterion_ref is None):
+            watch.step_ended()
+        out = self._out
+        if out.transport is None and out.socket_error is None and not self._disabled:
+            out.ensure()
         meter = self._meter
+        step = meter.finish_carried(self._device_used) if meter.batch_carried and not in_loop else None
+        if step is not None:  # the steady step: the last step's figures, no events (step_meter.finish_carried)
+            out.step(step)
+            return
         step, events = meter.finish(self._device_used, in_loop)
-        self._out.step(step)
+        out.step(step)
         for event in events:
             self._publish_event(event)
 
@@ -559,9 +585,6 @@ class AgentHandle:
             for hook in self._root_hooks:
                 hook.remove()
             self._root_hooks.clear()
-        if self._step_hook is not None:
-            self._step_hook.remove()
-            self._step_hook = None
 
     def _after_fork(self) -> None:
         """In a forked child: this agent belongs to the parent. Go quiet, keep the parent's socket file."""
@@ -580,9 +603,8 @@ class AgentHandle:
 
 
 def _after_fork_in_child() -> None:
-    global _current
     handle = _current
-    _current = None
+    _set_current(None)
     if handle is not None:
         handle._after_fork()
 

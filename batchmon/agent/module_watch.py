@@ -29,6 +29,7 @@ class Owner(Protocol):
     """What the watch needs from the agent (AgentHandle)."""
 
     _meter: StepMeter
+    _disabled: bool
 
     @property
     def disabled(self) -> bool: ...
@@ -135,35 +136,44 @@ class ModuleWatch:
     def _is_criterion(self, module: torch.nn.Module) -> bool:
         return self.criterion_ref is not None and self.criterion_ref() is module
 
+    # The two criterion hooks run on every step (torch_patches calls them through the handle's attributes): the
+    # steady step's case - a carried step, its targets are the last step's - costs a few attribute reads.
+
     def crit_pre(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if self._owner.disabled or not self._is_criterion(module):
+        owner = self._owner
+        ref = self.criterion_ref
+        if owner._disabled or ref is None or ref() is not module:
             return
-        meter = self._owner._meter
+        meter = owner._meter
         try:
             meter.crit_depth += 1
-            if meter.crit_depth > 1 or meter.root_depth > 0 or not meter.step_open or meter.batch_carried \
+            if meter.batch_carried or meter.crit_depth > 1 or meter.root_depth > 0 or not meter.step_open \
                     or not torch.is_grad_enabled():
                 return  # (a carried step: the targets are the last step's, StepMeter.begin_forward)
             meter.add_targets(tensors_in((args, kwargs) if kwargs else args, depth=4))
         except Exception as exc:  # noqa: BLE001
-            self._owner._fail(exc)
+            owner._fail(exc)
 
     def crit_post(self, module: torch.nn.Module, exc: BaseException | None) -> None:
-        if not self._is_criterion(module):
+        ref = self.criterion_ref
+        if ref is None or ref() is not module:
             return
-        meter = self._owner._meter
+        owner = self._owner
+        meter = owner._meter
         try:
-            meter.crit_depth = max(0, meter.crit_depth - 1)
-            if meter.crit_depth > 0 or meter.root_depth > 0:
+            depth = meter.crit_depth - 1
+            meter.crit_depth = depth if depth > 0 else 0
+            if depth > 0 or meter.root_depth > 0:
                 return
-            meter.stop_counting()
-            if self._owner.disabled:
-                self._owner._teardown_hooks()
+            if meter.counter is not None:
+                meter.stop_counting()
+            if owner._disabled:
+                owner._teardown_hooks()
                 return
             if exc is not None and isinstance(exc, torch.OutOfMemoryError):
-                self._owner._on_oom(exc, "loss")
+                owner._on_oom(exc, "loss")
         except Exception as err:  # noqa: BLE001
-            self._owner._fail(err)
+            owner._fail(err)
 
     # -------------------------------------------------------------------------------------------- teardown
 

@@ -88,6 +88,10 @@ from batchmon.agent.peak_phase import PhaseTracker
 from batchmon.agent.batch_dim import BatchSizer
 from batchmon.protocol import Event, ModelInfo, Step, new_step
 
+_perf_counter = time.perf_counter
+_time = time.time
+_new_object = object.__new__
+
 FULL_STEPS = 3  # the first steps are always fully measured
 ALLOCATOR_READ_SECONDS = 0.05  # the allocator's figures are read at least this often (and on sampled steps)
 SAMPLE_SECONDS = 0.25  # with the default activation_every: the every-N-th-step samples at most this often
@@ -187,6 +191,8 @@ class StepMeter:
         self.batch_carried = False  # the open step's batch bytes are the last step's (same inputs, not sampled)
         self.phases = PhaseTracker(self._running_peak)  # where a sampled step's peak was reached
         self._carry_peak = 0  # the peak of unread steps, read when a sampled step reset it for its phases
+        self._template: Step | None = None  # the last step finish made, when a carried step may repeat it
+        self._template_key: tuple[Any, ...] | None = None  # the figures it was made of (finish_carried compares)
 
     # -------------------------------------------------------------------------------------------- what
 
@@ -244,7 +250,7 @@ class StepMeter:
         n = self.step + 1
         every = self.activation_every
         first = self._first_param() if self._first_param is not None else None
-        layout = _layout_of(first)
+        layout = None if first is None else (first.device, first.dtype, first.data_ptr())  # _layout_of, inline
         now = time.perf_counter()
         self.sampled = ((every <= 1 or n % every == 0) and now - self._sampled_t >= self.sample_seconds) \
             or n <= FULL_STEPS or first is None or self.batch_size != self._sampled_batch_size or layout != self._layout
@@ -349,7 +355,13 @@ class StepMeter:
         as the last step's keeps that step's batch size and batch bytes, unless it is sampled (then everything is
         measured again): the storages, the batch size and the loss's targets are not looked at."""
         if not self.step_open and not kwargs and self.sizer.fn is None:
-            sig = _signature(args)
+            sig: tuple[Any, ...] | None = None
+            if len(args) == 1:  # _signature(args), inline for the usual one input
+                a = args[0]
+                if type(a) is torch.Tensor:
+                    sig = ((a.shape, a.dtype, a.is_cuda),)
+            else:
+                sig = _signature(args)
             carried = self._carried_batch
             self._step_sig = sig
             if sig is not None and carried is not None and carried[0] == sig:
@@ -427,6 +439,50 @@ class StepMeter:
 
     # -------------------------------------------------------------------------------------------- step end
 
+    def finish_carried(self, device_used: int | None) -> Step | None:
+        """The steady step's end (issue 14 point 1), for a carried step (``batch_carried``): when every figure it
+        reports is the last step's - parameter/gradient/optimizer counts, activations, batch bytes, batch size and
+        source, micro-batches, the allocator's figures (carried: no read due) and the device figure - the step is
+        the last step's Step with its own number and times, made by copying that Step's fields: no components
+        computed, no allocator read, no events (they come with a read). None when anything differs, the step is
+        sampled or a read is due: ``finish`` measures it then, exactly as before."""
+        if self.sampled or not self.step_open or self.batch is not None or self.counter is not None \
+                or self.phases.active or self._template is None:
+            return None
+        start = self._last_step_end
+        now = _perf_counter()
+        device = self.device
+        cuda = None
+        if device is not None and device.type == "cuda":
+            cuda = self._figures
+            if cuda is None or self.step < FULL_STEPS or now - self._figures_t >= ALLOCATOR_READ_SECONDS:
+                return None
+        else:
+            device_used = None
+        if start is None or self._template_key != (self._static, self._last_acts, self._batch_max, cuda,
+                                                   self.batch_size, self.batch_source, self.backwards, device_used):
+            return None
+        template = self._template
+        self._last_step_end = now
+        self.step += 1
+        step = _new_object(Step)
+        fields = step.__dict__
+        fields.update(template.__dict__)  # a frozen dataclass: its fields live in __dict__ (protocol.new_step)
+        fields["step"] = self.step
+        fields["time"] = _time()
+        fields["step_seconds"] = now - start
+        fields["components"] = template.components.copy()
+        # the per-step state as finish leaves it (sampled, _acts_max and the phases are already as it leaves them)
+        self._last_batch_size = self.batch_size
+        self.step_open = False
+        self._batch_max = 0
+        self.batch_carried = False
+        self.backwards = 0
+        self._grad_marks = []
+        self._backward_static = None
+        patches.oom_requested = None  # as finish's take_oom_requested: a caught failure is not the next OOM's size
+        return step
+
     def finish(self, device_used: int | None, in_loop: bool = False) -> tuple[Step, list[Event]]:
         """The step ended: its Step and events (alloc_retry); resets the per-step state. ``in_loop``: ended by
         the loop rule (gradients already cleared): parameters, gradients, optimizer as at the last backward."""
@@ -486,6 +542,13 @@ class StepMeter:
                         cuda.ooms if cuda else None, device_used if cuda is not None else None,
                         self.batch_source if opened else None, self.backwards if opened else None,
                         peak_phase=peak_phase, phase_peaks=phase_peaks)
+        if opened and step.peak_phase is None and step.phase_peaks is None \
+                and getattr(step, "phase_own_peaks", None) is None:  # what the next carried step may repeat
+            self._template = step
+            self._template_key = ((parameters, gradients, optimizer), acts, batch, cuda, self.batch_size,
+                                  self.batch_source, self.backwards, device_used if cuda is not None else None)
+        else:
+            self._template = self._template_key = None
         self.step_open = False
         self.sampled = False
         self._acts_max = 0

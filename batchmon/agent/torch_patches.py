@@ -47,7 +47,7 @@ class Sink(Protocol):
     def _after_backward(self) -> None: ...
     def _on_oom(self, exc: BaseException, where: str) -> None: ...
     def _scaler_update(self) -> None: ...
-    def _optimizer_step_entered(self, depth: int) -> None: ...
+    def _on_step(self, optimizer: Any, args: Any, kwargs: Any) -> None: ...
     def _root_pre(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None: ...
     def _root_post(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
                    exc: BaseException | None) -> None: ...
@@ -55,11 +55,13 @@ class Sink(Protocol):
     def _crit_post(self, module: torch.nn.Module, exc: BaseException | None) -> None: ...
 
 
-def _no_agent() -> Sink | None:
-    return None
+agent: Sink | None = None  # the attached agent: batchmon.agent.handle keeps it (every hook reads it, once)
 
 
-current: Callable[[], Sink | None] = _no_agent  # set by batchmon.agent.handle
+def current() -> Sink | None:
+    return agent
+
+
 oom_requested: int | None = None  # bytes of the last failed allocation (CUDA's OOM observer)
 _originals: dict[str, Any] = {}
 _TRIED = re.compile(r"Tried to allocate (\d+(?:\.\d+)?) ?(B|bytes|KiB|MiB|GiB|TiB)\b")
@@ -70,25 +72,24 @@ step_depth = 0  # optimizer steps running on the training thread (an LBFGS closu
 
 # ------------------------------------------------------------------------------------------------ eager hooks
 
+_modules = sys.modules
+
 
 def eager(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``fn`` run eagerly even inside a ``torch.compile``d call, without importing dynamo ourselves.
+    """``fn`` as it must run inside a ``torch.compile``d call: eagerly (a ``dynamo.disable``d copy, made once),
+    without importing dynamo ourselves.
 
-    Outside compilation ``fn`` is called directly: a ``dynamo.disable``d function costs about 1 us a call even
-    when nothing compiles (it swaps the frame evaluator twice), four times a step. While dynamo traces the hook
-    ``torch.compiler.is_compiling()`` is true, and the disabled ``fn`` is what it meets: a graph break, ``fn``
-    runs eagerly in every call of the compiled forward, as before."""
+    The hooks below call it only while dynamo traces them: ``torch.compiler.is_compiling()`` is true there, and
+    the disabled copy is what dynamo meets - a graph break, the agent's code runs eagerly in every call of the
+    compiled forward, as in eager mode. Outside compilation a hook dispatches directly (a ``dynamo.disable``d
+    function costs about 1 us a call even when nothing compiles: it swaps the frame evaluator twice)."""
     disabled: list[Callable[..., Any]] = []
-    compiling = _is_compiling
 
-    @functools.wraps(fn)
     def call(*args: Any, **kwargs: Any) -> Any:
-        if not compiling():
-            return fn(*args, **kwargs)
-        dynamo = sys.modules.get("torch._dynamo")
-        if dynamo is None:
-            return fn(*args, **kwargs)
         if not disabled:
+            dynamo = _modules.get("torch._dynamo")
+            if dynamo is None:
+                return fn(*args, **kwargs)
             disabled.append(dynamo.disable(fn))
         return disabled[0](*args, **kwargs)
 
@@ -115,32 +116,67 @@ def _leaving(depth: int = 8) -> BaseException | None:
     return None
 
 
-@eager
+# Each hook reads the attached agent from the module global ``agent`` (batchmon.agent.handle sets it): one global
+# load, not a call per hook. The four hooks are what torch calls on every training step.
+
+def _root_pre(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    a = agent
+    if a is not None:
+        a._root_pre(module, args, kwargs)
+
+
+def _root_post(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], result: Any) -> None:
+    a = agent
+    if a is not None:
+        a._root_post(module, args, kwargs, _leaving() if sys.exc_info()[1] is not None else None)
+
+
+def _crit_pre(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    a = agent
+    if a is not None:
+        a._crit_pre(module, args, kwargs)
+
+
+def _crit_post(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], result: Any) -> None:
+    a = agent
+    if a is not None:
+        a._crit_post(module, _leaving() if sys.exc_info()[1] is not None else None)
+
+
+_root_pre_eager, _root_post_eager = eager(_root_pre), eager(_root_post)
+_crit_pre_eager, _crit_post_eager = eager(_crit_pre), eager(_crit_post)
+
+
 def root_pre_hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-    agent = current()
-    if agent is not None:
-        agent._root_pre(module, args, kwargs)
+    if _is_compiling():
+        return _root_pre_eager(module, args, kwargs)
+    a = agent
+    if a is not None:
+        a._root_pre(module, args, kwargs)
 
 
-@eager
 def root_post_hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], result: Any) -> None:
-    agent = current()
-    if agent is not None:
-        agent._root_post(module, args, kwargs, _leaving() if sys.exc_info()[1] is not None else None)
+    if _is_compiling():
+        return _root_post_eager(module, args, kwargs, result)
+    a = agent
+    if a is not None:
+        a._root_post(module, args, kwargs, _leaving() if sys.exc_info()[1] is not None else None)
 
 
-@eager
 def crit_pre_hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-    agent = current()
-    if agent is not None:
-        agent._crit_pre(module, args, kwargs)
+    if _is_compiling():
+        return _crit_pre_eager(module, args, kwargs)
+    a = agent
+    if a is not None:
+        a._crit_pre(module, args, kwargs)
 
 
-@eager
 def crit_post_hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], result: Any) -> None:
-    agent = current()
-    if agent is not None:
-        agent._crit_post(module, _leaving() if sys.exc_info()[1] is not None else None)
+    if _is_compiling():
+        return _crit_post_eager(module, args, kwargs, result)
+    a = agent
+    if a is not None:
+        a._crit_post(module, _leaving() if sys.exc_info()[1] is not None else None)
 
 
 AGENT_HOOKS = frozenset((root_pre_hook, root_post_hook, crit_pre_hook, crit_post_hook))
@@ -176,27 +212,27 @@ def _getstate(self: torch.nn.Module) -> Any:
 
 def _backward(*args: Any, **kwargs: Any) -> Any:
     """torch.autograd.backward, seen by the agent: folds the forward group, reports OOM leaving backward."""
-    agent = current()
+    a = agent
     mark = 0
-    if agent is not None:
-        agent._before_backward()
-        mark = agent.oom_count
+    if a is not None:
+        a._before_backward()
+        mark = a.oom_count
     try:
         result = _originals["backward"](*args, **kwargs)
     except torch.OutOfMemoryError as exc:
-        if agent is not None and agent is current() and agent.oom_count == mark:
-            agent._on_oom(exc, "backward")
+        if a is not None and a is agent and a.oom_count == mark:
+            a._on_oom(exc, "backward")
         raise
-    if agent is not None and agent is current():
-        agent._after_backward()
+    if a is not None and a is agent:
+        a._after_backward()
     return result
 
 
 def _scaler_update(self: Any, *args: Any, **kwargs: Any) -> Any:
     result = _originals["scaler_update"](self, *args, **kwargs)
-    agent = current()
-    if agent is not None:
-        agent._scaler_update()
+    a = agent
+    if a is not None:
+        a._scaler_update()
     return result
 
 
@@ -206,8 +242,12 @@ def _step_pre(optimizer: Any, args: Any, kwargs: Any) -> None:
 
 
 def _step_post(optimizer: Any, args: Any, kwargs: Any) -> None:
+    """Every optimizer's step ended: out of it, and the agent's step end (one global hook for both)."""
     global step_depth
-    step_depth = max(0, step_depth - 1)
+    step_depth = step_depth - 1 if step_depth > 0 else 0
+    a = agent
+    if a is not None:
+        a._on_step(optimizer, args, kwargs)
 
 
 def install() -> None:
@@ -282,17 +322,16 @@ class _StepWrapper:
             raise ReferenceError("optimizer no longer exists")
         fn = self._inner if self._inner is not None else type(opt).step.__get__(opt, type(opt))
         global step_depth
-        agent = current()
-        mark = agent.oom_count if agent is not None else 0
+        a = agent
+        mark = a.oom_count if a is not None else 0
         depth = step_depth
         try:
             return fn(*args, **kwargs)
         except BaseException as exc:
             step_depth = depth  # the step's post hook will not run: it is no longer "inside a step"
             # reported once: an OOM in a closure's forward or backward was reported where it happened
-            if isinstance(exc, torch.OutOfMemoryError) and agent is not None and agent is current() \
-                    and agent.oom_count == mark:
-                agent._on_oom(exc, "optimizer step")
+            if isinstance(exc, torch.OutOfMemoryError) and a is not None and a is agent and a.oom_count == mark:
+                a._on_oom(exc, "optimizer step")
             raise
 
 

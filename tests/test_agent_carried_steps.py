@@ -1,0 +1,146 @@
+"""Issue 14 point 1: the steady step's end (StepMeter.finish_carried) repeats the last step's Step with its own
+number and times instead of measuring it. What it must not change: every step the handle keeps (and the monitor
+gets, coalesced) is field for field what measuring every step's end gives - through batch-size changes, a short
+last batch, a dtype change, keyword inputs, gradient accumulation with a changing number of micro-batches,
+evaluation forwards and sampled steps. The reference run is the same training with finish_carried switched off
+(every step's end through StepMeter.finish, as before); on CUDA the allocator's figures are compared too."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn as nn
+
+import batchmon
+from batchmon.agent import step_meter
+from agent_helpers import agent_dir  # noqa: F401 - fixture
+
+D = 32
+EVERY = 5  # an explicit activation_every is exact: both runs sample the same steps
+PER_STEP = ("time", "step_seconds")  # a step's own: everything else must be equal
+
+# (batch, dtype, keyword input, micro-batches, an evaluation forward before the step)
+PLAN = [(16, "float32", False, 1, False)] * 9 + [(16, "float32", False, 2, False)] * 3 \
+    + [(16, "float32", False, 1, True)] * 4 + [(8, "float32", False, 1, False)] * 6 \
+    + [(8, "float64", False, 1, False)] * 5 + [(8, "float64", True, 1, False)] * 3 \
+    + [(16, "float32", False, 1, False)] * 7 + [(5, "float32", False, 1, False)]  # a short last batch
+
+SCRIPT = r"""
+import json, sys
+import torch, torch.nn as nn
+sys.path.insert(0, sys.argv[1])
+import batchmon
+from batchmon.agent import step_meter
+from test_agent_carried_steps import train
+if sys.argv[2] == "measured":
+    step_meter.StepMeter.finish_carried = lambda self, device_used: None
+steps, carried = train(torch.device("cuda", 0))
+print(json.dumps({"steps": steps, "carried": carried}))
+"""
+
+
+class CastingMLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(D, 64), nn.ReLU(), nn.Linear(64, 4))
+
+    def forward(self, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        out = self.net(x.float())
+        return out * scale.float().mean() if scale is not None else out
+
+
+def train(device: torch.device) -> tuple[list[dict[str, Any]], int]:
+    """The plan's steps as the handle keeps them (without their own times) and how many ended carried."""
+    torch.manual_seed(0)
+    model = CastingMLP().to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    crit = nn.CrossEntropyLoss()
+    carried = 0
+    original = step_meter.StepMeter.finish_carried
+
+    def counting(self: step_meter.StepMeter, device_used: int | None) -> Any:
+        nonlocal carried
+        step = original(self, device_used)
+        carried += step is not None
+        return step
+
+    step_meter.StepMeter.finish_carried = counting  # type: ignore[method-assign]
+    handle = batchmon.attach(model, opt, activation_every=EVERY)
+    try:
+        for batch, dtype, keyword, micro, evaluate in PLAN:
+            if evaluate:
+                with torch.no_grad():
+                    model(torch.randn(batch, D, device=device))
+            opt.zero_grad(set_to_none=True)
+            for _ in range(micro):
+                x = torch.randn(batch, D, dtype=getattr(torch, dtype), device=device)
+                y = torch.randint(0, 4, (batch,), device=device)
+                out = model(x, scale=torch.ones(batch, device=device)) if keyword else model(x)
+                crit(out, y).backward()
+            opt.step()
+        steps = [{k: v for k, v in s.to_dict().items() if k not in PER_STEP} for s in handle.steps]
+        times = [(s.time, s.step_seconds) for s in handle.steps]
+    finally:
+        handle.detach()
+        step_meter.StepMeter.finish_carried = original  # type: ignore[method-assign]
+    assert all(secs is not None and secs > 0 for _, secs in times[1:])
+    assert all(a[0] <= b[0] for a, b in zip(times, times[1:]))  # every step has its own time
+    return steps, carried
+
+
+def test_carried_step_ends_are_what_measuring_gives(agent_dir, monkeypatch: pytest.MonkeyPatch):
+    fast, carried = train(torch.device("cpu"))
+    monkeypatch.setattr(step_meter.StepMeter, "finish_carried", lambda self, device_used: None)
+    measured, none = train(torch.device("cpu"))
+    assert none == 0 and len(fast) == len(measured) == len(PLAN)
+    for a, b in zip(fast, measured):
+        assert a == b, (a, b)
+    assert [s["step"] for s in fast] == list(range(1, len(PLAN) + 1))
+    assert [s["micro_batches"] for s in fast] == [micro for *_, micro, _ in PLAN]
+    assert fast[-1]["batch_size"] == 5  # the short last batch is its own
+    # most steady steps took the shortcut (not the sampled ones, the first ones, nor the first after a change)
+    assert carried >= 20, carried
+
+
+def test_a_carried_step_is_a_new_step_object_with_its_own_components(agent_dir):
+    model = CastingMLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    handle = batchmon.attach(model, opt, activation_every=1000)
+    x, y = torch.randn(8, D), torch.randint(0, 4, (8,))
+    for _ in range(8):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    a, b = handle.steps[-2:]
+    assert a is not b and a.components is not b.components and a.components == b.components
+    assert (b.step, b.steps, b.peak_phase) == (a.step + 1, 1, None) and b.time >= a.time
+    handle.detach()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_carried_step_ends_on_cuda_are_what_measuring_gives(tmp_path: Path):
+    """The allocator's figures too: each run in a fresh process (the caching allocator's state is the run's own),
+    the allocator read on sampled and first steps only (ALLOCATOR_READ_SECONDS out of reach: no timing in it)."""
+    results = {}
+    for mode in ("carried", "measured"):
+        env = dict(os.environ, BATCHMON_DIR=str(tmp_path / mode / "s"), PYTHONPATH=os.pathsep.join(
+            [str(Path(__file__).parent), str(Path(batchmon.__file__).resolve().parents[1])]))
+        script = SCRIPT.replace("steps, carried = train", "step_meter.ALLOCATOR_READ_SECONDS = 1e9\n"
+                                                           "steps, carried = train")
+        out = subprocess.run([sys.executable, "-c", script, str(Path(__file__).parent), mode], env=env,
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+    fast, measured = results["carried"], results["measured"]
+    assert measured["carried"] == 0 and fast["carried"] >= 20
+    assert len(fast["steps"]) == len(measured["steps"]) == len(PLAN)
+    for a, b in zip(fast["steps"], measured["steps"]):
+        a.pop("device_used"), b.pop("device_used")  # NVML's figure, read once a second by the agent's thread
+        assert a["peak_allocated"] is not None and a == b, (a, b)
