@@ -6,10 +6,12 @@ import time as _time
 
 from rich.text import Text
 from textual.geometry import Region
+from textual.strip import Strip
 from textual.widget import Widget
 
 from batchmon.snapshot import Snapshot
 from batchmon.tui.fmt import clean_line, fmt_bytes, fmt_interval
+from batchmon.tui.line_strip import LineStrips
 from batchmon.tui.panel import changed_runs
 from batchmon.tui.views import agent_count
 from batchmon.tui.palette import BG, BLUE, DIM, OK, PURPLE, WARN
@@ -76,6 +78,8 @@ class HeaderBar(Widget):
         self.paused = False
         self.interval = 1.0
         self._made: tuple[tuple, Text] | None = None  # (what it showed, the line): see _text
+        self._line_strips = LineStrips()
+        self._strip: tuple[tuple, Strip] | None = None  # (line, width, style) -> its strip
 
     def _text(self) -> Text:
         """The header line for what it shows now; built once per change of that (update_text and render both
@@ -104,3 +108,22 @@ class HeaderBar(Widget):
     def render(self) -> Text:
         self._shown = self._text()
         return self._shown
+
+    def render_line(self, y: int) -> Strip:
+        """The line as Textual renders it, through line_strip.LineStrips: the clock changes every second, and
+        Textual's own path builds every segment's style again each time."""
+        if y == 0:
+            text = self._text()
+            key = (text, self.size.width, self.visual_style)
+            made = self._strip
+            if made is not None and made[0][0] is text and made[0][1:] == key[1:]:
+                self._dirty_regions.clear()
+                self._shown = text
+                return made[1]
+            strip = self._line_strips.strip(self, text, key[1], key[2])
+            if strip is not None:
+                self._strip = (key, strip)
+                self._dirty_regions.clear()  # what Widget.render_line's full render would clear
+                self._shown = text
+                return strip
+        return super().render_line(y)

@@ -11,6 +11,7 @@ from textual.visual import Visual, visualize
 from textual.widget import Widget
 
 from batchmon.tui.fmt import clean_line
+from batchmon.tui.line_strip import LineStrips
 from batchmon.tui.messages import PanelFocused
 
 
@@ -88,6 +89,7 @@ class LinesPanel(Widget):
         # one rendered Strip per line of the cache, kept across updates for the lines that read the same
         self._strips: list[Strip | None] = []
         self._strips_key: tuple | None = None  # (width, version, visual style) the strips were made for
+        self._line_strips = LineStrips()  # Textual's strip for a line, its styles remembered (line_strip.py)
 
     def build(self, width: int) -> list[Text]:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -187,9 +189,12 @@ class LinesPanel(Widget):
             return Strip.blank(width, style.rich_style)
         strip = self._strips[y]
         if strip is None:
-            visual = visualize(self, lines[y], markup=False)
-            strips = Visual.to_strips(self, visual, width, 1, style)
-            strip = self._strips[y] = strips[0] if strips else Strip.blank(width, style.rich_style)
+            strip = self._line_strips.strip(self, lines[y], width, style)
+            if strip is None:  # a line the fast path does not promise to render as Textual does
+                visual = visualize(self, lines[y], markup=False)
+                strips = Visual.to_strips(self, visual, width, 1, style)
+                strip = strips[0] if strips else Strip.blank(width, style.rich_style)
+            self._strips[y] = strip
         return strip
 
     def selection_updated(self, selection: object) -> None:
