@@ -186,6 +186,7 @@ class Step:
     steps: int = 1  # added field: how many steps this message stands for (a coalesced window; see below)
     peak_phase: str | None = None  # added field: where in the step the peak was reached (PHASES; sampled steps)
     phase_peaks: dict[str, int] | None = None  # added field: allocator peak by the end of each phase (cumulative)
+    phase_own_peaks: dict[str, int] | None = None  # added field: each phase's own allocator peak (sampled steps)
     type: str = field(default="step", init=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -197,7 +198,9 @@ class Step:
                 "num_alloc_retries": self.num_alloc_retries, "num_ooms": self.num_ooms,
                 "device_used": self.device_used, "batch_source": self.batch_source,
                 "micro_batches": self.micro_batches, "steps": self.steps, "peak_phase": self.peak_phase,
-                "phase_peaks": dict(self.phase_peaks) if self.phase_peaks is not None else None, "type": "step"}
+                "phase_peaks": dict(self.phase_peaks) if self.phase_peaks is not None else None,
+                "phase_own_peaks": dict(self.phase_own_peaks) if self.phase_own_peaks is not None else None,
+                "type": "step"}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Step":
@@ -221,6 +224,7 @@ class Step:
             steps=_window_steps(d.get("steps")),
             peak_phase=_phase(d.get("peak_phase")),
             phase_peaks=_phase_peaks(d.get("phase_peaks")),
+            phase_own_peaks=_phase_peaks(d.get("phase_own_peaks")),
         )
 
 
@@ -228,7 +232,7 @@ def new_step(step: int, time: float, step_seconds: float | None, batch_size: int
              components: dict[str, int], allocated: int | None, peak_allocated: int | None, reserved: int | None,
              num_alloc_retries: int | None, num_ooms: int | None, device_used: int | None,
              batch_source: str | None, micro_batches: int | None, steps: int = 1, peak_phase: str | None = None,
-             phase_peaks: dict[str, int] | None = None) -> Step:
+             phase_peaks: dict[str, int] | None = None, phase_own_peaks: dict[str, int] | None = None) -> Step:
     """A Step equal to ``Step(...)`` with the same fields, made in a fraction of the time: a frozen dataclass's
     ``__init__`` sets each field through ``object.__setattr__``, which the agent would pay on every training step.
     """
@@ -237,7 +241,7 @@ def new_step(step: int, time: float, step_seconds: float | None, batch_size: int
                       components=components, allocated=allocated, peak_allocated=peak_allocated,
                       reserved=reserved, num_alloc_retries=num_alloc_retries, num_ooms=num_ooms,
                       device_used=device_used, batch_source=batch_source, micro_batches=micro_batches, steps=steps,
-                      peak_phase=peak_phase, phase_peaks=phase_peaks)
+                      peak_phase=peak_phase, phase_peaks=phase_peaks, phase_own_peaks=phase_own_peaks)
     return s
 
 
@@ -273,7 +277,8 @@ def _step_fast(d: Mapping[str, Any]) -> Step | None:
     allocated, peak, reserved, retries, ooms, used = sizes
     return new_step(step, when, secs, batch, components, allocated, peak, reserved, retries, ooms, used,
                     _lenient_str(get("batch_source"), 128), _lenient_int(get("micro_batches")),
-                    _window_steps(get("steps")), _phase(get("peak_phase")), _phase_peaks(get("phase_peaks")))
+                    _window_steps(get("steps")), _phase(get("peak_phase")), _phase_peaks(get("phase_peaks")),
+                    _phase_peaks(get("phase_own_peaks")))
 
 
 def _phase(value: Any) -> str | None:
@@ -282,7 +287,7 @@ def _phase(value: Any) -> str | None:
 
 
 def _phase_peaks(value: Any) -> dict[str, int] | None:
-    """The added ``phase_peaks`` field: {phase: bytes} for phases in PHASES, else None."""
+    """The added ``phase_peaks`` and ``phase_own_peaks`` fields: {phase: bytes} for phases in PHASES, else None."""
     if type(value) is not dict or not value:
         return None
     out = {}

@@ -15,7 +15,7 @@ import torch.nn as nn
 import batchmon
 from agent_helpers import agent_dir  # noqa: F401 - fixture
 from batchmon.agent.coalesce import StepCoalescer
-from batchmon.agent.peak_phase import phase_of_peak
+from batchmon.agent.peak_phase import NOT_FOLLOWED, PhaseTracker, phase_of_peak, phases_of
 from conftest import make_step
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -33,9 +33,100 @@ def test_the_phase_is_where_the_running_peak_last_rose():
     assert phase == "forward" and peaks == {"forward": 35, "backward": 35, "optimizer": 35}
 
 
+class FakeAllocator:
+    """The caching allocator's two counters the tracker relies on: live bytes and their peak since a reset."""
+
+    def __init__(self, live: int) -> None:
+        self.current = self.peak = live
+        self.reads = 0
+
+    def alloc(self, n: int) -> None:
+        self.current += n
+        self.peak = max(self.peak, self.current)
+
+    def free(self, n: int) -> None:
+        self.current -= n
+
+    def read_and_reset(self) -> int:
+        self.reads += 1
+        peak, self.peak = self.peak, self.current
+        return peak
+
+
+def _followed_step(alloc: FakeAllocator, tracker: PhaseTracker, fwd_scratch: int, bwd_scratch: int,
+                   opt_scratch: int, micro_batches: int = 1):
+    """One step with a temporary in each phase, over 1000 live bytes: activations (100 per micro-batch) kept
+    from forward to backward, gradients (50) created in the first backward and freed at the step's end."""
+    alloc.read_and_reset()  # the sampled step starts with the peak reset
+    tracker.start()
+    for i in range(micro_batches):
+        alloc.alloc(100)  # activations
+        alloc.alloc(fwd_scratch)
+        alloc.free(fwd_scratch)
+        tracker.mark("forward")
+        alloc.alloc(bwd_scratch)
+        alloc.free(bwd_scratch)
+        if i == 0:
+            alloc.alloc(50)  # gradients
+        alloc.free(100)
+        tracker.mark("backward")
+    alloc.alloc(opt_scratch)
+    alloc.free(opt_scratch)
+    alloc.free(50)  # zero_grad(set_to_none=True)
+    return tracker.finish(alloc.read_and_reset())
+
+
+def test_each_phase_reads_its_own_peak_and_the_step_keeps_the_largest():
+    alloc = FakeAllocator(1000)
+    tracker = PhaseTracker(alloc.read_and_reset)
+    # the forward's temporary is the step's peak; the backward's, lower, was invisible in the running peak
+    reading = _followed_step(alloc, tracker, fwd_scratch=400, bwd_scratch=300, opt_scratch=20)
+    assert reading.own == {"forward": 1500, "backward": 1400, "optimizer": 1070}
+    assert reading.peak == 1500 and reading.phase == "forward"
+    assert reading.peaks == {"forward": 1500, "backward": 1500, "optimizer": 1500}  # cumulative, as shown before
+    assert alloc.reads == 4  # the step's start, two boundaries, its end: one read each
+    # the backward's grows past the forward's: it decides, and the cumulative readings rise in it
+    reading = _followed_step(alloc, tracker, fwd_scratch=400, bwd_scratch=600, opt_scratch=20)
+    assert reading.own == {"forward": 1500, "backward": 1700, "optimizer": 1070}
+    assert (reading.phase, reading.peak) == ("backward", 1700)
+    assert reading.peaks == {"forward": 1500, "backward": 1700, "optimizer": 1700}
+    # the optimizer's scratch is the peak; the tracker stops after finish
+    reading = _followed_step(alloc, tracker, fwd_scratch=0, bwd_scratch=0, opt_scratch=900)
+    assert (reading.phase, reading.peak, reading.own["optimizer"]) == ("optimizer", 1950, 1950)
+    assert not tracker.active and tracker.high == 0
+
+
+def test_own_peaks_with_gradient_accumulation_are_the_largest_segment_of_each_phase():
+    alloc = FakeAllocator(1000)
+    tracker = PhaseTracker(alloc.read_and_reset)
+    reading = _followed_step(alloc, tracker, fwd_scratch=10, bwd_scratch=200, opt_scratch=0, micro_batches=3)
+    # micro-batch 2 and 3 hold the gradients (50) made in the first backward: their segments peak 50 higher
+    assert reading.own == {"forward": 1160, "backward": 1350, "optimizer": 1050}
+    assert reading.phase == "backward" and reading.peak == 1350
+    assert phases_of([("forward", 5), ("loss", 99), ("backward", 7)]).own == {"forward": 5, "backward": 7}
+
+
+def test_a_step_not_followed_reads_nothing():
+    alloc = FakeAllocator(1000)
+    tracker = PhaseTracker(alloc.read_and_reset)
+    tracker.mark("forward")  # not started: an unsampled step
+    assert alloc.reads == 0 and tracker.finish(1000) == NOT_FOLLOWED
+    tracker.start()
+    assert tracker.finish(1000) == NOT_FOLLOWED  # no boundary read (no backward)
+    tracker.start()
+    tracker.mark("forward")
+    assert tracker.high == 1000  # what a mid-step reading (an OOM event's) adds back
+    assert tracker.finish(None) == NOT_FOLLOWED  # the step's end could not be read
+    unknown = PhaseTracker(lambda: None)
+    unknown.start()
+    unknown.mark("forward")
+    assert unknown.finish(5) == NOT_FOLLOWED
+
+
 def test_a_coalesced_window_keeps_the_phase_of_its_peak_or_of_its_last_sampled_step():
     c = StepCoalescer(interval=10.0, first_steps=0)
-    sampled = make_step(5, 8, peak_allocated=100, peak_phase="backward", phase_peaks={"forward": 60, "backward": 100})
+    sampled = make_step(5, 8, peak_allocated=100, peak_phase="backward", phase_peaks={"forward": 60, "backward": 100},
+                        phase_own_peaks={"forward": 60, "backward": 100, "optimizer": 40})
     assert len(c.add(make_step(3, 8, peak_allocated=90), 0.0)) == 1  # the first window goes at once
     assert c.add(make_step(4, 8, peak_allocated=90), 0.05) == []
     assert c.add(sampled, 0.1) == []
@@ -43,10 +134,11 @@ def test_a_coalesced_window_keeps_the_phase_of_its_peak_or_of_its_last_sampled_s
     [window] = c.flush(0.3)
     assert window.steps == 3 and window.peak_allocated == 120 and window.step == 6
     assert window.peak_phase == "backward" and window.phase_peaks == {"forward": 60, "backward": 100}
+    assert window.phase_own_peaks == {"forward": 60, "backward": 100, "optimizer": 40}
     c.add(make_step(7, 8, peak_allocated=90), 0.4)
     c.add(make_step(8, 8, peak_allocated=80), 0.45)
     [plain] = c.flush(0.5)
-    assert plain.peak_phase is None and plain.phase_peaks is None
+    assert plain.peak_phase is None and plain.phase_peaks is None and plain.phase_own_peaks is None
 
 
 def test_no_phase_off_cuda(agent_dir):
@@ -58,7 +150,8 @@ def test_no_phase_off_cuda(agent_dir):
             opt.zero_grad()
             model(torch.randn(8, 16)).square().mean().backward()
             opt.step()
-        assert len(handle.steps) >= 1 and all(s.peak_phase is None and s.phase_peaks is None for s in handle.steps)
+        assert len(handle.steps) >= 1 and all(s.peak_phase is None and s.phase_peaks is None
+                                              and s.phase_own_peaks is None for s in handle.steps)
     finally:
         handle.detach()
 
@@ -133,5 +226,73 @@ def test_the_peak_phase_of_real_steps(agent_dir, case, expected):
         last = phased[-1]
         assert last.phase_peaks is not None and last.phase_peaks[expected] >= 256 * MIB
         assert last.phase_peaks["optimizer"] == max(last.phase_peaks.values()) <= last.peak_allocated
+    finally:
+        handle.detach()
+
+
+class _Scratch(torch.autograd.Function):
+    """Identity whose forward and backward each hold a temporary of the given size for a moment."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, fwd: int, bwd: int) -> torch.Tensor:  # type: ignore[override]
+        ctx.bwd = bwd
+        scratch = torch.ones(fwd // 4, device=x.device)
+        del scratch
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        scratch = torch.ones(ctx.bwd // 4, device=grad.device)
+        del scratch
+        return grad.clone(), None, None
+
+
+class Scratches(nn.Module):
+    """A temporary of 256 MiB in the forward, 128 MiB in the backward: the backward's is below the step's peak,
+    hidden from the running peak (issue 13's LSTM at small batches), but not from its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(64, 64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _Scratch.apply(self.lin(x), 256 * MIB, 128 * MIB)
+
+
+class SmallScratchSGD(torch.optim.SGD):
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        scratch = torch.ones(64 * MIB // 4, device=self.param_groups[0]["params"][0].device)
+        del scratch
+        return super().step(closure)
+
+
+@cuda
+def test_own_phase_peaks_of_real_steps(agent_dir):
+    """Each phase's own peak on sampled steps (the peak reset at each boundary), the step's peak still the whole
+    step's, the cumulative phase peaks as before, and the script's own max_memory_allocated() unaffected."""
+    device = "cuda"
+    model = Scratches().to(device)
+    opt = SmallScratchSGD(model.parameters(), lr=0.01)
+    handle = batchmon.attach(model, opt, activation_every=1)
+    try:
+        for _ in range(6):
+            opt.zero_grad(set_to_none=True)
+            model(torch.randn(32, 64, device=device)).square().mean().backward()
+            opt.step()
+        torch.cuda.synchronize()
+        script_peak = torch.cuda.max_memory_allocated()
+        phased = [s for s in handle.steps if s.phase_own_peaks is not None]
+        assert len(phased) >= 4, [(s.step, s.phase_own_peaks) for s in handle.steps]
+        for s in phased[1:]:
+            own, peaks = s.phase_own_peaks, s.phase_peaks
+            assert own is not None and peaks is not None and s.peak_allocated is not None
+            assert 256 * MIB <= own["forward"] < 256 * MIB + 16 * MIB, (s.step, own)
+            assert 128 * MIB <= own["backward"] < 128 * MIB + 16 * MIB, (s.step, own)  # hidden in `peaks`
+            assert 64 * MIB <= own["optimizer"] < 64 * MIB + 16 * MIB, (s.step, own)
+            assert s.peak_phase == "forward" and s.peak_allocated == own["forward"]
+            assert peaks == {"forward": own["forward"], "backward": own["forward"], "optimizer": own["forward"]}
+            assert s.components["other"] >= 256 * MIB - sum(v for k, v in s.components.items() if k != "other")
+        assert script_peak >= 256 * MIB  # the agent's resets are not the script's
     finally:
         handle.detach()

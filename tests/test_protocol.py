@@ -213,7 +213,8 @@ def test_written_out_to_dict_has_every_field_and_new_step_equals_the_constructor
 
     step = conftest_make_step(5, 16, allocated=1, peak_allocated=2, reserved=3, num_alloc_retries=0, num_ooms=0,
                               device_used=4, batch_source="input dim 0", micro_batches=2, steps=7,
-                              peak_phase="backward", phase_peaks={"forward": 1, "backward": 2})
+                              peak_phase="backward", phase_peaks={"forward": 1, "backward": 2},
+                              phase_own_peaks={"forward": 1, "backward": 2, "optimizer": 1})
     assert step.to_dict() == dataclasses.asdict(step)
     event = Event(kind="oom", message="m", components=dict(step.components), time=1.0, step=3, batch_size=2,
                   requested_bytes=9)
@@ -221,7 +222,7 @@ def test_written_out_to_dict_has_every_field_and_new_step_equals_the_constructor
     fields = [getattr(step, f.name) for f in dataclasses.fields(Step) if f.init]
     made = new_step(*fields)
     assert made == step and made.type == "step" and encode(made) == encode(step)
-    assert [f.name for f in dataclasses.fields(Step) if f.init][-1] == "phase_peaks"  # new_step's argument order
+    assert [f.name for f in dataclasses.fields(Step) if f.init][-2:] == ["phase_peaks", "phase_own_peaks"]  # new_step's order
 
 
 def test_peak_phase_fields_are_lenient():
@@ -241,3 +242,20 @@ def test_peak_phase_fields_are_lenient():
                 assert d["step_seconds"] == "x"  # the checked road refuses the bad step_seconds, not the phase
                 continue
             assert step.peak_phase is None and step.phase_peaks is None
+
+
+def test_own_phase_peaks_round_trip_and_are_lenient():
+    """The added phase_own_peaks field (each phase's own allocator peak, sampled steps): encoded, decoded the same
+    on both roads, None for an older agent or an odd value, and an odd value never fails the line."""
+    base = {"step": 1, "time": 1.0, "step_seconds": 0.1, "batch_size": 4,
+            "components": {name: 1 for name in ("parameters", "gradients", "optimizer", "activations", "batch", "other")}}
+    own = {"forward": 9, "backward": 7, "optimizer": 5}  # own peaks need not grow phase by phase
+    step = Step.from_dict({**base, "phase_peaks": {"forward": 9, "backward": 9, "optimizer": 9}, "phase_own_peaks": own})
+    assert step.phase_own_peaks == own and step.phase_peaks == {"forward": 9, "backward": 9, "optimizer": 9}
+    assert decode(encode(step)) == step and step.to_dict()["phase_own_peaks"] == own
+    assert Step.from_dict({**base, "step_seconds": None, "time": 1, "phase_own_peaks": own}).phase_own_peaks == own
+    assert Step.from_dict(base).phase_own_peaks is None
+    for odd in ({"loss": 1}, {"forward": -1}, {"forward": True}, [1], {}, "x", {"forward": 1 << 63}):
+        for d in ({**base, "phase_own_peaks": odd}, {**base, "time": 1, "phase_own_peaks": odd}):
+            step = Step.from_dict(d)
+            assert step.phase_own_peaks is None and step.step == 1

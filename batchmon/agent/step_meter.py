@@ -84,7 +84,7 @@ import torch
 from batchmon.agent import accounting
 from batchmon.agent import torch_patches as patches
 from batchmon.agent.identity import cuda_index
-from batchmon.agent.peak_phase import PhaseTracker
+from batchmon.agent.peak_phase import NOT_FOLLOWED, PhaseTracker
 from batchmon.agent.batch_dim import BatchSizer
 from batchmon.protocol import Event, ModelInfo, Step, new_step
 
@@ -189,7 +189,7 @@ class StepMeter:
         self._carried_batch: tuple[tuple[Any, ...], int] | None = None  # (inputs' signature, the step's batch bytes)
         self._step_sig: tuple[Any, ...] | None = None  # the open step's first forward's inputs, if plain tensors
         self.batch_carried = False  # the open step's batch bytes are the last step's (same inputs, not sampled)
-        self.phases = PhaseTracker(self._running_peak)  # where a sampled step's peak was reached
+        self.phases = PhaseTracker(self._segment_peak)  # each phase's own peak on a sampled step, and where it peaked
         self._carry_peak = 0  # the peak of unread steps, read when a sampled step reset it for its phases
         self._template: Step | None = None  # the last step finish made, when a carried step may repeat it
         self._template_key: tuple[Any, ...] | None = None  # the figures it was made of (finish_carried compares)
@@ -293,8 +293,9 @@ class StepMeter:
             self._carry_peak = max(self._carry_peak, figures.peak)
         self.phases.start()
 
-    def _running_peak(self) -> int | None:
-        figures = self._cuda(self.device, False)
+    def _segment_peak(self) -> int | None:
+        """The allocator's peak since the last reset, then reset: a phase's own peak (sampled CUDA steps)."""
+        figures = self._cuda(self.device, True)
         return figures.peak if figures is not None else None
 
     def _storages(self) -> accounting.StorageSet:
@@ -520,13 +521,14 @@ class StepMeter:
                     self._figures, self._figures_t = cuda, now
             else:
                 cuda = self._figures  # carried forward: the peak keeps growing until the next read
-        peak_phase: str | None = None
-        phase_peaks: dict[str, int] | None = None
+        reading = NOT_FOLLOWED
         if self.phases.active:
             if fresh and cuda is not None:
-                peak_phase, phase_peaks = self.phases.finish(cuda.peak)
-                if self._carry_peak > cuda.peak:  # an unread step before this one peaked higher: still reported
-                    cuda = dataclasses.replace(cuda, peak=self._carry_peak)
+                reading = self.phases.finish(cuda.peak)  # cuda.peak: the last segment's own (peak reset per phase)
+                # the step's peak is its largest segment's; an unread step before it that peaked higher still counts
+                high = max(reading.peak or 0, self._carry_peak)
+                if high > cuda.peak:
+                    cuda = dataclasses.replace(cuda, peak=high)
                     self._figures = cuda
             else:
                 self.phases.stop()
@@ -541,7 +543,7 @@ class StepMeter:
                         cuda.reserved if cuda else None, cuda.retries if cuda else None,
                         cuda.ooms if cuda else None, device_used if cuda is not None else None,
                         self.batch_source if opened else None, self.backwards if opened else None,
-                        peak_phase=peak_phase, phase_peaks=phase_peaks)
+                        peak_phase=reading.phase, phase_peaks=reading.peaks, phase_own_peaks=reading.own)
         if opened and step.peak_phase is None and step.phase_peaks is None \
                 and getattr(step, "phase_own_peaks", None) is None:  # what the next carried step may repeat
             self._template = step
@@ -623,8 +625,8 @@ class StepMeter:
         batch = max(self._batch_max, self.batch.bytes if self.batch is not None else 0)
         comps = accounting.components(parameters, gradients, optimizer, acts, batch)
         cuda = self._cuda(self.device, False)
-        if cuda is not None:
-            comps["other"] = max(0, cuda.peak - sum(comps.values()))
+        if cuda is not None:  # a sampled step's peak is reset at each phase: the closed phases' own peaks count
+            comps["other"] = max(0, max(cuda.peak, self.phases.high) - sum(comps.values()))
         return comps
 
 
