@@ -25,7 +25,8 @@ Everything a later model change needs is recorded: the observed steps as the age
 refits on them without a GPU), each trial's allocator figures (reserved and inactive split bytes at the boundary:
 what the margin must cover), the peak of each phase of a step at the observed batch sizes (forward,
 backward, optimizer: for a phase-wise fit), and step times (plain, 2 and 4 accumulation micro-batches, each what-if) at one
-batch: the advisor's step-time factors measured on the device. Over 400 lines: one runner for eleven architectures, their what-ifs and timings (the models are in
+batch: the advisor's step-time factors measured on the device. The observed steps carry each phase's own
+peak (``phase_own_peaks``, the agent's sampled CUDA steps), so ``--reevaluate`` refits per phase. Over 400 lines: one runner for eleven architectures, their what-ifs and timings (the models are in
 bench/zoo_models.py, the offline half - reevaluate, merge, the table - in bench/zoo_offline.py). With --cpu-smoke the "peak" is the sum of measured components on a fake device
 (SmokeDevice), so its figures say nothing about a real allocator.
 """
@@ -362,7 +363,15 @@ def model_internals(model: Any) -> dict[str, Any]:
             "context": model.context, "frag_ratio": model.frag_ratio, "reserved_growth": model.reserved_growth,
             "alloc_retries": model.alloc_retries, "floor": model.floor, "slope_bound": model.slope_bound,
             "suspect": model.suspect, "curvature_slope": model.curvature_slope,
+            "phase_lines": {k: [v.fixed, v.per_sample] for k, v in model.phase_lines.items()},
             "time_line": None if model.time_line is None else [model.time_line.fixed, model.time_line.per_sample]}
+
+
+def _step_peaks_only_max(steps: list[Any], entry: Entry, amp: bool, device_total: int) -> int | None:
+    """The largest batch fitted on the same steps without their own phase peaks (one line through the steps'
+    peaks, as before issue 13's fix), for comparison."""
+    model = fit([replace(s, phase_own_peaks=None) for s in steps], optimizer=entry.optimizer_name, amp=amp)
+    return model.max_batch(device_total) if model is not None else None
 
 
 def _cleanup(dev: Any) -> None:
@@ -407,6 +416,10 @@ def run_entry(entry: Entry, dev: Any, deadline: float, smoke: bool) -> dict[str,
         "observed_allocator": getattr(runner, "observed_allocator", None), "fit": model_internals(model),
         "conservative": p.basis_fields.conservative, "device_total_for_prediction": device_total,
         "predicted_max_batch": predicted, "predicted_max_batch_central": p.max_batch_central,
+        # fitted per phase when the agent sent each phase's own peak (sampled CUDA steps): the phase deciding
+        # the largest batch, and what the step's peaks alone (an older agent) would have given
+        "deciding_phase": p.basis_fields.deciding_phase,
+        "predicted_max_batch_step_peaks_only": _step_peaks_only_max(steps, entry, arch.amp, device_total),
     })
     log: list[dict[str, Any]] = []
     for frac in (0.25, 0.5):

@@ -59,7 +59,7 @@ def evaluate(result: dict, device_total: int) -> dict:
     real = result["real_max_batch"]
     exact = exact_boundary(result["trials"]) or real
     fail = exact + 1
-    peak = model.peak_line.at(fail)
+    peak = model.peak_at(fail)
     extras = model.reserved_growth + (model.cache if model.alloc_retries > 0 else 0)
     room = device_total - model.context - peak - extras  # what the first failing batch left for fragmentation
     share = room / (model.frag_ratio * peak) if model.frag_ratio * peak > 0 else 0.0
@@ -67,7 +67,7 @@ def evaluate(result: dict, device_total: int) -> dict:
             "real": real, "exact": exact, "ratio": pred / real if real else None,
             "ratio_exact": pred / exact if exact else None, "context": model.context, "cache": model.cache,
             "frag_ratio": model.frag_ratio, "retries": model.alloc_retries,
-            "margin": model.fragmentation(model.peak_line.at(pred or 1)) + model.reserved_growth,
+            "margin": model.fragmentation(model.peak_at(pred or 1)) + model.reserved_growth,
             "needed_share": share, "basis": model.basis}
 
 

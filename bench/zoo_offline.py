@@ -5,6 +5,7 @@ the README table (``--markdown``). Split from predict_zoo.py so that file stays 
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -45,9 +46,16 @@ def reevaluate(doc: dict[str, Any]) -> list[dict[str, Any]]:
             continue
         device_total = doc["emulated_device_memory"] + model.context
         real = exact_boundary(r.get("trials", [])) or r["real_max_batch"]
-        pred = model.max_batch(device_total) or 0
+        p = model.predict(device_total=device_total)
+        pred = p.max_batch or 0
+        # the same steps without each phase's own peak: one line through the steps' peaks (before issue 13's fix)
+        one_line = fit([replace(s, phase_own_peaks=None) for s in steps], optimizer=r.get("optimizer"),
+                       amp=bool(r.get("amp")))
         row: dict[str, Any] = {"arch": r["arch"], "predicted": pred, "recorded": r["predicted_max_batch"],
                                "real": real, "ratio": pred / real if real else None, "what_ifs": [],
+                               "fit": f"per phase ({p.basis_fields.deciding_phase} decides)"
+                               if model.phase_lines else "one line",
+                               "step_peaks_only": one_line.max_batch(device_total) if one_line else None,
                                "overhead": _overhead(model, r, real, doc["emulated_device_memory"])}
         for w in r.get("what_ifs", []):
             if "spec" not in w or not w.get("real_max_batch"):
@@ -100,11 +108,12 @@ def merge(docs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def reevaluation_text(rows: list[dict[str, Any]]) -> tuple[str, bool]:
     """The re-evaluation as a table, and whether every prediction is at or below the real largest batch."""
-    lines = ["| arch | predicted now (recorded) | real | pred/real |", "|---|---:|---:|---:|"]
+    lines = ["| arch | predicted now (recorded) | real | pred/real | peak fitted | one line through the steps' peaks |",
+             "|---|---:|---:|---:|---|---:|"]
     safe = True
     for row in rows:
         if "skipped" in row:
-            lines.append(f"| {row['arch']} | {row['skipped']} | | |")
+            lines.append(f"| {row['arch']} | {row['skipped']} | | | | |")
             continue
         for name, x in [(row["arch"], row), *((f"{row['arch']}: {w['what_if']}", w) for w in row["what_ifs"])]:
             above = x["real"] is not None and x["predicted"] > x["real"]
@@ -113,8 +122,9 @@ def reevaluation_text(rows: list[dict[str, Any]]) -> tuple[str, bool]:
             derived = x.get("derived")
             note = "" if derived is None else f"; derived from the split: {derived}" + (
                 " (above real)" if x["real"] is not None and derived > x["real"] else "")
+            fitted, single = (row["fit"], row["step_peaks_only"]) if x is row else ("", "")
             lines.append(f"| {name} | {x['predicted']} ({x['recorded']}) | {x['real']} | "
-                         f"{ratio}{' **above**' if above else ''}{note} |")
+                         f"{ratio}{' **above**' if above else ''}{note} | {fitted} | {single} |")
     mib = 2**20
 
     def m(v: Any) -> str:
@@ -142,20 +152,21 @@ def markdown(doc: dict[str, Any]) -> str:
     lines = [f"Device: {doc['device']}, emulated {doc['emulated_device_memory'] / GIB:.0f} GiB "
              f"({doc['emulation']}); torch {doc['torch']}; {doc['seconds']} s.", "",
              "| arch | observed | peak error mean % | worst % | predicted largest batch | real | pred/real | "
-             "OOM at prediction | conservative |", "|---|---|---:|---:|---:|---:|---:|---|---|"]
+             "OOM at prediction | conservative | peak fitted |", "|---|---|---:|---:|---:|---:|---:|---|---|---|"]
 
     def f(x: float | None, spec: str = ".2f") -> str:
         return "-" if x is None else format(x, spec)
 
     for r in doc["results"]:
         if r.get("skipped") or r.get("error"):
-            lines.append(f"| {r['arch']} | {r.get('skipped') or r.get('error')} | | | | | | | |")
+            lines.append(f"| {r['arch']} | {r.get('skipped') or r.get('error')} | | | | | | | | |")
             continue
         oom = {True: "no", False: "**yes**", None: "-"}[r.get("ok_at_predicted")]
         lines.append(f"| {r['arch']} | {', '.join(map(str, r['observed']))} | {f(r['mean_error_pct'])} | "
                      f"{f(r['worst_error_pct'])} | {r['predicted_max_batch']} | {r['real_max_batch']}"
                      f"{'' if r.get('exact', True) else ' (±1%)'} | {f(r['max_batch_ratio'], '.3f')} | {oom} | "
-                     f"{'yes' if r.get('conservative') else 'no'} |")
+                     f"{'yes' if r.get('conservative') else 'no'} | "
+                     f"{'per phase, ' + r['deciding_phase'] + ' decides' if r.get('deciding_phase') else 'one line'} |")
     whatifs = [(r["arch"], w) for r in doc["results"] for w in r.get("what_ifs", []) if "skipped" not in w]
     if whatifs:
         lines += ["", "| what-if (from the observed run) | predicted largest batch | real | pred/real | "

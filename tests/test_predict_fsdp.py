@@ -131,7 +131,13 @@ def test_recorded_h200_fsdp2_run_never_above_real():
     """The 2x H200 FSDP2 run (bench/results/fsdp_predict_h200_x2.json) refitted with the current model: the
     per-rank largest batch from the sharded observation and the sharding what-if from the unsharded one are at
     or below the real largest batch, the per-rank peaks within 1%; the rule before the gathered units were
-    counted (nothing gathered) predicted a batch that ran out of memory."""
+    counted (nothing gathered) predicted a batch that ran out of memory (its central fit; its band now keeps it
+    below).
+
+    The run predates own phase peaks, so its steps are fitted as one line and their unexplained fixed part (the
+    gradients alive at the peak) opens the band; with the slope bound on each step's own floor (Adam's first
+    step held no state while it peaked) the band's high side is a real bound: the sharded answer is 32 (central
+    36), the what-if 36 (central 39). A run recorded with own peaks is fitted per phase instead."""
     from batchmon.protocol import Step
 
     path = ROOT / "bench" / "results" / "fsdp_predict_h200_x2.json"
@@ -141,7 +147,9 @@ def test_recorded_h200_fsdp2_run_never_above_real():
     assert ran[real] and not ran[doc["first_failing"]] and doc["first_failing"] == real + 1
     for rank in doc["ranks"]:
         model = fit([Step.from_dict(s) for s in rank["observed_steps"]], optimizer="AdamW")
-        assert 0.9 * real <= model.max_batch(cap + model.context) <= real
+        p = model.predict(device_total=cap + model.context)
+        assert 0.8 * real <= p.max_batch <= real and p.basis_fields.conservative
+        assert 0.9 * real <= p.max_batch_central <= real
         for point in rank["points"]:
             predicted = model.predict(WhatIf(batch_size=point["batch"])).peak_allocated
             assert abs(predicted - point["measured_peak"]) <= 0.01 * point["measured_peak"]
@@ -152,4 +160,5 @@ def test_recorded_h200_fsdp2_run_never_above_real():
     assert unsharded.max_batch(total, WhatIf(shards=2)) <= real
     assert fit(steps, optimizer="AdamW").max_batch(total, WhatIf(shards=2)) <= real  # no layout: the bound
     nothing = fit(steps, optimizer="AdamW", param_layout=ParamLayout(0, 0, 0))
-    assert nothing.max_batch(total, WhatIf(shards=2)) > real  # the old rule: an out-of-memory error
+    # the old rule: an out-of-memory error at its central answer
+    assert nothing.predict(WhatIf(shards=2), device_total=total).max_batch_central > real

@@ -24,7 +24,8 @@ The fit (documented rules, each chosen for what it predicts, not for convenience
   momentum) and no state was seen yet, its states are taken as 2 (1) x the gradient bytes.
 * activations, batch: per-sample. One batch size seen: value / B (no fixed part). Two or more: least squares
   ``fixed + per_sample * B`` over every step; a negative slope falls back to the mean.
-* peak allocated (the allocator's high-water mark in the step) is fitted the same way, on the steps after the
+* peak allocated (the allocator's high-water mark in the step; per phase when the steps carry each phase's own
+  peak: see "Per phase" below) is fitted the same way, on the steps after the
   optimizer state exists, one point per batch size: the largest peak seen at it (a first step at a size peaks
   lower than the steady ones: lazy optimizer state, warm-up); ``other`` = fitted peak - the five components above,
   so the components always sum to the fitted peak (with ``other`` clamped at 0). With one batch size, ``other``
@@ -67,22 +68,39 @@ The band (``Prediction.band``: low = the central fit, high = what the observatio
 
 A step's peak is the maximum over its phases (forward, loss, backward, optimizer step), each about
 ``fixed_i + slope_i * B``: a convex function of B whose steepest phase wins at large batches. Issue 13's LSTM
-LM (observed at 20, 20, 20, 10) peaked in the forward at those batches (the previous step's logits and
-gradients still alive) and in the loss's backward at large ones (several logits-sized tensors): the line
-through batch 10 and 20 was too flat, 38% low at 160, and the largest batch 1.9x the real one. Reproduced on
-CPU with real torch in tests/test_memory_model_lstm.py. The cause is in the fit, not the measurement: every
-component was measured right; a straight line through two small batches cannot see a phase that is not yet
-the peak. So:
+LM (observed at 20, 20, 20, 10) peaked in the forward at some observed batch (the previous step's logits and
+gradients still alive; on CPU at the short last batch 10, which holds the batch-20 logits of the step before)
+and in the loss's backward at large ones (several logits-sized tensors): the line through the steps' peaks at
+10 and 20 mixed the two phases, was too flat, 38% low at 160, and the largest batch 1.9x the real one.
+Reproduced on CPU with real torch in tests/test_memory_model_lstm.py. The step's peak hides a phase that is
+not the peak yet; each phase's own peak does not.
+
+Per phase (the fix): on sampled CUDA steps the agent reads each phase's own peak (``Step.phase_own_peaks``: the
+allocator's peak reset at backward's start and end). When the observed steps carry own peaks at two batch sizes
+or more, each phase's own peak is fitted as its own line (the largest own peak per batch size, like the
+step's), and the central peak at B is the largest of those lines and the steps' peak line (which equals their
+maximum at the observed batches): the phase that wins at large batches decides there
+(``MemoryModel.deciding_phase``; the basis says "peak fitted per phase" and "peak in backward at batch N").
+'other' at B is that peak minus the other five components. What-ifs change the components and keep each phase's
+lift over the step's line. Without own peaks (CPU, an older agent, one batch size) the step's peak is one line,
+as before, and the band below guards it. A crossing *within* one phase (between two points of the backward)
+is not seen either way.
+
+The band:
 
 * every phase holds at least the parameters and the optimizer state (the floor), and peaked at most at the
   step's measured peak, so no phase grows faster than ``(peak - floor) / B`` of any observed step (the slope
-  bound; each step's own floor, as Adam's first step has no state before its update);
-* the high side follows ``floor + slope_bound * B`` beyond the largest observed batch when the fitted peak's
-  batch-independent part above the floor is more than ``INTERCEPT_SHARE`` of the batch-dependent bytes at
-  the largest observed batch (suspect: a workspace and noise explain less; 2.8-4.7% on the four H200
-  architectures of run 1/2, 197% for the LSTM), or when the central largest batch lies beyond
-  ``FAR_EXTRAPOLATION`` (100) x the largest observed batch; with three or more batch sizes whose peaks curve
-  upward (a secant ``CURVATURE_TOLERANCE`` steeper than the fit), the steepest secant's slope is used too;
+  bound; each step's own floor: the agent reports the optimizer state at the step's end, so the step that
+  created it - the first observed, or one after which it grew, e.g. Adam's first step - is bounded with the
+  state reported before it; with the state at its end the bound came out below the real slope and the high
+  side was no higher than the central fit for Adam-like runs: the guard never engaged for them);
+* the high side follows ``floor + slope_bound * B`` beyond the largest observed batch when the peak was not
+  fitted per phase and the fitted peak's batch-independent part above the floor is more than
+  ``INTERCEPT_SHARE`` of the batch-dependent bytes at the largest observed batch (suspect: a phase that is not
+  the peak yet may be hiding; 2.8-4.7% on the four H200 architectures of run 1/2, 197% for the LSTM), or when
+  the central largest batch lies beyond ``FAR_EXTRAPOLATION`` (100) x the largest observed batch; with three
+  or more batch sizes whose peaks curve upward (a secant ``CURVATURE_TOLERANCE`` steeper than the fit), the
+  steepest secant's slope is used too;
 * below the largest observed batch the band is the central fit (the observations hold there).
 
 ``max_batch`` is the largest B with ``high(B) + margin(B) <= device_total`` (the conservative answer;

@@ -9,7 +9,7 @@ from batchmon.formulas import OPTIMIZER_STATES, optimizer_kind
 from batchmon.memory_model.model import MemoryModel
 from batchmon.memory_model.observations import FIXED, PER_SAMPLE, Line, Observation, ParamLayout, SavedSplit, fit_line
 from batchmon.memory_model.prediction import Prediction, WhatIf
-from batchmon.protocol import COMPONENTS, Step
+from batchmon.protocol import COMPONENTS, PHASES, Step
 
 #: the fitted peak's batch-independent part above parameters + optimizer state, as a share of the batch-dependent
 #: bytes at the largest observed batch, that a workspace and noise explain: on the four H200 run-1/2
@@ -94,10 +94,16 @@ def fit(steps: Iterable[Step | Observation], *, optimizer: str | None = None, am
             lines["other"] = _split_other(other, known, b)
         notes.append("no allocator peak (CPU): peak = sum of components")
 
+    phase_lines = _phase_lines(with_peak)
+    if phase_lines:
+        sizes = sorted({o.batch_size for o in with_peak if o.own_peaks})
+        notes.append(f"peak fitted per phase ({', '.join(phase_lines)}: each phase's own peak at batch "
+                     f"{', '.join(map(str, sizes))})")
     band = _band_inputs(lines, with_peak or steady,
                         _largest_per_batch((o.batch_size, o.peak_allocated) for o in with_peak)  # type: ignore[misc]
                         if with_peak else
-                        _largest_per_batch((o.batch_size, sum(o.components.values())) for o in steady))
+                        _largest_per_batch((o.batch_size, sum(o.components.values())) for o in steady),
+                        phase_lines)
 
     reference = max(distinct)
     at_ref = [o for o in basis_obs if o.batch_size == reference]
@@ -124,7 +130,7 @@ def fit(steps: Iterable[Step | Observation], *, optimizer: str | None = None, am
         alloc_retries=retries, reference_batch=reference, last_batch=obs[-1].batch_size,
         batch_sizes=tuple(sorted({o.batch_size for o in obs})), step_range=(obs[0].step, obs[-1].step),
         count=len(obs), optimizer=kind, observed_amp=amp, notes=tuple(notes), measured_peak=measured_peak,
-        time_line=_time_line(obs), saved_split=saved_split, param_layout=param_layout,
+        time_line=_time_line(obs), saved_split=saved_split, param_layout=param_layout, phase_lines=phase_lines,
         **band,
     )
 
@@ -151,8 +157,20 @@ def _time_line(obs: Sequence[Observation]) -> Line | None:
     return Line(overhead, slope)
 
 
+def _phase_lines(with_peak: Sequence[Observation]) -> dict[str, Line]:
+    """Each phase's own peak as its own line (PHASES order), from the largest own peak at each batch size, for
+    the phases measured at two batch sizes or more; {} when the steps carry no own peaks at two batch sizes (an
+    older agent, CPU, one batch size): the step's peak is then fitted as one line."""
+    points: dict[str, dict[int, int]] = {}
+    for o in with_peak:
+        for phase, value in (o.own_peaks or {}).items():
+            best = points.setdefault(phase, {})
+            best[o.batch_size] = max(value, best.get(o.batch_size, value))
+    return {p: fit_line(sorted(points[p].items())) for p in PHASES if len(points.get(p, ())) >= 2}
+
+
 def _band_inputs(lines: dict[str, Line], with_peak: Sequence[Observation],
-                 peaks: Sequence[tuple[int, int]]) -> dict:
+                 peaks: Sequence[tuple[int, int]], phase_lines: dict[str, Line]) -> dict:
     """What the band's high side rests on (MemoryModel fields); see "The band" in the module docstring."""
     peak_line = Line()
     for name in COMPONENTS:
@@ -160,12 +178,23 @@ def _band_inputs(lines: dict[str, Line], with_peak: Sequence[Observation],
     reference = max((b for b, _ in peaks), default=0) or 1
     floor = lines["parameters"].fixed + lines["optimizer"].fixed
     excess = max(0.0, peak_line.fixed - floor)
-    suspect = excess > INTERCEPT_SHARE * peak_line.per_sample * reference
+    # a fixed part no component explains may be a phase that is not the peak yet; with every phase's own peak
+    # fitted, no phase is hidden: nothing is suspect
+    suspect = not phase_lines and excess > INTERCEPT_SHARE * peak_line.per_sample * reference
     # every phase of a step is (fixed >= floor) + slope * B and peaks at most at the step's peak, so its slope is
-    # at most (peak - floor) / B; the step's own floor (Adam's first step has no state before its update)
-    bounds = [(o.peak_allocated - o.components["parameters"] - o.components["optimizer"]) / o.batch_size
-              for o in with_peak if o.peak_allocated is not None]
-    out: dict = {"floor": floor, "slope_bound": max(peak_line.per_sample, min(bounds, default=0.0)),
+    # at most (peak - floor) / B; the step's own floor: the agent reports the optimizer state at the step's end,
+    # so a step that created it (the first observed, or one after which it grew: Adam's first step) held only the
+    # state reported before it while its forward and backward ran
+    bounds = []
+    before = 0
+    for o in with_peak:
+        state = o.components["optimizer"]
+        if o.peak_allocated is not None:
+            bounds.append((o.peak_allocated - o.components["parameters"] - min(state, before)) / o.batch_size)
+        before = state
+    steepest_phase = max((line.per_sample for line in phase_lines.values()), default=0.0)
+    out: dict = {"floor": floor,
+                 "slope_bound": max(peak_line.per_sample, steepest_phase, min(bounds, default=0.0)),
                  "suspect": suspect, "unexplained_fixed": excess if suspect else 0.0}
     if len(peaks) >= 3:
         slope = fit_line(peaks).per_sample

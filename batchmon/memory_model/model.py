@@ -57,6 +57,9 @@ class MemoryModel:
     time_line: Line | None = None  # step seconds = fixed + per_sample x B (two or more batch sizes timed)
     saved_split: SavedSplit | None = None  # measured make-up of the saved activations (derived what-ifs)
     param_layout: ParamLayout | None = None  # how the parameters split into FSDP units (the sharding what-if)
+    # each phase's own peak as its own line (forward, backward, optimizer; {}: not fitted per phase): the step's
+    # central peak is the largest of these and the step's line (see "Per phase" in batchmon.memory_model)
+    phase_lines: dict[str, Line] = field(default_factory=dict)
     _max_batch_cache: dict = field(default_factory=dict, compare=False, repr=False)
 
     # -- description
@@ -78,6 +81,33 @@ class MemoryModel:
         for name in COMPONENTS:
             total = total + self.lines[name]
         return total
+
+    def peak_at(self, micro: float) -> float:
+        """The central peak allocated at micro-batch ``micro`` as observed (no what-if): the step's line, or the
+        largest own-peak line of a phase where one lies above it (the phase that wins at large batches)."""
+        peak = self.peak_line.at(micro)
+        for line in self.phase_lines.values():
+            peak = max(peak, line.at(micro))
+        return peak
+
+    def phase_lift(self, micro: float) -> float:
+        """Bytes a phase's own line lies above the step's line at ``micro`` (0 when not fitted per phase): what
+        the per-phase fit adds to 'other' there."""
+        return self.peak_at(micro) - self.peak_line.at(micro) if self.phase_lines else 0.0
+
+    def deciding_phase(self, micro: float) -> str | None:
+        """The phase whose own line is the highest at ``micro`` (None when not fitted per phase)."""
+        if not self.phase_lines:
+            return None
+        return max(self.phase_lines, key=lambda p: (self.phase_lines[p].at(micro), self.phase_lines[p].per_sample))
+
+    def _slope_at(self, micro: float) -> float:
+        """Per-sample bytes of the central peak at ``micro`` (the line that decides there)."""
+        slope, best = self.peak_line.per_sample, self.peak_line.at(micro)
+        for line in self.phase_lines.values():
+            if line.at(micro) > best:
+                slope, best = line.per_sample, line.at(micro)
+        return slope
 
     @property
     def trainable_bytes(self) -> float:
@@ -114,6 +144,8 @@ class MemoryModel:
     def _evaluate(self, lines: dict[str, Line], batch: int, steps: int) -> tuple[dict[str, int], int]:
         micro = -(-batch // steps)
         comps = {name: max(0, round(lines[name].at(micro))) for name in COMPONENTS}
+        if self.phase_lines:
+            comps["other"] = max(0, round(lines["other"].at(micro) + self.phase_lift(micro)))
         return comps, micro
 
     def _margin(self, override: int | float | None, device_total: int | None) -> int:
@@ -152,13 +184,13 @@ class MemoryModel:
         beyond = micro - self.reference_batch
         if beyond <= 0:
             return 0.0
-        central = self.peak_line.at(micro)
+        central = self.peak_at(micro)
         extra = self.curvature_slope * beyond
         if self.suspect or far:
             extra = max(extra, self.floor + self.slope_bound * micro - central)
         if lines is not None and extra > 0:
-            observed = self.peak_line.per_sample
-            changed = sum(lines[n].per_sample for n in COMPONENTS)
+            observed = self._slope_at(micro)  # the deciding line's; a phase's lift over the step's line is kept
+            changed = sum(lines[n].per_sample for n in COMPONENTS) + observed - self.peak_line.per_sample
             if observed > 0:
                 extra *= min(1.0, max(0.0, changed / observed))
         return max(0.0, extra)
@@ -226,8 +258,11 @@ class MemoryModel:
         headroom = device_total - kept - band.high if device_total else None
         why = self._conservative_why(max_batch, central_max, far)
         extrapolation = (max_batch / self.reference_batch) if max_batch else None
+        decided_at = -(-max_batch // steps) if max_batch else micro
         basis = self.basis_fields(notes, margin_source="measured" if margin is None else "given",
-                                  extrapolation=extrapolation, conservative=bool(why), conservative_why=why)
+                                  extrapolation=extrapolation, conservative=bool(why), conservative_why=why,
+                                  deciding_phase=self.deciding_phase(decided_at),
+                                  decided_at=decided_at if self.phase_lines else None)
         return Prediction(batch_size=batch, components={n: comps[n] for n in ALL_COMPONENTS}, total=total,
                           peak_allocated=peak, max_batch=max_batch, device_total=device_total, headroom=headroom,
                           margin=kept, basis_fields=basis, band=band, max_batch_central=central_max,

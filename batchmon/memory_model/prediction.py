@@ -31,6 +31,10 @@ class Basis:
     conservative: bool = False  # the largest batch comes from the band's high side, not the central fit
     conservative_why: tuple[str, ...] = ()  # why the observations cannot support the central extrapolation
     margin_source: str = "measured"  # "measured" (fragmentation, growth, retries) or "given" (an override)
+    # fitted per phase: the phase whose own peak decides the step's peak at decided_at (the largest batch when
+    # known, else the batch asked), e.g. "backward"; None when the peak was fitted as one line
+    deciding_phase: str | None = None
+    decided_at: int | None = None  # that (micro-)batch
 
     @property
     def largest_observed(self) -> int:
@@ -48,6 +52,8 @@ class Basis:
     def text(self, *, step_range: bool = True) -> str:
         """The whole basis on one line (--once, --json): observations; fit notes; conservative; what-ifs."""
         parts = [self.observed_text(step_range=step_range), *self.notes]
+        if self.deciding_phase is not None:
+            parts.append(f"peak in {self.deciding_phase} at batch {self.decided_at}")
         if self.conservative:
             parts.append("largest batch conservative: " + ", ".join(self.conservative_why))
         parts.extend(f"what-if: {n}" for n in self.what_if)
