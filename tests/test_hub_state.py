@@ -294,14 +294,16 @@ def test_step_window_is_immutable_across_appends_and_compaction_and_acts_like_a_
     h = StepHistory(10)
     steps = [_history_step(n, 16 + n % 50, n % 7) for n in range(1, 3 * COMPACT_EVERY + 30)]
     old_windows = []
+    kept = []  # the Steps the history stores (compact copies, equal to what was appended)
     for i, step in enumerate(steps):
-        h.append(step)
+        kept.append(h.append(step))
+        assert kept[-1] == step and h.last is kept[-1]
         w = h.window()
         assert h.window() is w  # the same object until the next append
-        old_windows.append((w, tuple(steps[max(0, i - 9): i + 1])))
-    for w, want in old_windows:  # every earlier window still holds exactly its steps, after 3 compactions
+        old_windows.append((w, tuple(steps[max(0, i - 9): i + 1]), kept[max(0, i - 9)]))
+    for w, want, first in old_windows:  # every earlier window still holds exactly its steps, after 3 compactions
         assert w == want and tuple(w) == want and list(reversed(w)) == list(reversed(want))
-        assert w[0] is want[0] and w[-1] is want[-1] and w[-3:] == want[-3:] and w[::2] == want[::2]
+        assert w[0] is first and w[-1] == want[-1] and w[-3:] == want[-3:] and w[::2] == want[::2]
         assert w[5:2] == () and w[-100:] == want and len(w) == len(want) and bool(w)
         assert w + () == want and () + w == want and w != want[:-1] and not (w == list(want))
     bare = StepWindow(steps, 3, 80)  # made without a summary: the reference definition answers

@@ -13,6 +13,13 @@ Two costs of the hub under load (bench/load.py: 64 agents at 10 steps/s, 4 snaps
   latest batch sizes, the most recent steps) scanned the whole history. Here each append and each eviction
   updates, per batch size, a sliding-window maximum (monotonic deque), so the summary costs O(summary).
 
+- Memory: a decoded step is ~1.1 KB (its instance dict, a components dict and ~10 int and float objects), and the
+  hub keeps HISTORY_LIMIT of them per agent (16 agents: ~35 MB, most of the monitor's RSS beside them). Each step
+  appended is stored compactly (``compact_step``): the same Step, equal field for field, whose attributes live in
+  the instance's shared-key storage instead of a dict of its own, and whose dicts and numbers are the objects an
+  earlier step already holds when they are equal (steady training repeats its components step after step).
+  ~1.1 KB -> ~0.3 KB a step; every reader (the model's summary, views, export, record, replay) gets Steps as before.
+
 Where in the step the peak was reached (``Step.peak_phase`` / ``phase_peaks``) comes on the agent's sampled steps
 only: ``StepHistory.phases()`` keeps the latest one known at the current batch size (an epoch's short last batch
 sampled does not stand for the batch the run uses), else the latest at any; an unsampled step never blanks it.
@@ -31,6 +38,37 @@ from batchmon.snapshot import StepPhases, phase_peaks
 RECENT_STEPS = 32  # model_steps: the last steps kept (the current state)
 RECENT_SIZES = 32  # model_steps: the latest batch sizes kept (their highest-peak step each)
 COMPACT_EVERY = 64  # evicted steps kept in the buffer before it is copied (bounded extra memory: 64 steps)
+SHARED_VALUES = 1024  # distinct field values a history shares between its steps; then it starts again
+_UNIQUE = frozenset({"step", "time"})  # fields that differ on every step: never looked up
+
+_set = object.__setattr__
+
+
+def compact_step(step: Step, previous: Step | None, shared: dict[tuple, Any]) -> Step:
+    """``step`` as a Step equal to it in every field, smaller: its fields set one by one (an instance made by
+    protocol.new_step carries a dict of its own, ~460 bytes; set this way they live in the class's shared-key
+    storage, ~180), each field the previous step's object when equal, else the equal one ``shared`` holds (a dict
+    keyed by its items): steady training repeats its components and allocator figures. Steps are frozen and nothing
+    changes a step's dicts, so sharing them is safe. Every field the step has is copied, whatever fields
+    protocol.Step gains."""
+    out = object.__new__(Step)
+    before = previous.__dict__ if previous is not None else {}
+    get = before.get
+    for name, value in step.__dict__.items():
+        if value is not None:
+            old = get(name)
+            if old is not None and old == value and type(old) is type(value):
+                value = old
+            elif name not in _UNIQUE:
+                key = (name, tuple(value.items())) if type(value) is dict else (name, type(value), value)
+                seen = shared.get(key)
+                if seen is None:
+                    if len(shared) >= SHARED_VALUES:
+                        shared.clear()
+                    seen = shared[key] = value
+                value = seen
+        _set(out, name, value)
+    return out
 
 
 def step_peak(step: Step) -> int:
@@ -135,7 +173,7 @@ class StepHistory:
     """The last ``limit`` steps, oldest first, plus what ``model_steps`` needs. Only ``append`` changes it."""
 
     __slots__ = ("limit", "_buf", "_start", "_first", "_sizes", "_order", "_window", "appended", "covered", "steps",
-                 "_phases")
+                 "_phases", "_shared")
 
     def __init__(self, limit: int) -> None:
         self.limit = max(1, int(limit))
@@ -152,6 +190,7 @@ class StepHistory:
         self.steps = 0  # training steps the kept messages stand for
         # batch size -> its latest sampled step's phases (kept past the step's eviction), latest size last
         self._phases: dict[int | None, StepPhases] = {}
+        self._shared: dict[tuple, Any] = {}  # compact_step's shared field values
 
     def __len__(self) -> int:
         return len(self._buf) - self._start
@@ -163,8 +202,10 @@ class StepHistory:
     def last(self) -> Step | None:
         return self._buf[-1] if len(self._buf) > self._start else None
 
-    def append(self, step: Step) -> None:
+    def append(self, step: Step) -> Step:
+        """Keep ``step`` (stored compactly: ``compact_step``); returns the Step kept, equal to ``step``."""
         index = self._first + len(self)
+        step = compact_step(step, self.last, self._shared)
         self._buf.append(step)
         self.appended += 1
         self.covered += step.steps
@@ -187,6 +228,7 @@ class StepHistory:
         self._order[step.batch_size] = None
         if len(self) > self.limit:
             self._evict()
+        return step
 
     def _evict(self) -> None:
         old = self._buf[self._start]
