@@ -169,6 +169,29 @@ def _phase_lines(with_peak: Sequence[Observation]) -> dict[str, Line]:
     return {p: fit_line(sorted(points[p].items())) for p in PHASES if len(points.get(p, ())) >= 2}
 
 
+def _phase_bounds(lines: dict[str, Line], phase_lines: dict[str, Line], with_peak: Sequence[Observation],
+                  reference: int) -> dict[str, tuple[float, Line]]:
+    """Forward and backward lines whose fixed part exceeds everything batch-independent that can be alive
+    (parameters, gradients, optimizer state) by more than INTERCEPT_SHARE of their per-sample bytes at the
+    reference batch: bytes no component explains - typically a previous, larger step's tensors still alive in a
+    short batch's forward (``output = model(x)`` frees the last output only when the new forward returns),
+    which flattens the line. {phase: (those bytes, the line through that floor at 0 and the phase's own peak at
+    the reference batch)}: the band's high side follows it beyond the reference. The optimizer phase is left
+    out: its temporaries are parameter-sized, fixed by nature."""
+    held = sum(lines[n].fixed for n in FIXED)
+    out: dict[str, tuple[float, Line]] = {}
+    for phase in ("forward", "backward"):
+        line = phase_lines.get(phase)
+        at_ref = [o.own_peaks[phase] for o in with_peak
+                  if o.batch_size == reference and o.own_peaks and phase in o.own_peaks]
+        if line is None or not at_ref:
+            continue
+        excess = line.fixed - held
+        if excess > INTERCEPT_SHARE * line.per_sample * reference:
+            out[phase] = (excess, Line(held, max(line.per_sample, (max(at_ref) - held) / reference)))
+    return out
+
+
 def _band_inputs(lines: dict[str, Line], with_peak: Sequence[Observation],
                  peaks: Sequence[tuple[int, int]], phase_lines: dict[str, Line]) -> dict:
     """What the band's high side rests on (MemoryModel fields); see "The band" in the module docstring."""
@@ -195,7 +218,8 @@ def _band_inputs(lines: dict[str, Line], with_peak: Sequence[Observation],
     steepest_phase = max((line.per_sample for line in phase_lines.values()), default=0.0)
     out: dict = {"floor": floor,
                  "slope_bound": max(peak_line.per_sample, steepest_phase, min(bounds, default=0.0)),
-                 "suspect": suspect, "unexplained_fixed": excess if suspect else 0.0}
+                 "suspect": suspect, "unexplained_fixed": excess if suspect else 0.0,
+                 "phase_bounds": _phase_bounds(lines, phase_lines, with_peak, reference)}
     if len(peaks) >= 3:
         slope = fit_line(peaks).per_sample
         steepest, between = 0.0, None

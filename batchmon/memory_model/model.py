@@ -60,6 +60,8 @@ class MemoryModel:
     # each phase's own peak as its own line (forward, backward, optimizer; {}: not fitted per phase): the step's
     # central peak is the largest of these and the step's line (see "Per phase" in batchmon.memory_model)
     phase_lines: dict[str, Line] = field(default_factory=dict)
+    # forward/backward lines with a fixed part no component explains: {phase: (those bytes, the high line)}
+    phase_bounds: dict[str, tuple[float, Line]] = field(default_factory=dict)
     _max_batch_cache: dict = field(default_factory=dict, compare=False, repr=False)
 
     # -- description
@@ -188,6 +190,8 @@ class MemoryModel:
         extra = self.curvature_slope * beyond
         if self.suspect or far:
             extra = max(extra, self.floor + self.slope_bound * micro - central)
+        for _, high in self.phase_bounds.values():
+            extra = max(extra, high.at(micro) - central)
         if lines is not None and extra > 0:
             observed = self._slope_at(micro)  # the deciding line's; a phase's lift over the step's line is kept
             changed = sum(lines[n].per_sample for n in COMPONENTS) + observed - self.peak_line.per_sample
@@ -225,6 +229,10 @@ class MemoryModel:
                        f"but are not parameters or optimizer state: counted per-sample beyond batch "
                        f"{self.reference_batch} (a step's peak can move to another phase, e.g. from forward to "
                        f"backward, as the batch grows)")
+        for phase, (excess, _) in self.phase_bounds.items():
+            why.append(f"the {phase}'s own peak holds {excess / 2**20:.0f} MiB that are not parameters, gradients "
+                       f"or optimizer state (a previous, larger step's tensors still alive?): counted per-sample "
+                       f"beyond batch {self.reference_batch}")
         if self.curvature_slope > 0 and self.steepest_between:
             a, b = self.steepest_between
             why.append(f"the measured peak curves upward (steepest between batch {a} and {b}): that slope is "
