@@ -219,11 +219,16 @@ def profile(handle: Any, run_steps: Callable[[int], list[float]], steps: int) ->
     t.wrap(handle, "_crit_post", "loss post hook (agent side)")
     t.wrap(handle, "_before_backward", "before backward")
     t.wrap(handle, "_after_backward", "after backward")
-    # the optimizer's post hook is the bound _on_step registered at attach (wrapping the attribute now would not
-    # reach it); the step's end inside it is looked up per call
-    t.wrap(handle, "_finish_step", "step end (all of it, inside the optimizer's post hook)")
     meter = handle._meter
+    if hasattr(handle, "_step_hook"):
+        # before issue 14's steady path: the optimizer's post hook was the bound _on_step registered at attach
+        # (wrapping the attribute now would not reach it); the step's end inside it is looked up per call
+        t.wrap(handle, "_finish_step", "step end (all of it, inside the optimizer's post hook)")
+    else:  # torch_patches' one optimizer post hook looks the agent's _on_step up per call
+        t.wrap(handle, "_on_step", "optimizer post hook (agent side: the step's end)")
+        t.wrap(handle, "_finish_step", "  step end (all of it)")
     t.wrap(meter, "begin_forward", "  forward: batch size, inputs as batch")
+    t.wrap(meter, "finish_carried", "  step end: a carried step (the last Step repeated)")
     t.wrap(meter, "finish", "  step end: measure (counting + message)")
     t.wrap(meter, "static_components", "    counting: parameters/gradients/optimizer")
     t.wrap(meter, "_cuda", "    allocator figures")
@@ -254,6 +259,32 @@ def profile(handle: Any, run_steps: Callable[[int], list[float]], steps: int) ->
             "agent_side_us_per_step": round(sum(parts[k]["us_per_step"] for k in top), 3),
             "agent_side_median_us": round(statistics.median(totals) / 1e3, 3) if totals else None,
             "median_step_s_while_profiled": statistics.median(times) if times else None}
+
+
+def count_calls(run_steps: Callable[[int], list[float]], steps: int) -> dict[str, Any]:
+    """Python-level calls per step (sys.setprofile), median over ``steps`` steps: all of them, and batchmon's own
+    - the deterministic measure of the step path's work on a box whose clock is shared."""
+    import batchmon
+
+    package = str(Path(batchmon.__file__).resolve().parent)
+    counts: list[tuple[int, int]] = []
+    for _ in range(steps):
+        seen = [0, 0]
+
+        def prof(frame: Any, event: str, arg: Any) -> None:
+            if event == "call":
+                seen[0] += 1
+                if frame.f_code.co_filename.startswith(package):
+                    seen[1] += 1
+
+        sys.setprofile(prof)
+        try:
+            run_steps(1)
+        finally:
+            sys.setprofile(None)
+        counts.append((seen[0], seen[1]))
+    return {"python": statistics.median(c[0] for c in counts), "batchmon": statistics.median(c[1] for c in counts),
+            "batchmon_max": max(c[1] for c in counts), "steps": steps}
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -335,11 +366,15 @@ def main(argv: list[str] | None = None) -> int:
 
     prof: dict[str, Any] = {"steps": 0, "parts": {}, "agent_side_us_per_step": None, "agent_side_median_us": None,
                             "median_step_s_while_profiled": None}
+    calls: dict[str, Any] = {}
     if args.only is None:
         handle = batchmon.attach(model, opt, name="agent_cost_profile")
         run_steps(5)
         prof = profile(handle, run_steps, args.profile_steps or args.steps * 3)
+        calls["attached"] = count_calls(run_steps, 20)
         handle.detach()
+        calls["plain"] = count_calls(run_steps, 20)
+        calls["python_added"] = calls["attached"]["python"] - calls["plain"]["python"]
     if reader is not None:
         time.sleep(0.3)
         reader.terminate()
@@ -366,6 +401,7 @@ def main(argv: list[str] | None = None) -> int:
         "agent_steps_seen": agent_steps,
         "monitor_lines_read": messages if reader is not None else None,
         "profile": prof,
+        "calls_per_step": calls,
         "rounds": rounds,
         "settings": {"rounds": rounds_n, "steps": args.steps, "warmup": args.warmup, "threads": args.threads,
                      "round_warmup": args.round_warmup,
@@ -385,6 +421,10 @@ def main(argv: list[str] | None = None) -> int:
         if part["calls_per_step"]:
             print(f"    {name:<48} {part['us_per_step']:8.2f} us {part['median_us']:8.2f} us  "
                   f"({part['calls_per_step']:g} calls/step)")
+    if calls:
+        print(f"  Python calls per step (median of 20): {calls['attached']['python']} attached vs "
+              f"{calls['plain']['python']} plain (+{calls['python_added']}); batchmon's own "
+              f"{calls['attached']['batchmon']} (at most {calls['attached']['batchmon_max']}: a sampled step)")
     if args.out:
         print(f"  wrote {args.out}")
     return 0

@@ -482,8 +482,6 @@ class AgentHandle:
         if self._disabled:
             return
         try:
-            if self.pid != _getpid():
-                return
             meter = self._meter
             ref = meter.primary_ref
             primary = ref() if ref is not None else None
@@ -507,6 +505,8 @@ class AgentHandle:
         step = meter.finish_carried(self._device_used) if meter.batch_carried and not in_loop else None
         if step is not None:  # the steady step: the last step's figures, no events (step_meter.finish_carried)
             out.step(step)
+            return
+        if self.pid != _getpid():  # a child forked outside os.fork (whose handler disables the agent there)
             return
         step, events = meter.finish(self._device_used, in_loop)
         out.step(step)

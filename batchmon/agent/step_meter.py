@@ -191,6 +191,8 @@ class StepMeter:
         self.batch_carried = False  # the open step's batch bytes are the last step's (same inputs, not sampled)
         self.phases = PhaseTracker(self._segment_peak)  # each phase's own peak on a sampled step, and where it peaked
         self._carry_peak = 0  # the peak of unread steps, read when a sampled step reset it for its phases
+        self._kind_of: torch.device | None = None  # the device whose type _on_cuda says
+        self._on_cuda = False
         self._template: Step | None = None  # the last step finish made, when a carried step may repeat it
         self._template_key: tuple[Any, ...] | None = None  # the figures it was made of (finish_carried compares)
 
@@ -250,7 +252,10 @@ class StepMeter:
         n = self.step + 1
         every = self.activation_every
         first = self._first_param() if self._first_param is not None else None
-        layout = None if first is None else (first.device, first.dtype, first.data_ptr())  # _layout_of, inline
+        layout = self._layout
+        # the layout changes with the storage (.to()/.half() give the parameter a new one): its address says it
+        if first is None or layout is None or first.data_ptr() != layout[2]:
+            layout = _layout_of(first)
         now = time.perf_counter()
         self.sampled = ((every <= 1 or n % every == 0) and now - self._sampled_t >= self.sample_seconds) \
             or n <= FULL_STEPS or first is None or self.batch_size != self._sampled_batch_size or layout != self._layout
@@ -453,8 +458,10 @@ class StepMeter:
         start = self._last_step_end
         now = _perf_counter()
         device = self.device
+        if device is not self._kind_of:  # (torch.device.type costs ~0.7 us a read: once per device object)
+            self._kind_of, self._on_cuda = device, device is not None and device.type == "cuda"
         cuda = None
-        if device is not None and device.type == "cuda":
+        if self._on_cuda:
             cuda = self._figures
             if cuda is None or self.step < FULL_STEPS or now - self._figures_t >= ALLOCATOR_READ_SECONDS:
                 return None
