@@ -296,3 +296,46 @@ def test_own_phase_peaks_of_real_steps(agent_dir):
         assert script_peak >= 256 * MIB  # the agent's resets are not the script's
     finally:
         handle.detach()
+
+
+@cuda
+def test_own_peaks_cost_reads_on_sampled_steps_only(agent_dir):
+    """The phase boundaries read (and reset) the allocator on sampled steps only: two reads in each followed step
+    (the backward's start and end), none in the others (the step's start and end are read as before)."""
+    device = "cuda"
+    model = nn.Linear(64, 64).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    handle = batchmon.attach(model, opt, activation_every=4)
+    meter = handle._meter
+    reads = [0]
+    per_step: list[tuple[bool, int]] = []  # (followed, boundary reads during the step)
+    inner_read = meter.phases._read
+
+    def counted_read() -> int | None:
+        reads[0] += 1
+        return inner_read()
+
+    def counted(finish):
+        def wrapped(*args, **kwargs):
+            out = finish(*args, **kwargs)
+            step = out[0] if isinstance(out, tuple) else out
+            per_step.append((getattr(step, "phase_own_peaks", None) is not None, reads[0]))
+            reads[0] = 0
+            return out
+        return wrapped
+
+    meter.phases._read = counted_read
+    for name in ("finish", "finish_carried"):
+        if hasattr(meter, name):
+            setattr(meter, name, counted(getattr(meter, name)))
+    try:
+        for _ in range(20):
+            opt.zero_grad(set_to_none=True)
+            model(torch.randn(32, 64, device=device)).square().mean().backward()
+            opt.step()
+        torch.cuda.synchronize()
+        assert len(per_step) == 20
+        assert any(f for f, _ in per_step) and not all(f for f, _ in per_step), per_step
+        assert all(n == (2 if followed else 0) for followed, n in per_step), per_step
+    finally:
+        handle.detach()
