@@ -68,7 +68,10 @@ A step that is not sampled and whose root inputs are plain tensors of the last s
 (the steady step of a training loop) carries the last step's batch size, batch bytes and parameter, gradient and
 optimizer counts: its inputs' and targets' storages are not walked and the optimizers' state is not looked at
 (new state, e.g. an optimizer that starts stepping late, is counted on the next sampled step, at most
-SAMPLE_SECONDS later with the defaults).
+SAMPLE_SECONDS later with the defaults). Its end (``finish_carried``): when every figure it reports is the last
+step's (counts, activations, batch, batch size and source, micro-batches, the allocator's figures carried with no
+read due, the device figure), its Step is a copy of the last one with its own number and times - the Step that
+``finish`` would make, without computing it (tests/test_agent_carried_steps.py compares the two step by step).
 """
 
 from __future__ import annotations
