@@ -52,7 +52,7 @@ def test_a_field_protocol_adds_is_kept():
     step = protocol.decode(wire_step(50))
     extra = object.__new__(Step)
     extra.__dict__.update(step.__dict__, a_new_field={"forward": 1})  # a field a later protocol adds
-    out = compact_step(extra, None, {})
+    out = compact_step(extra, {})
     assert out.a_new_field == {"forward": 1} and out == step  # type: ignore[attr-defined]
 
 

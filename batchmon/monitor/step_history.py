@@ -44,28 +44,22 @@ _UNIQUE = frozenset({"step", "time"})  # fields that differ on every step: never
 _set = object.__setattr__
 
 
-def compact_step(step: Step, previous: Step | None, shared: dict[tuple, Any]) -> Step:
+def compact_step(step: Step, shared: dict[Any, Any]) -> Step:
     """``step`` as a Step equal to it in every field, smaller: its fields set one by one (an instance made by
     protocol.new_step carries a dict of its own, ~460 bytes; set this way they live in the class's shared-key
-    storage, ~180), each field the previous step's object when equal, else the equal one ``shared`` holds (a dict
-    keyed by its items): steady training repeats its components and allocator figures. Steps are frozen and nothing
+    storage, ~180), and each field value the equal object ``shared`` already holds (a dict keyed by its items):
+    steady training repeats its components and allocator figures step after step. Steps are frozen and nothing
     changes a step's dicts, so sharing them is safe. Every field the step has is copied, whatever fields
     protocol.Step gains."""
     out = object.__new__(Step)
-    before = previous.__dict__ if previous is not None else {}
-    get = before.get
     for name, value in step.__dict__.items():
-        if value is not None:
-            old = get(name)
-            if old is not None and old == value and type(old) is type(value):
-                value = old
-            elif name not in _UNIQUE:
-                key = (name, tuple(value.items())) if type(value) is dict else (name, type(value), value)
-                seen = shared.get(key)
-                if seen is None:
-                    if len(shared) >= SHARED_VALUES:
-                        shared.clear()
-                    seen = shared[key] = value
+        if value is not None and name not in _UNIQUE:
+            seen = shared.get(tuple(value.items()) if type(value) is dict else value)
+            if seen is None:
+                if len(shared) >= SHARED_VALUES:
+                    shared.clear()
+                shared[tuple(value.items()) if type(value) is dict else value] = value
+            elif type(seen) is type(value):  # 1, 1.0 and True are one key: only the same type is shared
                 value = seen
         _set(out, name, value)
     return out
@@ -190,7 +184,7 @@ class StepHistory:
         self.steps = 0  # training steps the kept messages stand for
         # batch size -> its latest sampled step's phases (kept past the step's eviction), latest size last
         self._phases: dict[int | None, StepPhases] = {}
-        self._shared: dict[tuple, Any] = {}  # compact_step's shared field values
+        self._shared: dict[Any, Any] = {}  # compact_step's shared field values
 
     def __len__(self) -> int:
         return len(self._buf) - self._start
@@ -205,7 +199,7 @@ class StepHistory:
     def append(self, step: Step) -> Step:
         """Keep ``step`` (stored compactly: ``compact_step``); returns the Step kept, equal to ``step``."""
         index = self._first + len(self)
-        step = compact_step(step, self.last, self._shared)
+        step = compact_step(step, self._shared)
         self._buf.append(step)
         self.appended += 1
         self.covered += step.steps
