@@ -185,15 +185,16 @@ def test_a_cropped_update_draws_every_changed_cell_as_textual_would_and_little_e
         assert set(ours) <= set(textual)
         assert all(ours[c] == textual[c] for c in ours)  # the same characters in the same colours
         assert {(i, 0) for i in range(x1, x2)} <= set(ours)  # every cell of the span
-        # nothing before the segment the span starts in
-        starts = [0]
-        for strip in chops.values():
-            for seg in strip:
-                starts.append(starts[-1] + len(seg.text))
-        first = max(s for s in starts if s <= x1)
-        assert min(i for i, _ in ours) == first
+        assert min(i for i, _ in ours) == x1  # nothing before the span (one cell per character here)
 
     check()
+    # a wide character: the span is written from the start of the segment it starts in, never from inside one
+    strip = Strip([Segment("ab", styles[1]), Segment("c显d", styles[2])])
+    two_rows = ChopsUpdate([{0: strip}, {0: strip}], [(0, 4, 5), (1, 3, 4)], [[5], [5]])
+    data = cropped(two_rows).render_segments(console)
+    ours = terminal_cells(data)
+    assert min(x for x, y in ours if y == 0) == 2 and min(x for x, y in ours if y == 1) == 2
+    assert "\n" not in data  # each span starts with its own cursor move: no newline between lines
     assert type(cropped(ChopsUpdate([{}], [(0, 0, 1)], [[]]))) is CroppedChopsUpdate
     assert cropped("a full update") == "a full update"
 

@@ -152,16 +152,15 @@ class QuietLinuxDriver(LinuxDriver):
 
 
 class CroppedChopsUpdate(ChopsUpdate if ChopsUpdate is not None else object):  # type: ignore[misc]
-    """Textual's partial update, each changed span written from the segment it starts in rather than from the
-    widget's left edge. A segment is a run of one style (text, cursor move and colours are what the terminal
-    gets), so a line is never cut inside a character: a wide one included."""
+    """Textual's partial update, each changed span written from its own column (from the start of the segment it
+    starts in when that segment holds a wide character: a line is never cut inside one) rather than from the
+    widget's left edge, and without Textual's newline after each line (each span starts with a cursor move)."""
 
     def render_segments(self, console: Console) -> str:
         out: list[str] = []
         append = out.append
         move_to = Control.move_to
         chops, chop_ends = self.chops, self.chop_ends
-        last_y = self.spans[-1][0]
         for y, x1, x2 in self.spans:
             for end, (x, strip) in zip(chop_ends[y], chops[y].items()):
                 if strip is None or x > x2 or end <= x1:
@@ -171,16 +170,18 @@ class CroppedChopsUpdate(ChopsUpdate if ChopsUpdate is not None else object):  #
                     append(strip.render(console))
                     continue
                 start = x
-                if x < x1:  # skip the segments that end before the span
+                if x < x1:  # skip the segments that end before the span; start in the one it starts in
                     for segment in strip:
-                        width = cell_len(segment.text)
+                        text = segment.text
+                        width = cell_len(text)
                         if start + width > x1:
+                            if width == len(text):  # one cell per character: start at the span's own column
+                                start = x1
                             break
                         start += width
                 append(move_to(start, y).segment.text)
                 append(strip.crop(start - x, min(end, x2) - x).render(console))
-            if y != last_y:
-                append("\n")
+        # (Textual also writes a newline after each line's spans: every span starts with its own cursor move)
         return "".join(out)
 
 
