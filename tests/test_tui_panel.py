@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from rich.console import Console
 from rich.text import Text
@@ -56,6 +56,8 @@ def test_a_clock_tick_repaints_only_the_seconds_and_a_shorter_line_clears_its_ta
 
 @settings(max_examples=300, deadline=None)
 @given(pieces, pieces, st.integers(1, 40))
+@example(old_parts=[("000010", ""), ("00", ""), ("000000", ""), ("000000", "")],  # a line longer than the width
+         new_parts=[("000010", ""), ("00", ""), ("000000", ""), ("000010", "")], width=19)  # (an empty run once)
 def test_changed_runs_cover_every_changed_column_inside_changed_cells(old_parts, new_parts, width):
     old, new = make(old_parts), make(new_parts)
     runs = changed_runs(old, new, width)

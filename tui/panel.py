@@ -51,8 +51,9 @@ def changed_runs(old: Text, new: Text, width: int) -> list[tuple[int, int]]:
     two short pieces rather than one span over the whole line between them."""
     x0, x1 = changed_cells(old, new, width)
     a, b = old.plain, new.plain
-    if len(a) != len(b) or x1 - x0 <= 2 * SPLIT_GAP or x1 > len(a):
-        return [(x0, x1)]
+    if (len(a) != len(b) or x1 - x0 <= 2 * SPLIT_GAP or x1 > len(a) or len(a) > width
+            or a[x0] == b[x0] or a[x1 - 1] == b[x1 - 1]):
+        return [(x0, x1)]  # no split where changed_cells was in doubt (a cut line, styles): the whole span
     runs = []
     start = x0
     i = x0
