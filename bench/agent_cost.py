@@ -100,6 +100,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "e.g. py-spy, one process per mode)")
     p.add_argument("--cpu-smoke", action="store_true", help="a few short rounds: checks the script, not the cost")
     p.add_argument("--out", default=None, help="write the result as JSON here")
+    p.add_argument("--table", nargs="+", metavar="JSON", default=None,
+                   help="print README's table from result files (one column each: the profile's median us per "
+                        "part, the added us and ratio, calls per step) and exit; runs nothing")
     args = p.parse_args(argv)
     if args.cpu_smoke:  # small everything: checks the script, not the cost
         args.device = "cpu"
@@ -283,8 +286,30 @@ def count_calls(run_steps: Callable[[int], list[float]], steps: int) -> dict[str
         finally:
             sys.setprofile(None)
         counts.append((seen[0], seen[1]))
+    opcodes: list[int] = []
+    for _ in range(steps):  # bytecodes executed in batchmon's frames: its Python work, whatever the clock says
+        n = [0]
+
+        def local(frame: Any, event: str, arg: Any) -> Any:
+            if event == "opcode":
+                n[0] += 1
+            return local
+
+        def tracer(frame: Any, event: str, arg: Any) -> Any:
+            if frame.f_code.co_filename.startswith(package):
+                frame.f_trace_opcodes = True
+                return local
+            return None
+
+        sys.settrace(tracer)
+        try:
+            run_steps(1)
+        finally:
+            sys.settrace(None)
+        opcodes.append(n[0])
     return {"python": statistics.median(c[0] for c in counts), "batchmon": statistics.median(c[1] for c in counts),
-            "batchmon_max": max(c[1] for c in counts), "steps": steps}
+            "batchmon_max": max(c[1] for c in counts), "batchmon_bytecodes": statistics.median(opcodes),
+            "steps": steps}
 
 
 def hook_path_ns(handle: Any, model: Any, crit: Any, opt: Any, x: Any, y: Any, repeats: int = 7,
@@ -314,8 +339,47 @@ def hook_path_ns(handle: Any, model: Any, crit: Any, opt: Any, x: Any, y: Any, r
 # ------------------------------------------------------------------------------------------------ main
 
 
+def table(paths: list[str]) -> int:
+    """README's "What the agent costs a step" table from result files, one column per file."""
+    results = []
+    for path in paths:
+        try:
+            results.append(json.loads(Path(path).read_text()))
+        except (OSError, ValueError) as exc:
+            print(f"agent_cost: cannot read {path}: {exc}", file=sys.stderr)
+            return 2
+    names: list[str] = []
+    for r in results:
+        names += [n for n in r.get("profile", {}).get("parts", {}) if n not in names]
+    print("| part of the step path (median us per step) | " + " | ".join(Path(p).name for p in paths) + " |")
+    print("| --- |" + " ---: |" * len(paths))
+    for name in names:
+        cells = []
+        for r in results:
+            part = r.get("profile", {}).get("parts", {}).get(name)
+            cells.append("" if part is None else f"{part['median_us']:.1f}" + (
+                f" ({part['calls_per_step']:g} calls)" if part["calls_per_step"] not in (0, 1) else ""))
+        print(f"| {name.strip()} | " + " | ".join(cells) + " |")
+    rows = [("agent side, inclusive (median step)", lambda r: r.get("profile", {}).get("agent_side_median_us")),
+            ("attached - plain, median step (us)", lambda r: r.get("added_us_per_step")),
+            ("ratio", lambda r: r.get("ratio")),
+            ("Python calls per steady step, added (batchmon's own)",
+             lambda r: (f"{r['calls_per_step']['python_added']:g} ({r['calls_per_step']['attached']['batchmon']:g})"
+                        if r.get("calls_per_step") else None)),
+            ("batchmon bytecodes executed per steady step",
+             lambda r: r.get("calls_per_step", {}).get("attached", {}).get("batchmon_bytecodes")),
+            ("the agent's entry points called directly (us)",
+             lambda r: (round(r["calls_per_step"]["hook_path_ns"] / 1e3, 2)
+                        if r.get("calls_per_step", {}).get("hook_path_ns") else None))]
+    for label, get in rows:
+        print(f"| {label} | " + " | ".join("" if get(r) is None else str(get(r)) for r in results) + " |")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.table:
+        return table(args.table)
     import torch
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -451,7 +515,8 @@ def main(argv: list[str] | None = None) -> int:
     if calls:
         print(f"  Python calls per step (median of 20): {calls['attached']['python']} attached vs "
               f"{calls['plain']['python']} plain (+{calls['python_added']}); batchmon's own "
-              f"{calls['attached']['batchmon']} (at most {calls['attached']['batchmon_max']}: a sampled step)")
+              f"{calls['attached']['batchmon']} (at most {calls['attached']['batchmon_max']}: a sampled step), "
+              f"{calls['attached']['batchmon_bytecodes']:g} bytecodes executed in them")
         if "hook_path_ns" in calls:
             print(f"  the agent's entry points of one steady step called directly (no torch): "
                   f"{calls['hook_path_ns'] / 1e3:.2f} us (best of 7 x 2000)")
