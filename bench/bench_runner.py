@@ -114,7 +114,9 @@ class SmokeDevice:
         self._last: dict[str, int] = {}
 
     def clean(self) -> None:
-        gc.collect()
+        # no gc.collect() here: the smoke device's peak is the sum of the measured components, which garbage
+        # does not change, and a full collection of a process with torch loaded costs ~0.2-0.5 s - most of the
+        # CPU smokes' time (60 per run of predict_accuracy.py --cpu-smoke)
         self._last = {}
 
     def sync(self) -> None:
