@@ -73,9 +73,14 @@ async def test_a_job_panel_below_the_fold_is_not_repainted_but_shows_its_new_lin
         repaints = []
         refresh = last.refresh
         last.refresh = lambda *a, **k: (repaints.append(a), refresh(*a, **k))[1]  # type: ignore[method-assign]
+        builds = []
+        build = last.build
+        last.build = lambda *a, **k: (builds.append(a), build(*a, **k))[1]  # type: ignore[method-assign]
+        assert last.level == "compact" and last.fixed_line_count() == 2
         app.deliver(newer)
         await fx.wait_for(pilot, lambda: app.shown is newer)
         await pilot.pause()
+        assert builds == []  # a compact panel out of sight (two lines whatever it shows) is not even built ...
         assert "4321" in "".join(line.plain for line in last.lines(last.content_size.width))  # its new lines
         assert repaints == []  # ... not repainted while out of sight
         assert "4321" not in fx.screen_text(app)

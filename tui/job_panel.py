@@ -371,3 +371,7 @@ class JobPanel(LinesPanel):
 
     def build(self, width: int) -> list[Text]:
         return job_lines(self.view, width, self.level, focused=self.has_focus, chart_rows=self.chart_rows)
+
+    def fixed_line_count(self) -> int | None:
+        """A running job's compact panel is two lines, whatever it shows (job_lines)."""
+        return 2 if self.level == "compact" and self.view.lead.ended is None else None

@@ -91,6 +91,7 @@ class LinesPanel(Widget):
         self._strips: list[Strip | None] = []
         self._strips_key: tuple | None = None  # (width, version, visual style) the strips were made for
         self._line_strips = LineStrips()  # Textual's strip for a line, its styles remembered (line_strip.py)
+        self._stale = False  # new data not built yet (off screen): lines() builds it when asked
 
     def build(self, width: int) -> list[Text]:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -115,6 +116,13 @@ class LinesPanel(Widget):
         width = self.content_size.width
         if old is None or width <= 0 or old[0] != width or old[1] != self._version or not self.is_mounted:
             self.changed()
+            return True
+        if self.fixed_line_count() == len(old[2]) and self._off_screen():
+            # scrolled out of its column and its height known without building it (16 compact job panels, half
+            # below the fold): not built now - its lines are built when it shows or at the next layout
+            self._stale = True
+            self._strips_key = None
+            self._set_dirty()
             return True
         self._version += 1
         self._cache = None
@@ -153,8 +161,16 @@ class LinesPanel(Widget):
             return False
         return bool(mine) and bool(shown) and not mine.overlaps(shown)
 
+    def fixed_line_count(self) -> int | None:
+        """The line count the next build will have, where the panel knows it without building (else None)."""
+        return None
+
     def lines(self, width: int) -> list[Text]:
         width = max(1, width)
+        if self._stale:
+            self._stale = False
+            self._version += 1
+            self._cache = None
         if self._cache is None or self._cache[0] != width or self._cache[1] != self._version:
             built = [clean_line(line) for line in self.build(width)]
             for line in built:

@@ -10,6 +10,7 @@ model and what-if, so a refresh with nothing new costs nothing.
 from __future__ import annotations
 
 from collections import OrderedDict
+from itertools import islice
 from typing import Any
 
 from batchmon import memory_model
@@ -25,7 +26,7 @@ def measured_components(step: Step) -> dict[str, int]:
 
 
 _TOTALS: dict[int, tuple[Step, int]] = {}
-_TOTALS_MAX = 2048  # 16 jobs x ~70 fitted steps a refresh fit; each entry keeps its step alive
+_TOTALS_MAX = 4096  # 16 jobs x ~70 fitted steps a refresh, new ones each second; each entry keeps its step alive
 
 
 def measured_total(step: Step) -> int:
@@ -35,8 +36,9 @@ def measured_total(step: Step) -> int:
     if hit is not None and hit[0] is step:
         return hit[1]
     total = sum(measured_components(step).values())
-    if len(_TOTALS) >= _TOTALS_MAX:  # bounded: it holds the steps it names (their ids stay theirs meanwhile)
-        _TOTALS.clear()
+    if len(_TOTALS) >= _TOTALS_MAX:  # bounded: it holds the steps it names (their ids stay theirs meanwhile);
+        for key in list(islice(_TOTALS, _TOTALS_MAX // 4)):  # the oldest quarter goes, not the steps in use now
+            del _TOTALS[key]
     _TOTALS[id(step)] = (step, total)
     return total
 
