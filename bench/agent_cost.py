@@ -322,7 +322,8 @@ def hook_path_ns(handle: Any, model: Any, crit: Any, opt: Any, x: Any, y: Any, r
 
     pre, post, cpre, cpost = handle._root_pre, handle._root_post, handle._crit_pre, handle._crit_post
     bb, ab, on_step = handle._before_backward, handle._after_backward, handle._on_step
-    args, targs, empty = (x,), (x, y), {}
+    args, targs = (x,), (x, y)
+    empty: dict[str, Any] = {}
 
     def one() -> None:
         pre(model, args, empty)

@@ -9,9 +9,9 @@ rule; the Step it returns is kept in ``handle.steps`` and served to monitors (ba
 What a step reports, and what cost control leaves out, is batchmon.agent.step_meter's docstring. The agent is
 split along its seams: step_meter (measurement state, returns Step/Event values), torch_patches (everything
 changed in torch and the hooks on user modules), module_watch (root discovery, the loss module), batch_dim,
-identity (hello fields), publisher (history, socket, warnings). This module (about 600 lines, over the 400 of
-the guide) is the wiring between them: the public API, the handle's lifecycle, and the dispatch of every hook
-with its never-raise-into-training guard, which reads best in one place.
+identity (hello fields), placement (devices, allocator figures), publisher (history, socket, warnings). This
+module (600 lines, over the 400 of the guide) is the wiring between them: the public API, the lifecycle, and
+the dispatch of every hook with its never-raise-into-training guard, which reads best in one place.
 
 Events: ``oom`` when a torch.OutOfMemoryError (by type) leaves the root forward, the criterion, backward or
 the optimizer step, with the components so far, the batch size and the requested bytes (from CUDA's OOM
@@ -39,7 +39,8 @@ from batchmon.agent.batch_dim import BatchSizer, env_batch_dim
 from batchmon.agent.module_watch import ModuleWatch
 from batchmon.agent.process_memory import ProcessMemory
 from batchmon.agent.publisher import Publisher, snapshot
-from batchmon.agent.step_meter import FULL_STEPS, StepMeter, cuda_figures, device_of, device_of_optimizer
+from batchmon.agent.placement import cuda_figures, device_of, device_of_optimizer, suggested_batch
+from batchmon.agent.step_meter import FULL_STEPS, StepMeter
 from batchmon.protocol import Bye, Event, Hello, Step
 
 DEFAULT_ACTIVATION_EVERY = 10
@@ -130,8 +131,7 @@ def _attach(model: Any, optimizer: Any, *, name: str | None, batch_size_fn: Any,
 def _set_current(handle: "AgentHandle | None") -> None:
     """The attached agent, here and where torch_patches' hooks read it (one global load per hook call)."""
     global _current
-    _current = handle
-    patches.agent = handle
+    _current = patches.agent = handle
 
 
 # ------------------------------------------------------------------------------------------------ the handle
@@ -232,19 +232,9 @@ class AgentHandle:
         ``margin``: bytes to keep free on top of the memory model's own margin (taken off the device size).
         """
         try:
-            from batchmon import memory_model
-
-            steps = self.steps
-            total = self._device_total()
-            if not steps or total is None:
-                return None
-            if margin is not None:
-                total = max(0, total - int(margin))
             primary = self._meter.primary()
-            prediction = memory_model.predict_from_steps(
-                steps, total, what_if=memory_model.WhatIf(),
-                optimizer=type(primary).__name__ if primary is not None else None)
-            return None if prediction is None else prediction.max_batch
+            return suggested_batch(self.steps, self._meter.device, margin,
+                                   type(primary).__name__ if primary is not None else None)
         except Exception as exc:  # noqa: BLE001 - a helper for the training script: never raise into it
             self._warn_once("suggest", f"suggest_batch_size failed: {type(exc).__name__}: {exc}")
             return None
@@ -330,7 +320,7 @@ class AgentHandle:
             self.auto = False
             self._ensure_transport()
             if changed:
-                self._publish_hello()
+                self._out.hello()
         except Exception as exc:  # noqa: BLE001
             self._fail(exc)
 
@@ -343,7 +333,7 @@ class AgentHandle:
         self._root_hooks = patches.register_pair(model, patches.root_pre_hook, patches.root_post_hook)
         self._use_device(device_of(model) or self._meter.device or torch.device("cpu"))
         self._ensure_transport()
-        self._publish_hello()
+        self._out.hello()
 
     def _use_device(self, device: torch.device) -> None:
         """Measure on this device (the model's); called again when the model moved (checked on sampled steps)."""
@@ -369,7 +359,7 @@ class AgentHandle:
             meter._static = None
             if meter.device is None:
                 meter.device = device_of_optimizer(optimizer)
-            self._publish_hello()
+            self._out.hello()
 
     # -------------------------------------------------------------------------------------------- forward
 
@@ -406,7 +396,7 @@ class AgentHandle:
                 self._finish_step(in_loop=True)
             if meter.begin_forward(args, kwargs):
                 self._use_device(meter.device_or_cpu())
-                self._publish_hello()
+                self._out.hello()
         except Exception as exc:  # noqa: BLE001
             self._fail(exc)
 
@@ -511,7 +501,7 @@ class AgentHandle:
         step, events = meter.finish(self._device_used, in_loop)
         out.step(step)
         for event in events:
-            self._publish_event(event)
+            self._out.event(event)
 
     # -------------------------------------------------------------------------------------------- OOM
 
@@ -522,7 +512,7 @@ class AgentHandle:
         self.oom_count += 1
         try:
             self._watch.close_loss_window()
-            self._publish_event(self._meter.oom_event(exc, where))
+            self._out.event(self._meter.oom_event(exc, where))
         except Exception as err:  # noqa: BLE001
             self._fail(err)
 
@@ -532,16 +522,10 @@ class AgentHandle:
         if not self._disabled:
             self._out.ensure()
 
-    def _publish_hello(self) -> None:
-        self._out.hello()
-
     def _hello(self) -> Hello:
         primary = self._meter.primary()
         return identity.hello(self.pid, self._meter.device, self._meter.model_info,
                               type(primary).__name__ if primary is not None else None, self.name)
-
-    def _publish_event(self, event: Event) -> None:
-        self._out.event(event)
 
     def _tick(self) -> None:
         """On the agent thread, once a second: NVML's figure for this process."""
@@ -558,7 +542,7 @@ class AgentHandle:
         self._disabled = True
         self.error = f"{type(exc).__name__}: {exc}"
         try:
-            self._publish_event(Event(kind="warning", message=f"agent disabled after an internal error: {self.error}",
+            self._out.event(Event(kind="warning", message=f"agent disabled after an internal error: {self.error}",
                                       time=time.time(), step=self._meter.step))
         except Exception:  # noqa: BLE001
             pass
@@ -591,12 +575,6 @@ class AgentHandle:
         self._disabled = True
         self.attached = False
         self._out.forget()
-
-    def _device_total(self) -> int | None:
-        device = self._meter.device
-        if device is None or device.type != "cuda":
-            return None
-        return int(torch.cuda.get_device_properties(identity.cuda_index(device)).total_memory)
 
 
 # ------------------------------------------------------------------------------------------------ small helpers

@@ -68,10 +68,8 @@ A step that is not sampled and whose root inputs are plain tensors of the last s
 (the steady step of a training loop) carries the last step's batch size, batch bytes and parameter, gradient and
 optimizer counts: its inputs' and targets' storages are not walked and the optimizers' state is not looked at
 (new state, e.g. an optimizer that starts stepping late, is counted on the next sampled step, at most
-SAMPLE_SECONDS later with the defaults). Its end (``finish_carried``): when every figure it reports is the last
-step's (counts, activations, batch, batch size and source, micro-batches, the allocator's figures carried with no
-read due, the device figure), its Step is a copy of the last one with its own number and times - the Step that
-``finish`` would make, without computing it (tests/test_agent_carried_steps.py compares the two step by step).
+SAMPLE_SECONDS later with the defaults); its end is ``finish_carried`` (the last Step, copied) when nothing it
+reports differs from the last step's (tests/test_agent_carried_steps.py compares it with measuring, step by step).
 """
 
 from __future__ import annotations
@@ -79,14 +77,13 @@ from __future__ import annotations
 import dataclasses
 import time
 import weakref
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 
 from batchmon.agent import accounting
 from batchmon.agent import torch_patches as patches
-from batchmon.agent.identity import cuda_index
+from batchmon.agent.placement import CudaFigures, cuda_figures, device_of, first_parameter, layout_of, signature
 from batchmon.agent.peak_phase import NOT_FOLLOWED, PhaseTracker
 from batchmon.agent.batch_dim import BatchSizer
 from batchmon.protocol import Event, ModelInfo, Step, new_step
@@ -100,43 +97,6 @@ ALLOCATOR_READ_SECONDS = 0.05  # the allocator's figures are read at least this 
 SAMPLE_SECONDS = 0.25  # with the default activation_every: the every-N-th-step samples at most this often
 RECOUNT_SECONDS = 2.0  # parameter/gradient/optimizer storages walked again at least this often on sampled steps
 GRAD_MARKS = 4  # parameters whose .grad is watched to tell accumulation from a new step
-
-
-@dataclass(frozen=True)
-class CudaFigures:
-    allocated: int
-    peak: int
-    reserved: int
-    retries: int
-    ooms: int
-
-
-def device_of(model: torch.nn.Module) -> torch.device | None:
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return None
-
-
-def device_of_optimizer(optimizer: Any) -> torch.device | None:
-    for group in getattr(optimizer, "param_groups", ()):
-        for p in group["params"]:
-            return p.device
-    return None
-
-
-def _first_parameter(model: torch.nn.Module | None) -> torch.Tensor | None:
-    if model is None:
-        return None
-    for p in model.parameters():
-        return p
-    return None
-
-
-def _layout_of(p: torch.Tensor | None) -> tuple[Any, ...] | None:
-    """Where and how a parameter is stored: a change means .to()/.half() moved it (the Parameter object stays)."""
-    return None if p is None else (p.device, p.dtype, p.data_ptr())
 
 
 class StepMeter:
@@ -258,7 +218,7 @@ class StepMeter:
         layout = self._layout
         # the layout changes with the storage (.to()/.half() give the parameter a new one): its address says it
         if first is None or layout is None or first.data_ptr() != layout[2]:
-            layout = _layout_of(first)
+            layout = layout_of(first)
         now = time.perf_counter()
         self.sampled = ((every <= 1 or n % every == 0) and now - self._sampled_t >= self.sample_seconds) \
             or n <= FULL_STEPS or first is None or self.batch_size != self._sampled_batch_size or layout != self._layout
@@ -273,9 +233,9 @@ class StepMeter:
                              or self.batch_size != self._sampled_batch_size
                              or time.perf_counter() - self._recount_t >= RECOUNT_SECONDS)
             if self._recount:
-                first = _first_parameter(model)
+                first = first_parameter(model)
                 self._first_param = weakref.ref(first) if first is not None else None
-                self._layout = _layout_of(first)
+                self._layout = layout_of(first)
             self._sampled_batch_size = self.batch_size
             where = first.device if first is not None else (device_of(model) if model is not None else None)
             if where is not None and (where != self.device or self._lazy):
@@ -365,12 +325,12 @@ class StepMeter:
         measured again): the storages, the batch size and the loss's targets are not looked at."""
         if not self.step_open and not kwargs and self.sizer.fn is None:
             sig: tuple[Any, ...] | None = None
-            if len(args) == 1:  # _signature(args), inline for the usual one input
+            if len(args) == 1:  # signature(args), inline for the usual one input
                 a = args[0]
                 if type(a) is torch.Tensor:
                     sig = ((a.shape, a.dtype, a.is_cuda),)
             else:
-                sig = _signature(args)
+                sig = signature(args)
             carried = self._carried_batch
             self._step_sig = sig
             if sig is not None and carried is not None and carried[0] == sig:
@@ -451,10 +411,9 @@ class StepMeter:
     def finish_carried(self, device_used: int | None) -> Step | None:
         """The steady step's end (issue 14 point 1), for a carried step (``batch_carried``): when every figure it
         reports is the last step's - parameter/gradient/optimizer counts, activations, batch bytes, batch size and
-        source, micro-batches, the allocator's figures (carried: no read due) and the device figure - the step is
-        the last step's Step with its own number and times, made by copying that Step's fields: no components
-        computed, no allocator read, no events (they come with a read). None when anything differs, the step is
-        sampled or a read is due: ``finish`` measures it then, exactly as before."""
+        source, micro-batches, the allocator's figures (carried: no read due), the device figure - it is the last
+        Step copied with its own number and times: no components computed, no allocator read, no events (they
+        come with a read). None when anything differs, the step is sampled or a read is due (then ``finish``)."""
         if self.sampled or not self.step_open or self.batch is not None or self.counter is not None \
                 or self.phases.active or self._template is None:
             return None
@@ -638,32 +597,3 @@ class StepMeter:
         if cuda is not None:  # a sampled step's peak is reset at each phase: the closed phases' own peaks count
             comps["other"] = max(0, max(cuda.peak, self.phases.high) - sum(comps.values()))
         return comps
-
-
-def _signature(args: tuple[Any, ...]) -> tuple[Any, ...] | None:
-    """What the batch bytes and size of a root forward depend on, when its arguments are all plain tensors:
-    their shapes, dtypes and whether they live on CUDA; None otherwise (anything else is measured every step)."""
-    sig = []
-    for a in args:
-        if type(a) is not torch.Tensor:
-            return None
-        sig.append((a.shape, a.dtype, a.is_cuda))
-    return tuple(sig)
-
-
-def cuda_figures(device: torch.device | None, reset: bool) -> CudaFigures | None:
-    """The allocator's figures for the step (None off CUDA); ``reset``: start the next step's peak."""
-    if device is None or device.type != "cuda":
-        return None
-    index = cuda_index(device)
-    stats = patches.raw_stats(index)
-    if not stats:  # CUDA not initialised (yet): nothing to report
-        return None
-    # a peak the script's own reset_peak_memory_stats() cleared during the step still counts for the step
-    peak = max(int(stats["allocated_bytes"]["all"]["peak"]), patches.agent_missed(index, take=reset))
-    figures = CudaFigures(int(stats["allocated_bytes"]["all"]["current"]), peak,
-                          int(stats["reserved_bytes"]["all"]["current"]), int(stats.get("num_alloc_retries", 0)),
-                          int(stats.get("num_ooms", 0)))
-    if reset:
-        patches.agent_reset(index, stats)
-    return figures
