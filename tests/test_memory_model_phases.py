@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from batchmon.memory_model import WhatIf, fit
-from batchmon.monitor.step_history import model_steps
+from batchmon.monitor.step_history import StepHistory, model_steps
 from batchmon.protocol import Step, decode, encode
 
 MIB = 1 << 20
@@ -127,6 +127,10 @@ def test_own_peaks_reach_the_fit_through_the_wire_and_the_hubs_summary():
         history.append(decode(encode(C.step(n, b, own=sampled))))
     summary = model_steps(tuple(history))
     assert len(summary) < len(history) and any(s.phase_own_peaks for s in summary if s.batch_size == 8)
+    kept = StepHistory(2000)  # the hub's history: compacted steps, its summary kept up to date on every append
+    for step in history:
+        kept.append(step)
+    assert kept.window().model_steps() == summary
     model = fit(summary, optimizer="SGD")
     assert model is not None and set(model.phase_lines) == {"forward", "backward", "optimizer"}
     assert model.predict(WhatIf(batch_size=300)).peak_allocated == C.peak(300)
