@@ -244,7 +244,7 @@ cudatests)
   # the agent tests that have CUDA cases (a script's own memory calls, no trace, compile), on the GPU
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
   stage cudatests
-  python3 -m pytest -q -p no:cacheprovider -rs tests/test_agent_memory_calls.py tests/test_agent_no_trace.py tests/test_agent_compile_quiet.py tests/test_agent_peak_phase.py 2>&1 | tail -n 25 | tee $R/cudatests.log
+  python3 -m pytest -q -p no:cacheprovider -rfEs tests/test_agent_memory_calls.py tests/test_agent_no_trace.py tests/test_agent_compile_quiet.py tests/test_agent_peak_phase.py ${CUDATESTSX:-} > $R/cudatests.log 2>&1; grep -E '^(FAILED|ERROR)|passed|failed' $R/cudatests.log | tail -n 30
   ;;
 fsdp)
   # issue 13 point 3: FSDP2 (fully_shard) on 2 GPUs, every rank attached: per-rank peaks and largest batch
