@@ -153,3 +153,20 @@ def test_a_short_batch_holding_a_larger_steps_output_opens_the_band_and_stays_sa
     assert p.max_batch == 50 and p.basis_fields.conservative
     assert "the forward's own peak holds 80 MiB that are not parameters, gradients or optimizer state" in p.basis
     assert fit(Crossing(remnant=5).observed()[:3] + [remnant.step(4, 8, previous=8)], optimizer="SGD").phase_bounds == {}
+
+
+@dataclass(frozen=True)
+class AutocastCrossing(Crossing):
+    """The same run under autocast: the forward also holds the 16-bit weight copies (half the trainable bytes,
+    150 MiB) from its first matmul on."""
+
+    def own(self, b: int, previous: int | None = None) -> dict[str, int]:
+        out = super().own(b, previous)
+        return {**out, "forward": out["forward"] + 150 * MIB}
+
+
+def test_autocasts_weight_copies_are_explained_fixed_bytes_when_the_run_says_amp():
+    run = AutocastCrossing()
+    assert not fit(run.observed(), optimizer="SGD", amp=True).phase_bounds
+    unknown = fit(run.observed(), optimizer="SGD")  # a monitor that does not know: the safe side
+    assert set(unknown.phase_bounds) == {"forward"} and unknown.phase_bounds["forward"][0] == 150 * MIB

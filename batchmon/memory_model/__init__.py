@@ -101,12 +101,13 @@ The band:
   the central largest batch lies beyond ``FAR_EXTRAPOLATION`` (100) x the largest observed batch; with three
   or more batch sizes whose peaks curve upward (a secant ``CURVATURE_TOLERANCE`` steeper than the fit), the
   steepest secant's slope is used too;
-* fitted per phase, a forward or backward line whose fixed part exceeds parameters + gradients + optimizer
-  state (all that is batch-independent and can be alive) by more than ``INTERCEPT_SHARE`` of its per-sample
-  bytes at the largest observed batch holds bytes no component explains - typically a previous, larger step's
-  output still alive in a short batch's forward (``output = model(x)`` frees it only when the new forward
-  returns), which flattens the line: beyond the largest observed batch the high side follows that phase's
-  line through the floor (parameters + gradients + state) and its own peak there (``phase_bounds``);
+* fitted per phase, a forward line whose fixed part exceeds parameters + gradients + optimizer state (+ the
+  16-bit weight copies under autocast: all that is batch-independent and can be alive) by more than
+  ``INTERCEPT_SHARE`` of its per-sample bytes at the largest observed batch holds bytes no component explains -
+  typically a previous, larger step's output still alive in a short batch's forward (``output = model(x)``
+  frees it only when the new forward returns), which flattens the line: beyond the largest observed batch the
+  high side follows the forward's line through that floor and its own peak there (``phase_bounds``). Only the
+  forward: the other phases' fixed bytes (the optimizer's temporaries, DDP's buckets) are fixed by nature;
 * below the largest observed batch the band is the central fit (the observations hold there).
 
 ``max_batch`` is the largest B with ``high(B) + margin(B) <= device_total`` (the conservative answer;

@@ -103,7 +103,7 @@ def fit(steps: Iterable[Step | Observation], *, optimizer: str | None = None, am
                         _largest_per_batch((o.batch_size, o.peak_allocated) for o in with_peak)  # type: ignore[misc]
                         if with_peak else
                         _largest_per_batch((o.batch_size, sum(o.components.values())) for o in steady),
-                        phase_lines)
+                        phase_lines, amp)
 
     reference = max(distinct)
     at_ref = [o for o in basis_obs if o.batch_size == reference]
@@ -170,17 +170,20 @@ def _phase_lines(with_peak: Sequence[Observation]) -> dict[str, Line]:
 
 
 def _phase_bounds(lines: dict[str, Line], phase_lines: dict[str, Line], with_peak: Sequence[Observation],
-                  reference: int) -> dict[str, tuple[float, Line]]:
-    """Forward and backward lines whose fixed part exceeds everything batch-independent that can be alive
-    (parameters, gradients, optimizer state) by more than INTERCEPT_SHARE of their per-sample bytes at the
-    reference batch: bytes no component explains - typically a previous, larger step's tensors still alive in a
-    short batch's forward (``output = model(x)`` frees the last output only when the new forward returns),
-    which flattens the line. {phase: (those bytes, the line through that floor at 0 and the phase's own peak at
-    the reference batch)}: the band's high side follows it beyond the reference. The optimizer phase is left
-    out: its temporaries are parameter-sized, fixed by nature."""
-    held = sum(lines[n].fixed for n in FIXED)
+                  reference: int, amp: bool) -> dict[str, tuple[float, Line]]:
+    """A forward line whose fixed part exceeds everything batch-independent that can be alive (parameters,
+    gradients, optimizer state; under autocast its 16-bit weight copies, half the trainable bytes) by more than
+    INTERCEPT_SHARE of its per-sample bytes at the reference batch: bytes no component explains - typically a
+    previous, larger step's tensors still alive in a short batch's forward (``output = model(x)`` frees the last
+    output only when the new forward returns), which flattens the line. {"forward": (those bytes, the line
+    through that floor at 0 and the forward's own peak at the reference batch)}: the band's high side follows
+    it beyond the reference. Only the forward: a previous step's tensors are freed by the time its backward
+    runs, and the other phases' fixed bytes (the optimizer's parameter-sized temporaries, DDP's buckets) are
+    fixed by nature."""
+    trainable = lines["gradients"].fixed or lines["parameters"].fixed
+    held = sum(lines[n].fixed for n in FIXED) + (0.5 * trainable if amp else 0.0)
     out: dict[str, tuple[float, Line]] = {}
-    for phase in ("forward", "backward"):
+    for phase in ("forward",):
         line = phase_lines.get(phase)
         at_ref = [o.own_peaks[phase] for o in with_peak
                   if o.batch_size == reference and o.own_peaks and phase in o.own_peaks]
@@ -193,7 +196,7 @@ def _phase_bounds(lines: dict[str, Line], phase_lines: dict[str, Line], with_pea
 
 
 def _band_inputs(lines: dict[str, Line], with_peak: Sequence[Observation],
-                 peaks: Sequence[tuple[int, int]], phase_lines: dict[str, Line]) -> dict:
+                 peaks: Sequence[tuple[int, int]], phase_lines: dict[str, Line], amp: bool = False) -> dict:
     """What the band's high side rests on (MemoryModel fields); see "The band" in the module docstring."""
     peak_line = Line()
     for name in COMPONENTS:
@@ -219,7 +222,7 @@ def _band_inputs(lines: dict[str, Line], with_peak: Sequence[Observation],
     out: dict = {"floor": floor,
                  "slope_bound": max(peak_line.per_sample, steepest_phase, min(bounds, default=0.0)),
                  "suspect": suspect, "unexplained_fixed": excess if suspect else 0.0,
-                 "phase_bounds": _phase_bounds(lines, phase_lines, with_peak, reference)}
+                 "phase_bounds": _phase_bounds(lines, phase_lines, with_peak, reference, amp)}
     if len(peaks) >= 3:
         slope = fit_line(peaks).per_sample
         steepest, between = 0.0, None

@@ -60,7 +60,7 @@ class MemoryModel:
     # each phase's own peak as its own line (forward, backward, optimizer; {}: not fitted per phase): the step's
     # central peak is the largest of these and the step's line (see "Per phase" in batchmon.memory_model)
     phase_lines: dict[str, Line] = field(default_factory=dict)
-    # forward/backward lines with a fixed part no component explains: {phase: (those bytes, the high line)}
+    # a forward line with a fixed part no component explains: {"forward": (those bytes, the high line)}
     phase_bounds: dict[str, tuple[float, Line]] = field(default_factory=dict)
     _max_batch_cache: dict = field(default_factory=dict, compare=False, repr=False)
 
