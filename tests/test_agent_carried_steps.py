@@ -105,7 +105,8 @@ def test_carried_step_ends_are_what_measuring_gives(agent_dir, monkeypatch: pyte
     assert [s["step"] for s in fast] == list(range(1, len(PLAN) + 1))
     assert [s["micro_batches"] for s in fast] == [micro for *_, micro, _ in PLAN]
     assert fast[-1]["batch_size"] == 5  # the short last batch is its own
-    # most steady steps took the shortcut (not the sampled ones, the first ones, nor the first after a change)
+    # most steady steps took the shortcut (not the sampled ones, the first ones, nor the first after a change):
+    # 21 of the plan's 38 (deterministic: activation_every is exact)
     assert carried >= 20, carried
 
 
@@ -139,7 +140,8 @@ def test_carried_step_ends_on_cuda_are_what_measuring_gives(tmp_path: Path):
         assert out.returncode == 0, out.stderr[-2000:]
         results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
     fast, measured = results["carried"], results["measured"]
-    assert measured["carried"] == 0 and fast["carried"] >= 20
+    # fewer than on the CPU (21): a sampled CUDA step has phase fields, so the step after it is measured (12)
+    assert measured["carried"] == 0 and fast["carried"] >= 10
     assert len(fast["steps"]) == len(measured["steps"]) == len(PLAN)
     for a, b in zip(fast["steps"], measured["steps"]):
         a.pop("device_used"), b.pop("device_used")  # NVML's figure, read once a second by the agent's thread
