@@ -3,6 +3,8 @@ and the predicted-peak-vs-batch chart."""
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 from rich.text import Text
 
 from batchmon.jobs import imbalance, imbalance_text
@@ -267,6 +269,28 @@ def _side_by_side(left: list[Text], right: list[Text], left_w: int) -> list[Text
     return out
 
 
+_BLOCKS: OrderedDict[tuple, list[Text]] = OrderedDict()  # the table beside the chart, by what they show (32 kept)
+
+
+def _table_beside_chart(v: JobView, measured: dict[str, int] | None, width: int, rows: int, table_w: int) -> list[Text]:
+    """The component table beside the chart, reused (as copies) while the measured components, the prediction and
+    the chart's input read the same: steady training shows the same ~12 lines second after second."""
+    chart, p = v.chart, v.prediction
+    assert chart is not None
+    key = None if chart.key is None else (tuple(measured.items()) if measured else None, chart.key, width, rows,
+                                          (tuple(p.components.items()), p.total) if p is not None else None, table_w)
+    if key in _BLOCKS:
+        _BLOCKS.move_to_end(key)
+        return [line.copy() for line in _BLOCKS[key]]
+    table = _table(v, measured)
+    lines = _side_by_side(table, render_chart(chart, width - table_w, max(rows, len(table))), table_w)
+    if key is not None:
+        _BLOCKS[key] = [line.copy() for line in lines]
+        if len(_BLOCKS) > 32:
+            _BLOCKS.popitem(last=False)
+    return lines
+
+
 def job_lines(v: JobView, width: int, level: str, *, focused: bool = False, chart_rows: int = 10) -> list[Text]:
     """level: 'full' (bars, table and chart), 'medium' (bars and summary), 'compact' (two lines)."""
     a = v.lead
@@ -322,17 +346,14 @@ def job_lines(v: JobView, width: int, level: str, *, focused: bool = False, char
     if level != "full":
         chart_rows -= len(phase)  # the rows the app measured for the chart: the phase line took one of them
     if level == "full":
-        table = _table(v, measured)
         table_w = 40
-        if v.chart is not None and chart_rows >= 4:
-            if width >= table_w + 32:
-                chart = render_chart(v.chart, width - table_w, max(chart_rows, len(table)))
-                lines.extend(_side_by_side(table, chart, table_w))
-            else:
-                lines.extend(table)
-                lines.extend(render_chart(v.chart, width, chart_rows))
+        if v.chart is not None and chart_rows >= 4 and width >= table_w + 32:
+            lines.extend(_table_beside_chart(v, measured, width, chart_rows, table_w))
+        elif v.chart is not None and chart_rows >= 4:
+            lines.extend(_table(v, measured))
+            lines.extend(render_chart(v.chart, width, chart_rows))
         else:
-            lines.extend(table)
+            lines.extend(_table(v, measured))
         if v.chart is not None and chart_rows >= 4:
             key = Text("  ")
             key.append("● observed  ", style=f"bold {WARN}")
