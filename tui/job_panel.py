@@ -272,7 +272,8 @@ def _side_by_side(left: list[Text], right: list[Text], left_w: int) -> list[Text
 _BLOCKS: OrderedDict[tuple | None, list[Text]] = OrderedDict()  # the table beside the chart, by what they show (32 kept)
 
 
-def _table_beside_chart(v: JobView, measured: dict[str, int] | None, width: int, rows: int, table_w: int) -> list[Text]:
+def _table_beside_chart(v: JobView, measured: dict[str, int] | None, width: int, rows: int,
+                        table_w: int) -> list[Text]:
     """The component table beside the chart, reused (as copies) while the measured components, the prediction and
     the chart's input read the same: steady training shows the same ~12 lines second after second."""
     chart, p = v.chart, v.prediction
