@@ -269,7 +269,7 @@ def _side_by_side(left: list[Text], right: list[Text], left_w: int) -> list[Text
     return out
 
 
-_BLOCKS: OrderedDict[tuple | None, list[Text]] = OrderedDict()  # the table beside the chart, by what they show (32 kept)
+_BLOCKS: OrderedDict[tuple | None, list[Text]] = OrderedDict()  # table beside chart, by what they show (32 kept)
 
 
 def _table_beside_chart(v: JobView, measured: dict[str, int] | None, width: int, rows: int,
