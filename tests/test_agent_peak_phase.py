@@ -276,20 +276,24 @@ def test_own_phase_peaks_of_real_steps(agent_dir):
     opt = SmallScratchSGD(model.parameters(), lr=0.01)
     handle = batchmon.attach(model, opt, activation_every=1)
     try:
-        for _ in range(6):
+        live = {}  # step number -> bytes allocated when it started: a peak is the live memory plus the temporary
+        for i in range(6):
             opt.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
+            live[i + 1] = torch.cuda.memory_allocated()
             model(torch.randn(32, 64, device=device)).square().mean().backward()
             opt.step()
         torch.cuda.synchronize()
         script_peak = torch.cuda.max_memory_allocated()
         phased = [s for s in handle.steps if s.phase_own_peaks is not None]
         assert len(phased) >= 4, [(s.step, s.phase_own_peaks) for s in handle.steps]
-        for s in phased[1:]:
-            own, peaks = s.phase_own_peaks, s.phase_peaks
+        for s in phased[2:]:  # from the third step on the live memory is steady (cuBLAS keeps a workspace per
+            # stream, ~32 MiB each on Hopper, first allocated in the first forward and the first backward)
+            own, peaks, base = s.phase_own_peaks, s.phase_peaks, live[s.step]
             assert own is not None and peaks is not None and s.peak_allocated is not None
-            assert 256 * MIB <= own["forward"] < 256 * MIB + 16 * MIB, (s.step, own)
-            assert 128 * MIB <= own["backward"] < 128 * MIB + 16 * MIB, (s.step, own)  # hidden in `peaks`
-            assert 64 * MIB <= own["optimizer"] < 64 * MIB + 16 * MIB, (s.step, own)
+            assert base + 256 * MIB <= own["forward"] < base + 256 * MIB + 16 * MIB, (s.step, base, own)
+            assert base + 128 * MIB <= own["backward"] < base + 128 * MIB + 16 * MIB, (s.step, base, own)
+            assert base + 64 * MIB <= own["optimizer"] < base + 64 * MIB + 16 * MIB, (s.step, base, own)
             assert s.peak_phase == "forward" and s.peak_allocated == own["forward"]
             assert peaks == {"forward": own["forward"], "backward": own["forward"], "optimizer": own["forward"]}
             assert s.components["other"] >= 256 * MIB - sum(v for k, v in s.components.items() if k != "other")
@@ -319,6 +323,8 @@ def test_own_peaks_cost_reads_on_sampled_steps_only(agent_dir):
         def wrapped(*args, **kwargs):
             out = finish(*args, **kwargs)
             step = out[0] if isinstance(out, tuple) else out
+            if step is None:  # finish_carried declined (the step is not a carried one): finish ends it
+                return out
             per_step.append((getattr(step, "phase_own_peaks", None) is not None, reads[0]))
             reads[0] = 0
             return out
