@@ -67,6 +67,20 @@ async def test_every_line_of_the_recorded_screens_is_textuals_own(name, size):
         assert fast2 > 20
 
 
+async def test_after_a_theme_change_every_line_goes_textuals_way():
+    app = fx.recorded_app("tui_h200_two_jobs.jsonl")
+    async with app.run_test(size=(160, 48)) as pilot:
+        await pilot.pause()
+        panel = app.query(LinesPanel).first()
+        r = LineStrips()
+        named = Text("red ", style="red").append("and blue", style="bold blue")
+        before = r.strip(panel, named, 40, panel.visual_style)
+        assert before is not None and segments(before) == segments(textual_strip(panel, named, 40))
+        app.theme = "textual-light" if app.theme != "textual-light" else "textual-dark"
+        await pilot.pause()
+        assert r.strip(panel, named, 40, panel.visual_style) is None
+
+
 async def test_lines_it_cannot_promise_are_left_to_textual():
     app = BatchmonApp(snapshot=fx.one_gpu(1), title=None)
     async with app.run_test(size=(120, 36)) as pilot:
@@ -81,7 +95,11 @@ async def test_lines_it_cannot_promise_are_left_to_textual():
         assert segments(cut) == segments(textual_strip(panel, long, 20))
         assert r.strip(panel, Text("GPU 显存"), 40, style) is None  # two cells per character
         assert r.strip(panel, Text("a\tb"), 40, style) is None  # a tab to expand
-        assert r.strip(panel, Text("link", style="link https://example.com"), 40, style) is None
+        linked = Text("a ").append("link", style="link https://example.com")  # a link in a span: Textual's way
+        assert r.strip(panel, linked, 40, style) is None
+        own = Text("link", style="link https://example.com")  # the Text's own style: parsed as Textual parses it
+        mine = r.strip(panel, own, 40, style)
+        assert mine is None or segments(mine) == segments(textual_strip(panel, own, 40))
         plain = r.strip(panel, Text("plain"), 40, style)
         assert plain is not None and segments(plain) == segments(textual_strip(panel, Text("plain"), 40))
         empty = r.strip(panel, Text(""), 40, style)

@@ -17,7 +17,7 @@ whose styles do not look as expected) gets ``None``: the caller renders it Textu
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from rich.cells import cell_len
 from rich.segment import Segment
@@ -46,6 +46,7 @@ class LineStrips:
     def __init__(self) -> None:
         self._styles: dict[tuple, RichStyle] = {}
         self._spans: dict[object, Style | None] = {}  # a span's style (Rich style or string) as Textual's Style
+        self._theme: str | None = None  # the app's theme the styles were made under
 
     def strip(self, widget: Widget, text: Text, width: int, style: Style) -> Strip | None:
         """The strip ``Visual.to_strips(widget, visualize(widget, text, markup=False), width, 1, style)[0]`` is,
@@ -58,6 +59,11 @@ class LineStrips:
         if (rules.get_rule("text_align", "left") != "left" or rules.get_rule("line_pad", 0) != 0
                 or tuple(rules.content_align) != ("left", "top")):
             return None
+        theme = widget.app.theme
+        if self._theme is None:
+            self._theme = theme
+        elif theme != self._theme:  # the monitor never changes theme (no command palette); if it did, Textual's
+            return None  # conversions of named colours differ: every line goes Textual's way from then on
         spans = text._spans
         if n > width:  # Content.truncate(width, ellipsis=True): the spans over the end end at the ellipsis
             if rules.get_rule("text_wrap", "wrap") != "nowrap" or rules.get_rule("text_overflow", "fold") != "ellipsis":
@@ -65,12 +71,12 @@ class LineStrips:
             plain, n = plain[:width - 1] + "…", width
             spans = [sp if sp.end < n else sp._replace(end=min(n, sp.end)) for sp in spans if sp.start < n]
             if text.style:  # from_rich_text puts the Text's own style first, over the whole line, before the cut
-                return self._strip(widget, plain, [(0, n, text.style), *spans], style)
+                return self._strip(widget, plain, [(0, n, _own(text.style)), *spans], style)
             return self._strip(widget, plain, spans, style)
         if not plain:  # Textual: one empty segment in the base style, unless styled (then its own way)
             return None if spans or text.style else Strip([Segment("", self._style(widget, style, (), 0))], 0)
         if text.style:  # from_rich_text puts the Text's own style first, over the whole line
-            return self._strip(widget, plain, [(0, n, text.style), *spans], style)
+            return self._strip(widget, plain, [(0, n, _own(text.style)), *spans], style)
         return self._strip(widget, plain, spans, style)
 
     def _strip(self, widget: Widget, plain: str, spans: list, style: Style) -> Strip | None:
@@ -121,6 +127,11 @@ class LineStrips:
         if span_style in self._spans:
             return self._spans[span_style]
         app = widget.app
+        if isinstance(span_style, _OwnStyle):  # the Text's own style as a string: Textual parses it, not Rich
+            parsed = widget._get_style(span_style.text)
+            own = None if parsed.link or parsed._meta else parsed
+            self._spans[span_style] = own
+            return own
         rich = app.console.get_style(span_style) if isinstance(span_style, str) else span_style
         if not isinstance(rich, RichStyle):
             return None
@@ -129,6 +140,16 @@ class LineStrips:
             found = None
         self._spans[span_style] = found
         return found
+
+
+class _OwnStyle(NamedTuple):
+    """A Text's own style given as a string (Content keeps it a string and parses it with the widget's parser)."""
+
+    text: str
+
+
+def _own(style: object) -> object:
+    return _OwnStyle(style) if isinstance(style, str) else style
 
 
 def _event_key(event: tuple[int, bool, int]) -> tuple[int, bool]:
