@@ -276,20 +276,20 @@ def test_own_phase_peaks_of_real_steps(agent_dir):
     opt = SmallScratchSGD(model.parameters(), lr=0.01)
     handle = batchmon.attach(model, opt, activation_every=1)
     try:
-        live = {}  # step number -> bytes allocated when it started: a peak is the live memory plus the temporary
-        for i in range(6):
+        live = {}  # handle.steps index -> bytes allocated when that step started: a peak is live memory + temporary
+        for _ in range(6):
             opt.zero_grad(set_to_none=True)
             torch.cuda.synchronize()
-            live[i + 1] = torch.cuda.memory_allocated()
+            live[len(handle.steps)] = torch.cuda.memory_allocated()
             model(torch.randn(32, 64, device=device)).square().mean().backward()
             opt.step()
         torch.cuda.synchronize()
         script_peak = torch.cuda.max_memory_allocated()
-        phased = [s for s in handle.steps if s.phase_own_peaks is not None]
+        phased = [(i, s) for i, s in enumerate(handle.steps) if s.phase_own_peaks is not None and i in live]
         assert len(phased) >= 4, [(s.step, s.phase_own_peaks) for s in handle.steps]
-        for s in phased[2:]:  # from the third step on the live memory is steady (cuBLAS keeps a workspace per
+        for i, s in phased[2:]:  # from the third step on the live memory is steady (cuBLAS keeps a workspace per
             # stream, ~32 MiB each on Hopper, first allocated in the first forward and the first backward)
-            own, peaks, base = s.phase_own_peaks, s.phase_peaks, live[s.step]
+            own, peaks, base = s.phase_own_peaks, s.phase_peaks, live[i]
             assert own is not None and peaks is not None and s.peak_allocated is not None
             assert base + 256 * MIB <= own["forward"] < base + 256 * MIB + 16 * MIB, (s.step, base, own)
             assert base + 128 * MIB <= own["backward"] < base + 128 * MIB + 16 * MIB, (s.step, base, own)
