@@ -86,3 +86,17 @@ async def test_a_job_panel_below_the_fold_is_not_repainted_but_shows_its_new_lin
         assert "4321" not in fx.screen_text(app)
         column.scroll_end(animate=False)
         await fx.wait_for(pilot, lambda: "4321" in fx.screen_text(app))  # drawn anew once it shows
+
+
+async def test_a_render_due_while_the_app_closes_draws_nothing_and_raises_nothing():
+    """A render scheduled by a snapshot (call_later / a frame timer) can run after the app has begun to close and
+    its widgets are gone (seen in CI: NoMatches for HeaderBar, a traceback on the way out); it must do nothing."""
+    app = BatchmonApp(snapshot=fx.one_gpu(1))
+    async with app.run_test(size=(160, 48)) as pilot:
+        await fx.wait_for(pilot, lambda: app.renders >= 1 and app.query(JobPanel))
+        for widget in list(app.screen.children):  # what closing does to the screen before a late timer fires
+            await widget.remove()
+        app.latest = fx.one_gpu(2)
+        renders = app.renders
+        await app._render_now()
+        assert app.renders == renders + 1 and not app.query(JobPanel)

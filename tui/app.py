@@ -20,6 +20,7 @@ from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Container, VerticalScroll
+from textual.css.query import NoMatches
 from textual.widget import Widget
 from textual.widgets import Footer
 
@@ -251,7 +252,10 @@ class BatchmonApp(SignalsApp, MemoryViewsApp, CostApp):
     # ------------------------------------------------------------------------------------------- views
 
     async def _apply(self, snap: Snapshot) -> None:
-        header = self.query_one(HeaderBar)
+        try:
+            header = self.query_one(HeaderBar)
+        except NoMatches:  # the app is closing (q, a signal): its widgets are gone before a due render ran
+            return
         header.snapshot, header.paused, header.interval = snap, self.paused, self.interval
         header.update_text()
         await self._apply_devices(snap)
