@@ -1,0 +1,127 @@
+"""What torch itself charges for hooks in the places the agent puts them, beside what the agent costs (issue 14).
+
+The agent measures a step through hooks: a forward pre/post hook pair on the model's root and on the loss module
+(with kwargs; the post hooks always called), a global optimizer step pre/post hook and a wrapper around
+``Tensor.backward``. This bench registers exactly those as no-op hooks and times the same step three ways, in
+interleaved rounds in one process: plain, no-op hooks, and ``batchmon.attach``. The no-op row is the floor any
+hook-based measurement pays on that step (torch's ``Module._call_impl`` slow path for hooked modules, the
+optimizer's hook dispatch, one more Python frame around backward); attached − no-op is the agent's own share.
+
+    python3 bench/hook_floor.py [--device cpu|cuda] [--rounds 8] [--steps 400] --out F.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    ap.add_argument("--rounds", type=int, default=8, help="rounds per mode, interleaved (default 8)")
+    ap.add_argument("--steps", type=int, default=400, help="timed steps per round (default 400)")
+    ap.add_argument("--width", type=int, default=64, help="MLP width (default 64: a step of ~0.1-1 ms on a CPU)")
+    ap.add_argument("--out", required=True, help="JSON result file")
+    args = ap.parse_args(argv)
+    if args.rounds < 1 or args.steps < 1 or args.width < 1:
+        print("hook_floor: --rounds, --steps and --width must be positive", file=sys.stderr)
+        return 2
+
+    import torch
+    import torch.nn as nn
+    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+    import batchmon
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("hook_floor: no CUDA device", file=sys.stderr)
+        return 2
+    dev = torch.device(args.device)
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    w = args.width
+    model = nn.Sequential(nn.Linear(w, w), nn.ReLU(), nn.Linear(w, w), nn.ReLU(), nn.Linear(w, 10)).to(dev)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    crit = nn.CrossEntropyLoss()
+    x, y = torch.randn(32, w, device=dev), torch.randint(0, 10, (32,), device=dev)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+
+    def step() -> None:
+        opt.zero_grad()
+        crit(model(x), y).backward()
+        opt.step()
+
+    def timed_round(n: int) -> float:
+        times = []
+        for _ in range(n):
+            t = time.perf_counter()
+            step()
+            sync()
+            times.append(time.perf_counter() - t)
+        return statistics.median(times)
+
+    def noop_hooks() -> Callable[[], None]:
+        def pre(m: Any, a: Any, k: Any) -> None:
+            return None
+
+        def post(m: Any, a: Any, k: Any, r: Any) -> None:
+            return None
+
+        handles = [model.register_forward_pre_hook(pre, with_kwargs=True),
+                   model.register_forward_hook(post, with_kwargs=True, always_call=True),
+                   crit.register_forward_pre_hook(pre, with_kwargs=True),
+                   crit.register_forward_hook(post, with_kwargs=True, always_call=True),
+                   register_optimizer_step_pre_hook(lambda o, a, k: None),
+                   register_optimizer_step_post_hook(lambda o, a, k: None)]
+        original = torch.Tensor.backward
+
+        def backward(self: Any, *a: Any, **k: Any) -> Any:
+            return original(self, *a, **k)
+
+        torch.Tensor.backward = backward  # type: ignore[method-assign]
+
+        def undo() -> None:
+            for h in handles:
+                h.remove()
+            torch.Tensor.backward = original  # type: ignore[method-assign]
+        return undo
+
+    for _ in range(300):
+        step()
+    rounds: dict[str, list[float]] = {"plain": [], "noop_hooks": [], "attached": []}
+    for _ in range(args.rounds):
+        rounds["plain"].append(timed_round(args.steps))
+        undo = noop_hooks()
+        timed_round(30)
+        rounds["noop_hooks"].append(timed_round(args.steps))
+        undo()
+        handle = batchmon.attach(model, opt, name="hook_floor")
+        timed_round(30)
+        rounds["attached"].append(timed_round(args.steps))
+        handle.detach()
+    med = {k: statistics.median(v) for k, v in rounds.items()}
+    out = {"benchmark": "hook_floor", "device": str(dev), "width": w, "batch": 32, "optimizer": "Adam",
+           "torch": torch.__version__, "python": platform.python_version(),
+           "median_step_us": {k: round(v * 1e6, 1) for k, v in med.items()},
+           "noop_hooks_added_us": round((med["noop_hooks"] - med["plain"]) * 1e6, 1),
+           "attached_added_us": round((med["attached"] - med["plain"]) * 1e6, 1),
+           "agent_share_us": round((med["attached"] - med["noop_hooks"]) * 1e6, 1),
+           "rounds_s": {k: [round(t * 1e6, 1) for t in v] for k, v in rounds.items()},
+           "settings": {"rounds": args.rounds, "steps": args.steps}}
+    Path(args.out).write_text(json.dumps(out, indent=1))
+    print(f"hook_floor on {dev}: plain {out['median_step_us']['plain']} us; no-op hooks +{out['noop_hooks_added_us']} us; "
+          f"attached +{out['attached_added_us']} us (the agent's share +{out['agent_share_us']} us); wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
