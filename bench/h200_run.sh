@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The batched H200 session: every GPU claim of the issues, measured in few device calls.
 #   bash bench/h200_run.sh STAGE...   (stages: env nvml agent final nvitop ddp checks integrations load_start
-#   load_collect cost overhead predict public patterns cudatests zoo)
+#   load_collect cost costab overhead predict public patterns cudatests zoo)
 # Runs from the repo root on the GPU machine; results land under $OUT (packed into $OUT/results.tar.gz too).
 set -u
 OUT=${OUT:-$PWD/out}
@@ -191,6 +191,25 @@ cost)
     python3 bench/agent_cost.py --model $m --device $DEV $CX --out $R/agent_cost_${m}_h200.json 2>&1 | tail -n 24 | tee $R/agent_cost_$m.log
   done
   python3 bench/startup.py --rounds $SR --out $R/startup_h200.json 2>&1 | tail -n 5 | tee $R/startup.log
+  ;;
+costab)
+  # issue 14 point 1: this tree's agent against another tree's (COSTAB_OLD: a path relative to the checkout, e.g.
+  # an extracted `git archive` of an earlier commit; measured with this tree's bench) on the same lease, in ABBA order (a lease's figures drift
+  # downward over its first minutes: a fixed new-then-old order favours the later one), COSTAB_N pairs
+  stage costab
+  OLDTREE=${COSTAB_OLD:?set COSTAB_OLD to the other tree}
+  [ -d "$OLDTREE/batchmon" ] || { echo "costab: $OLDTREE has no batchmon/"; exit 1; }
+  [ -d "$OLDTREE/batchmon/probes" ] || cp -r "$OLDTREE/probes" "$OLDTREE/batchmon/probes"
+  [ -d "$OLDTREE/batchmon/tui" ] || cp -r "$OLDTREE/tui" "$OLDTREE/batchmon/tui"
+  CM=${COSTAB_MODEL:-mlp}; CX=${COSTX:-}; [ "${SMOKE:-0}" = 1 ] && CX="--cpu-smoke"
+  k=0
+  for i in $(seq 1 ${COSTAB_N:-2}); do
+    for v in new old old new; do
+      k=$((k + 1)); tree=$BM; [ $v = old ] && tree=$(cd "$OLDTREE" && pwd)
+      # this tree's bench for both (the same measurement), the agent imported from the tree under test
+      PYTHONPATH=$tree python3 bench/agent_cost.py --model $CM --device $DEV $CX --out $R/costab_${k}_$v.json 2>&1 | head -n 1 | sed "s/^/$k $v: /" | tee -a $R/costab.log
+    done
+  done
   ;;
 overhead)
   stage overhead
