@@ -1,6 +1,6 @@
 """Issue 16 point 4: the phase of a sampled step in which the allocator's peak was reached.
 
-The pure rule (phase_of_peak) and the coalescer's handling run everywhere; the real readings need CUDA's
+The pure rule (phases_of) and the coalescer's handling run everywhere; the real readings need CUDA's
 allocator: three scripts whose peak is built into one phase each (a large temporary in the forward, in a custom
 backward, in a custom optimizer's step) run on the GPU machine (``python -m pytest tests/test_agent_peak_phase.py``
 there, the ``cudatests`` stage of bench/h200_run.sh). On the CPU there is no allocator peak: no phase.
@@ -15,7 +15,7 @@ import torch.nn as nn
 import batchmon
 from agent_helpers import agent_dir  # noqa: F401 - fixture
 from batchmon.agent.coalesce import StepCoalescer
-from batchmon.agent.peak_phase import NOT_FOLLOWED, PhaseTracker, phase_of_peak, phases_of
+from batchmon.agent.peak_phase import NOT_FOLLOWED, PhaseTracker, phases_of
 from conftest import make_step
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -23,13 +23,13 @@ MIB = 1 << 20
 
 
 def test_the_phase_is_where_the_running_peak_last_rose():
-    assert phase_of_peak([("forward", 10), ("backward", 30), ("optimizer", 30)]) == (
+    assert phases_of([("forward", 10), ("backward", 30), ("optimizer", 30)])[:2] == (
         "backward", {"forward": 10, "backward": 30, "optimizer": 30})
-    assert phase_of_peak([("forward", 50), ("backward", 50), ("optimizer", 50)])[0] == "forward"
-    assert phase_of_peak([("forward", 10), ("backward", 20), ("optimizer", 25)])[0] == "optimizer"
+    assert phases_of([("forward", 50), ("backward", 50), ("optimizer", 50)]).phase == "forward"
+    assert phases_of([("forward", 10), ("backward", 20), ("optimizer", 25)]).phase == "optimizer"
     # gradient accumulation: the second micro-batch's forward set the high
-    phase, peaks = phase_of_peak([("forward", 10), ("backward", 20), ("forward", 35), ("backward", 35),
-                                  ("optimizer", 35)])
+    phase, peaks = phases_of([("forward", 10), ("backward", 20), ("forward", 35), ("backward", 35),
+                              ("optimizer", 35)])[:2]
     assert phase == "forward" and peaks == {"forward": 35, "backward": 35, "optimizer": 35}
 
 

@@ -102,7 +102,6 @@ def _auto_attach() -> "AgentHandle | None":
 
 def _attach(model: Any, optimizer: Any, *, name: str | None, batch_size_fn: Any, activation_every: int | None,
             socket_dir: Any, auto: bool, batch_dim: tuple[int, str] | None) -> "AgentHandle":
-    global _current
     if model is not None and not isinstance(model, torch.nn.Module):
         raise TypeError(f"attach(model=...) expects a torch.nn.Module, got {type(model).__name__}")
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
@@ -241,7 +240,6 @@ class AgentHandle:
 
     def detach(self, reason: str = "detached") -> None:
         """Stop measuring, say bye to monitors, remove the socket. Idempotent."""
-        global _current
         with _lock:
             if _current is self:
                 _set_current(None)

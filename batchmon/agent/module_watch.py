@@ -133,9 +133,6 @@ class ModuleWatch:
 
     # -------------------------------------------------------------------------------------------- criterion
 
-    def _is_criterion(self, module: torch.nn.Module) -> bool:
-        return self.criterion_ref is not None and self.criterion_ref() is module
-
     # The two criterion hooks run on every step (torch_patches calls them through the handle's attributes): the
     # steady step's case - a carried step, its targets are the last step's - costs a few attribute reads.
 

@@ -110,10 +110,3 @@ def phases_of(segments: list[tuple[str, int]]) -> PhaseReading:
     if not own:
         return NOT_FOLLOWED
     return PhaseReading(phase, peaks, own, high)
-
-
-def phase_of_peak(segments: list[tuple[str, int]]) -> tuple[str | None, dict[str, int] | None]:
-    """(phase, cumulative peaks) from the *running* peak read at the end of each segment, in order (readings
-    without resets: each one is the largest own peak so far, so the rule is the same)."""
-    reading = phases_of(segments)
-    return reading.phase, reading.peaks

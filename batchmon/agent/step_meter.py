@@ -442,16 +442,21 @@ class StepMeter:
         fields["time"] = _time()
         fields["step_seconds"] = now - start
         fields["components"] = template.components.copy()
-        # the per-step state as finish leaves it (sampled, _acts_max and the phases are already as it leaves them)
         self._last_batch_size = self.batch_size
+        self._close_step()
+        patches.oom_requested = None  # as finish's take_oom_requested: a caught failure is not the next OOM's size
+        return step
+
+    def _close_step(self) -> None:
+        """The per-step state back to between-steps (both step ends: ``finish`` and ``finish_carried``)."""
         self.step_open = False
+        self.sampled = False
+        self._acts_max = 0
         self._batch_max = 0
         self.batch_carried = False
         self.backwards = 0
         self._grad_marks = []
         self._backward_static = None
-        patches.oom_requested = None  # as finish's take_oom_requested: a caught failure is not the next OOM's size
-        return step
 
     def finish(self, device_used: int | None, in_loop: bool = False) -> tuple[Step, list[Event]]:
         """The step ended: its Step and events (alloc_retry); resets the per-step state. ``in_loop``: ended by
@@ -514,20 +519,13 @@ class StepMeter:
                         self.batch_source if opened else None, self.backwards if opened else None,
                         peak_phase=reading.phase, phase_peaks=reading.peaks, phase_own_peaks=reading.own)
         if opened and step.peak_phase is None and step.phase_peaks is None \
-                and getattr(step, "phase_own_peaks", None) is None:  # what the next carried step may repeat
+                and step.phase_own_peaks is None:  # what the next carried step may repeat
             self._template = step
             self._template_key = ((parameters, gradients, optimizer), acts, batch, cuda, self.batch_size,
                                   self.batch_source, self.backwards, device_used if cuda is not None else None)
         else:
             self._template = self._template_key = None
-        self.step_open = False
-        self.sampled = False
-        self._acts_max = 0
-        self._batch_max = 0
-        self.batch_carried = False
-        self.backwards = 0
-        self._grad_marks = []
-        self._backward_static = None
+        self._close_step()
         events: list[Event] = []
         if cuda is not None and fresh:
             if self.retries is not None and cuda.retries > self.retries:
