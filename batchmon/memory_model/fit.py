@@ -180,19 +180,17 @@ def _phase_bounds(lines: dict[str, Line], phase_lines: dict[str, Line], with_pea
     it beyond the reference. Only the forward: a previous step's tensors are freed by the time its backward
     runs, and the other phases' fixed bytes (the optimizer's parameter-sized temporaries, DDP's buckets) are
     fixed by nature."""
+    line = phase_lines.get("forward")
+    at_ref = [o.own_peaks["forward"] for o in with_peak
+              if o.batch_size == reference and o.own_peaks and "forward" in o.own_peaks]
+    if line is None or not at_ref:
+        return {}
     trainable = lines["gradients"].fixed or lines["parameters"].fixed
     held = sum(lines[n].fixed for n in FIXED) + (0.5 * trainable if amp else 0.0)
-    out: dict[str, tuple[float, Line]] = {}
-    for phase in ("forward",):
-        line = phase_lines.get(phase)
-        at_ref = [o.own_peaks[phase] for o in with_peak
-                  if o.batch_size == reference and o.own_peaks and phase in o.own_peaks]
-        if line is None or not at_ref:
-            continue
-        excess = line.fixed - held
-        if excess > INTERCEPT_SHARE * line.per_sample * reference:
-            out[phase] = (excess, Line(held, max(line.per_sample, (max(at_ref) - held) / reference)))
-    return out
+    excess = line.fixed - held
+    if excess <= INTERCEPT_SHARE * line.per_sample * reference:
+        return {}
+    return {"forward": (excess, Line(held, max(line.per_sample, (max(at_ref) - held) / reference)))}
 
 
 def _band_inputs(lines: dict[str, Line], with_peak: Sequence[Observation],

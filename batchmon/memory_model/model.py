@@ -84,13 +84,19 @@ class MemoryModel:
             total = total + self.lines[name]
         return total
 
-    def peak_at(self, micro: float) -> float:
-        """The central peak allocated at micro-batch ``micro`` as observed (no what-if): the step's line, or the
-        largest own-peak line of a phase where one lies above it (the phase that wins at large batches)."""
-        peak = self.peak_line.at(micro)
+    def _top_line(self, micro: float) -> Line:
+        """The line of the central peak at ``micro``: the step's, or a phase's own line where one lies above it
+        (the phase that wins at large batches)."""
+        top, best = self.peak_line, self.peak_line.at(micro)
         for line in self.phase_lines.values():
-            peak = max(peak, line.at(micro))
-        return peak
+            value = line.at(micro)
+            if value > best:
+                top, best = line, value
+        return top
+
+    def peak_at(self, micro: float) -> float:
+        """The central peak allocated at micro-batch ``micro`` as observed (no what-if)."""
+        return self._top_line(micro).at(micro)
 
     def phase_lift(self, micro: float) -> float:
         """Bytes a phase's own line lies above the step's line at ``micro`` (0 when not fitted per phase): what
@@ -102,14 +108,6 @@ class MemoryModel:
         if not self.phase_lines:
             return None
         return max(self.phase_lines, key=lambda p: (self.phase_lines[p].at(micro), self.phase_lines[p].per_sample))
-
-    def _slope_at(self, micro: float) -> float:
-        """Per-sample bytes of the central peak at ``micro`` (the line that decides there)."""
-        slope, best = self.peak_line.per_sample, self.peak_line.at(micro)
-        for line in self.phase_lines.values():
-            if line.at(micro) > best:
-                slope, best = line.per_sample, line.at(micro)
-        return slope
 
     @property
     def trainable_bytes(self) -> float:
@@ -193,7 +191,7 @@ class MemoryModel:
         for _, high in self.phase_bounds.values():
             extra = max(extra, high.at(micro) - central)
         if lines is not None and extra > 0:
-            observed = self._slope_at(micro)  # the deciding line's; a phase's lift over the step's line is kept
+            observed = self._top_line(micro).per_sample  # the deciding line's; a phase's lift is kept
             changed = sum(lines[n].per_sample for n in COMPONENTS) + observed - self.peak_line.per_sample
             if observed > 0:
                 extra *= min(1.0, max(0.0, changed / observed))
