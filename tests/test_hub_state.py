@@ -398,3 +398,29 @@ def test_steady_steps_are_refitted_every_few_seconds_and_a_changed_figure_at_onc
     s.ingest(agent(make_step(n + 2, batch=32)))
     s.snapshot(now[0])
     assert len(fits) == 4
+
+
+def test_new_own_phase_peaks_alone_are_a_changed_figure(monkeypatch):
+    """The per-phase fit reads each phase's own peak: a sampled step whose own peaks differ while every other
+    figure stays the same is refitted within PREDICT_EVERY_S, not held for PREDICT_STEADY_S."""
+    real_fit = memory_model.fit
+    fits: list[int] = []
+
+    def counting_fit(*a, **kw):
+        fits.append(1)
+        return real_fit(*a, **kw)
+
+    monkeypatch.setattr(memory_model, "fit", counting_fit)
+    s = HubState()
+    s.ingest(agent(make_hello(4242, device="cuda:0", nvml_uuid="GPU-1")))
+    s.ingest(nvml_record(total=40 * GIB))
+    n = 0
+    for n in range(1, 101):
+        s.ingest(agent(make_step(n, batch=16)))
+    s.snapshot(1.0)
+    assert len(fits) == 1
+    base = make_step(n + 1, batch=16)
+    own = {"forward": 3 * GIB, "backward": 5 * GIB, "optimizer": 2 * GIB}
+    s.ingest(agent(dataclasses.replace(base, phase_own_peaks=own)))
+    s.snapshot(2.1)
+    assert len(fits) == 2

@@ -509,7 +509,8 @@ def _fit_figures(summary: list[Step]) -> tuple:
     """What of a model summary a refit could answer differently on: every memory figure of its steps, not their
     step numbers, times or step times."""
     return tuple((s.batch_size, tuple(s.components.values()), s.allocated, s.peak_allocated, s.reserved,
-                  s.num_alloc_retries, s.num_ooms, s.device_used, s.micro_batches) for s in summary)
+                  s.num_alloc_retries, s.num_ooms, s.device_used, s.micro_batches,
+                  tuple(s.phase_own_peaks.items()) if s.phase_own_peaks else None) for s in summary)
 
 
 def _time(value: Any) -> float:

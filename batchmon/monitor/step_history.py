@@ -54,11 +54,12 @@ def compact_step(step: Step, shared: dict[Any, Any]) -> Step:
     out = object.__new__(Step)
     for name, value in step.__dict__.items():
         if value is not None and name not in _UNIQUE:
-            seen = shared.get(tuple(value.items()) if type(value) is dict else value)
+            key = tuple(value.items()) if type(value) is dict else value
+            seen = shared.get(key)
             if seen is None:
                 if len(shared) >= SHARED_VALUES:
                     shared.clear()
-                shared[tuple(value.items()) if type(value) is dict else value] = value
+                shared[key] = value
             elif type(seen) is type(value):  # 1, 1.0 and True are one key: only the same type is shared
                 value = seen
         _set(out, name, value)
