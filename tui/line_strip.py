@@ -64,19 +64,16 @@ class LineStrips:
             self._theme = theme
         elif theme != self._theme:  # the monitor never changes theme (no command palette); if it did, Textual's
             return None  # conversions of named colours differ: every line goes Textual's way from then on
-        spans = text._spans
+        spans: list = text._spans  # Rich Spans, then (start, end, style) tuples like them
         if n > width:  # Content.truncate(width, ellipsis=True): the spans over the end end at the ellipsis
             if rules.get_rule("text_wrap", "wrap") != "nowrap" or rules.get_rule("text_overflow", "fold") != "ellipsis":
                 return None
             plain, n = plain[:width - 1] + "…", width
             spans = [sp if sp.end < n else sp._replace(end=min(n, sp.end)) for sp in spans if sp.start < n]
-            if text.style:  # from_rich_text puts the Text's own style first, over the whole line, before the cut
-                return self._strip(widget, plain, [(0, n, _own(text.style)), *spans], style)
-            return self._strip(widget, plain, spans, style)
-        if not plain:  # Textual: one empty segment in the base style, unless styled (then its own way)
-            return None if spans or text.style else Strip([Segment("", self._style(widget, style, (), 0))], 0)
-        if text.style:  # from_rich_text puts the Text's own style first, over the whole line
-            return self._strip(widget, plain, [(0, n, _own(text.style)), *spans], style)
+        elif not plain:  # Textual: one empty segment in the base style, unless styled (then its own way)
+            return None if spans or text.style else Strip([Segment("", self._style(style, (), 0))], 0)
+        if text.style:  # from_rich_text puts the Text's own style first, over the whole line (before any cut)
+            spans = [(0, n, _own(text.style)), *spans]
         return self._strip(widget, plain, spans, style)
 
     def _strip(self, widget: Widget, plain: str, spans: list, style: Style) -> Strip | None:
@@ -98,7 +95,7 @@ class LineStrips:
         segments: list[Segment] = []
         add = segments.append
         if not styled:
-            add(Segment(plain, self._style(widget, style, (), 0)))
+            add(Segment(plain, self._style(style, (), 0)))
             return Strip(segments, n)
         events = [(0, False, 0), *bounds, (n, True, 0)]
         events.sort(key=_event_key)  # Content.render's order: by (offset, leaving)
@@ -110,10 +107,10 @@ class LineStrips:
                 stack.add(index)
             if next_offset > offset:
                 over = tuple(styled[i - 1] for i in sorted(stack) if i)
-                add(Segment(plain[offset:next_offset], self._style(widget, style, over, offset)))
+                add(Segment(plain[offset:next_offset], self._style(style, over, offset)))
         return Strip(segments, n)
 
-    def _style(self, widget: Widget, base: Style, over: tuple, x: int) -> RichStyle:
+    def _style(self, base: Style, over: tuple, x: int) -> RichStyle:
         key = (base, over, x)
         found = self._styles.get(key)
         if found is None:
