@@ -348,14 +348,14 @@ def job_lines(v: JobView, width: int, level: str, *, focused: bool = False, char
         chart_rows -= len(phase)  # the rows the app measured for the chart: the phase line took one of them
     if level == "full":
         table_w = 40
-        if v.chart is not None and chart_rows >= 4 and width >= table_w + 32:
+        chart = v.chart if chart_rows >= 4 else None
+        if chart is not None and width >= table_w + 32:
             lines.extend(_table_beside_chart(v, measured, width, chart_rows, table_w))
-        elif v.chart is not None and chart_rows >= 4:
-            lines.extend(_table(v, measured))
-            lines.extend(render_chart(v.chart, width, chart_rows))
         else:
             lines.extend(_table(v, measured))
-        if v.chart is not None and chart_rows >= 4:
+            if chart is not None:
+                lines.extend(render_chart(chart, width, chart_rows))
+        if chart is not None:
             key = Text("  ")
             key.append("● observed  ", style=f"bold {WARN}")
             key.append("◆ what-if  ", style=f"bold {ACCENT}")
