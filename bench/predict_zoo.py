@@ -54,7 +54,8 @@ import torch.nn.functional as F  # noqa: E402
 
 from batchmon.memory_model import SavedSplit, WhatIf, fit  # noqa: E402
 from zoo_models import HFLogits, GRUSeq2Seq, LSTMLM, UNet  # noqa: E402
-from zoo_offline import exact_boundary, markdown, merge, reevaluate, reevaluation_text  # noqa: E402,F401 - CLI, tests
+from zoo_offline import (exact_boundary, markdown, merge, reevaluate, reevaluation_text,  # noqa: E402,F401 - CLI, tests
+                         step_peaks_only_max)
 from predict_accuracy import (GPT, OOM_LIKE, Arch, CudaDevice, Runner, SmokeDevice, observe_with_agent,  # noqa: E402
                               pct)
 
@@ -368,13 +369,6 @@ def model_internals(model: Any) -> dict[str, Any]:
             "time_line": None if model.time_line is None else [model.time_line.fixed, model.time_line.per_sample]}
 
 
-def _step_peaks_only_max(steps: list[Any], entry: Entry, amp: bool, device_total: int) -> int | None:
-    """The largest batch fitted on the same steps without their own phase peaks (one line through the steps'
-    peaks, as before issue 13's fix), for comparison."""
-    model = fit([replace(s, phase_own_peaks=None) for s in steps], optimizer=entry.optimizer_name, amp=amp)
-    return model.max_batch(device_total) if model is not None else None
-
-
 def _cleanup(dev: Any) -> None:
     gc.collect()
     dev.clean()
@@ -420,7 +414,8 @@ def run_entry(entry: Entry, dev: Any, deadline: float, smoke: bool) -> dict[str,
         # fitted per phase when the agent sent each phase's own peak (sampled CUDA steps): the phase deciding
         # the largest batch, and what the step's peaks alone (an older agent) would have given
         "deciding_phase": p.basis_fields.deciding_phase,
-        "predicted_max_batch_step_peaks_only": _step_peaks_only_max(steps, entry, arch.amp, device_total),
+        "predicted_max_batch_step_peaks_only": step_peaks_only_max(steps, entry.optimizer_name, arch.amp,
+                                                                    device_total),
     })
     log: list[dict[str, Any]] = []
     for frac in (0.25, 0.5):

@@ -25,6 +25,13 @@ def exact_boundary(trials: list[dict[str, Any]]) -> int | None:
     return max(ok, default=0)
 
 
+def step_peaks_only_max(steps: list[Any], optimizer: str | None, amp: bool, device_total: int) -> int | None:
+    """The largest batch fitted on the same steps without their own phase peaks (one line through the steps'
+    peaks, as before issue 13's fix), for comparison (the zoo run and its reevaluation)."""
+    model = fit([replace(s, phase_own_peaks=None) for s in steps], optimizer=optimizer, amp=amp)
+    return model.max_batch(device_total) if model is not None else None
+
+
 def reevaluate(doc: dict[str, Any]) -> list[dict[str, Any]]:
     """Refit the current memory model on each architecture's recorded observation (no GPU) and compare its
     largest batch, plain and per what-if, with the real one the run measured. Results recorded before the
@@ -48,14 +55,12 @@ def reevaluate(doc: dict[str, Any]) -> list[dict[str, Any]]:
         real = exact_boundary(r.get("trials", [])) or r["real_max_batch"]
         p = model.predict(device_total=device_total)
         pred = p.max_batch or 0
-        # the same steps without each phase's own peak: one line through the steps' peaks (before issue 13's fix)
-        one_line = fit([replace(s, phase_own_peaks=None) for s in steps], optimizer=r.get("optimizer"),
-                       amp=bool(r.get("amp")))
         row: dict[str, Any] = {"arch": r["arch"], "predicted": pred, "recorded": r["predicted_max_batch"],
                                "real": real, "ratio": pred / real if real else None, "what_ifs": [],
                                "fit": f"per phase ({p.basis_fields.deciding_phase} decides)"
                                if model.phase_lines else "one line",
-                               "step_peaks_only": one_line.max_batch(device_total) if one_line else None,
+                               "step_peaks_only": step_peaks_only_max(steps, r.get("optimizer"), bool(r.get("amp")),
+                                                                      device_total),
                                "overhead": _overhead(model, r, real, doc["emulated_device_memory"])}
         for w in r.get("what_ifs", []):
             if "spec" not in w or not w.get("real_max_batch"):
