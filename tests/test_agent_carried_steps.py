@@ -21,6 +21,7 @@ import torch.nn as nn
 import batchmon
 from batchmon.agent import step_meter
 from agent_helpers import agent_dir  # noqa: F401 - fixture
+from torch_models import CastingMLP
 
 D = 32
 EVERY = 5  # an explicit activation_every is exact: both runs sample the same steps
@@ -46,20 +47,10 @@ print(json.dumps({"steps": steps, "carried": carried}))
 """
 
 
-class CastingMLP(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(D, 64), nn.ReLU(), nn.Linear(64, 4))
-
-    def forward(self, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
-        out = self.net(x.float())
-        return out * scale.float().mean() if scale is not None else out
-
-
 def train(device: torch.device) -> tuple[list[dict[str, Any]], int]:
     """The plan's steps as the handle keeps them (without their own times) and how many ended carried."""
     torch.manual_seed(0)
-    model = CastingMLP().to(device)
+    model = CastingMLP(D, 64).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     crit = nn.CrossEntropyLoss()
     carried = 0
@@ -111,7 +102,7 @@ def test_carried_step_ends_are_what_measuring_gives(agent_dir, monkeypatch: pyte
 
 
 def test_a_carried_step_is_a_new_step_object_with_its_own_components(agent_dir):
-    model = CastingMLP()
+    model = CastingMLP(D, 64)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     handle = batchmon.attach(model, opt, activation_every=1000)
     x, y = torch.randn(8, D), torch.randint(0, 4, (8,))

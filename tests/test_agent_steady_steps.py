@@ -10,20 +10,9 @@ import torch.nn as nn
 
 import batchmon
 from agent_helpers import agent_dir  # noqa: F401 - fixture
+from torch_models import CastingMLP
 
 D = 64
-
-
-class CastingMLP(nn.Module):
-    """Takes float32 or float64 inputs (casts them), optional keyword input."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(D, 32), nn.ReLU(), nn.Linear(32, 4))
-
-    def forward(self, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
-        out = self.net(x.float())
-        return out * scale.float().mean() if scale is not None else out
 
 
 def expected_batch_bytes(batch: int, dtype: torch.dtype, with_scale: bool) -> int:
@@ -33,7 +22,7 @@ def expected_batch_bytes(batch: int, dtype: torch.dtype, with_scale: bool) -> in
 
 def test_carried_steps_report_what_measuring_gives(agent_dir):
     torch.manual_seed(0)
-    model = CastingMLP()
+    model = CastingMLP(D, 32)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     crit = nn.CrossEntropyLoss()
     handle = batchmon.attach(model, opt, activation_every=1000)  # after the first steps nothing is sampled
@@ -60,7 +49,7 @@ def test_carried_steps_report_what_measuring_gives(agent_dir):
 
 def test_gradient_accumulation_with_carried_steps(agent_dir):
     torch.manual_seed(0)
-    model = CastingMLP()
+    model = CastingMLP(D, 32)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     crit = nn.CrossEntropyLoss()
     handle = batchmon.attach(model, opt, activation_every=1000)
