@@ -7,7 +7,11 @@ interleaved rounds in one process: plain, no-op hooks, and ``batchmon.attach``. 
 hook-based measurement pays on that step (torch's ``Module._call_impl`` slow path for hooked modules, the
 optimizer's hook dispatch, one more Python frame around backward); attached − no-op is the agent's own share.
 
-    python3 bench/hook_floor.py [--device cpu|cuda] [--rounds 8] [--steps 400] --out F.json
+    python3 bench/hook_floor.py [--device cpu|cuda] [--rounds 8] [--steps 400] [--breakdown] --out F.json
+
+``--breakdown`` adds one mode per hook kind alone (root pre, root post, loss pre, loss post, optimizer pre,
+optimizer post, the backward wrapper): which of them makes the floor (on the H200 the whole floor was ~10x the
+dev box CPU's, so it is not the hooks' Python).
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+KINDS = frozenset({"root_pre", "root_post", "loss_pre", "loss_post", "opt_pre", "opt_post", "backward_wrap"})
+
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -30,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=8, help="rounds per mode, interleaved (default 8)")
     ap.add_argument("--steps", type=int, default=400, help="timed steps per round (default 400)")
     ap.add_argument("--width", type=int, default=64, help="MLP width (default 64: a step of ~0.1-1 ms on a CPU)")
+    ap.add_argument("--breakdown", action="store_true", help="also time each hook kind alone")
     ap.add_argument("--out", required=True, help="JSON result file")
     args = ap.parse_args(argv)
     if args.rounds < 1 or args.steps < 1 or args.width < 1:
@@ -69,25 +76,27 @@ def main(argv: list[str] | None = None) -> int:
             times.append(time.perf_counter() - t)
         return statistics.median(times)
 
-    def noop_hooks() -> Callable[[], None]:
+    def noop_hooks(kinds: frozenset[str] = KINDS) -> Callable[[], None]:
         def pre(m: Any, a: Any, k: Any) -> None:
             return None
 
         def post(m: Any, a: Any, k: Any, r: Any) -> None:
             return None
 
-        handles = [model.register_forward_pre_hook(pre, with_kwargs=True),
-                   model.register_forward_hook(post, with_kwargs=True, always_call=True),
-                   crit.register_forward_pre_hook(pre, with_kwargs=True),
-                   crit.register_forward_hook(post, with_kwargs=True, always_call=True),
-                   register_optimizer_step_pre_hook(lambda o, a, k: None),
-                   register_optimizer_step_post_hook(lambda o, a, k: None)]
+        register = {"root_pre": lambda: model.register_forward_pre_hook(pre, with_kwargs=True),
+                    "root_post": lambda: model.register_forward_hook(post, with_kwargs=True, always_call=True),
+                    "loss_pre": lambda: crit.register_forward_pre_hook(pre, with_kwargs=True),
+                    "loss_post": lambda: crit.register_forward_hook(post, with_kwargs=True, always_call=True),
+                    "opt_pre": lambda: register_optimizer_step_pre_hook(lambda o, a, k: None),
+                    "opt_post": lambda: register_optimizer_step_post_hook(lambda o, a, k: None)}
+        handles = [register[k]() for k in sorted(kinds) if k in register]
         original = torch.Tensor.backward
 
         def backward(self: Any, *a: Any, **k: Any) -> Any:
             return original(self, *a, **k)
 
-        torch.Tensor.backward = backward  # type: ignore[method-assign]
+        if "backward_wrap" in kinds:
+            torch.Tensor.backward = backward  # type: ignore[method-assign]
 
         def undo() -> None:
             for h in handles:
@@ -98,8 +107,16 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(300):
         step()
     rounds: dict[str, list[float]] = {"plain": [], "noop_hooks": [], "attached": []}
+    alone = sorted(KINDS) if args.breakdown else []
+    for kind in alone:
+        rounds["only_" + kind] = []
     for _ in range(args.rounds):
         rounds["plain"].append(timed_round(args.steps))
+        for kind in alone:
+            undo = noop_hooks(frozenset([kind]))
+            timed_round(30)
+            rounds["only_" + kind].append(timed_round(args.steps))
+            undo()
         undo = noop_hooks()
         timed_round(30)
         rounds["noop_hooks"].append(timed_round(args.steps))
@@ -115,9 +132,12 @@ def main(argv: list[str] | None = None) -> int:
            "noop_hooks_added_us": round((med["noop_hooks"] - med["plain"]) * 1e6, 1),
            "attached_added_us": round((med["attached"] - med["plain"]) * 1e6, 1),
            "agent_share_us": round((med["attached"] - med["noop_hooks"]) * 1e6, 1),
+           "alone_added_us": {k: round((med["only_" + k] - med["plain"]) * 1e6, 1) for k in alone},
            "rounds_s": {k: [round(t * 1e6, 1) for t in v] for k, v in rounds.items()},
            "settings": {"rounds": args.rounds, "steps": args.steps}}
     Path(args.out).write_text(json.dumps(out, indent=1))
+    if alone:
+        print("each hook kind alone: " + ", ".join(f"{k} +{v} us" for k, v in out["alone_added_us"].items()))
     print(f"hook_floor on {dev}: plain {out['median_step_us']['plain']} us; no-op hooks +{out['noop_hooks_added_us']} us; "
           f"attached +{out['attached_added_us']} us (the agent's share +{out['agent_share_us']} us); wrote {args.out}")
     return 0

@@ -27,6 +27,17 @@ def test_hook_floor_writes_the_three_modes(tmp_path):
     assert "hook_floor on cpu" in proc.stdout
 
 
+def test_hook_floor_breakdown_times_each_kind_alone(tmp_path):
+    out = tmp_path / "hf.json"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--rounds", "1", "--steps", "5", "--breakdown", "--out", str(out)],
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads(out.read_text())
+    assert set(doc["alone_added_us"]) == {"root_pre", "root_post", "loss_pre", "loss_post", "opt_pre", "opt_post",
+                                          "backward_wrap"}
+    assert "each hook kind alone" in proc.stdout
+
+
 def test_hook_floor_refuses_a_zero_round_count(tmp_path):
     proc = subprocess.run([sys.executable, str(SCRIPT), "--rounds", "0", "--out", str(tmp_path / "x.json")],
                           capture_output=True, text=True, timeout=120)
