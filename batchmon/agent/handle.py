@@ -399,7 +399,7 @@ class AgentHandle:
             self._fail(exc)
 
     def _root_post(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
-                   exc: BaseException | None) -> None:
+                   exc: BaseException | None, result: Any = None) -> None:
         meter = self._meter
         ref = meter.model_ref
         if ref is None or module is not ref():
@@ -421,6 +421,11 @@ class AgentHandle:
             if exc is not None and isinstance(exc, torch.OutOfMemoryError):
                 self._on_oom(exc, "forward")
             elif exc is None and counting:
+                phases = meter.phases
+                if phases.active:  # a followed step: the backward splits where the output's gradient arrives
+                    follow = getattr(phases, "follow_output", None)
+                    if follow is not None:
+                        follow(result)
                 watch = self._watch
                 if watch.loss_search_left > 0 and watch.criterion_ref is None:
                     watch.open_loss_window()

@@ -50,7 +50,7 @@ class Sink(Protocol):
     def _on_step(self, optimizer: Any, args: Any, kwargs: Any) -> None: ...
     def _root_pre(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None: ...
     def _root_post(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
-                   exc: BaseException | None) -> None: ...
+                   exc: BaseException | None, result: Any = None) -> None: ...
     def _crit_pre(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None: ...
     def _crit_post(self, module: torch.nn.Module, exc: BaseException | None) -> None: ...
 
@@ -128,7 +128,7 @@ def _root_pre(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, 
 def _root_post(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], result: Any) -> None:
     a = agent
     if a is not None:
-        a._root_post(module, args, kwargs, _leaving() if sys.exc_info()[1] is not None else None)
+        a._root_post(module, args, kwargs, _leaving() if sys.exc_info()[1] is not None else None, result)
 
 
 def _crit_pre(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -160,7 +160,7 @@ def root_post_hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[
         return _root_post_eager(module, args, kwargs, result)
     a = agent
     if a is not None:
-        a._root_post(module, args, kwargs, _leaving() if sys.exc_info()[1] is not None else None)
+        a._root_post(module, args, kwargs, _leaving() if sys.exc_info()[1] is not None else None, result)
 
 
 def crit_pre_hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
