@@ -32,6 +32,9 @@ MESSAGE_TYPES = ("hello", "step", "event", "bye")
 #: the phases of a training step, in order: forward (loss included, up to backward), backward, and the rest of
 #: the step (the optimizer's step, zero_grad); a step's ``peak_phase`` is one of them
 PHASES: tuple[str, ...] = ("forward", "backward", "optimizer")
+#: the segments of a sampled step whose own peaks ``segment_peaks`` carries, in order: the backward split where
+#: the gradient of the model's output arrives (``loss_backward``: the loss's backward, part of the backward phase)
+SEGMENTS: tuple[str, ...] = ("forward", "loss_backward", "backward", "optimizer")
 
 
 class ProtocolError(ValueError):
@@ -187,6 +190,7 @@ class Step:
     peak_phase: str | None = None  # added field: where in the step the peak was reached (PHASES; sampled steps)
     phase_peaks: dict[str, int] | None = None  # added field: allocator peak by the end of each phase (cumulative)
     phase_own_peaks: dict[str, int] | None = None  # added field: each phase's own allocator peak (sampled steps)
+    segment_peaks: dict[str, int] | None = None  # added field: each segment's own allocator peak (SEGMENTS)
     type: str = field(default="step", init=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -200,6 +204,7 @@ class Step:
                 "micro_batches": self.micro_batches, "steps": self.steps, "peak_phase": self.peak_phase,
                 "phase_peaks": dict(self.phase_peaks) if self.phase_peaks is not None else None,
                 "phase_own_peaks": dict(self.phase_own_peaks) if self.phase_own_peaks is not None else None,
+                "segment_peaks": dict(self.segment_peaks) if self.segment_peaks is not None else None,
                 "type": "step"}
 
     @classmethod
@@ -225,6 +230,7 @@ class Step:
             peak_phase=_phase(d.get("peak_phase")),
             phase_peaks=_phase_peaks(d.get("phase_peaks")),
             phase_own_peaks=_phase_peaks(d.get("phase_own_peaks")),
+            segment_peaks=_phase_peaks(d.get("segment_peaks"), SEGMENTS),
         )
 
 
@@ -232,7 +238,8 @@ def new_step(step: int, time: float, step_seconds: float | None, batch_size: int
              components: dict[str, int], allocated: int | None, peak_allocated: int | None, reserved: int | None,
              num_alloc_retries: int | None, num_ooms: int | None, device_used: int | None,
              batch_source: str | None, micro_batches: int | None, steps: int = 1, peak_phase: str | None = None,
-             phase_peaks: dict[str, int] | None = None, phase_own_peaks: dict[str, int] | None = None) -> Step:
+             phase_peaks: dict[str, int] | None = None, phase_own_peaks: dict[str, int] | None = None,
+             segment_peaks: dict[str, int] | None = None) -> Step:
     """A Step equal to ``Step(...)`` with the same fields, made in a fraction of the time: a frozen dataclass's
     ``__init__`` sets each field through ``object.__setattr__``, which the agent would pay on every training step.
     """
@@ -241,7 +248,8 @@ def new_step(step: int, time: float, step_seconds: float | None, batch_size: int
                       components=components, allocated=allocated, peak_allocated=peak_allocated,
                       reserved=reserved, num_alloc_retries=num_alloc_retries, num_ooms=num_ooms,
                       device_used=device_used, batch_source=batch_source, micro_batches=micro_batches, steps=steps,
-                      peak_phase=peak_phase, phase_peaks=phase_peaks, phase_own_peaks=phase_own_peaks)
+                      peak_phase=peak_phase, phase_peaks=phase_peaks, phase_own_peaks=phase_own_peaks,
+                      segment_peaks=segment_peaks)
     return s
 
 
@@ -278,7 +286,7 @@ def _step_fast(d: Mapping[str, Any]) -> Step | None:
     return new_step(step, when, secs, batch, components, allocated, peak, reserved, retries, ooms, used,
                     _lenient_str(get("batch_source"), 128), _lenient_int(get("micro_batches")),
                     _window_steps(get("steps")), _phase(get("peak_phase")), _phase_peaks(get("phase_peaks")),
-                    _phase_peaks(get("phase_own_peaks")))
+                    _phase_peaks(get("phase_own_peaks")), _phase_peaks(get("segment_peaks"), SEGMENTS))
 
 
 def _phase(value: Any) -> str | None:
@@ -286,13 +294,14 @@ def _phase(value: Any) -> str | None:
     return value if value in PHASES else None
 
 
-def _phase_peaks(value: Any) -> dict[str, int] | None:
-    """The added ``phase_peaks`` and ``phase_own_peaks`` fields: {phase: bytes} for phases in PHASES, else None."""
+def _phase_peaks(value: Any, names: tuple[str, ...] = PHASES) -> dict[str, int] | None:
+    """The added ``phase_peaks``, ``phase_own_peaks`` (names: PHASES) and ``segment_peaks`` (SEGMENTS) fields:
+    {name: bytes} for known names, else None."""
     if type(value) is not dict or not value:
         return None
     out = {}
     for name, size in value.items():
-        if name not in PHASES or type(size) is not int or not 0 <= size <= MAX_SIZE:
+        if name not in names or type(size) is not int or not 0 <= size <= MAX_SIZE:
             return None
         out[name] = size
     return out

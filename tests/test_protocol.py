@@ -214,7 +214,8 @@ def test_written_out_to_dict_has_every_field_and_new_step_equals_the_constructor
     step = conftest_make_step(5, 16, allocated=1, peak_allocated=2, reserved=3, num_alloc_retries=0, num_ooms=0,
                               device_used=4, batch_source="input dim 0", micro_batches=2, steps=7,
                               peak_phase="backward", phase_peaks={"forward": 1, "backward": 2},
-                              phase_own_peaks={"forward": 1, "backward": 2, "optimizer": 1})
+                              phase_own_peaks={"forward": 1, "backward": 2, "optimizer": 1},
+                              segment_peaks={"forward": 1, "loss_backward": 2, "backward": 1, "optimizer": 1})
     assert step.to_dict() == dataclasses.asdict(step)
     event = Event(kind="oom", message="m", components=dict(step.components), time=1.0, step=3, batch_size=2,
                   requested_bytes=9)
@@ -222,7 +223,7 @@ def test_written_out_to_dict_has_every_field_and_new_step_equals_the_constructor
     fields = [getattr(step, f.name) for f in dataclasses.fields(Step) if f.init]
     made = new_step(*fields)
     assert made == step and made.type == "step" and encode(made) == encode(step)
-    assert [f.name for f in dataclasses.fields(Step) if f.init][-2:] == ["phase_peaks", "phase_own_peaks"]  # new_step's order
+    assert [f.name for f in dataclasses.fields(Step) if f.init][-3:] == ["phase_peaks", "phase_own_peaks", "segment_peaks"]  # new_step's order
 
 
 def test_peak_phase_fields_are_lenient():
@@ -259,3 +260,27 @@ def test_own_phase_peaks_round_trip_and_are_lenient():
         for d in ({**base, "phase_own_peaks": odd}, {**base, "time": 1, "phase_own_peaks": odd}):
             step = Step.from_dict(d)
             assert step.phase_own_peaks is None and step.step == 1
+
+
+def test_segment_peaks_round_trip_and_are_lenient():
+    """The added segment_peaks field (each segment's own allocator peak, the backward split at the output's
+    gradient: issue 13): encoded, decoded the same on both roads, None for an older agent or an odd value (a name
+    outside SEGMENTS included), and an odd value never fails the line; an older monitor's decoder ignores it."""
+    from batchmon.protocol import SEGMENTS
+
+    base = {"step": 1, "time": 1.0, "step_seconds": 0.1, "batch_size": 4,
+            "components": {name: 1 for name in ("parameters", "gradients", "optimizer", "activations", "batch", "other")}}
+    segments = {"forward": 9, "loss_backward": 11, "backward": 7, "optimizer": 5}
+    assert tuple(segments) == SEGMENTS
+    step = Step.from_dict({**base, "phase_own_peaks": {"forward": 9, "backward": 11, "optimizer": 5},
+                           "segment_peaks": segments})
+    assert step.segment_peaks == segments and step.phase_own_peaks == {"forward": 9, "backward": 11, "optimizer": 5}
+    assert decode(encode(step)) == step and step.to_dict()["segment_peaks"] == segments
+    assert Step.from_dict({**base, "time": 1, "segment_peaks": segments}).segment_peaks == segments  # checked road
+    assert Step.from_dict(base).segment_peaks is None
+    for odd in ({"loss": 1}, {"loss_backward": -1}, {"forward": True}, [1], {}, "x", {"backward": 1 << 63}):
+        for d in ({**base, "segment_peaks": odd}, {**base, "time": 1, "segment_peaks": odd}):
+            got = Step.from_dict(d)
+            assert got.segment_peaks is None and got.step == 1
+    # phase_own_peaks never takes a segment name: "loss_backward" there is an odd value
+    assert Step.from_dict({**base, "phase_own_peaks": {"loss_backward": 1}}).phase_own_peaks is None

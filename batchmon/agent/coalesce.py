@@ -12,7 +12,7 @@ and whose memory model keeps one point per batch size (its highest peak). The ag
   ``micro_batches``): those of the window's peak step (highest ``peak_allocated``, else highest sum of the
   components; the latest on ties);
 - ``num_alloc_retries``, ``num_ooms`` (cumulative counters): the last step's;
-- ``peak_phase``, ``phase_peaks``, ``phase_own_peaks`` (set on sampled steps only): the peak step's if it has
+- ``peak_phase``, ``phase_peaks``, ``phase_own_peaks``, ``segment_peaks`` (set on sampled steps only): the peak step's if it has
   them, else those of the window's last step that has them (None if no step of the window was sampled).
 
 A window never spans two batch sizes, and is sent at once (never held back) when: it is one of the first
@@ -107,4 +107,5 @@ class StepCoalescer:
                          peak.device_used, last.batch_source, peak.micro_batches, count,
                          phased.peak_phase if phased is not None else None,
                          phased.phase_peaks if phased is not None else None,
-                         phased.phase_own_peaks if phased is not None else None)]
+                         phased.phase_own_peaks if phased is not None else None,
+                         phased.segment_peaks if phased is not None else None)]

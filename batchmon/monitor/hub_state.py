@@ -510,7 +510,8 @@ def _fit_figures(summary: list[Step]) -> tuple:
     step numbers, times or step times."""
     return tuple((s.batch_size, tuple(s.components.values()), s.allocated, s.peak_allocated, s.reserved,
                   s.num_alloc_retries, s.num_ooms, s.device_used, s.micro_batches,
-                  tuple(s.phase_own_peaks.items()) if s.phase_own_peaks else None) for s in summary)
+                  tuple(s.phase_own_peaks.items()) if s.phase_own_peaks else None,
+                  tuple(s.segment_peaks.items()) if s.segment_peaks else None) for s in summary)
 
 
 def _time(value: Any) -> float:
