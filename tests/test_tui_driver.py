@@ -142,7 +142,13 @@ def terminal_cells(data: str) -> dict[tuple[int, int], tuple[str, str]]:
         if m.group(1):
             y, x = int(m.group(1)) - 1, int(m.group(2)) - 1
         elif m.group(3) is not None:
-            sgr = "" if m.group(3) in ("", "0") else sgr + ";" + m.group(3)
+            codes = m.group(3)
+            if codes in ("", "0"):
+                sgr = ""
+            elif codes.startswith("0;"):  # a reset and new colours in one sequence
+                sgr = ";" + codes[2:]
+            else:
+                sgr = sgr + ";" + codes
         elif m.group(4):
             x, y = 0, y + 1
         else:
@@ -188,6 +194,16 @@ def test_a_cropped_update_draws_every_changed_cell_as_textual_would_and_little_e
         assert min(i for i, _ in ours) == x1  # nothing before the span (one cell per character here)
 
     check()
+    # the colours are set once for consecutive segments that share them (across cursor moves), and the frame
+    # ends reset: three step counters in the same colours
+    dim = Style(color="grey50", bgcolor="black")
+    row = Strip([Segment("step ", styles[1]), Segment("1234", dim)])
+    frame = ChopsUpdate([{0: row}] * 3, [(y, 5, 9) for y in range(3)], [[9]] * 3)
+    data = cropped(frame).render_segments(console)
+    textual = ChopsUpdate([{0: row}] * 3, [(y, 5, 9) for y in range(3)], [[9]] * 3).render_segments(console)
+    assert terminal_cells(data) == {c: v for c, v in terminal_cells(textual).items() if c[0] >= 5}
+    assert data.count("\x1b[0m") == 1 and data.endswith("\x1b[0m") and data.count("m1234") == 1
+    assert len(data) < len(textual) / 2
     # a wide character: the span is written from the start of the segment it starts in, never from inside one
     strip = Strip([Segment("ab", styles[1]), Segment("c显d", styles[2])])
     two_rows = ChopsUpdate([{0: strip}, {0: strip}], [(0, 4, 5), (1, 3, 4)], [[5], [5]])
