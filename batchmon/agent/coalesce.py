@@ -31,8 +31,11 @@ from batchmon.protocol import Step, new_step
 
 HISTORY_STEPS = 2000  # step messages an agent keeps for a monitor that connects later (and handle.steps)
 HISTORY_EVENTS = 200
-WINDOW_SECONDS = 0.1  # at most ~10 step messages a second per agent in steady training: the monitor draws at
-# most 4 frames a second, and 16 fast agents at 20 a second cost its hub thread twice the decoding for nothing
+WINDOW_SECONDS = 0.25  # at most ~4 step messages a second per agent in steady training: the monitor draws at
+# most 4 frames a second (--interval 0.25), so a fifth of a second's window hides nothing it could show; every
+# message costs the monitor's hub thread a read, a decode and a history entry (16 fast agents at 10 a second were
+# the largest part of its work; bench/ab_monitor.py). The step-to-snapshot latency does not grow: a window is sent
+# when a step finds it due, stamped with that step's time (bench/load.py measures from it)
 FIRST_STEPS = 3  # the run's first steps are sent one by one
 
 
