@@ -37,6 +37,7 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import random
 import selectors
 import shutil
 import signal
@@ -64,7 +65,10 @@ BINS = 20_000
 
 
 class _Agent:
-    def __init__(self, directory: Path, index: int, duration: float, prefill: int = 0, rate: float = 10.0) -> None:
+    def __init__(self, directory: Path, index: int, duration: float, prefill: int = 0, rate: float = 10.0,
+                 gpu: str | None = None) -> None:
+        self.gpu = gpu  # --gpu UUID: the peer says it trains on that GPU (cuda:0) and sends allocator figures
+        self.jitter = random.Random(index)
         self.sleeper = subprocess.Popen(["sleep", str(int(duration) + 300)])
         self.pid = self.sleeper.pid
         self.index = index
@@ -79,7 +83,7 @@ class _Agent:
         self.coalescer: StepCoalescer | None = None  # --coalesce: the agent's own window rule
         self.hello = protocol.encode(Hello(
             pid=self.pid, host=socket.gethostname(), argv=("bench/load.py", f"--agent={index}"), python="3",
-            torch="none", device="cpu", nvml_uuid=None, rank=0, local_rank=0, world_size=1,
+            torch="none", device="cuda:0" if gpu else "cpu", nvml_uuid=gpu, rank=0, local_rank=0, world_size=1,
             model=ModelInfo("LoadPeer", 1_000_000, 4_000_000), optimizer="Adam", time=time.time()))
         # --prefill: a history burst right after the hello, as a real agent sends on connect; its steps are
         # stamped in the past (before the hub started), so Watch does not count them as live steps
@@ -89,8 +93,16 @@ class _Agent:
     def make_step(self, rate: float, when: float | None = None) -> Step:
         self.step += 1
         comps = {name: 4_000_000 * (i + 1) + (self.step % 7) * 4096 for i, name in enumerate(COMPONENTS)}
-        return Step(step=self.step, time=time.time() if when is None else when, step_seconds=1.0 / rate,
-                    batch_size=16, components=comps)
+        if not self.gpu:
+            return Step(step=self.step, time=time.time() if when is None else when, step_seconds=1.0 / rate,
+                        batch_size=16, components=comps)
+        # like a real CUDA job (examples/train_mlp.py on the H200): step times that vary by a few percent,
+        # allocator figures whose peak moves a little from step to step
+        peak = sum(comps.values())
+        return Step(step=self.step, time=time.time() if when is None else when,
+                    step_seconds=self.jitter.uniform(0.97, 1.03) / rate, batch_size=16, components=comps,
+                    allocated=peak - comps["activations"], peak_allocated=peak, reserved=(peak // 2**21 + 8) * 2**21,
+                    device_used=(peak // 2**21 + 8) * 2**21 + 500 * 2**20)
 
     def step_line(self, rate: float, when: float | None = None) -> bytes:
         return protocol.encode(self.make_step(rate, when))
@@ -110,9 +122,9 @@ class _Agent:
 
 def _peer(directory: str, first: int, count: int, rate: float, duration: float, ready: "mp.Queue",
           results: "mp.Queue", stop: "mp.synchronize.Event", close: "mp.synchronize.Event", prefill: int = 0,
-          coalesce: bool = False) -> None:
+          coalesce: bool = False, gpu: str | None = None) -> None:
     """One worker process: `count` agents, each stepping at `rate`; reports what it sent and saw."""
-    agents = [_Agent(Path(directory), first + i, duration, prefill, rate) for i in range(count)]
+    agents = [_Agent(Path(directory), first + i, duration, prefill, rate, gpu) for i in range(count)]
     if coalesce:
         for a in agents:
             a.coalescer = StepCoalescer()
@@ -310,7 +322,8 @@ def serve(args: argparse.Namespace) -> int:
         for n in share:
             if n:
                 p = ctx.Process(target=_peer, args=(str(sockdir), first, n, args.rate, args.duration, ready,
-                                                     results, stop, close, args.prefill, args.coalesce), daemon=True)
+                                                     results, stop, close, args.prefill, args.coalesce, args.gpu),
+                               daemon=True)
                 p.start()
                 procs.append(p)
                 first += n
@@ -357,6 +370,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="the peers send what the real agent sends: windows of steps (batchmon.agent.coalesce), "
                          "not one message per step (issue 14: 64 agents at 1000 steps/s)")
     ap.add_argument("--p99", type=float, default=0.5, help="the step-to-snapshot p99 target in seconds (default 0.5)")
+    ap.add_argument("--gpu", metavar="UUID",
+                    help="with --serve: the peers say they train on this GPU (an NVML recording's UUID, e.g. in "
+                         "bench/ab_monitor.py --gpu-agents) and send allocator figures and varying step times")
     ap.add_argument("--serve", metavar="DIR",
                     help="run only the peers, listening in socket folder DIR, for a monitor started elsewhere")
     args = ap.parse_args(argv)

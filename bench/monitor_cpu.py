@@ -80,7 +80,8 @@ def cpu_seconds(proc: psutil.Process) -> tuple[float, float]:
 #: with NvmlProbe(backend=ReplayBackend(...)) instead of the real driver; --idle-gpu drops the recorded
 #: processes (an idle GPU, as in bench/vs_nvitop.py's H200 comparison)
 NVML_REPLAY_MAIN = """
-import json, sys
+import json, os, sys
+from pathlib import Path
 sys.path.insert(0, sys.argv[4])  # tests/: nvml_recording (test and bench tooling, not in the package)
 from batchmon.monitor.hub import Hub
 from batchmon.probes.nvml import NvmlProbe
@@ -93,6 +94,15 @@ if idle:
         for call in part:
             if "RunningProcesses" in call.get("fn", "") and isinstance(call.get("value"), list):
                 call["value"] = []
+if os.environ.get("BATCHMON_BENCH_GPU_AGENTS") == "1":
+    # the agents in the socket folder (bench/load.py --serve --gpu) are the GPU's processes, as 16 real CUDA jobs
+    # are on the H200: each uses ~850 MiB, steady (as in steady training)
+    pids = sorted(int(p.stem) for p in Path(os.environ["BATCHMON_DIR"]).glob("*.sock") if p.stem.isdigit())
+    for k, s in enumerate(data["samples"]):
+        for call in s["calls"]:
+            if call.get("fn") == "nvmlDeviceGetComputeRunningProcesses":
+                call["value"] = [{"pid": pid, "usedGpuMemory": (850 + pid % 3 * 2) * 2**20,
+                                  "gpuInstanceId": 4294967295, "computeInstanceId": 4294967295} for pid in pids]
 hub = Hub(interval=interval, nvml_probe=NvmlProbe(backend=ReplayBackend(data, loop=True)))
 try:
     sys.exit(run_monitor(hub, interval=interval, mouse=True))
