@@ -304,8 +304,9 @@ def test_own_phase_peaks_of_real_steps(agent_dir):
 
 @cuda
 def test_own_peaks_cost_reads_on_sampled_steps_only(agent_dir):
-    """The phase boundaries read (and reset) the allocator on sampled steps only: two reads in each followed step
-    (the backward's start and end), none in the others (the step's start and end are read as before)."""
+    """The phase boundaries read (and reset) the allocator on sampled steps only: three reads in each followed
+    step (the backward's start, the output's gradient, the backward's end), none in the others (the step's start
+    and end are read as before)."""
     device = "cuda"
     model = nn.Linear(64, 64).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -342,6 +343,87 @@ def test_own_peaks_cost_reads_on_sampled_steps_only(agent_dir):
         torch.cuda.synchronize()
         assert len(per_step) == 20
         assert any(f for f, _ in per_step) and not all(f for f, _ in per_step), per_step
-        assert all(n == (2 if followed else 0) for followed, n in per_step), per_step
+        assert all(n == (3 if followed else 0) for followed, n in per_step), per_step
     finally:
         handle.detach()
+
+
+class WideDecoder(nn.Module):
+    """A language model's head over a wide vocabulary: the loss's backward (the logits' gradient and the softmax
+    temporaries, 2-3 logits-sized tensors) dominates the step's peak; the model's backward makes small gradients.
+    Issue 13's LSTM LM at batch 20 and beyond, with its LSTM left out."""
+
+    VOCAB, HIDDEN = 32768, 64
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(self.VOCAB, self.HIDDEN)
+        self.out = nn.Linear(self.HIDDEN, self.VOCAB)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.emb(x)))
+
+
+@cuda
+def test_segment_peaks_of_a_real_step_whose_loss_backward_dominates(agent_dir):
+    """Issue 13 point 1 on the GPU: a followed step's backward is split where the model output's gradient
+    arrives; segment_peaks has the loss's backward, and each segment's own peak equals torch.cuda's readings
+    taken the same way without the agent (the peak read and reset at the backward's start, at the output's
+    gradient, at the backward's end and after the optimizer step); the phase figures keep their meaning."""
+    device, vocab = "cuda", WideDecoder.VOCAB
+    torch.manual_seed(0)
+    model = WideDecoder().to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    crit = nn.CrossEntropyLoss()
+    x = torch.randint(0, vocab, (16, 64), device=device)  # 1024 tokens: logits of 128 MiB
+    y = torch.randint(0, vocab, (16, 64), device=device)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        crit(model(x).reshape(-1, vocab), y.reshape(-1)).backward()
+        opt.step()
+
+    handle = batchmon.attach(model, opt, activation_every=1)
+    try:
+        for _ in range(8):
+            step()
+        torch.cuda.synchronize()
+        split = [s for s in handle.steps if s.segment_peaks is not None]
+    finally:
+        handle.detach()
+    assert len(split) >= 4, [(s.step, s.phase_own_peaks, s.segment_peaks) for s in handle.steps]
+
+    def read() -> int:
+        peak = torch.cuda.max_memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        return peak
+
+    expected: dict[str, int] = {}
+    for _ in range(4):  # the same step, read by hand the way the agent reads it
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        read()
+        out = model(x)
+        hook = out.register_hook(lambda g: expected.__setitem__("loss_backward", read()))
+        loss = crit(out.reshape(-1, vocab), y.reshape(-1))
+        expected["forward"] = read()
+        loss.backward()
+        expected["backward"] = read()
+        opt.step()
+        expected["optimizer"] = read()
+        hook.remove()
+        del out, loss
+    logits = 16 * 64 * vocab * 4
+    assert expected["loss_backward"] > expected["backward"] + logits  # the loss's backward dominates
+    for s in split[2:]:
+        seg, own = s.segment_peaks, s.phase_own_peaks
+        assert seg is not None and own is not None
+        assert list(seg) == ["forward", "loss_backward", "backward", "optimizer"], seg
+        for name in ("loss_backward", "backward"):  # the backward's two parts: no step boundary blurs them
+            assert abs(seg[name] - expected[name]) <= 4 * MIB, (s.step, name, seg, expected)
+        for name in ("forward", "optimizer"):  # the step's start and end: the agent's own bookkeeping around them
+            assert abs(seg[name] - expected[name]) <= 16 * MIB, (s.step, name, seg, expected)
+        # the phase figures as before the split: the loss's backward is part of the backward
+        assert own["backward"] == max(seg["loss_backward"], seg["backward"]) == seg["loss_backward"]
+        assert own["forward"] == seg["forward"] and own["optimizer"] == seg["optimizer"]
+        assert s.peak_phase == "backward" and s.peak_allocated == seg["loss_backward"]
