@@ -14,7 +14,9 @@ measured while others edit other files of the same tree). Every
 tool runs the live monitor (``batchmon --interval``, the hub and the Textual app) in its own pseudo-terminal,
 with NVML answered from a recorded H200 stream (``--nvml`` a tests/nvml_recording.py recording, looped; the
 recorded processes kept unless --idle-gpu), and with ``--agents`` protocol peers from bench/load.py (``--serve``)
-stepping at ``--rate`` in a private socket folder, coalesced as the real agent does with ``--coalesce``.
+stepping at ``--rate`` in a private socket folder, coalesced as the real agent does with ``--coalesce``; with
+``--gpu-agents`` they say they train on the recording's GPU and NVML lists them as its processes (the screen of
+the H200's fast16 stage: 16 processes and their allocator rows, the jobs on GPU 0).
 
 Per round and tool: CPU seconds (user + system) over the window after the warm-up, the main and the other
 threads' share (schedstat), terminal bytes in the window, the largest RSS. Writes $OUT/NAME.json (default
@@ -79,7 +81,17 @@ def start_env(tree: Path, sockdir: Path) -> dict[str, str]:
     return env
 
 
-def measure_round(tools: list[Tool], trees: dict[str, Path], sockdir: Path, args: argparse.Namespace,
+def recorded_uuid(nvml: Path) -> str | None:
+    """The first GPU's UUID in an NVML recording (what --gpu-agents' peers say they train on)."""
+    data = json.loads(nvml.read_text())
+    for part in [data.get("init", [])] + [s.get("calls", []) for s in data.get("samples", [])]:
+        for call in part:
+            if call.get("fn") == "nvmlDeviceGetUUID" and isinstance(call.get("value"), str):
+                return call["value"]
+    return None
+
+
+def measure_round(tools: list[Tool], trees: dict[str, Path], sockdirs: dict[str, Path], args: argparse.Namespace,
                   order: list[int]) -> dict:
     cols, rows = args.size
     saved = dict(os.environ)
@@ -87,7 +99,7 @@ def measure_round(tools: list[Tool], trees: dict[str, Path], sockdir: Path, args
         for i in order:  # the child inherits os.environ at fork: set it per tool
             tool = tools[i]
             os.environ.clear()
-            os.environ.update(start_env(trees[tool.name], sockdir))
+            os.environ.update(start_env(trees[tool.name], sockdirs[tool.name]))
             tool.start(cols, rows)
     finally:
         os.environ.clear()
@@ -123,6 +135,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--agents", type=int, default=1, help="protocol peers (bench/load.py --serve) to watch")
     p.add_argument("--rate", type=float, default=5.0, help="steps per second per peer (default 5)")
     p.add_argument("--coalesce", action="store_true", help="peers coalesce steps as the real agent does")
+    p.add_argument("--gpu-agents", action="store_true",
+                   help="the peers train on the recording's GPU, as real CUDA jobs: NVML lists them as its "
+                        "processes, they send allocator figures and step times that vary (bench/load.py --gpu); "
+                        "the screen the H200's fast16 stage shows")
+    p.add_argument("--window", action="append", default=[], metavar="NAME=SECONDS",
+                   help="with --coalesce: this tree's agents coalesce over SECONDS (an older tree with the agents of "
+                        "its day); trees with their own window watch their own peers, on the same box at the same time")
     p.add_argument("--prefill", type=int, default=1000, help="history steps a peer sends on connect (default 1000)")
     p.add_argument("--duration", type=float, default=40.0, help="measured seconds per round (default 40)")
     p.add_argument("--warmup", type=float, default=10.0, help="seconds before measuring (default 10)")
@@ -138,10 +157,23 @@ def main(argv: list[str] | None = None) -> int:
     if not args.nvml.is_file():
         print(f"ab_monitor: no such NVML recording: {args.nvml}", file=sys.stderr)
         return 2
+    windows: dict[str, float | None] = {name: None for name, _, _ in pairs}
+    for spec in args.window:
+        name, _, secs = spec.partition("=")
+        try:
+            windows[name] = float(secs) if name in windows else float("nan")
+        except ValueError:
+            windows[name] = float("nan")
+        if name not in windows or not windows[name] > 0:
+            print(f"ab_monitor: --window takes NAME=SECONDS for a --tree NAME, got {spec!r}", file=sys.stderr)
+            return 2
     base = Path(tempfile.mkdtemp(prefix="bm_ab"))
     os.chmod(base, 0o700)
-    sockdir = base / "sock"
-    serve: subprocess.Popen | None = None
+    groups = sorted(set(windows.values()), key=lambda w: -1.0 if w is None else w)
+    folder = {w: base / f"sock{i}" for i, w in enumerate(groups)}  # one peer set per window
+    sockdirs = {name: folder[w] for name, w in windows.items()}
+    serves: list[subprocess.Popen] = []
+    load_avg = {"start": os.getloadavg()}
     tools: list[Tool] = []
     rounds = []
     try:
@@ -154,20 +186,31 @@ def main(argv: list[str] | None = None) -> int:
                                             capture_output=True, text=True).stdout.strip() + plus + overlay
         script = base / "nvml_replay_main.py"
         script.write_text(NVML_REPLAY_MAIN)
-        serve_argv = [sys.executable, str(HERE / "load.py"), "--serve", str(sockdir), "--agents", str(args.agents),
-                      "--rate", f"{args.rate:g}", "--prefill", str(args.prefill),
-                      "--duration", str(int(args.repeat * (args.duration + args.warmup + 30) + 60))]
-        if args.coalesce:
-            serve_argv.append("--coalesce")
-        serve = subprocess.Popen(serve_argv, stdout=subprocess.PIPE, text=True)
-        line = serve.stdout.readline() if serve.stdout else ""
-        if not line.startswith("ready"):
-            print(f"ab_monitor: the peers did not start: {line.strip()}", file=sys.stderr)
-            return 1
+        for w in groups:
+            serve_argv = [sys.executable, str(HERE / "load.py"), "--serve", str(folder[w]), "--agents",
+                          str(args.agents), "--rate", f"{args.rate:g}", "--prefill", str(args.prefill),
+                          "--duration", str(int(args.repeat * (args.duration + args.warmup + 30) + 60))]
+            if args.coalesce:
+                serve_argv.append("--coalesce")
+            if w is not None:
+                serve_argv += ["--window", f"{w:g}"]
+            if args.gpu_agents:
+                uuid = recorded_uuid(args.nvml)
+                if uuid is None:
+                    print(f"ab_monitor: no GPU UUID in {args.nvml} for --gpu-agents", file=sys.stderr)
+                    return 2
+                serve_argv += ["--gpu", uuid]
+                os.environ["BATCHMON_BENCH_GPU_AGENTS"] = "1"  # the monitors inherit it (NVML_REPLAY_MAIN)
+            serve = subprocess.Popen(serve_argv, stdout=subprocess.PIPE, text=True)
+            serves.append(serve)
+            line = serve.stdout.readline() if serve.stdout else ""
+            if not line.startswith("ready"):
+                print(f"ab_monitor: the peers did not start: {line.strip()}", file=sys.stderr)
+                return 1
         for r in range(args.repeat):
             tools = [tool_for(name, trees[name], args, script) for name, _, _ in pairs]
             order = list(range(len(tools))) if r % 2 == 0 else list(reversed(range(len(tools))))
-            rounds.append(measure_round(tools, trees, sockdir, args, order))
+            rounds.append(measure_round(tools, trees, sockdirs, args, order))
             tools = []
     finally:
         for tool in tools:  # a round cut short: no monitor outlives the bench
@@ -179,8 +222,10 @@ def main(argv: list[str] | None = None) -> int:
                     pass
             if tool.fd >= 0:
                 os.close(tool.fd)
-        if serve is not None:
+        load_avg["end"] = os.getloadavg()
+        for serve in serves:
             serve.send_signal(signal.SIGTERM)
+        for serve in serves:
             try:
                 serve.wait(60)
             except subprocess.TimeoutExpired:
@@ -192,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "what": "the live monitor (hub + Textual app), NVML answered from a recording, fake agents (bench/load.py)",
         "trees": revs, "nvml": str(args.nvml), "idle_gpu": args.idle_gpu, "agents": args.agents, "rate": args.rate,
-        "coalesce": args.coalesce, "prefill": args.prefill, "interval_s": args.interval, "size": list(args.size),
+        "coalesce": args.coalesce, "gpu_agents": args.gpu_agents, "windows": windows, "prefill": args.prefill,
+        "interval_s": args.interval, "size": list(args.size), "load_average_1_5_15": load_avg,
         "warmup_s": args.warmup, "duration_s": args.duration, "rounds": rounds, "cpu_seconds_all_rounds": totals,
         "host": platform.node(), "cpu_count": os.cpu_count(), "python": platform.python_version(), "time": time.time(),
     }

@@ -122,12 +122,12 @@ class _Agent:
 
 def _peer(directory: str, first: int, count: int, rate: float, duration: float, ready: "mp.Queue",
           results: "mp.Queue", stop: "mp.synchronize.Event", close: "mp.synchronize.Event", prefill: int = 0,
-          coalesce: bool = False, gpu: str | None = None) -> None:
+          coalesce: bool = False, gpu: str | None = None, window: float | None = None) -> None:
     """One worker process: `count` agents, each stepping at `rate`; reports what it sent and saw."""
     agents = [_Agent(Path(directory), first + i, duration, prefill, rate, gpu) for i in range(count)]
     if coalesce:
         for a in agents:
-            a.coalescer = StepCoalescer()
+            a.coalescer = StepCoalescer() if window is None else StepCoalescer(interval=window)
     messages = 0
     sel = selectors.DefaultSelector()
     for a in agents:
@@ -322,7 +322,8 @@ def serve(args: argparse.Namespace) -> int:
         for n in share:
             if n:
                 p = ctx.Process(target=_peer, args=(str(sockdir), first, n, args.rate, args.duration, ready,
-                                                     results, stop, close, args.prefill, args.coalesce, args.gpu),
+                                                     results, stop, close, args.prefill, args.coalesce, args.gpu,
+                                                     args.window),
                                daemon=True)
                 p.start()
                 procs.append(p)
@@ -370,6 +371,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="the peers send what the real agent sends: windows of steps (batchmon.agent.coalesce), "
                          "not one message per step (issue 14: 64 agents at 1000 steps/s)")
     ap.add_argument("--p99", type=float, default=0.5, help="the step-to-snapshot p99 target in seconds (default 0.5)")
+    ap.add_argument("--window", type=float, default=None,
+                    help="with --coalesce: the coalescing window in seconds (default: the agent's WINDOW_SECONDS; "
+                         "bench/ab_monitor.py --window gives an older tree the agents of its day)")
     ap.add_argument("--gpu", metavar="UUID",
                     help="with --serve: the peers say they train on this GPU (an NVML recording's UUID, e.g. in "
                          "bench/ab_monitor.py --gpu-agents) and send allocator figures and varying step times")
