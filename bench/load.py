@@ -93,11 +93,13 @@ class _Agent:
     def make_step(self, rate: float, when: float | None = None) -> Step:
         self.step += 1
         comps = {name: 4_000_000 * (i + 1) + (self.step % 7) * 4096 for i, name in enumerate(COMPONENTS)}
-        if not self.gpu:
+        if self.gpu:  # a real job's memory figures at one batch size are the same step after step (H200 MLPs)
+            comps = {name: 4_000_000 * (i + 1) for i, name in enumerate(COMPONENTS)}
+        else:
             return Step(step=self.step, time=time.time() if when is None else when, step_seconds=1.0 / rate,
                         batch_size=16, components=comps)
         # like a real CUDA job (examples/train_mlp.py on the H200): step times that vary by a few percent,
-        # allocator figures whose peak moves a little from step to step
+        # allocator figures at the peak (the components sum to it)
         peak = sum(comps.values())
         return Step(step=self.step, time=time.time() if when is None else when,
                     step_seconds=self.jitter.uniform(0.97, 1.03) / rate, batch_size=16, components=comps,
