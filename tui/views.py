@@ -9,7 +9,7 @@ by the name the user typed (``box_name``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from batchmon.jobs import Job, group_jobs, run_order
 from batchmon.memory_model import Prediction
@@ -55,6 +55,34 @@ class HostView:
     host: str = ""
 
 
+class _Deferred:
+    """A value made when first read: a job's chart input (its observed points: a measured total per fitted step)
+    is read only by the one job panel drawn in full, so the compact ones (15 of 16 jobs) never make theirs."""
+
+    __slots__ = ("make",)
+
+    def __init__(self, make: Callable[[], Any]) -> None:
+        self.make = make
+
+
+class _DeferredField:
+    """A dataclass field that may be given a _Deferred: made on first read, then kept."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.slot = "_" + name
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Any:
+        if obj is None:
+            return None  # the field's default (what the dataclass reads from the class)
+        value = obj.__dict__[self.slot]
+        if type(value) is _Deferred:
+            value = obj.__dict__[self.slot] = value.make()
+        return value
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        obj.__dict__[self.slot] = value
+
+
 @dataclass
 class JobView:
     """Everything one job panel shows, computed from the snapshot, the what-if and the model."""
@@ -64,7 +92,7 @@ class JobView:
     devices: dict[str, DeviceSample | None]  # agent key -> its GPU
     what_if: WhatIfState
     prediction: Prediction | None  # at the what-if batch
-    chart: ChartInput | None
+    chart: ChartInput | None = _DeferredField()  # type: ignore[assignment]  # made when first read
     user: str | None = None
     notes: list[str] = field(default_factory=list)  # model errors, "waiting for steps"
     host: str = ""  # the remote box (--host) it runs on, named in its title as in its GPU's panel; "" when local
@@ -184,23 +212,27 @@ def job_view(snap: Snapshot, key: str, ranks: list[AgentView], state: WhatIfStat
         notes.append(predictor.errors[lead.key])
     elif lead.last_step is not None and prediction is None:
         notes.append("not enough steps to fit yet")
-    chart = None
+    chart: Any = None
     if prediction is not None:
-        seen: set[tuple[int, int]] = set()
-        points = []
-        for s in fit_steps(lead):  # the steps the model was fitted on: bounded, not the whole history
-            if s.batch_size:
-                pt = (s.batch_size, measured_total(s))
-                if pt not in seen:
-                    seen.add(pt)
-                    points.append(pt)
 
-        def predict_total(b: int) -> int | None:
-            return predictor.total(lead, state.to_what_if(observed, b), device_total)
+        def make_chart() -> ChartInput:
+            seen: set[tuple[int, int]] = set()
+            points = []
+            for s in fit_steps(lead):  # the steps the model was fitted on: bounded, not the whole history
+                if s.batch_size:
+                    pt = (s.batch_size, measured_total(s))
+                    if pt not in seen:
+                        seen.add(pt)
+                        points.append(pt)
 
-        shown = tuple(points[-CHART_POINTS:])
-        chart = ChartInput(predict_total, shown, device_total, prediction.max_batch, prediction.batch_size,
-                           key=(lead.key, shown, device_total, prediction.max_batch, prediction.batch_size, state))
+            def predict_total(b: int) -> int | None:
+                return predictor.total(lead, state.to_what_if(observed, b), device_total)
+
+            shown = tuple(points[-CHART_POINTS:])
+            return ChartInput(predict_total, shown, device_total, prediction.max_batch, prediction.batch_size,
+                              key=(lead.key, shown, device_total, prediction.max_batch, prediction.batch_size, state))
+
+        chart = _Deferred(make_chart)
     proc = box.process(lead.hello.pid)
     return JobView(key, ranks, {a.key: box.device_of(a) for a in ranks}, state, prediction, chart,
                    user=proc.user if proc else None, notes=notes, host=box_name(snap, box))

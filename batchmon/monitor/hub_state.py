@@ -43,7 +43,9 @@ def _short(text: Any, limit: int = 200) -> str:
 
 
 PREDICT_EVERY_S = 1.0  # refit an agent at most this often (snapshot time), unless its batch sizes change
-PREDICT_STEADY_S = 5.0  # ... and, while no figure the model reads changed, at most this often (the basis' steps)
+PREDICT_STEADY_S = 30.0  # ... and, while no memory figure the model reads changed, at most this often (what moves
+# meanwhile: the basis' step range and the step-time line, neither shown live; 16 steady jobs refitted every 5 s were
+# ~half of the hub thread's work beside them, bench/ab_monitor.py --gpu-agents)
 
 
 
@@ -469,7 +471,7 @@ class HubState:
         append by StepHistory). In steady training the summary's memory figures stay the same step after step and a
         refit gives the same answer (a fit and a prediction cost ~1.7 ms: a sixth of the monitor's CPU beside one
         job at one refit a second), so while they are unchanged it is refitted only every PREDICT_STEADY_S (its
-        basis names the step range it read)."""
+        basis names the step range it read, its step-time line the step times)."""
         history = agent.history
         last = history.last
         if last is None:
