@@ -11,6 +11,8 @@ forward returns, and ``zero_grad()`` runs after the forward, so the previous gra
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 
 import pytest
 
@@ -155,3 +157,94 @@ def test_largest_batch_is_conservative_and_says_why(lstm_run):
     assert p.max_batch >= 0.5 * 160  # conservative, not useless
     assert p.basis_fields.conservative and "two close batch sizes (10, 20)" in p.basis
     assert p.basis_fields.extrapolation == pytest.approx(p.max_batch / 20)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The same LSTM LM at the zoo's size on the H200 (V=33278, 2x650, T=35, SGD): each segment's own peak measured
+# at batch 10 .. 6000 by bench/lstm_segments.py (bench/results/lstm_segments_h200.json; that loop keeps the
+# logits alive through backward). The step's peak is in the model's backward at batch 10 (where the embedding's
+# gradient is made) and in the loss's backward from 20 on: one own peak for the whole backward mixes the two.
+
+SEGMENTS_H200 = Path(__file__).resolve().parent.parent / "bench" / "results" / "lstm_segments_h200.json"
+PARAMS = 200_260_608  # the zoo's LSTM LM: parameter (and gradient) bytes, as the agent reported them
+CACHE, CONTEXT = 107_833_856, 794_820_608  # reserved - peak and device used - reserved at batch 20 (zoo run 3)
+
+
+def _h200_segments() -> dict[int, dict[str, int]]:
+    """{batch: each segment's own peak} as the agent reads them: its forward segment runs to backward's start
+    (the loss's forward included), the loss's backward to the model output's gradient, the model's backward to
+    backward's end, the optimizer's to the step's end."""
+    out = {}
+    for row in json.loads(SEGMENTS_H200.read_text()):
+        seg = {name: peak for name, peak, _ in row["segments"]}
+        out[row["batch"]] = {"forward": max(seg["forward"], seg["loss"]), "loss_backward": seg["bwd_before_out"],
+                             "backward": max(seg["bwd_before_rnn"], seg["bwd_before_emb"], seg["bwd_end"]),
+                             "optimizer": seg["opt"]}
+    return out
+
+
+def _h200_observed(segments: dict[int, dict[str, int]], *, split: bool = True) -> list:
+    """Four sampled steps at 20, 20, 20, 10 (the zoo's observation) as the agent reports them on the H200."""
+    from batchmon.protocol import Step
+
+    steps = []
+    for i, b in enumerate((20, 20, 20, 10), start=1):
+        seg = segments[b]
+        peak = max(seg.values())
+        own = {"forward": seg["forward"], "backward": max(seg["loss_backward"], seg["backward"]),
+               "optimizer": seg["optimizer"]}
+        comps = {"parameters": PARAMS, "gradients": PARAMS, "optimizer": 0, "activations": 1_284_506 * b,
+                 "batch": 256 * b + 512}
+        comps["other"] = peak - sum(comps.values())
+        steps.append(Step(step=i, time=float(i), step_seconds=0.01, batch_size=b, components=comps,
+                          allocated=PARAMS * 2, peak_allocated=peak, reserved=peak + CACHE,
+                          device_used=peak + CACHE + CONTEXT, num_alloc_retries=0, num_ooms=0,
+                          phase_own_peaks=own, segment_peaks=seg if split else None))
+    return steps
+
+
+def _device_where_only(model, real_peak: int) -> int:
+    """A device on which the real peak at some batch just fits with the model's own overhead (context, the
+    fragmentation it keeps at that peak, its margin): the real largest batch there is that batch."""
+    return real_peak + model.context + model.fragmentation(real_peak) + model._margin(None, None)
+
+
+def test_h200_lstm_fitted_per_segment_is_within_one_percent_and_never_above_the_real_largest_batch():
+    """Issue 13 point 1 with the H200's figures: the loss's backward fitted as its own line (445 -> 636 MiB
+    between batch 10 and 20) predicts the real peak at 40 .. 2000 within 1% (above it: the safe side); the
+    largest batch on a device where the real peak at B just fits is at most B and at least 0.97 B, the loss's
+    backward named as deciding. Up to 100x the largest observed batch no band is needed; beyond, the band's
+    high side decides: never above the real one, and the basis says why."""
+    segments = _h200_segments()
+    model = fit(_h200_observed(segments), optimizer="SGD")
+    assert model.per_segment and set(model.phase_lines) == {"forward", "loss_backward", "backward", "optimizer"}
+    assert "peak fitted per segment (forward, loss_backward, backward, optimizer" in model.basis
+    assert model.deciding_segment(10) == "backward" and model.deciding_segment(20) == "loss_backward"
+    assert model.deciding_phase(361) == "backward"
+    for b in (40, 80, 160, 361, 1000, 2000, 4000, 6000):
+        real = max(segments[b].values())
+        predicted = model.predict(WhatIf(batch_size=b)).peak_allocated
+        assert real <= predicted <= 1.01 * real, (b, predicted, real)
+    for b in (40, 160, 361, 1000, 2000):
+        p = model.predict(device_total=_device_where_only(model, max(segments[b].values())))
+        assert 0.97 * b <= p.max_batch <= b, (b, p.max_batch)
+        assert p.basis_fields.deciding_segment == "loss_backward"
+        assert f"peak in the loss's backward at batch {p.max_batch}" in p.basis
+    for b in (4000, 6000):  # 200x and 300x the largest observed batch: the band's high side, conservative
+        p = model.predict(device_total=_device_where_only(model, max(segments[b].values())))
+        assert 0.5 * b <= p.max_batch <= b and p.max_batch_central <= b, (b, p.max_batch, p.max_batch_central)
+        assert p.basis_fields.conservative and "extrapolating" in p.basis
+
+
+def test_h200_lstm_fitted_per_phase_promises_a_batch_that_does_not_fit():
+    """The root cause, with the H200's figures: the backward's own peak is the model's backward at batch 10
+    (492 MiB) and the loss's at 20 (636 MiB); its line, 14.4 MiB a sample, is 22% low at 361 where the loss's
+    backward alone (19.1 MiB a sample) is within 1%; the per-phase fit's largest batch is above the real one."""
+    segments = _h200_segments()
+    per_phase = fit(_h200_observed(segments, split=False), optimizer="SGD")
+    assert not per_phase.per_segment and set(per_phase.phase_lines) == {"forward", "backward", "optimizer"}
+    real = max(segments[361].values())
+    assert per_phase.predict(WhatIf(batch_size=361)).peak_allocated < 0.80 * real
+    assert per_phase.predict(device_total=_device_where_only(per_phase, real)).max_batch > 361
+    per_segment = fit(_h200_observed(segments), optimizer="SGD")
+    assert per_segment.predict(device_total=_device_where_only(per_segment, real)).max_batch <= 361

@@ -83,8 +83,20 @@ maximum at the observed batches): the phase that wins at large batches decides t
 (``MemoryModel.deciding_phase``; the basis says "peak fitted per phase" and "peak in backward at batch N").
 'other' at B is that peak minus the other five components. What-ifs change the components and keep each phase's
 lift over the step's line. Without own peaks (CPU, an older agent, one batch size) the step's peak is one line,
-as before, and the band below guards it. A crossing *within* one phase (between two points of the backward)
-is not seen either way.
+as before, and the band below guards it.
+
+Per segment (issue 13's LSTM on the H200): the crossing can lie *within* the backward. The LSTM LM's backward
+peaked in the model's backward at batch 10 (where the embedding's gradient is made: fixed bytes) and in the
+loss's backward from 20 on (the logits' gradient: ~19 MiB a sample), so the backward's own line through 492 and
+636 MiB (14.4 MiB a sample) was 22% low at 361. The agent therefore also splits the backward where the model
+output's gradient arrives (``Step.segment_peaks``: forward, loss_backward, backward, optimizer). When the
+observed steps carry segment peaks at two batch sizes or more, each segment is fitted as its own line instead of
+each phase (the basis says "peak fitted per segment" and "peak in the loss's backward at batch N";
+``MemoryModel.deciding_segment``): on the H200's figures within 0.5% from batch 40 to 6000. Beyond the observed
+batches the largest segment line is never below the largest phase line (the backward phase's own peak is the
+larger of its segments' at each observed batch, and the max of two lines lies above the line through their
+maxima outside them), so the per-segment fit can only lower a largest batch the per-phase fit gave. The band
+below applies unchanged (the slope bound counts the steepest segment).
 
 The band:
 

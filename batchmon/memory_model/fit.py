@@ -9,7 +9,7 @@ from batchmon.formulas import OPTIMIZER_STATES, optimizer_kind
 from batchmon.memory_model.model import MemoryModel
 from batchmon.memory_model.observations import FIXED, PER_SAMPLE, Line, Observation, ParamLayout, SavedSplit, fit_line
 from batchmon.memory_model.prediction import Prediction, WhatIf
-from batchmon.protocol import COMPONENTS, PHASES, Step
+from batchmon.protocol import COMPONENTS, PHASES, SEGMENTS, Step
 
 #: the fitted peak's batch-independent part above parameters + optimizer state, as a share of the batch-dependent
 #: bytes at the largest observed batch, that a workspace and noise explain: on the four H200 run-1/2
@@ -94,10 +94,13 @@ def fit(steps: Iterable[Step | Observation], *, optimizer: str | None = None, am
             lines["other"] = _split_other(other, known, b)
         notes.append("no allocator peak (CPU): peak = sum of components")
 
-    phase_lines = _phase_lines(with_peak)
+    phase_lines, per_segment = _segment_lines(with_peak), True
+    if not phase_lines:
+        phase_lines, per_segment = _phase_lines(with_peak), False
     if phase_lines:
-        sizes = sorted({o.batch_size for o in with_peak if o.own_peaks})
-        notes.append(f"peak fitted per phase ({', '.join(phase_lines)}: each phase's own peak at batch "
+        sizes = sorted({o.batch_size for o in with_peak if (o.segment_peaks if per_segment else o.own_peaks)})
+        what = "segment" if per_segment else "phase"
+        notes.append(f"peak fitted per {what} ({', '.join(phase_lines)}: each {what}'s own peak at batch "
                      f"{', '.join(map(str, sizes))})")
     band = _band_inputs(lines, with_peak or steady,
                         _largest_per_batch((o.batch_size, o.peak_allocated) for o in with_peak)  # type: ignore[misc]
@@ -131,6 +134,7 @@ def fit(steps: Iterable[Step | Observation], *, optimizer: str | None = None, am
         batch_sizes=tuple(sorted({o.batch_size for o in obs})), step_range=(obs[0].step, obs[-1].step),
         count=len(obs), optimizer=kind, observed_amp=amp, notes=tuple(notes), measured_peak=measured_peak,
         time_line=_time_line(obs), saved_split=saved_split, param_layout=param_layout, phase_lines=phase_lines,
+        per_segment=bool(phase_lines) and per_segment,
         **band,
     )
 
@@ -161,12 +165,30 @@ def _phase_lines(with_peak: Sequence[Observation]) -> dict[str, Line]:
     """Each phase's own peak as its own line (PHASES order), from the largest own peak at each batch size, for
     the phases measured at two batch sizes or more; {} when the steps carry no own peaks at two batch sizes (an
     older agent, CPU, one batch size): the step's peak is then fitted as one line."""
+    return _own_lines([(o.batch_size, o.own_peaks) for o in with_peak], PHASES)
+
+
+def _segment_lines(with_peak: Sequence[Observation]) -> dict[str, Line]:
+    """Each segment's own peak as its own line (SEGMENTS order: the backward split where the model output's
+    gradient arrives, issue 13's LSTM), exactly as _phase_lines does with phases, when the steps carry segment
+    peaks at two batch sizes or more; else {} (the phases' lines are fitted instead). Beyond the observed batches
+    the largest of these lines is never below the largest of the phase lines: at each observed batch the
+    backward phase's own peak is the larger of its two segments', and the max of two lines lies above the line
+    through their maxima outside the observed range (it is convex)."""
+    return _own_lines([(o.batch_size, o.segment_peaks) for o in with_peak], SEGMENTS)
+
+
+def _own_lines(readings: Sequence[tuple[int, dict[str, int] | None]], names: Sequence[str]) -> dict[str, Line]:
+    """A line per name through the largest own peak at each batch size, for the names measured at two batch
+    sizes or more (in ``names`` order); {} unless the readings span two batch sizes."""
+    if len({b for b, own in readings if own}) < 2:
+        return {}
     points: dict[str, dict[int, int]] = {}
-    for o in with_peak:
-        for phase, value in (o.own_peaks or {}).items():
-            best = points.setdefault(phase, {})
-            best[o.batch_size] = max(value, best.get(o.batch_size, value))
-    return {p: fit_line(sorted(points[p].items())) for p in PHASES if len(points.get(p, ())) >= 2}
+    for batch, own in readings:
+        for name, value in (own or {}).items():
+            best = points.setdefault(name, {})
+            best[batch] = max(value, best.get(batch, value))
+    return {n: fit_line(sorted(points[n].items())) for n in names if len(points.get(n, ())) >= 2}
 
 
 def _phase_bounds(lines: dict[str, Line], phase_lines: dict[str, Line], with_peak: Sequence[Observation],

@@ -25,6 +25,8 @@ from batchmon.protocol import ALL_COMPONENTS, COMPONENTS
 FRAG_SURVIVAL = 0.20
 #: beyond this multiple of the largest observed batch, no fixed byte of 'other' is trusted to stay fixed
 FAR_EXTRAPOLATION = 100
+#: the phase of each segment that is not a phase of its own (protocol.SEGMENTS)
+SEGMENT_PHASE = {"loss_backward": "backward"}
 
 
 
@@ -57,9 +59,11 @@ class MemoryModel:
     time_line: Line | None = None  # step seconds = fixed + per_sample x B (two or more batch sizes timed)
     saved_split: SavedSplit | None = None  # measured make-up of the saved activations (derived what-ifs)
     param_layout: ParamLayout | None = None  # how the parameters split into FSDP units (the sharding what-if)
-    # each phase's own peak as its own line (forward, backward, optimizer; {}: not fitted per phase): the step's
-    # central peak is the largest of these and the step's line (see "Per phase" in batchmon.memory_model)
+    # each phase's own peak as its own line (forward, backward, optimizer; {}: not fitted per phase), or each
+    # segment's (forward, loss_backward, backward, optimizer) when per_segment: the step's central peak is the
+    # largest of these and the step's line (see "Per phase" in batchmon.memory_model)
     phase_lines: dict[str, Line] = field(default_factory=dict)
+    per_segment: bool = False  # phase_lines are the segments' (the backward split at the output's gradient)
     # a forward line with a fixed part no component explains: {"forward": (those bytes, the high line)}
     phase_bounds: dict[str, tuple[float, Line]] = field(default_factory=dict)
     _max_batch_cache: dict = field(default_factory=dict, compare=False, repr=False)
@@ -104,7 +108,16 @@ class MemoryModel:
         return self.peak_at(micro) - self.peak_line.at(micro) if self.phase_lines else 0.0
 
     def deciding_phase(self, micro: float) -> str | None:
-        """The phase whose own line is the highest at ``micro`` (None when not fitted per phase)."""
+        """The phase whose own line is the highest at ``micro`` (None when not fitted per phase); fitted per
+        segment, the phase of the highest segment (the loss's backward is part of the backward)."""
+        name = self.deciding_segment(micro) if self.per_segment else self._highest_line(micro)
+        return SEGMENT_PHASE.get(name, name) if name is not None else None
+
+    def deciding_segment(self, micro: float) -> str | None:
+        """The segment whose own line is the highest at ``micro`` (None when not fitted per segment)."""
+        return self._highest_line(micro) if self.per_segment else None
+
+    def _highest_line(self, micro: float) -> str | None:
         if not self.phase_lines:
             return None
         return max(self.phase_lines, key=lambda p: (self.phase_lines[p].at(micro), self.phase_lines[p].per_sample))
@@ -268,6 +281,7 @@ class MemoryModel:
         basis = self.basis_fields(notes, margin_source="measured" if margin is None else "given",
                                   extrapolation=extrapolation, conservative=bool(why), conservative_why=why,
                                   deciding_phase=self.deciding_phase(decided_at),
+                                  deciding_segment=self.deciding_segment(decided_at),
                                   decided_at=decided_at if self.phase_lines else None)
         return Prediction(batch_size=batch, components={n: comps[n] for n in ALL_COMPONENTS}, total=total,
                           peak_allocated=peak, max_batch=max_batch, device_total=device_total, headroom=headroom,

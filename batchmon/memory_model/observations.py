@@ -25,6 +25,8 @@ class Observation:
     num_alloc_retries: int | None = None
     step_seconds: float | None = None  # wall time of the step (the advisor's measured step-time factors)
     own_peaks: dict[str, int] | None = None  # each phase's own allocator peak (Step.phase_own_peaks, sampled steps)
+    # each segment's own peak, the backward split at the model output's gradient (Step.segment_peaks)
+    segment_peaks: dict[str, int] | None = None
 
     @classmethod
     def from_step(cls, step: Step) -> "Observation | None":
@@ -33,7 +35,7 @@ class Observation:
             return None
         comps = {name: max(0, int(step.components.get(name, 0) or 0)) for name in COMPONENTS}
         return cls(step.step, step.batch_size, comps, step.peak_allocated, step.reserved, step.device_used,
-                   step.num_alloc_retries, step.step_seconds, step.phase_own_peaks)
+                   step.num_alloc_retries, step.step_seconds, step.phase_own_peaks, step.segment_peaks)
 
     @property
     def cache(self) -> int | None:

@@ -5,6 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+#: how the basis names a deciding segment of the backward (fitted per segment)
+SEGMENT_TEXT = {"loss_backward": "the loss's backward", "backward": "the model's backward"}
+
+
 @dataclass(frozen=True)
 class WhatIf:
     """A hypothetical change to the observed run. Defaults mean 'as observed'."""
@@ -35,6 +39,9 @@ class Basis:
     # known, else the batch asked), e.g. "backward"; None when the peak was fitted as one line
     deciding_phase: str | None = None
     decided_at: int | None = None  # that (micro-)batch
+    # fitted per segment: the segment that decides ("loss_backward": the loss's backward, up to the model
+    # output's gradient; "backward": the model's backward after it); None when not fitted per segment
+    deciding_segment: str | None = None
 
     @property
     def largest_observed(self) -> int:
@@ -53,7 +60,8 @@ class Basis:
         """The whole basis on one line (--once, --json): observations; fit notes; conservative; what-ifs."""
         parts = [self.observed_text(step_range=step_range), *self.notes]
         if self.deciding_phase is not None:
-            parts.append(f"peak in {self.deciding_phase} at batch {self.decided_at}")
+            where = SEGMENT_TEXT.get(self.deciding_segment or "", self.deciding_phase)
+            parts.append(f"peak in {where} at batch {self.decided_at}")
         if self.conservative:
             parts.append("largest batch conservative: " + ", ".join(self.conservative_why))
         parts.extend(f"what-if: {n}" for n in self.what_if)
