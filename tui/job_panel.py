@@ -4,6 +4,7 @@ and the predicted-peak-vs-batch chart."""
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Any, Callable
 
 from rich.text import Text
 
@@ -292,6 +293,56 @@ def _table_beside_chart(v: JobView, measured: dict[str, int] | None, width: int,
     return lines
 
 
+_COMPACT: OrderedDict[tuple, Text] = OrderedDict()  # a compact panel's title and bar line, by what they show
+
+
+def _kept(key: tuple, make: Callable[[], Text]) -> Text:
+    """``make()``, reused (as a copy) while ``key`` reads the same: beside 16 jobs, a compact panel is built again
+    every second for its step counter, its title and its bar line the same as the second before."""
+    hit = _COMPACT.get(key)
+    if hit is None:
+        hit = _COMPACT[key] = make()
+        if len(_COMPACT) > 256:
+            _COMPACT.popitem(last=False)
+    else:
+        _COMPACT.move_to_end(key)
+    return hit.copy()
+
+
+def _compact_title(v: JobView, focused: bool, width: int) -> Text:
+    a = v.lead
+    key = ("title", a.hello, len(v.ranks), v.devices.get(a.key), v.host, v.user, a.detached, a.connected, focused,
+           width)
+    return _kept(key, lambda: _title(v, focused, width))
+
+
+def _compact_bars(measured: dict[str, int] | None, measured_total: int, p: Any, width: int) -> Text:
+    """The compact panel's second line: the measured bar and total, the prediction at the what-if batch."""
+    key = ("bars", tuple(measured.items()) if measured else None, width,
+           (p.batch_size, p.total, p.max_batch, p.headroom) if p is not None else None)
+
+    def make() -> Text:
+        t2 = Text("  ")
+        bar_w = max(8, min(40, width // 3))
+        scale = max(measured_total, p.total if p else 0, 1)
+        if measured:
+            t2.append_text(stacked_bar(component_parts(measured), scale, bar_w))
+            t2.append(f" {fmt_bytes(measured_total)}", style="bold")
+        else:
+            t2.append("no step yet", style=DIM)
+        if p is not None:
+            t2.append(f"  → b={p.batch_size}: ", style=DIM)
+            t2.append(fmt_bytes(p.total), style="bold")
+            t2.append("  max ", style=DIM)
+            t2.append(fmt_count(p.max_batch) if p.max_batch is not None else "n/a", style=f"bold {OK}")
+            if p.headroom is not None:
+                t2.append("  headroom ", style=DIM)
+                t2.append(fmt_bytes(p.headroom), style=OK if p.headroom >= 0 else BAD)
+        return t2
+
+    return _kept(key, make)
+
+
 def job_lines(v: JobView, width: int, level: str, *, focused: bool = False, chart_rows: int = 10) -> list[Text]:
     """level: 'full' (bars, table and chart), 'medium' (bars and summary), 'compact' (two lines)."""
     a = v.lead
@@ -309,26 +360,10 @@ def job_lines(v: JobView, width: int, level: str, *, focused: bool = False, char
         elif any(e.kind == "alloc_retry" for r in v.ranks for e in r.events):
             t1.append(" RETRY ", style=f"reverse {EVENT_STYLES['alloc_retry']}")
             t1.append(" ")
-        t1.append_text(_title(v, focused, width - len(t1.plain)))
+        t1.append_text(_compact_title(v, focused, width - len(t1.plain)))
         if s is not None:
             t1.append(f"  step {s.step}  b={s.batch_size}  {fmt_seconds(s.step_seconds)}/step", style=DIM)
-        t2 = Text("  ")
-        bar_w = max(8, min(40, width // 3))
-        scale = max(measured_total, p.total if p else 0, 1)
-        if measured:
-            t2.append_text(stacked_bar(component_parts(measured), scale, bar_w))
-            t2.append(f" {fmt_bytes(measured_total)}", style="bold")
-        else:
-            t2.append("no step yet", style=DIM)
-        if p is not None:
-            t2.append(f"  → b={p.batch_size}: ", style=DIM)
-            t2.append(fmt_bytes(p.total), style="bold")
-            t2.append("  max ", style=DIM)
-            t2.append(fmt_count(p.max_batch) if p.max_batch is not None else "n/a", style=f"bold {OK}")
-            if p.headroom is not None:
-                t2.append("  headroom ", style=DIM)
-                t2.append(fmt_bytes(p.headroom), style=OK if p.headroom >= 0 else BAD)
-        return [t1, t2]
+        return [t1, _compact_bars(measured, measured_total, p, width)]
 
     lines = [_title(v, focused, width), _stats(v)]
     if s is None:
