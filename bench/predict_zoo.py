@@ -26,7 +26,9 @@ refits on them without a GPU), each trial's allocator figures (reserved and inac
 what the margin must cover), the peak of each phase of a step at the observed batch sizes (forward,
 backward, optimizer: for a phase-wise fit), and step times (plain, 2 and 4 accumulation micro-batches, each what-if) at one
 batch: the advisor's step-time factors measured on the device. The observed steps carry each phase's own
-peak (``phase_own_peaks``, the agent's sampled CUDA steps), so ``--reevaluate`` refits per phase. Over 400 lines: one runner for eleven architectures, their what-ifs and timings (the models are in
+peak (``phase_own_peaks``, the agent's sampled CUDA steps) and each segment's (``segment_peaks``: the backward
+split where the model output's gradient arrives), so ``--reevaluate`` refits per segment (per phase on a file
+recorded before the split); ``predicted_max_batch_per_phase`` is the same steps fitted per phase. Over 400 lines: one runner for eleven architectures, their what-ifs and timings (the models are in
 bench/zoo_models.py, the offline half - reevaluate, merge, the table - in bench/zoo_offline.py). With --cpu-smoke the "peak" is the sum of measured components on a fake device
 (SmokeDevice), so its figures say nothing about a real allocator.
 """
@@ -54,8 +56,8 @@ import torch.nn.functional as F  # noqa: E402
 
 from batchmon.memory_model import SavedSplit, WhatIf, fit  # noqa: E402
 from zoo_models import HFLogits, GRUSeq2Seq, LSTMLM, UNet  # noqa: E402
-from zoo_offline import (exact_boundary, markdown, merge, reevaluate, reevaluation_text,  # noqa: E402,F401 - CLI, tests
-                         step_peaks_only_max)
+from zoo_offline import (exact_boundary, markdown, merge, per_phase_max, reevaluate,  # noqa: E402,F401 - CLI, tests
+                         reevaluation_text, step_peaks_only_max)
 from predict_accuracy import (GPT, OOM_LIKE, Arch, CudaDevice, Runner, SmokeDevice, observe_with_agent,  # noqa: E402
                               pct)
 
@@ -331,7 +333,8 @@ def phase_peaks(runner: Runner, batch: int) -> dict[str, Any] | None:
     """The allocator's peak in each phase of one step at ``batch`` (forward with the loss, backward, optimizer
     step; the peak statistics reset between them): which phase peaks, and how each grows with the batch - the
     data a phase-wise fit needs (issue 13: the LSTM's peak moves from the forward to the backward as the batch
-    grows). None off CUDA."""
+    grows). The backward is also split where the model output's gradient arrives, as the agent splits it
+    (``loss_backward``: the loss's backward; ``backward`` stays the whole backward's peak). None off CUDA."""
     if runner.dev.kind != "cuda":
         return None
     dev = runner.dev.device
@@ -340,8 +343,16 @@ def phase_peaks(runner: Runner, batch: int) -> dict[str, Any] | None:
     runner.dev.clean()
     out: dict[str, Any] = {"batch": batch}
     x, y = arch.batch(batch, dev, runner.gen)
+
+    def at_output_grad(grad: torch.Tensor) -> None:
+        out["loss_backward"] = torch.cuda.max_memory_allocated(dev)  # the stream's order: what is allocated so far
+
     with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=arch.amp):
-        loss = arch.loss(model(x), y)
+        logits = model(x)
+        if isinstance(logits, torch.Tensor) and logits.requires_grad:
+            logits.register_hook(at_output_grad)
+        loss = arch.loss(logits, y)
+        del logits  # as the Runner's step: the output is not kept through backward
     torch.cuda.synchronize(dev)
     out["forward"] = torch.cuda.max_memory_allocated(dev)
     torch.cuda.reset_peak_memory_stats(dev)
@@ -365,6 +376,7 @@ def model_internals(model: Any) -> dict[str, Any]:
             "alloc_retries": model.alloc_retries, "floor": model.floor, "slope_bound": model.slope_bound,
             "suspect": model.suspect, "curvature_slope": model.curvature_slope,
             "phase_lines": {k: [v.fixed, v.per_sample] for k, v in model.phase_lines.items()},
+            "per_segment": model.per_segment,
             "phase_bounds": {k: [e, v.fixed, v.per_sample] for k, (e, v) in model.phase_bounds.items()},
             "time_line": None if model.time_line is None else [model.time_line.fixed, model.time_line.per_sample]}
 
@@ -414,8 +426,11 @@ def run_entry(entry: Entry, dev: Any, deadline: float, smoke: bool) -> dict[str,
         # fitted per phase when the agent sent each phase's own peak (sampled CUDA steps): the phase deciding
         # the largest batch, and what the step's peaks alone (an older agent) would have given
         "deciding_phase": p.basis_fields.deciding_phase,
+        # fitted per segment when the agent split the backward at the output's gradient (segment_peaks)
+        "deciding_segment": p.basis_fields.deciding_segment,
         "predicted_max_batch_step_peaks_only": step_peaks_only_max(steps, entry.optimizer_name, arch.amp,
                                                                     device_total),
+        "predicted_max_batch_per_phase": per_phase_max(steps, entry.optimizer_name, arch.amp, device_total),
     })
     log: list[dict[str, Any]] = []
     for frac in (0.25, 0.5):

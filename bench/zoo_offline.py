@@ -26,10 +26,28 @@ def exact_boundary(trials: list[dict[str, Any]]) -> int | None:
 
 
 def step_peaks_only_max(steps: list[Any], optimizer: str | None, amp: bool, device_total: int) -> int | None:
-    """The largest batch fitted on the same steps without their own phase peaks (one line through the steps'
-    peaks, as before issue 13's fix), for comparison (the zoo run and its reevaluation)."""
-    model = fit([replace(s, phase_own_peaks=None) for s in steps], optimizer=optimizer, amp=amp)
+    """The largest batch fitted on the same steps without their own phase or segment peaks (one line through the
+    steps' peaks, as before issue 13's fix), for comparison (the zoo run and its reevaluation)."""
+    model = fit([replace(s, phase_own_peaks=None, segment_peaks=None) for s in steps], optimizer=optimizer, amp=amp)
     return model.max_batch(device_total) if model is not None else None
+
+
+def per_phase_max(steps: list[Any], optimizer: str | None, amp: bool, device_total: int) -> int | None:
+    """The largest batch fitted on the same steps per phase, without their segment peaks (the backward not
+    split at the output's gradient, as before), for comparison. None when the steps carry no segment peaks."""
+    if not any(getattr(s, "segment_peaks", None) for s in steps):
+        return None
+    model = fit([replace(s, segment_peaks=None) for s in steps], optimizer=optimizer, amp=amp)
+    return model.max_batch(device_total) if model is not None else None
+
+
+def fit_label(model: Any, basis: Any) -> str:
+    """How the peak was fitted, for the tables: per segment / per phase (and what decides), or one line."""
+    if not model.phase_lines:
+        return "one line"
+    if model.per_segment:
+        return f"per segment ({basis.deciding_segment} decides)"
+    return f"per phase ({basis.deciding_phase} decides)"
 
 
 def reevaluate(doc: dict[str, Any]) -> list[dict[str, Any]]:
@@ -57,10 +75,11 @@ def reevaluate(doc: dict[str, Any]) -> list[dict[str, Any]]:
         pred = p.max_batch or 0
         row: dict[str, Any] = {"arch": r["arch"], "predicted": pred, "recorded": r["predicted_max_batch"],
                                "real": real, "ratio": pred / real if real else None, "what_ifs": [],
-                               "fit": f"per phase ({p.basis_fields.deciding_phase} decides)"
-                               if model.phase_lines else "one line",
+                               "fit": fit_label(model, p.basis_fields),
                                "step_peaks_only": step_peaks_only_max(steps, r.get("optimizer"), bool(r.get("amp")),
                                                                       device_total),
+                               "per_phase": per_phase_max(steps, r.get("optimizer"), bool(r.get("amp")),
+                                                          device_total),
                                "overhead": _overhead(model, r, real, doc["emulated_device_memory"])}
         for w in r.get("what_ifs", []):
             if "spec" not in w or not w.get("real_max_batch"):
@@ -113,12 +132,12 @@ def merge(docs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def reevaluation_text(rows: list[dict[str, Any]]) -> tuple[str, bool]:
     """The re-evaluation as a table, and whether every prediction is at or below the real largest batch."""
-    lines = ["| arch | predicted now (recorded) | real | pred/real | peak fitted | one line through the steps' peaks |",
-             "|---|---:|---:|---:|---|---:|"]
+    lines = ["| arch | predicted now (recorded) | real | pred/real | peak fitted | per phase (backward not split) | "
+             "one line through the steps' peaks |", "|---|---:|---:|---:|---|---:|---:|"]
     safe = True
     for row in rows:
         if "skipped" in row:
-            lines.append(f"| {row['arch']} | {row['skipped']} | | | | |")
+            lines.append(f"| {row['arch']} | {row['skipped']} | | | | | |")
             continue
         for name, x in [(row["arch"], row), *((f"{row['arch']}: {w['what_if']}", w) for w in row["what_ifs"])]:
             above = x["real"] is not None and x["predicted"] > x["real"]
@@ -128,8 +147,9 @@ def reevaluation_text(rows: list[dict[str, Any]]) -> tuple[str, bool]:
             note = "" if derived is None else f"; derived from the split: {derived}" + (
                 " (above real)" if x["real"] is not None and derived > x["real"] else "")
             fitted, single = (row["fit"], row["step_peaks_only"]) if x is row else ("", "")
+            phase = ("-" if row["per_phase"] is None else row["per_phase"]) if x is row else ""
             lines.append(f"| {name} | {x['predicted']} ({x['recorded']}) | {x['real']} | "
-                         f"{ratio}{' **above**' if above else ''}{note} | {fitted} | {single} |")
+                         f"{ratio}{' **above**' if above else ''}{note} | {fitted} | {phase} | {single} |")
     mib = 2**20
 
     def m(v: Any) -> str:
@@ -152,6 +172,15 @@ def reevaluation_text(rows: list[dict[str, Any]]) -> tuple[str, bool]:
 # ----------------------------------------------------------------------------------------------- report
 
 
+def _fitted(r: dict[str, Any]) -> str:
+    """The README table's 'peak fitted' cell of a zoo result."""
+    if r.get("deciding_segment"):
+        return f"per segment, {r['deciding_segment']} decides"
+    if r.get("deciding_phase"):
+        return f"per phase, {r['deciding_phase']} decides"
+    return "one line"
+
+
 def markdown(doc: dict[str, Any]) -> str:
     """The README table: one row per architecture, then one per what-if."""
     lines = [f"Device: {doc['device']}, emulated {doc['emulated_device_memory'] / GIB:.0f} GiB "
@@ -171,7 +200,7 @@ def markdown(doc: dict[str, Any]) -> str:
                      f"{f(r['worst_error_pct'])} | {r['predicted_max_batch']} | {r['real_max_batch']}"
                      f"{'' if r.get('exact', True) else ' (±1%)'} | {f(r['max_batch_ratio'], '.3f')} | {oom} | "
                      f"{'yes' if r.get('conservative') else 'no'} | "
-                     f"{'per phase, ' + r['deciding_phase'] + ' decides' if r.get('deciding_phase') else 'one line'} |")
+                     f"{_fitted(r)} |")
     whatifs = [(r["arch"], w) for r in doc["results"] for w in r.get("what_ifs", []) if "skipped" not in w]
     if whatifs:
         lines += ["", "| what-if (from the observed run) | predicted largest batch | real | pred/real | "

@@ -124,6 +124,30 @@ def test_reevaluate_refits_a_recorded_observation(tmp_path, capsys):
     assert "**above**" not in capsys.readouterr().out
 
 
+def test_reevaluate_refits_per_segment_when_the_steps_carry_segment_peaks():
+    """A zoo result whose observed steps carry segment peaks (the H200's LSTM LM figures, observed at 20, 20, 20,
+    10): --reevaluate refits per segment, within 3% of the real largest batch and not above it, and reports what
+    the same steps fitted per phase (the backward not split) would say: above the real one."""
+    from test_memory_model_lstm import _device_where_only, _h200_observed, _h200_segments
+
+    from batchmon.memory_model import fit
+
+    segments = _h200_segments()
+    steps = _h200_observed(segments)
+    model = fit(steps, optimizer="SGD")
+    real = 1000
+    cap = _device_where_only(model, max(segments[real].values())) - model.context
+    doc = {"emulated_device_memory": cap, "results": [
+        {"arch": "lstm-lm", "observed_steps": [s.to_dict() for s in steps], "optimizer": "SGD", "amp": False,
+         "predicted_max_batch": 0, "real_max_batch": real, "trials": [], "what_ifs": []}]}
+    zoo = _zoo()
+    (row,) = zoo.reevaluate(doc)
+    assert 0.97 * real <= row["predicted"] <= real and row["fit"] == "per segment (loss_backward decides)"
+    assert row["per_phase"] > real  # what the per-phase fit of the same steps promised: an OOM
+    text, safe = zoo.reevaluation_text([row])
+    assert safe and "| per segment (loss_backward decides) | " in text
+
+
 def test_merge_joins_device_calls_and_refuses_another_device():
     zoo = _zoo()
     head = {"device": "NVIDIA H200", "emulated_device_memory": 24 * 2**30, "emulation": "cap", "torch": "2.11"}
