@@ -424,3 +424,8 @@ def test_new_own_phase_peaks_alone_are_a_changed_figure(monkeypatch):
     s.ingest(agent(dataclasses.replace(base, phase_own_peaks=own)))
     s.snapshot(2.1)
     assert len(fits) == 2
+    # the per-segment fit reads each segment's own peak (the backward split at the output's gradient) likewise
+    segments = {"forward": 3 * GIB, "loss_backward": 5 * GIB, "backward": 4 * GIB, "optimizer": 2 * GIB}
+    s.ingest(agent(dataclasses.replace(base, step=n + 2, phase_own_peaks=own, segment_peaks=segments)))
+    s.snapshot(3.2)
+    assert len(fits) == 3
