@@ -424,8 +424,16 @@ def test_new_own_phase_peaks_alone_are_a_changed_figure(monkeypatch):
     s.ingest(agent(dataclasses.replace(base, phase_own_peaks=own)))
     s.snapshot(2.1)
     assert len(fits) == 2
-    # the per-segment fit reads each segment's own peak (the backward split at the output's gradient) likewise
-    segments = {"forward": 3 * GIB, "loss_backward": 5 * GIB, "backward": 4 * GIB, "optimizer": 2 * GIB}
-    s.ingest(agent(dataclasses.replace(base, step=n + 2, phase_own_peaks=own, segment_peaks=segments)))
+    # the per-segment fit reads each segment's own peak (the backward split at the output's gradient) likewise:
+    # steady steps with the same own peaks are held, one whose segment peaks alone are new is refitted
+    for k in range(n + 2, n + 40):
+        s.ingest(agent(dataclasses.replace(base, step=k, phase_own_peaks=own)))
     s.snapshot(3.2)
-    assert len(fits) == 3
+    held = len(fits)
+    s.ingest(agent(dataclasses.replace(base, step=n + 40, phase_own_peaks=own)))
+    s.snapshot(4.3)
+    assert len(fits) == held
+    segments = {"forward": 3 * GIB, "loss_backward": 5 * GIB, "backward": 4 * GIB, "optimizer": 2 * GIB}
+    s.ingest(agent(dataclasses.replace(base, step=n + 41, phase_own_peaks=own, segment_peaks=segments)))
+    s.snapshot(5.4)
+    assert len(fits) == held + 1
