@@ -100,3 +100,56 @@ async def test_a_render_due_while_the_app_closes_draws_nothing_and_raises_nothin
         renders = app.renders
         await app._render_now()
         assert app.renders == renders + 1 and not app.query(JobPanel)
+
+
+async def test_partial_updates_rendered_by_rows_draw_what_textuals_draw():
+    """rows_partial_update renders each widget only on the rows a changed region touches; the terminal must get
+    the same cells as from Textual's own partial update (every widget in the changed regions' bounding box,
+    each over its whole visible area), refresh after refresh of 16 H200 jobs, and fewer lines rendered."""
+    from rich.console import Console
+    from textual._compositor import Compositor
+
+    from batchmon.monitor.replay import load_snapshots
+    from test_tui_driver import terminal_cells
+
+    snaps = load_snapshots(fx.FIXTURES / "tui_h200_16_agents.jsonl")
+    full = [s for s in snaps if len(s.running) == 16]
+    first, later = full[-7], full[-6:]  # the run's last moments: 16 jobs stepping, a snapshot a refresh
+    console = Console(color_system="256", force_terminal=True, width=160)
+    compared: list[tuple[int, int]] = []  # (changed rows, widgets' rows Textual rendered)
+    app = BatchmonApp(snapshot=first)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await fx.wait_for(pilot, lambda: app.renders >= 1 and len(app.query(JobPanel)) == 16)
+        await pilot.pause()
+        compositor = app.screen._compositor
+        ours = compositor.render_partial_update
+        assert getattr(ours, "__func__", None) is not Compositor.render_partial_update  # the app uses it
+
+        def both(*_):
+            regions = compositor._dirty_regions.copy()
+            if not regions:
+                return None
+            textual = Compositor.render_partial_update(compositor)
+            compositor._dirty_regions.update(regions)
+            mine = ours()
+            spans = mine.spans
+            assert spans == textual.spans
+            shown = {(x, y) for y, x1, x2 in spans for x in range(x1, x2)}
+            want = {c: v for c, v in terminal_cells(textual.render_segments(console)).items() if c in shown}
+            got = {c: v for c, v in terminal_cells(mine.render_segments(console)).items() if c in shown}
+            assert got == want and set(want) == shown
+            rows = {y for y, _, _ in spans}
+            box = (min(rows), max(rows) + 1)
+            textual_rows = sum(min(r.bottom, c.bottom, box[1]) > max(r.y, c.y, box[0])
+                               and max(0, min(r.bottom, c.bottom) - max(r.y, c.y))
+                               for r, c in compositor.visible_widgets.values())
+            compared.append((len(rows), textual_rows))
+            return mine
+
+        compositor.render_partial_update = both
+        for snap in later:
+            app.deliver(snap)
+            await fx.wait_for(pilot, lambda: app.shown is snap)
+            await pilot.pause()
+    assert len(compared) >= 4
+    assert any(changed < widget_rows / 4 for changed, widget_rows in compared), compared
