@@ -9,6 +9,9 @@ optimizer's hook dispatch, one more Python frame around backward); attached − 
 
     python3 bench/hook_floor.py [--device cpu|cuda] [--rounds 8] [--steps 400] [--breakdown] --out F.json
 
+A fourth mode, ``noop_quiet``, registers only what a quiet steady step keeps (batchmon.agent.quiet_steps: the root's
+pre hook, the optimizer's hooks, the backward wrapper): the floor the agent's quiet steps pay.
+
 ``--breakdown`` adds one mode per hook kind alone (root pre, root post, loss pre, loss post, optimizer pre,
 optimizer post, the backward wrapper): which of them makes the floor (on the H200 the whole floor was ~10x the
 dev box CPU's, so it is not the hooks' Python).
@@ -28,6 +31,8 @@ from typing import Any, Callable
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 KINDS = frozenset({"root_pre", "root_post", "loss_pre", "loss_post", "opt_pre", "opt_post", "backward_wrap"})
+# what a quiet steady step keeps (batchmon.agent.quiet_steps): the root's pre hook, the optimizer's, backward's
+QUIET_KINDS = frozenset({"root_pre", "opt_pre", "opt_post", "backward_wrap"})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
 
     for _ in range(300):
         step()
-    rounds: dict[str, list[float]] = {"plain": [], "noop_hooks": [], "attached": []}
+    rounds: dict[str, list[float]] = {"plain": [], "noop_hooks": [], "noop_quiet": [], "attached": []}
     alone = sorted(KINDS) if args.breakdown else []
     for kind in alone:
         rounds["only_" + kind] = []
@@ -121,9 +126,14 @@ def main(argv: list[str] | None = None) -> int:
         timed_round(30)
         rounds["noop_hooks"].append(timed_round(args.steps))
         undo()
+        undo = noop_hooks(QUIET_KINDS)
+        timed_round(30)
+        rounds["noop_quiet"].append(timed_round(args.steps))
+        undo()
         handle = batchmon.attach(model, opt, name="hook_floor")
         timed_round(30)
         rounds["attached"].append(timed_round(args.steps))
+        quiet_seen = bool(getattr(handle, "quiet", False))  # (the agent before quiet steps has no such flag)
         handle.detach()
     med = {k: statistics.median(v) for k, v in rounds.items()}
     out = {"benchmark": "hook_floor", "device": str(dev), "width": w, "batch": 32, "optimizer": "Adam",
@@ -132,12 +142,17 @@ def main(argv: list[str] | None = None) -> int:
            "noop_hooks_added_us": round((med["noop_hooks"] - med["plain"]) * 1e6, 1),
            "attached_added_us": round((med["attached"] - med["plain"]) * 1e6, 1),
            "agent_share_us": round((med["attached"] - med["noop_hooks"]) * 1e6, 1),
+           "noop_quiet_added_us": round((med["noop_quiet"] - med["plain"]) * 1e6, 1),
+           "agent_share_over_quiet_floor_us": round((med["attached"] - med["noop_quiet"]) * 1e6, 1),
+           "quiet_steps": quiet_seen,
            "alone_added_us": {k: round((med["only_" + k] - med["plain"]) * 1e6, 1) for k in alone},
            "rounds_s": {k: [round(t * 1e6, 1) for t in v] for k, v in rounds.items()},
            "settings": {"rounds": args.rounds, "steps": args.steps}}
     Path(args.out).write_text(json.dumps(out, indent=1))
     if alone:
         print("each hook kind alone: " + ", ".join(f"{k} +{v} us" for k, v in out["alone_added_us"].items()))
+    print(f"  no-op hooks in a quiet step's places only +{out['noop_quiet_added_us']} us; the agent ran quiet "
+          f"steps: {quiet_seen}")
     print(f"hook_floor on {dev}: plain {out['median_step_us']['plain']} us; no-op hooks +{out['noop_hooks_added_us']} us; "
           f"attached +{out['attached_added_us']} us (the agent's share +{out['agent_share_us']} us); wrote {args.out}")
     return 0

@@ -38,10 +38,12 @@ from batchmon.agent import torch_patches as patches
 from batchmon.agent.batch_dim import BatchSizer, env_batch_dim
 from batchmon.agent.module_watch import ModuleWatch
 from batchmon.agent.process_memory import ProcessMemory
-from batchmon.agent.publisher import Publisher, snapshot
+from batchmon.agent.handle_views import HandleViews
+from batchmon.agent.publisher import Publisher
+from batchmon.agent.quiet_steps import QuietSteps
 from batchmon.agent.placement import cuda_figures, device_of, device_of_optimizer, suggested_batch
 from batchmon.agent.step_meter import FULL_STEPS, StepMeter
-from batchmon.protocol import Bye, Event, Hello, Step
+from batchmon.protocol import Bye, Event, Hello
 
 DEFAULT_ACTIVATION_EVERY = 10
 EXIT_LINGER_SECONDS = 1.5  # at exit after an OOM, wait this long for a first monitor to collect the history
@@ -136,7 +138,7 @@ def _set_current(handle: "AgentHandle | None") -> None:
 # ------------------------------------------------------------------------------------------------ the handle
 
 
-class AgentHandle:
+class AgentHandle(HandleViews):
     """The attached agent. Use ``.steps`` / ``.last_step`` for what it measured, ``.detach()`` to stop.
 
     Also a context manager: ``with batchmon.attach(model, opt): train()`` detaches at the end.
@@ -162,68 +164,13 @@ class AgentHandle:
         # the criterion's hooks go straight to the watch (no call in between: they run on every step)
         self._crit_pre = self._watch.crit_pre  # type: ignore[method-assign]
         self._crit_post = self._watch.crit_post  # type: ignore[method-assign]
-        self._root_hooks: list[Any] = []
+        self.quiet = False  # a quiet steady step: the root's post hook and the loss hooks are off (quiet_steps)
+        self._hooks = QuietSteps(self)
+        self._arm_on_error = self._hooks.arm_on_error  # (torch_patches' OOM observer calls it)
         self._discovered_call = False  # the running root forward is the one discovery found the model in
         self.oom_count = 0  # OOM events so far; the wrappers use it to report a nested OOM only once
 
     # -------------------------------------------------------------------------------------------- public
-
-    @property
-    def steps(self) -> list[Step]:
-        """Recent step messages, oldest first (at most the last 2000)."""
-        return snapshot(self._out.steps)
-
-    @property
-    def last_step(self) -> Step | None:
-        try:
-            return self._out.steps[-1]
-        except IndexError:
-            return None
-
-    @property
-    def events(self) -> list[Event]:
-        """Recent events (oom, alloc_retry, warning), oldest first."""
-        return snapshot(self._out.events)
-
-    @property
-    def model(self) -> torch.nn.Module | None:
-        return self._meter.model
-
-    @property
-    def optimizers(self) -> list[torch.optim.Optimizer]:
-        return self._meter.optimizers
-
-    @property
-    def batch_size_fn(self) -> Callable[..., int | None] | None:
-        return self._sizer.fn
-
-    @property
-    def activation_every(self) -> int:
-        return self._meter.activation_every
-
-    @property
-    def socket_error(self) -> str | None:
-        """Why there is no socket (training continues unmonitored), None while there is no such reason."""
-        return self._out.socket_error
-
-    @property
-    def _transport(self) -> Any:
-        return self._out.transport
-
-    @property
-    def socket_path(self) -> Path | None:
-        """The socket monitors connect to, None while there is none (not yet opened, or unusable)."""
-        return self._transport.path if self._transport is not None else None
-
-    @property
-    def enabled(self) -> bool:
-        return self.attached and not self._disabled
-
-    @property
-    def stats(self) -> dict[str, int]:
-        t = self._out.transport
-        return {"monitors": t.monitors if t else 0, "connections": t.connections if t else 0,
-                "queue_dropped": t.queue_dropped if t else 0, "monitor_dropped": t.client_dropped if t else 0}
 
     def suggest_batch_size(self, margin: int | None = None) -> int | None:
         """The largest batch that fits this device, predicted from the measured steps (None when unknown).
@@ -323,12 +270,10 @@ class AgentHandle:
             self._fail(exc)
 
     def _set_model(self, model: torch.nn.Module) -> None:
-        for hook in self._root_hooks:
-            hook.remove()
         self._watch.stop_discovery()
         self._meter.model_ref = weakref.ref(model)
         self._sizer.use_model(model)
-        self._root_hooks = patches.register_pair(model, patches.root_pre_hook, patches.root_post_hook)
+        self._hooks.hook_model(model)
         self._use_device(device_of(model) or self._meter.device or torch.device("cpu"))
         self._ensure_transport()
         self._out.hello()
@@ -347,6 +292,11 @@ class AgentHandle:
             uuid = identity.nvml_uuid(index)
             if uuid is not None:
                 self._nvml = ProcessMemory(uuid, self.pid)
+
+    def _moved(self) -> None:
+        """A sampled step found the model on another device (or materialised): measure there."""
+        self._use_device(self._meter.device_or_cpu())
+        self._out.hello()
 
     def _track_optimizer(self, optimizer: torch.optim.Optimizer, primary: bool = False) -> None:
         meter = self._meter
@@ -384,6 +334,11 @@ class AgentHandle:
         if self._disabled or ref is None or module is not ref():
             return
         try:
+            if self.quiet:  # (batchmon.agent.quiet_steps) the steady case opens the step and that is all
+                if not kwargs and not meter.step_open and _grad_enabled() and meter.open_quiet(args):
+                    return
+                if self._hooks.forward(args, kwargs):
+                    return
             meter.root_depth += 1
             if meter.root_depth > 1 or not _grad_enabled():
                 return  # a nested call of the root, or an eval/no-grad forward: not part of a training step
@@ -393,8 +348,7 @@ class AgentHandle:
             if meter.step_open and meter.loop_boundary():
                 self._finish_step(in_loop=True)
             if meter.begin_forward(args, kwargs):
-                self._use_device(meter.device_or_cpu())
-                self._out.hello()
+                self._moved()
         except Exception as exc:  # noqa: BLE001
             self._fail(exc)
 
@@ -483,6 +437,11 @@ class AgentHandle:
                 primary = meter.primary()
             if optimizer is primary:
                 meter.optimizer_steps += 1
+                if self.quiet and meter.batch_carried:  # (_finish_step's carried case, without its checks)
+                    step = meter.finish_carried(self._device_used)
+                    if step is not None:
+                        self._out.step(step)
+                        return
                 self._finish_step()
         except Exception as exc:  # noqa: BLE001
             self._fail(exc)
@@ -495,9 +454,12 @@ class AgentHandle:
         if out.transport is None and out.socket_error is None and not self._disabled:
             out.ensure()
         meter = self._meter
+        forwards = meter.forwards
         step = meter.finish_carried(self._device_used) if meter.batch_carried and not in_loop else None
         if step is not None:  # the steady step: the last step's figures, no events (step_meter.finish_carried)
             out.step(step)
+            if not self.quiet:
+                self._hooks.after_carried(forwards)
             return
         if self.pid != _getpid():  # a child forked outside os.fork (whose handler disables the agent there)
             return
@@ -569,9 +531,7 @@ class AgentHandle:
         busy = counter is not None and counter.active
         self._watch.remove(busy)
         if not busy:
-            for hook in self._root_hooks:
-                hook.remove()
-            self._root_hooks.clear()
+            self._hooks.remove()
 
     def _after_fork(self) -> None:
         """In a forked child: this agent belongs to the parent. Go quiet, keep the parent's socket file."""

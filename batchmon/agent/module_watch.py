@@ -172,6 +172,19 @@ class ModuleWatch:
         except Exception as err:  # noqa: BLE001
             owner._fail(err)
 
+    def unhook_criterion(self) -> None:
+        """A quiet step (batchmon.agent.quiet_steps) runs without the criterion's hooks."""
+        hooks, self.criterion_hooks = self.criterion_hooks, []
+        for hook in hooks:
+            hook.remove()
+
+    def hook_criterion(self) -> None:
+        """The criterion's hooks back (after a quiet step), if a criterion was found and is alive."""
+        ref = self.criterion_ref
+        module = ref() if ref is not None else None
+        if module is not None and not self.criterion_hooks:
+            self.criterion_hooks = patches.register_pair(module, patches.crit_pre_hook, patches.crit_post_hook)
+
     # -------------------------------------------------------------------------------------------- teardown
 
     def remove(self, busy: bool) -> None:

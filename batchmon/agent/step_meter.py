@@ -49,27 +49,17 @@ the first 3 steps, every ``activation_every``-th step (default 10; env BATCHMON_
 moved or changed dtype. Parameter, gradient and optimizer bytes are recomputed on the same steps (or when
 optimizer state appears); other steps carry the last measured values forward.
 
-The fixed cost of the other steps (issue 14: about 25 us is 1% of a 2.6 ms step) is kept free of anything that
-grows with the model: no walk over parameters (the layout check reads one remembered parameter), no walk over a
-WeakSet of optimizers (a plain list of weak references), and the allocator's figures - a nested dict of a few
-hundred entries built by torch on every call - read only on sampled steps, on the first steps and at most every
-ALLOCATOR_READ_SECONDS in between (the monitor gets at most about 10 messages a second, batchmon.agent.transport);
-a step in between carries the last figures forward, and the allocator's peak is reset only when it is read, so
-the next read's peak covers every step since (no step's peak is lost, it is reported at the next read). The step
-where the batch size changes resets the peak first, so no step is given the peak of another batch size.
-With the default ``activation_every`` the every-N-th-step samples are also at most SAMPLE_SECONDS apart (a 2.6 ms
-step would otherwise count its saved tensors 40 times a second; the first steps, batch-size changes and a
-moved model are sampled whatever the time); an explicit ``activation_every`` is exact.
-Sampled steps walk the parameters, gradients and optimizer state again (a walk over every tensor) only when
-something may have changed: the first steps, a batch-size change, the model moved, the optimizer state grew, or
-RECOUNT_SECONDS passed since the last walk; activations, which are the point of sampling, are counted on every
-sampled step.
+The fixed cost of the other steps (issue 14) grows with nothing in the model: no walk over parameters (the layout
+check reads one remembered parameter) or optimizers; the allocator's figures (a nested dict torch builds per call)
+are read on sampled and first steps and at most every ALLOCATOR_READ_SECONDS, the peak reset only when read (the
+next read covers every step since; a batch-size change resets it first). With the default ``activation_every``
+samples are at most SAMPLE_SECONDS apart (first steps, batch-size changes and a moved model whatever the time); an
+explicit one is exact. Sampled steps walk parameters, gradients and optimizer state again only when something may
+have changed (first steps, batch size, moved model, grown optimizer state, or RECOUNT_SECONDS passed).
 A step that is not sampled and whose root inputs are plain tensors of the last step's shapes, dtypes and places
-(the steady step of a training loop) carries the last step's batch size, batch bytes and parameter, gradient and
-optimizer counts: its inputs' and targets' storages are not walked and the optimizers' state is not looked at
-(new state, e.g. an optimizer that starts stepping late, is counted on the next sampled step, at most
-SAMPLE_SECONDS later with the defaults); its end is ``finish_carried`` (the last Step, copied) when nothing it
-reports differs from the last step's (tests/test_agent_carried_steps.py compares it with measuring, step by step).
+carries the last step's batch size, batch bytes and parameter/gradient/optimizer counts (new optimizer state is
+counted on the next sampled step); its end is ``finish_carried`` (the last Step, copied) when nothing it reports
+differs; after such a step the next ones run quiet (``open_quiet``, batchmon.agent.quiet_steps).
 """
 
 from __future__ import annotations
@@ -140,6 +130,7 @@ class StepMeter:
         self._static_state_len = -1
         self.retries: int | None = None
         self.backwards = 0  # backward passes in the open step
+        self.forwards = 0  # training forwards of the root in the open step
         self._lazy = False  # the model had uninitialised (lazy) parameters when last counted
         self._backward_static: tuple[int, int, int] | None = None
         self._grad_marks: list[tuple[weakref.ReferenceType[torch.Tensor], int, int]] = []
@@ -204,6 +195,33 @@ class StepMeter:
         if patches.step_depth > 0:
             return False  # inside an optimizer step (an LBFGS closure): the same step
         return self._grads_changed()
+
+    def open_quiet(self, args: tuple[Any, ...]) -> bool:
+        """A quiet step's training forward (no keyword inputs): open it carried and return True when nothing can
+        be measured differently - the last measured step's input signature, not due for a sample, the first
+        parameter where it was; False, having changed nothing, when ``begin_forward`` must decide."""
+        carried = self._carried_batch
+        if carried is None or self.sizer.fn is not None:
+            return False
+        if len(args) == 1:
+            a = args[0]
+            if type(a) is not torch.Tensor or carried[0] != ((a.shape, a.dtype, a.is_cuda),):
+                return False
+        elif carried[0] != signature(args):
+            return False
+        n = self.step + 1
+        every = self.activation_every
+        first = self._first_param() if self._first_param is not None else None
+        layout = self._layout
+        if n <= FULL_STEPS or self.batch_size != self._sampled_batch_size or first is None or layout is None \
+                or first.data_ptr() != layout[2] or ((every <= 1 or n % every == 0)
+                                                     and _perf_counter() - self._sampled_t >= self.sample_seconds):
+            return False  # maybe sampled, maybe moved
+        self.step_open = self.batch_carried = True
+        self.forwards = 1
+        self._batch_max = carried[1]
+        self._step_sig = carried[0]
+        return True
 
     def open_step(self) -> bool:
         """A training forward of the root begins a step; returns whether the model moved (device changed)."""
@@ -323,14 +341,11 @@ class StepMeter:
         The steady step's shortcut: a step whose inputs are plain tensors of the same shapes, dtypes and places
         as the last step's keeps that step's batch size and batch bytes, unless it is sampled (then everything is
         measured again): the storages, the batch size and the loss's targets are not looked at."""
+        self.forwards += 1
         if not self.step_open and not kwargs and self.sizer.fn is None:
-            sig: tuple[Any, ...] | None = None
-            if len(args) == 1:  # signature(args), inline for the usual one input
-                a = args[0]
-                if type(a) is torch.Tensor:
-                    sig = ((a.shape, a.dtype, a.is_cuda),)
-            else:
-                sig = signature(args)
+            if self.open_quiet(args):  # the usual steady step, decided in one call
+                return False
+            sig = signature(args)
             carried = self._carried_batch
             self._step_sig = sig
             if sig is not None and carried is not None and carried[0] == sig:
@@ -455,6 +470,7 @@ class StepMeter:
         self._batch_max = 0
         self.batch_carried = False
         self.backwards = 0
+        self.forwards = 0
         self._grad_marks = []
         self._backward_static = None
 

@@ -42,10 +42,13 @@ class Sink(Protocol):
     """What the patches call on the attached agent (AgentHandle)."""
 
     oom_count: int
+    quiet: bool  # a quiet steady step (batchmon.agent.quiet_steps): backward only counted (``_meter.backwards``)
+    _meter: Any
 
     def _before_backward(self) -> None: ...
     def _after_backward(self) -> None: ...
     def _on_oom(self, exc: BaseException, where: str) -> None: ...
+    def _arm_on_error(self) -> None: ...
     def _scaler_update(self) -> None: ...
     def _on_step(self, optimizer: Any, args: Any, kwargs: Any) -> None: ...
     def _root_pre(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None: ...
@@ -179,7 +182,14 @@ def crit_post_hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[
         a._crit_post(module, _leaving() if sys.exc_info()[1] is not None else None)
 
 
-AGENT_HOOKS = frozenset((root_pre_hook, root_post_hook, crit_pre_hook, crit_post_hook))
+def quiet_post_hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], result: Any) -> None:
+    """The root's post hook on a quiet step (batchmon.agent.quiet_steps): nothing when the forward returned; when
+    it raised (torch calls it from its except block with no result), the usual post hook reports an OOM."""
+    if result is None:
+        root_post_hook(module, args, kwargs, result)
+
+
+AGENT_HOOKS = frozenset((root_pre_hook, root_post_hook, crit_pre_hook, crit_post_hook, quiet_post_hook))
 _HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
                "_forward_hooks_with_kwargs", "_forward_hooks_always_called")
 
@@ -215,7 +225,8 @@ def _backward(*args: Any, **kwargs: Any) -> Any:
     a = agent
     mark = 0
     if a is not None:
-        a._before_backward()
+        if not a.quiet:
+            a._before_backward()
         mark = a.oom_count
     try:
         result = _originals["backward"](*args, **kwargs)
@@ -224,7 +235,12 @@ def _backward(*args: Any, **kwargs: Any) -> Any:
             a._on_oom(exc, "backward")
         raise
     if a is not None and a is agent:
-        a._after_backward()
+        if a.quiet:  # a quiet step (quiet_steps): _after_backward's steady case, without the call
+            meter = a._meter
+            if meter.step_open:
+                meter.backwards += 1
+        else:
+            a._after_backward()
     return result
 
 
@@ -449,6 +465,9 @@ def _oom_observer(device: int, alloc: int, device_allocated: int, device_free: i
     global oom_requested
     try:
         oom_requested = int(alloc)
+        a = agent
+        if a is not None and a.quiet:
+            a._arm_on_error()  # the hooks a quiet step dropped, in time to see the error leave (quiet_steps)
     except Exception:  # noqa: BLE001
         pass
 
