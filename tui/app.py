@@ -321,7 +321,7 @@ class BatchmonApp(SignalsApp, MemoryViewsApp, CostApp):
             self._restore_focus(focused_key)
         for panel in self._job_panels:
             panel.view = self._jobs[panel.view.key]
-            panel.update_if_changed(views.job_signature(panel.view))
+            panel.update_if_changed(views.job_signature(panel.view, panel.level))
         warn = self._warnings_panel
         if warn.warnings != snap.warnings or warn.display != bool(snap.warnings):
             warn.warnings = snap.warnings
@@ -442,7 +442,7 @@ class BatchmonApp(SignalsApp, MemoryViewsApp, CostApp):
         for panel in self._job_panels:
             if panel.view.key in self._jobs:
                 panel.view = self._jobs[panel.view.key]
-                panel.update_if_changed(views.job_signature(panel.view))
+                panel.update_if_changed(views.job_signature(panel.view, panel.level))
         self._update_whatif_bar()
 
     def action_batch(self, direction: int) -> None:

@@ -238,10 +238,15 @@ def job_view(snap: Snapshot, key: str, ranks: list[AgentView], state: WhatIfStat
                    user=proc.user if proc else None, notes=notes, host=box_name(snap, box))
 
 
-def job_signature(view: JobView) -> tuple:
-    """Everything a job panel draws, comparable: equal signatures draw the same lines."""
-    ranks = tuple((a.key, a.last_step, a.events, a.connected, a.detached, a.history[-64:] if a.history else (),
-                   a.state, a.ended, a.oom) for a in view.ranks)
+def job_signature(view: JobView, level: str = "full") -> tuple:
+    """Everything a job panel draws at ``level``, comparable: equal signatures draw the same lines. A running
+    job's compact panel draws no history (its last step, events, title and prediction), so its signature leaves
+    out the last 64 steps that the other levels' timeline and phase lines read (a panel whose level changes is
+    rebuilt anyway)."""
+    history = level != "compact"
+    ranks = tuple((a.key, a.last_step, a.events, a.connected, a.detached,
+                   a.history[-64:] if a.history and (history or a.ended is not None) else (), a.state, a.ended, a.oom)
+                  for a in view.ranks)
     devices = tuple((k, d.index, d.memory.total if d and d.memory else None) if d else (k,)
                     for k, d in view.devices.items())
     return (ranks, devices, view.what_if, view.prediction, view.user, tuple(view.notes))
