@@ -23,14 +23,15 @@ predicted_peak, measured_peak}], predicted_max_batch, real_max_batch, what_ifs: 
 real_max_batch, spec, trial_log, timing}], observed_steps, observed_allocator, fit, trials, timing, ...}]}.
 Everything a later model change needs is recorded: the observed steps as the agent reported them (``--reevaluate``
 refits on them without a GPU), each trial's allocator figures (reserved and inactive split bytes at the boundary:
-what the margin must cover), the peak of each phase of a step at the observed batch sizes (forward,
-backward, optimizer: for a phase-wise fit), and step times (plain, 2 and 4 accumulation micro-batches, each what-if) at one
-batch: the advisor's step-time factors measured on the device. The observed steps carry each phase's own
-peak (``phase_own_peaks``, the agent's sampled CUDA steps) and each segment's (``segment_peaks``: the backward
-split where the model output's gradient arrives), so ``--reevaluate`` refits per segment (per phase on a file
-recorded before the split); ``predicted_max_batch_per_phase`` is the same steps fitted per phase. Over 400 lines: one runner for eleven architectures, their what-ifs and timings (the models are in
-bench/zoo_models.py, the offline half - reevaluate, merge, the table - in bench/zoo_offline.py). With --cpu-smoke the "peak" is the sum of measured components on a fake device
-(SmokeDevice), so its figures say nothing about a real allocator.
+what the margin must cover), the peak of each phase of a step at the observed batch sizes (forward, backward with
+the loss's backward apart, optimizer), and step times (plain, 2 and 4 accumulation micro-batches, each what-if) at one
+batch: the advisor's step-time factors measured on the device. The observed steps carry each phase's own peak
+(``phase_own_peaks``, the agent's sampled CUDA steps) and each segment's (``segment_peaks``: the backward split
+where the model output's gradient arrives), so ``--reevaluate`` refits per segment (per phase on a file recorded
+before the split); ``predicted_max_batch_per_phase`` is the same steps fitted per phase. Over 400 lines: one runner
+for eleven architectures, their what-ifs and timings (the models are in bench/zoo_models.py, the offline half -
+reevaluate, merge, the table - in bench/zoo_offline.py). With --cpu-smoke the "peak" is the sum of measured
+components on a fake device (SmokeDevice), so its figures say nothing about a real allocator.
 """
 
 from __future__ import annotations

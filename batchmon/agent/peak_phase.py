@@ -17,16 +17,16 @@ but grows faster per sample takes the step's peak at large batches. Running-peak
 the backward of the LSTM read the forward's higher peak at batch 10 and 20, so the fit could not see that the
 loss's backward grows faster. With each phase's own peak the memory model fits every phase as its own line.
 
-The backward in two (issue 13, measured on the H200 with bench/lstm_segments.py): the LSTM's backward peaked
-in the model's backward at batch 10 (where the embedding's gradient is made: batch-independent bytes) and in
-the loss's backward from 20 on (the logits' gradient and softmax temporaries, ~19 MiB a sample); one own peak
-for the whole backward mixed the two and its line, 14.4 MiB/sample, was 22% low at batch 361. So on a followed step the root forward's
-output gets a gradient hook (``follow_output``, called from the root's forward post hook): its gradient
-arriving closes the ``loss_backward`` segment, the rest of the backward stays ``backward``. The phase figures
-are unchanged in meaning (a segment counts for its phase, PHASE_OF); ``segments`` (Step.segment_peaks) has each
-segment's own peak, set only when a backward was split. An output that never gets a gradient changes nothing.
-The hook is a tensor hook registered eagerly on the output (a compiled module's too: outside the compiled
-graph, no recompile), holds the tracker and not the tensor, and is removed at the step's end.
+The backward in two (issue 13, measured on the H200 with bench/lstm_segments.py): the LSTM's backward peaked in the
+model's backward at batch 10 (where the embedding's gradient is made: batch-independent bytes) and in the loss's
+backward from 20 on (the logits' gradient and softmax temporaries, ~19 MiB a sample); one own peak for the whole
+backward mixed the two and its line, 14.4 MiB/sample, was 22% low at batch 361. So on a followed step the root
+forward's output gets a gradient hook (``follow_output``, called from the root's forward post hook): its gradient
+arriving closes the ``loss_backward`` segment, the rest of the backward stays ``backward``. The phase figures are
+unchanged in meaning (a segment counts for its phase, PHASE_OF); ``segments`` (Step.segment_peaks) has each
+segment's own peak, set only when a backward was split. An output that never gets a gradient changes nothing. The
+hook is a tensor hook registered eagerly on the output (a compiled module's too: outside the compiled graph, no
+recompile), holds the tracker and not the tensor, and is removed at the step's end.
 
 From the segments' own peaks: ``own`` (each phase's largest own peak), ``peak`` (the step's peak: the largest
 of all segments - after the resets the allocator's running peak at the step's end is only the last segment's),
@@ -34,10 +34,11 @@ of all segments - after the resets the allocator's running peak at the step's en
 what the monitor shows, as before) and ``phase`` (the phase of the segment with the step's peak, the first one
 on a tie: where the running peak last rose).
 
-The agent's resets go through torch_patches.agent_reset, so the script's own ``max_memory_allocated()`` still
-sees the whole step's peak. Cost: one allocator read (a nested dict torch builds, ~20 us) and one peak reset
-(a counter store) per boundary (three per backward with the split, plus one hook registration per forward), on
-sampled steps only (at most every 0.25 s with the defaults): nothing on the others. Off CUDA there is no allocator peak and nothing is read.
+The agent's resets go through torch_patches.agent_reset, so the script's own ``max_memory_allocated()`` still sees
+the whole step's peak. Cost: one allocator read (a nested dict torch builds, ~20 us) and one peak reset (a counter
+store) per boundary (three per backward with the split, plus one hook registration per forward), on sampled steps
+only (at most every 0.25 s with the defaults): nothing on the others. Off CUDA there is no allocator peak and
+nothing is read.
 """
 
 from __future__ import annotations
