@@ -10,7 +10,7 @@ optimizer's hook dispatch, one more Python frame around backward); attached − 
     python3 bench/hook_floor.py [--device cpu|cuda] [--rounds 8] [--steps 400] [--breakdown] --out F.json
 
 A fourth mode, ``noop_quiet``, registers only what a quiet steady step keeps (batchmon.agent.quiet_steps: the root's
-pre hook, the optimizer's hooks, the backward wrapper): the floor the agent's quiet steps pay.
+pre and post hooks, the optimizer's hooks, the backward wrapper; no loss hooks): the floor a quiet step pays.
 
 ``--breakdown`` adds one mode per hook kind alone (root pre, root post, loss pre, loss post, optimizer pre,
 optimizer post, the backward wrapper): which of them makes the floor (on the H200 the whole floor was ~10x the
@@ -31,8 +31,8 @@ from typing import Any, Callable
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 KINDS = frozenset({"root_pre", "root_post", "loss_pre", "loss_post", "opt_pre", "opt_post", "backward_wrap"})
-# what a quiet steady step keeps (batchmon.agent.quiet_steps): the root's pre hook, the optimizer's, backward's
-QUIET_KINDS = frozenset({"root_pre", "opt_pre", "opt_post", "backward_wrap"})
+# what a quiet steady step keeps (batchmon.agent.quiet_steps): the root's pre and post hooks, the optimizer's, backward's
+QUIET_KINDS = frozenset({"root_pre", "root_post", "opt_pre", "opt_post", "backward_wrap"})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,9 +1,12 @@
 """Issue 14 point 1: the steady step's end (StepMeter.finish_carried) repeats the last step's Step with its own
-number and times instead of measuring it. What it must not change: every step the handle keeps (and the monitor
-gets, coalesced) is field for field what measuring every step's end gives - through batch-size changes, a short
-last batch, a dtype change, keyword inputs, gradient accumulation with a changing number of micro-batches,
-evaluation forwards and sampled steps. The reference run is the same training with finish_carried switched off
-(every step's end through StepMeter.finish, as before); on CUDA the allocator's figures are compared too."""
+number and times instead of measuring it, and the steps after it run quiet (batchmon.agent.quiet_steps: no loss
+hooks, the root's post hook only for errors). What they must not change: every step the handle keeps (and the
+monitor gets, coalesced) and every OOM event is field for field what measuring every step's end with every hook
+gives - through batch-size changes, a short last batch, a dtype change, keyword inputs, gradient accumulation with
+a changing number of micro-batches, evaluation forwards under no_grad, sampled steps and an OOM in backward on a
+quiet step (the script catches it and redoes the step). The reference run is the same training with
+finish_carried switched off (every step's end through StepMeter.finish, never quiet, as before); on CUDA the
+allocator's figures are compared too."""
 
 from __future__ import annotations
 
@@ -33,6 +36,26 @@ PLAN = [(16, "float32", False, 1, False)] * 9 + [(16, "float32", False, 2, False
     + [(8, "float64", False, 1, False)] * 5 + [(8, "float64", True, 1, False)] * 3 \
     + [(16, "float32", False, 1, False)] * 7 + [(5, "float32", False, 1, False)]  # a short last batch
 
+OOM_AT = {7, 20}  # plan steps whose first backward raises torch.OutOfMemoryError (quiet steps in the fast run)
+
+
+class OOMOnce(torch.autograd.Function):
+    """Identity forward; its backward raises an OOM when armed (once)."""
+
+    armed = False
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return x * 1
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        if OOMOnce.armed:
+            OOMOnce.armed = False
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 MiB.")
+        return grad
+
+
 SCRIPT = r"""
 import json, sys
 import torch, torch.nn as nn
@@ -42,18 +65,19 @@ from batchmon.agent import step_meter
 from test_agent_carried_steps import train
 if sys.argv[2] == "measured":
     step_meter.StepMeter.finish_carried = lambda self, device_used: None
-steps, carried = train(torch.device("cuda", 0))
-print(json.dumps({"steps": steps, "carried": carried}))
+steps, carried, quiet, events = train(torch.device("cuda", 0))
+print(json.dumps({"steps": steps, "carried": carried, "quiet": quiet, "events": events}))
 """
 
 
-def train(device: torch.device) -> tuple[list[dict[str, Any]], int]:
-    """The plan's steps as the handle keeps them (without their own times) and how many ended carried."""
+def train(device: torch.device) -> tuple[list[dict[str, Any]], int, int, list[dict[str, Any]]]:
+    """The plan's steps as the handle keeps them (without their own times), how many ended carried, how many ran
+    quiet, and the OOM events (without their times)."""
     torch.manual_seed(0)
     model = CastingMLP(D, 64).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     crit = nn.CrossEntropyLoss()
-    carried = 0
+    carried = quiet = 0
     original = step_meter.StepMeter.finish_carried
 
     def counting(self: step_meter.StepMeter, device_used: int | None) -> Any:
@@ -65,40 +89,53 @@ def train(device: torch.device) -> tuple[list[dict[str, Any]], int]:
     step_meter.StepMeter.finish_carried = counting  # type: ignore[method-assign]
     handle = batchmon.attach(model, opt, activation_every=EVERY)
     try:
-        for batch, dtype, keyword, micro, evaluate in PLAN:
+        for i, (batch, dtype, keyword, micro, evaluate) in enumerate(PLAN):
             if evaluate:
                 with torch.no_grad():
                     model(torch.randn(batch, D, device=device))
-            opt.zero_grad(set_to_none=True)
-            for _ in range(micro):
-                x = torch.randn(batch, D, dtype=getattr(torch, dtype), device=device)
-                y = torch.randint(0, 4, (batch,), device=device)
-                out = model(x, scale=torch.ones(batch, device=device)) if keyword else model(x)
-                crit(out, y).backward()
+            quiet += handle.quiet
+            OOMOnce.armed = i in OOM_AT
+            for attempt in range(2):
+                opt.zero_grad(set_to_none=True)
+                try:
+                    for _ in range(micro):
+                        x = torch.randn(batch, D, dtype=getattr(torch, dtype), device=device)
+                        y = torch.randint(0, 4, (batch,), device=device)
+                        out = model(x, scale=torch.ones(batch, device=device)) if keyword else model(x)
+                        crit(OOMOnce.apply(out), y).backward()
+                except torch.OutOfMemoryError:
+                    continue  # the script redoes the step
+                break
             opt.step()
         steps = [{k: v for k, v in s.to_dict().items() if k not in PER_STEP} for s in handle.steps]
+        events = [{k: v for k, v in e.to_dict().items() if k != "time"} for e in handle.events]
         times = [(s.time, s.step_seconds) for s in handle.steps]
     finally:
         handle.detach()
         step_meter.StepMeter.finish_carried = original  # type: ignore[method-assign]
     assert all(secs is not None and secs > 0 for _, secs in times[1:])
     assert all(a[0] <= b[0] for a, b in zip(times, times[1:]))  # every step has its own time
-    return steps, carried
+    return steps, carried, quiet, events
 
 
 def test_carried_step_ends_are_what_measuring_gives(agent_dir, monkeypatch: pytest.MonkeyPatch):
-    fast, carried = train(torch.device("cpu"))
+    fast, carried, quiet, fast_events = train(torch.device("cpu"))
     monkeypatch.setattr(step_meter.StepMeter, "finish_carried", lambda self, device_used: None)
-    measured, none = train(torch.device("cpu"))
-    assert none == 0 and len(fast) == len(measured) == len(PLAN)
+    measured, none, loud, measured_events = train(torch.device("cpu"))
+    assert none == 0 and loud == 0 and len(fast) == len(measured) == len(PLAN)
     for a, b in zip(fast, measured):
         assert a == b, (a, b)
+    assert len(fast_events) == len(OOM_AT) and fast_events == measured_events
+    assert all(e["kind"] == "oom" and "in backward" in e["message"] for e in fast_events)
+    # the steps after a carried one ran quiet, the OOMs' steps among them (not the sampled ones, not the first
+    # after a change, not gradient accumulation's); deterministic: activation_every is exact
+    assert quiet >= 17, quiet  # 17 of the 38
     assert [s["step"] for s in fast] == list(range(1, len(PLAN) + 1))
     assert [s["micro_batches"] for s in fast] == [micro for *_, micro, _ in PLAN]
     assert fast[-1]["batch_size"] == 5  # the short last batch is its own
     # most steady steps took the shortcut (not the sampled ones, the first ones, nor the first after a change):
-    # 21 of the plan's 38 (deterministic: activation_every is exact)
-    assert carried >= 20, carried
+    # 19 of the plan's 38 (deterministic: activation_every is exact; an OOM's redone step is measured)
+    assert carried >= 19, carried
 
 
 def test_a_carried_step_is_a_new_step_object_with_its_own_components(agent_dir):
@@ -133,6 +170,10 @@ def test_carried_step_ends_on_cuda_are_what_measuring_gives(tmp_path: Path):
     fast, measured = results["carried"], results["measured"]
     # fewer than on the CPU (21): a sampled CUDA step has phase fields, so the step after it is measured (12)
     assert measured["carried"] == 0 and fast["carried"] >= 10
+    assert measured["quiet"] == 0 and fast["quiet"] >= 5
+    strip = ("components", "allocated", "reserved")  # the allocator's figures at the error: the run's own state
+    assert [{k: v for k, v in e.items() if k not in strip} for e in fast["events"]] == \
+        [{k: v for k, v in e.items() if k not in strip} for e in measured["events"]]
     assert len(fast["steps"]) == len(measured["steps"]) == len(PLAN)
     for a, b in zip(fast["steps"], measured["steps"]):
         a.pop("device_used"), b.pop("device_used")  # NVML's figure, read once a second by the agent's thread

@@ -15,13 +15,16 @@ pytest.importorskip("torch")
 SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "hook_floor.py"
 
 
-def test_hook_floor_writes_the_three_modes(tmp_path):
+def test_hook_floor_writes_the_four_modes(tmp_path):
     out = tmp_path / "hf.json"
     proc = subprocess.run([sys.executable, str(SCRIPT), "--rounds", "1", "--steps", "5", "--out", str(out)],
                           capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-2000:]
     doc = json.loads(out.read_text())
-    assert set(doc["median_step_us"]) == {"plain", "noop_hooks", "attached"}
+    assert set(doc["median_step_us"]) == {"plain", "noop_hooks", "noop_quiet", "attached"}
+    assert doc["noop_quiet_added_us"] == pytest.approx(doc["median_step_us"]["noop_quiet"]
+                                                       - doc["median_step_us"]["plain"], abs=0.2)
+    assert isinstance(doc["quiet_steps"], bool)
     assert all(v > 0 for v in doc["median_step_us"].values())
     assert doc["agent_share_us"] == pytest.approx(doc["attached_added_us"] - doc["noop_hooks_added_us"], abs=0.2)
     assert "hook_floor on cpu" in proc.stdout

@@ -15,10 +15,9 @@ new input shapes, dtypes or places, keyword inputs, a ``batch_size_fn``, a secon
 (gradient accumulation, an LBFGS closure), a moved model: torch's ``_call_impl`` reads the forward hooks after
 the forward, so a post hook registered in the pre hook is called for that very forward (torch 2.13:
 tests/test_agent_quiet_steps.py). An out-of-memory error in the loss module of a quiet step is seen through CUDA's
-OOM observer, which the allocator calls before raising: it arms the hooks inside the failing call
-(``arm_on_error``; the depth of the root and loss calls is counted from the stack's frames), so the loss's
-always-called post hook meets the error leaving. (An OutOfMemoryError raised by hand inside a loss module, with no
-allocator involved, is not reported on a quiet step; on the CPU torch's allocator raises RuntimeError.)
+OOM observer, which the allocator calls before raising (``arm_on_error``: the loss's call on the stack's frames
+says where). (An OutOfMemoryError raised by hand inside a loss module, with no allocator involved, is not reported
+on a quiet step; on the CPU torch's allocator raises RuntimeError, not OutOfMemoryError.)
 Evaluation forwards (no grad) pass through the pre hook untouched.
 """
 
@@ -47,6 +46,7 @@ class Owner(Protocol):
     _disabled: bool
 
     def _moved(self) -> None: ...
+    def _on_oom(self, exc: BaseException, where: str) -> None: ...
     def _fail(self, exc: BaseException, teardown: bool = True) -> None: ...
 
 
@@ -121,9 +121,13 @@ class QuietSteps:
             owner._moved()
         return True
 
-    def arm_on_error(self) -> None:
-        """CUDA's allocator is about to raise an out-of-memory error (its observer, any thread): on a quiet step,
-        arm inside the failing call, so that the root's or the loss's always-called post hook reports it."""
+    def arm_on_error(self, requested: int) -> None:
+        """CUDA's allocator is about to raise an out-of-memory error (its observer, with the allocator's lock
+        released): on a quiet step, every hook back. Inside the root's forward its post hook then reports the
+        error leaving (the root is on torch's hooked path: the hooks are read after the call). The loss module
+        was called on torch's fast path (no hooks: no post hook will run for this call), so an error inside it
+        is reported here, now - what leaves it next is this error (backward and the optimizer step report their
+        own)."""
         owner = self._owner
         if not owner.quiet or owner._disabled:
             return
@@ -132,7 +136,10 @@ class QuietSteps:
             self.arm()
             meter.root_depth, meter.root_counting = depth_on_stack(meter.model), False
             crit = owner._watch.criterion_ref
-            meter.crit_depth = depth_on_stack(crit() if crit is not None else None)
+            if meter.root_depth == 0 and depth_on_stack(crit() if crit is not None else None):
+                owner._on_oom(torch.OutOfMemoryError(
+                    f"CUDA out of memory. Tried to allocate {requested} bytes (seen by the allocator's OOM observer)."),
+                    "loss")
         except Exception as exc:  # noqa: BLE001
             owner._fail(exc)
 

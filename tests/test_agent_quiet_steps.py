@@ -1,0 +1,224 @@
+"""Quiet steady steps (issue 14 point 1, batchmon.agent.quiet_steps): once steps are steady the loss module's hooks
+go and the root's post hook only sees errors; what a quiet step must still see - OOMs leaving forward, loss,
+backward and the optimizer step, evaluation forwards, copies of the model - and the torch behaviour the re-arming
+relies on (a post hook registered in a pre hook runs for that same call)."""
+
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+import torch.nn as nn
+
+import batchmon
+from batchmon.agent import torch_patches
+from agent_helpers import agent_dir  # noqa: F401 - fixture
+
+D = 16
+
+
+def _hook_fns(module: nn.Module) -> set:
+    return {fn for table in (module._forward_pre_hooks, module._forward_hooks) for fn in table.values()}
+
+
+def _train(model: nn.Module, opt: torch.optim.Optimizer, crit: nn.Module, n: int, batch: int = 8) -> None:
+    for _ in range(n):
+        opt.zero_grad(set_to_none=True)
+        crit(model(torch.randn(batch, D)), torch.randint(0, 4, (batch,))).backward()
+        opt.step()
+
+
+def _setup(every: int = 1000) -> tuple[nn.Module, torch.optim.Optimizer, nn.Module, batchmon.AgentHandle]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(D, 32), nn.ReLU(), nn.Linear(32, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    crit = nn.CrossEntropyLoss()
+    return model, opt, crit, batchmon.attach(model, opt, activation_every=every)
+
+
+def test_torch_runs_a_post_hook_registered_by_the_same_calls_pre_hook():
+    """What arming from the root's pre hook relies on (torch 2.13's _call_impl reads the hooks after forward):
+    for a forward that returns and for one that raises (always_call)."""
+    model = nn.Linear(2, 2)
+    seen: list[str] = []
+
+    def post(module, args, kwargs, result):  # noqa: ANN001, ANN202
+        seen.append("ok" if result is not None else "raised")
+
+    def pre(module, args, kwargs):  # noqa: ANN001, ANN202
+        if not seen or seen[-1] != "pre":
+            seen.append("pre")
+            model.register_forward_hook(post, with_kwargs=True, always_call=True)
+
+    model.register_forward_pre_hook(pre, with_kwargs=True)
+    model(torch.ones(1, 2))
+    assert seen == ["pre", "ok"]
+    seen.clear()
+    fresh = nn.Linear(2, 2)
+    fresh.forward = lambda x: (_ for _ in ()).throw(ValueError("boom"))  # type: ignore[method-assign]
+    model, old = fresh, model
+    model.register_forward_pre_hook(pre, with_kwargs=True)
+    with pytest.raises(ValueError):
+        model(torch.ones(1, 2))
+    assert seen == ["pre", "raised"]
+
+
+def test_steady_steps_go_quiet_and_a_sampled_step_arms_every_hook(agent_dir):
+    model, opt, crit, handle = _setup(every=12)
+    _train(model, opt, crit, 6)
+    assert handle.quiet
+    assert _hook_fns(model) == {torch_patches.root_pre_hook, torch_patches.quiet_post_hook}
+    assert _hook_fns(crit) == set()  # the loss module runs torch's fast path
+    _train(model, opt, crit, 6)  # step 12 is sampled: armed for it, quiet again after the next carried step
+    assert handle.steps[11].components["activations"] > 0 and handle.steps[11].step == 12
+    assert not handle.quiet and _hook_fns(crit) == {torch_patches.crit_pre_hook, torch_patches.crit_post_hook}
+    _train(model, opt, crit, 1)
+    assert handle.quiet and _hook_fns(crit) == set()
+    # a step with another batch size is measured with every hook, its batch size its own
+    _train(model, opt, crit, 1, batch=5)
+    assert handle.last_step.batch_size == 5 and not handle.quiet
+    assert _hook_fns(crit) == {torch_patches.crit_pre_hook, torch_patches.crit_post_hook}
+    assert _hook_fns(model) == {torch_patches.root_pre_hook, torch_patches.root_post_hook}
+    _train(model, opt, crit, 3, batch=5)
+    assert handle.quiet and [s.step for s in handle.steps] == list(range(1, 18))
+    handle.detach()
+    assert _hook_fns(model) == set() and _hook_fns(crit) == set()
+
+
+def test_evaluation_forwards_between_quiet_steps_change_nothing(agent_dir):
+    model, opt, crit, handle = _setup()
+    _train(model, opt, crit, 6)
+    assert handle.quiet
+    for _ in range(3):
+        with torch.no_grad():
+            model(torch.randn(64, D))
+        _train(model, opt, crit, 1)
+    assert handle.quiet and handle.last_step.step == 9 and handle.last_step.batch_size == 8
+    assert handle._meter.root_depth == 0 and not handle._meter.step_open
+
+
+def test_copies_of_a_model_on_quiet_steps_carry_no_agent_hooks(agent_dir):
+    model, opt, crit, handle = _setup()
+    _train(model, opt, crit, 6)
+    assert handle.quiet
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert _hook_fns(clone) == set()
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    assert _hook_fns(torch.load(buf, weights_only=False)) == set()
+    _train(model, opt, crit, 2)
+    assert handle.last_step.step == 8
+
+
+class OOMInBackward(torch.autograd.Function):
+    armed = False
+
+    @staticmethod
+    def forward(ctx, x):  # noqa: ANN001, ANN205
+        return x * 1
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        if OOMInBackward.armed:
+            OOMInBackward.armed = False
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 MiB.")
+        return grad
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(D, 32), nn.Linear(32, 4)
+        self.raise_next: BaseException | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.raise_next is not None:
+            exc, self.raise_next = self.raise_next, None
+            raise exc
+        return OOMInBackward.apply(self.b(torch.relu(self.a(x))))
+
+
+class AllocatorLoss(nn.CrossEntropyLoss):
+    """A loss whose next call fails as CUDA's allocator fails: its OOM observer first, then the error."""
+
+    fail = False
+
+    def forward(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        if self.fail:
+            self.fail = False
+            torch_patches._oom_observer(0, 3 << 20, 0, 0)
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 MiB.")
+        return super().forward(out, y)
+
+
+def _oom_run(where: str) -> tuple[batchmon.AgentHandle, list]:
+    torch.manual_seed(0)
+    model, crit = Net(), AllocatorLoss()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    fail_step = []
+
+    def step_pre(optimizer, args, kwargs):  # noqa: ANN001, ANN202 - inside the optimizer's step
+        if fail_step:
+            fail_step.clear()
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 KiB.")
+
+    opt.register_step_pre_hook(step_pre)
+    handle = batchmon.attach(model, opt, activation_every=1000)
+    _train(model, opt, crit, 6)
+    assert handle.quiet
+    if where == "forward":
+        model.raise_next = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 MiB.")
+    elif where == "backward":
+        OOMInBackward.armed = True
+    elif where == "optimizer step":
+        fail_step.append(True)
+    else:
+        crit.fail = True
+    with pytest.raises(torch.OutOfMemoryError):
+        _train(model, opt, crit, 1)
+    _train(model, opt, crit, 3)  # the script caught it and goes on
+    return handle, [e for e in handle.events if e.kind == "oom"]
+
+
+@pytest.mark.parametrize("where", ["forward", "backward", "loss", "optimizer step"])
+def test_an_oom_on_a_quiet_step_is_reported_where_it_happened(agent_dir, where: str):
+    handle, ooms = _oom_run(where)
+    assert len(ooms) == 1, ooms
+    assert f"in {where} at step 7" in ooms[0].message and ooms[0].batch_size == 8
+    assert ooms[0].components is not None and ooms[0].components["parameters"] > 0
+    if where == "loss":
+        assert ooms[0].requested_bytes == 3 << 20  # the observer's figure
+    # the failed step is continued by the next forward, as without quiet steps; steps go on and quiet again
+    assert handle.last_step.step == 9 and handle.quiet
+    assert handle._meter.root_depth == 0 and handle._meter.crit_depth == 0
+    handle.detach()
+
+
+def test_gradient_accumulation_arms_on_the_second_forward_and_counts_every_backward(agent_dir):
+    model, opt, crit, handle = _setup()
+    _train(model, opt, crit, 6)
+    assert handle.quiet
+    for micro in (2, 3, 1, 1, 1):
+        opt.zero_grad(set_to_none=True)
+        for _ in range(micro):
+            crit(model(torch.randn(8, D)), torch.randint(0, 4, (8,))).backward()
+        opt.step()
+    assert [s.micro_batches for s in handle.steps[-5:]] == [2, 3, 1, 1, 1]
+    assert handle.quiet
+
+
+def test_a_compiled_model_is_measured_every_step_through_quiet_steps(agent_dir):
+    model, opt, crit, handle = _setup(every=5)
+    compiled = torch.compile(model, backend="eager")
+    for i in range(14):
+        opt.zero_grad(set_to_none=True)
+        crit(compiled(torch.randn(8 if i < 10 else 4, D)), torch.randint(0, 4, (8 if i < 10 else 4,))).backward()
+        opt.step()
+    assert [s.step for s in handle.steps] == list(range(1, 15))
+    assert [s.batch_size for s in handle.steps] == [8] * 10 + [4] * 4
+    assert handle.quiet
+    handle.detach()
