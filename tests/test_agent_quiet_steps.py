@@ -57,9 +57,12 @@ def test_torch_runs_a_post_hook_registered_by_the_same_calls_pre_hook():
     model(torch.ones(1, 2))
     assert seen == ["pre", "ok"]
     seen.clear()
-    fresh = nn.Linear(2, 2)
-    fresh.forward = lambda x: (_ for _ in ()).throw(ValueError("boom"))  # type: ignore[method-assign]
-    model, old = fresh, model
+
+    def boom(x: torch.Tensor) -> torch.Tensor:
+        raise ValueError("boom")
+
+    model = nn.Linear(2, 2)
+    model.forward = boom  # type: ignore[method-assign]
     model.register_forward_pre_hook(pre, with_kwargs=True)
     with pytest.raises(ValueError):
         model(torch.ones(1, 2))
