@@ -8,7 +8,11 @@ the steady steps are what a training run is made of). Every
 step is timed to ``loss.item()`` (a host sync, as training loops log), so a step's time covers the device work.
 A monitor reads the agent's socket all along (a separate process, ``--no-reader`` to leave it out), as under a
 real ``batchmon`` beside the job. The result: the ratio of the median attached step to the median plain step,
-and the CPU time per step of the whole process (the agent's socket thread included) in both modes.
+the CPU time per step of the whole process (the agent's socket thread included) and of the main thread alone in
+both modes - on a launch-bound GPU step the agent's cost is its main-thread CPU time (it launches nothing on the
+device), a figure steadier than the wall clock. ``--armed`` adds a third mode: attached with quiet steady steps
+switched off (batchmon.agent.quiet_steps: every hook on every step, as before them), for an in-process A/B of
+what the quiet steps save.
 
 Then a profiling pass (attached, not part of the timed rounds): each part of the agent's step path is wrapped
 with a perf_counter_ns timer - forward hooks, backward, the optimizer-step end, inside it the counting, the
@@ -95,6 +99,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: steadier on a shared box)")
     p.add_argument("--profile-steps", type=int, default=None, help="steps of the profiling pass (default 3 rounds)")
     p.add_argument("--no-reader", action="store_true", help="no monitor process reading the agent's socket")
+    p.add_argument("--armed", action="store_true",
+                   help="a third mode: attached with quiet steady steps off (every hook on every step)")
     p.add_argument("--only", choices=("attached", "plain"), default=None,
                    help="run every round in this one mode, no profiling pass (for an outside sampling profiler, "
                         "e.g. py-spy, one process per mode)")
@@ -230,6 +236,7 @@ def profile(handle: Any, run_steps: Callable[[int], list[float]], steps: int) ->
     else:  # torch_patches' one optimizer post hook looks the agent's _on_step up per call
         t.wrap(handle, "_on_step", "optimizer post hook (agent side: the step's end)")
         t.wrap(handle, "_finish_step", "  step end (all of it)")
+    t.wrap(meter, "open_quiet", "  forward: a quiet step opened (StepMeter.open_quiet)")
     t.wrap(meter, "begin_forward", "  forward: batch size, inputs as batch")
     t.wrap(meter, "finish_carried", "  step end: a carried step (the last Step repeated)")
     t.wrap(meter, "finish", "  step end: measure (counting + message)")
@@ -314,11 +321,31 @@ def count_calls(run_steps: Callable[[int], list[float]], steps: int) -> dict[str
 
 def hook_path_ns(handle: Any, model: Any, crit: Any, opt: Any, x: Any, y: Any, repeats: int = 7,
                  number: int = 2000) -> float:
-    """The agent's side of one steady step with torch taken out: its seven entry points called directly, in a
-    step's order, with the step's tensors (the root forward's pre and post hooks, the loss's, before and after
-    backward, the optimizer's post hook). Best of ``repeats`` runs of ``number`` steps, ns per step: the least
-    noisy clock figure on a shared box."""
+    """The agent's side of one steady step with torch taken out: its entry points called directly, in a step's
+    order, with the step's tensors. Armed (every hook): the root forward's pre and post hooks, the loss's, before
+    and after backward, the optimizer's post hook. Quiet (batchmon.agent.quiet_steps): the hook functions torch
+    calls - the root's pre hook, its error-only post hook, the optimizer's pre and post hooks - and the backward's
+    count (the patched backward's own lines, inline here). Best of ``repeats`` runs of ``number`` steps, ns per
+    step: the least noisy clock figure on a shared box."""
     import timeit
+
+    if getattr(handle, "quiet", False):
+        from batchmon.agent import torch_patches as tp
+
+        rpre, qpost, spre, spost, meter = tp.root_pre_hook, tp.quiet_post_hook, tp._step_pre, tp._step_post, \
+            handle._meter
+        qargs: tuple[Any, ...] = (x,)
+        none: dict[str, Any] = {}
+
+        def quiet() -> None:
+            rpre(model, qargs, none)
+            qpost(model, qargs, none, x)
+            if meter.step_open:
+                meter.backwards += 1
+            spre(opt, (), none)
+            spost(opt, (), none)
+
+        return min(timeit.repeat(quiet, number=number, repeat=repeats)) / number * 1e9
 
     pre, post, cpre, cpost = handle._root_pre, handle._root_post, handle._crit_pre, handle._crit_post
     bb, ab, on_step = handle._before_backward, handle._after_backward, handle._on_step
@@ -363,6 +390,10 @@ def table(paths: list[str]) -> int:
         print(f"| {name.strip()} | " + " | ".join(cells) + " |")
     rows = [("agent side, inclusive (median step)", lambda r: r.get("profile", {}).get("agent_side_median_us")),
             ("attached - plain, median step (us)", lambda r: r.get("added_us_per_step")),
+            ("main thread CPU added per step (us; paired rounds' median)",
+             lambda r: (f"{r['main_thread_cpu_s_per_step']['added_us']} "
+                        f"({r['main_thread_cpu_s_per_step']['paired_added_us_median']})"
+                        if r.get("main_thread_cpu_s_per_step") else None)),
             ("ratio", lambda r: r.get("ratio")),
             ("Python calls per steady step, added (batchmon's own)",
              lambda r: (f"{r['calls_per_step']['python_added']:g} ({r['calls_per_step']['attached']['batchmon']:g})"
@@ -434,24 +465,37 @@ def main(argv: list[str] | None = None) -> int:
         probe = statistics.median(run_steps(10))
         args.steps = int(min(2000, max(20, round_s / max(probe, 1e-6))))
     rounds_n = args.rounds or (16 if device.type == "cpu" else 8)
-    times: dict[str, list[float]] = {"attached": [], "plain": []}
-    cpu: dict[str, list[float]] = {"attached": [], "plain": []}
+    modes = ("attached", "plain", "armed") if args.armed else ("attached", "plain")
+    times: dict[str, list[float]] = {m: [] for m in modes}
+    cpu: dict[str, list[float]] = {m: [] for m in modes}
+    main_cpu: dict[str, list[float]] = {m: [] for m in modes}  # the training thread's own CPU time per step
+    from batchmon.agent import quiet_steps
+
+    def keep_armed(self: Any, forwards: int) -> None:
+        return None
     rounds: list[dict[str, Any]] = []
     messages = 0
     agent_steps = 0
     for i in range(rounds_n):
-        for mode in (args.only,) if args.only else (("attached", "plain") if i % 2 == 0 else ("plain", "attached")):
-            handle = batchmon.attach(model, opt, name="agent_cost") if mode == "attached" else None
+        for mode in (args.only,) if args.only else (modes if i % 2 == 0 else tuple(reversed(modes))):
+            original = quiet_steps.QuietSteps.after_carried
+            if mode == "armed":
+                quiet_steps.QuietSteps.after_carried = keep_armed  # type: ignore[method-assign]
+            handle = batchmon.attach(model, opt, name="agent_cost") if mode != "plain" else None
             run_steps(args.round_warmup)  # the steady steps are timed: not a new attach's fully measured first ones
-            c0 = time.process_time()
+            c0, m0 = time.process_time(), time.thread_time()
             round_times = run_steps(args.steps)
-            c1 = time.process_time()
+            c1, m1 = time.process_time(), time.thread_time()
+            quiet = bool(getattr(handle, "quiet", False))
             if handle is not None:
                 agent_steps += handle.last_step.step if handle.last_step is not None else 0
                 handle.detach()
+            quiet_steps.QuietSteps.after_carried = original  # type: ignore[method-assign]
             times[mode].extend(round_times)
             cpu[mode].append((c1 - c0) / args.steps)
-            rounds.append({"mode": mode, "median_s": statistics.median(round_times), "cpu_s_per_step": cpu[mode][-1]})
+            main_cpu[mode].append((m1 - m0) / args.steps)
+            rounds.append({"mode": mode, "median_s": statistics.median(round_times), "cpu_s_per_step": cpu[mode][-1],
+                           "main_thread_cpu_s_per_step": main_cpu[mode][-1], "quiet_at_end": quiet})
 
     prof: dict[str, Any] = {"steps": 0, "parts": {}, "agent_side_us_per_step": None, "agent_side_median_us": None,
                             "median_step_s_while_profiled": None}
@@ -481,6 +525,13 @@ def main(argv: list[str] | None = None) -> int:
     med_a, med_p = median(times["attached"]), median(times["plain"])
     ratio = med_a / med_p
     cpu_a, cpu_p = median(cpu["attached"]), median(cpu["plain"])
+    main_a, main_p = median(main_cpu["attached"]), median(main_cpu["plain"])
+    # paired: each iteration's attached round's main-thread CPU minus its plain round's (next to it: same load)
+    pairs = []
+    for k in range(0, len(rounds) if not args.only else 0, len(modes)):
+        group = {r["mode"]: r["main_thread_cpu_s_per_step"] for r in rounds[k:k + len(modes)]}
+        if "attached" in group and "plain" in group:
+            pairs.append((group["attached"] - group["plain"]) * 1e6)
     result = {
         "benchmark": "agent_cost", "model": args.model, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or
@@ -489,6 +540,13 @@ def main(argv: list[str] | None = None) -> int:
         "added_us_per_step": round((med_a - med_p) * 1e6, 2),
         "median_step_s": {"attached": med_a, "plain": med_p},
         "cpu_s_per_step": {"attached": cpu_a, "plain": cpu_p, "added_us": round((cpu_a - cpu_p) * 1e6, 2)},
+        "main_thread_cpu_s_per_step": {"attached": main_a, "plain": main_p,
+                                       "added_us": round((main_a - main_p) * 1e6, 2),
+                                       "paired_added_us_median": round(statistics.median(pairs), 2) if pairs else None},
+        **({"armed": {"median_step_s": median(times["armed"]), "main_thread_cpu_s_per_step": median(main_cpu["armed"]),
+                      "added_us_per_step": round((median(times["armed"]) - med_p) * 1e6, 2),
+                      "main_thread_added_us": round((median(main_cpu["armed"]) - main_p) * 1e6, 2)}}
+           if args.armed else {}),
         "steps_per_mode": {k: len(v) for k, v in times.items()},
         "agent_steps_seen": agent_steps,
         "monitor_lines_read": messages if reader is not None else None,
@@ -504,8 +562,14 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"agent_cost {args.model} on {device}: median step {med_a * 1e6:.1f} us attached vs {med_p * 1e6:.1f} us "
-          f"plain, ratio {ratio:.4f} (+{(med_a - med_p) * 1e6:.1f} us); CPU per step +{(cpu_a - cpu_p) * 1e6:.1f} us; "
+          f"plain, ratio {ratio:.4f} (+{(med_a - med_p) * 1e6:.1f} us); CPU per step +{(cpu_a - cpu_p) * 1e6:.1f} us "
+          f"(main thread +{(main_a - main_p) * 1e6:.1f} us, paired rounds' median "
+          f"{result['main_thread_cpu_s_per_step']['paired_added_us_median']} us); "
           f"{len(times['attached'])}+{len(times['plain'])} steps; monitor read {messages} lines")
+    if args.armed:
+        armed = result["armed"]
+        print(f"  quiet steps off (every hook, every step): +{armed['added_us_per_step']} us a step, main thread "
+              f"+{armed['main_thread_added_us']} us")
     print(f"  agent's step path (profiled, inclusive): mean {prof['agent_side_us_per_step']} us/step, "
           f"median step {prof['agent_side_median_us']} us")
     print(f"    {'part':<48} {'mean':>8}    {'median':>8}")
