@@ -469,7 +469,10 @@ def main(argv: list[str] | None = None) -> int:
     times: dict[str, list[float]] = {m: [] for m in modes}
     cpu: dict[str, list[float]] = {m: [] for m in modes}
     main_cpu: dict[str, list[float]] = {m: [] for m in modes}  # the training thread's own CPU time per step
-    from batchmon.agent import quiet_steps
+    # (imported only for --armed: costab runs this bench against an older tree's agent, which has no quiet steps)
+    switch: Any = None
+    if args.armed:
+        from batchmon.agent.quiet_steps import QuietSteps as switch
 
     def keep_armed(self: Any, forwards: int) -> None:
         return None
@@ -478,9 +481,9 @@ def main(argv: list[str] | None = None) -> int:
     agent_steps = 0
     for i in range(rounds_n):
         for mode in (args.only,) if args.only else (modes if i % 2 == 0 else tuple(reversed(modes))):
-            original = quiet_steps.QuietSteps.after_carried
+            original = switch.after_carried if switch is not None else None
             if mode == "armed":
-                quiet_steps.QuietSteps.after_carried = keep_armed  # type: ignore[method-assign]
+                switch.after_carried = keep_armed
             handle = batchmon.attach(model, opt, name="agent_cost") if mode != "plain" else None
             run_steps(args.round_warmup)  # the steady steps are timed: not a new attach's fully measured first ones
             c0, m0 = time.process_time(), time.thread_time()
@@ -490,7 +493,8 @@ def main(argv: list[str] | None = None) -> int:
             if handle is not None:
                 agent_steps += handle.last_step.step if handle.last_step is not None else 0
                 handle.detach()
-            quiet_steps.QuietSteps.after_carried = original  # type: ignore[method-assign]
+            if switch is not None:
+                switch.after_carried = original
             times[mode].extend(round_times)
             cpu[mode].append((c1 - c0) / args.steps)
             main_cpu[mode].append((m1 - m0) / args.steps)
