@@ -62,7 +62,7 @@ def rows_partial_update(compositor: Any) -> Any:
         if not vw or not vh:
             continue
         vx2 = vx + vw
-        wanted = [y for y in rows if vy <= y < vy + vh and any(x1 < vx2 and x2 > vx for x1, x2 in on_row[y])]
+        wanted = [y for y in rows if vy <= y < vy + vh and _uncovered(chops[y], cuts[y], vx, vx2, on_row[y])]
         start = 0
         while start < len(wanted):  # contiguous runs of wanted rows: one render each
             end = start + 1
@@ -78,6 +78,20 @@ def rows_partial_update(compositor: Any) -> Any:
                         chops_line[cut] = piece
             start = end
     return ChopsUpdate(chops, spans, [cut_set[1:] for cut_set in cuts])
+
+
+def _uncovered(chops_line: dict[int, Any], row_cuts: list[int], x0: int, x1: int,
+               spans: list[tuple[int, int]]) -> bool:
+    """Whether a widget over columns [x0, x1) of a row would paint a piece of a changed span that no widget in
+    front of it painted: a chop [cut, next cut) in its columns, overlapping a span, still empty. The screen and
+    the columns behind the panels are mostly covered: they are not rendered for nothing."""
+    for i in range(len(row_cuts) - 1):
+        cut, end = row_cuts[i], row_cuts[i + 1]
+        if cut >= x1:
+            break
+        if cut >= x0 and chops_line.get(cut) is None and any(a < end and b > cut for a, b in spans):
+            return True
+    return False
 
 
 def use_rows_partial_update(compositor: Any) -> bool:
