@@ -58,13 +58,16 @@ class HostProbe:
         self._procs.clear()
         self._static.clear()
 
-    def sample(self, pids: Iterable[int] = ()) -> HostSample:
-        memory_total = memory_used = None
+    def memory(self) -> tuple[int | None, int | None]:
+        """The host's (total, used) memory alone (the hub refreshes it between samples of the processes)."""
         try:
             vm = psutil.virtual_memory()
-            memory_total, memory_used = int(vm.total), int(vm.used)
+            return int(vm.total), int(vm.used)
         except Exception:
-            pass
+            return None, None
+
+    def sample(self, pids: Iterable[int] = ()) -> HostSample:
+        memory_total, memory_used = self.memory()
         wanted = sorted({int(p) for p in pids if isinstance(p, int) and not isinstance(p, bool) and p > 0})
         processes = {pid: self._process(pid) for pid in wanted}
         for pid in [p for p in self._procs if p not in processes]:

@@ -350,6 +350,44 @@ def test_host_probe_runs_once_a_second_while_its_pids_stay_and_at_once_for_a_new
     assert hub.snapshot().process(p2.pid) is not None
 
 
+class CountingMemoryHostProbe(CountingHostProbe):
+    """The real HostProbe with its memory-only read, both counted."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.memory_calls: list[float] = []
+
+    def memory(self):
+        self.memory_calls.append(time.monotonic())
+        return self.probe.memory()
+
+
+def test_host_processes_are_read_every_few_seconds_the_host_memory_every_second(sockdir, pids, agents,
+                                                                                hub_factory):
+    """The screen shows a process's user, command and state, not its CPU share: while the pids stay the same the
+    processes are read every HOST_PROCESSES_EVERY_S, the host's memory every HOST_EVERY_S, the snapshot keeping
+    the processes of the last full sample; a new pid is sampled in full at once."""
+    host = CountingMemoryHostProbe()
+    hub = hub_factory(host_probe=host).start()
+    p1 = pids()
+    agents(sockdir, p1.pid, history=[make_step(1)])
+    wait_for(lambda: any(p1.pid in c[1] for c in host.calls), what="the first agent's pid sampled")
+    start = time.monotonic()
+    full0, mem0 = len(host.calls), len(host.memory_calls)
+    wait_for(lambda: len(host.memory_calls) >= mem0 + 3, timeout=10, what="three memory-only samples")
+    took = time.monotonic() - start
+    assert len(host.calls) - full0 <= 1 + took / hub.HOST_PROCESSES_EVERY_S  # not one a second
+    snap = hub.snapshot()
+    assert snap.process(p1.pid) is not None and snap.host.memory_total  # processes kept, memory fresh
+    assert abs(snap.host.time - time.time()) < 2 * hub.HOST_EVERY_S + 0.5
+    p2 = pids()
+    agents(sockdir, p2.pid, history=[make_step(1)])
+    seen = time.monotonic()
+    t2 = wait_for(lambda: next((c[0] for c in host.calls if p2.pid in c[1]), None), what="the new pid sampled")
+    assert t2 - seen < hub.HOST_EVERY_S / 2 + 0.5
+    wait_for(lambda: hub.snapshot().process(p2.pid) is not None, what="the new pid in the snapshot")
+
+
 def test_scan_skips_an_unchanged_folder_but_finds_an_agent_added_right_after_a_listing(sockdir, pids, agents,
                                                                                       hub_factory):
     """The folder is listed again only when it changes (or a connection failed); an agent whose socket appears

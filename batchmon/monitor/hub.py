@@ -18,6 +18,7 @@ import socket
 import threading
 import time
 from collections import deque
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -50,6 +51,11 @@ class Hub:
     #: the same: at --interval 0.25 with 64 agents, reading /proc for every pid 4 times a second was the
     #: largest part of the hub's own work; a CPU share over 1 s is also the steadier figure
     HOST_EVERY_S = 1.0
+    #: ... and the processes' part of it at most this often (the host's memory still every HOST_EVERY_S): the
+    #: monitor's screen shows a process's user, command and state, not its CPU share or RSS (--once and --json
+    #: sample at once); beside 16 jobs the /proc reads of 16 processes every second were the hub thread's
+    #: largest part (bench/ab_monitor.py --gpu-agents). A new or vanished pid is sampled at once.
+    HOST_PROCESSES_EVERY_S = 5.0
     #: the socket folder is listed when its mtime changed, when a connection failed or dropped, while its mtime
     #: is recent (file times are coarse: a second change in the same clock tick keeps the mtime), and at least
     #: this often
@@ -95,6 +101,7 @@ class Hub:
         self._closed = False
         self._last_data = time.monotonic()
         self._host_key: tuple[float, tuple[int, ...]] | None = None  # (monotonic time, pids) of the last host sample
+        self._host_full: tuple[float, Any] | None = None  # (monotonic time, sample) of the last one with processes
         self._scan_key: tuple[int, float] | None = None  # (folder mtime_ns, monotonic time) of the last listing
         self._rescan = True
         self._exits_seen: set[tuple[int, float]] = set()  # exit notes already turned into records
@@ -313,13 +320,22 @@ class Hub:
         last = self._host_key
         if not always and last is not None and last[1] == wanted and 0 <= now - last[0] < self.HOST_EVERY_S:
             return  # the state keeps the previous host sample
+        full = self._host_full
+        memory_only = (not always and full is not None and last is not None and last[1] == wanted
+                       and 0 <= now - full[0] < self.HOST_PROCESSES_EVERY_S
+                       and callable(getattr(self._host, "memory", None)))
         self._host_key = (now, wanted)
         try:
             if isinstance(self._host, _FailedProbe):
                 sample = host.HostSample(hostname=self.hostname, memory_total=None, memory_used=None,
                                          processes={}, time=time.time())
+            elif memory_only and full is not None:
+                total, used = self._host.memory()  # the processes as sampled last: what the screen shows of them
+                sample = replace(full[1], memory_total=total, memory_used=used, time=time.time())
             else:
                 sample = self._host.sample(wanted)
+                if type(sample) is host.HostSample:
+                    self._host_full = (now, sample)
             record = self._sample_record("host", sample, host.HostSample, host.sample_to_dict)
         except Exception as exc:  # noqa: BLE001
             self._warn("host", f"probe failed: {type(exc).__name__}: {exc}")
