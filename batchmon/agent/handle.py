@@ -167,6 +167,7 @@ class AgentHandle(HandleViews):
         self.quiet = False  # a quiet steady step: the root's post hook and the loss hooks are off (quiet_steps)
         self._hooks = QuietSteps(self)
         self._arm_on_error = self._hooks.arm_on_error  # (torch_patches' OOM observer calls it)
+        self._open_quiet = self._meter.open_quiet  # (a quiet step's root pre hook calls it first)
         self._discovered_call = False  # the running root forward is the one discovery found the model in
         self.oom_count = 0  # OOM events so far; the wrappers use it to report a nested OOM only once
 
@@ -335,7 +336,7 @@ class AgentHandle(HandleViews):
             return
         try:
             if self.quiet:  # (batchmon.agent.quiet_steps) the steady case opens the step and that is all
-                if not kwargs and not meter.step_open and _grad_enabled() and meter.open_quiet(args):
+                if not kwargs and meter.open_quiet(module, args):
                     return
                 if self._hooks.forward(args, kwargs):
                     return
@@ -505,6 +506,7 @@ class AgentHandle(HandleViews):
         if self._disabled:
             return
         self._disabled = True
+        self.quiet = False  # (the root's pre hook then goes to _root_pre, which returns)
         self.error = f"{type(exc).__name__}: {exc}"
         try:
             self._out.event(Event(kind="warning", message=f"agent disabled after an internal error: {self.error}",

@@ -8,7 +8,8 @@ optimizer ending steps, no loss search, no batch-layout probe - the next steps r
 pre hook (which opens the step, ``StepMeter.open_quiet``, and still sees every change of the inputs), a post hook
 on the root that returns at once unless the forward raised (then it reports an out-of-memory error as on any step),
 the patched ``torch.autograd.backward`` (counts the backward, reports an OOM leaving it), the optimizer's step
-hooks and step wrapper (the step's end, an OOM leaving the step). The loss module's hooks are off.
+post hook and step wrapper (the step's end, an OOM leaving the step). The loss module's hooks are off, and so is
+the global optimizer step pre hook (the step depth, which only matters while no optimizer ends steps).
 
 Everything comes back (``arm``) from the root's pre hook before the forward that needs it runs - a sampled step,
 new input shapes, dtypes or places, keyword inputs, a ``batch_size_fn``, a second training forward in the step
@@ -82,6 +83,7 @@ class QuietSteps:
                 and (watch.criterion_ref is not None or watch.loss_search_left <= 0)):
             self._set_post(meter.model, patches.quiet_post_hook)
             watch.unhook_criterion()
+            patches.step_depth_hook(False)
             owner.quiet = True
 
     def arm(self) -> None:
@@ -90,6 +92,7 @@ class QuietSteps:
         owner.quiet = False
         self._set_post(owner._meter.model, patches.root_post_hook)
         owner._watch.hook_criterion()
+        patches.step_depth_hook(True)
 
     def _set_post(self, model: torch.nn.Module | None, hook: Any) -> None:
         """The root's post hook is ``hook`` (the full one, or a quiet step's, which only sees errors leave)."""

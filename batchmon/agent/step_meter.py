@@ -1,46 +1,32 @@
 """The step meter: what one training step holds, measured from the hooks' calls, returned as Step values.
 
 (Over 400 lines: the rule of where a step ends, what it reports, and the sampling that keeps it cheap are one
-state machine over the same per-step fields; split, each half would reach into the other's state.)
+state machine over the same per-step fields; split, each half would reach into the other's state.) It owns no
+hooks and no socket (batchmon.agent.handle wires it to torch and publishes what it returns).
 
-It owns no hooks and no socket (batchmon.agent.handle wires it to torch and publishes what it returns).
-
-A step ends (README, "How a step is recognised"):
-
-- at the primary optimizer's ``step()`` (the first ``torch.optim`` optimizer that steps, or the one given to
-  ``attach``); other optimizers' steps count for optimizer bytes only (two models, two optimizers: one step
-  per loop iteration);
-- at ``GradScaler.update()`` when the scaler skipped the optimizer step (inf/NaN gradients): the step still
-  ends, it just updated nothing;
-- without any optimizer step seen (manual ``p.data.add_`` updates, an optimizer that is not a
-  ``torch.optim.Optimizer``): at the next training forward after a backward once the gradients were cleared
-  or replaced (``zero_grad``, ``p.grad = None``); gradients left to accumulate mean the same step goes on;
-  the last such step is published at detach/exit;
-- never inside an optimizer step (an LBFGS closure's forwards and backwards are that one step).
+A step ends (README, "How a step is recognised") at the primary optimizer's ``step()`` (the first ``torch.optim``
+optimizer that steps, or the one given to ``attach``; other optimizers' steps count for optimizer bytes only), at
+``GradScaler.update()`` when the scaler skipped the optimizer step, or - with no optimizer step seen - at the next
+training forward after a backward once the gradients were cleared or replaced (gradients left to accumulate: the
+same step goes on; the last such step is published at detach/exit); never inside an optimizer step (an LBFGS
+closure's forwards and backwards are that one step).
 
 Forwards under ``no_grad``/``inference_mode`` (evaluation) are not part of any step. ``micro_batches`` is the
 number of backward passes in the step (gradient accumulation's micro-batches; an LBFGS closure's evaluations).
 
 What a step reports (the ``Step`` that ``finish`` returns):
 
-- ``batch_size``: the batch dimension of the root forward's input (batchmon.agent.batch_dim: ``batch_size_fn``,
-  a packed sequence, ``batch_dim``/``BATCHMON_BATCH_DIM``, the model's sequence-first modules, else dim 0), with
-  ``batch_source`` saying which; with gradient accumulation, that of the last micro-batch (what is in memory
-  at once), ``micro_batches`` the number of backward passes.
-- ``batch``: storages of the tensors passed to the root forward (positional and keyword, inside tuples, lists
-  and dicts), plus targets where seen: tensors that do not require grad passed to a criterion module called
-  after the model's forward (a torch loss module, or a parameter-free module named ...Loss/...Criterion; it is
-  looked for during the first 3 steps, then hooked). A functional loss (``F.cross_entropy`` called outside
-  the model) is not seen: its targets are not batch, its saved tensors not activations (on CUDA they end up
-  in ``other``). Forwards since the last backward form a group; the step reports its largest group.
-- ``activations``: bytes saved for backward inside the root forward and the criterion's forward
-  (accounting.ActivationCounter), same grouping.
-- ``other``: on CUDA the allocator peak since the previous step minus the five above (>= 0); on CPU 0, as
-  there is no allocator peak to take it from.
-- on CUDA: ``allocated``, ``peak_allocated`` (the allocator's peak is reset after every step; the script's
-  own ``max_memory_allocated()`` and ``reset_peak_memory_stats()`` still work: torch_patches), ``reserved``,
-  ``num_alloc_retries``, ``num_ooms``, and ``device_used``: NVML's per-process figure, read by the agent
-  thread once a second (null where NVML does not see this pid, e.g. in some containers).
+- ``batch_size``: the batch dimension of the root forward's input (batchmon.agent.batch_dim), ``batch_source``
+  saying how it was found; with gradient accumulation the last micro-batch's (what is in memory at once).
+- ``batch``: storages of the tensors passed to the root forward (positional and keyword, nested), plus targets:
+  tensors not requiring grad passed to a criterion module after the model's forward (a torch loss module, or a
+  parameter-free ...Loss/...Criterion, looked for in the first 3 steps); a functional loss is not seen (its
+  targets and saved tensors end up in ``other`` on CUDA). The step reports its largest forward group.
+- ``activations``: bytes saved for backward inside the root forward and the criterion's (same grouping).
+- ``other``: on CUDA the allocator peak since the previous step minus the five above (>= 0); on CPU 0.
+- on CUDA: ``allocated``, ``peak_allocated`` (the script's own peak calls still work: torch_patches),
+  ``reserved``, ``num_alloc_retries``, ``num_ooms``, ``device_used`` (NVML's per-process figure, read by the
+  agent thread once a second; null where NVML does not see this pid).
 - ``step_seconds``: wall time between optimizer steps as the host sees it (no device sync is added).
 
 Cost control (the overhead target is 1% of step time): activations are counted on *sampled* steps only -
@@ -79,6 +65,7 @@ from batchmon.agent.batch_dim import BatchSizer
 from batchmon.protocol import Event, ModelInfo, Step, new_step
 
 _perf_counter = time.perf_counter
+_grad_enabled = torch.is_grad_enabled
 _time = time.time
 _new_object = object.__new__
 
@@ -192,16 +179,16 @@ class StepMeter:
         """At a training forward's start: did the previous step end without an optimizer step we saw?"""
         if not self.step_open or self.backwards == 0 or self.optimizer_steps > 0:
             return False
-        if patches.step_depth > 0:
-            return False  # inside an optimizer step (an LBFGS closure): the same step
-        return self._grads_changed()
+        return False if patches.step_depth > 0 else self._grads_changed()  # (in an LBFGS closure: the same step)
 
-    def open_quiet(self, args: tuple[Any, ...]) -> bool:
-        """A quiet step's training forward (no keyword inputs): open it carried and return True when nothing can
-        be measured differently - the last measured step's input signature, not due for a sample, the first
-        parameter where it was; False, having changed nothing, when ``begin_forward`` must decide."""
+    def open_quiet(self, module: Any, args: tuple[Any, ...]) -> bool:
+        """The root's forward starts (no keyword inputs; quiet steps call this first): True when it opened a
+        steady step, carried (first training forward, the last measured inputs' signature, no sample due, the
+        first parameter in place); False, having changed nothing, when the usual path must decide."""
         carried = self._carried_batch
-        if carried is None or self.sizer.fn is not None:
+        ref = self.model_ref
+        if carried is None or self.step_open or ref is None or ref() is not module or self.sizer.fn is not None \
+                or not _grad_enabled():
             return False
         if len(args) == 1:
             a = args[0]
@@ -343,7 +330,7 @@ class StepMeter:
         measured again): the storages, the batch size and the loss's targets are not looked at."""
         self.forwards += 1
         if not self.step_open and not kwargs and self.sizer.fn is None:
-            if self.open_quiet(args):  # the usual steady step, decided in one call
+            if self.open_quiet(self.model, args):  # the usual steady step, decided in one call
                 return False
             sig = signature(args)
             carried = self._carried_batch
@@ -425,10 +412,9 @@ class StepMeter:
 
     def finish_carried(self, device_used: int | None) -> Step | None:
         """The steady step's end (issue 14 point 1), for a carried step (``batch_carried``): when every figure it
-        reports is the last step's - parameter/gradient/optimizer counts, activations, batch bytes, batch size and
-        source, micro-batches, the allocator's figures (carried: no read due), the device figure - it is the last
-        Step copied with its own number and times: no components computed, no allocator read, no events (they
-        come with a read). None when anything differs, the step is sampled or a read is due (then ``finish``)."""
+        reports is the last step's (counts, activations, batch bytes, size and source, micro-batches, allocator
+        figures with no read due, the device figure), the last Step copied with its own number and times. None
+        when anything differs, the step is sampled or a read is due (then ``finish``)."""
         if self.sampled or not self.step_open or self.batch is not None or self.counter is not None \
                 or self.phases.active or self._template is None:
             return None
@@ -533,7 +519,8 @@ class StepMeter:
                         cuda.reserved if cuda else None, cuda.retries if cuda else None,
                         cuda.ooms if cuda else None, device_used if cuda is not None else None,
                         self.batch_source if opened else None, self.backwards if opened else None,
-                        peak_phase=reading.phase, phase_peaks=reading.peaks, phase_own_peaks=reading.own)
+                        peak_phase=reading.phase, phase_peaks=reading.peaks, phase_own_peaks=reading.own,
+                        segment_peaks=reading.segments)
         if opened and step.peak_phase is None and step.phase_peaks is None \
                 and step.phase_own_peaks is None:  # what the next carried step may repeat
             self._template = step

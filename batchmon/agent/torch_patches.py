@@ -45,6 +45,9 @@ class Sink(Protocol):
     quiet: bool  # a quiet steady step (batchmon.agent.quiet_steps): backward only counted (``_meter.backwards``)
     _meter: Any
 
+    def _open_quiet(self, module: torch.nn.Module, args: tuple[Any, ...]) -> bool: ...
+    def _fail(self, exc: BaseException, teardown: bool = True) -> None: ...
+
     def _before_backward(self) -> None: ...
     def _after_backward(self) -> None: ...
     def _on_oom(self, exc: BaseException, where: str) -> None: ...
@@ -155,6 +158,13 @@ def root_pre_hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[s
         return _root_pre_eager(module, args, kwargs)
     a = agent
     if a is not None:
+        if a.quiet and not kwargs:  # a quiet steady step (batchmon.agent.quiet_steps): opened in one call
+            try:
+                if a._open_quiet(module, args):
+                    return
+            except Exception as exc:  # noqa: BLE001 - never into the training
+                a._fail(exc)
+                return
         a._root_pre(module, args, kwargs)
 
 
@@ -266,6 +276,23 @@ def _step_post(optimizer: Any, args: Any, kwargs: Any) -> None:
         a._on_step(optimizer, args, kwargs)
 
 
+def step_depth_hook(on: bool) -> None:
+    """The global optimizer step pre hook (the step depth) registered or not: a quiet step, ended by the optimizer
+    it knows, has no use for the depth (StepMeter.loop_boundary reads it only while no optimizer ended a step)."""
+    hooks = _originals.get("step_hooks")
+    if hooks is None:
+        return
+    pre, post = hooks
+    if on and pre is None:
+        import torch.optim.optimizer as optim
+
+        pre = optim.register_optimizer_step_pre_hook(_step_pre)
+    elif not on and pre is not None:
+        pre.remove()
+        pre = None
+    _originals["step_hooks"] = (pre, post)
+
+
 def install() -> None:
     """Patch torch (idempotent)."""
     if "backward" not in _originals:
@@ -301,7 +328,8 @@ def uninstall() -> None:
         torch.amp.GradScaler.update = original  # type: ignore[method-assign]
     hooks = _originals.pop("step_hooks", ())
     for hook in hooks:
-        hook.remove()
+        if hook is not None:
+            hook.remove()
     _uninstall_cuda_memory()
     step_depth = 0
 
