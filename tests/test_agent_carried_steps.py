@@ -168,10 +168,12 @@ def test_carried_step_ends_on_cuda_are_what_measuring_gives(tmp_path: Path):
         assert out.returncode == 0, out.stderr[-2000:]
         results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
     fast, measured = results["carried"], results["measured"]
-    # fewer than on the CPU (21): a sampled CUDA step has phase fields, so the step after it is measured (12)
-    assert measured["carried"] == 0 and fast["carried"] >= 10
+    # fewer than on the CPU (19): a sampled CUDA step has phase fields, so the step after it is measured (12 on the
+    # H200 before the two OOM steps were added to the plan; each OOM's redone step is measured)
+    assert measured["carried"] == 0 and fast["carried"] >= 8
     assert measured["quiet"] == 0 and fast["quiet"] >= 5
-    strip = ("components", "allocated", "reserved")  # the allocator's figures at the error: the run's own state
+    # the allocator's figures at the error: each run's own state
+    strip = ("components", "allocated", "reserved", "num_alloc_retries")
     assert [{k: v for k, v in e.items() if k not in strip} for e in fast["events"]] == \
         [{k: v for k, v in e.items() if k not in strip} for e in measured["events"]]
     assert len(fast["steps"]) == len(measured["steps"]) == len(PLAN)
