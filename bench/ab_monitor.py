@@ -120,7 +120,8 @@ def measure_round(tools: list[Tool], trees: dict[str, Path], sockdirs: dict[str,
         out["tools"][tool.name] = {
             "cpu_seconds_steady": steady, "ran_whole_window": steady is not None,
             "threads_cpu_s": threads,  # main thread first, then hub, Textual's output and input threads ...
-            "terminal_bytes_window": tool.window_bytes, "rss_max_mib": round(tool.rss_max / 2**20, 1),
+            "terminal_bytes_window": tool.window_bytes, "terminal_bytes_by_row": dict(sorted(tool.row_bytes.items())),
+            "rss_max_mib": round(tool.rss_max / 2**20, 1),
             "exit_code_after_q": tool.exit_code, "last_line": tool.last_line() if steady is None else None}
     return out
 

@@ -45,6 +45,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from monitor_cpu import BARE_MAIN, parse_size, set_winsize  # noqa: E402  (the pty helpers of the monitor CPU bench)
 
 
+_MOVE = re.compile(rb"\x1b\[(\d+);\d+H")
+
+
 @dataclass
 class Tool:
     name: str
@@ -57,6 +60,18 @@ class Tool:
     cpu: list[float] = field(default_factory=list)
     rss_max: int = 0  # the process tree's largest resident set seen in the window (bytes)
     window_bytes: int = 0  # terminal bytes written during the measured window only
+    in_window: bool = False
+    row_bytes: dict[int, int] = field(default_factory=dict)  # window bytes by the screen row they were written at
+    _row: int = 0  # the row of the last absolute cursor move seen (ESC[row;colH)
+
+    def count_rows(self, data: bytes) -> None:
+        """Window bytes by screen row: each piece goes to the row of the cursor move before it (a move split
+        between two reads counts toward the row before: a few bytes)."""
+        pos = 0
+        for m in _MOVE.finditer(data):
+            self.row_bytes[self._row] = self.row_bytes.get(self._row, 0) + m.start() - pos
+            self._row, pos = int(m.group(1)), m.start()
+        self.row_bytes[self._row] = self.row_bytes.get(self._row, 0) + len(data) - pos
 
     def sample_rss(self) -> None:
         try:
@@ -140,6 +155,8 @@ def drain(tools: list[Tool], until: float) -> None:
                 continue
             tool.out_bytes += len(data)
             tool.tail = (tool.tail + data)[-8192:]
+            if tool.in_window:
+                tool.count_rows(data)
 
 
 def quit_tool(tool: Tool, others: list[Tool]) -> None:
@@ -172,6 +189,8 @@ def run_window(tools: list[Tool], warmup: float, duration: float,
     if mark is not None:
         mark("start")
     start_bytes = {t.name: t.out_bytes for t in tools}
+    for tool in tools:
+        tool.in_window = True
     t0 = time.monotonic()
     end = t0 + duration
     while time.monotonic() < end and any(t.fd >= 0 for t in tools):
@@ -180,6 +199,7 @@ def run_window(tools: list[Tool], warmup: float, duration: float,
             tool.sample_rss()
     window = time.monotonic() - t0
     for tool in tools:
+        tool.in_window = False
         tool.window_bytes = tool.out_bytes - start_bytes[tool.name]
         tool.cpu.append(tool.cpu_seconds() if tool.alive() else None)
     if mark is not None:
@@ -212,6 +232,9 @@ def measure_round(args: argparse.Namespace, floors: bool) -> dict:
             "cpu_percent_steady": round(100 * steady / window, 3) if steady is not None and window > 0 else None,
             "ran_whole_window": steady is not None, "exit_code_after_q": tool.exit_code,
             "terminal_bytes": tool.out_bytes, "terminal_bytes_window": tool.window_bytes,
+            # where the window's bytes went: screen row (1-based; 0 before the first absolute cursor move, and
+            # all of a tool that moves the cursor otherwise, as curses may) -> bytes
+            "terminal_bytes_by_row": dict(sorted(tool.row_bytes.items())),
             "rss_max_mib": round(tool.rss_max / 2**20, 1),
             "last_line": tool.last_line() if steady is None else None}
     bm, nv = (out["tools"][n]["cpu_seconds_steady"] for n in ("batchmon", "nvitop"))
