@@ -406,13 +406,14 @@ def test_segment_peaks_of_a_real_step_whose_loss_backward_dominates(agent_dir):
         out = model(x)
         hook = out.register_hook(lambda g: expected.__setitem__("loss_backward", read()))
         loss = crit(out.reshape(-1, vocab), y.reshape(-1))
+        del out  # as in step(): the logits are not kept through backward (the loss saves its softmax, not them)
         expected["forward"] = read()
         loss.backward()
         expected["backward"] = read()
         opt.step()
         expected["optimizer"] = read()
         hook.remove()
-        del out, loss
+        del loss
     logits = 16 * 64 * vocab * 4
     assert expected["loss_backward"] > expected["backward"] + logits  # the loss's backward dominates
     for s in split[2:]:
@@ -427,3 +428,42 @@ def test_segment_peaks_of_a_real_step_whose_loss_backward_dominates(agent_dir):
         assert own["backward"] == max(seg["loss_backward"], seg["backward"]) == seg["loss_backward"]
         assert own["forward"] == seg["forward"] and own["optimizer"] == seg["optimizer"]
         assert s.peak_phase == "backward" and s.peak_allocated == seg["loss_backward"]
+
+
+@cuda
+def test_segment_peaks_of_a_compiled_model_without_recompiles(agent_dir):
+    """torch.compile: the agent's output-gradient hook is registered on the compiled module's output outside the
+    compiled graph: the backward is split on followed steps, and after the first steps no frame is compiled
+    again (torch._dynamo counters unchanged while followed steps continue)."""
+    from torch._dynamo.utils import counters
+
+    device, vocab = "cuda", 4096
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(vocab, 64), nn.Linear(64, vocab)).to(device)
+    compiled = torch.compile(model, backend="aot_eager")
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x = torch.randint(0, vocab, (8, 32), device=device)
+    y = torch.randint(0, vocab, (8, 32), device=device)
+    handle = batchmon.attach(compiled, opt, activation_every=1)
+    try:
+        def step() -> None:
+            opt.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(compiled(x).reshape(-1, vocab), y.reshape(-1)).backward()
+            opt.step()
+
+        for _ in range(3):
+            step()
+        before = (dict(counters["stats"]), dict(counters["frames"]), dict(counters["recompiles"]))
+        for _ in range(6):
+            step()
+        torch.cuda.synchronize()
+        after = (dict(counters["stats"]), dict(counters["frames"]), dict(counters["recompiles"]))
+        split = [s for s in handle.steps[3:] if s.segment_peaks is not None]
+    finally:
+        handle.detach()
+        torch._dynamo.reset()
+    assert after == before
+    assert len(split) >= 3 and all("loss_backward" in s.segment_peaks for s in split), \
+        [(s.step, s.segment_peaks) for s in handle.steps]
