@@ -54,6 +54,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from batchmon import protocol  # noqa: E402
+from batchmon.agent.coalesce import WINDOW_SECONDS as COALESCE_WINDOW_S  # noqa: E402
 from batchmon.agent.coalesce import StepCoalescer  # noqa: E402  (torch-free: the agent's window rule)
 from batchmon.protocol import COMPONENTS, Hello, ModelInfo, Step  # noqa: E402
 
@@ -411,7 +412,8 @@ def main(argv: list[str] | None = None) -> int:
     for n in share:
         if n:
             p = ctx.Process(target=_peer, args=(str(sockdir), first, n, args.rate, args.duration, ready, results,
-                                                 stop, close, args.prefill, args.coalesce), daemon=True)
+                                                 stop, close, args.prefill, args.coalesce, None, args.window),
+                            daemon=True)
             p.start()
             procs.append(p)
             first += n
@@ -465,7 +467,8 @@ def main(argv: list[str] | None = None) -> int:
     p99 = watch.percentile(0.99)
     result = {
         "config": {"agents": args.agents, "rate": args.rate, "duration": args.duration, "interval": args.interval,
-                   "workers": len(procs), "warmup": warmup, "prefill": args.prefill, "coalesce": args.coalesce},
+                   "workers": len(procs), "warmup": warmup, "prefill": args.prefill, "coalesce": args.coalesce,
+                   "window_s": args.window if args.window is not None else COALESCE_WINDOW_S},
         "machine": {"host": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version()},
         "all_connected_after_s": round(all_connected_s, 3),
         "connected_min_during_load": connected_min,

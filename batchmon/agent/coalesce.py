@@ -31,11 +31,13 @@ from batchmon.protocol import Step, new_step
 
 HISTORY_STEPS = 2000  # step messages an agent keeps for a monitor that connects later (and handle.steps)
 HISTORY_EVENTS = 200
-WINDOW_SECONDS = 0.25  # at most ~4 step messages a second per agent in steady training: the monitor draws at
-# most 4 frames a second (--interval 0.25), so a fifth of a second's window hides nothing it could show; every
-# message costs the monitor's hub thread a read, a decode and a history entry (16 fast agents at 10 a second were
-# the largest part of its work; bench/ab_monitor.py). The step-to-snapshot latency does not grow: a window is sent
-# when a step finds it due, stamped with that step's time (bench/load.py measures from it)
+WINDOW_SECONDS = 0.2  # at most ~5 step messages a second per agent in steady training: the monitor draws at most
+# 4 frames a second (--interval 0.25), and every message costs its hub thread a read, a decode and a history entry
+# (16 fast agents at 10 a second were the largest part of its work; bench/ab_monitor.py). Not 0.25: a window as long
+# as the hub's fastest tick keeps each agent's messages at one phase of the tick for tens of seconds, and the agents
+# whose phase falls just after the tick's read wait a whole tick every time (bench/load.py, 64 agents at 200
+# steps/s, dev box: p99 0.29 s at 0.1 and 0.2, 0.34-0.46 s at 0.25). A window is sent when a step finds it due,
+# stamped with that step's time, so the step-to-snapshot latency does not grow with it
 FIRST_STEPS = 3  # the run's first steps are sent one by one
 
 
