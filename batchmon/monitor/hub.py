@@ -238,6 +238,9 @@ class Hub:
         self._reap()
         nvml_sample = self._sample_nvml()
         self._sample_host(nvml_sample)
+        # what the agents sent while the probes ran: a step that arrived just after the tick's read would wait a
+        # whole interval more (bench/load.py's latency tail: the probes' time, 64 agents' pids, is added to it)
+        self._read_agents(time.monotonic() + min(self._interval / 8, 0.05))
         self._drain_injected()
         snap = self.state.snapshot(time.time(), self._interval)
         self._latest = snap
