@@ -293,7 +293,7 @@ def _table_beside_chart(v: JobView, measured: dict[str, int] | None, width: int,
     return lines
 
 
-_COMPACT: OrderedDict[tuple, Text] = OrderedDict()  # a compact panel's title and bar line, by what they show
+_COMPACT: OrderedDict[tuple, tuple[Any, Text]] = OrderedDict()  # compact panels' titles and bar lines, kept
 
 
 def _kept(key: tuple, make: Callable[[], Text]) -> Text:
@@ -301,19 +301,30 @@ def _kept(key: tuple, make: Callable[[], Text]) -> Text:
     every second for its step counter, its title and its bar line the same as the second before."""
     hit = _COMPACT.get(key)
     if hit is None:
-        hit = _COMPACT[key] = make()
+        hit = _COMPACT[key] = (None, make())
         if len(_COMPACT) > 256:
             _COMPACT.popitem(last=False)
     else:
         _COMPACT.move_to_end(key)
-    return hit.copy()
+    return hit[1].copy()
 
 
 def _compact_title(v: JobView, focused: bool, width: int) -> Text:
+    """_title, kept by what it reads: the hello by identity (hashing a Hello, or the device sample, every refresh
+    cost more than the title), the device by its index."""
     a = v.lead
-    key = ("title", a.hello, len(v.ranks), v.devices.get(a.key), v.host, v.user, a.detached, a.connected, focused,
-           width)
-    return _kept(key, lambda: _title(v, focused, width))
+    dev = v.devices.get(a.key)
+    key = ("title", a.key, id(a.hello), len(v.ranks), dev.index if dev is not None else None, v.host, v.user,
+           a.detached, a.connected, focused, width)
+    kept = _COMPACT.get(key)
+    if kept is not None and kept[0] is a.hello:  # the same hello (an id is reused only once its object is gone)
+        _COMPACT.move_to_end(key)
+        return kept[1].copy()
+    title = _title(v, focused, width)
+    _COMPACT[key] = (a.hello, title.copy())
+    if len(_COMPACT) > 256:
+        _COMPACT.popitem(last=False)
+    return title
 
 
 def _compact_bars(measured: dict[str, int] | None, measured_total: int, p: Any, width: int) -> Text:
