@@ -1,0 +1,147 @@
+"""A job's title line, and its compact panel (two lines: title and step, measured bar and prediction), kept while
+what they show reads the same: beside 16 jobs the compact panels are built again every second for their step
+counters, their titles and bar lines the same as the second before. tui/job_panel.py draws the other levels."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any, Callable
+
+from rich.text import Text
+
+from batchmon.probes.nvml import DeviceSample
+from batchmon.snapshot import AgentView
+from batchmon.tui.bars import component_parts, stacked_bar
+from batchmon.tui.fmt import fmt_bytes, fmt_count, fmt_seconds
+from batchmon.tui.palette import ACCENT, BAD, DIM, OK, PURPLE, WARN
+from batchmon.tui.views import JobView
+
+EVENT_STYLES = {"oom": f"bold {BAD}", "alloc_retry": f"bold {WARN}", "warning": WARN, "detached": DIM}
+
+
+def command_text(agent: AgentView) -> str:
+    """The training command as the agent reported it (literal), shortened to the script and its flags."""
+    argv = list(agent.hello.argv)
+    if agent.hello.name:
+        return agent.hello.name
+    if len(argv) > 1 and argv[0].rsplit("/", 1)[-1].startswith("python"):
+        argv = argv[1:]
+    return " ".join(argv) if argv else f"pid {agent.hello.pid}"
+
+
+def device_label(agent: AgentView, dev: DeviceSample | None) -> str:
+    if dev is not None:
+        return f"{agent.hello.device} (GPU {dev.index})"
+    return agent.hello.device
+
+
+def job_title(v: JobView, focused_marker: bool, width: int = 200) -> Text:
+    """Marker, command, ranks, device, pid, user: all literal text. When narrow, the user gives way, then the
+    command is cut; the pid stays, since it is what names the process in the GPU panel and in `ps`."""
+    a = v.lead
+    parts: list[tuple[str, str, int]] = []  # (text, style, drop order: higher goes first)
+    if len(v.ranks) > 1 or a.hello.world_size > 1:
+        parts.append((f"  {len(v.ranks)}/{a.hello.world_size} ranks", PURPLE, 0))
+    parts.append((f"  {device_label(a, v.devices.get(a.key))}", DIM, 0))
+    parts.append((f"  pid {a.hello.pid}", DIM, 0))
+    if v.host:
+        parts.append((f" @{v.host}", DIM, 0))
+    if v.user:
+        parts.append((f" {v.user}", DIM, 2))
+    if a.detached:
+        parts.append(("  detached", WARN, 0))
+    elif not a.connected:
+        parts.append(("  disconnected", WARN, 0))
+    cmd = command_text(a)
+    budget = width - 2
+    for level in (2, 1):
+        if len(cmd) + sum(len(p[0]) for p in parts) <= budget:
+            break
+        parts = [p for p in parts if p[2] < level]
+    room = max(16, budget - sum(len(p[0]) for p in parts))
+    if len(cmd) > room:
+        cmd = cmd[: room - 1] + "…"
+    t = Text().append("▶ " if focused_marker else "  ", style=f"bold {ACCENT}")
+    t.append(cmd, style="bold")
+    for text, style, _ in parts:
+        t.append(text, style=style)
+    return t
+
+
+_COMPACT: OrderedDict[tuple, tuple[Any, Text]] = OrderedDict()  # compact panels' titles and bar lines, kept
+
+
+def _kept(key: tuple, make: Callable[[], Text]) -> Text:
+    """``make()``, reused (as a copy) while ``key`` reads the same: beside 16 jobs, a compact panel is built again
+    every second for its step counter, its title and its bar line the same as the second before."""
+    hit = _COMPACT.get(key)
+    if hit is None:
+        hit = _COMPACT[key] = (None, make())
+        if len(_COMPACT) > 256:
+            _COMPACT.popitem(last=False)
+    else:
+        _COMPACT.move_to_end(key)
+    return hit[1].copy()
+
+
+def _compact_title(v: JobView, focused: bool, width: int) -> Text:
+    """_title, kept by what it reads: the hello by identity (hashing a Hello, or the device sample, every refresh
+    cost more than the title), the device by its index."""
+    a = v.lead
+    dev = v.devices.get(a.key)
+    key = ("title", a.key, id(a.hello), len(v.ranks), dev.index if dev is not None else None, v.host, v.user,
+           a.detached, a.connected, focused, width)
+    kept = _COMPACT.get(key)
+    if kept is not None and kept[0] is a.hello:  # the same hello (an id is reused only once its object is gone)
+        _COMPACT.move_to_end(key)
+        return kept[1].copy()
+    title = job_title(v, focused, width)
+    _COMPACT[key] = (a.hello, title.copy())
+    if len(_COMPACT) > 256:
+        _COMPACT.popitem(last=False)
+    return title
+
+
+def _compact_bars(measured: dict[str, int] | None, measured_total: int, p: Any, width: int) -> Text:
+    """The compact panel's second line: the measured bar and total, the prediction at the what-if batch."""
+    key = ("bars", tuple(measured.items()) if measured else None, width,
+           (p.batch_size, p.total, p.max_batch, p.headroom) if p is not None else None)
+
+    def make() -> Text:
+        t2 = Text("  ")
+        bar_w = max(8, min(40, width // 3))
+        scale = max(measured_total, p.total if p else 0, 1)
+        if measured:
+            t2.append_text(stacked_bar(component_parts(measured), scale, bar_w))
+            t2.append(f" {fmt_bytes(measured_total)}", style="bold")
+        else:
+            t2.append("no step yet", style=DIM)
+        if p is not None:
+            t2.append(f"  → b={p.batch_size}: ", style=DIM)
+            t2.append(fmt_bytes(p.total), style="bold")
+            t2.append("  max ", style=DIM)
+            t2.append(fmt_count(p.max_batch) if p.max_batch is not None else "n/a", style=f"bold {OK}")
+            if p.headroom is not None:
+                t2.append("  headroom ", style=DIM)
+                t2.append(fmt_bytes(p.headroom), style=OK if p.headroom >= 0 else BAD)
+        return t2
+
+    return _kept(key, make)
+
+
+def compact_lines(v: JobView, focused: bool, width: int, measured: dict[str, int] | None,
+                  measured_total: int) -> list[Text]:
+    """A running job's compact panel: an OOM or RETRY mark, the title, the step; the measured bar and the
+    prediction at the what-if batch."""
+    s = v.lead.last_step
+    t1 = Text()
+    if any(e.kind == "oom" for r in v.ranks for e in r.events):
+        t1.append(" OOM ", style=f"reverse {EVENT_STYLES['oom']}")
+        t1.append(" ")
+    elif any(e.kind == "alloc_retry" for r in v.ranks for e in r.events):
+        t1.append(" RETRY ", style=f"reverse {EVENT_STYLES['alloc_retry']}")
+        t1.append(" ")
+    t1.append_text(_compact_title(v, focused, width - len(t1.plain)))
+    if s is not None:
+        t1.append(f"  step {s.step}  b={s.batch_size}  {fmt_seconds(s.step_seconds)}/step", style=DIM)
+    return [t1, _compact_bars(measured, measured_total, v.prediction, width)]
