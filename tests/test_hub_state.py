@@ -437,3 +437,31 @@ def test_new_own_phase_peaks_alone_are_a_changed_figure(monkeypatch):
     s.ingest(agent(dataclasses.replace(base, step=n + 41, phase_own_peaks=own, segment_peaks=segments)))
     s.snapshot(5.4)
     assert len(fits) == held + 1
+
+
+def test_a_steady_agents_figures_are_compared_at_most_once_a_second(monkeypatch):
+    """At --interval 0.25 a steady agent's summary is compared with the last fit's once per PREDICT_EVERY_S, not
+    at every snapshot; a changed figure is still refitted within PREDICT_EVERY_S of the last comparison."""
+    from batchmon.monitor import hub_state
+
+    real = hub_state._fit_figures
+    compared: list[int] = []
+    monkeypatch.setattr(hub_state, "_fit_figures", lambda summary: (compared.append(1), real(summary))[1])
+    s = HubState()
+    s.ingest(agent(make_hello(4242, device="cuda:0", nvml_uuid="GPU-1")))
+    s.ingest(nvml_record(total=40 * GIB))
+    n = 0
+    for n in range(1, 101):
+        s.ingest(agent(make_step(n, batch=16)))
+    s.snapshot(1.0)
+    assert len(compared) == 1  # the first fit
+    for k in range(1, 17):  # 4 s of snapshots at 0.25 s, a new steady step before each
+        n += 1
+        s.ingest(agent(make_step(n, batch=16)))
+        s.snapshot(1.0 + 0.25 * k)
+    assert 2 <= len(compared) <= 5, compared  # about once a second, not 16 times
+    grown = make_step(n + 1, batch=16)
+    grown = dataclasses.replace(grown, components={**grown.components, "other": grown.components["other"] + GIB})
+    s.ingest(agent(grown))
+    view = s.snapshot(6.1).agents[0]
+    assert view.prediction is not None and view.prediction.components["other"] >= GIB
