@@ -59,7 +59,9 @@ class Predictor:
 
     def __init__(self, max_models: int = 64) -> None:
         self._models: OrderedDict[tuple[str, int, int], Any] = OrderedDict()
-        self._predictions: OrderedDict[tuple, tuple[Any, Prediction | None]] = OrderedDict()
+        # agent key -> (its current model, that model's answers by (what-if, device total)): a refit drops the
+        # answers of the model before it (kept 4096 at a time, they held every refit's model alive for hours)
+        self._predictions: OrderedDict[str, tuple[Any, dict[tuple, Prediction | None]]] = OrderedDict()
         self._max = max_models
         self.errors: dict[str, str] = {}
 
@@ -94,20 +96,25 @@ class Predictor:
             ):
                 return agent.prediction
             return None
-        # one model answers one what-if one way (the hub may refit the same steps later: another model); the
-        # model is kept in the value, so its id can't be reused while the entry lives
-        key = (id(model), what_if, device_total)
-        cached = self._predictions.get(key)
-        if cached is not None and cached[0] is model:
-            return cached[1]
+        # one model answers one what-if one way (the hub may refit the same steps later: another model)
+        entry = self._predictions.get(agent.key)
+        if entry is None or entry[0] is not model:
+            entry = self._predictions[agent.key] = (model, {})
+            self._predictions.move_to_end(agent.key)
+            while len(self._predictions) > self._max:
+                self._predictions.popitem(last=False)
+        answers = entry[1]
+        key = (what_if, device_total)
+        if key in answers:
+            return answers[key]
         try:
             pred = model.predict(what_if, device_total=device_total)
         except Exception as exc:  # noqa: BLE001
             pred = None
             self.errors[agent.key] = f"prediction failed: {type(exc).__name__}: {exc}"
-        self._predictions[key] = (model, pred)
-        while len(self._predictions) > 4096:
-            self._predictions.popitem(last=False)
+        if len(answers) >= 4096:  # a chart's curve is ~100 batch sizes a what-if: many what-ifs, one model
+            answers.clear()
+        answers[key] = pred
         return pred
 
     def total(self, agent: AgentView, what_if: WhatIf, device_total: int | None) -> int | None:
