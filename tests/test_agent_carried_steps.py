@@ -108,7 +108,8 @@ def train(device: torch.device) -> tuple[list[dict[str, Any]], int, int, list[di
                 break
             opt.step()
         steps = [{k: v for k, v in s.to_dict().items() if k not in PER_STEP} for s in handle.steps]
-        events = [{k: v for k, v in e.to_dict().items() if k != "time"} for e in handle.events]
+        # the OOM events (a run's other events, e.g. a socket warning, carry its own paths)
+        events = [{k: v for k, v in e.to_dict().items() if k != "time"} for e in handle.events if e.kind == "oom"]
         times = [(s.time, s.step_seconds) for s in handle.steps]
     finally:
         handle.detach()
@@ -159,6 +160,7 @@ def test_carried_step_ends_on_cuda_are_what_measuring_gives(tmp_path: Path):
     the allocator read on sampled and first steps only (ALLOCATOR_READ_SECONDS out of reach: no timing in it)."""
     results = {}
     for mode in ("carried", "measured"):
+        (tmp_path / mode).mkdir()  # the socket folder's parent (the agent creates the folder itself)
         env = dict(os.environ, BATCHMON_DIR=str(tmp_path / mode / "s"), PYTHONPATH=os.pathsep.join(
             [str(Path(__file__).parent), str(Path(batchmon.__file__).resolve().parents[1])]))
         script = SCRIPT.replace("steps, carried = train", "step_meter.ALLOCATOR_READ_SECONDS = 1e9\n"
