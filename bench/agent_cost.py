@@ -236,7 +236,8 @@ def profile(handle: Any, run_steps: Callable[[int], list[float]], steps: int) ->
     else:  # torch_patches' one optimizer post hook looks the agent's _on_step up per call
         t.wrap(handle, "_on_step", "optimizer post hook (agent side: the step's end)")
         t.wrap(handle, "_finish_step", "  step end (all of it)")
-    t.wrap(meter, "open_quiet", "  forward: a quiet step opened (StepMeter.open_quiet)")
+    # a quiet step's root pre hook calls the handle's _open_quiet (the meter's method, bound at attach) first
+    t.wrap(handle, "_open_quiet", "forward pre hook, quiet step (agent side: StepMeter.open_quiet)")
     t.wrap(meter, "begin_forward", "  forward: batch size, inputs as batch")
     t.wrap(meter, "finish_carried", "  step end: a carried step (the last Step repeated)")
     t.wrap(meter, "finish", "  step end: measure (counting + message)")

@@ -72,13 +72,18 @@ def main(argv: list[str] | None = None) -> int:
         crit(model(x), y).backward()
         opt.step()
 
-    def timed_round(n: int) -> float:
+    cpu_of: dict[str, list[float]] = {}  # mode -> main-thread CPU seconds per step, per round
+
+    def timed_round(n: int, mode: str | None = None) -> float:
         times = []
+        c = time.thread_time()
         for _ in range(n):
             t = time.perf_counter()
             step()
             sync()
             times.append(time.perf_counter() - t)
+        if mode is not None:
+            cpu_of.setdefault(mode, []).append((time.thread_time() - c) / n)
         return statistics.median(times)
 
     def noop_hooks(kinds: frozenset[str] = KINDS) -> Callable[[], None]:
@@ -116,23 +121,23 @@ def main(argv: list[str] | None = None) -> int:
     for kind in alone:
         rounds["only_" + kind] = []
     for _ in range(args.rounds):
-        rounds["plain"].append(timed_round(args.steps))
+        rounds["plain"].append(timed_round(args.steps, "plain"))
         for kind in alone:
             undo = noop_hooks(frozenset([kind]))
             timed_round(30)
-            rounds["only_" + kind].append(timed_round(args.steps))
+            rounds["only_" + kind].append(timed_round(args.steps, "only_" + kind))
             undo()
         undo = noop_hooks()
         timed_round(30)
-        rounds["noop_hooks"].append(timed_round(args.steps))
+        rounds["noop_hooks"].append(timed_round(args.steps, "noop_hooks"))
         undo()
         undo = noop_hooks(QUIET_KINDS)
         timed_round(30)
-        rounds["noop_quiet"].append(timed_round(args.steps))
+        rounds["noop_quiet"].append(timed_round(args.steps, "noop_quiet"))
         undo()
         handle = batchmon.attach(model, opt, name="hook_floor")
         timed_round(30)
-        rounds["attached"].append(timed_round(args.steps))
+        rounds["attached"].append(timed_round(args.steps, "attached"))
         quiet_seen = bool(getattr(handle, "quiet", False))  # (the agent before quiet steps has no such flag)
         handle.detach()
     med = {k: statistics.median(v) for k, v in rounds.items()}
@@ -147,10 +152,16 @@ def main(argv: list[str] | None = None) -> int:
            "quiet_steps": quiet_seen,
            "alone_added_us": {k: round((med["only_" + k] - med["plain"]) * 1e6, 1) for k in alone},
            "rounds_s": {k: [round(t * 1e6, 1) for t in v] for k, v in rounds.items()},
+           # the training thread's CPU per step, added over plain: steadier than a GPU step's wall clock (the
+           # hooks and the agent launch nothing on the device; on a launch-bound step their cost is this)
+           "main_thread_cpu_added_us": {k: round((statistics.median(v) - statistics.median(cpu_of["plain"])) * 1e6, 1)
+                                        for k, v in cpu_of.items() if k != "plain"},
            "settings": {"rounds": args.rounds, "steps": args.steps}}
     Path(args.out).write_text(json.dumps(out, indent=1))
     if alone:
         print("each hook kind alone: " + ", ".join(f"{k} +{v} us" for k, v in out["alone_added_us"].items()))
+    print("  main-thread CPU added per step: " + ", ".join(f"{k} +{v} us"
+                                                        for k, v in out["main_thread_cpu_added_us"].items()))
     print(f"  no-op hooks in a quiet step's places only +{out['noop_quiet_added_us']} us; the agent ran quiet "
           f"steps: {quiet_seen}")
     print(f"hook_floor on {dev}: plain {out['median_step_us']['plain']} us; no-op hooks +{out['noop_hooks_added_us']} us; "
