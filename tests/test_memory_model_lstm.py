@@ -248,3 +248,24 @@ def test_h200_lstm_fitted_per_phase_promises_a_batch_that_does_not_fit():
     assert per_phase.predict(device_total=_device_where_only(per_phase, real)).max_batch > 361
     per_segment = fit(_h200_observed(segments), optimizer="SGD")
     assert per_segment.predict(device_total=_device_where_only(per_segment, real)).max_batch <= 361
+
+
+
+def test_backward_split_only_where_the_observations_show_a_crossing_inside_it():
+    """The GRU seq2seq of the H200 zoo (run 5, observed at 64, 64, 64, 32): the loss's backward holds the
+    backward's peak at both batch sizes, the model's backward (342 MiB at 32, 524 at 64) never does; fitted as
+    its own line it extrapolated 17% above the real peak (largest batch 4165 of 4879). With no crossing inside
+    the backward seen, the backward is one line (per phase): within 1% of the real largest batch, never above.
+    The LSTM, whose backward's peak moves from the model's backward (batch 10) to the loss's (20), stays split."""
+    from batchmon.protocol import Step
+
+    run5 = json.loads((SEGMENTS_H200.parent / "predict_zoo_h200_run5.json").read_text())
+    gru = next(r for r in run5["results"] if r["arch"] == "gru-seq2seq")
+    steps = [Step.from_dict(d) for d in gru["observed_steps"]]
+    assert all(s.segment_peaks and s.segment_peaks["loss_backward"] >= s.segment_peaks["backward"] for s in steps)
+    model = fit(steps, optimizer=gru["optimizer"], amp=bool(gru["amp"]))
+    assert not model.per_segment and set(model.phase_lines) == {"forward", "backward", "optimizer"}
+    real = gru["real_max_batch"]
+    predicted = model.predict(device_total=run5["emulated_device_memory"] + model.context).max_batch
+    assert 0.99 * real <= predicted <= real, (predicted, real)
+    assert fit(_h200_observed(_h200_segments()), optimizer="SGD").per_segment

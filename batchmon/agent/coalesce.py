@@ -12,8 +12,8 @@ and whose memory model keeps one point per batch size (its highest peak). The ag
   ``micro_batches``): those of the window's peak step (highest ``peak_allocated``, else highest sum of the
   components; the latest on ties);
 - ``num_alloc_retries``, ``num_ooms`` (cumulative counters): the last step's;
-- ``peak_phase``, ``phase_peaks``, ``phase_own_peaks``, ``segment_peaks`` (set on sampled steps only): the peak step's if it has
-  them, else those of the window's last step that has them (None if no step of the window was sampled).
+- ``peak_phase``, ``phase_peaks``, ``phase_own_peaks``, ``segment_peaks`` (set on sampled steps only): the peak
+  step's if it has them, else those of the window's last step that has them (None if no step of the window was sampled).
 
 A window never spans two batch sizes, and is sent at once (never held back) when: it is one of the first
 FIRST_STEPS steps of the run (a new run shows at once); its batch size (or batch source) differs from the

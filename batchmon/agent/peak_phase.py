@@ -43,7 +43,7 @@ nothing is read.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Iterable, NamedTuple
 
 import torch
 
@@ -80,7 +80,7 @@ def output_tensor(result: Any) -> torch.Tensor | None:
         logits = result.get("logits")
         if isinstance(logits, torch.Tensor):
             return logits
-        values = result.values()
+        values: Iterable[Any] = result.values()
     elif isinstance(result, (tuple, list)):
         values = result
     else:
