@@ -86,3 +86,24 @@ def run_batchmon(*args: str, env: dict[str, str] | None = None, timeout: float =
                  input: str | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(batchmon_cmd(*args), capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})}, input=input, cwd=ROOT)
+
+
+class FakeAllocator:
+    """Live bytes and their peak since a reset: the two counters of CUDA's caching allocator that the agent's
+    PhaseTracker reads (its injected ``read_and_reset``), for the peak-phase and segment tests on the CPU."""
+
+    def __init__(self, live: int = 1000) -> None:
+        self.current = self.peak = live
+        self.reads: list[int] = []
+
+    def alloc(self, n: int) -> None:
+        self.current += n
+        self.peak = max(self.peak, self.current)
+
+    def free(self, n: int) -> None:
+        self.current -= n
+
+    def read_and_reset(self) -> int:
+        peak, self.peak = self.peak, self.current
+        self.reads.append(peak)
+        return peak

@@ -15,6 +15,7 @@ import torch.nn as nn
 import batchmon
 from agent_helpers import agent_dir  # noqa: F401 - fixture
 from batchmon.agent.coalesce import StepCoalescer
+from agent_helpers import FakeAllocator
 from batchmon.agent.peak_phase import NOT_FOLLOWED, PhaseTracker, phases_of
 from conftest import make_step
 
@@ -31,26 +32,6 @@ def test_the_phase_is_where_the_running_peak_last_rose():
     phase, peaks = phases_of([("forward", 10), ("backward", 20), ("forward", 35), ("backward", 35),
                               ("optimizer", 35)])[:2]
     assert phase == "forward" and peaks == {"forward": 35, "backward": 35, "optimizer": 35}
-
-
-class FakeAllocator:
-    """The caching allocator's two counters the tracker relies on: live bytes and their peak since a reset."""
-
-    def __init__(self, live: int) -> None:
-        self.current = self.peak = live
-        self.reads = 0
-
-    def alloc(self, n: int) -> None:
-        self.current += n
-        self.peak = max(self.peak, self.current)
-
-    def free(self, n: int) -> None:
-        self.current -= n
-
-    def read_and_reset(self) -> int:
-        self.reads += 1
-        peak, self.peak = self.peak, self.current
-        return peak
 
 
 def _followed_step(alloc: FakeAllocator, tracker: PhaseTracker, fwd_scratch: int, bwd_scratch: int,
@@ -84,7 +65,7 @@ def test_each_phase_reads_its_own_peak_and_the_step_keeps_the_largest():
     assert reading.own == {"forward": 1500, "backward": 1400, "optimizer": 1070}
     assert reading.peak == 1500 and reading.phase == "forward"
     assert reading.peaks == {"forward": 1500, "backward": 1500, "optimizer": 1500}  # cumulative, as shown before
-    assert alloc.reads == 4  # the step's start, two boundaries, its end: one read each
+    assert len(alloc.reads) == 4  # the step's start, two boundaries, its end: one read each
     # the backward's grows past the forward's: it decides, and the cumulative readings rise in it
     reading = _followed_step(alloc, tracker, fwd_scratch=400, bwd_scratch=600, opt_scratch=20)
     assert reading.own == {"forward": 1500, "backward": 1700, "optimizer": 1070}
@@ -110,7 +91,7 @@ def test_a_step_not_followed_reads_nothing():
     alloc = FakeAllocator(1000)
     tracker = PhaseTracker(alloc.read_and_reset)
     tracker.mark("forward")  # not started: an unsampled step
-    assert alloc.reads == 0 and tracker.finish(1000) == NOT_FOLLOWED
+    assert not alloc.reads and tracker.finish(1000) == NOT_FOLLOWED
     tracker.start()
     assert tracker.finish(1000) == NOT_FOLLOWED  # no boundary read (no backward)
     tracker.start()

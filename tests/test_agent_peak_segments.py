@@ -16,28 +16,9 @@ import pytest
 import torch
 import torch.nn as nn
 
+from agent_helpers import FakeAllocator
 from batchmon.agent.peak_phase import MAX_FOLLOWED, NOT_FOLLOWED, PhaseTracker, output_tensor, phases_of
 from batchmon.protocol import SEGMENTS
-
-
-class FakeAllocator:
-    """Live bytes and their peak since a reset: what the tracker reads from CUDA's caching allocator."""
-
-    def __init__(self, live: int = 1000) -> None:
-        self.current = self.peak = live
-        self.reads: list[int] = []
-
-    def alloc(self, n: int) -> None:
-        self.current += n
-        self.peak = max(self.peak, self.current)
-
-    def free(self, n: int) -> None:
-        self.current -= n
-
-    def read_and_reset(self) -> int:
-        peak, self.peak = self.peak, self.current
-        self.reads.append(peak)
-        return peak
 
 
 class _Temporary(torch.autograd.Function):
