@@ -148,7 +148,7 @@ def test_export_bind_is_the_address_it_listens_on(sockdir):
         assert all(f"# TYPE {fam} gauge" in text for fam in FAMILIES)
     finally:
         code, out, err = stop(proc)
-    assert code == 0 and f"on http://127.0.0.1:{port}/metrics" in out and "Traceback" not in err
+    assert code == 0 and f"on http://127.0.0.1:{port}/metrics" in out and "Traceback" not in err, (code, out[-500:], err[-1500:])
 
 
 def test_export_host_is_a_usage_error_naming_bind(sockdir):

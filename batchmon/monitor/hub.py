@@ -99,6 +99,11 @@ class Hub:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._closed = False
+        # set by the IO thread as it leaves _run (after closing): stop(), wait(), running and _close go by it, not
+        # by Thread.is_alive - a Thread.join interrupted by a signal handler's exception (the exporter's TERM
+        # inside wait()) can leave is_alive() False while the thread still runs (CPython), and stop() then
+        # closed the selectors under the IO thread ("I/O operation on closed epoll object", exit 1)
+        self._io_done = threading.Event()
         self._last_data = time.monotonic()
         self._host_key: tuple[float, tuple[int, ...]] | None = None  # (monotonic time, pids) of the last host sample
         self._host_full: tuple[float, Any] | None = None  # (monotonic time, sample) of the last one with processes
@@ -156,7 +161,9 @@ class Hub:
         self._stopping.set()
         self._wake()
         # Bounded: a driver call that hangs must not hang quitting; the daemon thread then closes on its way out.
-        join_started(self._thread, self.STOP_TIMEOUT_S)
+        if self._io_running():
+            self._io_done.wait(self.STOP_TIMEOUT_S)
+            join_started(self._thread, 0.1)
         self._close()
 
     def snapshot(self) -> Snapshot:
@@ -172,14 +179,13 @@ class Hub:
 
     @property
     def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return self._thread is not None and not self._io_done.is_set()
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait for the IO thread to end (stop() or a failed recorder). True when it has ended."""
         if self._thread is None:
             return True
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
+        return self._io_done.wait(timeout)
 
     def sample_once(self, max_wait: float = 0.5, quiet: float = 0.05) -> Snapshot:
         """One snapshot without a thread, for ``batchmon --once``.
@@ -232,6 +238,7 @@ class Hub:
             self.error = exc
         finally:
             self._close()
+            self._io_done.set()
 
     def _tick(self) -> None:
         self._scan()
@@ -496,8 +503,14 @@ class Hub:
             self._emit(records.warning("agents", REFUSED, f"pid {conn.pid}"))
         self._emit(records.agent_eof(conn.key))
 
+    def _io_running(self) -> bool:
+        """The IO thread was started, has not left _run, and is not the caller."""
+        thread = self._thread
+        return (thread is not None and thread.ident is not None and not self._io_done.is_set()
+                and thread is not threading.current_thread())
+
     def _close(self) -> None:
-        if self._thread is not None and self._thread.is_alive() and self._thread is not threading.current_thread():
+        if self._io_running():
             return  # the IO thread closes on its way out
         if self._closed:
             return
