@@ -48,6 +48,16 @@ class Decoder(nn.Module):
         return _Temporary.apply(self.lin(x), self.alloc, self.model_tmp)
 
 
+def _followed(model_tmp: int) -> tuple[FakeAllocator, Decoder, PhaseTracker]:
+    """A decoder on a fake allocator and a tracker following a step that has just started (its peak reset)."""
+    alloc = FakeAllocator(1000)
+    model = Decoder(alloc, model_tmp=model_tmp)
+    tracker = PhaseTracker(alloc.read_and_reset)
+    alloc.read_and_reset()
+    tracker.start()
+    return alloc, model, tracker
+
+
 def _step(model: Decoder, tracker: PhaseTracker, loss_tmp: int, *, follow: bool = True, micro_batches: int = 1,
           opt_tmp: int = 5, marks: list[str] | None = None) -> object:
     """One followed step as the agent sees it: the peak reset at its start, a mark at each backward's start and
@@ -127,11 +137,7 @@ def test_gradient_accumulation_splits_every_backward():
 
 
 def test_an_output_that_gets_no_gradient_changes_nothing():
-    alloc = FakeAllocator(1000)
-    model = Decoder(alloc, model_tmp=300)
-    tracker = PhaseTracker(alloc.read_and_reset)
-    alloc.read_and_reset()
-    tracker.start()
+    alloc, model, tracker = _followed(model_tmp=300)
     side = model(torch.randn(4, 8))
     tracker.follow_output(side)  # a forward whose output the loss does not use (an auxiliary pass)
     with torch.no_grad():
@@ -175,11 +181,7 @@ def _model_output(logits: torch.Tensor, hidden: torch.Tensor) -> object:
 
 
 def test_no_reference_to_the_output_is_kept_after_the_step():
-    alloc = FakeAllocator(1000)
-    model = Decoder(alloc, model_tmp=10)
-    tracker = PhaseTracker(alloc.read_and_reset)
-    alloc.read_and_reset()
-    tracker.start()
+    alloc, model, tracker = _followed(model_tmp=10)
     out = model(torch.randn(4, 8))
     tracker.follow_output(out)
     unused = model(torch.randn(4, 8))
