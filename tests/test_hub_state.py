@@ -354,6 +354,17 @@ def test_probe_sample_objects_are_taken_as_they_are_and_equal_their_dict_form():
     assert any("bad host sample" in w.message for w in odd.snapshot(2.0).warnings)
 
 
+def _steady_cuda_agent() -> tuple[HubState, int]:
+    """A hub state with one CUDA agent that sent 100 steps at batch 16, past the summary's bound (first + sizes +
+    recent steps): from then on its figures stay the same. Also the number of the last step."""
+    s = HubState()
+    s.ingest(agent(make_hello(4242, device="cuda:0", nvml_uuid="GPU-1")))
+    s.ingest(nvml_record(total=40 * GIB))
+    for n in range(1, 101):
+        s.ingest(agent(make_step(n, batch=16)))
+    return s, 100
+
+
 def test_steady_steps_are_refitted_every_few_seconds_and_a_changed_figure_at_once(monkeypatch):
     """A refit reads the memory figures of a bounded summary; while they stay the same (steady training) it would
     give the same answer, so it happens only every PREDICT_STEADY_S; a new figure is fitted within
@@ -369,12 +380,7 @@ def test_steady_steps_are_refitted_every_few_seconds_and_a_changed_figure_at_onc
 
     monkeypatch.setattr(memory_model, "fit", counting_fit)
     now = [1.0]
-    s = HubState()
-    s.ingest(agent(make_hello(4242, device="cuda:0", nvml_uuid="GPU-1")))
-    s.ingest(nvml_record(total=40 * GIB))
-    n = 0
-    for n in range(1, 101):  # past the summary's bound (first + sizes + recent steps): then it stays the same
-        s.ingest(agent(make_step(n, batch=16)))
+    s, n = _steady_cuda_agent()
     s.snapshot(now[0])
     assert len(fits) == 1
     for t in range(2, 31):  # steady: same figures at every step, a snapshot a second
@@ -411,12 +417,7 @@ def test_new_own_phase_peaks_alone_are_a_changed_figure(monkeypatch):
         return real_fit(*a, **kw)
 
     monkeypatch.setattr(memory_model, "fit", counting_fit)
-    s = HubState()
-    s.ingest(agent(make_hello(4242, device="cuda:0", nvml_uuid="GPU-1")))
-    s.ingest(nvml_record(total=40 * GIB))
-    n = 0
-    for n in range(1, 101):
-        s.ingest(agent(make_step(n, batch=16)))
+    s, n = _steady_cuda_agent()
     s.snapshot(1.0)
     assert len(fits) == 1
     base = make_step(n + 1, batch=16)
@@ -447,12 +448,7 @@ def test_a_steady_agents_figures_are_compared_at_most_once_a_second(monkeypatch)
     real = hub_state._fit_figures
     compared: list[int] = []
     monkeypatch.setattr(hub_state, "_fit_figures", lambda summary: (compared.append(1), real(summary))[1])
-    s = HubState()
-    s.ingest(agent(make_hello(4242, device="cuda:0", nvml_uuid="GPU-1")))
-    s.ingest(nvml_record(total=40 * GIB))
-    n = 0
-    for n in range(1, 101):
-        s.ingest(agent(make_step(n, batch=16)))
+    s, n = _steady_cuda_agent()
     s.snapshot(1.0)
     assert len(compared) == 1  # the first fit
     for k in range(1, 17):  # 4 s of snapshots at 0.25 s, a new steady step before each
