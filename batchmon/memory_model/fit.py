@@ -187,15 +187,9 @@ def _backward_crossing(readings: Sequence[tuple[int, dict[str, int] | None]]) ->
     two-point extrapolation of a segment that never decided, and a short last batch's rounding steepens it: the
     GRU seq2seq's model backward (H200 zoo run 5: 342 MiB at batch 32, 524 at 64, always below the loss's
     backward) extrapolated 17% above the real peak at batch 4165, where the backward's one line was within 1%."""
-    larger: dict[int, dict[str, int]] = {}
-    for batch, seg in readings:
-        if not seg or "loss_backward" not in seg or "backward" not in seg:
-            continue
-        best = larger.setdefault(batch, {})
-        for name in ("loss_backward", "backward"):
-            best[name] = max(seg[name], best.get(name, seg[name]))
-    sides = {best["loss_backward"] >= best["backward"] for best in larger.values()}
-    return len(sides) > 1
+    points = _largest_own(readings)
+    head, rest = points.get("loss_backward", {}), points.get("backward", {})
+    return len({head[b] >= rest[b] for b in head.keys() & rest.keys()}) > 1
 
 
 def _own_lines(readings: Sequence[tuple[int, dict[str, int] | None]], names: Sequence[str]) -> dict[str, Line]:
@@ -203,12 +197,18 @@ def _own_lines(readings: Sequence[tuple[int, dict[str, int] | None]], names: Seq
     sizes or more (in ``names`` order); {} unless the readings span two batch sizes."""
     if len({b for b, own in readings if own}) < 2:
         return {}
+    points = _largest_own(readings)
+    return {n: fit_line(sorted(points[n].items())) for n in names if len(points.get(n, ())) >= 2}
+
+
+def _largest_own(readings: Sequence[tuple[int, dict[str, int] | None]]) -> dict[str, dict[int, int]]:
+    """{name: {batch size: the largest own peak read for it at that batch size}}."""
     points: dict[str, dict[int, int]] = {}
     for batch, own in readings:
         for name, value in (own or {}).items():
             best = points.setdefault(name, {})
             best[batch] = max(value, best.get(batch, value))
-    return {n: fit_line(sorted(points[n].items())) for n in names if len(points.get(n, ())) >= 2}
+    return points
 
 
 def _phase_bounds(lines: dict[str, Line], phase_lines: dict[str, Line], with_peak: Sequence[Observation],
