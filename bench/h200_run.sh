@@ -306,10 +306,11 @@ fast16)
     python3 bench/monitor_cpu.py --duration 30 --name monitor_cpu_fast16_prof --profile $R/monitor_fast16.prof 2>&1 | tail -n 4
     cp $OUT/monitor_cpu_fast16*.json $R/ 2>/dev/null
   fi
-  [ "${FASTPROF:-0}" = 1 ] && [ "${FASTNV:-1}" = 0 ] || python3 bench/vs_nvitop.py --repeat ${NVREPEAT16:-1} --no-floors --name vs_nvitop_fast16 --duration ${FASTDUR:-60} 2>&1 | tail -n 12 | tee $R/vs_nvitop_fast16.log
+  [ "${FASTPROF:-0}" = 1 ] && [ "${FASTNV:-1}" = 0 ] || python3 bench/vs_nvitop.py --repeat ${NVREPEAT16:-1} --no-floors --name vs_nvitop_fast16 --duration ${FASTDUR:-60} ${FASTDUMP:+--dump} 2>&1 | tail -n 12 | tee $R/vs_nvitop_fast16.log
   $BMCMD --once --json > $R/fast16_once_b.json 2>&1
   kill -TERM "${PIDS[@]}"; wait
   cp $OUT/vs_nvitop_fast16.json $R/ 2>/dev/null
+  cp $OUT/vs_nvitop_fast16_*_window.bin $R/ 2>/dev/null
   python3 - $R <<'PY'
 import json, sys
 from pathlib import Path

@@ -46,6 +46,7 @@ from monitor_cpu import BARE_MAIN, parse_size, set_winsize  # noqa: E402  (the p
 
 
 _MOVE = re.compile(rb"\x1b\[(\d+);\d+H")
+DUMP_LIMIT = 1 << 20  # --dump keeps at most this many window bytes per tool
 
 
 @dataclass
@@ -63,6 +64,7 @@ class Tool:
     in_window: bool = False
     row_bytes: dict[int, int] = field(default_factory=dict)  # window bytes by the screen row they were written at
     _row: int = 0  # the row of the last absolute cursor move seen (ESC[row;colH)
+    dump: bytearray | None = None  # the window's raw terminal bytes (with --dump), up to DUMP_LIMIT
 
     def count_rows(self, data: bytes) -> None:
         """Window bytes by screen row: each piece goes to the row of the cursor move before it (a move split
@@ -157,6 +159,8 @@ def drain(tools: list[Tool], until: float) -> None:
             tool.tail = (tool.tail + data)[-8192:]
             if tool.in_window:
                 tool.count_rows(data)
+                if tool.dump is not None and len(tool.dump) < DUMP_LIMIT:
+                    tool.dump += data[: DUMP_LIMIT - len(tool.dump)]
 
 
 def quit_tool(tool: Tool, others: list[Tool]) -> None:
@@ -221,8 +225,15 @@ def measure_round(args: argparse.Namespace, floors: bool) -> dict:
         tools += [Tool(f"textual_bare_{mode}", [sys.executable, str(bare), mode, interval])
                   for mode in ("static", "ticking")]
     for tool in tools:
+        if args.dump:
+            tool.dump = bytearray()
         tool.start(cols, rows)
     window = run_window(tools, args.warmup, args.duration)
+    if args.dump:  # what each tool wrote in the window, byte for byte: which lines it repaints, and how
+        out_dir = Path(os.environ.get("OUT", "out"))
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for tool in tools:
+            (out_dir / f"{args.name}_{tool.name}_window.bin").write_bytes(bytes(tool.dump or b""))
     out: dict = {"window_s": round(window, 3), "tools": {}}
     for tool in tools:
         a, b = tool.cpu
@@ -258,6 +269,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=1,
                    help="measure this many rounds, each with freshly started tools (default 1; floors in the "
                         "first only): one round can be luck, the verdict is every round's")
+    p.add_argument("--dump", action="store_true",
+                   help="also write each tool's raw terminal bytes of the window (up to 1 MiB) to "
+                        "$OUT/NAME_TOOL_window.bin (the last round's)")
     args = p.parse_args(argv)
     if args.duration <= 0 or args.interval <= 0 or args.warmup < 0 or args.repeat < 1:
         print("vs_nvitop: --duration and --interval must be positive, --repeat at least 1", file=sys.stderr)
