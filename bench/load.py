@@ -58,6 +58,8 @@ from batchmon.agent.coalesce import WINDOW_SECONDS as COALESCE_WINDOW_S  # noqa:
 from batchmon.agent.coalesce import StepCoalescer  # noqa: E402  (torch-free: the agent's window rule)
 from batchmon.protocol import COMPONENTS, Hello, ModelInfo, Step  # noqa: E402
 
+FAST16_ARGV = ("examples/train_mlp.py", "--device", "cuda", "--steps", "0", "--sleep", "0.004", "--batch-size", "256",
+               "--hidden", "512", "--layers", "8")  # bench/h200_run.sh's fast16 stage, as the agent reports it
 BIN_MS = 1  # latency histogram: 1 ms bins up to 20 s, then one overflow bin
 BINS = 20_000
 
@@ -82,8 +84,11 @@ class _Agent:
         self.clients: dict[int, tuple[socket.socket, bytearray]] = {}
         self.step = 0
         self.coalescer: StepCoalescer | None = None  # --coalesce: the agent's own window rule
+        # --gpu: the command line of the H200's fast16 jobs (sys.argv of examples/train_mlp.py under `batchmon run`):
+        # longer than a compact panel's title has room for, as the real one is (the title must leave the step its room)
+        argv = FAST16_ARGV if gpu else ("bench/load.py", f"--agent={index}")
         self.hello = protocol.encode(Hello(
-            pid=self.pid, host=socket.gethostname(), argv=("bench/load.py", f"--agent={index}"), python="3",
+            pid=self.pid, host=socket.gethostname(), argv=argv, python="3",
             torch="none", device="cuda:0" if gpu else "cpu", nvml_uuid=gpu, rank=0, local_rank=0, world_size=1,
             model=ModelInfo("LoadPeer", 1_000_000, 4_000_000), optimizer="Adam", time=time.time()))
         # --prefill: a history burst right after the hello, as a real agent sends on connect; its steps are
@@ -100,12 +105,16 @@ class _Agent:
             return Step(step=self.step, time=time.time() if when is None else when, step_seconds=1.0 / rate,
                         batch_size=16, components=comps)
         # like a real CUDA job (examples/train_mlp.py on the H200): step times that vary by a few percent,
-        # allocator figures at the peak (the components sum to it)
+        # allocator figures at the peak (the components sum to it), the peak's phase on every 16th (sampled) step
         peak = sum(comps.values())
+        sampled = self.step % 16 == 0
         return Step(step=self.step, time=time.time() if when is None else when,
-                    step_seconds=self.jitter.uniform(0.97, 1.03) / rate, batch_size=16, components=comps,
+                    step_seconds=self.jitter.uniform(0.97, 1.03) / rate, batch_size=256, components=comps,
                     allocated=peak - comps["activations"], peak_allocated=peak, reserved=(peak // 2**21 + 8) * 2**21,
-                    device_used=(peak // 2**21 + 8) * 2**21 + 500 * 2**20)
+                    device_used=(peak // 2**21 + 8) * 2**21 + 500 * 2**20, batch_source="input dim 0",
+                    micro_batches=1, peak_phase="optimizer" if sampled else None,
+                    phase_peaks={"forward": peak - 10 * 2**20, "backward": peak - 6 * 2**20, "optimizer": peak}
+                    if sampled else None)
 
     def step_line(self, rate: float, when: float | None = None) -> bytes:
         return protocol.encode(self.make_step(rate, when))

@@ -34,10 +34,14 @@ def cells(t: Text, width: int) -> list:
 def test_columns_outside_the_span_draw_the_same(old_parts, new_parts, width):
     old, new = make(old_parts), make(new_parts)
     x0, x1 = changed_cells(old, new, width)
-    assert 0 <= x0 < x1 <= width
     if len(old.plain) > width or len(new.plain) > width:
-        assert (x0, x1) == (0, width)  # cut with an ellipsis: whole line
+        # cut at the edge: the span reaches the edge (where the cut shows), or is empty when both are cut and
+        # their first ``width`` cells read the same; the cells before it read the same
+        assert 0 <= x0 <= x1 == width
+        assert x0 < x1 or (len(old.plain) > width and len(new.plain) > width)
+        assert cells(old, width)[:x0] == cells(new, width)[:x0]
         return
+    assert 0 <= x0 < x1 <= width
     a, b = cells(old, width), cells(new, width)
     assert [c for i, c in enumerate(a) if not x0 <= i < x1] == [c for i, c in enumerate(b) if not x0 <= i < x1]
 
@@ -54,6 +58,21 @@ def test_a_clock_tick_repaints_only_the_seconds_and_a_shorter_line_clears_its_ta
     assert changed_cells(Text("日本"), Text("日木"), 10) == (0, 10)
 
 
+def test_a_line_longer_than_its_panel_repaints_what_shows():
+    """A compact title pushed past the panel's edge by a long command (the H200's fast16 screen): its step counter
+    changing beyond the edge repaints nothing; a change inside, from there to the edge (the cut is there)."""
+    def title(step: int, pid: str = "969") -> Text:
+        return Text().append("examples/train_mlp.py --device cuda", style="bold").append(f"  pid {pid}",
+                                                                                          style="#8a8f98").append(
+            f"  step {step}", style="#8a8f98")
+
+    assert changed_cells(title(1406), title(1407), 40) == (40, 40)
+    assert changed_runs(title(1406), title(1407), 40) == []
+    assert changed_cells(title(1406, "968"), title(1407, "970"), 44) == (42, 44)
+    assert changed_cells(title(1406), title(1407), 60) == (54, 55)  # it fits: the digit alone
+    assert changed_cells(title(1406), Text("short"), 40) == (0, 40)
+
+
 @settings(max_examples=300, deadline=None)
 @given(pieces, pieces, st.integers(1, 40))
 @example(old_parts=[("000010", ""), ("00", ""), ("000000", ""), ("000000", "")],  # a line longer than the width
@@ -62,6 +81,9 @@ def test_changed_runs_cover_every_changed_column_inside_changed_cells(old_parts,
     old, new = make(old_parts), make(new_parts)
     runs = changed_runs(old, new, width)
     x0, x1 = changed_cells(old, new, width)
+    if x0 == x1:  # nothing that shows changed (both cut at the edge)
+        assert runs == [] and x0 == width
+        return
     assert runs and runs[0][0] == x0 and runs[-1][1] == x1
     assert all(a < b for a, b in runs) and all(b < c for (_, b), (c, _) in zip(runs, runs[1:]))
     if len(old.plain) > width or len(new.plain) > width:

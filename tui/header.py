@@ -103,7 +103,9 @@ class HeaderBar(Widget):
         new = self._text()
         if new == shown and new.style == shown.style:
             return
-        self.refresh(*(Region(x0, 0, x1 - x0, 1) for x0, x1 in changed_runs(shown, new, width)))
+        runs = changed_runs(shown, new, width)
+        if runs:  # (none: changed only beyond the edge of a line longer than the header)
+            self.refresh(*(Region(x0, 0, x1 - x0, 1) for x0, x1 in runs))
 
     def render(self) -> Text:
         self._shown = self._text()

@@ -10,6 +10,7 @@ from typing import Any, Callable
 from rich.text import Text
 
 from batchmon.probes.nvml import DeviceSample
+from batchmon.protocol import Step
 from batchmon.snapshot import AgentView
 from batchmon.tui.bars import component_parts, stacked_bar
 from batchmon.tui.fmt import fmt_bytes, fmt_count, fmt_seconds
@@ -108,23 +109,25 @@ def _compact_bars(measured: dict[str, int] | None, measured_total: int, p: Any, 
            (p.batch_size, p.total, p.max_batch, p.headroom) if p is not None else None)
 
     def make() -> Text:
+        figures = Text()
+        if p is not None:
+            figures.append(f"  → b={p.batch_size}: ", style=DIM)
+            figures.append(fmt_bytes(p.total), style="bold")
+            figures.append("  max ", style=DIM)
+            figures.append(fmt_count(p.max_batch) if p.max_batch is not None else "n/a", style=f"bold {OK}")
+            if p.headroom is not None:
+                figures.append("  headroom ", style=DIM)
+                figures.append(fmt_bytes(p.headroom), style=OK if p.headroom >= 0 else BAD)
         t2 = Text("  ")
-        bar_w = max(8, min(40, width // 3))
-        scale = max(measured_total, p.total if p else 0, 1)
         if measured:
-            t2.append_text(stacked_bar(component_parts(measured), scale, bar_w))
-            t2.append(f" {fmt_bytes(measured_total)}", style="bold")
+            total = f" {fmt_bytes(measured_total)}"
+            # the bar gives way to the figures (a line longer than its panel is cut, and repainted whole)
+            bar_w = max(8, min(40, width // 3, width - len(t2) - len(total) - len(figures)))
+            t2.append_text(stacked_bar(component_parts(measured), max(measured_total, p.total if p else 0, 1), bar_w))
+            t2.append(total, style="bold")
         else:
             t2.append("no step yet", style=DIM)
-        if p is not None:
-            t2.append(f"  → b={p.batch_size}: ", style=DIM)
-            t2.append(fmt_bytes(p.total), style="bold")
-            t2.append("  max ", style=DIM)
-            t2.append(fmt_count(p.max_batch) if p.max_batch is not None else "n/a", style=f"bold {OK}")
-            if p.headroom is not None:
-                t2.append("  headroom ", style=DIM)
-                t2.append(fmt_bytes(p.headroom), style=OK if p.headroom >= 0 else BAD)
-        return t2
+        return t2.append_text(figures)
 
     return _kept(key, make)
 
@@ -141,7 +144,26 @@ def compact_lines(v: JobView, focused: bool, width: int, measured: dict[str, int
     elif any(e.kind == "alloc_retry" for r in v.ranks for e in r.events):
         t1.append(" RETRY ", style=f"reverse {EVENT_STYLES['alloc_retry']}")
         t1.append(" ")
-    t1.append_text(_compact_title(v, focused, width - len(t1.plain)))
-    if s is not None:
-        t1.append(f"  step {s.step}  b={s.batch_size}  {fmt_seconds(s.step_seconds)}/step", style=DIM)
+    step = step_text(s) if s is not None else ""
+    t1.append_text(_compact_title(v, focused, width - len(t1.plain) - (step_room(s) if s is not None else 0)))
+    if step:
+        t1.append(step, style=DIM)
     return [t1, _compact_bars(measured, measured_total, v.prediction, width)]
+
+
+STEP_DIGITS = 6  # the step counter's room: a million steps (~3 hours at 100 steps/s) before the title gives a cell
+TIME_CELLS = 6  # '999 ms', '1.25 s'
+
+
+def step_text(s: Step) -> str:
+    """The compact title's step, batch and step time."""
+    return f"  step {s.step}  b={s.batch_size}  {fmt_seconds(s.step_seconds)}/step"
+
+
+def step_room(s: Step) -> int:
+    """The cells the title leaves for ``step_text``, the same second after second: the title is cut to leave
+    them (the H200's commands are longer than a panel: appended after a full-width title, the step counter was
+    cut off the screen, and the line, longer than its panel, was repainted whole every second), and a counter
+    that gains a digit or a step time that reads '9 ms' after '10 ms' does not move the title."""
+    return (len("  step   b=  /step") + max(STEP_DIGITS, len(str(s.step))) + len(str(s.batch_size))
+            + max(TIME_CELLS, len(fmt_seconds(s.step_seconds))))

@@ -18,14 +18,26 @@ from batchmon.tui.messages import PanelFocused
 def changed_cells(old: Text, new: Text, width: int) -> tuple[int, int]:
     """Columns [x0, x1) of a line drawn ``width`` cells wide where ``new`` can differ from ``old``: the start and,
     at equal lengths, the end they share (text and styles) are left out. The whole width when in doubt (wide
-    characters, text longer than the line, styles split differently).
+    characters, styles split differently); of a line longer than ``width``, the cells that show (an empty span,
+    ``(width, width)``, when none changed).
 
     A repaint of only these columns is what reaches the terminal: the clock's seconds or a GPU's watts, not the
     whole line (a full-width line with its colours is over a kilobyte of escape codes)."""
     a, b = old.plain, new.plain
-    if (old.style != new.style or len(a) > width or len(b) > width or cell_len(a) != len(a)
-            or cell_len(b) != len(b)):
+    if old.style != new.style or cell_len(a) != len(a) or cell_len(b) != len(b):
         return 0, width
+    if len(a) > width or len(b) > width:
+        # a line longer than its panel is cut at the panel's edge: what shows is its first ``width`` cells (and
+        # the cut); a change beyond them (a step counter pushed off by a long command) shows nothing
+        n = min(len(a), len(b), width)
+        i = 0
+        while i < n and a[i] == b[i]:
+            i += 1
+        if _styles(old, 0, i) != _styles(new, 0, i):
+            return 0, width
+        if i >= width and len(a) > width and len(b) > width:
+            return width, width  # nothing that shows changed
+        return min(i, width - 1), width
     n = min(len(a), len(b))
     i = 0
     while i < n and a[i] == b[i]:
@@ -50,6 +62,8 @@ def changed_runs(old: Text, new: Text, width: int) -> list[tuple[int, int]]:
     styles): the host memory and the clock of the header, a GPU's watts and its utilization, are repainted as
     two short pieces rather than one span over the whole line between them."""
     x0, x1 = changed_cells(old, new, width)
+    if x0 >= x1:
+        return []  # nothing that shows changed (a line longer than the panel, changed beyond its edge)
     a, b = old.plain, new.plain
     if (len(a) != len(b) or x1 - x0 <= 2 * SPLIT_GAP or x1 > len(a) or len(a) > width
             or a[x0] == b[x0] or a[x1 - 1] == b[x1 - 1]):
@@ -130,7 +144,8 @@ class LinesPanel(Widget):
         if len(new) != len(old[2]):
             self.refresh(layout=True)
             return True
-        same = [a == b for a, b in zip(old[2], new)]
+        runs = [None if a == b else changed_runs(a, b, width) for a, b in zip(old[2], new)]
+        same = [not r for r in runs]  # equal, or changed only beyond the panel's edge (nothing to repaint)
         if not all(same) and off_screen:
             # scrolled out of its column: nothing to draw now. Its rendered lines are dropped, so it draws the new
             # ones when it shows; a refresh here would make Textual lay the whole screen out again at the next
@@ -142,10 +157,7 @@ class LinesPanel(Widget):
             # unchanged lines keep their rendered strips; only the others are rendered again
             self._strips = [s if keep else None for s, keep in zip(self._strips, same)]
             self._strips_key = (width, self._version, self._strips_key[2])
-        dirty: list[Region] = []
-        for y, keep in enumerate(same):
-            if not keep:
-                dirty.extend(Region(x0, y, x1 - x0, 1) for x0, x1 in changed_runs(old[2][y], new[y], width))
+        dirty = [Region(x0, y, x1 - x0, 1) for y, r in enumerate(runs) if r for x0, x1 in r]
         if dirty:
             self.refresh(*dirty)
         return True

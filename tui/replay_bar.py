@@ -91,7 +91,8 @@ class ReplayBar(Widget):
             self.refresh()
         elif new != shown or new.spans != shown.spans:
             x0, x1 = changed_cells(shown, new, self.content_size.width)
-            self.refresh(Region(x0, 0, x1 - x0, 1))  # the clock's seconds and the marker, not the whole line
+            if x0 < x1:  # (else changed only beyond the line's edge)
+                self.refresh(Region(x0, 0, x1 - x0, 1))  # the clock's seconds and the marker, not the whole line
 
     def _text(self) -> Text:
         if self.position is None:
