@@ -35,6 +35,10 @@ PHASES: tuple[str, ...] = ("forward", "backward", "optimizer")
 #: the segments of a sampled step whose own peaks ``segment_peaks`` carries, in order: the backward split where
 #: the gradient of the model's output arrives (``loss_backward``: the loss's backward, part of the backward phase)
 SEGMENTS: tuple[str, ...] = ("forward", "loss_backward", "backward", "optimizer")
+#: the names of ``Step.saved_split`` (batchmon.agent.saved_split; the first five are always there)
+SAVED_SPLIT_FIELDS: tuple[str, ...] = ("batch", "saved", "in_blocks", "block_inputs", "blocks", "amp_saved",
+                                       "amp_unknown")
+SAVED_SPLIT_REQUIRED = frozenset(SAVED_SPLIT_FIELDS[:5])
 
 
 class ProtocolError(ValueError):
@@ -191,28 +195,34 @@ class Step:
     phase_peaks: dict[str, int] | None = None  # added field: allocator peak by the end of each phase (cumulative)
     phase_own_peaks: dict[str, int] | None = None  # added field: each phase's own allocator peak (sampled steps)
     segment_peaks: dict[str, int] | None = None  # added field: each segment's own allocator peak (SEGMENTS)
+    # added field: what the saved activations of one sampled forward are made of (SAVED_SPLIT_FIELDS, bytes at
+    # ``batch``; batchmon.agent.saved_split), on the sampled steps after it was measured; None otherwise. Not an
+    # __init__ argument (new_step's positional order stays): set by with_saved_split and the decoders
+    saved_split: dict[str, int] | None = field(default=None, init=False)
     type: str = field(default="step", init=False)
 
     def to_dict(self) -> dict[str, Any]:
         # written out, not dataclasses.asdict (which deep-copies field by field): the agent's socket thread
         # encodes every message it sends
-        return {"step": self.step, "time": self.time, "step_seconds": self.step_seconds,
-                "batch_size": self.batch_size, "components": dict(self.components), "allocated": self.allocated,
-                "peak_allocated": self.peak_allocated, "reserved": self.reserved,
-                "num_alloc_retries": self.num_alloc_retries, "num_ooms": self.num_ooms,
-                "device_used": self.device_used, "batch_source": self.batch_source,
-                "micro_batches": self.micro_batches, "steps": self.steps, "peak_phase": self.peak_phase,
-                "phase_peaks": dict(self.phase_peaks) if self.phase_peaks is not None else None,
-                "phase_own_peaks": dict(self.phase_own_peaks) if self.phase_own_peaks is not None else None,
-                "segment_peaks": dict(self.segment_peaks) if self.segment_peaks is not None else None,
-                "type": "step"}
+        d = {"step": self.step, "time": self.time, "step_seconds": self.step_seconds,
+             "batch_size": self.batch_size, "components": dict(self.components), "allocated": self.allocated,
+             "peak_allocated": self.peak_allocated, "reserved": self.reserved,
+             "num_alloc_retries": self.num_alloc_retries, "num_ooms": self.num_ooms,
+             "device_used": self.device_used, "batch_source": self.batch_source,
+             "micro_batches": self.micro_batches, "steps": self.steps, "peak_phase": self.peak_phase,
+             "phase_peaks": dict(self.phase_peaks) if self.phase_peaks is not None else None,
+             "phase_own_peaks": dict(self.phase_own_peaks) if self.phase_own_peaks is not None else None,
+             "segment_peaks": dict(self.segment_peaks) if self.segment_peaks is not None else None,
+             "saved_split": dict(self.saved_split) if self.saved_split is not None else None,
+             "type": "step"}
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Step":
         fast = _step_fast(d)  # the monitor decodes every step message: a valid one takes the short road
         if fast is not None:
             return fast
-        return cls(
+        made = cls(
             step=_int(d, "step"),  # type: ignore[arg-type]
             time=_float(d, "time"),  # type: ignore[arg-type]
             step_seconds=_float(d, "step_seconds", nullable=True),
@@ -232,6 +242,8 @@ class Step:
             phase_own_peaks=_phase_peaks(d.get("phase_own_peaks")),
             segment_peaks=_phase_peaks(d.get("segment_peaks"), SEGMENTS),
         )
+        split = d.get("saved_split")
+        return made if split is None else with_saved_split(made, _saved_split(split))
 
 
 def new_step(step: int, time: float, step_seconds: float | None, batch_size: int | None,
@@ -283,10 +295,20 @@ def _step_fast(d: Mapping[str, Any]) -> Step | None:
             return None
         sizes.append(value)
     allocated, peak, reserved, retries, ooms, used = sizes
-    return new_step(step, when, secs, batch, components, allocated, peak, reserved, retries, ooms, used,
+    made = new_step(step, when, secs, batch, components, allocated, peak, reserved, retries, ooms, used,
                     _lenient_str(get("batch_source"), 128), _lenient_int(get("micro_batches")),
                     _window_steps(get("steps")), _phase(get("peak_phase")), _phase_peaks(get("phase_peaks")),
                     _phase_peaks(get("phase_own_peaks")), _phase_peaks(get("segment_peaks"), SEGMENTS))
+    split = get("saved_split")
+    return made if split is None else with_saved_split(made, _saved_split(split))
+
+
+def with_saved_split(step: Step, split: dict[str, int] | None) -> Step:
+    """A copy of ``step`` carrying ``split`` in its added ``saved_split`` field (not an __init__ argument)."""
+    made = object.__new__(Step)
+    made.__dict__.update(step.__dict__)
+    made.__dict__["saved_split"] = split
+    return made
 
 
 def _phase(value: Any) -> str | None:
@@ -305,6 +327,19 @@ def _phase_peaks(value: Any, names: tuple[str, ...] = PHASES) -> dict[str, int] 
             return None
         out[name] = size
     return out
+
+
+def _saved_split(value: Any) -> dict[str, int] | None:
+    """The added ``saved_split`` field: {name: bytes} with the required SAVED_SPLIT_FIELDS and only known names,
+    else None (an old, odd or hostile agent's value never fails the line)."""
+    if type(value) is not dict or not SAVED_SPLIT_REQUIRED <= value.keys():
+        return None
+    out = {}
+    for name, size in value.items():
+        if name not in SAVED_SPLIT_FIELDS or type(size) is not int or not 0 <= size <= MAX_SIZE:
+            return None
+        out[name] = size
+    return out if out["batch"] >= 1 else None
 
 
 def _window_steps(value: Any) -> int:

@@ -369,26 +369,36 @@ def test_first_step_with_lazy_state_does_not_drag_the_peak_down():
 
 
 def test_measured_saved_split_derives_checkpointing_and_amp_what_ifs():
+    """Without segment peaks (no allocator phases) the derived what-ifs change the components: checkpointing
+    drops the bytes saved inside the blocks less their inputs and puts one block's internals twice into 'other'
+    (recomputed, and their gradients); AMP sheds what the graph walk says autocast would not keep and adds the
+    16-bit weight copies twice. Per sample, on the activations' own basis (the split is in the same bytes)."""
     from batchmon.memory_model import SavedSplit
 
     steps = [T.step(1, 32), T.step(2, 32), T.step(3, 16)]
     rule = fit(steps, optimizer="AdamW")
-    # 1000 B saved per sample-batch: 800 inside 12 blocks, block inputs 60, outside 200
-    split = SavedSplit(batch=16, saved=1000, in_blocks=800, block_inputs=60, blocks=12, saved_amp=600)
+    saved = T.act_per_sample * 16  # the split measured at batch 16: 80% inside 12 blocks, inputs 6%, AMP 60%
+    split = SavedSplit(batch=16, saved=saved, in_blocks=saved * 8 // 10, block_inputs=saved * 6 // 100, blocks=12,
+                       amp_saved=saved * 6 // 10)
     derived = fit(steps, optimizer="AdamW", saved_split=split)
-    share = (200 + 60 + 800 / 12) / 1000
-    assert split.checkpoint_share(12) == pytest.approx(share)
-    act = rule.lines["activations"]
+    dropped = T.act_per_sample * (0.8 - 0.06)
+    recompute = T.act_per_sample * 0.8 / 12
     p = derived.predict(WhatIf(batch_size=64, checkpointing=True))  # n: the measured block count
-    assert p.components["activations"] == round(act.at(64) * share)
+    assert p.components["activations"] == round((T.act_per_sample - dropped) * 64)
+    assert p.components["other"] == round(rule.lines["other"].at(64) + 2 * recompute * 64)
     assert any("as measured at batch 16" in n for n in p.basis_fields.what_if)
+    copies = 0.5 * rule.trainable_bytes
     amp = derived.predict(WhatIf(batch_size=64, amp=True))
-    expected = act.fixed * 0.6 + 0.5 * rule.trainable_bytes + act.per_sample * 0.6 * 64
-    assert amp.components["activations"] == round(expected)
-    assert any("measured under autocast" in n for n in amp.basis_fields.what_if)
+    assert amp.components["activations"] == round(copies + T.act_per_sample * 0.6 * 64)
+    assert amp.components["other"] == round(rule.lines["other"].at(64) + copies)
+    assert any("as measured from the ops that save them" in n for n in amp.basis_fields.what_if)
+    # both: checkpointing's drop, and the kept tensors assumed not to shrink under autocast
+    both = derived.predict(WhatIf(batch_size=64, amp=True, checkpointing=True))
+    assert both.components["activations"] == round(copies + (T.act_per_sample - dropped) * 64)
     # without a split the documented rules, unchanged
+    act = rule.lines["activations"]
     assert rule.predict(WhatIf(batch_size=64, checkpointing=True)).components["activations"] == round(act.at(64) * 0.25)
-    # nothing measured that a what-if needs: the rule again
+    # nothing measured that a what-if needs (no block, no walk: a compiled graph): the rule again
     none = fit(steps, optimizer="AdamW", saved_split=SavedSplit(16, 1000, 0, 0, 0, None))
     assert none.predict(WhatIf(batch_size=64, amp=True)).components == \
         rule.predict(WhatIf(batch_size=64, amp=True)).components

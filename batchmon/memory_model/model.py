@@ -22,7 +22,7 @@ from batchmon.protocol import ALL_COMPONENTS, COMPONENTS
 #: recorded predictions as an interval, the end needing more taken). Not doubled: it rests on 15 boundaries, and
 #: one of them sets it - an architecture whose fragmentation survives more than UNet's can still be predicted
 #: above its real largest batch (bench/recalibrate_margin.py --project-zoo shows the derivation).
-FRAG_SURVIVAL = 0.20
+FRAG_SURVIVAL = 0.21
 #: beyond this multiple of the largest observed batch, no fixed byte of 'other' is trusted to stay fixed
 FAR_EXTRAPOLATION = 100
 #: the phase of each segment that is not a phase of its own (protocol.SEGMENTS)
@@ -64,6 +64,9 @@ class MemoryModel:
     # largest of these and the step's line (see "Per phase" in batchmon.memory_model)
     phase_lines: dict[str, Line] = field(default_factory=dict)
     per_segment: bool = False  # phase_lines are the segments' (the backward split at the output's gradient)
+    # each segment's own line whenever the steps carry segment peaks at two batch sizes (even where the plain
+    # peak is fitted per phase): what the derived AMP and checkpointing what-ifs change segment by segment
+    segment_lines: dict[str, Line] = field(default_factory=dict)
     # a forward line with a fixed part no component explains: {"forward": (those bytes, the high line)}
     phase_bounds: dict[str, tuple[float, Line]] = field(default_factory=dict)
     _max_batch_cache: dict = field(default_factory=dict, compare=False, repr=False)
@@ -138,8 +141,9 @@ class MemoryModel:
 
     # -- prediction
 
-    def _lines_for(self, what_if: WhatIf) -> tuple[dict[str, Line], list[str]]:
-        """Component lines in the micro-batch after the what-ifs; and notes on the assumptions used."""
+    def _lines_for(self, what_if: WhatIf) -> tuple[dict[str, Line], list[str], dict[str, Line] | None]:
+        """Component lines in the micro-batch after the what-ifs; notes on the assumptions used; the derived
+        what-ifs' change of each segment's line (None: every segment changes by the components' change)."""
         return apply_what_if(self.lines, what_if, trainable_bytes=self.trainable_bytes,
                              state_bytes=self._state_bytes(), observed_amp=self.observed_amp,
                              split=self.saved_split, layout=self.param_layout)
@@ -154,12 +158,33 @@ class MemoryModel:
         if what_if.checkpoint_layers is not None and what_if.checkpoint_layers < 1:
             raise ValueError(f"checkpoint_layers must be >= 1, got {what_if.checkpoint_layers}")
 
-    def _evaluate(self, lines: dict[str, Line], batch: int, steps: int) -> tuple[dict[str, int], int]:
+    def _evaluate(self, lines: dict[str, Line], batch: int, steps: int,
+                  delta: dict[str, Line] | None = None) -> tuple[dict[str, int], int]:
         micro = -(-batch // steps)
         comps = {name: max(0, round(lines[name].at(micro))) for name in COMPONENTS}
-        if self.phase_lines:
+        segments = self.segment_lines or self.phase_lines
+        if delta is not None and segments:
+            comps["other"] = max(0, round(self._segment_peak(lines, micro, delta, segments)
+                                          - sum(v for n, v in comps.items() if n != "other")))
+        elif self.phase_lines:
             comps["other"] = max(0, round(lines["other"].at(micro) + self.phase_lift(micro)))
         return comps, micro
+
+    def _segment_peak(self, lines: dict[str, Line], micro: float, delta: dict[str, Line],
+                      segments: dict[str, Line]) -> float:
+        """The peak under a derived what-if: the largest measured segment line, each changed by the what-if's
+        own change of that segment (``delta``: the saved activations and 'other') and by what the what-if
+        changes in the other components (an optimizer swap, sharding) alike. Fitted per phase only (an older
+        agent), the backward phase takes the larger of the two backward segments' changes."""
+        common = sum((lines[n] - self.lines[n]).at(micro) for n in COMPONENTS if n not in ("activations", "other"))
+        best = 0.0
+        for name, line in segments.items():
+            if name == "backward" and "loss_backward" not in segments:
+                change = max((delta[n].at(micro) for n in ("loss_backward", "backward") if n in delta), default=0.0)
+            else:
+                change = delta[name].at(micro) if name in delta else 0.0
+            best = max(best, line.at(micro) + change + common)
+        return best
 
     def _margin(self, override: int | float | None, device_total: int | None) -> int:
         """Bytes kept free beyond the predicted cache: an override, or what was measured to creep (reserved
@@ -211,9 +236,10 @@ class MemoryModel:
         return max(0.0, extra)
 
     def _total(self, lines: dict[str, Line], batch: int, steps: int, margin: int | float | None,
-               device_total: int | None, high: bool | str = False) -> tuple[int, int]:
+               device_total: int | None, high: bool | str = False,
+               delta: dict[str, Line] | None = None) -> tuple[int, int]:
         """(total, margin) at ``batch``; high: False (central), True (band's high side), 'far' (high, far)."""
-        comps, micro = self._evaluate(lines, batch, steps)
+        comps, micro = self._evaluate(lines, batch, steps, delta)
         peak = sum(comps.values())
         if high:
             peak += round(self._extra(micro, high == "far", lines))
@@ -261,8 +287,8 @@ class MemoryModel:
         what_if = what_if or WhatIf()
         self._check(what_if)
         batch = what_if.batch_size or self.last_batch
-        lines, notes = self._lines_for(what_if)
-        comps, micro = self._evaluate(lines, batch, what_if.accumulation_steps)
+        lines, notes, delta = self._lines_for(what_if)
+        comps, micro = self._evaluate(lines, batch, what_if.accumulation_steps, delta)
         peak = sum(comps.values())
         kept = self._margin(margin, device_total)
         comps["cache"] = self._cache(peak, kept, margin, device_total)
@@ -309,13 +335,13 @@ class MemoryModel:
         key = (device_total, replace(what_if, batch_size=None), margin, high)
         if key in self._max_batch_cache:
             return self._max_batch_cache[key]
-        lines, _ = self._lines_for(what_if)
+        lines, _, delta = self._lines_for(what_if)
         steps = what_if.accumulation_steps
         if sum(lines[n].per_sample for n in COMPONENTS) <= 0:
             result = None
         else:
             def fits(micro: int) -> bool:
-                total, kept = self._total(lines, micro, 1, margin, device_total, high)
+                total, kept = self._total(lines, micro, 1, margin, device_total, high, delta)
                 return total + kept <= device_total
 
             if not fits(1):

@@ -27,6 +27,7 @@ class Observation:
     own_peaks: dict[str, int] | None = None  # each phase's own allocator peak (Step.phase_own_peaks, sampled steps)
     # each segment's own peak, the backward split at the model output's gradient (Step.segment_peaks)
     segment_peaks: dict[str, int] | None = None
+    saved_split: dict[str, int] | None = None  # the agent's measured split of the saved bytes (Step.saved_split)
 
     @classmethod
     def from_step(cls, step: Step) -> "Observation | None":
@@ -35,7 +36,8 @@ class Observation:
             return None
         comps = {name: max(0, int(step.components.get(name, 0) or 0)) for name in COMPONENTS}
         return cls(step.step, step.batch_size, comps, step.peak_allocated, step.reserved, step.device_used,
-                   step.num_alloc_retries, step.step_seconds, step.phase_own_peaks, step.segment_peaks)
+                   step.num_alloc_retries, step.step_seconds, step.phase_own_peaks, step.segment_peaks,
+                   getattr(step, "saved_split", None))
 
     @property
     def cache(self) -> int | None:
@@ -59,15 +61,36 @@ class Observation:
 
 @dataclass(frozen=True)
 class SavedSplit:
-    """What the saved activations of one measured forward are made of (batchmon.agent.saved_kinds measures it):
-    the derived checkpointing and AMP what-ifs rest on it instead of a rule of thumb. Bytes at ``batch``."""
+    """What the saved activations of one measured forward are made of (the agent measures it once per run:
+    batchmon.agent.saved_split, Step.saved_split): the derived checkpointing and AMP what-ifs rest on it instead
+    of a rule of thumb. Bytes at ``batch``, on the same basis as the 'activations' component (storages counted
+    once, parameters and the batch left out)."""
 
     batch: int
     saved: int  # bytes saved for backward (counted as the 'activations' component is)
     in_blocks: int  # of which saved inside the model's repeated blocks (what a per-block checkpoint drops)
     block_inputs: int  # bytes of the blocks' inputs (what a per-block checkpoint keeps)
     blocks: int  # the number of repeated blocks
-    saved_amp: int | None = None  # bytes the same forward saves under autocast (None: not measured)
+    # bench/predict_zoo.py's older measure: the bytes the same forward saved under autocast, weight copies
+    # included (recorded runs only; None: not measured)
+    saved_amp: int | None = None
+    # the agent's: the bytes these saved tensors would take under autocast, from the ops that save them (the
+    # autograd graph: matmul/conv inputs 16-bit, fp32-list ops fp32, elementwise ops in their inputs' dtype),
+    # parameters' 16-bit copies not included; None: not measured (the run already under autocast, a compiled
+    # graph, an older agent)
+    amp_saved: int | None = None
+    amp_unknown: int = 0  # of the saved bytes, those under ops the walk could not classify (kept at full size)
+
+    @classmethod
+    def from_wire(cls, d: dict[str, int] | None) -> "SavedSplit | None":
+        """From Step.saved_split (None when absent or not usable)."""
+        if not d or d.get("batch", 0) < 1:
+            return None
+        try:
+            return cls(batch=d["batch"], saved=d["saved"], in_blocks=d["in_blocks"], block_inputs=d["block_inputs"],
+                       blocks=d["blocks"], amp_saved=d.get("amp_saved"), amp_unknown=d.get("amp_unknown", 0))
+        except KeyError:
+            return None
 
     def checkpoint_share(self, n: int) -> float | None:
         """Share of the saved bytes a checkpoint per block keeps with ``n`` segments: outside the blocks, the
@@ -77,8 +100,24 @@ class SavedSplit:
         keep = (self.saved - self.in_blocks) + self.block_inputs + self.in_blocks / max(1, n)
         return min(1.0, keep / self.saved)
 
+    def dropped_per_sample(self) -> float | None:
+        """Saved bytes a sample drops under a checkpoint per block: what is saved inside the blocks, less their
+        inputs (kept). None when no block was measured."""
+        if self.blocks < 1 or self.in_blocks <= 0 or self.in_blocks > self.saved:
+            return None
+        return max(0, self.in_blocks - self.block_inputs) / self.batch
+
+    def amp_cut_per_sample(self) -> float | None:
+        """Saved bytes a sample sheds under autocast (negative: grows), from the agent's graph walk. None when
+        not measured."""
+        if self.amp_saved is None:
+            return None
+        return (self.saved - self.amp_saved) / self.batch
+
     def amp_share(self) -> float | None:
         """Saved bytes under autocast per saved byte of the observed (fp32) forward. None when not measured."""
+        if self.amp_saved is not None and self.saved > 0:
+            return self.amp_saved / self.saved
         if self.saved_amp is None or self.saved <= 0:
             return None
         return self.saved_amp / self.saved

@@ -1,4 +1,13 @@
-"""What-ifs applied to the fitted component lines, each with the assumptions it rests on."""
+"""What-ifs applied to the fitted component lines, each with the assumptions it rests on.
+
+AMP and checkpointing are derived from what the agent measured when it did (``SavedSplit``: the saved bytes
+inside the repeated blocks and their inputs, and what the saved tensors would take under autocast from the ops
+that save them); they are then applied to each segment's measured own-peak line (forward, loss's backward,
+model's backward, optimizer step: ``SegmentDelta``), because each segment holds a different part of what the
+what-if changes: at the forward's end and through the loss's backward every saved tensor is alive, the model's
+backward recomputes one block at a time, the optimizer's step holds no activation. Without a measurement they
+fall back to documented rules that bound the gain from below (each says so).
+"""
 
 from __future__ import annotations
 
@@ -7,16 +16,23 @@ from batchmon.memory_model.observations import FIXED, Line, ParamLayout, SavedSp
 from batchmon.memory_model.prediction import WhatIf
 
 DEFAULT_CHECKPOINT_LAYERS = 12
+MIB = 2**20
+#: the segments a derived what-if changes, and those it leaves alone (the optimizer's step holds no activation)
+ACTIVE_SEGMENTS = ("forward", "loss_backward", "backward")
+
+SegmentDelta = dict[str, Line]
 
 
 def apply_what_if(observed: dict[str, Line], what_if: WhatIf, *, trainable_bytes: float, state_bytes: float,
                   observed_amp: bool, split: SavedSplit | None = None,
-                  layout: ParamLayout | None = None) -> tuple[dict[str, Line], list[str]]:
-    """The component lines under ``what_if``, and the assumptions each change rests on. ``split``: the measured
-    make-up of the saved activations; where it has what a what-if needs, the what-if is derived from it.
-    ``layout``: how the parameters split into FSDP units (the sharding what-if's gathered bytes)."""
+                  layout: ParamLayout | None = None) -> tuple[dict[str, Line], list[str], SegmentDelta | None]:
+    """The component lines under ``what_if``, the assumptions each change rests on, and - for what-ifs derived
+    from the measured split - the change of each segment's peak line caused by the activations and 'other'
+    (None: the what-if changes every segment alike, by the components' change). ``split``: the measured make-up
+    of the saved activations; ``layout``: how the parameters split into FSDP units (the sharding what-if)."""
     lines = dict(observed)
     notes: list[str] = []
+    delta: SegmentDelta | None = None
     if what_if.optimizer is not None:
         kind = optimizer_kind(what_if.optimizer)
         if kind is None:
@@ -24,41 +40,67 @@ def apply_what_if(observed: dict[str, Line], what_if: WhatIf, *, trainable_bytes
         lines["optimizer"] = Line(OPTIMIZER_STATES[kind] * state_bytes, 0.0)
         notes.append(f"optimizer {kind}: {OPTIMIZER_STATES[kind]} state(s) per trainable parameter of the measured "
                      f"state size; the old optimizer's temporaries in 'other' kept")
-    if what_if.amp and not observed_amp:
+    amp = what_if.amp and not observed_amp
+    cut = split.amp_cut_per_sample() if amp and split is not None else None
+    dropped = split.dropped_per_sample() if what_if.checkpointing and split is not None else None
+    if (amp and cut is not None) or (what_if.checkpointing and dropped is not None):
+        delta = {name: Line() for name in ACTIVE_SEGMENTS}
+    if amp:
         act = lines["activations"]
-        share = split.amp_share() if split is not None else None
-        if share is not None and split is not None:
-            # measured: the same forward under autocast saved `share` of the bytes; applied to the per-sample
-            # part, and the 16-bit weight copies (already inside the measured bytes) added once more as fixed:
-            # counted twice, on the safe side
-            lines["activations"] = Line(act.fixed * share + 0.5 * trainable_bytes, act.per_sample * share)
-            notes.append(f"amp: saved activations x{share:.2f} as measured under autocast at batch {split.batch} "
-                         f"(+16-bit weight copies, half the trainable bytes); fp32 master weights, gradients and "
-                         f"optimizer kept; activation gradients assumed not to shrink")
+        copies = 0.5 * trainable_bytes
+        if cut is not None and split is not None and delta is not None:
+            both = what_if.checkpointing and dropped is not None
+            shed = 0.0 if both else cut
+            lines["activations"] = Line(act.fixed + copies, max(0.0, act.per_sample - shed))
+            lines["other"] = lines["other"] + Line(copies, 0.0)
+            for name in ACTIVE_SEGMENTS:
+                delta[name] = delta[name] + Line(2 * copies, -shed)
+            unknown = split.amp_unknown / split.saved if split.saved else 0.0
+            notes.append(f"amp: saved activations {split.amp_saved / MIB:.0f} of {split.saved / MIB:.0f} MiB at "
+                         f"batch {split.batch} as measured from the ops that save them (matmul/conv inputs 16-bit, "
+                         f"softmax, norms, pow and losses fp32, elementwise ops in their inputs' dtype; "
+                         f"{unknown:.0%} under ops not classified, kept fp32)"
+                         + ("; with checkpointing the kept tensors assumed not to shrink" if both else "")
+                         + "; the 16-bit weight copies counted twice (autocast's cached casts through forward and "
+                         "backward, and their 16-bit gradients in the backward: half the trainable bytes each); "
+                         "fp32 master weights, gradients and optimizer kept; activation gradients and the loss's "
+                         "fp32 logits ('other') assumed not to shrink; applied to each segment's measured peak line "
+                         "(the optimizer's step unchanged)")
         else:
             # what autocast lowers is not measured (which saved tensors feed matmuls, which stay fp32): no shrink
             # is assumed, only what is sure to be added - the 16-bit weight copies saved for backward
-            lines["activations"] = Line(act.fixed + 0.5 * trainable_bytes, act.per_sample)
-            notes.append("amp: fp32 master weights, gradients and optimizer kept; +16-bit weight copies (half the "
-                         "trainable bytes); saved activations and activation gradients assumed not to shrink "
-                         "(autocast keeps softmax, norms and upcast logits in fp32 and saves a cast tensor in both "
-                         "dtypes where an fp32 op feeds a 16-bit one): a lower bound of the gain")
+            lines["activations"] = Line(act.fixed + copies, act.per_sample)
+            notes.append("amp (not measured: an older agent, a compiled graph): fp32 master weights, gradients and "
+                         "optimizer kept; +16-bit weight copies (half the trainable bytes); saved activations and "
+                         "activation gradients assumed not to shrink (autocast keeps softmax, norms and upcast logits "
+                         "in fp32 and saves a cast tensor in both dtypes where an fp32 op feeds a 16-bit one): a lower "
+                         "bound of the gain")
     if what_if.checkpointing:
         n = what_if.checkpoint_layers or (split.blocks if split is not None and split.blocks else None) \
             or DEFAULT_CHECKPOINT_LAYERS
-        share = split.checkpoint_share(n) if split is not None else None
-        if share is not None and split is not None:
-            lines["activations"] = lines["activations"].scaled(share, share)
-            notes.append(f"checkpointing: {n} blocks; activations x{share:.2f} as measured at batch {split.batch}: "
-                         f"what is saved outside the blocks and the blocks' inputs kept, one block's internals "
-                         f"recomputed at a time; activation gradients ('other') unchanged")
+        if dropped is not None and split is not None and delta is not None:
+            recompute = split.in_blocks / split.batch / max(1, n)
+            act = lines["activations"]
+            lines["activations"] = Line(act.fixed, max(0.0, act.per_sample - dropped))
+            lines["other"] = lines["other"] + Line(0.0, 2 * recompute)
+            delta["forward"] = delta["forward"] + Line(0.0, -dropped)
+            delta["loss_backward"] = delta["loss_backward"] + Line(0.0, -dropped)
+            delta["backward"] = delta["backward"] + Line(0.0, -dropped + 2 * recompute)
+            notes.append(f"checkpointing: {n} blocks ({split.blocks} measured); per sample the "
+                         f"{dropped / MIB:.1f} MiB saved inside the blocks less their inputs, as measured at batch "
+                         f"{split.batch}, dropped from the forward's and the loss's backward's peak lines; the model's "
+                         f"backward also drops them and holds one block's internals twice "
+                         f"({2 * recompute / MIB:.1f} MiB a sample: recomputed, and their gradients), assuming its "
+                         f"peak comes while the blocks' saved tensors are alive, as in a stack of blocks; the "
+                         f"optimizer's step and activation gradients unchanged")
         else:
             factor = min(1.0, 3.0 / n)
             lines["activations"] = lines["activations"].scaled(factor, factor)
             assumed = "" if what_if.checkpoint_layers else " assumed"
-            notes.append(f"checkpointing: {n} blocks{assumed}; activations x{factor:.2f}: the block inputs kept, one "
-                         f"block recomputed at a time, and the activations outside the blocks (embeddings, logits, "
-                         f"loss) at most one block's worth; activation gradients ('other') unchanged")
+            notes.append(f"checkpointing (not measured): {n} blocks{assumed}; activations x{factor:.2f}: the block "
+                         f"inputs kept, one block recomputed at a time, and the activations outside the blocks "
+                         f"(embeddings, logits, loss) at most one block's worth; activation gradients ('other') "
+                         f"unchanged")
     if what_if.shards > 1:
         n = what_if.shards
         for name in FIXED:
@@ -85,4 +127,4 @@ def apply_what_if(observed: dict[str, Line], what_if: WhatIf, *, trainable_bytes
     if what_if.accumulation_steps > 1:
         notes.append(f"{what_if.accumulation_steps} accumulation steps: activations follow the micro-batch, "
                      f"gradients and optimizer state the full batch")
-    return lines, notes
+    return lines, notes, delta

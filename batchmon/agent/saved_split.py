@@ -1,0 +1,366 @@
+"""What the saved activations of one sampled step are made of, measured by the agent (issue 13, point 2).
+
+The AMP and checkpointing what-ifs are derived from this instead of a rule of thumb. Measured once, on a sampled
+step (``SplitProbe``; batchmon.agent.handle calls ``begin`` in the root's forward pre hook and ``end`` in its
+post hook, and puts the result in the optional ``Step.saved_split`` field of the sampled steps after it):
+
+* **inside the repeated blocks** (``in_blocks``, ``block_inputs``, ``blocks``): the growth of the agent's own
+  saved-bytes counter between each block's forward pre and post hooks (batchmon.agent.saved_kinds.BlockMeter,
+  hooks on the blocks for that one forward, removed at its end). A checkpoint per block keeps the blocks' inputs
+  and drops the rest, recomputing one block at a time in the backward.
+* **under autocast** (``amp_saved``): which saved bytes autocast would lower to 16-bit, from the autograd graph
+  the forward just built (``amp_bytes``): the graph is walked from the model's output (each node's
+  ``_raw_saved_*`` tensors: read as packed, so no unpack hook - a checkpoint's recomputation, an offloading
+  hook's copy back - ever runs; what another hook packed is not a tensor and is left alone). A saved tensor's
+  size under autocast follows the op that saves it: matmul/conv-class ops (autocast's lower-precision list) save
+  their inputs' 16-bit casts (half); fp32-list ops (softmax, log_softmax, norms, pow, losses) save fp32 (full); an
+  elementwise or view op saves its inputs and result in the dtype they arrive in, which is 16-bit only when every
+  input of the op that produced it is (a residual stream that adds an fp32 tensor stays fp32). A storage saved
+  by ops that disagree is counted in both dtypes (a cast copy beside the original). An op not in these lists,
+  and what the walk does not reach, is kept at full size: the cut is a lower bound, never an overestimate of the
+  shrink. Parameters are left out (their 16-bit copies are the what-if's own term); a batch input that a
+  matmul-class op saves adds its 16-bit copy. The lists follow torch's autocast policy for CUDA, or for CPU
+  (where softmax and layer_norm are not in the fp32 list) when the model is on the CPU.
+
+Cost: one forward's block hooks and one graph walk (a few thousand nodes for a 12-layer transformer: tens of
+milliseconds), once per process, on a sampled step. Nothing here raises into the training: every error ends the
+measurement (``SplitProbe.errors``) and the step goes on.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from batchmon.agent.saved_kinds import BlockMeter, repeated_blocks
+
+#: ops autocast runs in 16-bit (torch's lower-precision lists): they save 16-bit casts of their inputs
+MATMUL_OPS = frozenset({
+    "Addmm", "Mm", "Bmm", "Baddbmm", "Addbmm", "Addmv", "Mv", "Dot", "Vdot", "Linear", "Convolution",
+    "CudnnConvolution", "MkldnnConvolution", "ConvolutionBackwardOverrideable", "SlowConv2D", "ConvDepthwise2D",
+    "CudnnConvolutionTranspose", "SlowConvTranspose2D", "ScaledDotProductEfficientAttention",
+    "ScaledDotProductFlashAttention", "ScaledDotProductCudnnAttention", "ScaledDotProductFlashAttentionForCpu",
+    "ScaledDotProductAttentionMath", "Prelu", "LinalgVecdot"})
+#: ops autocast runs in fp32 on CUDA (torch's fp32 list, the ones that save tensors): they save fp32
+FP32_OPS_CUDA = frozenset({
+    "Softmax", "LogSoftmax", "NativeLayerNorm", "NativeGroupNorm", "LinalgVectorNorm", "Norm", "NllLoss",
+    "NllLoss2D", "MseLoss", "L1Loss", "SmoothL1Loss", "HuberLoss", "BinaryCrossEntropyWithLogits",
+    "BinaryCrossEntropy", "KlDiv", "SoftMarginLoss", "Exp", "Expm1", "Log", "Log10", "Log2", "Log1P",
+    "Reciprocal", "Rsqrt", "Pow", "Acos", "Asin", "Cosh", "Sinh", "Tan", "Erfinv", "Softplus", "Cumsum",
+    "Cumprod", "Prod", "Sum", "Logsumexp", "Dist", "Cdist", "Renorm", "FusedRmsNorm", "RmsNorm", "SafeSoftmax"})
+#: the CPU's fp32 list is shorter: softmax, layer_norm, pow, exp... run in the input's dtype there
+FP32_OPS_CPU = frozenset({
+    "NllLoss", "NllLoss2D", "MseLoss", "L1Loss", "SmoothL1Loss", "HuberLoss", "BinaryCrossEntropyWithLogits",
+    "BinaryCrossEntropy", "KlDiv", "SoftMarginLoss", "Prod", "Cdist", "Cumprod", "Cumsum"})
+#: elementwise, view and pooling ops: output (and what they save) in the dtype of their inputs
+FOLLOW_OPS = frozenset({
+    "Mul", "Div", "Add", "Sub", "Neg", "Tanh", "Sigmoid", "Gelu", "Relu", "Threshold", "Silu", "Hardswish",
+    "Hardsigmoid", "LeakyRelu", "Elu", "Mish", "Where", "MaskedFill", "NativeDropout", "FusedDropout", "Clone",
+    "View", "UnsafeView", "Reshape", "ReshapeAlias", "Transpose", "T", "Permute", "Expand", "Squeeze",
+    "Unsqueeze", "Slice", "Select", "Split", "SplitWithSizes", "Unbind", "Cat", "Stack", "AsStrided", "Alias",
+    "Index", "Gather", "CudnnBatchNorm", "NativeBatchNorm", "MiopenBatchNorm", "MaxPool2DWithIndices",
+    "MaxPool2D", "AvgPool2D", "AdaptiveAvgPool2D", "UpsampleNearest2D", "UpsampleBilinear2D", "Abs", "Clamp",
+    "ClampMin", "Hardtanh", "Flip", "Roll", "Repeat", "ConstantPadNd", "Mean", "Lerp", "Addcmul", "Addcdiv"})
+#: on the CPU the CUDA fp32 list's elementwise ops (softmax, layer_norm, pow, exp, ...) follow their input
+FOLLOW_OPS_CPU = FOLLOW_OPS | (FP32_OPS_CUDA - FP32_OPS_CPU)
+#: what a matmul-class op saves of its own outputs stays fp32 under autocast where it is a statistic
+FP32_OUTPUT_FIELDS = ("logsumexp", "log_sumexp", "philox", "rng", "seed", "offset")
+FP32 = torch.float32
+
+
+def _op(node: Any) -> str:
+    """'AddmmBackward0' -> 'Addmm'; an AccumulateGrad (a leaf: a parameter) -> its C++ name."""
+    name = node.name()
+    cut = name.rfind("Backward")
+    return name[:cut] if cut > 0 else name
+
+
+class _Lowered:
+    """Whether a node's output is 16-bit under autocast (its producing op: matmul-class yes; fp32-list,
+    leaves, casts and unknown ops no; elementwise ops when every input is - an input without a gradient, whose
+    dtype the graph does not say, counts as fp32)."""
+
+    def __init__(self, follow_ops: frozenset[str]) -> None:
+        self.follow = follow_ops
+        self.memo: dict[int, bool] = {}
+        self.alive: list[Any] = []  # the nodes whose id() is memoised stay alive for the walk
+
+    def __call__(self, node: Any) -> bool:
+        if node is None:
+            return False
+        memo = self.memo
+        stack = [node]
+        while stack:
+            n = stack[-1]
+            key = id(n)
+            if key in memo:
+                stack.pop()
+                continue
+            op = _op(n)
+            if op in MATMUL_OPS or op not in self.follow:
+                memo[key] = op in MATMUL_OPS
+                self.alive.append(n)
+                stack.pop()
+                continue
+            inputs = [m for m, _ in n.next_functions]
+            if any(m is None for m in inputs):
+                if not _scalar_operands(n, inputs):
+                    memo[key] = False
+                    self.alive.append(n)
+                    stack.pop()
+                    continue
+                inputs = [m for m in inputs if m is not None]
+            if not inputs:
+                memo[key] = False
+                self.alive.append(n)
+                stack.pop()
+                continue
+            pending = [m for m in inputs if id(m) not in memo]
+            if pending:
+                stack.extend(pending)
+                continue
+            memo[key] = all(memo[id(m)] for m in inputs)
+            self.alive.append(n)
+            stack.pop()
+        return memo[id(node)]
+
+
+def _scalar_operands(node: Any, inputs: list[Any]) -> bool:
+    """Are the inputs without a gradient (None) 0-dim tensors - Python numbers wrapped, which never change the
+    result's dtype? Only an op that saves them (``self``, ``other``) says; else they may be fp32 tensors."""
+    for index, m in enumerate(inputs):
+        if m is not None:
+            continue
+        field = "_raw_saved_self" if index == 0 else "_raw_saved_other" if index == 1 else None
+        tensors = _packed(getattr(node, field)) if field is not None and hasattr(node, field) else []
+        if not tensors or tensors[0].dim() != 0:
+            return False
+    return True
+
+
+def _saved_fields(node: Any, cache: dict[str, list[str]]) -> list[str]:
+    name = node.name()
+    fields = cache.get(name)
+    if fields is None:
+        fields = cache[name] = [a for a in dir(node) if a.startswith("_raw_saved_")]
+    return fields
+
+
+def _packed(value: Any) -> list[torch.Tensor]:
+    """The tensors of a ``_raw_saved_*`` value as packed (SavedTensor.data: no unpack hook runs)."""
+    items = value if isinstance(value, (list, tuple)) else [value]
+    out = []
+    for item in items:
+        try:
+            data = item.data
+        except Exception:  # noqa: BLE001 - a released or odd saved value: nothing to count
+            continue
+        if isinstance(data, torch.Tensor):
+            out.append(data)
+    return out
+
+
+def _producer(node: Any, field: str) -> Any:
+    """The node that made the tensor saved in ``field``: the node itself for its result, input 0 for
+    ``self``, input 1 for ``other``; None when the field does not say."""
+    if field.startswith("_raw_saved_result"):
+        return node
+    nexts = node.next_functions
+    if field == "_raw_saved_self" and nexts:
+        return nexts[0][0] or "leaf"
+    if field == "_raw_saved_other" and len(nexts) >= 2:
+        return nexts[1][0] or "leaf"
+    return None
+
+
+def amp_bytes(output: torch.Tensor, counted: set[int], batch_keys: set[int], block: int,
+              device_type: str, detail: dict[str, list[int]] | None = None) -> tuple[int, int, int]:
+    """(bytes the counted storages would take under autocast, bytes of counted storages the walk reached, bytes
+    under ops it could not classify, kept at full size) for the graph ending at ``output``. ``counted``: the
+    storages the agent counted as activations (data pointers); ``batch_keys``: the batch's storages (a
+    matmul-class op saving one adds its 16-bit copy); ``block``: the allocator's rounding. ``detail``, when
+    given, gets {first saving op: [bytes now, bytes under autocast]} (tests, the zoo bench)."""
+    cpu = device_type == "cpu"
+    fp32_ops, follow_ops = (FP32_OPS_CPU, FOLLOW_OPS_CPU) if cpu else (FP32_OPS_CUDA, FOLLOW_OPS)
+    saves, ops = _saved_tensors(output, counted | batch_keys)
+    # sdpa's math fallback (the only maker of _safe_softmax) upcasts 16-bit q, k, v to fp32 before its bmm's
+    matmul_ops = MATMUL_OPS - {"Bmm", "Baddbmm"} if "SafeSoftmax" in ops else MATMUL_OPS
+    lowered = _Lowered(follow_ops)
+    variants: dict[int, set[str]] = {}
+    sizes: dict[int, int] = {}
+    unknown: set[int] = set()
+    first_op: dict[int, tuple[int, str]] = {}
+    for key, size, fp32, node, op, field in saves:
+        sizes[key] = -(-size // block) * block
+        if detail is not None:  # the op that saved it first (forward order), as a pack hook sees it
+            seq = node._sequence_nr()
+            if key not in first_op or seq < first_op[key][0]:
+                first_op[key] = (seq, op)
+        kinds = variants.setdefault(key, set())
+        if not fp32:
+            kinds.add("full")  # integer/bool masks and indices, 16-bit already: unchanged
+        elif op in matmul_ops:
+            kinds.add("full" if any(f in field for f in FP32_OUTPUT_FIELDS) else "half")
+        elif op in fp32_ops:
+            kinds.add("full")
+        elif op in follow_ops:
+            maker = _producer(node, field)
+            kinds.add("half" if maker is not None and maker != "leaf" and lowered(maker) else "full")
+        else:
+            kinds.add("full")
+            unknown.add(key)
+    under = reached = unclassified = 0
+    for key, kinds in variants.items():
+        size = sizes[key]
+        half = -(-(size // 2) // block) * block
+        if key in batch_keys and key not in counted:
+            under += half if "half" in kinds else 0  # the input's 16-bit copy: a new saved tensor
+            continue
+        reached += size
+        amp = (size if "full" in kinds else 0) + (half if "half" in kinds else 0)
+        under += amp
+        if detail is not None:
+            row = detail.setdefault(first_op[key][1], [0, 0])
+            row[0] += size
+            row[1] += amp
+        if key in unknown:
+            unclassified += size
+    return under, reached, unclassified
+
+
+def _saved_tensors(output: torch.Tensor, wanted: set[int]) -> tuple[list[tuple[Any, ...]], set[str]]:
+    """Walk the graph from ``output``: every saved tensor whose storage is in ``wanted``, as (storage key, bytes,
+    is fp32, saving node, its op, field); and the set of ops met."""
+    fields_cache: dict[str, list[str]] = {}
+    out: list[tuple[Any, ...]] = []
+    ops: set[str] = set()
+    seen: set[int] = set()
+    nodes = [output.grad_fn] if output.grad_fn is not None else []
+    keep: list[Any] = list(nodes)  # alive until the walk ends: id() stays unique
+    while nodes:
+        node = nodes.pop()
+        op = _op(node)
+        ops.add(op)
+        for field in _saved_fields(node, fields_cache):
+            try:
+                tensors = _packed(getattr(node, field))
+            except Exception:  # noqa: BLE001 - a field that cannot be read is not counted
+                continue
+            for t in tensors:
+                try:
+                    storage = t.untyped_storage()
+                    key, size = storage.data_ptr(), storage.nbytes()
+                except Exception:  # noqa: BLE001 - no plain storage (sparse, nested, fake)
+                    continue
+                if key in wanted:
+                    out.append((key, size, t.dtype == FP32, node, op, field))
+        for nxt, _ in node.next_functions:
+            if nxt is not None and id(nxt) not in seen:
+                seen.add(id(nxt))
+                keep.append(nxt)
+                nodes.append(nxt)
+    return out, ops
+
+
+def _compiled(model: torch.nn.Module) -> bool:
+    return hasattr(model, "_orig_mod") or type(model).__name__ == "OptimizedModule"
+
+
+class SplitProbe:
+    """Measures the saved split once, on the first sampled step after ``after_steps`` steps (handle.py: ``begin``
+    at the root's pre hook of a sampled step, ``end`` at its post hook). ``result``: the Step.saved_split dict
+    once measured."""
+
+    def __init__(self, after_steps: int = 1) -> None:
+        self.after_steps = after_steps
+        self.result: dict[str, int] | None = None
+        self.done = False
+        self.errors = 0
+        self._meter: BlockMeter | None = None
+        self._counter: Any = None
+        self._start = 0
+        self._armed = False
+
+    @property
+    def armed(self) -> bool:
+        return self._armed
+
+    def begin(self, model: torch.nn.Module, step_meter: Any) -> None:
+        """The root forward of a sampled step starts (the agent's counter is pushed): hook the blocks."""
+        if self.done or self._armed or step_meter.step < self.after_steps:
+            return
+        try:
+            counter = step_meter.counter
+            if counter is None:
+                return
+            self._counter = counter
+            self._start = counter.bytes
+            blocks = [] if _compiled(model) else repeated_blocks(model)
+            self._meter = BlockMeter(blocks, lambda: counter.bytes) if blocks else None
+            self._armed = True
+        except Exception:  # noqa: BLE001 - measuring must never break the forward
+            self._stop()
+
+    def end(self, output: Any, step_meter: Any, model: torch.nn.Module | None) -> dict[str, int] | None:
+        """The root forward returned ``output`` (None: it raised): remove the hooks, walk the graph once."""
+        if not self._armed:
+            return self.result
+        meter, counter = self._meter, self._counter
+        self._armed = False
+        try:
+            inside, inputs, blocks = meter.take() if meter is not None else (0, 0, 0)
+            if meter is not None:
+                meter.remove()
+            tensor = _output_tensor(output)
+            batch = step_meter.batch_size
+            if tensor is None or counter is None or not batch or tensor.grad_fn is None:
+                self._stop(done=output is not None)
+                return self.result
+            saved = counter.bytes - self._start
+            split = {"batch": int(batch), "saved": int(saved), "in_blocks": int(inside),
+                     "block_inputs": int(inputs), "blocks": int(blocks)}
+            if any(p.dtype == FP32 for p in (model.parameters() if model is not None else ())) and \
+                    not torch.is_autocast_enabled(tensor.device.type):
+                storages = counter.saved
+                batch_keys: set[int] = set()
+                for excluded in storages.exclude[1:]:
+                    batch_keys |= excluded
+                under, reached, unknown = amp_bytes(tensor, storages.keys, batch_keys, storages.block,
+                                                    tensor.device.type)
+                split["amp_saved"] = int(under + max(0, saved - reached))  # what the walk did not reach: full
+                split["amp_unknown"] = int(unknown + max(0, saved - reached))
+            self.result = split
+            self.done = True
+        except Exception:  # noqa: BLE001
+            self.errors += 1
+            self._stop()
+        self._meter = self._counter = None
+        return self.result
+
+    def _stop(self, done: bool = True) -> None:
+        meter = self._meter
+        if meter is not None:
+            try:
+                meter.remove()
+            except Exception:  # noqa: BLE001
+                pass
+        self._meter = self._counter = None
+        self._armed = False
+        self.done = done
+
+
+def _output_tensor(result: Any) -> torch.Tensor | None:
+    """The model output whose graph is walked: the tensor itself, a dict's (an HF ModelOutput's) ``logits`` or
+    first tensor, a tuple's first tensor."""
+    if isinstance(result, torch.Tensor):
+        return result
+    values: Any = ()
+    if isinstance(result, dict):
+        logits = result.get("logits")
+        if isinstance(logits, torch.Tensor):
+            return logits
+        values = result.values()
+    elif isinstance(result, (tuple, list)):
+        values = result
+    return next((v for v in values if isinstance(v, torch.Tensor)), None)
