@@ -41,9 +41,10 @@ from batchmon.agent.process_memory import ProcessMemory
 from batchmon.agent.handle_views import HandleViews
 from batchmon.agent.publisher import Publisher
 from batchmon.agent.quiet_steps import QuietSteps
+from batchmon.agent.saved_split import SplitProbe
 from batchmon.agent.placement import cuda_figures, device_of, device_of_optimizer, suggested_batch
 from batchmon.agent.step_meter import FULL_STEPS, StepMeter
-from batchmon.protocol import Bye, Event, Hello
+from batchmon.protocol import Bye, Event, Hello, with_saved_split
 
 DEFAULT_ACTIVATION_EVERY = 10
 EXIT_LINGER_SECONDS = 1.5  # at exit after an OOM, wait this long for a first monitor to collect the history
@@ -170,6 +171,9 @@ class AgentHandle(HandleViews):
         self._open_quiet = self._meter.open_quiet  # (a quiet step's root pre hook calls it first)
         self._discovered_call = False  # the running root forward is the one discovery found the model in
         self.oom_count = 0  # OOM events so far; the wrappers use it to report a nested OOM only once
+        # the saved activations' split, measured once on a sampled step (saved_split: the derived what-ifs)
+        self._split: SplitProbe | None = SplitProbe()
+        self._split_out: dict[str, int] | None = None
 
     # -------------------------------------------------------------------------------------------- public
 
@@ -350,6 +354,8 @@ class AgentHandle(HandleViews):
                 self._finish_step(in_loop=True)
             if meter.begin_forward(args, kwargs):
                 self._moved()
+            if meter.sampled and self._split is not None:  # once per run (batchmon.agent.saved_split)
+                self._split.begin(module, meter)
         except Exception as exc:  # noqa: BLE001
             self._fail(exc)
 
@@ -367,6 +373,11 @@ class AgentHandle(HandleViews):
             counting, meter.root_counting = meter.root_counting, False
             if meter.counter is not None:
                 meter.stop_counting()
+            split = self._split
+            if split is not None and split.armed:  # the sampled forward it measured ends: walk its graph
+                self._split_out = split.end(result if exc is None else None, meter, module)
+                if split.done:
+                    self._split = None
             discovered, self._discovered_call = self._discovered_call, False
             if discovered or self._sizer._probe is not None:  # (else end_forward has nothing to do)
                 meter.end_forward(args, kwargs, counting, discovered)
@@ -464,7 +475,10 @@ class AgentHandle(HandleViews):
             return
         if self.pid != _getpid():  # a child forked outside os.fork (whose handler disables the agent there)
             return
+        sampled = meter.sampled  # (finish resets it)
         step, events = meter.finish(self._device_used, in_loop)
+        if self._split_out is not None and sampled:
+            step = with_saved_split(step, self._split_out)
         out.step(step)
         for event in events:
             self._out.event(event)

@@ -1,0 +1,209 @@
+"""batchmon/agent/saved_split.py with real torch on CPU: the graph walk's prediction of what autocast would save
+against the bytes really saved under CPU autocast(bfloat16), and the agent measuring the split on a sampled
+step and carrying it in Step.saved_split (then the memory model derives its what-ifs from it)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+F = torch.nn.functional
+
+from agent_helpers import agent_dir  # noqa: E402,F401 - fixture
+from batchmon.agent.accounting import ActivationCounter  # noqa: E402
+from batchmon.agent.saved_split import amp_bytes  # noqa: E402
+from batchmon.memory_model import SavedSplit, WhatIf, fit  # noqa: E402
+from batchmon.protocol import Step  # noqa: E402
+
+VIEWS = {"TBackward0", "ViewBackward0", "TransposeBackward0", "PermuteBackward0", "ExpandBackward0",
+         "UnsafeViewBackward0"}
+
+
+class Block(nn.Module):
+    """A pre-norm transformer block with the ops whose autocast dtypes differ: layer norm on the fp32 residual
+    stream, linear, sdpa, gelu, a scalar multiply."""
+
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.fc, self.out = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, d)
+        x = x + self.proj(a)
+        return x + self.out(F.gelu(self.fc(self.ln2(x)) * 0.5))
+
+
+class TinyGPT(nn.Module):
+    def __init__(self, vocab: int = 256, seq: int = 32, d: int = 64, heads: int = 4, layers: int = 3) -> None:
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(vocab, d), nn.Embedding(seq, d)
+        self.blocks = nn.ModuleList(Block(d, heads) for _ in range(layers))
+        self.ln = nn.LayerNorm(d)
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.tok(idx) + self.pos(torch.arange(idx.shape[1]))
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln(x))
+
+
+def _weight_copy(t: torch.Tensor) -> bool:
+    """A parameter's 16-bit cast (autocast's cached copy, seen through views): the what-if's own term."""
+    node = t.grad_fn
+    while node is not None and node.name() in VIEWS:
+        node = node.next_functions[0][0]
+    if node is None or node.name() != "ToCopyBackward0":
+        return False
+    leaf = node.next_functions[0][0]
+    return leaf is not None and "AccumulateGrad" in leaf.name()
+
+
+def _saved_under_autocast(model: nn.Module, x: torch.Tensor) -> int:
+    """Bytes really saved by a forward under CPU autocast(bfloat16): storages once, parameters, the batch and
+    the parameters' 16-bit copies left out (the activations' basis)."""
+    skip = {p.untyped_storage().data_ptr() for p in model.parameters()} | {x.untyped_storage().data_ptr()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        key = storage.data_ptr()
+        if key not in skip and key not in seen and not _weight_copy(t):
+            seen[key] = storage.nbytes()
+        return t.detach()
+
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x)
+    return sum(seen.values())
+
+
+def _walk(model: nn.Module, x: torch.Tensor) -> tuple[int, int, int, int]:
+    """(bytes saved by the fp32 forward as the agent counts them, the walk's bytes under autocast, reached,
+    unclassified)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    batch = {x.untyped_storage().data_ptr()}
+    counter = ActivationCounter(torch.device("cpu"), (params, batch))
+    counter.push()
+    try:
+        out = model(x)
+    finally:
+        counter.pop()
+    under, reached, unknown = amp_bytes(out, counter.saved.keys, batch, 1, "cpu")
+    return counter.bytes, under, reached, unknown
+
+
+def test_graph_walk_predicts_the_bytes_saved_under_cpu_autocast():
+    """The tiny GPT: every saved storage reached and classified, and the prediction equals what CPU autocast
+    really saves (linear/sdpa inputs 16-bit; layer norm on the fp32 residual stream fp32; the GELU after the
+    linear that feeds it 16-bit, a scalar multiply between them not promoting)."""
+    torch.manual_seed(0)
+    model = TinyGPT()
+    x = torch.randint(0, 256, (4, 32))
+    saved, under, reached, unknown = _walk(model, x)
+    real = _saved_under_autocast(model, x)
+    assert reached == saved and unknown == 0
+    assert under == real, (under, real)
+    assert 0.5 * saved < real < 0.8 * saved  # it does shrink, and far from half: the norms stay fp32
+
+
+@pytest.mark.slow  # importing transformers alone takes ~8 s on the dev box
+def test_graph_walk_never_predicts_more_shrink_than_real_on_hf_gpt2():
+    """HF GPT-2 (tiny config): its tanh-GELU written out (``1.0 + tanh(...)``: an add whose other input has no
+    gradient, which the graph cannot tell from an fp32 tensor, so kept fp32) and CPU's sdpa falling back to its
+    math path with dropout (which upcasts q, k, v to fp32 for its bmm): the prediction is at or above what
+    autocast really saves - conservative - and within 15%."""
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=256,
+                                                              n_positions=64, bos_token_id=0, eos_token_id=0))
+    hf.train()
+
+    class Logits(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.m = hf
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.m(input_ids=x).logits
+
+    model = Logits()
+    x = torch.randint(0, 256, (4, 64))
+    saved, under, reached, _ = _walk(model, x)
+    real = _saved_under_autocast(model, x)
+    assert reached == saved
+    assert real <= under <= 1.15 * real, (under, real)
+
+
+def test_walk_reads_packed_tensors_without_running_unpack_hooks():
+    """A saved tensor packed by another hook (a checkpoint's handle, an offloading hook's copy) is not a tensor as
+    packed: it is left alone, and no unpack hook runs (no recomputation, no copy back)."""
+    unpacked = []
+
+    def pack(t: torch.Tensor) -> tuple[torch.Tensor]:
+        return (t.detach(),)
+
+    def unpack(packed: tuple[torch.Tensor]) -> torch.Tensor:
+        unpacked.append(1)
+        return packed[0]
+
+    w = torch.randn(8, 8, requires_grad=True)
+    x = torch.randn(4, 8)
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        out = torch.tanh(x @ w)
+    under, reached, unknown = amp_bytes(out, {out.untyped_storage().data_ptr()}, set(), 1, "cpu")
+    assert (under, reached, unknown) == (0, 0, 0) and unpacked == []
+    out.sum().backward()  # the graph is intact
+    assert unpacked and w.grad is not None
+
+
+def test_agent_measures_the_split_once_and_sampled_steps_carry_it(agent_dir):
+    """Through the real agent on CPU: a sampled step after the first carries Step.saved_split (blocks found,
+    bytes inside them, the walk's AMP bytes), it survives the wire, the losses are those of a run without the
+    agent, and the memory model fitted on the steps derives its what-ifs from it."""
+    import batchmon
+
+    def train(attach: bool) -> tuple[list[float], list[Step]]:
+        torch.manual_seed(0)
+        model = TinyGPT()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        handle = batchmon.attach(model, opt, activation_every=1) if attach else None
+        losses = []
+        for i in range(4):
+            b = 8 if i < 3 else 4
+            x = torch.randint(0, 256, (b, 32), generator=torch.Generator().manual_seed(i))
+            loss = F.cross_entropy(model(x).reshape(-1, 256), x.reshape(-1))
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+        steps = list(handle.steps) if handle is not None else []
+        if handle is not None:
+            handle.detach()
+        return losses, steps
+
+    plain, _ = train(False)
+    losses, steps = train(True)
+    assert losses == plain
+    carried = [s for s in steps if s.saved_split]
+    assert carried and carried[0].step >= 2  # measured on a sampled step after the first
+    split = carried[0].saved_split
+    assert split["blocks"] == 3 and 0 < split["block_inputs"] < split["in_blocks"] < split["saved"]
+    assert 0 < split["amp_saved"] < split["saved"] and split["amp_unknown"] == 0
+    assert all(s.saved_split == split for s in carried)  # once per process
+    wire = Step.from_dict(json.loads(json.dumps(carried[-1].to_dict())))
+    assert wire.saved_split == split
+    model = fit(steps, optimizer="AdamW")
+    assert model is not None and model.saved_split == SavedSplit.from_wire(split)
+    notes = model.predict(WhatIf(amp=True, batch_size=64)).basis_fields.what_if
+    assert any("as measured from the ops that save them" in n for n in notes)
+    notes = model.predict(WhatIf(checkpointing=True, batch_size=64)).basis_fields.what_if
+    assert any("3 blocks (3 measured)" in n for n in notes)
