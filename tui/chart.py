@@ -1,7 +1,9 @@
 """Predicted peak memory against batch size, drawn with braille dots as Rich Text (Textual has no plotting).
 
 The line is the memory model's prediction, observed steps are points, the device limit is a horizontal
-line and the largest batch that fits a vertical one: the answer is seen, not only read.
+line and the largest batch that fits a vertical one: the answer is seen, not only read. Where the observations
+cannot support the central line (an extrapolation far beyond them, curvature between them), the band's high
+side is drawn dotted above it: the largest batch is read off that side, not the central line.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from batchmon.tui.palette import ACCENT, BAD, BLUE, DIM, OK, WARN
 _DOTS = ((0x01, 0x08), (0x02, 0x10), (0x04, 0x20), (0x40, 0x80))
 
 LINE_STYLE = BLUE
+BAND_STYLE = DIM  # the band's high side, dotted
 OVER_STYLE = BAD
 LIMIT_STYLE = BAD
 MAX_STYLE = OK
@@ -101,6 +104,9 @@ class ChartInput:
     # equal keys promise the same chart (same observations, what-if, limits): the drawing is then reused, so a
     # steady run costs one chart per change rather than ~100 predictions every refresh; None never reuses
     key: Hashable | None = None
+    # the band's high side at batch b (what the largest batch is read from), None where unknown or equal to the
+    # central line; None: no band drawn
+    predict_high: Callable[[int], int | None] | None = None
 
 
 def nice_ceiling(x: float) -> int:
@@ -162,8 +168,18 @@ def _draw(inp: ChartInput, width: int, height: int) -> list[Text]:
             cache[b] = inp.predict(b)
         values.append(cache[b])
 
+    highs: list[int | None] = [None] * len(values)
+    if inp.predict_high is not None:
+        high_cache: dict[int, int | None] = {}
+        for i, b in enumerate(batches):
+            if b not in high_cache:
+                high_cache[b] = inp.predict_high(b)
+            h = high_cache[b]
+            v = values[i]
+            highs[i] = h if h is not None and v is not None and h > v else None
+
     known = [v for v in values if v is not None]
-    y_top_candidates = [1] + known + [v for _, v in inp.observed]
+    y_top_candidates = [1] + known + [h for h in highs if h is not None] + [v for _, v in inp.observed]
     if inp.device_total:
         y_top_candidates.append(inp.device_total)
     y_max = max(y_top_candidates) * 1.08
@@ -182,6 +198,9 @@ def _draw(inp: ChartInput, width: int, height: int) -> list[Text]:
         mx = xpx(inp.max_batch)
         for y in range(0, canvas.px_height, 2):
             canvas.dot(mx, y, MAX_STYLE)
+    for x, h in zip(xs, highs):  # dotted, under the central line (a cell shared with it takes its colour)
+        if h is not None and x % 2 == 0 and ypx(h) < ypx(values[x] or 0):
+            canvas.dot(x, ypx(h), BAND_STYLE)
     prev: tuple[int, int] | None = None
     for x, v in zip(xs, values):
         if v is None:

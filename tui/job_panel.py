@@ -286,6 +286,8 @@ def job_lines(v: JobView, width: int, level: str, *, focused: bool = False, char
             key.append("● observed  ", style=f"bold {WARN}")
             key.append("◆ what-if  ", style=f"bold {ACCENT}")
             key.append("── predicted peak  ", style=BLUE)
+            if p is not None and p.band is not None and p.band.high > p.total:
+                key.append("⠂⠂ high side  ", style=DIM)
             key.append("┄┄ device limit  ", style=BAD)
             key.append("┊ largest batch", style=OK)
             lines.append(key)

@@ -228,9 +228,14 @@ def job_view(snap: Snapshot, key: str, ranks: list[AgentView], state: WhatIfStat
             def predict_total(b: int) -> int | None:
                 return predictor.total(lead, state.to_what_if(observed, b), device_total)
 
+            def predict_high(b: int) -> int | None:
+                pred = predictor.predict(lead, state.to_what_if(observed, b), device_total)
+                return pred.band.high if pred is not None and pred.band is not None else None
+
             shown = tuple(points[-CHART_POINTS:])
             return ChartInput(predict_total, shown, device_total, prediction.max_batch, prediction.batch_size,
-                              key=(lead.key, shown, device_total, prediction.max_batch, prediction.batch_size, state))
+                              key=(lead.key, shown, device_total, prediction.max_batch, prediction.batch_size, state),
+                              predict_high=predict_high)
 
         chart = _Deferred(make_chart)
     proc = box.process(lead.hello.pid)
