@@ -54,6 +54,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from batchmon import protocol  # noqa: E402
+from batchmon.agent.coalesce import STEADY_WINDOW_SECONDS as STEADY_WINDOW_S  # noqa: E402
 from batchmon.agent.coalesce import WINDOW_SECONDS as COALESCE_WINDOW_S  # noqa: E402
 from batchmon.agent.coalesce import StepCoalescer  # noqa: E402  (torch-free: the agent's window rule)
 from batchmon.protocol import COMPONENTS, Hello, ModelInfo, Step  # noqa: E402
@@ -134,12 +135,16 @@ class _Agent:
 
 def _peer(directory: str, first: int, count: int, rate: float, duration: float, ready: "mp.Queue",
           results: "mp.Queue", stop: "mp.synchronize.Event", close: "mp.synchronize.Event", prefill: int = 0,
-          coalesce: bool = False, gpu: str | None = None, window: float | None = None) -> None:
+          coalesce: bool = False, gpu: str | None = None, window: float | None = None,
+          steady: float | None = None) -> None:
     """One worker process: `count` agents, each stepping at `rate`; reports what it sent and saw."""
     agents = [_Agent(Path(directory), first + i, duration, prefill, rate, gpu) for i in range(count)]
     if coalesce:
         for a in agents:
-            a.coalescer = StepCoalescer() if window is None else StepCoalescer(interval=window)
+            # --window (an older tree's agents): that window always; else the agent's rule, its steady window
+            # --steady-window (0: none)
+            a.coalescer = (StepCoalescer(interval=window, steady_interval=None) if window is not None else
+                           StepCoalescer() if steady is None else StepCoalescer(steady_interval=steady or None))
     messages = 0
     sel = selectors.DefaultSelector()
     for a in agents:
@@ -335,7 +340,7 @@ def serve(args: argparse.Namespace) -> int:
             if n:
                 p = ctx.Process(target=_peer, args=(str(sockdir), first, n, args.rate, args.duration, ready,
                                                      results, stop, close, args.prefill, args.coalesce, args.gpu,
-                                                     args.window),
+                                                     args.window, args.steady_window),
                                daemon=True)
                 p.start()
                 procs.append(p)
@@ -386,6 +391,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--window", type=float, default=None,
                     help="with --coalesce: the coalescing window in seconds (default: the agent's WINDOW_SECONDS; "
                          "bench/ab_monitor.py --window gives an older tree the agents of its day)")
+    ap.add_argument("--steady-window", type=float, default=None, metavar="SECONDS",
+                    help="with --coalesce and no --window: a steady agent's window (default: the agent's "
+                         "STEADY_WINDOW_SECONDS; 0: none, the short window always, as the agent before it)")
     ap.add_argument("--gpu", metavar="UUID",
                     help="with --serve: the peers say they train on this GPU (an NVML recording's UUID, e.g. in "
                          "bench/ab_monitor.py --gpu-agents) and send allocator figures and varying step times")
@@ -421,7 +429,8 @@ def main(argv: list[str] | None = None) -> int:
     for n in share:
         if n:
             p = ctx.Process(target=_peer, args=(str(sockdir), first, n, args.rate, args.duration, ready, results,
-                                                 stop, close, args.prefill, args.coalesce, None, args.window),
+                                                 stop, close, args.prefill, args.coalesce, None, args.window,
+                                                 args.steady_window),
                             daemon=True)
             p.start()
             procs.append(p)
@@ -477,7 +486,9 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "config": {"agents": args.agents, "rate": args.rate, "duration": args.duration, "interval": args.interval,
                    "workers": len(procs), "warmup": warmup, "prefill": args.prefill, "coalesce": args.coalesce,
-                   "window_s": args.window if args.window is not None else COALESCE_WINDOW_S},
+                   "window_s": args.window if args.window is not None else COALESCE_WINDOW_S,
+                   "steady_window_s": None if args.window is not None or args.steady_window == 0 else
+                   (args.steady_window or STEADY_WINDOW_S)},
         "machine": {"host": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version()},
         "all_connected_after_s": round(all_connected_s, 3),
         "connected_min_during_load": connected_min,

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 import batchmon
-from batchmon.agent.coalesce import FIRST_STEPS, WINDOW_SECONDS, StepCoalescer
+from batchmon.agent.coalesce import FIRST_STEPS, STEADY_AFTER, STEADY_WINDOW_SECONDS, WINDOW_SECONDS, StepCoalescer
 from batchmon.monitor.hub import Hub
 from batchmon.monitor.step_history import StepHistory, step_peak
 from batchmon.protocol import Event, Step, decode, encode
@@ -66,6 +66,45 @@ def test_a_window_is_sent_once_its_time_has_passed():
     assert c.due(now=WINDOW_SECONDS + 0.001)
     (window,) = c.add(make_step(5), now=WINDOW_SECONDS + 0.001)
     assert (window.step, window.steps) == (5, 2)
+
+
+def _gaps(c: StepCoalescer, first: int, steps: int, t0: float, rate: float = 1000.0,
+          batch: int = 16) -> tuple[list[float], float]:
+    """Feed ``steps`` steps at ``rate`` from time t0; returns the gaps between the messages sent, and the end."""
+    sent = []
+    for k in range(steps):
+        now = t0 + k / rate
+        sent += [now] * len(c.add(make_step(first + k, batch), now=now))
+    return [b - a for a, b in zip(sent, sent[1:])], t0 + steps / rate
+
+
+def test_a_steady_agent_stretches_its_window_and_any_forced_window_brings_the_short_one_back():
+    c = StepCoalescer()
+    for n in range(1, FIRST_STEPS + 1):
+        c.add(make_step(n), now=0.0)
+    gaps, end = _gaps(c, FIRST_STEPS + 1, 20_000, 0.001)  # 20 s at 1000 steps/s, one batch size
+    short, steady = gaps[:STEADY_AFTER - 1], gaps[STEADY_AFTER:]
+    assert all(WINDOW_SECONDS <= g < WINDOW_SECONDS + 0.002 for g in short)
+    assert steady and all(0.8 * STEADY_WINDOW_SECONDS <= g < STEADY_WINDOW_SECONDS + 0.002 for g in steady)
+    # not one length: a multiple of the hub's tick would keep the agent at one phase of it
+    assert max(steady) - min(steady) > 0.1 * STEADY_WINDOW_SECONDS
+    # a batch change is sent at once (the open window, then the step), and the windows are short again
+    out = c.add(make_step(30_000, 8), now=end)
+    assert [(s.step, s.batch_size) for s in out][-1] == (30_000, 8)
+    gaps, end = _gaps(c, 30_001, 2000, end + 0.001, batch=8)
+    assert all(g < WINDOW_SECONDS + 0.002 for g in gaps[:STEADY_AFTER - 1])
+    # a window flushed for an event (forced, before its time) does the same
+    _gaps(c, 40_000, 20_000, end + 0.001, batch=8)
+    assert c._window >= 0.8 * STEADY_WINDOW_SECONDS
+    c.add(make_step(60_001, 8), now=end + 20.5)
+    assert c.flush(now=end + 20.5)  # the event's flush
+    assert c._window == WINDOW_SECONDS
+
+
+def test_no_window_sends_every_step():
+    c = StepCoalescer(interval=0.0)
+    gaps, _ = _gaps(c, 1, 5000, 0.0)
+    assert len(gaps) == 4999
 
 
 def test_steps_field_round_trips_and_old_lines_read_as_one_step():

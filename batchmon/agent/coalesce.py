@@ -18,9 +18,17 @@ and whose memory model keeps one point per batch size (its highest peak). The ag
 A window never spans two batch sizes, and is sent at once (never held back) when: it is one of the first
 FIRST_STEPS steps of the run (a new run shows at once); its batch size (or batch source) differs from the
 previous step's (then the step is a window of its own, sent at once, after the previous window); an event is
-about to be sent (the window goes first, so events stay in step order); the agent says bye; or WINDOW_SECONDS
-passed since the last message. So a monitor gets at most about 1/WINDOW_SECONDS step messages a second in steady
-training, every batch size's peak, every batch change and every event.
+about to be sent (the window goes first, so events stay in step order); the agent says bye; or its time passed
+since the last message: WINDOW_SECONDS, and once STEADY_AFTER windows in a row were sent on their time (nothing
+forced one out: no batch change, event, monitor connecting), a steady window of 0.8-1.0 x STEADY_WINDOW_SECONDS,
+until a window is forced out again. So a monitor gets at most about 1/WINDOW_SECONDS step messages a second while
+something changes and about one a second in steady training, every batch size's peak, every batch change and
+every event. Why a steady window of about a second: beside 16 fast jobs, reading, decoding and keeping ~80 step
+messages a second was the largest part of the monitor's hub thread (issue 14 point 3), and a monitor shows a
+job's step counter once a second (--interval 1) - 4 times at --interval 0.25, where a steady job's counter now
+moves about once a second. The lengths vary (a golden-ratio sequence over [0.8, 1.0] of it, no random state):
+a window that is a multiple of the hub's tick (1 s = 4 x 0.25 s) would keep each agent at one phase of the tick
+(the 0.25 s note below).
 
 No torch here (the module runs on the agent's socket thread).
 """
@@ -39,6 +47,9 @@ WINDOW_SECONDS = 0.2  # at most ~5 step messages a second per agent in steady tr
 # steps/s, dev box: p99 0.29 s at 0.1 and 0.2, 0.34-0.46 s at 0.25). A window is sent when a step finds it due,
 # stamped with that step's time, so the step-to-snapshot latency does not grow with it
 FIRST_STEPS = 3  # the run's first steps are sent one by one
+STEADY_WINDOW_SECONDS = 1.0  # a steady agent's window: between 0.8 and 1.0 of this (below)
+STEADY_AFTER = 10  # windows sent on time in a row (~2 s at WINDOW_SECONDS) before the window stretches
+_GOLDEN = 0.6180339887498949  # the stretched windows' lengths step through [0.8, 1.0] by the golden ratio
 
 
 def _peak(step: Step) -> int:
@@ -48,12 +59,18 @@ def _peak(step: Step) -> int:
 class StepCoalescer:
     """Turns the agent's stream of steps into window messages. ``add``/``flush``/``due`` take a monotonic now."""
 
-    __slots__ = ("interval", "first_steps", "_peak_step", "_peak", "_last", "_count", "_seconds", "_timed",
-                 "_last_sent", "sent", "seen", "_phased")
+    __slots__ = ("interval", "first_steps", "steady_interval", "_peak_step", "_peak", "_last", "_count", "_seconds",
+                 "_timed", "_last_sent", "sent", "seen", "_phased", "_window", "_on_time", "_turn")
 
-    def __init__(self, interval: float = WINDOW_SECONDS, first_steps: int = FIRST_STEPS) -> None:
+    def __init__(self, interval: float = WINDOW_SECONDS, first_steps: int = FIRST_STEPS,
+                 steady_interval: float | None = STEADY_WINDOW_SECONDS) -> None:
+        """``steady_interval``: the window once steady (None: ``interval`` always; never below ``interval``)."""
         self.interval = interval
         self.first_steps = first_steps
+        self.steady_interval = steady_interval if interval > 0 else None
+        self._window = interval  # the open window's length: interval, or a steady window
+        self._on_time = 0  # windows sent on their time since one was forced out
+        self._turn = 0.0
         self._peak_step: Step | None = None  # the open window's peak step
         self._peak = 0
         self._last: Step | None = None  # the open window's last step
@@ -76,7 +93,7 @@ class StepCoalescer:
             out.extend(self.flush(now))
             return out
         self._take(step)
-        return self.flush(now) if now - self._last_sent >= self.interval else []
+        return self.flush(now) if now - self._last_sent >= self._window else []
 
     def _take(self, step: Step) -> None:
         peak = _peak(step)
@@ -90,9 +107,20 @@ class StepCoalescer:
             self._seconds += step.step_seconds * step.steps
             self._timed += step.steps
 
+    def _next_window(self, on_time: bool) -> None:
+        """The next window's length: ``interval`` after a window forced out (a batch change, an event, a monitor
+        connecting, the first steps) and until STEADY_AFTER were sent on time; then a steady window."""
+        self._on_time = self._on_time + 1 if on_time else 0
+        steady = self.steady_interval
+        if steady is None or self._on_time < STEADY_AFTER:
+            self._window = self.interval
+            return
+        self._turn = (self._turn + _GOLDEN) % 1.0
+        self._window = max(self.interval, steady * (0.8 + 0.2 * self._turn))
+
     def due(self, now: float) -> bool:
         """Whether an open window has waited its time (the socket thread checks on every poll)."""
-        return self._count > 0 and now - self._last_sent >= self.interval
+        return self._count > 0 and now - self._last_sent >= self._window
 
     def flush(self, now: float) -> list[Step]:
         """The open window as one message (none if no step is waiting)."""
@@ -102,6 +130,7 @@ class StepCoalescer:
         seconds = self._seconds / self._timed if self._timed else None
         self._peak_step, self._peak, self._count, self._seconds, self._timed = None, 0, 0, 0.0, 0
         self._phased = None
+        self._next_window(now - self._last_sent >= self._window)
         self._last_sent = now
         self.sent += 1
         if count == last.steps and peak is last:
