@@ -9,8 +9,10 @@ optimizer's hook dispatch, one more Python frame around backward); attached − 
 
     python3 bench/hook_floor.py [--device cpu|cuda] [--rounds 8] [--steps 400] [--breakdown] --out F.json
 
-A fourth mode, ``noop_quiet``, registers only what a quiet steady step keeps (batchmon.agent.quiet_steps: the root's
-pre and post hooks, the optimizer's hooks, the backward wrapper; no loss hooks): the floor a quiet step pays.
+A fourth mode, ``noop_quiet``, puts in place only what a quiet steady step keeps (batchmon.agent.quiet_steps: the
+root's instance ``_call_impl`` - a no-op one that calls torch's, the root on its fast path - the optimizer's hooks,
+the backward wrapper; no forward hooks): the floor a quiet step pays. ``--hooked-quiet`` makes it the quiet steps'
+hooked form instead (the root's pre and post hooks: a root with hooks of its own, or one seen under torch.compile).
 
 ``--breakdown`` adds one mode per hook kind alone (root pre, root post, loss pre, loss post, optimizer pre,
 optimizer post, the backward wrapper): which of them makes the floor (on the H200 the whole floor was ~10x the
@@ -31,8 +33,10 @@ from typing import Any, Callable
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 KINDS = frozenset({"root_pre", "root_post", "loss_pre", "loss_post", "opt_pre", "opt_post", "backward_wrap"})
-# what a quiet steady step keeps (batchmon.agent.quiet_steps): the root's pre and post hooks, the optimizer's, backward's
-QUIET_KINDS = frozenset({"root_pre", "root_post", "opt_pre", "opt_post", "backward_wrap"})
+# what a quiet steady step keeps (batchmon.agent.quiet_steps): the root's instance _call_impl, the optimizer's hooks,
+# backward's wrapper (HOOKED_QUIET_KINDS: its hooked form, the root's pre and post hooks instead of the _call_impl)
+QUIET_KINDS = frozenset({"root_call", "opt_pre", "opt_post", "backward_wrap"})
+HOOKED_QUIET_KINDS = frozenset({"root_pre", "root_post", "opt_pre", "opt_post", "backward_wrap"})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=400, help="timed steps per round (default 400)")
     ap.add_argument("--width", type=int, default=64, help="MLP width (default 64: a step of ~0.1-1 ms on a CPU)")
     ap.add_argument("--breakdown", action="store_true", help="also time each hook kind alone")
+    ap.add_argument("--hooked-quiet", action="store_true",
+                    help="noop_quiet as the quiet steps' hooked form (root pre and post hooks, no _call_impl)")
     ap.add_argument("--out", required=True, help="JSON result file")
     args = ap.parse_args(argv)
     if args.rounds < 1 or args.steps < 1 or args.width < 1:
@@ -107,11 +113,19 @@ def main(argv: list[str] | None = None) -> int:
 
         if "backward_wrap" in kinds:
             torch.Tensor.backward = backward  # type: ignore[method-assign]
+        call_impl = nn.Module._call_impl
+
+        def root_call(*a: Any, **k: Any) -> Any:  # the instance _call_impl of a quiet step, doing nothing
+            return call_impl(model, *a, **k)
+
+        if "root_call" in kinds:
+            model.__dict__["_call_impl"] = root_call
 
         def undo() -> None:
             for h in handles:
                 h.remove()
             torch.Tensor.backward = original  # type: ignore[method-assign]
+            model.__dict__.pop("_call_impl", None)
         return undo
 
     for _ in range(300):
@@ -131,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         timed_round(30)
         rounds["noop_hooks"].append(timed_round(args.steps, "noop_hooks"))
         undo()
-        undo = noop_hooks(QUIET_KINDS)
+        undo = noop_hooks(HOOKED_QUIET_KINDS if args.hooked_quiet else QUIET_KINDS)
         timed_round(30)
         rounds["noop_quiet"].append(timed_round(args.steps, "noop_quiet"))
         undo()
@@ -139,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         timed_round(30)
         rounds["attached"].append(timed_round(args.steps, "attached"))
         quiet_seen = bool(getattr(handle, "quiet", False))  # (the agent before quiet steps has no such flag)
+        calling_seen = bool(getattr(getattr(handle, "_hooks", None), "calling", False))
         handle.detach()
     med = {k: statistics.median(v) for k, v in rounds.items()}
     out = {"benchmark": "hook_floor", "device": str(dev), "width": w, "batch": 32, "optimizer": "Adam",
@@ -149,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
            "agent_share_us": round((med["attached"] - med["noop_hooks"]) * 1e6, 1),
            "noop_quiet_added_us": round((med["noop_quiet"] - med["plain"]) * 1e6, 1),
            "agent_share_over_quiet_floor_us": round((med["attached"] - med["noop_quiet"]) * 1e6, 1),
-           "quiet_steps": quiet_seen,
+           "quiet_steps": quiet_seen, "quiet_call": calling_seen, "hooked_quiet": args.hooked_quiet,
            "alone_added_us": {k: round((med["only_" + k] - med["plain"]) * 1e6, 1) for k in alone},
            "rounds_s": {k: [round(t * 1e6, 1) for t in v] for k, v in rounds.items()},
            # the training thread's CPU per step, added over plain: steadier than a GPU step's wall clock (the

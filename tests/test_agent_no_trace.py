@@ -43,8 +43,10 @@ def bits(xs: list[float]) -> list[bytes]:
 
 
 def agent_hooks(module: nn.Module) -> list[object]:
-    return [h for m in module.modules() for h in (*m._forward_pre_hooks.values(), *m._forward_hooks.values())
-            if h in AGENT_HOOKS]
+    """The agent's hooks on ``module`` and its children, and a quiet step's instance _call_impl (quiet_steps)."""
+    return [h for m in module.modules() for h in (*m._forward_pre_hooks.values(), *m._forward_hooks.values(),
+                                                  m.__dict__.get("_call_impl"))
+            if h in AGENT_HOOKS or getattr(h, "batchmon_quiet_call", False)]
 
 
 def run(attached: bool, body: Callable[[nn.Module, torch.optim.Optimizer], list[float]], sgd: bool = False,

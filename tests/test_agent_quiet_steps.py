@@ -73,7 +73,9 @@ def test_steady_steps_go_quiet_and_a_sampled_step_arms_every_hook(agent_dir):
     model, opt, crit, handle = _setup(every=12)
     _train(model, opt, crit, 6)
     assert handle.quiet
-    assert _hook_fns(model) == {torch_patches.root_pre_hook, torch_patches.quiet_post_hook}
+    # no hook on the root: its instance _call_impl opens the step and calls torch's (fast path) _call_impl
+    assert _hook_fns(model) == set() and handle._hooks.calling
+    assert getattr(model.__dict__["_call_impl"], "batchmon_quiet_call", False)
     assert _hook_fns(crit) == set()  # the loss module runs torch's fast path
     _train(model, opt, crit, 6)  # step 12 is sampled: armed for it, quiet again after the next carried step
     assert handle.steps[11].components["activations"] > 0 and handle.steps[11].step == 12
@@ -88,7 +90,7 @@ def test_steady_steps_go_quiet_and_a_sampled_step_arms_every_hook(agent_dir):
     _train(model, opt, crit, 3, batch=5)
     assert handle.quiet and [s.step for s in handle.steps] == list(range(1, 18))
     handle.detach()
-    assert _hook_fns(model) == set() and _hook_fns(crit) == set()
+    assert _hook_fns(model) == set() and _hook_fns(crit) == set() and "_call_impl" not in model.__dict__
 
 
 def test_evaluation_forwards_between_quiet_steps_change_nothing(agent_dir):
@@ -107,12 +109,14 @@ def test_copies_of_a_model_on_quiet_steps_carry_no_agent_hooks(agent_dir):
     model, opt, crit, handle = _setup()
     _train(model, opt, crit, 6)
     assert handle.quiet
-    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
-        assert _hook_fns(clone) == set()
+    assert "_call_impl" in model.__dict__
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model)), copy.copy(model)):
+        assert _hook_fns(clone) == set() and "_call_impl" not in clone.__dict__
     buf = io.BytesIO()
     torch.save(model, buf)
     buf.seek(0)
-    assert _hook_fns(torch.load(buf, weights_only=False)) == set()
+    loaded = torch.load(buf, weights_only=False)
+    assert _hook_fns(loaded) == set() and "_call_impl" not in loaded.__dict__
     _train(model, opt, crit, 2)
     assert handle.last_step.step == 8
 
@@ -224,4 +228,104 @@ def test_a_compiled_model_is_measured_every_step_through_quiet_steps(agent_dir):
     assert [s.step for s in handle.steps] == list(range(1, 15))
     assert [s.batch_size for s in handle.steps] == [8] * 10 + [4] * 4
     assert handle.quiet
+    handle.detach()
+
+
+# ------------------------------------------------------------------------------------------ the root off torch's hooked path
+
+
+def test_a_copy_of_the_roots_dict_called_from_another_thread_runs_itself(agent_dir):
+    """DataParallel's replicas are copies of the root's __dict__ (the instance _call_impl with it), called from worker
+    threads: each must run its own forward, and the agent's step is left alone."""
+    import threading
+
+    model, opt, crit, handle = _setup()
+    _train(model, opt, crit, 6)
+    assert handle._hooks.calling
+    replica = model.__new__(type(model))
+    replica.__dict__ = model.__dict__.copy()
+    replica._modules = copy.deepcopy(model._modules)
+    with torch.no_grad():
+        replica[0].weight.add_(1.0)
+    x = torch.randn(3, D)
+    out: list[torch.Tensor] = []
+    worker = threading.Thread(target=lambda: out.append(replica(x)))
+    worker.start()
+    worker.join()
+    assert torch.equal(out[0], replica._modules["2"](replica._modules["1"](replica._modules["0"](x))))
+    assert not handle._meter.step_open  # the replica's forward was not the root's
+    with torch.no_grad():
+        assert not torch.equal(out[0], model(x))
+    _train(model, opt, crit, 2)
+    assert handle.last_step.step == 8 and handle.quiet
+
+
+def test_a_quiet_root_is_held_weakly(agent_dir):
+    import weakref
+
+    model, opt, crit, handle = _setup()
+    _train(model, opt, crit, 6)
+    assert handle._hooks.calling
+    ref = weakref.ref(model)
+    del model
+    assert ref() is None  # no reference cycle through the instance _call_impl: freed at once, no gc pass
+
+
+def test_an_oom_caught_inside_a_quiet_forward_leaves_the_next_steps_measured(agent_dir):
+    """The OOM observer arms every hook in the middle of a forward that then goes on (the script caught the error
+    inside its forward): the root ran torch's fast path, so the depth the observer opened is closed by the call."""
+
+    class Retrying(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(D, 32), nn.Linear(32, 4)
+            self.fail = False
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if self.fail:
+                self.fail = False
+                try:
+                    torch_patches._oom_observer(0, 1 << 20, 0, 0)
+                    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 MiB.")
+                except torch.OutOfMemoryError:
+                    pass  # e.g. retried in smaller chunks
+            return self.b(torch.relu(self.a(x)))
+
+    torch.manual_seed(0)
+    model = Retrying()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    crit = nn.CrossEntropyLoss()
+    handle = batchmon.attach(model, opt, activation_every=1000)
+    _train(model, opt, crit, 6)
+    assert handle._hooks.calling
+    model.fail = True
+    _train(model, opt, crit, 4, batch=5)
+    assert handle._meter.root_depth == 0 and [s.batch_size for s in handle.steps][-4:] == [5] * 4
+    assert not [e for e in handle.events if e.kind == "oom"]
+    assert handle.quiet
+
+
+def test_a_root_with_its_own_forward_hook_keeps_the_hooked_quiet_steps(agent_dir):
+    model, opt, crit, handle = _setup()
+    seen: list[int] = []
+    model.register_forward_pre_hook(lambda module, args: seen.append(1))
+    _train(model, opt, crit, 6)
+    assert handle.quiet and not handle._hooks.calling and "_call_impl" not in model.__dict__
+    assert torch_patches.root_pre_hook in _hook_fns(model) and len(seen) == 6
+
+
+def test_compiling_after_quiet_steps_puts_the_hooks_back_and_measures_every_step(agent_dir):
+    model, opt, crit, handle = _setup()
+    _train(model, opt, crit, 6)
+    assert handle._hooks.calling
+    compiled = torch.compile(model, backend="eager")
+    for batch in (8, 8, 8, 4, 4, 4):
+        opt.zero_grad(set_to_none=True)
+        crit(compiled(torch.randn(batch, D)), torch.randint(0, 4, (batch,))).backward()
+        opt.step()
+    # the first compiled call traced torch's own _call_impl (the agent saw no forward): its step's batch is unknown;
+    # every hook is back from then on and every later step is measured
+    assert handle._hooks.compiled and not handle._hooks.calling
+    assert [s.step for s in handle.steps] == list(range(1, 13))
+    assert [s.batch_size for s in handle.steps][-5:] == [8, 8, 4, 4, 4]
     handle.detach()

@@ -449,11 +449,18 @@ class AgentHandle(HandleViews):
                 primary = meter.primary()
             if optimizer is primary:
                 meter.optimizer_steps += 1
-                if self.quiet and meter.batch_carried:  # (_finish_step's carried case, without its checks)
-                    step = meter.finish_carried(self._device_used)
-                    if step is not None:
-                        self._out.step(step)
-                        return
+                if self.quiet:
+                    if meter.batch_carried:  # (_finish_step's carried case, without its checks)
+                        step = meter.finish_carried(self._device_used)
+                        if step is not None:
+                            out = self._out  # (Publisher.step, inline: this runs every step)
+                            out.steps.append(step)
+                            transport = out.transport
+                            if transport is not None:
+                                transport.put(step)
+                            return
+                    elif not meter.step_open:  # no forward of the root seen (quiet_steps: compiled around it)
+                        self._hooks.missed_forward()
                 self._finish_step()
         except Exception as exc:  # noqa: BLE001
             self._fail(exc)

@@ -20,13 +20,32 @@ OOM observer, which the allocator calls before raising (``arm_on_error``: the lo
 says where). (An OutOfMemoryError raised by hand inside a loss module, with no allocator involved, is not reported
 on a quiet step; on the CPU torch's allocator raises RuntimeError, not OutOfMemoryError.)
 Evaluation forwards (no grad) pass through the pre hook untouched.
+
+**The root off torch's hooked path** (``quiet_call``). Any forward hook puts the root on ``Module._call_impl``'s
+slow path (about 2-3 us on the dev box CPU before the hook runs, best case; 4-6 us inside a real step), over a
+quarter of the issue's 10 us. So where it is safe, a quiet step has no hook on the root at all: the root's own
+instance ``_call_impl`` (nn.Module's ``__call__`` looks ``self._call_impl`` up on the instance) is a small closure
+that opens the step (``StepMeter.open_quiet``) and calls torch's ``Module._call_impl`` - which, with no hooks, takes
+its fast path. When the step is not steady it puts every hook back *before* calling torch (which then runs them for
+this very call: cleaner than the hooked path's re-arming); an out-of-memory error leaving the forward is reported
+by the closure itself (by-hand ones too). Safe means: the root's ``__call__``/``_call_impl`` are nn.Module's, it has
+no forward hooks but the agent's and no ``_compiled_call_impl``, and it was never seen called under
+``torch.compile``. Under dynamo the closure's first line returns torch's ``_call_impl`` (``is_compiling()``), so a
+compiled call traces exactly what it would without it (checked on torch 2.13: ``torch.compile(model)``,
+``model.compile()``, a ``fullgraph`` function or parent module calling the root - same graphs, no graph break);
+the agent does not see such a call, so a step that ends with no forward seen puts the hooks back for good.
+The closure holds the root weakly (no cycle: ``del model`` frees it at once), is left out of pickles and copies
+(``torch_patches._without_agent_hooks``), and, called from another thread than the training thread's (a
+DataParallel replica carries a copy of the root's ``__dict__``), takes the module from its caller's frame.
 """
 
 from __future__ import annotations
 
 import sys
+import threading
+import weakref
 from types import FrameType
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 
@@ -34,8 +53,15 @@ from batchmon.agent import torch_patches as patches
 from batchmon.agent.module_watch import ModuleWatch
 from batchmon.agent.step_meter import StepMeter
 
-_CALL_IMPL = torch.nn.Module._call_impl.__code__
+_MODULE_CALL_IMPL = torch.nn.Module._call_impl
+_CALL_IMPL = _MODULE_CALL_IMPL.__code__
+_WRAPPED = getattr(torch.nn.Module, "_wrapped_call_impl", None)  # nn.Module.__call__ (torch >= 2.1)
+_WRAPPED_CODE = getattr(_WRAPPED, "__code__", None)
 _grad_enabled = torch.is_grad_enabled
+_is_compiling = patches._is_compiling
+_get_ident = threading.get_ident
+_getframe = sys._getframe
+_OOM = torch.OutOfMemoryError
 
 
 class Owner(Protocol):
@@ -46,9 +72,12 @@ class Owner(Protocol):
     _watch: ModuleWatch
     _disabled: bool
 
+    oom_count: int
+
     def _moved(self) -> None: ...
     def _on_oom(self, exc: BaseException, where: str) -> None: ...
     def _fail(self, exc: BaseException, teardown: bool = True) -> None: ...
+    def _open_quiet(self, module: Any, args: tuple[Any, ...]) -> bool: ...
 
 
 class QuietSteps:
@@ -59,18 +88,46 @@ class QuietSteps:
         self._pre: Any = None
         self._post: Any = None
         self._post_fn: Any = None  # which post hook is registered
+        self._model: weakref.ReferenceType[torch.nn.Module] | None = None  # the hooked root
+        self._call: Callable[..., Any] | None = None  # the root's instance _call_impl while quiet (quiet_call)
+        self.compiled = False  # the root was called under torch.compile, or a quiet step missed its forward
 
     def hook_model(self, model: torch.nn.Module) -> None:
         self.remove()
+        self._model = weakref.ref(model)
+        self.compiled = False
         self._pre, self._post = patches.register_pair(model, patches.root_pre_hook, patches.root_post_hook)
         self._post_fn = patches.root_post_hook
         self.arm()
 
     def remove(self) -> None:
+        self._uncall()
         for handle in (self._pre, self._post):
             if handle is not None:
                 handle.remove()
         self._pre = self._post = self._post_fn = None
+
+    @property
+    def calling(self) -> bool:
+        """The root runs torch's fast path through the agent's instance ``_call_impl`` (a quiet step, no hooks)."""
+        return self._call is not None
+
+    def _uncall(self) -> None:
+        call, self._call = self._call, None
+        model = self._model() if self._model is not None else None
+        if call is not None and model is not None and model.__dict__.get("_call_impl") is call:
+            del model.__dict__["_call_impl"]
+
+    def _can_call(self, model: torch.nn.Module | None) -> bool:
+        """Whether a quiet step can take the root off torch's hooked path (the module docstring's "safe")."""
+        if model is None or self.compiled or _WRAPPED_CODE is None or self._pre is None:
+            return False
+        cls = type(model)
+        d = model.__dict__
+        return (cls.__call__ is _WRAPPED and cls._call_impl is _MODULE_CALL_IMPL and "_call_impl" not in d
+                and d.get("_compiled_call_impl") is None
+                and all(fn in patches.AGENT_HOOKS for fn in model._forward_pre_hooks.values())
+                and all(fn in patches.AGENT_HOOKS for fn in model._forward_hooks.values()))
 
     def after_carried(self, forwards: int) -> None:
         """A carried step ended (not quiet): the next ones run quiet if this one was steady enough - one training
@@ -81,7 +138,14 @@ class QuietSteps:
                 and meter.counter is None and not meter.phases.active and meter.sizer._probe is None
                 and not watch.window_hooks and not watch.discovery_hooks
                 and (watch.criterion_ref is not None or watch.loss_search_left <= 0)):
-            self._set_post(meter.model, patches.quiet_post_hook)
+            model = meter.model
+            if self._can_call(model):
+                for handle in (self._pre, self._post):
+                    handle.remove()
+                self._pre = self._post = self._post_fn = None
+                self._call = model.__dict__["_call_impl"] = quiet_call(weakref.ref(model), _get_ident())
+            else:
+                self._set_post(model, patches.quiet_post_hook)
             watch.unhook_criterion()
             patches.step_depth_hook(False)
             owner.quiet = True
@@ -90,6 +154,12 @@ class QuietSteps:
         """Every hook back (a quiet step's pre hook found something to measure; a new model)."""
         owner = self._owner
         owner.quiet = False
+        if self._call is not None:
+            self._uncall()
+            model = self._model() if self._model is not None else None
+            if model is not None:
+                self._pre, self._post = patches.register_pair(model, patches.root_pre_hook, patches.root_post_hook)
+                self._post_fn = patches.root_post_hook
         self._set_post(owner._meter.model, patches.root_post_hook)
         owner._watch.hook_criterion()
         patches.step_depth_hook(True)
@@ -124,6 +194,34 @@ class QuietSteps:
             owner._moved()
         return True
 
+    def forward_failed(self, exc: BaseException, mark: int) -> None:
+        """An exception left the root's forward on a quiet step run through ``quiet_call`` (torch's fast path: no
+        post hook saw it): an out-of-memory error is reported (once: ``mark`` is the OOM count before it) and
+        every hook comes back, as the hooked path's post hook would."""
+        owner = self._owner
+        try:
+            meter = owner._meter
+            meter.root_depth, meter.root_counting = 0, False  # (the OOM observer may have armed, counting this call)
+            if owner.quiet:
+                self.arm()
+            if owner.oom_count == mark and isinstance(exc, _OOM):
+                owner._on_oom(exc, "forward")
+        except Exception as err:  # noqa: BLE001
+            owner._fail(err)
+
+    def settle(self) -> None:
+        """A forward run through ``quiet_call`` returned after something armed the hooks inside it: torch took its
+        fast path, so no post hook will close the root's depth that the OOM observer opened."""
+        meter = self._owner._meter
+        meter.root_depth, meter.root_counting = 0, False
+
+    def missed_forward(self) -> None:
+        """A quiet step ended with no forward of the root seen: a compiled call went around ``quiet_call`` (or the
+        script called ``model.forward`` itself). Every hook back; this root keeps them on quiet steps from now on."""
+        if self._call is not None:
+            self.compiled = True
+        self.arm()
+
     def arm_on_error(self, requested: int) -> None:
         """CUDA's allocator is about to raise an out-of-memory error (its observer, with the allocator's lock
         released): on a quiet step, every hook back. Inside the root's forward its post hook then reports the
@@ -145,6 +243,44 @@ class QuietSteps:
                     "loss")
         except Exception as exc:  # noqa: BLE001
             owner._fail(exc)
+
+
+def quiet_call(ref: "weakref.ReferenceType[torch.nn.Module]", owner: int) -> Callable[..., Any]:
+    """The root's instance ``_call_impl`` on a quiet step (module docstring: "The root off torch's hooked path").
+    ``ref``: the root, weakly; ``owner``: the training thread's ident."""
+
+    def _call_impl(*args: Any, **kwargs: Any) -> Any:
+        if _is_compiling():  # traced by dynamo: what torch would call, nothing of the agent's in the graph
+            return _MODULE_CALL_IMPL(ref(), *args, **kwargs)
+        root = module = ref()
+        if _get_ident() != owner:  # maybe a DataParallel replica (a copy of the root's __dict__): who is called?
+            caller = _getframe(1)
+            if caller.f_code is _WRAPPED_CODE:
+                module = caller.f_locals["self"]
+        a = patches.agent
+        if a is not None and a.quiet and module is root:
+            opened = False
+            try:
+                if not kwargs and a._open_quiet(module, args):
+                    opened = True
+                elif _grad_enabled():  # not a steady step: every hook back before torch reads them for this call
+                    a._hooks.arm()
+            except Exception as exc:  # noqa: BLE001 - never into the training
+                a._fail(exc)
+            if opened:
+                mark = a.oom_count
+                try:
+                    result = _MODULE_CALL_IMPL(module, *args, **kwargs)
+                except BaseException as exc:
+                    a._hooks.forward_failed(exc, mark)
+                    raise
+                if not a.quiet:  # armed during the call (the OOM observer, an error caught inside the forward)
+                    a._hooks.settle()
+                return result
+        return _MODULE_CALL_IMPL(module, *args, **kwargs)
+
+    _call_impl.batchmon_quiet_call = True  # type: ignore[attr-defined] - torch_patches leaves it out of pickles
+    return _call_impl
 
 
 def depth_on_stack(module: Any) -> int:

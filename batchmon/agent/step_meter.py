@@ -42,10 +42,9 @@ next read covers every step since; a batch-size change resets it first). With th
 samples are at most SAMPLE_SECONDS apart (first steps, batch-size changes and a moved model whatever the time); an
 explicit one is exact. Sampled steps walk parameters, gradients and optimizer state again only when something may
 have changed (first steps, batch size, moved model, grown optimizer state, or RECOUNT_SECONDS passed).
-A step that is not sampled and whose root inputs are plain tensors of the last step's shapes, dtypes and places
-carries the last step's batch size, batch bytes and parameter/gradient/optimizer counts (new optimizer state is
-counted on the next sampled step); its end is ``finish_carried`` (the last Step, copied) when nothing it reports
-differs; after such a step the next ones run quiet (``open_quiet``, batchmon.agent.quiet_steps).
+A step not sampled whose root inputs are plain tensors of the last step's shapes, dtypes and places carries the
+last step's batch size and bytes and parameter/gradient/optimizer counts (new optimizer state: next sample); its end
+is ``finish_carried`` (the last Step, copied) when nothing it reports differs; then steps run quiet (quiet_steps).
 """
 
 from __future__ import annotations
@@ -64,10 +63,7 @@ from batchmon.agent.peak_phase import NOT_FOLLOWED, PhaseTracker
 from batchmon.agent.batch_dim import BatchSizer
 from batchmon.protocol import Event, ModelInfo, Step, new_step
 
-_perf_counter = time.perf_counter
-_grad_enabled = torch.is_grad_enabled
-_time = time.time
-_new_object = object.__new__
+_perf_counter, _time, _new_object, _grad_enabled = time.perf_counter, time.time, object.__new__, torch.is_grad_enabled
 
 FULL_STEPS = 3  # the first steps are always fully measured
 ALLOCATOR_READ_SECONDS = 0.05  # the allocator's figures are read at least this often (and on sampled steps)
@@ -444,19 +440,16 @@ class StepMeter:
         fields["step_seconds"] = now - start
         fields["components"] = template.components.copy()
         self._last_batch_size = self.batch_size
-        self._close_step()
+        self.step_open = self.batch_carried = False
+        self._batch_max = self.backwards = self.forwards = 0
+        self._backward_static, self._grad_marks = None, self._grad_marks and []  # (no new list unless marks)
         patches.oom_requested = None  # as finish's take_oom_requested: a caught failure is not the next OOM's size
         return step
 
     def _close_step(self) -> None:
-        """The per-step state back to between-steps (both step ends: ``finish`` and ``finish_carried``)."""
-        self.step_open = False
-        self.sampled = False
-        self._acts_max = 0
-        self._batch_max = 0
-        self.batch_carried = False
-        self.backwards = 0
-        self.forwards = 0
+        """The per-step state back to between-steps (``finish``; ``finish_carried`` resets what a carried step set)."""
+        self.step_open = self.sampled = self.batch_carried = False
+        self._acts_max = self._batch_max = self.backwards = self.forwards = 0
         self._grad_marks = []
         self._backward_static = None
 
@@ -587,8 +580,13 @@ class StepMeter:
         return self._static
 
     def current_components(self) -> dict[str, int]:
-        """The components so far in the open step (for an OOM event)."""
-        parameters, gradients, optimizer = self.static_components(force=True)
+        """The components so far in the open step (for an OOM event; the carried counts stay: after an OOM in
+        backward the gradients are gone until the step is redone, which the steps after it must not report)."""
+        kept = self._static, self._static_state_len, self._recount_t
+        try:
+            parameters, gradients, optimizer = self.static_components(force=True)
+        finally:
+            self._static, self._static_state_len, self._recount_t = kept
         acts = self._last_acts
         if self.sampled:
             acts = max(self._acts_max, self.counter.bytes if self.counter is not None else 0)

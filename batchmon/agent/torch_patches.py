@@ -44,6 +44,7 @@ class Sink(Protocol):
     oom_count: int
     quiet: bool  # a quiet steady step (batchmon.agent.quiet_steps): backward only counted (``_meter.backwards``)
     _meter: Any
+    _hooks: Any  # batchmon.agent.quiet_steps.QuietSteps
 
     def _open_quiet(self, module: torch.nn.Module, args: tuple[Any, ...]) -> bool: ...
     def _fail(self, exc: BaseException, teardown: bool = True) -> None: ...
@@ -128,6 +129,7 @@ def _leaving(depth: int = 8) -> BaseException | None:
 def _root_pre(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
     a = agent
     if a is not None:
+        a._hooks.compiled = True  # (only ever called under torch.compile: quiet steps keep the hooks for this root)
         a._root_pre(module, args, kwargs)
 
 
@@ -210,12 +212,16 @@ def register_pair(module: torch.nn.Module, pre: Callable[..., Any], post: Callab
 
 
 def _without_agent_hooks(state: dict[str, Any]) -> dict[str, Any]:
-    """A module's pickled state minus the agent's hooks (the live module keeps them)."""
+    """A module's pickled state minus the agent's hooks and its quiet steps' instance ``_call_impl``
+    (batchmon.agent.quiet_steps; the live module keeps them)."""
     pre, post = state.get("_forward_pre_hooks"), state.get("_forward_hooks")
     ours = [k for hooks in (pre, post) if hooks for k, fn in hooks.items() if fn in AGENT_HOOKS]
-    if not ours:
+    call = getattr(state.get("_call_impl"), "batchmon_quiet_call", False)
+    if not ours and not call:
         return state
     state = dict(state)
+    if call:
+        del state["_call_impl"]
     for name in _HOOK_DICTS:
         table = state.get(name)
         if table is not None:
@@ -364,13 +370,15 @@ class _StepWrapper:
         opt = self._opt()
         if opt is None:
             raise ReferenceError("optimizer no longer exists")
-        fn = self._inner if self._inner is not None else type(opt).step.__get__(opt, type(opt))
+        inner = self._inner
         global step_depth
         a = agent
         mark = a.oom_count if a is not None else 0
         depth = step_depth
         try:
-            return fn(*args, **kwargs)
+            if inner is not None:
+                return inner(*args, **kwargs)
+            return type(opt).step(opt, *args, **kwargs)  # (no bound method made per step)
         except BaseException as exc:
             step_depth = depth  # the step's post hook will not run: it is no longer "inside a step"
             # reported once: an OOM in a closure's forward or backward was reported where it happened
