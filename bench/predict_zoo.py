@@ -55,7 +55,9 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+import predict_accuracy  # noqa: E402
 from batchmon.memory_model import SavedSplit, WhatIf, fit  # noqa: E402
+from batchmon.protocol import Step, with_saved_split  # noqa: E402
 from zoo_models import HFLogits, GRUSeq2Seq, LSTMLM, UNet  # noqa: E402
 from zoo_offline import (exact_boundary, markdown, merge, per_phase_max, reevaluate,  # noqa: E402,F401 - CLI, tests
                          reevaluation_text, step_peaks_only_max)
@@ -64,6 +66,18 @@ from predict_accuracy import (GPT, OOM_LIKE, Arch, CudaDevice, Runner, SmokeDevi
 
 GIB = 2**30
 BUDGET_S = 510.0
+
+
+def _replace_keeping_split(obj: Any, **changes: Any) -> Any:
+    """dataclasses.replace that keeps a Step's saved_split (an added field that is not an __init__ argument, so
+    replace drops it): predict_accuracy.observe_with_agent replaces each step's device_used with the bench's own
+    reading, and the agent's measured split must survive that."""
+    made = dataclasses.replace(obj, **changes)
+    split = getattr(obj, "saved_split", None)
+    return with_saved_split(made, split) if split is not None and isinstance(made, Step) else made
+
+
+predict_accuracy.replace = _replace_keeping_split  # type: ignore[attr-defined]
 #: what each trial records: the allocator at the trial's end (reserved - peak at the boundary is the overhead a
 #: margin must cover; inactive_split_peak the part of it inside live segments, which a retry cannot release)
 TRIAL_FIELDS = ("batch", "ok", "peak_allocated", "reserved", "inactive_split_peak", "num_alloc_retries",
@@ -117,6 +131,7 @@ class Entry:
     what_ifs: tuple[str, ...] = ()  # "amp", "checkpointing" (run for real)
     checkpoint_layers: int | None = None
     compiled: bool = False
+    checkpointed: Callable[[], nn.Module] | None = None  # the model with a checkpoint per block (HF's switch)
 
 
 def _hf_gpt2(smoke: bool, checkpointing: bool = False) -> nn.Module:
@@ -152,7 +167,8 @@ def zoo(smoke: bool) -> list[Entry]:
     img = 32 if s else 224
     out.append(Entry(Arch("vit-b16", "ViT-B/16 224, fp32, AdamW",
                           _tv("vit_b_16") if not s else _tv("vit_b_16", image_size=32), _opt("adamw"),
-                          _images(img, 1000), F.cross_entropy, (4, 2) if s else (16, 8)), "AdamW", "torchvision"))
+                          _images(img, 1000), F.cross_entropy, (4, 2) if s else (16, 8)), "AdamW", "torchvision",
+                     what_ifs=("amp",)))
     out.append(Entry(Arch("resnet50", "ResNet-50 224, fp32, SGD momentum", _tv("resnet50"), _opt("sgdm"),
                           _images(img, 1000), F.cross_entropy, (4, 2) if s else (32, 16)), "SGD", "torchvision"))
     out.append(Entry(Arch("efficientnet-b0", "EfficientNet-B0 224, fp32, AdamW", _tv("efficientnet_b0"), _opt("adamw"),
@@ -177,19 +193,25 @@ def zoo(smoke: bool) -> list[Entry]:
     pv, pseq = (256, 32) if s else (50257, 512)
     out.append(Entry(Arch("gpt2-fp32", f"GPT-2 124M (HF) T={pseq}, fp32, AdamW, loss on logits.float()",
                           lambda: _hf_gpt2(s), _opt("adamw"), _tokens(pv, pseq), _ce, (4, 2) if s else (4, 2)),
-                     "AdamW", "transformers", what_ifs=("amp", "checkpointing"), checkpoint_layers=2 if s else 12))
+                     "AdamW", "transformers", what_ifs=("amp", "checkpointing"), checkpoint_layers=2 if s else 12,
+                     checkpointed=lambda: _hf_gpt2(s, checkpointing=True)))
 
-    def t5() -> nn.Module:
+    def t5(checkpointing: bool = False) -> nn.Module:
         from transformers import T5Config, T5ForConditionalGeneration
 
         cfg = (T5Config(d_model=64, d_ff=128, num_layers=2, num_heads=4, d_kv=16, vocab_size=256) if s else
                T5Config(d_model=512, d_ff=2048, num_layers=6, num_heads=8, d_kv=64, vocab_size=32128))
-        return HFLogits(T5ForConditionalGeneration(cfg), src_len=t5_src)
+        cfg.use_cache = False
+        model = T5ForConditionalGeneration(cfg)
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        return HFLogits(model, src_len=t5_src)
 
     t5_src, t5_tgt, t5v = (16, 8, 256) if s else (512, 128, 32128)
     out.append(Entry(Arch("t5-small", f"T5-small {t5_src}->{t5_tgt}, fp32, AdamW", t5, _opt("adamw"),
                           _tokens(t5v, t5_src + t5_tgt, t5_tgt), _ce, (4, 2) if s else (8, 4)),
-                     "AdamW", "transformers"))
+                     "AdamW", "transformers", what_ifs=("amp", "checkpointing"),
+                     checkpointed=lambda: t5(checkpointing=True)))
     cv, cseq, cd, ch, cl = (64, 16, 32, 4, 2) if s else (8192, 512, 512, 8, 8)
     out.append(Entry(Arch("gpt-compiled", f"GPT {cl}L d={cd} T={cseq} under torch.compile(dynamic=True), fp32, AdamW",
                           lambda: torch.compile(GPT(cv, cseq, cd, ch, cl, tied=False), dynamic=True,
@@ -382,6 +404,15 @@ def model_internals(model: Any) -> dict[str, Any]:
             "time_line": None if model.time_line is None else [model.time_line.fixed, model.time_line.per_sample]}
 
 
+def _derived(split: SavedSplit | None, wi: WhatIf) -> bool:
+    """Does the what-if rest on the measured split (else on its documented rule)?"""
+    if split is None:
+        return False
+    if wi.amp and split.amp_cut_share() is None:
+        return False
+    return not (wi.checkpointing and split.dropped_share() is None)
+
+
 def _cleanup(dev: Any) -> None:
     gc.collect()
     dev.clean()
@@ -399,21 +430,25 @@ def run_entry(entry: Entry, dev: Any, deadline: float, smoke: bool) -> dict[str,
     if steps is None:
         result["error"] = how
         return result
-    split = None
-    if not entry.compiled:  # saved-tensor hooks and forward hooks would break a compiled graph
+    # the split the agent measured on a sampled step (Step.saved_split): what a user's what-ifs rest on
+    agent_split = next((s.saved_split for s in reversed(steps) if s.saved_split), None)
+    result["saved_split"] = agent_split
+    bench_split = None
+    if not entry.compiled:  # the bench's own measure, for comparison (saved-tensor hooks would break a compiled graph)
         try:
-            split = measure_saved_split(runner, small)
-        except Exception as exc:  # noqa: BLE001 - the split feeds the derived what-ifs only
-            result["saved_split_error"] = f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+            bench_split = measure_saved_split(runner, small)
+        except Exception as exc:  # noqa: BLE001 - recorded for comparison only
+            result["bench_saved_split_error"] = f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
             _cleanup(dev)
-    result["saved_split"] = None if split is None else dataclasses.asdict(split)
+    result["bench_saved_split"] = None if bench_split is None else dataclasses.asdict(bench_split)
     try:
         result["phase_peaks"] = [phase_peaks(runner, b) for b in (big, small)]
     except Exception as exc:  # noqa: BLE001 - recorded for an offline derivation only
         result["phase_peaks_error"] = f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
         _cleanup(dev)
-    model = fit(steps, optimizer=entry.optimizer_name, amp=arch.amp, saved_split=split)
-    rule_model = fit(steps, optimizer=entry.optimizer_name, amp=arch.amp)  # the what-ifs' rules, for comparison
+    model = fit(steps, optimizer=entry.optimizer_name, amp=arch.amp)  # the agent's split, as a user's monitor
+    rule_model = fit([with_saved_split(s, None) for s in steps], optimizer=entry.optimizer_name,
+                     amp=arch.amp)  # the what-ifs' documented rules (no split measured), for comparison
     assert model is not None and rule_model is not None
     device_total = dev.total + model.context  # the cap bounds the allocator; the context lies outside it
     p = model.predict(device_total=device_total)
@@ -469,14 +504,15 @@ def run_entry(entry: Entry, dev: Any, deadline: float, smoke: bool) -> dict[str,
             continue
         wi = (WhatIf(amp=True) if what == "amp" else
               WhatIf(checkpointing=True, checkpoint_layers=entry.checkpoint_layers))
-        # the prediction a user gets today (the documented rules: the agent does not measure the split yet),
-        # and the one derived from the measured split, to be validated here before the agent feeds it
-        q = rule_model.predict(wi, device_total=device_total)
-        derived_max = model.max_batch(device_total, wi) if split is not None else None
+        # the prediction a user gets (derived from the split the agent measured, else the documented rules), and
+        # the rules' for comparison
+        q = model.predict(wi, device_total=device_total)
+        rule_max = rule_model.max_batch(device_total, wi)
         if what == "amp":
             variant = replace(arch, amp=True)
         else:
-            variant = replace(arch, build=lambda: _hf_gpt2(smoke, checkpointing=True))
+            assert entry.checkpointed is not None, f"{arch.name}: a checkpointing what-if needs Entry.checkpointed"
+            variant = replace(arch, build=entry.checkpointed)
         runner = Runner(variant, dev)
         runner.step(small, count=False)  # optimizer state exists, as in a running job
         wlog: list[dict[str, Any]] = []
@@ -485,9 +521,11 @@ def run_entry(entry: Entry, dev: Any, deadline: float, smoke: bool) -> dict[str,
         wsec = time_steps(runner, timing_batch) if time.perf_counter() < deadline else None
         plain_s = timing.get("plain_s")
         result["what_ifs"].append({"what_if": what, "assumptions": list(q.basis_fields.what_if),
-                                   "predicted_max_batch": q.max_batch, "predicted_max_batch_derived": derived_max,
-                                   "derived_assumptions": list(model.predict(wi, device_total=device_total)
-                                                               .basis_fields.what_if) if split is not None else [],
+                                   "predicted_max_batch": q.max_batch,
+                                   "derived": _derived(model.saved_split, wi),
+                                   "predicted_max_batch_rule": rule_max,
+                                   "rule_assumptions": list(rule_model.predict(wi, device_total=device_total)
+                                                            .basis_fields.what_if),
                                    **wreal,
                                    "ratio": (q.max_batch or 0) / wreal["real_max_batch"]
                                    if wreal["real_max_batch"] else None, "trials": len(wlog), "trial_log": wlog,
@@ -513,6 +551,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reevaluate", type=Path, metavar="JSON",
                     help="refit the current model on a results file's recorded observations (no GPU); exit 1 when "
                          "a largest batch is above the real one")
+    ap.add_argument("--splits", type=Path, metavar="JSON",
+                    help="with --reevaluate: {arch: saved split} to derive the what-ifs from (a projection, e.g. "
+                         "bench/zoo_split_cpu.py's) instead of what the recorded steps carry")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny models on CPU against a fake device")
     ap.add_argument("--device-memory-gib", type=float, default=24.0, help="emulated device size (default 24)")
     ap.add_argument("--arch", default="", help="comma-separated subset of the architecture names")
@@ -530,7 +571,14 @@ def main(argv: list[str] | None = None) -> int:
         print(markdown(merged), end="")
         return 0
     if args.reevaluate:
-        text, safe = reevaluation_text(reevaluate(json.loads(args.reevaluate.read_text())))
+        splits = None
+        if args.splits:
+            try:
+                splits = json.loads(args.splits.read_text())["splits"]
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                print(f"predict_zoo: cannot read --splits {args.splits}: {exc}", file=sys.stderr)
+                return 2
+        text, safe = reevaluation_text(reevaluate(json.loads(args.reevaluate.read_text()), splits))
         print(text, end="")
         return 0 if safe else 1
     if not args.out:

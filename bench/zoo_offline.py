@@ -50,11 +50,29 @@ def fit_label(model: Any, basis: Any) -> str:
     return f"per phase ({basis.deciding_phase} decides)"
 
 
-def reevaluate(doc: dict[str, Any]) -> list[dict[str, Any]]:
+def _split_of(r: dict[str, Any], splits: dict[str, Any] | None) -> tuple[SavedSplit | None, str]:
+    """The split a result's what-ifs are derived from, and where it comes from: one given for the architecture
+    (``--splits``: e.g. measured on the CPU by bench/zoo_split_cpu.py, a projection), else the one the agent
+    carried in the recorded steps (a run since the agent measures it), else the bench's own older measure (run 5
+    and before: no AMP bytes, so AMP falls back to its rule)."""
+    if splits and r["arch"] in splits:
+        return SavedSplit.from_wire(splits[r["arch"]]), "given (--splits)"
+    carried = next((s.get("saved_split") for s in reversed(r["observed_steps"]) if s.get("saved_split")), None)
+    if carried:
+        return SavedSplit.from_wire(carried), "the agent's (recorded steps)"
+    old = r.get("saved_split") or r.get("bench_saved_split")
+    if old and "saved_amp" in old:
+        return SavedSplit(**old), "the bench's older measure"
+    return None, "none"
+
+
+def reevaluate(doc: dict[str, Any], splits: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Refit the current memory model on each architecture's recorded observation (no GPU) and compare its
     largest batch, plain and per what-if, with the real one the run measured. Results recorded before the
-    observation was kept (no ``observed_steps``) are listed with ``skipped``."""
-    from batchmon.protocol import Step
+    observation was kept (no ``observed_steps``) are listed with ``skipped``. What-ifs: ``predicted`` is what a
+    user gets from the recorded steps as they are, ``derived`` what the split (``_split_of``) gives, ``rule``
+    the documented rules without any split."""
+    from batchmon.protocol import Step, with_saved_split
 
     rows: list[dict[str, Any]] = []
     for r in doc.get("results", []):
@@ -62,10 +80,12 @@ def reevaluate(doc: dict[str, Any]) -> list[dict[str, Any]]:
             rows.append({"arch": r["arch"], "skipped": "no recorded observation (an older run)"})
             continue
         steps = [Step.from_dict(d) for d in r["observed_steps"]]
-        split = SavedSplit(**r["saved_split"]) if r.get("saved_split") else None
+        split, source = _split_of(r, splits)
         model = fit(steps, optimizer=r.get("optimizer"), amp=bool(r.get("amp")))
         derived_model = fit(steps, optimizer=r.get("optimizer"), amp=bool(r.get("amp")), saved_split=split) \
             if split is not None else None
+        rule_model = fit([with_saved_split(s, None) for s in steps], optimizer=r.get("optimizer"),
+                         amp=bool(r.get("amp")))
         if model is None:
             rows.append({"arch": r["arch"], "skipped": "no usable step"})
             continue
@@ -74,6 +94,7 @@ def reevaluate(doc: dict[str, Any]) -> list[dict[str, Any]]:
         p = model.predict(device_total=device_total)
         pred = p.max_batch or 0
         row: dict[str, Any] = {"arch": r["arch"], "predicted": pred, "recorded": r["predicted_max_batch"],
+                               "split_source": source,
                                "real": real, "ratio": pred / real if real else None, "what_ifs": [],
                                "fit": fit_label(model, p.basis_fields),
                                "step_peaks_only": step_peaks_only_max(steps, r.get("optimizer"), bool(r.get("amp")),
@@ -90,9 +111,21 @@ def reevaluate(doc: dict[str, Any]) -> list[dict[str, Any]]:
             wreal = exact_boundary(w.get("trial_log", [])) or w["real_max_batch"]
             derived = derived_model.max_batch(device_total, spec) if derived_model is not None else None
             row["what_ifs"].append({"what_if": w["what_if"], "predicted": wpred, "recorded": w["predicted_max_batch"],
-                                    "real": wreal, "ratio": wpred / wreal, "derived": derived})
+                                    "real": wreal, "ratio": wpred / wreal, "derived": derived,
+                                    "rule": rule_model.max_batch(device_total, spec) if rule_model else None,
+                                    "peaks": _whatif_peaks(derived_model or model, spec, w, device_total)})
         rows.append(row)
     return rows
+
+
+def _whatif_peaks(model: Any, spec: Any, w: dict[str, Any], device_total: int) -> list[tuple[int, int, int]]:
+    """(batch, predicted peak, measured peak) at each batch the what-if ran at for real."""
+    out = []
+    for t in w.get("trial_log", []):
+        if t["ok"] and t.get("peak_allocated"):
+            p = model.predict(replace(spec, batch_size=t["batch"]), device_total=device_total)
+            out.append((t["batch"], p.peak_allocated, t["peak_allocated"]))
+    return out
 
 
 def _overhead(model: Any, r: dict[str, Any], real: int, cap: int) -> dict[str, Any]:
@@ -144,8 +177,14 @@ def reevaluation_text(rows: list[dict[str, Any]]) -> tuple[str, bool]:
             safe = safe and not above
             ratio = "-" if x["ratio"] is None else f"{x['ratio']:.3f}"
             derived = x.get("derived")
-            note = "" if derived is None else f"; derived from the split: {derived}" + (
-                " (above real)" if x["real"] is not None and derived > x["real"] else "")
+            note = "" if derived is None else f"; derived from the split ({row['split_source']}): {derived}" + (
+                " **above real**" if x["real"] is not None and derived > x["real"] else "")
+            if x is not row:
+                safe = safe and (derived is None or derived <= x["real"])
+                note += f"; rule: {x.get('rule')}"
+                errors = [100 * (p / m - 1) for _, p, m in x.get("peaks", [])]
+                if errors:
+                    note += f"; peak error {min(errors):+.2f}..{max(errors):+.2f}%"
             fitted, single = (row["fit"], row["step_peaks_only"]) if x is row else ("", "")
             phase = ("-" if row["per_phase"] is None else row["per_phase"]) if x is row else ""
             lines.append(f"| {name} | {x['predicted']} ({x['recorded']}) | {x['real']} | "
@@ -203,15 +242,19 @@ def markdown(doc: dict[str, Any]) -> str:
                      f"{_fitted(r)} |")
     whatifs = [(r["arch"], w) for r in doc["results"] for w in r.get("what_ifs", []) if "skipped" not in w]
     if whatifs:
-        lines += ["", "| what-if (from the observed run) | predicted largest batch | real | pred/real | "
-                      "OOM at prediction | derived from the measured split (not yet used) | step time vs plain |",
-                  "|---|---:|---:|---:|---|---:|---:|"]
+        lines += ["", "| what-if (from the observed run) | predicted largest batch | from | real | pred/real | "
+                      "OOM at prediction | the rule's (no split) | step time vs plain |",
+                  "|---|---:|---|---:|---:|---|---:|---:|"]
         for arch, w in whatifs:
             oom = {True: "no", False: "**yes**", None: "-"}[w.get("ok_at_predicted")]
             factor = (w.get("timing") or {}).get("factor")
-            derived = w.get("predicted_max_batch_derived")
-            above = derived is not None and w.get("real_max_batch") is not None and derived > w["real_max_batch"]
-            lines.append(f"| {arch}: {w['what_if']} | {w['predicted_max_batch']} | {w['real_max_batch']} | "
-                         f"{f(w.get('ratio'), '.3f')} | {oom} | {'-' if derived is None else derived}"
-                         f"{' **above real**' if above else ''} | {f(factor, '.2f')} |")
+            if "predicted_max_batch_rule" in w:  # since the agent measures the split
+                source = "the agent's split" if w.get("derived") else "rule"
+                rule = w.get("predicted_max_batch_rule")
+            else:  # older runs: the rule predicted, the bench's split a side figure
+                source, rule = "rule", w.get("predicted_max_batch")
+            above = w.get("real_max_batch") is not None and (w.get("predicted_max_batch") or 0) > w["real_max_batch"]
+            lines.append(f"| {arch}: {w['what_if']} | {w['predicted_max_batch']}{' **above real**' if above else ''} | "
+                         f"{source} | {w['real_max_batch']} | {f(w.get('ratio'), '.3f')} | {oom} | "
+                         f"{'-' if rule is None else rule} | {f(factor, '.2f')} |")
     return "\n".join(lines) + "\n"

@@ -290,13 +290,16 @@ class SplitProbe:
         """The root forward of a sampled step starts (the agent's counter is pushed): hook the blocks."""
         if self.done or self._armed or step_meter.step < self.after_steps:
             return
+        if _compiled(model):  # its graph is one compiled node (nothing to classify) and hooks would recompile
+            self.done = True
+            return
         try:
             counter = step_meter.counter
             if counter is None:
                 return
             self._counter = counter
             self._start = counter.bytes
-            blocks = [] if _compiled(model) else repeated_blocks(model)
+            blocks = repeated_blocks(model)
             self._meter = BlockMeter(blocks, lambda: counter.bytes) if blocks else None
             self._armed = True
         except Exception:  # noqa: BLE001 - measuring must never break the forward

@@ -100,19 +100,26 @@ class SavedSplit:
         keep = (self.saved - self.in_blocks) + self.block_inputs + self.in_blocks / max(1, n)
         return min(1.0, keep / self.saved)
 
-    def dropped_per_sample(self) -> float | None:
-        """Saved bytes a sample drops under a checkpoint per block: what is saved inside the blocks, less their
-        inputs (kept). None when no block was measured."""
-        if self.blocks < 1 or self.in_blocks <= 0 or self.in_blocks > self.saved:
+    def dropped_share(self) -> float | None:
+        """Share of the saved bytes a checkpoint per block drops: what is saved inside the blocks, less their
+        inputs (kept). A share, applied to the fitted activations' per-sample bytes: the split says what the
+        saved bytes are made of, the steps how many there are. None when no block was measured."""
+        if self.blocks < 1 or self.in_blocks <= 0 or self.saved <= 0 or self.in_blocks > self.saved:
             return None
-        return max(0, self.in_blocks - self.block_inputs) / self.batch
+        return max(0, self.in_blocks - self.block_inputs) / self.saved
 
-    def amp_cut_per_sample(self) -> float | None:
-        """Saved bytes a sample sheds under autocast (negative: grows), from the agent's graph walk. None when
-        not measured."""
-        if self.amp_saved is None:
+    def block_share(self) -> float | None:
+        """Share of the saved bytes inside the blocks (all of them; one block's is this / blocks)."""
+        if self.blocks < 1 or self.saved <= 0 or self.in_blocks > self.saved:
             return None
-        return (self.saved - self.amp_saved) / self.batch
+        return self.in_blocks / self.saved
+
+    def amp_cut_share(self) -> float | None:
+        """Share of the saved bytes autocast would not keep (negative: they grow), from the agent's graph walk.
+        None when not measured."""
+        if self.amp_saved is None or self.saved <= 0:
+            return None
+        return (self.saved - self.amp_saved) / self.saved
 
     def amp_share(self) -> float | None:
         """Saved bytes under autocast per saved byte of the observed (fp32) forward. None when not measured."""

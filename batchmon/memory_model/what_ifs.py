@@ -41,8 +41,11 @@ def apply_what_if(observed: dict[str, Line], what_if: WhatIf, *, trainable_bytes
         notes.append(f"optimizer {kind}: {OPTIMIZER_STATES[kind]} state(s) per trainable parameter of the measured "
                      f"state size; the old optimizer's temporaries in 'other' kept")
     amp = what_if.amp and not observed_amp
-    cut = split.amp_cut_per_sample() if amp and split is not None else None
-    dropped = split.dropped_per_sample() if what_if.checkpointing and split is not None else None
+    act_per_sample = observed["activations"].per_sample  # the split's shares apply to what the steps measured
+    cut_share = split.amp_cut_share() if amp and split is not None else None
+    cut = None if cut_share is None else cut_share * act_per_sample
+    drop_share = split.dropped_share() if what_if.checkpointing and split is not None else None
+    dropped = None if drop_share is None else drop_share * act_per_sample
     if (amp and cut is not None) or (what_if.checkpointing and dropped is not None):
         delta = {name: Line() for name in ACTIVE_SEGMENTS}
     if amp:
@@ -56,8 +59,8 @@ def apply_what_if(observed: dict[str, Line], what_if: WhatIf, *, trainable_bytes
             for name in ACTIVE_SEGMENTS:
                 delta[name] = delta[name] + Line(2 * copies, -shed)
             unknown = split.amp_unknown / split.saved if split.saved else 0.0
-            notes.append(f"amp: saved activations {split.amp_saved / MIB:.0f} of {split.saved / MIB:.0f} MiB at "
-                         f"batch {split.batch} as measured from the ops that save them (matmul/conv inputs 16-bit, "
+            notes.append(f"amp: saved activations x{1 - cut_share:.2f} ({split.amp_saved / MIB:.0f} of "
+                         f"{split.saved / MIB:.0f} MiB at batch {split.batch}) as measured from the ops that save them (matmul/conv inputs 16-bit, "
                          f"softmax, norms, pow and losses fp32, elementwise ops in their inputs' dtype; "
                          f"{unknown:.0%} under ops not classified, kept fp32)"
                          + ("; with checkpointing the kept tensors assumed not to shrink" if both else "")
@@ -79,16 +82,17 @@ def apply_what_if(observed: dict[str, Line], what_if: WhatIf, *, trainable_bytes
         n = what_if.checkpoint_layers or (split.blocks if split is not None and split.blocks else None) \
             or DEFAULT_CHECKPOINT_LAYERS
         if dropped is not None and split is not None and delta is not None:
-            recompute = split.in_blocks / split.batch / max(1, n)
+            recompute = (split.block_share() or 0.0) * act_per_sample / max(1, n)
             act = lines["activations"]
             lines["activations"] = Line(act.fixed, max(0.0, act.per_sample - dropped))
             lines["other"] = lines["other"] + Line(0.0, 2 * recompute)
             delta["forward"] = delta["forward"] + Line(0.0, -dropped)
             delta["loss_backward"] = delta["loss_backward"] + Line(0.0, -dropped)
             delta["backward"] = delta["backward"] + Line(0.0, -dropped + 2 * recompute)
-            notes.append(f"checkpointing: {n} blocks ({split.blocks} measured); per sample the "
-                         f"{dropped / MIB:.1f} MiB saved inside the blocks less their inputs, as measured at batch "
-                         f"{split.batch}, dropped from the forward's and the loss's backward's peak lines; the model's "
+            notes.append(f"checkpointing: {n} blocks ({split.blocks} measured); the saved bytes inside the blocks "
+                         f"less their inputs ({drop_share:.0%} of the saved activations as measured at batch "
+                         f"{split.batch}: {dropped / MIB:.1f} MiB a sample) dropped from the forward's and the loss's "
+                         f"backward's peak lines; the model's "
                          f"backward also drops them and holds one block's internals twice "
                          f"({2 * recompute / MIB:.1f} MiB a sample: recomputed, and their gradients), assuming its "
                          f"peak comes while the blocks' saved tensors are alive, as in a stack of blocks; the "
