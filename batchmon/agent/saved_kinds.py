@@ -15,11 +15,9 @@ Pure helpers: ``repeated_blocks(model)`` finds the blocks; ``BlockMeter`` attrib
 saved-bytes counter (the agent's ActivationCounter) to the blocks with forward pre/post hooks; ``dtype_kind``
 classifies one saved tensor. Nothing here raises into the training: hooks catch their own errors.
 
-Call site (batchmon/agent/handle.py, owned by the agent helper): when the step meter opens a sampled step,
-``meter = BlockMeter(repeated_blocks(model), lambda: counter.bytes)``; on the step's end read
-``meter.take()`` -> (bytes saved inside the blocks, bytes of the blocks' inputs, number of blocks) into the
-optional Step fields ``saved_in_blocks``, ``block_inputs`` and ``blocks`` (protocol.Step, additive), and
-``meter.remove()`` on detach.
+Call site: batchmon.agent.saved_split.SplitProbe hooks the blocks with a BlockMeter for one sampled forward per
+process (the agent's counter as ``read_bytes``) and reports ``take()`` in Step.saved_split (``in_blocks``,
+``block_inputs``, ``blocks``); what autocast would lower is measured there from the autograd graph.
 """
 
 from __future__ import annotations

@@ -52,13 +52,18 @@ Cache and margin at the limit (all from measurements):
   boundaries where the cache measured at the small batch was 0.7-1.2 GiB). What survives is the free space
   inside segments that still hold live blocks, and it grows with the pool (zoo: UNet and the GRU seq2seq, with
   the largest phi, ran out with ~2 GiB free of 24). So at batch B the model keeps ``FRAG_SURVIVAL * phi *
-  peak(B)`` free; FRAG_SURVIVAL (0.20) is the smallest two-digit share above what any of the 15 OOM boundaries
-  recorded on the H200 left room for (UNet 0.197; bench/recalibrate_margin.py --derive / --project-zoo). The
+  peak(B)`` free; FRAG_SURVIVAL (0.21) is the smallest two-digit share above what any of the OOM boundaries
+  recorded on the H200 left room for with the margin below (the GRU seq2seq of zoo run 5 0.209, UNet 0.19;
+  bench/recalibrate_margin.py --derive / --project-zoo, tests/test_predict_zoo.py). The
   predicted ``cache`` component at B on a device is the measured cache, shrunk to the room left near the
   limit but never below that fragmentation; without a device, the measured cache. A batch fits when peak +
   context + fragmentation + margin <= device.
-* ``margin`` (Prediction.margin, bytes kept free on top of the cache): growth of reserved over the steady steps
-  at one batch size (fragmentation still creeping), added once; allocation retries: num_alloc_retries is
+* ``margin`` (Prediction.margin, bytes kept free on top of the cache): growth of the cache (reserved - peak)
+  over the steps at the reference batch size (fragmentation still creeping), added once - not the growth of
+  reserved, which also follows the peak: a run's first step peaks without the optimizer state it creates at its
+  end, so the pool's growth to the next step is that state again (H200 zoo GPT-2: 1184 MiB of reserved growth,
+  946 of it AdamW's state, already in the steady peak; it alone made the largest batch 26 of 28, now 27);
+  allocation retries: num_alloc_retries is
   cumulative for the process, so only its increase across the observed steps counts (a process that ran out
   earlier, e.g. a finder's OOM trials, reports old retries). An increase means the allocator already had to
   flush its cache to satisfy a step at the observed batch, so the measured cache understates what it wants;
@@ -134,25 +139,35 @@ What-ifs (``WhatIf``), applied to the fitted lines:
 * optimizer swap: states per trainable parameter sgd 0, sgd-momentum 1, adam/adamw 2; the bytes of one state
   are the observed optimizer bytes / the observed kind's count when known, else the gradient bytes (states have
   the dtype of the parameters, as torch.optim keeps them).
+* derived what-ifs (AMP, checkpointing) rest on ``SavedSplit``, what the agent measured once on a sampled step
+  (batchmon.agent.saved_split, carried by ``Step.saved_split``; ``fit`` takes the latest one from the steps, or
+  ``fit(..., saved_split=...)``): the saved bytes inside the repeated blocks and their inputs, and what the saved
+  tensors would take under autocast, from the ops that save them (a walk of the autograd graph). Its shares are
+  applied to the fitted activations' per-sample bytes (the split says what the saved bytes are made of, the
+  steps how many), and each segment's own-peak line is changed by what that segment holds (``segment_lines``,
+  fitted whenever the steps carry segment peaks at two batch sizes; the peak is the largest changed line;
+  fitted per phase only, the backward takes the larger of its two segments' changes; with neither, the
+  components change and 'other' takes the rest).
 * amp (observed run fp32, autocast to fp16/bf16): parameters, gradients, optimizer (fp32 master copies) and
-  batch (inputs as loaded) unchanged. Derived when measured (``fit(..., saved_split=SavedSplit(...))`` with
-  ``saved_amp``: the bytes the same forward saves under autocast, bench/predict_zoo.py measures them; the agent
-  does not yet): the activations' per-sample part x saved_amp / saved, plus the 16-bit weight copies (half the
-  trainable bytes) once more as fixed (they are inside the measured bytes too: counted twice, the safe side).
-  Not measured: autocast's 16-bit weight copies, saved for backward, add half the trainable parameter bytes to
-  the activations and no shrink is assumed (autocast keeps softmax, norms and upcast logits in fp32 - an fp32
-  run's ``logits.float()`` is a no-op, an AMP run's a new fp32 copy beside the 16-bit logits): the what-if
-  bounds the gain from below. Issue 13: the old "activations halve" rule predicted 285 for HF GPT-2 where 185
-  ran. Activation gradients ('other') assumed not to shrink either way. A no-op when the observed run already
-  used AMP (``fit(..., amp=True)``).
+  batch (inputs as loaded) unchanged. Derived: the saved activations x amp_saved / saved (matmul/conv inputs
+  16-bit, softmax, norms, pow and losses fp32, elementwise ops in their inputs' dtype, anything not classified
+  fp32) in the forward, the loss's backward and the model's backward; the 16-bit weight copies (half the
+  trainable bytes) counted twice in each (autocast's cached casts, saved for backward, and their 16-bit
+  gradients in the backward; on the H200 GPT-2 under bf16 peaked 376 MB above the fp32 run's fixed part where
+  one set is 249 MB); the optimizer's step unchanged; activation gradients and the loss's fp32 logits ('other')
+  not assumed to shrink. Not measured (an older agent, a compiled graph): the copies once, no shrink - a lower
+  bound of the gain (issue 13: the old "activations halve" rule predicted 285 for HF GPT-2 where 185 ran). A
+  no-op when the observed run already used AMP (``fit(..., amp=True)``).
 * checkpointing: every one of n blocks wrapped in a checkpoint (what ``gradient_checkpointing_enable()``
-  does): forward keeps each block's input, backward recomputes one block at a time. Derived when measured
-  (``SavedSplit``: bytes saved inside the repeated blocks, the blocks' input bytes, the block count, as
-  batchmon.agent.saved_kinds.BlockMeter measures them): activations x (outside + block inputs + inside / n) /
-  saved. Not measured: what stays outside the blocks (embeddings, logits, loss) is taken as at most one
-  block's worth: ``3/n`` of the activations (issue 13: 2/n predicted 337 for HF GPT-2 where 332 ran).
-  Activation gradients ('other') unchanged. n is ``WhatIf.checkpoint_layers``, else the measured block count;
-  unknown, 12 is assumed and the basis says so.
+  does): forward keeps each block's input, backward recomputes one block at a time. Derived: the bytes saved
+  inside the blocks less their inputs leave the forward's and the loss's backward's lines (every saved tensor is
+  alive at the forward's end and through the loss's backward) and the model's backward's, which holds one
+  block's internals twice (recomputed, and their gradients) - assuming its peak comes while the blocks' saved
+  tensors are alive, as in a stack of blocks that frees them as it goes back; the optimizer's step unchanged.
+  Not measured: what stays outside the blocks (embeddings, logits, loss) is taken as at most one block's
+  worth: ``3/n`` of the activations (issue 13: 2/n predicted 337 for HF GPT-2 where 332 ran). n is
+  ``WhatIf.checkpoint_layers``, else the measured block count; unknown, 12 is assumed and the basis says so.
+  Both AMP and checkpointing: the kept tensors are not assumed to shrink under autocast.
 * gradient accumulation: ``batch_size`` is the effective batch; activations, batch and the per-sample ``other``
   follow the micro-batch ceil(batch_size / accumulation_steps); gradients and optimizer see the full batch
   (unchanged). ``max_batch`` then answers in effective batch (largest micro-batch x steps).

@@ -51,7 +51,8 @@ def apply_what_if(observed: dict[str, Line], what_if: WhatIf, *, trainable_bytes
     if amp:
         act = lines["activations"]
         copies = 0.5 * trainable_bytes
-        if cut is not None and split is not None and delta is not None:
+        if cut is not None and cut_share is not None and split is not None and split.amp_saved is not None \
+                and delta is not None:
             both = what_if.checkpointing and dropped is not None
             shed = 0.0 if both else cut
             lines["activations"] = Line(act.fixed + copies, max(0.0, act.per_sample - shed))
@@ -60,9 +61,9 @@ def apply_what_if(observed: dict[str, Line], what_if: WhatIf, *, trainable_bytes
                 delta[name] = delta[name] + Line(2 * copies, -shed)
             unknown = split.amp_unknown / split.saved if split.saved else 0.0
             notes.append(f"amp: saved activations x{1 - cut_share:.2f} ({split.amp_saved / MIB:.0f} of "
-                         f"{split.saved / MIB:.0f} MiB at batch {split.batch}) as measured from the ops that save them (matmul/conv inputs 16-bit, "
-                         f"softmax, norms, pow and losses fp32, elementwise ops in their inputs' dtype; "
-                         f"{unknown:.0%} under ops not classified, kept fp32)"
+                         f"{split.saved / MIB:.0f} MiB at batch {split.batch}) as measured from the ops that save "
+                         f"them (matmul/conv inputs 16-bit, softmax, norms, pow and losses fp32, elementwise ops in "
+                         f"their inputs' dtype; {unknown:.0%} under ops not classified, kept fp32)"
                          + ("; with checkpointing the kept tensors assumed not to shrink" if both else "")
                          + "; the 16-bit weight copies counted twice (autocast's cached casts through forward and "
                          "backward, and their 16-bit gradients in the backward: half the trainable bytes each); "

@@ -1,0 +1,104 @@
+"""bench/predict_zoo.py's side measurements of one architecture at a small batch, recorded beside the agent's for
+an offline derivation: the bench's own saved split (compared with the agent's Step.saved_split) and the
+allocator's peak in each phase of a step. Split from predict_zoo.py so that file stays a runner."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from batchmon.memory_model import SavedSplit
+from predict_accuracy import Runner
+
+
+def measure_saved_split(runner: Runner, batch: int) -> SavedSplit:
+    """What the saved activations are made of at ``batch``: bytes saved in one forward (storages counted once,
+    parameters and the batch's tensors excluded, as the agent counts activations), the part saved inside the
+    repeated blocks and the blocks' input bytes (batchmon.agent.saved_kinds.BlockMeter, what a per-block
+    checkpoint drops and keeps), and the bytes the same forward saves under bf16 autocast. Each forward is
+    followed by its backward (the graph freed) and no optimizer step: the training state is untouched."""
+    from batchmon.agent.saved_kinds import BlockMeter, repeated_blocks
+
+    model, dev = runner.model, runner.dev.device
+    blocks = repeated_blocks(model)
+    params = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+
+    def forward(amp: bool) -> tuple[int, int, int]:
+        x, y = runner.arch.batch(batch, dev, runner.gen)
+        excluded = params | {x.untyped_storage().data_ptr(), y.untyped_storage().data_ptr()}
+        saved: dict[int, int] = {}
+        total = [0]
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            if t.device.type == dev.type:
+                st = t.untyped_storage()
+                key = st.data_ptr()
+                if key not in excluded and key not in saved and st.nbytes():
+                    saved[key] = st.nbytes()
+                    total[0] += st.nbytes()
+            return t
+
+        meter = BlockMeter(blocks, lambda: total[0]) if blocks else None
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+                    loss = runner.arch.loss(model(x), y)
+            inside, inputs, _ = meter.take() if meter else (0, 0, 0)
+        finally:
+            if meter:
+                meter.remove()
+        loss.backward()
+        runner.opt.zero_grad(set_to_none=True)
+        return total[0], inside, inputs
+
+    saved, inside, inputs = forward(False)
+    saved_amp = None
+    if not runner.arch.amp:
+        try:
+            saved_amp = forward(True)[0]
+        except RuntimeError:  # an op without a 16-bit kernel here (oneDNN's LSTM on CPU): the AMP share unknown
+            runner.opt.zero_grad(set_to_none=True)
+    runner.dev.clean()
+    return SavedSplit(batch=batch, saved=saved, in_blocks=inside, block_inputs=inputs, blocks=len(blocks),
+                      saved_amp=saved_amp)
+
+
+def phase_peaks(runner: Runner, batch: int) -> dict[str, Any] | None:
+    """The allocator's peak in each phase of one step at ``batch`` (forward with the loss, backward, optimizer
+    step; the peak statistics reset between them): which phase peaks, and how each grows with the batch - the
+    data a phase-wise fit needs (issue 13: the LSTM's peak moves from the forward to the backward as the batch
+    grows). The backward is also split where the model output's gradient arrives, as the agent splits it
+    (``loss_backward``: the loss's backward; ``backward`` stays the whole backward's peak). None off CUDA."""
+    if runner.dev.kind != "cuda":
+        return None
+    dev = runner.dev.device
+    model, opt, arch = runner.model, runner.opt, runner.arch
+    opt.zero_grad(set_to_none=True)
+    runner.dev.clean()
+    out: dict[str, Any] = {"batch": batch}
+    x, y = arch.batch(batch, dev, runner.gen)
+
+    def at_output_grad(grad: torch.Tensor) -> None:
+        out["loss_backward"] = torch.cuda.max_memory_allocated(dev)  # the stream's order: what is allocated so far
+
+    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=arch.amp):
+        logits = model(x)
+        if isinstance(logits, torch.Tensor) and logits.requires_grad:
+            logits.register_hook(at_output_grad)
+        loss = arch.loss(logits, y)
+        del logits  # as the Runner's step: the output is not kept through backward
+    torch.cuda.synchronize(dev)
+    out["forward"] = torch.cuda.max_memory_allocated(dev)
+    torch.cuda.reset_peak_memory_stats(dev)
+    loss.backward()
+    torch.cuda.synchronize(dev)
+    out["backward"] = torch.cuda.max_memory_allocated(dev)
+    torch.cuda.reset_peak_memory_stats(dev)
+    del loss, x, y
+    opt.step()
+    torch.cuda.synchronize(dev)
+    out["optimizer"] = torch.cuda.max_memory_allocated(dev)
+    opt.zero_grad(set_to_none=True)
+    runner.dev.clean()
+    return out
