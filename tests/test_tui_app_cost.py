@@ -153,3 +153,60 @@ async def test_partial_updates_rendered_by_rows_draw_what_textuals_draw():
             await pilot.pause()
     assert len(compared) >= 4
     assert any(changed < widget_rows / 4 for changed, widget_rows in compared), compared
+
+
+async def test_a_compact_panel_whose_step_alone_changed_repaints_its_step_and_draws_what_a_build_draws():
+    """Beside many fast jobs a compact panel's new data is mostly its step counter: the panel replaces its title
+    line's end (no build) and repaints those cells; its lines are what building it anew gives, and a change of
+    anything else it shows (the memory figures) builds it again."""
+    from dataclasses import replace
+
+    from batchmon.tui.job_panel import job_lines
+
+    snap = fx.many()  # 8 single runs (compact, one rank each) beside a torchrun job
+    app = BatchmonApp(snapshot=snap)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await fx.wait_for(pilot, lambda: app.renders >= 1 and len(app.query(JobPanel)) == 9)
+        await pilot.pause()
+        shown = [p for p in app.query(JobPanel) if p.level == "compact" and len(p.view.ranks) == 1
+                 and not p._off_screen()]
+        assert len(shown) >= 3
+        builds, repaints = [], []
+        for p in shown:
+            p.build = (lambda f, k: lambda *a, **kw: (builds.append(k), f(*a, **kw))[1])(p.build, p.view.key)
+            p.refresh = (lambda f, k: lambda *a, **kw: (repaints.append((k, a)), f(*a, **kw))[1])(p.refresh,
+                                                                                               p.view.key)
+        keys = {p.view.key for p in shown}
+        agent_keys = {p.view.lead.key for p in shown}
+
+        def stepped(s, n: int, **figures):
+            agents = []
+            for a in s.agents:
+                if a.key in agent_keys:
+                    later = replace(a.last_step, step=a.last_step.step + n, time=a.last_step.time + n,
+                                    step_seconds=a.last_step.step_seconds * (1 + n / 100), **figures)
+                    a = replace(a, last_step=later, history=(*a.history, later))
+                agents.append(a)
+            return replace(s, agents=tuple(agents), time=s.time + n)
+
+        for n in (1, 2, 950):  # a counter's last digit, then digits across the line (10 -> 960)
+            newer = stepped(snap, n)
+            app.deliver(newer)
+            await fx.wait_for(pilot, lambda: app.shown is newer)
+            await pilot.pause()
+            assert builds == []
+            for p in shown:
+                width = p.content_size.width
+                assert p.lines(width) == job_lines(p.view, width, "compact", focused=p.has_focus)
+                assert f"step {p.view.lead.last_step.step}  " in fx.screen_text(app)
+            # the first line's step text only: its digits, or from the first that moved on (10 -> 960)
+            assert {k for k, _ in repaints} == keys
+            most = 16 if n < 950 else len("960  b=32  3126 ms/step")
+            assert all(1 <= len(a) <= 2 and all(r.height == 1 and r.y == 0 and r.width <= most for r in a)
+                       for _, a in repaints), repaints
+            repaints.clear()
+        newer = stepped(snap, 951, reserved=snap.agents[-1].last_step.reserved * 2)  # the bar line changes
+        app.deliver(newer)
+        await fx.wait_for(pilot, lambda: app.shown is newer)
+        await pilot.pause()
+        assert sorted(builds) == sorted(keys)

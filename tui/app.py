@@ -254,7 +254,9 @@ class BatchmonApp(SignalsApp, MemoryViewsApp, CostApp):
     async def _apply(self, snap: Snapshot) -> None:
         try:
             header = self.query_one(HeaderBar)
-        except NoMatches:  # the app is closing (q, a signal): its widgets are gone before a due render ran
+            self.query_one("#devices")
+            self.query_one("#jobs")
+        except NoMatches:  # the app is closing (q, a signal): its widgets are (being) removed before a due render
             return
         header.snapshot, header.paused, header.interval = snap, self.paused, self.interval
         header.update_text()
