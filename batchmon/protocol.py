@@ -16,7 +16,7 @@ import os
 import stat
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, ClassVar, Mapping
 
 VERSION = 1
 MAX_LINE_BYTES = 1 << 20
@@ -196,9 +196,10 @@ class Step:
     phase_own_peaks: dict[str, int] | None = None  # added field: each phase's own allocator peak (sampled steps)
     segment_peaks: dict[str, int] | None = None  # added field: each segment's own allocator peak (SEGMENTS)
     # added field: what the saved activations of one sampled forward are made of (SAVED_SPLIT_FIELDS, bytes at
-    # ``batch``; batchmon.agent.saved_split), on the sampled steps after it was measured; None otherwise. Not an
-    # __init__ argument (new_step's positional order stays): set by with_saved_split and the decoders
-    saved_split: dict[str, int] | None = field(default=None, init=False)
+    # ``batch``; batchmon.agent.saved_split), on the sampled steps after it was measured; None otherwise. Not a
+    # dataclass field (new_step's positional order and the messages without it stay as they were: written only
+    # where set): set by with_saved_split and the decoders, and kept by anything that copies a step's __dict__
+    saved_split: ClassVar[dict[str, int] | None] = None
     type: str = field(default="step", init=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -213,8 +214,10 @@ class Step:
              "phase_peaks": dict(self.phase_peaks) if self.phase_peaks is not None else None,
              "phase_own_peaks": dict(self.phase_own_peaks) if self.phase_own_peaks is not None else None,
              "segment_peaks": dict(self.segment_peaks) if self.segment_peaks is not None else None,
-             "saved_split": dict(self.saved_split) if self.saved_split is not None else None,
              "type": "step"}
+        split = self.saved_split
+        if split is not None:
+            d["saved_split"] = dict(split)
         return d
 
     @classmethod
