@@ -314,18 +314,25 @@ def test_a_root_with_its_own_forward_hook_keeps_the_hooked_quiet_steps(agent_dir
     assert torch_patches.root_pre_hook in _hook_fns(model) and len(seen) == 6
 
 
-def test_compiling_after_quiet_steps_puts_the_hooks_back_and_measures_every_step(agent_dir):
+@pytest.mark.parametrize("how", ["torch.compile", "Module.compile"])
+def test_compiling_after_quiet_steps_puts_the_hooks_back_and_measures_every_step(agent_dir, how: str):
+    original_compile = torch_patches._originals["compile"] if "compile" in torch_patches._originals else None
     model, opt, crit, handle = _setup()
     _train(model, opt, crit, 6)
-    assert handle._hooks.calling
-    compiled = torch.compile(model, backend="eager")
+    assert handle._hooks.calling and torch.compile is torch_patches._compile
+    if how == "torch.compile":
+        compiled = torch.compile(model, backend="eager")
+    else:  # nn.Module.compile passes self._call_impl: torch's own, not the quiet one
+        model.compile(backend="eager")
+        compiled = model
+        assert not getattr(model._compiled_call_impl, "batchmon_quiet_call", False)
+    assert handle._hooks.compiled and not handle._hooks.calling  # before dynamo met the root
     for batch in (8, 8, 8, 4, 4, 4):
         opt.zero_grad(set_to_none=True)
         crit(compiled(torch.randn(batch, D)), torch.randint(0, 4, (batch,))).backward()
         opt.step()
-    # the first compiled call traced torch's own _call_impl (the agent saw no forward): its step's batch is unknown;
-    # every hook is back from then on and every later step is measured
-    assert handle._hooks.compiled and not handle._hooks.calling
     assert [s.step for s in handle.steps] == list(range(1, 13))
-    assert [s.batch_size for s in handle.steps][-5:] == [8, 8, 4, 4, 4]
+    assert [s.batch_size for s in handle.steps] == [8] * 9 + [4] * 3
+    assert handle.quiet and not handle._hooks.calling  # quiet again, in the hooked form
     handle.detach()
+    assert torch.compile is not torch_patches._compile and original_compile in (None, torch.compile)

@@ -215,6 +215,18 @@ class QuietSteps:
         meter = self._owner._meter
         meter.root_depth, meter.root_counting = 0, False
 
+    def before_compile(self, fn: Any) -> Any:
+        """``torch.compile(fn)`` is called (torch_patches): the root keeps the hooked quiet steps from now on (a
+        model compiled after attach is measured every step, as before quiet_call); what to compile instead of
+        ``fn`` when it is the root's quiet ``_call_impl`` (``nn.Module.compile`` passes ``self._call_impl``)."""
+        self.compiled = True
+        call = self._call
+        if call is None:
+            return fn
+        self.arm()
+        model = self._model() if self._model is not None else None
+        return model._call_impl if fn is call and model is not None else fn
+
     def missed_forward(self) -> None:
         """A quiet step ended with no forward of the root seen: a compiled call went around ``quiet_call`` (or the
         script called ``model.forward`` itself). Every hook back; this root keeps them on quiet steps from now on."""

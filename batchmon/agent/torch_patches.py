@@ -13,7 +13,8 @@ is measured every step, as in eager mode.
 
 Patches on torch (installed at attach, removed at detach): ``torch.autograd.backward`` (forward groups,
 accumulation, OOM leaving backward), ``nn.Module.__getstate__`` (above), ``GradScaler.update`` (a step whose
-optimizer step the scaler skipped still ends), CUDA's OOM observer. ``optimizer.step`` of a tracked optimizer
+optimizer step the scaler skipped still ends), ``torch.compile`` (quiet steps' hooks back first), CUDA's OOM
+observer. ``optimizer.step`` of a tracked optimizer
 is wrapped on the instance (``_StepWrapper``) to see an OOM leave it; ``Optimizer.__getstate__`` already drops
 it from copies.
 
@@ -260,6 +261,19 @@ def _backward(*args: Any, **kwargs: Any) -> Any:
     return result
 
 
+def _compile(model: Any = None, *args: Any, **kwargs: Any) -> Any:
+    """torch.compile, seen by the agent: a quiet step's instance ``_call_impl`` (quiet_steps) leaves the root before
+    dynamo can meet it - a compiled call would go around it, and taking it off later costs one more compilation -
+    and ``nn.Module.compile``'s ``self._call_impl`` becomes torch's own."""
+    a = agent
+    if a is not None:
+        try:
+            model = a._hooks.before_compile(model)
+        except Exception as exc:  # noqa: BLE001
+            a._fail(exc)
+    return _originals["compile"](model, *args, **kwargs)
+
+
 def _scaler_update(self: Any, *args: Any, **kwargs: Any) -> Any:
     result = _originals["scaler_update"](self, *args, **kwargs)
     a = agent
@@ -305,6 +319,10 @@ def install() -> None:
         _originals["backward"] = torch.autograd.backward
         functools.update_wrapper(_backward, _originals["backward"])
         torch.autograd.backward = _backward  # type: ignore[assignment]
+    if "compile" not in _originals and callable(getattr(torch, "compile", None)):
+        _originals["compile"] = torch.compile
+        functools.update_wrapper(_compile, _originals["compile"])
+        torch.compile = _compile  # type: ignore[assignment]
     if "getstate" not in _originals:
         _originals["getstate"] = torch.nn.Module.__dict__["__getstate__"]
         torch.nn.Module.__getstate__ = _getstate  # type: ignore[method-assign]
@@ -326,6 +344,9 @@ def uninstall() -> None:
     original = _originals.pop("backward", None)
     if original is not None and torch.autograd.backward is _backward:
         torch.autograd.backward = original  # type: ignore[assignment]
+    original = _originals.pop("compile", None)
+    if original is not None and torch.compile is _compile:
+        torch.compile = original  # type: ignore[assignment]
     original = _originals.pop("getstate", None)
     if original is not None:
         torch.nn.Module.__getstate__ = original  # type: ignore[method-assign]
