@@ -22,7 +22,10 @@ from batchmon import protocol
 
 RECV_BYTES = 256 * 1024
 UNIX_PATH_MAX = 108  # sun_path's size on Linux: Python's connect refuses a path of this length or more
-READ_BUDGET = 4 * 1024 * 1024  # per connection per wake-up, so one chatty agent cannot starve the others
+READ_BUDGET = 256 * 1024  # per connection per wake-up, so one chatty agent cannot starve the others; and a history
+# burst (16 agents x 2000 steps on connect) is read, decoded and kept a few hundred lines at a time, not ~2 MB of
+# lines and their decoded objects per agent at once: the monitor's RSS after 16 full bursts, dev box, 2 runs each:
+# 73.8/71.6 MiB at 4 MiB, 66.7/69.5 at 256 KiB (the steps kept are the same)
 
 _local = threading.local()
 
