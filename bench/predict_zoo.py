@@ -309,6 +309,7 @@ def model_internals(model: Any) -> dict[str, Any]:
             "suspect": model.suspect, "curvature_slope": model.curvature_slope,
             "phase_lines": {k: [v.fixed, v.per_sample] for k, v in model.phase_lines.items()},
             "per_segment": model.per_segment,
+            "segment_lines": {k: [v.fixed, v.per_sample] for k, v in model.segment_lines.items()},
             "phase_bounds": {k: [e, v.fixed, v.per_sample] for k, (e, v) in model.phase_bounds.items()},
             "time_line": None if model.time_line is None else [model.time_line.fixed, model.time_line.per_sample]}
 
