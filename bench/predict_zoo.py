@@ -3,8 +3,10 @@
 For each architecture, built from a config (no downloads): observe 3 steps at a small batch and a short last
 batch through batchmon's real agent (bench/predict_accuracy.py's observe_with_agent), fit, predict the peak at
 a few batch sizes and the largest batch; then run those batch sizes for real and find the real largest batch by
-bisection (each trial one step from a clean allocator). GPT-2 also runs its AMP and checkpointing what-ifs for
-real: the what-if's largest batch predicted from the fp32 observation against the real one under the what-if.
+bisection (each trial one step from a clean allocator). GPT-2 and T5 also run their AMP and checkpointing
+what-ifs for real, ViT-B/16 its AMP what-if: the what-if's largest batch predicted from the fp32 observation -
+derived from the split the agent measured on a sampled step (Step.saved_split: batchmon.agent.saved_split), as a
+user's monitor predicts it, with the documented rules' answer beside it - against the real one under the what-if.
 
 The device is emulated smaller with ``torch.cuda.set_per_process_memory_fraction`` (default 24 GiB of the
 H200's 141 GiB) so that bisection is fast: the caching allocator raises OutOfMemoryError past the cap. The cap
@@ -16,6 +18,7 @@ Usage (H200, from the checkout; the whole run is budgeted to finish within 9 min
     python3 bench/predict_zoo.py --markdown bench/results/predict_zoo_h200.json   # README table
     python3 bench/predict_zoo.py --cpu-smoke --out /tmp/zoo.json                  # tiny, on CPU: tests the script
     python3 bench/predict_zoo.py --reevaluate bench/results/predict_zoo_h200.json # the current model, offline
+    python3 bench/predict_zoo.py --reevaluate RUN.json --splits SPLITS.json  # what-ifs from a given split
     python3 bench/predict_zoo.py --merge a.json b.json --out bench/results/predict_zoo_h200.json  # two calls
 
 JSON: {"device", "emulated_device_memory", "emulation", ..., "results": [{arch, points: [{batch,
@@ -30,7 +33,8 @@ batch: the advisor's step-time factors measured on the device. The observed step
 where the model output's gradient arrives), so ``--reevaluate`` refits per segment (per phase on a file recorded
 before the split); ``predicted_max_batch_per_phase`` is the same steps fitted per phase. Over 400 lines: one runner
 for eleven architectures, their what-ifs and timings (the models are in bench/zoo_models.py, the offline half -
-reevaluate, merge, the table - in bench/zoo_offline.py). With --cpu-smoke the "peak" is the sum of measured
+reevaluate, merge, the table - in bench/zoo_offline.py, its side measurements in bench/zoo_probes.py). With
+--cpu-smoke the "peak" is the sum of measured
 components on a fake device (SmokeDevice), so its figures say nothing about a real allocator.
 """
 
