@@ -50,7 +50,7 @@ class TinyGPT(nn.Module):
         self.head = nn.Linear(d, vocab)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        x = self.tok(idx) + self.pos(torch.arange(idx.shape[1]))
+        x = self.tok(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device))
         for block in self.blocks:
             x = block(x)
         return self.head(self.ln(x))
@@ -207,3 +207,49 @@ def test_agent_measures_the_split_once_and_sampled_steps_carry_it(agent_dir):
     assert any("as measured from the ops that save them" in n for n in notes)
     notes = model.predict(WhatIf(checkpointing=True, batch_size=64)).basis_fields.what_if
     assert any("3 blocks (3 measured)" in n for n in notes)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_graph_walk_on_cuda_is_at_or_above_what_cuda_autocast_saves(agent_dir):
+    """On a GPU (the H200's cudatests stage: CUDATESTSX=tests/test_saved_split.py): CUDA's lists (layer norm,
+    softmax fp32; sdpa's memory-efficient kernel saving 16-bit q, k, v and output, fp32 logsumexp) predict at or
+    above the bytes CUDA autocast(bfloat16) really saves, within 10%; and the agent on a CUDA model carries the
+    split with the AMP bytes in it."""
+    import batchmon
+
+    torch.manual_seed(0)
+    dev = torch.device("cuda")
+    model = TinyGPT(d=128, heads=4, seq=64).to(dev)
+    x = torch.randint(0, 256, (8, 64), device=dev)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    batch = {x.untyped_storage().data_ptr()}
+    counter = ActivationCounter(dev, (params, batch))
+    counter.push()
+    try:
+        out = model(x)
+    finally:
+        counter.pop()
+    under, reached, _ = amp_bytes(out, counter.saved.keys, batch, counter.saved.block, "cuda")
+    assert reached == counter.bytes
+    skip = params | batch
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in skip and not _weight_copy(t):
+            seen[storage.data_ptr()] = -(-storage.nbytes() // counter.saved.block) * counter.saved.block
+        return t.detach()
+
+    with torch.autocast("cuda", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x)
+    real = sum(seen.values())
+    assert real <= under <= 1.10 * real, (under, real)
+    opt = torch.optim.AdamW(model.parameters())
+    handle = batchmon.attach(model, opt, activation_every=1)
+    for _ in range(3):
+        F.cross_entropy(model(x).reshape(-1, 256), x.reshape(-1)).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    splits = [s.saved_split for s in handle.steps if s.saved_split]
+    handle.detach()
+    assert splits and splits[0]["blocks"] == 3 and 0 < splits[0]["amp_saved"] < splits[0]["saved"]
