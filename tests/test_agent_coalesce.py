@@ -101,6 +101,32 @@ def test_a_steady_agent_stretches_its_window_and_any_forced_window_brings_the_sh
     assert c._window == WINDOW_SECONDS
 
 
+def test_a_window_carries_the_saved_split_of_its_peak_step_else_of_its_last_step_that_has_one():
+    from batchmon.protocol import with_saved_split
+
+    split_a = {"batch": 16, "saved": 4096, "in_blocks": 3072, "block_inputs": 512, "blocks": 4}
+    split_b = {"batch": 16, "saved": 4100, "in_blocks": 3070, "block_inputs": 510, "blocks": 4}
+    c = StepCoalescer(interval=10.0)
+    for n in range(1, FIRST_STEPS + 1):
+        c.add(make_step(n, 16), now=0.0)
+    c.add(with_saved_split(make_step(4, 16, peak_allocated=100), split_a), now=0.0)
+    c.add(with_saved_split(make_step(5, 16, peak_allocated=100), split_b), now=0.0)  # the latest sampled
+    c.add(make_step(6, 16, peak_allocated=900), now=0.0)  # the peak, not sampled
+    c.add(make_step(7, 16, peak_allocated=100), now=0.0)
+    (window,) = c.flush(now=0.0)
+    assert window.peak_allocated == 900 and window.saved_split == split_b
+    assert decode(encode(window)).saved_split == split_b  # and it goes over the wire
+    c.add(make_step(8, 16, peak_allocated=100), now=0.0)
+    c.add(with_saved_split(make_step(9, 16, peak_allocated=900), split_a), now=0.0)  # the peak carries its own
+    c.add(with_saved_split(make_step(10, 16, peak_allocated=100), split_b), now=0.0)
+    (window,) = c.flush(now=0.0)
+    assert window.saved_split == split_a
+    c.add(make_step(11, 16), now=0.0)
+    c.add(make_step(12, 16), now=0.0)
+    (window,) = c.flush(now=0.0)
+    assert window.saved_split is None  # no sampled step in it: none (the previous window's is not carried over)
+
+
 def test_no_window_sends_every_step():
     c = StepCoalescer(interval=0.0)
     gaps, _ = _gaps(c, 1, 5000, 0.0)
