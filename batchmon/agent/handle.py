@@ -277,6 +277,8 @@ class AgentHandle(HandleViews):
     def _set_model(self, model: torch.nn.Module) -> None:
         self._watch.stop_discovery()
         self._meter.model_ref = weakref.ref(model)
+        if self._split is None or not self._split.armed:  # a new model: its own split (batchmon.agent.saved_split)
+            self._split, self._split_out = SplitProbe(), None
         self._sizer.use_model(model)
         self._hooks.hook_model(model)
         self._use_device(device_of(model) or self._meter.device or torch.device("cpu"))
