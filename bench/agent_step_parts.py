@@ -16,8 +16,8 @@ For each, on steady (unsampled) steps after a warm-up:
   function, each function put in the part of the step path it belongs to (the table PARTS below): torch's dispatch
   of hooked modules, the root's forward hooks, the backward wrapper, the optimizer's step wrapper and hooks, the
   step's end, the hand-off to the socket thread. Deterministic: the same on any box, whatever its load;
-- **bytecodes per step by part** (``sys.settrace`` with opcode events in batchmon's frames): the agent's own Python
-  work, also deterministic;
+- **bytecodes per step by part** (``sys.settrace`` with opcode events in every frame, attached minus plain): the
+  Python work the agent adds, torch's dispatch of its hooks included; also deterministic;
 - **time per part** (``attach`` only): every entry point of the step path wrapped with a perf_counter_ns timer
   before ``attach`` (the wrapper's own ~0.1-0.2 us per call is in each figure), the median over many steps; the
   backward and ``optimizer.step`` wrappers are timed minus what they wrap; torch's dispatch of a hooked root
@@ -136,16 +136,12 @@ def calls_by_function(step: Callable[[], None], steps: int) -> collections.Count
 
 
 def bytecodes_by_function(step: Callable[[], None], steps: int) -> collections.Counter:
-    """Bytecodes executed per step in batchmon's frames, by (file, function)."""
-    import batchmon
-
-    package = str(Path(batchmon.__file__).resolve().parent)
+    """Bytecodes executed per step in every Python frame (batchmon's and torch's: the hooked-module slow path is
+    torch's bytecode), by (file, function)."""
     per_step: list[collections.Counter] = []
 
     def tracer(frame: Any, event: str, arg: Any) -> Any:
         code = frame.f_code
-        if not code.co_filename.startswith(package):
-            return None
         key = (os.path.basename(code.co_filename), code.co_name)
         frame.f_trace_opcodes = True
 
@@ -269,9 +265,39 @@ def timed_parts(args: argparse.Namespace) -> dict[str, Any]:
         originals.append((owner, attr, fn))
         setattr(owner, attr, timers[part].timed)
 
-    # module-level hooks, wrapped where attach and the quiet switch look them up
-    for name in ("root_pre_hook", "quiet_post_hook", "root_post_hook", "quiet_call", "_step_post", "_step_pre"):
+    # module-level hooks, wrapped where attach and the quiet switch look them up (the wrappers count as the agent's
+    # hooks: a quiet step takes the root off torch's hooked path only when it has no other hooks)
+    for name in ("root_pre_hook", "quiet_post_hook", "root_post_hook", "_step_post", "_step_pre"):
         wrap(tp, name, "hook " + name)
+    agent_hooks = tp.AGENT_HOOKS
+    tp.AGENT_HOOKS = agent_hooks | {timers[n].timed for n in ("hook root_pre_hook", "hook quiet_post_hook",
+                                                              "hook root_post_hook") if n in timers}
+    originals.append((tp, "AGENT_HOOKS", agent_hooks))
+    try:
+        from batchmon.agent import quiet_steps as qs
+    except ImportError:
+        qs = None
+    if qs is not None and hasattr(qs, "quiet_call"):  # the root's quiet _call_impl, and the forward inside it
+        factory = qs.quiet_call
+        timers["quiet _call_impl (with the forward)"] = closure = Timer(lambda *a, **k: None)
+
+        def timed_factory(*a: Any, **k: Any) -> Any:
+            closure.fn = inner = factory(*a, **k)
+            clock = time.perf_counter_ns
+
+            def timed(*args: Any, **kwargs: Any) -> Any:
+                t = clock()
+                try:
+                    return inner(*args, **kwargs)
+                finally:
+                    closure.ns += clock() - t
+                    closure.calls += 1
+            timed.batchmon_quiet_call = True  # type: ignore[attr-defined]
+            return timed
+
+        qs.quiet_call = timed_factory
+        originals.append((qs, "quiet_call", factory))
+        wrap(qs, "_MODULE_CALL_IMPL", "torch's _call_impl inside it (the forward)")
     wrap(tp, "_backward", "backward wrapper (with backward)")
     step_wrapper = getattr(tp, "_StepWrapper", None)
     if step_wrapper is not None:
@@ -303,10 +329,15 @@ def timed_parts(args: argparse.Namespace) -> dict[str, Any]:
             setattr(owner, attr, fn)
         torch.autograd.backward = inner_backward.fn
         type(opt).step = inner_step.fn
+    # the best step of each part too: on a shared box the median holds other jobs' preemptions and cache misses
+    best = {name: round(min(x for x in v if x) / 1e3, 3) for name, v in per_step.items() if any(v)}
     med = {name: statistics.median(v) for name, v in per_step.items()}
     out = {name: round(v / 1e3, 3) for name, v in med.items()}
     if "backward wrapper (with backward)" in med:
         out["backward wrapper (own)"] = round((med["backward wrapper (with backward)"] - med["inner backward"]) / 1e3, 3)
+    if "quiet _call_impl (with the forward)" in med:
+        out["quiet _call_impl (own)"] = round((med["quiet _call_impl (with the forward)"]
+                                               - med["torch's _call_impl inside it (the forward)"]) / 1e3, 3)
     if "optimizer.step wrapper (with the step)" in med:
         out["optimizer.step wrapper (own)"] = round(
             (med["optimizer.step wrapper (with the step)"] - med["inner optimizer step"]) / 1e3, 3)
@@ -315,7 +346,15 @@ def timed_parts(args: argparse.Namespace) -> dict[str, Any]:
     dispatch = {"pre": round(torch_dispatch_ns(model, x, ("pre",), 15 if args.steps > 100 else 2) / 1e3, 3),
                 "pre+post": round(torch_dispatch_ns(model, x, ("pre", "post"), 15 if args.steps > 100 else 2) / 1e3,
                                   3)}
-    return {"median_us_per_step": out, "calls_per_step": {n: round(t.calls / args.steps, 3) for n, t in every},
+    for own, whole, inner in (("backward wrapper (own)", "backward wrapper (with backward)", "inner backward"),
+                              ("quiet _call_impl (own)", "quiet _call_impl (with the forward)",
+                               "torch's _call_impl inside it (the forward)"),
+                              ("optimizer.step wrapper (own)", "optimizer.step wrapper (with the step)",
+                               "inner optimizer step")):
+        if whole in med and inner in med:  # the step whose whole was least, minus its inner part
+            i = min(range(len(per_step[whole])), key=per_step[whole].__getitem__)
+            best[own] = round((per_step[whole][i] - per_step[inner][i]) / 1e3, 3)
+    return {"median_us_per_step": out, "best_us_per_step": best, "calls_per_step": {n: round(t.calls / args.steps, 3) for n, t in every},
             "quiet_steps": quiet, "steps": args.steps, "root_hooks_at_end": hooks_now,
             "instance_call_impl_at_end": call_impl, "hooked_kinds_seen": list(kinds),
             "torch_dispatch_us_of_noop_root_hooks": dispatch}
@@ -379,26 +418,27 @@ def main(argv: list[str] | None = None) -> int:
         quiet = bool(getattr(handle, "quiet", False))
         handle.detach()
         result["attach"] = {"quiet": quiet, "calls": by_part(attached["calls"], plain["calls"]),
-                            "batchmon_bytecodes": by_part(attached["bytecodes"], plain["bytecodes"])}
+                            "bytecodes": by_part(attached["bytecodes"], plain["bytecodes"])}
         result["attach"]["timed"] = timed_parts(args)
     if args.how in ("run", "both"):
         plain_c, run_c = run_child("plain", args), run_child("run", args)
         result["run"] = {"attached": run_c.get("attached"), "quiet": run_c.get("quiet"),
                          "calls": by_part(run_c["calls"], plain_c["calls"]),
-                         "batchmon_bytecodes": by_part(run_c["bytecodes"], plain_c["bytecodes"])}
+                         "bytecodes": by_part(run_c["bytecodes"], plain_c["bytecodes"])}
     result["load_after"] = os.getloadavg()
     for how in ("attach", "run"):
         r = result.get(how)
         if r is None:
             continue
         print(f"{how}: quiet={r['quiet']}; Python calls added per steady step {r['calls']['total']:g}, "
-              f"batchmon bytecodes {r['batchmon_bytecodes']['total']:g}")
+              f"bytecodes {r['bytecodes']['total']:g}")
         for part, n in r["calls"]["parts"].items():
-            print(f"    {part:<62} {n:6g} calls  {r['batchmon_bytecodes']['parts'].get(part, 0):6g} bytecodes")
+            print(f"    {part:<62} {n:6g} calls  {r['bytecodes']['parts'].get(part, 0):6g} bytecodes")
         if "timed" in r:
             print(f"  median us per steady step (timers add ~0.1-0.2 us per call; load {result['load_before'][0]:.1f}):")
+            print(f"    {'part':<62} {'median':>8} {'best':>8}")
             for name, us in r["timed"]["median_us_per_step"].items():
-                print(f"    {name:<62} {us:8.3f}")
+                print(f"    {name:<62} {us:8.3f} {r['timed']['best_us_per_step'].get(name, float('nan')):8.3f}")
             print(f"    torch's dispatch of no-op root hooks (best of interleaved): "
                   f"{r['timed']['torch_dispatch_us_of_noop_root_hooks']}")
     if args.out:

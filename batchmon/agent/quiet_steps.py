@@ -124,7 +124,7 @@ class QuietSteps:
             return False
         cls = type(model)
         d = model.__dict__
-        return (cls.__call__ is _WRAPPED and cls._call_impl is _MODULE_CALL_IMPL and "_call_impl" not in d
+        return (cls.__call__ is _WRAPPED and cls._call_impl is torch.nn.Module._call_impl and "_call_impl" not in d
                 and d.get("_compiled_call_impl") is None
                 and all(fn in patches.AGENT_HOOKS for fn in model._forward_pre_hooks.values())
                 and all(fn in patches.AGENT_HOOKS for fn in model._forward_hooks.values()))
