@@ -254,9 +254,7 @@ class BatchmonApp(SignalsApp, MemoryViewsApp, CostApp):
     async def _apply(self, snap: Snapshot) -> None:
         try:
             header = self.query_one(HeaderBar)
-            self.query_one("#devices")
-            self.query_one("#jobs")
-        except NoMatches:  # the app is closing (q, a signal): its widgets are (being) removed before a due render
+        except NoMatches:  # the app is closing (q, a signal): its widgets are gone before a due render ran
             return
         header.snapshot, header.paused, header.interval = snap, self.paused, self.interval
         header.update_text()
@@ -280,7 +278,10 @@ class BatchmonApp(SignalsApp, MemoryViewsApp, CostApp):
     async def _apply_devices(self, snap: Snapshot) -> None:
         """A panel per GPU of every box; a host panel per box with no GPU to show (a --host box always, this
         box when no box has one). Remounted only when the list of panels changes."""
-        box = self.query_one("#devices", VerticalScroll)
+        try:
+            box = self.query_one("#devices", VerticalScroll)
+        except NoMatches:  # closing: a callback after a refresh (app_memory._refresh_devices) found it gone
+            return
         gpus = views.device_views(snap, self.history)
         hosts = views.host_views(snap, any_gpu=bool(gpus))
         keys = [k for k, _ in gpus] + [k for k, _ in hosts]
@@ -307,7 +308,10 @@ class BatchmonApp(SignalsApp, MemoryViewsApp, CostApp):
         return views.job_view(snap, key, ranks, self.what_ifs.get(key, WhatIfState()), self.predictor)
 
     async def _apply_jobs(self, snap: Snapshot) -> None:
-        box = self.query_one("#jobs", VerticalScroll)
+        try:
+            box = self.query_one("#jobs", VerticalScroll)
+        except NoMatches:  # closing
+            return
         groups = views.ordered_jobs(snap)
         self._jobs = {key: self._job_view(snap, key, ranks) for key, ranks in groups}
         keys = [k for k, _ in groups]
