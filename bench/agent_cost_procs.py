@@ -15,9 +15,9 @@ with quiet steady steps off - every hook on every step, what the quiet steps sav
 attached with the batchmon of another checkout, e.g. ``git archive <commit>`` unpacked - before/after in one run).
 ``--reader``: a monitor-like process reads every agent's socket, as a ``batchmon`` beside the job would.
 
-Result: per mode the per-process medians (step time, main-thread CPU per step), their median, quartiles and
-range; attached minus plain as the difference of the medians and as the median of the ABBA neighbours'
-differences; the ratio of the medians.
+Result: per mode the per-process medians (step time, main-thread CPU per step) and 10th-percentile step times
+(on a loaded box its preemptions stay above it), their median, quartiles and range; attached minus plain as the
+difference of the medians and as the median of the ABBA neighbours' differences; the ratio of the medians.
 
     python3 bench/agent_cost_procs.py --device cpu --out bench/results/agent_cost_procs_cpu_devbox.json
     python3 bench/agent_cost_procs.py --device cuda --procs 16 --armed --out agent_cost_procs_mlp_h200.json
@@ -136,7 +136,9 @@ def child(args: argparse.Namespace) -> int:
         if t1 >= end:
             break
     cpu = (time.thread_time() - c0) / len(times)
+    times_sorted = sorted(times)
     info: dict[str, Any] = {"mode": args.child, "steps": len(times), "median_s": statistics.median(times),
+                            "p10_s": times_sorted[len(times) // 10],  # (a loaded box's preemptions stay above it)
                             "main_cpu_s_per_step": cpu, "pid": os.getpid()}
     if handle is not None:
         info["quiet"] = bool(getattr(handle, "quiet", False))
@@ -217,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     for m in modes:
         result["modes"][m] = {"processes": len(by_mode[m]),
                               "step_us": us(spread([r["median_s"] for r in by_mode[m]])),
+                              "step_p10_us": us(spread([r["p10_s"] for r in by_mode[m]])),
                               "main_cpu_us": us(spread([r["main_cpu_s_per_step"] for r in by_mode[m]])),
                               "quiet_processes": sum(1 for r in by_mode[m] if r.get("quiet"))}
     plain = result["modes"]["plain"]
@@ -231,6 +234,10 @@ def main(argv: list[str] | None = None) -> int:
             mine["added_step_us"] = round(mine["step_us"]["median"] - plain["step_us"]["median"], 2)
             mine["added_main_cpu_us"] = round(mine["main_cpu_us"]["median"] - plain["main_cpu_us"]["median"], 2)
         mine["paired_added_step_us"] = {k: (round(v, 2) if v is not None else None) for k, v in spread(d_step).items()}
+        d_p10 = [(a["p10_s"] - p["p10_s"]) * 1e6 for a, p in pairs]
+        mine["paired_added_step_p10_us"] = {k: (round(v, 2) if v is not None else None) for k, v in spread(d_p10).items()}
+        if plain["step_p10_us"]["median"] and mine["step_p10_us"]["median"]:
+            mine["added_step_p10_us"] = round(mine["step_p10_us"]["median"] - plain["step_p10_us"]["median"], 2)
         mine["paired_added_main_cpu_us"] = {k: (round(v, 2) if v is not None else None)
                                             for k, v in spread(d_cpu).items()}
     result["runs"] = runs
@@ -244,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
               f" us, quartiles {r['paired_added_step_us']['q1']}..{r['paired_added_step_us']['q3']}); main-thread CPU "
               f"{r['added_main_cpu_us']:+} us a step (neighbours' median {r['paired_added_main_cpu_us']['median']:+}, "
               f"quartiles {r['paired_added_main_cpu_us']['q1']}..{r['paired_added_main_cpu_us']['q3']}); "
-              f"quiet in {r['quiet_processes']} of {r['processes']}")
+              f"quiet in {r['quiet_processes']} of {r['processes']}; the processes' 10th-percentile step "
+              f"{r.get('added_step_p10_us')} us (neighbours' median {r['paired_added_step_p10_us']['median']})")
     if failed:
         print(f"agent_cost_procs: {len(failed)} process(es) failed: {failed[0]}", file=sys.stderr)
     if args.out:

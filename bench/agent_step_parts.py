@@ -22,10 +22,13 @@ For each, on steady (unsampled) steps after a warm-up:
   before ``attach`` (the wrapper's own ~0.1-0.2 us per call is in each figure), the median over many steps; the
   backward and ``optimizer.step`` wrappers are timed minus what they wrap; torch's dispatch of a hooked root
   (``Module._call_impl``'s slow path, which no wrapper can time) as no-op hooks of the same kinds on the same model
-  against none, interleaved, best of many.
+  against none, interleaved, best of many;
+- **a tight loop** (``attach`` only): the quiet step's forward side (``model(x)`` attached and quiet minus an identical
+  plain model) and its step end (the optimizer's post hook), best of interleaved repeats.
 
     python3 bench/agent_step_parts.py --out bench/results/agent_step_parts_devbox.json
     python3 bench/agent_step_parts.py --cpu-smoke --out /tmp/parts.json      # a few steps: checks the script
+    python3 bench/agent_step_parts.py --how tight --old-tree /tmp/old --rounds 4 --out tight.json  # before/after
 """
 
 from __future__ import annotations
@@ -70,12 +73,16 @@ PARTS: dict[tuple[str, str], str] = {
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--how", choices=("attach", "run", "both"), default="both")
+    p.add_argument("--how", choices=("attach", "run", "both", "tight"), default="both",
+                   help="tight: only the tight loop, in child processes, ABBA with --old-tree's agent")
+    p.add_argument("--old-tree", default=None, help="with --how tight: a checkout whose agent is the 'before'")
+    p.add_argument("--rounds", type=int, default=4, help="with --how tight: processes per tree (default 4)")
+    p.add_argument("--tree", default=None, help=argparse.SUPPRESS)
     p.add_argument("--steps", type=int, default=2000, help="timed steady steps (default 2000)")
     p.add_argument("--count-steps", type=int, default=20, help="steps counted by the tracers (default 20)")
     p.add_argument("--warmup", type=int, default=60, help="untimed steps after attaching (default 60)")
     p.add_argument("--cpu-smoke", action="store_true", help="a few steps of everything: checks the script")
-    p.add_argument("--child", choices=("plain", "run"), default=None, help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=("plain", "run", "tight"), default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help="JSON result file")
     args = p.parse_args(argv)
     if args.cpu_smoke:
@@ -360,6 +367,74 @@ def timed_parts(args: argparse.Namespace) -> dict[str, Any]:
             "torch_dispatch_us_of_noop_root_hooks": dispatch}
 
 
+def tight_loop(args: argparse.Namespace) -> dict[str, float]:
+    """The forward side and the step end of a quiet step in a tight loop, best of interleaved repeats (the least
+    noisy clock figure on a shared box: preemptions only lengthen a repeat, the best one has none). Forward side:
+    ``model(x)`` of the attached, quiet model (its step reopened each call) minus the same call of an identical
+    plain model; step end: the optimizer's post hook on a carried step (finish_carried, the hand-off)."""
+    import timeit
+
+    import torch
+
+    import batchmon
+    from batchmon.agent import torch_patches as tp
+
+    def tiny() -> tuple[Any, Any, Any]:  # the agent's per-call work does not depend on the model's size
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(torch.nn.Linear(4, 4))
+        return m, torch.optim.Adam(m.parameters(), lr=1e-3), torch.randn(2, 4)
+
+    model, opt, x = tiny()
+    plain, _, _ = tiny()
+    y = torch.randint(0, 4, (2,))
+    crit = torch.nn.CrossEntropyLoss()
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        crit(model(x), y).backward()
+        opt.step()
+
+    handle = batchmon.attach(model, opt, name="agent_step_parts_loop")
+    try:
+        for _ in range(args.warmup):
+            step()
+        meter = handle._meter
+        meter.activation_every = 10 ** 9  # no sampled step inside the loop (its step number moves with end())
+        for _ in range(50):  # quiet before the loop starts
+            if getattr(handle, "quiet", False):
+                break
+            step()
+        carried_bytes = meter._carried_batch[1] if meter._carried_batch is not None else 0
+        none: dict[str, Any] = {}
+
+        def forward() -> None:
+            model(x)
+            meter.step_open = meter.batch_carried = False
+            meter.forwards = 0
+
+        def end() -> None:
+            meter.step_open = meter.batch_carried = True
+            meter.forwards = meter.backwards = 1
+            meter._batch_max = carried_bytes  # (as the step's forward set it: the carried step's end)
+            tp._step_post(opt, (), none)
+
+        number = 2000 if args.steps > 100 else 20
+        best = {"forward": float("inf"), "plain": float("inf"), "end": float("inf")}
+        quiet = bool(getattr(handle, "quiet", False))
+        calling = bool(getattr(getattr(handle, "_hooks", None), "calling", False))
+        with torch.enable_grad():
+            for _ in range(15 if args.steps > 100 else 2):
+                best["forward"] = min(best["forward"], min(timeit.repeat(forward, number=number, repeat=3)) / number)
+                best["plain"] = min(best["plain"], min(timeit.repeat(lambda: plain(x), number=number, repeat=3)) / number)
+                best["end"] = min(best["end"], min(timeit.repeat(end, number=number, repeat=3)) / number)
+        quiet_after = bool(getattr(handle, "quiet", False))
+    finally:
+        handle.detach()
+    return {"forward_side_added_us": round((best["forward"] - best["plain"]) * 1e6, 3),
+            "plain_forward_us": round(best["plain"] * 1e6, 3), "step_end_us": round(best["end"] * 1e6, 3),
+            "quiet": quiet and quiet_after, "quiet_call": calling}
+
+
 # ------------------------------------------------------------------------------------------------ modes
 
 
@@ -396,10 +471,46 @@ def run_child(mode: str, args: argparse.Namespace) -> dict[str, Any]:
     return data
 
 
+def tight_abba(args: argparse.Namespace) -> dict[str, Any]:
+    """The tight loop in one process per round and tree, ABBA (this checkout, then --old-tree's, ...)."""
+    trees = [("now", str(ROOT))] + ([("before", str(Path(args.old_tree).resolve()))] if args.old_tree else [])
+    runs: list[dict[str, Any]] = []
+    for i in range(args.rounds):
+        for name, tree in (trees if i % 2 == 0 else list(reversed(trees))):
+            argv = [sys.executable, str(Path(__file__).resolve()), "--child", "tight", "--tree", tree,
+                    "--warmup", str(args.warmup), "--steps", str(args.steps)]
+            env = {**os.environ, "BATCHMON_DIR": tempfile.mkdtemp(prefix="bmp") + "/s", "PYTHONPATH": tree}
+            proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300, cwd=tree)
+            if proc.returncode != 0:
+                raise RuntimeError(f"tight loop child failed: {proc.stderr.strip()[-400:]}")
+            run = {"tree": name, "load": os.getloadavg()[0], **json.loads(proc.stdout.strip().splitlines()[-1])}
+            runs.append(run)
+            print(f"  {name:7s} forward side +{run['forward_side_added_us']:.2f} us (plain forward "
+                  f"{run['plain_forward_us']:.2f} us), step end {run['step_end_us']:.2f} us, quiet {run['quiet']}, "
+                  f"quiet call {run['quiet_call']}, load {run['load']:.1f}", flush=True)
+    summary = {name: {k: statistics.median(r[k] for r in runs if r["tree"] == name)
+                      for k in ("forward_side_added_us", "plain_forward_us", "step_end_us")} for name, _ in trees}
+    return {"runs": runs, "median": summary}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.child == "tight":
+        sys.path.insert(0, args.tree or str(ROOT))
+        print(json.dumps(tight_loop(args)))
+        return 0
     if args.child:
         return child(args)
+    if args.how == "tight":
+        result = {"benchmark": "agent_step_parts", "how": "tight", "python": platform.python_version(),
+                  "time": time.time(), "load_before": os.getloadavg(), **tight_abba(args),
+                  "load_after": os.getloadavg()}
+        print(f"medians: {result['median']}")
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+            print(f"wrote {args.out}")
+        return 0
     result: dict[str, Any] = {"benchmark": "agent_step_parts", "model": "MLP 3x64, batch 32, Adam, CPU, 1 thread",
                               "python": platform.python_version(), "time": time.time(),
                               "load_before": os.getloadavg()}
@@ -420,6 +531,7 @@ def main(argv: list[str] | None = None) -> int:
         result["attach"] = {"quiet": quiet, "calls": by_part(attached["calls"], plain["calls"]),
                             "bytecodes": by_part(attached["bytecodes"], plain["bytecodes"])}
         result["attach"]["timed"] = timed_parts(args)
+        result["attach"]["tight_loop"] = tight_loop(args)
     if args.how in ("run", "both"):
         plain_c, run_c = run_child("plain", args), run_child("run", args)
         result["run"] = {"attached": run_c.get("attached"), "quiet": run_c.get("quiet"),
@@ -441,6 +553,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"    {name:<62} {us:8.3f} {r['timed']['best_us_per_step'].get(name, float('nan')):8.3f}")
             print(f"    torch's dispatch of no-op root hooks (best of interleaved): "
                   f"{r['timed']['torch_dispatch_us_of_noop_root_hooks']}")
+            print(f"  tight loop, best of interleaved repeats: {r['tight_loop']}")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=1, default=str) + "\n")

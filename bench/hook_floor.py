@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -79,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         opt.step()
 
     cpu_of: dict[str, list[float]] = {}  # mode -> main-thread CPU seconds per step, per round
+    p10_of: dict[str, list[float]] = {}  # mode -> each round's 10th-percentile step (a loaded box's preemptions: above)
 
     def timed_round(n: int, mode: str | None = None) -> float:
         times = []
@@ -90,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             times.append(time.perf_counter() - t)
         if mode is not None:
             cpu_of.setdefault(mode, []).append((time.thread_time() - c) / n)
+            p10_of.setdefault(mode, []).append(sorted(times)[n // 10])
         return statistics.median(times)
 
     def noop_hooks(kinds: frozenset[str] = KINDS) -> Callable[[], None]:
@@ -171,12 +174,16 @@ def main(argv: list[str] | None = None) -> int:
            # hooks and the agent launch nothing on the device; on a launch-bound step their cost is this)
            "main_thread_cpu_added_us": {k: round((statistics.median(v) - statistics.median(cpu_of["plain"])) * 1e6, 1)
                                         for k, v in cpu_of.items() if k != "plain"},
+           "p10_added_us": {k: round((statistics.median(v) - statistics.median(p10_of["plain"])) * 1e6, 1)
+                            for k, v in p10_of.items() if k != "plain"},
+           "load": os.getloadavg(),
            "settings": {"rounds": args.rounds, "steps": args.steps}}
     Path(args.out).write_text(json.dumps(out, indent=1))
     if alone:
         print("each hook kind alone: " + ", ".join(f"{k} +{v} us" for k, v in out["alone_added_us"].items()))
     print("  main-thread CPU added per step: " + ", ".join(f"{k} +{v} us"
                                                         for k, v in out["main_thread_cpu_added_us"].items()))
+    print("  10th-percentile step added: " + ", ".join(f"{k} +{v} us" for k, v in out["p10_added_us"].items()))
     print(f"  no-op hooks in a quiet step's places only +{out['noop_quiet_added_us']} us; the agent ran quiet "
           f"steps: {quiet_seen}")
     print(f"hook_floor on {dev}: plain {out['median_step_us']['plain']} us; no-op hooks +{out['noop_hooks_added_us']} us; "
