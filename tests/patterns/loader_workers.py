@@ -23,13 +23,16 @@ class Noise(Dataset):
 
 
 def main() -> None:
-    args = parse(__doc__, steps=5, extra=lambda p: p.add_argument("--start-method", choices=["fork", "spawn"],
-                                                                   default="fork"))
+    def extra(p) -> None:
+        p.add_argument("--start-method", choices=["fork", "spawn"], default="fork")
+        p.add_argument("--workers", type=int, default=2, help="DataLoader workers (each spawned one imports torch)")
+
+    args = parse(__doc__, steps=5, extra=extra)
     seed(args.device)
     report = Report(f"loader_workers_{args.start_method}", args)
     model = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 5)).to(args.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    loader = DataLoader(Noise(10 * args.steps), batch_size=10, num_workers=2, pin_memory=args.device == "cuda",
+    loader = DataLoader(Noise(10 * args.steps), batch_size=10, num_workers=args.workers, pin_memory=args.device == "cuda",
                         multiprocessing_context=args.start_method)
     for x, y in loader:
         x, y = x.to(args.device), y.to(args.device)
