@@ -264,7 +264,8 @@ class Session:
     def __init__(self, cfg: Config, world: int, sharded: bool) -> None:
         ctx = mp.get_context("forkserver" if cfg.smoke else "spawn")
         if cfg.smoke:  # one server imports torch once; each smoke rank forks from it (~4.5 CPU s a rank less)
-            ctx.set_forkserver_preload(["__main__", "torch.distributed.fsdp", "batchmon.agent.handle", "predict_accuracy"])
+            ctx.set_forkserver_preload(["__main__", "torch.distributed.fsdp", "batchmon.agent.handle",
+                                        "predict_accuracy"])
         self.cfg, self.world = cfg, world
         self.results = ctx.Queue()
         self.commands = [ctx.Queue() for _ in range(world)]

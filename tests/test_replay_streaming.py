@@ -3,8 +3,8 @@
 
 A real recording (the 16-agent H200 fixture) repeated to 30 MB; reading it whole used ~7.6x its size (a 543 MB
 recording needed 4.1 GB), so the old reader would peak near 230 MB here (the streaming one: ~24 MB, at 30 MB as at
-60 MB; 30 MB halves the replay's CPU and still leaves the old reader well over the 150 MB limit). The peak RSS of the replay process is
-measured by a parent that has no other child (RUSAGE_CHILDREN)."""
+60 MB; 30 MB halves the replay's CPU and still leaves the old reader well over the 150 MB limit). The peak RSS
+of the replay process is measured by a parent that has no other child (RUSAGE_CHILDREN)."""
 
 from __future__ import annotations
 

@@ -32,8 +32,8 @@ def main() -> None:
     report = Report(f"loader_workers_{args.start_method}", args)
     model = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 5)).to(args.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    loader = DataLoader(Noise(10 * args.steps), batch_size=10, num_workers=args.workers, pin_memory=args.device == "cuda",
-                        multiprocessing_context=args.start_method)
+    loader = DataLoader(Noise(10 * args.steps), batch_size=10, num_workers=args.workers,
+                        pin_memory=args.device == "cuda", multiprocessing_context=args.start_method)
     for x, y in loader:
         x, y = x.to(args.device), y.to(args.device)
         optimizer.zero_grad()
