@@ -208,10 +208,11 @@ def test_frag_survival_keeps_every_recorded_h200_boundary_out():
     run5 = json.loads((SCRIPT.parent / "results" / "predict_zoo_h200_run5.json").read_text())
     shares = {r["arch"]: _needed_share(r, run5["emulated_device_memory"]) for r in run5["results"]}
     assert all(share < FRAG_SURVIVAL for share in shares.values()), shares
-    # the share is set by one boundary (the GRU seq2seq's, since the margin stopped counting the optimizer
-    # state twice; UNet's 0.19 before), within 0.01 of it: the README says so
+    # the largest need is one boundary's (the GRU seq2seq's, since the margin stopped counting the optimizer
+    # state twice; UNet's 0.19 before), and FRAG_SURVIVAL keeps a stated margin above it - at least 15% (it is
+    # 0.25: 1.2 x 0.209 = 0.251), not a constant that just covers the recordings: the README says so
     top = max([r["needed_share"] for r in rows if not r["conservative"]] + list(shares.values()))
-    assert FRAG_SURVIVAL - 0.01 < top < FRAG_SURVIVAL
+    assert 1.15 * top < FRAG_SURVIVAL <= 1.25 * top
     assert max(shares, key=shares.get) == "gru-seq2seq"
 
 
