@@ -73,6 +73,8 @@ def run_script(pattern: Pattern, device: str, workdir: Path, attached: bool, tim
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(HERE), *filter(None, [env.get("PYTHONPATH")])])
     env.setdefault("BATCHMON_DIR", str(workdir / "s"))
+    if device == "cpu":  # OpenMP's threads sleep between ops instead of spinning: CPU time, not results (both runs)
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     out = subprocess.run(cmd, env=env, cwd=str(workdir), capture_output=True, text=True, timeout=timeout)
     result: dict[str, Any] = {"rc": out.returncode, "stderr": out.stderr[-3000:]}
     if report.exists():
