@@ -26,11 +26,11 @@ def _real(w: dict) -> int:
     return max(t["batch"] for t in w["trial_log"] if t["ok"] and t["batch"] < fails)
 
 
-def test_gpt2_what_ifs_from_the_split_are_at_most_real_and_within_5_percent():
+def test_gpt2_what_ifs_from_the_split_are_at_most_real():
     """Run 5's fp32 observation with the split measured the agent's way (bench/zoo_split_cpu.py: on the CPU with
-    CUDA's autocast lists, carried in the steps as the agent carries it): AMP 31 of a real 32 and checkpointing 70
-    of 70, where the rules said 27 and 52; each predicted peak at or above the one measured under the what-if at
-    every batch it ran at (within 2.5%)."""
+    CUDA's autocast lists, carried in the steps as the agent carries it): checkpointing 70 of 70 where the rule said
+    52; AMP 26-27 of 32 (the loss's transients assumed to gain a 16-bit copy: what T5 needed, conservative here);
+    each predicted peak at or above the one measured under the what-if at every batch it ran at."""
     r, steps, cap = _gpt2_run5()
     split = json.loads((RESULTS / "zoo_split_cpu.json").read_text())["splits"]["gpt2-fp32"]
     carried = [with_saved_split(s, split) if i >= 1 else s for i, s in enumerate(steps)]  # sampled after step 1
@@ -45,15 +45,42 @@ def test_gpt2_what_ifs_from_the_split_are_at_most_real_and_within_5_percent():
         real = _real(w)
         derived, ruled = model.max_batch(device, spec), rule.max_batch(device, spec)
         assert derived is not None and ruled is not None
-        assert 0.95 * real <= derived <= real, (w["what_if"], derived, real)
-        assert ruled < derived  # the rule bounds the gain from below
+        assert derived <= real, (w["what_if"], derived, real)
+        if spec.checkpointing:
+            assert 0.95 * real <= derived and ruled < derived  # the rule bounds the gain from below
         for t in w["trial_log"]:
             if t["ok"]:
                 peak = model.predict(WhatIf(batch_size=t["batch"], amp=spec.amp, checkpointing=spec.checkpointing,
                                             checkpoint_layers=spec.checkpoint_layers), device_total=device)
-                assert 1.0 <= peak.peak_allocated / t["peak_allocated"] < 1.025, (w["what_if"], t["batch"])
+                assert peak.peak_allocated >= t["peak_allocated"], (w["what_if"], t["batch"])
+                if spec.checkpointing:
+                    assert peak.peak_allocated / t["peak_allocated"] < 1.025, (w["what_if"], t["batch"])
         found[w["what_if"]] = (derived, real)
-    assert found == {"amp": (31, 32), "checkpointing": (70, 70)}
+    assert found["checkpointing"] == (70, 70) and 0.8 * 32 <= found["amp"][0] <= 32
+
+
+def test_h200_run6_what_ifs_with_the_agents_own_split_never_above_real():
+    """Zoo run 6 on the H200 (the agent measured the split on the device): the derived what-ifs re-predicted
+    from its recorded steps are at or below the real largest batch - T5-small's AMP what-if said 82 where 79 was
+    real before the loss's cast copies were counted."""
+    doc = json.loads((RESULTS / "predict_zoo_h200_run6.json").read_text())
+    checked = 0
+    for r in doc["results"]:
+        if not r.get("what_ifs") or not r.get("observed_steps"):
+            continue
+        steps = [Step.from_dict(d) for d in r["observed_steps"]]
+        model = fit(steps, optimizer=r.get("optimizer"))
+        assert model is not None
+        device = doc["emulated_device_memory"] + model.context
+        for w in r["what_ifs"]:
+            if "trial_log" not in w:
+                continue
+            spec = WhatIf(amp=w["spec"]["amp"], checkpointing=w["spec"]["checkpointing"],
+                          checkpoint_layers=w["spec"]["checkpoint_layers"])
+            derived = model.max_batch(device, spec)
+            assert derived is not None and derived <= _real(w), (r["arch"], w["what_if"], derived, _real(w))
+            checked += 1
+    assert checked == 5
 
 
 def _steps(segments: dict[str, tuple[int, int]], acts: int, split: dict | None) -> list[Step]:
@@ -103,7 +130,9 @@ def test_amp_sheds_the_walked_share_and_counts_the_weight_copies_twice():
     model = fit(_steps(segments, 60, split), optimizer="AdamW")
     p = model.predict(WhatIf(batch_size=100, amp=True))
     copies = 2 * 0.5 * 100  # MiB: half the trainable (gradient) bytes, twice
-    assert p.peak_allocated == pytest.approx((500 + copies + (100 - 15) * 100) * MIB, rel=1e-6)
+    cast = 0.5 * (100 - 60 - 1 / 1024)  # MiB a sample: the loss's transients (beyond activations and batch) +half
+    assert p.peak_allocated == pytest.approx((500 + copies + (100 - 15 + cast) * 100) * MIB, rel=1e-6)
+    assert any("16-bit copy" in n for n in p.basis_fields.what_if)
     assert any("x0.75" in n and "counted twice" in n for n in p.basis_fields.what_if)
     # an older agent (no split): the rule, no shrink
     rule = fit(_steps(segments, 60, None), optimizer="AdamW")

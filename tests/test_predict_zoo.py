@@ -62,6 +62,9 @@ def _zoo():
 
 
 RECORDED = sorted((SCRIPT.parent / "results").glob("predict_zoo_h200*.json"))
+# the runs that found a what-if above the real largest batch, as recorded: the model since then is held to it by
+# the re-evaluation below (T5-small's AMP what-if said 82 of a real 79: the loss's 16-bit cast copies)
+RECORDED_ABOVE = {("predict_zoo_h200_run6.json", "t5-small", "amp")}
 
 
 @pytest.mark.parametrize("path", RECORDED, ids=lambda p: p.name)
@@ -75,7 +78,7 @@ def test_recorded_zoo_never_above_real_and_the_current_model_neither(path):
             continue
         assert r["predicted_max_batch"] <= r["real_max_batch"], r["arch"]
         for w in r["what_ifs"]:
-            if w.get("real_max_batch"):
+            if w.get("real_max_batch") and (path.name, r["arch"], w["what_if"]) not in RECORDED_ABOVE:
                 assert w["predicted_max_batch"] <= w["real_max_batch"], (r["arch"], w["what_if"])
     zoo = _zoo()
     rows = zoo.reevaluate(doc)
