@@ -54,7 +54,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from batchmon import protocol  # noqa: E402
-from batchmon.agent.coalesce import STEADY_WINDOW_SECONDS as STEADY_WINDOW_S  # noqa: E402
+from batchmon.agent.coalesce import STEADY_DEFAULT  # noqa: E402
 from batchmon.agent.coalesce import WINDOW_SECONDS as COALESCE_WINDOW_S  # noqa: E402
 from batchmon.agent.coalesce import StepCoalescer  # noqa: E402  (torch-free: the agent's window rule)
 from batchmon.protocol import COMPONENTS, Hello, ModelInfo, Step  # noqa: E402
@@ -393,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
                          "bench/ab_monitor.py --window gives an older tree the agents of its day)")
     ap.add_argument("--steady-window", type=float, default=None, metavar="SECONDS",
                     help="with --coalesce and no --window: a steady agent's window (default: the agent's "
-                         "STEADY_WINDOW_SECONDS; 0: none, the short window always, as the agent before it)")
+                         "STEADY_DEFAULT, none; 0: none, the short window always)")
     ap.add_argument("--gpu", metavar="UUID",
                     help="with --serve: the peers say they train on this GPU (an NVML recording's UUID, e.g. in "
                          "bench/ab_monitor.py --gpu-agents) and send allocator figures and varying step times")
@@ -488,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
                    "workers": len(procs), "warmup": warmup, "prefill": args.prefill, "coalesce": args.coalesce,
                    "window_s": args.window if args.window is not None else COALESCE_WINDOW_S,
                    "steady_window_s": None if args.window is not None or args.steady_window == 0 else
-                   (args.steady_window or STEADY_WINDOW_S)},
+                   (args.steady_window or STEADY_DEFAULT)},
         "machine": {"host": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version()},
         "all_connected_after_s": round(all_connected_s, 3),
         "connected_min_during_load": connected_min,

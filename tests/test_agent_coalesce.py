@@ -78,8 +78,17 @@ def _gaps(c: StepCoalescer, first: int, steps: int, t0: float, rate: float = 100
     return [b - a for a, b in zip(sent, sent[1:])], t0 + steps / rate
 
 
-def test_a_steady_agent_stretches_its_window_and_any_forced_window_brings_the_short_one_back():
+def test_the_agents_window_does_not_stretch_by_default():
+    """The steady window is off by default (coalesce.STEADY_DEFAULT: on the H200 it lengthened the latency tail)."""
     c = StepCoalescer()
+    for n in range(1, FIRST_STEPS + 1):
+        c.add(make_step(n), now=0.0)
+    gaps, _ = _gaps(c, FIRST_STEPS + 1, 5000, 0.001)
+    assert gaps and all(WINDOW_SECONDS <= g < WINDOW_SECONDS + 0.002 for g in gaps)
+
+
+def test_a_steady_agent_stretches_its_window_and_any_forced_window_brings_the_short_one_back():
+    c = StepCoalescer(steady_interval=STEADY_WINDOW_SECONDS)
     for n in range(1, FIRST_STEPS + 1):
         c.add(make_step(n), now=0.0)
     gaps, end = _gaps(c, FIRST_STEPS + 1, 20_000, 0.001)  # 20 s at 1000 steps/s, one batch size

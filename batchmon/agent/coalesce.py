@@ -20,11 +20,11 @@ A window never spans two batch sizes, and is sent at once (never held back) when
 FIRST_STEPS steps of the run (a new run shows at once); its batch size (or batch source) differs from the
 previous step's (then the step is a window of its own, sent at once, after the previous window); an event is
 about to be sent (the window goes first, so events stay in step order); the agent says bye; or its time passed
-since the last message: WINDOW_SECONDS, and once STEADY_AFTER windows in a row were sent on their time (nothing
-forced one out: no batch change, event, monitor connecting), a steady window of 0.8-1.0 x STEADY_WINDOW_SECONDS,
-until a window is forced out again. So a monitor gets at most about 1/WINDOW_SECONDS step messages a second while
-something changes and about one a second in steady training, every batch size's peak, every batch change and
-every event. Why a steady window of about a second: beside 16 fast jobs, reading, decoding and keeping ~80 step
+since the last message: WINDOW_SECONDS, and - where a steady window is asked for (``steady_interval``; off by
+default, see STEADY_DEFAULT) - once STEADY_AFTER windows in a row were sent on their time (nothing forced one out: no
+batch change, event, monitor connecting), a steady window of 0.8-1.0 x that, until a window is forced out again. So
+a monitor gets at most about 1/WINDOW_SECONDS step messages a second, every batch size's peak, every batch change
+and every event. Why a steady window of about a second: beside 16 fast jobs, reading, decoding and keeping ~80 step
 messages a second was the largest part of the monitor's hub thread (issue 14 point 3), and a monitor shows a
 job's step counter once a second (--interval 1) - 4 times at --interval 0.25, where a steady job's counter now
 moves about once a second. The lengths vary (a golden-ratio sequence over [0.8, 1.0] of it, no random state):
@@ -48,7 +48,14 @@ WINDOW_SECONDS = 0.2  # at most ~5 step messages a second per agent in steady tr
 # steps/s, dev box: p99 0.29 s at 0.1 and 0.2, 0.34-0.46 s at 0.25). A window is sent when a step finds it due,
 # stamped with that step's time, so the step-to-snapshot latency does not grow with it
 FIRST_STEPS = 3  # the run's first steps are sent one by one
-STEADY_WINDOW_SECONDS = 1.0  # a steady agent's window: between 0.8 and 1.0 of this (below)
+STEADY_WINDOW_SECONDS = 1.0  # a steady agent's window, where one is asked for: between 0.8 and 1.0 of this (below)
+# Off by default (None: the 0.2 s window always). Measured on the H200 (bench/load.py, 64 agents at 1000 steps/s,
+# --interval 0.25, the same lease, one after the other; bench/results/load64_window_{on,off}_h200.json): with the
+# steady window p99 step-to-snapshot 0.29 s, without it 0.24 s, the monitor's CPU 1.59 vs 1.56 s; and beside 16
+# fast jobs (fast16 run 6) the monitor's CPU did not fall with it (1.75-1.87x nvitop's, 1.78x before). A window of
+# ~1 s that ends when a step finds it due is stamped with that step's time, but fewer, later messages make the
+# hub's ticks see each agent less often: the latency tail grows. Kept as an option for the benches.
+STEADY_DEFAULT: float | None = None
 STEADY_AFTER = 10  # windows sent on time in a row (~2 s at WINDOW_SECONDS) before the window stretches
 _GOLDEN = 0.6180339887498949  # the stretched windows' lengths step through [0.8, 1.0] by the golden ratio
 
@@ -64,7 +71,7 @@ class StepCoalescer:
                  "_timed", "_last_sent", "sent", "seen", "_phased", "_window", "_on_time", "_turn", "_split")
 
     def __init__(self, interval: float = WINDOW_SECONDS, first_steps: int = FIRST_STEPS,
-                 steady_interval: float | None = STEADY_WINDOW_SECONDS) -> None:
+                 steady_interval: float | None = STEADY_DEFAULT) -> None:
         """``steady_interval``: the window once steady (None: ``interval`` always; never below ``interval``)."""
         self.interval = interval
         self.first_steps = first_steps
