@@ -502,13 +502,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         return child(args)
     if args.how == "tight":
-        result = {"benchmark": "agent_step_parts", "how": "tight", "python": platform.python_version(),
+        tight: dict[str, Any] = {"benchmark": "agent_step_parts", "how": "tight", "python": platform.python_version(),
                   "time": time.time(), "load_before": os.getloadavg(), **tight_abba(args),
                   "load_after": os.getloadavg()}
-        print(f"medians: {result['median']}")
+        print(f"medians: {tight['median']}")
         if args.out:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+            Path(args.out).write_text(json.dumps(tight, indent=1) + "\n")
             print(f"wrote {args.out}")
         return 0
     result: dict[str, Any] = {"benchmark": "agent_step_parts", "model": "MLP 3x64, batch 32, Adam, CPU, 1 thread",

@@ -291,7 +291,7 @@ def quiet_call(ref: "weakref.ReferenceType[torch.nn.Module]", owner: int) -> Cal
                 return result
         return _MODULE_CALL_IMPL(module, *args, **kwargs)
 
-    _call_impl.batchmon_quiet_call = True  # type: ignore[attr-defined] - torch_patches leaves it out of pickles
+    _call_impl.batchmon_quiet_call = True  # type: ignore[attr-defined]  # torch_patches leaves it out of pickles
     return _call_impl
 
 
