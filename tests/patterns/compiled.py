@@ -25,7 +25,11 @@ class Block(nn.Module):
 
 
 def main() -> None:
-    args = parse(__doc__, steps=4, extra=lambda p: p.add_argument("--compile-after-attach", action="store_true"))
+    def extra(p):
+        p.add_argument("--compile-after-attach", action="store_true")
+        p.add_argument("--backend", default="inductor", help="torch.compile's backend (default inductor, as nanoGPT)")
+
+    args = parse(__doc__, steps=4, extra=extra)
     seed(args.device)
     report = Report("compiled" + ("_after_attach" if args.compile_after_attach else ""), args)
     model = nn.Sequential(*[Block(32) for _ in range(2)], nn.Linear(32, 8)).to(args.device)
@@ -34,7 +38,7 @@ def main() -> None:
         import batchmon
 
         batchmon.attach(model, optimizer)
-    model = torch.compile(model)
+    model = torch.compile(model, backend=args.backend)
     for step in range(args.steps):
         x, y = torch.randn(12, 32, device=args.device), torch.randint(0, 8, (12,), device=args.device)
         with torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.device == "cuda"):
