@@ -39,7 +39,8 @@ class MemoryModel:
     cache: int
     context: int
     frag_ratio: float  # cache / peak allocated at the reference batch
-    reserved_growth: int
+    reserved_growth: int  # the cache's growth (reserved - peak) over the steps at the reference batch, not the
+    # pool's (fit._cache_growth): the name is the protocol-era field's, kept for the benches and recordings
     alloc_retries: int  # increase of num_alloc_retries across the observed steps
     reference_batch: int  # largest steady observed batch size
     last_batch: int  # batch size of the latest observation (WhatIf.batch_size default)
@@ -213,8 +214,8 @@ class MemoryModel:
         return best
 
     def _margin(self, override: int | float | None, device_total: int | None) -> int:
-        """Bytes kept free beyond the predicted cache: an override, or what was measured to creep (reserved
-        growth over the steady steps; with allocator retries the measured cache once more)."""
+        """Bytes kept free beyond the predicted cache: an override, or what was measured to creep (the cache's
+        growth over the steady steps, ``reserved_growth``; with allocator retries the measured cache once more)."""
         if override is not None:
             if isinstance(override, float) and 0 <= override < 1:
                 return round(override * device_total) if device_total else 0
