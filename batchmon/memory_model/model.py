@@ -146,34 +146,10 @@ class MemoryModel:
     def _lines_for(self, what_if: WhatIf) -> tuple[dict[str, Line], list[str], dict[str, Line] | None]:
         """Component lines in the micro-batch after the what-ifs; notes on the assumptions used; the derived
         what-ifs' change of each segment's line (None: every segment changes by the components' change)."""
-        lines, notes, delta = apply_what_if(self.lines, what_if, trainable_bytes=self.trainable_bytes,
-                                            state_bytes=self._state_bytes(), observed_amp=self.observed_amp,
-                                            split=self.saved_split, layout=self.param_layout)
-        if what_if.amp and not self.observed_amp:
-            self._add_loss_cast_copies(lines, delta, notes)
-        return lines, notes, delta
-
-    def _add_loss_cast_copies(self, lines: dict[str, Line], delta: dict[str, Line] | None, notes: list[str]) -> None:
-        """AMP from an fp32 run: the loss is computed in fp32 on 16-bit logits, so the gradient that leaves it
-        (fp32) is cast to 16-bit for the model's last 16-bit op, both alive at once. The loss's backward segment's
-        bytes beyond the saved activations and the batch (its transients: the logits' gradients) are therefore
-        assumed to gain a 16-bit copy (+half) instead of shrinking, with or without a measured split.
-        (T5-small on the H200: without it the derived AMP what-if said 82 where 79 was the real largest batch.)"""
-        segments = self.segment_lines or self.phase_lines
-        name = "loss_backward" if "loss_backward" in segments else "backward" if "backward" in segments else None
-        if name is None:
-            return
-        saved = self.lines["activations"].per_sample + self.lines["batch"].per_sample
-        transient = max(0.0, segments[name].per_sample - saved)
-        if transient <= 0:
-            return
-        if delta is not None:
-            delta[name] = delta.get(name, Line()) + Line(0.0, 0.5 * transient)
-        else:  # the rule (no split): every segment changes alike, through 'other'
-            lines["other"] = lines["other"] + Line(0.0, 0.5 * transient)
-        notes.append(f"amp: the loss's backward's transients ({transient / 2**20:.1f} MiB a sample: the logits' "
-                     f"gradients) gain a 16-bit copy (+half), as an fp32 loss's gradient is cast for the 16-bit "
-                     f"ops before it")
+        return apply_what_if(self.lines, what_if, trainable_bytes=self.trainable_bytes,
+                             state_bytes=self._state_bytes(), observed_amp=self.observed_amp,
+                             split=self.saved_split, layout=self.param_layout,
+                             segments=self.segment_lines or self.phase_lines)
 
     def _check(self, what_if: WhatIf) -> None:
         if what_if.batch_size is not None and (isinstance(what_if.batch_size, bool) or what_if.batch_size < 1):
