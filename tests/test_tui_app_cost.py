@@ -71,8 +71,9 @@ async def test_a_job_panel_below_the_fold_is_not_repainted_but_shows_its_new_lin
         moved = replace(lead, last_step=later, history=(*lead.history, later))
         newer = replace(snap, agents=tuple(moved if a.key == key else a for a in snap.agents), time=snap.time + 1)
         repaints = []
-        refresh = last.refresh
+        refresh, repaint_regions = last.refresh, last.repaint_regions
         last.refresh = lambda *a, **k: (repaints.append(a), refresh(*a, **k))[1]  # type: ignore[method-assign]
+        last.repaint_regions = lambda *a: (repaints.append(a), repaint_regions(*a))[1]  # type: ignore[method-assign]
         builds = []
         build = last.build
         last.build = lambda *a, **k: (builds.append(a), build(*a, **k))[1]  # type: ignore[method-assign]
@@ -174,8 +175,9 @@ async def test_a_compact_panel_whose_step_alone_changed_repaints_its_step_and_dr
         builds, repaints = [], []
         for p in shown:
             p.build = (lambda f, k: lambda *a, **kw: (builds.append(k), f(*a, **kw))[1])(p.build, p.view.key)
-            p.refresh = (lambda f, k: lambda *a, **kw: (repaints.append((k, a)), f(*a, **kw))[1])(p.refresh,
-                                                                                               p.view.key)
+            for name in ("refresh", "repaint_regions"):  # Textual's road, and the repaint without its round trip
+                setattr(p, name, (lambda f, k: lambda *a, **kw: (repaints.append((k, a)), f(*a, **kw))[1])(
+                    getattr(p, name), p.view.key))
         keys = {p.view.key for p in shown}
         agent_keys = {p.view.lead.key for p in shown}
 
@@ -210,3 +212,38 @@ async def test_a_compact_panel_whose_step_alone_changed_repaints_its_step_and_dr
         await fx.wait_for(pilot, lambda: app.shown is newer)
         await pilot.pause()
         assert sorted(builds) == sorted(keys)
+
+
+async def test_a_repaint_reaches_the_screen_without_waking_the_widget_and_falls_back_when_not_shown():
+    """tui/repaint.py: a panel's changed cells are drawn at the next screen update with the widget's own message
+    task left asleep (no prompt to it, no Update message from it); a widget not shown goes Textual's road."""
+    from textual.geometry import Region
+
+    from batchmon.tui.repaint import repaint
+
+    snap = fx.one_gpu(1)
+    app = BatchmonApp(snapshot=snap)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await fx.wait_for(pilot, lambda: app.renders >= 1 and app.query(JobPanel))
+        await pilot.pause()
+        panel = app.query(JobPanel).first()
+        prompts, refreshes = [], []
+        check_idle, refresh = panel.check_idle, panel.refresh
+        panel.check_idle = lambda: (prompts.append(1), check_idle())[1]  # type: ignore[method-assign]
+        panel.refresh = lambda *a, **k: (refreshes.append(a), refresh(*a, **k))[1]  # type: ignore[method-assign]
+        width = panel.content_size.width
+        old = panel.lines(width)[0]
+        marked = old.copy()
+        marked.right_crop(6)
+        marked.append("XQXQXQ")
+        panel._cache = (width, panel._version + 1, [marked, *panel.lines(width)[1:]])
+        panel._version += 1
+        panel._strips_key = None
+        repaint(panel, Region(0, 0, panel.size.width, panel.size.height))
+        await fx.wait_for(pilot, lambda: "XQXQXQ" in fx.screen_text(app))
+        assert prompts == [] and refreshes == []
+        panel.display = False
+        await pilot.pause()
+        before = len(refreshes)
+        repaint(panel, Region(0, 0, 4, 1))
+        assert refreshes[before:] == [(Region(0, 0, 4, 1),)]  # hidden: Widget.refresh, as before

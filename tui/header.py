@@ -12,6 +12,7 @@ from textual.widget import Widget
 from batchmon.snapshot import Snapshot
 from batchmon.tui.fmt import clean_line, fmt_bytes, fmt_interval
 from batchmon.tui.line_strip import LineStrips
+from batchmon.tui.repaint import repaint
 from batchmon.tui.panel import changed_runs
 from batchmon.tui.views import agent_count
 from batchmon.tui.palette import BG, BLUE, DIM, OK, PURPLE, WARN
@@ -105,7 +106,7 @@ class HeaderBar(Widget):
             return
         runs = changed_runs(shown, new, width)
         if runs:  # (none: changed only beyond the edge of a line longer than the header)
-            self.refresh(*(Region(x0, 0, x1 - x0, 1) for x0, x1 in runs))
+            repaint(self, *(Region(x0, 0, x1 - x0, 1) for x0, x1 in runs))
 
     def render(self) -> Text:
         self._shown = self._text()

@@ -363,7 +363,7 @@ class JobPanel(LinesPanel):
             self._strips = [None, self._strips[-1]]
             self._strips_key = (width, self._version, self._strips_key[2])
         runs = changed_runs(Text(kept[1]), Text(key[1]), width - cut)  # (one style: the text decides)
-        self.refresh(*(Region(cut + x0, 0, x1 - x0, 1) for x0, x1 in runs))
+        self.repaint_regions(*(Region(cut + x0, 0, x1 - x0, 1) for x0, x1 in runs))
         return True
 
     def _step_only_key(self) -> tuple[tuple, str] | None:

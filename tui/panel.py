@@ -12,6 +12,7 @@ from textual.widget import Widget
 
 from batchmon.tui.fmt import clean_line
 from batchmon.tui.line_strip import LineStrips
+from batchmon.tui.repaint import repaint
 from batchmon.tui.messages import PanelFocused
 
 
@@ -159,8 +160,13 @@ class LinesPanel(Widget):
             self._strips_key = (width, self._version, self._strips_key[2])
         dirty = [Region(x0, y, x1 - x0, 1) for y, r in enumerate(runs) if r for x0, x1 in r]
         if dirty:
-            self.refresh(*dirty)
+            self.repaint_regions(*dirty)
         return True
+
+    def repaint_regions(self, *regions: Region) -> None:
+        """Repaint these regions (``refresh(*regions)`` without the widget's own message round trip:
+        tui/repaint.py)."""
+        repaint(self, *regions)
 
     def _place(self) -> tuple[int, bool]:
         """The content width and ``_off_screen()``, from one look-up of the screen (Textual's ``region`` and
