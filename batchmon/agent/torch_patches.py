@@ -7,9 +7,10 @@ loss module is one of the module-level functions below (never a bound method of 
 monitor sockets), so whatever copies a module cannot reach the agent's state; and while the agent is attached,
 ``nn.Module.__getstate__`` leaves the agent's hooks out, so ``copy.deepcopy``, ``pickle`` and ``torch.save`` of
 a whole model give a copy without them (a file that loads where batchmon is not installed, an EMA copy that is
-not measured as the model). The hook functions run eagerly under ``torch.compile`` (``torch._dynamo.disable``
-once dynamo is loaded; never importing dynamo ourselves: it costs seconds), so a model compiled after attach
-is measured every step, as in eager mode.
+not measured as the model). The hook functions run eagerly under ``torch.compile`` where graph breaks are allowed
+(``torch._dynamo.disable``d copies once dynamo is loaded; never importing dynamo ourselves: it costs seconds), so
+a model compiled after attach is measured every step, as in eager mode; under ``fullgraph=True`` they trace to
+nothing (``eager``): the compiled forward is not seen, the steps still are.
 
 Patches on torch (installed at attach, removed at detach): ``torch.autograd.backward`` (forward groups,
 accumulation, OOM leaving backward), ``nn.Module.__getstate__`` (above), ``GradScaler.update`` (a step whose
@@ -84,24 +85,58 @@ _modules = sys.modules
 
 
 def eager(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``fn`` as it must run inside a ``torch.compile``d call: eagerly (a ``dynamo.disable``d copy, made once),
-    without importing dynamo ourselves.
+    """``fn`` as it must run inside a ``torch.compile``d call, without importing dynamo ourselves.
 
-    The hooks below call it only while dynamo traces them: ``torch.compiler.is_compiling()`` is true there, and
-    the disabled copy is what dynamo meets - a graph break, the agent's code runs eagerly in every call of the
-    compiled forward, as in eager mode. Outside compilation a hook dispatches directly (a ``dynamo.disable``d
-    function costs about 1 us a call even when nothing compiles: it swaps the frame evaluator twice)."""
+    Outside compilation the returned function calls ``fn`` directly (a ``dynamo.disable``d function costs about
+    1 us a call even when nothing compiles: it swaps the frame evaluator twice). While dynamo traces it
+    (``torch.compiler.is_compiling()`` is a constant True there):
+
+    - where graph breaks are allowed (``fullgraph=False``), dynamo meets a ``dynamo.disable``d copy of ``fn``: a
+      graph break, the agent's code runs eagerly in every call of the compiled code, as in eager mode;
+    - under ``fullgraph=True`` (or ``error_on_graph_break``) a graph break is an error, so the traced call is
+      empty: nothing of the agent's is in the graph and it does not run in compiled calls (the agent sees the
+      step from backward and the optimizer step instead, quiet_steps.missed_forward).
+
+    Which of the two is decided at trace time by ``_graph_breaks_allowed`` (a function dynamo runs while tracing
+    and takes as a constant), which also makes the disabled copies then: making one inside traced code is itself
+    a call dynamo refuses."""
     disabled: list[Callable[..., Any]] = []
+    _EAGER.append((fn, disabled))
 
     def call(*args: Any, **kwargs: Any) -> Any:
-        if not disabled:
-            dynamo = _modules.get("torch._dynamo")
-            if dynamo is None:
-                return fn(*args, **kwargs)
-            disabled.append(dynamo.disable(fn))
-        return disabled[0](*args, **kwargs)
+        if not _is_compiling():
+            return fn(*args, **kwargs)
+        if _graph_breaks_allowed():
+            return disabled[0](*args, **kwargs)
+        return None
 
     return call
+
+
+_EAGER: list[tuple[Callable[..., Any], list[Callable[..., Any]]]] = []  # every eager() function, its disabled copy
+
+
+def _graph_breaks_allowed() -> bool:
+    """Whether the code dynamo traces now may break the graph (not ``fullgraph=True``, not
+    ``error_on_graph_break``). Marked for dynamo as a constant result: dynamo calls it at trace time, eagerly, and
+    puts its answer in the trace, so it can read the tracer's setting and make the ``dynamo.disable``d copies
+    (``eager``). Anything unexpected (another torch's internals) answers False: no graph break, never an error."""
+    try:
+        dynamo = _modules.get("torch._dynamo")
+        if dynamo is None:
+            return False
+        for fn, disabled in _EAGER:
+            if not disabled:
+                disabled.append(dynamo.disable(fn))
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        tx = InstructionTranslator.current_tx()
+        return not (getattr(tx, "one_graph", True) or getattr(tx, "error_on_graph_break", False))
+    except Exception:  # noqa: BLE001
+        return False
+
+
+_graph_breaks_allowed._dynamo_marked_constant = True  # type: ignore[attr-defined]  # torch._dynamo.assume_constant_result
 
 
 _is_compiling: Callable[[], bool] = getattr(getattr(torch, "compiler", None), "is_compiling", None) or (lambda: True)
