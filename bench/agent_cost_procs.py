@@ -127,12 +127,16 @@ def child(args: argparse.Namespace) -> int:
     times: list[float] = []
     clock = time.perf_counter
     end = clock() + args.seconds
+    quiet_after: list[bool] = []  # after each timed step: was the agent quiet (an end snapshot alone can miss)
+    record = quiet_after.append if handle is not None else None
     c0 = time.thread_time()
     while True:
         t = clock()
         step()
         t1 = clock()
         times.append(t1 - t)
+        if record is not None:
+            record(handle is not None and handle.quiet)
         if t1 >= end:
             break
     cpu = (time.thread_time() - c0) / len(times)
@@ -142,6 +146,10 @@ def child(args: argparse.Namespace) -> int:
                             "main_cpu_s_per_step": cpu, "pid": os.getpid()}
     if handle is not None:
         info["quiet"] = bool(getattr(handle, "quiet", False))
+        # the share of timed steps after which the agent was quiet; a sampled step and the one after it are not
+        # (on CUDA a sampled step follows its phases: the next step is measured in full before the carried one)
+        info["quiet_share"] = round(sum(quiet_after) / len(quiet_after), 4) if quiet_after else None
+        info["not_quiet_runs"] = _runs_of_false(quiet_after)
         info["quiet_call"] = bool(getattr(getattr(handle, "_hooks", None), "calling", False))
         info["batchmon"] = str(Path(batchmon.__file__).resolve().parent)
         info["agent_steps"] = handle.last_step.step if handle.last_step is not None else 0
@@ -149,6 +157,19 @@ def child(args: argparse.Namespace) -> int:
         handle.detach()
     print(json.dumps(info))
     return 0
+
+
+def _runs_of_false(flags: list[bool]) -> dict[str, int]:
+    """How many stretches of not-quiet steps, and the longest (a transient after each sample vs never quiet)."""
+    runs, longest, cur = 0, 0, 0
+    for f in flags:
+        if not f:
+            cur += 1
+            runs += cur == 1
+            longest = max(longest, cur)
+        else:
+            cur = 0
+    return {"stretches": runs, "longest": longest}
 
 
 # ------------------------------------------------------------------------------------------------ the runs
@@ -221,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
                               "step_us": us(spread([r["median_s"] for r in by_mode[m]])),
                               "step_p10_us": us(spread([r["p10_s"] for r in by_mode[m]])),
                               "main_cpu_us": us(spread([r["main_cpu_s_per_step"] for r in by_mode[m]])),
-                              "quiet_processes": sum(1 for r in by_mode[m] if r.get("quiet"))}
+                              "quiet_processes": sum(1 for r in by_mode[m] if r.get("quiet")),
+                              "quiet_share": [r.get("quiet_share") for r in by_mode[m]]}
     plain = result["modes"]["plain"]
     for m in modes[1:]:
         mine = result["modes"][m]
