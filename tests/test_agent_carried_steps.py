@@ -64,7 +64,7 @@ import batchmon
 from batchmon.agent import step_meter
 from test_agent_carried_steps import train
 if sys.argv[2] == "measured":
-    step_meter.StepMeter.finish_carried = lambda self, device_used: None
+    step_meter.StepMeter.finish_carried = lambda self, device_used, quiet=False: None
 steps, carried, quiet, events = train(torch.device("cuda", 0))
 print(json.dumps({"steps": steps, "carried": carried, "quiet": quiet, "events": events}))
 """
@@ -80,9 +80,9 @@ def train(device: torch.device) -> tuple[list[dict[str, Any]], int, int, list[di
     carried = quiet = 0
     original = step_meter.StepMeter.finish_carried
 
-    def counting(self: step_meter.StepMeter, device_used: int | None) -> Any:
+    def counting(self: step_meter.StepMeter, device_used: int | None, quiet: bool = False) -> Any:
         nonlocal carried
-        step = original(self, device_used)
+        step = original(self, device_used, quiet)
         carried += step is not None
         return step
 
@@ -121,7 +121,7 @@ def train(device: torch.device) -> tuple[list[dict[str, Any]], int, int, list[di
 
 def test_carried_step_ends_are_what_measuring_gives(agent_dir, monkeypatch: pytest.MonkeyPatch):
     fast, carried, quiet, fast_events = train(torch.device("cpu"))
-    monkeypatch.setattr(step_meter.StepMeter, "finish_carried", lambda self, device_used: None)
+    monkeypatch.setattr(step_meter.StepMeter, "finish_carried", lambda self, device_used, quiet=False: None)
     measured, none, loud, measured_events = train(torch.device("cpu"))
     assert none == 0 and loud == 0 and len(fast) == len(measured) == len(PLAN)
     for a, b in zip(fast, measured):

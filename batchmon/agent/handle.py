@@ -453,7 +453,7 @@ class AgentHandle(HandleViews):
                 meter.optimizer_steps += 1
                 if self.quiet:
                     if meter.batch_carried:  # (_finish_step's carried case, without its checks)
-                        step = meter.finish_carried(self._device_used)
+                        step = meter.finish_carried(self._device_used, True)
                         if step is not None:
                             out = self._out  # (Publisher.step, inline: this runs every step)
                             out.steps.append(step)

@@ -29,22 +29,19 @@ What a step reports (the ``Step`` that ``finish`` returns):
   agent thread once a second; null where NVML does not see this pid).
 - ``step_seconds``: wall time between optimizer steps as the host sees it (no device sync is added).
 
-Cost control (the overhead target is 1% of step time): activations are counted on *sampled* steps only -
-the first 3 steps, every ``activation_every``-th step (default 10; env BATCHMON_ACTIVATION_EVERY under
-``batchmon run``), any step whose batch size differs from the last sampled one and any step after the model
-moved or changed dtype. Parameter, gradient and optimizer bytes are recomputed on the same steps (or when
-optimizer state appears); other steps carry the last measured values forward.
+Cost control (the overhead target is 1% of step time): activations are counted on *sampled* steps only - the
+first 3 steps, every ``activation_every``-th step (default 10; env BATCHMON_ACTIVATION_EVERY under ``batchmon run``),
+a step whose batch size differs from the last sampled one, a step after the model moved or changed dtype.
 
-The fixed cost of the other steps (issue 14) grows with nothing in the model: no walk over parameters (the layout
-check reads one remembered parameter) or optimizers; the allocator's figures (a nested dict torch builds per call)
-are read on sampled and first steps and at most every ALLOCATOR_READ_SECONDS, the peak reset only when read (the
-next read covers every step since; a batch-size change resets it first). With the default ``activation_every``
-samples are at most SAMPLE_SECONDS apart (first steps, batch-size changes and a moved model whatever the time); an
-explicit one is exact. Sampled steps walk parameters, gradients and optimizer state again only when something may
-have changed (first steps, batch size, moved model, grown optimizer state, or RECOUNT_SECONDS passed).
-A step not sampled whose root inputs are plain tensors of the last step's shapes, dtypes and places carries the
-last step's batch size and bytes and parameter/gradient/optimizer counts (new optimizer state: next sample); its end
-is ``finish_carried`` (the last Step, copied) when nothing it reports differs; then steps run quiet (quiet_steps).
+The fixed cost of the other steps (issue 14) grows with nothing in the model (the layout check reads one remembered
+parameter); the allocator's figures (a nested dict) are read on sampled and first steps and at most every
+ALLOCATOR_READ_SECONDS, the peak reset only when read (a batch-size change resets it first). With the default
+``activation_every`` samples are at most SAMPLE_SECONDS apart (first steps, batch-size changes and a moved model
+whatever the time); an explicit one is exact. Sampled steps walk parameters, gradients and optimizer state again only
+when something may have changed (first steps, batch size, moved model, grown optimizer state, or RECOUNT_SECONDS
+passed). A step not sampled whose root inputs are plain tensors of the last step's shapes, dtypes and places carries
+the last step's batch size and bytes and parameter/gradient/optimizer counts (new optimizer state: next sample); its
+end is ``finish_carried`` (the last Step, copied) when nothing it reports differs; then steps run quiet (quiet_steps).
 """
 
 from __future__ import annotations
@@ -78,8 +75,7 @@ class StepMeter:
     def __init__(self, activation_every: int, sizer: BatchSizer,
                  cuda: Callable[[torch.device | None, bool], CudaFigures | None], explicit_every: bool = True) -> None:
         self.activation_every = activation_every
-        # every-N-th-step samples at least this far apart (0: exactly every N-th step, as an explicit setting asks)
-        self.sample_seconds = 0.0 if explicit_every else SAMPLE_SECONDS
+        self.sample_seconds = 0.0 if explicit_every else SAMPLE_SECONDS  # every-N-th samples this far apart at least
         self._sampled_t = float("-inf")  # perf_counter of the last sampled step's start
         self.sizer = sizer
         self._cuda = cuda
@@ -390,8 +386,7 @@ class StepMeter:
                     if len(marks) >= GRAD_MARKS:
                         break
         self._grad_marks = marks
-        # a loop step ends later, after zero_grad: keep the gradients as they are now
-        self._backward_static = self.static_components(force=self.sampled and self._recount)
+        self._backward_static = self.static_components(force=self.sampled and self._recount)  # (a loop step ends later)
 
     def _grads_changed(self) -> bool:
         """Gradients cleared or replaced since the last backward (accumulation leaves them as they were)."""
@@ -406,30 +401,37 @@ class StepMeter:
 
     # -------------------------------------------------------------------------------------------- step end
 
-    def finish_carried(self, device_used: int | None) -> Step | None:
-        """The steady step's end (issue 14 point 1), for a carried step (``batch_carried``): when every figure it
-        reports is the last step's (counts, activations, batch bytes, size and source, micro-batches, allocator
-        figures with no read due, the device figure), the last Step copied with its own number and times. None
-        when anything differs, the step is sampled or a read is due (then ``finish``)."""
-        if self.sampled or not self.step_open or self.batch is not None or self.counter is not None \
-                or self.phases.active or self._template is None:
-            return None
-        start = self._last_step_end
+    def finish_carried(self, device_used: int | None, quiet: bool = False) -> Step | None:
+        """A carried step's end (``batch_carried``): when every figure it reports is the last step's (counts,
+        activations, batch bytes, size, source, micro-batches, allocator figures, no read due, the device figure),
+        the last Step copied with its number and times; else None (then ``finish``). ``quiet`` (quiet_steps: the
+        last step compared them all): only what a quiet step can change is compared - backwards, NVML's figure, a
+        read due; what changes the rest ends a step with ``finish`` (a new template) or arms the hooks."""
+        key = self._template_key
         now = _perf_counter()
-        device = self.device
-        if device is not self._kind_of:  # (torch.device.type costs ~0.7 us a read: once per device object)
-            self._kind_of, self._on_cuda = device, device is not None and device.type == "cuda"
-        cuda = None
-        if self._on_cuda:
-            cuda = self._figures
-            if cuda is None or self.step < FULL_STEPS or now - self._figures_t >= ALLOCATOR_READ_SECONDS:
+        if quiet:
+            if key is None or key[6] != self.backwards or self.phases.active or (self._on_cuda and (
+                    key[7] != device_used or now - self._figures_t >= ALLOCATOR_READ_SECONDS)):
                 return None
         else:
-            device_used = None
-        if start is None or self._template_key != (self._static, self._last_acts, self._batch_max, cuda,
-                                                   self.batch_size, self.batch_source, self.backwards, device_used):
-            return None
+            if self.sampled or not self.step_open or self.batch is not None or self.counter is not None \
+                    or self.phases.active or self._template is None:
+                return None
+            device = self.device
+            if device is not self._kind_of:  # (torch.device.type costs ~0.7 us a read: once per device object)
+                self._kind_of, self._on_cuda = device, device is not None and device.type == "cuda"
+            cuda = None
+            if self._on_cuda:
+                cuda = self._figures
+                if cuda is None or self.step < FULL_STEPS or now - self._figures_t >= ALLOCATOR_READ_SECONDS:
+                    return None
+            else:
+                device_used = None
+            if self._last_step_end is None or key != (self._static, self._last_acts, self._batch_max, cuda,
+                                                      self.batch_size, self.batch_source, self.backwards, device_used):
+                return None
         template = self._template
+        start = self._last_step_end
         self._last_step_end = now
         self.step += 1
         step = _new_object(Step)
