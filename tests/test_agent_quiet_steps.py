@@ -336,3 +336,18 @@ def test_compiling_after_quiet_steps_puts_the_hooks_back_and_measures_every_step
     assert handle.quiet and not handle._hooks.calling  # quiet again, in the hooked form
     handle.detach()
     assert torch.compile is not torch_patches._compile and original_compile in (None, torch.compile)
+
+
+def test_a_sample_leaves_quiet_for_one_step_end_only(agent_dir):
+    """Whether a run 'went quiet' is not one snapshot at its end: a sampled step arms every hook, and the carried
+    step after it makes the next ones quiet again (on CUDA one more: a phase-followed step leaves no template, so
+    the step after it ends with ``finish``). Here, every 10th step sampled: the step ends that leave the agent not
+    quiet are exactly the sampled ones, one at a time."""
+    model, opt, crit, handle = _setup(every=10)
+    _train(model, opt, crit, 6)
+    after: list[bool] = []
+    for _ in range(26):
+        _train(model, opt, crit, 1)
+        after.append(handle.quiet)
+    loud = [handle.steps[-26 + i].step for i, q in enumerate(after) if not q]
+    assert loud == [10, 20, 30], loud
