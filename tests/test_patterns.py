@@ -4,7 +4,8 @@ Real subprocesses: the same script, same seed, once plain and once under ``batch
 bit-identical, the agent must see one step per step the script took (tests/patterns/pattern_common.py: each
 script reports its own steps and batch sizes), with the script's batch sizes, and where the script says where
 its batch dimension is, the agent must name it (``batch_source``). The same corpus runs on CUDA with
-``bench/patterns_run.py``. Marked slow: every pattern starts four Python processes that import torch.
+``bench/patterns_run.py``. Marked slow: every pattern starts a fresh interpreter that imports torch under
+``batchmon run`` (the plain run forks from the session's torch-preloaded server: tests/preloaded.py).
 """
 
 from __future__ import annotations
@@ -42,9 +43,12 @@ def _on_this_box(pattern: corpus.Pattern) -> corpus.Pattern:
 
 
 @pytest.mark.parametrize("pattern", corpus.PATTERNS, ids=[p.name for p in corpus.PATTERNS])
-def test_pattern_plain_and_under_batchmon_run(pattern, short_dir):
+def test_pattern_plain_and_under_batchmon_run(pattern, short_dir, preloaded):
+    """The plain reference run forks from the session's torch-preloaded server (its losses and batch sizes are
+    the script's own, whatever process runs it); the attached run is a real ``batchmon run`` of a fresh
+    interpreter, as a user's."""
     pattern = _on_this_box(pattern)
-    row = corpus.run_pattern(pattern, "cpu", short_dir)
+    row = corpus.run_pattern(pattern, "cpu", short_dir, plain_runner=preloaded.run)
     assert row.problems == [], row.problems
     assert row.ok and row.loss_unchanged and row.batch_right
     assert row.steps_seen == row.steps_expected > 0

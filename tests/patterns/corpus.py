@@ -14,7 +14,7 @@ import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -68,11 +68,19 @@ class Row:
         return asdict(self)
 
 
-def run_script(pattern: Pattern, device: str, workdir: Path, attached: bool, timeout: float = 300) -> dict[str, Any]:
-    """One run; returns the script's report, plus ``rc`` and ``stderr``."""
+#: runs a command (``argv`` without the interpreter) as ``subprocess.run(..., capture_output=True, text=True)``
+PlainRunner = Callable[..., "subprocess.CompletedProcess[str]"]
+
+
+def run_script(pattern: Pattern, device: str, workdir: Path, attached: bool, timeout: float = 300,
+               plain_runner: PlainRunner | None = None) -> dict[str, Any]:
+    """One run; returns the script's report, plus ``rc`` and ``stderr``. ``plain_runner``: what runs the plain
+    (unattached) script instead of a fresh interpreter (the tests' torch-preloaded fork server); the attached run
+    is always a real ``batchmon run`` of a fresh interpreter (its injection is part of what is tested)."""
     report = workdir / f"{pattern.name}_{'attached' if attached else 'plain'}.json"
-    cmd = [sys.executable, str(HERE / pattern.script), "--device", device, "--report", str(report), *pattern.args,
-           *(pattern.cpu_args if device == "cpu" else ())]
+    args = [str(HERE / pattern.script), "--device", device, "--report", str(report), *pattern.args,
+            *(pattern.cpu_args if device == "cpu" else ())]
+    cmd = [sys.executable, *args]
     if attached:
         cmd = [sys.executable, "-m", "batchmon", "run", "--", *cmd]
     env = dict(os.environ)
@@ -80,7 +88,10 @@ def run_script(pattern: Pattern, device: str, workdir: Path, attached: bool, tim
     env.setdefault("BATCHMON_DIR", str(workdir / "s"))
     if device == "cpu":  # OpenMP's threads sleep between ops instead of spinning: CPU time, not results (both runs)
         env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    out = subprocess.run(cmd, env=env, cwd=str(workdir), capture_output=True, text=True, timeout=timeout)
+    if plain_runner is not None and not attached:
+        out = plain_runner(args, env=env, cwd=str(workdir), timeout=timeout)
+    else:
+        out = subprocess.run(cmd, env=env, cwd=str(workdir), capture_output=True, text=True, timeout=timeout)
     result: dict[str, Any] = {"rc": out.returncode, "stderr": out.stderr[-3000:]}
     if report.exists():
         result.update(json.loads(report.read_text()))
@@ -122,14 +133,16 @@ def compare(pattern: Pattern, plain: dict[str, Any], attached: dict[str, Any]) -
                micro_batches=[s.get("micro_batches") for s in steps], problems=problems)
 
 
-def run_pattern(pattern: Pattern, device: str, workdir: Path, parallel: bool = True) -> Row:
+def run_pattern(pattern: Pattern, device: str, workdir: Path, parallel: bool = True,
+                plain_runner: PlainRunner | None = None) -> Row:
     """Plain and attached runs (side by side when ``parallel``: they share nothing but the CPU)."""
     workdir.mkdir(parents=True, exist_ok=True)
     if not parallel:
-        return compare(pattern, run_script(pattern, device, workdir, False), run_script(pattern, device, workdir, True))
+        return compare(pattern, run_script(pattern, device, workdir, False, plain_runner=plain_runner),
+                       run_script(pattern, device, workdir, True))
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(2) as pool:
-        plain = pool.submit(run_script, pattern, device, workdir, False)
+        plain = pool.submit(run_script, pattern, device, workdir, False, plain_runner=plain_runner)
         attached = pool.submit(run_script, pattern, device, workdir, True)
         return compare(pattern, plain.result(), attached.result())
