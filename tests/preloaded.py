@@ -7,8 +7,8 @@ cwd and stdio it is given, ends with the script's exit status (``sys.exit``, an 
 ``subprocess`` reports it) and can be signalled and waited on like a ``subprocess.Popen``.
 
 What it is not: a fresh interpreter. Whatever is read at interpreter start or at torch's import (sitecustomize,
-``batchmon run``'s injection, OMP_* variables) comes from the server's start, so the tests of those behaviours
-launch real interpreters; this server runs the plain reference runs and scripts that attach in their own code.
+``batchmon run``'s injection, OMP_* variables but OMP_NUM_THREADS, which the child applies) comes from the
+server's start, so the tests of those behaviours launch real interpreters; this server runs the plain reference runs and scripts that attach in their own code.
 The server imports no batchmon module (a plain run must have none loaded) and runs no torch op before a fork
 (OpenMP's thread pool is not fork-safe once started): each child starts its own threads.
 
@@ -50,6 +50,9 @@ def child(conn, request, fds):
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
+    threads = request["env"].get("OMP_NUM_THREADS", "")
+    if threads.isdigit() and int(threads) > 0:  # what a fresh interpreter's OpenMP would take from it at start
+        torch.set_num_threads(int(threads))
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD):
         signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
     sys.stdin = open(0, closefd=False)
