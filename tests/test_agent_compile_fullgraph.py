@@ -69,8 +69,8 @@ def _build(pattern: str, model: nn.Module, crit: nn.Module, fullgraph: bool, bac
 
 
 def _run(pattern: str, fullgraph: bool, attached: bool, compile_fn: Callable[..., Any] = _compile,
-         eager_first: int = 0) -> tuple[list[float], int, list[Any]]:
-    """(losses, graphs compiled, the agent's steps). ``eager_first``: eager steps before compiling (the root
+         eager_first: int = 0) -> tuple[list[float], int, list[Any], int]:
+    """(losses, graphs compiled, the agent's steps, walks over the parameters after the first 3 compiled steps). ``eager_first``: eager steps before compiling (the root
     goes quiet: its instance ``_call_impl`` is what dynamo meets)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(D, 32), nn.ReLU(), nn.Linear(32, 4))
@@ -94,12 +94,22 @@ def _run(pattern: str, fullgraph: bool, attached: bool, compile_fn: Callable[...
         assert handle.quiet and handle._hooks.calling  # the closure is on the root when dynamo first meets it
     backend = Counter()
     loss_of = _build(pattern, model, crit, fullgraph, backend, compile_fn)
-    for _ in range(STEPS):
-        step(loss_of)
+    from batchmon.agent import accounting
+
+    walk = accounting.parameter_storages
+    walks: list[int] = []
+    accounting.parameter_storages = lambda *a, **k: (walks.append(1), walk(*a, **k))[1]  # type: ignore[assignment]
+    try:
+        for i in range(STEPS):
+            if i == 3:
+                walks.clear()  # (the first steps are measured in full)
+            step(loss_of)
+    finally:
+        accounting.parameter_storages = walk  # type: ignore[assignment]
     steps = list(handle.steps) if handle is not None else []
     agent.detach()
     torch._dynamo.reset()
-    return losses, backend.graphs, steps
+    return losses, backend.graphs, steps, len(walks)
 
 
 def _same(a: list[float], b: list[float]) -> bool:
@@ -125,14 +135,14 @@ def _plain(pattern: str, eager_first: int = 0) -> list[float]:
 @pytest.mark.slow  # one more compile (~1.5 CPU s): what the other tests' eager reference rests on
 def test_unattached_compiled_losses_are_the_eager_ones():
     pattern = "parent"
-    losses, graphs, _ = _run("parent", True, attached=False)
+    losses, graphs, _, _ = _run("parent", True, attached=False)
     assert graphs == 1
     assert _same(losses, _plain(pattern))
 
 
 @pytest.mark.parametrize("pattern", ["model", "parent", "function", "train_step"])
 def test_fullgraph_compile_works_attached_as_unattached(agent_dir, pattern):
-    losses, graphs, steps = _run(pattern, True, attached=True)
+    losses, graphs, steps, walks = _run(pattern, True, attached=True)
     assert _same(losses, _plain(pattern)), pattern
     assert graphs == 1, pattern  # one graph, nothing of the agent's in it
     assert [s.step for s in steps] == list(range(1, STEPS + 1))  # every step seen, ended by the optimizer
@@ -141,13 +151,14 @@ def test_fullgraph_compile_works_attached_as_unattached(agent_dir, pattern):
         assert s.step_seconds is None or s.step_seconds >= 0
         # the forward ran inside the full graph, where the agent's hooks are empty: not seen, not made up
         assert s.batch_size is None and s.components["activations"] == 0
+    assert walks == 0  # such steps are sampled as any (every 1000th here): no walk over the parameters each step
 
 
 @pytest.mark.parametrize("pattern", ["parent", pytest.param("model.compile", marks=pytest.mark.slow)])
 def test_compile_with_graph_breaks_allowed_still_measures_the_forward(agent_dir, pattern):
     """fullgraph=False: the agent's hooks run eagerly at a graph break (as before), the forward is measured.
     (``model.compile(fullgraph=True)`` fails without the agent on torch 2.13: "found no compiled frames".)"""
-    losses, graphs, steps = _run(pattern, False, attached=True)
+    losses, graphs, steps, walks = _run(pattern, False, attached=True)
     assert _same(losses, _plain(pattern))
     assert graphs >= 1
     assert [s.batch_size for s in steps] == [8] * STEPS
@@ -159,7 +170,7 @@ def test_compile_imported_before_attach_after_quiet_eager_steps(agent_dir):
     root already quiet (its instance ``_call_impl`` is on it): works, fullgraph or not, same losses; the closure
     goes when a step misses its forward (one more graph: the known cost of this case)."""
     for pattern, fullgraph in (("function", True), ("parent", False)):
-        losses, graphs, steps = _run(pattern, fullgraph, attached=True, eager_first=6)
+        losses, graphs, steps, walks = _run(pattern, fullgraph, attached=True, eager_first=6)
         assert _same(losses, _plain(pattern, 6)), pattern
         assert graphs <= 2 if fullgraph else graphs >= 1
         assert [s.step for s in steps] == list(range(1, 6 + STEPS + 1)), pattern
@@ -168,7 +179,7 @@ def test_compile_imported_before_attach_after_quiet_eager_steps(agent_dir):
 def test_the_patched_compile_takes_the_closure_off_first(agent_dir):
     """The agent's own torch.compile patch (the usual case): a quiet root's closure leaves before dynamo meets it,
     so a full-graph compile of a parent costs no extra graph."""
-    losses, graphs, steps = _run("parent", True, attached=True, eager_first=6,
+    losses, graphs, steps, walks = _run("parent", True, attached=True, eager_first=6,
                                  compile_fn=lambda *a, **k: torch.compile(*a, **k))
     assert _same(losses, _plain("parent", 6))
     assert graphs == 1

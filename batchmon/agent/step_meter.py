@@ -1,15 +1,14 @@
 """The step meter: what one training step holds, measured from the hooks' calls, returned as Step values.
 
-(Over 400 lines: the rule of where a step ends, what it reports, and the sampling that keeps it cheap are one
-state machine over the same per-step fields; split, each half would reach into the other's state.) It owns no
-hooks and no socket (batchmon.agent.handle wires it to torch and publishes what it returns).
+(Over 400 lines: where a step ends, what it reports and the sampling that keeps it cheap are one state machine over
+the same per-step fields.) It owns no hooks and no socket (batchmon.agent.handle wires it and publishes its Steps).
 
 A step ends (README, "How a step is recognised") at the primary optimizer's ``step()`` (the first ``torch.optim``
 optimizer that steps, or the one given to ``attach``; other optimizers' steps count for optimizer bytes only), at
 ``GradScaler.update()`` when the scaler skipped the optimizer step, or - with no optimizer step seen - at the next
-training forward after a backward once the gradients were cleared or replaced (gradients left to accumulate: the
-same step goes on; the last such step is published at detach/exit); never inside an optimizer step (an LBFGS
-closure's forwards and backwards are that one step).
+training forward after a backward once the gradients were cleared or replaced (gradients left to accumulate: the same
+step goes on; the last such step is published at detach/exit); never inside an optimizer step (an LBFGS closure's
+forwards and backwards are that one step).
 
 Forwards under ``no_grad``/``inference_mode`` (evaluation) are not part of any step. ``micro_batches`` is the
 number of backward passes in the step (gradient accumulation's micro-batches; an LBFGS closure's evaluations).
@@ -20,8 +19,8 @@ What a step reports (the ``Step`` that ``finish`` returns):
   saying how it was found; with gradient accumulation the last micro-batch's (what is in memory at once).
 - ``batch``: storages of the tensors passed to the root forward (positional and keyword, nested), plus targets:
   tensors not requiring grad passed to a criterion module after the model's forward (a torch loss module, or a
-  parameter-free ...Loss/...Criterion, looked for in the first 3 steps); a functional loss is not seen (its
-  targets and saved tensors end up in ``other`` on CUDA). The step reports its largest forward group.
+  parameter-free ...Loss/...Criterion, looked for in the first 3 steps; a functional loss is not seen: its
+  targets and saved tensors are in ``other`` on CUDA). The step reports its largest forward group.
 - ``activations``: bytes saved for backward inside the root forward and the criterion's (same grouping).
 - ``other``: on CUDA the allocator peak since the previous step minus the five above (>= 0); on CPU 0.
 - on CUDA: ``allocated``, ``peak_allocated`` (the script's own peak calls still work: torch_patches),
@@ -430,8 +429,7 @@ class StepMeter:
             if self._last_step_end is None or key != (self._static, self._last_acts, self._batch_max, cuda,
                                                       self.batch_size, self.batch_source, self.backwards, device_used):
                 return None
-        template = self._template
-        start = self._last_step_end
+        template, start = self._template, self._last_step_end
         self._last_step_end = now
         self.step += 1
         step = _new_object(Step)
@@ -448,8 +446,7 @@ class StepMeter:
         patches.oom_requested = None  # as finish's take_oom_requested: a caught failure is not the next OOM's size
         return step
 
-    def _close_step(self) -> None:
-        """The per-step state back to between-steps (``finish``; ``finish_carried`` resets what a carried step set)."""
+    def _close_step(self) -> None:  # the per-step state back to between-steps (finish; finish_carried resets its own)
         self.step_open = self.sampled = self.batch_carried = False
         self._acts_max = self._batch_max = self.backwards = self.forwards = 0
         self._grad_marks = []
@@ -463,7 +460,10 @@ class StepMeter:
         self._last_step_end = now
         self.step += 1
         self.fold_group()
-        sampled = self.sampled or not self.step_open
+        every, n = self.activation_every, self.step  # root forward not seen (fullgraph compile): sampled as open_step's
+        sampled = self.sampled or (not self.step_open and (n <= FULL_STEPS or self._static is None or (
+            (every <= 1 or n % every == 0) and now - self._sampled_t >= self.sample_seconds)))
+        self._sampled_t = now if sampled and not self.step_open else self._sampled_t
         if sampled:
             self._last_acts = self._acts_max if self.step_open else self._last_acts
         if in_loop and self._backward_static is not None:
