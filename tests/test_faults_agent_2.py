@@ -3,7 +3,8 @@ are re-published, a live socket of another process at the agent's name, a folder
 name fits. Training completes with exactly the losses of an unattached run, the agent's buffers stay within
 their caps, and step time does not change.
 
-Real torch (CPU build), the real agent, real sockets and a real child process with SIGPIPE at SIG_DFL.
+Real torch (CPU build), the real agent, real sockets and a real child process with SIGPIPE at SIG_DFL (forked from
+the session's torch-preloaded server, tests/preloaded.py: the script sets SIGPIPE and attaches in its own code).
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import shutil
 import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -64,9 +64,11 @@ print("losses", json.dumps(losses), flush=True)
 """
 
 
-def _run_training(attach: bool, steps: int, env: dict[str, str], during=None) -> list[float]:
-    proc = subprocess.Popen([sys.executable, "-c", TRAIN, "attach" if attach else "plain", str(steps)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+def _run_training(preloaded, attach: bool, steps: int, env: dict[str, str], during=None) -> list[float]:
+    """TRAIN in a child forked from the session's torch-preloaded server (a real process: its own signal
+    dispositions, its exit status; the script attaches in its own code)."""
+    proc = preloaded.popen(["-c", TRAIN, "attach" if attach else "plain", str(steps)], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
     try:
         if during is not None:
             first = proc.stdout.readline().split()
@@ -84,7 +86,7 @@ def _run_training(attach: bool, steps: int, env: dict[str, str], during=None) ->
 
 
 @pytest.mark.slow
-def test_sigpipe_at_default_and_monitors_that_hang_up(agent_dir) -> None:
+def test_sigpipe_at_default_and_monitors_that_hang_up(agent_dir, preloaded) -> None:
     """A1: monitors that connect and close at once, hundreds of times, while the script runs with SIGPIPE at
     SIG_DFL: the agent's sends to closed sockets must not raise SIGPIPE (the process died with -13)."""
     # OMP_WAIT_POLICY=PASSIVE: OpenMP's threads sleep between the paced steps instead of spinning (~4 CPU s a run)
@@ -104,8 +106,8 @@ def test_sigpipe_at_default_and_monitors_that_hang_up(agent_dir) -> None:
                 s.close()
             hangups.append(1)
 
-    baseline = _run_training(False, steps, env)
-    assert _run_training(True, steps, env, during=hang_up_repeatedly) == baseline
+    baseline = _run_training(preloaded, False, steps, env)
+    assert _run_training(preloaded, True, steps, env, during=hang_up_repeatedly) == baseline
     assert len(hangups) > 20  # the agent really saw monitors vanish while it was sending
 
 
