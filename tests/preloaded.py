@@ -82,7 +82,8 @@ def child(conn, request, fds):
     except BaseException:
         traceback.print_exc()
         code = 1
-    import atexit
+    import atexit, threading
+    threading._shutdown()  # as the interpreter's exit: join the non-daemon threads, then the atexit functions
     atexit._run_exitfuncs()
     for f in (sys.stdout, sys.stderr):
         try:
@@ -194,6 +195,11 @@ class Child:
         self.send_signal(signal.SIGKILL)
 
     def communicate(self, timeout: float | None = None) -> tuple[Any, Any]:
+        if self.stdin is not None and not self.stdin.closed:
+            try:
+                self.stdin.close()  # as Popen's: the child sees the end of its input
+            except BrokenPipeError:
+                pass
         results: dict[str, Any] = {}
         readers = [threading.Thread(target=lambda n=name, f=f: results.__setitem__(n, f.read()), daemon=True)
                    for name, f in (("stdout", self.stdout), ("stderr", self.stderr)) if f is not None]

@@ -168,12 +168,12 @@ for batch in [8] * 6 + [64]:
 """
 
 
-def test_a_real_training_process_that_dies_of_an_oom_stays_as_oom_with_its_post_mortem(tmp_path):
+def test_a_real_training_process_that_dies_of_an_oom_stays_as_oom_with_its_post_mortem(tmp_path, preloaded):
     """A real agent in a real torch process (CPU: the forward raises torch.OutOfMemoryError at batch 64, as the
-    CUDA allocator would), a real hub: the run ends as "oom" after its 6 steps, with its post-mortem."""
+    CUDA allocator would), a real hub: the run ends as "oom" after its 6 steps, with its post-mortem. The process
+    forks from the session's torch-preloaded server (tests/preloaded.py; the script attaches in its own code)."""
     import os
     import subprocess
-    import sys
 
     import pytest
 
@@ -182,8 +182,8 @@ def test_a_real_training_process_that_dies_of_an_oom_stays_as_oom_with_its_post_
     from hub_peer import wait_for
 
     sockdir = protocol.ensure_socket_dir(tmp_path / "sock")
-    proc = subprocess.Popen([sys.executable, "-c", OOM_SCRIPT], env=dict(os.environ, BATCHMON_DIR=str(sockdir)),
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = preloaded.popen(["-c", OOM_SCRIPT], env=dict(os.environ, BATCHMON_DIR=str(sockdir)),
+                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     hub = Hub(interval=0.05, socket_dir=sockdir).start()
     try:
         assert proc.stdout.readline().strip() == "attached", proc.stderr.read() if proc.poll() is not None else ""

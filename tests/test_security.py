@@ -58,13 +58,15 @@ def as_nobody() -> list[str]:
 
 
 @pytest.mark.skipif(os.getuid() != 0, reason="switching to nobody needs root")
-def test_another_user_cannot_connect_to_the_agent_socket() -> None:
+def test_another_user_cannot_connect_to_the_agent_socket(preloaded) -> None:
+    """The agent's process forks from the session's torch-preloaded server (tests/preloaded.py): its folder and
+    socket modes are the agent's own, under the umask any process of this user has."""
     pwd.getpwnam("nobody")
     base = Path(tempfile.mkdtemp(prefix="bms"))
     base.chmod(0o755)  # the parent is open: only the agent's own folder and socket modes keep nobody out
     sockdir = base / "agent"
-    proc = subprocess.Popen([sys.executable, "-c", TRAIN], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            text=True, env=dict(os.environ, BATCHMON_DIR=str(sockdir)))
+    proc = preloaded.popen(["-c", TRAIN], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                           env=dict(os.environ, BATCHMON_DIR=str(sockdir)))
     try:
         path = Path(proc.stdout.readline().strip())
         assert path.parent == sockdir and path.exists()
