@@ -330,18 +330,19 @@ def test_the_package_itself_imports_no_library():
     assert out.stdout.strip() == "[]", out.stderr
 
 
-def test_lightning_ddp_every_rank_attaches(tmp_path, L):
+def test_lightning_ddp_every_rank_attaches(tmp_path, L, preloaded):
     """Two CPU processes under Lightning's DDP (gloo): each rank's agent is read on its own socket by the bench
     script's check, with its rank in the hello and its own per-rank batches (Lightning's own redirection of
-    training_step through the module's forward, not the callback's, is what the agent sees there)."""
+    training_step through the module's forward, not the callback's, is what the agent sees there). Rank 0 forks
+    from the session's torch-preloaded server; Lightning starts rank 1 as a fresh interpreter, as it does."""
     import json
     import os
     import tempfile
 
     sockets = tempfile.mkdtemp(prefix="bmt")  # short: unix socket paths are limited to 107 bytes
     env = {**os.environ, "OUT": str(tmp_path / "out"), "BATCHMON_DIR": os.path.join(sockets, "s")}
-    out = subprocess.run([sys.executable, str(ROOT / "bench" / "integrations_check.py"), "--cpu", "--ddp", "2",
-                          "--steps", "3"], capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
+    out = preloaded.run([str(ROOT / "bench" / "integrations_check.py"), "--cpu", "--ddp", "2", "--steps", "3"],
+                        timeout=120, cwd=tmp_path, env=env)
     result = tmp_path / "out" / "integrations_check_ddp.json"
     assert out.returncode == 0 and result.exists(), out.stdout[-2000:] + out.stderr[-2000:]
     report = json.loads(result.read_text())

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -99,10 +98,11 @@ def test_sharding_what_if_with_the_layout_sits_between_the_shard_and_the_unshard
 
 
 @pytest.mark.slow
-def test_cpu_smoke_writes_the_point_3_json(tmp_path):
+def test_cpu_smoke_writes_the_point_3_json(tmp_path, preloaded):
+    """The script forks from the session's torch-preloaded server (its rank processes come from its own
+    multiprocessing forkserver, a fresh interpreter, as on the GPU)."""
     out = tmp_path / "fsdp.json"
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--cpu-smoke", "--out", str(out)],
-                          capture_output=True, text=True, timeout=600)
+    proc = preloaded.run([str(SCRIPT), "--cpu-smoke", "--out", str(out)], timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     doc = json.loads(out.read_text())
     assert doc["world_size"] == 2 and doc["mode"] == "cpu-smoke"
