@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 from agent_helpers import ROOT, agent_dir, run_batchmon  # noqa: F401 - fixture
@@ -28,11 +27,11 @@ def test_gpt_check_under_batchmon_run_on_cpu(agent_dir, tmp_path):
     assert check["ok"] is None and "check: not comparable here" in result.stderr
 
 
-def test_overhead_bench_tiny_writes_its_result(tmp_path, agent_dir):
+def test_overhead_bench_tiny_writes_its_result(tmp_path, agent_dir, preloaded):
+    """The bench script (it attaches in its own code) forks from the session's torch-preloaded server."""
     env = {**os.environ, "OUT": str(tmp_path), "BATCHMON_DIR": str(agent_dir)}
-    result = subprocess.run([sys.executable, "bench/agent_overhead.py", "--tiny", "--device", "cpu",
-                             "--batch-size", "2", "--seq-len", "16"], capture_output=True, text=True,
-                            timeout=240, env=env, cwd=ROOT)
+    result = preloaded.run(["bench/agent_overhead.py", "--tiny", "--device", "cpu", "--batch-size", "2",
+                            "--seq-len", "16"], timeout=240, env=env, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     data = json.loads((tmp_path / "agent_overhead.json").read_text())
     assert data["steps_per_mode"] == {"attached": 8, "plain": 8}
