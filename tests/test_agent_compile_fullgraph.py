@@ -98,7 +98,12 @@ def _run(pattern: str, fullgraph: bool, attached: bool, compile_fn: Callable[...
 
     walk = accounting.parameter_storages
     walks: list[int] = []
-    accounting.parameter_storages = lambda *a, **k: (walks.append(1), walk(*a, **k))[1]  # type: ignore[assignment]
+
+    def counted(*a: Any, **k: Any) -> Any:
+        walks.append(1)
+        return walk(*a, **k)
+
+    accounting.parameter_storages = counted  # type: ignore[assignment]
     try:
         for i in range(STEPS):
             if i == 3:

@@ -437,8 +437,8 @@ class StepMeter:
         fields.update(template.__dict__)  # a frozen dataclass: its fields live in __dict__ (protocol.new_step)
         fields["step"] = self.step
         fields["time"] = _time()
-        fields["step_seconds"] = now - start
-        fields["components"] = template.components.copy()
+        fields["step_seconds"] = now - start  # type: ignore[operator]  # (a template is made at a step's end)
+        fields["components"] = template.components.copy()  # type: ignore[union-attr]  # (key set: template set)
         self._last_batch_size = self.batch_size
         self.step_open = self.batch_carried = False
         self._batch_max = self.backwards = self.forwards = 0
