@@ -6,9 +6,11 @@ its own pid: it runs the script (``path``, ``-c code`` or ``-m module``) as ``__
 cwd and stdio it is given, ends with the script's exit status (``sys.exit``, an exception: 1, a signal: -N as
 ``subprocess`` reports it) and can be signalled and waited on like a ``subprocess.Popen``.
 
-What it is not: a fresh interpreter. Whatever is read at interpreter start or at torch's import (sitecustomize,
-``batchmon run``'s injection, OMP_* variables but OMP_NUM_THREADS, which the child applies) comes from the
-server's start, so the tests of those behaviours launch real interpreters; this server runs the plain reference runs and scripts that attach in their own code.
+What it is not: a fresh interpreter. The child imports the first ``sitecustomize`` on its PYTHONPATH as a fresh
+interpreter's start does (so ``batchmon run``'s environment attaches the agent: torch is already imported, so its
+bootstrap attaches at once instead of through its ``import torch`` hook) and applies OMP_NUM_THREADS; whatever
+else is read at interpreter start or at torch's import (other OMP_* variables) comes from the server's start, so
+the tests of those behaviours, and of ``batchmon run``'s launch and injection, launch real interpreters; this server runs the plain reference runs and scripts that attach in their own code.
 The server imports no batchmon module (a plain run must have none loaded) and runs no torch op before a fork
 (OpenMP's thread pool is not fork-safe once started): each child starts its own threads.
 
@@ -60,6 +62,15 @@ def child(conn, request, fds):
     sys.stderr = open(2, "w", buffering=1, closefd=False)
     argv = request["argv"]
     extra = [p for p in request["env"].get("PYTHONPATH", "").split(os.pathsep) if p]
+    sys.path[:] = [*extra, *base_path]
+    sys.modules.pop("sitecustomize", None)
+    try:  # as site.py at a fresh interpreter's start: the first sitecustomize on this child's path
+        import sitecustomize
+    except ImportError as exc:
+        if exc.name != "sitecustomize":
+            traceback.print_exc()
+    except Exception:
+        traceback.print_exc()
     code = 0
     try:
         if argv[0] == "-c":

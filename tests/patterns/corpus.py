@@ -73,10 +73,11 @@ PlainRunner = Callable[..., "subprocess.CompletedProcess[str]"]
 
 
 def run_script(pattern: Pattern, device: str, workdir: Path, attached: bool, timeout: float = 300,
-               plain_runner: PlainRunner | None = None) -> dict[str, Any]:
+               plain_runner: PlainRunner | None = None, attached_runner: PlainRunner | None = None) -> dict[str, Any]:
     """One run; returns the script's report, plus ``rc`` and ``stderr``. ``plain_runner``: what runs the plain
-    (unattached) script instead of a fresh interpreter (the tests' torch-preloaded fork server); the attached run
-    is always a real ``batchmon run`` of a fresh interpreter (its injection is part of what is tested)."""
+    (unattached) script instead of a fresh interpreter (the tests' torch-preloaded fork server);
+    ``attached_runner``: what runs the script with ``batchmon run``'s environment (its bootstrap first on
+    PYTHONPATH, auto-attach on) instead of a real ``batchmon run`` of a fresh interpreter."""
     report = workdir / f"{pattern.name}_{'attached' if attached else 'plain'}.json"
     args = [str(HERE / pattern.script), "--device", device, "--report", str(report), *pattern.args,
             *(pattern.cpu_args if device == "cpu" else ())]
@@ -90,6 +91,10 @@ def run_script(pattern: Pattern, device: str, workdir: Path, attached: bool, tim
         env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if plain_runner is not None and not attached:
         out = plain_runner(args, env=env, cwd=str(workdir), timeout=timeout)
+    elif attached_runner is not None and attached:
+        from batchmon.cli.run import child_env
+
+        out = attached_runner(args, env=child_env(env), cwd=str(workdir), timeout=timeout)
     else:
         out = subprocess.run(cmd, env=env, cwd=str(workdir), capture_output=True, text=True, timeout=timeout)
     result: dict[str, Any] = {"rc": out.returncode, "stderr": out.stderr[-3000:]}
@@ -134,15 +139,15 @@ def compare(pattern: Pattern, plain: dict[str, Any], attached: dict[str, Any]) -
 
 
 def run_pattern(pattern: Pattern, device: str, workdir: Path, parallel: bool = True,
-                plain_runner: PlainRunner | None = None) -> Row:
+                plain_runner: PlainRunner | None = None, attached_runner: PlainRunner | None = None) -> Row:
     """Plain and attached runs (side by side when ``parallel``: they share nothing but the CPU)."""
     workdir.mkdir(parents=True, exist_ok=True)
     if not parallel:
         return compare(pattern, run_script(pattern, device, workdir, False, plain_runner=plain_runner),
-                       run_script(pattern, device, workdir, True))
+                       run_script(pattern, device, workdir, True, attached_runner=attached_runner))
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(2) as pool:
         plain = pool.submit(run_script, pattern, device, workdir, False, plain_runner=plain_runner)
-        attached = pool.submit(run_script, pattern, device, workdir, True)
+        attached = pool.submit(run_script, pattern, device, workdir, True, attached_runner=attached_runner)
         return compare(pattern, plain.result(), attached.result())
