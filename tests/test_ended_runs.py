@@ -223,22 +223,22 @@ def test_batchmon_run_tells_the_monitor_its_childs_exit_code_and_signal(tmp_path
     script.write_text(EXITING)
     hub = Hub(interval=0.05, socket_dir=sockdir).start()
     hub.GONE_GRACE_S = 0.5
+    cases = (("3", 3), ("kill", 128 + 9))
+    procs = {}
     try:
-        for arg, rc in (("3", 3), ("kill", 128 + 9)):
-            proc = subprocess.Popen(batchmon_cmd("run", "--", sys.executable, str(script), arg), cwd=ROOT,
-                                    env={**os.environ, "BATCHMON_DIR": str(sockdir)}, stdin=subprocess.PIPE,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            try:
-                def running(arg=arg):
-                    return any(a.state == "running" and a.hello.argv[-1] == arg and a.last_step is not None
-                               and a.last_step.step == 3 for a in hub.snapshot().agents)
+        for arg, _ in cases:  # both runs side by side: each launch is a fresh interpreter importing torch
+            procs[arg] = subprocess.Popen(batchmon_cmd("run", "--", sys.executable, str(script), arg), cwd=ROOT,
+                                          env={**os.environ, "BATCHMON_DIR": str(sockdir)}, stdin=subprocess.PIPE,
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for arg, rc in cases:
+            proc = procs[arg]
 
-                wait_for(running, timeout=90, what=f"the steps of the run that ends with {arg}")
-                _, err = proc.communicate("\n", timeout=60)
-            finally:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
+            def running(arg=arg):
+                return any(a.state == "running" and a.hello.argv[-1] == arg and a.last_step is not None
+                           and a.last_step.step == 3 for a in hub.snapshot().agents)
+
+            wait_for(running, timeout=90, what=f"the steps of the run that ends with {arg}")
+            _, err = proc.communicate("\n", timeout=60)
             assert proc.returncode == rc, err  # the launcher's own exit is unchanged
 
             def ended(arg=arg):
@@ -252,6 +252,10 @@ def test_batchmon_run_tells_the_monitor_its_childs_exit_code_and_signal(tmp_path
                 assert (end.how, end.exit_code, end.signal) == ("killed", None, 9) and "SIGKILL" in end.text
             assert end.steps == 3
     finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
         hub.stop()
 
 
