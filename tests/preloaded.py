@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 SERVER = r"""
-import json, os, runpy, selectors, signal, socket, sys, traceback
+import json, os, runpy, selectors, signal, socket, sys, traceback, types
 import torch, torch._dynamo, torch.optim  # the imports every child would pay for (no torch op: no threads)
 import numpy
 
@@ -76,7 +76,10 @@ def child(conn, request, fds):
         if argv[0] == "-c":
             sys.argv = ["-c", *argv[2:]]
             sys.path[:] = ["", *extra, *base_path]
-            exec(compile(argv[1], "<string>", "exec"), {"__name__": "__main__", "__builtins__": __builtins__})
+            main = types.ModuleType("__main__")  # a module of its own, as `python -c`'s (pickle finds its classes)
+            main.__dict__["__builtins__"] = __builtins__
+            sys.modules["__main__"] = main
+            exec(compile(argv[1], "<string>", "exec"), main.__dict__)
         elif argv[0] == "-m":
             sys.argv = [argv[1], *argv[2:]]
             sys.path[:] = [request["cwd"], *extra, *base_path]
