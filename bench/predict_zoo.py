@@ -318,6 +318,18 @@ def model_internals(model: Any) -> dict[str, Any]:
             "time_line": None if model.time_line is None else [model.time_line.fixed, model.time_line.per_sample]}
 
 
+def _peaks_at(runner: Runner, batch: int, deadline: float) -> dict[str, Any] | None:
+    """phase_peaks at ``batch`` (one step; None past the deadline, at batch 0, or when it fails: a step at the
+    real largest batch can run out where the bisection's did not, the allocator being in another state)."""
+    if batch < 1 or time.perf_counter() > deadline:
+        return None
+    try:
+        return phase_peaks(runner, batch)
+    except Exception as exc:  # noqa: BLE001 - recorded for an explanation only
+        _cleanup(runner.dev)
+        return {"batch": batch, "error": f"{type(exc).__name__}: {' '.join(str(exc).split())[:160]}"}
+
+
 def _derived(split: SavedSplit | None, wi: WhatIf) -> bool:
     """Does the what-if rest on the measured split (else on its documented rule)?"""
     if split is None:
@@ -350,7 +362,9 @@ def run_entry(entry: Entry, dev: Any, deadline: float, smoke: bool) -> dict[str,
     bench_split = None
     if not entry.compiled:  # the bench's own measure, for comparison (saved-tensor hooks would break a compiled graph)
         try:
-            bench_split = measure_saved_split(runner, small)
+            walk: dict[str, list[int]] = {}
+            bench_split = measure_saved_split(runner, small, walk)
+            result["amp_walk_detail"] = walk  # the agent's graph walk per saving op, at the small batch
         except Exception as exc:  # noqa: BLE001 - recorded for comparison only
             result["bench_saved_split_error"] = f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
             _cleanup(dev)
@@ -409,6 +423,7 @@ def run_entry(entry: Entry, dev: Any, deadline: float, smoke: bool) -> dict[str,
         for k in ACCUMULATION_TIMED:  # the same effective batch in k micro-batches: the accumulation factor
             timing[f"accumulation_{k}_s"] = time_steps(runner, timing_batch, accumulation=k)
     result["timing"] = timing
+    result["phase_peaks_at_real"] = _peaks_at(runner, result["real_max_batch"], deadline)
     del runner
     _cleanup(dev)
 
@@ -433,6 +448,9 @@ def run_entry(entry: Entry, dev: Any, deadline: float, smoke: bool) -> dict[str,
         wreal = real_largest(runner, q.max_batch or 0, wlog, deadline)
         # the what-if's step time at the plain run's timing batch: the measured factor the advisor estimates
         wsec = time_steps(runner, timing_batch) if time.perf_counter() < deadline else None
+        # each segment's own peak under the what-if at its real largest batch: which segment decided, and by how
+        # much each of the what-if's per-segment changes missed (what explains a miss afterwards)
+        wpeaks = _peaks_at(runner, wreal["real_max_batch"], deadline)
         plain_s = timing.get("plain_s")
         result["what_ifs"].append({"what_if": what, "assumptions": list(q.basis_fields.what_if),
                                    "predicted_max_batch": q.max_batch,
@@ -443,6 +461,7 @@ def run_entry(entry: Entry, dev: Any, deadline: float, smoke: bool) -> dict[str,
                                    **wreal,
                                    "ratio": (q.max_batch or 0) / wreal["real_max_batch"]
                                    if wreal["real_max_batch"] else None, "trials": len(wlog), "trial_log": wlog,
+                                   "phase_peaks_at_real": wpeaks,
                                    "timing": {"batch": timing_batch, "seconds": wsec,
                                               "factor": round(wsec / plain_s, 4) if wsec and plain_s else None},
                                    "spec": {"amp": wi.amp, "checkpointing": wi.checkpointing,

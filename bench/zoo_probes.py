@@ -12,21 +12,25 @@ from batchmon.memory_model import SavedSplit
 from predict_accuracy import Runner
 
 
-def measure_saved_split(runner: Runner, batch: int) -> SavedSplit:
+def measure_saved_split(runner: Runner, batch: int, detail: dict[str, list[int]] | None = None) -> SavedSplit:
     """What the saved activations are made of at ``batch``: bytes saved in one forward (storages counted once,
     parameters and the batch's tensors excluded, as the agent counts activations), the part saved inside the
-    repeated blocks and the blocks' input bytes (batchmon.agent.saved_kinds.BlockMeter, what a per-block
-    checkpoint drops and keeps), and the bytes the same forward saves under bf16 autocast. Each forward is
-    followed by its backward (the graph freed) and no optimizer step: the training state is untouched."""
-    from batchmon.agent.saved_kinds import BlockMeter, repeated_blocks
+    checkpointed blocks, the largest block's, and the blocks' input bytes (each storage once: the agent's own
+    batchmon.agent.saved_split.checkpoint_blocks and BlockSplitMeter, what a per-block checkpoint drops and keeps),
+    and the bytes the same forward saves under bf16 autocast. ``detail``, when given, gets the agent's graph walk
+    per saving op ({op: [bytes, bytes under autocast as the walk says]}, saved_split.amp_bytes): what explains an
+    AMP what-if's miss afterwards. Each forward is followed by its backward (the graph freed) and no optimizer
+    step: the training state is untouched."""
+    from batchmon.agent.saved_split import BlockSplitMeter, amp_bytes, checkpoint_blocks
 
     model, dev = runner.model, runner.dev.device
-    blocks = repeated_blocks(model)
+    blocks = checkpoint_blocks(model)
     params = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
 
-    def forward(amp: bool) -> tuple[int, int, int]:
+    def forward(amp: bool) -> tuple[int, int, int, int]:
         x, y = runner.arch.batch(batch, dev, runner.gen)
-        excluded = params | {x.untyped_storage().data_ptr(), y.untyped_storage().data_ptr()}
+        inputs = {x.untyped_storage().data_ptr(), y.untyped_storage().data_ptr()}
+        excluded = params | inputs
         saved: dict[int, int] = {}
         total = [0]
 
@@ -39,20 +43,28 @@ def measure_saved_split(runner: Runner, batch: int) -> SavedSplit:
                     total[0] += st.nbytes()
             return t
 
-        meter = BlockMeter(blocks, lambda: total[0]) if blocks else None
+        meter = BlockSplitMeter(blocks, lambda: total[0], 1) if blocks else None
         try:
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
-                    loss = runner.arch.loss(model(x), y)
-            inside, inputs, _ = meter.take() if meter else (0, 0, 0)
+                    out = model(x)
+                    in_model = set(saved)
+                    loss = runner.arch.loss(out, y)
+            inside, block_inputs, largest = (meter.inside, meter.inputs, meter.largest) if meter else (0, 0, 0)
         finally:
             if meter:
                 meter.remove()
+        if detail is not None and not amp and isinstance(out, torch.Tensor) and out.grad_fn is not None:
+            try:
+                amp_bytes(out, in_model, inputs, 512, dev.type, detail)
+            except Exception as exc:  # noqa: BLE001 - recorded for an explanation only
+                detail[f"error: {type(exc).__name__}"] = [0, 0]
+        del out
         loss.backward()
         runner.opt.zero_grad(set_to_none=True)
-        return total[0], inside, inputs
+        return total[0], inside, block_inputs, largest
 
-    saved, inside, inputs = forward(False)
+    saved, inside, inputs, largest = forward(False)
     saved_amp = None
     if not runner.arch.amp:
         try:
@@ -61,7 +73,7 @@ def measure_saved_split(runner: Runner, batch: int) -> SavedSplit:
             runner.opt.zero_grad(set_to_none=True)
     runner.dev.clean()
     return SavedSplit(batch=batch, saved=saved, in_blocks=inside, block_inputs=inputs, blocks=len(blocks),
-                      saved_amp=saved_amp)
+                      saved_amp=saved_amp, block_max=largest if blocks else None)
 
 
 def phase_peaks(runner: Runner, batch: int) -> dict[str, Any] | None:

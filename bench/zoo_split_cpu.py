@@ -3,7 +3,7 @@ offline projection of what the agent measures on the H200, for ``bench/predict_z
 OUT`` on runs recorded before the agent measured it (H200 zoo run 5).
 
 For each architecture (full size, bench/predict_zoo.py's configs) one forward at ``--batch`` under the agent's own
-ActivationCounter, with saved_kinds.BlockMeter on the repeated blocks and saved_split.amp_bytes on the graph with
+ActivationCounter, with saved_split.BlockSplitMeter on the checkpointed blocks (checkpoint_blocks) and saved_split.amp_bytes on the graph with
 the CUDA lists and the CUDA allocator's 512-byte rounding: exactly what batchmon.agent.saved_split.SplitProbe does
 on a sampled CUDA step, except for the device. What differs on the CPU is stated, not corrected: CPU kernels can
 save other tensors than CUDA's (the H200 agent counted GPT-2's activations at 541.9 MB a sample; this GPT-2 at
@@ -29,8 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from batchmon.agent.accounting import ActivationCounter  # noqa: E402
-from batchmon.agent.saved_kinds import BlockMeter, repeated_blocks  # noqa: E402
-from batchmon.agent.saved_split import amp_bytes  # noqa: E402
+from batchmon.agent.saved_split import BlockSplitMeter, amp_bytes, checkpoint_blocks  # noqa: E402
 
 CUDA_BLOCK = 512
 
@@ -41,20 +40,25 @@ def measure(model: torch.nn.Module, x: torch.Tensor, batch: int) -> dict[str, in
     inputs = {x.untyped_storage().data_ptr()}
     counter = ActivationCounter(torch.device("cpu"), (params, inputs))
     counter.saved.block = CUDA_BLOCK
-    blocks = repeated_blocks(model)
-    meter = BlockMeter(blocks, lambda: counter.bytes) if blocks else None
+    blocks = checkpoint_blocks(model)
+    meter = BlockSplitMeter(blocks, lambda: counter.bytes, CUDA_BLOCK) if blocks else None
     counter.push()
     try:
         out = model(x)
     finally:
         counter.pop()
-    inside, block_inputs, n = meter.take() if meter else (0, 0, 0)
+    inside, block_inputs, n, largest = (meter.inside, meter.inputs, meter.blocks, meter.largest) if meter \
+        else (0, 0, 0, 0)
     if meter:
         meter.remove()
     under, reached, unknown = amp_bytes(out, counter.saved.keys, inputs, CUDA_BLOCK, "cuda")
     missed = max(0, counter.bytes - reached)
-    return {"batch": batch, "saved": counter.bytes, "in_blocks": inside, "block_inputs": block_inputs, "blocks": n,
-            "amp_saved": under + missed, "amp_unknown": unknown + missed}
+    split = {"batch": batch, "saved": counter.bytes, "in_blocks": inside, "block_inputs": block_inputs, "blocks": n,
+             "amp_saved": under + missed, "amp_unknown": unknown + missed,
+             "output": -(-out.untyped_storage().nbytes() // CUDA_BLOCK) * CUDA_BLOCK}
+    if n:
+        split["block_max"] = largest
+    return split
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,7 +14,8 @@ F = torch.nn.functional
 
 from agent_helpers import agent_dir  # noqa: E402,F401 - fixture
 from batchmon.agent.accounting import ActivationCounter  # noqa: E402
-from batchmon.agent.saved_split import amp_bytes  # noqa: E402
+from batchmon.agent.saved_kinds import repeated_blocks  # noqa: E402
+from batchmon.agent.saved_split import BlockSplitMeter, amp_bytes, checkpoint_blocks  # noqa: E402
 from batchmon.memory_model import SavedSplit, WhatIf, fit  # noqa: E402
 from batchmon.protocol import Step  # noqa: E402
 
@@ -198,6 +199,8 @@ def test_agent_measures_the_split_once_and_sampled_steps_carry_it(agent_dir):
     split = carried[0].saved_split
     assert split["blocks"] == 3 and 0 < split["block_inputs"] < split["in_blocks"] < split["saved"]
     assert 0 < split["amp_saved"] < split["saved"] and split["amp_unknown"] == 0
+    assert split["block_inputs"] < split["block_max"] < split["in_blocks"]  # one block of three, the largest
+    assert split["output"] == split["batch"] * 32 * 256 * 4  # the logits' storage
     assert all(s.saved_split == split for s in carried)  # once per process
     wire = Step.from_dict(json.loads(json.dumps(carried[-1].to_dict())))
     assert wire.saved_split == split
@@ -207,6 +210,58 @@ def test_agent_measures_the_split_once_and_sampled_steps_carry_it(agent_dir):
     assert any("as measured from the ops that save them" in n for n in notes)
     notes = model.predict(WhatIf(checkpointing=True, batch_size=64)).basis_fields.what_if
     assert any("3 blocks (3 measured)" in n for n in notes)
+
+
+@pytest.mark.slow  # importing transformers alone takes ~8 s on the dev box (0.8 s after the HF GPT-2 test's import)
+def test_hf_t5_checkpointing_keeps_exactly_what_the_split_says():
+    """HF T5 (tiny config, real CPU torch): gradient_checkpointing_enable() wraps the blocks of both stacks, and
+    the split's account of what it keeps - the saved bytes outside the blocks plus the blocks' inputs, each
+    storage once (the decoder's blocks share the encoder's output and the position bias) - equals, byte for byte,
+    what the checkpointed model's forward saves. The largest run of one ModuleList (the finder before this) saw
+    only the encoder's blocks: zoo run 7's T5 checkpointing what-if said 143 where 321 ran."""
+    transformers = pytest.importorskip("transformers")
+
+    def build(checkpointing: bool) -> nn.Module:
+        torch.manual_seed(0)
+        cfg = transformers.T5Config(d_model=64, d_ff=128, num_layers=2, num_heads=4, d_kv=16, vocab_size=256,
+                                    use_cache=False)
+        model = transformers.T5ForConditionalGeneration(cfg)
+        model.train()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        return model
+
+    def saved(model: nn.Module, meter: bool) -> tuple[int, BlockSplitMeter | None]:
+        x = torch.randint(0, 256, (4, 24), generator=torch.Generator().manual_seed(0))
+        params = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+        counter = ActivationCounter(torch.device("cpu"), (params, {x.untyped_storage().data_ptr()}))
+        blocks = checkpoint_blocks(model)
+        m = BlockSplitMeter(blocks, lambda: counter.bytes, counter.saved.block) if meter else None
+        counter.push()
+        try:
+            model(input_ids=x[:, :16], decoder_input_ids=x[:, 16:])
+        finally:
+            counter.pop()
+            if m is not None:
+                m.remove()
+        return counter.bytes, m
+
+    plain = build(False)
+    blocks = checkpoint_blocks(plain)
+    assert len(blocks) == 4 and {type(b).__name__ for b in blocks} == {"T5Block"}
+    assert len(repeated_blocks(plain)) == 2  # one stack only
+    total, meter = saved(plain, meter=True)
+    assert meter is not None and meter.blocks == 4 and 0 < meter.inputs < meter.largest < meter.inside < total
+    kept, _ = saved(build(True), meter=False)
+    assert kept == total - meter.inside + meter.inputs
+
+
+def test_checkpoint_blocks_without_hugging_face_is_the_largest_run():
+    """A model without Hugging Face's marks: the largest run of same-class blocks, as before (one stack: the
+    conservative choice where nobody says which modules a user would wrap)."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.ModuleList([nn.Linear(8, 8) for _ in range(3)]),
+                          nn.ModuleList([nn.Conv1d(8, 8, 1) for _ in range(2)]))
+    assert checkpoint_blocks(model) == list(model[1])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -4,10 +4,17 @@ The AMP and checkpointing what-ifs are derived from this instead of a rule of th
 step (``SplitProbe``; batchmon.agent.handle calls ``begin`` in the root's forward pre hook and ``end`` in its
 post hook, and puts the result in the optional ``Step.saved_split`` field of the sampled steps after it):
 
-* **inside the repeated blocks** (``in_blocks``, ``block_inputs``, ``blocks``): the growth of the agent's own
-  saved-bytes counter between each block's forward pre and post hooks (batchmon.agent.saved_kinds.BlockMeter,
-  hooks on the blocks for that one forward, removed at its end). A checkpoint per block keeps the blocks' inputs
-  and drops the rest, recomputing one block at a time in the backward.
+* **inside the checkpointed blocks** (``in_blocks``, ``block_inputs``, ``blocks``, ``block_max``): the growth of
+  the agent's own saved-bytes counter between each block's forward pre and post hooks (``BlockSplitMeter``, hooks
+  on the blocks for that one forward, removed at its end), the largest single block's growth, and the blocks'
+  tensor inputs, each storage once. The blocks are those ``gradient_checkpointing_enable()`` wraps
+  (``checkpoint_blocks``): a Hugging Face model's every layer of every stack - zoo run 7's T5-small had only its
+  encoder's 6 blocks measured (the largest run of one ModuleList), so the decoder's were counted as outside the
+  blocks, kept under checkpointing, and its what-if said 143 where 321 ran - else the largest run of same-class
+  blocks. A checkpoint per block keeps the blocks' inputs and drops the rest, recomputing one block at a time in
+  the backward.
+* **the output** (``output``): the bytes of the model output's storage (the logits), whose fp32 gradient is
+  cast back to 16-bit under autocast.
 * **under autocast** (``amp_saved``): which saved bytes autocast would lower to 16-bit, from the autograd graph
   the forward just built (``amp_bytes``): the graph is walked from the model's output (each node's
   ``_raw_saved_*`` tensors: read as packed, so no unpack hook - a checkpoint's recomputation, an offloading
@@ -33,7 +40,7 @@ from typing import Any
 
 import torch
 
-from batchmon.agent.saved_kinds import BlockMeter, repeated_blocks
+from batchmon.agent.saved_kinds import repeated_blocks
 
 #: ops autocast runs in 16-bit (torch's lower-precision lists): they save 16-bit casts of their inputs
 MATMUL_OPS = frozenset({
@@ -263,6 +270,93 @@ def _saved_tensors(output: torch.Tensor, wanted: set[int]) -> tuple[list[tuple[A
     return out, ops
 
 
+#: the base class of the layers Hugging Face's gradient_checkpointing_enable() wraps (transformers >= 4.52)
+HF_CHECKPOINT_LAYER = "GradientCheckpointingLayer"
+
+
+def checkpoint_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The blocks a per-block checkpoint wraps, as the checkpointing what-if assumes (what
+    ``gradient_checkpointing_enable()`` does): a Hugging Face model's every GradientCheckpointingLayer (an
+    encoder-decoder's blocks of both stacks: T5's 6 + 6); on an older transformers, the repeated blocks of every
+    module that has the ``gradient_checkpointing`` switch (T5Stack, GPT2Model, BertEncoder); else the largest run
+    of same-class blocks (saved_kinds.repeated_blocks: one stack, the conservative choice where nobody says which
+    modules a user would wrap). Outermost only: a block inside another is not counted twice."""
+    marked = [m for m in model.modules() if any(c.__name__ == HF_CHECKPOINT_LAYER for c in type(m).__mro__)]
+    if not marked:
+        marked = []
+        for owner in model.modules():
+            if not isinstance(getattr(owner, "gradient_checkpointing", None), bool):
+                continue
+            for child in owner.children():
+                if isinstance(child, (torch.nn.ModuleList, torch.nn.Sequential)):
+                    marked.extend(repeated_blocks(child))
+    if not marked:
+        return repeated_blocks(model)
+    inner: set[int] = set()
+    for block in marked:
+        inner.update(id(m) for m in block.modules() if m is not block)
+    out, seen = [], set()
+    for block in marked:
+        if id(block) not in inner and id(block) not in seen:
+            seen.add(id(block))
+            out.append(block)
+    return out
+
+
+class BlockSplitMeter:
+    """The saved bytes inside the checkpointed blocks for one forward (growth of ``read_bytes()`` between each
+    block's forward pre and post hooks), the largest single block's (what the backward recomputes at once), and
+    the bytes of the blocks' tensor inputs, each storage once (a checkpoint keeps them: hidden states, T5's shared
+    position bias and, in the decoder, the encoder's output, which every decoder block gets). Nested or re-entered
+    blocks count once (the outermost)."""
+
+    def __init__(self, blocks: list[torch.nn.Module], read_bytes: Any, block: int = 512) -> None:
+        self.blocks = len(blocks)
+        self._read = read_bytes
+        self._round = max(1, block)
+        self.inside = 0
+        self.largest = 0
+        self._inputs: dict[int, int] = {}
+        self._depth = 0
+        self._start = 0
+        self.errors = 0
+        self._handles: list[Any] = []
+        for module in blocks:
+            self._handles.append(module.register_forward_pre_hook(self._pre, with_kwargs=True))
+            self._handles.append(module.register_forward_hook(self._post, always_call=True))
+
+    def _pre(self, module: torch.nn.Module, args: Any, kwargs: Any) -> None:
+        try:
+            if self._depth == 0:
+                self._start = self._read()
+                for t in list(args) + list((kwargs or {}).values()):
+                    if isinstance(t, torch.Tensor):
+                        storage = t.untyped_storage()
+                        self._inputs[storage.data_ptr()] = -(-storage.nbytes() // self._round) * self._round
+            self._depth += 1
+        except Exception:  # noqa: BLE001 - metering must never break the forward
+            self.errors += 1
+
+    def _post(self, module: torch.nn.Module, args: Any, result: Any) -> None:
+        try:
+            self._depth = max(0, self._depth - 1)
+            if self._depth == 0:
+                grown = max(0, self._read() - self._start)
+                self.inside += grown
+                self.largest = max(self.largest, grown)
+        except Exception:  # noqa: BLE001
+            self.errors += 1
+
+    @property
+    def inputs(self) -> int:
+        return sum(self._inputs.values())
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
 def _compiled(model: torch.nn.Module) -> bool:
     return hasattr(model, "_orig_mod") or type(model).__name__ == "OptimizedModule"
 
@@ -277,7 +371,7 @@ class SplitProbe:
         self.result: dict[str, int] | None = None
         self.done = False
         self.errors = 0
-        self._meter: BlockMeter | None = None
+        self._meter: BlockSplitMeter | None = None
         self._counter: Any = None
         self._start = 0
         self._armed = False
@@ -299,8 +393,8 @@ class SplitProbe:
                 return
             self._counter = counter
             self._start = counter.bytes
-            blocks = repeated_blocks(model)
-            self._meter = BlockMeter(blocks, lambda: counter.bytes) if blocks else None
+            blocks = checkpoint_blocks(model)
+            self._meter = BlockSplitMeter(blocks, lambda: counter.bytes, counter.saved.block) if blocks else None
             self._armed = True
         except Exception:  # noqa: BLE001 - measuring must never break the forward
             self._stop()
@@ -312,7 +406,8 @@ class SplitProbe:
         meter, counter = self._meter, self._counter
         self._armed = False
         try:
-            inside, inputs, blocks = meter.take() if meter is not None else (0, 0, 0)
+            inside, inputs, blocks, largest = (meter.inside, meter.inputs, meter.blocks, meter.largest) \
+                if meter is not None else (0, 0, 0, 0)
             if meter is not None:
                 meter.remove()
             tensor = _output_tensor(output)
@@ -323,6 +418,9 @@ class SplitProbe:
             saved = counter.bytes - self._start
             split = {"batch": int(batch), "saved": int(saved), "in_blocks": int(inside),
                      "block_inputs": int(inputs), "blocks": int(blocks)}
+            if blocks:
+                split["block_max"] = int(largest)
+            split["output"] = int(_storage_bytes(tensor, counter.saved.block))
             if any(p.dtype == FP32 for p in (model.parameters() if model is not None else ())) and \
                     not torch.is_autocast_enabled(tensor.device.type):
                 storages = counter.saved
@@ -351,6 +449,12 @@ class SplitProbe:
         self._meter = self._counter = None
         self._armed = False
         self.done = done
+
+
+def _storage_bytes(tensor: torch.Tensor, block: int) -> int:
+    """The bytes of the model output's storage, rounded as the allocator does (the logits: the tensor the loss
+    turns fp32 and whose gradient crosses back into 16-bit under autocast)."""
+    return -(-tensor.untyped_storage().nbytes() // max(1, block)) * max(1, block)
 
 
 def _output_tensor(result: Any) -> torch.Tensor | None:

@@ -156,15 +156,28 @@ What-ifs (``WhatIf``), applied to the fitted lines:
   trainable bytes) counted twice in each (autocast's cached casts, saved for backward, and their 16-bit
   gradients in the backward; on the H200 GPT-2 under bf16 peaked 376 MB above the fp32 run's fixed part where
   one set is 249 MB); the optimizer's step unchanged; activation gradients and the loss's fp32 logits ('other')
-  not assumed to shrink. Not measured (an older agent, a compiled graph): the copies once, no shrink - a lower
+  not assumed to shrink. The saved bytes under ops the walk cannot classify are kept fp32 and counted once more
+  as a 16-bit cast (+half of them in each active segment): such an op may upcast its 16-bit inputs, as sdpa's
+  math fallback does with q, k and v (HF T5 on the H200: 26% of its saved bytes, and its real AMP peak at 79 was
+  0.9 GB above what the shrink alone said: 82 predicted where 79 ran). At the loss's fp32/16-bit boundary the
+  output's fp32 gradient and its 16-bit cast (1.5 x the measured output) are added to the loss's backward only
+  beyond the transients it already held (cross entropy holds three output-sized tensors there - log-softmax
+  result, nll gradient, logits gradient - freed before the cast; so +0 for the zoo's LMs). This replaced "+half of
+  the loss's backward transients" (last session's bound for T5), which had no per-op basis and cost GPT-2 AMP
+  26 of 32. Not measured (an older agent, a compiled graph): the copies once, no shrink - a lower
   bound of the gain (issue 13: the old "activations halve" rule predicted 285 for HF GPT-2 where 185 ran). A
   no-op when the observed run already used AMP (``fit(..., amp=True)``).
 * checkpointing: every one of n blocks wrapped in a checkpoint (what ``gradient_checkpointing_enable()``
   does): forward keeps each block's input, backward recomputes one block at a time. Derived: the bytes saved
   inside the blocks less their inputs leave the forward's and the loss's backward's lines (every saved tensor is
-  alive at the forward's end and through the loss's backward) and the model's backward's, which holds one
-  block's internals twice (recomputed, and their gradients) - assuming its peak comes while the blocks' saved
-  tensors are alive, as in a stack of blocks that frees them as it goes back; the optimizer's step unchanged.
+  alive at the forward's end and through the loss's backward) and the model's backward's, which holds the
+  largest block's saved bytes once more (recomputed; ``SavedSplit.block_max``), the gradients inside it taken as
+  no larger than the transients the measured backward held beyond its saved tensors (at the last block's
+  backward nearly every saved tensor is still alive) - assuming its peak comes while the kept tensors are alive,
+  as in a stack of blocks; the optimizer's step unchanged. The blocks are every layer
+  ``gradient_checkpointing_enable()`` wraps (both stacks of an encoder-decoder; their inputs counted once: the
+  decoder's blocks share the encoder's output and T5's position bias). An older agent's split (one stack, no
+  block_max): one average block twice (recomputed, and its gradients).
   Not measured: what stays outside the blocks (embeddings, logits, loss) is taken as at most one block's
   worth: ``3/n`` of the activations (issue 13: 2/n predicted 337 for HF GPT-2 where 332 ran). n is
   ``WhatIf.checkpoint_layers``, else the measured block count; unknown, 12 is assumed and the basis says so.

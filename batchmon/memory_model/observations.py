@@ -80,6 +80,10 @@ class SavedSplit:
     # graph, an older agent)
     amp_saved: int | None = None
     amp_unknown: int = 0  # of the saved bytes, those under ops the walk could not classify (kept at full size)
+    # the largest single block's saved bytes (what the backward recomputes at once under a checkpoint per block);
+    # None: an older agent (the blocks' average is used)
+    block_max: int | None = None
+    output: int | None = None  # bytes of the model's output (the logits) at ``batch``; None: not measured
 
     @classmethod
     def from_wire(cls, d: dict[str, int] | None) -> "SavedSplit | None":
@@ -88,7 +92,8 @@ class SavedSplit:
             return None
         try:
             return cls(batch=d["batch"], saved=d["saved"], in_blocks=d["in_blocks"], block_inputs=d["block_inputs"],
-                       blocks=d["blocks"], amp_saved=d.get("amp_saved"), amp_unknown=d.get("amp_unknown", 0))
+                       blocks=d["blocks"], amp_saved=d.get("amp_saved"), amp_unknown=d.get("amp_unknown", 0),
+                       block_max=d.get("block_max"), output=d.get("output"))
         except KeyError:
             return None
 
@@ -113,6 +118,17 @@ class SavedSplit:
         if self.blocks < 1 or self.saved <= 0 or self.in_blocks > self.saved:
             return None
         return self.in_blocks / self.saved
+
+    def largest_block_share(self) -> float | None:
+        """Share of the saved bytes inside the largest single block (what one recomputation holds), when
+        measured (block_max); None for an older agent's split."""
+        if self.block_max is None or self.blocks < 1 or self.saved <= 0 or self.block_max > self.saved:
+            return None
+        return self.block_max / self.saved
+
+    def unknown_share(self) -> float:
+        """Share of the saved bytes under ops the graph walk could not classify (0 when none or not measured)."""
+        return min(1.0, self.amp_unknown / self.saved) if self.saved > 0 and self.amp_saved is not None else 0.0
 
     def amp_cut_share(self) -> float | None:
         """Share of the saved bytes autocast would not keep (negative: they grow), from the agent's graph walk.

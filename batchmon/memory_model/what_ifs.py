@@ -21,6 +21,15 @@ MIB = 2**20
 ACTIVE_SEGMENTS = ("forward", "loss_backward", "backward")
 
 SegmentDelta = dict[str, Line]
+#: the allocator's pool beyond the peak at the OOM boundary under Hugging Face's checkpointing on the H200 (zoo run
+#: 7): T5-small 24.7% of its real peak (reserved 25.76 GB for a 20.66 GB peak at 321, 31% at every smaller batch:
+#: blocks of unequal size - the encoder's over 512 tokens, the decoder's over 128 - recomputed in turn, so the
+#: cache holds the freed internals of one size in segments the other cannot reuse), GPT-2 3.8% (12 equal blocks).
+#: Where the measured blocks are unequal, the checkpointing what-if keeps 1.2 x that share of its peak free: the
+#: plain run's fragmentation (phi) says nothing about a recomputation it never did.
+RECOMPUTE_FRAG = 0.30
+#: blocks count as unequal when the largest one's saved bytes x the block count exceed the blocks' total by this
+UNEQUAL_BLOCKS = 1.2
 
 
 def apply_what_if(observed: dict[str, Line], what_if: WhatIf, *, trainable_bytes: float, state_bytes: float,
@@ -56,21 +65,26 @@ def apply_what_if(observed: dict[str, Line], what_if: WhatIf, *, trainable_bytes
                 and delta is not None:
             both = what_if.checkpointing and dropped is not None
             shed = 0.0 if both else cut
+            unknown_share = split.unknown_share()
+            recast = 0.5 * unknown_share * act_per_sample
             lines["activations"] = Line(act.fixed + copies, max(0.0, act.per_sample - shed))
-            lines["other"] = lines["other"] + Line(copies, 0.0)
+            lines["other"] = lines["other"] + Line(copies, recast)
             for name in ACTIVE_SEGMENTS:
-                delta[name] = delta[name] + Line(2 * copies, -shed)
-            unknown = split.amp_unknown / split.saved if split.saved else 0.0
+                delta[name] = delta[name] + Line(2 * copies, recast - shed)
             notes.append(f"amp: saved activations x{1 - cut_share:.2f} ({split.amp_saved / MIB:.0f} of "
                          f"{split.saved / MIB:.0f} MiB at batch {split.batch}) as measured from the ops that save "
                          f"them (matmul/conv inputs 16-bit, softmax, norms, pow and losses fp32, elementwise ops in "
-                         f"their inputs' dtype; {unknown:.0%} under ops not classified, kept fp32)"
+                         f"their inputs' dtype; {unknown_share:.0%} under ops not classified, kept fp32"
+                         + (f" and counted once more as a 16-bit cast ({recast / MIB:.1f} MiB a sample: an op the "
+                            f"walk does not know may upcast its 16-bit inputs, as sdpa's math fallback does with q, "
+                            f"k and v, or be fed a cast copy)" if recast > 0 else "") + ")"
                          + ("; with checkpointing the kept tensors assumed not to shrink" if both else "")
                          + "; the 16-bit weight copies counted twice (autocast's cached casts through forward and "
                          "backward, and their 16-bit gradients in the backward: half the trainable bytes each); "
                          "fp32 master weights, gradients and optimizer kept; activation gradients and the loss's "
                          "fp32 logits ('other') assumed not to shrink; applied to each segment's measured peak line "
                          "(the optimizer's step unchanged)")
+            _loss_boundary_cast(observed, segments or {}, split, delta, notes)
         else:
             # what autocast lowers is not measured (which saved tensors feed matmuls, which stay fp32): no shrink
             # is assumed, only what is sure to be added - the 16-bit weight copies saved for backward
@@ -80,26 +94,38 @@ def apply_what_if(observed: dict[str, Line], what_if: WhatIf, *, trainable_bytes
                          "activation gradients assumed not to shrink (autocast keeps softmax, norms and upcast logits "
                          "in fp32 and saves a cast tensor in both dtypes where an fp32 op feeds a 16-bit one): a lower "
                          "bound of the gain")
-        _add_loss_cast_copies(observed, segments or {}, lines, delta, notes)
     if what_if.checkpointing:
         n = what_if.checkpoint_layers or (split.blocks if split is not None and split.blocks else None) \
             or DEFAULT_CHECKPOINT_LAYERS
         if dropped is not None and split is not None and delta is not None:
-            recompute = (split.block_share() or 0.0) * act_per_sample / max(1, n)
+            largest = split.largest_block_share()
+            if largest is not None:  # the largest block recomputed once; its gradients as the plain backward held
+                held = largest * act_per_sample
+                how = (f"holds the largest block's saved bytes once more ({held / MIB:.1f} MiB a sample as "
+                       f"measured: recomputed one block at a time), the gradients inside it assumed no larger than "
+                       f"the transients the measured backward held beyond its saved tensors (at the last block's "
+                       f"backward nearly every saved tensor is still alive)")
+            else:  # an older agent: the blocks' average, twice (recomputed, and their gradients)
+                held = 2 * (split.block_share() or 0.0) * act_per_sample / max(1, n)
+                how = (f"holds one block's internals twice ({held / MIB:.1f} MiB a sample: recomputed, and their "
+                       f"gradients; the blocks' average, the largest not measured)")
             act = lines["activations"]
             lines["activations"] = Line(act.fixed, max(0.0, act.per_sample - dropped))
-            lines["other"] = lines["other"] + Line(0.0, 2 * recompute)
+            lines["other"] = lines["other"] + Line(0.0, held)
             delta["forward"] = delta["forward"] + Line(0.0, -dropped)
             delta["loss_backward"] = delta["loss_backward"] + Line(0.0, -dropped)
-            delta["backward"] = delta["backward"] + Line(0.0, -dropped + 2 * recompute)
+            delta["backward"] = delta["backward"] + Line(0.0, -dropped + held)
             notes.append(f"checkpointing: {n} blocks ({split.blocks} measured); the saved bytes inside the blocks "
                          f"less their inputs ({drop_share:.0%} of the saved activations as measured at batch "
                          f"{split.batch}: {dropped / MIB:.1f} MiB a sample) dropped from the forward's and the loss's "
-                         f"backward's peak lines; the model's "
-                         f"backward also drops them and holds one block's internals twice "
-                         f"({2 * recompute / MIB:.1f} MiB a sample: recomputed, and their gradients), assuming its "
-                         f"peak comes while the blocks' saved tensors are alive, as in a stack of blocks; the "
+                         f"backward's peak lines; the model's backward also drops them and {how}, assuming its "
+                         f"peak comes while the kept tensors are alive, as in a stack of blocks; the "
                          f"optimizer's step and activation gradients unchanged")
+            if recompute_fragmentation(what_if, split) > 0:
+                notes.append(f"checkpointing: blocks of unequal size (the largest {split.block_max / MIB:.0f} MiB "
+                             f"at batch {split.batch}, the average {split.in_blocks / split.blocks / MIB:.0f}): "
+                             f"the allocator assumed to hold {RECOMPUTE_FRAG:.0%} of the peak beyond it, as under "
+                             f"T5-small's recomputation on the H200 (24.7% x 1.2), not the observed run's share")
         else:
             factor = min(1.0, 3.0 / n)
             lines["activations"] = lines["activations"].scaled(factor, factor)
@@ -137,24 +163,34 @@ def apply_what_if(observed: dict[str, Line], what_if: WhatIf, *, trainable_bytes
     return lines, notes, delta
 
 
-def _add_loss_cast_copies(observed: dict[str, Line], segments: dict[str, Line], lines: dict[str, Line],
-                          delta: SegmentDelta | None, notes: list[str]) -> None:
-    """AMP from an fp32 run: the loss is computed in fp32 on 16-bit logits, so the gradient that leaves it
-    (fp32) is cast to 16-bit for the model's last 16-bit op, both alive at once. The loss's backward segment's
-    bytes beyond the saved activations and the batch (its transients: the logits' gradients) are therefore
-    assumed to gain a 16-bit copy (+half) instead of shrinking, with or without a measured split.
-    (T5-small on the H200: without it the derived AMP what-if said 82 where 79 was the real largest batch.)"""
+def recompute_fragmentation(what_if: WhatIf, split: SavedSplit | None) -> float:
+    """The share of the predicted peak the allocator is assumed to hold beyond it under the checkpointing
+    what-if (RECOMPUTE_FRAG where the measured blocks are of unequal size, else 0: the plain run's fragmentation
+    applies). 0 without a measured largest block (an older agent's split)."""
+    if not what_if.checkpointing or split is None or split.block_max is None or split.blocks < 2 \
+            or split.in_blocks <= 0:
+        return 0.0
+    return RECOMPUTE_FRAG if split.block_max * split.blocks > UNEQUAL_BLOCKS * split.in_blocks else 0.0
+
+
+def _loss_boundary_cast(observed: dict[str, Line], segments: dict[str, Line], split: SavedSplit,
+                        delta: SegmentDelta, notes: list[str]) -> None:
+    """AMP from an fp32 run, at the fp32/16-bit boundary of the loss: the loss is computed in fp32 on the upcast
+    logits, and its gradient (fp32, the output's size) is cast to 16-bit for the model's last 16-bit op, both
+    alive at once: 1.5 x the output's bytes (``SavedSplit.output``, measured by the agent). The loss's backward
+    already held its own transients beyond the saved activations (cross entropy: the log-softmax result, the
+    nll gradient and the logits' gradient, 3 x the output, freed as the loss's backward goes on), so only what
+    the cast needs beyond them is added. Without a measured output (an older agent) nothing is added: the
+    transients measured are at least the fp32 gradient."""
     name = "loss_backward" if "loss_backward" in segments else "backward" if "backward" in segments else None
-    if name is None:
+    if name is None or not split.output or split.batch < 1:
         return
     saved = observed["activations"].per_sample + observed["batch"].per_sample
     transient = max(0.0, segments[name].per_sample - saved)
-    if transient <= 0:
-        return
-    if delta is not None:
-        delta[name] = delta.get(name, Line()) + Line(0.0, 0.5 * transient)
-    else:  # the rule (no split): every segment changes alike, through 'other'
-        lines["other"] = lines["other"] + Line(0.0, 0.5 * transient)
-    notes.append(f"amp: the loss's backward's transients ({transient / MIB:.1f} MiB a sample: the logits' "
-                 f"gradients) gain a 16-bit copy (+half), as an fp32 loss's gradient is cast for the 16-bit "
-                 f"ops before it")
+    needed = 1.5 * split.output / split.batch
+    extra = max(0.0, needed - transient)
+    if extra > 0:
+        delta[name] = delta.get(name, Line()) + Line(0.0, extra)
+    notes.append(f"amp: at the loss the fp32 gradient of the output and its 16-bit cast alive at once "
+                 f"({needed / MIB:.1f} MiB a sample), {'+' + format(extra / MIB, '.1f') + ' MiB a sample beyond' if extra > 0 else 'within'} "
+                 f"the loss's backward's measured transients ({transient / MIB:.1f} MiB a sample)")
