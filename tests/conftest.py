@@ -99,6 +99,11 @@ SLOW_TESTS = (
     "test_agent_examples.py",  # real example training runs
     "test_faults_agent.py::test_monitor_that_never_reads",
     "test_faults_agent_2.py::test_sigpipe_at_default_and_monitors_that_hang_up",
+    # real `batchmon run` launches or bench runs of torch processes (2026-12-01's full run, load 3-6: 7-22 s)
+    "test_ended_runs.py::test_batchmon_run_tells_the_monitor_its_childs_exit_code_and_signal",
+    "test_tui_demo.py::test_demo_runs_from_outside_the_checkout_shows_its_run_and_stops_it_on_quit",
+    "test_hook_floor_bench.py::test_hook_floor_breakdown_times_each_kind_alone",
+    "test_hook_floor_bench.py::test_hook_floor_writes_the_four_modes",
 )
 
 
