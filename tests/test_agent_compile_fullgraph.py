@@ -189,3 +189,33 @@ def test_the_patched_compile_takes_the_closure_off_first(agent_dir):
     assert _same(losses, _plain("parent", 6))
     assert graphs == 1
     assert [s.step for s in steps] == list(range(1, 6 + STEPS + 1))
+
+
+def test_batchmon_run_discovery_with_a_full_graph_function(agent_dir):
+    """Under ``batchmon run`` (auto-attach: global discovery hooks until the model's first forward) a full-graph
+    compiled function calling the model used to fail (dynamo traced the discovery hook into registering hooks);
+    now the discovery hooks trace to nothing there, training is as unattached and the steps are seen."""
+    from batchmon.agent import global_hooks
+
+    agent._auto_attach()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(D, 32), nn.ReLU(), nn.Linear(32, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    crit = nn.CrossEntropyLoss()
+    backend = Counter()
+    fn = _compile(lambda x: model(x).relu(), fullgraph=True, backend=backend)
+    gen = torch.Generator().manual_seed(1)
+    losses = []
+    for _ in range(STEPS):
+        x, y = torch.randn(8, D, generator=gen), torch.randint(0, 4, (8,), generator=gen)
+        opt.zero_grad(set_to_none=True)
+        loss = crit(fn(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    handle = agent.current()
+    assert _same(losses, _plain("function")) and backend.graphs == 1
+    assert handle is not None and [s.step for s in handle.steps] == list(range(1, STEPS + 1))
+    agent.detach()
+    torch._dynamo.reset()
+    assert global_hooks.live() == 0

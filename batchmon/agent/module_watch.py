@@ -51,6 +51,71 @@ def looks_like_loss(module: torch.nn.Module) -> bool:
     return ("loss" in name or "criterion" in name) and not has_trainable(module)
 
 
+class _Shared:
+    """One pair of global hooks shared by every ModuleWatch in a phase (discovery, the loss window): the hooks are
+    module-level functions made with ``torch_patches.eager`` - inside ``torch.compile`` they run eagerly at a graph
+    break, and trace to nothing under ``fullgraph=True`` (a graph break is an error there: a model called only
+    inside a full-graph compiled function is not discovered by them) - and never a bound method per agent."""
+
+    def __init__(self, pre: Callable[..., Any], post: Callable[..., Any]) -> None:
+        self.watches: list[ModuleWatch] = []
+        self._hooks: list[Any] = []
+        self._pre, self._post = pre, post
+
+    def join(self, watch: "ModuleWatch") -> "_Member":
+        if watch not in self.watches:
+            self.watches.append(watch)
+        if not self._hooks:
+            self._hooks = [global_hooks.forward_pre(self._pre), global_hooks.forward(self._post, always_call=True)]
+        return _Member(self, watch)
+
+    def leave(self, watch: "ModuleWatch") -> None:
+        if watch in self.watches:
+            self.watches.remove(watch)
+        if not self.watches:
+            hooks, self._hooks = self._hooks, []
+            for hook in hooks:
+                hook.remove()
+
+
+class _Member:
+    """A watch's place in a _Shared pair: what its hook lists hold (``remove()`` as a hook handle's)."""
+
+    def __init__(self, shared: _Shared, watch: "ModuleWatch") -> None:
+        self._shared, self._watch = shared, watch
+
+    def remove(self) -> None:
+        self._shared.leave(self._watch)
+
+
+@patches.eager
+def _discover_pre(module: torch.nn.Module, args: tuple[Any, ...]) -> None:
+    for watch in tuple(_DISCOVERY.watches):
+        watch._discover_pre(module, args)
+
+
+@patches.eager
+def _discover_post(module: torch.nn.Module, args: tuple[Any, ...], result: Any) -> None:
+    for watch in tuple(_DISCOVERY.watches):
+        watch._discover_post(module, args, result)
+
+
+@patches.eager
+def _window_pre(module: torch.nn.Module, args: tuple[Any, ...]) -> None:
+    for watch in tuple(_WINDOW.watches):
+        watch._window_pre(module, args)
+
+
+@patches.eager
+def _window_post(module: torch.nn.Module, args: tuple[Any, ...], result: Any) -> None:
+    for watch in tuple(_WINDOW.watches):
+        watch._window_post(module, args, result)
+
+
+_DISCOVERY = _Shared(_discover_pre, _discover_post)
+_WINDOW = _Shared(_window_pre, _window_post)
+
+
 class ModuleWatch:
     """Discovery and criterion hooks of one agent (training thread)."""
 
@@ -69,10 +134,7 @@ class ModuleWatch:
 
     def start_discovery(self) -> None:
         if not self.discovery_hooks:
-            self.discovery_hooks = [
-                global_hooks.forward_pre(self._discover_pre),
-                global_hooks.forward(self._discover_post, always_call=True),
-            ]
+            self.discovery_hooks = [_DISCOVERY.join(self)]
 
     def stop_discovery(self) -> None:
         hooks, self.discovery_hooks = self.discovery_hooks, []
@@ -101,8 +163,7 @@ class ModuleWatch:
         if self.criterion_ref is not None or self.loss_search_left <= 0 or self.window_hooks:
             return
         self._window_depth = 0
-        self.window_hooks = [global_hooks.forward_pre(self._window_pre),
-                             global_hooks.forward(self._window_post, always_call=True)]
+        self.window_hooks = [_WINDOW.join(self)]
 
     def close_loss_window(self) -> None:
         hooks, self.window_hooks = self.window_hooks, []
