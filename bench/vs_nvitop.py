@@ -42,7 +42,7 @@ from typing import Callable
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from monitor_cpu import BARE_MAIN, parse_size, set_winsize  # noqa: E402  (the pty helpers of the monitor CPU bench)
+from monitor_cpu import BARE_MAIN, parse_size, set_winsize, thread_cpu_ns  # noqa: E402  (the pty helpers of the monitor CPU bench)
 
 
 _MOVE = re.compile(rb"\x1b\[(\d+);\d+H")
@@ -213,6 +213,12 @@ def run_window(tools: list[Tool], warmup: float, duration: float,
     return window
 
 
+def _thread_seconds(threads: dict[str, dict[str, dict[int, int]]], name: str) -> list[float]:
+    """A tool's threads' CPU seconds between the window's marks, by thread id (threads that ended are missing)."""
+    start, end = threads.get("start", {}).get(name, {}), threads.get("end", {}).get(name, {})
+    return [round((end[t] - start.get(t, 0)) / 1e9, 4) for t in sorted(end)]
+
+
 def measure_round(args: argparse.Namespace, floors: bool) -> dict:
     """One side-by-side window: every tool started together, warmed up, measured, quit."""
     cols, rows = args.size
@@ -228,7 +234,12 @@ def measure_round(args: argparse.Namespace, floors: bool) -> dict:
         if args.dump:
             tool.dump = bytearray()
         tool.start(cols, rows)
-    window = run_window(tools, args.warmup, args.duration)
+    threads: dict[str, dict[str, dict[int, int]]] = {}  # per tool, per thread: CPU ns at the window's ends
+
+    def mark(at: str) -> None:
+        threads[at] = {tool.name: thread_cpu_ns(tool.pid) for tool in tools}
+
+    window = run_window(tools, args.warmup, args.duration, mark)
     if args.dump:  # what each tool wrote in the window, byte for byte: which lines it repaints, and how
         out_dir = Path(os.environ.get("OUT", "out"))
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -247,6 +258,9 @@ def measure_round(args: argparse.Namespace, floors: bool) -> dict:
             # all of a tool that moves the cursor otherwise, as curses may) -> bytes
             "terminal_bytes_by_row": dict(sorted(tool.row_bytes.items())),
             "rss_max_mib": round(tool.rss_max / 2**20, 1),
+            # each thread's CPU seconds in the window, by thread id (the main thread first; batchmon's next ones:
+            # Textual's output and input threads and the hub's IO thread, in the order they started)
+            "threads_cpu_s": _thread_seconds(threads, tool.name),
             "last_line": tool.last_line() if steady is None else None}
     bm, nv = (out["tools"][n]["cpu_seconds_steady"] for n in ("batchmon", "nvitop"))
     out["batchmon_le_nvitop"] = bm <= nv if bm is not None and nv is not None else None
@@ -308,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
             if r["ran_whole_window"]:
                 print(f"  round {k} {name:22s} {r['cpu_seconds_steady']:.3f} CPU s "
                       f"({r['cpu_percent_steady']:.2f}% of one core), RSS {r['rss_max_mib']} MiB, "
-                      f"{r['terminal_bytes_window']} terminal bytes; q -> exit {r['exit_code_after_q']}")
+                      f"{r['terminal_bytes_window']} terminal bytes; threads "
+                      f"{', '.join(f'{x:.2f}' for x in r['threads_cpu_s'][:4])}; q -> exit {r['exit_code_after_q']}")
             else:
                 print(f"  round {k} {name:22s} did not run the window: exit {r['exit_code_after_q']}: {r['last_line']}")
     print(f"  all rounds: batchmon {totals['batchmon']} vs nvitop {totals['nvitop']} CPU s; "
