@@ -32,6 +32,9 @@ post hook, and puts the result in the optional ``Step.saved_split`` field of the
 Cost: one forward's block hooks and one graph walk (a few thousand nodes for a 12-layer transformer: tens of
 milliseconds), once per process, on a sampled step. Nothing here raises into the training: every error ends the
 measurement (``SplitProbe.errors``) and the step goes on.
+
+Over 400 lines: autocast's op lists, the graph walk, the block finder and meter, and the probe that runs them are
+one measurement taken at one call site; split apart, each piece would only be read through the probe.
 """
 
 from __future__ import annotations

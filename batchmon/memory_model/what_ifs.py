@@ -121,7 +121,7 @@ def apply_what_if(observed: dict[str, Line], what_if: WhatIf, *, trainable_bytes
                          f"backward's peak lines; the model's backward also drops them and {how}, assuming its "
                          f"peak comes while the kept tensors are alive, as in a stack of blocks; the "
                          f"optimizer's step and activation gradients unchanged")
-            if recompute_fragmentation(what_if, split) > 0:
+            if recompute_fragmentation(what_if, split) > 0 and split.block_max is not None:
                 notes.append(f"checkpointing: blocks of unequal size (the largest {split.block_max / MIB:.0f} MiB "
                              f"at batch {split.batch}, the average {split.in_blocks / split.blocks / MIB:.0f}): "
                              f"the allocator assumed to hold {RECOMPUTE_FRAG:.0%} of the peak beyond it, as under "
@@ -191,6 +191,7 @@ def _loss_boundary_cast(observed: dict[str, Line], segments: dict[str, Line], sp
     extra = max(0.0, needed - transient)
     if extra > 0:
         delta[name] = delta.get(name, Line()) + Line(0.0, extra)
+    where = f"+{extra / MIB:.1f} MiB a sample beyond" if extra > 0 else "within"
     notes.append(f"amp: at the loss the fp32 gradient of the output and its 16-bit cast alive at once "
-                 f"({needed / MIB:.1f} MiB a sample), {'+' + format(extra / MIB, '.1f') + ' MiB a sample beyond' if extra > 0 else 'within'} "
-                 f"the loss's backward's measured transients ({transient / MIB:.1f} MiB a sample)")
+                 f"({needed / MIB:.1f} MiB a sample), {where} the loss's backward's measured transients "
+                 f"({transient / MIB:.1f} MiB a sample)")
