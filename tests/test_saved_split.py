@@ -263,6 +263,21 @@ def test_checkpoint_blocks_without_hugging_face_is_the_largest_run():
                           nn.ModuleList([nn.Conv1d(8, 8, 1) for _ in range(2)]))
     assert checkpoint_blocks(model) == list(model[1])
 
+    class Stack(nn.Module):  # an older transformers' stack: the switch on the module that owns the layers
+        def __init__(self, n: int) -> None:
+            super().__init__()
+            self.gradient_checkpointing = False
+            self.layers = nn.ModuleList([nn.Linear(8, 8) for _ in range(n)])
+
+    class EncoderDecoder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoder, self.decoder = Stack(3), Stack(2)
+            self.extra = nn.ModuleList([nn.Conv1d(8, 8, 1) for _ in range(4)])  # not a stack HF would wrap
+
+    ed = EncoderDecoder()
+    assert checkpoint_blocks(ed) == list(ed.encoder.layers) + list(ed.decoder.layers)
+
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_graph_walk_on_cuda_is_at_or_above_what_cuda_autocast_saves(agent_dir):
