@@ -20,6 +20,7 @@ for _sig, _default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGQ
 # Imported by name (`from conftest import wait_until, make_step`): tests/ is on sys.path (rootdir conftest).
 
 import asyncio  # noqa: E402
+import os  # noqa: E402
 import time  # noqa: E402
 
 import pytest  # noqa: E402
@@ -105,6 +106,63 @@ SLOW_TESTS = (
     "test_hook_floor_bench.py::test_hook_floor_breakdown_times_each_kind_alone",
     "test_hook_floor_bench.py::test_hook_floor_writes_the_four_modes",
 )
+
+
+# ----------------------------------------------------------------------------- torch processes, counted
+# BATCHMON_TEST_TORCH_LOG=FILE python -m pytest ...: every child Python process that imports torch writes a line to
+# FILE (the test it ran under), and the summary counts them per file: the suite's dominant cost (~3.4 CPU s each),
+# counted deterministically where wall times on a shared box are not. A sitecustomize first on PYTHONPATH logs
+# (batchmon run's bootstrap chains to it); a child whose environment drops PYTHONPATH goes uncounted.
+
+TORCH_LOG_SITE = r"""
+import os, sys
+
+class _TorchImportLog:
+    done = False  # not removed from sys.meta_path: the import system is iterating over it (the next finder,
+                  # e.g. batchmon run's bootstrap hook, would be skipped)
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" and not self.done:
+            self.done = True
+            try:
+                with open(os.environ["BATCHMON_TEST_TORCH_LOG"], "a") as f:
+                    f.write("%d\t%s\t%s\n" % (os.getpid(), os.environ.get("PYTEST_CURRENT_TEST", "-"),
+                                               " ".join(sys.argv)[:200].replace("\n", " ")))
+            except (KeyError, OSError):
+                pass
+        return None
+
+if os.environ.get("BATCHMON_TEST_TORCH_LOG"):
+    sys.meta_path.insert(0, _TorchImportLog())
+"""
+
+
+def pytest_configure(config: Any) -> None:
+    log = os.environ.get("BATCHMON_TEST_TORCH_LOG")
+    if not log:
+        return
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="bmtorchlog")
+    with open(os.path.join(folder, "sitecustomize.py"), "w") as f:
+        f.write(TORCH_LOG_SITE)
+    os.environ["PYTHONPATH"] = os.pathsep.join([folder, *filter(None, [os.environ.get("PYTHONPATH")])])
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    log = os.environ.get("BATCHMON_TEST_TORCH_LOG")
+    if not log or not os.path.exists(log):
+        return
+    import collections
+
+    per_file: collections.Counter[str] = collections.Counter()
+    with open(log) as f:
+        for line in f:
+            test = line.split("\t")[1]
+            per_file[test.split("::")[0] if test != "-" else "(outside a test)"] += 1
+    terminalreporter.write_sep("-", f"child processes that imported torch: {sum(per_file.values())} ({log})")
+    for name, count in per_file.most_common():
+        terminalreporter.write_line(f"{count:4d} {name}")
 
 
 def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
