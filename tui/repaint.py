@@ -48,7 +48,8 @@ def _screen_for(widget: Any) -> Any:
         app = widget.app
     except Exception:  # noqa: BLE001 - no screen (being removed): Textual's own road
         return None
+    batching = getattr(app, "_batch_count", None)  # inside App.batch_update: Textual holds repaints back
     if (not isinstance(getattr(screen, "_dirty_widgets", None), set) or not screen.is_current
-            or getattr(app, "_batch_count", 1) or screen not in getattr(screen, "_compositor", ())):
+            or batching is None or batching > 0 or screen not in getattr(screen, "_compositor", ())):
         return None
     return screen
