@@ -333,13 +333,16 @@ def _phase_peaks(value: Any, names: tuple[str, ...] = PHASES) -> dict[str, int] 
 
 
 def _saved_split(value: Any) -> dict[str, int] | None:
-    """The added ``saved_split`` field: {name: bytes} with the required SAVED_SPLIT_FIELDS and only known names,
-    else None (an old, odd or hostile agent's value never fails the line)."""
-    if type(value) is not dict or not SAVED_SPLIT_REQUIRED <= value.keys():
+    """The added ``saved_split`` field: {name: bytes} with the required SAVED_SPLIT_FIELDS, else None (an old, odd
+    or hostile agent's value never fails the line). Names this monitor does not know are skipped, not fatal: a
+    newer agent adds names within protocol v1, and the known ones still serve."""
+    if type(value) is not dict or not SAVED_SPLIT_REQUIRED <= value.keys() or len(value) > 4 * len(SAVED_SPLIT_FIELDS):
         return None
     out = {}
     for name, size in value.items():
-        if name not in SAVED_SPLIT_FIELDS or type(size) is not int or not 0 <= size <= MAX_SIZE:
+        if name not in SAVED_SPLIT_FIELDS:
+            continue
+        if type(size) is not int or not 0 <= size <= MAX_SIZE:
             return None
         out[name] = size
     return out if out["batch"] >= 1 else None

@@ -284,3 +284,22 @@ def test_segment_peaks_round_trip_and_are_lenient():
             assert got.segment_peaks is None and got.step == 1
     # phase_own_peaks never takes a segment name: "loss_backward" there is an odd value
     assert Step.from_dict({**base, "phase_own_peaks": {"loss_backward": 1}}).phase_own_peaks is None
+
+
+def test_saved_split_skips_names_it_does_not_know_and_keeps_the_rest():
+    """A newer agent may add names to the added saved_split field within protocol v1: this decoder keeps the known
+    names (both roads) instead of dropping the whole split, and still drops a split missing a required name, with
+    an odd size, or with a hostile number of names."""
+    from batchmon.protocol import SAVED_SPLIT_FIELDS, SAVED_SPLIT_REQUIRED
+
+    base = {"step": 1, "time": 1.0, "step_seconds": 0.1, "batch_size": 4,
+            "components": {name: 1 for name in ("parameters", "gradients", "optimizer", "activations", "batch", "other")}}
+    split = {name: 10 for name in SAVED_SPLIT_REQUIRED}
+    newer = {**split, "a_name_from_the_future": 7}
+    for d in ({**base, "saved_split": newer}, {**base, "time": 1, "saved_split": newer}):
+        assert Step.from_dict(d).saved_split == split
+    missing = dict(split)
+    missing.pop(SAVED_SPLIT_FIELDS[1])
+    hostile = {**split, **{f"x{i}": 1 for i in range(10 * len(SAVED_SPLIT_FIELDS))}}
+    for odd in (missing, {**split, "a_name_from_the_future": 7, SAVED_SPLIT_FIELDS[1]: -1}, hostile):
+        assert Step.from_dict({**base, "saved_split": odd}).saved_split is None
