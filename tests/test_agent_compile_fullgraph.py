@@ -68,7 +68,11 @@ def _build(pattern: str, model: nn.Module, crit: nn.Module, fullgraph: bool, bac
     raise ValueError(pattern)
 
 
-def _run(pattern: str, fullgraph: bool, attached: bool, compile_fn: Callable[..., Any] = _compile,
+def _patched(*args: Any, **kwargs: Any) -> Any:
+    return torch.compile(*args, **kwargs)  # looked up at the call: the agent's patch while attached
+
+
+def _run(pattern: str, fullgraph: bool, attached: bool, compile_fn: Callable[..., Any] = _patched,
          eager_first: int = 0) -> tuple[list[float], int, list[Any], int]:
     """(losses, graphs compiled, the agent's steps, walks over the parameters after the first 3 compiled steps). ``eager_first``: eager steps before compiling (the root
     goes quiet: its instance ``_call_impl`` is what dynamo meets)."""
@@ -145,18 +149,29 @@ def test_unattached_compiled_losses_are_the_eager_ones():
     assert _same(losses, _plain(pattern))
 
 
-@pytest.mark.parametrize("pattern", ["model", "parent", "function", "train_step"])
-def test_fullgraph_compile_works_attached_as_unattached(agent_dir, pattern):
-    losses, graphs, steps, walks = _run(pattern, True, attached=True)
+_SLOW = pytest.mark.slow  # (each ~1 CPU s: one compile; the held compile's function case stays in the quick run)
+
+
+@pytest.mark.parametrize(("pattern", "held"), [
+    ("model", False), ("parent", False), ("function", False), ("train_step", False), ("function", True),
+    pytest.param("model", True, marks=_SLOW), pytest.param("parent", True, marks=_SLOW),
+    pytest.param("train_step", True, marks=_SLOW)])
+def test_fullgraph_compile_works_attached_as_unattached(agent_dir, pattern, held):
+    """``held``: the script holds torch's own compile from before attach (``from torch import compile``)."""
+    losses, graphs, steps, walks = _run(pattern, True, attached=True, compile_fn=_compile if held else _patched)
     assert _same(losses, _plain(pattern)), pattern
     assert graphs == 1, pattern  # one graph, nothing of the agent's in it
     assert [s.step for s in steps] == list(range(1, STEPS + 1))  # every step seen, ended by the optimizer
     for s in steps:
         assert s.components["parameters"] == s.components["gradients"] > 0
         assert s.step_seconds is None or s.step_seconds >= 0
+    if pattern == "model" and not held:
+        # the patch saw the attached root compiled: the agent measures the compiled module, outside the graph
+        assert [s.batch_size for s in steps] == [8] * STEPS and steps[0].components["activations"] > 0
+    else:
         # the forward ran inside the full graph, where the agent's hooks are empty: not seen, not made up
-        assert s.batch_size is None and s.components["activations"] == 0
-    assert walks == 0  # such steps are sampled as any (every 1000th here): no walk over the parameters each step
+        assert all(s.batch_size is None and s.components["activations"] == 0 for s in steps)
+    assert walks == 0  # steps are sampled as any (every 1000th here): no walk over the parameters each step
 
 
 @pytest.mark.parametrize("pattern", ["parent", pytest.param("model.compile", marks=pytest.mark.slow)])
@@ -175,7 +190,7 @@ def test_compile_imported_before_attach_after_quiet_eager_steps(agent_dir):
     root already quiet (its instance ``_call_impl`` is on it): works, fullgraph or not, same losses; the closure
     goes when a step misses its forward (one more graph: the known cost of this case)."""
     for pattern, fullgraph in (("function", True), ("parent", False)):
-        losses, graphs, steps, walks = _run(pattern, fullgraph, attached=True, eager_first=6)
+        losses, graphs, steps, walks = _run(pattern, fullgraph, attached=True, eager_first=6, compile_fn=_compile)
         assert _same(losses, _plain(pattern, 6)), pattern
         assert graphs <= 2 if fullgraph else graphs >= 1
         assert [s.step for s in steps] == list(range(1, 6 + STEPS + 1)), pattern
@@ -184,8 +199,7 @@ def test_compile_imported_before_attach_after_quiet_eager_steps(agent_dir):
 def test_the_patched_compile_takes_the_closure_off_first(agent_dir):
     """The agent's own torch.compile patch (the usual case): a quiet root's closure leaves before dynamo meets it,
     so a full-graph compile of a parent costs no extra graph."""
-    losses, graphs, steps, walks = _run("parent", True, attached=True, eager_first=6,
-                                 compile_fn=lambda *a, **k: torch.compile(*a, **k))
+    losses, graphs, steps, walks = _run("parent", True, attached=True, eager_first=6, compile_fn=_patched)
     assert _same(losses, _plain("parent", 6))
     assert graphs == 1
     assert [s.step for s in steps] == list(range(1, 6 + STEPS + 1))

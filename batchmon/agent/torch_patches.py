@@ -50,6 +50,7 @@ class Sink(Protocol):
 
     def _open_quiet(self, module: torch.nn.Module, args: tuple[Any, ...]) -> bool: ...
     def _fail(self, exc: BaseException, teardown: bool = True) -> None: ...
+    def _set_model(self, model: torch.nn.Module) -> None: ...
 
     def _before_backward(self) -> None: ...
     def _after_backward(self) -> None: ...
@@ -93,13 +94,11 @@ def eager(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     - where graph breaks are allowed (``fullgraph=False``), dynamo meets a ``dynamo.disable``d copy of ``fn``: a
       graph break, the agent's code runs eagerly in every call of the compiled code, as in eager mode;
-    - under ``fullgraph=True`` (or ``error_on_graph_break``) a graph break is an error, so the traced call is
-      empty: nothing of the agent's is in the graph and it does not run in compiled calls (the agent sees the
-      step from backward and the optimizer step instead, quiet_steps.missed_forward).
+    - under ``fullgraph=True`` (or ``error_on_graph_break``) a graph break is an error: the traced call is empty,
+      nothing of the agent's in the graph (the agent sees the step from backward and the optimizer step).
 
-    Which of the two is decided at trace time by ``_graph_breaks_allowed`` (a function dynamo runs while tracing
-    and takes as a constant), which also makes the disabled copies then: making one inside traced code is itself
-    a call dynamo refuses."""
+    ``_graph_breaks_allowed`` decides which at trace time (dynamo runs it, its result a constant) and makes the
+    disabled copies then (inside traced code dynamo refuses to make one)."""
     disabled: list[Callable[..., Any]] = []
     _EAGER.append((fn, disabled))
 
@@ -136,7 +135,7 @@ def _graph_breaks_allowed() -> bool:
         return False
 
 
-_graph_breaks_allowed._dynamo_marked_constant = True  # type: ignore[attr-defined]  # torch._dynamo.assume_constant_result
+_graph_breaks_allowed._dynamo_marked_constant = True  # type: ignore[attr-defined]  # (assume_constant_result)
 
 
 _is_compiling: Callable[[], bool] = getattr(getattr(torch, "compiler", None), "is_compiling", None) or (lambda: True)
@@ -297,16 +296,25 @@ def _backward(*args: Any, **kwargs: Any) -> Any:
 
 
 def _compile(model: Any = None, *args: Any, **kwargs: Any) -> Any:
-    """torch.compile, seen by the agent: a quiet step's instance ``_call_impl`` (quiet_steps) leaves the root before
-    dynamo can meet it - a compiled call would go around it, and taking it off later costs one more compilation -
-    and ``nn.Module.compile``'s ``self._call_impl`` becomes torch's own."""
-    a = agent
+    """torch.compile, seen by the agent: a quiet root's instance ``_call_impl`` (quiet_steps) leaves before dynamo
+    meets it (later costs a compilation), ``nn.Module.compile``'s ``self._call_impl`` becomes torch's own; the root
+    compiled with ``fullgraph=True`` (its hooks trace to nothing there) gives way to the compiled module."""
+    a, root = agent, None
     if a is not None:
         try:
+            full = kwargs.get("fullgraph") and isinstance(model, torch.nn.Module) and a._meter.model is model
+            root = model if full else None
             model = a._hooks.before_compile(model)
         except Exception as exc:  # noqa: BLE001
             a._fail(exc)
-    return _originals["compile"](model, *args, **kwargs)
+    compiled = _originals["compile"](model, *args, **kwargs)
+    if a is not None and root is not None and a is agent and isinstance(compiled, torch.nn.Module) \
+            and compiled is not root:
+        try:
+            a._set_model(compiled)
+        except Exception as exc:  # noqa: BLE001
+            a._fail(exc)
+    return compiled
 
 
 def _scaler_update(self: Any, *args: Any, **kwargs: Any) -> Any:
