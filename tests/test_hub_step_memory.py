@@ -87,3 +87,59 @@ def test_compacting_is_cheap_beside_decoding():
         h.append(s)
     t2 = time.thread_time()
     assert t2 - t1 < 1.5 * (t1 - t0)  # appending (compaction and the model summary) under decoding's cost x 1.5
+
+
+def steady_wire_step(i: int) -> bytes:
+    """A step of a steady CUDA job (bench/load.py --gpu): the same figures step after step, step times that
+    jitter, the peak's phase on every 16th step, the saved split on those."""
+    comps = {n: 4_000_000 * (k + 1) for k, n in enumerate(NAMES)}
+    peak = sum(comps.values())
+    sampled = i % 16 == 0
+    step = protocol.new_step(i, 1_700_000_000.0 + i * 0.01, 0.01 * (1 + (i % 13) / 1000), 256, comps,
+                             peak - comps["activations"], peak, 2**30, None, None, 2**31, "input dim 0", 1,
+                             1, "optimizer" if sampled else None,
+                             {"forward": peak - 10, "backward": peak - 6, "optimizer": peak} if sampled else None)
+    if sampled:
+        step = protocol.with_saved_split(step, {"batch": 256, "saved": 5, "in_blocks": 0, "block_inputs": 0,
+                                                "blocks": 0})
+    return protocol.encode(step)
+
+
+def test_steady_steps_share_their_other_fields_and_answer_as_the_decoded_steps():
+    decoded = [protocol.decode(steady_wire_step(i)) for i in range(1, 200)]
+    h = StepHistory(1000)
+    kept = [h.append(s) for s in decoded]
+    shared = [k for k in kept if type(k) is not Step]
+    assert len(shared) >= 190  # all but the first of each kind (plain and sampled) share a template
+    for a, b in zip(decoded, kept):
+        assert a == b and b == a and not (a != b) and fields(a) == fields(b)
+        assert a.saved_split == b.saved_split and protocol.encode(a) == protocol.encode(b)
+        assert repr(a) == repr(b) and isinstance(b, Step)
+    assert kept[20] != kept[21] and kept[20] != decoded[21] and decoded[21] != kept[20]
+    assert h.window() == tuple(decoded) and list(reversed(h.window())) == decoded[::-1]
+    other = dataclasses.replace(shared[5], batch_size=8)  # what the what-ifs may do with a step
+    assert type(other) is Step and other.batch_size == 8 and other.step == shared[5].step
+    try:
+        shared[5].batch_size = 3  # type: ignore[misc]
+    except (AttributeError, dataclasses.FrozenInstanceError):
+        pass
+    else:
+        raise AssertionError("a kept step must stay frozen")
+    again = StepHistory(10).append(shared[5])  # a kept step kept again (a replay's history built from a view)
+    assert again == shared[5] and protocol.encode(again) == protocol.encode(shared[5])
+
+
+def test_the_history_of_a_steady_cuda_job_keeps_under_200_bytes_a_step():
+    lines = [steady_wire_step(i) for i in range(1, HISTORY_LIMIT + 1)]
+    gc.collect()
+    tracemalloc.start()
+    try:
+        h = StepHistory(HISTORY_LIMIT)
+        before = tracemalloc.get_traced_memory()[0]
+        for line in lines:
+            h.append(protocol.decode(line))
+        gc.collect()
+        kept = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert kept / HISTORY_LIMIT < 200, f"{kept / HISTORY_LIMIT:.0f} B a step kept"  # was ~350 (plain compact)

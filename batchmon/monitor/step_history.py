@@ -27,6 +27,8 @@ sampled does not stand for the batch the run uses), else the latest at any; an u
 
 from __future__ import annotations
 
+import dataclasses
+import operator
 from collections import deque
 from collections.abc import Sequence
 from itertools import islice
@@ -38,32 +40,106 @@ from batchmon.snapshot import StepPhases, phase_peaks
 RECENT_STEPS = 32  # model_steps: the last steps kept (the current state)
 RECENT_SIZES = 32  # model_steps: the latest batch sizes kept (their highest-peak step each)
 COMPACT_EVERY = 64  # evicted steps kept in the buffer before it is copied (bounded extra memory: 64 steps)
+TEMPLATES = 64  # kept steps whose other fields a later step shares (KeptStep), latest last
 SHARED_VALUES = 1024  # distinct field values a history shares between its steps; then it starts again
-_UNIQUE = frozenset({"step", "time"})  # fields that differ on every step: never looked up
 
 _set = object.__setattr__
+_OWN = ("step", "time", "step_seconds")  # a kept step's own fields: they differ on (nearly) every step
+_FIELDS = tuple(f.name for f in dataclasses.fields(Step))
+_COMPARED = operator.attrgetter(*(f.name for f in dataclasses.fields(Step) if f.compare))
 
 
-def compact_step(step: Step, shared: dict[Any, Any]) -> Step:
-    """``step`` as a Step equal to it in every field, smaller: its fields set one by one (an instance made by
-    protocol.new_step carries a dict of its own, ~460 bytes; set this way they live in the class's shared-key
-    storage, ~180), and each field value the equal object ``shared`` already holds (a dict keyed by its items):
-    steady training repeats its components and allocator figures step after step. Steps are frozen and nothing
-    changes a step's dicts, so sharing them is safe. Every field the step has is copied, whatever fields
-    protocol.Step gains."""
-    out = object.__new__(Step)
-    for name, value in step.__dict__.items():
-        if value is not None and name not in _UNIQUE:
-            key = tuple(value.items()) if type(value) is dict else value
-            seen = shared.get(key)
-            if seen is None:
-                if len(shared) >= SHARED_VALUES:
-                    shared.clear()
-                shared[key] = value
-            elif type(seen) is type(value):  # 1, 1.0 and True are one key: only the same type is shared
-                value = seen
-        _set(out, name, value)
+class KeptStep(Step):
+    """A Step as the history keeps it: equal to the Step it was made from in every field (and hashing alike),
+    answering every attribute as that Step does, at a third of its memory. Its own three numbers live in slots;
+    every other field is read (in C, through ``operator.attrgetter``) from ``_shared``, a plain Step that the
+    steps with the same other fields share: steady training repeats its components, allocator figures, batch
+    size and phases step after step, so a history of 2000 steps holds a handful of them. Frozen as Step is;
+    ``dataclasses.replace`` on it gives a plain Step."""
+
+    __slots__ = ("step", "time", "step_seconds", "_shared")
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Step:  # type: ignore[misc]
+        return Step(*args, **kwargs)  # Step's constructor (dataclasses.replace): a plain Step, not a KeptStep
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Step):  # Step's own __eq__ compares only the same class: equal field for field
+            return bool(_COMPARED(self) == _COMPARED(other))
+        return NotImplemented
+
+    __hash__ = Step.__hash__
+
+    def __repr__(self) -> str:
+        return "Step(" + Step.__repr__(self).partition("(")[2]
+
+
+for _name in (*_FIELDS, "saved_split"):
+    if _name not in _OWN and _name != "type":
+        setattr(KeptStep, _name, property(operator.attrgetter("_shared." + _name)))
+
+
+def _share(value: Any, shared: dict[Any, Any]) -> Any:
+    """The equal value ``shared`` already holds (a dict keyed by its items; only the same type is shared: 1, 1.0
+    and True are one key), else ``value``, now held."""
+    key = tuple(value.items()) if type(value) is dict else value
+    seen = shared.get(key)
+    if seen is None:
+        if len(shared) >= SHARED_VALUES:
+            shared.clear()
+        shared[key] = value
+        return value
+    return seen if type(seen) is type(value) else value
+
+
+def compact_step(step: Step, shared: dict[Any, Any], templates: dict[Any, Step] | None = None) -> Step:
+    """``step`` as a KeptStep, equal to it in every field, smaller: its step number, time and step time in slots,
+    every other field in a plain Step shared by the kept steps whose other fields are all equal (``shared``:
+    the history's table of shared values; its field values are shared one by one too). Steps are frozen and
+    nothing changes a step's dicts, so sharing them is safe. Every field the step has is kept, whatever fields
+    protocol.Step gains (a name KeptStep does not know goes into the kept step's own dict)."""
+    templates = {} if templates is None else templates
+    fields = step.__dict__ if type(step) is Step else {n: getattr(step, n) for n in _FIELDS if n != "type"}
+    if type(step) is not Step and step.saved_split is not None:
+        fields["saved_split"] = step.saved_split
+    rest = {}
+    key: Any = ["step"]
+    extra = None
+    for name, value in fields.items():
+        if name in _OWN:
+            continue
+        if value is not None:
+            value = _share(value, shared)
+        if name in _PROPERTIES:
+            rest[name] = value
+            key.append((name, tuple(value.items()) if type(value) is dict else value))
+        else:
+            extra = extra or {}
+            extra[name] = value
+    key = tuple(key)  # the other fields by value (a dict by its items)
+    try:
+        template = templates.get(key)
+    except TypeError:  # an unhashable field value (a list, from a field protocol.Step gains): not shared
+        key, template = None, None
+    if template is None or extra:
+        # the first step with these other fields is kept whole (a plain Step, its values shared): it becomes
+        # the template of the equal steps after it. Steps whose figures change every step cost what they did.
+        out = object.__new__(Step)
+        for name, value in fields.items():  # in the step's order: the class's shared-key storage, no own dict
+            _set(out, name, rest[name] if name in rest else (extra or {}).get(name, value))
+        if key is not None and not extra:
+            if len(templates) >= TEMPLATES:
+                del templates[next(iter(templates))]
+            templates[key] = out
+        return out
+    out = object.__new__(KeptStep)
+    _set(out, "step", step.step)
+    _set(out, "time", step.time)
+    _set(out, "step_seconds", step.step_seconds)
+    _set(out, "_shared", template)
     return out
+
+
+_PROPERTIES = frozenset(n for n in (*_FIELDS, "saved_split") if n not in _OWN and n != "type")
 
 
 def step_peak(step: Step) -> int:
@@ -168,7 +244,7 @@ class StepHistory:
     """The last ``limit`` steps, oldest first, plus what ``model_steps`` needs. Only ``append`` changes it."""
 
     __slots__ = ("limit", "_buf", "_start", "_first", "_sizes", "_order", "_window", "appended", "covered", "steps",
-                 "_phases", "_shared")
+                 "_phases", "_shared", "_templates")
 
     def __init__(self, limit: int) -> None:
         self.limit = max(1, int(limit))
@@ -186,6 +262,7 @@ class StepHistory:
         # batch size -> its latest sampled step's phases (kept past the step's eviction), latest size last
         self._phases: dict[int | None, StepPhases] = {}
         self._shared: dict[Any, Any] = {}  # compact_step's shared field values
+        self._templates: dict[Any, Step] = {}  # compact_step's steps shared by KeptSteps
 
     def __len__(self) -> int:
         return len(self._buf) - self._start
@@ -200,7 +277,7 @@ class StepHistory:
     def append(self, step: Step) -> Step:
         """Keep ``step`` (stored compactly: ``compact_step``); returns the Step kept, equal to ``step``."""
         index = self._first + len(self)
-        step = compact_step(step, self._shared)
+        step = compact_step(step, self._shared, self._templates)
         self._buf.append(step)
         self.appended += 1
         self.covered += step.steps
