@@ -300,9 +300,12 @@ def main(args: Any) -> int:
                 why = "address already in use" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
                 raise CliError(f"cannot listen on {args.bind}:{args.port}: {why}") from None
             print(f"batchmon: serving Prometheus metrics on http://{args.bind}:{args.port}/metrics", flush=True)
+            # the hub's IO thread starts with the stops blocked too: a stop landing inside Hub.start (the thread
+            # running, Hub._thread not yet set) made stop() close the selectors under it ("I/O operation on
+            # closed epoll object", exit 1); the thread inherits the mask, so the stops go to this thread
+            hub.start()
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-        hub.start()
         while hub.running:
             hub.wait(0.5)
     except (KeyboardInterrupt, _Stop):
