@@ -20,18 +20,21 @@ from typing import Any
 
 from batchmon import protocol
 
-RECV_BYTES = 256 * 1024
+RECV_BYTES = 64 * 1024
 UNIX_PATH_MAX = 108  # sun_path's size on Linux: Python's connect refuses a path of this length or more
-READ_BUDGET = 256 * 1024  # per connection per wake-up, so one chatty agent cannot starve the others; and a history
-# burst (16 agents x 2000 steps on connect) is read, decoded and kept a few hundred lines at a time, not ~2 MB of
-# lines and their decoded objects per agent at once: the monitor's RSS after 16 full bursts, dev box, 2 runs each:
-# 73.8/71.6 MiB at 4 MiB, 66.7/69.5 at 256 KiB (the steps kept are the same)
+READ_BUDGET = 64 * 1024  # per connection per wake-up, so one chatty agent cannot starve the others; and a history
+# burst (16 agents x 2000 steps on connect) is read, decoded and kept ~70 lines at a time, not ~2 MB of lines and
+# their decoded objects per agent at once: the monitor's RSS after 16 full bursts, dev box, 2 runs each: 73.8/71.6
+# MiB at 4 MiB, 66.7/69.5 at 256 KiB. A read's transients (its lines, their JSON and Step objects) take fresh pools
+# of Python's allocator while the kept steps fill others; what stays is arenas of empty pools, resident: the hub
+# beside 16 peers x 1000 steps (bench/monitor_rss.py --rss-only) grew 8.5 MiB at 256 KiB, 4.7 at 64 KiB, 4.4 at 32
+# KiB (Python's arenas 17 -> 13-14 MiB, the same 12.4 MB in use). A 1 MiB line still arrives, over 16 reads.
 
 _local = threading.local()
 
 
 def _recv_buffer() -> memoryview:
-    """One receive buffer per reading thread, reused: sock.recv(RECV_BYTES) allocated (and gave back) 256 KB
+    """One receive buffer per reading thread, reused: sock.recv(RECV_BYTES) allocated (and gave back) its size
     for every read, mostly to hold a line or two."""
     buf = getattr(_local, "buf", None)
     if buf is None:
