@@ -81,7 +81,8 @@ def phase_peaks(runner: Runner, batch: int) -> dict[str, Any] | None:
     step; the peak statistics reset between them): which phase peaks, and how each grows with the batch - the
     data a phase-wise fit needs (issue 13: the LSTM's peak moves from the forward to the backward as the batch
     grows). The backward is also split where the model output's gradient arrives, as the agent splits it
-    (``loss_backward``: the loss's backward; ``backward`` stays the whole backward's peak). None off CUDA."""
+    (``loss_backward``: the loss's backward; ``model_backward``: the model's backward's own peak after it, which
+    a what-if changes differently; ``backward`` stays the whole backward's peak). None off CUDA."""
     if runner.dev.kind != "cuda":
         return None
     dev = runner.dev.device
@@ -90,9 +91,14 @@ def phase_peaks(runner: Runner, batch: int) -> dict[str, Any] | None:
     runner.dev.clean()
     out: dict[str, Any] = {"batch": batch}
     x, y = arch.batch(batch, dev, runner.gen)
+    loss_peak: list[int | None] = [None]
 
     def at_output_grad(grad: torch.Tensor) -> None:
         out["loss_backward"] = torch.cuda.max_memory_allocated(dev)  # the stream's order: what is allocated so far
+        # the model's backward's own peak from here on (the allocator's counters are kept on the host, in the
+        # order of the calls): where it stays below the loss's backward, 'backward' alone cannot say by how much
+        loss_peak[0] = out["loss_backward"]
+        torch.cuda.reset_peak_memory_stats(dev)
 
     with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=arch.amp):
         logits = model(x)
@@ -105,7 +111,10 @@ def phase_peaks(runner: Runner, batch: int) -> dict[str, Any] | None:
     torch.cuda.reset_peak_memory_stats(dev)
     loss.backward()
     torch.cuda.synchronize(dev)
-    out["backward"] = torch.cuda.max_memory_allocated(dev)
+    model_peak = torch.cuda.max_memory_allocated(dev)
+    if loss_peak[0] is not None:
+        out["model_backward"] = model_peak
+    out["backward"] = max(model_peak, loss_peak[0] or 0)
     torch.cuda.reset_peak_memory_stats(dev)
     del loss, x, y
     opt.step()

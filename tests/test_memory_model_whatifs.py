@@ -59,9 +59,9 @@ def test_gpt2_what_ifs_from_the_split_are_at_most_real():
     assert found["checkpointing"] == (70, 70) and 0.8 * 32 <= found["amp"][0] <= 32
 
 
-@pytest.mark.parametrize("run", [6, 7])
+@pytest.mark.parametrize("run", [6, 7, 8])
 def test_h200_what_ifs_with_the_agents_own_split_never_above_real(run: int):
-    """Zoo runs 6 and 7 on the H200 (the agent measured the split on the device): the derived what-ifs
+    """Zoo runs 6, 7 and 8 on the H200 (the agent measured the split on the device): the derived what-ifs
     re-predicted from the recorded steps are at or below the real largest batch - T5-small's AMP what-if said 82
     where 79 was real before its unclassified ops' casts were counted (26% of its saved bytes)."""
     doc = json.loads((RESULTS / f"predict_zoo_h200_run{run}.json").read_text())
@@ -190,3 +190,66 @@ def test_amp_counts_unclassified_ops_cast_and_the_loss_cast_beyond_its_transient
     older = fit(_steps(segments, 60, {k: v for k, v in split.items() if k != "output"}), optimizer="AdamW")
     q = older.predict(WhatIf(batch_size=100, amp=True))
     assert q.peak_allocated == pytest.approx(without_cast * MIB, rel=1e-6)
+
+
+def test_amp_counts_the_outputs_cast_at_the_loss_in_the_forward():
+    """In the forward, at an fp32 loss on 16-bit logits, the 16-bit output, its fp32 cast and the loss's first
+    result are alive at once: the forward's line gets half the output's fp32 bytes a sample (and decides here,
+    the loss's backward's cast lying within its measured transients)."""
+    segments = {"forward": (500, 100), "loss_backward": (500, 95), "backward": (600, 80), "optimizer": (800, 0)}
+    split = {"batch": 8, "saved": 8 * 60 * MIB, "in_blocks": 0, "block_inputs": 0, "blocks": 0,
+             "amp_saved": 8 * 45 * MIB, "amp_unknown": 0, "output": 8 * 20 * MIB}
+    model = fit(_steps(segments, 60, split), optimizer="AdamW")
+    copies = 2 * 0.5 * 100
+    forward = 500 + copies + (100 - 15 + 0.5 * 20) * 100
+    assert forward > 500 + copies + (95 - 15) * 100  # the loss's backward: 1.5 x 20 within its 35 MiB a sample
+    p = model.predict(WhatIf(batch_size=100, amp=True))
+    assert p.peak_allocated == pytest.approx(forward * MIB, rel=1e-6)
+    assert model.segment_peaks(WhatIf(amp=True), 100)["forward"] == pytest.approx(forward * MIB, rel=1e-6)
+    assert any("16-bit output beside its fp32 cast" in n for n in p.basis_fields.what_if)
+
+
+def test_gpt2_amp_segments_at_the_real_largest_batch_are_not_below_what_ran():
+    """Zoo run 8 (H200): GPT-2's AMP what-if at its real largest batch (32), segment by segment against the peaks
+    measured there: the forward was 5.9% low before the output's cast at the loss was counted (20797 MiB where
+    22100 ran); now every measured segment is predicted at or above what ran, and within 2%."""
+    doc = json.loads((RESULTS / "predict_zoo_h200_run8.json").read_text())
+    r = next(r for r in doc["results"] if r["arch"] == "gpt2-fp32")
+    model = fit([Step.from_dict(d) for d in r["observed_steps"]], optimizer=r.get("optimizer"))
+    w = next(w for w in r["what_ifs"] if w["what_if"] == "amp")
+    measured = w["phase_peaks_at_real"]
+    predicted = model.segment_peaks(WhatIf(amp=True), measured["batch"])
+    for name in ("forward", "loss_backward"):
+        assert measured[name] <= predicted[name] <= 1.02 * measured[name], (name, predicted[name], measured[name])
+
+
+def _zoo_segments():
+    import importlib.util
+    import sys
+
+    path = RESULTS.parent / "zoo_segments.py"
+    spec = importlib.util.spec_from_file_location("zoo_segments", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("zoo_segments", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_zoo_segments_compares_each_segment_at_the_real_largest_batch(capsys):
+    """bench/zoo_segments.py on zoo run 8: the plain ViT's segments are predicted within 0.5% of what ran at its
+    real largest batch; T5-small's checkpointing what-if says its model's backward decides at 22164 MiB where the
+    whole backward ran at 19515 (its model's backward at most that: '<='), the over-count its miss rests on. A
+    recorded model_backward (since this change to bench/zoo_probes.py) is compared as measured."""
+    seg = _zoo_segments()
+    doc = json.loads((RESULTS / "predict_zoo_h200_run8.json").read_text())
+    rows = seg.compare(doc, ["vit-b16", "t5-small"])
+    vit = [r for r in rows if r["arch"] == "vit-b16" and r["what_if"] == "plain" and r["segment"] != "optimizer"]
+    assert len(vit) == 3 and all(0.995 <= r["ratio"] <= 1.005 for r in vit), vit
+    (t5,) = [r for r in rows if r["arch"] == "t5-small" and r["what_if"] == "checkpointing"
+             and r["segment"] == "backward"]
+    assert t5["known"] == "<=" and t5["batch"] == 318 and round(t5["predicted"] / MIB) == 22164
+    assert round(t5["measured"] / MIB) == 19515 and t5["ratio"] > 1.13
+    assert seg._measured({"batch": 1, "loss_backward": 10, "model_backward": 7, "backward": 10}, "backward") == (7.0, "=")
+    assert seg.main([str(RESULTS / "predict_zoo_h200_run8.json"), "t5-small"]) == 0
+    assert "| t5-small | checkpointing | 318 | backward | 22164 | <=19515 | >=1.136 |" in capsys.readouterr().out
+    assert seg.main([]) == 2 and seg.main([str(RESULTS / "missing.json")]) == 2

@@ -177,17 +177,35 @@ class MemoryModel:
                       segments: dict[str, Line]) -> float:
         """The peak under a derived what-if: the largest measured segment line, each changed by the what-if's
         own change of that segment (``delta``: the saved activations and 'other') and by what the what-if
-        changes in the other components (an optimizer swap, sharding) alike. Fitted per phase only (an older
-        agent), the backward phase takes the larger of the two backward segments' changes."""
+        changes in the other components (an optimizer swap, sharding) alike."""
+        return max([0.0, *self._segment_values(lines, micro, delta, segments).values()])
+
+    def _segment_values(self, lines: dict[str, Line], micro: float, delta: dict[str, Line],
+                        segments: dict[str, Line]) -> dict[str, float]:
+        """Each segment's line at ``micro`` under a derived what-if (see _segment_peak). Fitted per phase only
+        (an older agent), the backward phase takes the larger of the two backward segments' changes."""
         common = sum((lines[n] - self.lines[n]).at(micro) for n in COMPONENTS if n not in ("activations", "other"))
-        best = 0.0
+        out = {}
         for name, line in segments.items():
             if name == "backward" and "loss_backward" not in segments:
                 change = max((delta[n].at(micro) for n in ("loss_backward", "backward") if n in delta), default=0.0)
             else:
                 change = delta[name].at(micro) if name in delta else 0.0
-            best = max(best, line.at(micro) + change + common)
-        return best
+            out[name] = line.at(micro) + change + common
+        return out
+
+    def segment_peaks(self, what_if: WhatIf | None = None, batch: int | None = None) -> dict[str, float]:
+        """Each measured segment's (or phase's) own central peak at ``batch`` under ``what_if``, as the search
+        compares them (each segment's line, changed by the what-if's own change of it and by what it changes in
+        the other components): what a miss is compared with, segment by segment ({} when not fitted per phase)."""
+        what_if = what_if or WhatIf()
+        segments = self.segment_lines or self.phase_lines
+        micro = -(-(batch or what_if.batch_size or self.last_batch) // what_if.accumulation_steps)
+        lines, _, delta = self._lines_for(what_if)
+        if delta is None:  # the what-if changes every segment alike, by the components' change
+            change = sum((lines[n] - self.lines[n]).at(micro) for n in COMPONENTS)
+            return {name: line.at(micro) + change for name, line in segments.items()}
+        return self._segment_values(lines, micro, delta, segments)
 
     def _margin(self, override: int | float | None, device_total: int | None) -> int:
         """Bytes kept free beyond the predicted cache: an override, or what was measured to creep (the cache's

@@ -176,14 +176,25 @@ def recompute_fragmentation(what_if: WhatIf, split: SavedSplit | None) -> float:
 def _loss_boundary_cast(observed: dict[str, Line], segments: dict[str, Line], split: SavedSplit,
                         delta: SegmentDelta, notes: list[str]) -> None:
     """AMP from an fp32 run, at the fp32/16-bit boundary of the loss: the loss is computed in fp32 on the upcast
-    logits, and its gradient (fp32, the output's size) is cast to 16-bit for the model's last 16-bit op, both
-    alive at once: 1.5 x the output's bytes (``SavedSplit.output``, measured by the agent). The loss's backward
-    already held its own transients beyond the saved activations (cross entropy: the log-softmax result, the
-    nll gradient and the logits' gradient, 3 x the output, freed as the loss's backward goes on), so only what
-    the cast needs beyond them is added. Without a measured output (an older agent) nothing is added: the
-    transients measured are at least the fp32 gradient."""
+    logits. In the forward the 16-bit output, its fp32 cast and the loss's first result are alive at once: +half
+    the output beyond the fp32 run's output and result. In the loss's backward its gradient (fp32, the output's
+    size) is cast to 16-bit for the model's last 16-bit op, both alive at once: 1.5 x the output's bytes
+    (``SavedSplit.output``, measured by the agent). The loss's backward already held its own transients beyond
+    the saved activations (cross entropy: the log-softmax result, the nll gradient and the logits' gradient, 3 x
+    the output, freed as the loss's backward goes on), so only what the cast needs beyond them is added there.
+    Without a measured output (an older agent) nothing is added: the transients measured are at least the fp32
+    gradient."""
+    if not split.output or split.batch < 1:
+        return
+    # in the forward, at the loss: the 16-bit output (held by the caller), its fp32 cast and the loss's first fp32
+    # result (cross entropy's log-softmax) are alive at once, where the fp32 run held the output and that result:
+    # +half the output's fp32 bytes (GPT-2 on the H200 under bf16: its forward peaked 1.3 GB above the forward's
+    # line shrunk by the saved bytes alone at 32, where half its output is 1.57 GB)
+    forward_cast = 0.5 * split.output / split.batch
+    if "forward" in delta:
+        delta["forward"] = delta["forward"] + Line(0.0, forward_cast)
     name = "loss_backward" if "loss_backward" in segments else "backward" if "backward" in segments else None
-    if name is None or not split.output or split.batch < 1:
+    if name is None:
         return
     saved = observed["activations"].per_sample + observed["batch"].per_sample
     transient = max(0.0, segments[name].per_sample - saved)
@@ -192,6 +203,8 @@ def _loss_boundary_cast(observed: dict[str, Line], segments: dict[str, Line], sp
     if extra > 0:
         delta[name] = delta.get(name, Line()) + Line(0.0, extra)
     where = f"+{extra / MIB:.1f} MiB a sample beyond" if extra > 0 else "within"
-    notes.append(f"amp: at the loss the fp32 gradient of the output and its 16-bit cast alive at once "
+    notes.append(f"amp: in the forward, at the loss, the 16-bit output beside its fp32 cast and the loss's first "
+                 f"fp32 result (+{forward_cast / MIB:.1f} MiB a sample: half the output's fp32 bytes) in the forward's "
+                 f"line; in the loss's backward the fp32 gradient of the output and its 16-bit cast alive at once "
                  f"({needed / MIB:.1f} MiB a sample), {where} the loss's backward's measured transients "
                  f"({transient / MIB:.1f} MiB a sample)")
