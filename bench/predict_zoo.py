@@ -32,8 +32,9 @@ batch: the advisor's step-time factors measured on the device. The observed step
 (``phase_own_peaks``, the agent's sampled CUDA steps) and each segment's (``segment_peaks``: the backward split
 where the model output's gradient arrives), so ``--reevaluate`` refits per segment (per phase on a file recorded
 before the split); ``predicted_max_batch_per_phase`` is the same steps fitted per phase. What explains a miss afterwards:
-``phase_peaks_at_real`` (each segment's own peak at the real largest batch, plain and under each what-if) and
-``amp_walk_detail`` (the agent's graph walk per saving op at the small batch: bytes now, under autocast). Over 400 lines: one runner
+``phase_peaks_at_real`` (each segment's own peak at the real largest batch, plain and under each what-if; since
+run 9 ``model_backward``, the model's backward's own, beside the whole backward's; bench/zoo_segments.py sets
+them against the model's segment lines) and ``amp_walk_detail`` (the agent's graph walk per saving op at the small batch: bytes now, under autocast). Over 400 lines: one runner
 for eleven architectures, their what-ifs and timings (the models are in bench/zoo_models.py, the offline half -
 reevaluate, merge, the table - in bench/zoo_offline.py, its side measurements in bench/zoo_probes.py). With
 --cpu-smoke the "peak" is the sum of measured
