@@ -40,7 +40,7 @@ from batchmon.snapshot import StepPhases, phase_peaks
 RECENT_STEPS = 32  # model_steps: the last steps kept (the current state)
 RECENT_SIZES = 32  # model_steps: the latest batch sizes kept (their highest-peak step each)
 COMPACT_EVERY = 64  # evicted steps kept in the buffer before it is copied (bounded extra memory: 64 steps)
-TEMPLATES = 64  # kept steps whose other fields a later step shares (KeptStep), latest last
+TEMPLATES = 4  # recent kept steps whose other fields a later step may share (KeptStep)
 SHARED_VALUES = 1024  # distinct field values a history shares between its steps; then it starts again
 
 _set = object.__setattr__
@@ -78,68 +78,56 @@ for _name in (*_FIELDS, "saved_split"):
         setattr(KeptStep, _name, property(operator.attrgetter("_shared." + _name)))
 
 
-def _share(value: Any, shared: dict[Any, Any]) -> Any:
-    """The equal value ``shared`` already holds (a dict keyed by its items; only the same type is shared: 1, 1.0
-    and True are one key), else ``value``, now held."""
-    key = tuple(value.items()) if type(value) is dict else value
-    seen = shared.get(key)
-    if seen is None:
-        if len(shared) >= SHARED_VALUES:
-            shared.clear()
-        shared[key] = value
-        return value
-    return seen if type(seen) is type(value) else value
-
-
-def compact_step(step: Step, shared: dict[Any, Any], templates: dict[Any, Step] | None = None) -> Step:
-    """``step`` as a KeptStep, equal to it in every field, smaller: its step number, time and step time in slots,
-    every other field in a plain Step shared by the kept steps whose other fields are all equal (``shared``:
-    the history's table of shared values; its field values are shared one by one too). Steps are frozen and
-    nothing changes a step's dicts, so sharing them is safe. Every field the step has is kept, whatever fields
-    protocol.Step gains (a name KeptStep does not know goes into the kept step's own dict)."""
-    templates = {} if templates is None else templates
+def compact_step(step: Step, shared: dict[Any, Any], templates: list[tuple[tuple, Step]] | None = None) -> Step:
+    """``step`` kept smaller, equal to it in every field. When its fields other than its step number, time and
+    step time equal those of a step kept recently (``templates``: the latest TEMPLATES such steps, latest
+    first), a KeptStep: those three in slots, the rest read from that step. Else a plain Step whose fields are
+    set one by one (no instance dict of its own: the class's shared-key storage) and whose field values are the
+    equal objects ``shared`` already holds (steady training repeats its components and allocator figures); it
+    becomes a template. Steps are frozen and nothing changes a step's dicts, so sharing them is safe. Every field
+    the step has is kept, whatever fields protocol.Step gains (a step with a field KeptStep does not know is
+    kept plain)."""
     fields = step.__dict__ if type(step) is Step else {n: getattr(step, n) for n in _FIELDS if n != "type"}
     if type(step) is not Step and step.saved_split is not None:
         fields["saved_split"] = step.saved_split
-    rest = {}
-    key: Any = ["step"]
-    extra = None
+    if templates is not None and fields.keys() <= _KNOWN:
+        values = tuple(map(fields.get, _REST))
+        for seen, template in templates:
+            if seen == values and all(map(_same_type, seen, values)):
+                out = object.__new__(KeptStep)
+                _set(out, "step", step.step)
+                _set(out, "time", step.time)
+                _set(out, "step_seconds", step.step_seconds)
+                _set(out, "_shared", template)
+                if seen is not templates[0][0]:
+                    templates.remove((seen, template))
+                    templates.insert(0, (seen, template))
+                return out
+    out = object.__new__(Step)
     for name, value in fields.items():
-        if name in _OWN:
-            continue
-        if value is not None:
-            value = _share(value, shared)
-        if name in _PROPERTIES:
-            rest[name] = value
-            key.append((name, tuple(value.items()) if type(value) is dict else value))
-        else:
-            extra = extra or {}
-            extra[name] = value
-    key = tuple(key)  # the other fields by value (a dict by its items)
-    try:
-        template = templates.get(key)
-    except TypeError:  # an unhashable field value (a list, from a field protocol.Step gains): not shared
-        key, template = None, None
-    if template is None or extra:
-        # the first step with these other fields is kept whole (a plain Step, its values shared): it becomes
-        # the template of the equal steps after it. Steps whose figures change every step cost what they did.
-        out = object.__new__(Step)
-        for name, value in fields.items():  # in the step's order: the class's shared-key storage, no own dict
-            _set(out, name, rest[name] if name in rest else (extra or {}).get(name, value))
-        if key is not None and not extra:
-            if len(templates) >= TEMPLATES:
-                del templates[next(iter(templates))]
-            templates[key] = out
-        return out
-    out = object.__new__(KeptStep)
-    _set(out, "step", step.step)
-    _set(out, "time", step.time)
-    _set(out, "step_seconds", step.step_seconds)
-    _set(out, "_shared", template)
+        if value is not None and name not in _OWN:
+            key = tuple(value.items()) if type(value) is dict else value
+            seen = shared.get(key)
+            if seen is None:
+                if len(shared) >= SHARED_VALUES:
+                    shared.clear()
+                shared[key] = value
+            elif type(seen) is type(value):  # 1, 1.0 and True are one key: only the same type is shared
+                value = seen
+        _set(out, name, value)
+    if templates is not None and fields.keys() <= _KNOWN:
+        templates.insert(0, (_REST_OF(out), out))
+        del templates[TEMPLATES:]
     return out
 
 
-_PROPERTIES = frozenset(n for n in (*_FIELDS, "saved_split") if n not in _OWN and n != "type")
+def _same_type(a: Any, b: Any) -> bool:
+    return type(a) is type(b)
+
+
+_REST = tuple(n for n in (*_FIELDS, "saved_split") if n not in _OWN and n != "type")  # KeptStep reads from _shared
+_KNOWN = frozenset((*_OWN, *_REST))
+_REST_OF = operator.attrgetter(*_REST)  # a step's other fields, as the tuple compact_step compares
 
 
 def step_peak(step: Step) -> int:
@@ -262,7 +250,7 @@ class StepHistory:
         # batch size -> its latest sampled step's phases (kept past the step's eviction), latest size last
         self._phases: dict[int | None, StepPhases] = {}
         self._shared: dict[Any, Any] = {}  # compact_step's shared field values
-        self._templates: dict[Any, Step] = {}  # compact_step's steps shared by KeptSteps
+        self._templates: list[tuple[tuple, Step]] = []  # compact_step's steps that KeptSteps share
 
     def __len__(self) -> int:
         return len(self._buf) - self._start
