@@ -44,6 +44,7 @@ from batchmon.agent.quiet_steps import QuietSteps
 from batchmon.agent.saved_split import SplitProbe
 from batchmon.agent.placement import cuda_figures, device_of, device_of_optimizer, suggested_batch
 from batchmon.agent.step_meter import FULL_STEPS, StepMeter
+from batchmon.agent.transport import QUEUE_MAX
 from batchmon.protocol import Bye, Event, Hello, with_saved_split
 
 DEFAULT_ACTIVATION_EVERY = 10
@@ -446,22 +447,27 @@ class AgentHandle(HandleViews):
             meter = self._meter
             ref = meter.primary_ref
             primary = ref() if ref is not None else None
+            if optimizer is primary and self.quiet and meter.batch_carried:  # (_finish_step's carried case, faster)
+                step = meter.finish_carried(self._device_used, True)
+                if step is not None:
+                    out = self._out  # (Publisher.step and Transport.put, inline: this runs every step)
+                    out.steps.append(step)
+                    transport = out.transport
+                    if transport is not None:
+                        queue = transport._queue
+                        if len(queue) >= QUEUE_MAX:
+                            transport.queue_dropped += 1
+                        queue.append(step)
+                    return
+                self._finish_step()
+                return
             if optimizer is not primary and (primary is None or optimizer not in meter.optimizer_set):
                 self._track_optimizer(optimizer)  # (the primary optimizer is tracked: no set look-up for it)
                 primary = meter.primary()
             if optimizer is primary:
                 meter.optimizer_steps += 1
                 if self.quiet:
-                    if meter.batch_carried:  # (_finish_step's carried case, without its checks)
-                        step = meter.finish_carried(self._device_used, True)
-                        if step is not None:
-                            out = self._out  # (Publisher.step, inline: this runs every step)
-                            out.steps.append(step)
-                            transport = out.transport
-                            if transport is not None:
-                                transport.put(step)
-                            return
-                    elif not meter.step_open:  # no forward of the root seen (quiet_steps: compiled around it)
+                    if not meter.step_open:  # no forward of the root seen (quiet_steps: compiled around it)
                         self._hooks.missed_forward()
                 self._finish_step()
         except Exception as exc:  # noqa: BLE001

@@ -271,18 +271,17 @@ def quiet_call(ref: "weakref.ReferenceType[torch.nn.Module]", owner: int) -> Cal
                 module = caller.f_locals["self"]
         a = patches.agent
         if a is not None and a.quiet and module is root:
-            opened = False
             try:
-                if not kwargs and a._open_quiet(module, args):
-                    opened = True
-                elif _grad_enabled():  # not a steady step: every hook back before torch reads them for this call
+                opened = not kwargs and a._open_quiet(module, args)
+                if not opened and _grad_enabled():  # not a steady step: every hook back before torch reads them
                     a._hooks.arm()
             except Exception as exc:  # noqa: BLE001 - never into the training
+                opened = False
                 a._fail(exc)
             if opened:
                 mark = a.oom_count
                 try:
-                    result = _MODULE_CALL_IMPL(module, *args, **kwargs)
+                    result = _MODULE_CALL_IMPL(module, *args)  # (opened: no keyword inputs)
                 except BaseException as exc:
                     a._hooks.forward_failed(exc, mark)
                     raise

@@ -86,7 +86,7 @@ class StepMeter:
         self.device: torch.device | None = None
         self.model_info: ModelInfo | None = None
         self.step = 0
-        self.optimizer_steps = 0  # steps ended by the primary optimizer
+        self.optimizer_steps = 0  # steps the primary optimizer ended (only whether 0 is read: quiet ones not counted)
         self.step_open = False
         self.sampled = False
         self.root_depth = 0
@@ -175,11 +175,10 @@ class StepMeter:
     def open_quiet(self, module: Any, args: tuple[Any, ...]) -> bool:
         """The root's forward starts (no keyword inputs; quiet steps call this first): True when it opened a
         steady step, carried (first training forward, the last measured inputs' signature, no sample due, the
-        first parameter in place); False, having changed nothing, when the usual path must decide."""
+        first parameter in place); False, having changed nothing, when the usual path must decide. ``module`` is
+        the root (every caller has checked it: this runs every step, so it does not look again)."""
         carried = self._carried_batch
-        ref = self.model_ref
-        if carried is None or self.step_open or ref is None or ref() is not module or self.sizer.fn is not None \
-                or not _grad_enabled():
+        if carried is None or self.step_open or self.sizer.fn is not None or not _grad_enabled():
             return False
         if len(args) == 1:
             a = args[0]
@@ -188,11 +187,11 @@ class StepMeter:
         elif carried[0] != signature(args):
             return False
         n = self.step + 1
-        every = self.activation_every
         first = self._first_param() if self._first_param is not None else None
         layout = self._layout
+        # (activation_every >= 1: n % every == 0 holds for every step when it is 1)
         if n <= FULL_STEPS or self.batch_size != self._sampled_batch_size or first is None or layout is None \
-                or first.data_ptr() != layout[2] or ((every <= 1 or n % every == 0)
+                or first.data_ptr() != layout[2] or (n % self.activation_every == 0
                                                      and _perf_counter() - self._sampled_t >= self.sample_seconds):
             return False  # maybe sampled, maybe moved
         self.step_open = self.batch_carried = True
@@ -431,18 +430,15 @@ class StepMeter:
                 return None
         template, start = self._template, self._last_step_end
         self._last_step_end = now
-        self.step += 1
-        step = _new_object(Step)
-        fields = step.__dict__
-        fields.update(template.__dict__)  # a frozen dataclass: its fields live in __dict__ (protocol.new_step)
-        fields["step"] = self.step
-        fields["time"] = _time()
-        fields["step_seconds"] = now - start  # type: ignore[operator]  # (a template is made at a step's end)
-        fields["components"] = template.components.copy()  # type: ignore[union-attr]  # (key set: template set)
-        self._last_batch_size = self.batch_size
+        self.step = n = self.step + 1
+        step = _new_object(Step)  # a frozen dataclass: its fields live in __dict__ (protocol.new_step)
+        step.__dict__.update(template.__dict__, step=n, time=_time(), step_seconds=now - start,  # type: ignore
+                             components=template.components.copy())  # type: ignore[union-attr]  # (key set)
+        if not quiet:  # (quiet: the batch size is the last step's; marks are kept only before an optimizer step)
+            self._last_batch_size, self._backward_static = self.batch_size, None
+            self._grad_marks = self._grad_marks and []  # (no new list unless marks)
         self.step_open = self.batch_carried = False
         self._batch_max = self.backwards = self.forwards = 0
-        self._backward_static, self._grad_marks = None, self._grad_marks and []  # (no new list unless marks)
         patches.oom_requested = None  # as finish's take_oom_requested: a caught failure is not the next OOM's size
         return step
 

@@ -197,7 +197,7 @@ def root_pre_hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[s
     if a is not None:
         if a.quiet and not kwargs:  # a quiet steady step (batchmon.agent.quiet_steps): opened in one call
             try:
-                if a._open_quiet(module, args):
+                if a._meter.model is module and a._open_quiet(module, args):  # (open_quiet: the root, checked)
                     return
             except Exception as exc:  # noqa: BLE001 - never into the training
                 a._fail(exc)
@@ -230,8 +230,7 @@ def crit_post_hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[
 
 
 def quiet_post_hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], result: Any) -> None:
-    """The root's post hook on a quiet step (batchmon.agent.quiet_steps): nothing when the forward returned; when
-    it raised (torch calls it from its except block with no result), the usual post hook reports an OOM."""
+    """A quiet step's root post hook (quiet_steps): nothing unless the forward raised (then no result: an OOM?)."""
     if result is None:
         root_post_hook(module, args, kwargs, result)
 
@@ -333,7 +332,8 @@ def _step_pre(optimizer: Any, args: Any, kwargs: Any) -> None:
 def _step_post(optimizer: Any, args: Any, kwargs: Any) -> None:
     """Every optimizer's step ended: out of it, and the agent's step end (one global hook for both)."""
     global step_depth
-    step_depth = step_depth - 1 if step_depth > 0 else 0
+    if step_depth > 0:  # (0 on a quiet step: the pre hook is off)
+        step_depth -= 1
     a = agent
     if a is not None:
         a._on_step(optimizer, args, kwargs)
