@@ -366,8 +366,12 @@ def run_entry(entry: Entry, dev: Any, deadline: float, smoke: bool) -> dict[str,
     if not entry.compiled:  # the bench's own measure, for comparison (saved-tensor hooks would break a compiled graph)
         try:
             walk: dict[str, list[int]] = {}
-            bench_split = measure_saved_split(runner, small, walk)
+            casts: dict[str, int] = {}
+            bench_split = measure_saved_split(runner, small, walk, casts)
             result["amp_walk_detail"] = walk  # the agent's graph walk per saving op, at the small batch
+            # the 16-bit parameter casts within bench_saved_split.saved_amp: the rest is what autocast saved of
+            # the activations, to set against the walk's amp share
+            result["bench_saved_amp_weight_casts"] = casts.get("weight_casts")
         except Exception as exc:  # noqa: BLE001 - recorded for comparison only
             result["bench_saved_split_error"] = f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
             _cleanup(dev)

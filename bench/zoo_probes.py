@@ -12,15 +12,18 @@ from batchmon.memory_model import SavedSplit
 from predict_accuracy import Runner
 
 
-def measure_saved_split(runner: Runner, batch: int, detail: dict[str, list[int]] | None = None) -> SavedSplit:
+def measure_saved_split(runner: Runner, batch: int, detail: dict[str, list[int]] | None = None,
+                        casts: dict[str, int] | None = None) -> SavedSplit:
     """What the saved activations are made of at ``batch``: bytes saved in one forward (storages counted once,
     parameters and the batch's tensors excluded, as the agent counts activations), the part saved inside the
     checkpointed blocks, the largest block's, and the blocks' input bytes (each storage once: the agent's own
     batchmon.agent.saved_split.checkpoint_blocks and BlockSplitMeter, what a per-block checkpoint drops and keeps),
     and the bytes the same forward saves under bf16 autocast. ``detail``, when given, gets the agent's graph walk
     per saving op ({op: [bytes, bytes under autocast as the walk says]}, saved_split.amp_bytes): what explains an
-    AMP what-if's miss afterwards. Each forward is followed by its backward (the graph freed) and no optimizer
-    step: the training state is untouched."""
+    AMP what-if's miss afterwards. ``casts``, when given, gets ``weight_casts``: the bytes of the forward under
+    autocast that are 16-bit casts of parameters (in ``saved_amp``, not activations: what autocast really saved
+    of the activations is saved_amp less them). Each forward is followed by its backward (the graph freed) and
+    no optimizer step: the training state is untouched."""
     from batchmon.agent.saved_split import BlockSplitMeter, amp_bytes, checkpoint_blocks
 
     model, dev = runner.model, runner.dev.device
@@ -33,6 +36,7 @@ def measure_saved_split(runner: Runner, batch: int, detail: dict[str, list[int]]
         excluded = params | inputs
         saved: dict[int, int] = {}
         total = [0]
+        weight_casts = [0]
 
         def pack(t: torch.Tensor) -> torch.Tensor:
             if t.device.type == dev.type:
@@ -41,6 +45,8 @@ def measure_saved_split(runner: Runner, batch: int, detail: dict[str, list[int]]
                 if key not in excluded and key not in saved and st.nbytes():
                     saved[key] = st.nbytes()
                     total[0] += st.nbytes()
+                    if amp and _is_parameter_cast(t):
+                        weight_casts[0] += st.nbytes()
             return t
 
         meter = BlockSplitMeter(blocks, lambda: total[0], 1) if blocks else None
@@ -62,18 +68,34 @@ def measure_saved_split(runner: Runner, batch: int, detail: dict[str, list[int]]
         del out
         loss.backward()
         runner.opt.zero_grad(set_to_none=True)
+        last_weight_casts[0] = weight_casts[0]
         return total[0], inside, block_inputs, largest
+
+    last_weight_casts = [0]
 
     saved, inside, inputs, largest = forward(False)
     saved_amp = None
     if not runner.arch.amp:
         try:
             saved_amp = forward(True)[0]
+            if casts is not None:
+                casts["weight_casts"] = last_weight_casts[0]
         except RuntimeError:  # an op without a 16-bit kernel here (oneDNN's LSTM on CPU): the AMP share unknown
             runner.opt.zero_grad(set_to_none=True)
     runner.dev.clean()
     return SavedSplit(batch=batch, saved=saved, in_blocks=inside, block_inputs=inputs, blocks=len(blocks),
                       saved_amp=saved_amp, block_max=largest if blocks else None)
+
+
+def _is_parameter_cast(t: torch.Tensor) -> bool:
+    """Is ``t`` (or the tensor it views) autocast's cast of a parameter (a copy of a leaf that gets a gradient)?"""
+    try:
+        fn = (t._base if t._base is not None else t).grad_fn  # a view (the weight's transpose) shares its storage
+        if fn is None or type(fn).__name__ != "ToCopyBackward0":
+            return False
+        return any(nxt is not None and type(nxt).__name__ == "AccumulateGrad" for nxt, _ in fn.next_functions)
+    except Exception:  # noqa: BLE001 - for an explanation only: never fails the measure
+        return False
 
 
 def phase_peaks(runner: Runner, batch: int) -> dict[str, Any] | None:

@@ -238,3 +238,30 @@ def _needed_share(r: dict, cap: int) -> float:
     peak = model.peak_at(fail)
     room = cap - peak - model.reserved_growth - (model.cache if model.alloc_retries else 0)
     return room / (model.frag_ratio * peak)
+
+
+def test_the_bench_tells_autocasts_parameter_casts_from_activations():
+    """bench/zoo_probes.measure_saved_split's saved_amp holds autocast's 16-bit casts of the weights besides the
+    activations; the zoo records their bytes apart (bench_saved_amp_weight_casts) so what autocast saved of the
+    activations can be set against the agent's walk. A Linear's saved transposed weight cast and a conv's weight
+    cast are parameter casts; the casts of activations and of an input that gets no gradient are not."""
+    import torch
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    from zoo_probes import _is_parameter_cast
+
+    lin, norm, conv = torch.nn.Linear(64, 64), torch.nn.LayerNorm(64), torch.nn.Conv2d(3, 8, 3)
+    found: list[tuple[tuple[int, ...], torch.dtype, bool]] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        found.append((tuple(t.shape), t.dtype, _is_parameter_cast(t)))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            lin(lin(norm(torch.randn(4, 64))).relu())
+            conv(torch.randn(2, 3, 8, 8))
+    casts = {(shape, dtype) for shape, dtype, cast in found if cast}
+    assert casts == {((64, 64), torch.bfloat16), ((8, 3, 3, 3), torch.bfloat16)}
+    assert any(dtype == torch.bfloat16 and not cast for _, dtype, cast in found)  # activations' casts
+    assert not any(cast for _, dtype, cast in found if dtype == torch.float32)
