@@ -4,8 +4,10 @@ agents was the histories, ~1.1 KB a step)."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import gc
+import pickle
 import time
 import tracemalloc
 
@@ -127,6 +129,10 @@ def test_steady_steps_share_their_other_fields_and_answer_as_the_decoded_steps()
         raise AssertionError("a kept step must stay frozen")
     again = StepHistory(10).append(shared[5])  # a kept step kept again (a replay's history built from a view)
     assert again == shared[5] and protocol.encode(again) == protocol.encode(shared[5])
+    sampled = next(k for k in shared if k.saved_split is not None)
+    for kept_step in (shared[5], sampled):  # copied or pickled: the plain Step it stands for
+        for made in (copy.copy(kept_step), copy.deepcopy(kept_step), pickle.loads(pickle.dumps(kept_step))):
+            assert type(made) is Step and made == kept_step and made.saved_split == kept_step.saved_split
 
 
 def test_the_history_of_a_steady_cuda_job_keeps_under_200_bytes_a_step():

@@ -72,6 +72,19 @@ class KeptStep(Step):
     def __repr__(self) -> str:
         return "Step(" + Step.__repr__(self).partition("(")[2]
 
+    def __reduce__(self) -> tuple[Any, ...]:  # copy, deepcopy, pickle: the plain Step it stands for
+        fields = {n: getattr(self, n) for n in _FIELDS if n != "type"}
+        if self.saved_split is not None:
+            fields["saved_split"] = self.saved_split
+        return (plain_step, (fields,))
+
+
+def plain_step(fields: dict[str, Any]) -> Step:
+    """A plain Step with these field values (as protocol.new_step and with_saved_split make one)."""
+    out = object.__new__(Step)
+    out.__dict__.update(fields)
+    return out
+
 
 for _name in (*_FIELDS, "saved_split"):
     if _name not in _OWN and _name != "type":
