@@ -15,10 +15,14 @@ Two costs of the hub under load (bench/load.py: 64 agents at 10 steps/s, 4 snaps
 
 - Memory: a decoded step is ~1.1 KB (its instance dict, a components dict and ~10 int and float objects), and the
   hub keeps HISTORY_LIMIT of them per agent (16 agents: ~35 MB, most of the monitor's RSS beside them). Each step
-  appended is stored compactly (``compact_step``): the same Step, equal field for field, whose attributes live in
-  the instance's shared-key storage instead of a dict of its own, and whose dicts and numbers are the objects an
-  earlier step already holds when they are equal (steady training repeats its components step after step).
-  ~1.1 KB -> ~0.3 KB a step; every reader (the model's summary, views, export, record, replay) gets Steps as before.
+  appended is stored compactly (``compact_step``), equal field for field to the decoded one. A step whose fields
+  other than its step number, time and step time equal those of a recently kept step (steady training: the
+  same components, allocator figures, batch size, phases, step after step) is a KeptStep: those three numbers in
+  slots, every other field read from the earlier step. Any other step is a plain Step whose attributes live in
+  the class's shared-key storage, whose dicts and numbers are the objects an earlier step holds when equal.
+  ~1.1 KB -> ~0.35 KB (plain) -> ~0.19 KB (KeptStep, its three numbers included) a step, tracemalloc, 16 steady
+  peers (bench/monitor_rss.py); every reader (the model's summary, views, export, record, replay) gets Steps
+  that answer, compare, encode, copy and print as the decoded ones.
 
 Where in the step the peak was reached (``Step.peak_phase`` / ``phase_peaks``) comes on the agent's sampled steps
 only: ``StepHistory.phases()`` keeps the latest one known at the current batch size (an epoch's short last batch
