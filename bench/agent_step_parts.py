@@ -28,6 +28,7 @@ For each, on steady (unsampled) steps after a warm-up:
 
     python3 bench/agent_step_parts.py --out bench/results/agent_step_parts_devbox.json
     python3 bench/agent_step_parts.py --cpu-smoke --out /tmp/parts.json      # a few steps: checks the script
+    python3 bench/agent_step_parts.py --how counts --out counts.json         # only the deterministic counts
     python3 bench/agent_step_parts.py --how tight --old-tree /tmp/old --rounds 4 --out tight.json  # before/after
 """
 
@@ -73,8 +74,9 @@ PARTS: dict[tuple[str, str], str] = {
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--how", choices=("attach", "run", "both", "tight"), default="both",
-                   help="tight: only the tight loop, in child processes, ABBA with --old-tree's agent")
+    p.add_argument("--how", choices=("attach", "run", "both", "tight", "counts"), default="both",
+                   help="tight: only the tight loop, in child processes, ABBA with --old-tree's agent; counts: only "
+                        "attach's deterministic calls and bytecodes (seconds, no timing)")
     p.add_argument("--old-tree", default=None, help="with --how tight: a checkout whose agent is the 'before'")
     p.add_argument("--rounds", type=int, default=4, help="with --how tight: processes per tree (default 4)")
     p.add_argument("--tree", default=None, help=argparse.SUPPRESS)
@@ -514,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {"benchmark": "agent_step_parts", "model": "MLP 3x64, batch 32, Adam, CPU, 1 thread",
                               "python": platform.python_version(), "time": time.time(),
                               "load_before": os.getloadavg()}
-    if args.how in ("attach", "both"):
+    if args.how in ("attach", "both", "counts"):
         import batchmon
 
         model, opt, crit, x, y, step = build()
@@ -530,8 +532,9 @@ def main(argv: list[str] | None = None) -> int:
         handle.detach()
         result["attach"] = {"quiet": quiet, "calls": by_part(attached["calls"], plain["calls"]),
                             "bytecodes": by_part(attached["bytecodes"], plain["bytecodes"])}
-        result["attach"]["timed"] = timed_parts(args)
-        result["attach"]["tight_loop"] = tight_loop(args)
+        if args.how != "counts":
+            result["attach"]["timed"] = timed_parts(args)
+            result["attach"]["tight_loop"] = tight_loop(args)
     if args.how in ("run", "both"):
         plain_c, run_c = run_child("plain", args), run_child("run", args)
         result["run"] = {"attached": run_c.get("attached"), "quiet": run_c.get("quiet"),
