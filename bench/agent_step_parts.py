@@ -285,7 +285,7 @@ def timed_parts(args: argparse.Namespace) -> dict[str, Any]:
     try:
         from batchmon.agent import quiet_steps as qs
     except ImportError:
-        qs = None
+        qs = None  # type: ignore[assignment]  # (an older tree has no quiet_steps)
     if qs is not None and hasattr(qs, "quiet_call"):  # the root's quiet _call_impl, and the forward inside it
         factory = qs.quiet_call
         timers["quiet _call_impl (with the forward)"] = closure = Timer(lambda *a, **k: None)
