@@ -109,17 +109,16 @@ def compact_step(step: Step, shared: dict[Any, Any], templates: list[tuple[tuple
         fields["saved_split"] = step.saved_split
     if templates is not None and fields.keys() <= _KNOWN:
         values = tuple(map(fields.get, _REST))
-        for seen, template in templates:
-            if seen == values and all(map(_same_type, seen, values)):
-                out = object.__new__(KeptStep)
-                _set(out, "step", step.step)
-                _set(out, "time", step.time)
-                _set(out, "step_seconds", step.step_seconds)
-                _set(out, "_shared", template)
-                if seen is not templates[0][0]:
-                    templates.remove((seen, template))
-                    templates.insert(0, (seen, template))
-                return out
+        for i, (known, template) in enumerate(templates):
+            if known == values and all(map(_same_type, known, values)):
+                kept = object.__new__(KeptStep)
+                _set(kept, "step", step.step)
+                _set(kept, "time", step.time)
+                _set(kept, "step_seconds", step.step_seconds)
+                _set(kept, "_shared", template)
+                if i:  # the latest used first: steady training finds its template at the first compare
+                    templates.insert(0, templates.pop(i))
+                return kept
     out = object.__new__(Step)
     for name, value in fields.items():
         if value is not None and name not in _OWN:
