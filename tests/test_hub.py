@@ -154,6 +154,24 @@ def test_garbage_lines_are_counted_and_dropped(sockdir, pids, agents, hub_factor
     assert hub.running and hub.error is None
 
 
+def test_a_line_of_nearly_one_mib_arrives_over_many_reads(sockdir, pids, agents, hub_factory):
+    """The hub reads 64 KiB per connection per wake-up (agent_sockets.READ_BUDGET, for its RSS after a history
+    burst): a valid line up to the 1 MiB limit still arrives whole, and the steps around it in order."""
+    from batchmon.monitor import agent_sockets
+
+    p = pids()
+    agent = agents(sockdir, p.pid)
+    hub = hub_factory().start()
+    wait_for(lambda: agent_view(hub, p.pid), what="agent")
+    # a step's wire form padded with a field the monitor does not know (ignored by design)
+    line = protocol.encode(make_step(2))[:-2] + b', "pad": "' + b"x" * (protocol.MAX_LINE_BYTES - 4096) + b'"}\n'
+    assert agent_sockets.READ_BUDGET * 8 < len(line) <= protocol.MAX_LINE_BYTES
+    agent.send(protocol.encode(make_step(1)) + line + protocol.encode(make_step(3)))
+    view = wait_for(lambda: (v := agent_view(hub, p.pid)) and v.last_step and v.last_step.step == 3 and v,
+                    what="the step after the long line")
+    assert [s.step for s in view.history] == [1, 2, 3] and view.invalid_lines == 0 and view.connected
+
+
 def test_socket_of_dead_pid_is_removed_and_live_refusing_one_kept(sockdir, pids, hub_factory):
     dead = pids()
     dead.kill()
