@@ -93,13 +93,13 @@ def test_compacting_is_cheap_beside_decoding():
 
 def steady_wire_step(i: int) -> bytes:
     """A step of a steady CUDA job (bench/load.py --gpu): the same figures step after step, step times that
-    jitter, the peak's phase on every 16th step, the saved split on those."""
+    jitter, coalesced windows of 40-44 steps, the peak's phase on every 16th step, the saved split on those."""
     comps = {n: 4_000_000 * (k + 1) for k, n in enumerate(NAMES)}
     peak = sum(comps.values())
     sampled = i % 16 == 0
     step = protocol.new_step(i, 1_700_000_000.0 + i * 0.01, 0.01 * (1 + (i % 13) / 1000), 256, comps,
                              peak - comps["activations"], peak, 2**30, None, None, 2**31, "input dim 0", 1,
-                             1, "optimizer" if sampled else None,
+                             40 + i % 5, "optimizer" if sampled else None,
                              {"forward": peak - 10, "backward": peak - 6, "optimizer": peak} if sampled else None)
     if sampled:
         step = protocol.with_saved_split(step, {"batch": 256, "saved": 5, "in_blocks": 0, "block_inputs": 0,

@@ -16,13 +16,13 @@ Two costs of the hub under load (bench/load.py: 64 agents at 10 steps/s, 4 snaps
 - Memory: a decoded step is ~1.1 KB (its instance dict, a components dict and ~10 int and float objects), and the
   hub keeps HISTORY_LIMIT of them per agent (16 agents: ~35 MB, most of the monitor's RSS beside them). Each step
   appended is stored compactly (``compact_step``), equal field for field to the decoded one. A step whose fields
-  other than its step number, time and step time equal those of a recently kept step (steady training: the
-  same components, allocator figures, batch size, phases, step after step) is a KeptStep: those three numbers in
-  slots, every other field read from the earlier step. Any other step is a plain Step whose attributes live in
-  the class's shared-key storage, whose dicts and numbers are the objects an earlier step holds when equal.
-  ~1.1 KB -> ~0.35 KB (plain) -> ~0.19 KB (KeptStep, its three numbers included) a step, tracemalloc, 16 steady
-  peers (bench/monitor_rss.py); every reader (the model's summary, views, export, record, replay) gets Steps
-  that answer, compare, encode, copy and print as the decoded ones.
+  other than its step number, time, step time and window's step count (a coalesced agent's) equal those of a
+  recently kept step (steady training: the same components, allocator figures, batch size, phases, step after
+  step) is a KeptStep: those four numbers in slots, every other field read from the earlier step. Any other step
+  is a plain Step whose attributes live in the class's shared-key storage, whose dicts and numbers are the
+  objects an earlier step holds when equal. ~1.1 KB -> ~0.35 KB (plain) -> ~0.19 KB (KeptStep, its numbers
+  included) a step, tracemalloc, 16 steady peers (bench/monitor_rss.py); every reader (the model's summary,
+  views, export, record, replay) gets Steps that answer, compare, encode, copy and print as the decoded ones.
 
 Where in the step the peak was reached (``Step.peak_phase`` / ``phase_peaks``) comes on the agent's sampled steps
 only: ``StepHistory.phases()`` keeps the latest one known at the current batch size (an epoch's short last batch
@@ -48,20 +48,21 @@ TEMPLATES = 4  # recent kept steps whose other fields a later step may share (Ke
 SHARED_VALUES = 1024  # distinct field values a history shares between its steps; then it starts again
 
 _set = object.__setattr__
-_OWN = ("step", "time", "step_seconds")  # a kept step's own fields: they differ on (nearly) every step
+# a kept step's own fields: they differ on (nearly) every step (``steps``: a coalesced window's step count)
+_OWN = ("step", "time", "step_seconds", "steps")
 _FIELDS = tuple(f.name for f in dataclasses.fields(Step))
 _COMPARED = operator.attrgetter(*(f.name for f in dataclasses.fields(Step) if f.compare))
 
 
 class KeptStep(Step):
     """A Step as the history keeps it: equal to the Step it was made from in every field (and hashing alike),
-    answering every attribute as that Step does, at a third of its memory. Its own three numbers live in slots;
+    answering every attribute as that Step does, at a third of its memory. Its own four numbers live in slots;
     every other field is read (in C, through ``operator.attrgetter``) from ``_shared``, a plain Step that the
     steps with the same other fields share: steady training repeats its components, allocator figures, batch
     size and phases step after step, so a history of 2000 steps holds a handful of them. Frozen as Step is;
     ``dataclasses.replace`` on it gives a plain Step."""
 
-    __slots__ = ("step", "time", "step_seconds", "_shared")
+    __slots__ = ("step", "time", "step_seconds", "steps", "_shared")
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Step:  # type: ignore[misc]
         return Step(*args, **kwargs)  # Step's constructor (dataclasses.replace): a plain Step, not a KeptStep
@@ -96,11 +97,11 @@ for _name in (*_FIELDS, "saved_split"):
 
 
 def compact_step(step: Step, shared: dict[Any, Any], templates: list[tuple[tuple, Step]] | None = None) -> Step:
-    """``step`` kept smaller, equal to it in every field. When its fields other than its step number, time and
-    step time equal those of a step kept recently (``templates``: the latest TEMPLATES such steps, latest
-    first), a KeptStep: those three in slots, the rest read from that step. Else a plain Step whose fields are
-    set one by one (no instance dict of its own: the class's shared-key storage) and whose field values are the
-    equal objects ``shared`` already holds (steady training repeats its components and allocator figures); it
+    """``step`` kept smaller, equal to it in every field. When its fields other than its step number, time, step
+    time and window's step count equal those of a step kept recently (``templates``: the latest TEMPLATES such
+    steps, latest first), a KeptStep: those four in slots, the rest read from that step. Else a plain Step whose
+    fields are set one by one (no instance dict of its own: the class's shared-key storage) and whose field values
+    are the equal objects ``shared`` already holds (steady training repeats its components and allocator figures); it
     becomes a template. Steps are frozen and nothing changes a step's dicts, so sharing them is safe. Every field
     the step has is kept, whatever fields protocol.Step gains (a step with a field KeptStep does not know is
     kept plain)."""
@@ -115,6 +116,7 @@ def compact_step(step: Step, shared: dict[Any, Any], templates: list[tuple[tuple
                 _set(kept, "step", step.step)
                 _set(kept, "time", step.time)
                 _set(kept, "step_seconds", step.step_seconds)
+                _set(kept, "steps", step.steps)
                 _set(kept, "_shared", template)
                 if i:  # the latest used first: steady training finds its template at the first compare
                     templates.insert(0, templates.pop(i))
