@@ -284,7 +284,12 @@ def test_unsafe_socket_folder_is_a_warning_and_not_used(tmp_path, pids, agents):
 
 def test_sample_once_waits_for_hello_and_history_burst(sockdir, pids, agents):
     p1, p2 = pids(), pids()
-    agents(sockdir, p1.pid, history=[make_step(n) for n in range(1, 1001)])
+    # p1 announces its burst in its hello, as the agent does (sample_once waits for exactly that many lines);
+    # p2 is an older agent that announces none (sample_once waits until its lines go quiet). A 1000-step burst
+    # without the announcement made the test depend on the peer thread never pausing 50 ms under load (980 of 1000
+    # seen once on a loaded box).
+    agents(sockdir, p1.pid, hello=dataclasses.replace(make_hello(p1.pid), history=1000),
+           history=[make_step(n) for n in range(1, 1001)])
     agents(sockdir, p2.pid, history=[make_step(n) for n in range(1, 11)])
     t0 = time.monotonic()
     snap = Hub(socket_dir=sockdir).sample_once(max_wait=5.0)
