@@ -122,9 +122,22 @@ class _RealAgent:
         return s
 
 
+def _nvml_dict(agents: int, t: float) -> dict[str, Any]:
+    """An H200 with the agents' processes on it, as the NVML probe's sample dict."""
+    from batchmon.probes.nvml import DeviceMemory, DeviceSample, GpuProcess, NvmlSample, sample_to_dict
+
+    total = 150_754_820_096
+    used = agents * 900 * MIB + 600 * MIB
+    dev = DeviceSample(index=0, name="NVIDIA H200", uuid="GPU-bench", memory=DeviceMemory(total, used, 0, total - used),
+                       utilization=40, temperature=40, power=200.0,
+                       processes=tuple(GpuProcess(1000 + a, 900 * MIB) for a in range(agents)))
+    return sample_to_dict(NvmlSample(True, None, "580", (dev,), time=t))
+
+
 def generated(kind: str, agents: int, seconds: float, rate: float, interval: float) -> Iterator[dict[str, Any]]:
     """Hub records in time order: each agent's hello, its windows (the agent's own StepCoalescer), a tick every
-    ``interval`` (no NVML or host records: they are timed apart, from a recording)."""
+    ``interval`` with an NVML sample of one H200 holding the agents' processes just before it (no host records:
+    those are timed from a recording)."""
     t0 = 1_800_000_000.0
     heap: list[tuple[float, int, dict[str, Any]]] = []
     for a in range(agents):
@@ -144,7 +157,12 @@ def generated(kind: str, agents: int, seconds: float, rate: float, interval: flo
                                                      "data": json.loads(protocol.encode(m))}))
     k = 1
     while t0 + k * interval < t0 + seconds:
-        heap.append((t0 + k * interval, -1, {"t": t0 + k * interval, "kind": "tick", "source": "local"}))
+        tk = t0 + k * interval
+        # NVML's sample just before each tick (the hub samples, then snapshots): the device's total is what the
+        # prediction's largest-batch search runs against (without one, a refit skips that search)
+        heap.append((tk - 0.01, -2, {"t": tk - 0.01, "kind": "nvml", "source": "local",
+                                     "data": _nvml_dict(agents, tk - 0.01)}))
+        heap.append((tk, -1, {"t": tk, "kind": "tick", "source": "local"}))
         k += 1
     heap.sort(key=lambda e: (e[0], e[1]))
     for _, _, rec in heap:
