@@ -15,6 +15,7 @@ state machine over the same per-agent records; the rules of a run's end and of i
 
 from __future__ import annotations
 
+import operator
 from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -525,18 +526,30 @@ def _fit_figures(summary: list[Step]) -> tuple:
     every new window changed the figures, and 16 fast jobs were refitted every second for the same prediction
     (bench/hub_apply_cost.py --synthetic real: 640 refits in 40 s, 624 with the same prediction)."""
     own: dict[tuple, list] = {}
+    steps = []
     for s in summary:
-        if s.phase_own_peaks or s.segment_peaks:
-            group = own.setdefault((s.batch_size, s.components.get("optimizer"), s.peak_allocated is None),
-                                   [{}, {}])
-            for best, peaks in zip(group, (s.phase_own_peaks, s.segment_peaks)):
-                for name, value in (peaks or {}).items():
-                    was = best.get(name)
-                    best[name] = value if was is None or value > was else was
-    steps = tuple((s.batch_size, tuple(s.components.values()), s.allocated, s.peak_allocated, s.reserved,
-                   s.num_alloc_retries, s.num_ooms, s.device_used, s.micro_batches) for s in summary)
-    return steps, tuple((key, tuple(phases.items()), tuple(segments.items()))
-                        for key, (phases, segments) in sorted(own.items(), key=lambda kv: repr(kv[0])))
+        steps.append((_FIGURES(s), tuple(s.components.values())))
+        phases, segments = s.phase_own_peaks, s.segment_peaks
+        if not (phases or segments):
+            continue
+        key = (s.batch_size, s.components.get("optimizer"), s.peak_allocated is None)
+        group = own.get(key)
+        if group is None:
+            group = own[key] = [{}, {}, set()]
+        pair = (id(phases), id(segments))  # the steps hold them during this call: ids are theirs alone
+        if pair in group[2]:
+            continue  # the same dicts again (steady sampled steps share them, step_history.compact_step)
+        group[2].add(pair)
+        for best, peaks in ((group[0], phases), (group[1], segments)):
+            for name, value in (peaks or {}).items():
+                was = best.get(name)
+                best[name] = value if was is None or value > was else was
+    return tuple(steps), tuple((key, tuple(phases.items()), tuple(segments.items()))
+                               for key, (phases, segments, _) in sorted(own.items(), key=lambda kv: repr(kv[0])))
+
+
+_FIGURES = operator.attrgetter("batch_size", "allocated", "peak_allocated", "reserved", "num_alloc_retries", "num_ooms",
+                               "device_used", "micro_batches")
 
 
 def _time(value: Any) -> float:
