@@ -272,7 +272,7 @@ def measure(records: list[dict[str, Any]], interval: float, profile: bool, warmu
                 for src in state._sources.values():  # noqa: SLF001 - a bench looking inside
                     for agent in list(src.agents.values()):
                         old = last_pred.get(agent.key)
-                        if old is not None and old[0] is not agent.prediction_time and agent.prediction_time \
+                        if old is not None and old[0] != agent.prediction_time and agent.prediction_time \
                                 is not None and old[1] == _shown(agent.prediction):
                             same_refits += 1
                         last_pred[agent.key] = (agent.prediction_time, _shown(agent.prediction))
@@ -294,10 +294,11 @@ def measure(records: list[dict[str, Any]], interval: float, profile: bool, warmu
                                          "of_which_fits": round((fits.seconds - fits.seconds_before) / span * 1e3, 3)}
     if prof is not None:
         stats = pstats.Stats(prof)
-        rows = sorted(stats.stats.items(), key=lambda kv: -kv[1][3])[:25]  # by cumulative time
+        table: dict[Any, Any] = stats.stats  # type: ignore[attr-defined]  # set by Stats, not in typeshed
+        rows = sorted(table.items(), key=lambda kv: -kv[1][3])[:25]  # by cumulative time
         out["top_cumulative"] = [{"function": f"{Path(fn).name}:{line}:{name}", "calls": nc, "tottime_s": round(tt, 4),
                                   "cumtime_s": round(ct, 4)} for (fn, line, name), (cc, nc, tt, ct, _) in rows]
-        out["total_calls"] = stats.total_calls
+        out["total_calls"] = stats.total_calls  # type: ignore[attr-defined]  # likewise
     return out
 
 
