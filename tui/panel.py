@@ -257,6 +257,9 @@ class LinesPanel(Widget):
 
     def on_resize(self) -> None:
         self.refresh(layout=True)
+        if self.has_focus:  # it grew on focus: show all of it at its new size (the app's own scroll after the
+            # focus can run before this layout and leave a static screen scrolled to where the panel was)
+            self.call_after_refresh(self.scroll_visible, animate=False)
 
     def on_focus(self) -> None:
         self.changed()
