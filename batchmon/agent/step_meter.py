@@ -208,14 +208,13 @@ class StepMeter:
         if self._first_forward_t is None:
             self._first_forward_t = time.perf_counter()
         n = self.step + 1
-        every = self.activation_every
         first = self._first_param() if self._first_param is not None else None
         layout = self._layout
         # the layout changes with the storage (.to()/.half() give the parameter a new one): its address says it
         if first is None or layout is None or first.data_ptr() != layout[2]:
             layout = layout_of(first)
         now = time.perf_counter()
-        self.sampled = ((every <= 1 or n % every == 0) and now - self._sampled_t >= self.sample_seconds) \
+        self.sampled = self._nth_sample_due(n, now) \
             or n <= FULL_STEPS or first is None or self.batch_size != self._sampled_batch_size or layout != self._layout
         if self.sampled:
             self._sampled_t = now
@@ -448,6 +447,11 @@ class StepMeter:
         self._grad_marks = []
         self._backward_static = None
 
+    def _nth_sample_due(self, n: int, now: float) -> bool:
+        """Step ``n`` is an every-N-th sample (``activation_every`` >= 1, attach checks it) at least
+        ``sample_seconds`` after the last (open_quiet inlines it: it runs every step)."""
+        return n % self.activation_every == 0 and now - self._sampled_t >= self.sample_seconds
+
     def finish(self, device_used: int | None, in_loop: bool = False) -> tuple[Step, list[Event]]:
         """The step ended: its Step and events (alloc_retry); resets the per-step state. ``in_loop``: ended by
         the loop rule (gradients already cleared): parameters, gradients, optimizer as at the last backward."""
@@ -456,9 +460,9 @@ class StepMeter:
         self._last_step_end = now
         self.step += 1
         self.fold_group()
-        every, n = self.activation_every, self.step  # root forward not seen (fullgraph compile): sampled as open_step's
-        sampled = self.sampled or (not self.step_open and (n <= FULL_STEPS or self._static is None or (
-            (every <= 1 or n % every == 0) and now - self._sampled_t >= self.sample_seconds)))
+        n = self.step  # root forward not seen (fullgraph compile): sampled as open_step would have
+        sampled = self.sampled or (not self.step_open and (n <= FULL_STEPS or self._static is None
+                                                           or self._nth_sample_due(n, now)))
         self._sampled_t = now if sampled and not self.step_open else self._sampled_t
         if sampled:
             self._last_acts = self._acts_max if self.step_open else self._last_acts
