@@ -443,11 +443,13 @@ def test_new_own_phase_peaks_alone_are_a_changed_figure(monkeypatch):
 def test_a_steady_agents_figures_are_compared_at_most_once_a_second(monkeypatch):
     """At --interval 0.25 a steady agent's summary is compared with the last fit's once per PREDICT_EVERY_S, not
     at every snapshot; a changed figure is still refitted within PREDICT_EVERY_S of the last comparison."""
-    from batchmon.monitor import hub_state
+    import importlib
 
-    real = hub_state._fit_figures
+    model_fit = importlib.import_module("batchmon.memory_model.fit")  # the module (the package's ``fit`` is the function)
+
+    real = model_fit.fit_figures
     compared: list[int] = []
-    monkeypatch.setattr(hub_state, "_fit_figures", lambda summary: (compared.append(1), real(summary))[1])
+    monkeypatch.setattr(model_fit, "fit_figures", lambda summary: (compared.append(1), real(summary))[1])
     s, n = _steady_cuda_agent()
     s.snapshot(1.0)
     assert len(compared) == 1  # the first fit

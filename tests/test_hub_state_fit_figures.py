@@ -1,4 +1,4 @@
-"""The hub's refit test (_fit_figures): a fast agent's windows, with and without a sampled step, are not a change.
+"""The hub's refit test (memory_model.fit.fit_figures): a fast agent's windows, with and without a sampled step, are not a change.
 
 A real fast agent (issue 14 point 3) sends a window every 0.2 s and samples a step at most every 0.25 s, so its
 windows alternate between ones that carry the sampled step's own peaks and ones that do not. The summary's figures
@@ -13,7 +13,8 @@ import dataclasses
 import random
 
 from batchmon import memory_model
-from batchmon.monitor.hub_state import HubState, _fit_figures
+from batchmon.memory_model.fit import fit_figures as _fit_figures
+from batchmon.monitor.hub_state import HubState
 from batchmon.protocol import PHASES, SEGMENTS
 from conftest import make_step
 from hub_peer import make_hello

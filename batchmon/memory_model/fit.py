@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 import statistics
 from typing import Iterable, Sequence
 
@@ -214,6 +215,46 @@ def _own_lines(readings: Sequence[tuple[int, dict[str, int] | None]], names: Seq
         return {}
     points = _largest_own(readings)
     return {n: fit_line(sorted(points[n].items())) for n in names if len(points.get(n, ())) >= 2}
+
+
+def fit_figures(summary: Sequence[Step]) -> tuple:
+    """What of a model summary ``fit`` could answer differently on (the hub refits when it changes): every memory
+    figure of its steps, not their step numbers, times or step times. Next to ``fit`` because it says what ``fit``
+    reads: a change there that reads more must be compared here.
+
+    The own peaks of the sampled steps (``phase_own_peaks``, ``segment_peaks``) are not compared step by step: the
+    fit reads them only as the largest own peak per name at each batch size over the steps it selects (by batch
+    size, optimizer state and whether the step has an allocator peak; _largest_own below, the
+    reference batch's largest forward, the batch sizes that have any), so they are compared as that largest per
+    (batch size, optimizer bytes, has a peak) group. A fast agent's windows alternate between ones that hold a
+    sampled step and ones that do not (samples at most every 0.25 s, windows every 0.2 s): compared step by step,
+    every new window changed the figures, and 16 fast jobs were refitted every second for the same prediction
+    (bench/hub_apply_cost.py --synthetic real: 640 refits in 40 s, 624 with the same prediction)."""
+    own: dict[tuple, list] = {}
+    steps = []
+    for s in summary:
+        steps.append((_FIGURES(s), tuple(s.components.values())))
+        phases, segments = s.phase_own_peaks, s.segment_peaks
+        if not (phases or segments):
+            continue
+        key = (s.batch_size, s.components.get("optimizer"), s.peak_allocated is None)
+        group = own.get(key)
+        if group is None:
+            group = own[key] = [{}, {}, set()]
+        pair = (id(phases), id(segments))  # the steps hold them during this call: ids are theirs alone
+        if pair in group[2]:
+            continue  # the same dicts again (steady sampled steps share them, step_history.compact_step)
+        group[2].add(pair)
+        for best, peaks in ((group[0], phases), (group[1], segments)):
+            for name, value in (peaks or {}).items():
+                was = best.get(name)
+                best[name] = value if was is None or value > was else was
+    return tuple(steps), tuple((key, tuple(phases.items()), tuple(segments.items()))
+                               for key, (phases, segments, _) in sorted(own.items(), key=lambda kv: repr(kv[0])))
+
+
+_FIGURES = operator.attrgetter("batch_size", "allocated", "peak_allocated", "reserved", "num_alloc_retries", "num_ooms",
+                               "device_used", "micro_batches")
 
 
 def _largest_own(readings: Sequence[tuple[int, dict[str, int] | None]]) -> dict[str, dict[int, int]]:

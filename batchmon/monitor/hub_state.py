@@ -15,7 +15,6 @@ state machine over the same per-agent records; the rules of a run's end and of i
 
 from __future__ import annotations
 
-import operator
 from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -71,7 +70,7 @@ class _Agent:
     model: Any = None  # the MemoryModel behind ``prediction``
     prediction_time: float | None = None  # snapshot time of the last fit
     prediction_sizes: frozenset = frozenset()  # batch sizes that fit saw
-    prediction_figures: tuple | None = None  # the memory figures of the summary that fit read (_fit_figures)
+    prediction_figures: tuple | None = None  # the memory figures of the summary that fit read (fit_figures)
     prediction_checked: float | None = None  # snapshot time its figures were last found unchanged (or fitted)
     peak: int | None = None  # the highest allocator peak (or measured total off CUDA) of its steps
     ended: RunEnd | None = None  # set when the run ended (then it lives in _Source.ended)
@@ -491,7 +490,9 @@ class HubState:
         if same_setup and recent and last.batch_size in agent.prediction_sizes:
             return agent.prediction
         summary = history.window().model_steps()
-        figures = _fit_figures(summary)
+        from batchmon.memory_model.fit import fit_figures  # (as memory_model below: imported when first needed)
+
+        figures = fit_figures(summary)
         steady = agent.prediction_time is not None and 0 <= base.time - agent.prediction_time < PREDICT_STEADY_S
         if same_setup and steady and figures == agent.prediction_figures and last.batch_size in agent.prediction_sizes:
             agent.prediction_key, agent.prediction_checked = key, base.time
@@ -511,45 +512,6 @@ class HubState:
             self.warn(src.name, "memory model", "prediction failed", f"{type(exc).__name__}: {_short(exc)}")
         return agent.prediction
 
-
-
-def _fit_figures(summary: list[Step]) -> tuple:
-    """What of a model summary a refit could answer differently on: every memory figure of its steps, not their
-    step numbers, times or step times.
-
-    The own peaks of the sampled steps (``phase_own_peaks``, ``segment_peaks``) are not compared step by step: the
-    fit reads them only as the largest own peak per name at each batch size over the steps it selects (by batch
-    size, optimizer state and whether the step has an allocator peak; memory_model.fit's _largest_own, the
-    reference batch's largest forward, the batch sizes that have any), so they are compared as that largest per
-    (batch size, optimizer bytes, has a peak) group. A fast agent's windows alternate between ones that hold a
-    sampled step and ones that do not (samples at most every 0.25 s, windows every 0.2 s): compared step by step,
-    every new window changed the figures, and 16 fast jobs were refitted every second for the same prediction
-    (bench/hub_apply_cost.py --synthetic real: 640 refits in 40 s, 624 with the same prediction)."""
-    own: dict[tuple, list] = {}
-    steps = []
-    for s in summary:
-        steps.append((_FIGURES(s), tuple(s.components.values())))
-        phases, segments = s.phase_own_peaks, s.segment_peaks
-        if not (phases or segments):
-            continue
-        key = (s.batch_size, s.components.get("optimizer"), s.peak_allocated is None)
-        group = own.get(key)
-        if group is None:
-            group = own[key] = [{}, {}, set()]
-        pair = (id(phases), id(segments))  # the steps hold them during this call: ids are theirs alone
-        if pair in group[2]:
-            continue  # the same dicts again (steady sampled steps share them, step_history.compact_step)
-        group[2].add(pair)
-        for best, peaks in ((group[0], phases), (group[1], segments)):
-            for name, value in (peaks or {}).items():
-                was = best.get(name)
-                best[name] = value if was is None or value > was else was
-    return tuple(steps), tuple((key, tuple(phases.items()), tuple(segments.items()))
-                               for key, (phases, segments, _) in sorted(own.items(), key=lambda kv: repr(kv[0])))
-
-
-_FIGURES = operator.attrgetter("batch_size", "allocated", "peak_allocated", "reserved", "num_alloc_retries", "num_ooms",
-                               "device_used", "micro_batches")
 
 
 def _time(value: Any) -> float:
