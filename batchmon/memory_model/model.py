@@ -221,13 +221,13 @@ class MemoryModel:
         return round(FRAG_SURVIVAL * self.frag_ratio * max(0.0, peak))
 
     def _cache(self, peak: int, kept: int, override: int | float | None, device_total: int | None,
-               floor: float = 0.0) -> int:
+               frag_floor: float = 0.0) -> int:
         """The allocator's cache (reserved - peak) at a predicted peak. Off the limit it holds what was measured
         (the cached bytes at the observed batch); near the limit it gives back whole free segments (the caching
         allocator frees its cached blocks and retries before it raises) down to the room left, but never below
         the fragmentation inside live segments, which it cannot give back. So a batch fits when peak + context +
         fragmentation + kept <= device. With a given margin the measured cache is kept as measured."""
-        frag = max(self.fragmentation(peak), round(floor * max(0, peak)))  # floor: a what-if's own share
+        frag = max(self.fragmentation(peak), round(frag_floor * max(0, peak)))  # a what-if's own share
         if override is not None:
             return self.cache
         if not device_total:
@@ -259,14 +259,14 @@ class MemoryModel:
 
     def _total(self, lines: dict[str, Line], batch: int, steps: int, margin: int | float | None,
                device_total: int | None, high: bool | str = False,
-               delta: dict[str, Line] | None = None, floor: float = 0.0) -> tuple[int, int]:
+               delta: dict[str, Line] | None = None, frag_floor: float = 0.0) -> tuple[int, int]:
         """(total, margin) at ``batch``; high: False (central), True (band's high side), 'far' (high, far)."""
         comps, micro = self._evaluate(lines, batch, steps, delta)
         peak = sum(comps.values())
         if high:
             peak += round(self._extra(micro, high == "far", lines))
         kept = self._margin(margin, device_total)
-        return peak + self._cache(peak, kept, margin, device_total, floor) + self.context, kept
+        return peak + self._cache(peak, kept, margin, device_total, frag_floor) + self.context, kept
 
     def _far(self, central_max: int | None, batch: int, steps: int) -> bool:
         """Is the extrapolation beyond FAR_EXTRAPOLATION x the largest observed batch? Judged on the central
@@ -313,8 +313,8 @@ class MemoryModel:
         comps, micro = self._evaluate(lines, batch, what_if.accumulation_steps, delta)
         peak = sum(comps.values())
         kept = self._margin(margin, device_total)
-        floor = recompute_fragmentation(what_if, self.saved_split)
-        comps["cache"] = self._cache(peak, kept, margin, device_total, floor)
+        frag_floor = recompute_fragmentation(what_if, self.saved_split)
+        comps["cache"] = self._cache(peak, kept, margin, device_total, frag_floor)
         comps["context"] = self.context
         total = peak + comps["cache"] + self.context
         steps = what_if.accumulation_steps
@@ -322,7 +322,7 @@ class MemoryModel:
         far = self._far(central_max, batch, steps)
         high_peak = peak + round(self._extra(micro, far, lines))
         max_batch = self.max_batch(device_total, what_if, margin=margin) if device_total else None
-        band = Band(total, high_peak + self._cache(high_peak, kept, margin, device_total, floor) + self.context)
+        band = Band(total, high_peak + self._cache(high_peak, kept, margin, device_total, frag_floor) + self.context)
         headroom = device_total - kept - band.high if device_total else None
         why = self._conservative_why(max_batch, central_max, far)
         extrapolation = (max_batch / self.reference_batch) if max_batch else None
@@ -359,13 +359,13 @@ class MemoryModel:
         if key in self._max_batch_cache:
             return self._max_batch_cache[key]
         lines, _, delta = self._lines_for(what_if)
-        floor = recompute_fragmentation(what_if, self.saved_split)
+        frag_floor = recompute_fragmentation(what_if, self.saved_split)
         steps = what_if.accumulation_steps
         if sum(lines[n].per_sample for n in COMPONENTS) <= 0:
             result = None
         else:
             def fits(micro: int) -> bool:
-                total, kept = self._total(lines, micro, 1, margin, device_total, high, delta, floor)
+                total, kept = self._total(lines, micro, 1, margin, device_total, high, delta, frag_floor)
                 return total + kept <= device_total
 
             if not fits(1):
