@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The batched H200 session: every GPU claim of the issues, measured in few device calls.
 #   bash bench/h200_run.sh STAGE...   (stages: env nvml agent final nvitop ddp checks integrations load_start
-#   load_collect cost costab overhead predict public patterns cudatests zoo)
+#   load_collect cost costab overhead predict public patterns cudatests zoo fast16 hubrec load64)
 # Runs from the repo root on the GPU machine; results land under $OUT (packed into $OUT/results.tar.gz too).
 set -u
 OUT=${OUT:-$PWD/out}
@@ -322,6 +322,21 @@ rates = sorted(round((x["step"] - before[x["pid"]]["step"]) / (x["time"] - befor
 out = {"agents_a": len(a["agents"]), "agents_b": len(b["agents"]), "steps_per_s": rates}
 print(json.dumps(out)); (r / "fast16_rates.json").write_text(json.dumps(out, indent=1))
 PY
+  ;;
+hubrec)
+  # issue 14 point 3: the 16 fast jobs' real messages recorded for 60 s, then replayed through the hub's state
+  # (bench/hub_apply_cost.py): how many refits, and the hub's cost per record kind, on what real agents send
+  stage hubrec
+  PIDS=()
+  for i in $(seq 1 16); do
+    $BMCMD run -- python3 examples/train_mlp.py --device $DEV --steps 0 --sleep ${FASTSLEEP:-0.004} --batch-size 256 --hidden 512 --layers 8 > $R/hubrec_$i.log 2>&1 &
+    PIDS+=($!)
+  done
+  for i in $(seq 1 120); do [ "$(ls $BATCHMON_DIR/*.sock 2>/dev/null | wc -l)" -ge 16 ] && break; sleep 0.5; done
+  sleep ${HUBRECWARM:-15}
+  $BMCMD record -o $R/fast16_rec.jsonl --duration ${HUBRECDUR:-60} --interval 1
+  kill -TERM "${PIDS[@]}"; wait
+  python3 bench/hub_apply_cost.py --recording $R/fast16_rec.jsonl --warmup 10 --out $R/hub_apply_fast16_h200.json 2>&1 | tail -n 25 | tee $R/hub_apply_fast16.log
   ;;
 load64)
   # issue 14 point 3: 64 agents at 1000 steps/s each, coalescing as the real agent does, one hub
