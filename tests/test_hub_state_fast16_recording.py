@@ -1,0 +1,96 @@
+"""The hub's refit rule on the real messages of 16 fast jobs (issue 14 point 3).
+
+tests/fixtures/fast16_h200_15s.jsonl.gz is the first 15 s of bench/results/fast16_rec_h200_run1.jsonl.gz: a
+`batchmon record` beside 16 examples/train_mlp.py jobs on CUDA at ~101 steps/s each on the H200 (the hellos, each
+agent's history burst, then a window of steps every 0.2 s per agent, NVML and host samples, a tick a second).
+A real fast agent samples a step at most every 0.25 s, so its windows alternate between ones that carry a sampled
+step's own peaks and ones that do not. Compared step by step (the rule before 70a4c56), every such change made a
+refit: all 16 agents were refitted at most snapshots, for the same prediction. The figures are now compared as
+the fit reads them (memory_model.fit.fit_figures); this replays the recording through the hub's own state, a
+snapshot at each tick as the live hub and replay make them, and counts the fits.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib
+import json
+from pathlib import Path
+
+import pytest
+
+from batchmon import memory_model
+from batchmon.monitor.hub_state import HubState
+
+FIXTURE = Path(__file__).parent / "fixtures" / "fast16_h200_15s.jsonl.gz"
+WARM = 3  # the first ticks: hellos, history bursts, the first fits (each agent once, more while its figures fill)
+
+
+def _records() -> list[dict]:
+    with gzip.open(FIXTURE, "rt", encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _step_by_step(summary) -> tuple:
+    """The rule before 70a4c56: every sampled step's own peaks compared as they are, step by step."""
+    return tuple((s.batch_size, tuple(s.components.values()), s.allocated, s.peak_allocated, s.reserved,
+                  s.num_alloc_retries, s.num_ooms, s.device_used, s.micro_batches,
+                  tuple(s.phase_own_peaks.items()) if s.phase_own_peaks else None,
+                  tuple(s.segment_peaks.items()) if s.segment_peaks else None) for s in summary)
+
+
+def _fits_per_tick(monkeypatch: pytest.MonkeyPatch, records: list[dict]) -> tuple[list[int], int]:
+    """Each record ingested, a snapshot at each tick (its time, interval 1 s): fits made by each snapshot, and
+    the agents the last snapshot shows with a prediction."""
+    real_fit = memory_model.fit
+    fits: list[int] = []
+    monkeypatch.setattr(memory_model, "fit", lambda *a, **kw: (fits.append(1), real_fit(*a, **kw))[1])
+    state = HubState()
+    per_tick: list[int] = []
+    snap = None
+    for rec in records:
+        state.ingest(rec)
+        if rec.get("kind") == "tick":
+            before = len(fits)
+            snap = state.snapshot(float(rec["t"]), 1.0)
+            per_tick.append(len(fits) - before)
+    assert snap is not None
+    return per_tick, sum(a.prediction is not None for a in snap.agents)
+
+
+def test_the_fixture_is_the_real_stream_it_claims():
+    """16 agents at ~100 steps/s on CUDA, in windows; sampled and plain windows interleaved per agent."""
+    records = _records()
+    hellos = {r["key"] for r in records if r["kind"] == "agent" and r["data"].get("type") == "hello"}
+    assert len(hellos) == 16
+    ticks = [r for r in records if r["kind"] == "tick"]
+    assert 14 <= len(ticks) <= 16
+    per_agent: dict[str, list[bool]] = {}
+    for r in records:
+        d = r["data"] if r["kind"] == "agent" else {}
+        if d.get("type") == "step" and (d.get("steps") or 1) > 1:
+            per_agent.setdefault(r["key"], []).append(d.get("phase_own_peaks") is not None)
+    assert len(per_agent) == 16
+    for key, sampled in per_agent.items():
+        changes = sum(a != b for a, b in zip(sampled, sampled[1:]))
+        assert changes >= len(sampled) // 4, key  # they do alternate: what made the old rule refit
+
+
+def test_sixteen_real_fast_agents_are_not_refitted_at_every_snapshot(monkeypatch):
+    """After the first ticks, at most a quarter of the agent-snapshots refit (the figures the fit reads change
+    when a sampled step with a larger own peak enters or leaves the bounded summary); every agent has a
+    prediction. The rule before 70a4c56, on the same records, refitted more than half of them: the recording
+    tells the two apart."""
+    records = _records()
+    per_tick, predicted = _fits_per_tick(monkeypatch, records)
+    steady = per_tick[WARM:]
+    assert predicted == 16
+    assert len(steady) >= 10
+    assert sum(per_tick[:WARM]) >= 16  # each agent fitted once at least
+    assert sum(steady) <= 16 * len(steady) // 4, per_tick
+
+    fit_module = importlib.import_module("batchmon.memory_model.fit")
+    monkeypatch.setattr(fit_module, "fit_figures", _step_by_step)
+    old_per_tick, old_predicted = _fits_per_tick(monkeypatch, records)
+    assert old_predicted == 16
+    assert sum(old_per_tick[WARM:]) > 16 * len(steady) // 2, old_per_tick
