@@ -44,7 +44,12 @@ def _fits_per_tick(monkeypatch: pytest.MonkeyPatch, records: list[dict]) -> tupl
     the agents the last snapshot shows with a prediction."""
     real_fit = memory_model.fit
     fits: list[int] = []
-    monkeypatch.setattr(memory_model, "fit", lambda *a, **kw: (fits.append(1), real_fit(*a, **kw))[1])
+
+    def counted(*args, **kwargs):
+        fits.append(1)
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(memory_model, "fit", counted)
     state = HubState()
     per_tick: list[int] = []
     snap = None
