@@ -110,6 +110,23 @@ def test_death_by_signal_is_reported_as_128_plus_n(sig, code):
     assert proc.returncode == code
 
 
+def test_a_child_killed_by_a_signal_leaves_no_socket_only_its_exit_note(agent_dir):
+    """SIGTERM kills the child before its agent can remove its socket: the launcher removes the dead socket
+    (nothing listens there) and leaves the exit note, so the folder holds no dead socket without a monitor."""
+    code = ("import time, torch\n"
+            "m = torch.nn.Linear(2, 2); o = torch.optim.SGD(m.parameters(), lr=0.1)\n"
+            "m(torch.randn(3, 2)).sum().backward(); o.step()\n"
+            "print('ready', flush=True); time.sleep(120)\n")
+    proc = _start(code, env={"BATCHMON_DIR": str(agent_dir)})
+    wait_for(lambda: any(agent_dir.glob("*.sock")), timeout=60)
+    (sock,) = agent_dir.glob("*.sock")
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=60)
+    assert proc.returncode == 128 + 15
+    assert not sock.exists()
+    assert (agent_dir / f"{sock.stem}.exit").read_text().strip() == "-15"
+
+
 def test_child_env_puts_bootstrap_first_and_keeps_pythonpath():
     from batchmon.agent.bootstrap import FOLDER
     from batchmon.cli.run import child_env

@@ -115,7 +115,24 @@ def run(cmd: Sequence[str], executable: str, env: Mapping[str, str]) -> int:
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
     leave_exit_note(child.pid, code, env)
+    remove_dead_socket(child.pid, env)
     return code if code >= 0 else 128 - code
+
+
+def remove_dead_socket(pid: int, env: Mapping[str, str]) -> None:
+    """A child killed by a signal (SIGTERM, SIGKILL) cannot remove its agent's socket: the launcher, which saw it
+    end, removes ``<pid>.sock`` when nothing listens there, so the folder holds no dead socket when no monitor ran
+    to clear it (and a script that waits for N sockets is not misled). The exit note stays for monitors."""
+    from batchmon.monitor.agent_sockets import AgentConnection, ConnectResult, unlink_stale
+
+    try:
+        path = protocol.socket_dir(env) / f"{pid}.sock"
+        connection = AgentConnection(pid, path, key="")
+        if connection.connect() == ConnectResult.STALE:
+            unlink_stale(path)
+        connection.close()
+    except OSError:
+        pass
 
 
 def leave_exit_note(pid: int, returncode: int, env: Mapping[str, str]) -> None:
