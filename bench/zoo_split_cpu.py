@@ -29,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from batchmon.agent.accounting import ActivationCounter  # noqa: E402
-from batchmon.agent.saved_split import BlockSplitMeter, amp_bytes, checkpoint_blocks  # noqa: E402
+from batchmon.agent.saved_split import (BlockSplitMeter, Fp32InputMeter, amp_bytes, checkpoint_blocks,  # noqa: E402
+                                        fp32_input_modules)
 
 CUDA_BLOCK = 512
 
@@ -42,16 +43,19 @@ def measure(model: torch.nn.Module, x: torch.Tensor, batch: int) -> dict[str, in
     counter.saved.block = CUDA_BLOCK
     blocks = checkpoint_blocks(model)
     meter = BlockSplitMeter(blocks, lambda: counter.bytes, CUDA_BLOCK) if blocks else None
+    upcast = Fp32InputMeter(fp32_input_modules(model))
     counter.push()
     try:
         out = model(x)
     finally:
         counter.pop()
+        upcast.remove()
     inside, block_inputs, n, largest = (meter.inside, meter.inputs, meter.blocks, meter.largest) if meter \
         else (0, 0, 0, 0)
     if meter:
         meter.remove()
-    under, reached, unknown = amp_bytes(out, counter.saved.keys, inputs, CUDA_BLOCK, "cuda")
+    under, reached, unknown = amp_bytes(out, counter.saved.keys, inputs, CUDA_BLOCK, "cuda",
+                                       upcast=upcast.ids)
     missed = max(0, counter.bytes - reached)
     split = {"batch": batch, "saved": counter.bytes, "in_blocks": inside, "block_inputs": block_inputs, "blocks": n,
              "amp_saved": under + missed, "amp_unknown": unknown + missed,

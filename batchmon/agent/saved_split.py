@@ -20,10 +20,14 @@ post hook, and puts the result in the optional ``Step.saved_split`` field of the
   ``_raw_saved_*`` tensors: read as packed, so no unpack hook - a checkpoint's recomputation, an offloading
   hook's copy back - ever runs; what another hook packed is not a tensor and is left alone). A saved tensor's
   size under autocast follows the op that saves it: matmul/conv-class ops (autocast's lower-precision list) save
-  their inputs' 16-bit casts (half); fp32-list ops (softmax, log_softmax, norms, pow, losses) save fp32 (full); an
-  elementwise or view op saves its inputs and result in the dtype they arrive in, which is 16-bit only when every
-  input of the op that produced it is (a residual stream that adds an fp32 tensor stays fp32). A storage saved
-  by ops that disagree is counted in both dtypes (a cast copy beside the original). An op not in these lists,
+  their inputs' 16-bit casts (half: a copy per op that reads an fp32 input - autocast caches only the casts of
+  leaves that require grad, so a normed hidden state read by q, k and v is cast three times - of the view it
+  reads; one copy shared by all readers where the input is 16-bit already; a copy more where the model's own
+  code upcasts a 16-bit input first, as T5's ``wo`` does: ``fp32_input_modules``); fp32-list ops (softmax,
+  log_softmax, norms, pow, losses) save fp32 (full); an elementwise or view op saves its inputs and result in
+  the dtype they arrive in, which is 16-bit only when every input of the op that produced it is (a residual stream that adds an fp32 tensor stays fp32). A storage saved
+  by ops that disagree is counted in both dtypes (a cast copy beside the original). sdpa's math fallback's bmm
+  saves fp32 upcasts of q, k and v (full, known). An op not in these lists,
   and what the walk does not reach, is kept at full size: the cut is a lower bound, never an overestimate of the
   shrink. Parameters are left out (their 16-bit copies are the what-if's own term); a batch input that a
   matmul-class op saves adds its 16-bit copy. The lists follow torch's autocast policy for CUDA, or for CPU
@@ -171,37 +175,64 @@ def _packed(value: Any) -> list[torch.Tensor]:
     return out
 
 
-def _producer(node: Any, field: str) -> Any:
+#: which input of a matmul-class op a saved field holds (the node's next_functions follow the op's inputs)
+MATMUL_INPUTS = {
+    "Addmm": {"mat1": 1, "mat2": 2}, "Baddbmm": {"batch1": 1, "batch2": 2}, "Addbmm": {"batch1": 1, "batch2": 2},
+    "Addmv": {"mat": 1, "vec": 2}, "Mv": {"self": 0, "vec": 1}, "Mm": {"self": 0, "mat2": 1},
+    "Bmm": {"self": 0, "mat2": 1}, "Convolution": {"input": 0, "weight": 1}}
+#: the attention kernels' saved inputs (query, key, value, the additive mask)
+SDPA_INPUTS = {"query": 0, "key": 1, "value": 2, "attn_mask": 3, "attn_bias": 3}
+
+
+def _producer(node: Any, field: str, op: str | None = None) -> Any:
     """The node that made the tensor saved in ``field``: the node itself for its result, input 0 for
-    ``self``, input 1 for ``other``; None when the field does not say."""
+    ``self``, input 1 for ``other`` (and a matmul-class ``op``'s inputs by name: MATMUL_INPUTS); "leaf" for an
+    input without a gradient; None when the field does not say."""
     if field.startswith("_raw_saved_result"):
         return node
+    name = field[len("_raw_saved_"):]
+    index = {"self": 0, "other": 1}.get(name)
+    if op is not None:
+        table = SDPA_INPUTS if op.startswith("ScaledDotProduct") else MATMUL_INPUTS.get(
+            "Convolution" if "Convolution" in op or op.startswith("SlowConv") else op, {})
+        index = table.get(name, index)
     nexts = node.next_functions
-    if field == "_raw_saved_self" and nexts:
-        return nexts[0][0] or "leaf"
-    if field == "_raw_saved_other" and len(nexts) >= 2:
-        return nexts[1][0] or "leaf"
-    return None
+    if index is None or index >= len(nexts):
+        return None
+    return nexts[index][0] or "leaf"
 
 
 def amp_bytes(output: torch.Tensor, counted: set[int], batch_keys: set[int], block: int,
-              device_type: str, detail: dict[str, list[int]] | None = None) -> tuple[int, int, int]:
+              device_type: str, detail: dict[str, list[int]] | None = None,
+              upcast: set[int] | None = None) -> tuple[int, int, int]:
     """(bytes the counted storages would take under autocast, bytes of counted storages the walk reached, bytes
     under ops it could not classify, kept at full size) for the graph ending at ``output``. ``counted``: the
     storages the agent counted as activations (data pointers); ``batch_keys``: the batch's storages (a
     matmul-class op saving one adds its 16-bit copy); ``block``: the allocator's rounding. ``detail``, when
-    given, gets {first saving op: [bytes now, bytes under autocast]} (tests, the zoo bench)."""
+    given, gets {first saving op: [bytes now, bytes under autocast]} (tests, the zoo bench). ``upcast``: ids of
+    the matmul-class nodes whose input the model's own code casts to fp32 first (``Fp32InputMeter``): autocast
+    casts it back there, a copy of its own, whatever dtype it arrived in.
+
+    A matmul-class op's fp32 input is cast by autocast at that op, once per op that reads it (its cast cache
+    holds only leaves that require grad - parameters, left out here): a normed hidden state read by three
+    projections is saved as three 16-bit copies, an encoder output read by every decoder block's key and value
+    projections as two per block. Each copy has the saved view's size (a cast copies the view: a classifier
+    reading one token of a sequence casts that token). An input already 16-bit (made by a lowered op) is
+    shared by all its readers: one copy."""
     cpu = device_type == "cpu"
     fp32_ops, follow_ops = (FP32_OPS_CPU, FOLLOW_OPS_CPU) if cpu else (FP32_OPS_CUDA, FOLLOW_OPS)
     saves, ops = _saved_tensors(output, counted | batch_keys)
     # sdpa's math fallback (the only maker of _safe_softmax) upcasts 16-bit q, k, v to fp32 before its bmm's
     matmul_ops = MATMUL_OPS - {"Bmm", "Baddbmm"} if "SafeSoftmax" in ops else MATMUL_OPS
+    math_sdpa = matmul_ops is not MATMUL_OPS  # the math fallback's bmm: fp32 copies of q, k, v (known: full)
     lowered = _Lowered(follow_ops)
     variants: dict[int, set[str]] = {}
+    casts: dict[int, dict[tuple[int, str], int]] = {}
     sizes: dict[int, int] = {}
     unknown: set[int] = set()
     first_op: dict[int, tuple[int, str]] = {}
-    for key, size, fp32, node, op, field in saves:
+    upcast = upcast or set()
+    for key, size, fp32, node, op, field, numel in saves:
         sizes[key] = -(-size // block) * block
         if detail is not None:  # the op that saved it first (forward order), as a pack hook sees it
             seq = node._sequence_nr()
@@ -211,7 +242,18 @@ def amp_bytes(output: torch.Tensor, counted: set[int], batch_keys: set[int], blo
         if not fp32:
             kinds.add("full")  # integer/bool masks and indices, 16-bit already: unchanged
         elif op in matmul_ops:
-            kinds.add("full" if any(f in field for f in FP32_OUTPUT_FIELDS) else "half")
+            if any(f in field for f in FP32_OUTPUT_FIELDS) or field.startswith("_raw_saved_result") \
+                    or field == "_raw_saved_output":
+                kinds.add("full" if any(f in field for f in FP32_OUTPUT_FIELDS) else "half")
+                continue
+            maker = _producer(node, field, op)
+            if id(node) not in upcast and maker is not None and maker != "leaf" and lowered(maker):
+                kinds.add("half")  # arrives 16-bit: the producer's one copy, shared by every reader
+            else:  # fp32 at this op: autocast casts it here, once per op that reads it (its cache holds only
+                # casts of leaves that require grad: parameters, left out here), a copy of the view read
+                casts.setdefault(key, {})[(id(node), field)] = -(-(numel * 2) // block) * block
+        elif math_sdpa and op in ("Bmm", "Baddbmm"):
+            kinds.add("full")  # sdpa's math fallback saves fp32 upcasts of its 16-bit q, k, v: known, full size
         elif op in fp32_ops:
             kinds.add("full")
         elif op in follow_ops:
@@ -224,11 +266,11 @@ def amp_bytes(output: torch.Tensor, counted: set[int], batch_keys: set[int], blo
     for key, kinds in variants.items():
         size = sizes[key]
         half = -(-(size // 2) // block) * block
-        if key in batch_keys and key not in counted:
-            under += half if "half" in kinds else 0  # the input's 16-bit copy: a new saved tensor
+        if key in batch_keys and key not in counted:  # the input's 16-bit copies: new saved tensors
+            under += (half if "half" in kinds else 0) + sum(casts.get(key, {}).values())
             continue
         reached += size
-        amp = (size if "full" in kinds else 0) + (half if "half" in kinds else 0)
+        amp = (size if "full" in kinds else 0) + (half if "half" in kinds else 0) + sum(casts.get(key, {}).values())
         under += amp
         if detail is not None:
             row = detail.setdefault(first_op[key][1], [0, 0])
@@ -241,7 +283,7 @@ def amp_bytes(output: torch.Tensor, counted: set[int], batch_keys: set[int], blo
 
 def _saved_tensors(output: torch.Tensor, wanted: set[int]) -> tuple[list[tuple[Any, ...]], set[str]]:
     """Walk the graph from ``output``: every saved tensor whose storage is in ``wanted``, as (storage key, bytes,
-    is fp32, saving node, its op, field); and the set of ops met."""
+    is fp32, saving node, its op, field, the tensor's elements); and the set of ops met."""
     fields_cache: dict[str, list[str]] = {}
     out: list[tuple[Any, ...]] = []
     ops: set[str] = set()
@@ -264,13 +306,63 @@ def _saved_tensors(output: torch.Tensor, wanted: set[int]) -> tuple[list[tuple[A
                 except Exception:  # noqa: BLE001 - no plain storage (sparse, nested, fake)
                     continue
                 if key in wanted:
-                    out.append((key, size, t.dtype == FP32, node, op, field))
+                    out.append((key, size, t.dtype == FP32, node, op, field, t.numel()))
         for nxt, _ in node.next_functions:
             if nxt is not None and id(nxt) not in seen:
                 seen.add(id(nxt))
                 keep.append(nxt)
                 nodes.append(nxt)
     return out, ops
+
+
+def fp32_input_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The linear layers a model declares it keeps in fp32 (Hugging Face's ``_keep_in_fp32_modules``, matched by
+    the module's own name): T5's ``wo``, whose caller casts its 16-bit input to the weight's dtype first, so under
+    autocast the layer gets an fp32 input and casts it back - a 16-bit copy beside the activation the ReLU saved,
+    which the fp32 graph cannot show (its cast is a no-op there). A declared module whose caller does not upcast
+    gets one copy too many: the what-if's cut is then smaller, never larger."""
+    names: set[str] = set()
+    for module in model.modules():
+        keep = getattr(type(module), "_keep_in_fp32_modules", None)
+        if isinstance(keep, (list, tuple, set)):
+            names.update(k for k in keep if isinstance(k, str))
+    if not names:
+        return []
+    return [m for name, m in model.named_modules()
+            if name and name.rsplit(".", 1)[-1] in names and isinstance(m, torch.nn.Linear)]
+
+
+class Fp32InputMeter:
+    """The matmul-class graph nodes of the ``fp32_input_modules`` for one forward (forward hooks, removed by
+    ``remove``): each module's output's node, or the matmul under its views and bias add (a 3-d input's
+    ``linear`` is a view of an ``mm``). The nodes are kept alive until the walk (their id()s are its keys)."""
+
+    def __init__(self, modules: list[torch.nn.Module]) -> None:
+        self.nodes: list[Any] = []
+        self.errors = 0
+        self._handles = [m.register_forward_hook(self._post) for m in modules]
+
+    def _post(self, module: torch.nn.Module, args: Any, result: Any) -> None:
+        try:
+            node = result.grad_fn if isinstance(result, torch.Tensor) else None
+            for _ in range(4):
+                if node is None or _op(node) in MATMUL_OPS:
+                    break
+                node = next((m for m, _ in node.next_functions
+                             if m is not None and "AccumulateGrad" not in m.name()), None)
+            if node is not None and _op(node) in MATMUL_OPS:
+                self.nodes.append(node)
+        except Exception:  # noqa: BLE001 - metering must never break the forward
+            self.errors += 1
+
+    @property
+    def ids(self) -> set[int]:
+        return {id(n) for n in self.nodes}
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
 
 
 #: the base class of the layers Hugging Face's gradient_checkpointing_enable() wraps (transformers >= 4.52)
@@ -375,6 +467,7 @@ class SplitProbe:
         self.done = False
         self.errors = 0
         self._meter: BlockSplitMeter | None = None
+        self._fp32: Fp32InputMeter | None = None
         self._counter: Any = None
         self._start = 0
         self._armed = False
@@ -398,6 +491,8 @@ class SplitProbe:
             self._start = counter.bytes
             blocks = checkpoint_blocks(model)
             self._meter = BlockSplitMeter(blocks, lambda: counter.bytes, counter.saved.block) if blocks else None
+            upcast = fp32_input_modules(model)
+            self._fp32 = Fp32InputMeter(upcast) if upcast else None
             self._armed = True
         except Exception:  # noqa: BLE001 - measuring must never break the forward
             self._stop()
@@ -406,9 +501,11 @@ class SplitProbe:
         """The root forward returned ``output`` (None: it raised): remove the hooks, walk the graph once."""
         if not self._armed:
             return self.result
-        meter, counter = self._meter, self._counter
+        meter, counter, fp32 = self._meter, self._counter, self._fp32
         self._armed = False
         try:
+            if fp32 is not None:
+                fp32.remove()
             inside, inputs, blocks, largest = (meter.inside, meter.inputs, meter.blocks, meter.largest) \
                 if meter is not None else (0, 0, 0, 0)
             if meter is not None:
@@ -431,7 +528,7 @@ class SplitProbe:
                 for excluded in storages.exclude[1:]:
                     batch_keys |= excluded
                 under, reached, unknown = amp_bytes(tensor, storages.keys, batch_keys, storages.block,
-                                                    tensor.device.type)
+                                                    tensor.device.type, upcast=fp32.ids if fp32 else None)
                 split["amp_saved"] = int(under + max(0, saved - reached))  # what the walk did not reach: full
                 split["amp_unknown"] = int(unknown + max(0, saved - reached))
             self.result = split
@@ -439,17 +536,17 @@ class SplitProbe:
         except Exception:  # noqa: BLE001
             self.errors += 1
             self._stop()
-        self._meter = self._counter = None
+        self._meter = self._counter = self._fp32 = None
         return self.result
 
     def _stop(self, done: bool = True) -> None:
-        meter = self._meter
-        if meter is not None:
-            try:
-                meter.remove()
-            except Exception:  # noqa: BLE001
-                pass
-        self._meter = self._counter = None
+        for meter in (self._meter, self._fp32):
+            if meter is not None:
+                try:
+                    meter.remove()
+                except Exception:  # noqa: BLE001
+                    pass
+        self._meter = self._counter = self._fp32 = None
         self._armed = False
         self.done = done
 
