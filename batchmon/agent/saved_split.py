@@ -28,8 +28,8 @@ post hook, and puts the result in the optional ``Step.saved_split`` field of the
   the dtype they arrive in, which is 16-bit only when every input of the op that produced it is (a residual
   stream that adds an fp32 tensor stays fp32). A storage saved by ops that disagree is counted in both dtypes (a
   cast copy beside the original). sdpa's math fallback's bmm saves fp32 upcasts of q, k and v (full, known). An
-  op not in these lists, and what the walk does not reach, is kept at full size: the cut is a lower bound, never an overestimate of the
-  shrink. Parameters are left out (their 16-bit copies are the what-if's own term); a batch input that a
+  op not in these lists, and what the walk does not reach, is kept at full size: the cut is a lower bound, never
+  an overestimate of the shrink. Parameters are left out (their 16-bit copies are the what-if's own term); a batch input that a
   matmul-class op saves adds its 16-bit copy. The lists follow torch's autocast policy for CUDA, or for CPU
   (where softmax and layer_norm are not in the fp32 list) when the model is on the CPU.
 
