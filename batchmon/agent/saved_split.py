@@ -15,23 +15,22 @@ post hook, and puts the result in the optional ``Step.saved_split`` field of the
   the backward.
 * **the output** (``output``): the bytes of the model output's storage (the logits), whose fp32 gradient is
   cast back to 16-bit under autocast.
-* **under autocast** (``amp_saved``): which saved bytes autocast would lower to 16-bit, from the autograd graph
-  the forward just built (``amp_bytes``): the graph is walked from the model's output (each node's
-  ``_raw_saved_*`` tensors: read as packed, so no unpack hook - a checkpoint's recomputation, an offloading
-  hook's copy back - ever runs; what another hook packed is not a tensor and is left alone). A saved tensor's
-  size under autocast follows the op that saves it: matmul/conv-class ops (autocast's lower-precision list) save
-  their inputs' 16-bit casts (half: a copy per op that reads an fp32 input - autocast caches only the casts of
-  leaves that require grad, so a normed hidden state read by q, k and v is cast three times - of the view it
-  reads; one copy shared by all readers where the input is 16-bit already; a copy more where the model's own
-  code upcasts a 16-bit input first, as T5's ``wo`` does: ``fp32_input_modules``); fp32-list ops (softmax,
-  log_softmax, norms, pow, losses) save fp32 (full); an elementwise or view op saves its inputs and result in
-  the dtype they arrive in, which is 16-bit only when every input of the op that produced it is (a residual
-  stream that adds an fp32 tensor stays fp32). A storage saved by ops that disagree is counted in both dtypes (a
-  cast copy beside the original). sdpa's math fallback's bmm saves fp32 upcasts of q, k and v (full, known). An
-  op not in these lists, and what the walk does not reach, is kept at full size: the cut is a lower bound, never
-  an overestimate of the shrink. Parameters are left out (their 16-bit copies are the what-if's own term); a batch input that a
-  matmul-class op saves adds its 16-bit copy. The lists follow torch's autocast policy for CUDA, or for CPU
-  (where softmax and layer_norm are not in the fp32 list) when the model is on the CPU.
+* **under autocast** (``amp_saved``): which saved bytes autocast would lower to 16-bit, from the autograd graph the
+  forward just built (``amp_bytes``): the graph is walked from the model's output (each node's ``_raw_saved_*``
+  tensors: read as packed, so no unpack hook - a checkpoint's recomputation, an offloading hook's copy back - ever
+  runs; what another hook packed is not a tensor and is left alone). A saved tensor's size under autocast follows the
+  op that saves it: matmul/conv-class ops (autocast's lower-precision list) save their inputs' 16-bit casts (half: a
+  copy per op that reads an fp32 input - autocast caches only the casts of leaves that require grad, so a normed
+  hidden state read by q, k and v is cast three times - of the view it reads; one copy shared by all readers where the
+  input is 16-bit already; a copy more where the model's own code upcasts a 16-bit input first, as T5's ``wo`` does:
+  ``fp32_input_modules``); fp32-list ops (softmax, log_softmax, norms, pow, losses) save fp32 (full); an elementwise
+  or view op saves its inputs and result in the dtype they arrive in, which is 16-bit only when every input of the op
+  that produced it is (a residual stream that adds an fp32 tensor stays fp32). A storage saved by ops that disagree is
+  counted in both dtypes (a cast copy beside the original). sdpa's math fallback's bmm saves fp32 upcasts of q, k and
+  v (full, known). An op not in these lists, and what the walk does not reach, is kept at full size: the cut is a
+  lower bound, never an overestimate of the shrink. Parameters are left out (their 16-bit copies are the what-if's own
+  term); a batch input that a matmul-class op saves adds its 16-bit copy. The lists follow torch's autocast policy for
+  CUDA, or for CPU (where softmax and layer_norm are not in the fp32 list) when the model is on the CPU.
 
 Cost: one forward's block hooks and one graph walk (a few thousand nodes for a 12-layer transformer: tens of
 milliseconds), once per process, on a sampled step. Nothing here raises into the training: every error ends the
