@@ -68,7 +68,7 @@ from batchmon.protocol import Step, with_saved_split  # noqa: E402
 from zoo_models import HFLogits, GRUSeq2Seq, LSTMLM, UNet  # noqa: E402
 from zoo_probes import measure_saved_split, phase_peaks  # noqa: E402
 from zoo_offline import (exact_boundary, markdown, merge, per_phase_max, reevaluate,  # noqa: E402,F401 - CLI, tests
-                         reevaluation_text, step_peaks_only_max)
+                         reevaluation_text, step_peaks_only_max, with_inactive_split)
 from predict_accuracy import (GPT, OOM_LIKE, Arch, CudaDevice, Runner, SmokeDevice, observe_with_agent,  # noqa: E402
                               pct)
 

@@ -66,6 +66,26 @@ def _split_of(r: dict[str, Any], splits: dict[str, Any] | None) -> tuple[SavedSp
     return None, "none"
 
 
+def with_inactive_split(steps: list[Any], r: dict[str, Any]) -> list[Any]:
+    """The recorded steps carrying the allocator's inactive-split peak the bench read after each of them
+    (``observed_allocator``), as an agent that reports ``Step.inactive_split`` sends it: the memory model's
+    second bound of the fragmentation at the limit (MemoryModel.frag_share). Steps as recorded where the run
+    has no allocator readings."""
+    readings = r.get("observed_allocator") or []
+    if len(readings) != len(steps):
+        return steps
+    out = []
+    for step, reading in zip(steps, readings):
+        value = reading.get("inactive_split_peak") if isinstance(reading, dict) else None
+        if isinstance(value, int) and getattr(step, "inactive_split", None) is None:
+            made = object.__new__(type(step))
+            made.__dict__.update(step.__dict__)
+            made.__dict__["inactive_split"] = value
+            step = made
+        out.append(step)
+    return out
+
+
 def reevaluate(doc: dict[str, Any], splits: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Refit the current memory model on each architecture's recorded observation (no GPU) and compare its
     largest batch, plain and per what-if, with the real one the run measured. Results recorded before the
@@ -79,7 +99,7 @@ def reevaluate(doc: dict[str, Any], splits: dict[str, Any] | None = None) -> lis
         if "observed_steps" not in r:
             rows.append({"arch": r["arch"], "skipped": "no recorded observation (an older run)"})
             continue
-        steps = [Step.from_dict(d) for d in r["observed_steps"]]
+        steps = with_inactive_split([Step.from_dict(d) for d in r["observed_steps"]], r)
         split, source = _split_of(r, splits)
         model = fit(steps, optimizer=r.get("optimizer"), amp=bool(r.get("amp")))
         derived_model = fit(steps, optimizer=r.get("optimizer"), amp=bool(r.get("amp")), saved_split=split) \

@@ -2,7 +2,10 @@
 (``phase_peaks_at_real``, plain and under each what-if): which segment's change missed, and by how much - the
 first thing to read when a prediction is below real.
 
-    python3 bench/zoo_segments.py bench/results/predict_zoo_h200_run8.json [ARCH ...]
+    python3 bench/zoo_segments.py bench/results/predict_zoo_h200_run8.json [ARCH ...] [--splits SPLITS.json]
+
+``--splits``: the what-ifs derived from the given splits (bench/zoo_split_cpu.py's projection of a newer agent's
+walk) instead of the recorded ones, as ``bench/predict_zoo.py --reevaluate --splits`` does.
 
 The measured ``backward`` is the whole backward's peak (the loss's and the model's); ``model_backward`` (recorded
 since zoo run 9) the model's backward's own peak after the output's gradient arrives, which the model's
@@ -40,7 +43,8 @@ def _measured(peaks: dict[str, Any], segment: str) -> tuple[float | None, str]:
     return float(whole), ("<=" if isinstance(loss, (int, float)) and whole <= loss else "=")
 
 
-def compare(doc: dict[str, Any], archs: list[str] | None = None) -> list[dict[str, Any]]:
+def compare(doc: dict[str, Any], archs: list[str] | None = None,
+            splits: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """One row per (architecture, what-if, segment): the model's segment line, its value at the real largest
     batch, the measured peak there, and the ratio (model / measured)."""
     rows: list[dict[str, Any]] = []
@@ -48,7 +52,7 @@ def compare(doc: dict[str, Any], archs: list[str] | None = None) -> list[dict[st
         if (archs and r["arch"] not in archs) or "observed_steps" not in r:
             continue
         steps = [Step.from_dict(d) for d in r["observed_steps"]]
-        split, _ = _split_of(r, None)
+        split, _ = _split_of(r, splits)
         model = fit(steps, optimizer=r.get("optimizer"), amp=bool(r.get("amp")), saved_split=split)
         if model is None:
             continue
@@ -79,16 +83,25 @@ def text(rows: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
+    args = list(sys.argv[1:] if argv is None else argv)
+    splits_path = None
+    if "--splits" in args:
+        at = args.index("--splits")
+        if at + 1 >= len(args):
+            print("zoo_segments: --splits needs a file", file=sys.stderr)
+            return 2
+        splits_path = args[at + 1]
+        del args[at:at + 2]
     if not args:
-        print("usage: zoo_segments.py RESULTS.json [ARCH ...]", file=sys.stderr)
+        print("usage: zoo_segments.py RESULTS.json [ARCH ...] [--splits SPLITS.json]", file=sys.stderr)
         return 2
     try:
         doc = json.loads(Path(args[0]).read_text())
+        splits = json.loads(Path(splits_path).read_text()).get("splits") if splits_path else None
     except (OSError, ValueError) as exc:
-        print(f"zoo_segments: cannot read {args[0]}: {exc}", file=sys.stderr)
+        print(f"zoo_segments: cannot read {args[0]} or {splits_path}: {exc}", file=sys.stderr)
         return 2
-    print(text(compare(doc, args[1:] or None)))
+    print(text(compare(doc, args[1:] or None, splits)))
     return 0
 
 

@@ -151,6 +151,39 @@ def test_at_the_limit_the_cache_shrinks_to_the_fragmentation_share_of_the_pool()
     assert model.max_batch(small - 2000) < 32
 
 
+def test_the_allocators_split_free_bytes_bound_the_fragmentation_kept_at_the_limit():
+    """Where the steps carry the allocator's inactive-split peak (Step.inactive_split), its share of the peak
+    (psi) bounds what survives the flush at the limit; the smaller of FRAG_SURVIVAL x phi and psi is kept. A
+    step without it (an agent that does not send it) keeps FRAG_SURVIVAL x phi; a psi above it changes nothing."""
+    from batchmon.protocol import with_saved_split
+
+    L = Truth(gradients=0, other_fixed=0)
+    peak32 = sum(L.components(32).values())
+    device = 141 * 2**30
+
+    def steps(inactive):
+        out = []
+        for i, b in ((2, 32), (3, 32), (4, 32), (5, 16)):
+            made = with_saved_split(L.step(i, b, cache=2_000_000_000), None)
+            if inactive is not None:
+                made.__dict__["inactive_split"] = inactive
+            out.append(made)
+        return out
+
+    plain, low, high = fit(steps(None)), fit(steps(peak32 // 100)), fit(steps(peak32))
+    phi = 2_000_000_000 / peak32
+    assert plain.split_ratio is None and plain.frag_share == pytest.approx(FRAG_SURVIVAL * phi)
+    assert low.split_ratio == pytest.approx(0.01, rel=1e-3) and low.frag_share == pytest.approx(0.01, rel=1e-3)
+    assert high.frag_share == pytest.approx(FRAG_SURVIVAL * phi)
+    assert low.max_batch(device) > plain.max_batch(device) == high.max_batch(device)
+    mb = low.max_batch(device)
+    p = low.predict(WhatIf(batch_size=mb), device_total=device)
+    assert p.components["cache"] >= round(low.frag_share * p.peak_allocated)
+    assert p.total + p.margin <= device
+    assert any("fragmentation at the limit" in n for n in low.notes)
+    assert not any("fragmentation at the limit" in n for n in plain.notes + high.notes)
+
+
 def test_retries_count_only_their_increase_during_the_observed_steps():
     device = 141 * 2**30
     base = [T.step(i, 32, cache=20_000_000) for i in range(2, 5)]

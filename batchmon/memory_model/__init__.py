@@ -55,7 +55,12 @@ Cache and margin at the limit (all from measurements):
   peak(B)`` free; FRAG_SURVIVAL (0.25) is 1.2 x the largest share any OOM boundary recorded on the H200 left
   room for with the margin below (the GRU seq2seq of zoo run 5: 0.209; UNet 0.19): a stated safety margin, not a
   constant that just covers the recordings (bench/recalibrate_margin.py --derive / --project-zoo,
-  tests/test_predict_zoo.py). The
+  tests/test_predict_zoo.py). phi counts whole cached segments too, which the flush gives back: where the agent
+  reports the allocator's inactive-split peak (``Step.inactive_split``: free bytes inside segments that hold
+  live blocks, over a sampled step), its share of the peak, psi, bounds what survives as well, and the smaller
+  of ``FRAG_SURVIVAL * phi`` and ``psi`` is kept (``MemoryModel.frag_share``): every boundary of zoo runs 5-8
+  left room for at most 0.72 psi x peak (the GRU seq2seq of run 6), so psi itself, with no factor;
+  EfficientNet-B0 (phi 0.218, psi 0.046) 270 -> 273 of 286. The
   predicted ``cache`` component at B on a device is the measured cache, shrunk to the room left near the
   limit but never below that fragmentation; without a device, the measured cache. A batch fits when peak +
   context + fragmentation + margin <= device.

@@ -7,7 +7,7 @@ import statistics
 from typing import Iterable, Sequence
 
 from batchmon.formulas import OPTIMIZER_STATES, optimizer_kind
-from batchmon.memory_model.model import MemoryModel
+from batchmon.memory_model.model import FRAG_SURVIVAL, MemoryModel
 from batchmon.memory_model.observations import FIXED, PER_SAMPLE, Line, Observation, ParamLayout, SavedSplit, fit_line
 from batchmon.memory_model.prediction import Prediction, WhatIf
 from batchmon.protocol import COMPONENTS, PHASES, SEGMENTS, Step
@@ -125,6 +125,12 @@ def fit(steps: Iterable[Step | Observation], *, optimizer: str | None = None, am
         notes.append("context not measured")
     reference_peak = sum(lines[n].at(reference) for n in COMPONENTS)
     frag_ratio = (cache or 0) / reference_peak if reference_peak > 0 else 0.0
+    inactive = _median_int(o.inactive_split for o in at_ref)
+    split_ratio = inactive / reference_peak if inactive is not None and reference_peak > 0 else None
+    if split_ratio is not None and split_ratio < FRAG_SURVIVAL * frag_ratio:
+        notes.append(f"fragmentation at the limit: {split_ratio:.1%} of the peak (the allocator's free bytes inside "
+                     f"segments with live blocks at batch {reference}), below {FRAG_SURVIVAL} x the cache's share "
+                     f"({frag_ratio:.1%}: whole cached segments, given back at the limit)")
     growth = _cache_growth(at_ref)
     counters = [o.num_alloc_retries for o in obs if o.num_alloc_retries is not None]
     retries = max(0, counters[-1] - counters[0]) if len(counters) >= 2 else 0  # cumulative: the increase
@@ -132,7 +138,8 @@ def fit(steps: Iterable[Step | Observation], *, optimizer: str | None = None, am
         notes.append(f"{retries} allocator retries during the observed steps: cache kept twice")
 
     return MemoryModel(
-        lines=lines, cache=cache or 0, context=context or 0, frag_ratio=frag_ratio, reserved_growth=growth,
+        lines=lines, cache=cache or 0, context=context or 0, frag_ratio=frag_ratio, split_ratio=split_ratio,
+        reserved_growth=growth,
         alloc_retries=retries, reference_batch=reference, last_batch=obs[-1].batch_size,
         batch_sizes=tuple(sorted({o.batch_size for o in obs})), step_range=(obs[0].step, obs[-1].step),
         count=len(obs), optimizer=kind, observed_amp=amp, notes=tuple(notes), measured_peak=measured_peak,

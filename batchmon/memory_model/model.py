@@ -71,6 +71,9 @@ class MemoryModel:
     segment_lines: dict[str, Line] = field(default_factory=dict)
     # a forward line with a fixed part no component explains: {"forward": (those bytes, the high line)}
     phase_bounds: dict[str, tuple[float, Line]] = field(default_factory=dict)
+    # the allocator's peak free bytes inside segments holding live blocks / peak allocated at the reference batch
+    # (Observation.inactive_split; None: not reported): a second bound of what survives a flush at the limit
+    split_ratio: float | None = None
     _max_batch_cache: dict = field(default_factory=dict, compare=False, repr=False)
 
     # -- description
@@ -216,9 +219,21 @@ class MemoryModel:
             return max(0, int(override))
         return self.reserved_growth + (self.cache if self.alloc_retries > 0 else 0)
 
+    @property
+    def frag_share(self) -> float:
+        """The share of a predicted peak the allocator is assumed not to give back at the limit: FRAG_SURVIVAL x
+        phi, or - where the agent reported the allocator's split free bytes - that share of the peak (psi) when
+        lower. What a flush cannot release is free space inside segments that still hold live blocks: the
+        allocator's inactive-split bytes, which peaked at psi x the peak over the observed step. Every OOM
+        boundary recorded with it on the H200 (zoo runs 5-8, 37) left room for at most 0.72 psi x peak (the GRU
+        seq2seq of run 6; UNet 0.42): psi itself bounds it, no factor. EfficientNet-B0: phi 0.218 (its pool's
+        cached whole segments, given back at the limit) but psi 0.046."""
+        share = FRAG_SURVIVAL * self.frag_ratio
+        return share if self.split_ratio is None else min(share, self.split_ratio)
+
     def fragmentation(self, peak: float) -> int:
-        """What the allocator cannot give back at a predicted peak: FRAG_SURVIVAL x phi x peak."""
-        return round(FRAG_SURVIVAL * self.frag_ratio * max(0.0, peak))
+        """What the allocator cannot give back at a predicted peak: frag_share x peak."""
+        return round(self.frag_share * max(0.0, peak))
 
     def _cache(self, peak: int, kept: int, override: int | float | None, device_total: int | None,
                frag_floor: float = 0.0) -> int:

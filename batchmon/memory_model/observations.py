@@ -11,6 +11,10 @@ FIXED = ("parameters", "gradients", "optimizer")
 PER_SAMPLE = ("activations", "batch")
 
 
+def _bytes_or_none(value: object) -> int | None:
+    """A byte count from an optional step field (an int >= 0), else None."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
 
 @dataclass(frozen=True)
 class Observation:
@@ -28,6 +32,10 @@ class Observation:
     # each segment's own peak, the backward split at the model output's gradient (Step.segment_peaks)
     segment_peaks: dict[str, int] | None = None
     saved_split: dict[str, int] | None = None  # the agent's measured split of the saved bytes (Step.saved_split)
+    # the allocator's peak bytes in free blocks split off segments that hold live blocks, over the step
+    # (torch.cuda.memory_stats()["inactive_split_bytes.all.peak"] since the agent's reset at the step's start:
+    # the free space a flush cannot give back); None: not reported (Step.inactive_split, where an agent sends it)
+    inactive_split: int | None = None
 
     @classmethod
     def from_step(cls, step: Step) -> "Observation | None":
@@ -37,7 +45,7 @@ class Observation:
         comps = {name: max(0, int(step.components.get(name, 0) or 0)) for name in COMPONENTS}
         return cls(step.step, step.batch_size, comps, step.peak_allocated, step.reserved, step.device_used,
                    step.num_alloc_retries, step.step_seconds, step.phase_own_peaks, step.segment_peaks,
-                   getattr(step, "saved_split", None))
+                   getattr(step, "saved_split", None), _bytes_or_none(getattr(step, "inactive_split", None)))
 
     @property
     def cache(self) -> int | None:
