@@ -152,6 +152,29 @@ def test_checkpointing_with_the_largest_block_measured():
             device, WhatIf(checkpointing=True))
 
 
+def test_checkpointing_the_output_gradient_is_not_beside_the_recomputed_block():
+    """The model's backward segment peaked at its start, with the output's fp32 gradient beside every saved
+    tensor; a checkpointed backward frees it in the head's backward, before any block is recomputed: the
+    what-if's model's backward holds the largest block once more less the output's bytes (SavedSplit.output),
+    at most the transients the segment held beyond the saved activations and the batch (here 80 - 60 = 20 MiB a
+    sample, minus the batch's bytes); the forward and the loss's backward unchanged by it."""
+    segments = {"forward": (500, 90), "loss_backward": (500, 60), "backward": (600, 80), "optimizer": (800, 0)}
+    base = {"batch": 8, "saved": 8 * 60 * MIB, "in_blocks": 8 * 54 * MIB, "block_inputs": 8 * 6 * MIB, "blocks": 6,
+            "block_max": 8 * 9 * MIB}
+    dropped = 48
+    peaks = {}
+    for output in (None, 12, 40):
+        split = base if output is None else {**base, "output": 8 * output * MIB}
+        model = fit(_steps(segments, 60, split), optimizer="AdamW")
+        peaks[output] = model.segment_peaks(WhatIf(checkpointing=True), 100)
+    assert peaks[None]["backward"] == pytest.approx((600 + (80 - dropped + 9) * 100) * MIB, rel=1e-6)
+    assert peaks[12]["backward"] == pytest.approx((600 + (80 - dropped + 9 - 12) * 100) * MIB, rel=1e-6)
+    transient = 20 - 1024 / MIB  # the segment's 80 MiB a sample less 60 of activations and the batch's 1 KiB
+    assert peaks[40]["backward"] == pytest.approx((600 + (80 - dropped + 9 - transient) * 100) * MIB, rel=1e-6)
+    for name in ("forward", "loss_backward", "optimizer"):
+        assert peaks[12][name] == pytest.approx(peaks[None][name]) == pytest.approx(peaks[40][name])
+
+
 def test_amp_sheds_the_walked_share_and_counts_the_weight_copies_twice():
     segments = {"forward": (500, 90), "loss_backward": (500, 100), "backward": (600, 80), "optimizer": (800, 0)}
     split = {"batch": 8, "saved": 8 * 60 * MIB, "in_blocks": 0, "block_inputs": 0, "blocks": 0,
@@ -237,9 +260,11 @@ def _zoo_segments():
 
 def test_zoo_segments_compares_each_segment_at_the_real_largest_batch(capsys):
     """bench/zoo_segments.py on zoo run 8: the plain ViT's segments are predicted within 0.5% of what ran at its
-    real largest batch; T5-small's checkpointing what-if says its model's backward decides at 22164 MiB where the
-    whole backward ran at 19515 (its model's backward at most that: '<='), the over-count its miss rests on. A
-    recorded model_backward (since this change to bench/zoo_probes.py) is compared as measured."""
+    real largest batch; T5-small's checkpointing what-if said its model's backward decided at 22164 MiB where the
+    whole backward ran at 19515 (its model's backward at most that: '<='), the over-count its miss rested on: the
+    output's gradient (15.7 MiB a sample) counted beside the recomputed block, freed by the head's backward before
+    any block is recomputed. Without it 17176 MiB, within that bound, and the loss's backward decides (3% above
+    what ran). A recorded model_backward (since this change to bench/zoo_probes.py) is compared as measured."""
     seg = _zoo_segments()
     doc = json.loads((RESULTS / "predict_zoo_h200_run8.json").read_text())
     rows = seg.compare(doc, ["vit-b16", "t5-small"])
@@ -247,9 +272,12 @@ def test_zoo_segments_compares_each_segment_at_the_real_largest_batch(capsys):
     assert len(vit) == 3 and all(0.995 <= r["ratio"] <= 1.005 for r in vit), vit
     (t5,) = [r for r in rows if r["arch"] == "t5-small" and r["what_if"] == "checkpointing"
              and r["segment"] == "backward"]
-    assert t5["known"] == "<=" and t5["batch"] == 318 and round(t5["predicted"] / MIB) == 22164
-    assert round(t5["measured"] / MIB) == 19515 and t5["ratio"] > 1.13
+    assert t5["known"] == "<=" and t5["batch"] == 318 and round(t5["predicted"] / MIB) == 17176
+    assert round(t5["measured"] / MIB) == 19515 and t5["ratio"] < 0.9
+    (loss,) = [r for r in rows if r["arch"] == "t5-small" and r["what_if"] == "checkpointing"
+               and r["segment"] == "loss_backward"]
+    assert loss["known"] == "=" and 1.0 <= loss["ratio"] <= 1.04 and loss["predicted"] > t5["predicted"]
     assert seg._measured({"batch": 1, "loss_backward": 10, "model_backward": 7, "backward": 10}, "backward") == (7.0, "=")
     assert seg.main([str(RESULTS / "predict_zoo_h200_run8.json"), "t5-small"]) == 0
-    assert "| t5-small | checkpointing | 318 | backward | 22164 | <=19515 | >=1.136 |" in capsys.readouterr().out
+    assert "| t5-small | checkpointing | 318 | backward | 17176 | <=19515 | >=0.880 |" in capsys.readouterr().out
     assert seg.main([]) == 2 and seg.main([str(RESULTS / "missing.json")]) == 2

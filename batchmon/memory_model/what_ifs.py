@@ -109,12 +109,17 @@ def apply_what_if(observed: dict[str, Line], what_if: WhatIf, *, trainable_bytes
                 held = 2 * (split.block_share() or 0.0) * act_per_sample / max(1, n)
                 how = (f"holds one block's internals twice ({held / MIB:.1f} MiB a sample: recomputed, and their "
                        f"gradients; the blocks' average, the largest not measured)")
+            freed = _output_gradient_freed(observed, segments or {}, split) if largest is not None else 0.0
+            if freed > 0:
+                how += (f"; less the output's gradient ({freed / MIB:.1f} MiB a sample, within the transients the "
+                        f"measured model's backward held at its start: freed by the head's backward, before any "
+                        f"block is recomputed)")
             act = lines["activations"]
             lines["activations"] = Line(act.fixed, max(0.0, act.per_sample - dropped))
             lines["other"] = lines["other"] + Line(0.0, held)
             delta["forward"] = delta["forward"] + Line(0.0, -dropped)
             delta["loss_backward"] = delta["loss_backward"] + Line(0.0, -dropped)
-            delta["backward"] = delta["backward"] + Line(0.0, -dropped + held)
+            delta["backward"] = delta["backward"] + Line(0.0, -dropped + held - freed)
             notes.append(f"checkpointing: {n} blocks ({split.blocks} measured); the saved bytes inside the blocks "
                          f"less their inputs ({drop_share:.0%} of the saved activations as measured at batch "
                          f"{split.batch}: {dropped / MIB:.1f} MiB a sample) dropped from the forward's and the loss's "
@@ -161,6 +166,22 @@ def apply_what_if(observed: dict[str, Line], what_if: WhatIf, *, trainable_bytes
         notes.append(f"{what_if.accumulation_steps} accumulation steps: activations follow the micro-batch, "
                      f"gradients and optimizer state the full batch")
     return lines, notes, delta
+
+
+def _output_gradient_freed(observed: dict[str, Line], segments: dict[str, Line], split: SavedSplit) -> float:
+    """Bytes a sample of the model output's gradient that the measured model's backward held at its start and
+    a checkpointed backward no longer holds when it recomputes a block. The model's backward segment (measured
+    apart from the loss's since the agent splits the backward at the output's gradient) peaks at its start, with
+    every saved tensor alive and the output's gradient (fp32, the output's size: ``SavedSplit.output``) beside
+    them; under a checkpoint per block the head's backward runs first and frees that gradient, so no block's
+    recomputation sees it. Bounded by the transients the segment held beyond the saved activations and the batch
+    (what else it held is kept as the allowance for the gradients inside the recomputed block). 0 without a
+    measured output or a model's backward segment of its own (fitted per phase, it includes the loss's)."""
+    if not split.output or split.batch < 1 or "backward" not in segments or "loss_backward" not in segments:
+        return 0.0
+    saved = observed["activations"].per_sample + observed["batch"].per_sample
+    transient = max(0.0, segments["backward"].per_sample - saved)
+    return min(split.output / split.batch, transient)
 
 
 def recompute_fragmentation(what_if: WhatIf, split: SavedSplit | None) -> float:
