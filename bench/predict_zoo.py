@@ -34,7 +34,10 @@ where the model output's gradient arrives), so ``--reevaluate`` refits per segme
 before the split); ``predicted_max_batch_per_phase`` is the same steps fitted per phase. What explains a miss afterwards:
 ``phase_peaks_at_real`` (each segment's own peak at the real largest batch, plain and under each what-if; since
 run 9 ``model_backward``, the model's backward's own, beside the whole backward's; bench/zoo_segments.py sets
-them against the model's segment lines) and ``amp_walk_detail`` (the agent's graph walk per saving op at the small batch: bytes now, under autocast). Over 400 lines: one runner
+them against the model's segment lines; since run 9 also ``block_backward_peaks``, each checkpointed block's
+backward's peak) and ``amp_walk_detail`` (the agent's graph walk per saving op at the small batch: bytes now,
+under autocast), since run 9 beside ``amp_real_detail`` (what the autocast forward's own graph saved, per first
+saving op, field and dtype). Over 400 lines: one runner
 for eleven architectures, their what-ifs and timings (the models are in bench/zoo_models.py, the offline half -
 reevaluate, merge, the table - in bench/zoo_offline.py, its side measurements in bench/zoo_probes.py). With
 --cpu-smoke the "peak" is the sum of measured
@@ -367,8 +370,12 @@ def run_entry(entry: Entry, dev: Any, deadline: float, smoke: bool) -> dict[str,
         try:
             walk: dict[str, list[int]] = {}
             casts: dict[str, int] = {}
-            bench_split = measure_saved_split(runner, small, walk, casts)
+            real_walk: dict[str, int] = {}
+            bench_split = measure_saved_split(runner, small, walk, casts, real_walk)
             result["amp_walk_detail"] = walk  # the agent's graph walk per saving op, at the small batch
+            # what the autocast forward's own graph saved, per first saving op, field and dtype (the walk's
+            # prediction set against it op by op)
+            result["amp_real_detail"] = real_walk
             # the 16-bit parameter casts within bench_saved_split.saved_amp: the rest is what autocast saved of
             # the activations, to set against the walk's amp share
             result["bench_saved_amp_weight_casts"] = casts.get("weight_casts")

@@ -13,7 +13,8 @@ from predict_accuracy import Runner
 
 
 def measure_saved_split(runner: Runner, batch: int, detail: dict[str, list[int]] | None = None,
-                        casts: dict[str, int] | None = None) -> SavedSplit:
+                        casts: dict[str, int] | None = None,
+                        real_detail: dict[str, int] | None = None) -> SavedSplit:
     """What the saved activations are made of at ``batch``: bytes saved in one forward (storages counted once,
     parameters and the batch's tensors excluded, as the agent counts activations), the part saved inside the
     checkpointed blocks, the largest block's, and the blocks' input bytes (each storage once: the agent's own
@@ -22,9 +23,13 @@ def measure_saved_split(runner: Runner, batch: int, detail: dict[str, list[int]]
     per saving op ({op: [bytes, bytes under autocast as the walk says]}, saved_split.amp_bytes): what explains an
     AMP what-if's miss afterwards. ``casts``, when given, gets ``weight_casts``: the bytes of the forward under
     autocast that are 16-bit casts of parameters (in ``saved_amp``, not activations: what autocast really saved
-    of the activations is saved_amp less them). Each forward is followed by its backward (the graph freed) and
-    no optimizer step: the training state is untouched."""
-    from batchmon.agent.saved_split import BlockSplitMeter, amp_bytes, checkpoint_blocks
+    of the activations is saved_amp less them). ``real_detail``, when given, gets what the autocast forward's own
+    graph saves per first saving op, field and dtype ({"Addmm:mat1:bfloat16": bytes}, parameters' casts under
+    "cast:..."): set beside ``detail`` it says which op's saved bytes the walk mis-sizes on this device (the
+    ViT-B/16 and T5-small AMP misses of zoo run 8). Each forward is followed by its backward (the graph freed)
+    and no optimizer step: the training state is untouched."""
+    from batchmon.agent.saved_split import (BlockSplitMeter, Fp32InputMeter, amp_bytes, checkpoint_blocks,
+                                            fp32_input_modules)
 
     model, dev = runner.model, runner.dev.device
     blocks = checkpoint_blocks(model)
@@ -50,6 +55,7 @@ def measure_saved_split(runner: Runner, batch: int, detail: dict[str, list[int]]
             return t
 
         meter = BlockSplitMeter(blocks, lambda: total[0], 1) if blocks else None
+        upcast = Fp32InputMeter(fp32_input_modules(model)) if not amp else None
         try:
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
@@ -60,11 +66,18 @@ def measure_saved_split(runner: Runner, batch: int, detail: dict[str, list[int]]
         finally:
             if meter:
                 meter.remove()
+            if upcast:
+                upcast.remove()
         if detail is not None and not amp and isinstance(out, torch.Tensor) and out.grad_fn is not None:
             try:
-                amp_bytes(out, in_model, inputs, 512, dev.type, detail)
+                amp_bytes(out, in_model, inputs, 512, dev.type, detail, upcast=upcast.ids if upcast else None)
             except Exception as exc:  # noqa: BLE001 - recorded for an explanation only
                 detail[f"error: {type(exc).__name__}"] = [0, 0]
+        if real_detail is not None and amp and isinstance(out, torch.Tensor) and out.grad_fn is not None:
+            try:
+                real_detail.update(graph_saved_by_op(out, set(saved)))
+            except Exception as exc:  # noqa: BLE001 - recorded for an explanation only
+                real_detail[f"error: {type(exc).__name__}"] = 0
         del out
         loss.backward()
         runner.opt.zero_grad(set_to_none=True)
@@ -87,6 +100,64 @@ def measure_saved_split(runner: Runner, batch: int, detail: dict[str, list[int]]
                       saved_amp=saved_amp, block_max=largest if blocks else None)
 
 
+def graph_saved_by_op(output: torch.Tensor, wanted: set[int]) -> dict[str, int]:
+    """The bytes the graph ending at ``output`` saves of the storages in ``wanted``, each storage once, under the
+    op that saves it first (forward order), its field and dtype: "Addmm:mat1:bfloat16"; a parameter's 16-bit cast
+    under "cast:...". The walk's own reader (saved_split._saved_tensors), on the graph autocast really built."""
+    from batchmon.agent.saved_split import _saved_tensors
+
+    saves, _ = _saved_tensors(output, wanted)
+    first: dict[int, tuple[int, str, int]] = {}
+    for key, size, _fp32, node, op, field, _numel in saves:
+        seq = node._sequence_nr()
+        if key not in first or seq < first[key][0]:
+            tensor = next((t for t in _packed_field(node, field) if t.untyped_storage().data_ptr() == key), None)
+            dtype = str(tensor.dtype).replace("torch.", "") if tensor is not None else "?"
+            cast = "cast:" if tensor is not None and _is_parameter_cast(tensor) else ""
+            first[key] = (seq, f"{cast}{op}:{field.replace('_raw_saved_', '')}:{dtype}", size)
+    out: dict[str, int] = {}
+    for _, name, size in first.values():
+        out[name] = out.get(name, 0) + size
+    return out
+
+
+def _packed_field(node: Any, field: str) -> list[torch.Tensor]:
+    from batchmon.agent.saved_split import _packed
+
+    try:
+        return _packed(getattr(node, field))
+    except Exception:  # noqa: BLE001 - for an explanation only
+        return []
+
+
+def block_backward_meter(model: torch.nn.Module, read: Any, reset: Any) -> tuple[list[tuple[int, int]], list[Any]]:
+    """Forward pre-hooks on the checkpointed blocks (saved_split.checkpoint_blocks) that hook each block's input
+    hidden state: when its gradient arrives the block's backward (its recomputation, under a checkpoint) is done,
+    and ``read()`` (the allocator's peak since the previous arrival) is recorded as (block index in forward order,
+    peak), then ``reset()`` (the peak statistics). Which block's recomputation makes the model's backward peak, and by how much it rises
+    above what the kept tensors hold - what the checkpointing what-if's model's backward assumes (T5-small's miss
+    of zoo run 8). The list fills during the backward; the hooks are removed by the caller after the forward."""
+    from batchmon.agent.saved_split import checkpoint_blocks
+
+    peaks: list[tuple[int, int]] = []
+
+    def pre(index: int) -> Any:
+        def hook(module: torch.nn.Module, args: Any, kwargs: Any) -> None:
+            hidden = args[0] if args else kwargs.get("hidden_states")
+            if isinstance(hidden, torch.Tensor) and hidden.requires_grad and torch.is_grad_enabled():
+                def arrived(grad: torch.Tensor) -> None:
+                    peaks.append((index, read()))
+                    reset()
+                hidden.register_hook(arrived)
+        return hook
+
+    try:
+        blocks = checkpoint_blocks(model)
+    except Exception:  # noqa: BLE001 - for an explanation only
+        return peaks, []
+    return peaks, [b.register_forward_pre_hook(pre(i), with_kwargs=True) for i, b in enumerate(blocks)]
+
+
 def _is_parameter_cast(t: torch.Tensor) -> bool:
     """Is ``t`` (or the tensor it views) autocast's cast of a parameter (a copy of a leaf that gets a gradient)?"""
     try:
@@ -104,7 +175,10 @@ def phase_peaks(runner: Runner, batch: int) -> dict[str, Any] | None:
     data a phase-wise fit needs (issue 13: the LSTM's peak moves from the forward to the backward as the batch
     grows). The backward is also split where the model output's gradient arrives, as the agent splits it
     (``loss_backward``: the loss's backward; ``model_backward``: the model's backward's own peak after it, which
-    a what-if changes differently; ``backward`` stays the whole backward's peak). None off CUDA."""
+    a what-if changes differently; ``backward`` stays the whole backward's peak), and within the model's
+    backward each checkpointed block's (``block_backward_peaks``: [block index in forward order, the allocator's
+    peak from the previous block's end to this block's input gradient], in backward order: under a checkpoint
+    per block, which recomputation makes the peak). None off CUDA."""
     if runner.dev.kind != "cuda":
         return None
     dev = runner.dev.device
@@ -114,6 +188,8 @@ def phase_peaks(runner: Runner, batch: int) -> dict[str, Any] | None:
     out: dict[str, Any] = {"batch": batch}
     x, y = arch.batch(batch, dev, runner.gen)
     loss_peak: list[int | None] = [None]
+    blocks, handles = block_backward_meter(model, lambda: torch.cuda.max_memory_allocated(dev),
+                                           lambda: torch.cuda.reset_peak_memory_stats(dev))
 
     def at_output_grad(grad: torch.Tensor) -> None:
         out["loss_backward"] = torch.cuda.max_memory_allocated(dev)  # the stream's order: what is allocated so far
@@ -122,18 +198,24 @@ def phase_peaks(runner: Runner, batch: int) -> dict[str, Any] | None:
         loss_peak[0] = out["loss_backward"]
         torch.cuda.reset_peak_memory_stats(dev)
 
-    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=arch.amp):
-        logits = model(x)
-        if isinstance(logits, torch.Tensor) and logits.requires_grad:
-            logits.register_hook(at_output_grad)
-        loss = arch.loss(logits, y)
-        del logits  # as the Runner's step: the output is not kept through backward
+    try:
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=arch.amp):
+            logits = model(x)
+            if isinstance(logits, torch.Tensor) and logits.requires_grad:
+                logits.register_hook(at_output_grad)
+            loss = arch.loss(logits, y)
+            del logits  # as the Runner's step: the output is not kept through backward
+    finally:
+        for handle in handles:  # the forward's block inputs are hooked; a recomputation's are not
+            handle.remove()
     torch.cuda.synchronize(dev)
     out["forward"] = torch.cuda.max_memory_allocated(dev)
     torch.cuda.reset_peak_memory_stats(dev)
     loss.backward()
     torch.cuda.synchronize(dev)
-    model_peak = torch.cuda.max_memory_allocated(dev)
+    model_peak = max([torch.cuda.max_memory_allocated(dev)] + [p for _, p in blocks])
+    if blocks:
+        out["block_backward_peaks"] = [[index, peak] for index, peak in blocks]
     if loss_peak[0] is not None:
         out["model_backward"] = model_peak
     out["backward"] = max(model_peak, loss_peak[0] or 0)

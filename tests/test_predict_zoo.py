@@ -294,3 +294,45 @@ def test_the_allocators_split_free_bytes_bound_every_recorded_boundarys_fragment
             row = rows["efficientnet-b0"]
             assert row["predicted"] / row["real"] >= 0.95 and row["predicted"] <= row["real"], row
     assert 0.5 < worst < 1.0
+
+
+def test_the_next_runs_probes_per_op_under_autocast_and_per_block_backward():
+    """bench/zoo_probes.py's two measurements for the next H200 run, on CPU: the autocast forward's own graph per
+    first saving op, field and dtype (amp_real_detail: a linear's input saved 16-bit, the weights' casts apart),
+    and each checkpointed block's backward in backward order under Hugging Face's checkpointing (the hooks on the
+    forward's block inputs only: a recomputation adds none), every hook removed."""
+    import torch
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    from zoo_probes import block_backward_meter, graph_saved_by_op
+
+    lin = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.GELU(), torch.nn.Linear(32, 4))
+    saved: set[int] = set()
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.add(t.untyped_storage().data_ptr())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = lin(torch.randn(8, 32))
+    by_op = graph_saved_by_op(out, saved)
+    assert by_op["Addmm:mat1:bfloat16"] == 8 * 32 * 2 * 2  # both linears' inputs, 16-bit
+    assert by_op["cast:Addmm:mat2:bfloat16"] == 32 * 4 * 2  # the second's (the first's input needs no grad)
+    assert by_op["Gelu:self:bfloat16"] == 8 * 32 * 2
+
+    transformers = pytest.importorskip("transformers")
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=3, n_embd=32, n_head=2, vocab_size=64,
+                                                                 n_positions=16))
+    model.gradient_checkpointing_enable()
+    model.train()
+    ticks = iter(range(100, 1000))
+    peaks, handles = block_backward_meter(model, lambda: next(ticks), lambda: None)
+    try:
+        logits = model(input_ids=torch.randint(0, 64, (2, 16))).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert peaks == []
+    logits.float().sum().backward()
+    assert [index for index, _ in peaks] == [2, 1, 0] and [p for _, p in peaks] == [100, 101, 102]
+    assert all(not block._forward_pre_hooks for block in model.transformer.h)
