@@ -200,6 +200,11 @@ class Step:
     # dataclass field (new_step's positional order and the messages without it stay as they were: written only
     # where set): set by with_saved_split and the decoders, and kept by anything that copies a step's __dict__
     saved_split: ClassVar[dict[str, int] | None] = None
+    # added field, likewise not a dataclass field: the allocator's inactive-split peak of a sampled CUDA step
+    # (torch.cuda.memory_stats()["inactive_split_bytes.all.peak"] since the step's start: free bytes inside
+    # segments that hold live blocks, what a cache flush cannot give back; batchmon.memory_model's fragmentation
+    # at the limit), on sampled steps where the agent reads it; None otherwise
+    inactive_split: ClassVar[int | None] = None
     type: str = field(default="step", init=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -218,6 +223,9 @@ class Step:
         split = self.saved_split
         if split is not None:
             d["saved_split"] = dict(split)
+        inactive = self.inactive_split
+        if inactive is not None:
+            d["inactive_split"] = inactive
         return d
 
     @classmethod
@@ -245,8 +253,7 @@ class Step:
             phase_own_peaks=_phase_peaks(d.get("phase_own_peaks")),
             segment_peaks=_phase_peaks(d.get("segment_peaks"), SEGMENTS),
         )
-        split = d.get("saved_split")
-        return made if split is None else with_saved_split(made, _saved_split(split))
+        return _with_decoded_added(made, d.get)
 
 
 def new_step(step: int, time: float, step_seconds: float | None, batch_size: int | None,
@@ -302,16 +309,37 @@ def _step_fast(d: Mapping[str, Any]) -> Step | None:
                     _lenient_str(get("batch_source"), 128), _lenient_int(get("micro_batches")),
                     _window_steps(get("steps")), _phase(get("peak_phase")), _phase_peaks(get("phase_peaks")),
                     _phase_peaks(get("phase_own_peaks")), _phase_peaks(get("segment_peaks"), SEGMENTS))
-    split = get("saved_split")
-    return made if split is None else with_saved_split(made, _saved_split(split))
+    return _with_decoded_added(made, get)
+
+
+#: Step's added fields that are not dataclass fields (not __init__ arguments, written only where set; a copy of a
+#: step's __dict__ keeps them)
+ADDED_FIELDS = ("saved_split", "inactive_split")
+
+
+def with_added(step: Step, **added: Any) -> Step:
+    """A copy of ``step`` carrying the given ADDED_FIELDS values."""
+    unknown = added.keys() - set(ADDED_FIELDS)
+    if unknown:
+        raise TypeError(f"not an added Step field: {', '.join(sorted(unknown))}")
+    made = object.__new__(Step)
+    made.__dict__.update(step.__dict__)
+    made.__dict__.update(added)
+    return made
 
 
 def with_saved_split(step: Step, split: dict[str, int] | None) -> Step:
     """A copy of ``step`` carrying ``split`` in its added ``saved_split`` field (not an __init__ argument)."""
-    made = object.__new__(Step)
-    made.__dict__.update(step.__dict__)
-    made.__dict__["saved_split"] = split
-    return made
+    return with_added(step, saved_split=split)
+
+
+def _with_decoded_added(made: Step, get: Callable[[str], Any]) -> Step:
+    """``made`` with the added fields of its message, each checked as its decoder says (a bad value is None)."""
+    split, inactive = get("saved_split"), get("inactive_split")
+    if split is None and inactive is None:
+        return made
+    return with_added(made, saved_split=None if split is None else _saved_split(split),
+                      inactive_split=inactive if type(inactive) is int and 0 <= inactive <= MAX_SIZE else None)
 
 
 def _phase(value: Any) -> str | None:

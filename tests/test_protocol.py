@@ -303,3 +303,32 @@ def test_saved_split_skips_names_it_does_not_know_and_keeps_the_rest():
     hostile = {**split, **{f"x{i}": 1 for i in range(10 * len(SAVED_SPLIT_FIELDS))}}
     for odd in (missing, {**split, "a_name_from_the_future": 7, SAVED_SPLIT_FIELDS[1]: -1}, hostile):
         assert Step.from_dict({**base, "saved_split": odd}).saved_split is None
+
+
+def test_inactive_split_round_trips_beside_saved_split_and_is_lenient():
+    """The added inactive_split field (a sampled CUDA step's allocator inactive-split peak: the memory model's
+    fragmentation at the limit): written only where set, decoded the same on both roads, kept beside saved_split,
+    None for an older agent or an odd value, and an odd value never fails the line."""
+    from batchmon.protocol import SAVED_SPLIT_REQUIRED, new_step, with_added
+
+    base = {"step": 1, "time": 1.0, "step_seconds": 0.1, "batch_size": 4,
+            "components": {name: 1 for name in ("parameters", "gradients", "optimizer", "activations", "batch", "other")}}
+    split = {name: 10 for name in SAVED_SPLIT_REQUIRED}
+    for d in ({**base, "inactive_split": 12345}, {**base, "time": 1, "inactive_split": 12345}):
+        step = Step.from_dict(d)
+        assert step.inactive_split == 12345 and step.saved_split is None
+        assert decode(encode(step)).inactive_split == 12345 and step.to_dict()["inactive_split"] == 12345
+    both = Step.from_dict({**base, "inactive_split": 7, "saved_split": split})
+    assert (both.inactive_split, both.saved_split) == (7, split)
+    again = decode(encode(both))
+    assert (again.inactive_split, again.saved_split) == (7, split)
+    plain = Step.from_dict(base)
+    assert plain.inactive_split is None and "inactive_split" not in plain.to_dict()
+    for odd in (-1, True, 1.5, "7", [7], 1 << 63):
+        for d in ({**base, "inactive_split": odd}, {**base, "time": 1, "inactive_split": odd}):
+            got = Step.from_dict(d)
+            assert got.inactive_split is None and got.step == 1
+    made = new_step(1, 1.0, None, 4, dict(base["components"]), None, None, None, None, None, None, None, None)
+    assert with_added(made, inactive_split=9).inactive_split == 9 and made.inactive_split is None
+    with pytest.raises(TypeError):
+        with_added(made, not_a_field=1)
