@@ -300,6 +300,9 @@ fast16)
   for i in $(seq 1 120); do [ "$(ls $BATCHMON_DIR/*.sock 2>/dev/null | wc -l)" -ge 16 ] && break; sleep 0.5; done
   sleep 5
   $BMCMD --once --json > $R/fast16_once_a.json 2>&1
+  # the hub thread's parts (reads, decode, ingest, NVML, host, snapshot) and where the RSS is, on the real jobs
+  [ "${FASTPARTS:-1}" = 1 ] && python3 bench/monitor_hub_parts.py --agents 0 --warmup 10 --duration 30 \
+    --out $R/monitor_hub_parts_fast16_h200.json 2>&1 | tail -n 25 | tee $R/monitor_hub_parts_fast16.log
   if [ "${FASTPROF:-0}" = 1 ]; then
     # where the monitor's CPU goes beside 16 fast agents: per thread, then under cProfile
     python3 bench/monitor_cpu.py --duration 30 --name monitor_cpu_fast16 2>&1 | tail -n 4 | tee $R/monitor_cpu_fast16.log
