@@ -219,6 +219,11 @@ def phase_peaks(runner: Runner, batch: int) -> dict[str, Any] | None:
     if loss_peak[0] is not None:
         out["model_backward"] = model_peak
     out["backward"] = max(model_peak, loss_peak[0] or 0)
+    # the pool after the backward and the free bytes inside segments with live blocks at their peak since the
+    # last reset (the model's backward's last block, or its whole backward): the allocator's own figures for
+    # the fragmentation a what-if's boundary meets (RECOMPUTE_FRAG's, derived from T5-small's reserved alone)
+    out["reserved_after_backward"] = torch.cuda.memory_reserved(dev)
+    out["inactive_split_backward"] = torch.cuda.memory_stats(dev).get("inactive_split_bytes.all.peak")
     torch.cuda.reset_peak_memory_stats(dev)
     del loss, x, y
     opt.step()
