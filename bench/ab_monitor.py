@@ -144,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="with --coalesce: this tree's agents coalesce over SECONDS (an older tree with the agents of "
                         "its day); trees with their own window watch their own peers, on the same box at the same time")
     p.add_argument("--prefill", type=int, default=1000, help="history steps a peer sends on connect (default 1000)")
+    p.add_argument("--recorded", type=Path, default=None, metavar="FILE",
+                   help="the peers send a recording's real agent messages (bench/load.py --recorded; e.g. "
+                        "bench/results/fast16_rec_h200_run1.jsonl.gz, the H200's 16 fast jobs)")
     p.add_argument("--duration", type=float, default=40.0, help="measured seconds per round (default 40)")
     p.add_argument("--warmup", type=float, default=10.0, help="seconds before measuring (default 10)")
     p.add_argument("--interval", type=float, default=1.0, help="the monitors' --interval (default 1)")
@@ -193,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
                           "--duration", str(int(args.repeat * (args.duration + args.warmup + 30) + 60))]
             if args.coalesce:
                 serve_argv.append("--coalesce")
+            if args.recorded is not None:
+                serve_argv += ["--recorded", str(args.recorded.resolve())]
             if w is not None:
                 serve_argv += ["--window", f"{w:g}"]
             if args.gpu_agents:
@@ -237,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     totals = {n: round(sum(r["tools"][n]["cpu_seconds_steady"] or 0 for r in rounds), 3) for n in names}
     result = {
         "what": "the live monitor (hub + Textual app), NVML answered from a recording, fake agents (bench/load.py)",
-        "trees": revs, "nvml": str(args.nvml), "idle_gpu": args.idle_gpu, "agents": args.agents, "rate": args.rate,
+        "trees": revs, "nvml": str(args.nvml), "idle_gpu": args.idle_gpu, "agents": args.agents,
+        "recorded": str(args.recorded) if args.recorded is not None else None, "rate": args.rate,
         "coalesce": args.coalesce, "gpu_agents": args.gpu_agents, "windows": windows, "prefill": args.prefill,
         "interval_s": args.interval, "size": list(args.size), "load_average_1_5_15": load_avg,
         "warmup_s": args.warmup, "duration_s": args.duration, "rounds": rounds, "cpu_seconds_all_rounds": totals,

@@ -133,13 +133,91 @@ class _Agent:
         return b"".join(protocol.encode(m) for m in self.coalescer.flush(now))
 
 
+def load_recorded(path: str) -> list[tuple[dict, list[dict], list[dict]]]:
+    """A `batchmon record` recording's local agents (gzip or plain): per agent its hello, its history burst (the
+    step messages its hello announced) and its live messages after it, in order."""
+    import gzip
+    import json
+
+    opener = gzip.open if str(path).endswith(".gz") else open
+    agents: dict[str, list] = {}
+    with opener(path, "rt", encoding="utf-8") as f:
+        for line in f:
+            rec = json.loads(line)
+            data = rec.get("data")
+            if rec.get("kind") != "agent" or not isinstance(data, dict):
+                continue
+            if data.get("type") == "hello":
+                agents[rec["key"]] = [data, [], []]
+            elif data.get("type") == "step" and rec.get("key") in agents:
+                hello, burst, live = agents[rec["key"]]
+                (burst if len(burst) < int(hello.get("history") or 0) and not live else live).append(data)
+    return [tuple(v) for v in agents.values() if v[2]]  # type: ignore[misc]
+
+
+class _RecordedAgent(_Agent):
+    """A peer that sends one recorded real agent's messages (--recorded): its hello (this peer's pid, now), its
+    history burst stamped before now, then its live messages at their recorded pace (by their ``time``), looped
+    with step numbers and times moved on. The monitor reads what a real fast job sends (the H200's fast16 jobs:
+    windows every 0.2 s, sampled ones with phases, own peaks and saved splits), not bench/load.py's model of it."""
+
+    def __init__(self, directory: Path, index: int, duration: float, recorded: tuple[dict, list[dict], list[dict]],
+                 gpu: str | None = None) -> None:
+        super().__init__(directory, index, duration, 0, 10.0, gpu)
+        import json
+
+        self._dumps = json.JSONEncoder(separators=(",", ":")).encode
+        hello, burst, live = recorded
+        now = time.time()
+        self.live = live
+        self.first_time = live[0]["time"]
+        self.span_time = live[-1]["time"] - self.first_time + 0.2
+        self.span_steps = live[-1]["step"] - live[0]["step"] + int(live[-1].get("steps") or 1)
+        self.shift = now - self.first_time  # a recorded time + shift: when it is sent
+        self.next = 0
+        self.loop = 0
+        head = dict(hello, pid=self.pid, host=socket.gethostname(), time=now - 1.0)
+        if gpu is not None:
+            head["nvml_uuid"] = gpu
+        self.hello = self._line(head) + b"".join(self._line(dict(m, time=m["time"] + self.shift - 0.5))
+                                                for m in burst)
+
+    def _line(self, data: dict) -> bytes:
+        return self._dumps(data).encode() + b"\n"
+
+    def lines(self, rate: float, now: float) -> bytes:
+        wall = time.time()
+        out = []
+        while True:
+            m = self.live[self.next]
+            when = m["time"] + self.shift + self.loop * self.span_time
+            if when > wall:
+                break
+            out.append(self._line(dict(m, time=when, step=m["step"] + self.loop * self.span_steps)))
+            self.step = m["step"] + self.loop * self.span_steps
+            self.next += 1
+            if self.next == len(self.live):
+                self.next, self.loop = 0, self.loop + 1
+        return b"".join(out)
+
+    def due_lines(self, now: float) -> bytes:
+        return b""
+
+
 def _peer(directory: str, first: int, count: int, rate: float, duration: float, ready: "mp.Queue",
           results: "mp.Queue", stop: "mp.synchronize.Event", close: "mp.synchronize.Event", prefill: int = 0,
           coalesce: bool = False, gpu: str | None = None, window: float | None = None,
-          steady: float | None = None) -> None:
-    """One worker process: `count` agents, each stepping at `rate`; reports what it sent and saw."""
-    agents = [_Agent(Path(directory), first + i, duration, prefill, rate, gpu) for i in range(count)]
-    if coalesce:
+          steady: float | None = None, recorded: str | None = None) -> None:
+    """One worker process: `count` agents, each stepping at `rate`; reports what it sent and saw. With
+    ``recorded`` each sends a recorded agent's messages instead (agent i: the recording's i-th, cycling); ``rate``
+    is then only how often it looks for the next one due."""
+    if recorded:
+        sources = load_recorded(recorded)
+        agents: list[_Agent] = [_RecordedAgent(Path(directory), first + i, duration,
+                                               sources[(first + i) % len(sources)], gpu) for i in range(count)]
+    else:
+        agents = [_Agent(Path(directory), first + i, duration, prefill, rate, gpu) for i in range(count)]
+    if coalesce and not recorded:
         for a in agents:
             # --window (an older tree's agents): that window always; else the agent's rule, its steady window
             # --steady-window (0: none)
@@ -340,7 +418,7 @@ def serve(args: argparse.Namespace) -> int:
             if n:
                 p = ctx.Process(target=_peer, args=(str(sockdir), first, n, args.rate, args.duration, ready,
                                                      results, stop, close, args.prefill, args.coalesce, args.gpu,
-                                                     args.window, args.steady_window),
+                                                     args.window, args.steady_window, args.recorded),
                                daemon=True)
                 p.start()
                 procs.append(p)
@@ -397,11 +475,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gpu", metavar="UUID",
                     help="with --serve: the peers say they train on this GPU (an NVML recording's UUID, e.g. in "
                          "bench/ab_monitor.py --gpu-agents) and send allocator figures and varying step times")
+    ap.add_argument("--recorded", metavar="FILE",
+                    help="with --serve: each peer sends a recorded real agent's messages (a `batchmon record` "
+                         "recording, .gz or not, e.g. bench/results/fast16_rec_h200_run1.jsonl.gz: the H200's "
+                         "16 fast jobs), looped at their recorded pace; --rate is then how often a peer looks")
     ap.add_argument("--serve", metavar="DIR",
                     help="run only the peers, listening in socket folder DIR, for a monitor started elsewhere")
     args = ap.parse_args(argv)
     if args.agents < 1 or args.rate <= 0 or args.duration <= 0:
         print("load.py: --agents, --rate and --duration must be positive", file=sys.stderr)
+        return 2
+    if args.recorded and not args.serve:
+        print("load.py: --recorded goes with --serve", file=sys.stderr)
         return 2
     if args.serve:
         return serve(args)

@@ -255,6 +255,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--coalesce", action="store_true")
     p.add_argument("--gpu-agents", action="store_true", help="the peers are the replayed GPU's processes")
     p.add_argument("--prefill", type=int, default=1000)
+    p.add_argument("--recorded", type=Path, default=None, metavar="FILE",
+                   help="the peers send a recording's real agent messages (bench/load.py --recorded; e.g. "
+                        "bench/results/fast16_rec_h200_run1.jsonl.gz, the H200's 16 fast jobs)")
     p.add_argument("--warmup", type=float, default=15.0)
     p.add_argument("--duration", type=float, default=30.0)
     p.add_argument("--interval", type=float, default=1.0)
@@ -285,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
                       "--duration", str(int(args.warmup + args.duration + 60))]
         if args.coalesce:
             serve_argv.append("--coalesce")
+        if args.recorded is not None:
+            serve_argv += ["--recorded", str(args.recorded.resolve())]
         if args.gpu_agents:
             from ab_monitor import recorded_uuid
 
@@ -331,7 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     threads_s = [(t1[t] - t0.get(t, 0)) / 1e9 for t in sorted(t1)]
     raw = json.loads(dump.read_text())
     result = {"what": __doc__.split("\n")[0], "nvml": str(args.nvml_replay) if args.nvml_replay else "real",
-              "agents": args.agents, "rate": args.rate, "coalesce": args.coalesce, "gpu_agents": args.gpu_agents,
+              "agents": args.agents, "rate": args.rate,
+              "recorded": str(args.recorded) if args.recorded is not None else None, "coalesce": args.coalesce, "gpu_agents": args.gpu_agents,
               "interval_s": args.interval, "size": list(args.size), "warmup_s": args.warmup, "host": platform.node(),
               "cpu_count": os.cpu_count(), "load": os.getloadavg(), "time": time.time(), "tree": _tree(),
               "rss_max_mib": round(tool.rss_max / 2**20, 1), "window_outer_s": round(window, 3),
