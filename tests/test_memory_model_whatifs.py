@@ -281,3 +281,23 @@ def test_zoo_segments_compares_each_segment_at_the_real_largest_batch(capsys):
     assert seg.main([str(RESULTS / "predict_zoo_h200_run8.json"), "t5-small"]) == 0
     assert "| t5-small | checkpointing | 318 | backward | 17176 | <=19515 | >=0.880 |" in capsys.readouterr().out
     assert seg.main([]) == 2 and seg.main([str(RESULTS / "missing.json")]) == 2
+
+
+def test_t5_amp_with_the_casts_counted_per_reader_meets_the_target_on_run_8():
+    """T5-small's AMP what-if of zoo run 8 (72 of 79 from the old walk's split) with the split the walk that counts
+    autocast's casts per reader gives (projected from run 8's agent split: bench/results/
+    zoo_split_t5_h200_casts_projected.json; share 0.870, what autocast saved by the bench's hooks on the H200):
+    78 of 79, the forward and the loss's backward within 0.3% of what ran at 79, not above it."""
+    seg = _zoo_segments()
+    doc = json.loads((RESULTS / "predict_zoo_h200_run8.json").read_text())
+    splits = json.loads((RESULTS / "zoo_split_t5_h200_casts_projected.json").read_text())["splits"]
+    assert 0.865 < splits["t5-small"]["amp_saved"] / splits["t5-small"]["saved"] < 0.875
+    rows = [r for r in seg.compare(doc, ["t5-small"], splits) if r["what_if"] == "amp"]
+    for row in rows:
+        if row["segment"] in ("forward", "loss_backward"):
+            assert 1.0 <= row["ratio"] <= 1.003, row
+    from zoo_offline import reevaluate
+
+    (t5,) = [r for r in reevaluate(doc, splits) if r["arch"] == "t5-small"]
+    (amp,) = [w for w in t5["what_ifs"] if w["what_if"] == "amp"]
+    assert amp["derived"] == 78 and amp["real"] == 79
