@@ -71,6 +71,8 @@ def with_inactive_split(steps: list[Any], r: dict[str, Any]) -> list[Any]:
     (``observed_allocator``), as an agent that reports ``Step.inactive_split`` sends it: the memory model's
     second bound of the fragmentation at the limit (MemoryModel.frag_share). Steps as recorded where the run
     has no allocator readings."""
+    from batchmon.protocol import with_added
+
     readings = r.get("observed_allocator") or []
     if len(readings) != len(steps):
         return steps
@@ -78,10 +80,7 @@ def with_inactive_split(steps: list[Any], r: dict[str, Any]) -> list[Any]:
     for step, reading in zip(steps, readings):
         value = reading.get("inactive_split_peak") if isinstance(reading, dict) else None
         if isinstance(value, int) and getattr(step, "inactive_split", None) is None:
-            made = object.__new__(type(step))
-            made.__dict__.update(step.__dict__)
-            made.__dict__["inactive_split"] = value
-            step = made
+            step = with_added(step, inactive_split=value)
         out.append(step)
     return out
 

@@ -155,7 +155,7 @@ def test_the_allocators_split_free_bytes_bound_the_fragmentation_kept_at_the_lim
     """Where the steps carry the allocator's inactive-split peak (Step.inactive_split), its share of the peak
     (psi) bounds what survives the flush at the limit; the smaller of FRAG_SURVIVAL x phi and psi is kept. A
     step without it (an agent that does not send it) keeps FRAG_SURVIVAL x phi; a psi above it changes nothing."""
-    from batchmon.protocol import with_saved_split
+    from batchmon.protocol import with_added
 
     L = Truth(gradients=0, other_fixed=0)
     peak32 = sum(L.components(32).values())
@@ -164,10 +164,7 @@ def test_the_allocators_split_free_bytes_bound_the_fragmentation_kept_at_the_lim
     def steps(inactive):
         out = []
         for i, b in ((2, 32), (3, 32), (4, 32), (5, 16)):
-            made = with_saved_split(L.step(i, b, cache=2_000_000_000), None)
-            if inactive is not None:
-                made.__dict__["inactive_split"] = inactive
-            out.append(made)
+            out.append(with_added(L.step(i, b, cache=2_000_000_000), inactive_split=inactive))
         return out
 
     plain, low, high = fit(steps(None)), fit(steps(peak32 // 100)), fit(steps(peak32))
@@ -181,6 +178,7 @@ def test_the_allocators_split_free_bytes_bound_the_fragmentation_kept_at_the_lim
     assert p.components["cache"] >= round(low.frag_share * p.peak_allocated)
     assert p.total + p.margin <= device
     assert any("fragmentation at the limit" in n for n in low.notes)
+    assert fit([decode(encode(s)) for s in steps(peak32 // 100)]).frag_share == pytest.approx(low.frag_share)
     assert not any("fragmentation at the limit" in n for n in plain.notes + high.notes)
 
 
