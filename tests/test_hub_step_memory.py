@@ -102,8 +102,8 @@ def steady_wire_step(i: int) -> bytes:
                              40 + i % 5, "optimizer" if sampled else None,
                              {"forward": peak - 10, "backward": peak - 6, "optimizer": peak} if sampled else None)
     if sampled:
-        step = protocol.with_saved_split(step, {"batch": 256, "saved": 5, "in_blocks": 0, "block_inputs": 0,
-                                                "blocks": 0})
+        step = protocol.with_added(step, saved_split={"batch": 256, "saved": 5, "in_blocks": 0, "block_inputs": 0,
+                                                      "blocks": 0}, inactive_split=3 * 2**20)
     return protocol.encode(step)
 
 
@@ -116,6 +116,7 @@ def test_steady_steps_share_their_other_fields_and_answer_as_the_decoded_steps()
     for a, b in zip(decoded, kept):
         assert a == b and b == a and not (a != b) and fields(a) == fields(b)
         assert a.saved_split == b.saved_split and protocol.encode(a) == protocol.encode(b)
+        assert a.inactive_split == b.inactive_split  # every added field (protocol.ADDED_FIELDS) is kept
         assert repr(a) == repr(b) and isinstance(b, Step)
     assert kept[20] != kept[21] and kept[20] != decoded[21] and decoded[21] != kept[20]
     assert h.window() == tuple(decoded) and list(reversed(h.window())) == decoded[::-1]
@@ -133,6 +134,8 @@ def test_steady_steps_share_their_other_fields_and_answer_as_the_decoded_steps()
     for kept_step in (shared[5], sampled):  # copied or pickled: the plain Step it stands for
         for made in (copy.copy(kept_step), copy.deepcopy(kept_step), pickle.loads(pickle.dumps(kept_step))):
             assert type(made) is Step and made == kept_step and made.saved_split == kept_step.saved_split
+            assert made.inactive_split == kept_step.inactive_split
+    assert sampled.inactive_split == 3 * 2**20 and protocol.encode(sampled) == protocol.encode(decoded[sampled.step - 1])
 
 
 def test_the_history_of_a_steady_cuda_job_keeps_under_200_bytes_a_step():

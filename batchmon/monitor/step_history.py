@@ -38,7 +38,7 @@ from collections.abc import Sequence
 from itertools import islice
 from typing import Any, Iterator, overload
 
-from batchmon.protocol import Step
+from batchmon.protocol import ADDED_FIELDS, Step
 from batchmon.snapshot import StepPhases, phase_peaks
 
 RECENT_STEPS = 32  # model_steps: the last steps kept (the current state)
@@ -79,8 +79,9 @@ class KeptStep(Step):
 
     def __reduce__(self) -> tuple[Any, ...]:  # copy, deepcopy, pickle: the plain Step it stands for
         fields = {n: getattr(self, n) for n in _FIELDS if n != "type"}
-        if self.saved_split is not None:
-            fields["saved_split"] = self.saved_split
+        for name in ADDED_FIELDS:  # set only where they are (as the decoders and protocol.with_added do)
+            if getattr(self, name) is not None:
+                fields[name] = getattr(self, name)
         return (plain_step, (fields,))
 
 
@@ -91,7 +92,7 @@ def plain_step(fields: dict[str, Any]) -> Step:
     return out
 
 
-for _name in (*_FIELDS, "saved_split"):
+for _name in (*_FIELDS, *ADDED_FIELDS):
     if _name not in _OWN and _name != "type":
         setattr(KeptStep, _name, property(operator.attrgetter("_shared." + _name)))
 
@@ -106,8 +107,10 @@ def compact_step(step: Step, shared: dict[Any, Any], templates: list[tuple[tuple
     the step has is kept, whatever fields protocol.Step gains (a step with a field KeptStep does not know is
     kept plain)."""
     fields = step.__dict__ if type(step) is Step else {n: getattr(step, n) for n in _FIELDS if n != "type"}
-    if type(step) is not Step and step.saved_split is not None:
-        fields["saved_split"] = step.saved_split
+    if type(step) is not Step:
+        for name in ADDED_FIELDS:
+            if getattr(step, name) is not None:
+                fields[name] = getattr(step, name)
     if templates is not None and fields.keys() <= _KNOWN:
         values = tuple(map(fields.get, _REST))
         for i, (known, template) in enumerate(templates):
@@ -143,7 +146,7 @@ def _same_type(a: Any, b: Any) -> bool:
     return type(a) is type(b)
 
 
-_REST = tuple(n for n in (*_FIELDS, "saved_split") if n not in _OWN and n != "type")  # KeptStep reads from _shared
+_REST = tuple(n for n in (*_FIELDS, *ADDED_FIELDS) if n not in _OWN and n != "type")  # KeptStep reads from _shared
 _KNOWN = frozenset((*_OWN, *_REST))
 _REST_OF = operator.attrgetter(*_REST)  # a step's other fields, as the tuple compact_step compares
 
