@@ -11,6 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 nn = torch.nn
 
+from agent_helpers import agent_dir  # noqa: E402,F401 - fixture
 from batchmon.agent.accounting import ActivationCounter  # noqa: E402
 from batchmon.agent.saved_split import Fp32InputMeter, amp_bytes, fp32_input_modules  # noqa: E402
 
@@ -152,3 +153,56 @@ def test_hugging_face_t5_and_vit_walk_matches_cpu_autocast(name):
     assert abs(under / real - 1) < 0.005, (under, real)
     assert unknown == 0
     assert under < saved
+
+
+class DeclaredNet(nn.Module):
+    """Two T5-style feed-forward layers behind an embedding: the agent's probe hooks the declared ``wo``s."""
+
+    _keep_in_fp32_modules = ["wo"]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(64, 32)
+        self.ff = nn.ModuleList(KeepsFp32(32, 64) for _ in range(2))
+        self.head = nn.Linear(32, 64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.emb(x)
+        for ff in self.ff:
+            h = h + ff(h)
+        return self.head(h)
+
+
+def test_the_agent_counts_the_declared_modules_cast_and_leaves_no_hook(agent_dir):
+    """Through the real agent on CPU: the sampled step's split counts the copy autocast makes at each declared
+    ``wo`` (its amp_saved equals the walk with the meter), the losses are those of a run without the agent, and
+    no hook is left on the modules after the measured forward."""
+    import batchmon
+
+    def train(attach: bool):
+        torch.manual_seed(0)
+        model = DeclaredNet()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        handle = batchmon.attach(model, opt, activation_every=1) if attach else None
+        losses = []
+        for i in range(4):
+            x = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(i))
+            loss = nn.functional.cross_entropy(model(x).reshape(-1, 64), x.reshape(-1))
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+        steps = list(handle.steps) if handle is not None else []
+        if handle is not None:
+            handle.detach()
+        return model, losses, steps
+
+    _, plain, _ = train(False)
+    model, losses, steps = train(True)
+    assert losses == plain
+    split = next(s.saved_split for s in steps if s.saved_split)
+    assert all(not ff.wo._forward_hooks for ff in model.ff)
+    x = torch.randint(0, 64, (split["batch"], 16))
+    saved, under, _ = _walk(model, [x], lambda: model(x))
+    real = _real(model, [x], lambda: model(x))
+    assert split["saved"] == saved and split["amp_saved"] == under == real
