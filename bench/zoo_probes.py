@@ -151,6 +151,8 @@ def block_backward_meter(model: torch.nn.Module, read: Any, reset: Any) -> tuple
                 hidden.register_hook(arrived)
         return hook
 
+    if hasattr(model, "_orig_mod"):  # a compiled model: hooks on its modules would recompile it (minutes)
+        return peaks, []
     try:
         blocks = checkpoint_blocks(model)
     except Exception:  # noqa: BLE001 - for an explanation only

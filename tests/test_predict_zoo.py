@@ -336,3 +336,5 @@ def test_the_next_runs_probes_per_op_under_autocast_and_per_block_backward():
     logits.float().sum().backward()
     assert [index for index, _ in peaks] == [2, 1, 0] and [p for _, p in peaks] == [100, 101, 102]
     assert all(not block._forward_pre_hooks for block in model.transformer.h)
+    # a compiled model is left alone: hooks on its modules would make it recompile
+    assert block_backward_meter(torch.compile(model), lambda: 0, lambda: None) == ([], [])
