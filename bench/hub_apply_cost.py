@@ -216,6 +216,22 @@ def _shown(prediction: Any) -> Any:
             prediction.micro_batch)
 
 
+def _new_fits_same_answer(state: HubState, last: dict[str, Any]) -> int:
+    """After a snapshot: how many agents show a new fit (a fit time not seen before for the agent: hub_state
+    answers figures that come back from their earlier fit, showing its time again) that answers as the
+    prediction shown before it."""
+    same = 0
+    for src in state._sources.values():  # noqa: SLF001 - a bench looking inside
+        for agent in list(src.agents.values()):
+            seen, shown = last.get(agent.key, (set(), None))
+            t_fit = agent.prediction_time
+            if t_fit is not None and t_fit not in seen:
+                same += bool(seen) and shown == _shown(agent.prediction)
+                seen.add(t_fit)
+            last[agent.key] = (seen, _shown(agent.prediction))
+    return same
+
+
 def measure(records: list[dict[str, Any]], interval: float, profile: bool, warmup: float = 0.0) -> dict[str, Any]:
     """One pass: each record ingested, a snapshot at each tick (the tick's time). Only what happens ``warmup``
     recorded seconds after the first record is counted (the first steps' refits, the history filling)."""
@@ -239,6 +255,7 @@ def measure(records: list[dict[str, Any]], interval: float, profile: bool, warmu
                     state.ingest(rec)
                     if rec.get("kind") == "tick":
                         state.snapshot(float(t), interval)
+                        _new_fits_same_answer(state, last_pred)  # the fit times seen before the counted part
                     continue
                 if first_t is None:
                     first_t, fits.calls_before, fits.seconds_before = t, fits.calls, fits.seconds
@@ -269,13 +286,7 @@ def measure(records: list[dict[str, Any]], interval: float, profile: bool, warmu
                     snap[1] += clock() - s
                 snap[0] += 1
                 fits_in_snapshots += fits.calls - f0
-                for src in state._sources.values():  # noqa: SLF001 - a bench looking inside
-                    for agent in list(src.agents.values()):
-                        old = last_pred.get(agent.key)
-                        if old is not None and old[0] != agent.prediction_time and agent.prediction_time \
-                                is not None and old[1] == _shown(agent.prediction):
-                            same_refits += 1
-                        last_pred[agent.key] = (agent.prediction_time, _shown(agent.prediction))
+                same_refits += _new_fits_same_answer(state, last_pred)
     finally:
         memory_model.fit = fits.orig
     span = (last_t - first_t) if first_t is not None and last_t is not None else None

@@ -117,3 +117,46 @@ def test_the_phase_and_segment_names_are_all_compared():
             raised = dict(getattr(last, field), **{name: getattr(last, field)[name] + MIB})
             changed = base[:-1] + [dataclasses.replace(last, **{field: raised})]
             assert _fit_figures(changed) != _fit_figures(base), (field, name)
+
+
+def test_figures_that_come_back_within_the_steady_time_reuse_their_fit(monkeypatch):
+    """A summary whose figures alternate between two (a sampled step with a larger own peak in the recent steps at
+    one second, gone at the next, as the H200's fast jobs do) is fitted once for each, then answered from those
+    fits until PREDICT_STEADY_S has passed since each; a third set of figures is fitted at once."""
+    from batchmon.monitor.hub_state import PREDICT_STEADY_S
+    from batchmon.monitor.step_history import RECENT_STEPS
+
+    real_fit = memory_model.fit
+    fits: list[int] = []
+
+    def counted(*args, **kwargs):
+        fits.append(1)
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(memory_model, "fit", counted)
+    s = HubState()
+    s.ingest(agent(make_hello(4242, device="cuda:0", nvml_uuid="GPU-1")))
+    s.ingest(nvml_record(total=40 * GIB))
+    n = 0
+    for n in range(1, 101):  # a history longer than the summary: its first step, then the recent ones
+        s.ingest(agent(_step(n, 16, 1)))
+
+    def second(t: float, own_peak: int) -> object:  # RECENT_STEPS steps: the summary's recent part, all new
+        nonlocal n
+        for k in range(RECENT_STEPS):
+            n += 1
+            s.ingest(agent(_step(n, 16, own_peak if k == RECENT_STEPS // 2 else 1)))
+        view = s.snapshot(t).agents[0]
+        assert view.last_step.step == n
+        return view.prediction
+
+    answers = {1: second(1.0, 1), 3: second(2.0, 3)}
+    assert len(fits) == 2 and answers[1] is not None and answers[3] is not None
+    for t in range(3, 30):
+        own = 1 if t % 2 else 3
+        assert second(float(t), own) is answers[own], t  # the fit of these figures, not a new one
+    assert len(fits) == 2
+    second(30.0, 7)  # figures not seen before: fitted at once
+    assert len(fits) == 3
+    second(1.0 + PREDICT_STEADY_S + 1, 1)  # the first fit is too old now: fitted again
+    assert len(fits) == 4
