@@ -176,6 +176,21 @@ def build(args: argparse.Namespace, torch: Any, device: Any) -> tuple[Any, Any, 
     return Wrapped(model), opt, LMLoss(), lambda: (ids, ids), settings
 
 
+def training_step(model: Any, opt: Any, crit: Any, batch: Callable[[], Any]) -> Callable[[], None]:
+    """One training step of ``build``'s parts, to ``loss.item()`` (a host sync, as training loops log): the loop
+    every agent-cost bench times (agent_cost_paired.py, agent_cost_callgrind.py and here)."""
+
+    def step() -> None:
+        x, y = batch()
+        opt.zero_grad(set_to_none=True)
+        loss = crit(model(x), y)
+        loss.backward()
+        opt.step()
+        loss.item()
+
+    return step
+
+
 # ------------------------------------------------------------------------------------------------ profiling
 
 
@@ -239,6 +254,8 @@ def profile(handle: Any, run_steps: Callable[[int], list[float]], steps: int) ->
     t.wrap(handle, "_open_quiet", "forward pre hook, quiet step (agent side: StepMeter.open_quiet)")
     t.wrap(meter, "begin_forward", "  forward: batch size, inputs as batch")
     t.wrap(meter, "finish_carried", "  step end: a carried step (the last Step repeated)")
+    if hasattr(meter, "finish_quiet"):  # a quiet step's end joins the quiet run (no Step; from the optimizer's hook)
+        t.wrap(meter, "finish_quiet", "step end: a quiet step (joins the run: step_runs)")
     t.wrap(meter, "finish", "  step end: measure (counting + message)")
     t.wrap(meter, "static_components", "    counting: parameters/gradients/optimizer")
     t.wrap(meter, "_cuda", "    allocator figures")
@@ -447,14 +464,11 @@ def main(argv: list[str] | None = None) -> int:
         reader = subprocess.Popen([sys.executable, "-c", READER, str(sock_dir)], stdout=subprocess.PIPE,
                                   stderr=subprocess.DEVNULL, text=True)
 
+    train = training_step(model, opt, crit, batch)
+
     def one_step() -> float:
         t = time.perf_counter()
-        x, y = batch()
-        opt.zero_grad(set_to_none=True)
-        loss = crit(model(x), y)
-        loss.backward()
-        opt.step()
-        loss.item()
+        train()
         return time.perf_counter() - t
 
     def run_steps(n: int) -> list[float]:

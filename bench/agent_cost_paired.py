@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     sys.path.insert(0, str(ROOT / "bench"))
     sys.path.insert(0, str(ROOT))
-    from agent_cost import build  # the same models as bench/agent_cost.py
+    from agent_cost import build, training_step  # the same models and loop as bench/agent_cost.py
     import batchmon
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -117,13 +117,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         torch.backends.cudnn.benchmark = True
     model, opt, crit, batch, settings = build(args, torch, device)
 
-    def step() -> None:
-        x, y = batch()
-        opt.zero_grad(set_to_none=True)
-        loss = crit(model(x), y)
-        loss.backward()
-        opt.step()
-        loss.item()
+    step = training_step(model, opt, crit, batch)
 
     clock, cpu_clock = time.perf_counter, time.thread_time
 

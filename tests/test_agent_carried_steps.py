@@ -64,7 +64,7 @@ import batchmon
 from batchmon.agent import step_meter
 from test_agent_carried_steps import train
 if sys.argv[2] == "measured":
-    step_meter.StepMeter.finish_carried = lambda self, device_used, quiet=False: None
+    step_meter.StepMeter.finish_carried = lambda self, device_used: None
 steps, carried, quiet, events = train(torch.device("cuda", 0))
 print(json.dumps({"steps": steps, "carried": carried, "quiet": quiet, "events": events}))
 """
@@ -78,15 +78,22 @@ def train(device: torch.device) -> tuple[list[dict[str, Any]], int, int, list[di
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     crit = nn.CrossEntropyLoss()
     carried = quiet = 0
-    original = step_meter.StepMeter.finish_carried
+    original, original_quiet = step_meter.StepMeter.finish_carried, step_meter.StepMeter.finish_quiet
 
-    def counting(self: step_meter.StepMeter, device_used: int | None, quiet: bool = False) -> Any:
+    def counting(self: step_meter.StepMeter, device_used: int | None) -> Any:
         nonlocal carried
-        step = original(self, device_used, quiet)
+        step = original(self, device_used)
         carried += step is not None
         return step
 
+    def counting_quiet(self: step_meter.StepMeter, device_used: int | None) -> bool:  # a carried step, no Step made
+        nonlocal carried
+        joined = original_quiet(self, device_used)
+        carried += joined
+        return joined
+
     step_meter.StepMeter.finish_carried = counting  # type: ignore[method-assign]
+    step_meter.StepMeter.finish_quiet = counting_quiet  # type: ignore[method-assign]
     handle = batchmon.attach(model, opt, activation_every=EVERY)
     try:
         for i, (batch, dtype, keyword, micro, evaluate) in enumerate(PLAN):
@@ -114,6 +121,7 @@ def train(device: torch.device) -> tuple[list[dict[str, Any]], int, int, list[di
     finally:
         handle.detach()
         step_meter.StepMeter.finish_carried = original  # type: ignore[method-assign]
+        step_meter.StepMeter.finish_quiet = original_quiet  # type: ignore[method-assign]
     assert all(secs is not None and secs > 0 for _, secs in times[1:])
     assert all(a[0] <= b[0] for a, b in zip(times, times[1:]))  # every step has its own time
     return steps, carried, quiet, events
@@ -121,7 +129,7 @@ def train(device: torch.device) -> tuple[list[dict[str, Any]], int, int, list[di
 
 def test_carried_step_ends_are_what_measuring_gives(agent_dir, monkeypatch: pytest.MonkeyPatch):
     fast, carried, quiet, fast_events = train(torch.device("cpu"))
-    monkeypatch.setattr(step_meter.StepMeter, "finish_carried", lambda self, device_used, quiet=False: None)
+    monkeypatch.setattr(step_meter.StepMeter, "finish_carried", lambda self, device_used: None)
     measured, none, loud, measured_events = train(torch.device("cpu"))
     assert none == 0 and loud == 0 and len(fast) == len(measured) == len(PLAN)
     for a, b in zip(fast, measured):

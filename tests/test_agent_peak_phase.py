@@ -305,15 +305,15 @@ def test_own_peaks_cost_reads_on_sampled_steps_only(agent_dir):
         def wrapped(*args, **kwargs):
             out = finish(*args, **kwargs)
             step = out[0] if isinstance(out, tuple) else out
-            if step is None:  # finish_carried declined (the step is not a carried one): finish ends it
+            if step is None or step is False:  # finish_carried/finish_quiet declined: finish ends it
                 return out
-            per_step.append((getattr(step, "phase_own_peaks", None) is not None, reads[0]))
+            per_step.append((getattr(step, "phase_own_peaks", None) is not None, reads[0]))  # (True: a quiet step)
             reads[0] = 0
             return out
         return wrapped
 
     meter.phases._read = counted_read
-    for name in ("finish", "finish_carried"):
+    for name in ("finish", "finish_carried", "finish_quiet"):
         if hasattr(meter, name):
             setattr(meter, name, counted(getattr(meter, name)))
     try:

@@ -33,7 +33,7 @@ from typing import Any, Callable
 
 import torch
 
-from batchmon.agent import identity
+from batchmon.agent import identity, oom_report
 from batchmon.agent import torch_patches as patches
 from batchmon.agent.batch_dim import BatchSizer, env_batch_dim
 from batchmon.agent.module_watch import ModuleWatch
@@ -44,7 +44,6 @@ from batchmon.agent.quiet_steps import QuietSteps
 from batchmon.agent.saved_split import SplitProbe
 from batchmon.agent.placement import cuda_figures, device_of, device_of_optimizer, suggested_batch
 from batchmon.agent.step_meter import FULL_STEPS, StepMeter
-from batchmon.agent.transport import QUEUE_MAX
 from batchmon.protocol import Bye, Event, Hello, with_saved_split
 
 DEFAULT_ACTIVATION_EVERY = 10
@@ -447,19 +446,8 @@ class AgentHandle(HandleViews):
             meter = self._meter
             ref = meter.primary_ref
             primary = ref() if ref is not None else None
-            if optimizer is primary and self.quiet and meter.batch_carried:  # (_finish_step's carried case, faster)
-                step = meter.finish_carried(self._device_used, True)
-                if step is not None:
-                    out = self._out  # (Publisher.step and Transport.put, inline: this runs every step)
-                    out.steps.append(step)
-                    transport = out.transport
-                    if transport is not None:
-                        queue = transport._queue
-                        if len(queue) >= QUEUE_MAX:
-                            transport.queue_dropped += 1
-                        queue.append(step)
-                    return
-                self._finish_step()
+            if optimizer is primary and self.quiet and meter.batch_carried:  # a quiet step that did not join the
+                self._finish_step()  # run (torch_patches._step_post tried StepMeter.finish_quiet first)
                 return
             if optimizer is not primary and (primary is None or optimizer not in meter.optimizer_set):
                 self._track_optimizer(optimizer)  # (the primary optimizer is tracked: no set look-up for it)
@@ -487,6 +475,8 @@ class AgentHandle(HandleViews):
             out.step(step)
             if not self.quiet:
                 self._hooks.after_carried(forwards)
+            if self.quiet:  # the next steps are quiet: a run of this one (step_runs)
+                out.run(meter.new_run())
             return
         if self.pid != _getpid():  # a child forked outside os.fork (whose handler disables the agent there)
             return
@@ -497,6 +487,8 @@ class AgentHandle(HandleViews):
         out.step(step)
         for event in events:
             self._out.event(event)
+        if self.quiet:  # still quiet (an allocator read ended this step): the next steps are a run of this one
+            out.run(meter.new_run())
 
     # -------------------------------------------------------------------------------------------- OOM
 
@@ -507,7 +499,7 @@ class AgentHandle(HandleViews):
         self.oom_count += 1
         try:
             self._watch.close_loss_window()
-            self._out.event(self._meter.oom_event(exc, where))
+            self._out.event(oom_report.oom_event(self._meter, exc, where))
         except Exception as err:  # noqa: BLE001
             self._fail(err)
 

@@ -28,15 +28,13 @@ class HandleViews:
 
     @property
     def steps(self) -> list[Step]:
-        """Recent step messages, oldest first (at most the last 2000)."""
-        return snapshot(self._out.steps)
+        """Recent step messages, oldest first (at most the last 2000; quiet steps are kept as runs, each made a Step
+        here: batchmon.agent.step_runs)."""
+        return self._out.steps.steps()
 
     @property
     def last_step(self) -> Step | None:
-        try:
-            return self._out.steps[-1]
-        except IndexError:
-            return None
+        return self._out.steps.last()
 
     @property
     def events(self) -> list[Event]:

@@ -1,6 +1,9 @@
 """Where the agent's measurements go: the recent history (``handle.steps``/``events``), the socket that serves
 it to monitors (batchmon.agent.transport, opened lazily), and the one-line stderr warnings.
 
+Quiet steps are not Steps here but runs of the last one (batchmon.agent.step_runs): the history and the socket
+thread expand or fold them.
+
 Opening the socket can fail (an unusable folder): the training goes on unmonitored, with one warning.
 """
 
@@ -14,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from batchmon import protocol
 from batchmon.agent.coalesce import HISTORY_EVENTS, HISTORY_STEPS, WINDOW_SECONDS
+from batchmon.agent.step_runs import QuietRun, StepHistory
 from batchmon.protocol import Bye, Event, Hello, Step
 
 if TYPE_CHECKING:
@@ -44,7 +48,7 @@ class Publisher:
         self._tick = tick
         self.transport: Transport | None = None
         self.socket_error: str | None = None  # why there is no socket (training continues unmonitored)
-        self.steps: deque[Step] = deque(maxlen=HISTORY_STEPS)
+        self.steps = StepHistory(HISTORY_STEPS)  # Steps and quiet runs (batchmon.agent.step_runs)
         self.events: deque[Event] = deque(maxlen=HISTORY_EVENTS)
         self._warned: set[str] = set()
 
@@ -78,6 +82,14 @@ class Publisher:
         self.steps.append(step)
         if self.transport is not None:
             self.transport.put(step)
+
+    def run(self, run: QuietRun | None) -> None:
+        """Quiet steps begin (StepMeter.new_run): they join ``run`` one by one, and the socket thread reads them
+        from it (handed over once, here)."""
+        if run is not None:
+            self.steps.append(run)
+            if self.transport is not None:
+                self.transport.put(run)
 
     def event(self, event: Event) -> None:
         self.events.append(event)

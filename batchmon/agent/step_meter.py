@@ -40,7 +40,8 @@ whatever the time); an explicit one is exact. Sampled steps walk parameters, gra
 when something may have changed (first steps, batch size, moved model, grown optimizer state, or RECOUNT_SECONDS
 passed). A step not sampled whose root inputs are plain tensors of the last step's shapes, dtypes and places carries
 the last step's batch size and bytes and parameter/gradient/optimizer counts (new optimizer state: next sample); its
-end is ``finish_carried`` (the last Step, copied) when nothing it reports differs; then steps run quiet (quiet_steps).
+end is ``finish_carried`` (the last Step, copied) when nothing it reports differs; then steps run quiet (quiet_steps),
+each ending in ``finish_quiet``: its end time joins a run of the last Step (step_runs), no Step made.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ from batchmon.agent import torch_patches as patches
 from batchmon.agent.placement import CudaFigures, cuda_figures, device_of, first_parameter, layout_of, signature
 from batchmon.agent.peak_phase import NOT_FOLLOWED, PhaseTracker
 from batchmon.agent.batch_dim import BatchSizer
+from batchmon.agent.step_runs import RUN_MAX, QuietRun
 from batchmon.protocol import Event, ModelInfo, Step, new_step
 
 _perf_counter, _time, _new_object, _grad_enabled = time.perf_counter, time.time, object.__new__, torch.is_grad_enabled
@@ -118,7 +120,8 @@ class StepMeter:
         self._figures: CudaFigures | None = None  # the allocator's figures as last read
         self._figures_t = 0.0  # perf_counter of that read
         self._last_batch_size: int | None = None  # of the last step (a change resets the allocator's peak)
-        self._carried_batch: tuple[tuple[Any, ...], int] | None = None  # (inputs' signature, the step's batch bytes)
+        # (inputs' signature, the step's batch bytes, the one input's (shape, dtype, is_cuda) when there is one)
+        self._carried_batch: tuple[tuple[Any, ...], int, tuple[Any, ...] | None] | None = None
         self._step_sig: tuple[Any, ...] | None = None  # the open step's first forward's inputs, if plain tensors
         self.batch_carried = False  # the open step's batch bytes are the last step's (same inputs, not sampled)
         self.phases = PhaseTracker(self._segment_peak)  # each phase's own peak on a sampled step, and where it peaked
@@ -127,6 +130,7 @@ class StepMeter:
         self._on_cuda = False
         self._template: Step | None = None  # the last step finish made, when a carried step may repeat it
         self._template_key: tuple[Any, ...] | None = None  # the figures it was made of (finish_carried compares)
+        self.run: QuietRun | None = None  # the quiet steps since the last Step (step_runs; finish_quiet adds to it)
 
     # -------------------------------------------------------------------------------------------- what
 
@@ -181,8 +185,9 @@ class StepMeter:
         if carried is None or self.step_open or self.sizer.fn is not None or not _grad_enabled():
             return False
         if len(args) == 1:
-            a = args[0]
-            if type(a) is not torch.Tensor or carried[0] != ((a.shape, a.dtype, a.is_cuda),):
+            a, one = args[0], carried[2]  # (compared field by field: no signature tuples made per step)
+            if one is None or type(a) is not torch.Tensor or a.shape != one[0] or a.dtype is not one[1] \
+                    or a.is_cuda is not one[2]:
                 return False
         elif carried[0] != signature(args):
             return False
@@ -398,51 +403,78 @@ class StepMeter:
 
     # -------------------------------------------------------------------------------------------- step end
 
-    def finish_carried(self, device_used: int | None, quiet: bool = False) -> Step | None:
+    def finish_carried(self, device_used: int | None) -> Step | None:
         """A carried step's end (``batch_carried``): when every figure it reports is the last step's (counts,
         activations, batch bytes, size, source, micro-batches, allocator figures, no read due, the device figure),
-        the last Step copied with its number and times; else None (then ``finish``). ``quiet`` (quiet_steps: the
-        last step compared them all): only what a quiet step can change is compared - backwards, NVML's figure, a
-        read due; what changes the rest ends a step with ``finish`` (a new template) or arms the hooks."""
-        key = self._template_key
+        the last Step copied with its number and times; else None (then ``finish``). A quiet step ends through
+        ``finish_quiet`` instead (no Step at all)."""
+        if self.sampled or not self.step_open or self.batch is not None or self.counter is not None \
+                or self.phases.active or self._template is None:
+            return None
         now = _perf_counter()
-        if quiet:
-            if key is None or key[6] != self.backwards or self.phases.active or (self._on_cuda and (
-                    key[7] != device_used or now - self._figures_t >= ALLOCATOR_READ_SECONDS)):
+        device = self.device
+        if device is not self._kind_of:  # (torch.device.type costs ~0.7 us a read: once per device object)
+            self._kind_of, self._on_cuda = device, device is not None and device.type == "cuda"
+        cuda = None
+        if self._on_cuda:
+            cuda = self._figures
+            if cuda is None or self.step < FULL_STEPS or now - self._figures_t >= ALLOCATOR_READ_SECONDS:
                 return None
         else:
-            if self.sampled or not self.step_open or self.batch is not None or self.counter is not None \
-                    or self.phases.active or self._template is None:
-                return None
-            device = self.device
-            if device is not self._kind_of:  # (torch.device.type costs ~0.7 us a read: once per device object)
-                self._kind_of, self._on_cuda = device, device is not None and device.type == "cuda"
-            cuda = None
-            if self._on_cuda:
-                cuda = self._figures
-                if cuda is None or self.step < FULL_STEPS or now - self._figures_t >= ALLOCATOR_READ_SECONDS:
-                    return None
-            else:
-                device_used = None
-            if self._last_step_end is None or key != (self._static, self._last_acts, self._batch_max, cuda,
-                                                      self.batch_size, self.batch_source, self.backwards, device_used):
-                return None
+            device_used = None
+        if self._last_step_end is None or self._template_key != (
+                self._static, self._last_acts, self._batch_max, cuda, self.batch_size, self.batch_source,
+                self.backwards, device_used):
+            return None
         template, start = self._template, self._last_step_end
         self._last_step_end = now
         self.step = n = self.step + 1
         step = _new_object(Step)  # a frozen dataclass: its fields live in __dict__ (protocol.new_step)
         step.__dict__.update(template.__dict__, step=n, time=_time(), step_seconds=now - start,  # type: ignore
                              components=template.components.copy())  # type: ignore[union-attr]  # (key set)
-        if not quiet:  # (quiet: the batch size is the last step's; marks are kept only before an optimizer step)
-            self._last_batch_size, self._backward_static = self.batch_size, None
-            self._grad_marks = self._grad_marks and []  # (no new list unless marks)
+        self._last_batch_size, self._backward_static = self.batch_size, None
+        self._grad_marks = self._grad_marks and []  # (no new list unless marks)
         self.step_open = self.batch_carried = False
         self._batch_max = self.backwards = self.forwards = 0
+        self.run = None
         patches.oom_requested = None  # as finish's take_oom_requested: a caught failure is not the next OOM's size
         return step
 
+    def new_run(self) -> QuietRun | None:
+        """The quiet steps from the next one on are a run of the last Step (step_runs), None without one to
+        repeat; the caller publishes it. Quiet steps end through ``finish_quiet`` while it is open."""
+        template = self._template
+        start = self._last_step_end
+        self.run = QuietRun(template, self.step + 1, start) if template is not None and start is not None else None
+        return self.run
+
+    def finish_quiet(self, device_used: int | None) -> bool:
+        """A quiet step's end (quiet_steps; the open ``run`` repeats the last Step): True when it joined the run -
+        only what a quiet step can change is compared (its backward count, NVML's figure, an allocator read due;
+        whatever changes the rest arms the hooks, or ends a step with ``finish``) and only its end time is kept
+        (no Step: step_runs). False, having changed nothing, when ``finish_carried``/``finish`` must end it."""
+        run = self.run
+        if run is None:
+            return False
+        key = self._template_key
+        now = _perf_counter()
+        if key is None or key[6] != self.backwards or self.phases.active or (self._on_cuda and (
+                key[7] != device_used or now - self._figures_t >= ALLOCATOR_READ_SECONDS)):
+            return False
+        ends = run.ends
+        if len(ends) >= RUN_MAX:
+            return False  # (a Step, then a new run: a run's array stays bounded)
+        ends.append(now)
+        self._last_step_end = now
+        self.step += 1
+        self.step_open = self.batch_carried = False  # (the batch size is the last step's; marks only before an
+        self._batch_max = self.backwards = self.forwards = 0  # optimizer step, and a quiet step has one)
+        patches.oom_requested = None
+        return True
+
     def _close_step(self) -> None:  # the per-step state back to between-steps (finish; finish_carried resets its own)
         self.step_open = self.sampled = self.batch_carried = False
+        self.run = None
         self._acts_max = self._batch_max = self.backwards = self.forwards = 0
         self._grad_marks = []
         self._backward_static = None
@@ -477,7 +509,7 @@ class StepMeter:
         acts, batch = self._last_acts, self._batch_max
         if self.step_open and not self.batch_carried:  # a measured step: the next one with these inputs carries it
             sig = self._step_sig
-            self._carried_batch = (sig, batch) if sig is not None else None
+            self._carried_batch = (sig, batch, sig[0] if len(sig) == 1 else None) if sig is not None else None
         comps = {"parameters": parameters, "gradients": gradients, "optimizer": optimizer, "activations": acts,
                  "batch": batch, "other": 0}
         cuda: CudaFigures | None = None
@@ -536,20 +568,6 @@ class StepMeter:
         patches.take_oom_requested()  # an allocation failure someone caught and survived is not the next OOM's size
         return step, events
 
-    def oom_event(self, exc: BaseException, where: str) -> Event:
-        """The ``oom`` event for an out-of-memory error leaving forward, loss, backward or the optimizer step."""
-        requested = patches.take_oom_requested()
-        if requested is None:
-            requested = patches.requested_from_text(str(exc))
-        text = " ".join(str(exc).split())
-        first = text.split(". ", 1)[0][:300]
-        n = self.step + 1
-        allocated, reserved, retries = self._allocator_at_error()
-        return Event(kind="oom", message=f"out of memory in {where} at step {n}: {first}",
-                     components=self.current_components(), time=time.time(), step=n,
-                     batch_size=self.batch_size, requested_bytes=requested, allocated=allocated,
-                     reserved=reserved, num_alloc_retries=retries)
-
     def _allocator_at_error(self) -> tuple[int | None, int | None, int | None]:
         """The caching allocator right after an out-of-memory error (live tensors, its pool, retries so far), for
         the post-mortem's fragmentation: the step's own reading (cuda_figures) without starting a new peak; None
@@ -580,21 +598,3 @@ class StepMeter:
             self._static_state_len = state_len
             self._recount_t = time.perf_counter()
         return self._static
-
-    def current_components(self) -> dict[str, int]:
-        """The components so far in the open step (for an OOM event; the carried counts stay: after an OOM in
-        backward the gradients are gone until the step is redone, which the steps after it must not report)."""
-        kept = self._static, self._static_state_len, self._recount_t
-        try:
-            parameters, gradients, optimizer = self.static_components(force=True)
-        finally:
-            self._static, self._static_state_len, self._recount_t = kept
-        acts = self._last_acts
-        if self.sampled:
-            acts = max(self._acts_max, self.counter.bytes if self.counter is not None else 0)
-        batch = max(self._batch_max, self.batch.bytes if self.batch is not None else 0)
-        comps = accounting.components(parameters, gradients, optimizer, acts, batch)
-        cuda = self._cuda(self.device, False)
-        if cuda is not None:  # a sampled step's peak is reset at each phase: the closed phases' own peaks count
-            comps["other"] = max(0, max(cuda.peak, self.phases.high) - sum(comps.values()))
-        return comps

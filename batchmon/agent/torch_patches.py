@@ -19,12 +19,9 @@ observer. ``optimizer.step`` of a tracked optimizer
 is wrapped on the instance (``_StepWrapper``) to see an OOM leave it; ``Optimizer.__getstate__`` already drops
 it from copies.
 
-The script's own CUDA memory calls (issue 12 point 4), patched on CUDA only: the agent resets the allocator's
-peak after every step, which would hide the script's peak from ``torch.cuda.max_memory_allocated()``; and a
-script's ``reset_peak_memory_stats()`` mid-step would hide the step's peak from the agent. So the agent's own
-resets remember the peak they cleared (the script's ``memory_stats*()``/``max_memory_allocated()``/
-``max_memory_reserved()`` report the larger of it and the live peak, until the script resets), and the script's
-resets remember the peak they cleared for the agent's step. ``empty_cache()``, ``_record_memory_history()``
+The script's own CUDA memory calls (issue 12 point 4), patched on CUDA only, live in batchmon.agent.cuda_peaks
+(re-exported here, undone by ``uninstall``): the agent's peak resets must not hide the script's peak, nor the
+script's resets the step's. ``empty_cache()``, ``_record_memory_history()``
 and the profiler are left alone: the agent allocates nothing on the device and reads only allocator counters.
 """
 
@@ -39,11 +36,15 @@ from typing import Any, Callable, Protocol
 
 import torch
 
+from batchmon.agent.cuda_peaks import (  # noqa: F401 - the agent reaches them here
+    agent_missed, agent_reset, install_cuda_memory, raw_stats, uninstall_cuda_memory)
+
 
 class Sink(Protocol):
     """What the patches call on the attached agent (AgentHandle)."""
 
     oom_count: int
+    _device_used: int | None  # NVML's per-process figure (a quiet step's end compares it)
     quiet: bool  # a quiet steady step (batchmon.agent.quiet_steps): backward only counted (``_meter.backwards``)
     _meter: Any
     _hooks: Any  # batchmon.agent.quiet_steps.QuietSteps
@@ -330,13 +331,26 @@ def _step_pre(optimizer: Any, args: Any, kwargs: Any) -> None:
 
 
 def _step_post(optimizer: Any, args: Any, kwargs: Any) -> None:
-    """Every optimizer's step ended: out of it, and the agent's step end (one global hook for both)."""
+    """Every optimizer's step ended: out of it, and the agent's step end (one global hook for both). A quiet step's
+    end (the primary optimizer's, its forward carried) joins the quiet run here (StepMeter.finish_quiet: no Step,
+    no call in between); anything else goes to the agent's ``_on_step``."""
     global step_depth
     if step_depth > 0:  # (0 on a quiet step: the pre hook is off)
         step_depth -= 1
     a = agent
-    if a is not None:
-        a._on_step(optimizer, args, kwargs)
+    if a is None:
+        return
+    if a.quiet:
+        try:
+            meter = a._meter
+            ref = meter.primary_ref
+            if meter.batch_carried and ref is not None and optimizer is ref() \
+                    and meter.finish_quiet(a._device_used):
+                return
+        except Exception as exc:  # noqa: BLE001 - never into the training
+            a._fail(exc)
+            return
+    a._on_step(optimizer, args, kwargs)
 
 
 def step_depth_hook(on: bool) -> None:
@@ -400,7 +414,7 @@ def uninstall() -> None:
     for hook in hooks:
         if hook is not None:
             hook.remove()
-    _uninstall_cuda_memory()
+    uninstall_cuda_memory()
     step_depth = 0
 
 
@@ -464,98 +478,6 @@ def unwrap_step(optimizer: torch.optim.Optimizer) -> None:
             del optimizer.__dict__["step"]
         else:
             optimizer.step = wrapper._inner  # type: ignore[method-assign]
-
-
-# ------------------------------------------------------------------------------------------------ CUDA peaks
-
-_user_missed: dict[int, list[int]] = {}  # device -> [allocated, reserved] peaks the agent's resets hid from the script
-_agent_missed: dict[int, int] = {}  # device -> allocated peak the script's resets hid from the agent's step
-
-
-def _index(device: Any) -> int:
-    from torch.cuda._utils import _get_device_index
-
-    return _get_device_index(device, optional=True)
-
-
-def raw_stats(index: int) -> dict[str, Any]:
-    """The allocator's nested stats as they are (the agent's view)."""
-    fn = _originals.get("cuda_stats") or torch.cuda.memory.memory_stats_as_nested_dict
-    return fn(index)
-
-
-def agent_reset(index: int, stats: dict[str, Any]) -> None:
-    """The agent resets the peak at a step's end; the script keeps seeing the peak it had."""
-    if stats:
-        missed = _user_missed.setdefault(index, [0, 0])
-        missed[0] = max(missed[0], int(stats["allocated_bytes"]["all"]["peak"]))
-        missed[1] = max(missed[1], int(stats["reserved_bytes"]["all"]["peak"]))
-    torch._C._cuda_resetPeakMemoryStats(index)
-
-
-def agent_missed(index: int, take: bool = True) -> int:
-    """The allocated peak the script's own resets cleared since the agent's last reset (0 if none)."""
-    return _agent_missed.pop(index, 0) if take else _agent_missed.get(index, 0)
-
-
-def _script_reset(device: Any = None) -> Any:
-    index = _index(device)
-    try:
-        stats = raw_stats(index)
-        if stats:
-            peak = int(stats["allocated_bytes"]["all"]["peak"])
-            _agent_missed[index] = max(_agent_missed.get(index, 0), peak)
-    except Exception:  # noqa: BLE001 - the script's call must still happen
-        pass
-    _user_missed.pop(index, None)
-    return _originals["cuda_reset"](device)
-
-
-def _script_stats(device: Any = None) -> Any:
-    stats = raw_stats(device)
-    try:
-        missed = _user_missed.get(_index(device))
-        if missed and stats:
-            stats = dict(stats)
-            for key, value in (("allocated_bytes", missed[0]), ("reserved_bytes", missed[1])):
-                table = dict(stats[key])
-                table["all"] = dict(table["all"], peak=max(int(table["all"]["peak"]), value))
-                stats[key] = table
-    except Exception:  # noqa: BLE001 - never break the script's own query
-        pass
-    return stats
-
-
-def install_cuda_memory() -> None:
-    """Patch the script-facing CUDA memory calls (idempotent; on a CUDA device only)."""
-    if "cuda_stats" in _originals:
-        return
-    import torch.cuda.memory as cuda_memory
-
-    _originals["cuda_stats"] = cuda_memory.memory_stats_as_nested_dict
-    _originals["cuda_reset"] = cuda_memory.reset_peak_memory_stats
-    functools.update_wrapper(_script_stats, _originals["cuda_stats"])
-    functools.update_wrapper(_script_reset, _originals["cuda_reset"])
-    for module in (cuda_memory, torch.cuda):
-        if getattr(module, "memory_stats_as_nested_dict", None) is _originals["cuda_stats"]:
-            module.memory_stats_as_nested_dict = _script_stats
-        if getattr(module, "reset_peak_memory_stats", None) is _originals["cuda_reset"]:
-            module.reset_peak_memory_stats = _script_reset
-
-
-def _uninstall_cuda_memory() -> None:
-    stats, reset = _originals.pop("cuda_stats", None), _originals.pop("cuda_reset", None)
-    if stats is None or reset is None:
-        return
-    import torch.cuda.memory as cuda_memory
-
-    for module in (cuda_memory, torch.cuda):
-        if getattr(module, "memory_stats_as_nested_dict", None) is _script_stats:
-            module.memory_stats_as_nested_dict = stats
-        if getattr(module, "reset_peak_memory_stats", None) is _script_reset:
-            module.reset_peak_memory_stats = reset
-    _user_missed.clear()
-    _agent_missed.clear()
 
 
 # ------------------------------------------------------------------------------------------------ CUDA OOM size

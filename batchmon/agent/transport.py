@@ -8,7 +8,8 @@ monitor that never reads loses its oldest lines instead of growing memory or slo
 
 Steps are coalesced here (batchmon.agent.coalesce): at high step rates one message stands for a window of
 steps, at most about 10 a second, without losing a batch size's peak, a batch change or an event; the
-training thread's put() stays an append, the windows are made on this thread.
+training thread's put() stays an append, the windows are made on this thread. Quiet steps come as runs
+(batchmon.agent.step_runs: put once, read at each poll), not one message each.
 
 No torch here: the monitor side imports protocol only, this module only runs inside the training process.
 """
@@ -30,6 +31,7 @@ from typing import Callable, Sequence
 
 from batchmon import protocol
 from batchmon.agent.coalesce import HISTORY_EVENTS, HISTORY_STEPS, StepCoalescer
+from batchmon.agent.step_runs import QuietRun
 from batchmon.protocol import Bye, Event, Hello, Step
 
 QUEUE_MAX = 4096  # live messages waiting for the thread
@@ -131,7 +133,9 @@ class Transport:
         self._on_error = on_error
         self._tick = tick
         self._tick_seconds = tick_seconds
-        self._queue: deque[Step | Event] = deque(maxlen=QUEUE_MAX)
+        self._queue: deque[Step | Event | QuietRun] = deque(maxlen=QUEUE_MAX)
+        self._open_run: QuietRun | None = None  # the quiet steps being added to (batchmon.agent.step_runs)
+        self._run_taken = 0  # how many of them were taken
         self._new_hello: Hello | None = None
         self._hello: Hello | None = None
         self._hello_line: bytes | None = None
@@ -155,7 +159,7 @@ class Transport:
     def set_hello(self, hello: Hello) -> None:
         self._new_hello = hello
 
-    def put(self, message: Step | Event) -> None:
+    def put(self, message: Step | Event | QuietRun) -> None:
         queue = self._queue
         if len(queue) >= QUEUE_MAX:
             self.queue_dropped += 1
@@ -359,13 +363,31 @@ class Transport:
                 message = queue.popleft()
             except IndexError:
                 break
-            if isinstance(message, Step):
+            if self._open_run is not None:  # the run's steps so far come before the message (its steps, or a new run)
+                touched = self._take_run(now) or touched
+                if type(message) is not Event:
+                    self._open_run = None  # ended: a Step or a new run was published after its last step
+            if isinstance(message, QuietRun):
+                self._open_run, self._run_taken = message, 0
+            elif isinstance(message, Step):
                 touched = self._queue_lines(coalescer.add(message, now)) or touched
             else:  # an event: the open window of steps goes first
                 touched = self._queue_lines([*coalescer.flush(now), message]) or touched
+        if self._open_run is not None:
+            touched = self._take_run(now) or touched
         if touched:
             for client in list(self._clients.values()):
                 self._send(sel, client)
+
+    def _take_run(self, now: float) -> bool:
+        """The quiet steps added to the open run since the last look, as one window for the coalescer."""
+        run = self._open_run
+        assert run is not None
+        taken, n = self._run_taken, len(run)
+        if n <= taken:
+            return False
+        self._run_taken = n
+        return self._queue_lines(self.coalescer.add(run.window(taken, n), now))
 
     def _emit(self, sel: selectors.BaseSelector, messages: Sequence[Step | Event]) -> None:
         if self._queue_lines(messages):
