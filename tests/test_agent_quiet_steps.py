@@ -351,3 +351,24 @@ def test_a_sample_leaves_quiet_for_one_step_end_only(agent_dir):
         after.append(handle.quiet)
     loud = [handle.steps[-26 + i].step for i, q in enumerate(after) if not q]
     assert loud == [10, 20, 30], loud
+
+
+def test_a_model_moved_alone_is_measured_again_within_place_steps(agent_dir):
+    """A quiet step looks at the model's place (its first parameter's storage) every PLACE_STEPS-th step, not every
+    step (step_meter.open_quiet): new storages under the same inputs (here every parameter's ``.data`` replaced)
+    arm every hook at the next such step, and that step counts the parameters again."""
+    from batchmon.agent.step_meter import PLACE_STEPS
+
+    model, opt, crit, handle = _setup(every=1000)  # (no sample in the window: only the place check can arm)
+    _train(model, opt, crit, 8)
+    assert handle.quiet
+    with torch.no_grad():
+        for p in model.parameters():
+            p.data = p.data.clone()
+    after = []
+    for _ in range(PLACE_STEPS + 1):
+        _train(model, opt, crit, 1)
+        after.append(handle.quiet)
+    loud = [i for i, q in enumerate(after) if not q]
+    assert loud and loud[0] < PLACE_STEPS, after
+    assert any(after[loud[0] + 1:]), after  # quiet again after it

@@ -68,6 +68,7 @@ ALLOCATOR_READ_SECONDS = 0.05  # the allocator's figures are read at least this 
 SAMPLE_SECONDS = 0.25  # with the default activation_every: the every-N-th-step samples at most this often
 RECOUNT_SECONDS = 2.0  # parameter/gradient/optimizer storages walked again at least this often on sampled steps
 GRAD_MARKS = 4  # parameters whose .grad is watched to tell accumulation from a new step
+PLACE_STEPS = 16  # a steady step looks at the model's place (moved? open_quiet) every this many steps and every N-th
 
 
 class StepMeter:
@@ -179,8 +180,9 @@ class StepMeter:
     def open_quiet(self, module: Any, args: tuple[Any, ...]) -> bool:
         """The root's forward starts (no keyword inputs; quiet steps call this first): True when it opened a
         steady step, carried (first training forward, the last measured inputs' signature, no sample due, the
-        first parameter in place); False, having changed nothing, when the usual path must decide. ``module`` is
-        the root (every caller has checked it: this runs every step, so it does not look again)."""
+        first parameter in place - looked at every PLACE_STEPS-th and every N-th step: a model moved with its inputs
+        shows in their signature at once, one moved alone within PLACE_STEPS steps); False, having changed nothing,
+        when the usual path must decide. ``module``: the root (every caller checked it: not looked at again)."""
         carried = self._carried_batch
         if carried is None or self.step_open or self.sizer.fn is not None or not _grad_enabled():
             return False
@@ -192,13 +194,15 @@ class StepMeter:
         elif carried[0] != signature(args):
             return False
         n = self.step + 1
-        first = self._first_param() if self._first_param is not None else None
-        layout = self._layout
-        # (activation_every >= 1: n % every == 0 holds for every step when it is 1)
-        if n <= FULL_STEPS or self.batch_size != self._sampled_batch_size or first is None or layout is None \
-                or first.data_ptr() != layout[2] or (n % self.activation_every == 0
-                                                     and _perf_counter() - self._sampled_t >= self.sample_seconds):
-            return False  # maybe sampled, maybe moved
+        if n <= FULL_STEPS or self.batch_size != self._sampled_batch_size:
+            return False
+        nth = n % self.activation_every == 0  # (activation_every >= 1: every step when it is 1)
+        if nth or n % PLACE_STEPS == 0:  # a sample due? the model moved (its first parameter's storage)?
+            first = self._first_param() if self._first_param is not None else None
+            layout = self._layout
+            if first is None or layout is None or first.data_ptr() != layout[2] \
+                    or (nth and _perf_counter() - self._sampled_t >= self.sample_seconds):
+                return False
         self.step_open = self.batch_carried = True
         self.forwards = 1
         self._batch_max = carried[1]
@@ -441,18 +445,16 @@ class StepMeter:
         return step
 
     def new_run(self) -> QuietRun | None:
-        """The quiet steps from the next one on are a run of the last Step (step_runs), None without one to
-        repeat; the caller publishes it. Quiet steps end through ``finish_quiet`` while it is open."""
-        template = self._template
-        start = self._last_step_end
+        """The quiet steps from the next one on: a run of the last Step (step_runs; None without one), for the
+        caller to publish; they end through ``finish_quiet`` while it is open."""
+        template, start = self._template, self._last_step_end
         self.run = QuietRun(template, self.step + 1, start) if template is not None and start is not None else None
         return self.run
 
     def finish_quiet(self, device_used: int | None) -> bool:
-        """A quiet step's end (quiet_steps; the open ``run`` repeats the last Step): True when it joined the run -
-        only what a quiet step can change is compared (its backward count, NVML's figure, an allocator read due;
-        whatever changes the rest arms the hooks, or ends a step with ``finish``) and only its end time is kept
-        (no Step: step_runs). False, having changed nothing, when ``finish_carried``/``finish`` must end it."""
+        """A quiet step's end: True when it joined the open ``run`` of the last Step (only its end time kept, no
+        Step: step_runs), comparing only what a quiet step can change (backwards, NVML's figure, an allocator read
+        due); False, having changed nothing, when ``finish_carried``/``finish`` must end it."""
         run = self.run
         if run is None:
             return False
