@@ -136,6 +136,28 @@ def test_a_window_carries_the_saved_split_of_its_peak_step_else_of_its_last_step
     assert window.saved_split is None  # no sampled step in it: none (the previous window's is not carried over)
 
 
+def test_a_window_carries_the_inactive_split_of_its_peak_step_else_of_its_last_step_that_has_one():
+    from batchmon.protocol import with_added
+
+    c = StepCoalescer(interval=10.0)
+    for n in range(1, FIRST_STEPS + 1):
+        c.add(make_step(n, 16), now=0.0)
+    c.add(with_added(make_step(4, 16, peak_allocated=100), inactive_split=300), now=0.0)
+    c.add(with_added(make_step(5, 16, peak_allocated=100), inactive_split=500), now=0.0)  # the latest sampled
+    c.add(make_step(6, 16, peak_allocated=900), now=0.0)  # the peak, not sampled
+    (window,) = c.flush(now=0.0)
+    assert window.peak_allocated == 900 and window.inactive_split == 500
+    assert decode(encode(window)).inactive_split == 500 and window.saved_split is None
+    c.add(with_added(make_step(7, 16, peak_allocated=900), inactive_split=70), now=0.0)  # the peak's own
+    c.add(with_added(make_step(8, 16, peak_allocated=100), inactive_split=800), now=0.0)
+    (window,) = c.flush(now=0.0)
+    assert window.inactive_split == 70
+    c.add(make_step(9, 16), now=0.0)
+    c.add(make_step(10, 16), now=0.0)
+    (window,) = c.flush(now=0.0)
+    assert window.inactive_split is None  # no sampled step in it
+
+
 def test_no_window_sends_every_step():
     c = StepCoalescer(interval=0.0)
     gaps, _ = _gaps(c, 1, 5000, 0.0)

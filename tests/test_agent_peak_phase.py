@@ -329,6 +329,44 @@ def test_own_peaks_cost_reads_on_sampled_steps_only(agent_dir):
         handle.detach()
 
 
+class SplitsASegment(nn.Module):
+    """A forward whose temporary (3 MiB) is cut from a larger cached segment: while it lives the rest of the
+    segment is an inactive split block (free bytes a flush cannot give back)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(64, 64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        temp = torch.ones(3 * MIB // 4, device=x.device)
+        return self.lin(x) + temp.sum() * 0
+
+
+@cuda
+def test_sampled_real_steps_carry_the_allocators_inactive_split_peak(agent_dir):
+    """Step.inactive_split (what memory_model keeps for fragmentation at the limit) is the allocator's
+    inactive-split peak over the followed step's segments; steps not followed carry none."""
+    device = "cuda"
+    model = SplitsASegment().to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    handle = batchmon.attach(model, opt, activation_every=4)
+    try:
+        for _ in range(12):
+            opt.zero_grad(set_to_none=True)
+            model(torch.randn(32, 64, device=device)).square().mean().backward()
+            opt.step()
+        torch.cuda.synchronize()
+        steps = list(handle.steps)
+        followed = [s for s in steps if s.phase_own_peaks is not None]
+        assert followed and len(followed) < len(steps)
+        # the temporary's segment: at least its unused rest was inactive while the temporary lived
+        assert all(s.inactive_split is not None and MIB <= s.inactive_split <= s.reserved for s in followed), \
+            [(s.step, s.inactive_split, s.reserved) for s in followed]
+        assert all(s.inactive_split is None for s in steps if s.phase_own_peaks is None)
+    finally:
+        handle.detach()
+
+
 class WideDecoder(nn.Module):
     """A language model's head over a wide vocabulary: the loss's backward (the logits' gradient and the softmax
     temporaries, 2-3 logits-sized tensors) dominates the step's peak; the model's backward makes small gradients.

@@ -14,7 +14,8 @@ and whose memory model keeps one point per batch size (its highest peak). The ag
 - ``num_alloc_retries``, ``num_ooms`` (cumulative counters): the last step's;
 - ``peak_phase``, ``phase_peaks``, ``phase_own_peaks``, ``segment_peaks`` (set on sampled steps only): the peak
   step's if it has them, else those of the window's last step that has them (None if no step of the window was sampled);
-  ``saved_split`` likewise (the peak step's, else the window's last step's that has one).
+  ``saved_split`` and ``inactive_split`` likewise (each the peak step's, else the window's last step's that has
+  one).
 
 A window never spans two batch sizes, and is sent at once (never held back) when: it is one of the first
 FIRST_STEPS steps of the run (a new run shows at once); its batch size (or batch source) differs from the
@@ -36,7 +37,7 @@ No torch here (the module runs on the agent's socket thread).
 
 from __future__ import annotations
 
-from batchmon.protocol import Step, new_step, with_saved_split
+from batchmon.protocol import Step, new_step, with_added
 
 HISTORY_STEPS = 2000  # step messages an agent keeps for a monitor that connects later (and handle.steps)
 HISTORY_EVENTS = 200
@@ -68,7 +69,8 @@ class StepCoalescer:
     """Turns the agent's stream of steps into window messages. ``add``/``flush``/``due`` take a monotonic now."""
 
     __slots__ = ("interval", "first_steps", "steady_interval", "_peak_step", "_peak", "_last", "_count", "_seconds",
-                 "_timed", "_last_sent", "sent", "seen", "_phased", "_window", "_on_time", "_turn", "_split")
+                 "_timed", "_last_sent", "sent", "seen", "_phased", "_window", "_on_time", "_turn", "_split",
+                 "_inactive")
 
     def __init__(self, interval: float = WINDOW_SECONDS, first_steps: int = FIRST_STEPS,
                  steady_interval: float | None = STEADY_DEFAULT) -> None:
@@ -84,6 +86,7 @@ class StepCoalescer:
         self._last: Step | None = None  # the open window's last step
         self._phased: Step | None = None  # the open window's last step with a peak phase (a sampled step)
         self._split: Step | None = None  # the open window's last step with a saved_split (a sampled step)
+        self._inactive: Step | None = None  # the open window's last step with an inactive_split (a sampled step)
         self._count = 0  # steps in the open window
         self._seconds = 0.0  # sum of the window's step_seconds
         self._timed = 0  # steps in the window with a step_seconds
@@ -113,6 +116,8 @@ class StepCoalescer:
             self._phased = step
         if step.saved_split is not None:
             self._split = step
+        if step.inactive_split is not None:
+            self._inactive = step
         self._count += step.steps
         if step.step_seconds is not None:
             self._seconds += step.step_seconds * step.steps
@@ -136,11 +141,12 @@ class StepCoalescer:
     def flush(self, now: float) -> list[Step]:
         """The open window as one message (none if no step is waiting)."""
         peak, last, count, phased, split = self._peak_step, self._last, self._count, self._phased, self._split
+        inactive = self._inactive
         if peak is None or last is None or count == 0:
             return []
         seconds = self._seconds / self._timed if self._timed else None
         self._peak_step, self._peak, self._count, self._seconds, self._timed = None, 0, 0, 0.0, 0
-        self._phased = self._split = None
+        self._phased = self._split = self._inactive = None
         self._next_window(now - self._last_sent >= self._window)
         self._last_sent = now
         self.sent += 1
@@ -148,6 +154,7 @@ class StepCoalescer:
             return [last]  # a window of one step (or one the agent already made): sent as it is
         phased = peak if peak.peak_phase is not None else phased
         split = peak if peak.saved_split is not None else split
+        inactive = peak if peak.inactive_split is not None else inactive
         made = new_step(last.step, last.time, seconds, last.batch_size, peak.components, peak.allocated,
                          peak.peak_allocated, peak.reserved, last.num_alloc_retries, last.num_ooms,
                          peak.device_used, last.batch_source, peak.micro_batches, count,
@@ -155,4 +162,9 @@ class StepCoalescer:
                          phased.phase_peaks if phased is not None else None,
                          phased.phase_own_peaks if phased is not None else None,
                          phased.segment_peaks if phased is not None else None)
-        return [made if split is None else with_saved_split(made, split.saved_split)]
+        added: dict[str, object] = {}
+        if split is not None:
+            added["saved_split"] = split.saved_split
+        if inactive is not None:
+            added["inactive_split"] = inactive.inactive_split
+        return [with_added(made, **added) if added else made]

@@ -10,7 +10,7 @@ The agent's own resets of the allocator's peak go through batchmon.agent.torch_p
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -27,6 +27,10 @@ class CudaFigures:
     reserved: int
     retries: int
     ooms: int
+    # the allocator's inactive-split peak since its last reset (free bytes inside segments holding live blocks:
+    # what a flush at the limit cannot give back); sent as Step.inactive_split on sampled steps. Not compared:
+    # a carried step's figures match on what the Step shows
+    inactive_peak: int = field(default=0, compare=False)
 
 
 def device_of(model: torch.nn.Module) -> torch.device | None:
@@ -80,7 +84,8 @@ def cuda_figures(device: torch.device | None, reset: bool) -> CudaFigures | None
     peak = max(int(stats["allocated_bytes"]["all"]["peak"]), patches.agent_missed(index, take=reset))
     figures = CudaFigures(int(stats["allocated_bytes"]["all"]["current"]), peak,
                           int(stats["reserved_bytes"]["all"]["current"]), int(stats.get("num_alloc_retries", 0)),
-                          int(stats.get("num_ooms", 0)))
+                          int(stats.get("num_ooms", 0)),
+                          int(stats.get("inactive_split_bytes", {}).get("all", {}).get("peak", 0)))
     if reset:
         patches.agent_reset(index, stats)
     return figures
