@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from batchmon.agent.accounting import ActivationCounter  # noqa: E402
-from batchmon.agent.saved_split import (BlockSplitMeter, Fp32InputMeter, amp_bytes, checkpoint_blocks,  # noqa: E402
-                                        fp32_input_modules)
+from batchmon.agent.saved_split import (BlockSplitMeter, Fp32InputMeter, amp_bytes,  # noqa: E402
+                                        batch_independent_inputs, checkpoint_blocks, fp32_input_modules)
 
 CUDA_BLOCK = 512
 
@@ -52,6 +52,7 @@ def measure(model: torch.nn.Module, x: torch.Tensor, batch: int) -> dict[str, in
         upcast.remove()
     inside, block_inputs, n, largest = (meter.inside, meter.inputs, meter.blocks, meter.largest) if meter \
         else (0, 0, 0, 0)
+    broadcast = meter.broadcast_inputs() if meter else {}
     if meter:
         meter.remove()
     under, reached, unknown = amp_bytes(out, counter.saved.keys, inputs, CUDA_BLOCK, "cuda",
@@ -62,6 +63,9 @@ def measure(model: torch.nn.Module, x: torch.Tensor, batch: int) -> dict[str, in
              "output": -(-out.untyped_storage().nbytes() // CUDA_BLOCK) * CUDA_BLOCK}
     if n:
         split["block_max"] = largest
+        fixed = batch_independent_inputs(out, broadcast, batch)
+        if fixed:
+            split["block_inputs_fixed"] = fixed
     return split
 
 

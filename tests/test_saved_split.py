@@ -15,7 +15,8 @@ F = torch.nn.functional
 from agent_helpers import agent_dir  # noqa: E402,F401 - fixture
 from batchmon.agent.accounting import ActivationCounter  # noqa: E402
 from batchmon.agent.saved_kinds import repeated_blocks  # noqa: E402
-from batchmon.agent.saved_split import BlockSplitMeter, amp_bytes, checkpoint_blocks  # noqa: E402
+from batchmon.agent.saved_split import (BlockSplitMeter, amp_bytes, batch_independent_inputs,  # noqa: E402
+                                        checkpoint_blocks)
 from batchmon.memory_model import SavedSplit, WhatIf, fit  # noqa: E402
 from batchmon.protocol import Step  # noqa: E402
 
@@ -256,6 +257,49 @@ def test_hf_t5_checkpointing_keeps_exactly_what_the_split_says():
     assert kept == total - meter.inside + meter.inputs
 
 
+def test_hf_t5_block_inputs_that_do_not_grow_with_the_batch():
+    """HF T5 (tiny config, real CPU torch): its blocks get the relative position biases, shaped (1, heads, q, k)
+    at any batch and saved by no op (an addend of the attention scores), so the plain forward frees them and a
+    checkpoint keeps them. The split measures them apart (batch_independent_inputs: the same bytes at batch 2 and
+    4), and the checkpointed forward's saved bytes grow by exactly the rest of the kept account from batch 2 to 4:
+    what the checkpointing what-if scales per sample. At batch 1 nothing is told apart (0)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.T5Config(d_model=64, d_ff=128, num_layers=2, num_heads=4, d_kv=16, vocab_size=256,
+                                use_cache=False)
+    plain = transformers.T5ForConditionalGeneration(cfg).train()
+    checkpointed = transformers.T5ForConditionalGeneration(cfg).train()
+    checkpointed.gradient_checkpointing_enable()
+
+    def forward(model: nn.Module, batch: int, measure: bool) -> tuple[int, dict[str, int]]:
+        x = torch.randint(0, 256, (batch, 24), generator=torch.Generator().manual_seed(batch))
+        params = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+        counter = ActivationCounter(torch.device("cpu"), (params, {x.untyped_storage().data_ptr()}))
+        meter = BlockSplitMeter(checkpoint_blocks(model), lambda: counter.bytes, counter.saved.block) \
+            if measure else None
+        counter.push()
+        try:
+            out = model(input_ids=x[:, :16], decoder_input_ids=x[:, 16:]).logits
+        finally:
+            counter.pop()
+            if meter is not None:
+                meter.remove()
+        if meter is None:
+            return counter.bytes, {}
+        fixed = batch_independent_inputs(out, meter.broadcast_inputs(), batch)
+        kept = counter.bytes - meter.inside + meter.inputs
+        return counter.bytes, {"kept": kept, "fixed": fixed}
+
+    split = {b: forward(plain, b, True)[1] for b in (1, 2, 4)}
+    biases = 4 * 16 * 16 * 4 + 4 * 8 * 8 * 4 + 4 * 8 * 16 * 4  # encoder, decoder and cross-attention (zeros), fp32
+    assert split[1]["fixed"] == 0 and split[2]["fixed"] == split[4]["fixed"] >= biases
+    kept = {b: forward(checkpointed, b, False)[0] for b in (2, 4)}
+    assert kept[2] == split[2]["kept"] and kept[4] == split[4]["kept"]
+    per_sample = {b: split[b]["kept"] - split[b]["fixed"] for b in (2, 4)}
+    assert kept[4] - kept[2] == per_sample[4] - per_sample[2]  # the fixed bytes do not grow
+    assert kept[4] - kept[2] < split[2]["kept"]  # the old account (all of it per sample) over-counts
+
+
 def test_checkpoint_blocks_without_hugging_face_is_the_largest_run():
     """A model without Hugging Face's marks: the largest run of same-class blocks, as before (one stack: the
     conservative choice where nobody says which modules a user would wrap)."""
@@ -323,3 +367,70 @@ def test_graph_walk_on_cuda_is_at_or_above_what_cuda_autocast_saves(agent_dir):
     splits = [s.saved_split for s in handle.steps if s.saved_split]
     handle.detach()
     assert splits and splits[0]["blocks"] == 3 and 0 < splits[0]["amp_saved"] < splits[0]["saved"]
+
+
+class BiasNet(nn.Module):
+    """Blocks that each get a position bias shaped (1, T, D) at any batch (an embedding of the positions, added to
+    the hidden state: saved by no op), as T5's blocks get their relative position biases."""
+
+    def __init__(self, vocab: int = 64, d: int = 32, t: int = 16) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.pos = nn.Embedding(t, d)
+        self.blocks = nn.ModuleList(BiasBlock(d) for _ in range(3))
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.emb(x)
+        bias = self.pos(torch.arange(x.shape[1])).unsqueeze(0)
+        for block in self.blocks:
+            h = block(h, bias)
+        return self.head(h)
+
+
+class BiasBlock(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.fc = nn.Linear(d, d)
+
+    def forward(self, h: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        return h + torch.relu(self.fc(self.norm(h + bias)))
+
+
+def test_agent_measures_the_block_inputs_that_do_not_grow_with_the_batch(agent_dir):
+    """Through the real agent on CPU: the sampled step's split carries block_inputs_fixed, the bias every block
+    gets (16 x 32 fp32, the same at any batch, saved by no op), within block_inputs; the losses are those of a
+    run without the agent; the memory model keeps it as fixed bytes under checkpointing."""
+    import batchmon
+
+    def train(attach: bool) -> tuple[list[float], list[Step]]:
+        torch.manual_seed(0)
+        model = BiasNet()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        handle = batchmon.attach(model, opt, activation_every=1) if attach else None
+        losses = []
+        for i in range(4):
+            b = 8 if i < 3 else 4
+            x = torch.randint(0, 64, (b, 16), generator=torch.Generator().manual_seed(i))
+            loss = F.cross_entropy(model(x).reshape(-1, 64), x.reshape(-1))
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+        steps = list(handle.steps) if handle is not None else []
+        if handle is not None:
+            handle.detach()
+        return losses, steps
+
+    plain, _ = train(False)
+    losses, steps = train(True)
+    assert losses == plain
+    split = next(s.saved_split for s in steps if s.saved_split)
+    assert split["blocks"] == 3 and split["block_inputs_fixed"] == 16 * 32 * 4 < split["block_inputs"]
+    wire = Step.from_dict(json.loads(json.dumps(steps[-1].to_dict())))
+    assert wire.saved_split.get("block_inputs_fixed") in (None, split["block_inputs_fixed"])  # a name protocol lists
+    model = fit(steps, optimizer="SGD")
+    assert model is not None and model.saved_split.block_inputs_fixed == 16 * 32 * 4
+    notes = model.predict(WhatIf(checkpointing=True, batch_size=64)).basis_fields.what_if
+    assert any("do not grow with the batch" in n for n in notes)

@@ -12,7 +12,9 @@ post hook, and puts the result in the optional ``Step.saved_split`` field of the
   encoder's 6 blocks measured (the largest run of one ModuleList), so the decoder's were counted as outside the
   blocks, kept under checkpointing, and its what-if said 143 where 321 ran - else the largest run of same-class
   blocks. A checkpoint per block keeps the blocks' inputs and drops the rest, recomputing one block at a time in
-  the backward.
+  the backward. Of those inputs, ``block_inputs_fixed`` do not grow with the batch (shaped as one sample's at a
+  batch above 1, saved by no op: T5's relative position biases, 10.5 MiB at any batch), so the what-if keeps them
+  as fixed bytes instead of a share of each sample's activations.
 * **the output** (``output``): the bytes of the model output's storage (the logits), whose fp32 gradient is
   cast back to 16-bit under autocast.
 * **under autocast** (``amp_saved``): which saved bytes autocast would lower to 16-bit, from the autograd graph the
@@ -411,6 +413,7 @@ class BlockSplitMeter:
         self.inside = 0
         self.largest = 0
         self._inputs: dict[int, int] = {}
+        self._broadcast: set[int] = set()  # inputs laid out as one sample's (leading dim 1, own whole storage)
         self._depth = 0
         self._start = 0
         self.errors = 0
@@ -427,6 +430,8 @@ class BlockSplitMeter:
                     if isinstance(t, torch.Tensor):
                         storage = t.untyped_storage()
                         self._inputs[storage.data_ptr()] = -(-storage.nbytes() // self._round) * self._round
+                        if t.dim() >= 2 and t.shape[0] == 1 and t.numel() * t.element_size() == storage.nbytes():
+                            self._broadcast.add(storage.data_ptr())
             self._depth += 1
         except Exception:  # noqa: BLE001 - metering must never break the forward
             self.errors += 1
@@ -444,6 +449,12 @@ class BlockSplitMeter:
     @property
     def inputs(self) -> int:
         return sum(self._inputs.values())
+
+    def broadcast_inputs(self) -> dict[int, int]:
+        """{storage: bytes} of the inputs shaped as one sample's (leading dim 1, the whole storage): at a batch
+        above 1 they do not grow with it - T5's relative position biases (1, heads, q, k), which every block of
+        a stack gets - where the hidden states do."""
+        return {key: self._inputs[key] for key in self._broadcast}
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -507,6 +518,7 @@ class SplitProbe:
                 fp32.remove()
             inside, inputs, blocks, largest = (meter.inside, meter.inputs, meter.blocks, meter.largest) \
                 if meter is not None else (0, 0, 0, 0)
+            broadcast = meter.broadcast_inputs() if meter is not None else {}
             if meter is not None:
                 meter.remove()
             tensor = _output_tensor(output)
@@ -519,6 +531,13 @@ class SplitProbe:
                      "block_inputs": int(inputs), "blocks": int(blocks)}
             if blocks:
                 split["block_max"] = int(largest)
+                try:
+                    fixed = batch_independent_inputs(tensor, broadcast, int(batch))
+                except Exception:  # noqa: BLE001 - the rest of the split stands (all inputs per sample)
+                    self.errors += 1
+                    fixed = 0
+                if fixed:
+                    split["block_inputs_fixed"] = fixed
             split["output"] = int(_storage_bytes(tensor, counter.saved.block))
             if any(p.dtype == FP32 for p in (model.parameters() if model is not None else ())) and \
                     not torch.is_autocast_enabled(tensor.device.type):
@@ -548,6 +567,20 @@ class SplitProbe:
         self._meter = self._counter = self._fp32 = None
         self._armed = False
         self.done = done
+
+
+def batch_independent_inputs(output: torch.Tensor, broadcast: dict[int, int], batch: int) -> int:
+    """Bytes of the blocks' inputs that a checkpoint keeps beside the hidden states but that do not grow with the
+    batch: inputs shaped as one sample's at a batch above 1 (``broadcast``: {storage: bytes}) that no op of the
+    graph ending at ``output`` saves - the plain forward frees them when the blocks return (T5's relative
+    position biases: an addend of the attention scores, whose add saves nothing), a checkpoint holds them until
+    the backward. At batch 1 nothing can be told apart (0: every input counted per sample, the larger share);
+    one that an op saves stays with the saved bytes (0 for it: as before)."""
+    if batch < 2 or not broadcast:
+        return 0
+    saves, _ = _saved_tensors(output, set(broadcast))
+    saved = {entry[0] for entry in saves}
+    return int(sum(size for key, size in broadcast.items() if key not in saved))
 
 
 def _storage_bytes(tensor: torch.Tensor, block: int) -> int:

@@ -92,6 +92,9 @@ class SavedSplit:
     # None: an older agent (the blocks' average is used)
     block_max: int | None = None
     output: int | None = None  # bytes of the model's output (the logits) at ``batch``; None: not measured
+    # of block_inputs, the bytes that do not grow with the batch and that the forward saves nowhere (T5's relative
+    # position biases): a checkpoint keeps them, the plain run freed them; 0: none, or not measured
+    block_inputs_fixed: int = 0
 
     @classmethod
     def from_wire(cls, d: dict[str, int] | None) -> "SavedSplit | None":
@@ -101,7 +104,8 @@ class SavedSplit:
         try:
             return cls(batch=d["batch"], saved=d["saved"], in_blocks=d["in_blocks"], block_inputs=d["block_inputs"],
                        blocks=d["blocks"], amp_saved=d.get("amp_saved"), amp_unknown=d.get("amp_unknown", 0),
-                       block_max=d.get("block_max"), output=d.get("output"))
+                       block_max=d.get("block_max"), output=d.get("output"),
+                       block_inputs_fixed=min(d.get("block_inputs_fixed", 0), d["block_inputs"]))
         except KeyError:
             return None
 
@@ -119,7 +123,13 @@ class SavedSplit:
         saved bytes are made of, the steps how many there are. None when no block was measured."""
         if self.blocks < 1 or self.in_blocks <= 0 or self.saved <= 0 or self.in_blocks > self.saved:
             return None
-        return max(0, self.in_blocks - self.block_inputs) / self.saved
+        return max(0, self.in_blocks - self.per_sample_inputs) / self.saved
+
+    @property
+    def per_sample_inputs(self) -> int:
+        """The blocks' inputs that grow with the batch (the hidden states): block_inputs less block_inputs_fixed,
+        which the checkpointing what-if adds as fixed bytes instead."""
+        return self.block_inputs - max(0, min(self.block_inputs_fixed, self.block_inputs))
 
     def block_share(self) -> float | None:
         """Share of the saved bytes inside the blocks (all of them; one block's is this / blocks)."""

@@ -115,16 +115,23 @@ def apply_what_if(observed: dict[str, Line], what_if: WhatIf, *, trainable_bytes
                 how += (f"; less the output's gradient ({freed / MIB:.1f} MiB a sample, within the transients the "
                         f"measured model's backward held at its start: freed by the head's backward, before any "
                         f"block is recomputed)")
+            # inputs that do not grow with the batch (T5's position biases): kept by the checkpoint as they are,
+            # where the plain forward freed them - fixed bytes, not a share of each sample's
+            fixed_inputs = float(max(0, min(split.block_inputs_fixed, split.block_inputs)))
             act = lines["activations"]
-            lines["activations"] = Line(act.fixed, max(0.0, act.per_sample - dropped))
+            lines["activations"] = Line(act.fixed + fixed_inputs, max(0.0, act.per_sample - dropped))
             lines["other"] = lines["other"] + Line(0.0, held)
-            delta["forward"] = delta["forward"] + Line(0.0, -dropped)
-            delta["loss_backward"] = delta["loss_backward"] + Line(0.0, -dropped)
-            delta["backward"] = delta["backward"] + Line(0.0, -dropped + held - freed)
+            delta["forward"] = delta["forward"] + Line(fixed_inputs, -dropped)
+            delta["loss_backward"] = delta["loss_backward"] + Line(fixed_inputs, -dropped)
+            delta["backward"] = delta["backward"] + Line(fixed_inputs, -dropped + held - freed)
             notes.append(f"checkpointing: {n} blocks ({split.blocks} measured); the saved bytes inside the blocks "
                          f"less their inputs ({drop_share:.0%} of the saved activations as measured at batch "
                          f"{split.batch}: {dropped / MIB:.1f} MiB a sample) dropped from the forward's and the loss's "
-                         f"backward's peak lines; the model's backward also drops them and {how}, assuming its "
+                         f"backward's peak lines"
+                         + (f", the blocks' inputs that do not grow with the batch ({fixed_inputs / MIB:.1f} MiB as "
+                            f"measured: shaped as one sample's and saved by no op, so the plain forward freed them) "
+                            f"kept beside as fixed bytes" if fixed_inputs > 0 else "")
+                         + f"; the model's backward also drops them and {how}, assuming its "
                          f"peak comes while the kept tensors are alive, as in a stack of blocks; the "
                          f"optimizer's step and activation gradients unchanged")
             if recompute_fragmentation(what_if, split) > 0 and split.block_max is not None:
