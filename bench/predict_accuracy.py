@@ -46,7 +46,7 @@ import torch.nn.functional as F  # noqa: E402
 import torch.utils.checkpoint  # noqa: E402
 
 from batchmon.memory_model import MemoryModel, WhatIf, fit  # noqa: E402
-from batchmon.protocol import Step  # noqa: E402
+from batchmon.protocol import ADDED_FIELDS, Step, with_added  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_runner.py beside this file
 from bench_runner import (BLOCK, OOM, OOM_LIKE, Arch, CudaDevice, Runner, SmokeDevice,  # noqa: E402,F401 - re-exported
@@ -283,7 +283,9 @@ def observe_with_agent(runner: Runner, sizes: list[int]) -> tuple[list[Step] | N
     replaced = 0
     for i, (step, used) in enumerate(zip(steps, readings)):
         if step.peak_allocated is not None and used is not None and used != step.device_used:
-            steps[i] = replace(step, device_used=used)
+            # the added fields (saved_split, inactive_split) are not __init__ arguments: replace() would drop them
+            added = {k: getattr(step, k) for k in ADDED_FIELDS if getattr(step, k) is not None}
+            steps[i] = with_added(replace(step, device_used=used), **added)
             replaced += 1
     how = "batchmon.agent.handle"
     if replaced:
