@@ -28,8 +28,8 @@ def measure_saved_split(runner: Runner, batch: int, detail: dict[str, list[int]]
     "cast:..."): set beside ``detail`` it says which op's saved bytes the walk mis-sizes on this device (the
     ViT-B/16 and T5-small AMP misses of zoo run 8). Each forward is followed by its backward (the graph freed)
     and no optimizer step: the training state is untouched."""
-    from batchmon.agent.saved_split import (BlockSplitMeter, Fp32InputMeter, amp_bytes, checkpoint_blocks,
-                                            fp32_input_modules)
+    from batchmon.agent.saved_split import (BlockSplitMeter, Fp32InputMeter, amp_bytes, attention_follows_query,
+                                            checkpoint_blocks, fp32_input_modules)
 
     model, dev = runner.model, runner.dev.device
     blocks = checkpoint_blocks(model)
@@ -70,7 +70,8 @@ def measure_saved_split(runner: Runner, batch: int, detail: dict[str, list[int]]
                 upcast.remove()
         if detail is not None and not amp and isinstance(out, torch.Tensor) and out.grad_fn is not None:
             try:
-                amp_bytes(out, in_model, inputs, 512, dev.type, detail, upcast=upcast.ids if upcast else None)
+                amp_bytes(out, in_model, inputs, 512, dev.type, detail, upcast=upcast.ids if upcast else None,
+                          query_layout=attention_follows_query(dev))
             except Exception as exc:  # noqa: BLE001 - recorded for an explanation only
                 detail[f"error: {type(exc).__name__}"] = [0, 0]
         if real_detail is not None and amp and isinstance(out, torch.Tensor) and out.grad_fn is not None:

@@ -206,3 +206,80 @@ def test_the_agent_counts_the_declared_modules_cast_and_leaves_no_hook(agent_dir
     saved, under, _ = _walk(model, [x], lambda: model(x))
     real = _real(model, [x], lambda: model(x))
     assert split["saved"] == saved and split["amp_saved"] == under == real
+
+
+class _Saved:
+    """A packed saved tensor, as a graph node's ``_raw_saved_*`` field holds it."""
+
+    def __init__(self, t) -> None:
+        self.data = t
+
+
+class _Node:
+    """A stand-in autograd node: a name, its inputs, its saved fields (CPU torch has no memory-efficient
+    attention kernel whose graph the walk could be shown)."""
+
+    def __init__(self, name: str, *nexts, **fields) -> None:
+        self._name = name
+        self.next_functions = tuple((n, 0) for n in nexts)
+        for field, value in fields.items():
+            setattr(self, field, value)
+
+    def name(self) -> str:
+        return self._name
+
+    def _sequence_nr(self) -> int:
+        return 0
+
+
+class _Out:
+    def __init__(self, grad_fn) -> None:
+        self.grad_fn = grad_fn
+
+
+def _mha_graph(query_layout_lb: bool, bias: bool = False):
+    """nn.MultiheadAttention's fp32 graph on CUDA, as the walk meets it: q, k, v views of the packed projection
+    laid out (query, batch, heads, dim) (or (batch, query, ...) with ``query_layout_lb`` False); the
+    memory-efficient kernel's output laid out (batch, query, heads, dim); a permute to (query, batch, ...), a
+    .contiguous() copy, out_proj's Addmm saving a view of the copy."""
+    b, length, heads, dim = 2, 10, 4, 8
+    if query_layout_lb:
+        qkv = torch.randn(3, length, b, heads * dim)
+        q, k, v = (qkv[i].view(length, b, heads, dim).permute(1, 2, 0, 3) for i in range(3))
+    else:
+        qkv = torch.randn(3, b, length, heads * dim)
+        q, k, v = (qkv[i].view(b, length, heads, dim).transpose(1, 2) for i in range(3))
+    out = torch.empty(b, length, heads, dim).transpose(1, 2)
+    copy = out.permute(2, 0, 1, 3).contiguous().view(length * b, heads * dim)
+    leaf = _Node("torch::autograd::AccumulateGrad")
+    proj = _Node("MmBackward0", leaf, leaf)
+    sdpa = _Node("ScaledDotProductEfficientAttentionBackward0", proj, proj, proj, _raw_saved_query=_Saved(q),
+                 _raw_saved_key=_Saved(k), _raw_saved_value=_Saved(v), _raw_saved_output=_Saved(out),
+                 _raw_saved_attn_bias=_Saved(torch.zeros(1, heads, length, length) if bias else None))
+    permute = _Node("PermuteBackward0", sdpa, _saved_dims=(2, 0, 1, 3))
+    clone = _Node("CloneBackward0", permute)
+    view = _Node("ViewBackward0", clone)
+    root = _Node("AddmmBackward0", leaf, view, leaf, _raw_saved_mat1=_Saved(copy),
+                 _raw_saved_mat2=_Saved(torch.randn(heads * dim, heads * dim).t()))
+    counted = {t.untyped_storage().data_ptr() for t in (qkv, out, copy)}
+    return _Out(root), counted, copy.untyped_storage().nbytes()
+
+
+def test_a_contiguous_copy_of_attention_output_is_no_copy_where_the_16_bit_kernel_lays_it_out_so():
+    """ViT-B/16's AMP what-if (zoo run 8: the walk's 16-bit share 0.564 where autocast saved 0.530 on the H200):
+    nn.MultiheadAttention makes its attention output contiguous in (query, batch, heads, dim) before out_proj.
+    In fp32 the memory-efficient kernel's output is (batch, query, heads, dim): a copy, saved by out_proj. Under
+    autocast flash runs and lays its output out as the query, a view of the (query, batch, ...) projection, so the
+    permuted output is contiguous already and out_proj saves the kernel's own output: the walk counts no 16-bit
+    copy there when the device's 16-bit attention follows the query (query_layout), and keeps it otherwise: a
+    query laid out (batch, query, ...), an additive mask (flash does not take one), or query_layout off."""
+    from batchmon.agent.saved_split import amp_bytes
+
+    output, counted, copy = _mha_graph(query_layout_lb=True)
+    kept, reached, _ = amp_bytes(output, counted, set(), 1, "cuda")
+    free, reached_free, _ = amp_bytes(output, counted, set(), 1, "cuda", query_layout=True)
+    assert kept - free == copy // 2 and reached_free == reached  # the copy's fp32 bytes still counted as saved
+    for graph in (_mha_graph(query_layout_lb=False), _mha_graph(query_layout_lb=True, bias=True)):
+        output, counted, _ = graph
+        assert amp_bytes(output, counted, set(), 1, "cuda", query_layout=True) == \
+            amp_bytes(output, counted, set(), 1, "cuda")

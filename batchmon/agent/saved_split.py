@@ -29,8 +29,11 @@ post hook, and puts the result in the optional ``Step.saved_split`` field of the
   or view op saves its inputs and result in the dtype they arrive in, which is 16-bit only when every input of the op
   that produced it is (a residual stream that adds an fp32 tensor stays fp32). A storage saved by ops that disagree is
   counted in both dtypes (a cast copy beside the original). sdpa's math fallback's bmm saves fp32 upcasts of q, k and
-  v (full, known). An op not in these lists, and what the walk does not reach, is kept at full size: the cut is a
-  lower bound, never an overestimate of the shrink. Parameters are left out (their 16-bit copies are the what-if's own
+  v (full, known). Where the device's 16-bit attention lays its output out as the query (CUDA flash, sm80+:
+  ``attention_follows_query``), a ``.contiguous()`` copy of a permuted attention output that layout makes
+  contiguous is no copy (nn.MultiheadAttention's before ``out_proj``: ViT-B/16, 3.6 MB a sample). An op not in
+  these lists, and what the walk does not reach, is kept at full size: the cut is a lower bound, never an
+  overestimate of the shrink. Parameters are left out (their 16-bit copies are the what-if's own
   term); a batch input that a matmul-class op saves adds its 16-bit copy. The lists follow torch's autocast policy for
   CUDA, or for CPU (where softmax and layer_norm are not in the fp32 list) when the model is on the CPU.
 
@@ -203,9 +206,81 @@ def _producer(node: Any, field: str, op: str | None = None) -> Any:
     return nexts[index][0] or "leaf"
 
 
+#: the fp32 attention kernel whose output is laid out (batch, query, heads, dim) whatever the query's layout, where
+#: the 16-bit kernel autocast picks in its place (flash, and cuDNN's) allocates its output as the query is laid out
+SDPA_OWN_LAYOUT = frozenset({"ScaledDotProductEfficientAttention"})
+#: view ops between a saved tensor and the copy it views (no bytes of their own)
+VIEW_OPS = frozenset({"View", "UnsafeView", "ReshapeAlias", "Alias"})
+#: the stride permutations between an attention output and a copy of it, which the walk replays
+PERMUTE_OPS = frozenset({"Permute", "Transpose"})
+
+
+def attention_follows_query(device: torch.device) -> bool:
+    """Does autocast's 16-bit attention on ``device`` lay its output out as the query is? On CUDA with flash
+    attention enabled and compute capability 8.0 or more (sdpa picks flash for 16-bit inputs without a mask, and
+    flash allocates its output like the query), yes; else no (the walk then keeps every copy it sees)."""
+    try:
+        if device.type != "cuda" or not torch.backends.cuda.flash_sdp_enabled():
+            return False
+        return torch.cuda.get_device_capability(device) >= (8, 0)
+    except Exception:  # noqa: BLE001 - no answer: keep the copies
+        return False
+
+
+def _copy_free(maker: Any, memo: dict[int, bool]) -> bool:
+    """Is ``maker`` (through views) a ``.contiguous()`` copy of an attention output that autocast's 16-bit kernel
+    would lay out contiguously already, so that under autocast there is no copy and its readers save the
+    attention output itself? nn.MultiheadAttention (ViT-B/16) permutes the output to (query, batch, heads, dim)
+    and makes it contiguous before ``out_proj``: in fp32 the memory-efficient kernel's (batch, query, heads, dim)
+    output is copied; flash's output, laid out as the query (a view of the (query, batch, ...) projection), is
+    contiguous after that permute. Only plain permutes and transposes between the two are replayed (on a meta
+    tensor laid out as the query, as flash's ``empty_like(q)``); anything else: a copy, as before."""
+    node = maker
+    for _ in range(8):
+        if node is None or node == "leaf" or _op(node) not in VIEW_OPS:
+            break
+        node = node.next_functions[0][0] if node.next_functions else None
+    if node is None or node == "leaf" or _op(node) != "Clone":
+        return False
+    key = id(node)
+    if key not in memo:
+        memo[key] = False
+        chain: list[Any] = []
+        below = node.next_functions[0][0] if node.next_functions else None
+        while below is not None and _op(below) in PERMUTE_OPS and len(chain) < 8:
+            chain.append(below)
+            below = below.next_functions[0][0] if below.next_functions else None
+        if below is not None and _op(below) in SDPA_OWN_LAYOUT:
+            memo[key] = _flash_contiguous(below, chain[::-1])
+    return memo[key]
+
+
+def _flash_contiguous(node: Any, chain: list[Any]) -> bool:
+    """Would a 16-bit flash kernel in place of attention ``node`` (no mask, head dim a multiple of 8 up to 256, the
+    same for query, key and value) give an output that ``chain`` (permutes/transposes, from the output up) leaves
+    contiguous?"""
+    try:
+        tensors = [_packed(getattr(node, f"_raw_saved_{name}", None)) for name in ("query", "key", "value")]
+        if any(len(t) != 1 for t in tensors) or _packed(getattr(node, "_raw_saved_attn_bias", None)):
+            return False
+        query, key, value = (t[0] for t in tensors)
+        dim = query.shape[-1]
+        if query.dim() != 4 or dim > 256 or dim % 8 or key.shape[-1] != dim or value.shape[-1] != dim \
+                or any(t.stride(-1) != 1 for t in (query, key, value)):
+            return False
+        out = torch.empty_like(query, device="meta")  # flash: empty_like(q), its stride order kept
+        for link in chain:
+            op = _op(link)
+            out = out.permute(*link._saved_dims) if op == "Permute" else \
+                out.transpose(link._saved_dim0, link._saved_dim1)
+        return bool(out.is_contiguous())
+    except Exception:  # noqa: BLE001 - not told: a copy
+        return False
+
+
 def amp_bytes(output: torch.Tensor, counted: set[int], batch_keys: set[int], block: int,
               device_type: str, detail: dict[str, list[int]] | None = None,
-              upcast: set[int] | None = None) -> tuple[int, int, int]:
+              upcast: set[int] | None = None, query_layout: bool = False) -> tuple[int, int, int]:
     """(bytes the counted storages would take under autocast, bytes of counted storages the walk reached, bytes
     under ops it could not classify, kept at full size) for the graph ending at ``output``. ``counted``: the
     storages the agent counted as activations (data pointers); ``batch_keys``: the batch's storages (a
@@ -219,7 +294,10 @@ def amp_bytes(output: torch.Tensor, counted: set[int], batch_keys: set[int], blo
     projections is saved as three 16-bit copies, an encoder output read by every decoder block's key and value
     projections as two per block. Each copy has the saved view's size (a cast copies the view: a classifier
     reading one token of a sequence casts that token). An input already 16-bit (made by a lowered op) is
-    shared by all its readers: one copy."""
+    shared by all its readers: one copy. ``query_layout`` (``attention_follows_query``: the device's 16-bit
+    attention lays its output out as the query): a ``.contiguous()`` copy of an attention output that would be
+    contiguous already under autocast is no copy there (``_copy_free``): its readers save the attention output,
+    which the kernel saves too (nothing more)."""
     cpu = device_type == "cpu"
     fp32_ops, follow_ops = (FP32_OPS_CPU, FOLLOW_OPS_CPU) if cpu else (FP32_OPS_CUDA, FOLLOW_OPS)
     saves, ops = _saved_tensors(output, counted | batch_keys)
@@ -233,6 +311,7 @@ def amp_bytes(output: torch.Tensor, counted: set[int], batch_keys: set[int], blo
     unknown: set[int] = set()
     first_op: dict[int, tuple[int, str]] = {}
     upcast = upcast or set()
+    clones: dict[int, bool] = {}
     for key, size, fp32, node, op, field, numel in saves:
         sizes[key] = -(-size // block) * block
         if detail is not None:  # the op that saved it first (forward order), as a pack hook sees it
@@ -248,6 +327,8 @@ def amp_bytes(output: torch.Tensor, counted: set[int], batch_keys: set[int], blo
                 kinds.add("full" if any(f in field for f in FP32_OUTPUT_FIELDS) else "half")
                 continue
             maker = _producer(node, field, op)
+            if query_layout and id(node) not in upcast and _copy_free(maker, clones):
+                continue  # no copy under autocast: the attention's own output, saved (and counted) by it
             if id(node) not in upcast and maker is not None and maker != "leaf" and lowered(maker):
                 kinds.add("half")  # arrives 16-bit: the producer's one copy, shared by every reader
             else:  # fp32 at this op: autocast casts it here, once per op that reads it (its cache holds only
@@ -546,7 +627,8 @@ class SplitProbe:
                 for excluded in storages.exclude[1:]:
                     batch_keys |= excluded
                 under, reached, unknown = amp_bytes(tensor, storages.keys, batch_keys, storages.block,
-                                                    tensor.device.type, upcast=fp32.ids if fp32 else None)
+                                                    tensor.device.type, upcast=fp32.ids if fp32 else None,
+                                                    query_layout=attention_follows_query(tensor.device))
                 split["amp_saved"] = int(under + max(0, saved - reached))  # what the walk did not reach: full
                 split["amp_unknown"] = int(unknown + max(0, saved - reached))
             self.result = split

@@ -73,8 +73,10 @@ def apply_what_if(observed: dict[str, Line], what_if: WhatIf, *, trainable_bytes
                 delta[name] = delta[name] + Line(2 * copies, recast - shed)
             notes.append(f"amp: saved activations x{1 - cut_share:.2f} ({split.amp_saved / MIB:.0f} of "
                          f"{split.saved / MIB:.0f} MiB at batch {split.batch}) as measured from the ops that save "
-                         f"them (matmul/conv inputs 16-bit, a cast per op that reads an fp32 input, softmax, norms, "
-                         f"pow and losses fp32, elementwise ops in their inputs' dtype; {unknown_share:.0%} under ops "
+                         f"them (matmul/conv inputs 16-bit, a cast per op that reads an fp32 input, no copy of an "
+                         f"attention output that the device's 16-bit kernel lays out contiguously already, softmax, "
+                         f"norms, pow and losses fp32, elementwise ops in their inputs' dtype; {unknown_share:.0%} "
+                         f"under ops "
                          f"not classified, kept fp32"
                          + (f" and counted once more as a 16-bit cast ({recast / MIB:.1f} MiB a sample: an op the "
                             f"walk does not know may upcast its 16-bit inputs, as sdpa's math fallback does with q, "
