@@ -269,10 +269,11 @@ def test_a_contiguous_copy_of_attention_output_is_no_copy_where_the_16_bit_kerne
     """ViT-B/16's AMP what-if (zoo run 8: the walk's 16-bit share 0.564 where autocast saved 0.530 on the H200):
     nn.MultiheadAttention makes its attention output contiguous in (query, batch, heads, dim) before out_proj.
     In fp32 the memory-efficient kernel's output is (batch, query, heads, dim): a copy, saved by out_proj. Under
-    autocast flash runs and lays its output out as the query, a view of the (query, batch, ...) projection, so the
+    autocast cuDNN attention runs (flash elsewhere; zoo run 10's amp_real_detail: out_proj saved the cuDNN kernel's
+    own output) and lays its output out as the query, a view of the (query, batch, ...) projection, so the
     permuted output is contiguous already and out_proj saves the kernel's own output: the walk counts no 16-bit
     copy there when the device's 16-bit attention follows the query (query_layout), and keeps it otherwise: a
-    query laid out (batch, query, ...), an additive mask (flash does not take one), or query_layout off."""
+    query laid out (batch, query, ...), an additive mask (not taken as flash takes none), or query_layout off."""
     from batchmon.agent.saved_split import amp_bytes
 
     output, counted, copy = _mha_graph(query_layout_lb=True)

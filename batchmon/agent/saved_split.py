@@ -29,10 +29,10 @@ post hook, and puts the result in the optional ``Step.saved_split`` field of the
   or view op saves its inputs and result in the dtype they arrive in, which is 16-bit only when every input of the op
   that produced it is (a residual stream that adds an fp32 tensor stays fp32). A storage saved by ops that disagree is
   counted in both dtypes (a cast copy beside the original). sdpa's math fallback's bmm saves fp32 upcasts of q, k and
-  v (full, known). Where the device's 16-bit attention lays its output out as the query (CUDA flash, sm80+:
-  ``attention_follows_query``), a ``.contiguous()`` copy of a permuted attention output that layout makes
-  contiguous is no copy (nn.MultiheadAttention's before ``out_proj``: ViT-B/16, 3.6 MB a sample). An op not in
-  these lists, and what the walk does not reach, is kept at full size: the cut is a lower bound, never an
+  v (full, known). Where the device's 16-bit attention lays its output out as the query (CUDA cuDNN or flash
+  attention, sm80+: ``attention_follows_query``), a ``.contiguous()`` copy of a permuted attention output that
+  layout makes contiguous is no copy (nn.MultiheadAttention's before ``out_proj``: ViT-B/16, 3.6 MB a sample). An
+  op not in these lists, and what the walk does not reach, is kept at full size: the cut is a lower bound, never an
   overestimate of the shrink. Parameters are left out (their 16-bit copies are the what-if's own
   term); a batch input that a matmul-class op saves adds its 16-bit copy. The lists follow torch's autocast policy for
   CUDA, or for CPU (where softmax and layer_norm are not in the fp32 list) when the model is on the CPU.
@@ -216,11 +216,14 @@ PERMUTE_OPS = frozenset({"Permute", "Transpose"})
 
 
 def attention_follows_query(device: torch.device) -> bool:
-    """Does autocast's 16-bit attention on ``device`` lay its output out as the query is? On CUDA with flash
-    attention enabled and compute capability 8.0 or more (sdpa picks flash for 16-bit inputs without a mask, and
-    flash allocates its output like the query), yes; else no (the walk then keeps every copy it sees)."""
+    """Does autocast's 16-bit attention on ``device`` lay its output out as the query is? On CUDA with compute
+    capability 8.0 or more and flash or cuDNN attention enabled, yes: for 16-bit inputs without a mask sdpa picks
+    one of them (cuDNN on the H200 with torch 2.11: zoo run 10's amp_real_detail), and both allocate the output
+    like the query (flash: empty_like(q); cuDNN: strides in the query's order). Else no: the walk keeps every
+    copy it sees."""
     try:
-        if device.type != "cuda" or not torch.backends.cuda.flash_sdp_enabled():
+        if device.type != "cuda" or not (torch.backends.cuda.flash_sdp_enabled()
+                                         or torch.backends.cuda.cudnn_sdp_enabled()):
             return False
         return torch.cuda.get_device_capability(device) >= (8, 0)
     except Exception:  # noqa: BLE001 - no answer: keep the copies
@@ -232,9 +235,11 @@ def _copy_free(maker: Any, memo: dict[int, bool]) -> bool:
     would lay out contiguously already, so that under autocast there is no copy and its readers save the
     attention output itself? nn.MultiheadAttention (ViT-B/16) permutes the output to (query, batch, heads, dim)
     and makes it contiguous before ``out_proj``: in fp32 the memory-efficient kernel's (batch, query, heads, dim)
-    output is copied; flash's output, laid out as the query (a view of the (query, batch, ...) projection), is
-    contiguous after that permute. Only plain permutes and transposes between the two are replayed (on a meta
-    tensor laid out as the query, as flash's ``empty_like(q)``); anything else: a copy, as before."""
+    output is copied; the 16-bit kernel's (cuDNN's or flash's) output, laid out as the query (a view of the
+    (query, batch, ...) projection), is contiguous after that permute - on the H200 under bf16 out_proj saved the
+    cuDNN kernel's own output (zoo run 10's amp_real_detail: no copy of its own). Only plain permutes and
+    transposes between the two are replayed (on a meta tensor laid out as the query); anything else: a copy, as
+    before."""
     node = maker
     for _ in range(8):
         if node is None or node == "leaf" or _op(node) not in VIEW_OPS:
@@ -251,14 +256,14 @@ def _copy_free(maker: Any, memo: dict[int, bool]) -> bool:
             chain.append(below)
             below = below.next_functions[0][0] if below.next_functions else None
         if below is not None and _op(below) in SDPA_OWN_LAYOUT:
-            memo[key] = _flash_contiguous(below, chain[::-1])
+            memo[key] = _query_layout_contiguous(below, chain[::-1])
     return memo[key]
 
 
-def _flash_contiguous(node: Any, chain: list[Any]) -> bool:
-    """Would a 16-bit flash kernel in place of attention ``node`` (no mask, head dim a multiple of 8 up to 256, the
-    same for query, key and value) give an output that ``chain`` (permutes/transposes, from the output up) leaves
-    contiguous?"""
+def _query_layout_contiguous(node: Any, chain: list[Any]) -> bool:
+    """Would a 16-bit kernel laid out as the query, in place of attention ``node`` (no mask, head dim a multiple of
+    8 up to 256, the same for query, key and value: what flash takes, and cuDNN too), give an output that ``chain``
+    (permutes/transposes, from the output up) leaves contiguous?"""
     try:
         tensors = [_packed(getattr(node, f"_raw_saved_{name}", None)) for name in ("query", "key", "value")]
         if any(len(t) != 1 for t in tensors) or _packed(getattr(node, "_raw_saved_attn_bias", None)):
@@ -268,7 +273,7 @@ def _flash_contiguous(node: Any, chain: list[Any]) -> bool:
         if query.dim() != 4 or dim > 256 or dim % 8 or key.shape[-1] != dim or value.shape[-1] != dim \
                 or any(t.stride(-1) != 1 for t in (query, key, value)):
             return False
-        out = torch.empty_like(query, device="meta")  # flash: empty_like(q), its stride order kept
+        out = torch.empty_like(query, device="meta")  # the query's stride order kept, as the 16-bit kernels do
         for link in chain:
             op = _op(link)
             out = out.permute(*link._saved_dims) if op == "Permute" else \
