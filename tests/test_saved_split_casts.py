@@ -284,3 +284,58 @@ def test_a_contiguous_copy_of_attention_output_is_no_copy_where_the_16_bit_kerne
         output, counted, _ = graph
         assert amp_bytes(output, counted, set(), 1, "cuda", query_layout=True) == \
             amp_bytes(output, counted, set(), 1, "cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_mha_on_cuda_no_attention_output_copy_under_autocast():
+    """On a GPU (the H200's cudatests stage: CUDATESTSX=tests/test_saved_split_casts.py): ViT-B/16's attention
+    layer (nn.MultiheadAttention, batch_first, 197 tokens, 12 heads of 64) and a block around it. Where
+    attention_follows_query says so, the walk leaves out the 16-bit copy of the permuted attention output before
+    out_proj, and its bytes stay at or above what CUDA autocast(bfloat16) really saves; without the rule they
+    exceed it by that copy."""
+    from batchmon.agent.saved_split import attention_follows_query
+
+    dev = torch.device("cuda")
+    if not attention_follows_query(dev):
+        pytest.skip("this device's 16-bit attention is not known to lay its output out as the query")
+    torch.manual_seed(0)
+
+    class Layer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm = nn.LayerNorm(768)
+            self.attn = nn.MultiheadAttention(768, 12, batch_first=True)
+            self.mlp = nn.Sequential(nn.Linear(768, 3072), nn.GELU(), nn.Linear(3072, 768))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.norm(x)
+            x = x + self.attn(h, h, h, need_weights=False)[0]
+            return x + self.mlp(self.norm(x))
+
+    model = Layer().to(dev).train()
+    x = torch.randn(8, 197, 768, device=dev, requires_grad=True)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    inputs = {x.untyped_storage().data_ptr()}
+    counter = ActivationCounter(dev, (params, inputs))
+    counter.push()
+    try:
+        out = model(x)
+    finally:
+        counter.pop()
+    copy = -(-(8 * 197 * 768 * 2) // counter.saved.block) * counter.saved.block
+    kept, _, _ = amp_bytes(out, counter.saved.keys, inputs, counter.saved.block, "cuda")
+    free, _, _ = amp_bytes(out, counter.saved.keys, inputs, counter.saved.block, "cuda", query_layout=True)
+    assert kept - free == copy
+    skip = params | inputs
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in skip and not _is_weight_cast(t):
+            seen[storage.data_ptr()] = -(-storage.nbytes() // counter.saved.block) * counter.saved.block
+        return t.detach()
+
+    with torch.autocast("cuda", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x)
+    real = sum(seen.values())
+    assert real <= free < kept, (free, kept, real)
