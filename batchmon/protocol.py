@@ -37,7 +37,7 @@ PHASES: tuple[str, ...] = ("forward", "backward", "optimizer")
 SEGMENTS: tuple[str, ...] = ("forward", "loss_backward", "backward", "optimizer")
 #: the names of ``Step.saved_split`` (batchmon.agent.saved_split; the first five are always there)
 SAVED_SPLIT_FIELDS: tuple[str, ...] = ("batch", "saved", "in_blocks", "block_inputs", "blocks", "amp_saved",
-                                       "amp_unknown", "block_max", "output")
+                                       "amp_unknown", "block_max", "output", "block_inputs_fixed")
 SAVED_SPLIT_REQUIRED = frozenset(SAVED_SPLIT_FIELDS[:5])
 
 
