@@ -117,6 +117,14 @@ def apply_what_if(observed: dict[str, Line], what_if: WhatIf, *, trainable_bytes
                 how += (f"; less the output's gradient ({freed / MIB:.1f} MiB a sample, within the transients the "
                         f"measured model's backward held at its start: freed by the head's backward, before any "
                         f"block is recomputed)")
+            # the head's backward comes first and still holds the output's gradient beside the kept tensors (the
+            # measured segment's own moment, less what the checkpoint drops): the segment peaks at the larger of
+            # that moment and the recomputation's (GPT-2 on the H200, run 10: its model's backward peaked at the
+            # head, 10239 MiB at 71, where the recomputation's moment alone said 6452)
+            recompute = held - freed
+            if recompute < 0:
+                how += (f"; the head's backward, with the output's gradient, is the larger moment "
+                        f"({-recompute / MIB:.1f} MiB a sample above the recomputation's): the segment keeps it")
             # inputs that do not grow with the batch (T5's position biases): kept by the checkpoint as they are,
             # where the plain forward freed them - fixed bytes, not a share of each sample's
             fixed_inputs = float(max(0, min(split.block_inputs_fixed, split.block_inputs)))
@@ -125,7 +133,7 @@ def apply_what_if(observed: dict[str, Line], what_if: WhatIf, *, trainable_bytes
             lines["other"] = lines["other"] + Line(0.0, held)
             delta["forward"] = delta["forward"] + Line(fixed_inputs, -dropped)
             delta["loss_backward"] = delta["loss_backward"] + Line(fixed_inputs, -dropped)
-            delta["backward"] = delta["backward"] + Line(fixed_inputs, -dropped + held - freed)
+            delta["backward"] = delta["backward"] + Line(fixed_inputs, -dropped + max(0.0, recompute))
             notes.append(f"checkpointing: {n} blocks ({split.blocks} measured); the saved bytes inside the blocks "
                          f"less their inputs ({drop_share:.0%} of the saved activations as measured at batch "
                          f"{split.batch}: {dropped / MIB:.1f} MiB a sample) dropped from the forward's and the loss's "
