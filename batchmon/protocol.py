@@ -200,10 +200,10 @@ class Step:
     # dataclass field (new_step's positional order and the messages without it stay as they were: written only
     # where set): set by with_saved_split and the decoders, and kept by anything that copies a step's __dict__
     saved_split: ClassVar[dict[str, int] | None] = None
-    # added field, likewise not a dataclass field: the allocator's inactive-split peak of a sampled CUDA step
-    # (torch.cuda.memory_stats()["inactive_split_bytes.all.peak"] since the step's start: free bytes inside
-    # segments that hold live blocks, what a cache flush cannot give back; batchmon.memory_model's fragmentation
-    # at the limit), on sampled steps where the agent reads it; None otherwise
+    # added field, likewise not a dataclass field: the allocator's inactive-split bytes at the end of a sampled
+    # CUDA step (torch.cuda.memory_stats()["inactive_split_bytes.all.current"]: free bytes inside segments that
+    # still hold live blocks once the step's activations are freed, what a cache flush cannot give back;
+    # batchmon.memory_model's fragmentation at the limit), on sampled steps where the agent reads it; else None
     inactive_split: ClassVar[int | None] = None
     type: str = field(default="step", init=False)
 

@@ -329,39 +329,47 @@ def test_own_peaks_cost_reads_on_sampled_steps_only(agent_dir):
         handle.detach()
 
 
-class SplitsASegment(nn.Module):
-    """A forward whose temporary (3 MiB) is cut from a larger cached segment: while it lives the rest of the
-    segment is an inactive split block (free bytes a flush cannot give back)."""
+class PinsASegment(nn.Module):
+    """A forward whose temporary (3 MiB) is cut from a fresh 20 MiB segment, and whose first call keeps a 2 MiB
+    tensor cut from that segment's rest: once the temporary is freed at the step's end, the segment's free
+    bytes stay split around the kept tensor (what a flush at the limit cannot give back)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.lin = nn.Linear(64, 64)
+        self.kept: list[torch.Tensor] = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         temp = torch.ones(3 * MIB // 4, device=x.device)
+        if not self.kept:
+            self.kept.append(torch.ones(2 * MIB // 4, device=x.device))
         return self.lin(x) + temp.sum() * 0
 
 
 @cuda
-def test_sampled_real_steps_carry_the_allocators_inactive_split_peak(agent_dir):
+def test_sampled_real_steps_carry_the_allocators_inactive_split_at_their_end(agent_dir):
     """Step.inactive_split (what memory_model keeps for fragmentation at the limit) is the allocator's
-    inactive-split peak over the followed step's segments; steps not followed carry none."""
+    inactive-split bytes at a followed step's end, as torch.cuda reads them there; steps not followed carry none."""
     device = "cuda"
-    model = SplitsASegment().to(device)
+    torch.cuda.empty_cache()
+    model = PinsASegment().to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     handle = batchmon.attach(model, opt, activation_every=4)
+    at_end: list[int] = []
     try:
         for _ in range(12):
             opt.zero_grad(set_to_none=True)
             model(torch.randn(32, 64, device=device)).square().mean().backward()
             opt.step()
-        torch.cuda.synchronize()
+            torch.cuda.synchronize()
+            at_end.append(torch.cuda.memory_stats()["inactive_split_bytes.all.current"])
         steps = list(handle.steps)
         followed = [s for s in steps if s.phase_own_peaks is not None]
         assert followed and len(followed) < len(steps)
-        # the temporary's segment: at least its unused rest was inactive while the temporary lived
-        assert all(s.inactive_split is not None and MIB <= s.inactive_split <= s.reserved for s in followed), \
-            [(s.step, s.inactive_split, s.reserved) for s in followed]
+        # the pinned segment's free rest (20 - 2 MiB, the freed temporary's 3 MiB with it), as torch reads it
+        assert all(s.inactive_split is not None and 15 * MIB <= s.inactive_split <= s.reserved
+                   and s.inactive_split == at_end[s.step - 1] for s in followed), \
+            [(s.step, s.inactive_split, s.reserved, at_end[s.step - 1]) for s in followed]
         assert all(s.inactive_split is None for s in steps if s.phase_own_peaks is None)
     finally:
         handle.detach()

@@ -27,10 +27,10 @@ class CudaFigures:
     reserved: int
     retries: int
     ooms: int
-    # the allocator's inactive-split peak since its last reset (free bytes inside segments holding live blocks:
-    # what a flush at the limit cannot give back); sent as Step.inactive_split on sampled steps. Not compared:
+    # the allocator's inactive-split bytes now (free bytes inside segments that hold live blocks: what a flush at
+    # the limit cannot give back); sent as Step.inactive_split on sampled steps, read at their end. Not compared:
     # a carried step's figures match on what the Step shows
-    inactive_peak: int = field(default=0, compare=False)
+    inactive: int = field(default=0, compare=False)
 
 
 def device_of(model: torch.nn.Module) -> torch.device | None:
@@ -85,7 +85,7 @@ def cuda_figures(device: torch.device | None, reset: bool) -> CudaFigures | None
     figures = CudaFigures(int(stats["allocated_bytes"]["all"]["current"]), peak,
                           int(stats["reserved_bytes"]["all"]["current"]), int(stats.get("num_alloc_retries", 0)),
                           int(stats.get("num_ooms", 0)),
-                          int(stats.get("inactive_split_bytes", {}).get("all", {}).get("peak", 0)))
+                          int(stats.get("inactive_split_bytes", {}).get("all", {}).get("current", 0)))
     if reset:
         patches.agent_reset(index, stats)
     return figures

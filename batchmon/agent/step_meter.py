@@ -127,7 +127,6 @@ class StepMeter:
         self.batch_carried = False  # the open step's batch bytes are the last step's (same inputs, not sampled)
         self.phases = PhaseTracker(self._segment_peak)  # each phase's own peak on a sampled step, and where it peaked
         self._carry_peak = 0  # the peak of unread steps, read when a sampled step reset it for its phases
-        self._inactive_peak = 0  # the followed step's inactive-split peak over its segments read so far
         self._kind_of: torch.device | None = None  # the device whose type _on_cuda says
         self._on_cuda = False
         self._template: Step | None = None  # the last step finish made, when a carried step may repeat it
@@ -263,16 +262,12 @@ class StepMeter:
             if figures is None:
                 return
             self._carry_peak = max(self._carry_peak, figures.peak)
-        self._inactive_peak = 0
         self.phases.start()
 
     def _segment_peak(self) -> int | None:
         """The allocator's peak since the last reset, then reset: a phase's own peak (sampled CUDA steps)."""
         figures = self._cuda(self.device, True)
-        if figures is None:
-            return None
-        self._inactive_peak = max(self._inactive_peak, figures.inactive_peak)
-        return figures.peak
+        return figures.peak if figures is not None else None
 
     def _storages(self) -> accounting.StorageSet:
         """An empty StorageSet on the agent's device for the step's batch: one object per device, emptied for
@@ -555,8 +550,8 @@ class StepMeter:
                         self.batch_source if opened else None, self.backwards if opened else None,
                         peak_phase=reading.phase, phase_peaks=reading.peaks, phase_own_peaks=reading.own,
                         segment_peaks=reading.segments)
-        if reading is not NOT_FOLLOWED and cuda is not None:  # a followed step: its inactive split over its segments
-            step = with_added(step, inactive_split=max(self._inactive_peak, cuda.inactive_peak))
+        if reading is not NOT_FOLLOWED and cuda is not None:  # a followed step: the split free bytes at its end
+            step = with_added(step, inactive_split=cuda.inactive)
         if opened and step.peak_phase is None and step.phase_peaks is None \
                 and step.phase_own_peaks is None:  # what the next carried step may repeat
             self._template = step

@@ -56,8 +56,11 @@ Cache and margin at the limit (all from measurements):
   room for with the margin below (the GRU seq2seq of zoo run 5: 0.209; UNet 0.19): a stated safety margin, not a
   constant that just covers the recordings (bench/recalibrate_margin.py --derive / --project-zoo,
   tests/test_predict_zoo.py). phi counts whole cached segments too, which the flush gives back: where the agent
-  reports the allocator's inactive-split peak (``Step.inactive_split``: free bytes inside segments that hold
-  live blocks, over a sampled step), its share of the peak, psi, bounds what survives as well, and the smaller
+  reports the allocator's inactive-split bytes (``Step.inactive_split``: free bytes inside segments that hold
+  live blocks, at a sampled step's end, when only tensors that outlive the step pin them; not the peak over the
+  step, whose transient splits inside the activations' segments the step's own allocations reuse: EfficientNet-B0
+  0.10 of the peak over the step, 0.046 at its end, zoo run 11), its share of the peak, psi, bounds what survives
+  as well (zoo runs 5-8 read it as the bench did, after each step), and the smaller
   of ``FRAG_SURVIVAL * phi`` and ``psi`` is kept (``MemoryModel.frag_share``): every boundary of zoo runs 5-8
   left room for at most 0.72 psi x peak (the GRU seq2seq of run 6), so psi itself, with no factor;
   EfficientNet-B0 (phi 0.218, psi 0.046) 270 -> 273 of 286. The

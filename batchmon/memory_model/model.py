@@ -224,7 +224,7 @@ class MemoryModel:
         """The share of a predicted peak the allocator is assumed not to give back at the limit: FRAG_SURVIVAL x
         phi, or - where the agent reported the allocator's split free bytes - that share of the peak (psi) when
         lower. What a flush cannot release is free space inside segments that still hold live blocks: the
-        allocator's inactive-split bytes, which peaked at psi x the peak over the observed step. Every OOM
+        allocator's inactive-split bytes, psi x the peak at the observed step's end. Every OOM
         boundary recorded with it on the H200 (zoo runs 5-8, 37) left room for at most 0.72 psi x peak (the GRU
         seq2seq of run 6; UNet 0.42): psi itself bounds it, no factor. EfficientNet-B0: phi 0.218 (its pool's
         cached whole segments, given back at the limit) but psi 0.046."""

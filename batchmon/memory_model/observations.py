@@ -32,9 +32,9 @@ class Observation:
     # each segment's own peak, the backward split at the model output's gradient (Step.segment_peaks)
     segment_peaks: dict[str, int] | None = None
     saved_split: dict[str, int] | None = None  # the agent's measured split of the saved bytes (Step.saved_split)
-    # the allocator's peak bytes in free blocks split off segments that hold live blocks, over the step
-    # (torch.cuda.memory_stats()["inactive_split_bytes.all.peak"] since the agent's reset at the step's start:
-    # the free space a flush cannot give back); None: not reported (Step.inactive_split, where an agent sends it)
+    # the allocator's bytes in free blocks split off segments that hold live blocks, at the step's end
+    # (torch.cuda.memory_stats()["inactive_split_bytes.all.current"]: the free space a flush cannot give back);
+    # None: not reported (Step.inactive_split, where an agent sends it)
     inactive_split: int | None = None
 
     @classmethod
