@@ -300,6 +300,41 @@ def test_hf_t5_block_inputs_that_do_not_grow_with_the_batch():
     assert kept[4] - kept[2] < split[2]["kept"]  # the old account (all of it per sample) over-counts
 
 
+def test_a_freed_block_input_whose_address_a_saved_tensor_takes_is_not_saved():
+    """The flake behind test_hf_t5_block_inputs_that_do_not_grow_with_the_batch: T5's encoder position bias is
+    freed when the encoder returns, and a tensor the decoder saves may get its address. The meter keys its inputs
+    by a weak reference to their storage, not by address: the freed bias stays a block input of its own (counted
+    once, in block_inputs), is reported under a key no address can be, and is never called saved. The meter
+    keeps no input alive."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    class Add(nn.Module):
+        def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+            return x + bias  # an addend: saved by no op
+
+    blocks = [Add(), Add()]
+    meter = BlockSplitMeter(blocks, lambda: 0, 1)
+    x = torch.ones(4, 2, 1024, requires_grad=True)
+    bias = torch.ones(1, 2, 1024)
+    address, ref = bias.untyped_storage().data_ptr(), StorageWeakRef(bias.untyped_storage())
+    h = blocks[0](x, bias)
+    del bias
+    assert ref.expired()  # the meter held nothing
+    kept = []
+    for _ in range(64):  # a tensor that an op saves takes the freed address (glibc gives it back at once)
+        kept.append(torch.ones(1, 2, 1024))
+        if kept[-1].untyped_storage().data_ptr() == address:
+            break
+    other, zeros = kept[-1], torch.zeros(1, 2, 1024)
+    out = blocks[1](h * other, zeros)  # Mul saves ``other``; ``zeros``, alive, is saved by no op
+    meter.remove()
+    broadcast = meter.broadcast_inputs()
+    assert sorted(broadcast.values()) == [8192, 8192] and meter.inputs == 2 * 32768 + 2 * 8192
+    assert [key < 0 for key in broadcast].count(True) == 1  # the freed bias: a key no address can be
+    assert zeros.untyped_storage().data_ptr() in broadcast
+    assert batch_independent_inputs(out, broadcast, 4) == 2 * 8192  # neither is saved, whoever has the address
+
+
 def test_checkpoint_blocks_without_hugging_face_is_the_largest_run():
     """A model without Hugging Face's marks: the largest run of same-class blocks, as before (one stack: the
     conservative choice where nobody says which modules a user would wrap)."""

@@ -50,6 +50,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from batchmon.agent.saved_kinds import repeated_blocks
 
@@ -498,8 +499,13 @@ class BlockSplitMeter:
         self._round = max(1, block)
         self.inside = 0
         self.largest = 0
-        self._inputs: dict[int, int] = {}
-        self._broadcast: set[int] = set()  # inputs laid out as one sample's (leading dim 1, own whole storage)
+        # keyed by a weak reference to each input's storage, not its address: a storage freed within the forward
+        # (the encoder's position bias, once the encoder returns) gives its address to later tensors - another
+        # block's input, or a tensor an op saves - and a key by address would merge the two or call the freed
+        # one saved. The weak reference keeps the storage's identity (its address is not reused while held),
+        # never its memory: the training frees it when it would.
+        self._inputs: dict[StorageWeakRef, int] = {}
+        self._broadcast: set[StorageWeakRef] = set()  # laid out as one sample's (leading dim 1, own whole storage)
         self._depth = 0
         self._start = 0
         self.errors = 0
@@ -515,9 +521,10 @@ class BlockSplitMeter:
                 for t in list(args) + list((kwargs or {}).values()):
                     if isinstance(t, torch.Tensor):
                         storage = t.untyped_storage()
-                        self._inputs[storage.data_ptr()] = -(-storage.nbytes() // self._round) * self._round
+                        ref = StorageWeakRef(storage)
+                        self._inputs[ref] = -(-storage.nbytes() // self._round) * self._round
                         if t.dim() >= 2 and t.shape[0] == 1 and t.numel() * t.element_size() == storage.nbytes():
-                            self._broadcast.add(storage.data_ptr())
+                            self._broadcast.add(ref)
             self._depth += 1
         except Exception:  # noqa: BLE001 - metering must never break the forward
             self.errors += 1
@@ -539,13 +546,26 @@ class BlockSplitMeter:
     def broadcast_inputs(self) -> dict[int, int]:
         """{storage: bytes} of the inputs shaped as one sample's (leading dim 1, the whole storage): at a batch
         above 1 they do not grow with it - T5's relative position biases (1, heads, q, k), which every block of
-        a stack gets - where the hidden states do."""
-        return {key: self._inputs[key] for key in self._broadcast}
+        a stack gets - where the hidden states do. A storage still alive is keyed by its address (what the graph
+        walk matches saved tensors by); one freed already is saved by no op, and gets a key no address can be
+        (negative, one per storage): its address may be a later tensor's by now."""
+        out: dict[int, int] = {}
+        for dead, ref in enumerate(self._broadcast, start=1):
+            key = None if ref.expired() else _alive_address(ref)
+            out[key if key is not None else -dead] = self._inputs[ref]
+        return out
 
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+
+def _alive_address(ref: StorageWeakRef) -> int | None:
+    """The address of the storage ``ref`` refers to, while it is alive (None once freed). The strong reference
+    this takes to read it is dropped on return."""
+    storage = torch.UntypedStorage._new_with_weak_ptr(ref.cdata)  # type: ignore[attr-defined]
+    return None if storage is None else int(storage.data_ptr())
 
 
 def _compiled(model: torch.nn.Module) -> bool:
