@@ -6,6 +6,9 @@ autocast(bfloat16), counted by saved-tensor hooks, parameters' casts left out.""
 
 from __future__ import annotations
 
+import weakref
+from typing import Any
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -339,3 +342,68 @@ def test_mha_on_cuda_no_attention_output_copy_under_autocast():
         model(x)
     real = sum(seen.values())
     assert real <= free < kept, (free, kept, real)
+
+
+class _Fresh:
+    """A stand-in node whose Python object lives only while referenced, as torch's graph nodes' do: its inputs
+    come back as the same objects while those are alive, as new ones once they were let go (whose id() may be a
+    let-go node's)."""
+
+    alive: dict[int, Any] = {}  # id(spec) -> weakref to its current object
+
+    @classmethod
+    def of(cls, spec: _Node) -> "_Fresh":
+        ref = cls.alive.get(id(spec))
+        node = ref() if ref is not None else None
+        if node is None:
+            node = cls(spec)
+            cls.alive[id(spec)] = weakref.ref(node)
+        return node
+
+    def __init__(self, spec: _Node) -> None:
+        self._spec = spec
+        for field in dir(spec):
+            if field.startswith("_raw_saved_") or field.startswith("_saved_"):
+                setattr(self, field, getattr(spec, field))
+
+    def name(self) -> str:
+        return self._spec.name()
+
+    def _sequence_nr(self) -> int:
+        return 0
+
+    @property
+    def next_functions(self):
+        return tuple((_Fresh.of(n) if n is not None else None, 0) for n, _ in self._spec.next_functions)
+
+
+def test_the_attention_copy_rule_answers_for_each_copy_alone():
+    """Zoo run 11 (H200): ViT-B/16's agent walk kept 10 of its 12 attention-output copies and the bench's walk 5 of
+    12, where the rule drops all 12: the rule's memo was keyed by the copy node's id(), and a node's Python object
+    is let go after the look-up, so a later copy's node took an earlier one's id() - out_proj's copies (no copy
+    under autocast) and the in-projection's input copies (nn.MultiheadAttention's batch-first transpose made
+    contiguous: a copy) answered for each other. Twelve layers of both copies, on nodes made anew at every read:
+    every out_proj copy is dropped, every in-projection copy kept, as on a graph whose nodes stay put."""
+    from batchmon.agent.saved_split import amp_bytes
+
+    layers, counted, copies = [], set(), 0
+    leaf = _Node("torch::autograd::AccumulateGrad")
+    for _ in range(12):
+        output, layer_counted, copy = _mha_graph(query_layout_lb=True)
+        x = torch.randn(10, 2, 32)
+        norm = _Node("NativeLayerNormBackward0", leaf, _raw_saved_input=_Saved(x))
+        inner = _Node("ViewBackward0", _Node("CloneBackward0", _Node("TransposeBackward0", norm)))
+        proj = _Node("MmBackward0", inner, leaf, _raw_saved_self=_Saved(torch.randn(20, 32)))
+        layers.append(_Node("AddBackward0", output.grad_fn, proj))
+        counted |= layer_counted | {proj._raw_saved_self.data.untyped_storage().data_ptr(),
+                                     x.untyped_storage().data_ptr()}
+        copies += copy // 2
+    root = layers[0]
+    for layer in layers[1:]:
+        root = _Node("AddBackward0", root, layer)
+    steady = (amp_bytes(_Out(root), counted, set(), 1, "cuda", query_layout=True),
+              amp_bytes(_Out(root), counted, set(), 1, "cuda"))
+    fresh = (amp_bytes(_Out(_Fresh.of(root)), counted, set(), 1, "cuda", query_layout=True),
+             amp_bytes(_Out(_Fresh.of(root)), counted, set(), 1, "cuda"))
+    assert steady[1][0] - steady[0][0] == copies  # every out_proj copy dropped, on nodes that stay put
+    assert fresh == steady

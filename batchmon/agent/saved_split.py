@@ -231,7 +231,7 @@ def attention_follows_query(device: torch.device) -> bool:
         return False
 
 
-def _copy_free(maker: Any, memo: dict[int, bool]) -> bool:
+def _copy_free(maker: Any, memo: dict[int, tuple[Any, bool]]) -> bool:
     """Is ``maker`` (through views) a ``.contiguous()`` copy of an attention output that autocast's 16-bit kernel
     would lay out contiguously already, so that under autocast there is no copy and its readers save the
     attention output itself? nn.MultiheadAttention (ViT-B/16) permutes the output to (query, batch, heads, dim)
@@ -240,7 +240,10 @@ def _copy_free(maker: Any, memo: dict[int, bool]) -> bool:
     (query, batch, ...) projection), is contiguous after that permute - on the H200 under bf16 out_proj saved the
     cuDNN kernel's own output (zoo run 10's amp_real_detail: no copy of its own). Only plain permutes and
     transposes between the two are replayed (on a meta tensor laid out as the query); anything else: a copy, as
-    before."""
+    before. ``memo`` (one per walk) is keyed by the copy's node's id() and keeps that node: a graph node's Python
+    object lives only while referenced, so an id() let go is soon another node's (zoo run 11's ViT-B/16: its
+    out_proj copies answered, in turn, for the in-projection's input copies, which are copies - the agent's walk
+    kept 10 of 12 attention-output copies, the bench's 5 of 12, where the rule drops all 12)."""
     node = maker
     for _ in range(8):
         if node is None or node == "leaf" or _op(node) not in VIEW_OPS:
@@ -250,15 +253,15 @@ def _copy_free(maker: Any, memo: dict[int, bool]) -> bool:
         return False
     key = id(node)
     if key not in memo:
-        memo[key] = False
+        memo[key] = (node, False)
         chain: list[Any] = []
         below = node.next_functions[0][0] if node.next_functions else None
         while below is not None and _op(below) in PERMUTE_OPS and len(chain) < 8:
             chain.append(below)
             below = below.next_functions[0][0] if below.next_functions else None
         if below is not None and _op(below) in SDPA_OWN_LAYOUT:
-            memo[key] = _query_layout_contiguous(below, chain[::-1])
-    return memo[key]
+            memo[key] = (node, _query_layout_contiguous(below, chain[::-1]))
+    return memo[key][1]
 
 
 def _query_layout_contiguous(node: Any, chain: list[Any]) -> bool:
@@ -317,7 +320,7 @@ def amp_bytes(output: torch.Tensor, counted: set[int], batch_keys: set[int], blo
     unknown: set[int] = set()
     first_op: dict[int, tuple[int, str]] = {}
     upcast = upcast or set()
-    clones: dict[int, bool] = {}
+    clones: dict[int, tuple[Any, bool]] = {}  # the nodes kept until the walk ends: their id()s stay theirs
     for key, size, fp32, node, op, field, numel in saves:
         sizes[key] = -(-size // block) * block
         if detail is not None:  # the op that saved it first (forward order), as a pack hook sees it
