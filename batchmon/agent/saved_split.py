@@ -554,7 +554,10 @@ class BlockSplitMeter:
         (negative, one per storage): its address may be a later tensor's by now."""
         out: dict[int, int] = {}
         for dead, ref in enumerate(self._broadcast, start=1):
-            key = None if ref.expired() else _alive_address(ref)
+            try:
+                key = None if ref.expired() else _alive_address(ref)
+            except Exception:  # noqa: BLE001 - not told whether it lives: left out (counted per sample, as before)
+                continue
             out[key if key is not None else -dead] = self._inputs[ref]
         return out
 
