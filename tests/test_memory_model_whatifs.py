@@ -59,9 +59,9 @@ def test_gpt2_what_ifs_from_the_split_are_at_most_real():
     assert found["checkpointing"] == (70, 70) and 0.8 * 32 <= found["amp"][0] <= 32
 
 
-@pytest.mark.parametrize("run", [6, 7, 8, 10])
+@pytest.mark.parametrize("run", [6, 7, 8, 10, 11, 12])
 def test_h200_what_ifs_with_the_agents_own_split_never_above_real(run: int):
-    """Zoo runs 6, 7 and 8 on the H200 (the agent measured the split on the device): the derived what-ifs
+    """Zoo runs 6-8, 10-12 on the H200 (the agent measured the split on the device): the derived what-ifs
     re-predicted from the recorded steps are at or below the real largest batch - T5-small's AMP what-if said 82
     where 79 was real before its unclassified ops' casts were counted (26% of its saved bytes)."""
     doc = json.loads((RESULTS / f"predict_zoo_h200_run{run}.json").read_text())
