@@ -126,10 +126,15 @@ class SavedSplit:
         return max(0, self.in_blocks - self.per_sample_inputs) / self.saved
 
     @property
+    def fixed_inputs(self) -> int:
+        """Of the blocks' inputs, the bytes that do not grow with the batch (block_inputs_fixed, never more than
+        block_inputs): the checkpointing what-if keeps them as fixed bytes."""
+        return max(0, min(self.block_inputs_fixed, self.block_inputs))
+
+    @property
     def per_sample_inputs(self) -> int:
-        """The blocks' inputs that grow with the batch (the hidden states): block_inputs less block_inputs_fixed,
-        which the checkpointing what-if adds as fixed bytes instead."""
-        return self.block_inputs - max(0, min(self.block_inputs_fixed, self.block_inputs))
+        """The blocks' inputs that grow with the batch (the hidden states): block_inputs less fixed_inputs."""
+        return self.block_inputs - self.fixed_inputs
 
     def block_share(self) -> float | None:
         """Share of the saved bytes inside the blocks (all of them; one block's is this / blocks)."""

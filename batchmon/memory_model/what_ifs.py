@@ -76,8 +76,7 @@ def apply_what_if(observed: dict[str, Line], what_if: WhatIf, *, trainable_bytes
                          f"them (matmul/conv inputs 16-bit, a cast per op that reads an fp32 input, no copy of an "
                          f"attention output that the device's 16-bit kernel lays out contiguously already, softmax, "
                          f"norms, pow and losses fp32, elementwise ops in their inputs' dtype; {unknown_share:.0%} "
-                         f"under ops "
-                         f"not classified, kept fp32"
+                         f"under ops not classified, kept fp32"
                          + (f" and counted once more as a 16-bit cast ({recast / MIB:.1f} MiB a sample: an op the "
                             f"walk does not know may upcast its 16-bit inputs, as sdpa's math fallback does with q, "
                             f"k and v, or be fed a cast copy)" if recast > 0 else "") + ")"
@@ -127,7 +126,7 @@ def apply_what_if(observed: dict[str, Line], what_if: WhatIf, *, trainable_bytes
                         f"({-recompute / MIB:.1f} MiB a sample above the recomputation's): the segment keeps it")
             # inputs that do not grow with the batch (T5's position biases): kept by the checkpoint as they are,
             # where the plain forward freed them - fixed bytes, not a share of each sample's
-            fixed_inputs = float(max(0, min(split.block_inputs_fixed, split.block_inputs)))
+            fixed_inputs = float(split.fixed_inputs)
             act = lines["activations"]
             lines["activations"] = Line(act.fixed + fixed_inputs, max(0.0, act.per_sample - dropped))
             lines["other"] = lines["other"] + Line(0.0, held)
