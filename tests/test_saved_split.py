@@ -167,30 +167,36 @@ def test_walk_reads_packed_tensors_without_running_unpack_hooks():
     assert unpacked and w.grad is not None
 
 
+def _train_lm(model: nn.Module, opt: torch.optim.Optimizer, vocab: int, seq: int,
+              attach: bool) -> tuple[list[float], list[Step]]:
+    """Four steps of a token model predicting its own input (batches 8, 8, 8, 4), attached through the real agent
+    (every step sampled) or not: the losses, and the agent's steps."""
+    import batchmon
+
+    handle = batchmon.attach(model, opt, activation_every=1) if attach else None
+    losses = []
+    for i in range(4):
+        b = 8 if i < 3 else 4
+        x = torch.randint(0, vocab, (b, seq), generator=torch.Generator().manual_seed(i))
+        loss = F.cross_entropy(model(x).reshape(-1, vocab), x.reshape(-1))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    steps = list(handle.steps) if handle is not None else []
+    if handle is not None:
+        handle.detach()
+    return losses, steps
+
+
 def test_agent_measures_the_split_once_and_sampled_steps_carry_it(agent_dir):
     """Through the real agent on CPU: a sampled step after the first carries Step.saved_split (blocks found,
     bytes inside them, the walk's AMP bytes), it survives the wire, the losses are those of a run without the
     agent, and the memory model fitted on the steps derives its what-ifs from it."""
-    import batchmon
-
     def train(attach: bool) -> tuple[list[float], list[Step]]:
         torch.manual_seed(0)
         model = TinyGPT()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        handle = batchmon.attach(model, opt, activation_every=1) if attach else None
-        losses = []
-        for i in range(4):
-            b = 8 if i < 3 else 4
-            x = torch.randint(0, 256, (b, 32), generator=torch.Generator().manual_seed(i))
-            loss = F.cross_entropy(model(x).reshape(-1, 256), x.reshape(-1))
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-        steps = list(handle.steps) if handle is not None else []
-        if handle is not None:
-            handle.detach()
-        return losses, steps
+        return _train_lm(model, torch.optim.AdamW(model.parameters(), lr=1e-3), 256, 32, attach)
 
     plain, _ = train(False)
     losses, steps = train(True)
@@ -437,26 +443,10 @@ def test_agent_measures_the_block_inputs_that_do_not_grow_with_the_batch(agent_d
     """Through the real agent on CPU: the sampled step's split carries block_inputs_fixed, the bias every block
     gets (16 x 32 fp32, the same at any batch, saved by no op), within block_inputs; the losses are those of a
     run without the agent; the memory model keeps it as fixed bytes under checkpointing."""
-    import batchmon
-
     def train(attach: bool) -> tuple[list[float], list[Step]]:
         torch.manual_seed(0)
         model = BiasNet()
-        opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        handle = batchmon.attach(model, opt, activation_every=1) if attach else None
-        losses = []
-        for i in range(4):
-            b = 8 if i < 3 else 4
-            x = torch.randint(0, 64, (b, 16), generator=torch.Generator().manual_seed(i))
-            loss = F.cross_entropy(model(x).reshape(-1, 64), x.reshape(-1))
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-        steps = list(handle.steps) if handle is not None else []
-        if handle is not None:
-            handle.detach()
-        return losses, steps
+        return _train_lm(model, torch.optim.SGD(model.parameters(), lr=0.1), 64, 16, attach)
 
     plain, _ = train(False)
     losses, steps = train(True)
