@@ -15,6 +15,10 @@ GPU step the agent's cost is main-thread CPU - it launches nothing on the device
 Result: the median of the pairs' differences with a distribution-free 95% interval (order statistics of the
 sign test: no normality assumed), the mean with its 95% interval, the ratio of the medians, and per attached
 block the share of its timed steps after which the agent was quiet (a sampled step and the next one are not).
+Where the block's mean goes: each attached step is timed on its own too, and a step the agent was quiet before
+and after is a quiet step - the quiet steps' median CPU against the plain block's median step is the fixed
+cost of a steady step; the other steps' (a sample, the step after it) CPU beyond that median, spread over the
+block, is what the samples add (``added_main_cpu_quiet_step_us``, ``loud_steps_cpu_per_step_us``).
 The run stops starting pairs after ``--budget`` seconds.
 
     python3 bench/agent_cost_paired.py --device cuda --out bench/results/agent_cost_paired_mlp_h200.json  # ~90 s
@@ -126,18 +130,33 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for _ in range(args.warm):
             step()
         times: list[float] = []
+        cpus: list[float] = []
+        states: list[bool] = []  # quiet before and after the step (attached), one per step
         quiet = 0
+        was_quiet = handle is not None and handle.quiet
         c0 = cpu_clock()
         for _ in range(args.steps):
-            t = clock()
+            t, c = clock(), cpu_clock()
             step()
+            cpus.append(cpu_clock() - c)
             times.append(clock() - t)
             if handle is not None:
-                quiet += handle.quiet
+                now_quiet = handle.quiet
+                quiet += now_quiet
+                states.append(was_quiet and now_quiet)
+                was_quiet = now_quiet
         cpu = (cpu_clock() - c0) / args.steps
-        info: dict[str, Any] = {"step_us": statistics.median(times) * 1e6, "cpu_us": cpu * 1e6}
+        info: dict[str, Any] = {"step_us": statistics.median(times) * 1e6, "cpu_us": cpu * 1e6,
+                                "cpu_median_us": statistics.median(cpus) * 1e6}
         if handle is not None:
             info["quiet_share"] = quiet / args.steps
+            quiet_cpu = [c for c, q in zip(cpus, states) if q]
+            base = statistics.median(quiet_cpu) if quiet_cpu else statistics.median(cpus)
+            # the quiet steps' own median, and what the other steps (a sample, the step after it) cost beyond it,
+            # spread over the block's steps: the two parts of the block's mean
+            info["cpu_quiet_median_us"] = base * 1e6
+            info["loud_steps"] = float(len(cpus) - len(quiet_cpu))
+            info["loud_extra_per_step_us"] = sum(c - base for c, q in zip(cpus, states) if not q) / args.steps * 1e6
             info["agent_error"] = handle.error
             batchmon.detach()
         return info
@@ -160,6 +179,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     plain_step = statistics.median(p["plain"]["step_us"] for p in pairs)
     att_step = statistics.median(p["attached"]["step_us"] for p in pairs)
     quiet = [p["attached"]["quiet_share"] for p in pairs]
+    d_quiet = [p["attached"]["cpu_quiet_median_us"] - p["plain"]["cpu_median_us"] for p in pairs]
+    loud = [p["attached"]["loud_extra_per_step_us"] for p in pairs]
     return {"benchmark": "agent_cost_paired", "device": args.device, "model": args.model, "settings": {
                 **settings, "pairs_asked": args.pairs, "pairs_run": len(pairs), "steps": args.steps,
                 "warm": args.warm, "threads": args.threads, "budget_s": args.budget, "cpu_smoke": args.cpu_smoke},
@@ -168,6 +189,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "plain_step_us": round(plain_step, 2), "attached_step_us": round(att_step, 2),
             "ratio": round(att_step / plain_step, 4) if plain_step else None,
             "added_main_cpu_us": summary(d_cpu), "added_step_us": summary(d_step),
+            # the block mean's two parts: a quiet step's own median CPU against the plain block's median step, and
+            # the not-quiet steps' (a sample and the step after it) CPU beyond the quiet median, per step of the block
+            "added_main_cpu_quiet_step_us": summary(d_quiet), "loud_steps_cpu_per_step_us": summary(loud),
             "quiet_share": {"min": min(quiet), "median": statistics.median(quiet)} if quiet else None,
             "agent_errors": [p["attached"]["agent_error"] for p in pairs if p["attached"]["agent_error"]],
             "pairs": [{"order": p["order"], **{f"{m}_{k}": round(v, 2) for m in ("attached", "plain")
@@ -195,7 +219,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.steps} steps in {result['elapsed_s']} s; plain step {result['plain_step_us']} us, attached "
           f"{result['attached_step_us']} us (ratio {result['ratio']}); attached - plain, median of pairs: "
           f"main-thread CPU {c['median']:+} us a step (95% {c['median_ci95']}), step time {s['median']:+} us "
-          f"(95% {s['median_ci95']}); quiet share of attached steps: {result['quiet_share']}")
+          f"(95% {s['median_ci95']}); quiet share of attached steps: {result['quiet_share']}; a quiet step's median "
+          f"CPU {result['added_main_cpu_quiet_step_us']['median']:+} us (95% "
+          f"{result['added_main_cpu_quiet_step_us']['median_ci95']}), the other steps' beyond it "
+          f"{result['loud_steps_cpu_per_step_us']['median']:+} us a step")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")

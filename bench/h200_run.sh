@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The batched H200 session: every GPU claim of the issues, measured in few device calls.
 #   bash bench/h200_run.sh STAGE...   (stages: env nvml agent final nvitop ddp checks integrations load_start
-#   load_collect cost costab overhead predict public patterns cudatests zoo fast16 hubrec load64)
+#   load_collect cost paired costab overhead predict public patterns cudatests zoo fast16 hubrec load64)
 # Runs from the repo root on the GPU machine; results land under $OUT (packed into $OUT/results.tar.gz too).
 set -u
 OUT=${OUT:-$PWD/out}
@@ -191,6 +191,14 @@ cost)
     python3 bench/agent_cost.py --model $m --device $DEV $CX --out $R/agent_cost_${m}_h200.json 2>&1 | tail -n 24 | tee $R/agent_cost_$m.log
   done
   python3 bench/startup.py --rounds $SR --out $R/startup_h200.json 2>&1 | tail -n 5 | tee $R/startup.log
+  ;;
+paired)
+  # issue 14 point 1: the agent's fixed cost per step as a paired in-process A/B (bench/agent_cost_paired.py):
+  # the CUDA MLP, then the host CPU's small MLP; each splits a quiet step's cost from what the samples add
+  stage paired
+  if [ "${SMOKE:-0}" = 1 ]; then PX="--cpu-smoke"; else PX=""; fi
+  python3 bench/agent_cost_paired.py --device $DEV $PX --budget ${PAIREDBUDGET:-85} --out $R/agent_cost_paired_mlp_h200.json 2>&1 | tail -n 3 | tee $R/agent_cost_paired.log
+  python3 bench/agent_cost_paired.py --device cpu $PX --budget ${PAIREDCPUBUDGET:-45} --out $R/agent_cost_paired_cpu_h200.json 2>&1 | tail -n 3 | tee -a $R/agent_cost_paired.log
   ;;
 costab)
   # issue 14 point 1: this tree's agent against another tree's (COSTAB_OLD: a path relative to the checkout, e.g.
