@@ -99,6 +99,7 @@ def measure_round(tools: list[Tool], trees: dict[str, Path], sockdirs: dict[str,
         for i in order:  # the child inherits os.environ at fork: set it per tool
             tool = tools[i]
             os.environ.clear()
+            os.environ.update(saved)  # start_env copies os.environ: what this process has, with the tool's own
             os.environ.update(start_env(trees[tool.name], sockdirs[tool.name]))
             tool.start(cols, rows)
     finally:
