@@ -17,8 +17,10 @@ sign test: no normality assumed), the mean with its 95% interval, the ratio of t
 block the share of its timed steps after which the agent was quiet (a sampled step and the next one are not).
 Where the block's mean goes: each attached step is timed on its own too, and a step the agent was quiet before
 and after is a quiet step - the quiet steps' median CPU against the plain block's median step is the fixed
-cost of a steady step; the other steps' (a sample, the step after it) CPU beyond that median, spread over the
-block, is what the samples add (``added_main_cpu_quiet_step_us``, ``loud_steps_cpu_per_step_us``).
+cost of a steady step (``added_main_cpu_quiet_step_us``), their mean against the plain block's mean also holds
+the quiet steps that read the allocator's figures (on CUDA every 50 ms: ``added_main_cpu_quiet_mean_us``); the
+other steps' (a sample, the step after it) CPU beyond the quiet mean, spread over the block, is what the samples
+add (``loud_steps_cpu_per_step_us``).
 The run stops starting pairs after ``--budget`` seconds.
 
     python3 bench/agent_cost_paired.py --device cuda --out bench/results/agent_cost_paired_mlp_h200.json  # ~90 s
@@ -150,11 +152,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                 "cpu_median_us": statistics.median(cpus) * 1e6}
         if handle is not None:
             info["quiet_share"] = quiet / args.steps
-            quiet_cpu = [c for c, q in zip(cpus, states) if q]
-            base = statistics.median(quiet_cpu) if quiet_cpu else statistics.median(cpus)
-            # the quiet steps' own median, and what the other steps (a sample, the step after it) cost beyond it,
-            # spread over the block's steps: the two parts of the block's mean
-            info["cpu_quiet_median_us"] = base * 1e6
+            quiet_cpu = [c for c, q in zip(cpus, states) if q] or cpus
+            base = statistics.fmean(quiet_cpu)
+            # the quiet steps' median and mean (the mean also holds the quiet steps that read the allocator's
+            # figures, every ALLOCATOR_READ_SECONDS on CUDA), and what the other steps (a sample, the step after it)
+            # cost beyond the quiet mean, spread over the block's steps
+            info["cpu_quiet_median_us"] = statistics.median(quiet_cpu) * 1e6
+            info["cpu_quiet_mean_us"] = base * 1e6
             info["loud_steps"] = float(len(cpus) - len(quiet_cpu))
             info["loud_extra_per_step_us"] = sum(c - base for c, q in zip(cpus, states) if not q) / args.steps * 1e6
             info["agent_error"] = handle.error
@@ -180,6 +184,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     att_step = statistics.median(p["attached"]["step_us"] for p in pairs)
     quiet = [p["attached"]["quiet_share"] for p in pairs]
     d_quiet = [p["attached"]["cpu_quiet_median_us"] - p["plain"]["cpu_median_us"] for p in pairs]
+    d_quiet_mean = [p["attached"]["cpu_quiet_mean_us"] - p["plain"]["cpu_us"] for p in pairs]
     loud = [p["attached"]["loud_extra_per_step_us"] for p in pairs]
     return {"benchmark": "agent_cost_paired", "device": args.device, "model": args.model, "settings": {
                 **settings, "pairs_asked": args.pairs, "pairs_run": len(pairs), "steps": args.steps,
@@ -191,7 +196,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "added_main_cpu_us": summary(d_cpu), "added_step_us": summary(d_step),
             # the block mean's two parts: a quiet step's own median CPU against the plain block's median step, and
             # the not-quiet steps' (a sample and the step after it) CPU beyond the quiet median, per step of the block
-            "added_main_cpu_quiet_step_us": summary(d_quiet), "loud_steps_cpu_per_step_us": summary(loud),
+            "added_main_cpu_quiet_step_us": summary(d_quiet), "added_main_cpu_quiet_mean_us": summary(d_quiet_mean),
+            "loud_steps_cpu_per_step_us": summary(loud),
             "quiet_share": {"min": min(quiet), "median": statistics.median(quiet)} if quiet else None,
             "agent_errors": [p["attached"]["agent_error"] for p in pairs if p["attached"]["agent_error"]],
             "pairs": [{"order": p["order"], **{f"{m}_{k}": round(v, 2) for m in ("attached", "plain")
@@ -221,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
           f"main-thread CPU {c['median']:+} us a step (95% {c['median_ci95']}), step time {s['median']:+} us "
           f"(95% {s['median_ci95']}); quiet share of attached steps: {result['quiet_share']}; a quiet step's median "
           f"CPU {result['added_main_cpu_quiet_step_us']['median']:+} us (95% "
-          f"{result['added_main_cpu_quiet_step_us']['median_ci95']}), the other steps' beyond it "
+          f"{result['added_main_cpu_quiet_step_us']['median_ci95']}), mean "
+          f"{result['added_main_cpu_quiet_mean_us']['median']:+} us, the other steps' beyond it "
           f"{result['loud_steps_cpu_per_step_us']['median']:+} us a step")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
