@@ -76,3 +76,73 @@ def test_the_filter_lives_exactly_as_long_as_the_agents_global_hooks():
         assert [w for w in seen if "global hooks" in str(w.message)]
     finally:
         own.remove()
+
+
+class _Block(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm, self.fc, self.act, self.drop = (torch.nn.LayerNorm(16), torch.nn.Linear(16, 16), torch.nn.GELU(),
+                                                   torch.nn.Dropout(0.0))
+
+    def forward(self, x):
+        return x + self.drop(self.act(self.fc(self.norm(x))))
+
+
+class _TinyLM(torch.nn.Module):
+    """nanoGPT's shape: the loss computed inside the model (so the agent's global loss-search hooks stay on for
+    the first forwards and meet every module), more module types than dynamo's recompile limit (8)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(50, 16)
+        self.blocks = torch.nn.ModuleList([_Block() for _ in range(2)])
+        self.tail = torch.nn.Sequential(torch.nn.LayerNorm(16), torch.nn.Sigmoid(), torch.nn.Tanh(), torch.nn.ReLU())
+        self.head = torch.nn.Linear(16, 50)
+
+    def forward(self, idx, targets):
+        x = self.emb(idx)
+        for block in self.blocks:
+            x = block(x)
+        logits = self.head(self.tail(x))
+        return logits, torch.nn.functional.cross_entropy(logits.view(-1, 50), targets.view(-1))
+
+
+def test_dynamo_never_compiles_the_agents_eager_wrapper_as_a_frame():
+    """After a graph break in a hook dynamo inlined, torch calls the hook again outside the trace with dynamo's
+    frame callback set; dynamo compiled eager()'s wrapper as a frame of its own, guarded on the module it was
+    called for - the global loss-search hooks meet every module type, so nanoGPT under torch.compile (H200,
+    torch 2.11) recompiled it to dynamo's limit and printed "hit config.recompile_limit (8)" into the training's
+    output. The wrapper's frame now runs without dynamo (torch_patches._skip_top_level): no compiled entry for
+    its code, and the training's steps and losses as without the agent."""
+    import batchmon
+    from batchmon.agent import torch_patches
+    from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    def train(attached: bool) -> list[float]:
+        torch.manual_seed(0)
+        model = _TinyLM()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        handle = batchmon.attach(model, opt, name="compiled-lm") if attached else None
+        compiled = torch.compile(model, backend="eager")
+        idx, targets = torch.randint(0, 50, (4, 8)), torch.randint(0, 50, (4, 8))
+        losses = []
+        try:
+            for _ in range(6):
+                _, loss = compiled(idx, targets)
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+                losses.append(loss.item())
+            if handle is not None:
+                assert handle.error is None and len(handle.steps) == 6
+        finally:
+            if handle is not None:
+                batchmon.detach()
+        return losses
+
+    torch._dynamo.reset()
+    plain = train(False)
+    attached = train(True)
+    assert attached == plain
+    wrapper = torch_patches._root_pre_eager.__code__  # (every eager() wrapper shares its code)
+    assert _debug_get_cache_entry_list(wrapper) == []

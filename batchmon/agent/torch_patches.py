@@ -110,10 +110,36 @@ def eager(fn: Callable[..., Any]) -> Callable[..., Any]:
             return disabled[0](*args, **kwargs)
         return None
 
+    _EAGER_CODE.append(call.__code__)
     return call
 
 
 _EAGER: list[tuple[Callable[..., Any], list[Callable[..., Any]]]] = []  # every eager() function, its disabled copy
+_EAGER_CODE: list[Any] = []  # the code of eager()'s wrapper (one code object for every wrapper)
+_skipped_top_level = False
+
+
+def _skip_top_level(dynamo: Any) -> None:
+    """Dynamo never compiles eager()'s wrapper as a frame of its own. After a graph break in a hook dynamo has
+    inlined, torch calls that hook again outside the trace with dynamo's frame callback still set, and dynamo
+    compiles the wrapper as a new frame, guarded on its arguments: a global hook (loss discovery, met by every
+    module) recompiled for each module type until dynamo's recompile limit, and dynamo printed its warning into
+    the training's output (nanoGPT with torch.compile on the H200, torch 2.11: "hit config.recompile_limit (8)").
+    Such a call only ever runs ``fn`` eagerly (through its disabled copy), so the wrapper's frame is marked to
+    run without dynamo, its callees too (dynamo's own frame strategy: skip this frame and those it calls); where
+    dynamo inlines the wrapper while tracing, nothing changes. Anything unexpected (another torch's internals):
+    left as it was."""
+    global _skipped_top_level
+    if _skipped_top_level:
+        return
+    _skipped_top_level = True
+    try:
+        from torch._dynamo.types import FrameAction, FrameExecStrategy
+
+        for code in _EAGER_CODE[:1]:
+            dynamo.eval_frame.set_code_exec_strategy(code, FrameExecStrategy(FrameAction.SKIP, FrameAction.SKIP))
+    except Exception:  # noqa: BLE001
+        pass
 
 
 def _graph_breaks_allowed() -> bool:
@@ -128,6 +154,7 @@ def _graph_breaks_allowed() -> bool:
         for fn, disabled in _EAGER:
             if not disabled:
                 disabled.append(dynamo.disable(fn))
+        _skip_top_level(dynamo)
         from torch._dynamo.symbolic_convert import InstructionTranslator
 
         tx = InstructionTranslator.current_tx()
