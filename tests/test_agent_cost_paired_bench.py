@@ -37,6 +37,9 @@ def test_cpu_smoke_pairs_attached_and_plain_blocks_in_one_process(tmp_path, caps
     assert doc["added_main_cpu_us"]["n"] == 6 and doc["added_main_cpu_us"]["median_ci95"][0] is not None
     assert all(p["plain_step_us"] > 0 and p["attached_step_us"] > 0 for p in doc["pairs"])
     assert doc["quiet_share"]["min"] > 0  # the attached blocks' timed steps run quiet (after the warm steps)
+    for part in ("added_main_cpu_quiet_step_us", "added_main_cpu_quiet_mean_us", "loud_steps_cpu_per_step_us"):
+        assert doc[part]["n"] == 6  # the block's mean split: a quiet step's own cost, what the samples add
+    assert all(p["attached_cpu_quiet_median_us"] > 0 and p["plain_cpu_median_us"] > 0 for p in doc["pairs"])
     assert not doc["agent_errors"]
     from batchmon.agent import handle as agent
 

@@ -65,3 +65,50 @@ def test_gradient_accumulation_with_carried_steps(agent_dir):
                    for s in steps)
     finally:
         handle.detach()
+
+
+def test_a_costly_sample_spaces_the_next_one(agent_dir):
+    """With the default sampling, every-N-th samples are SAMPLE_SECONDS apart at least and further apart where a
+    sample's extra time over a steady step would take more than SAMPLE_SHARE of the training's time (at most
+    SAMPLE_MAX_SECONDS); an explicit activation_every samples exactly every N-th step, whatever it costs."""
+    from batchmon.agent import step_meter as sm
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    handle = batchmon.attach(model, opt, name="gap")
+    x = torch.randn(4, 8)
+    for _ in range(12):
+        model(x).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    meter = handle._meter
+    # an every-N-th sample in the flow of training sets the gap from its own cost
+    meter.sample_gap, meter._sampled_t = 123.0, float("-inf")
+    for _ in range(meter.activation_every):
+        model(x).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    assert sm.SAMPLE_SECONDS <= meter.sample_gap <= sm.SAMPLE_MAX_SECONDS
+    steady = meter._template.step_seconds
+    assert steady is not None
+    meter.cost_sample(steady + 0.25 * sm.SAMPLE_SECONDS * sm.SAMPLE_SHARE)  # cheap: the floor
+    assert meter.sample_gap == sm.SAMPLE_SECONDS
+    meter.cost_sample(steady + 0.001)  # a millisecond more than a steady step: 0.5 s at 0.2%
+    assert abs(meter.sample_gap - 0.001 / sm.SAMPLE_SHARE) < 1e-9
+    meter.cost_sample(steady + 1.0)  # a very costly sample: the ceiling
+    assert meter.sample_gap == sm.SAMPLE_MAX_SECONDS
+    # the gap decides when the next every-N-th sample is due
+    n = meter.activation_every * 1000
+    meter._sampled_t = sm._perf_counter()
+    assert not meter._nth_sample_due(n, meter._sampled_t + sm.SAMPLE_MAX_SECONDS - 0.01)
+    assert meter._nth_sample_due(n, meter._sampled_t + sm.SAMPLE_MAX_SECONDS)
+    batchmon.detach()
+
+    handle = batchmon.attach(model, opt, name="every", activation_every=2)
+    for _ in range(12):
+        model(x).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    assert handle._meter.sample_gap == 0.0 and handle._meter.sample_seconds == 0.0
+    assert handle._meter._nth_sample_due(14, handle._meter._sampled_t)

@@ -262,7 +262,7 @@ class AgentHandle(HandleViews):
             if batch_dim is not None:
                 self._sizer.dim, self._sizer.dim_origin = batch_dim
             if activation_every is not None:  # an explicit setting: exactly every N-th step
-                self._meter.activation_every, self._meter.sample_seconds = activation_every, 0.0
+                self._meter.set_every(activation_every)
             if optimizer is not None and optimizer is not self._meter.primary():
                 self._track_optimizer(optimizer, primary=True)  # publishes a new hello itself
             if model is not None and model is not self.model:

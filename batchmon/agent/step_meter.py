@@ -35,8 +35,10 @@ a step whose batch size differs from the last sampled one, a step after the mode
 The fixed cost of the other steps (issue 14) grows with nothing in the model (the layout check reads one remembered
 parameter); the allocator's figures (a nested dict) are read on sampled and first steps and at most every
 ALLOCATOR_READ_SECONDS, the peak reset only when read (a batch-size change resets it first). With the default
-``activation_every`` samples are at most SAMPLE_SECONDS apart (first steps, batch-size changes and a moved model
-whatever the time); an explicit one is exact. Sampled steps walk parameters, gradients and optimizer state again only
+``activation_every`` samples are at least SAMPLE_SECONDS apart, and further where a sample costs more than
+SAMPLE_SHARE of the time between them (its extra time over a steady step, at most SAMPLE_MAX_SECONDS apart:
+``cost_sample``); first steps, batch-size changes and a moved model are sampled whatever the time; an explicit
+``activation_every`` is exact. Sampled steps walk parameters, gradients and optimizer state again only
 when something may have changed (first steps, batch size, moved model, grown optimizer state, or RECOUNT_SECONDS
 passed). A step not sampled whose root inputs are plain tensors of the last step's shapes, dtypes and places carries
 the last step's batch size and bytes and parameter/gradient/optimizer counts (new optimizer state: next sample); its
@@ -66,6 +68,8 @@ _perf_counter, _time, _new_object, _grad_enabled = time.perf_counter, time.time,
 FULL_STEPS = 3  # the first steps are always fully measured
 ALLOCATOR_READ_SECONDS = 0.05  # the allocator's figures are read at least this often (and on sampled steps)
 SAMPLE_SECONDS = 0.25  # with the default activation_every: the every-N-th-step samples at most this often
+SAMPLE_SHARE = 0.002  # ... and further apart where a sample costs more: the samples' extra time <= this share
+SAMPLE_MAX_SECONDS = 2.0  # ... but never further apart than this
 RECOUNT_SECONDS = 2.0  # parameter/gradient/optimizer storages walked again at least this often on sampled steps
 GRAD_MARKS = 4  # parameters whose .grad is watched to tell accumulation from a new step
 PLACE_STEPS = 16  # a steady step looks at the model's place (moved? open_quiet) every this many steps and every N-th
@@ -78,6 +82,8 @@ class StepMeter:
                  cuda: Callable[[torch.device | None, bool], CudaFigures | None], explicit_every: bool = True) -> None:
         self.activation_every = activation_every
         self.sample_seconds = 0.0 if explicit_every else SAMPLE_SECONDS  # every-N-th samples this far apart at least
+        self.sample_gap = self.sample_seconds  # ... and this far, from what the last one cost (cost_sample)
+        self._costed = False  # the open step is an every-N-th sample and nothing else: its cost sets sample_gap
         self._sampled_t = float("-inf")  # perf_counter of the last sampled step's start
         self.sizer = sizer
         self._cuda = cuda
@@ -201,7 +207,7 @@ class StepMeter:
             first = self._first_param() if self._first_param is not None else None
             layout = self._layout
             if first is None or layout is None or first.data_ptr() != layout[2] \
-                    or (nth and _perf_counter() - self._sampled_t >= self.sample_seconds):
+                    or (nth and _perf_counter() - self._sampled_t >= self.sample_gap):
                 return False
         self.step_open = self.batch_carried = True
         self.forwards = 1
@@ -223,8 +229,9 @@ class StepMeter:
         if first is None or layout is None or first.data_ptr() != layout[2]:
             layout = layout_of(first)
         now = time.perf_counter()
-        self.sampled = self._nth_sample_due(n, now) \
-            or n <= FULL_STEPS or first is None or self.batch_size != self._sampled_batch_size or layout != self._layout
+        other = n <= FULL_STEPS or first is None or self.batch_size != self._sampled_batch_size or layout != self._layout
+        self.sampled = other or self._nth_sample_due(n, now)
+        self._costed = self.sampled and not other and self.sample_seconds > 0
         if self.sampled:
             self._sampled_t = now
         if self.batch_size != self._last_batch_size and self._figures is not None and self.step >= 1:
@@ -475,7 +482,7 @@ class StepMeter:
         return True
 
     def _close_step(self) -> None:  # the per-step state back to between-steps (finish; finish_carried resets its own)
-        self.step_open = self.sampled = self.batch_carried = False
+        self.step_open = self.sampled = self.batch_carried = self._costed = False
         self.run = None
         self._acts_max = self._batch_max = self.backwards = self.forwards = 0
         self._grad_marks = []
@@ -483,8 +490,26 @@ class StepMeter:
 
     def _nth_sample_due(self, n: int, now: float) -> bool:
         """Step ``n`` is an every-N-th sample (``activation_every`` >= 1, attach checks it) at least
-        ``sample_seconds`` after the last (open_quiet inlines it: it runs every step)."""
-        return n % self.activation_every == 0 and now - self._sampled_t >= self.sample_seconds
+        ``sample_gap`` after the last (open_quiet inlines it: it runs every step)."""
+        return n % self.activation_every == 0 and now - self._sampled_t >= self.sample_gap
+
+    def set_every(self, activation_every: int) -> None:
+        """An explicit ``activation_every``: exactly every N-th step is sampled, whatever a sample costs."""
+        self.activation_every, self.sample_seconds, self.sample_gap = activation_every, 0.0, 0.0
+
+    def cost_sample(self, seconds: float | None) -> None:
+        """An every-N-th sample (default sampling) ended after ``seconds``: the next one comes no sooner than its
+        extra time over the last carried step's (the template's ``step_seconds``, a steady step measured without
+        a sample) allows at SAMPLE_SHARE of the training's time - SAMPLE_SECONDS apart at least, SAMPLE_MAX_SECONDS
+        at most. A sample costs about a millisecond of host time (walking saved tensors, following the phases): on
+        a 2.8 ms CUDA step every 0.25 s that is ~10 us a step (bench/agent_cost_paired.py on the H200), at 0.2%
+        ~5 us; a slow step's samples stay 0.25 s apart."""
+        template = self._template
+        steady = template.step_seconds if template is not None else None
+        if seconds is None or steady is None:
+            return
+        extra = max(0.0, seconds - steady)
+        self.sample_gap = min(SAMPLE_MAX_SECONDS, max(self.sample_seconds, extra / SAMPLE_SHARE))
 
     def finish(self, device_used: int | None, in_loop: bool = False) -> tuple[Step, list[Event]]:
         """The step ended: its Step and events (alloc_retry); resets the per-step state. ``in_loop``: ended by
@@ -492,6 +517,9 @@ class StepMeter:
         now = time.perf_counter()
         start = self._last_step_end if self._last_step_end is not None else self._first_forward_t
         self._last_step_end = now
+        if self._costed:  # an every-N-th sample: what it cost spaces the next (before the template changes)
+            self._costed = False
+            self.cost_sample(now - start if start is not None else None)
         self.step += 1
         self.fold_group()
         n = self.step  # root forward not seen (fullgraph compile): sampled as open_step would have
