@@ -229,7 +229,8 @@ class StepMeter:
         if first is None or layout is None or first.data_ptr() != layout[2]:
             layout = layout_of(first)
         now = time.perf_counter()
-        other = n <= FULL_STEPS or first is None or self.batch_size != self._sampled_batch_size or layout != self._layout
+        other = (n <= FULL_STEPS or first is None or self.batch_size != self._sampled_batch_size
+                 or layout != self._layout)
         self.sampled = other or self._nth_sample_due(n, now)
         self._costed = self.sampled and not other and self.sample_seconds > 0
         if self.sampled:
