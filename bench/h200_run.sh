@@ -2,11 +2,12 @@
 # The batched H200 session: every GPU claim of the issues, measured in few device calls.
 #   bash bench/h200_run.sh STAGE...   (stages: env nvml agent final nvitop ddp checks integrations load_start
 #   load_collect cost paired costab overhead predict public patterns cudatests zoo fast16 hubrec load64)
-# Runs from the repo root on the GPU machine; results land under $OUT (packed into $OUT/results.tar.gz too).
+# Runs from the repo root on the GPU machine; results land under $OUT (packed into $OUT/results_TAG.tar.gz too).
 set -u
 OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT/r"
 R=$OUT/r
+TAG=${RUN_TAG:-$(date +%H%M%S)}  # this call's archive: $OUT/results_$TAG.tar.gz
 export PYTHONUNBUFFERED=1
 
 # batchmon importable without an install step (no network there): a copy of the checkout whose batchmon/
@@ -357,11 +358,14 @@ load64)
   ;;
 esac
 # packed after every stage too: a call that runs past its limit still brings back the stages it finished
-tar -czf /tmp/results_partial.tar.gz -C "$OUT" r 2>/dev/null && mv /tmp/results_partial.tar.gz "$OUT/results.tar.gz"
+tar -czf /tmp/results_partial.tar.gz -C "$OUT" r 2>/dev/null && mv /tmp/results_partial.tar.gz "$OUT/results_$TAG.tar.gz"
 done
 
-# only 8 files come back: pack everything into one archive
+# only 8 files come back: pack everything into one archive per call of this script (results_TAG.tar.gz), leaving
+# the archives of earlier calls in the same device command as they are (one command may run this script twice)
 ls -la "$OUT" "$R"
-rm -f "$OUT/results.tar.gz"
-tar -czf /tmp/results.tar.gz -C "$OUT" . && rm -rf "${OUT:?}"/* && mv /tmp/results.tar.gz "$OUT/"
+rm -f "$OUT/results_$TAG.tar.gz"
+tar -czf /tmp/results.tar.gz --exclude='./results_*.tar.gz' -C "$OUT" . \
+  && find "$OUT" -mindepth 1 -maxdepth 1 ! -name 'results_*.tar.gz' -exec rm -rf {} + \
+  && mv /tmp/results.tar.gz "$OUT/results_$TAG.tar.gz"
 ls -la "$OUT"
