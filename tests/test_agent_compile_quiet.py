@@ -146,3 +146,72 @@ def test_dynamo_never_compiles_the_agents_eager_wrapper_as_a_frame():
     assert attached == plain
     wrapper = torch_patches._root_pre_eager.__code__  # (every eager() wrapper shares its code)
     assert _debug_get_cache_entry_list(wrapper) == []
+
+
+LM_SCRIPT = textwrap.dedent("""
+    import sys, torch, torch.nn as nn
+    torch.manual_seed(0)
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm, self.fc, self.act, self.drop = nn.LayerNorm(16), nn.Linear(16, 16), nn.GELU(), nn.Dropout(0.0)
+        def forward(self, x):
+            return x + self.drop(self.act(self.fc(self.norm(x))))
+
+    class LM(nn.Module):  # nanoGPT's shape: the loss inside, more module types than dynamo's recompile limit
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(50, 16)
+            self.blocks = nn.ModuleList([Block() for _ in range(2)])
+            self.tail = nn.Sequential(nn.LayerNorm(16), nn.Sigmoid(), nn.Tanh(), nn.ReLU())
+            self.head = nn.Linear(16, 50)
+        def forward(self, idx, targets):
+            x = self.emb(idx)
+            for block in self.blocks:
+                x = block(x)
+            logits = self.head(self.tail(x))
+            return logits, nn.functional.cross_entropy(logits.view(-1, 50), targets.view(-1))
+
+    model = LM()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)  # then compiled, as nanoGPT does
+    model = torch.compile(model, backend="eager")
+    idx, targets = torch.randint(0, 50, (4, 8)), torch.randint(0, 50, (4, 8))
+    for i in range(8):
+        if i % 4 == 0:  # nanoGPT estimates the loss first, in eval mode without gradients
+            model.eval()
+            with torch.no_grad():
+                print("eval %.6f" % model(idx, targets)[1].item())
+            model.train()
+        _, loss = model(idx, targets)
+        loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
+        print("loss %.6f" % loss.item())
+    patches = sys.modules.get("batchmon.agent.torch_patches")
+    if patches is not None:
+        from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
+        print("wrapper frames compiled", len(_debug_get_cache_entry_list(patches._root_pre_eager.__code__)),
+              file=sys.stderr)
+""")
+
+
+@pytest.mark.slow
+def test_a_script_compiling_its_model_under_batchmon_run_recompiles_nothing_of_the_agents(tmp_path):
+    """nanoGPT under `batchmon run` (torch.compile after the optimizer, the loss inside the model, the loss first
+    estimated in eval mode without gradients): the first frame dynamo compiled was the agent's hook wrapper, before
+    anything traced it, then recompiled for every module type to the limit, with dynamo's warning in the training's
+    output (torch 2.11 on the H200, 2.13 here: 8 compiled entries without the mark made at torch.compile). Under
+    `batchmon run`: the losses as plain, nothing added to stderr, the wrapper never compiled."""
+    script = tmp_path / "train.py"
+    script.write_text(LM_SCRIPT)
+    env = {**os.environ, "BATCHMON_DIR": str(tmp_path / "socks")}
+
+    def run(*prefix: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*prefix, sys.executable, str(script)], capture_output=True, text=True, env=env,
+                              timeout=240, cwd=tmp_path)
+
+    plain = run()
+    attached = run(sys.executable, "-m", "batchmon", "run", "--")
+    assert plain.returncode == attached.returncode == 0, attached.stderr
+    assert attached.stdout == plain.stdout
+    assert "recompile" not in attached.stderr, attached.stderr
+    assert "wrapper frames compiled 0" in attached.stderr, attached.stderr

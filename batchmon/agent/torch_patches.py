@@ -121,14 +121,17 @@ _skipped_top_level = False
 
 def _skip_top_level(dynamo: Any) -> None:
     """Dynamo never compiles eager()'s wrapper as a frame of its own. After a graph break in a hook dynamo has
-    inlined, torch calls that hook again outside the trace with dynamo's frame callback still set, and dynamo
+    inlined - or first of all, where torch.compile(module) runs the module's hooks from nn.Module's own frames,
+    which dynamo leaves to run - torch calls the hook outside any trace with dynamo's frame callback set, and dynamo
     compiles the wrapper as a new frame, guarded on its arguments: a global hook (loss discovery, met by every
     module) recompiled for each module type until dynamo's recompile limit, and dynamo printed its warning into
     the training's output (nanoGPT with torch.compile on the H200, torch 2.11: "hit config.recompile_limit (8)").
     Such a call only ever runs ``fn`` eagerly (through its disabled copy), so the wrapper's frame is marked to
     run without dynamo, its callees too (dynamo's own frame strategy: skip this frame and those it calls); where
-    dynamo inlines the wrapper while tracing, nothing changes. Anything unexpected (another torch's internals):
-    left as it was."""
+    dynamo inlines the wrapper while tracing, nothing changes. Marked when torch.compile is called, at install
+    when dynamo is already imported, and at the latest when dynamo first traces a wrapper (a mark set while the
+    wrapper's own frame compiles does not hold: nanoGPT on torch 2.13 recompiled it anyway). Anything unexpected
+    (another torch's internals): left as it was."""
     global _skipped_top_level
     if _skipped_top_level:
         return
@@ -335,6 +338,9 @@ def _compile(model: Any = None, *args: Any, **kwargs: Any) -> Any:
         except Exception as exc:  # noqa: BLE001
             a._fail(exc)
     compiled = _originals["compile"](model, *args, **kwargs)
+    dynamo = _modules.get("torch._dynamo")  # (torch.compile imported it) before dynamo meets a hook at the top
+    if dynamo is not None:
+        _skip_top_level(dynamo)
     if a is not None and root is not None and a is agent and isinstance(compiled, torch.nn.Module) \
             and compiled is not root:
         try:
@@ -399,6 +405,9 @@ def step_depth_hook(on: bool) -> None:
 
 def install() -> None:
     """Patch torch (idempotent)."""
+    dynamo = _modules.get("torch._dynamo")  # a model compiled before attach: its hooks' first calls come later
+    if dynamo is not None:
+        _skip_top_level(dynamo)
     if "backward" not in _originals:
         _originals["backward"] = torch.autograd.backward
         functools.update_wrapper(_backward, _originals["backward"])
