@@ -110,12 +110,13 @@ def eager(fn: Callable[..., Any]) -> Callable[..., Any]:
             return disabled[0](*args, **kwargs)
         return None
 
-    _EAGER_CODE.append(call.__code__)
+    if call.__code__ not in _EAGER_CODE:
+        _EAGER_CODE.append(call.__code__)
     return call
 
 
 _EAGER: list[tuple[Callable[..., Any], list[Callable[..., Any]]]] = []  # every eager() function, its disabled copy
-_EAGER_CODE: list[Any] = []  # the code of eager()'s wrapper (one code object for every wrapper)
+_EAGER_CODE: list[Any] = []  # the code of eager()'s wrapper (one code object, whatever number of wrappers)
 _skipped_top_level = False
 
 
@@ -139,7 +140,7 @@ def _skip_top_level(dynamo: Any) -> None:
     try:
         from torch._dynamo.types import FrameAction, FrameExecStrategy
 
-        for code in _EAGER_CODE[:1]:
+        for code in _EAGER_CODE:
             dynamo.eval_frame.set_code_exec_strategy(code, FrameExecStrategy(FrameAction.SKIP, FrameAction.SKIP))
     except Exception:  # noqa: BLE001
         pass
