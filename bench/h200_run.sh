@@ -195,9 +195,10 @@ cost)
   ;;
 paired)
   # issue 14 point 1: the agent's fixed cost per step as a paired in-process A/B (bench/agent_cost_paired.py):
-  # the CUDA MLP, then the host CPU's small MLP; each splits a quiet step's cost from what the samples add
+  # the CUDA MLP, then the host CPU's small MLP; each splits a quiet step's cost from what the samples add.
+  # PAIREDX: more options (e.g. "--steps 800": blocks of ~2 s, long enough for the samples' spacing to show)
   stage paired
-  if [ "${SMOKE:-0}" = 1 ]; then PX="--cpu-smoke"; else PX=""; fi
+  if [ "${SMOKE:-0}" = 1 ]; then PX="--cpu-smoke"; else PX="${PAIREDX:-}"; fi
   python3 bench/agent_cost_paired.py --device $DEV $PX --budget ${PAIREDBUDGET:-85} --out $R/agent_cost_paired_mlp_h200.json 2>&1 | tail -n 3 | tee $R/agent_cost_paired.log
   python3 bench/agent_cost_paired.py --device cpu $PX --budget ${PAIREDCPUBUDGET:-45} --out $R/agent_cost_paired_cpu_h200.json 2>&1 | tail -n 3 | tee -a $R/agent_cost_paired.log
   ;;
