@@ -24,6 +24,7 @@ from pathlib import Path
 
 LOSS_VALUE = re.compile(r"loss[\s:=]+(-?[0-9][0-9.e+-]*)", re.IGNORECASE)
 DIGITS = re.compile(r"[0-9]+")
+SPACES = re.compile(r"\s+")  # runs of spaces too: scripts pad numbers to a width ("ms/batch  8.12" vs "10.23")
 
 
 @dataclass
@@ -126,7 +127,7 @@ def run(argv: list[str], cwd: Path, env: dict, timeout: float) -> Run:
     lines = out.splitlines()
     return Run(proc.returncode, round(time.monotonic() - t0, 1), timed_out,
                [v for ln in lines for v in LOSS_VALUE.findall(ln)], lines[-15:],
-               [DIGITS.sub("#", ln) for ln in lines])
+               [SPACES.sub(" ", DIGITS.sub("#", ln)) for ln in lines])
 
 
 def read_recording(path: Path) -> dict:
