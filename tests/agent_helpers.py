@@ -107,3 +107,27 @@ class FakeAllocator:
         peak, self.peak = self.peak, self.current
         self.reads.append(peak)
         return peak
+
+
+def train_token_model(model: Any, opt: Any, vocab: int, seq: int, attach: bool,
+                      batches: tuple[int, ...] = (8, 8, 8, 4)) -> tuple[list[float], list[protocol.Step]]:
+    """A token model predicting its own input, one step per batch size in ``batches`` (inputs seeded by the step's
+    index), attached through the real agent with every step sampled, or not: the losses, and the agent's steps."""
+    import torch
+    import torch.nn.functional as F
+
+    import batchmon
+
+    handle = batchmon.attach(model, opt, activation_every=1) if attach else None
+    losses = []
+    for i, b in enumerate(batches):
+        x = torch.randint(0, vocab, (b, seq), generator=torch.Generator().manual_seed(i))
+        loss = F.cross_entropy(model(x).reshape(-1, vocab), x.reshape(-1))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    steps = list(handle.steps) if handle is not None else []
+    if handle is not None:
+        handle.detach()
+    return losses, steps

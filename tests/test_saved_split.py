@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 nn = torch.nn
 F = torch.nn.functional
 
-from agent_helpers import agent_dir  # noqa: E402,F401 - fixture
+from agent_helpers import agent_dir, train_token_model  # noqa: E402,F401 - fixture
 from batchmon.agent.accounting import ActivationCounter  # noqa: E402
 from batchmon.agent.saved_kinds import repeated_blocks  # noqa: E402
 from batchmon.agent.saved_split import (BlockSplitMeter, amp_bytes, batch_independent_inputs,  # noqa: E402
@@ -167,28 +167,6 @@ def test_walk_reads_packed_tensors_without_running_unpack_hooks():
     assert unpacked and w.grad is not None
 
 
-def _train_lm(model: nn.Module, opt: torch.optim.Optimizer, vocab: int, seq: int,
-              attach: bool) -> tuple[list[float], list[Step]]:
-    """Four steps of a token model predicting its own input (batches 8, 8, 8, 4), attached through the real agent
-    (every step sampled) or not: the losses, and the agent's steps."""
-    import batchmon
-
-    handle = batchmon.attach(model, opt, activation_every=1) if attach else None
-    losses = []
-    for i in range(4):
-        b = 8 if i < 3 else 4
-        x = torch.randint(0, vocab, (b, seq), generator=torch.Generator().manual_seed(i))
-        loss = F.cross_entropy(model(x).reshape(-1, vocab), x.reshape(-1))
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    steps = list(handle.steps) if handle is not None else []
-    if handle is not None:
-        handle.detach()
-    return losses, steps
-
-
 def test_agent_measures_the_split_once_and_sampled_steps_carry_it(agent_dir):
     """Through the real agent on CPU: a sampled step after the first carries Step.saved_split (blocks found,
     bytes inside them, the walk's AMP bytes), it survives the wire, the losses are those of a run without the
@@ -196,7 +174,7 @@ def test_agent_measures_the_split_once_and_sampled_steps_carry_it(agent_dir):
     def train(attach: bool) -> tuple[list[float], list[Step]]:
         torch.manual_seed(0)
         model = TinyGPT()
-        return _train_lm(model, torch.optim.AdamW(model.parameters(), lr=1e-3), 256, 32, attach)
+        return train_token_model(model, torch.optim.AdamW(model.parameters(), lr=1e-3), 256, 32, attach)
 
     plain, _ = train(False)
     losses, steps = train(True)
@@ -446,7 +424,7 @@ def test_agent_measures_the_block_inputs_that_do_not_grow_with_the_batch(agent_d
     def train(attach: bool) -> tuple[list[float], list[Step]]:
         torch.manual_seed(0)
         model = BiasNet()
-        return _train_lm(model, torch.optim.SGD(model.parameters(), lr=0.1), 64, 16, attach)
+        return train_token_model(model, torch.optim.SGD(model.parameters(), lr=0.1), 64, 16, attach)
 
     plain, _ = train(False)
     losses, steps = train(True)

@@ -14,7 +14,7 @@ import pytest
 torch = pytest.importorskip("torch")
 nn = torch.nn
 
-from agent_helpers import agent_dir  # noqa: E402,F401 - fixture
+from agent_helpers import agent_dir, train_token_model  # noqa: E402,F401 - fixture
 from batchmon.agent.accounting import ActivationCounter  # noqa: E402
 from batchmon.agent.saved_split import Fp32InputMeter, amp_bytes, fp32_input_modules  # noqa: E402
 
@@ -180,24 +180,11 @@ def test_the_agent_counts_the_declared_modules_cast_and_leaves_no_hook(agent_dir
     """Through the real agent on CPU: the sampled step's split counts the copy autocast makes at each declared
     ``wo`` (its amp_saved equals the walk with the meter), the losses are those of a run without the agent, and
     no hook is left on the modules after the measured forward."""
-    import batchmon
-
     def train(attach: bool):
         torch.manual_seed(0)
         model = DeclaredNet()
-        opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        handle = batchmon.attach(model, opt, activation_every=1) if attach else None
-        losses = []
-        for i in range(4):
-            x = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(i))
-            loss = nn.functional.cross_entropy(model(x).reshape(-1, 64), x.reshape(-1))
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-        steps = list(handle.steps) if handle is not None else []
-        if handle is not None:
-            handle.detach()
+        losses, steps = train_token_model(model, torch.optim.SGD(model.parameters(), lr=0.1), 64, 16, attach,
+                                          batches=(4, 4, 4, 4))
         return model, losses, steps
 
     _, plain, _ = train(False)
