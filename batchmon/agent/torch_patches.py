@@ -120,7 +120,7 @@ _EAGER_CODE: list[Any] = []  # the code of eager()'s wrapper (one code object, w
 _skipped_top_level = False
 
 
-def _skip_top_level(dynamo: Any) -> None:
+def _skip_top_level() -> None:
     """Dynamo never compiles eager()'s wrapper as a frame of its own. After a graph break in a hook dynamo has
     inlined - or first of all, where torch.compile(module) runs the module's hooks from nn.Module's own frames,
     which dynamo leaves to run - torch calls the hook outside any trace with dynamo's frame callback set, and dynamo
@@ -134,7 +134,8 @@ def _skip_top_level(dynamo: Any) -> None:
     wrapper's own frame compiles does not hold: nanoGPT on torch 2.13 recompiled it anyway). Anything unexpected
     (another torch's internals): left as it was."""
     global _skipped_top_level
-    if _skipped_top_level:
+    dynamo = _modules.get("torch._dynamo")
+    if _skipped_top_level or dynamo is None:
         return
     _skipped_top_level = True
     try:
@@ -158,7 +159,7 @@ def _graph_breaks_allowed() -> bool:
         for fn, disabled in _EAGER:
             if not disabled:
                 disabled.append(dynamo.disable(fn))
-        _skip_top_level(dynamo)
+        _skip_top_level()
         from torch._dynamo.symbolic_convert import InstructionTranslator
 
         tx = InstructionTranslator.current_tx()
@@ -339,9 +340,7 @@ def _compile(model: Any = None, *args: Any, **kwargs: Any) -> Any:
         except Exception as exc:  # noqa: BLE001
             a._fail(exc)
     compiled = _originals["compile"](model, *args, **kwargs)
-    dynamo = _modules.get("torch._dynamo")  # (torch.compile imported it) before dynamo meets a hook at the top
-    if dynamo is not None:
-        _skip_top_level(dynamo)
+    _skip_top_level()  # (torch.compile imported dynamo) before dynamo meets a hook at the top
     if a is not None and root is not None and a is agent and isinstance(compiled, torch.nn.Module) \
             and compiled is not root:
         try:
@@ -406,9 +405,7 @@ def step_depth_hook(on: bool) -> None:
 
 def install() -> None:
     """Patch torch (idempotent)."""
-    dynamo = _modules.get("torch._dynamo")  # a model compiled before attach: its hooks' first calls come later
-    if dynamo is not None:
-        _skip_top_level(dynamo)
+    _skip_top_level()  # dynamo already imported (a model compiled before attach): its hooks' first calls come later
     if "backward" not in _originals:
         _originals["backward"] = torch.autograd.backward
         functools.update_wrapper(_backward, _originals["backward"])
