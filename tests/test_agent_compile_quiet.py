@@ -10,10 +10,15 @@ import subprocess
 import sys
 import textwrap
 import warnings
+from pathlib import Path
 
 import pytest
 
 torch = pytest.importorskip("torch")
+
+from torch_models import TinyLM  # noqa: E402
+
+TESTS = Path(__file__).resolve().parent
 
 SCRIPT = textwrap.dedent("""
     import torch, torch.nn as nn, warnings
@@ -28,11 +33,12 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def _run(tmp_path, *prefix: str) -> subprocess.CompletedProcess:
+def _run(tmp_path, *prefix: str, source: str = SCRIPT, args: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """``source`` as train.py, run plain (no ``prefix``) or under it (``batchmon run --``) with ``args``."""
     script = tmp_path / "train.py"
-    script.write_text(SCRIPT)
+    script.write_text(source)
     env = {**os.environ, "BATCHMON_DIR": str(tmp_path / "socks")}
-    return subprocess.run([*prefix, sys.executable, str(script)], capture_output=True, text=True, env=env,
+    return subprocess.run([*prefix, sys.executable, str(script), *args], capture_output=True, text=True, env=env,
                           timeout=240, cwd=tmp_path)
 
 
@@ -78,35 +84,6 @@ def test_the_filter_lives_exactly_as_long_as_the_agents_global_hooks():
         own.remove()
 
 
-class _Block(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.norm, self.fc, self.act, self.drop = (torch.nn.LayerNorm(16), torch.nn.Linear(16, 16), torch.nn.GELU(),
-                                                   torch.nn.Dropout(0.0))
-
-    def forward(self, x):
-        return x + self.drop(self.act(self.fc(self.norm(x))))
-
-
-class _TinyLM(torch.nn.Module):
-    """nanoGPT's shape: the loss computed inside the model (so the agent's global loss-search hooks stay on for
-    the first forwards and meet every module), more module types than dynamo's recompile limit (8)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.emb = torch.nn.Embedding(50, 16)
-        self.blocks = torch.nn.ModuleList([_Block() for _ in range(2)])
-        self.tail = torch.nn.Sequential(torch.nn.LayerNorm(16), torch.nn.Sigmoid(), torch.nn.Tanh(), torch.nn.ReLU())
-        self.head = torch.nn.Linear(16, 50)
-
-    def forward(self, idx, targets):
-        x = self.emb(idx)
-        for block in self.blocks:
-            x = block(x)
-        logits = self.head(self.tail(x))
-        return logits, torch.nn.functional.cross_entropy(logits.view(-1, 50), targets.view(-1))
-
-
 def test_dynamo_never_compiles_the_agents_eager_wrapper_as_a_frame():
     """After a graph break in a hook dynamo inlined, torch calls the hook again outside the trace with dynamo's
     frame callback set; dynamo compiled eager()'s wrapper as a frame of its own, guarded on the module it was
@@ -120,7 +97,7 @@ def test_dynamo_never_compiles_the_agents_eager_wrapper_as_a_frame():
 
     def train(attached: bool) -> list[float]:
         torch.manual_seed(0)
-        model = _TinyLM()
+        model = TinyLM()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         handle = batchmon.attach(model, opt, name="compiled-lm") if attached else None
         compiled = torch.compile(model, backend="eager")
@@ -149,31 +126,12 @@ def test_dynamo_never_compiles_the_agents_eager_wrapper_as_a_frame():
 
 
 LM_SCRIPT = textwrap.dedent("""
-    import sys, torch, torch.nn as nn
+    import sys, torch
+    sys.path.insert(0, sys.argv[1])  # tests/: the model
+    from torch_models import TinyLM
     torch.manual_seed(0)
 
-    class Block(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.norm, self.fc, self.act, self.drop = nn.LayerNorm(16), nn.Linear(16, 16), nn.GELU(), nn.Dropout(0.0)
-        def forward(self, x):
-            return x + self.drop(self.act(self.fc(self.norm(x))))
-
-    class LM(nn.Module):  # nanoGPT's shape: the loss inside, more module types than dynamo's recompile limit
-        def __init__(self):
-            super().__init__()
-            self.emb = nn.Embedding(50, 16)
-            self.blocks = nn.ModuleList([Block() for _ in range(2)])
-            self.tail = nn.Sequential(nn.LayerNorm(16), nn.Sigmoid(), nn.Tanh(), nn.ReLU())
-            self.head = nn.Linear(16, 50)
-        def forward(self, idx, targets):
-            x = self.emb(idx)
-            for block in self.blocks:
-                x = block(x)
-            logits = self.head(self.tail(x))
-            return logits, nn.functional.cross_entropy(logits.view(-1, 50), targets.view(-1))
-
-    model = LM()
+    model = TinyLM()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)  # then compiled, as nanoGPT does
     model = torch.compile(model, backend="eager")
     idx, targets = torch.randint(0, 50, (4, 8)), torch.randint(0, 50, (4, 8))
@@ -201,16 +159,8 @@ def test_a_script_compiling_its_model_under_batchmon_run_recompiles_nothing_of_t
     anything traced it, then recompiled for every module type to the limit, with dynamo's warning in the training's
     output (torch 2.11 on the H200, 2.13 here: 8 compiled entries without the mark made at torch.compile). Under
     `batchmon run`: the losses as plain, nothing added to stderr, the wrapper never compiled."""
-    script = tmp_path / "train.py"
-    script.write_text(LM_SCRIPT)
-    env = {**os.environ, "BATCHMON_DIR": str(tmp_path / "socks")}
-
-    def run(*prefix: str) -> subprocess.CompletedProcess:
-        return subprocess.run([*prefix, sys.executable, str(script)], capture_output=True, text=True, env=env,
-                              timeout=240, cwd=tmp_path)
-
-    plain = run()
-    attached = run(sys.executable, "-m", "batchmon", "run", "--")
+    plain = _run(tmp_path, source=LM_SCRIPT, args=(str(TESTS),))
+    attached = _run(tmp_path, sys.executable, "-m", "batchmon", "run", "--", source=LM_SCRIPT, args=(str(TESTS),))
     assert plain.returncode == attached.returncode == 0, attached.stderr
     assert attached.stdout == plain.stdout
     assert "recompile" not in attached.stderr, attached.stderr
