@@ -76,19 +76,20 @@ def test_a_costly_sample_spaces_the_next_one(agent_dir):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    handle = batchmon.attach(model, opt, name="gap")
     x = torch.randn(4, 8)
-    for _ in range(12):
-        model(x).pow(2).mean().backward()
-        opt.step()
-        opt.zero_grad()
+
+    def train(steps: int) -> None:
+        for _ in range(steps):
+            model(x).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+
+    handle = batchmon.attach(model, opt, name="gap")
+    train(12)
     meter = handle._meter
     # an every-N-th sample in the flow of training sets the gap from its own cost
     meter.sample_gap, meter._sampled_t = 123.0, float("-inf")
-    for _ in range(meter.activation_every):
-        model(x).pow(2).mean().backward()
-        opt.step()
-        opt.zero_grad()
+    train(meter.activation_every)
     assert sm.SAMPLE_SECONDS <= meter.sample_gap <= sm.SAMPLE_MAX_SECONDS
     steady = meter._template.step_seconds
     assert steady is not None
@@ -106,9 +107,6 @@ def test_a_costly_sample_spaces_the_next_one(agent_dir):
     batchmon.detach()
 
     handle = batchmon.attach(model, opt, name="every", activation_every=2)
-    for _ in range(12):
-        model(x).pow(2).mean().backward()
-        opt.step()
-        opt.zero_grad()
+    train(12)
     assert handle._meter.sample_gap == 0.0 and handle._meter.sample_seconds == 0.0
     assert handle._meter._nth_sample_due(14, handle._meter._sampled_t)
