@@ -533,6 +533,38 @@ def decode_object(obj: Any) -> Message | None:
     return parser(obj)
 
 
+# ----------------------------------------------------------------------------------------------- monitor -> agent
+
+REFRESH = "refresh"  # v1 addition, the one line a monitor writes: ``{"v": 1, "type": "refresh", "interval": S}``,
+# how often it refreshes (seconds; its --interval), sent on connecting and again whenever it changes. An agent uses
+# it to pick its step window (batchmon.agent.pace); older agents read and discard what a monitor writes, and an agent
+# that never gets it (an older monitor) keeps its short window. Never more than this: a monitor cannot make an agent
+# do anything but send fewer step messages.
+REFRESH_LINE_BYTES = 256  # a longer line from a monitor is dropped unread
+
+
+def refresh_line(interval: float) -> bytes:
+    """The line a monitor writes to an agent: its refresh interval in seconds."""
+    return json.dumps({"v": VERSION, "type": REFRESH, "interval": float(interval)},
+                      separators=(",", ":"), allow_nan=False).encode() + b"\n"
+
+
+def decode_refresh(line: bytes) -> float | None:
+    """A monitor's refresh interval from one line it wrote; None for anything else (never raises)."""
+    if len(line) > REFRESH_LINE_BYTES:
+        return None
+    try:
+        obj = json.loads(line)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(obj, dict) or obj.get("v") != VERSION or obj.get("type") != REFRESH:
+        return None
+    value = obj.get("interval")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        return None
+    return float(value)
+
+
 class LineBuffer:
     """Splits a byte stream into lines, dropping (and counting) lines longer than the limit without storing them."""
 

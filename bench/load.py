@@ -55,6 +55,7 @@ sys.path.insert(0, str(ROOT))
 
 from batchmon import protocol  # noqa: E402
 from batchmon.agent.coalesce import STEADY_DEFAULT  # noqa: E402
+from batchmon.agent.pace import MonitorLines, steady_window  # noqa: E402
 from batchmon.agent.coalesce import WINDOW_SECONDS as COALESCE_WINDOW_S  # noqa: E402
 from batchmon.agent.coalesce import StepCoalescer  # noqa: E402  (torch-free: the agent's window rule)
 from batchmon.protocol import COMPONENTS, Hello, ModelInfo, Step  # noqa: E402
@@ -85,6 +86,7 @@ class _Agent:
         self.clients: dict[int, tuple[socket.socket, bytearray]] = {}
         self.step = 0
         self.coalescer: StepCoalescer | None = None  # --coalesce: the agent's own window rule
+        self.said: dict[int, MonitorLines] | None = None  # per monitor, its refresh interval (when paced)
         # --gpu: the command line of the H200's fast16 jobs (sys.argv of examples/train_mlp.py under `batchmon run`):
         # longer than a compact panel's title has room for, as the real one is (the title must leave the step its room)
         argv = FAST16_ARGV if gpu else ("bench/load.py", f"--agent={index}")
@@ -96,6 +98,11 @@ class _Agent:
         # stamped in the past (before the hub started), so Watch does not count them as live steps
         start = time.time() - prefill / rate
         self.hello += b"".join(self.step_line(rate, start + i / rate) for i in range(prefill))
+
+    def pace(self) -> None:
+        """The agent's rule (batchmon.agent.pace): the steady window while every monitor refreshes slowly."""
+        if self.said is not None and self.coalescer is not None:
+            self.coalescer.set_steady(steady_window(m.interval for m in self.said.values()))
 
     def make_step(self, rate: float, when: float | None = None) -> Step:
         self.step += 1
@@ -223,6 +230,8 @@ def _peer(directory: str, first: int, count: int, rate: float, duration: float, 
             # --steady-window (0: none)
             a.coalescer = (StepCoalescer(interval=window, steady_interval=None) if window is not None else
                            StepCoalescer() if steady is None else StepCoalescer(steady_interval=steady or None))
+            if window is None and steady is None:
+                a.said = {}  # the agent's rule: the window follows what the monitors say (batchmon.agent.pace)
     messages = 0
     sel = selectors.DefaultSelector()
     for a in agents:
@@ -249,6 +258,9 @@ def _peer(directory: str, first: int, count: int, rate: float, duration: float, 
                         continue
                     conn.setblocking(False)
                     obj.clients[conn.fileno()] = (conn, bytearray(obj.hello))
+                    if obj.said is not None:
+                        obj.said[conn.fileno()] = MonitorLines()
+                        obj.pace()
                     accepted += 1
                     sel.register(conn, selectors.EVENT_READ | selectors.EVENT_WRITE, ("client", (obj, conn)))
                 else:
@@ -267,8 +279,13 @@ def _peer(directory: str, first: int, count: int, rate: float, duration: float, 
                             closed_early += 0 if stopping else 1
                             sel.unregister(conn)
                             a.clients.pop(conn.fileno(), None)
+                            if a.said is not None:
+                                a.said.pop(conn.fileno(), None)
+                                a.pace()
                             conn.close()
                             continue
+                        if data and a.said is not None and a.said[conn.fileno()].feed(data):
+                            a.pace()
                     if mask & selectors.EVENT_WRITE:
                         _flush(sel, a, conn, entry[1])
             now = time.time()

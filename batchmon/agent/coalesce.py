@@ -55,7 +55,9 @@ STEADY_WINDOW_SECONDS = 1.0  # a steady agent's window, where one is asked for: 
 # steady window p99 step-to-snapshot 0.29 s, without it 0.24 s, the monitor's CPU 1.59 vs 1.56 s; and beside 16
 # fast jobs (fast16 run 6) the monitor's CPU did not fall with it (1.75-1.87x nvitop's, 1.78x before). A window of
 # ~1 s that ends when a step finds it due is stamped with that step's time, but fewer, later messages make the
-# hub's ticks see each agent less often: the latency tail grows. Kept as an option for the benches.
+# hub's ticks see each agent less often: the latency tail grows. Kept as an option for the benches, and used while
+# every connected monitor says it refreshes at most once a second (batchmon.agent.pace: the monitor -> agent
+# ``refresh`` line; the load64 target is measured at --interval 0.25, which keeps the short window).
 STEADY_DEFAULT: float | None = None
 STEADY_AFTER = 10  # windows sent on time in a row (~2 s at WINDOW_SECONDS) before the window stretches
 _GOLDEN = 0.6180339887498949  # the stretched windows' lengths step through [0.8, 1.0] by the golden ratio
@@ -133,6 +135,16 @@ class StepCoalescer:
             return
         self._turn = (self._turn + _GOLDEN) % 1.0
         self._window = max(self.interval, steady * (0.8 + 0.2 * self._turn))
+
+    def set_steady(self, seconds: float | None) -> None:
+        """Ask for a steady window (or none) from now on (batchmon.agent.pace: what the monitors allow). Turned
+        off, the open window ends at ``interval``; turned on, it stretches once STEADY_AFTER windows went on time."""
+        steady = seconds if self.interval > 0 else None
+        if steady == self.steady_interval:
+            return
+        self.steady_interval = steady
+        if steady is None:
+            self._window = self.interval
 
     def due(self, now: float) -> bool:
         """Whether an open window has waited its time (the socket thread checks on every poll)."""

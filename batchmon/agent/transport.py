@@ -2,8 +2,9 @@
 
 The training thread only calls put()/set_hello(): an append to a bounded deque (oldest dropped and counted
 when full), never a lock, a syscall or an exception. The thread owns everything else: it accepts monitors,
-sends each new one the latest hello and the history (last steps and events), then live lines; it reads and
-discards whatever a monitor sends (never parsed); and it keeps a bounded outbound buffer per monitor, so a
+sends each new one the latest hello and the history (last steps and events), then live lines; of what a monitor
+sends it keeps only its refresh interval (a short line, parsed as data: batchmon.agent.pace picks the step window
+from it), the rest is dropped; and it keeps a bounded outbound buffer per monitor, so a
 monitor that never reads loses its oldest lines instead of growing memory or slowing the others.
 
 Steps are coalesced here (batchmon.agent.coalesce): at high step rates one message stands for a window of
@@ -31,6 +32,7 @@ from typing import Callable, Sequence
 
 from batchmon import protocol
 from batchmon.agent.coalesce import HISTORY_EVENTS, HISTORY_STEPS, StepCoalescer
+from batchmon.agent.pace import MonitorLines, steady_window
 from batchmon.agent.step_runs import QuietRun
 from batchmon.protocol import Bye, Event, Hello, Step
 
@@ -49,7 +51,7 @@ ALTERNATE_NAMES = 16  # <pid>-1.sock ... when a live socket of another process (
 class _Client:
     """One connected monitor: a non-blocking socket and its bounded outbound lines."""
 
-    __slots__ = ("sock", "lines", "pinned", "bytes", "partial", "dropped", "sent", "hello", "history")
+    __slots__ = ("sock", "lines", "pinned", "bytes", "partial", "dropped", "sent", "hello", "history", "said")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -61,6 +63,7 @@ class _Client:
         self.sent = 0
         self.hello: bytes | None = None  # the hello line still waiting here (at most one: a new one replaces it)
         self.history: int | None = None  # that hello's history count (the burst's length), kept on replacing
+        self.said = MonitorLines()  # what the monitor wrote: its refresh interval (batchmon.agent.pace)
 
     def push_hello(self, line: bytes, history: int | None = None) -> None:
         """Queue a hello; one still waiting is replaced in place (so re-published hellos never pile up past the
@@ -296,13 +299,14 @@ class Transport:
                 client.push(line)
             self._clients[conn.fileno()] = client
             self.connections += 1
+            self._pace()  # it has not said its refresh yet: the short window until it does
             sel.register(conn, selectors.EVENT_READ, client)
             self._send(sel, client)
 
     def _service(self, sel: selectors.BaseSelector, client: _Client, mask: int) -> None:
         if mask & selectors.EVENT_READ:
             try:
-                data = client.sock.recv(READ_DISCARD)  # whatever a monitor says is read and dropped
+                data = client.sock.recv(READ_DISCARD)  # only a refresh line is taken from it; the rest is dropped
             except (BlockingIOError, InterruptedError):
                 data = None
             except OSError:
@@ -310,6 +314,8 @@ class Transport:
             if data == b"":
                 self._drop_client(sel, client)
                 return
+            if data and client.said.feed(data):
+                self._pace()
         if mask & selectors.EVENT_WRITE:
             self._send(sel, client)
 
@@ -332,6 +338,11 @@ class Transport:
             pass
         self.client_dropped += client.dropped
         _close_quietly(client.sock)
+        self._pace()
+
+    def _pace(self) -> None:
+        """The step window the connected monitors' refresh intervals allow (batchmon.agent.pace)."""
+        self.coalescer.set_steady(steady_window(c.said.interval for c in self._clients.values()))
 
     def _encode(self, message: Hello | Step | Event | Bye) -> bytes | None:
         try:

@@ -241,6 +241,16 @@ class AgentConnection:
             self.lines = protocol.LineBuffer(protocol.MAX_LINE_BYTES)
         return out
 
+    def tell(self, line: bytes) -> bool:
+        """Write one short line to the agent (the monitor's refresh interval) without blocking; False when it
+        could not go whole now (a full socket buffer: the agent is not reading), never raises."""
+        if self.sock is None or self.eof:
+            return False
+        try:
+            return self.sock.send(line) == len(line)
+        except OSError:  # BlockingIOError included: the agent keeps its short window, as with an older monitor
+            return False
+
     def close(self) -> None:
         if self.sock is not None:
             try:

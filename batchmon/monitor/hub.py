@@ -75,6 +75,7 @@ class Hub:
         hosts: Sequence[str] = (),
     ) -> None:
         self._interval = _check_interval(interval)
+        self._told = self._interval  # the interval the agents were told (set_interval may change _interval)
         self._socket_dir = Path(socket_dir) if socket_dir is not None else None
         self._nvml = nvml_probe
         self._host = host_probe
@@ -228,6 +229,8 @@ class Hub:
             last_tick = None
             while not self._stopping.is_set():
                 now = time.monotonic()
+                if self._told != self._interval:
+                    self._tell_interval()
                 if last_tick is None or now - last_tick >= self._interval:
                     last_tick = now
                     self._read_agents(now + min(self._interval / 2, 0.2))
@@ -239,6 +242,13 @@ class Hub:
         finally:
             self._close()
             self._io_done.set()
+
+    def _tell_interval(self) -> None:
+        """Say the new refresh interval to every connected agent (batchmon.agent.pace: their step window)."""
+        self._told = self._interval
+        line = protocol.refresh_line(self._told)
+        for conn in self._conns.values():
+            conn.tell(line)
 
     def _tick(self) -> None:
         self._scan()
@@ -426,6 +436,7 @@ class Hub:
             assert sock is not None  # connected: it has its socket
             self._sel.register(sock, selectors.EVENT_READ, conn)
             self._idle_sel.register(sock, selectors.EVENT_READ, conn)
+            conn.tell(protocol.refresh_line(self._told))  # how often we refresh: the agent's step window
             return True
         if result == ConnectResult.STALE and not pid_alive(found.pid):
             unlink_stale(found.path)
