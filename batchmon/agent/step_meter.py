@@ -33,7 +33,7 @@ first 3 steps, every ``activation_every``-th step (default 10; env BATCHMON_ACTI
 a step whose batch size differs from the last sampled one, a step after the model moved or changed dtype.
 
 The fixed cost of the other steps (issue 14) grows with nothing in the model (the layout check reads one remembered
-parameter); the allocator's figures (a nested dict) are read on sampled and first steps and at most every
+parameter); the allocator's figures (a nested dict) are read on sampled and first steps and at least once every
 ALLOCATOR_READ_SECONDS, the peak reset only when read (a batch-size change resets it first). With the default
 ``activation_every`` samples are at least SAMPLE_SECONDS apart, and further where a sample costs more than
 SAMPLE_SHARE of the time between them (its extra time over a steady step, at most SAMPLE_MAX_SECONDS apart:
@@ -66,7 +66,11 @@ from batchmon.protocol import Event, ModelInfo, Step, new_step, with_added
 _perf_counter, _time, _new_object, _grad_enabled = time.perf_counter, time.time, object.__new__, torch.is_grad_enabled
 
 FULL_STEPS = 3  # the first steps are always fully measured
-ALLOCATOR_READ_SECONDS = 0.05  # the allocator's figures are read at least this often (and on sampled steps)
+ALLOCATOR_READ_SECONDS = 0.25  # the allocator's figures are read at least this often (and on sampled steps): a
+# read ends a quiet step through the full finish (a nested stats dict, a new Step and run); every 50 ms that was ~1/6
+# of the agent's main-thread samples on the H200's 2.7 ms MLP step (py-spy, bench/results/spy_h200_s14/). The peak
+# accumulates between reads (reset only when read; a batch-size change reads first), so no peak is lost, it shows
+# up to this much later - about the monitor's fastest refresh (0.25 s) and the coalescer's window (0.2 s)
 SAMPLE_SECONDS = 0.25  # with the default activation_every: the every-N-th-step samples at most this often
 SAMPLE_SHARE = 0.002  # ... and further apart where a sample costs more: the samples' extra time <= this share
 SAMPLE_MAX_SECONDS = 2.0  # ... but never further apart than this
