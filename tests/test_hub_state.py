@@ -449,7 +449,7 @@ def test_a_steady_agents_figures_are_compared_at_most_once_a_second(monkeypatch)
 
     real = model_fit.fit_figures
     compared: list[int] = []
-    monkeypatch.setattr(model_fit, "fit_figures", lambda summary: (compared.append(1), real(summary))[1])
+    monkeypatch.setattr(model_fit, "fit_figures", lambda summary, *memo: (compared.append(1), real(summary, *memo))[1])
     s, n = _steady_cuda_agent()
     s.snapshot(1.0)
     assert len(compared) == 1  # the first fit

@@ -31,8 +31,8 @@ def _records() -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def _step_by_step(summary) -> tuple:
-    """The rule before 70a4c56: every sampled step's own peaks compared as they are, step by step."""
+def _step_by_step(summary, memo=None) -> tuple:
+    """The rule before 70a4c56: every sampled step's own peaks compared as they are, step by step (no memo)."""
     return tuple((s.batch_size, tuple(s.components.values()), s.allocated, s.peak_allocated, s.reserved,
                   s.num_alloc_retries, s.num_ooms, s.device_used, s.micro_batches,
                   tuple(s.phase_own_peaks.items()) if s.phase_own_peaks else None,

@@ -160,3 +160,19 @@ def test_figures_that_come_back_within_the_steady_time_reuse_their_fit(monkeypat
     assert len(fits) == 3
     second(1.0 + PREDICT_STEADY_S + 1, 1)  # the first fit is too old now: fitted again
     assert len(fits) == 4
+
+
+def test_figures_kept_between_calls_answer_as_taken_afresh_and_stay_bounded():
+    """fit_figures with the hub's per-agent memo (the steps' figures kept between snapshots) gives exactly what it
+    gives without, as a sliding summary gains steps, loses them and meets a new batch size; the memo holds only
+    about one summary's steps."""
+    rnd = random.Random(3)
+    steps = [_step(n, 32 if n < 120 else 48, rnd.choice((None, 1, 2))) for n in range(1, 200)]
+    memo: dict = {}
+    for end in range(10, len(steps)):
+        summary = [steps[0], *steps[max(1, end - 30):end]]
+        assert _fit_figures(summary, memo) == _fit_figures(summary)
+        assert len(memo) <= 2 * len(summary) + 16 + 1
+    # a new step object with the same id as none kept, same figures: the same answer; a changed figure: another
+    changed = dataclasses.replace(steps[-1], peak_allocated=steps[-1].peak_allocated + MIB)
+    assert _fit_figures([*steps[-30:-1], changed], memo) != _fit_figures(steps[-30:], memo)

@@ -224,7 +224,7 @@ def _own_lines(readings: Sequence[tuple[int, dict[str, int] | None]], names: Seq
     return {n: fit_line(sorted(points[n].items())) for n in names if len(points.get(n, ())) >= 2}
 
 
-def fit_figures(summary: Sequence[Step]) -> tuple:
+def fit_figures(summary: Sequence[Step], memo: dict[int, tuple] | None = None) -> tuple:
     """What of a model summary ``fit`` could answer differently on (the hub refits when it changes): every memory
     figure of its steps, not their step numbers, times or step times. Next to ``fit`` because it says what ``fit``
     reads: a change there that reads more must be compared here.
@@ -236,15 +236,27 @@ def fit_figures(summary: Sequence[Step]) -> tuple:
     (batch size, optimizer bytes, has a peak) group. A fast agent's windows alternate between ones that hold a
     sampled step and ones that do not (samples at most every 0.25 s, windows every 0.2 s): compared step by step,
     every new window changed the figures, and 16 fast jobs were refitted every second for the same prediction
-    (bench/hub_apply_cost.py --synthetic real: 640 refits in 40 s, 624 with the same prediction)."""
+    (bench/hub_apply_cost.py --synthetic real: 640 refits in 40 s, 624 with the same prediction).
+
+    ``memo``: a dict the caller keeps between calls on one agent's summaries (id(step) -> (step, its figures)):
+    a summary keeps most of its steps from one snapshot to the next (16 fast agents: each second ~70 steps
+    read, ~1-5 of them new), so their figures are taken once, and comparing two results meets the same tuples."""
     own: dict[tuple, list] = {}
     steps = []
     for s in summary:
-        steps.append((_FIGURES(s), tuple(s.components.values())))
-        phases, segments = s.phase_own_peaks, s.segment_peaks
-        if not (phases or segments):
+        hit = memo.get(id(s)) if memo is not None else None
+        if hit is None or hit[0] is not s:
+            phases, segments = s.phase_own_peaks, s.segment_peaks
+            hit = (s, (_FIGURES(s), tuple(s.components.values())),
+                   (s.batch_size, s.components.get("optimizer"), s.peak_allocated is None)
+                   if phases or segments else None)
+            if memo is not None:
+                memo[id(s)] = hit  # holds the step: its id stays its own while the entry lives
+        steps.append(hit[1])
+        key = hit[2]
+        if key is None:
             continue
-        key = (s.batch_size, s.components.get("optimizer"), s.peak_allocated is None)
+        phases, segments = s.phase_own_peaks, s.segment_peaks
         group = own.get(key)
         if group is None:
             group = own[key] = [{}, {}, set()]
@@ -256,6 +268,10 @@ def fit_figures(summary: Sequence[Step]) -> tuple:
             for name, value in (peaks or {}).items():
                 was = best.get(name)
                 best[name] = value if was is None or value > was else was
+    if memo is not None and len(memo) > 2 * len(summary) + 16:  # bounded: only this summary's steps stay
+        kept = {id(s) for s in summary}
+        for key in [k for k in memo if k not in kept]:
+            del memo[key]
     return tuple(steps), tuple((key, tuple(phases.items()), tuple(segments.items()))
                                for key, (phases, segments, _) in sorted(own.items(), key=lambda kv: repr(kv[0])))
 

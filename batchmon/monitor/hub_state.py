@@ -86,6 +86,7 @@ class _Agent:
     prediction_figures: tuple | None = None  # the memory figures of the summary that fit read (fit_figures)
     prediction_checked: float | None = None  # snapshot time its figures were last found unchanged (or fitted)
     recent_fits: list = field(default_factory=list)  # _RecentFit, the latest first (at most RECENT_FITS)
+    figures_memo: dict = field(default_factory=dict)  # fit_figures' per-step figures, kept between snapshots
     peak: int | None = None  # the highest allocator peak (or measured total off CUDA) of its steps
     ended: RunEnd | None = None  # set when the run ended (then it lives in _Source.ended)
     oom_event: Any = None  # its last oom Event
@@ -506,7 +507,7 @@ class HubState:
         summary = history.window().model_steps()
         from batchmon.memory_model.fit import fit_figures  # (as memory_model below: imported when first needed)
 
-        figures = fit_figures(summary)
+        figures = fit_figures(summary, agent.figures_memo)
         steady = agent.prediction_time is not None and 0 <= base.time - agent.prediction_time < PREDICT_STEADY_S
         if same_setup and steady and figures == agent.prediction_figures and last.batch_size in agent.prediction_sizes:
             agent.prediction_key, agent.prediction_checked = key, base.time
