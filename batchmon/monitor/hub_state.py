@@ -465,7 +465,8 @@ class HubState:
             view = AgentView(key=agent.key, source=agent.source, hello=agent.hello, last_step=history.last,
                              history=history.window(), events=agent.events_tuple, connected=agent.connected,
                              detached=agent.detached, invalid_lines=agent.invalid_lines, state=state, ended=end,
-                             oom=agent.oom, phases=history.phases())
+                             oom=agent.oom, phases=history.phases(), prediction=agent.prediction, model=agent.model)
+            # (the last prediction: while _predict below keeps it, no second AgentView is made for it)
         elif ((view.connected, view.detached, view.invalid_lines, view.state) != (agent.connected, agent.detached,
                                                                                   agent.invalid_lines, state)
               or view.ended is not end or view.oom is not agent.oom):
