@@ -162,3 +162,31 @@ def test_the_hub_says_its_interval_on_connecting_and_when_it_changes(agent_dir):
     finally:
         hub.stop()
         transport.close(Bye())
+
+
+TELL_CLOSED = r'''
+import signal, socket, sys
+from pathlib import Path
+from batchmon.monitor.agent_sockets import AgentConnection
+signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # as a CLI piped into head runs: a SIGPIPE would kill it
+path = Path(sys.argv[1])
+server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+server.bind(str(path))
+server.listen(1)
+conn = AgentConnection(1, path, "k")
+assert conn.connect() == "connected"
+peer, _ = server.accept()
+peer.close()  # the agent went away
+results = [conn.tell(b'{"v":1,"type":"refresh","interval":1.0}\n') for _ in range(3)]
+print("alive", results)
+'''
+
+
+def test_telling_an_agent_that_closed_its_end_neither_raises_nor_kills_the_monitor(tmp_path):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", TELL_CLOSED, str(tmp_path / "a.sock")], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("alive") and "False" in out.stdout

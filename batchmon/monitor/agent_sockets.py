@@ -30,6 +30,10 @@ READ_BUDGET = 64 * 1024  # per connection per wake-up, so one chatty agent canno
 # beside 16 peers x 1000 steps (bench/monitor_rss.py --rss-only) grew 8.5 MiB at 256 KiB, 4.7 at 64 KiB, 4.4 at 32
 # KiB (Python's arenas 17 -> 13-14 MiB, the same 12.4 MB in use). A 1 MiB line still arrives, over 16 reads.
 
+# an agent that closed its end makes send() raise SIGPIPE, fatal where the monitor runs with SIGPIPE at its default
+# (the `signal(SIGPIPE, SIG_DFL)` idiom of CLIs piped into head): the flag turns it into EPIPE
+SEND_FLAGS = getattr(socket, "MSG_NOSIGNAL", 0)
+
 _local = threading.local()
 
 
@@ -247,7 +251,7 @@ class AgentConnection:
         if self.sock is None or self.eof:
             return False
         try:
-            return self.sock.send(line) == len(line)
+            return self.sock.send(line, SEND_FLAGS) == len(line)
         except OSError:  # BlockingIOError included: the agent keeps its short window, as with an older monitor
             return False
 
