@@ -2,7 +2,8 @@
 
 Beside 16 fast jobs, reading, decoding and keeping ~80 step messages a second was a large part of a monitor's hub
 thread, and a monitor at ``--interval 1`` shows each job once a second: windows of ~1 s (coalesce's steady window)
-instead of 0.2 s cut its hub thread's CPU by about a third (bench/ab_monitor.py --window, dev box). A monitor at
+instead of 0.2 s cut its hub thread's CPU by a quarter to a third (dev box, 16 peers at 100 steps/s, 20 s rounds:
+0.080/0.084 -> 0.062/0.059 CPU s; bench/results/ab_fast16_monitor_session14_pace_devbox.json). A monitor at
 ``--interval 0.25`` needs the short window (the load64 latency target, p99 <= 250 ms step-to-snapshot), so the
 agent stretches its window only when told every monitor can wait. The rule, exactly:
 
