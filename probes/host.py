@@ -1,6 +1,7 @@
-"""psutil host probe: host memory and, for each GPU process, who runs it and what it costs the host.
+"""The host probe: host memory and, for each GPU process, who runs it and what it costs the host.
 
-(Types are fixed here; the probe implementation follows below them.)
+(Types are fixed here; the probe implementation follows below them; what it reads, and how, is probes/procfs.py:
+Linux's /proc, psutil only where there is none.)
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
-import psutil
+from batchmon.probes.procfs import Denied, Gone, ProcessTimes, Reader, reader
 
 
 @dataclass(frozen=True)
@@ -38,31 +39,37 @@ class HostSample:
 class HostProbe:
     """Host memory and, for the pids asked about, who runs them and what they cost the host. Never raises.
 
-    psutil.Process objects are kept between samples (only for pids still asked about), so cpu_percent is the
-    share since the previous sample; on a process's first sample it is None, not a meaningless 0.0. A process's
-    user and command line are read again only every STATIC_EVERY_S (the hub samples every pid each tick:
-    re-reading /proc/<pid>/status and cmdline each time was most of the probe's cost; a command line changes
-    rarely, e.g. setproctitle); CPU and RSS are read every sample.
+    Each pid's CPU time and start are kept between samples (only for pids still asked about), so cpu_percent is
+    the share of one CPU since the previous sample (psutil's ``cpu_percent()``: it may exceed 100); on a process's
+    first sample - or a reused pid's, told by its start time - it is None, not a meaningless 0.0. A process's user
+    and command line are read again only every STATIC_EVERY_S (the hub samples every pid each tick: re-reading
+    /proc/<pid>/status and cmdline each time was most of the probe's cost; a command line changes rarely, e.g.
+    setproctitle); CPU and RSS are read every sample.
     """
 
     STATIC_EVERY_S = 10.0
 
     def __init__(self) -> None:
-        self._procs: dict[int, psutil.Process] = {}
+        self._reader: Reader | None = None
+        self._last: dict[int, tuple[ProcessTimes, float]] = {}  # pid -> (its times, monotonic time read)
         # pid -> (user, command, denied, monotonic time read)
         self._static: dict[int, tuple[str | None, str | None, bool, float]] = {}
         self._hostname = _hostname()
 
+    def _read(self) -> Reader:
+        if self._reader is None:
+            self._reader = reader()
+        return self._reader
+
     def close(self) -> None:
-        """Forget the kept psutil.Process objects (the probe stays usable)."""
-        self._procs.clear()
+        """Forget the kept per-process readings (the probe stays usable)."""
+        self._last.clear()
         self._static.clear()
 
     def memory(self) -> tuple[int | None, int | None]:
         """The host's (total, used) memory alone (the hub refreshes it between samples of the processes)."""
         try:
-            vm = psutil.virtual_memory()
-            return int(vm.total), int(vm.used)
+            return self._read().memory()
         except Exception:
             return None, None
 
@@ -70,64 +77,47 @@ class HostProbe:
         memory_total, memory_used = self.memory()
         wanted = sorted({int(p) for p in pids if isinstance(p, int) and not isinstance(p, bool) and p > 0})
         processes = {pid: self._process(pid) for pid in wanted}
-        for pid in [p for p in self._procs if p not in processes]:
-            del self._procs[pid]  # forget processes nobody asks about any more
+        for pid in [p for p in self._last if p not in processes]:
+            del self._last[pid]  # forget processes nobody asks about any more
             self._static.pop(pid, None)
         return HostSample(hostname=self._hostname, memory_total=memory_total, memory_used=memory_used,
                           processes=processes, time=time.time())
 
     def _process(self, pid: int) -> ProcessInfo:
-        proc = self._procs.get(pid)
-        first = False
         try:
-            if proc is None or not proc.is_running():  # is_running() also catches a reused pid
-                proc = psutil.Process(pid)
-                self._procs[pid] = proc
-                first = True
-        except psutil.NoSuchProcess:
-            self._procs.pop(pid, None)
+            read = self._read()
+            times = read.times(pid)
+            now = time.monotonic()
+            last = self._last.get(pid)
+            first = last is None or last[0].start != times.start  # never seen, or a new process with this pid
+            self._last[pid] = (times, now)
+            static = None if first else self._static.get(pid)
+            if static is None or now - static[3] >= self.STATIC_EVERY_S:
+                try:
+                    user, command = read.identity(pid)
+                    static = (user, command, False, now)
+                except Denied:
+                    static = (None, None, True, now)
+                self._static[pid] = static
+        except Gone:
+            self._forget(pid)
             return ProcessInfo(pid, None, None, None, None, state="gone")
-        except psutil.AccessDenied:
-            self._procs.pop(pid, None)
+        except Denied:
+            self._forget(pid)
             return ProcessInfo(pid, None, None, None, None, state="denied")
         except Exception:
-            self._procs.pop(pid, None)
+            self._forget(pid)
             return ProcessInfo(pid, None, None, None, None, state="gone")
-        denied = False
+        user, command, denied, _ = static
+        cpu = None
+        if not first and last is not None and now > last[1]:
+            cpu = round(max(0.0, times.cpu_seconds - last[0].cpu_seconds) / (now - last[1]) * 100, 1)
+        return ProcessInfo(pid=pid, user=user, command=command or None, cpu_percent=cpu, rss=times.rss,
+                           state="denied" if denied or times.rss is None else "ok")
 
-        def read(fn: Any) -> Any:
-            nonlocal denied
-            try:
-                return fn()
-            except psutil.AccessDenied:
-                denied = True
-                return None
-
-        try:
-            with proc.oneshot():
-                if proc.status() == psutil.STATUS_ZOMBIE:  # the stat file oneshot reads for cpu_percent anyway
-                    raise psutil.ZombieProcess(pid)
-                now = time.monotonic()
-                static = None if first else self._static.get(pid)
-                if static is None or now - static[3] >= self.STATIC_EVERY_S:
-                    user = read(proc.username)
-                    cmdline = read(proc.cmdline)
-                    command = " ".join(cmdline) if cmdline else read(proc.name)
-                    static = self._static[pid] = (user, command, denied, now)
-                user, command, denied, _ = static
-                cpu = read(lambda: proc.cpu_percent(None))
-                mem = read(proc.memory_info)
-        except (psutil.NoSuchProcess, ProcessLookupError):  # ZombieProcess included: it is gone for us
-            self._procs.pop(pid, None)
-            self._static.pop(pid, None)
-            return ProcessInfo(pid, None, None, None, None, state="gone")
-        except Exception:
-            self._procs.pop(pid, None)
-            self._static.pop(pid, None)
-            return ProcessInfo(pid, None, None, None, None, state="denied")
-        return ProcessInfo(pid=pid, user=user, command=command or None,
-                           cpu_percent=None if first or cpu is None else float(cpu),
-                           rss=None if mem is None else int(mem.rss), state="denied" if denied else "ok")
+    def _forget(self, pid: int) -> None:
+        self._last.pop(pid, None)
+        self._static.pop(pid, None)
 
 
 def _hostname() -> str:

@@ -130,3 +130,47 @@ def test_sample_from_dict_rejects_malformed_input(data: Any, words: str) -> None
 def test_sample_from_dict_minimal() -> None:
     s = sample_from_dict({"hostname": "gpu1"})
     assert s == HostSample(hostname="gpu1", memory_total=None, memory_used=None, processes={}, time=0.0)
+
+
+# ----------------------------------------------------------------------------------------------- /proc, not psutil
+
+
+def test_proc_reader_reads_what_psutil_reads() -> None:
+    """The /proc reader (probes/procfs.py) gives psutil's figures for the host and for a busy child."""
+    from batchmon.probes.procfs import ProcReader, PsutilReader
+
+    procfs, ps = ProcReader(), PsutilReader()
+    (total, used), (ps_total, ps_used) = procfs.memory(), ps.memory()
+    assert total == ps_total
+    assert abs(used - ps_used) < 64 << 20  # read a moment apart: the host's use moves a little between them
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        wait_for(lambda: procfs.times(busy.pid).cpu_seconds > 0.05, what="the child to use some CPU")
+        mine, theirs = procfs.times(busy.pid), ps.times(busy.pid)
+        assert 0 <= theirs.cpu_seconds - mine.cpu_seconds < 0.5  # psutil read second: as much or a little more
+        assert mine.rss and theirs.rss and abs(mine.rss - theirs.rss) < 8 << 20
+        assert procfs.identity(busy.pid) == ps.identity(busy.pid)
+        assert procfs.times(busy.pid).start == mine.start  # the same process: the same start
+    finally:
+        busy.kill()
+        busy.wait()
+
+
+def test_monitor_side_never_imports_psutil() -> None:
+    """The host probe and the liveness check read /proc: psutil (~2 MiB of the monitor's RSS) stays unloaded."""
+    code = (
+        "import os, subprocess, sys\n"
+        "from batchmon.probes.host import HostProbe\n"
+        "from batchmon.monitor.agent_sockets import pid_alive\n"
+        "p = HostProbe(); p.sample([os.getpid(), 1]); s = p.sample([os.getpid()])\n"
+        "assert s.processes[os.getpid()].cpu_percent is not None and s.memory_used\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'pass'])\n"
+        "import time\n"
+        "while open(f'/proc/{child.pid}/stat').read().rsplit(')', 1)[1].split()[0] != 'Z': time.sleep(0.01)\n"
+        "assert pid_alive(os.getpid()) and not pid_alive(child.pid)\n"
+        "child.wait()\n"
+        "print('psutil' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
