@@ -171,6 +171,7 @@ def _oom_run(where: str) -> tuple[batchmon.AgentHandle, list]:
     def step_pre(optimizer, args, kwargs):  # noqa: ANN001, ANN202 - inside the optimizer's step
         if fail_step:
             fail_step.clear()
+            torch_patches._oom_observer(0, 20 << 10, 0, 0)  # as CUDA's allocator calls it before raising
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 KiB.")
 
     opt.register_step_pre_hook(step_pre)

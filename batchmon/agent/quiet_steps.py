@@ -8,8 +8,12 @@ optimizer ending steps, no loss search, no batch-layout probe - the next steps r
 pre hook (which opens the step, ``StepMeter.open_quiet``, and still sees every change of the inputs), a post hook
 on the root that returns at once unless the forward raised (then it reports an out-of-memory error as on any step),
 the patched ``torch.autograd.backward`` (counts the backward, reports an OOM leaving it), the optimizer's step
-post hook and step wrapper (the step's end, an OOM leaving the step). The loss module's hooks are off, and so is
-the global optimizer step pre hook (the step depth, which only matters while no optimizer ends steps).
+post hook (the step's end). The loss module's hooks are off, and so are the global optimizer step pre hook (the
+step depth, which only matters while no optimizer ends steps) and the optimizers' ``step`` wrappers (torch_patches'
+``_StepWrapper``, an OOM leaving the step: ~1.5 us of a quiet step inside a real step on the dev box's CPU,
+bench/agent_step_parts.py): on a quiet step an allocator OOM inside the optimizer's step is reported by the OOM
+observer (``arm_on_error``: an optimizer's ``step`` on the stack says where); on the CPU torch's allocator raises
+RuntimeError, which the wrapper never reported.
 
 Everything comes back (``arm``) from the root's pre hook before the forward that needs it runs - a sampled step,
 new input shapes, dtypes or places, keyword inputs, a ``batch_size_fn``, a second training forward in the step
@@ -17,8 +21,9 @@ new input shapes, dtypes or places, keyword inputs, a ``batch_size_fn``, a secon
 the forward, so a post hook registered in the pre hook is called for that very forward (torch 2.13:
 tests/test_agent_quiet_steps.py). An out-of-memory error in the loss module of a quiet step is seen through CUDA's
 OOM observer, which the allocator calls before raising (``arm_on_error``: the loss's call on the stack's frames
-says where). (An OutOfMemoryError raised by hand inside a loss module, with no allocator involved, is not reported
-on a quiet step; on the CPU torch's allocator raises RuntimeError, not OutOfMemoryError.)
+says where), and so is one inside the optimizer's step. (An OutOfMemoryError raised by hand inside a loss module or
+an optimizer's step, with no allocator involved, is not reported on a quiet step; on the CPU torch's allocator raises
+RuntimeError, not OutOfMemoryError.)
 Evaluation forwards (no grad) pass through the pre hook untouched.
 
 **The root off torch's hooked path** (``quiet_call``). Any forward hook puts the root on ``Module._call_impl``'s
@@ -59,9 +64,14 @@ _WRAPPED = getattr(torch.nn.Module, "_wrapped_call_impl", None)  # nn.Module.__c
 _WRAPPED_CODE = getattr(_WRAPPED, "__code__", None)
 _grad_enabled = torch.is_grad_enabled
 _is_compiling = patches._is_compiling
+_compiler = getattr(torch, "compiler", None)
+_dynamo_compiling = getattr(_compiler, "is_dynamo_compiling", None)
+if _dynamo_compiling is None or not hasattr(_compiler, "_is_compiling_flag"):  # (an older torch: the one call)
+    _dynamo_compiling, _compiler = _is_compiling, None
 _get_ident = threading.get_ident
 _getframe = sys._getframe
 _OOM = torch.OutOfMemoryError
+_OPTIMIZER = torch.optim.Optimizer
 
 
 class Owner(Protocol):
@@ -148,6 +158,8 @@ class QuietSteps:
                 self._set_post(model, patches.quiet_post_hook)
             watch.unhook_criterion()
             patches.step_depth_hook(False)
+            for opt in meter.optimizers:  # (an OOM leaving a quiet step's optimizer step: arm_on_error reports it)
+                patches.unwrap_step(opt)
             owner.quiet = True
 
     def arm(self) -> None:
@@ -163,6 +175,8 @@ class QuietSteps:
         self._set_post(owner._meter.model, patches.root_post_hook)
         owner._watch.hook_criterion()
         patches.step_depth_hook(True)
+        for opt in owner._meter.optimizers:
+            patches.wrap_step(opt)
 
     def _set_post(self, model: torch.nn.Module | None, hook: Any) -> None:
         """The root's post hook is ``hook`` (the full one, or a quiet step's, which only sees errors leave)."""
@@ -249,10 +263,15 @@ class QuietSteps:
             self.arm()
             meter.root_depth, meter.root_counting = depth_on_stack(meter.model), False
             crit = owner._watch.criterion_ref
+            where = None
             if meter.root_depth == 0 and depth_on_stack(crit() if crit is not None else None):
+                where = "loss"
+            elif meter.root_depth == 0 and in_optimizer_step():
+                where = "optimizer step"  # (a quiet step's optimizer runs without the agent's step wrapper)
+            if where is not None:
                 owner._on_oom(torch.OutOfMemoryError(
                     f"CUDA out of memory. Tried to allocate {requested} bytes (seen by the allocator's OOM observer)."),
-                    "loss")
+                    where)
         except Exception as exc:  # noqa: BLE001
             owner._fail(exc)
 
@@ -262,7 +281,10 @@ def quiet_call(ref: "weakref.ReferenceType[torch.nn.Module]", owner: int) -> Cal
     ``ref``: the root, weakly; ``owner``: the training thread's ident."""
 
     def _call_impl(*args: Any, **kwargs: Any) -> Any:
-        if _is_compiling():  # traced by dynamo: what torch would call, nothing of the agent's in the graph
+        # traced by dynamo (its is_dynamo_compiling is True there: the flag is never read) or run by a non-strict
+        # export (the flag): what torch would call, nothing of the agent's in the graph. One Python call instead of
+        # is_compiling's two (it calls torch.jit.is_scripting first) - a quiet step runs this every step
+        if _dynamo_compiling() or (_compiler is not None and _compiler._is_compiling_flag):
             return _MODULE_CALL_IMPL(ref(), *args, **kwargs)
         root = module = ref()
         if _get_ident() != owner:  # maybe a DataParallel replica (a copy of the root's __dict__): who is called?
@@ -292,6 +314,21 @@ def quiet_call(ref: "weakref.ReferenceType[torch.nn.Module]", owner: int) -> Cal
 
     _call_impl.batchmon_quiet_call = True  # type: ignore[attr-defined]  # torch_patches leaves it out of pickles
     return _call_impl
+
+
+def in_optimizer_step() -> bool:
+    """Whether a ``torch.optim`` optimizer's ``step`` is running on this thread now: a frame of a ``step`` method of
+    an optimizer, or of what its class's ``step`` is now (torch's hook-running wrapper: its pre hooks run there)."""
+    frame: FrameType | None = sys._getframe(1)
+    while frame is not None:
+        code = frame.f_code
+        if code.co_name in ("step", "wrapper"):
+            opt = frame.f_locals.get("self")
+            if isinstance(opt, _OPTIMIZER) and (
+                    code.co_name == "step" or code is getattr(type(opt).step, "__code__", None)):
+                return True
+        frame = frame.f_back
+    return False
 
 
 def depth_on_stack(module: Any) -> int:
