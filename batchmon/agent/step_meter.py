@@ -80,22 +80,7 @@ PLACE_STEPS = 16  # a steady step looks at the model's place (moved? open_quiet)
 
 
 class StepMeter:
-    """Per-step measurement state (training thread). ``cuda(reset)`` reads the allocator, ``None`` off CUDA.
-
-    Slots, not a ``__dict__``: a quiet step reads and writes a dozen of these fields inside a real step, where the
-    agent's bytecodes run at 25-60 ns each (cold caches, bench/agent_step_parts.py); 57 fields made a 1.6 KB
-    instance dict, past CPython's 30-key sharing limit, where slots are one ~470-byte object. (On the dev box the
-    paired bench could not separate the change from its noise: +12.6/+11.7/+15.6 us against +12.9/+18.1/+17.0.)"""
-
-    __slots__ = ("_acts_max", "_backward_static", "_batch_max", "_carried_batch", "_carry_peak", "_costed", "_cuda",
-                 "_figures", "_figures_t", "_first_forward_t", "_first_param", "_grad_marks", "_kind_of",
-                 "_last_acts", "_last_batch_size", "_last_step_end", "_layout", "_lazy", "_matcher", "_on_cuda",
-                 "_optimizer_refs", "_param_keys", "_recount", "_recount_t", "_sampled_batch_size", "_sampled_t",
-                 "_static", "_static_state_len", "_step_sig", "_template", "_template_key", "activation_every",
-                 "backwards", "batch", "batch_carried", "batch_size", "batch_source", "counter", "crit_depth",
-                 "device", "forwards", "model_info", "model_ref", "optimizer_set", "optimizer_steps", "phases",
-                 "primary_ref", "retries", "root_counting", "root_depth", "run", "sample_gap", "sample_seconds",
-                 "sampled", "sizer", "step", "step_open")
+    """Per-step measurement state (training thread). ``cuda(reset)`` reads the allocator, ``None`` off CUDA."""
 
     def __init__(self, activation_every: int, sizer: BatchSizer,
                  cuda: Callable[[torch.device | None, bool], CudaFigures | None], explicit_every: bool = True) -> None:
