@@ -64,9 +64,9 @@ _WRAPPED = getattr(torch.nn.Module, "_wrapped_call_impl", None)  # nn.Module.__c
 _WRAPPED_CODE = getattr(_WRAPPED, "__code__", None)
 _grad_enabled = torch.is_grad_enabled
 _is_compiling = patches._is_compiling
-_compiler = getattr(torch, "compiler", None)
-_dynamo_compiling = getattr(_compiler, "is_dynamo_compiling", None)
-if _dynamo_compiling is None or not hasattr(_compiler, "_is_compiling_flag"):  # (an older torch: the one call)
+_compiler: Any = getattr(torch, "compiler", None)
+_dynamo_compiling: Callable[[], bool] = getattr(_compiler, "is_dynamo_compiling", None) or _is_compiling
+if _dynamo_compiling is _is_compiling or not hasattr(_compiler, "_is_compiling_flag"):  # (an older torch)
     _dynamo_compiling, _compiler = _is_compiling, None
 _get_ident = threading.get_ident
 _getframe = sys._getframe
