@@ -63,11 +63,7 @@ _CALL_IMPL = _MODULE_CALL_IMPL.__code__
 _WRAPPED = getattr(torch.nn.Module, "_wrapped_call_impl", None)  # nn.Module.__call__ (torch >= 2.1)
 _WRAPPED_CODE = getattr(_WRAPPED, "__code__", None)
 _grad_enabled = torch.is_grad_enabled
-_is_compiling = patches._is_compiling
-_compiler: Any = getattr(torch, "compiler", None)
-_dynamo_compiling: Callable[[], bool] = getattr(_compiler, "is_dynamo_compiling", None) or _is_compiling
-if _dynamo_compiling is _is_compiling or not hasattr(_compiler, "_is_compiling_flag"):  # (an older torch)
-    _dynamo_compiling, _compiler = _is_compiling, None
+_dynamo_compiling, _compiler = patches._dynamo_compiling, patches._compiler  # (torch_patches: the compile check)
 _get_ident = threading.get_ident
 _getframe = sys._getframe
 _OOM = torch.OutOfMemoryError
@@ -281,9 +277,8 @@ def quiet_call(ref: "weakref.ReferenceType[torch.nn.Module]", owner: int) -> Cal
     ``ref``: the root, weakly; ``owner``: the training thread's ident."""
 
     def _call_impl(*args: Any, **kwargs: Any) -> Any:
-        # traced by dynamo (its is_dynamo_compiling is True there: the flag is never read) or run by a non-strict
-        # export (the flag): what torch would call, nothing of the agent's in the graph. One Python call instead of
-        # is_compiling's two (it calls torch.jit.is_scripting first) - a quiet step runs this every step
+        # traced by dynamo or run by a non-strict export (torch_patches' one-call compile check: a quiet step runs
+        # this every step): what torch would call, nothing of the agent's in the graph
         if _dynamo_compiling() or (_compiler is not None and _compiler._is_compiling_flag):
             return _MODULE_CALL_IMPL(ref(), *args, **kwargs)
         root = module = ref()

@@ -172,6 +172,14 @@ _graph_breaks_allowed._dynamo_marked_constant = True  # type: ignore[attr-define
 
 
 _is_compiling: Callable[[], bool] = getattr(getattr(torch, "compiler", None), "is_compiling", None) or (lambda: True)
+# the same answer in one Python call where a per-step path asks (quiet_steps.quiet_call): ``_dynamo_compiling()``
+# (dynamo folds is_dynamo_compiling to True while it traces) ``or (_compiler is not None and
+# _compiler._is_compiling_flag)`` (a non-strict export runs the Python); is_compiling() calls
+# torch.jit.is_scripting() first. An older torch without them: is_compiling() itself, and no flag.
+_compiler: Any = getattr(torch, "compiler", None)
+_dynamo_compiling: Callable[[], bool] = getattr(_compiler, "is_dynamo_compiling", None) or _is_compiling
+if _dynamo_compiling is _is_compiling or not hasattr(_compiler, "_is_compiling_flag"):
+    _dynamo_compiling, _compiler = _is_compiling, None
 
 
 def _leaving(depth: int = 8) -> BaseException | None:
