@@ -73,9 +73,7 @@ class ProcReader:
         return total, total - max(0, avail)
 
     def times(self, pid: int) -> ProcessTimes:
-        stat = _read(pid, "stat")
-        # the name (field 2) is in parentheses and may hold spaces or ')': the fields start after the last ')'
-        rest = stat[stat.rindex(b")") + 2:].split()
+        rest = _stat_fields(_read(pid, "stat"))
         if rest[0] in (b"Z", b"X"):  # a zombie (or dead): gone for us, as for the monitor
             raise Gone(pid)
         ticks = int(rest[11]) + int(rest[12])  # utime, stime (fields 14 and 15)
@@ -102,6 +100,12 @@ class ProcReader:
             args = []
         command = " ".join(args) if args else _read(pid, "comm").strip().decode(errors="replace") or None
         return user, command
+
+
+def _stat_fields(stat: bytes) -> list[bytes]:
+    """/proc/PID/stat's fields from the state (field 3) on: the name (field 2) is in parentheses and may hold spaces
+    or ')', so they start after the last ')'."""
+    return stat[stat.rindex(b")") + 2:].split()
 
 
 def _read(pid: int, name: str) -> bytes:
@@ -157,10 +161,17 @@ class PsutilReader:
         return self._call(pid, read)
 
 
-def pid_status_zombie(pid: int) -> bool | None:
-    """Whether the process is a zombie (None: not known here - no /proc, or unreadable)."""
+def is_zombie(pid: int) -> bool | None:
+    """Whether the process is a zombie: /proc's state, psutil's where there is no /proc (imported then); None when
+    neither can tell (gone meanwhile, unreadable, no psutil)."""
+    if (PROC / "self" / "stat").exists():
+        try:
+            return _stat_fields(_read(pid, "stat"))[0] == b"Z"
+        except (Gone, Denied, ValueError, IndexError):
+            return None
     try:
-        stat = (PROC / str(pid) / "stat").read_bytes()
-    except OSError:
+        import psutil
+
+        return bool(psutil.Process(pid).status() == psutil.STATUS_ZOMBIE)
+    except Exception:  # noqa: BLE001 - psutil missing or unsure
         return None
-    return stat[stat.rindex(b")") + 2:stat.rindex(b")") + 3] == b"Z"

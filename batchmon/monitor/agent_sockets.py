@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from batchmon import protocol
-from batchmon.probes.procfs import pid_status_zombie
+from batchmon.probes.procfs import is_zombie
 
 RECV_BYTES = 64 * 1024
 UNIX_PATH_MAX = 108  # sun_path's size on Linux: Python's connect refuses a path of this length or more
@@ -148,15 +148,7 @@ def pid_alive(pid: int) -> bool:
         return True
     except OSError:
         return False
-    zombie = pid_status_zombie(pid)  # /proc's answer (no psutil import: its ~2 MiB of RSS, probes/procfs.py)
-    if zombie is not None:
-        return not zombie
-    try:
-        import psutil
-
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except Exception:  # noqa: BLE001 - psutil unsure: the kill(0) answer stands
-        return True
+    return not is_zombie(pid)  # unsure (None): the kill(0) answer stands (probes/procfs.py: /proc, not psutil's RSS)
 
 
 class ConnectResult:
