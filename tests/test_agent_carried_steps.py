@@ -165,14 +165,16 @@ def test_a_carried_step_is_a_new_step_object_with_its_own_components(agent_dir):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_carried_step_ends_on_cuda_are_what_measuring_gives(tmp_path: Path):
     """The allocator's figures too: each run in a fresh process (the caching allocator's state is the run's own),
-    the allocator read on sampled and first steps only (ALLOCATOR_READ_SECONDS out of reach: no timing in it)."""
+    the allocator read on sampled and first steps only (ALLOCATOR_READ_SECONDS and pace's out of reach: no timing)."""
     results = {}
     for mode in ("carried", "measured"):
         (tmp_path / mode).mkdir()  # the socket folder's parent (the agent creates the folder itself)
         env = dict(os.environ, BATCHMON_DIR=str(tmp_path / mode / "s"), PYTHONPATH=os.pathsep.join(
             [str(Path(__file__).parent), str(Path(batchmon.__file__).resolve().parents[1])]))
         script = SCRIPT.replace("steps, carried = train", "step_meter.ALLOCATOR_READ_SECONDS = 1e9\n"
-                                                           "steps, carried = train")
+                                "from batchmon.agent import pace\n"
+                                "pace.READ_SECONDS = pace.READ_STEADY_SECONDS = 1e9\n"  # (what the socket sets)
+                                "steps, carried = train")
         out = subprocess.run([sys.executable, "-c", script, str(Path(__file__).parent), mode], env=env,
                              capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stderr[-2000:]

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from batchmon import protocol
 from batchmon.agent.coalesce import STEADY_WINDOW_SECONDS, WINDOW_SECONDS, StepCoalescer
-from batchmon.agent.pace import STEADY_MIN_INTERVAL, MonitorLines, steady_window
+from batchmon.agent.pace import (READ_SECONDS, READ_STEADY_SECONDS, STEADY_MIN_INTERVAL, MonitorLines,
+                                 steady_window)
 from batchmon.agent.transport import Transport
 from batchmon.monitor.hub import Hub
 from batchmon.protocol import Bye, Hello, Step
@@ -190,3 +191,51 @@ def test_telling_an_agent_that_closed_its_end_neither_raises_nor_kills_the_monit
                          text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("alive") and "False" in out.stdout
+
+
+def test_the_allocator_reads_follow_the_monitors_refresh(tmp_path):
+    """How often the training thread reads the allocator's figures: what the socket thread tells it (on_pace) from
+    its monitors' refresh lines - often while one refreshes faster than once a second or has not said, else half a
+    steady window; with no monitor connected, the latter."""
+    assert READ_SECONDS < READ_STEADY_SECONDS <= STEADY_WINDOW_SECONDS
+    told: list[float] = []
+    path = Path(f"/tmp/bmt-pace3-{os.getpid()}.sock")
+    transport = Transport(path, window_seconds=WINDOW_SECONDS, on_pace=told.append)
+    transport.start()
+    try:
+        transport.set_hello(_hello())
+        wait_for(lambda: told == [READ_STEADY_SECONDS], what="no monitor: the steady reads")
+        mon = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        mon.connect(str(path))
+        wait_for(lambda: told[-1] == READ_SECONDS, what="a monitor that has not said")
+        mon.sendall(protocol.refresh_line(STEADY_MIN_INTERVAL))
+        wait_for(lambda: told[-1] == READ_STEADY_SECONDS, what="a monitor at once a second")
+        mon.sendall(protocol.refresh_line(0.25))
+        wait_for(lambda: told[-1] == READ_SECONDS, what="a monitor at 0.25 s")
+        mon.close()
+        wait_for(lambda: transport.monitors == 0 and told[-1] == READ_STEADY_SECONDS, what="none left")
+    finally:
+        transport.close(Bye())
+
+
+def test_an_attached_agent_reads_the_allocator_as_its_socket_says(agent_dir):
+    """The agent's meter takes the socket thread's figure (the handle wires the publisher's pace to it)."""
+    import torch
+
+    import batchmon
+
+    model = torch.nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    handle = batchmon.attach(model, opt, socket_dir=agent_dir)
+    try:
+        for _ in range(2):
+            model(torch.randn(3, 4)).sum().backward()
+            opt.step()
+            opt.zero_grad()
+        wait_for(lambda: handle._meter.read_seconds == READ_STEADY_SECONDS, what="no monitor: the steady reads")
+        mon = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        mon.connect(str(handle.socket_path))
+        wait_for(lambda: handle._meter.read_seconds == READ_SECONDS, what="a monitor that has not said")
+        mon.close()
+    finally:
+        handle.detach()

@@ -161,6 +161,7 @@ class AgentHandle(HandleViews):
         dim, origin = batch_dim if batch_dim is not None else (None, None)
         self._sizer = BatchSizer(batch_size_fn, dim, origin, self._out.warn_once)
         self._meter = StepMeter(activation_every, self._sizer, cuda_figures, explicit_every=activation_explicit)
+        self._out.pace = self._meter.set_read_seconds  # (the monitors' refresh sets how often it reads the allocator)
         self._watch = ModuleWatch(self, lambda: self._meter.model_ref is not None)
         # the criterion's hooks go straight to the watch (no call in between: they run on every step)
         self._crit_pre = self._watch.crit_pre  # type: ignore[method-assign]

@@ -46,6 +46,8 @@ class Publisher:
         self._hello = hello
         self._on_error = on_error
         self._tick = tick
+        # told how often the allocator's figures are worth reading (Transport's on_pace; the agent sets it)
+        self.pace: Callable[[float], None] | None = None
         self.transport: Transport | None = None
         self.socket_error: str | None = None  # why there is no socket (training continues unmonitored)
         self.steps = StepHistory(HISTORY_STEPS)  # Steps and quiet runs (batchmon.agent.step_runs)
@@ -61,7 +63,8 @@ class Publisher:
         try:
             directory = protocol.ensure_socket_dir(self.socket_dir)
             transport = Transport(protocol.socket_path(self.pid, directory), on_error=self._on_error,
-                                  tick=self._tick, tick_seconds=NVML_SECONDS, window_seconds=WINDOW_SECONDS)
+                                  tick=self._tick, tick_seconds=NVML_SECONDS, window_seconds=WINDOW_SECONDS,
+                                  on_pace=self.pace)
             transport.start()
         except (protocol.SocketDirError, OSError) as exc:
             self.socket_error = str(exc) or type(exc).__name__

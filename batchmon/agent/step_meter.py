@@ -66,13 +66,14 @@ from batchmon.protocol import Event, ModelInfo, Step, new_step, with_added
 _perf_counter, _time, _new_object, _grad_enabled = time.perf_counter, time.time, object.__new__, torch.is_grad_enabled
 
 FULL_STEPS = 3  # the first steps are always fully measured
-ALLOCATOR_READ_SECONDS = 0.25  # the allocator's figures are read at least this often (and on sampled steps): a
-# read ends a quiet step through the full finish (a nested stats dict, a new Step and run); every 50 ms that was ~1/6
-# of the agent's main-thread samples on the H200's 2.7 ms MLP step (py-spy, bench/results/spy_h200_s14/). The peak
-# accumulates between reads (reset only when read; a batch-size change reads first), so no peak is lost, it shows
-# up to this much later - about the monitor's fastest refresh (0.25 s) and the coalescer's window (0.2 s)
+ALLOCATOR_READ_SECONDS = 0.25  # the allocator's figures are read at least this often (and on sampled steps) until
+# the transport says how often its monitors want them (pace.allocator_read_seconds: 0.25 s while a monitor refreshes
+# faster than once a second, else 0.5 s): a read ends a quiet step through the full finish (a nested stats dict, a
+# new Step and run); every 50 ms that was ~1/6 of the agent's main-thread samples on the H200's 2.7 ms MLP step, every
+# 0.25 s still ~4.4 us a step (py-spy, bench/results/spy_h200_s14*/). The peak accumulates between reads (reset only
+# when read; a batch-size change reads first), so no peak is lost, it shows up to this much later
 SAMPLE_SECONDS = 0.25  # with the default activation_every: the every-N-th-step samples at most this often
-SAMPLE_SHARE = 0.002  # ... and further apart where a sample costs more: the samples' extra time <= this share
+SAMPLE_SHARE = 0.001  # ... and further apart where a sample costs more: the samples' extra time <= this share
 SAMPLE_MAX_SECONDS = 2.0  # ... but never further apart than this
 RECOUNT_SECONDS = 2.0  # parameter/gradient/optimizer storages walked again at least this often on sampled steps
 GRAD_MARKS = 4  # parameters whose .grad is watched to tell accumulation from a new step
@@ -130,6 +131,7 @@ class StepMeter:
         self._recount_t = float("-inf")  # perf_counter of the last walk
         self._figures: CudaFigures | None = None  # the allocator's figures as last read
         self._figures_t = 0.0  # perf_counter of that read
+        self.read_seconds = ALLOCATOR_READ_SECONDS  # ... read again this long after (set_read_seconds)
         self._last_batch_size: int | None = None  # of the last step (a change resets the allocator's peak)
         # (inputs' signature, the step's batch bytes, the one input's (shape, dtype, is_cuda) when there is one)
         self._carried_batch: tuple[tuple[Any, ...], int, tuple[Any, ...] | None] | None = None
@@ -434,7 +436,7 @@ class StepMeter:
         cuda = None
         if self._on_cuda:
             cuda = self._figures
-            if cuda is None or self.step < FULL_STEPS or now - self._figures_t >= ALLOCATOR_READ_SECONDS:
+            if cuda is None or self.step < FULL_STEPS or now - self._figures_t >= self.read_seconds:
                 return None
         else:
             device_used = None
@@ -473,7 +475,7 @@ class StepMeter:
         key = self._template_key
         now = _perf_counter()
         if key is None or key[6] != self.backwards or self.phases.active or (self._on_cuda and (
-                key[7] != device_used or now - self._figures_t >= ALLOCATOR_READ_SECONDS)):
+                key[7] != device_used or now - self._figures_t >= self.read_seconds)):
             return False
         ends = run.ends
         if len(ends) >= RUN_MAX:
@@ -498,6 +500,11 @@ class StepMeter:
         ``sample_gap`` after the last (open_quiet inlines it: it runs every step)."""
         return n % self.activation_every == 0 and now - self._sampled_t >= self.sample_gap
 
+    def set_read_seconds(self, seconds: float) -> None:
+        """How often the allocator's figures are read from now on (the socket thread: what its monitors' refresh
+        asks for, batchmon.agent.pace; a float written whole, read by the training thread at a step's end)."""
+        self.read_seconds = seconds
+
     def set_every(self, activation_every: int) -> None:
         """An explicit ``activation_every``: exactly every N-th step is sampled, whatever a sample costs."""
         self.activation_every, self.sample_seconds, self.sample_gap = activation_every, 0.0, 0.0
@@ -507,8 +514,8 @@ class StepMeter:
         extra time over the last carried step's (the template's ``step_seconds``, a steady step measured without
         a sample) allows at SAMPLE_SHARE of the training's time - SAMPLE_SECONDS apart at least, SAMPLE_MAX_SECONDS
         at most. A sample costs about a millisecond of host time (walking saved tensors, following the phases): on
-        a 2.8 ms CUDA step every 0.25 s that is ~10 us a step (bench/agent_cost_paired.py on the H200), at 0.2%
-        ~5 us; a slow step's samples stay 0.25 s apart."""
+        a 2.8 ms CUDA step every 0.25 s that was ~10 us a step (bench/agent_cost_paired.py on the H200), at 0.2%
+        still ~8 (py-spy, bench/results/spy_h200_s14_after/), hence 0.1%; a slow step's samples stay 0.25 s apart."""
         template = self._template
         steady = template.step_seconds if template is not None else None
         if seconds is None or steady is None:
@@ -551,7 +558,7 @@ class StepMeter:
         fresh = False
         device = self.device
         if device is not None and device.type == "cuda":
-            if sampled or self.step <= FULL_STEPS or now - self._figures_t >= ALLOCATOR_READ_SECONDS \
+            if sampled or self.step <= FULL_STEPS or now - self._figures_t >= self.read_seconds \
                     or self._figures is None:
                 cuda = self._cuda(device, True)
                 fresh = cuda is not None

@@ -32,7 +32,7 @@ from typing import Callable, Sequence
 
 from batchmon import protocol
 from batchmon.agent.coalesce import HISTORY_EVENTS, HISTORY_STEPS, StepCoalescer
-from batchmon.agent.pace import MonitorLines, steady_window
+from batchmon.agent.pace import MonitorLines, allocator_read_seconds, steady_window
 from batchmon.agent.step_runs import QuietRun
 from batchmon.protocol import Bye, Event, Hello, Step
 
@@ -129,11 +129,14 @@ class Transport:
 
     def __init__(self, path: Path, *, on_error: Callable[[BaseException], None] | None = None,
                  tick: Callable[[], None] | None = None, tick_seconds: float = 1.0,
-                 window_seconds: float = 0.0) -> None:
+                 window_seconds: float = 0.0, on_pace: Callable[[float], None] | None = None) -> None:
         """``window_seconds``: coalesce steps into windows of at least this long (batchmon.agent.coalesce;
-        the agent uses coalesce.WINDOW_SECONDS); 0 sends every step as it comes."""
+        the agent uses coalesce.WINDOW_SECONDS); 0 sends every step as it comes. ``on_pace``: called (on this
+        thread) with how often the allocator's figures are worth reading for the connected monitors
+        (pace.allocator_read_seconds), at the start and whenever a monitor comes, goes or changes its refresh."""
         self.path = path
         self._on_error = on_error
+        self._on_pace = on_pace
         self._tick = tick
         self._tick_seconds = tick_seconds
         self._queue: deque[Step | Event | QuietRun] = deque(maxlen=QUEUE_MAX)
@@ -251,6 +254,7 @@ class Transport:
         sel = selectors.DefaultSelector()
         try:
             sel.register(self._listener, selectors.EVENT_READ, None)  # type: ignore[arg-type]
+            self._pace()  # no monitor yet
             next_tick = 0.0
             while not self._stop.is_set() or (self.connections == 0 and time.monotonic() < self._linger_until):
                 try:
@@ -341,8 +345,11 @@ class Transport:
         self._pace()
 
     def _pace(self) -> None:
-        """The step window the connected monitors' refresh intervals allow (batchmon.agent.pace)."""
+        """The step window and the allocator reads the connected monitors' refresh intervals allow
+        (batchmon.agent.pace)."""
         self.coalescer.set_steady(steady_window(c.said.interval for c in self._clients.values()))
+        if self._on_pace is not None:
+            self._on_pace(allocator_read_seconds(c.said.interval for c in self._clients.values()))
 
     def _encode(self, message: Hello | Step | Event | Bye) -> bytes | None:
         try:
