@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 import batchmon
-from batchmon.agent import step_meter
+from batchmon.agent import step_meter, torch_patches
 from agent_helpers import agent_dir  # noqa: F401 - fixture
 from torch_models import CastingMLP
 
@@ -50,8 +50,9 @@ class OOMOnce(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-        if OOMOnce.armed:
-            OOMOnce.armed = False
+        if OOMOnce.armed:  # as CUDA's allocator fails: its OOM observer first (what sees it on a quiet step, whose
+            OOMOnce.armed = False  # backward runs unwrapped), then the error
+            torch_patches._oom_observer(0, 8 << 20, 0, 0)
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 MiB.")
         return grad
 

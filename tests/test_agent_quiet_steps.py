@@ -130,8 +130,9 @@ class OOMInBackward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):  # noqa: ANN001, ANN205
-        if OOMInBackward.armed:
-            OOMInBackward.armed = False
+        if OOMInBackward.armed:  # as CUDA's allocator fails: its OOM observer first (a quiet step's backward
+            OOMInBackward.armed = False  # runs unwrapped: the observer is what sees it), then the error
+            torch_patches._oom_observer(0, 64 << 20, 0, 0)
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 MiB.")
         return grad
 
@@ -373,3 +374,53 @@ def test_a_model_moved_alone_is_measured_again_within_place_steps(agent_dir):
     loud = [i for i, q in enumerate(after) if not q]
     assert loud and loud[0] < PLACE_STEPS, after
     assert any(after[loud[0] + 1:]), after  # quiet again after it
+
+
+class HugeInBackward(torch.autograd.Function):
+    """Identity; its backward, when armed, asks CUDA's allocator for far more than the device has (a real OOM,
+    raised on the autograd engine's CUDA thread, its OOM observer called first)."""
+
+    armed = False
+
+    @staticmethod
+    def forward(ctx, x):  # noqa: ANN001, ANN205
+        return x * 1
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        if HugeInBackward.armed:
+            HugeInBackward.armed = False
+            torch.empty(1 << 50, dtype=torch.uint8, device=grad.device)
+        return grad
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_real_cuda_oom_in_a_quiet_steps_unwrapped_backward_is_reported_as_backward(agent_dir):
+    """A quiet step's backward runs without the agent's wrapper: the allocator's OOM observer, called on the
+    engine's own thread, says where; the script catches the error and goes on, and steps go quiet again."""
+    torch.manual_seed(0)
+    dev = torch.device("cuda")
+    model = nn.Sequential(nn.Linear(D, 32), nn.ReLU(), nn.Linear(32, 4)).to(dev)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    crit = nn.CrossEntropyLoss()
+    handle = batchmon.attach(model, opt, activation_every=1000)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        out = HugeInBackward.apply(model(torch.randn(8, D, device=dev)))
+        crit(out, torch.randint(0, 4, (8,), device=dev)).backward()
+        opt.step()
+
+    for _ in range(6):
+        step()
+    assert handle.quiet and torch.autograd.backward is not torch_patches._backward  # unwrapped while quiet
+    HugeInBackward.armed = True
+    with pytest.raises(torch.OutOfMemoryError):
+        step()
+    for _ in range(6):
+        step()
+    ooms = [e for e in handle.events if e.kind == "oom"]
+    assert len(ooms) == 1 and "in backward at step 7" in ooms[0].message, [e.message for e in ooms]
+    assert ooms[0].requested_bytes is not None and ooms[0].requested_bytes >= 1 << 50
+    assert handle.quiet and handle.last_step.step == 12
+    handle.detach()

@@ -435,6 +435,8 @@ class AgentHandle(HandleViews):
             return
         try:
             meter = self._meter
+            if self.quiet and meter.step_open:  # the optimizer's step was skipped (it ends quiet steps): the
+                meter.quiet_backwards()  # step's backward ran unseen (quiet_steps)
             if meter.step_open and meter.backwards and self.pid == os.getpid():
                 self._finish_step()
         except Exception as exc:  # noqa: BLE001

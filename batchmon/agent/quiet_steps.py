@@ -7,13 +7,16 @@ A hooked module costs torch its ``Module._call_impl`` slow path (on the dev box 
 optimizer ending steps, no loss search, no batch-layout probe - the next steps run *quiet*: the root's forward
 pre hook (which opens the step, ``StepMeter.open_quiet``, and still sees every change of the inputs), a post hook
 on the root that returns at once unless the forward raised (then it reports an out-of-memory error as on any step),
-the patched ``torch.autograd.backward`` (counts the backward, reports an OOM leaving it), the optimizer's step
-post hook (the step's end). The loss module's hooks are off, and so are the global optimizer step pre hook (the
-step depth, which only matters while no optimizer ends steps) and the optimizers' ``step`` wrappers (torch_patches'
-``_StepWrapper``, an OOM leaving the step: ~1.5 us of a quiet step inside a real step on the dev box's CPU,
-bench/agent_step_parts.py): on a quiet step an allocator OOM inside the optimizer's step is reported by the OOM
-observer (``arm_on_error``: an optimizer's ``step`` on the stack says where); on the CPU torch's allocator raises
-RuntimeError, which the wrapper never reported.
+the optimizer's step post hook (the step's end). The loss module's hooks are off, and so are the global optimizer
+step pre hook (the step depth, which only matters while no optimizer ends steps), the optimizers' ``step`` wrappers
+(torch_patches' ``_StepWrapper``, an OOM leaving the step: ~1.5 us of a quiet step inside a real step on the dev
+box's CPU, bench/agent_step_parts.py) and the agent's ``torch.autograd.backward`` (it counts the backward and sees
+an OOM leave it: ~3 us of the H200's 2.7 ms MLP step, py-spy; a quiet step's backward count is the last measured
+step's, ``StepMeter.quiet_backwards``, taken as such when a second forward or a skipped optimizer step makes the
+step go on measured). On a quiet step an allocator OOM inside the optimizer's step or backward is reported by the
+OOM observer (``arm_on_error``: an optimizer's ``step`` on the stack, or torch's backward - on CUDA the engine's
+own thread, no module's forward on it - says where); on the CPU torch's allocator raises RuntimeError, which the
+wrappers never reported.
 
 Everything comes back (``arm``) from the root's pre hook before the forward that needs it runs - a sampled step,
 new input shapes, dtypes or places, keyword inputs, a ``batch_size_fn``, a second training forward in the step
@@ -21,9 +24,9 @@ new input shapes, dtypes or places, keyword inputs, a ``batch_size_fn``, a secon
 the forward, so a post hook registered in the pre hook is called for that very forward (torch 2.13:
 tests/test_agent_quiet_steps.py). An out-of-memory error in the loss module of a quiet step is seen through CUDA's
 OOM observer, which the allocator calls before raising (``arm_on_error``: the loss's call on the stack's frames
-says where), and so is one inside the optimizer's step. (An OutOfMemoryError raised by hand inside a loss module or
-an optimizer's step, with no allocator involved, is not reported on a quiet step; on the CPU torch's allocator raises
-RuntimeError, not OutOfMemoryError.)
+says where), and so is one inside the optimizer's step or backward. (An OutOfMemoryError raised by hand inside a
+loss module, an optimizer's step or a backward, with no allocator involved, is not reported on a quiet step; on the
+CPU torch's allocator raises RuntimeError, not OutOfMemoryError.)
 Evaluation forwards (no grad) pass through the pre hook untouched.
 
 **The root off torch's hooked path** (``quiet_call``). Any forward hook puts the root on ``Module._call_impl``'s
@@ -97,6 +100,7 @@ class QuietSteps:
         self._model: weakref.ReferenceType[torch.nn.Module] | None = None  # the hooked root
         self._call: Callable[..., Any] | None = None  # the root's instance _call_impl while quiet (quiet_call)
         self.compiled = False  # the root was called under torch.compile, or a quiet step missed its forward
+        self._thread = 0  # the training thread's ident, as the last quiet steps began (arm_on_error: backward?)
 
     def hook_model(self, model: torch.nn.Module) -> None:
         self.remove()
@@ -154,6 +158,8 @@ class QuietSteps:
                 self._set_post(model, patches.quiet_post_hook)
             watch.unhook_criterion()
             patches.step_depth_hook(False)
+            patches.backward_patch(False)  # (its backwards: the template's; an OOM in it: arm_on_error)
+            self._thread = _get_ident()
             for opt in meter.optimizers:  # (an OOM leaving a quiet step's optimizer step: arm_on_error reports it)
                 patches.unwrap_step(opt)
             owner.quiet = True
@@ -171,6 +177,7 @@ class QuietSteps:
         self._set_post(owner._meter.model, patches.root_post_hook)
         owner._watch.hook_criterion()
         patches.step_depth_hook(True)
+        patches.backward_patch(True)
         for opt in owner._meter.optimizers:
             patches.wrap_step(opt)
 
@@ -193,6 +200,7 @@ class QuietSteps:
             return True  # an evaluation forward: no post hook to pair with, so no depth either
         meter = owner._meter
         if meter.step_open:
+            meter.quiet_backwards()  # (the step's first forward's backward ran unseen)
             self.arm()
             return False
         moved = meter.begin_forward(args, kwargs)
@@ -264,6 +272,9 @@ class QuietSteps:
                 where = "loss"
             elif meter.root_depth == 0 and in_optimizer_step():
                 where = "optimizer step"  # (a quiet step's optimizer runs without the agent's step wrapper)
+            elif meter.root_depth == 0 and (patches.on_backward_stack() or (
+                    _get_ident() != self._thread and not any_module_on_stack())):
+                where = "backward"  # (a quiet step's backward runs unwrapped: CUDA's on the engine's own threads)
             if where is not None:
                 owner._on_oom(torch.OutOfMemoryError(
                     f"CUDA out of memory. Tried to allocate {requested} bytes (seen by the allocator's OOM observer)."),
@@ -322,6 +333,17 @@ def in_optimizer_step() -> bool:
             if isinstance(opt, _OPTIMIZER) and (
                     code.co_name == "step" or code is getattr(type(opt).step, "__code__", None)):
                 return True
+        frame = frame.f_back
+    return False
+
+
+def any_module_on_stack() -> bool:
+    """Whether some module's forward (nn.Module's ``_call_impl``) runs on this thread now: on another thread than
+    the training thread's, a DataParallel replica's forward rather than autograd's engine running a backward."""
+    frame: FrameType | None = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is _CALL_IMPL:
+            return True
         frame = frame.f_back
     return False
 

@@ -196,7 +196,11 @@ class StepMeter:
         shows in their signature at once, one moved alone within PLACE_STEPS steps); False, having changed nothing,
         when the usual path must decide. ``module``: the root (every caller checked it: not looked at again)."""
         carried = self._carried_batch
-        if carried is None or self.step_open or self.sizer.fn is not None or not _grad_enabled():
+        if self.step_open:  # a second forward in a quiet step (accumulation): its first one's backward ran unseen
+            if _grad_enabled():
+                self.quiet_backwards()
+            return False
+        if carried is None or self.sizer.fn is not None or not _grad_enabled():
             return False
         if len(args) == 1:
             a, one = args[0], carried[2]  # (compared field by field: no signature tuples made per step)
@@ -220,6 +224,14 @@ class StepMeter:
         self._batch_max = carried[1]
         self._step_sig = carried[0]
         return True
+
+    def quiet_backwards(self) -> None:
+        """The open quiet step's backwards ran unseen (a quiet step has no backward wrapper, quiet_steps): take as
+        many as the last measured step's, before the step goes on measured (a second forward, a skipped optimizer
+        step's ``GradScaler.update``)."""
+        key = self._template_key
+        if self.backwards == 0 and key is not None:
+            self.backwards = key[6]
 
     def open_step(self) -> bool:
         """A training forward of the root begins a step; returns whether the model moved (device changed)."""
@@ -474,7 +486,7 @@ class StepMeter:
             return False
         key = self._template_key
         now = _perf_counter()
-        if key is None or key[6] != self.backwards or self.phases.active or (self._on_cuda and (
+        if key is None or self.phases.active or (self._on_cuda and (  # (its backwards unseen: the template's)
                 key[7] != device_used or now - self._figures_t >= self.read_seconds)):
             return False
         ends = run.ends

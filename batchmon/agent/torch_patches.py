@@ -394,6 +394,31 @@ def _step_post(optimizer: Any, args: Any, kwargs: Any) -> None:
     a._on_step(optimizer, args, kwargs)
 
 
+def backward_patch(on: bool) -> None:
+    """``torch.autograd.backward`` the agent's wrapper or torch's own: a quiet step runs without the wrapper (its
+    backward count is the last measured step's; an allocator OOM inside backward is seen by the OOM observer,
+    quiet_steps). Left alone where something else replaced it since (it may call ours: unwrapping would drop it)."""
+    original = _originals.get("backward")
+    if original is None:
+        return
+    current = torch.autograd.backward
+    if on and current is original:
+        torch.autograd.backward = _backward  # type: ignore[assignment]
+    elif not on and current is _backward:
+        torch.autograd.backward = original  # type: ignore[assignment]
+
+
+def on_backward_stack() -> bool:
+    """Whether a backward pass runs on this thread now (torch's engine entry on the stack): where a quiet step's
+    OOM observer call came from when the training thread itself runs it (the CPU's ready queue, a test)."""
+    frame: Any = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code in _BACKWARD_CODES:
+            return True
+        frame = frame.f_back
+    return False
+
+
 def step_depth_hook(on: bool) -> None:
     """The global optimizer step pre hook (the step depth) registered or not: a quiet step, ended by the optimizer
     it knows, has no use for the depth (StepMeter.loop_boundary reads it only while no optimizer ended a step)."""
@@ -409,6 +434,15 @@ def step_depth_hook(on: bool) -> None:
         pre.remove()
         pre = None
     _originals["step_hooks"] = (pre, post)
+
+
+def _codes(*fns: Any) -> frozenset[Any]:
+    return frozenset(fn.__code__ for fn in fns if getattr(fn, "__code__", None) is not None)
+
+
+# torch's backward entries (on_backward_stack): read at import, before install() wraps torch.autograd.backward
+_BACKWARD_CODES = _codes(getattr(getattr(torch.autograd, "graph", None), "_engine_run_backward", None),
+                         torch.autograd.backward, torch.autograd.grad)
 
 
 def install() -> None:
@@ -441,7 +475,7 @@ def uninstall() -> None:
     """Undo install()."""
     global step_depth
     original = _originals.pop("backward", None)
-    if original is not None and torch.autograd.backward is _backward:
+    if original is not None and torch.autograd.backward is _backward:  # (or a quiet step's: torch's already)
         torch.autograd.backward = original  # type: ignore[assignment]
     original = _originals.pop("compile", None)
     if original is not None and torch.compile is _compile:
