@@ -426,3 +426,49 @@ def test_checkpointing_segments_on_run_10_are_at_or_above_what_ran():
     assert len(rows) == 8
     for row in rows:
         assert 1.0 <= row["ratio"] <= 1.035, row
+
+
+def test_checkpointing_with_a_recorded_step_simulates_the_pool_instead_of_a_ratio():
+    """With the checkpointed step's allocations recorded (bench/ckpt_fragmentation.py: T5-small and GPT-2 traced
+    on the CPU), the what-if's pool is the allocator simulated on them, not RECOMPUTE_FRAG: refitted on the H200
+    zoo run 12's observations, T5-small's largest batch reaches >= 0.95 of the real 321 and neither passes its
+    real boundary (GPT-2 70)."""
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parent.parent / "bench"
+    sys.path.insert(0, str(bench))
+    from ckpt_fragmentation import TRACES, load_traces, model_answer
+
+    traces = load_traces(TRACES)
+    t5 = model_answer("t5-small", traces["t5-small"])
+    assert 0.95 * 321 <= t5["predicted_max_batch"] <= 321
+    assert any("pool simulated" in n for n in t5["notes"])
+    assert not any("unequal size" in n for n in t5["notes"])
+    assert 0.15 < t5["pool_share_at_it"] < 0.4  # what the recomputation of unequal blocks leaves unusable
+    gpt2 = model_answer("gpt2-fp32", traces["gpt2-fp32"])
+    assert 0.95 * 70 <= gpt2["predicted_max_batch"] <= 70
+    # without the recorded step, the fallback rule holds T5 lower
+    assert model_answer("t5-small", None)["predicted_max_batch"] < t5["predicted_max_batch"]
+
+
+def test_a_recorded_step_that_needs_a_larger_pool_lowers_the_largest_batch():
+    """The simulated pool decides where the recorded step cannot run although the predicted peak fits: a step
+    whose transients pin segments the loss's large gradient cannot use."""
+    from batchmon.memory_model.step_trace import FREE, StepTrace
+
+    segments = {"forward": (500, 90), "loss_backward": (500, 60), "backward": (600, 80), "optimizer": (800, 0)}
+    split = {"batch": 8, "saved": 8 * 60 * MIB, "in_blocks": 8 * 54 * MIB, "block_inputs": 8 * 6 * MIB,
+             "blocks": 6, "block_max": 8 * 9 * MIB}
+    device = 40 * 1024 * MIB
+    plain = fit(_steps(segments, 60, split), optimizer="AdamW")
+    # per sample: a 30 MiB transient, freed; a 0.5 MiB kept tensor carved from its segment; then 60 MiB at once
+    events = ((0, 0.0, 30 * MIB), (0, FREE, 0.0), (1, 0.0, MIB / 2), (2, 0.0, 60 * MIB), (2, FREE, 0.0))
+    traced = fit(_steps(segments, 60, split), optimizer="AdamW", recompute_trace=StepTrace((1300 * MIB,), events))
+    wi = WhatIf(checkpointing=True)
+    assert traced.max_batch(device, wi) < plain.max_batch(device, wi)
+    assert traced.pool_share(wi, 100) > 0.3  # the pinned transient's segment is of no use to the gradient
+    assert plain.pool_share(wi, 100) is None
+    # AMP with checkpointing is another step than the one recorded: no simulation there
+    assert traced.max_batch(device, WhatIf(checkpointing=True, amp=True)) == \
+        plain.max_batch(device, WhatIf(checkpointing=True, amp=True))

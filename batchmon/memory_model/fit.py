@@ -10,6 +10,7 @@ from batchmon.formulas import OPTIMIZER_STATES, optimizer_kind
 from batchmon.memory_model.model import FRAG_SURVIVAL, MemoryModel
 from batchmon.memory_model.observations import FIXED, PER_SAMPLE, Line, Observation, ParamLayout, SavedSplit, fit_line
 from batchmon.memory_model.prediction import Prediction, WhatIf
+from batchmon.memory_model.step_trace import StepTrace
 from batchmon.protocol import COMPONENTS, PHASES, SEGMENTS, Step
 
 #: the fitted peak's batch-independent part above parameters + optimizer state, as a share of the batch-dependent
@@ -37,7 +38,8 @@ def _median_int(values: Iterable[int | None]) -> int | None:
 
 
 def fit(steps: Iterable[Step | Observation], *, optimizer: str | None = None, amp: bool = False,
-        saved_split: SavedSplit | None = None, param_layout: ParamLayout | None = None) -> MemoryModel | None:
+        saved_split: SavedSplit | None = None, param_layout: ParamLayout | None = None,
+        recompute_trace: StepTrace | None = None) -> MemoryModel | None:
     """Fit the memory equation to measured steps (protocol.Step or Observation). None when no step is usable.
 
     optimizer: the observed optimizer's class or kind name (hello's ``optimizer``), used for the lazy-state rule
@@ -45,7 +47,9 @@ def fit(steps: Iterable[Step | Observation], *, optimizer: str | None = None, am
     saved_split: the measured make-up of the saved activations, from which the checkpointing and AMP what-ifs
     are derived (without it they rest on documented conservative rules); param_layout: how the parameters split
     into FSDP units, from which the sharding what-if counts what FSDP holds unsharded (without it, an upper
-    bound: the whole model)."""
+    bound: the whole model); recompute_trace: the allocations of one step under activation checkpointing, as lines
+    in the batch (``step_trace.StepTrace``, recorded from the user's model), through which the checkpointing
+    what-if's pool is simulated instead of assumed."""
     obs = _as_observations(steps)
     if not obs:
         return None
@@ -144,7 +148,7 @@ def fit(steps: Iterable[Step | Observation], *, optimizer: str | None = None, am
         batch_sizes=tuple(sorted({o.batch_size for o in obs})), step_range=(obs[0].step, obs[-1].step),
         count=len(obs), optimizer=kind, observed_amp=amp, notes=tuple(notes), measured_peak=measured_peak,
         time_line=_time_line(obs), saved_split=saved_split, param_layout=param_layout, phase_lines=phase_lines,
-        segment_lines=segment_lines,
+        segment_lines=segment_lines, recompute_trace=recompute_trace,
         per_segment=bool(phase_lines) and per_segment,
         **band,
     )

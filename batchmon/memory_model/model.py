@@ -10,6 +10,7 @@ from typing import Sequence
 from batchmon.formulas import OPTIMIZER_STATES
 from batchmon.memory_model.observations import Line, ParamLayout, SavedSplit
 from batchmon.memory_model.prediction import Band, Basis, Prediction, WhatIf
+from batchmon.memory_model.step_trace import StepTrace, required_limit, simulate
 from batchmon.memory_model.what_ifs import apply_what_if, recompute_fragmentation
 from batchmon.protocol import ALL_COMPONENTS, COMPONENTS
 
@@ -74,6 +75,9 @@ class MemoryModel:
     # the allocator's peak free bytes inside segments holding live blocks / peak allocated at the reference batch
     # (Observation.inactive_split; None: not reported): a second bound of what survives a flush at the limit
     split_ratio: float | None = None
+    # the allocations of one step under activation checkpointing, recorded from the model (None: not recorded):
+    # the checkpointing what-if's pool is then simulated (allocator_sim) instead of assumed
+    recompute_trace: StepTrace | None = None
     _max_batch_cache: dict = field(default_factory=dict, compare=False, repr=False)
 
     # -- description
@@ -152,7 +156,36 @@ class MemoryModel:
         return apply_what_if(self.lines, what_if, trainable_bytes=self.trainable_bytes,
                              state_bytes=self._state_bytes(), observed_amp=self.observed_amp,
                              split=self.saved_split, layout=self.param_layout,
-                             segments=self.segment_lines or self.phase_lines)
+                             segments=self.segment_lines or self.phase_lines,
+                             pool_simulated=self._pool_trace(what_if) is not None)
+
+    def _pool_trace(self, what_if: WhatIf) -> StepTrace | None:
+        """The recorded checkpointed step, where it is the step the what-if asks about: checkpointing alone (AMP,
+        another optimizer, sharding or accumulation make another step than the one recorded)."""
+        if self.recompute_trace is None or not what_if.checkpointing or what_if.amp or what_if.optimizer \
+                or what_if.shards > 1 or what_if.accumulation_steps > 1:
+            return None
+        return self.recompute_trace
+
+    def _frag_floor(self, what_if: WhatIf) -> float:
+        """The share of the peak a what-if keeps free on its own (none where its pool is simulated)."""
+        return 0.0 if self._pool_trace(what_if) is not None else recompute_fragmentation(what_if, self.saved_split)
+
+    def _pool_fits(self, trace: StepTrace, micro: int, limit: int) -> bool:
+        """Does the recorded step at ``micro`` run in a pool of ``limit`` bytes (the allocator simulated)?"""
+        key = ("pool", micro, limit)
+        if key not in self._max_batch_cache:
+            self._max_batch_cache[key] = simulate(trace, micro, limit).ok
+        return bool(self._max_batch_cache[key])
+
+    def pool_share(self, what_if: WhatIf, batch: int) -> float | None:
+        """Under a what-if whose pool is simulated: the smallest pool the recorded step at ``batch`` runs in,
+        beyond its peak, as a share of that peak (None: not simulated)."""
+        trace = self._pool_trace(what_if)
+        if trace is None:
+            return None
+        limit, run = required_limit(trace, batch)
+        return limit / run.peak_allocated - 1 if run.peak_allocated > 0 else 0.0
 
     def _check(self, what_if: WhatIf) -> None:
         if what_if.batch_size is not None and (isinstance(what_if.batch_size, bool) or what_if.batch_size < 1):
@@ -328,7 +361,11 @@ class MemoryModel:
         comps, micro = self._evaluate(lines, batch, what_if.accumulation_steps, delta)
         peak = sum(comps.values())
         kept = self._margin(margin, device_total)
-        frag_floor = recompute_fragmentation(what_if, self.saved_split)
+        share = self.pool_share(what_if, micro)
+        if share is not None:
+            notes.append(f"checkpointing: at batch {micro} the recorded step runs in a pool {share:.1%} beyond its "
+                         f"simulated peak, at the least")
+        frag_floor = self._frag_floor(what_if)
         comps["cache"] = self._cache(peak, kept, margin, device_total, frag_floor)
         comps["context"] = self.context
         total = peak + comps["cache"] + self.context
@@ -374,14 +411,18 @@ class MemoryModel:
         if key in self._max_batch_cache:
             return self._max_batch_cache[key]
         lines, _, delta = self._lines_for(what_if)
-        frag_floor = recompute_fragmentation(what_if, self.saved_split)
+        frag_floor = self._frag_floor(what_if)
+        trace = self._pool_trace(what_if)
         steps = what_if.accumulation_steps
         if sum(lines[n].per_sample for n in COMPONENTS) <= 0:
             result = None
         else:
             def fits(micro: int) -> bool:
                 total, kept = self._total(lines, micro, 1, margin, device_total, high, delta, frag_floor)
-                return total + kept <= device_total
+                if total + kept > device_total:
+                    return False
+                # the recorded step must also run in the pool the device leaves (the allocator simulated)
+                return trace is None or self._pool_fits(trace, micro, device_total - self.context - kept)
 
             if not fits(1):
                 result = 0

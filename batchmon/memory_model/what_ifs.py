@@ -25,8 +25,9 @@ SegmentDelta = dict[str, Line]
 #: 7): T5-small 24.7% of its real peak (reserved 25.76 GB for a 20.66 GB peak at 321, 31% at every smaller batch:
 #: blocks of unequal size - the encoder's over 512 tokens, the decoder's over 128 - recomputed in turn, so the
 #: cache holds the freed internals of one size in segments the other cannot reuse), GPT-2 3.8% (12 equal blocks).
-#: Where the measured blocks are unequal, the checkpointing what-if keeps 1.2 x that share of its peak free: the
-#: plain run's fragmentation (phi) says nothing about a recomputation it never did.
+#: Where the measured blocks are unequal and no checkpointed step was recorded to simulate the allocator on
+#: (MemoryModel.recompute_trace: the derived answer), the checkpointing what-if falls back to keeping 1.2 x that
+#: share of its peak free: the plain run's fragmentation (phi) says nothing about a recomputation it never did.
 RECOMPUTE_FRAG = 0.30
 #: blocks count as unequal when the largest one's saved bytes x the block count exceed the blocks' total by this
 UNEQUAL_BLOCKS = 1.2
@@ -34,12 +35,15 @@ UNEQUAL_BLOCKS = 1.2
 
 def apply_what_if(observed: dict[str, Line], what_if: WhatIf, *, trainable_bytes: float, state_bytes: float,
                   observed_amp: bool, split: SavedSplit | None = None, layout: ParamLayout | None = None,
-                  segments: dict[str, Line] | None = None) -> tuple[dict[str, Line], list[str], SegmentDelta | None]:
+                  segments: dict[str, Line] | None = None,
+                  pool_simulated: bool = False) -> tuple[dict[str, Line], list[str], SegmentDelta | None]:
     """The component lines under ``what_if``, the assumptions each change rests on, and - for what-ifs derived
     from the measured split - the change of each segment's peak line caused by the activations and 'other'
     (None: the what-if changes every segment alike, by the components' change). ``split``: the measured make-up
     of the saved activations; ``layout``: how the parameters split into FSDP units (the sharding what-if);
-    ``segments``: each segment's (or phase's) own measured peak line, where the steps carried them."""
+    ``segments``: each segment's (or phase's) own measured peak line, where the steps carried them;
+    ``pool_simulated``: the checkpointing what-if's allocator pool is simulated on a recorded step (the model's
+    ``recompute_trace``), so no share of the peak is assumed for it."""
     lines = dict(observed)
     notes: list[str] = []
     delta: SegmentDelta | None = None
@@ -143,11 +147,18 @@ def apply_what_if(observed: dict[str, Line], what_if: WhatIf, *, trainable_bytes
                          + f"; the model's backward also drops them and {how}, assuming its "
                          f"peak comes while the kept tensors are alive, as in a stack of blocks; the "
                          f"optimizer's step and activation gradients unchanged")
-            if recompute_fragmentation(what_if, split) > 0 and split.block_max is not None:
+            if pool_simulated:
+                notes.append("checkpointing: the allocator's pool simulated on the recorded step's allocations "
+                             "(PyTorch's caching allocator with its default settings: 2 MiB and 20 MiB segments, "
+                             "best fit, splitting and merging, cached segments released and the allocation retried "
+                             "at the limit): a batch fits when its predicted peak fits beside the observed run's "
+                             "fragmentation and the step runs in the pool the device leaves")
+            elif recompute_fragmentation(what_if, split) > 0 and split.block_max is not None:
                 notes.append(f"checkpointing: blocks of unequal size (the largest {split.block_max / MIB:.0f} MiB "
                              f"at batch {split.batch}, the average {split.in_blocks / split.blocks / MIB:.0f}): "
                              f"the allocator assumed to hold {RECOMPUTE_FRAG:.0%} of the peak beyond it, as under "
-                             f"T5-small's recomputation on the H200 (24.7% x 1.2), not the observed run's share")
+                             f"T5-small's recomputation on the H200 (24.7% x 1.2), not the observed run's share: no "
+                             f"checkpointed step recorded to simulate the pool on (a fallback rule)")
         else:
             factor = min(1.0, 3.0 / n)
             lines["activations"] = lines["activations"].scaled(factor, factor)
@@ -203,8 +214,9 @@ def _output_gradient_freed(observed: dict[str, Line], segments: dict[str, Line],
 
 def recompute_fragmentation(what_if: WhatIf, split: SavedSplit | None) -> float:
     """The share of the predicted peak the allocator is assumed to hold beyond it under the checkpointing
-    what-if (RECOMPUTE_FRAG where the measured blocks are of unequal size, else 0: the plain run's fragmentation
-    applies). 0 without a measured largest block (an older agent's split)."""
+    what-if when its pool is not simulated (RECOMPUTE_FRAG, a fallback rule, where the measured blocks are of
+    unequal size, else 0: the plain run's fragmentation applies). 0 without a measured largest block (an older
+    agent's split)."""
     if not what_if.checkpointing or split is None or split.block_max is None or split.blocks < 2 \
             or split.in_blocks <= 0:
         return 0.0
