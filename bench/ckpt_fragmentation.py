@@ -10,7 +10,8 @@ largest batch that runs, and the pool's share beyond the peak there. Compared wi
 Also (``--synth``) the same from the step the memory model synthesises out of what the agent measured
 (``batchmon.memory_model.ckpt_trace``), the what-if's own derivation.
 
-Usage: python3 bench/ckpt_fragmentation.py [--arch t5-small,gpt2-fp32] [--out FILE]
+Usage: python3 bench/ckpt_fragmentation.py [--arch t5-small,gpt2-fp32] [--run ZOO.json] [--out FILE]
+(the traces are read from bench/results/ckpt_traces_cpu.json.gz; delete it to record them again, ~1 min)
 """
 
 from __future__ import annotations
@@ -194,15 +195,19 @@ def load_traces(path: Path) -> dict[str, StepTrace]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global H200_RUN
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--arch", default="t5-small,gpt2-fp32")
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--run", type=Path, default=H200_RUN,
+                    help="a predict_zoo results file with both architectures' checkpointing boundaries (default: run 12)")
     ap.add_argument("--traces", type=Path, default=TRACES,
                     help="recorded traces (json.gz): read when present, else recorded here and written")
     args = ap.parse_args(argv)
+    H200_RUN = args.run
     traces = load_traces(args.traces) if args.traces.exists() else {}
     recorded = False
-    out: dict[str, Any] = {"emulated_limit": EMULATED, "h200_run": H200_RUN.name, "results": []}
+    out: dict[str, Any] = {"emulated_limit": EMULATED, "h200_run": args.run.name, "results": []}
     for arch in args.arch.split(","):
         t0 = time.perf_counter()
         real = h200(arch)
