@@ -333,7 +333,7 @@ class JobPanel(LinesPanel):
         """LinesPanel's, with a short road for the common case beside many fast jobs: a compact panel whose new
         data changes its step text alone (the step counter, the step time) - its title line's end is replaced
         and those cells repainted; nothing else is built or compared (16 jobs: ~10 such panels a second)."""
-        key = self._step_only_key()
+        key = self._step_only_key(signature)
         kept, self._step_key = getattr(self, "_step_key", None), key
         if key is None or kept is None or kept[0] != key[0] or self._stale or not self.is_mounted:
             return super().update_if_changed(signature)
@@ -366,7 +366,7 @@ class JobPanel(LinesPanel):
         self.repaint_regions(*(Region(cut + x0, 0, x1 - x0, 1) for x0, x1 in runs))
         return True
 
-    def _step_only_key(self) -> tuple[tuple, str] | None:
+    def _step_only_key(self, signature: object = None) -> tuple[tuple, str] | None:
         """(what a running single-rank job's compact panel shows but its step text, the step text); None where
         the short road does not apply: views.job_signature's ranks without their last step, and the last step's
         figures the panel draws (its memory figures, batch size, the room its text takes)."""
@@ -374,7 +374,9 @@ class JobPanel(LinesPanel):
         s = v.lead.last_step
         if self.level != "compact" or v.lead.ended is not None or len(v.ranks) != 1 or s is None:
             return None
-        ranks, devices, _, p, user, _ = job_signature(v, "compact")
+        # the app hands update_if_changed views.job_signature(view, level): at this level, the same tuple
+        ranks, devices, _, p, user, _ = (signature if isinstance(signature, tuple) and len(signature) == 6
+                                         else job_signature(v, "compact"))
         shown = (tuple(r[:1] + r[2:] for r in ranks), devices, user, v.host, self.has_focus,
                  (p.batch_size, p.total, p.max_batch, p.headroom) if p is not None else None,  # as _compact_bars
                  s.batch_size, s.components, s.allocated, s.peak_allocated, s.reserved, s.device_used, step_room(s))
