@@ -318,7 +318,7 @@ def timed_parts(args: argparse.Namespace) -> dict[str, Any]:
         meter = handle._meter
         wrap(meter, "finish_carried", "step end: finish_carried")
         wrap(handle._out, "step", "transport hand-off")
-        if "_open_quiet" in handle.__dict__:
+        if hasattr(handle, "_open_quiet"):
             wrap(handle, "_open_quiet", "open_quiet")
         per_step: dict[str, list[int]] = collections.defaultdict(list)
         every = [*timers.items(), ("inner backward", inner_backward), ("inner optimizer step", inner_step)]

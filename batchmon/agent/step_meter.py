@@ -83,6 +83,25 @@ PLACE_STEPS = 16  # a steady step looks at the model's place (moved? open_quiet)
 class StepMeter:
     """Per-step measurement state (training thread). ``cuda(reset)`` reads the allocator, ``None`` off CUDA."""
 
+    # Slots, the quiet step's first (issue 14 point 1): a quiet step reads and writes ~20 of the meter's ~60 fields
+    # on every step, inside a real step whose own work leaves them out of the CPU's caches (on the H200's host a
+    # line of the quiet path costs ~0.3-0.5 us in situ, several times a tight loop's). With more than 30
+    # attributes an instance keeps a full dict (CPython's shared keys stop there); slots keep each field at a fixed
+    # offset and the quiet path's together in a few cache lines. ``__dict__`` stays for anything else set on an
+    # instance (a bench's or a test's timer wrapped around a method).
+    __slots__ = (
+        "_carried_batch", "step_open", "sizer", "step", "batch_size", "_sampled_batch_size", "activation_every",
+        "batch_carried", "forwards", "_batch_max", "_step_sig", "run", "_template_key", "phases", "_on_cuda",
+        "_figures_t", "read_seconds", "_last_step_end", "backwards", "_first_param", "_layout", "_sampled_t",
+        "sample_gap",
+        "sample_seconds", "_costed", "_cuda", "model_ref", "primary_ref", "optimizer_set", "_optimizer_refs",
+        "device", "model_info", "optimizer_steps", "sampled", "root_depth", "root_counting", "crit_depth",
+        "batch_source", "_first_forward_t", "_param_keys", "batch", "counter", "_acts_max", "_last_acts",
+        "_static", "_static_state_len", "retries", "_lazy", "_backward_static", "_grad_marks", "_matcher",
+        "_recount", "_recount_t", "_figures", "_last_batch_size", "_carry_peak", "_kind_of", "_template",
+        "__dict__", "__weakref__",
+    )
+
     def __init__(self, activation_every: int, sizer: BatchSizer,
                  cuda: Callable[[torch.device | None, bool], CudaFigures | None], explicit_every: bool = True) -> None:
         self.activation_every = activation_every
@@ -497,7 +516,8 @@ class StepMeter:
         self.step += 1
         self.step_open = self.batch_carried = False  # (the batch size is the last step's; marks only before an
         self._batch_max = self.backwards = self.forwards = 0  # optimizer step, and a quiet step has one)
-        patches.oom_requested = None
+        # (the OOM observer's last size is dropped by the full ends - an allocator read's, at least every 0.5 s - not
+        # here: each real OOM calls the observer first, so a stale size can only reach an OOM raised by hand)
         return True
 
     def _close_step(self) -> None:  # the per-step state back to between-steps (finish; finish_carried resets its own)
