@@ -235,13 +235,14 @@ public)
   ;;
 spy)
   # issue 14 point 1: where the attached step's extra time goes - py-spy samples of one process per mode
-  # (bench/agent_cost.py --only), raw collapsed stacks per thread, compared offline
+  # (bench/agent_cost.py --only), raw collapsed stacks per thread, compared offline. Each round attaches afresh
+  # (3 full steps, a first sample): SPYX="--steps 3000" with few SPYROUNDS shows the steady state's samples
   stage spy
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/py_spy*.whl
   for m in ${SPYMODELS:-resnet18 mlp}; do
     for mode in attached plain; do
       /tmp/site/bin/py-spy record --rate ${SPYRATE:-400} --nonblocking --threads --format raw -o $R/spy_${m}_$mode.txt -- \
-        python3 bench/agent_cost.py --model $m --device $DEV --only $mode --rounds ${SPYROUNDS:-12} --out $R/spy_${m}_$mode.json 2>&1 | tail -n 3
+        python3 bench/agent_cost.py --model $m --device $DEV --only $mode --rounds ${SPYROUNDS:-12} ${SPYX:-} --out $R/spy_${m}_$mode.json 2>&1 | tail -n 3
     done
   done
   ;;
