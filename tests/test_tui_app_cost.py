@@ -247,3 +247,44 @@ async def test_a_repaint_reaches_the_screen_without_waking_the_widget_and_falls_
         before = len(refreshes)
         repaint(panel, Region(0, 0, 4, 1))
         assert refreshes[before:] == [(Region(0, 0, 4, 1),)]  # hidden: Widget.refresh, as before
+
+
+async def test_a_compact_title_whose_step_alone_changed_gets_the_strip_a_fresh_render_gives(monkeypatch):
+    """job_panel.step_strip: the short road's new title strip (the old strip's cells before the step text, the new
+    step text in the old one's style) is, segment for segment, what LineStrips renders for the new line."""
+    from dataclasses import replace
+
+    from batchmon.tui import job_panel
+    from batchmon.tui.line_strip import LineStrips
+
+    made = []
+    real = job_panel.step_strip
+
+    def checked(old, line, cut, new):
+        strip = real(old, line, cut, new)
+        made.append(strip)
+        return strip
+
+    monkeypatch.setattr(job_panel, "step_strip", checked)
+    snap = fx.many()
+    app = BatchmonApp(snapshot=snap)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await fx.wait_for(pilot, lambda: app.renders >= 1 and len(app.query(JobPanel)) == 9)
+        await pilot.pause()
+        shown = [p for p in app.query(JobPanel) if p.level == "compact" and len(p.view.ranks) == 1
+                 and not p._off_screen()]
+        keys = {p.view.lead.key for p in shown}
+        for n in (1, 2, 3, 950):
+            agents = [replace(a, last_step=replace(a.last_step, step=a.last_step.step + n)) if a.key in keys else a
+                      for a in snap.agents]
+            newer = replace(snap, agents=tuple(agents), time=snap.time + n)
+            app.deliver(newer)
+            await fx.wait_for(pilot, lambda: app.shown is newer)
+            await pilot.pause()
+            for p in shown:
+                width = p.content_size.width
+                fresh = LineStrips().strip(p, p.lines(width)[0], width, p.visual_style)
+                assert p._strips[0] is not None and fresh is not None
+                assert p._strips[0]._segments == fresh._segments
+                assert p._strips[0].cell_length == fresh.cell_length
+    assert sum(s is not None for s in made) >= 3 * len(shown), made

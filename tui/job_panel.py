@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+from rich.segment import Segment
 from rich.text import Text
 from textual.geometry import Region
+from textual.strip import Strip
 
 from batchmon.jobs import imbalance, imbalance_text
 from batchmon.protocol import ALL_COMPONENTS, Event
@@ -312,6 +314,29 @@ def job_lines(v: JobView, width: int, level: str, *, focused: bool = False, char
     return lines
 
 
+def step_strip(old: Strip | None, line: Text, cut: int, new: Text) -> Strip | None:
+    """The strip of a compact title whose step text alone changed (``new``: ``line`` with its text from ``cut`` on
+    replaced by one span), from the strip of ``line``: what LineStrips makes of the cells before ``cut`` is the
+    same (the same spans over them), and the step text is one segment whose style is that of the old step text
+    (the same spans over it, from the same column). None where that cannot be promised: the old strip was not
+    made so (a last segment other than the old step text, cells beyond it), a span of the old line crosses
+    ``cut``, or the new text is not plain one-cell characters. Then the line is rendered afresh, as before.
+    Beside 16 fast jobs ~10 such lines a second; rendering each afresh was ~6% of the main thread."""
+    if old is None:
+        return None
+    segments = old._segments
+    tail = new.plain[cut:]
+    if (not segments or segments[-1].text != line.plain[cut:] or old.cell_length != len(line.plain)
+            or not tail.isascii() or not tail.isprintable() or line.style != new.style):
+        return None
+    spans = line._spans
+    if (not spans or (spans[-1].start, spans[-1].end) != (cut, len(line.plain))
+            or any(sp.end > cut for sp in spans[:-1]) or len(new._spans) != len(spans)
+            or new._spans[-1].style != spans[-1].style):
+        return None
+    return Strip([*segments[:-1], Segment(tail, segments[-1].style)], len(new.plain))
+
+
 class JobPanel(LinesPanel):
     """A focusable job panel; the app assigns .view/.level/.chart_rows and calls changed()."""
 
@@ -360,7 +385,8 @@ class JobPanel(LinesPanel):
         self._version += 1
         self._cache = (width, self._version, [new, old[2][1]])
         if self._strips_key is not None and self._strips_key[:2] == (width, self._version - 1) and self._strips:
-            self._strips = [None, self._strips[-1]]
+            first = step_strip(self._strips[0], line, cut, new) if self.text_selection is None else None
+            self._strips = [first, self._strips[-1]]
             self._strips_key = (width, self._version, self._strips_key[2])
         runs = changed_runs(Text(kept[1]), Text(key[1]), width - cut)  # (one style: the text decides)
         self.repaint_regions(*(Region(cut + x0, 0, x1 - x0, 1) for x0, x1 in runs))
