@@ -39,6 +39,9 @@ SEGMENTS: tuple[str, ...] = ("forward", "loss_backward", "backward", "optimizer"
 SAVED_SPLIT_FIELDS: tuple[str, ...] = ("batch", "saved", "in_blocks", "block_inputs", "blocks", "amp_saved",
                                        "amp_unknown", "block_max", "output", "block_inputs_fixed")
 SAVED_SPLIT_REQUIRED = frozenset(SAVED_SPLIT_FIELDS[:5])
+#: the split's one name that is not a byte count: the blocks' saved storages in creation order (a dict; see
+#: _block_seq), from which the memory model synthesises the checkpointed step's allocations
+SAVED_SPLIT_SEQUENCE = "block_seq"
 
 
 class ProtocolError(ValueError):
@@ -199,7 +202,7 @@ class Step:
     # ``batch``; batchmon.agent.saved_split), on the sampled steps after it was measured; None otherwise. Not a
     # dataclass field (new_step's positional order and the messages without it stay as they were: written only
     # where set): set by with_saved_split and the decoders, and kept by anything that copies a step's __dict__
-    saved_split: ClassVar[dict[str, int] | None] = None
+    saved_split: ClassVar[dict[str, Any] | None] = None
     # added field, likewise not a dataclass field: the allocator's inactive-split bytes at the end of a sampled
     # CUDA step (torch.cuda.memory_stats()["inactive_split_bytes.all.current"]: free bytes inside segments that
     # still hold live blocks once the step's activations are freed, what a cache flush cannot give back;
@@ -328,7 +331,7 @@ def with_added(step: Step, **added: Any) -> Step:
     return made
 
 
-def with_saved_split(step: Step, split: dict[str, int] | None) -> Step:
+def with_saved_split(step: Step, split: dict[str, Any] | None) -> Step:
     """A copy of ``step`` carrying ``split`` in its added ``saved_split`` field (not an __init__ argument)."""
     return with_added(step, saved_split=split)
 
@@ -360,20 +363,62 @@ def _phase_peaks(value: Any, names: tuple[str, ...] = PHASES) -> dict[str, int] 
     return out
 
 
-def _saved_split(value: Any) -> dict[str, int] | None:
+def _saved_split(value: Any) -> dict[str, Any] | None:
     """The added ``saved_split`` field: {name: bytes} with the required SAVED_SPLIT_FIELDS, else None (an old, odd
     or hostile agent's value never fails the line). Names this monitor does not know are skipped, not fatal: a
     newer agent adds names within protocol v1, and the known ones still serve."""
     if type(value) is not dict or not SAVED_SPLIT_REQUIRED <= value.keys() or len(value) > 4 * len(SAVED_SPLIT_FIELDS):
         return None
-    out = {}
+    out: dict[str, Any] = {}
     for name, size in value.items():
+        if name == SAVED_SPLIT_SEQUENCE:
+            seq = _block_seq(size)
+            if seq is not None:
+                out[name] = seq
+            continue
         if name not in SAVED_SPLIT_FIELDS:
             continue
         if type(size) is not int or not 0 <= size <= MAX_SIZE:
             return None
         out[name] = size
     return out if out["batch"] >= 1 else None
+
+
+def _sizes(value: Any, limit: int, signed: bool = False) -> list[int] | None:
+    if type(value) is not list or len(value) > limit:
+        return None
+    low = -MAX_SIZE if signed else 0
+    return value if all(type(v) is int and low <= v <= MAX_SIZE for v in value) else None
+
+
+def _block_seq(value: Any) -> dict[str, Any] | None:
+    """The split's optional ``block_seq`` (batchmon.agent.saved_split.BlockSplitMeter.sequence): {"kinds":
+    [[input, [saved...], [params...]], ...], "order": [[kind, gap, fixed], ...], "before": b, "after": b}; else
+    None
+    (the rest of the split stands). An older monitor skips the name, as any name it does not know."""
+    if type(value) is not dict:
+        return None
+    kinds, order = value.get("kinds"), value.get("order")
+    if type(kinds) is not list or not 0 < len(kinds) <= 64 or type(order) is not list or not 0 < len(order) <= 4096:
+        return None
+    out_kinds = []
+    for kind in kinds:
+        if type(kind) is not list or len(kind) != 3 or type(kind[0]) is not int or not 0 <= kind[0] <= MAX_SIZE:
+            return None
+        saved, params = _sizes(kind[1], 1024, signed=True), _sizes(kind[2], 1024)
+        if saved is None or params is None:
+            return None
+        out_kinds.append([kind[0], list(saved), list(params)])
+    out_order = []
+    for entry in order:
+        pair = _sizes(entry, 3)
+        if pair is None or len(pair) < 2 or pair[0] >= len(out_kinds):
+            return None
+        out_order.append(list(pair))
+    before, after = value.get("before", 0), value.get("after", 0)
+    if any(type(v) is not int or not 0 <= v <= MAX_SIZE for v in (before, after)):
+        return None
+    return {"kinds": out_kinds, "order": out_order, "before": before, "after": after}
 
 
 def _window_steps(value: Any) -> int:

@@ -10,7 +10,7 @@ largest batch that runs, and the pool's share beyond the peak there. Compared wi
 Also (``--synth``) the same from the step the memory model synthesises out of what the agent measured
 (``batchmon.memory_model.ckpt_trace``), the what-if's own derivation.
 
-Usage: python3 bench/ckpt_fragmentation.py [--arch t5-small,gpt2-fp32] [--run ZOO.json] [--out FILE]
+Usage: python3 bench/ckpt_fragmentation.py [--arch t5-small,gpt2-fp32] [--run ZOO.json] [--synth] [--out FILE]
 (the traces are read from bench/results/ckpt_traces_cpu.json.gz; delete it to record them again, ~1 min)
 """
 
@@ -30,7 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from batchmon.agent.accounting import ActivationCounter  # noqa: E402
+from batchmon.agent.saved_split import BlockSplitMeter, checkpoint_blocks  # noqa: E402
 from batchmon.memory_model import WhatIf, fit  # noqa: E402
+from batchmon.memory_model.ckpt_trace import synthesise  # noqa: E402
 from batchmon.memory_model.step_trace import (StepTrace, largest_batch, required_limit,  # noqa: E402
                                               simulate)
 from batchmon.protocol import Step  # noqa: E402
@@ -42,17 +45,20 @@ GIB = 2**30
 H200_RUN = Path(__file__).resolve().parent / "results" / "predict_zoo_h200_run12.json"
 EMULATED = 24 * GIB
 TRACES = Path(__file__).resolve().parent / "results" / "ckpt_traces_cpu.json.gz"
+SEQUENCES = Path(__file__).resolve().parent / "results" / "ckpt_block_seq_cpu.json"
 
 
-def build(arch: str) -> tuple[torch.nn.Module, int, int | None, int]:
-    """The checkpointed model, its vocabulary, its encoder length (None: decoder only), its sequence."""
+def build(arch: str, checkpointing: bool = True) -> tuple[torch.nn.Module, int, int | None, int]:
+    """The checkpointed model (``checkpointing``: else the plain one), its vocabulary, its encoder length (None:
+    decoder only), its sequence."""
     if arch == "t5-small":
         from transformers import T5Config, T5ForConditionalGeneration
 
         cfg = T5Config(d_model=512, d_ff=2048, num_layers=6, num_heads=8, d_kv=64, vocab_size=32128)
         cfg.use_cache = False
         model = T5ForConditionalGeneration(cfg)
-        model.gradient_checkpointing_enable()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
         return HFLogits(model, src_len=512), 32128, 512, 128
     if arch == "gpt2-fp32":
         from transformers import GPT2Config, GPT2LMHeadModel
@@ -61,7 +67,8 @@ def build(arch: str) -> tuple[torch.nn.Module, int, int | None, int]:
         # memory-efficient kernel never makes): attention dropout off here, as bench/zoo_split_cpu.py does
         g = GPT2LMHeadModel(GPT2Config(attn_pdrop=0.0))
         g.config.use_cache = False
-        g.gradient_checkpointing_enable()
+        if checkpointing:
+            g.gradient_checkpointing_enable()
         return HFLogits(g), 50257, None, 512
     raise ValueError(f"unknown arch {arch!r}")
 
@@ -156,14 +163,20 @@ def report(trace: StepTrace, real: dict[str, Any], limit: int) -> dict[str, Any]
                         "fits_under_cap": need <= limit}}
 
 
-def model_answer(arch: str, trace: StepTrace | None) -> dict[str, Any]:
+def model_answer(arch: str, trace: StepTrace | None, sequence: dict[str, Any] | None = None) -> dict[str, Any]:
     """The memory model refitted on the H200 run's recorded observation (the agent's steps at batch 8 and 4 for
     T5, 4 and 2 for GPT-2, plain fp32): the checkpointing what-if's largest batch with the recorded step's pool
     simulated (``trace``), or without it (None: the fallback rule)."""
     doc = json.loads(H200_RUN.read_text())
     r = next(x for x in doc["results"] if x["arch"] == arch)
     w = next(x for x in r["what_ifs"] if x["what_if"] == "checkpointing")
-    steps = with_inactive_split([Step.from_dict(d) for d in r["observed_steps"]], r)
+    docs = [dict(d) for d in r["observed_steps"]]
+    if sequence is not None:  # the blocks' sequence as the agent now measures it (here on the CPU, same batch)
+        for d in docs:
+            if d.get("saved_split"):
+                assert d["saved_split"]["batch"] == sequence["batch"], "measure the sequence at the split's batch"
+                d["saved_split"] = dict(d["saved_split"], block_seq=sequence["block_seq"])
+    steps = with_inactive_split([Step.from_dict(d) for d in docs], r)
     model = fit(steps, optimizer=r.get("optimizer"), amp=bool(r.get("amp")), recompute_trace=trace)
     assert model is not None
     device_total = doc["emulated_device_memory"] + model.context
@@ -175,10 +188,56 @@ def model_answer(arch: str, trace: StepTrace | None) -> dict[str, Any]:
     out: dict[str, Any] = {"predicted_max_batch": best, "real_max_batch": real, "ratio": best / real,
                            "predicted_peak_at_it": p.peak_allocated, "cache_at_it": p.components["cache"],
                            "notes": [n for n in p.basis_fields.what_if if "pool" in n or "allocator" in n]}
-    if trace is not None:
+    if trace is not None or sequence is not None:
         out["pool_share_at_it"] = model.pool_share(spec, best)
         out["pool_share_at_real"] = model.pool_share(spec, real)
     return out
+
+
+def measure_sequence(arch: str, batch: int) -> dict[str, Any]:
+    """What the agent measures of the plain model's forward at ``batch`` (its saved split with the blocks'
+    sequence, batchmon.agent.saved_split.BlockSplitMeter as SplitProbe runs it, the CUDA allocator's 512-byte
+    rounding), and the parameters' and optimizer state's bytes after a first step."""
+    cuda_dropout()
+    torch.manual_seed(0)
+    model, vocab, src, tgt = build(arch, checkpointing=False)
+    model.train()
+    x = torch.randint(0, vocab, (batch, (src or 0) + tgt))
+    params = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+    counter = ActivationCounter(torch.device("cpu"), (params, {x.untyped_storage().data_ptr()}))
+    counter.saved.block = 512
+    t0 = time.perf_counter()
+    meter = BlockSplitMeter(checkpoint_blocks(model), lambda: counter.bytes, 512, pack=counter._pack, batch=batch)
+    counter.push()
+    try:
+        out = model(x)
+    finally:
+        counter.pop()
+    seq = meter.sequence(counter.bytes, 0)
+    meter.remove()
+    seconds = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    plain = model(x)
+    plain_seconds = time.perf_counter() - t1
+    del plain
+    pbytes = sum(p.untyped_storage().nbytes() for p in {p.untyped_storage().data_ptr(): p
+                                                        for p in model.parameters()}.values())
+    return {"batch": batch, "block_seq": seq, "output": out.untyped_storage().nbytes(), "saved": counter.bytes,
+            "parameters": pbytes, "optimizer": 2 * pbytes, "forward_seconds_measured": round(seconds, 3),
+            "forward_seconds_plain": round(plain_seconds, 3), "wire_bytes": len(json.dumps(seq))}
+
+
+def synth_trace(m: dict[str, Any]) -> StepTrace:
+    trace = synthesise(m["block_seq"], m["batch"], m["output"], m["parameters"], m["optimizer"])
+    assert trace is not None
+    return trace
+
+
+def split_batch(arch: str) -> int:
+    """The batch of the H200 agent's saved split for ``arch`` (the sequence is measured at it)."""
+    doc = json.loads(H200_RUN.read_text())
+    r = next(x for x in doc["results"] if x["arch"] == arch)
+    return next(int(d["saved_split"]["batch"]) for d in r["observed_steps"] if d.get("saved_split"))
 
 
 def save_traces(path: Path, traces: dict[str, StepTrace]) -> None:
@@ -203,7 +262,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="a predict_zoo results file with both architectures' checkpointing boundaries (default: run 12)")
     ap.add_argument("--traces", type=Path, default=TRACES,
                     help="recorded traces (json.gz): read when present, else recorded here and written")
+    ap.add_argument("--synth", action="store_true",
+                    help="also the step synthesised from what the agent measures (the blocks' sequence, measured here "
+                         "on the plain model at the H200 split's batch; read from --sequences when present)")
+    ap.add_argument("--sequences", type=Path, default=SEQUENCES)
     args = ap.parse_args(argv)
+    sequences = json.loads(args.sequences.read_text()) if args.synth and args.sequences.exists() else {}
+    measured = False
     H200_RUN = args.run
     traces = load_traces(args.traces) if args.traces.exists() else {}
     recorded = False
@@ -218,11 +283,23 @@ def main(argv: list[str] | None = None) -> int:
                                "simulated_alone": report(trace, real, EMULATED),
                                "model_with_simulated_pool": model_answer(arch, trace),
                                "model_fallback_rule": model_answer(arch, None)}
+        if args.synth:
+            if arch not in sequences:
+                batch = split_batch(arch)
+                sequences[arch], measured = measure_sequence(arch, batch), True
+            m = sequences[arch]
+            synth = synth_trace(m)
+            row["agent_measure"] = {k: v for k, v in m.items() if k != "block_seq"}
+            row["synth_events"] = len(synth.events)
+            row["synthesised_alone"] = report(synth, real, EMULATED)
+            row["model_with_synthesised_pool"] = model_answer(arch, None, m)
         row["seconds"] = round(time.perf_counter() - t0, 1)
         out["results"].append(row)
         print(json.dumps(row, indent=1), flush=True)
     if recorded:
         save_traces(args.traces, traces)
+    if measured:
+        args.sequences.write_text(json.dumps(sequences) + "\n")
     if args.out:
         args.out.write_text(json.dumps(out, indent=1) + "\n")
     return 0

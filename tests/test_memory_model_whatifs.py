@@ -438,16 +438,25 @@ def test_checkpointing_with_a_recorded_step_simulates_the_pool_instead_of_a_rati
 
     bench = Path(__file__).resolve().parent.parent / "bench"
     sys.path.insert(0, str(bench))
-    from ckpt_fragmentation import TRACES, load_traces, model_answer
+    import json
+
+    from ckpt_fragmentation import SEQUENCES, TRACES, load_traces, model_answer
 
     traces = load_traces(TRACES)
-    t5 = model_answer("t5-small", traces["t5-small"])
+    recorded = model_answer("t5-small", traces["t5-small"])
+    # the recorded step fails at 305 and runs at 318 (the pool is not monotone in the batch): below the failure
+    assert 0.9 * 321 <= recorded["predicted_max_batch"] < 305
+    # synthesised from what the agent measures (the blocks' sequence, measured on the CPU at the split's batch)
+    sequences = json.loads(SEQUENCES.read_text())
+    t5 = model_answer("t5-small", None, sequences["t5-small"])
     assert 0.95 * 321 <= t5["predicted_max_batch"] <= 321
     assert any("pool simulated" in n for n in t5["notes"])
     assert not any("unequal size" in n for n in t5["notes"])
-    assert 0.15 < t5["pool_share_at_it"] < 0.4  # what the recomputation of unequal blocks leaves unusable
-    gpt2 = model_answer("gpt2-fp32", traces["gpt2-fp32"])
-    assert 0.95 * 70 <= gpt2["predicted_max_batch"] <= 70
+    # what the recomputation of unequal blocks leaves unusable (the synthesis: 14% at 316, the recording 23%)
+    assert 0.10 < t5["pool_share_at_it"] < 0.4
+    for gpt2 in (model_answer("gpt2-fp32", traces["gpt2-fp32"]),
+                 model_answer("gpt2-fp32", None, sequences["gpt2-fp32"])):
+        assert 0.95 * 70 <= gpt2["predicted_max_batch"] <= 70
     # without the recorded step, the fallback rule holds T5 lower
     assert model_answer("t5-small", None)["predicted_max_batch"] < t5["predicted_max_batch"]
 

@@ -496,12 +496,31 @@ class BlockSplitMeter:
     position bias and, in the decoder, the encoder's output, which every decoder block gets). Nested or re-entered
     blocks count once (the outermost)."""
 
-    def __init__(self, blocks: list[torch.nn.Module], read_bytes: Any, block: int = 512) -> None:
+    def __init__(self, blocks: list[torch.nn.Module], read_bytes: Any, block: int = 512, pack: Any = None,
+                 batch: int = 0) -> None:
         self.blocks = len(blocks)
         self._read = read_bytes
         self._round = max(1, block)
         self.inside = 0
         self.largest = 0
+        # the sequence (``sequence()``): with ``pack`` (the agent counter's pack hook), each block's saved storages
+        # in creation order, through a saved_tensors_hooks of its own inside each block that calls ``pack``
+        self._pack = pack
+        self._batch = batch
+        # (input, saved, params, gap, fixed gap)
+        self._seq: list[tuple[int, tuple[int, ...], tuple[int, ...], int, int]] = []
+        self._cur: list[int] | None = None
+        self._ctx: Any = None
+        self._last = 0  # the counter after the last block (the gap before the next one is outside the blocks)
+        self._first = True
+        self._first_start = 0
+        self._cur_in = 0
+        self._cur_params: tuple[int, ...] = ()
+        self._cur_gap = 0
+        self._block_in: set[StorageWeakRef] = set()
+        self._seen_in: set[StorageWeakRef] = set()
+        self._cur_fixed = 0
+        self.seq_ok = pack is not None
         # keyed by a weak reference to each input's storage, not its address: a storage freed within the forward
         # (the encoder's position bias, once the encoder returns) gives its address to later tensors - another
         # block's input, or a tensor an op saves - and a key by address would merge the two or call the freed
@@ -521,6 +540,8 @@ class BlockSplitMeter:
         try:
             if self._depth == 0:
                 self._start = self._read()
+                if self.seq_ok:
+                    self._seq_begin(module, args, kwargs)
                 for t in list(args) + list((kwargs or {}).values()):
                     if isinstance(t, torch.Tensor):
                         storage = t.untyped_storage()
@@ -536,11 +557,111 @@ class BlockSplitMeter:
         try:
             self._depth = max(0, self._depth - 1)
             if self._depth == 0:
+                self._seq_end()
                 grown = max(0, self._read() - self._start)
                 self.inside += grown
                 self.largest = max(self.largest, grown)
         except Exception:  # noqa: BLE001
             self.errors += 1
+
+    # -- the sequence: what a synthesis of the checkpointed step needs (batchmon.memory_model.ckpt_trace)
+
+    def _seq_begin(self, module: torch.nn.Module, args: Any, kwargs: Any) -> None:
+        """A block starts: its hidden-state input (the first tensor argument: what its checkpoint keeps of its
+        own), its parameters' storages, the saved bytes since the last block (outside the blocks), and a
+        saved_tensors_hooks that passes every saved tensor to the counter's pack and notes what it added."""
+        try:
+            hidden = next((t for t in list(args) + list((kwargs or {}).values()) if isinstance(t, torch.Tensor)),
+                          None)
+            self._cur_in = self._size(hidden) if hidden is not None else 0
+            self._cur_params = tuple(self._size(p) for p in module.parameters())[:SEQ_PARAMS]
+            if self._first:
+                self._first_start, self._cur_gap, self._first = self._start, 0, False
+            else:
+                self._cur_gap = self._start - self._last
+            self._block_in = set()
+            extra = fixed = 0
+            for t in list(args) + list((kwargs or {}).values()):
+                if not isinstance(t, torch.Tensor):
+                    continue
+                ref = StorageWeakRef(t.untyped_storage())
+                self._block_in.add(ref)
+                if t is hidden or ref in self._seen_in:
+                    continue
+                # another input (the encoder's output, a position bias): made outside the blocks and kept by every
+                # checkpoint that gets it - counted once, with the bytes outside the blocks before this block
+                self._seen_in.add(ref)
+                if self._batch > 1 and t.dim() >= 2 and t.shape[0] == 1 \
+                        and t.numel() * t.element_size() == t.untyped_storage().nbytes():
+                    fixed += self._size(t)
+                else:
+                    extra += self._size(t)
+            self._cur_gap += extra
+            self._cur_fixed = fixed
+            self._cur = []
+            ctx = torch.autograd.graph.saved_tensors_hooks(self._seq_pack, _unpack)
+            ctx.__enter__()
+            self._ctx = ctx
+        except Exception:  # noqa: BLE001 - no sequence this run; the split stands
+            self.errors += 1
+            self.seq_ok = False
+            self._cur = None
+
+    def _seq_pack(self, t: torch.Tensor) -> Any:
+        before = self._read()
+        out = self._pack(t)  # the counter's own pack: counted exactly as without this hook
+        try:
+            grown = self._read() - before
+            cur = self._cur
+            if grown > 0 and cur is not None:
+                if StorageWeakRef(t.untyped_storage()) in self._block_in:
+                    pass  # the block's own input: kept by its checkpoint, never recomputed
+                elif len(cur) >= SEQ_SAVED:
+                    self.seq_ok = False
+                elif self._batch > 1 and t.dim() >= 2 and t.shape[0] == 1 \
+                        and t.numel() * t.element_size() == t.untyped_storage().nbytes():
+                    cur.append(-grown)  # shaped as one sample's at a batch above 1: does not grow with it
+                else:
+                    cur.append(grown)
+        except Exception:  # noqa: BLE001
+            self.seq_ok = False
+        return out
+
+    def _seq_end(self) -> None:
+        ctx, self._ctx = self._ctx, None
+        if ctx is not None:
+            ctx.__exit__(None, None, None)
+        cur, self._cur = self._cur, None
+        self._block_in = set()
+        if cur is not None and self.seq_ok:
+            self._seq.append((self._cur_in, tuple(cur), self._cur_params, self._cur_gap, self._cur_fixed))
+        self._last = self._read()
+
+    def _size(self, t: torch.Tensor) -> int:
+        return -(-t.untyped_storage().nbytes() // self._round) * self._round
+
+    def sequence(self, end_bytes: int, start_bytes: int) -> dict[str, Any] | None:
+        """The blocks' saved storages in creation order, for the memory model's synthesis of the checkpointed
+        step: ``{"kinds": [[input, [saved...], [params...]], ...], "order": [[kind, gap, fixed], ...], "before": b,
+        "after": b}`` - each distinct block once (``kinds``: the hidden-state input's bytes, each saved storage's
+        bytes as the counter added them, negative where it is shaped as one sample's, its parameters' bytes),
+        ``order`` the blocks in forward order with the saved bytes outside the blocks since the previous one and
+        the block's other inputs first seen there (the encoder's output; ``fixed``: those shaped as one sample's),
+        ``before``/``after`` the saved bytes outside the blocks before the first and after the last (``start_bytes``
+        and ``end_bytes``: the counter at the forward's start and end). None where it was not recorded whole or
+        is larger than the caps (SEQ_KINDS distinct blocks, SEQ_SAVED storages each)."""
+        if not self.seq_ok or not self._seq or len(self._seq) != self.blocks or self._ctx is not None:
+            return None
+        kinds: dict[tuple[int, tuple[int, ...], tuple[int, ...]], int] = {}
+        order = []
+        for hidden, saved, params, gap, fixed in self._seq:
+            kind = kinds.setdefault((hidden, saved, params), len(kinds))
+            order.append([kind, max(0, gap), fixed])
+        if len(kinds) > SEQ_KINDS:
+            return None
+        before = self._first_start - start_bytes
+        return {"kinds": [[h, list(s), list(p)] for (h, s, p) in kinds], "order": order,
+                "before": max(0, before), "after": max(0, end_bytes - self._last)}
 
     @property
     def inputs(self) -> int:
@@ -562,9 +683,26 @@ class BlockSplitMeter:
         return out
 
     def remove(self) -> None:
+        ctx, self._ctx = self._ctx, None
+        if ctx is not None:  # a block whose post hook never ran (never in a forward that returned)
+            self.seq_ok = False
+            try:
+                ctx.__exit__(None, None, None)
+            except Exception:  # noqa: BLE001
+                self.errors += 1
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+
+#: the sequence's caps (BlockSplitMeter.sequence): distinct blocks, saved storages per block, parameters per block
+SEQ_KINDS = 16
+SEQ_SAVED = 256
+SEQ_PARAMS = 64
+
+
+def _unpack(t: Any) -> Any:
+    return t
 
 
 def _alive_address(ref: StorageWeakRef) -> int | None:
@@ -612,7 +750,8 @@ class SplitProbe:
             self._counter = counter
             self._start = counter.bytes
             blocks = checkpoint_blocks(model)
-            self._meter = BlockSplitMeter(blocks, lambda: counter.bytes, counter.saved.block) if blocks else None
+            self._meter = BlockSplitMeter(blocks, lambda: counter.bytes, counter.saved.block, pack=counter._pack,
+                                          batch=int(step_meter.batch_size or 0)) if blocks else None
             upcast = fp32_input_modules(model)
             self._fp32 = Fp32InputMeter(upcast) if upcast else None
             self._armed = True
@@ -631,7 +770,12 @@ class SplitProbe:
             inside, inputs, blocks, largest = (meter.inside, meter.inputs, meter.blocks, meter.largest) \
                 if meter is not None else (0, 0, 0, 0)
             broadcast = meter.broadcast_inputs() if meter is not None else {}
+            sequence = None
             if meter is not None:
+                try:
+                    sequence = meter.sequence(counter.bytes, self._start) if counter is not None else None
+                except Exception:  # noqa: BLE001 - no sequence: the checkpointing what-if's fallback
+                    self.errors += 1
                 meter.remove()
             tensor = _output_tensor(output)
             batch = step_meter.batch_size
@@ -651,6 +795,8 @@ class SplitProbe:
                 if fixed:
                     split["block_inputs_fixed"] = fixed
             split["output"] = int(_storage_bytes(tensor, counter.saved.block))
+            if sequence is not None:
+                split["block_seq"] = sequence  # type: ignore[assignment]
             if any(p.dtype == FP32 for p in (model.parameters() if model is not None else ())) and \
                     not torch.is_autocast_enabled(tensor.device.type):
                 storages = counter.saved

@@ -10,6 +10,7 @@ from batchmon.formulas import OPTIMIZER_STATES, optimizer_kind
 from batchmon.memory_model.model import FRAG_SURVIVAL, MemoryModel
 from batchmon.memory_model.observations import FIXED, PER_SAMPLE, Line, Observation, ParamLayout, SavedSplit, fit_line
 from batchmon.memory_model.prediction import Prediction, WhatIf
+from batchmon.memory_model.ckpt_trace import synthesise
 from batchmon.memory_model.step_trace import StepTrace
 from batchmon.protocol import COMPONENTS, PHASES, SEGMENTS, Step
 
@@ -141,6 +142,12 @@ def fit(steps: Iterable[Step | Observation], *, optimizer: str | None = None, am
     if retries:
         notes.append(f"{retries} allocator retries during the observed steps: cache kept twice")
 
+    if recompute_trace is None and saved_split is not None and saved_split.sequence is not None \
+            and saved_split.output is not None:
+        # the agent's measured blocks, as the checkpointed step's allocations (synthesised: ckpt_trace)
+        recompute_trace = synthesise(saved_split.sequence, saved_split.batch, saved_split.output,
+                                     int(lines["parameters"].fixed), int(lines["optimizer"].fixed),
+                                     trainable=int(lines["gradients"].fixed) or None)
     return MemoryModel(
         lines=lines, cache=cache or 0, context=context or 0, frag_ratio=frag_ratio, split_ratio=split_ratio,
         reserved_growth=growth,

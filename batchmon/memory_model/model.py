@@ -10,7 +10,7 @@ from typing import Sequence
 from batchmon.formulas import OPTIMIZER_STATES
 from batchmon.memory_model.observations import Line, ParamLayout, SavedSplit
 from batchmon.memory_model.prediction import Band, Basis, Prediction, WhatIf
-from batchmon.memory_model.step_trace import StepTrace, required_limit, simulate
+from batchmon.memory_model.step_trace import POOL_SCAN, StepTrace, required_limit, simulate
 from batchmon.memory_model.what_ifs import apply_what_if, recompute_fragmentation
 from batchmon.protocol import ALL_COMPONENTS, COMPONENTS
 
@@ -417,12 +417,20 @@ class MemoryModel:
         if sum(lines[n].per_sample for n in COMPONENTS) <= 0:
             result = None
         else:
+            def pool_ok(micro: int, kept: float | None = None) -> bool:
+                """The step (recorded or synthesised) runs in the pool the device leaves at ``micro``."""
+                if trace is None:
+                    return True
+                if kept is None:
+                    kept = self._total(lines, micro, 1, margin, device_total, high, delta, frag_floor)[1]
+                return self._pool_fits(trace, micro, int(device_total - self.context - kept))
+
             def fits(micro: int) -> bool:
                 total, kept = self._total(lines, micro, 1, margin, device_total, high, delta, frag_floor)
                 if total + kept > device_total:
                     return False
                 # the recorded step must also run in the pool the device leaves (the allocator simulated)
-                return trace is None or self._pool_fits(trace, micro, device_total - self.context - kept)
+                return pool_ok(micro, kept)
 
             if not fits(1):
                 result = 0
@@ -441,6 +449,14 @@ class MemoryModel:
                             lo = mid
                         else:
                             hi = mid
+                    if trace is not None:
+                        # the simulated pool is not monotone in the batch (the segments' sizes move with it, and
+                        # at the limit a few MiB decide whether a cached segment is free to give back): the
+                        # answer is below the smallest batch that fails within POOL_SCAN under it
+                        floor = max(1, int(lo * (1 - POOL_SCAN)))
+                        for micro in range(lo, floor - 1, -1):
+                            if not pool_ok(micro):
+                                lo = micro - 1
                     result = lo * steps
         if len(self._max_batch_cache) > 2048:  # the advisor asks ~200 what-ifs x 3 searches
             self._max_batch_cache.clear()

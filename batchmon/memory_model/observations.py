@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Sequence
 
-from batchmon.protocol import COMPONENTS, Step, cache_and_context
+from batchmon.protocol import COMPONENTS, SAVED_SPLIT_SEQUENCE, Step, cache_and_context
 
 FIXED = ("parameters", "gradients", "optimizer")
 PER_SAMPLE = ("activations", "batch")
@@ -31,7 +31,7 @@ class Observation:
     own_peaks: dict[str, int] | None = None  # each phase's own allocator peak (Step.phase_own_peaks, sampled steps)
     # each segment's own peak, the backward split at the model output's gradient (Step.segment_peaks)
     segment_peaks: dict[str, int] | None = None
-    saved_split: dict[str, int] | None = None  # the agent's measured split of the saved bytes (Step.saved_split)
+    saved_split: dict[str, Any] | None = None  # the agent's measured split of the saved bytes (Step.saved_split)
     # the allocator's bytes in free blocks split off segments that hold live blocks, at the step's end
     # (torch.cuda.memory_stats()["inactive_split_bytes.all.current"]: the free space a flush cannot give back);
     # None: not reported (Step.inactive_split, where an agent sends it)
@@ -95,9 +95,12 @@ class SavedSplit:
     # of block_inputs, the bytes that do not grow with the batch and that the forward saves nowhere (T5's relative
     # position biases): a checkpoint keeps them, the plain run freed them; 0: none, or not measured
     block_inputs_fixed: int = 0
+    # the blocks' saved storages in creation order (the split's ``block_seq``: protocol._block_seq), from which
+    # the checkpointed step's allocations are synthesised (ckpt_trace); None: an older agent, or not recorded
+    sequence: dict[str, Any] | None = field(default=None, compare=False, hash=False, repr=False)
 
     @classmethod
-    def from_wire(cls, d: dict[str, int] | None) -> "SavedSplit | None":
+    def from_wire(cls, d: dict[str, Any] | None) -> "SavedSplit | None":
         """From Step.saved_split (None when absent or not usable)."""
         if not d or d.get("batch", 0) < 1:
             return None
@@ -105,7 +108,8 @@ class SavedSplit:
             return cls(batch=d["batch"], saved=d["saved"], in_blocks=d["in_blocks"], block_inputs=d["block_inputs"],
                        blocks=d["blocks"], amp_saved=d.get("amp_saved"), amp_unknown=d.get("amp_unknown", 0),
                        block_max=d.get("block_max"), output=d.get("output"),
-                       block_inputs_fixed=min(d.get("block_inputs_fixed", 0), d["block_inputs"]))
+                       block_inputs_fixed=min(d.get("block_inputs_fixed", 0), d["block_inputs"]),
+                       sequence=d.get(SAVED_SPLIT_SEQUENCE))
         except KeyError:
             return None
 

@@ -90,9 +90,16 @@ def pool_share(trace: StepTrace, batch: int) -> float:
     return limit / run.peak_allocated - 1 if run.peak_allocated > 0 else 0.0
 
 
-def largest_batch(trace: StepTrace, limit: int, start: int = 1) -> int:
-    """The largest batch whose step runs under ``limit`` (0: not even batch 1). Exponential search from
-    ``start``, then bisection; assumes a step that runs at a batch runs at every smaller one."""
+#: the simulated pool is not monotone in the batch: a batch counts as fitting only where every batch down to
+#: (1 - POOL_SCAN) x it runs too (the answer is below the smallest failure found there)
+POOL_SCAN = 0.10
+
+
+def largest_batch(trace: StepTrace, limit: int, start: int = 1, scan: float = POOL_SCAN) -> int:
+    """The largest batch whose step runs under ``limit`` (0: not even batch 1), conservatively: exponential search
+    from ``start``, then bisection, then every batch down to (1 - ``scan``) x the answer simulated, and the answer
+    put below the smallest that fails (a step that runs at a batch need not run at every smaller one: the
+    segments' sizes move with the batch)."""
     if not simulate(trace, 1, limit).ok:
         return 0
     lo, hi = 1, max(2, start)
@@ -104,4 +111,7 @@ def largest_batch(trace: StepTrace, limit: int, start: int = 1) -> int:
             lo = mid
         else:
             hi = mid
+    for b in range(lo, max(1, int(lo * (1 - scan))) - 1, -1):
+        if not simulate(trace, b, limit).ok:
+            lo = b - 1
     return lo
