@@ -7,7 +7,8 @@ first steps of every round are not timed (``--round-warmup``: a fresh attach mea
 the steady steps are what a training run is made of). Every
 step is timed to ``loss.item()`` (a host sync, as training loops log), so a step's time covers the device work.
 A monitor reads the agent's socket all along (a separate process, ``--no-reader`` to leave it out), as under a
-real ``batchmon`` beside the job. The result: the ratio of the median attached step to the median plain step,
+real ``batchmon`` beside the job, and says its refresh interval on connecting as the monitor does (``--reader-interval``,
+default 1 s as ``batchmon``'s: the agent's windows and allocator reads follow it, batchmon.agent.pace). The result: the ratio of the median attached step to the median plain step,
 the CPU time per step of the whole process (the agent's socket thread included) and of the main thread alone in
 both modes - on a launch-bound GPU step the agent's cost is its main-thread CPU time (it launches nothing on the
 device), a figure steadier than the wall clock. ``--armed`` adds a third mode: attached with quiet steady steps
@@ -63,6 +64,8 @@ while True:
                 s.connect(os.path.join(d, n))
             except OSError:
                 s.close(); continue
+            if len(sys.argv) > 2 and sys.argv[2]:
+                s.sendall(bytes.fromhex(sys.argv[2]))  # its refresh line, as the monitor says it on connecting
             s.setblocking(False)
             seen[n] = s
             sel.register(s, selectors.EVENT_READ, n)
@@ -99,6 +102,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: steadier on a shared box)")
     p.add_argument("--profile-steps", type=int, default=None, help="steps of the profiling pass (default 3 rounds)")
     p.add_argument("--no-reader", action="store_true", help="no monitor process reading the agent's socket")
+    p.add_argument("--reader-interval", type=float, default=1.0,
+                   help="the refresh interval the reader says, as `batchmon --interval` does (default 1, the "
+                        "monitor's default; 0: says nothing, as a monitor older than the refresh line)")
     p.add_argument("--armed", action="store_true",
                    help="a third mode: attached with quiet steady steps off (every hook on every step)")
     p.add_argument("--only", choices=("attached", "plain"), default=None,
@@ -461,7 +467,8 @@ def main(argv: list[str] | None = None) -> int:
     protocol.ensure_socket_dir(sock_dir)
     reader = None
     if not args.no_reader:
-        reader = subprocess.Popen([sys.executable, "-c", READER, str(sock_dir)], stdout=subprocess.PIPE,
+        said = protocol.refresh_line(args.reader_interval).hex() if args.reader_interval > 0 else ""
+        reader = subprocess.Popen([sys.executable, "-c", READER, str(sock_dir), said], stdout=subprocess.PIPE,
                                   stderr=subprocess.DEVNULL, text=True)
 
     train = training_step(model, opt, crit, batch)
@@ -575,7 +582,7 @@ def main(argv: list[str] | None = None) -> int:
         "rounds": rounds,
         "settings": {"rounds": rounds_n, "steps": args.steps, "warmup": args.warmup, "threads": args.threads,
                      "round_warmup": args.round_warmup,
-                     "reader": reader is not None, **settings},
+                     "reader": reader is not None, "reader_interval": args.reader_interval if reader is not None else None, **settings},
         "torch": torch.__version__, "python": platform.python_version(), "time": time.time(),
     }
     if args.out:

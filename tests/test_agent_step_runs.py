@@ -92,6 +92,8 @@ def test_quiet_training_longer_than_a_run_keeps_every_step(agent_dir, monkeypatc
         assert [s.step for s in steps] == list(range(1, 61))
         assert all(b.time >= a.time and b.step_seconds > 0 for a, b in zip(steps, steps[1:]))
         assert len({(s.batch_size, tuple(s.components.items())) for s in steps[5:]}) == 1
+        # the steps a full run ends through the full path say one backward too (a quiet step's ran unseen)
+        assert [s.micro_batches for s in steps] == [1] * 60
         runs = [item for item in handle._out.steps._items if isinstance(item, QuietRun)]
         assert len(runs) >= 6 and all(len(run) <= 7 for run in runs)
     finally:

@@ -450,7 +450,8 @@ class AgentHandle(HandleViews):
             ref = meter.primary_ref
             primary = ref() if ref is not None else None
             if optimizer is primary and self.quiet and meter.batch_carried:  # a quiet step that did not join the
-                self._finish_step()  # run (torch_patches._step_post tried StepMeter.finish_quiet first)
+                meter.quiet_backwards()  # run (torch_patches._step_post tried StepMeter.finish_quiet first): its
+                self._finish_step()  # backward ran unseen, it ends as the last measured step did
                 return
             if optimizer is not primary and (primary is None or optimizer not in meter.optimizer_set):
                 self._track_optimizer(optimizer)  # (the primary optimizer is tracked: no set look-up for it)

@@ -73,7 +73,7 @@ ALLOCATOR_READ_SECONDS = 0.25  # the allocator's figures are read at least this 
 # 0.25 s still ~4.4 us a step (py-spy, bench/results/spy_h200_s14*/). The peak accumulates between reads (reset only
 # when read; a batch-size change reads first), so no peak is lost, it shows up to this much later
 SAMPLE_SECONDS = 0.25  # with the default activation_every: the every-N-th-step samples at most this often
-SAMPLE_SHARE = 0.001  # ... and further apart where a sample costs more: the samples' extra time <= this share
+SAMPLE_SHARE = 0.0005  # ... and further apart where a sample costs more: the samples' extra time <= this share
 SAMPLE_MAX_SECONDS = 2.0  # ... but never further apart than this
 RECOUNT_SECONDS = 2.0  # parameter/gradient/optimizer storages walked again at least this often on sampled steps
 GRAD_MARKS = 4  # parameters whose .grad is watched to tell accumulation from a new step
@@ -547,7 +547,8 @@ class StepMeter:
         a sample) allows at SAMPLE_SHARE of the training's time - SAMPLE_SECONDS apart at least, SAMPLE_MAX_SECONDS
         at most. A sample costs about a millisecond of host time (walking saved tensors, following the phases): on
         a 2.8 ms CUDA step every 0.25 s that was ~10 us a step (bench/agent_cost_paired.py on the H200), at 0.2%
-        still ~8 (py-spy, bench/results/spy_h200_s14_after/), hence 0.1%; a slow step's samples stay 0.25 s apart."""
+        still ~8 (py-spy, bench/results/spy_h200_s14_after/), at 0.1% ~3.4 (spy_h200_s15_b/), hence 0.05% (a sample
+        every ~2 s there: SAMPLE_MAX_SECONDS); a slow step's samples stay 0.25 s apart."""
         template = self._template
         steady = template.step_seconds if template is not None else None
         if seconds is None or steady is None:
