@@ -233,3 +233,66 @@ def test_gpt_example_activations_match_the_autograd_graph(agent_dir):
     n = sum(p.numel() for p in model.parameters())  # nn.Module lists the tied weight once
     assert comps["parameters"] == n * F32
     assert comps["optimizer"] == 2 * n * F32 + len(list(model.parameters())) * F32
+
+
+def test_the_scripts_own_saved_tensor_hooks_still_pack_every_tensor_on_sampled_steps(agent_dir):
+    """A pair of saved-tensor hooks the script puts around its forward (an offloading hook, ``save_on_cpu``) is
+    displaced by the agent's counter for a sampled step unless the counter hands each tensor on: every tensor is
+    still packed and unpacked by the script's pair, and the training is the same as without the agent."""
+
+    def run(attach: bool) -> tuple[int, int, list[float]]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(D, H), nn.ReLU(), nn.Linear(H, 4))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        handle = batchmon.attach(model, opt, activation_every=1) if attach else None
+        packed, unpacked, losses = [0], [0], []
+
+        def pack(t: torch.Tensor) -> tuple[str, torch.Tensor]:
+            packed[0] += 1
+            return ("boxed", t.clone())
+
+        def unpack(box: tuple[str, torch.Tensor]) -> torch.Tensor:
+            unpacked[0] += 1
+            assert box[0] == "boxed"
+            return box[1]
+
+        try:
+            for _ in range(4):  # every step sampled: the counter's hooks are in force for each forward
+                opt.zero_grad()
+                with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+                    loss = model(torch.randn(B, D)).pow(2).mean()
+                loss.backward()
+                opt.step()
+                losses.append(loss.item())
+            if handle is not None:
+                assert [s.components["activations"] for s in handle.steps][-1] > 0  # and it still counted
+        finally:
+            if handle is not None:
+                handle.detach()
+        return packed[0], unpacked[0], losses
+
+    plain, attached = run(False), run(True)
+    assert plain[0] > 0 and attached == plain
+
+
+def test_save_on_cpu_trains_the_same_under_the_agent(agent_dir):
+    def run(attach: bool) -> list[float]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(D, H), nn.ReLU(), nn.Linear(H, 4))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        handle = batchmon.attach(model, opt, activation_every=1) if attach else None
+        losses = []
+        try:
+            for _ in range(3):
+                opt.zero_grad()
+                with torch.autograd.graph.save_on_cpu():
+                    loss = model(torch.randn(B, D)).pow(2).mean()
+                loss.backward()
+                opt.step()
+                losses.append(loss.item())
+        finally:
+            if handle is not None:
+                handle.detach()
+        return losses
+
+    assert run(True) == run(False)

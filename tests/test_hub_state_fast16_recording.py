@@ -99,3 +99,52 @@ def test_sixteen_real_fast_agents_are_not_refitted_at_every_snapshot(monkeypatch
     old_per_tick, old_predicted = _fits_per_tick(monkeypatch, records)
     assert old_predicted == 16
     assert sum(old_per_tick[WARM:]) > 16 * len(steady) // 2, old_per_tick
+
+
+GROWTH_FIXTURE = Path(__file__).parent / "fixtures" / "fast16_h200_50s_growth.jsonl.gz"
+
+
+def test_a_summary_that_only_grows_is_refitted_at_most_every_few_seconds(monkeypatch):
+    """tests/fixtures/fast16_h200_50s_growth.jsonl.gz: 50 s of `batchmon record --interval 1` beside 16
+    examples/train_mlp.py jobs on the H200 (bench/results/fast16_rec_h200_run2_microbatches0.jsonl.gz, made with
+    agents that said 0 micro-batches on their allocator-read steps; put back to 1 here, as the agent sends since
+    67cc58c). The jobs were 10-60 s old: each agent's summary was still its whole history and grew by one window a
+    second, every window's figures like those it held - and each growth was a refit (every agent, every second).
+    Now at most one per PREDICT_GROWTH_S while it only grows, and the kept answer is the one a fit now gives."""
+    from batchmon.monitor import hub_state
+
+    with gzip.open(GROWTH_FIXTURE, "rt", encoding="utf-8") as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    per_tick, predicted = _fits_per_tick(monkeypatch, records)
+    steady = per_tick[WARM:]
+    assert predicted == 16 and len(steady) >= 40
+    seconds = len(steady)
+    assert sum(steady) <= 16 * (seconds / hub_state.PREDICT_GROWTH_S + 2), per_tick
+
+    monkeypatch.setattr(hub_state, "PREDICT_GROWTH_S", 0.0)  # the rule before: every growth a refit
+    old_per_tick, _ = _fits_per_tick(monkeypatch, records)
+    assert sum(old_per_tick[WARM:]) >= 2 * sum(steady), (old_per_tick, per_tick)
+
+
+def test_what_a_grown_summary_keeps_is_what_a_fit_of_it_answers(monkeypatch):
+    """The answers kept while summaries only grew are the fits' answers on the summaries as they are at the end."""
+    from batchmon import memory_model
+
+    with gzip.open(GROWTH_FIXTURE, "rt", encoding="utf-8") as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    state = HubState()
+    snap = None
+    for rec in records:
+        state.ingest(rec)
+        if rec.get("kind") == "tick":
+            snap = state.snapshot(float(rec["t"]), 1.0)
+    assert snap is not None
+    kept = {a.key: a.prediction.max_batch for a in snap.agents if a.prediction is not None}
+    assert len(kept) == 16
+    total = snap.nvml.devices[0].memory.total
+    agents = [agent for src in state._sources.values() for agent in src.agents.values()]
+    assert len(agents) == 16
+    for agent in agents:
+        model = memory_model.fit(agent.history.window().model_steps(), optimizer=agent.hello.optimizer)
+        fresh = model.predict(memory_model.WhatIf(), device_total=total).max_batch
+        assert agent.prediction.max_batch == fresh and fresh in kept.values(), agent.key

@@ -184,38 +184,66 @@ def parameter_count(model: torch.nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in params), bytes_
 
 
+class _Outer:
+    """What the saved-tensor hooks in force before ours packed (a user's offloading hook, ``save_on_cpu``): ours
+    count the tensor and hand it on, so that pair still packs and unpacks it."""
+
+    __slots__ = ("unpack", "packed")
+
+    def __init__(self, unpack: Any, packed: Any) -> None:
+        self.unpack, self.packed = unpack, packed
+
+
+# the innermost saved-tensor hooks in force (torch's private query; without it no outer pair is seen)
+_top_saved_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+
+
 class ActivationCounter:
     """Counts bytes saved for backward while active, as a ``saved_tensors_hooks`` pack hook.
 
     Only the innermost saved-tensor hooks apply, so inside a non-reentrant checkpoint region the checkpoint's
-    own hooks take over (and what it keeps - its inputs - is counted by ours). The pack hook returns a
-    detached alias: returning the tensor itself would make a saved output hold its own grad_fn, a reference
-    cycle that keeps the graph alive until the garbage collector runs.
+    own hooks take over (and what it keeps - its inputs - is counted by ours). A pair already in force when
+    counting starts (the script's own: ``save_on_cpu``, an offloading hook) would be displaced by ours for the
+    sampled step - its tensors kept where the script moved them away from - so ours count and pass each tensor to
+    it (``_Outer``): the script's pair packs and unpacks as without the agent; the tensor is counted at its size
+    when saved (an offloading pair's device bytes are counted as if kept: conservative). The pack hook returns a
+    detached alias otherwise: returning the tensor itself would make a saved output hold its own grad_fn, a
+    reference cycle that keeps the graph alive until the garbage collector runs.
     """
 
     def __init__(self, device: torch.device, exclude: Iterable[set[int]]) -> None:
         self.saved = StorageSet(device, exclude)
         self.errors = 0
         self._ctx: Any = None
+        self._outer: tuple[Any, Any] | None = None  # the pair in force when counting started, if any
 
     @property
     def bytes(self) -> int:
         return self.saved.bytes
 
-    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+    def _pack(self, t: torch.Tensor) -> Any:
         try:
             self.saved.add(t)
         except Exception:  # noqa: BLE001 - counting must never break the forward
             self.errors += 1
+        outer = self._outer
+        if outer is not None:
+            return _Outer(outer[1], outer[0](t))  # (its errors are the script's own, as without the agent)
         return t.detach()
 
     @staticmethod
-    def _unpack(t: torch.Tensor) -> torch.Tensor:
+    def _unpack(t: Any) -> Any:
+        if type(t) is _Outer:
+            return t.unpack(t.packed)
         return t
 
     def push(self) -> None:
         """Start counting on this thread (enter the hooks). Pair with pop() on the same thread."""
         if self._ctx is None:
+            try:
+                self._outer = _top_saved_hooks(False) if _top_saved_hooks is not None else None
+            except Exception:  # noqa: BLE001
+                self._outer = None
             ctx = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
             ctx.__enter__()
             self._ctx = ctx
@@ -224,6 +252,7 @@ class ActivationCounter:
         ctx, self._ctx = self._ctx, None
         if ctx is not None:
             ctx.__exit__(None, None, None)
+        self._outer = None
 
     @property
     def active(self) -> bool:

@@ -52,6 +52,7 @@ from typing import Any
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
+from batchmon.agent import accounting
 from batchmon.agent.saved_kinds import repeated_blocks
 
 #: ops autocast runs in 16-bit (torch's lower-precision lists): they save 16-bit casts of their inputs
@@ -497,7 +498,7 @@ class BlockSplitMeter:
     blocks count once (the outermost)."""
 
     def __init__(self, blocks: list[torch.nn.Module], read_bytes: Any, block: int = 512, pack: Any = None,
-                 batch: int = 0) -> None:
+                 batch: int = 0, unpack: Any = None) -> None:
         self.blocks = len(blocks)
         self._read = read_bytes
         self._round = max(1, block)
@@ -506,6 +507,7 @@ class BlockSplitMeter:
         # the sequence (``sequence()``): with ``pack`` (the agent counter's pack hook), each block's saved storages
         # in creation order, through a saved_tensors_hooks of its own inside each block that calls ``pack``
         self._pack = pack
+        self._unpack = unpack if unpack is not None else _unpack  # the counter's: what its pack returns, unpacked
         self._batch = batch
         # (input, saved, params, gap, fixed gap)
         self._seq: list[tuple[int, tuple[int, ...], tuple[int, ...], int, int]] = []
@@ -598,8 +600,16 @@ class BlockSplitMeter:
                     extra += self._size(t)
             self._cur_gap += extra
             self._cur_fixed = fixed
+            top = _top_saved_hooks(False) if _top_saved_hooks is not None else None
+            if top is None or top[0] != self._pack:
+                # another pair is innermost (a checkpoint's own, an offloading hook): the block's saved tensors are
+                # its to pack - a pair pushed here would take them from it (a non-reentrant checkpoint's recompute
+                # then fails). No sequence this run; the split stands
+                self.seq_ok = False
+                self._cur = None
+                return
             self._cur = []
-            ctx = torch.autograd.graph.saved_tensors_hooks(self._seq_pack, _unpack)
+            ctx = torch.autograd.graph.saved_tensors_hooks(self._seq_pack, self._unpack)
             ctx.__enter__()
             self._ctx = ctx
         except Exception:  # noqa: BLE001 - no sequence this run; the split stands
@@ -705,6 +715,9 @@ def _unpack(t: Any) -> Any:
     return t
 
 
+_top_saved_hooks = accounting._top_saved_hooks  # (the innermost pair in force; without the query no sequence)
+
+
 def _alive_address(ref: StorageWeakRef) -> int | None:
     """The address of the storage ``ref`` refers to, while it is alive (None once freed). The strong reference
     this takes to read it is dropped on return."""
@@ -751,6 +764,7 @@ class SplitProbe:
             self._start = counter.bytes
             blocks = checkpoint_blocks(model)
             self._meter = BlockSplitMeter(blocks, lambda: counter.bytes, counter.saved.block, pack=counter._pack,
+                                          unpack=counter._unpack,
                                           batch=int(step_meter.batch_size or 0)) if blocks else None
             upcast = fp32_input_modules(model)
             self._fp32 = Fp32InputMeter(upcast) if upcast else None

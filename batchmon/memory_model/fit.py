@@ -287,6 +287,20 @@ def fit_figures(summary: Sequence[Step], memo: dict[int, tuple] | None = None) -
                                for key, (phases, segments, _) in sorted(own.items(), key=lambda kv: repr(kv[0])))
 
 
+def only_grew(old: tuple | None, new: tuple) -> bool:
+    """Whether ``new`` figures (fit_figures) are ``old`` with steps appended whose figures ``old`` already held, the
+    own peaks unchanged: a steady job's summary while it is still its whole history (the first 1 + RECENT_STEPS +
+    RECENT_SIZES windows, batchmon.monitor.step_history), where the fit's answer moves only with how many times a
+    figure is held (medians, least squares over several batch sizes)."""
+    if old is None or old[1] != new[1]:
+        return False
+    before, after = old[0], new[0]
+    if len(after) <= len(before) or after[:len(before)] != before:
+        return False
+    held = set(before)
+    return all(figures in held for figures in after[len(before):])
+
+
 _FIGURES = operator.attrgetter("batch_size", "allocated", "peak_allocated", "reserved", "num_alloc_retries", "num_ooms",
                                "device_used", "micro_batches")
 

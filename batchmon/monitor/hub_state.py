@@ -46,6 +46,10 @@ PREDICT_EVERY_S = 1.0  # refit an agent at most this often (snapshot time), unle
 PREDICT_STEADY_S = 30.0  # ... and, while no memory figure the model reads changed, at most this often (what moves
 # meanwhile: the basis' step range and the step-time line, neither shown live; 16 steady jobs refitted every 5 s were
 # ~half of the hub thread's work beside them, bench/ab_monitor.py --gpu-agents)
+PREDICT_GROWTH_S = 5.0  # ... and, while its summary only grew by steps like those it held (fit.only_grew: a job's
+# first ~65 windows, ~a minute beside a monitor at >= 1 s, when the summary is still the whole history), at most this
+# often: each window changed the figures, and 16 fast jobs were all refitted every second of their first minute
+# (the H200's fast16 rounds: the hub thread 0.64 s in the first 30 s round, 0.20 s in the later ones)
 RECENT_FITS = 4  # fits kept per agent for figures that come back within PREDICT_STEADY_S (see _predict)
 
 
@@ -506,9 +510,14 @@ class HubState:
         if same_setup and recent and last.batch_size in agent.prediction_sizes:
             return agent.prediction
         summary = history.window().model_steps()
-        from batchmon.memory_model.fit import fit_figures  # (as memory_model below: imported when first needed)
+        from batchmon.memory_model.fit import fit_figures, only_grew  # (imported when first needed, as below)
 
         figures = fit_figures(summary, agent.figures_memo)
+        if same_setup and agent.prediction is not None and last.batch_size in agent.prediction_sizes \
+                and agent.prediction_time is not None and 0 <= base.time - agent.prediction_time < PREDICT_GROWTH_S \
+                and only_grew(agent.prediction_figures, figures):
+            agent.prediction_key, agent.prediction_checked = key, base.time  # (the fit's figures kept: growth
+            return agent.prediction  # is measured from them)
         steady = agent.prediction_time is not None and 0 <= base.time - agent.prediction_time < PREDICT_STEADY_S
         if same_setup and steady and figures == agent.prediction_figures and last.batch_size in agent.prediction_sizes:
             agent.prediction_key, agent.prediction_checked = key, base.time
