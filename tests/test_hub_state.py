@@ -13,6 +13,7 @@ from batchmon.records import record_line
 from batchmon.monitor.hub_state import HubState
 from batchmon.probes.host import HostSample, ProcessInfo
 from batchmon.probes.host import sample_to_dict as host_to_dict
+from agent_helpers import agent_dir  # noqa: F401 - fixture
 from batchmon.probes.nvml import DeviceMemory, DeviceSample, GpuProcess, NvmlSample
 from batchmon.probes.nvml import sample_to_dict as nvml_to_dict
 from batchmon.protocol import Bye, Event
@@ -463,3 +464,37 @@ def test_a_steady_agents_figures_are_compared_at_most_once_a_second(monkeypatch)
     s.ingest(agent(grown))
     view = s.snapshot(6.1).agents[0]
     assert view.prediction is not None and view.prediction.components["other"] >= GIB
+
+
+def test_a_real_agents_steps_with_a_nested_split_are_kept_whole(agent_dir):
+    """A real agent on a model of repeated blocks sends its saved split with the block sequence (a dict holding
+    lists): the hub keeps every step (none rejected), the split as sent."""
+    import json
+
+    torch = pytest.importorskip("torch")
+    import batchmon
+    from batchmon import protocol
+
+    nn = torch.nn
+    model = nn.Sequential(*[nn.Sequential(nn.Linear(16, 16), nn.ReLU()) for _ in range(4)], nn.Linear(16, 4))
+    opt = torch.optim.Adam(model.parameters())
+    handle = batchmon.attach(model, opt, activation_every=1)
+    try:
+        for _ in range(4):
+            opt.zero_grad()
+            model(torch.randn(8, 16)).sum().backward()
+            opt.step()
+        sent = [json.loads(protocol.encode(s)) for s in handle.steps]
+        hello = json.loads(protocol.encode(handle._hello()))
+    finally:
+        handle.detach()
+    assert any(isinstance((d.get("saved_split") or {}).get("block_seq"), dict) for d in sent)
+    s = HubState()
+    s.ingest({"t": 1, "kind": "agent", "source": "local", "key": KEY, "data": hello})
+    for d in sent:
+        s.ingest({"t": 2, "kind": "agent", "source": "local", "key": KEY, "data": d})
+    snap = s.snapshot(3.0)
+    assert [w.message for w in snap.warnings if w.source == "hub"] == []
+    (view,) = snap.agents
+    assert [x.step for x in view.history] == [d["step"] for d in sent]
+    assert [x.saved_split for x in view.history] == [d.get("saved_split") for d in sent]

@@ -128,7 +128,11 @@ def compact_step(step: Step, shared: dict[Any, Any], templates: list[tuple[tuple
     for name, value in fields.items():
         if value is not None and name not in _OWN:
             key = tuple(value.items()) if type(value) is dict else value
-            seen = shared.get(key)
+            try:
+                seen = shared.get(key)
+            except TypeError:  # a value holding a dict or a list (saved_split's block_seq): kept, not shared
+                _set(out, name, value)
+                continue
             if seen is None:
                 if len(shared) >= SHARED_VALUES:
                     shared.clear()
