@@ -139,6 +139,7 @@ def test_what_a_grown_summary_keeps_is_what_a_fit_of_it_answers(monkeypatch):
         if rec.get("kind") == "tick":
             snap = state.snapshot(float(rec["t"]), 1.0)
     assert snap is not None
+    assert [w.message for w in snap.warnings if w.source == "hub"] == []  # every record kept (block_seq splits too)
     kept = {a.key: a.prediction.max_batch for a in snap.agents if a.prediction is not None}
     assert len(kept) == 16
     total = snap.nvml.devices[0].memory.total
