@@ -175,3 +175,35 @@ def test_fit_synthesises_the_pool_from_the_agents_sequence_and_falls_back_withou
     assert any("pool simulated" in n for n in p.basis_fields.what_if)
     limit = total - synthesised.context - p.margin
     assert simulate(synthesised.recompute_trace, best, limit).ok
+
+
+def test_the_checkpointing_what_if_simulates_a_bounded_number_of_steps(monkeypatch):
+    """On a large device the answer is large: the non-monotone pool's check simulates at most POOL_SCAN_PROBES
+    batches below it, not every batch of 10% (a tiny GPT on 24 GiB: 4900 simulations, 27 s in the monitor)."""
+    import math
+
+    from batchmon.memory_model import model as model_module
+    from batchmon.memory_model.step_trace import POOL_SCAN_PROBES
+
+    torch.manual_seed(0)
+    seq, counter, meter = _measure(Net(blocks=4), 8)
+    assert seq is not None
+    act = counter.bytes
+    split = {"batch": 8, "saved": act, "in_blocks": meter.inside, "block_inputs": meter.inputs, "blocks": 4,
+             "block_max": meter.largest, "output": 8 * SEQ * VOCAB * 4, "block_seq": seq}
+    comps = {"parameters": 4 * MIB, "gradients": 4 * MIB, "optimizer": 8 * MIB, "batch": 0, "other": 0}
+    steps = [Step.from_dict(dict(_step(b), step=i + 1, components=dict(comps, activations=act * b // 8),
+                                 saved_split=split)) for i, b in enumerate((8, 8, 4))]
+    model = fit(steps, optimizer="AdamW")
+    assert model is not None and model.recompute_trace is not None
+    calls = [0]
+    real = model_module.simulate
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(model_module, "simulate", counted)
+    best = model.max_batch(256 * 2**30, WhatIf(checkpointing=True))
+    assert best is not None and best > 10 * POOL_SCAN_PROBES  # large enough that every batch of 10% is many more
+    assert calls[0] <= 2 * math.ceil(math.log2(best)) + POOL_SCAN_PROBES + 4, (best, calls[0])

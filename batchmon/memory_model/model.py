@@ -10,7 +10,7 @@ from typing import Sequence
 from batchmon.formulas import OPTIMIZER_STATES
 from batchmon.memory_model.observations import Line, ParamLayout, SavedSplit
 from batchmon.memory_model.prediction import Band, Basis, Prediction, WhatIf
-from batchmon.memory_model.step_trace import POOL_SCAN, StepTrace, required_limit, simulate
+from batchmon.memory_model.step_trace import StepTrace, required_limit, scan_batches, simulate
 from batchmon.memory_model.what_ifs import apply_what_if, recompute_fragmentation
 from batchmon.protocol import ALL_COMPONENTS, COMPONENTS
 
@@ -452,9 +452,9 @@ class MemoryModel:
                     if trace is not None:
                         # the simulated pool is not monotone in the batch (the segments' sizes move with it, and
                         # at the limit a few MiB decide whether a cached segment is free to give back): the
-                        # answer is below the smallest batch that fails within POOL_SCAN under it
-                        floor = max(1, int(lo * (1 - POOL_SCAN)))
-                        for micro in range(lo, floor - 1, -1):
+                        # answer is below the smallest batch that fails within POOL_SCAN under it (at most
+                        # POOL_SCAN_PROBES of them simulated: step_trace.scan_batches)
+                        for micro in scan_batches(lo):
                             if not pool_ok(micro):
                                 lo = micro - 1
                     result = lo * steps
