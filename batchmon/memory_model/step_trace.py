@@ -107,8 +107,8 @@ def scan_batches(answer: int, scan: float = POOL_SCAN) -> range:
 
 def largest_batch(trace: StepTrace, limit: int, start: int = 1, scan: float = POOL_SCAN) -> int:
     """The largest batch whose step runs under ``limit`` (0: not even batch 1), conservatively: exponential search
-    from ``start``, then bisection, then the batches down to (1 - ``scan``) x the answer simulated (scan_batches), the answer
-    put below the smallest that fails (a step that runs at a batch need not run at every smaller one: the
+    from ``start``, then bisection, then the batches down to (1 - ``scan``) x the answer simulated (scan_batches),
+    the answer put below the smallest that fails (a step that runs at a batch need not run at every smaller one: the
     segments' sizes move with the batch)."""
     if not simulate(trace, 1, limit).ok:
         return 0
