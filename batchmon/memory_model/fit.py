@@ -10,7 +10,6 @@ from batchmon.formulas import OPTIMIZER_STATES, optimizer_kind
 from batchmon.memory_model.model import FRAG_SURVIVAL, MemoryModel
 from batchmon.memory_model.observations import FIXED, PER_SAMPLE, Line, Observation, ParamLayout, SavedSplit, fit_line
 from batchmon.memory_model.prediction import Prediction, WhatIf
-from batchmon.memory_model.ckpt_trace import synthesise
 from batchmon.memory_model.step_trace import StepTrace
 from batchmon.protocol import COMPONENTS, PHASES, SEGMENTS, Step
 
@@ -50,7 +49,8 @@ def fit(steps: Iterable[Step | Observation], *, optimizer: str | None = None, am
     into FSDP units, from which the sharding what-if counts what FSDP holds unsharded (without it, an upper
     bound: the whole model); recompute_trace: the allocations of one step under activation checkpointing, as lines
     in the batch (``step_trace.StepTrace``, recorded from the user's model), through which the checkpointing
-    what-if's pool is simulated instead of assumed."""
+    what-if's pool is simulated instead of assumed (without it, the one the agent's block sequence gives:
+    MemoryModel.recompute_trace)."""
     obs = _as_observations(steps)
     if not obs:
         return None
@@ -142,12 +142,6 @@ def fit(steps: Iterable[Step | Observation], *, optimizer: str | None = None, am
     if retries:
         notes.append(f"{retries} allocator retries during the observed steps: cache kept twice")
 
-    if recompute_trace is None and saved_split is not None and saved_split.sequence is not None \
-            and saved_split.output is not None:
-        # the agent's measured blocks, as the checkpointed step's allocations (synthesised: ckpt_trace)
-        recompute_trace = synthesise(saved_split.sequence, saved_split.batch, saved_split.output,
-                                     int(lines["parameters"].fixed), int(lines["optimizer"].fixed),
-                                     trainable=int(lines["gradients"].fixed) or None)
     return MemoryModel(
         lines=lines, cache=cache or 0, context=context or 0, frag_ratio=frag_ratio, split_ratio=split_ratio,
         reserved_growth=growth,
@@ -155,7 +149,7 @@ def fit(steps: Iterable[Step | Observation], *, optimizer: str | None = None, am
         batch_sizes=tuple(sorted({o.batch_size for o in obs})), step_range=(obs[0].step, obs[-1].step),
         count=len(obs), optimizer=kind, observed_amp=amp, notes=tuple(notes), measured_peak=measured_peak,
         time_line=_time_line(obs), saved_split=saved_split, param_layout=param_layout, phase_lines=phase_lines,
-        segment_lines=segment_lines, recompute_trace=recompute_trace,
+        segment_lines=segment_lines, recorded_trace=recompute_trace,
         per_segment=bool(phase_lines) and per_segment,
         **band,
     )

@@ -8,6 +8,7 @@ from functools import cached_property
 from typing import Sequence
 
 from batchmon.formulas import OPTIMIZER_STATES
+from batchmon.memory_model.ckpt_trace import synthesise
 from batchmon.memory_model.observations import Line, ParamLayout, SavedSplit
 from batchmon.memory_model.prediction import Band, Basis, Prediction, WhatIf
 from batchmon.memory_model.step_trace import StepTrace, required_limit, scan_batches, simulate
@@ -76,8 +77,8 @@ class MemoryModel:
     # (Observation.inactive_split; None: not reported): a second bound of what survives a flush at the limit
     split_ratio: float | None = None
     # the allocations of one step under activation checkpointing, recorded from the model (None: not recorded):
-    # the checkpointing what-if's pool is then simulated (allocator_sim) instead of assumed
-    recompute_trace: StepTrace | None = None
+    # the checkpointing what-if's pool is then simulated (allocator_sim) instead of assumed (recompute_trace)
+    recorded_trace: StepTrace | None = None
     _max_batch_cache: dict = field(default_factory=dict, compare=False, repr=False)
 
     # -- description
@@ -159,11 +160,24 @@ class MemoryModel:
                              segments=self.segment_lines or self.phase_lines,
                              pool_simulated=self._pool_trace(what_if) is not None)
 
+    @cached_property
+    def recompute_trace(self) -> StepTrace | None:
+        """The checkpointed step's allocations: the recorded one, else synthesised from the agent's measured blocks
+        (the split's sequence: ckpt_trace) - on first use, not in the fit: the hub refits every job, and ~0.5-0.8 ms
+        a fit (GPT-2, T5-small) went to a what-if few ask for. None: neither."""
+        if self.recorded_trace is not None:
+            return self.recorded_trace
+        split = self.saved_split
+        if split is None or split.sequence is None or split.output is None:
+            return None
+        return synthesise(split.sequence, split.batch, split.output, int(self.lines["parameters"].fixed),
+                          int(self.lines["optimizer"].fixed), trainable=int(self.lines["gradients"].fixed) or None)
+
     def _pool_trace(self, what_if: WhatIf) -> StepTrace | None:
         """The recorded checkpointed step, where it is the step the what-if asks about: checkpointing alone (AMP,
         another optimizer, sharding or accumulation make another step than the one recorded)."""
-        if self.recompute_trace is None or not what_if.checkpointing or what_if.amp or what_if.optimizer \
-                or what_if.shards > 1 or what_if.accumulation_steps > 1:
+        if not what_if.checkpointing or what_if.amp or what_if.optimizer or what_if.shards > 1 \
+                or what_if.accumulation_steps > 1:
             return None
         return self.recompute_trace
 
