@@ -69,20 +69,23 @@ class MonitorLines:
         return self.interval != before
 
 
-def steady_window(intervals: Iterable[float | None]) -> float | None:
-    """The coalescer's steady window for the connected monitors' refresh intervals (see the module's rule)."""
+def _all_slow(intervals: Iterable[float | None]) -> tuple[bool, bool]:
+    """(any monitor connected, every one said an interval of at least STEADY_MIN_INTERVAL): the module's rule."""
     seen = False
     for interval in intervals:
         if interval is None or interval < STEADY_MIN_INTERVAL:
-            return STEADY_DEFAULT
+            return True, False
         seen = True
-    return STEADY_WINDOW_SECONDS if seen else STEADY_DEFAULT
+    return seen, True
+
+
+def steady_window(intervals: Iterable[float | None]) -> float | None:
+    """The coalescer's steady window for the connected monitors' refresh intervals (see the module's rule)."""
+    seen, slow = _all_slow(intervals)
+    return STEADY_WINDOW_SECONDS if seen and slow else STEADY_DEFAULT
 
 
 def allocator_read_seconds(intervals: Iterable[float | None]) -> float:
     """How often the training thread reads the allocator's figures for the connected monitors (the module's rule):
     READ_SECONDS while one refreshes faster than STEADY_MIN_INTERVAL or has not said, else READ_STEADY_SECONDS."""
-    for interval in intervals:
-        if interval is None or interval < STEADY_MIN_INTERVAL:
-            return READ_SECONDS
-    return READ_STEADY_SECONDS
+    return READ_STEADY_SECONDS if _all_slow(intervals)[1] else READ_SECONDS
