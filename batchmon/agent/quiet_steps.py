@@ -52,7 +52,6 @@ from __future__ import annotations
 import sys
 import threading
 import weakref
-from types import FrameType
 from typing import Any, Callable, Protocol
 
 import torch
@@ -325,37 +324,25 @@ def quiet_call(ref: "weakref.ReferenceType[torch.nn.Module]", owner: int) -> Cal
 def in_optimizer_step() -> bool:
     """Whether a ``torch.optim`` optimizer's ``step`` is running on this thread now: a frame of a ``step`` method of
     an optimizer, or of what its class's ``step`` is now (torch's hook-running wrapper: its pre hooks run there)."""
-    frame: FrameType | None = sys._getframe(1)
-    while frame is not None:
+    for frame in patches.frames(sys._getframe(1)):
         code = frame.f_code
         if code.co_name in ("step", "wrapper"):
             opt = frame.f_locals.get("self")
             if isinstance(opt, _OPTIMIZER) and (
                     code.co_name == "step" or code is getattr(type(opt).step, "__code__", None)):
                 return True
-        frame = frame.f_back
     return False
 
 
 def any_module_on_stack() -> bool:
     """Whether some module's forward (nn.Module's ``_call_impl``) runs on this thread now: on another thread than
     the training thread's, a DataParallel replica's forward rather than autograd's engine running a backward."""
-    frame: FrameType | None = sys._getframe(1)
-    while frame is not None:
-        if frame.f_code is _CALL_IMPL:
-            return True
-        frame = frame.f_back
-    return False
+    return any(frame.f_code is _CALL_IMPL for frame in patches.frames(sys._getframe(1)))
 
 
 def depth_on_stack(module: Any) -> int:
     """How many calls of ``module`` (through nn.Module's ``_call_impl``) are running on this thread now."""
     if module is None:
         return 0
-    n = 0
-    frame: FrameType | None = sys._getframe(1)
-    while frame is not None:
-        if frame.f_code is _CALL_IMPL and frame.f_locals.get("self") is module:
-            n += 1
-        frame = frame.f_back
-    return n
+    return sum(1 for frame in patches.frames(sys._getframe(1))
+               if frame.f_code is _CALL_IMPL and frame.f_locals.get("self") is module)

@@ -32,7 +32,7 @@ import re
 import sys
 import weakref
 from types import FrameType
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import torch
 
@@ -408,15 +408,17 @@ def backward_patch(on: bool) -> None:
         torch.autograd.backward = original  # type: ignore[assignment]
 
 
+def frames(frame: FrameType | None) -> Iterator[FrameType]:
+    """``frame`` and its callers, innermost first (the stack checks of an OOM's whereabouts walk it)."""
+    while frame is not None:
+        yield frame
+        frame = frame.f_back
+
+
 def on_backward_stack() -> bool:
     """Whether a backward pass runs on this thread now (torch's engine entry on the stack): where a quiet step's
     OOM observer call came from when the training thread itself runs it (the CPU's ready queue, a test)."""
-    frame: Any = sys._getframe(1)
-    while frame is not None:
-        if frame.f_code in _BACKWARD_CODES:
-            return True
-        frame = frame.f_back
-    return False
+    return any(frame.f_code in _BACKWARD_CODES for frame in frames(sys._getframe(1)))
 
 
 def step_depth_hook(on: bool) -> None:
