@@ -245,6 +245,57 @@ def _tree() -> str | None:
     return (rev + ("+changes" if dirty else "")) or None
 
 
+def start_peers(args: argparse.Namespace, work: Path, env: dict[str, str], name: str) -> "subprocess.Popen[str] | int | None":
+    """bench/load.py peers for the monitor to watch (``--agents``; 0: the agents already running), their socket
+    folder set in ``env``: the started server, None without peers, or an exit status after a one-line error
+    (``name``: whose). Shared by monitor_hub_parts and monitor_main_parts."""
+    if not args.agents:
+        return None
+    sock = work / "sock"
+    sock.mkdir(mode=0o700)
+    env["BATCHMON_DIR"] = str(sock)
+    serve_argv = [sys.executable, str(HERE / "load.py"), "--serve", str(sock), "--agents", str(args.agents),
+                  "--rate", f"{args.rate:g}", "--prefill", str(args.prefill),
+                  "--duration", str(int(args.warmup + args.duration + 60))]
+    if args.coalesce:
+        serve_argv.append("--coalesce")
+    recorded = getattr(args, "recorded", None)
+    if recorded is not None:
+        serve_argv += ["--recorded", str(recorded.resolve())]
+    if args.gpu_agents:
+        from ab_monitor import recorded_uuid
+
+        uuid = recorded_uuid(args.nvml_replay) if args.nvml_replay is not None else None
+        if uuid is None:
+            print(f"{name}: --gpu-agents needs --nvml-replay with a GPU UUID", file=sys.stderr)
+            return 2
+        serve_argv += ["--gpu", uuid]
+        env["BATCHMON_BENCH_GPU_AGENTS"] = "1"
+    serve = subprocess.Popen(serve_argv, stdout=subprocess.PIPE, text=True)
+    line = serve.stdout.readline() if serve.stdout else ""
+    if not line.startswith("ready"):
+        print(f"{name}: the peers did not start: {line.strip()}", file=sys.stderr)
+        serve.send_signal(signal.SIGTERM)
+        serve.wait(30)
+        return 1
+    return serve
+
+
+def start_tool(child_argv: list[str], env: dict[str, str], size: tuple[int, int]) -> Tool:
+    """The monitor (``child_argv``) started in a pseudo-terminal under ``env``; this process's environment as it
+    was afterwards."""
+    saved = dict(os.environ)
+    tool = Tool("batchmon", child_argv)
+    try:
+        os.environ.clear()
+        os.environ.update(env)
+        tool.start(*size)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return tool
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="the live monitor's hub thread, part by part")
     p.add_argument("--nvml-replay", type=Path, default=None,
@@ -278,41 +329,12 @@ def main(argv: list[str] | None = None) -> int:
         replay.write_text(NVML_REPLAY_MAIN)
         env["HUB_PARTS_MODE"] = str(replay)
         child_argv += [str(args.nvml_replay.resolve()), f"{args.interval:g}", "0", str(ROOT / "tests")]
-    serve = None
-    if args.agents:
-        sock = work / "sock"
-        sock.mkdir(mode=0o700)
-        env["BATCHMON_DIR"] = str(sock)
-        serve_argv = [sys.executable, str(HERE / "load.py"), "--serve", str(sock), "--agents", str(args.agents),
-                      "--rate", f"{args.rate:g}", "--prefill", str(args.prefill),
-                      "--duration", str(int(args.warmup + args.duration + 60))]
-        if args.coalesce:
-            serve_argv.append("--coalesce")
-        if args.recorded is not None:
-            serve_argv += ["--recorded", str(args.recorded.resolve())]
-        if args.gpu_agents:
-            from ab_monitor import recorded_uuid
-
-            uuid = recorded_uuid(args.nvml_replay) if args.nvml_replay is not None else None
-            if uuid is None:
-                print("monitor_hub_parts: --gpu-agents needs --nvml-replay with a GPU UUID", file=sys.stderr)
-                return 2
-            serve_argv += ["--gpu", uuid]
-            env["BATCHMON_BENCH_GPU_AGENTS"] = "1"
-        serve = subprocess.Popen(serve_argv, stdout=subprocess.PIPE, text=True)
-        line = serve.stdout.readline() if serve.stdout else ""
-        if not line.startswith("ready"):
-            print(f"monitor_hub_parts: the peers did not start: {line.strip()}", file=sys.stderr)
-            return 1
-    saved = dict(os.environ)
-    tool = Tool("batchmon", child_argv)
+    serve = start_peers(args, work, env, "monitor_hub_parts")
+    if isinstance(serve, int):
+        return serve
     threads: dict[str, dict[int, int]] = {}
     try:
-        os.environ.clear()
-        os.environ.update(env)
-        tool.start(*args.size)
-        os.environ.clear()
-        os.environ.update(saved)
+        tool = start_tool(child_argv, env, args.size)
 
         def mark(at: str) -> None:
             threads[at] = thread_cpu_ns(tool.pid)
@@ -324,8 +346,6 @@ def main(argv: list[str] | None = None) -> int:
 
         window = run_window([tool], args.warmup, args.duration, mark)
     finally:
-        os.environ.clear()
-        os.environ.update(saved)
         if serve is not None:
             serve.send_signal(signal.SIGTERM)
             serve.wait(30)

@@ -36,6 +36,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 from monitor_cpu import NVML_REPLAY_MAIN, parse_size, thread_cpu_ns  # noqa: E402
+from monitor_hub_parts import start_peers, start_tool  # noqa: E402
 from vs_nvitop import Tool, run_window  # noqa: E402
 
 #: the monitor's process: SIGUSR1 starts cProfile on the main thread (by its CPU clock), SIGUSR2 stops it and
@@ -160,39 +161,12 @@ def main(argv: list[str] | None = None) -> int:
     env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", MAIN_PARTS_OUT=str(dump), MAIN_PARTS_MODE=str(replay))
     child_argv = [sys.executable, str(child), str(args.nvml_replay.resolve()), f"{args.interval:g}", "0",
                   str(ROOT / "tests")]
-    serve = None
-    if args.agents:
-        sock = work / "sock"
-        sock.mkdir(mode=0o700)
-        env["BATCHMON_DIR"] = str(sock)
-        serve_argv = [sys.executable, str(HERE / "load.py"), "--serve", str(sock), "--agents", str(args.agents),
-                      "--rate", f"{args.rate:g}", "--prefill", str(args.prefill),
-                      "--duration", str(int(args.warmup + args.duration + 60))]
-        if args.coalesce:
-            serve_argv.append("--coalesce")
-        if args.gpu_agents:
-            from ab_monitor import recorded_uuid
-
-            uuid = recorded_uuid(args.nvml_replay)
-            if uuid is None:
-                print("monitor_main_parts: --gpu-agents needs a recording with a GPU UUID", file=sys.stderr)
-                return 2
-            serve_argv += ["--gpu", uuid]
-            env["BATCHMON_BENCH_GPU_AGENTS"] = "1"
-        serve = subprocess.Popen(serve_argv, stdout=subprocess.PIPE, text=True)
-        line = serve.stdout.readline() if serve.stdout else ""
-        if not line.startswith("ready"):
-            print(f"monitor_main_parts: the peers did not start: {line.strip()}", file=sys.stderr)
-            return 1
-    saved = dict(os.environ)
-    tool = Tool("batchmon", child_argv)
+    serve = start_peers(args, work, env, "monitor_main_parts")
+    if isinstance(serve, int):
+        return serve
     threads: dict[str, dict[int, int]] = {}
     try:
-        os.environ.clear()
-        os.environ.update(env)
-        tool.start(*args.size)
-        os.environ.clear()
-        os.environ.update(saved)
+        tool = start_tool(child_argv, env, args.size)
 
         spy: list[subprocess.Popen] = []
 
@@ -215,8 +189,6 @@ def main(argv: list[str] | None = None) -> int:
 
         window = run_window([tool], args.warmup, args.duration, mark)
     finally:
-        os.environ.clear()
-        os.environ.update(saved)
         if serve is not None:
             serve.send_signal(signal.SIGTERM)
             serve.wait(30)
