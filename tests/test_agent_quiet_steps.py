@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import io
 import pickle
+from typing import Any
 
 import pytest
 import torch
@@ -121,8 +122,10 @@ def test_copies_of_a_model_on_quiet_steps_carry_no_agent_hooks(agent_dir):
     assert handle.last_step.step == 8
 
 
-class OOMInBackward(torch.autograd.Function):
-    armed = False
+class FailInBackward(torch.autograd.Function):
+    """Identity; its backward, when ``fail`` is set, calls it once with the gradient (what fails there)."""
+
+    fail: Any = None
 
     @staticmethod
     def forward(ctx, x):  # noqa: ANN001, ANN205
@@ -130,11 +133,17 @@ class OOMInBackward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):  # noqa: ANN001, ANN205
-        if OOMInBackward.armed:  # as CUDA's allocator fails: its OOM observer first (a quiet step's backward
-            OOMInBackward.armed = False  # runs unwrapped: the observer is what sees it), then the error
-            torch_patches._oom_observer(0, 64 << 20, 0, 0)
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 MiB.")
+        fail, FailInBackward.fail = FailInBackward.fail, None
+        if fail is not None:
+            fail(grad)
         return grad
+
+
+def _allocator_oom(grad: torch.Tensor) -> None:
+    """As CUDA's allocator fails: its OOM observer first (a quiet step's backward runs unwrapped: the observer is
+    what sees it), then the error."""
+    torch_patches._oom_observer(0, 64 << 20, 0, 0)
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 MiB.")
 
 
 class Net(nn.Module):
@@ -147,7 +156,7 @@ class Net(nn.Module):
         if self.raise_next is not None:
             exc, self.raise_next = self.raise_next, None
             raise exc
-        return OOMInBackward.apply(self.b(torch.relu(self.a(x))))
+        return FailInBackward.apply(self.b(torch.relu(self.a(x))))
 
 
 class AllocatorLoss(nn.CrossEntropyLoss):
@@ -182,7 +191,7 @@ def _oom_run(where: str) -> tuple[batchmon.AgentHandle, list]:
     if where == "forward":
         model.raise_next = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 MiB.")
     elif where == "backward":
-        OOMInBackward.armed = True
+        FailInBackward.fail = _allocator_oom
     elif where == "optimizer step":
         fail_step.append(True)
     else:
@@ -376,22 +385,10 @@ def test_a_model_moved_alone_is_measured_again_within_place_steps(agent_dir):
     assert any(after[loud[0] + 1:]), after  # quiet again after it
 
 
-class HugeInBackward(torch.autograd.Function):
-    """Identity; its backward, when armed, asks CUDA's allocator for far more than the device has (a real OOM,
-    raised on the autograd engine's CUDA thread, its OOM observer called first)."""
-
-    armed = False
-
-    @staticmethod
-    def forward(ctx, x):  # noqa: ANN001, ANN205
-        return x * 1
-
-    @staticmethod
-    def backward(ctx, grad):  # noqa: ANN001, ANN205
-        if HugeInBackward.armed:
-            HugeInBackward.armed = False
-            torch.empty(1 << 50, dtype=torch.uint8, device=grad.device)
-        return grad
+def _huge_allocation(grad: torch.Tensor) -> None:
+    """Far more than the device has from CUDA's allocator: a real OOM, raised on the autograd engine's CUDA thread,
+    its OOM observer called first."""
+    torch.empty(1 << 50, dtype=torch.uint8, device=grad.device)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -407,14 +404,14 @@ def test_a_real_cuda_oom_in_a_quiet_steps_unwrapped_backward_is_reported_as_back
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        out = HugeInBackward.apply(model(torch.randn(8, D, device=dev)))
+        out = FailInBackward.apply(model(torch.randn(8, D, device=dev)))
         crit(out, torch.randint(0, 4, (8,), device=dev)).backward()
         opt.step()
 
     for _ in range(6):
         step()
     assert handle.quiet and torch.autograd.backward is not torch_patches._backward  # unwrapped while quiet
-    HugeInBackward.armed = True
+    FailInBackward.fail = _huge_allocation
     with pytest.raises(torch.OutOfMemoryError):
         step()
     for _ in range(6):

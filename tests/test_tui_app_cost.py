@@ -156,6 +156,13 @@ async def test_partial_updates_rendered_by_rows_draw_what_textuals_draw():
     assert any(changed < widget_rows / 4 for changed, widget_rows in compared), compared
 
 
+async def _compact_single_panels(app: BatchmonApp, pilot) -> list[JobPanel]:  # noqa: ANN001
+    """fx.many()'s app once its 9 job panels are drawn: the compact panels of single runs on screen."""
+    await fx.wait_for(pilot, lambda: app.renders >= 1 and len(app.query(JobPanel)) == 9)
+    await pilot.pause()
+    return [p for p in app.query(JobPanel) if p.level == "compact" and len(p.view.ranks) == 1 and not p._off_screen()]
+
+
 async def test_a_compact_panel_whose_step_alone_changed_repaints_its_step_and_draws_what_a_build_draws():
     """Beside many fast jobs a compact panel's new data is mostly its step counter: the panel replaces its title
     line's end (no build) and repaints those cells; its lines are what building it anew gives, and a change of
@@ -167,10 +174,7 @@ async def test_a_compact_panel_whose_step_alone_changed_repaints_its_step_and_dr
     snap = fx.many()  # 8 single runs (compact, one rank each) beside a torchrun job
     app = BatchmonApp(snapshot=snap)
     async with app.run_test(size=(160, 48)) as pilot:
-        await fx.wait_for(pilot, lambda: app.renders >= 1 and len(app.query(JobPanel)) == 9)
-        await pilot.pause()
-        shown = [p for p in app.query(JobPanel) if p.level == "compact" and len(p.view.ranks) == 1
-                 and not p._off_screen()]
+        shown = await _compact_single_panels(app, pilot)
         assert len(shown) >= 3
         builds, repaints = [], []
         for p in shown:
@@ -269,10 +273,7 @@ async def test_a_compact_title_whose_step_alone_changed_gets_the_strip_a_fresh_r
     snap = fx.many()
     app = BatchmonApp(snapshot=snap)
     async with app.run_test(size=(160, 48)) as pilot:
-        await fx.wait_for(pilot, lambda: app.renders >= 1 and len(app.query(JobPanel)) == 9)
-        await pilot.pause()
-        shown = [p for p in app.query(JobPanel) if p.level == "compact" and len(p.view.ranks) == 1
-                 and not p._off_screen()]
+        shown = await _compact_single_panels(app, pilot)
         keys = {p.view.lead.key for p in shown}
         for n in (1, 2, 3, 950):
             agents = [replace(a, last_step=replace(a.last_step, step=a.last_step.step + n)) if a.key in keys else a
