@@ -40,8 +40,7 @@ async def test_spliced_rows_are_the_strips_textual_renders(monkeypatch):
         spliced.append(type(widget).__name__)
         return mine
 
-    monkeypatch.setattr("batchmon.tui.panel.spliced_lines", compared)
-    monkeypatch.setattr("batchmon.tui.header.spliced_lines", compared)
+    monkeypatch.setattr(row_splice, "spliced_lines", compared)  # (panels and the header: row_splice.rows)
     app = BatchmonApp(snapshot=first)
     async with app.run_test(size=(160, 48)) as pilot:
         await fx.wait_for(pilot, lambda: app.renders >= 1 and len(app.query(JobPanel)) == 16)

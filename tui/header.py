@@ -13,7 +13,7 @@ from batchmon.snapshot import Snapshot
 from batchmon.tui.fmt import clean_line, fmt_bytes, fmt_interval
 from batchmon.tui.line_strip import LineStrips
 from batchmon.tui.repaint import repaint
-from batchmon.tui.row_splice import keep_frame, spliced_lines
+from batchmon.tui.row_splice import rows
 from batchmon.tui.panel import changed_runs
 from batchmon.tui.views import agent_count
 from batchmon.tui.palette import BG, BLUE, DIM, OK, PURPLE, WARN
@@ -115,11 +115,7 @@ class HeaderBar(Widget):
 
     def render_lines(self, crop: Region) -> list[Strip]:
         """Textual's, the clock's row made as in tui/row_splice.py."""
-        strips = spliced_lines(self, crop, self.render_line)
-        if strips is None:
-            strips = super().render_lines(crop)
-            keep_frame(self, crop, self.render_line)
-        return strips
+        return rows(self, crop, super().render_lines)
 
     def render_line(self, y: int) -> Strip:
         """The line as Textual renders it, through line_strip.LineStrips: the clock changes every second, and

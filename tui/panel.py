@@ -13,7 +13,7 @@ from textual.widget import Widget
 from batchmon.tui.fmt import clean_line
 from batchmon.tui.line_strip import LineStrips
 from batchmon.tui.repaint import repaint
-from batchmon.tui.row_splice import keep_frame, spliced_lines
+from batchmon.tui.row_splice import rows
 from batchmon.tui.messages import PanelFocused
 
 
@@ -255,11 +255,7 @@ class LinesPanel(Widget):
     def render_lines(self, crop: Region) -> list[Strip]:
         """Textual's rows; a dirty content row made as the row Textual drew there with the new line in it
         (tui/row_splice.py: the same strips, without Textual's per-widget gathering and framing)."""
-        strips = spliced_lines(self, crop, self.render_line)
-        if strips is None:
-            strips = super().render_lines(crop)
-            keep_frame(self, crop, self.render_line)
-        return strips
+        return rows(self, crop, super().render_lines)
 
     def selection_updated(self, selection: object) -> None:
         self._strips_key = None  # selected text is drawn into the strips

@@ -111,6 +111,16 @@ def keep_frame(widget: Widget, crop: Region, content_line: Callable[[int], Strip
         sc._cache[_KEY] = frame
 
 
+def rows(widget: Widget, crop: Region, textual: Callable[[Region], list[Strip]]) -> list[Strip]:
+    """A widget's ``render_lines``: its dirty content rows spliced (``spliced_lines``), else Textual's own
+    (``textual``: the widget's ``super().render_lines``), whose frame is then kept for the next ones."""
+    strips = spliced_lines(widget, crop, widget.render_line)
+    if strips is None:
+        strips = textual(crop)
+        keep_frame(widget, crop, widget.render_line)
+    return strips
+
+
 def _frame(widget: Any, sc: Any, crop: Region, content_line: Callable[[int], Strip]) -> Frame | None:
     """The frame from a drawn content row in ``crop``; _NO_FRAME where Textual applies more than a frame; None
     where no content row was drawn yet (try again next render)."""
