@@ -548,8 +548,8 @@ class BlockSplitMeter:
                     if isinstance(t, torch.Tensor):
                         storage = t.untyped_storage()
                         ref = StorageWeakRef(storage)
-                        self._inputs[ref] = -(-storage.nbytes() // self._round) * self._round
-                        if t.dim() >= 2 and t.shape[0] == 1 and t.numel() * t.element_size() == storage.nbytes():
+                        self._inputs[ref] = self._size(t)
+                        if _one_sample(t):
                             self._broadcast.add(ref)
             self._depth += 1
         except Exception:  # noqa: BLE001 - metering must never break the forward
@@ -593,8 +593,7 @@ class BlockSplitMeter:
                 # another input (the encoder's output, a position bias): made outside the blocks and kept by every
                 # checkpoint that gets it - counted once, with the bytes outside the blocks before this block
                 self._seen_in.add(ref)
-                if self._batch > 1 and t.dim() >= 2 and t.shape[0] == 1 \
-                        and t.numel() * t.element_size() == t.untyped_storage().nbytes():
+                if self._batch > 1 and _one_sample(t):
                     fixed += self._size(t)
                 else:
                     extra += self._size(t)
@@ -628,8 +627,7 @@ class BlockSplitMeter:
                     pass  # the block's own input: kept by its checkpoint, never recomputed
                 elif len(cur) >= SEQ_SAVED:
                     self.seq_ok = False
-                elif self._batch > 1 and t.dim() >= 2 and t.shape[0] == 1 \
-                        and t.numel() * t.element_size() == t.untyped_storage().nbytes():
+                elif self._batch > 1 and _one_sample(t):
                     cur.append(-grown)  # shaped as one sample's at a batch above 1: does not grow with it
                 else:
                     cur.append(grown)
@@ -648,7 +646,7 @@ class BlockSplitMeter:
         self._last = self._read()
 
     def _size(self, t: torch.Tensor) -> int:
-        return -(-t.untyped_storage().nbytes() // self._round) * self._round
+        return _storage_bytes(t, self._round)
 
     def sequence(self, end_bytes: int, start_bytes: int) -> dict[str, Any] | None:
         """The blocks' saved storages in creation order, for the memory model's synthesis of the checkpointed
@@ -854,6 +852,12 @@ def batch_independent_inputs(output: torch.Tensor, broadcast: dict[int, int], ba
     saves, _ = _saved_tensors(output, set(broadcast))
     saved = {entry[0] for entry in saves}
     return int(sum(size for key, size in broadcast.items() if key not in saved))
+
+
+def _one_sample(t: torch.Tensor) -> bool:
+    """Shaped as one sample's (a leading dimension of 1, at least 2 dimensions) and its storage's whole: a block
+    input or saved tensor that does not grow with the batch (T5's relative position bias)."""
+    return t.dim() >= 2 and t.shape[0] == 1 and t.numel() * t.element_size() == t.untyped_storage().nbytes()
 
 
 def _storage_bytes(tensor: torch.Tensor, block: int) -> int:
