@@ -23,7 +23,7 @@ from batchmon import protocol
 from batchmon.postmortem import OomReport
 from batchmon.records import LOCAL
 from batchmon.monitor import run_ends
-from batchmon.monitor.step_history import StepHistory
+from batchmon.monitor.step_history import StepHistory, summary_key
 from batchmon.probes import host as host_probe
 from batchmon.probes import nvml as nvml_probe
 from batchmon.probes.host import HostSample
@@ -512,7 +512,9 @@ class HubState:
         summary = history.window().model_steps()
         from batchmon.memory_model.fit import fit_figures, only_grew  # (imported when first needed, as below)
 
-        figures = fit_figures(summary, agent.figures_memo)
+        # read through the steps the summary's KeptSteps share their fields with (summary_key): the same figures,
+        # and fit_figures' memo then knows every step of a steady summary (a new KeptStep each window missed it)
+        figures = fit_figures(summary_key(summary), agent.figures_memo)
         if same_setup and agent.prediction is not None and last.batch_size in agent.prediction_sizes \
                 and agent.prediction_time is not None and 0 <= base.time - agent.prediction_time < PREDICT_GROWTH_S \
                 and only_grew(agent.prediction_figures, figures):
