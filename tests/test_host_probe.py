@@ -174,3 +174,15 @@ def test_monitor_side_never_imports_psutil() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+def test_meminfo_figures_are_read_by_whole_line_name() -> None:
+    """/proc/meminfo's figures are found by the name a line starts with: SwapCached is not Cached, and a name the
+    kernel does not say is None (the reader then estimates the available memory as free does)."""
+    from batchmon.probes.procfs import _meminfo
+
+    text = b"MemTotal:  1000 kB\nMemFree:  200 kB\nSwapCached:  7 kB\nCached:  300 kB\n"
+    assert _meminfo(text, b"Cached:") == 300 * 1024
+    assert _meminfo(text, b"SwapCached:") == 7 * 1024
+    assert _meminfo(text, b"MemTotal:") == 1000 * 1024
+    assert _meminfo(text, b"MemAvailable:") is None
