@@ -18,7 +18,7 @@ FIXTURES = Path(__file__).parent / "fixtures"
 def _checked(d: dict) -> Step:
     """The checked road alone: the short road switched off for one call."""
     saved = protocol._step_fast
-    protocol._step_fast = lambda _d: None  # type: ignore[assignment]
+    protocol._step_fast = lambda _d, _memo=None: None  # type: ignore[assignment]
     try:
         return Step.from_dict(d)
     finally:

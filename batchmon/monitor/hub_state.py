@@ -79,6 +79,7 @@ class _Agent:
     connected: bool = True
     detached: bool = False
     invalid_lines: int = 0
+    decode_memo: dict = field(default_factory=dict)  # protocol.decode_object's memo of this agent's messages
     burst_left: int | None = None  # lines of the history burst its hello announced still to come (None: not said)
     view: AgentView | None = None  # the last snapshot's view of this agent, reused while nothing changed
     view_key: tuple | None = None
@@ -271,7 +272,7 @@ class HubState:
             self._invalid(src, agent, error or "line is not JSON")
             return
         try:
-            msg = protocol.decode_object(data)
+            msg = protocol.decode_object(data, agent.decode_memo)
         except ProtocolError as exc:
             self._invalid(src, agent, str(exc))
             return
