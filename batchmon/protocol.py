@@ -725,9 +725,13 @@ def socket_path(pid: int, directory: Path | None = None) -> Path:
     return (socket_dir() if directory is None else directory) / f"{pid}.sock"
 
 
-def pid_of_socket(path: Path) -> int | None:
-    """The pid a socket file is named after, or None for a file that is not an agent socket."""
-    pid, _, n = path.stem.partition("-")  # <pid>-<n>.sock: another process with our pid had <pid>.sock
-    if path.suffix != ".sock" or not pid.isdigit() or (n and not n.isdigit()):
+def pid_of_socket(path: Path | str) -> int | None:
+    """The pid a socket file (a path, or a file name: the hub's scan, no Path made) is named after, or None for a
+    file that is not an agent socket."""
+    name = path if isinstance(path, str) else path.name
+    if not name.endswith(".sock"):
+        return None
+    pid, _, n = name[:-5].partition("-")  # <pid>-<n>.sock: another process with our pid had <pid>.sock
+    if not pid.isdigit() or (n and not n.isdigit()):
         return None
     return int(pid)

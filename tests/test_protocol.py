@@ -179,6 +179,9 @@ def test_pid_of_socket():
     assert protocol.pid_of_socket(protocol.Path("/x/123.sock")) == 123
     assert protocol.pid_of_socket(protocol.Path("/x/abc.sock")) is None
     assert protocol.pid_of_socket(protocol.Path("/x/123.txt")) is None
+    for name in ("123.sock", "abc.sock", "123.txt", "123-4.sock", "123-x.sock", ".sock", "123.x.sock", "1-.sock"):
+        assert protocol.pid_of_socket(name) == protocol.pid_of_socket(protocol.Path("/x") / name)  # a name alone
+    assert protocol.pid_of_socket("123-4.sock") == 123 and protocol.pid_of_socket("123.x.sock") is None
 
 
 def test_integer_too_large_for_a_float_is_a_protocol_error():

@@ -16,7 +16,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Container
 
 from batchmon import protocol
 from batchmon.probes.procfs import is_zombie
@@ -114,8 +114,9 @@ def exit_notes(directory: Path) -> list[ExitNote]:
     return notes
 
 
-def scan(directory: Path) -> list[Found]:
-    """Agent sockets (``<pid>.sock``, a socket, owned by us) in the folder, by pid. Missing folder: none."""
+def scan(directory: Path, known: Container[int] = ()) -> list[Found]:
+    """Agent sockets (``<pid>.sock``, a socket, owned by us) in the folder, by pid, but for the pids in ``known``
+    (the hub's connected agents: not looked at, the listing beside 16 agents was ~0.2 ms). Missing folder: none."""
     found: list[Found] = []
     try:
         entries = list(os.scandir(directory))
@@ -123,8 +124,8 @@ def scan(directory: Path) -> list[Found]:
         return found
     uid = os.getuid()
     for entry in entries:
-        pid = protocol.pid_of_socket(Path(entry.name))
-        if pid is None:
+        pid = protocol.pid_of_socket(entry.name)
+        if pid is None or pid in known:
             continue
         try:
             st = entry.stat(follow_symlinks=False)

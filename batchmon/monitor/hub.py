@@ -402,7 +402,7 @@ class Hub:
             return  # nothing appeared or vanished since the last listing
         self._scan_key, self._rescan = (mtime, now), False
         self._read_exit_notes(directory)
-        for found in scan(directory):
+        for found in scan(directory, self._conns):
             if found.pid not in self._conns and len(self._conns) >= connection_limit():
                 self._warn("agents", f"more agent sockets than {connection_limit()} (the open-file limit); "
                                      "not connecting to the rest")
