@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The batched H200 session: every GPU claim of the issues, measured in few device calls.
 #   bash bench/h200_run.sh STAGE...   (stages: env nvml agent final nvitop ddp checks integrations load_start
-#   load_collect cost paired costab overhead predict public patterns cudatests zoo fast16 hubrec load64)
+#   load_collect cost paired costab overhead predict public patterns cudatests zoo zooboundary fast16 hubrec load64)
 # Runs from the repo root on the GPU machine; results land under $OUT (packed into $OUT/results_TAG.tar.gz too).
 set -u
 OUT=${OUT:-$PWD/out}
@@ -287,6 +287,11 @@ zoo)
   # issue 13: predicted vs measured peaks and largest batches on architectures nobody here tuned on
   stage zoo
   python3 bench/predict_zoo.py ${ZOOX:-} --out $R/predict_zoo_h200.json 2>&1 | tail -n 60 | tee $R/predict_zoo.log
+  ;;
+zooboundary)
+  # issue 13: is a what-if's real largest batch path dependent? trial orders at T5 checkpointing's boundary
+  stage zooboundary
+  python3 bench/zoo_boundary.py ${ZOOBX:---orders 346 303,312,330,346 346,351 330 303,346} --out $R/zoo_boundary_h200.json 2>&1 | tail -n 12 | tee $R/zoo_boundary.log
   ;;
 predict)
   stage predict
