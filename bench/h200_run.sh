@@ -291,7 +291,7 @@ zoo)
 zooboundary)
   # issue 13: is a what-if's real largest batch path dependent? trial orders at T5 checkpointing's boundary
   stage zooboundary
-  python3 bench/zoo_boundary.py ${ZOOBX:---orders 346 303,312,330,346 346,351 330 303,346} --out $R/zoo_boundary_h200.json 2>&1 | tail -n 12 | tee $R/zoo_boundary.log
+  python3 bench/zoo_boundary.py ${ZOOBX:---orders 346 325 330 321 351 303,312,330,346} --out $R/zoo_boundary_h200.json 2>&1 | tail -n 12 | tee $R/zoo_boundary.log
   ;;
 predict)
   stage predict

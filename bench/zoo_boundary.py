@@ -8,7 +8,7 @@ fresh runner (new model and optimizer, one step at the observed small batch firs
 records every trial's outcome and allocator figures: whether the outcome of a batch depends on the trials before
 it (and so what a user who starts at the predicted batch gets).
 
-    python3 bench/zoo_boundary.py --arch t5-small --what-if checkpointing --orders 346 303,312,330,346 346,351 \
+    python3 bench/zoo_boundary.py --arch t5-small --what-if checkpointing --orders 346 325 330 321 351 303,312,330,346 \
         --out bench/results/zoo_boundary_h200.json
 """
 
