@@ -138,7 +138,8 @@ _DRAWN_MAX = 32
 
 def render_chart(inp: ChartInput, width: int, height: int) -> list[Text]:
     """The chart as ``height`` lines of ``width`` cells: y labels, plot, x axis and x labels included.
-    Reused (as copies) while the input's key and the size stay the same."""
+    The same Text objects while the input's key and the size stay the same: the panels that show them never change
+    a line once made (see gpu_panel._process_block), and their line diff finds them equal by identity."""
     if inp.key is None:
         return _draw(inp, width, height)
     cache_key = (inp.key, width, height)
@@ -149,7 +150,7 @@ def render_chart(inp: ChartInput, width: int, height: int) -> list[Text]:
             _DRAWN.popitem(last=False)
     else:
         _DRAWN.move_to_end(cache_key)
-    return [line.copy() for line in lines]
+    return list(lines)
 
 
 def _draw(inp: ChartInput, width: int, height: int) -> list[Text]:

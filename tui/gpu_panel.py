@@ -10,6 +10,7 @@ from batchmon.probes.nvml import DeviceSample
 from batchmon.tui.bars import memory_bar, percent_bar, sparkline
 from batchmon.tui.fmt import fmt_bytes, fmt_used_total
 from batchmon.tui.gpu_usage import usage_lines
+from batchmon.tui.kept import Kept
 from batchmon.tui.panel import LinesPanel
 from batchmon.tui.timeline import history_lines
 from batchmon.tui.views import GpuView, ProcRow
@@ -91,10 +92,8 @@ def gpu_lines(v: GpuView, width: int, level: str) -> list[Text]:
             t.append(f" {d.name.replace('NVIDIA ', '')}", style=DIM)
         return [t]
     lines: list[Text] = []
-    title = _title(v, width)
-    label = _mem_label(d)
     if level == "dense":
-        line = title
+        line = _title(v, width)
         line.append("  ")
         line.append_text(_util(d, 10))
         line.append(f"  {len(v.procs)} proc", style=DIM)
@@ -111,28 +110,15 @@ def gpu_lines(v: GpuView, width: int, level: str) -> list[Text]:
         l2.append_text(sparkline(v.history, max(4, width - len(l2.plain)), maximum=m.total if m else None))
         lines.append(l2)
         return lines
-    util_w = 10
-    title_room = width - len(title.plain) - (util_w + 10)
-    if title_room >= 2:
-        title.append(" " * title_room)
-        title.append_text(_util(d, util_w))
-        lines.append(title)
-    else:
-        lines.append(title)
-        lines.append(_util(d, util_w))
-    if m:
-        bar = Text().append("mem  ", style=DIM)
-        bar.append_text(memory_bar(m.used, m.reserved, m.total, max(8, width - 5)))
-        lines.append(bar)
-    label_line = Text("     ")
-    label_line.append_text(label)
-    lines.append(label_line)
-    if v.history_rows > 1:  # room for it: used memory over time with an axis (tui/timeline.py)
-        lines.extend(history_lines(v.history, width, v.history_rows, maximum=m.total if m else None))
-    else:
-        hist = Text().append("hist ", style=DIM)
-        hist.append_text(sparkline(v.history, max(4, width - 5), maximum=m.total if m else None))
-        lines.append(hist)
+    # the full panel, each part kept by what it shows (tui/kept.py): beside training jobs the title's watts change
+    # every second or two, the history every 5 s (app_memory.HISTORY_SECONDS), the rest seldom
+    lines.extend(_KEPT.get(("title", d.index, v.host, d.name, d.temperature, d.power, d.utilization, width),
+                           lambda: _full_title(v, width)))
+    lines.extend(_KEPT.get(("memory", m.used if m else None, m.reserved if m else None, m.total if m else None,
+                            width), lambda: _memory_lines(d, width)))
+    total = m.total if m else None
+    lines.extend(_KEPT.get(("history", tuple(v.history), v.history_rows, total, width),
+                           lambda: _history(v.history, v.history_rows, total, width)))
     if v.procs:
         lines.extend(_process_block(v, width))
     else:
@@ -140,28 +126,67 @@ def gpu_lines(v: GpuView, width: int, level: str) -> list[Text]:
     return lines
 
 
+def _full_title(v: GpuView, width: int) -> list[Text]:
+    """A full panel's title with the utilization at its right end, or on a line of its own where it does not fit."""
+    title = _title(v, width)
+    util_w = 10
+    title_room = width - len(title.plain) - (util_w + 10)
+    if title_room < 2:
+        return [title, _util(v.device, util_w)]
+    title.append(" " * title_room)
+    title.append_text(_util(v.device, util_w))
+    return [title]
+
+
+def _memory_lines(d: DeviceSample, width: int) -> list[Text]:
+    """The memory bar (where the GPU reports its memory) and the used / total label."""
+    lines = []
+    m = d.memory
+    if m:
+        bar = Text().append("mem  ", style=DIM)
+        bar.append_text(memory_bar(m.used, m.reserved, m.total, max(8, width - 5)))
+        lines.append(bar)
+    label_line = Text("     ")
+    label_line.append_text(_mem_label(d))
+    lines.append(label_line)
+    return lines
+
+
+def _history(history: list[int], rows: int, total: int | None, width: int) -> list[Text]:
+    """Used memory over time: with an axis where there is room for it (tui/timeline.py), else a sparkline."""
+    if rows > 1:
+        return history_lines(history, width, rows, maximum=total)
+    hist = Text().append("hist ", style=DIM)
+    hist.append_text(sparkline(history, max(4, width - 5), maximum=total))
+    return [hist]
+
+
+_KEPT: Kept[list[Text]] = Kept(32)  # a full panel's title, memory and history lines, by what they show
 _BLOCKS: OrderedDict[tuple, list[Text]] = OrderedDict()  # the process table and usage lines, by what they show
 
 
 def _process_block(v: GpuView, width: int) -> list[Text]:
-    """The process table and where "used" goes (tui/gpu_usage.py), reused (as copies) while what they show reads
-    the same: the panel is built again every refresh (its memory history moves on), but beside 16 training jobs
-    its 34 process lines stay the same second after second (a process's CPU share and RSS are not shown here)."""
+    """The process table and where "used" goes (tui/gpu_usage.py), the same Text objects while what they show
+    reads the same: the panel is built again every refresh (its memory history moves on), but beside 16 training
+    jobs its 34 process lines stay the same second after second (a process's CPU share and RSS are not shown
+    here). Not copied (copying them was most of the GPU panel's build): the lines are the panel's, never changed
+    after they are made (LinesPanel's clean-up and no-wrap settings are the same each time), and the panel's line
+    diff finds them equal by identity."""
     d = v.device
     key = (width, d.index, d.memory, tuple(
         (p.pid, p.used, p.agent, p.figures, p.ended, p.info.user, p.info.command, p.info.state) if p.info is not None
         else (p.pid, p.used, p.agent, p.figures, p.ended) for p in v.procs))
     if key in _BLOCKS:
         _BLOCKS.move_to_end(key)
-        return [line.copy() for line in _BLOCKS[key]]
+        return list(_BLOCKS[key])
     lines = [Text().append(f"  {'PID':>7} {'USER':<10} {'GPU MEM':>10} COMMAND", style="bold " + DIM)]
     for p in sorted(v.procs, key=lambda p: (-(p.used or 0), p.pid)):
         lines.append(_proc_line(p, width))
     lines.extend(usage_lines(v, width))
-    _BLOCKS[key] = [line.copy() for line in lines]
+    _BLOCKS[key] = lines
     if len(_BLOCKS) > 16:
         _BLOCKS.popitem(last=False)
-    return lines
+    return list(lines)
 
 
 class GpuPanel(LinesPanel):

@@ -73,8 +73,9 @@ _COMPACT: OrderedDict[tuple, tuple[Any, Text]] = OrderedDict()  # compact panels
 
 
 def _kept(key: tuple, make: Callable[[], Text]) -> Text:
-    """``make()``, reused (as a copy) while ``key`` reads the same: beside 16 jobs, a compact panel is built again
-    every second for its step counter, its title and its bar line the same as the second before."""
+    """``make()``, the same Text while ``key`` reads the same: beside 16 jobs, a compact panel is built again every
+    second for its step counter, its title and its bar line the same as the second before. Not copied: no one
+    changes a line once made (see gpu_panel._process_block)."""
     hit = _COMPACT.get(key)
     if hit is None:
         hit = _COMPACT[key] = (None, make())
@@ -82,12 +83,13 @@ def _kept(key: tuple, make: Callable[[], Text]) -> Text:
             _COMPACT.popitem(last=False)
     else:
         _COMPACT.move_to_end(key)
-    return hit[1].copy()
+    return hit[1]
 
 
-def _compact_title(v: JobView, focused: bool, width: int) -> Text:
-    """_title, kept by what it reads: the hello by identity (hashing a Hello, or the device sample, every refresh
-    cost more than the title), the device by its index."""
+def kept_title(v: JobView, focused: bool, width: int) -> Text:
+    """job_title, kept by what it reads: the hello by identity (hashing a Hello, or the device sample, every refresh
+    cost more than the title), the device by its index. The same Text while kept (compact_lines appends it to
+    its own line: it is not changed)."""
     a = v.lead
     dev = v.devices.get(a.key)
     key = ("title", a.key, id(a.hello), len(v.ranks), dev.index if dev is not None else None, v.host, v.user,
@@ -95,9 +97,9 @@ def _compact_title(v: JobView, focused: bool, width: int) -> Text:
     kept = _COMPACT.get(key)
     if kept is not None and kept[0] is a.hello:  # the same hello (an id is reused only once its object is gone)
         _COMPACT.move_to_end(key)
-        return kept[1].copy()
+        return kept[1]
     title = job_title(v, focused, width)
-    _COMPACT[key] = (a.hello, title.copy())
+    _COMPACT[key] = (a.hello, title)
     if len(_COMPACT) > 256:
         _COMPACT.popitem(last=False)
     return title
@@ -145,7 +147,7 @@ def compact_lines(v: JobView, focused: bool, width: int, measured: dict[str, int
         t1.append(" RETRY ", style=f"reverse {EVENT_STYLES['alloc_retry']}")
         t1.append(" ")
     step = step_text(s) if s is not None else ""
-    t1.append_text(_compact_title(v, focused, width - len(t1.plain) - (step_room(s) if s is not None else 0)))
+    t1.append_text(kept_title(v, focused, width - len(t1.plain) - (step_room(s) if s is not None else 0)))
     if step:
         t1.append(step, style=DIM)
     return [t1, _compact_bars(measured, measured_total, v.prediction, width)]

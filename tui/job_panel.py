@@ -12,7 +12,7 @@ from textual.strip import Strip
 
 from batchmon.jobs import imbalance, imbalance_text
 from batchmon.protocol import ALL_COMPONENTS, Event
-from batchmon.snapshot import AgentView
+from batchmon.snapshot import AgentView, StepPhases
 from batchmon.tui.bars import COMPONENT_LABELS, COMPONENT_STYLES, component_parts, stacked_bar
 from batchmon.tui.chart import render_chart
 from batchmon.tui.ended_panel import ended_lines
@@ -23,8 +23,9 @@ from batchmon.tui.predict import measured_components
 from batchmon.tui.views import JobView, job_signature
 from batchmon.tui.palette import ACCENT, BAD, BLUE, BORDER, DIM, OK, WARN
 
-from batchmon.tui.job_compact import (EVENT_STYLES, command_text, compact_lines, device_label, job_title, step_room,
+from batchmon.tui.job_compact import (EVENT_STYLES, command_text, compact_lines, device_label, kept_title, step_room,
                                       step_text)
+from batchmon.tui.kept import Kept
 
 __all__ = ["EVENT_STYLES", "JobPanel", "command_text", "job_lines"]  # command_text: where the app's modules take it
 
@@ -59,6 +60,13 @@ def _stats(v: JobView) -> Text:
 
 
 def _bar_line(label: str, comps: dict[str, int] | None, scale: int, bar_w: int, total_label: str) -> Text:
+    """A labelled stacked bar of the components and its total; kept by what it shows (steady training: the same
+    bars second after second)."""
+    key = ("bar", label, tuple(comps.items()) if comps is not None else None, scale, bar_w, total_label)
+    return _KEPT.get(key, lambda: _make_bar_line(label, comps, scale, bar_w, total_label))
+
+
+def _make_bar_line(label: str, comps: dict[str, int] | None, scale: int, bar_w: int, total_label: str) -> Text:
     t = Text().append(f"  {fit_label(label, 16)}", style=DIM)
     if comps is None:
         t.append("·" * bar_w, style=BORDER)
@@ -78,6 +86,14 @@ def _predicted_label(v: JobView) -> str:
 
 
 def _summary(v: JobView) -> Text:
+    """The prediction's answer (largest batch, headroom) or why there is none; kept by what it shows."""
+    p = v.prediction
+    key = (("summary", p.max_batch, p.headroom, p.batch_size, p.device_total, p.margin) if p is not None
+           else ("no prediction", tuple(v.notes)))
+    return _KEPT.get(key, lambda: _make_summary(v))
+
+
+def _make_summary(v: JobView) -> Text:
     p = v.prediction
     t = Text("  ")
     if p is None:
@@ -109,6 +125,11 @@ def _phase_line(v: JobView, width: int) -> list[Text]:
         since = f"  step {ph.step}"
         if ph.batch_size != last.batch_size:  # no sample at the batch size of the step shown yet
             since += f" b={ph.batch_size}"
+    return _KEPT.get(("phase", ph.peak_phase, tuple(ph.peaks.items()), since, width),
+                     lambda: _make_phase_line(ph, since, width))
+
+
+def _make_phase_line(ph: StepPhases, since: str, width: int) -> list[Text]:
     bare = f"peak in {ph.peak_phase}" if ph.peak_phase else "step peak"
     for text in (ph.text() + since, ph.text(short=True) + since, ph.text(short=True), bare):
         if len(text) <= width - 2:
@@ -230,22 +251,43 @@ _BLOCKS: OrderedDict[tuple | None, list[Text]] = OrderedDict()  # table beside c
 
 def _table_beside_chart(v: JobView, measured: dict[str, int] | None, width: int, rows: int,
                         table_w: int) -> list[Text]:
-    """The component table beside the chart, reused (as copies) while the measured components, the prediction and
-    the chart's input read the same: steady training shows the same ~12 lines second after second."""
+    """The component table beside the chart, the same Text objects while the measured components, the prediction
+    and the chart's input read the same: steady training shows the same ~12 lines second after second (not copied:
+    see gpu_panel._process_block)."""
     chart, p = v.chart, v.prediction
     assert chart is not None
     key = None if chart.key is None else (tuple(measured.items()) if measured else None, chart.key, width, rows,
                                           (tuple(p.components.items()), p.total) if p is not None else None, table_w)
     if key in _BLOCKS:
         _BLOCKS.move_to_end(key)
-        return [line.copy() for line in _BLOCKS[key]]
+        return list(_BLOCKS[key])
     table = _table(v, measured)
     lines = _side_by_side(table, render_chart(chart, width - table_w, max(rows, len(table))), table_w)
     if key is not None:
-        _BLOCKS[key] = [line.copy() for line in lines]
+        _BLOCKS[key] = lines
         if len(_BLOCKS) > 32:
             _BLOCKS.popitem(last=False)
-    return lines
+    return list(lines)
+
+
+_KEPT: Kept = Kept(64)  # the full and medium panels' lines that read the same second after second (tui/kept.py)
+
+
+def _chart_key(high_side: bool) -> Text:
+    """What the chart's marks mean (the high side's only where the chart draws it)."""
+
+    def make() -> Text:
+        key = Text("  ")
+        key.append("● observed  ", style=f"bold {WARN}")
+        key.append("◆ what-if  ", style=f"bold {ACCENT}")
+        key.append("── predicted peak  ", style=BLUE)
+        if high_side:
+            key.append("⠂⠂ high side  ", style=DIM)
+        key.append("┄┄ device limit  ", style=BAD)
+        key.append("┊ largest batch", style=OK)
+        return key
+
+    return _KEPT.get(("chart key", high_side), make)
 
 
 def job_lines(v: JobView, width: int, level: str, *, focused: bool = False, chart_rows: int = 10) -> list[Text]:
@@ -260,7 +302,7 @@ def job_lines(v: JobView, width: int, level: str, *, focused: bool = False, char
     if level == "compact":
         return compact_lines(v, focused, width, measured, measured_total)
 
-    lines = [job_title(v, focused, width), _stats(v)]
+    lines = [kept_title(v, focused, width), _stats(v)]
     if s is None:
         lines.append(Text().append("  waiting for the first training step (hello received)", style=DIM))
         lines.extend(_events(v, 3))
@@ -286,15 +328,7 @@ def job_lines(v: JobView, width: int, level: str, *, focused: bool = False, char
             if chart is not None:
                 lines.extend(render_chart(chart, width, chart_rows))
         if chart is not None:
-            key = Text("  ")
-            key.append("● observed  ", style=f"bold {WARN}")
-            key.append("◆ what-if  ", style=f"bold {ACCENT}")
-            key.append("── predicted peak  ", style=BLUE)
-            if p is not None and p.band is not None and p.band.high > p.total:
-                key.append("⠂⠂ high side  ", style=DIM)
-            key.append("┄┄ device limit  ", style=BAD)
-            key.append("┊ largest batch", style=OK)
-            lines.append(key)
+            lines.append(_chart_key(p is not None and p.band is not None and p.band.high > p.total))
     elif width >= COMPACT_TABLE_WIDTH:  # short terminals (80×24): the table in two columns, not a legend
         lines.extend(compact_table(measured, p.components if p else None))
         if v.chart is not None and chart_rows >= 5:
@@ -306,7 +340,8 @@ def job_lines(v: JobView, width: int, level: str, *, focused: bool = False, char
     if p is not None and p.basis and level == "full":
         # without the fitted steps' range, which moves with every refit: the job line shows the step, and a last
         # line that changed every second would widen each frame's repaint to the whole panel (--once keeps it)
-        lines.append(Text().append(f"  basis: {p.basis_fields.text(step_range=False)}", style=DIM))
+        basis = f"  basis: {p.basis_fields.text(step_range=False)}"
+        lines.append(_KEPT.get(("basis", basis), lambda: Text().append(basis, style=DIM)))
     for note in v.notes if p is not None else []:
         lines.append(Text().append(f"  {note}", style=WARN))
     lines.extend(_events(v, 3 if level == "full" else 2))

@@ -146,7 +146,7 @@ class LinesPanel(Widget):
         if len(new) != len(old[2]):
             self.refresh(layout=True)
             return True
-        runs = [None if a == b else changed_runs(a, b, width) for a, b in zip(old[2], new)]
+        runs = [None if a is b or a == b else changed_runs(a, b, width) for a, b in zip(old[2], new)]
         same = [not r for r in runs]  # equal, or changed only beyond the panel's edge (nothing to repaint)
         if not all(same) and off_screen:
             # scrolled out of its column: nothing to draw now. Its rendered lines are dropped, so it draws the new
