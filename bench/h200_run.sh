@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The batched H200 session: every GPU claim of the issues, measured in few device calls.
 #   bash bench/h200_run.sh STAGE...   (stages: env nvml agent final nvitop ddp checks integrations load_start
-#   load_collect cost paired costab overhead predict public patterns cudatests zoo zooboundary fast16 hubrec load64)
+#   load_collect cost paired pairedcpu costab overhead predict public patterns cudatests zoo zooboundary fast16 hubrec load64)
 # Runs from the repo root on the GPU machine; results land under $OUT (packed into $OUT/results_TAG.tar.gz too).
 set -u
 OUT=${OUT:-$PWD/out}
@@ -201,6 +201,11 @@ paired)
   if [ "${SMOKE:-0}" = 1 ]; then PX="--cpu-smoke"; else PX="${PAIREDX:-}"; fi
   python3 bench/agent_cost_paired.py --device $DEV $PX --budget ${PAIREDBUDGET:-85} --out $R/agent_cost_paired_mlp_h200.json 2>&1 | tail -n 3 | tee $R/agent_cost_paired.log
   python3 bench/agent_cost_paired.py --device cpu $PX --budget ${PAIREDCPUBUDGET:-45} --out $R/agent_cost_paired_cpu_h200.json 2>&1 | tail -n 3 | tee -a $R/agent_cost_paired.log
+  ;;
+pairedcpu)
+  # issue 14 point 1's CPU target (<= 1.10x on a ~100 us step): the paired A/B on the host's CPU alone, a tiny MLP
+  stage pairedcpu
+  python3 bench/agent_cost_paired.py --device cpu ${PAIREDCPUX:---width 32 --layers 2 --batch-size 8} --budget ${PAIREDCPUBUDGET:-45} --out $R/agent_cost_paired_cpu_tiny_h200.json 2>&1 | tail -n 3 | tee $R/agent_cost_paired_cpu_tiny.log
   ;;
 costab)
   # issue 14 point 1: this tree's agent against another tree's (COSTAB_OLD: a path relative to the checkout, e.g.
