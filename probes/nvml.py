@@ -143,6 +143,7 @@ class NvmlProbe:
         self._begin: Callable[[], None] | None = None
         self._fns: dict[str, Callable[..., Any] | None] = {}
         self._mem_v2: Any = None
+        self._lists: Any = None  # nvml_lists.ProcessLists where the backend is pynvml itself: one call a list
         self._temp_sensor: Any = 0
 
     # -------------------------------------------------------------------------------------------- setup
@@ -173,6 +174,10 @@ class NvmlProbe:
             return
         self._fns = {name: getattr(nvml, name, None) for name in _PROBE_FUNCTIONS}
         self._mem_v2 = getattr(nvml, "nvmlMemory_v2", None)
+        from batchmon.probes.nvml_lists import ProcessLists
+
+        lists = ProcessLists(nvml)
+        self._lists = lists if lists.available else None
         self._temp_sensor = getattr(nvml, "NVML_TEMPERATURE_GPU", 0)
         wanted = range(count) if self._indices is None else [i for i in self._indices if 0 <= i < count]
         for index in wanted:
@@ -325,7 +330,10 @@ class NvmlProbe:
     def _process_list(self, dev: _Device, kind: str) -> Any:
         name = "nvmlDeviceGetComputeRunningProcesses" if kind == "compute" else "nvmlDeviceGetGraphicsRunningProcesses"
         if kind not in dev.procs_v2:
-            procs = self._try(dev, kind, self._fns[name])
+            if self._lists is not None and self._fns[name] is not None:
+                procs = self._try(dev, kind, self._lists.get, kind)  # the same list, one driver call
+            else:
+                procs = self._try(dev, kind, self._fns[name])
             if procs is not _UNSUPPORTED_CALL:
                 return procs
             if self._fns[name + "_v2"] is None:
