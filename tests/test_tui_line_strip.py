@@ -11,7 +11,7 @@ from textual.visual import Visual, visualize
 
 import tui_fixtures as fx
 from batchmon.tui.app import BatchmonApp
-from batchmon.tui.header import HeaderBar
+from batchmon.tui.line_bar import LineBar
 from batchmon.tui.line_strip import LineStrips
 from batchmon.tui.panel import LinesPanel
 
@@ -31,11 +31,11 @@ def segments(strip: Strip) -> list[tuple]:
 def compare_every_line(app) -> tuple[int, int]:
     """(lines rendered by LineStrips, lines left to Textual); fails on the first strip that differs."""
     fast = slow = 0
-    widgets = [*app.query(LinesPanel), *app.query(HeaderBar)]
+    widgets = [*app.query(LinesPanel), *(bar for bar in app.query(LineBar) if bar.display)]
     assert widgets
     for widget in widgets:
-        if isinstance(widget, HeaderBar):
-            width, lines = widget.size.width, [widget._text()]
+        if isinstance(widget, LineBar):  # the header, the replay's bar
+            width, lines = widget.size.width, [widget.line()]
         else:
             width = widget.content_size.width
             lines = widget.lines(width)
@@ -65,6 +65,23 @@ async def test_every_line_of_the_recorded_screens_is_textuals_own(name, size):
         await pilot.pause()
         fast2, _ = compare_every_line(app)
         assert fast2 > 20
+
+
+async def test_the_replay_bar_is_textuals_own_playing_and_at_the_end():
+    from batchmon.monitor.replay import ReplaySource
+    from batchmon.tui.replay_bar import ReplayBar
+
+    src = ReplaySource(fx.FIXTURES / "tui_h200_two_jobs.jsonl", speed=0.001)  # only the keys move it
+    app = BatchmonApp(src, title="replay")
+    async with app.run_test(size=(120, 36)) as pilot:
+        bar = app.query_one(ReplayBar)
+        await fx.wait_for(pilot, lambda: "▶ replay" in bar.line().plain)
+        fast, _ = compare_every_line(app)
+        await pilot.press("end")
+        await fx.wait_for(pilot, lambda: "end of recording" in bar.line().plain)
+        fast2, _ = compare_every_line(app)
+        assert fast > 20 and fast2 > 20
+        assert "end of recording" in fx.screen_text(app)  # the row drawn (spliced) shows it
 
 
 async def test_after_a_theme_change_every_line_goes_textuals_way():

@@ -5,16 +5,10 @@ from __future__ import annotations
 import time as _time
 
 from rich.text import Text
-from textual.geometry import Region
-from textual.strip import Strip
-from textual.widget import Widget
 
 from batchmon.snapshot import Snapshot
 from batchmon.tui.fmt import clean_line, fmt_bytes, fmt_interval
-from batchmon.tui.line_strip import LineStrips
-from batchmon.tui.repaint import repaint
-from batchmon.tui.row_splice import rows
-from batchmon.tui.panel import changed_runs
+from batchmon.tui.line_bar import LineBar
 from batchmon.tui.views import agent_count
 from batchmon.tui.palette import BG, BLUE, DIM, OK, PURPLE, WARN
 
@@ -70,8 +64,8 @@ def header_text(snapshot: Snapshot | None, *, interval: float, paused: bool, tit
     return clean_line(text)  # the host name and the title come from outside (a remote box, a recording's name)
 
 
-class HeaderBar(Widget):
-    """Docked header; the app sets .snapshot/.paused/.interval and calls refresh()."""
+class HeaderBar(LineBar):
+    """Docked header; the app sets .snapshot/.paused/.interval and calls update_text() (or refresh())."""
 
     def __init__(self, *, title: str | None = None, id: str | None = None) -> None:
         super().__init__(id=id)
@@ -80,8 +74,6 @@ class HeaderBar(Widget):
         self.paused = False
         self.interval = 1.0
         self._made: tuple[tuple, Text] | None = None  # (what it showed, the line): see _text
-        self._line_strips = LineStrips()
-        self._strip: tuple[tuple, Strip] | None = None  # (line, width, style) -> its strip
 
     def _text(self) -> Text:
         """The header line for what it shows now; built once per change of that (update_text and render both
@@ -94,44 +86,10 @@ class HeaderBar(Widget):
                                                      title=self.title_text, width=width))
         return made[1]
 
+    def line(self) -> Text:
+        return self._text()
+
     def update_text(self) -> None:
         """Repaint the columns whose text changed since the last render (each second: the clock, perhaps the
         host memory), or nothing; the whole line when it was never drawn at this width."""
-        shown: Text | None = getattr(self, "_shown", None)
-        width = self.content_size.width
-        if shown is None or width <= 0 or not self.is_mounted:
-            self.refresh()
-            return
-        new = self._text()
-        if new == shown and new.style == shown.style:
-            return
-        runs = changed_runs(shown, new, width)
-        if runs:  # (none: changed only beyond the edge of a line longer than the header)
-            repaint(self, *(Region(x0, 0, x1 - x0, 1) for x0, x1 in runs))
-
-    def render(self) -> Text:
-        self._shown = self._text()
-        return self._shown
-
-    def render_lines(self, crop: Region) -> list[Strip]:
-        """Textual's, the clock's row made as in tui/row_splice.py."""
-        return rows(self, crop, super().render_lines)
-
-    def render_line(self, y: int) -> Strip:
-        """The line as Textual renders it, through line_strip.LineStrips: the clock changes every second, and
-        Textual's own path builds every segment's style again each time."""
-        if y == 0:
-            text = self._text()
-            key = (text, self.size.width, self.visual_style)
-            made = self._strip
-            if made is not None and made[0][0] is text and made[0][1:] == key[1:]:
-                self._dirty_regions.clear()
-                self._shown = text
-                return made[1]
-            strip = self._line_strips.strip(self, text, key[1], key[2])
-            if strip is not None:
-                self._strip = (key, strip)
-                self._dirty_regions.clear()  # what Widget.render_line's full render would clear
-                self._shown = text
-                return strip
-        return super().render_line(y)
+        self.repaint_changed()

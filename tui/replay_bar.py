@@ -1,7 +1,7 @@
 """The replay's position bar: where in the recording the screen is, the keys that seek, and "end of recording".
 
-``replay_bar_text`` is pure (tested without Textual); the widget repaints only when the line would read
-differently (the position moves by a cell, the clock by a second), as every other widget here.
+``replay_bar_text`` is pure (tested without Textual); the widget repaints only the cells that read differently
+(the position moves by a cell, the clock by a second), its row made as the header's (tui/line_bar.py).
 """
 
 from __future__ import annotations
@@ -9,12 +9,10 @@ from __future__ import annotations
 from typing import Protocol
 
 from rich.text import Text
-from textual.geometry import Region
-from textual.widget import Widget
 
 from batchmon.tui.fmt import clean_line
+from batchmon.tui.line_bar import LineBar
 from batchmon.tui.palette import BG, BORDER, DIM, OK, PURPLE, WARN
-from batchmon.tui.panel import changed_cells
 
 SEEK_SECONDS = 10.0  # what ← and → move by
 
@@ -72,33 +70,25 @@ def replay_bar_text(pos: Position, width: int) -> Text:
     return clean_line(t)
 
 
-class ReplayBar(Widget):
+class ReplayBar(LineBar):
     """One line above the what-if bar, shown only when the monitor runs on a replay."""
 
     def __init__(self, *, id: str | None = None) -> None:
         super().__init__(id=id)
         self.position: Position | None = None
-        self._shown: Text | None = None
+        self._made: tuple[object, int, Text] | None = None  # (position, width, its line)
 
     def update_position(self, pos: Position | None) -> None:
-        """Repaint only when the line would read differently."""
+        """Repaint only the cells that read differently: the clock's seconds and the marker, not the whole line."""
         self.position = pos
-        if not self.is_mounted or self.content_size.width <= 0:
-            self.refresh()
-            return
-        new, shown = self._text(), self._shown
-        if shown is None:
-            self.refresh()
-        elif new != shown or new.spans != shown.spans:
-            x0, x1 = changed_cells(shown, new, self.content_size.width)
-            if x0 < x1:  # (else changed only beyond the line's edge)
-                self.refresh(Region(x0, 0, x1 - x0, 1))  # the clock's seconds and the marker, not the whole line
+        self.repaint_changed()
 
-    def _text(self) -> Text:
+    def line(self) -> Text:
+        """The bar for the position now; made once per position and width (the repaint and the row ask for it)."""
         if self.position is None:
             return Text()
-        return replay_bar_text(self.position, self.content_size.width or 80)
-
-    def render(self) -> Text:
-        self._shown = self._text()
-        return self._shown
+        width = self.content_size.width or 80
+        made = self._made
+        if made is None or made[0] is not self.position or made[1] != width:
+            made = self._made = (self.position, width, replay_bar_text(self.position, width))
+        return made[2]
