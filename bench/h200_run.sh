@@ -294,9 +294,10 @@ zoo)
   python3 bench/predict_zoo.py ${ZOOX:-} --out $R/predict_zoo_h200.json 2>&1 | tail -n 60 | tee $R/predict_zoo.log
   ;;
 zooboundary)
-  # issue 13: is a what-if's real largest batch path dependent? trial orders at T5 checkpointing's boundary
+  # issue 13: is a what-if's real largest batch path dependent? single trials on fresh runners (a job that starts
+  # at that batch) at the what-ifs' predicted and real boundaries, and the largest batch T5 checkpointing starts at
   stage zooboundary
-  python3 bench/zoo_boundary.py ${ZOOBX:---orders 346 325 330 321 351 303,312,330,346} --out $R/zoo_boundary_h200.json 2>&1 | tail -n 12 | tee $R/zoo_boundary.log
+  python3 bench/zoo_boundary.py ${ZOOBX:---plan t5-small:checkpointing:bisect=303-321 gpt2-fp32:checkpointing:70/71 t5-small:amp:76/79 gpt2-fp32:amp:32/33 t5-small:none:70/71} --out $R/zoo_boundary_h200.json 2>&1 | tail -n 12 | tee $R/zoo_boundary.log
   ;;
 predict)
   stage predict

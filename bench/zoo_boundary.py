@@ -10,6 +10,8 @@ it (and so what a user who starts at the predicted batch gets).
 
     python3 bench/zoo_boundary.py --arch t5-small --what-if checkpointing --orders 346 325 330 321 351 303,312,330,346 \
         --out bench/results/zoo_boundary_h200.json
+    python3 bench/zoo_boundary.py --plan t5-small:checkpointing:bisect=303-321 gpt2-fp32:checkpointing:70/71 \
+        --out F.json     # the largest batch a fresh job starts at; single fresh trials
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from predict_accuracy import CudaDevice, Runner  # noqa: E402
+from predict_accuracy import CudaDevice, Runner, SmokeDevice  # noqa: E402
 from predict_zoo import GIB, _cleanup, _trial, zoo  # noqa: E402
 
 
@@ -51,32 +53,83 @@ def run_order(entry: Any, what_if: str, order: list[int], dev: Any) -> list[dict
     return log
 
 
+def fresh_bisect(entry: Any, what_if: str, lo: int, hi: int, dev: Any) -> dict[str, Any]:
+    """The largest batch that runs as a fresh runner's first trial, between ``lo`` (must run) and ``hi`` (must
+    fail): each probe on its own fresh runner, as a user who starts a job at that batch."""
+    probes: list[dict[str, Any]] = []
+    ends = []
+    for b in (lo, hi):
+        t = run_order(entry, what_if, [b], dev)[0]
+        probes.append(t)
+        ends.append(t["ok"])
+    if ends != [True, False]:
+        return {"lo": lo, "hi": hi, "largest_fresh": None, "probes": probes,
+                "note": f"the ends did not bracket: {lo} {'ran' if ends[0] else 'failed'}, "
+                        f"{hi} {'ran' if ends[1] else 'failed'}"}
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        t = run_order(entry, what_if, [mid], dev)[0]
+        probes.append(t)
+        lo, hi = (mid, hi) if t["ok"] else (lo, mid)
+    return {"lo": lo, "hi": hi, "largest_fresh": lo, "probes": probes}
+
+
+def _outcomes(trials: list[dict[str, Any]]) -> str:
+    return ", ".join(f"{t['batch']} {'ok' if t['ok'] else 'OOM'}" for t in trials)
+
+
+def _plan(spec: str) -> tuple[str, str, str]:
+    """ARCH:WHAT_IF:ORDERS where ORDERS is 'b,b,...[/b,b,...]' (trial orders, each on a fresh runner) or
+    'bisect=LO-HI' (fresh_bisect)."""
+    arch, what_if, orders = spec.split(":")
+    return arch, what_if, orders
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--arch", default="t5-small")
     ap.add_argument("--what-if", default="checkpointing", choices=["none", "amp", "checkpointing"])
-    ap.add_argument("--orders", nargs="+", required=True, help="trial orders, each comma-separated batch sizes")
+    ap.add_argument("--orders", nargs="+", default=[], help="trial orders, each comma-separated batch sizes")
+    ap.add_argument("--plan", nargs="+", default=[],
+                    help="ARCH:WHAT_IF:ORDERS, ORDERS 'b,b/b,b' (orders, each on a fresh runner) or 'bisect=LO-HI' "
+                         "(the largest batch that runs as a fresh runner's first trial); instead of --arch/--orders")
     ap.add_argument("--device-memory-gib", type=float, default=24.0)
+    ap.add_argument("--cpu-smoke", action="store_true", help="tiny models on the CPU, a fake device: tests the script")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("zoo_boundary: needs a CUDA device", file=sys.stderr)
+    if args.cpu_smoke:
+        dev: Any = SmokeDevice(total=8 << 20)
+    elif not torch.cuda.is_available():
+        print("zoo_boundary: needs a CUDA device (or --cpu-smoke)", file=sys.stderr)
         return 2
-    dev = CudaDevice()
-    physical = dev.total
-    cap = int(args.device_memory_gib * GIB)
-    torch.cuda.set_per_process_memory_fraction(min(1.0, cap / physical), dev.device)
-    dev.total = cap
-    entry = next(e for e in zoo(False) if e.arch.name == args.arch)
-    out: dict[str, Any] = {"arch": args.arch, "what_if": args.what_if, "device_memory_gib": args.device_memory_gib,
-                           "torch": torch.__version__, "device": torch.cuda.get_device_name(), "orders": []}
+    else:
+        dev = CudaDevice()
+        physical = dev.total
+        cap = int(args.device_memory_gib * GIB)
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap / physical), dev.device)
+        dev.total = cap
+    entries = {e.arch.name: e for e in zoo(args.cpu_smoke)}
+    plans = [_plan(p) for p in args.plan] or [(args.arch, args.what_if, "/".join(args.orders))]
+    out: dict[str, Any] = {"device_memory_gib": args.device_memory_gib, "torch": torch.__version__,
+                           "device": "cpu-smoke" if args.cpu_smoke else torch.cuda.get_device_name(), "plans": []}
     t0 = time.perf_counter()
-    for spec in args.orders:
-        order = [int(x) for x in spec.split(",")]
-        log = run_order(entry, args.what_if, order, dev)
-        out["orders"].append({"order": order, "trials": log})
-        print(f"{args.arch} {args.what_if} order {order}: "
-              + ", ".join(f"{t['batch']} {'ok' if t['ok'] else 'OOM'}" for t in log), flush=True)
+    for arch, what_if, orders in plans:
+        entry = entries[arch]
+        item: dict[str, Any] = {"arch": arch, "what_if": what_if}
+        if orders.startswith("bisect="):
+            lo, hi = (int(x) for x in orders.split("=", 1)[1].split("-"))
+            item["fresh_bisect"] = found = fresh_bisect(entry, what_if, lo, hi, dev)
+            print(f"{arch} {what_if}: largest batch as a fresh runner's first trial in [{lo}, {hi}]: "
+                  f"{found['largest_fresh']} ({_outcomes(found['probes'])})"
+                  f"{' - ' + found['note'] if found.get('note') else ''}", flush=True)
+        else:
+            item["orders"] = []
+            for spec in orders.split("/"):
+                order = [int(x) for x in spec.split(",")]
+                log = run_order(entry, what_if, order, dev)
+                item["orders"].append({"order": order, "trials": log})
+                print(f"{arch} {what_if} order {order}: {_outcomes(log)}", flush=True)
+        out["plans"].append(item)
     out["seconds"] = round(time.perf_counter() - t0, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1))
