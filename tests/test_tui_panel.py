@@ -103,3 +103,47 @@ def test_two_changes_far_apart_are_two_repaints():
     assert changed_runs(old, header("680.2 MiB", "19:20:18"), 80) == [(67, 68)]
     # close together (fewer than SPLIT_GAP equal cells between): one repaint
     assert changed_runs(Text("a 123 W 45%"), Text("a 124 W 46%"), 20) == [(4, 10)]
+
+
+def test_changed_runs_of_two_strings_are_those_of_two_texts_in_one_style():
+    """A compact panel's step text is diffed as strings (no Texts made): the same runs, step texts and others."""
+    import random
+
+    from rich.text import Text
+
+    from batchmon.tui.panel import changed_cells, changed_runs
+
+    rng = random.Random(14)
+    pairs = [("  step 5443  b=256  10 ms/step", "  step 5444  b=256  10 ms/step"),
+             ("  step 999999  b=256  9 ms/step", "  step 1000000  b=256  10 ms/step"),
+             ("same", "same"), ("", "x"), ("GPU 显存", "GPU 显卡")]
+    for _ in range(400):
+        a = "".join(rng.choice("ab  12") for _ in range(rng.randrange(0, 40)))
+        b = list(a) + [rng.choice("ab  12") for _ in range(rng.randrange(0, 3))]
+        for k in rng.sample(range(len(b)), min(len(b), rng.randrange(0, 4))):
+            b[k] = rng.choice("xyz ")
+        pairs.append((a, "".join(b)))
+    for a, b in pairs:
+        for width in (8, 20, 30, 60):
+            assert changed_cells(a, b, width) == changed_cells(Text(a), Text(b), width), (a, b, width)
+            assert changed_runs(a, b, width) == changed_runs(Text(a), Text(b), width), (a, b, width)
+
+
+def test_a_title_with_a_new_tail_is_what_copy_crop_and_append_make():
+    """job_panel.with_tail makes the compact title's new step text at once: the same Text as Rich's own road."""
+    from rich.text import Text
+
+    from batchmon.tui.job_panel import with_tail
+
+    line = Text("▶ ", style="bold").append("train.py --lr 3", style="bold").append("  cuda:0 (GPU 0)", style="dim")
+    line.append("  step 5443  b=256  10 ms/step", style="dim")
+    line.stylize("underline", 5, 40)  # a span across the cut
+    line.no_wrap, line.overflow, line.end = True, "ellipsis", ""
+    for cut in (0, 5, 17, 33, len(line.plain) - 1):
+        for tail in ("  step 5444  b=256  10 ms/step", "", "x"):
+            rich = line.copy()
+            rich.right_crop(len(line.plain) - cut)
+            rich.append(tail, style="dim")
+            mine = with_tail(line, cut, tail, "dim")
+            assert (mine.plain, mine.spans, mine.style, mine.no_wrap, mine.overflow, mine.end) == \
+                (rich.plain, rich.spans, rich.style, rich.no_wrap, rich.overflow, rich.end), (cut, tail)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections import OrderedDict
 
 from rich.segment import Segment
-from rich.text import Text
+from rich.text import Span, Text
 from textual.geometry import Region
 from textual.strip import Strip
 
@@ -349,6 +349,19 @@ def job_lines(v: JobView, width: int, level: str, *, focused: bool = False, char
     return lines
 
 
+def with_tail(line: Text, cut: int, tail: str, style: str) -> Text:
+    """``line`` with its text from ``cut`` on replaced by ``tail`` in ``style``: what ``line.copy()``, then
+    ``right_crop`` to ``cut`` and ``append(tail, style=style)`` make (the spans over the cut end at it), made at
+    once (~10 compact titles a second). ``tail`` must be printable (clean_text)."""
+    spans = [sp if sp.end < cut else Span(sp.start, cut, sp.style) for sp in line._spans if sp.start < cut]
+    if tail and style:
+        spans.append(Span(cut, cut + len(tail), style))
+    new = Text(line.plain[:cut] + tail, style=line.style, justify=line.justify, overflow=line.overflow,
+               no_wrap=line.no_wrap, end=line.end, tab_size=line.tab_size)
+    new._spans = spans
+    return new
+
+
 def step_strip(old: Strip | None, line: Text, cut: int, new: Text) -> Strip | None:
     """The strip of a compact title whose step text alone changed (``new``: ``line`` with its text from ``cut`` on
     replaced by one span), from the strip of ``line``: what LineStrips makes of the cells before ``cut`` is the
@@ -393,9 +406,11 @@ class JobPanel(LinesPanel):
         """LinesPanel's, with a short road for the common case beside many fast jobs: a compact panel whose new
         data changes its step text alone (the step counter, the step time) - its title line's end is replaced
         and those cells repainted; nothing else is built or compared (16 jobs: ~10 such panels a second)."""
+        if self._stale:  # not built since it went off screen: LinesPanel's road (its next build makes the key)
+            return super().update_if_changed(signature)
         key = self._step_only_key(signature)
         kept, self._step_key = getattr(self, "_step_key", None), key
-        if key is None or kept is None or kept[0] != key[0] or self._stale or not self.is_mounted:
+        if key is None or kept is None or kept[0] != key[0] or not self.is_mounted:
             return super().update_if_changed(signature)
         if kept[1] == key[1]:
             self._signature = signature
@@ -414,16 +429,14 @@ class JobPanel(LinesPanel):
             self._strips_key = None
             self._set_dirty()
             return True
-        new = line.copy()
-        new.right_crop(len(kept[1]))
-        new.append(clean_text(key[1]), style=DIM)
+        new = with_tail(line, cut, clean_text(key[1]), DIM)
         self._version += 1
         self._cache = (width, self._version, [new, old[2][1]])
         if self._strips_key is not None and self._strips_key[:2] == (width, self._version - 1) and self._strips:
             first = step_strip(self._strips[0], line, cut, new) if self.text_selection is None else None
             self._strips = [first, self._strips[-1]]
             self._strips_key = (width, self._version, self._strips_key[2])
-        runs = changed_runs(Text(kept[1]), Text(key[1]), width - cut)  # (one style: the text decides)
+        runs = changed_runs(kept[1], key[1], width - cut)  # (one style: the text decides)
         self.repaint_regions(*(Region(cut + x0, 0, x1 - x0, 1) for x0, x1 in runs))
         return True
 
