@@ -182,8 +182,12 @@ class MemoryModel:
         return self.recompute_trace
 
     def _frag_floor(self, what_if: WhatIf) -> float:
-        """The share of the peak a what-if keeps free on its own (none where its pool is simulated)."""
-        return 0.0 if self._pool_trace(what_if) is not None else recompute_fragmentation(what_if, self.saved_split)
+        """The share of the peak a what-if keeps free on its own: RECOMPUTE_FRAG under checkpointing of unequal
+        blocks, also where the pool is simulated. The real pool there is path dependent - on the H200 a T5-small job
+        starting at 321 ran out of memory where one that had run 303 and 312 first ran 346
+        (bench/results/zoo_boundary_h200_run1.json) - and the simulation, which starts from one pool, said 346:
+        the lower of the two answers is kept."""
+        return recompute_fragmentation(what_if, self.saved_split)
 
     def _pool_fits(self, trace: StepTrace, micro: int, limit: int) -> bool:
         """Does the recorded step at ``micro`` run in a pool of ``limit`` bytes (the allocator simulated)?"""
