@@ -384,24 +384,26 @@ def test_steady_steps_are_refitted_every_few_seconds_and_a_changed_figure_at_onc
     s, n = _steady_cuda_agent()
     s.snapshot(now[0])
     assert len(fits) == 1
-    for t in range(2, 31):  # steady: same figures at every step, a snapshot a second
+    steady_s = hub_state.PREDICT_STEADY_S
+    assert steady_s == 120.0
+    for t in range(2, int(steady_s) + 1):  # steady: same figures at every step, a snapshot a second
         now[0] = float(t)
         n += 1
         s.ingest(agent(make_step(n, batch=16)))
         view = s.snapshot(now[0]).agents[0]
     assert len(fits) == 1 and view.prediction is not None
-    now[0] = 31.5  # PREDICT_STEADY_S after the last fit: refitted (its basis' step range moves on)
+    now[0] = steady_s + 1.5  # PREDICT_STEADY_S after the last fit: refitted (its basis' step range moves on)
     n += 1
     s.ingest(agent(make_step(n, batch=16)))
     s.snapshot(now[0])
-    assert len(fits) == 2 and hub_state.PREDICT_STEADY_S == 30.0
+    assert len(fits) == 2
     grown = make_step(n + 1, batch=16)
     grown = dataclasses.replace(grown, components={**grown.components, "other": grown.components["other"] + GIB})
-    now[0] = 32.6  # a figure changed: refitted once PREDICT_EVERY_S has passed
+    now[0] = steady_s + 2.6  # a figure changed: refitted once PREDICT_EVERY_S has passed
     s.ingest(agent(grown))
     view = s.snapshot(now[0]).agents[0]
     assert len(fits) == 3
-    now[0] = 32.8  # a new batch size: at once
+    now[0] = steady_s + 2.8  # a new batch size: at once
     s.ingest(agent(make_step(n + 2, batch=32)))
     s.snapshot(now[0])
     assert len(fits) == 4

@@ -43,9 +43,11 @@ def _short(text: Any, limit: int = 200) -> str:
 
 
 PREDICT_EVERY_S = 1.0  # refit an agent at most this often (snapshot time), unless its batch sizes change
-PREDICT_STEADY_S = 30.0  # ... and, while no memory figure the model reads changed, at most this often (what moves
+PREDICT_STEADY_S = 120.0  # ... and, while no memory figure the model reads changed, at most this often (what moves
 # meanwhile: the basis' step range and the step-time line, neither shown live; 16 steady jobs refitted every 5 s were
-# ~half of the hub thread's work beside them, bench/ab_monitor.py --gpu-agents)
+# ~half of the hub thread's work beside them, bench/ab_monitor.py --gpu-agents; every 30 s still ~0.9 ms a second of
+# the hub thread beside 16 fast jobs, ~1.5 ms a refit for the same answer: bench/hub_state_steady.py, 30 -> 120 s took
+# the snapshots 1.93 -> 0.80 ms/s on the dev box)
 PREDICT_GROWTH_S = 5.0  # ... and, while its summary only grew by steps like those it held (fit.only_grew: a job's
 # first ~65 windows, ~a minute beside a monitor at >= 1 s, when the summary is still the whole history), at most this
 # often: each window changed the figures, and 16 fast jobs were all refitted every second of their first minute
