@@ -26,20 +26,8 @@ sys.path.insert(0, os.environ.get("TREE") or os.path.join(HERE, ".."))
 
 from batchmon.monitor.hub_state import HubState  # noqa: E402
 
-
-def load_agents(records: list[dict]) -> list[tuple[dict, list[dict], list[dict]]]:
-    """Per agent: its hello, its history burst, its live step messages (bench/load.py's load_recorded)."""
-    agents: dict[str, list] = {}
-    for rec in records:
-        data = rec.get("data")
-        if rec.get("kind") != "agent" or not isinstance(data, dict):
-            continue
-        if data.get("type") == "hello":
-            agents[rec["key"]] = [data, [], []]
-        elif data.get("type") == "step" and rec.get("key") in agents:
-            hello, burst, live = agents[rec["key"]]
-            (burst if len(burst) < int(hello.get("history") or 0) and not live else live).append(data)
-    return [tuple(v) for v in agents.values() if v[2]]  # type: ignore[misc]
+sys.path.insert(0, HERE)
+from load import agents_of_records as load_agents  # noqa: E402  (bench/load.py: a recording's agents)
 
 
 def stream(seconds: float) -> tuple[float, list[tuple[float, dict[str, Any]]]]:

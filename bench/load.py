@@ -47,6 +47,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Iterable
 
 import psutil
 
@@ -147,18 +148,23 @@ def load_recorded(path: str) -> list[tuple[dict, list[dict], list[dict]]]:
     import json
 
     opener = gzip.open if str(path).endswith(".gz") else open
-    agents: dict[str, list] = {}
     with opener(path, "rt", encoding="utf-8") as f:
-        for line in f:
-            rec = json.loads(line)
-            data = rec.get("data")
-            if rec.get("kind") != "agent" or not isinstance(data, dict):
-                continue
-            if data.get("type") == "hello":
-                agents[rec["key"]] = [data, [], []]
-            elif data.get("type") == "step" and rec.get("key") in agents:
-                hello, burst, live = agents[rec["key"]]
-                (burst if len(burst) < int(hello.get("history") or 0) and not live else live).append(data)
+        return agents_of_records(json.loads(line) for line in f)
+
+
+def agents_of_records(records: Iterable[dict]) -> list[tuple[dict, list[dict], list[dict]]]:
+    """load_recorded's split of a recording's records (an iterable of dicts) into agents: per agent its hello, its
+    history burst and its live step messages, in order."""
+    agents: dict[str, list] = {}
+    for rec in records:
+        data = rec.get("data")
+        if rec.get("kind") != "agent" or not isinstance(data, dict):
+            continue
+        if data.get("type") == "hello":
+            agents[rec["key"]] = [data, [], []]
+        elif data.get("type") == "step" and rec.get("key") in agents:
+            hello, burst, live = agents[rec["key"]]
+            (burst if len(burst) < int(hello.get("history") or 0) and not live else live).append(data)
     return [tuple(v) for v in agents.values() if v[2]]  # type: ignore[misc]
 
 

@@ -489,6 +489,24 @@ def run_entry(entry: Entry, dev: Any, deadline: float, smoke: bool) -> dict[str,
 
 
 
+def emulated_device(tool: str, cpu_smoke: bool, gib: float) -> tuple[Any, str] | None:
+    """The device the zoo's trials run on and how it is emulated: the H200 capped at ``gib`` GiB
+    (``set_per_process_memory_fraction``), or a fake 8 MiB one on the CPU; None (said on stderr) without CUDA."""
+    if cpu_smoke:
+        return SmokeDevice(total=8 << 20), "cpu-smoke: peak = sum of measured components, OOM past a fake 8 MiB device"
+    if not torch.cuda.is_available():
+        print(f"{tool}: no CUDA device (use --cpu-smoke to test the script on CPU)", file=sys.stderr)
+        return None
+    dev = CudaDevice()
+    physical = dev.total
+    cap = int(gib * GIB)
+    torch.cuda.set_per_process_memory_fraction(min(1.0, cap / physical), dev.device)
+    dev.total = cap
+    return dev, (f"torch.cuda.set_per_process_memory_fraction({cap / physical:.4f}) of {physical / GIB:.1f} GiB: the "
+                 f"caching allocator may reserve at most {gib:g} GiB; predictions use that + the measured CUDA "
+                 f"context as the device size")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, help="JSON results (e.g. bench/results/predict_zoo_h200.json)")
@@ -531,21 +549,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.out:
         ap.error("--out is required (or --markdown)")
     start = time.perf_counter()
-    if args.cpu_smoke:
-        dev: Any = SmokeDevice(total=8 << 20)
-        emulation = "cpu-smoke: peak = sum of measured components, OOM past a fake 8 MiB device"
-    elif not torch.cuda.is_available():
-        print("predict_zoo: no CUDA device (use --cpu-smoke to test the script on CPU)", file=sys.stderr)
+    made = emulated_device("predict_zoo", args.cpu_smoke, args.device_memory_gib)
+    if made is None:
         return 2
-    else:
-        dev = CudaDevice()
-        physical = dev.total
-        cap = int(args.device_memory_gib * GIB)
-        torch.cuda.set_per_process_memory_fraction(min(1.0, cap / physical), dev.device)
-        dev.total = cap
-        emulation = (f"torch.cuda.set_per_process_memory_fraction({cap / physical:.4f}) of {physical / GIB:.1f} "
-                     f"GiB: the caching allocator may reserve at most {args.device_memory_gib:g} GiB; predictions "
-                     f"use that + the measured CUDA context as the device size")
+    dev, emulation = made
     entries = zoo(args.cpu_smoke)
     if args.arch:
         wanted = set(args.arch.split(","))

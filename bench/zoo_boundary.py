@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from predict_accuracy import CudaDevice, Runner, SmokeDevice  # noqa: E402
-from predict_zoo import GIB, _cleanup, _trial, zoo  # noqa: E402
+from predict_accuracy import Runner  # noqa: E402
+from predict_zoo import _cleanup, _trial, emulated_device, zoo  # noqa: E402
 
 
 def run_order(entry: Any, what_if: str, order: list[int], dev: Any) -> list[dict[str, Any]]:
@@ -97,20 +97,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny models on the CPU, a fake device: tests the script")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
-    if args.cpu_smoke:
-        dev: Any = SmokeDevice(total=8 << 20)
-    elif not torch.cuda.is_available():
-        print("zoo_boundary: needs a CUDA device (or --cpu-smoke)", file=sys.stderr)
+    made = emulated_device("zoo_boundary", args.cpu_smoke, args.device_memory_gib)
+    if made is None:
         return 2
-    else:
-        dev = CudaDevice()
-        physical = dev.total
-        cap = int(args.device_memory_gib * GIB)
-        torch.cuda.set_per_process_memory_fraction(min(1.0, cap / physical), dev.device)
-        dev.total = cap
+    dev, emulation = made
     entries = {e.arch.name: e for e in zoo(args.cpu_smoke)}
     plans = [_plan(p) for p in args.plan] or [(args.arch, args.what_if, "/".join(args.orders))]
-    out: dict[str, Any] = {"device_memory_gib": args.device_memory_gib, "torch": torch.__version__,
+    out: dict[str, Any] = {"device_memory_gib": args.device_memory_gib, "emulation": emulation, "torch": torch.__version__,
                            "device": "cpu-smoke" if args.cpu_smoke else torch.cuda.get_device_name(), "plans": []}
     t0 = time.perf_counter()
     for arch, what_if, orders in plans:
