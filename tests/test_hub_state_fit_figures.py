@@ -176,3 +176,63 @@ def test_figures_kept_between_calls_answer_as_taken_afresh_and_stay_bounded():
     # a new step object with the same id as none kept, same figures: the same answer; a changed figure: another
     changed = dataclasses.replace(steps[-1], peak_allocated=steps[-1].peak_allocated + MIB)
     assert _fit_figures([*steps[-30:-1], changed], memo) != _fit_figures(steps[-30:], memo)
+
+
+def _figures_step_by_step(summary) -> tuple:
+    """fit_figures as a plain loop over the steps (its definition before the memo's lookups moved into C): each
+    step's figures, and per group the largest own peak of each name, the names in the order the steps give them."""
+    own: dict = {}
+    figures = []
+    for s in summary:
+        figures.append(((s.batch_size, s.allocated, s.peak_allocated, s.reserved, s.num_alloc_retries, s.num_ooms,
+                         s.device_used, s.micro_batches), tuple(s.components.values())))
+        if not (s.phase_own_peaks or s.segment_peaks):
+            continue
+        group = own.setdefault((s.batch_size, s.components.get("optimizer"), s.peak_allocated is None), ({}, {}))
+        for best, peaks in zip(group, (s.phase_own_peaks, s.segment_peaks)):
+            for name, value in (peaks or {}).items():
+                best[name] = max(value, best.get(name, value))
+    return tuple(figures), tuple((key, tuple(p.items()), tuple(g.items()))
+                                 for key, (p, g) in sorted(own.items(), key=lambda kv: repr(kv[0])))
+
+
+def test_the_figures_are_a_loop_over_the_steps_on_the_h200_recording():
+    """Every summary the hub reads on 16 real fast jobs (the fast16 growth recording, a snapshot at each tick), and
+    its summary_key: fit_figures with the agent's memo is exactly the plain loop's answer, the own peaks' names in
+    the same order; and on synthetic summaries whose sampled steps carry names in different orders."""
+    import gzip
+    import json
+    from pathlib import Path
+
+    from batchmon.monitor.step_history import summary_key
+
+    path = Path(__file__).parent / "fixtures" / "fast16_h200_50s_growth.jsonl.gz"
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    state = HubState()
+    memos: dict = {}
+    checked = sampled = 0
+    for rec in records:
+        state.ingest(rec)
+        if rec.get("kind") != "tick":
+            continue
+        for src in state._sources.values():
+            for a in src.agents.values():
+                summary = a.history.window().model_steps()
+                for steps in (summary, summary_key(summary)):
+                    got = _fit_figures(steps, memos.setdefault((a.key, steps is summary), {}))
+                    assert got == _figures_step_by_step(steps)
+                    assert [tuple(n for n, _ in p) for _, p, _ in got[1]] == \
+                        [tuple(n for n, _ in p) for _, p, _ in _figures_step_by_step(steps)[1]]
+                    checked += 1
+                    sampled += bool(got[1])
+    assert checked >= 16 * 40 and sampled >= checked // 2
+    rnd = random.Random(11)
+    steps = [_step(n, rnd.choice((32, 48)), rnd.choice((None, 1, 2, 3))) for n in range(1, 120)]
+    reordered = [dataclasses.replace(s, phase_own_peaks=dict(reversed(list(s.phase_own_peaks.items()))))
+                 if s.phase_own_peaks and rnd.random() < 0.5 else s for s in steps]
+    memo: dict = {}
+    for end in range(5, len(reordered)):
+        summary = reordered[max(0, end - 40):end]
+        assert _fit_figures(summary, memo) == _figures_step_by_step(summary)
+        assert _fit_figures(summary) == _figures_step_by_step(summary)

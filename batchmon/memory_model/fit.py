@@ -246,19 +246,25 @@ def fit_figures(summary: Sequence[Step], memo: dict[int, tuple] | None = None) -
     ``memo``: a dict the caller keeps between calls on one agent's summaries (id(step) -> (step, its figures)):
     a summary keeps most of its steps from one snapshot to the next (16 fast agents: each second ~70 steps
     read, ~1-5 of them new), so their figures are taken once, and comparing two results meets the same tuples."""
+    if memo is None:
+        memo = {}
+    # each step's entry looked up in C (the memo holds its step, so an id found is that step's: no other live
+    # object has it); a steady summary of ~65 steps is then a handful of Python operations, not a loop per step
+    ids = list(map(id, summary))
+    hits = list(map(memo.get, ids))
+    if not all(hits):
+        for i, s in enumerate(summary):
+            if hits[i] is None:
+                phases, segments = s.phase_own_peaks, s.segment_peaks
+                hits[i] = memo[id(s)] = (
+                    s, (_FIGURES(s), tuple(s.components.values())),
+                    (s.batch_size, s.components.get("optimizer"), s.peak_allocated is None)
+                    if phases or segments else None)
+    # the own peaks of the distinct steps, in order of first occurrence (a summary_key holds a steady job's few
+    # templates over and over): merged in the order the steps give them, as a loop over every step would
     own: dict[tuple, list] = {}
-    steps = []
-    for s in summary:
-        hit = memo.get(id(s)) if memo is not None else None
-        if hit is None or hit[0] is not s:
-            phases, segments = s.phase_own_peaks, s.segment_peaks
-            hit = (s, (_FIGURES(s), tuple(s.components.values())),
-                   (s.batch_size, s.components.get("optimizer"), s.peak_allocated is None)
-                   if phases or segments else None)
-            if memo is not None:
-                memo[id(s)] = hit  # holds the step: its id stays its own while the entry lives
-        steps.append(hit[1])
-        key = hit[2]
+    for step_id in dict.fromkeys(ids):
+        s, _, key = memo[step_id]
         if key is None:
             continue
         phases, segments = s.phase_own_peaks, s.segment_peaks
@@ -273,12 +279,16 @@ def fit_figures(summary: Sequence[Step], memo: dict[int, tuple] | None = None) -
             for name, value in (peaks or {}).items():
                 was = best.get(name)
                 best[name] = value if was is None or value > was else was
-    if memo is not None and len(memo) > 2 * len(summary) + 16:  # bounded: only this summary's steps stay
-        kept = {id(s) for s in summary}
-        for key in [k for k in memo if k not in kept]:
-            del memo[key]
-    return tuple(steps), tuple((key, tuple(phases.items()), tuple(segments.items()))
-                               for key, (phases, segments, _) in sorted(own.items(), key=lambda kv: repr(kv[0])))
+    if len(memo) > 2 * len(summary) + 16:  # bounded: only this summary's steps stay
+        kept = set(map(id, summary))
+        for k in [k for k in memo if k not in kept]:
+            del memo[k]
+    return tuple(map(_SECOND, hits)), tuple((key, tuple(phases.items()), tuple(segments.items()))
+                                             for key, (phases, segments, _) in sorted(own.items(),
+                                                                                    key=lambda kv: repr(kv[0])))
+
+
+_SECOND = operator.itemgetter(1)
 
 
 def only_grew(old: tuple | None, new: tuple) -> bool:
