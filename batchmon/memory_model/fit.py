@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import operator
 import statistics
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 from batchmon.formulas import OPTIMIZER_STATES, optimizer_kind
 from batchmon.memory_model.model import FRAG_SURVIVAL, MemoryModel
@@ -251,7 +251,7 @@ def fit_figures(summary: Sequence[Step], memo: dict[int, tuple] | None = None) -
     # each step's entry looked up in C (the memo holds its step, so an id found is that step's: no other live
     # object has it); a steady summary of ~65 steps is then a handful of Python operations, not a loop per step
     ids = list(map(id, summary))
-    hits = list(map(memo.get, ids))
+    hits: list[Any] = list(map(memo.get, ids))
     if not all(hits):
         for i, s in enumerate(summary):
             if hits[i] is None:
