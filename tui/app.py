@@ -327,7 +327,8 @@ class BatchmonApp(SignalsApp, MemoryViewsApp, CostApp):
             self._restore_focus(focused_key)
         for panel in self._job_panels:
             panel.view = self._jobs[panel.view.key]
-            panel.update_if_changed(views.job_signature(panel.view, panel.level))
+            if not panel.waits_off_screen():  # below the fold, built when it shows: its view is not read now
+                panel.update_if_changed(views.job_signature(panel.view, panel.level))
         warn = self._warnings_panel
         if warn.warnings != snap.warnings or warn.display != bool(snap.warnings):
             warn.warnings = snap.warnings

@@ -59,23 +59,28 @@ def rows_partial_update(compositor: Any) -> Any:
     # and making them for all 48 rows each refresh was ~2% of the main thread beside 16 fast jobs
     chops: list[dict[int, Any]] = [_NO_CHOPS] * len(cuts)
     chop_ends: list[Any] = [()] * len(cuts)
+    owners = _chop_owners(compositor)
+    wanted: dict[int, list[int]] = {}  # widget's place front to back -> its rows to render
     for y in rows:
         chops[y] = dict.fromkeys(cuts[y][:-1])
         chop_ends[y] = cuts[y][1:]
-    intersection = Region.intersection
-    for widget, (region, clip) in compositor.visible_widgets.items():  # front to back
-        vx, vy, vw, vh = intersection(region, clip)
-        if not vw or not vh:
-            continue
-        vx2 = vx + vw
-        wanted = [y for y in rows if vy <= y < vy + vh and _uncovered(chops[y], cuts[y], vx, vx2, on_row[y])]
+        row_spans = on_row[y]
+        for cut, end, owner in owners[y]:
+            if owner >= 0 and any(a < end and b > cut for a, b in row_spans):
+                found = wanted.setdefault(owner, [])
+                if not found or found[-1] != y:
+                    found.append(y)
+    layout = owners.layout
+    for index in sorted(wanted):  # front to back
+        widget, vx, vx2, region = layout[index]
+        rows_of = wanted[index]
         start = 0
-        while start < len(wanted):  # contiguous runs of wanted rows: one render each
+        while start < len(rows_of):  # contiguous runs of wanted rows: one render each
             end = start + 1
-            while end < len(wanted) and wanted[end] == wanted[end - 1] + 1:
+            while end < len(rows_of) and rows_of[end] == rows_of[end - 1] + 1:
                 end += 1
-            y0, height = wanted[start], end - start
-            strips = widget.render_lines(Region(vx - region.x, y0 - region.y, vw, height))
+            y0, height = rows_of[start], end - start
+            strips = widget.render_lines(Region(vx - region.x, y0 - region.y, vx2 - vx, height))
             for y, strip in zip(range(y0, y0 + height), strips):
                 chops_line = chops[y]
                 final_cuts = [cut for cut in cuts[y] if vx2 >= cut >= vx]
@@ -89,18 +94,44 @@ def rows_partial_update(compositor: Any) -> Any:
 _NO_CHOPS: dict[int, Any] = {}  # a row without a changed span: never read, never written
 
 
-def _uncovered(chops_line: dict[int, Any], row_cuts: list[int], x0: int, x1: int,
-               spans: list[tuple[int, int]]) -> bool:
-    """Whether a widget over columns [x0, x1) of a row would paint a piece of a changed span that no widget in
-    front of it painted: a chop [cut, next cut) in its columns, overlapping a span, still empty. The screen and
-    the columns behind the panels are mostly covered: they are not rendered for nothing."""
-    for i in range(len(row_cuts) - 1):
-        cut, end = row_cuts[i], row_cuts[i + 1]
-        if cut >= x1:
-            break
-        if cut >= x0 and chops_line.get(cut) is None and any(a < end and b > cut for a, b in spans):
-            return True
-    return False
+class _Owners(list):
+    """Per row, (cut, next cut, the place front to back of the widget that paints that chop, -1 for none), and
+    ``layout``: per place, (widget, its visible columns [x0, x1), its region); for one layout (visible widgets and
+    cuts), kept on the compositor until Textual lays out again."""
+
+    layout: list[tuple[Any, int, int, Region]]
+    made_for: tuple[object, object]
+
+
+def _chop_owners(compositor: Any) -> _Owners:
+    """Which widget paints each chop of each row: the first one front to back whose visible area holds it (the
+    one Textual's update keeps). Made once per layout: rendering a widget only on the rows where it paints a
+    changed chop is then a look-up per chop, where finding it widget by widget each refresh was ~10% of the
+    compositor's pass beside 16 fast jobs."""
+    visible, cuts = compositor.visible_widgets, compositor.cuts
+    kept = getattr(compositor, "_batchmon_owners", None)
+    if kept is not None and kept.made_for[0] is visible and kept.made_for[1] is cuts:
+        return kept
+    intersection = Region.intersection
+    layout: list[tuple[Any, int, int, Region]] = []
+    owner_rows: list[list[int]] = [[-1] * (len(row) - 1) for row in cuts]
+    for widget, (region, clip) in visible.items():  # front to back
+        vx, vy, vw, vh = intersection(region, clip)
+        if not vw or not vh:
+            continue
+        index = len(layout)
+        layout.append((widget, vx, vx + vw, region))
+        vx2 = vx + vw
+        for y in range(max(0, vy), min(len(cuts), vy + vh)):
+            row, owned = cuts[y], owner_rows[y]
+            for i in range(len(row) - 1):
+                if owned[i] < 0 and vx <= row[i] < vx2:
+                    owned[i] = index
+    owners = _Owners([list(zip(row[:-1], row[1:], owned)) for row, owned in zip(cuts, owner_rows)])
+    owners.layout = layout
+    owners.made_for = (visible, cuts)
+    compositor._batchmon_owners = owners
+    return owners
 
 
 def use_rows_partial_update(compositor: Any) -> bool:

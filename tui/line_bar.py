@@ -14,15 +14,14 @@ from __future__ import annotations
 from rich.text import Text
 from textual.geometry import Region
 from textual.strip import Strip
-from textual.widget import Widget
 
 from batchmon.tui.line_strip import LineStrips
 from batchmon.tui.panel import changed_runs
-from batchmon.tui.repaint import repaint
+from batchmon.tui.repaint import KeptScreen, repaint
 from batchmon.tui.row_splice import rows
 
 
-class LineBar(Widget):
+class LineBar(KeptScreen):
     """One line of Rich Text, ``line()``; ``repaint_changed()`` repaints the cells that read differently from
     the line last drawn."""
 

@@ -68,12 +68,15 @@ class _Deferred:
 class _DeferredField:
     """A dataclass field that may be given a _Deferred: made on first read, then kept."""
 
+    def __init__(self, default: Any = None) -> None:
+        self.default = default  # hashable: the dataclass reads it as the field's default
+
     def __set_name__(self, owner: type, name: str) -> None:
         self.slot = "_" + name
 
     def __get__(self, obj: Any, owner: type | None = None) -> Any:
         if obj is None:
-            return None  # the field's default (what the dataclass reads from the class)
+            return self.default  # the field's default (what the dataclass reads from the class)
         value = obj.__dict__[self.slot]
         if type(value) is _Deferred:
             value = obj.__dict__[self.slot] = value.make()
@@ -91,10 +94,12 @@ class JobView:
     ranks: list[AgentView]
     devices: dict[str, DeviceSample | None]  # agent key -> its GPU
     what_if: WhatIfState
-    prediction: Prediction | None  # at the what-if batch
-    chart: ChartInput | None = _DeferredField()  # type: ignore[assignment]  # made when first read
-    user: str | None = None
-    notes: list[str] = field(default_factory=list)  # model errors, "waiting for steps"
+    # prediction, chart, user and notes are made when first read: a panel below the fold that waits to be built
+    # when it shows (LinesPanel.waits_off_screen) reads none of them (16 jobs: ~7 such panels every refresh)
+    prediction: Prediction | None = _DeferredField()  # type: ignore[assignment]  # at the what-if batch
+    chart: ChartInput | None = _DeferredField()  # type: ignore[assignment]
+    user: str | None = _DeferredField()  # type: ignore[assignment]
+    notes: list[str] | tuple[str, ...] = _DeferredField(())  # type: ignore[assignment]  # model errors, "waiting for steps"
     host: str = ""  # the remote box (--host) it runs on, named in its title as in its GPU's panel; "" when local
 
     @property
@@ -203,6 +208,29 @@ def job_view(snap: Snapshot, key: str, ranks: list[AgentView], state: WhatIfStat
     """One job's panel: the lead rank's prediction under the what-if, the chart's points and curve, notes."""
     lead = ranks[0]
     box = box_of(snap, lead)
+    made: list[tuple[Prediction | None, list[str], Any, str | None]] = []
+
+    def parts() -> tuple[Prediction | None, list[str], Any, str | None]:
+        """The prediction, notes, chart input and user, made together on the first read of any of them (the
+        notes read what the prediction left in the predictor's errors)."""
+        if not made:
+            made.append(_job_parts(box, lead, state, predictor))
+        return made[0]
+
+    deferred: Any = _Deferred  # JobView's deferred fields take one in place of their value
+    return JobView(key, ranks, {a.key: box.device_of(a) for a in ranks}, state,
+                   deferred(lambda: parts()[0]), deferred(lambda: _made(parts()[2])),
+                   user=deferred(lambda: parts()[3]), notes=deferred(lambda: parts()[1]), host=box_name(snap, box))
+
+
+def _made(value: Any) -> Any:
+    """A deferred value's value (the chart input is itself made when first read)."""
+    return value.make() if type(value) is _Deferred else value
+
+
+def _job_parts(box: Snapshot, lead: AgentView, state: WhatIfState,
+               predictor: Predictor) -> tuple[Prediction | None, list[str], Any, str | None]:
+    """job_view's prediction, notes, chart input (a _Deferred, or None) and user."""
     dev = box.device_of(lead)
     device_total = dev.memory.total if dev is not None and dev.memory is not None else None
     observed = lead.observed_batch
@@ -239,8 +267,7 @@ def job_view(snap: Snapshot, key: str, ranks: list[AgentView], state: WhatIfStat
 
         chart = _Deferred(make_chart)
     proc = box.process(lead.hello.pid)
-    return JobView(key, ranks, {a.key: box.device_of(a) for a in ranks}, state, prediction, chart,
-                   user=proc.user if proc else None, notes=notes, host=box_name(snap, box))
+    return prediction, notes, chart, proc.user if proc else None
 
 
 def job_signature(view: JobView, level: str = "full") -> tuple:
