@@ -161,3 +161,26 @@ async def test_a_spliced_rows_colour_filter_gives_textuals_strip():
                 assert _apply_filter(strip, truecolor, background) is got  # kept in the strip's filter cache
         mono = Monochrome()
         assert _apply_filter(strips[0], mono, Color(0, 0, 0)) is strips[0].apply_filter(mono, Color(0, 0, 0))
+
+
+@pytest.mark.parametrize("title", ["  ▶ python train.py --model gpt2 --batch 32…", "  python train.py", "  "])
+def test_a_compact_title_with_a_new_tail_equals_the_text_rich_builds(title: str) -> None:
+    """job_panel.with_tail makes its Text without Rich's control-code pass (the parts are clean): the same text,
+    spans and settings as the Text Rich builds, whether the line was the short road's own (its step text one
+    span at its end) or another."""
+    from rich.text import Span, Text
+
+    from batchmon.tui.job_panel import with_tail
+
+    line = Text(title, style="", overflow="ellipsis", no_wrap=True, end="")
+    line.stylize("bold", 2, max(3, len(title) // 2))
+    line.append("  step 1234  b=32  15 ms/step", style="dim")
+    cut = len(title)
+    for tail in ("  step 1235  b=32  15 ms/step", "  step 10000  b=32  9 ms/step"):
+        new = with_tail(line, cut, tail, "dim")
+        want = Text(title + tail, style=line.style, overflow="ellipsis", no_wrap=True, end="")
+        want._spans = [sp if sp.end < cut else Span(sp.start, cut, sp.style) for sp in line._spans
+                       if sp.start < cut] + [Span(cut, cut + len(tail), "dim")]
+        assert new == want and new.plain == want.plain and new._spans == want._spans and len(new) == len(want)
+        assert (new.style, new.overflow, new.no_wrap, new.end) == (want.style, want.overflow, want.no_wrap, want.end)
+        line = new  # the next refresh starts from the short road's own line

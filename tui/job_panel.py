@@ -353,13 +353,32 @@ def with_tail(line: Text, cut: int, tail: str, style: str) -> Text:
     """``line`` with its text from ``cut`` on replaced by ``tail`` in ``style``: what ``line.copy()``, then
     ``right_crop`` to ``cut`` and ``append(tail, style=style)`` make (the spans over the cut end at it), made at
     once (~10 compact titles a second). ``tail`` must be printable (clean_text)."""
-    spans = [sp if sp.end < cut else Span(sp.start, cut, sp.style) for sp in line._spans if sp.start < cut]
+    old_spans = line._spans
+    plain = line.plain
+    last = old_spans[-1] if old_spans else None
+    if (last is not None and tail and style and last.start == cut and last.end == len(plain) and last.style == style
+            and all(sp.start < cut and sp.end <= cut for sp in old_spans[:-1])):
+        # the line the short road made last time (its step text one span at its end): the spans before it stand
+        spans = old_spans[:-1]
+    else:
+        spans = [sp if sp.end < cut else Span(sp.start, cut, sp.style) for sp in old_spans if sp.start < cut]
     if tail and style:
         spans.append(Span(cut, cut + len(tail), style))
-    new = Text(line.plain[:cut] + tail, style=line.style, justify=line.justify, overflow=line.overflow,
-               no_wrap=line.no_wrap, end=line.end, tab_size=line.tab_size)
+    text = plain[:cut] + tail
+    if _UNSANITIZED:
+        # Text() strips control codes with str.translate and a dict, ~5 us on a line with a '▶' or a '…' (a
+        # non-ASCII string): both parts are clean already (the line was drawn, the tail went through clean_text)
+        new = Text("", style=line.style, justify=line.justify, overflow=line.overflow, no_wrap=line.no_wrap,
+                   end=line.end, tab_size=line.tab_size)
+        new._text, new._length = [text], len(text)
+    else:
+        new = Text(text, style=line.style, justify=line.justify, overflow=line.overflow, no_wrap=line.no_wrap,
+                   end=line.end, tab_size=line.tab_size)
     new._spans = spans
     return new
+
+
+_UNSANITIZED = {"_text", "_length"} <= set(getattr(Text, "__slots__", ()))  # Rich's Text keeps its text so
 
 
 def step_strip(old: Strip | None, line: Text, cut: int, new: Text) -> Strip | None:
