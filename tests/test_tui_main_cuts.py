@@ -184,3 +184,39 @@ def test_a_compact_title_with_a_new_tail_equals_the_text_rich_builds(title: str)
         assert new == want and new.plain == want.plain and new._spans == want._spans and len(new) == len(want)
         assert (new.style, new.overflow, new.no_wrap, new.end) == (want.style, want.overflow, want.no_wrap, want.end)
         line = new  # the next refresh starts from the short road's own line
+
+
+def test_same_spans_say_same_styles_as_cutting_them_does() -> None:
+    """panel._same_styles' short answer for two Texts with the same spans over the same columns is the answer
+    of cutting both span lists, and the diff of header-like lines is what it was."""
+    import random
+
+    from rich.text import Text
+
+    from batchmon.tui import panel
+
+    rng = random.Random(7)
+    styles = ["bold", "dim", "bold red", "", "italic"]
+    for _ in range(300):
+        n = rng.randrange(1, 40)
+        spans = sorted((rng.randrange(0, n), rng.randrange(0, n + 1), rng.choice(styles)) for _ in range(4))
+        a = Text("".join(rng.choice("ab: 0123") for _ in range(n)))
+        b = Text("".join(rng.choice("ab: 0123") for _ in range(n)))
+        for start, end, style in spans:
+            a.stylize(style, start, end)
+            b.stylize(style, start, end)
+        if rng.random() < 0.3:  # sometimes not the same spans: the long road
+            b.stylize("underline", rng.randrange(0, n), n)
+        lo = rng.randrange(0, n + 1)
+        hi = rng.randrange(lo, n + 1)
+        slow = panel._styles(a, lo, hi) == panel._styles(b, lo, hi)
+        assert panel._same_styles(a, b, lo, hi, lo, hi) == slow
+        x1 = rng.randrange(0, n + 1)
+        assert panel._same_styles(a, b, lo, hi, x1, x1 + hi - lo) == (
+            panel._styles(a, lo, hi) == panel._styles(b, x1, x1 + hi - lo))
+    old = Text(" batchmon  ● live  every 1 s  host h  12:00:01")
+    new = Text(" batchmon  ● live  every 1 s  host h  12:00:02")
+    for line in (old, new):
+        line.stylize("bold", 0, 10)
+        line.stylize("dim", 38, 46)
+    assert panel.changed_runs(old, new, 60) == [(45, 46)]

@@ -98,8 +98,13 @@ def _style(line: Text | str) -> object:
 
 
 def _same_styles(old: Text | str, new: Text | str, a0: int, a1: int, b0: int, b1: int) -> bool:
-    """Whether old's styles over [a0, a1) are new's over [b0, b1); strings have none."""
-    if isinstance(old, str) and isinstance(new, str):
+    """Whether old's styles over [a0, a1) are new's over [b0, b1); strings have none. Two Texts with the same
+    spans have the same styles over the same columns: said without cutting them (the header's clock, a GPU's
+    watts: the spans stay where they were while the digits change; cutting both lists was ~40% of the diff)."""
+    if isinstance(old, str):
+        if isinstance(new, str):
+            return True
+    elif a0 == b0 and a1 == b1 and not isinstance(new, str) and old._spans == new._spans:
         return True
     return _styles(_text(old), a0, a1) == _styles(_text(new), b0, b1)
 
