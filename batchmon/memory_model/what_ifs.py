@@ -147,27 +147,24 @@ def apply_what_if(observed: dict[str, Line], what_if: WhatIf, *, trainable_bytes
                          + f"; the model's backward also drops them and {how}, assuming its "
                          f"peak comes while the kept tensors are alive, as in a stack of blocks; the "
                          f"optimizer's step and activation gradients unchanged")
-            unequal = recompute_fragmentation(what_if, split) > 0 and split.block_max is not None
             if pool_simulated:
                 notes.append("checkpointing: the allocator's pool simulated on the recorded step's allocations "
                              "(PyTorch's caching allocator with its default settings: 2 MiB and 20 MiB segments, "
                              "best fit, splitting and merging, cached segments released and the allocation retried "
                              "at the limit): a batch fits when its predicted peak fits beside the observed run's "
                              "fragmentation and the step runs in the pool the device leaves")
-            if pool_simulated and unequal and split.block_max is not None:
-                notes.append(f"checkpointing: blocks of unequal size (the largest {split.block_max / MIB:.0f} MiB "
-                             f"at batch {split.batch}, the average {split.in_blocks / split.blocks / MIB:.0f}): "
-                             f"{RECOMPUTE_FRAG:.0%} of the peak also kept free beyond it (T5-small's recomputation on "
-                             f"the H200: 24.7% x 1.2), the lower answer kept - the real pool under such "
-                             f"recomputation depends on the steps run before (a T5-small job starting at 321 ran "
-                             f"out of memory where one that ran 303 and 312 first ran 346), which the simulation, "
-                             f"from one pool, does not follow")
-            elif not pool_simulated and unequal and split.block_max is not None:
-                notes.append(f"checkpointing: blocks of unequal size (the largest {split.block_max / MIB:.0f} MiB "
-                             f"at batch {split.batch}, the average {split.in_blocks / split.blocks / MIB:.0f}): "
-                             f"the allocator assumed to hold {RECOMPUTE_FRAG:.0%} of the peak beyond it, as under "
-                             f"T5-small's recomputation on the H200 (24.7% x 1.2), not the observed run's share: no "
-                             f"checkpointed step recorded to simulate the pool on (a fallback rule)")
+            if recompute_fragmentation(what_if, split) > 0 and split.block_max is not None:
+                unequal = (f"checkpointing: blocks of unequal size (the largest {split.block_max / MIB:.0f} MiB "
+                           f"at batch {split.batch}, the average {split.in_blocks / split.blocks / MIB:.0f}): ")
+                notes.append(unequal + (
+                    f"{RECOMPUTE_FRAG:.0%} of the peak also kept free beyond it (T5-small's recomputation on "
+                    f"the H200: 24.7% x 1.2), the lower answer kept - the real pool under such recomputation "
+                    f"depends on the steps run before (a T5-small job starting at 321 ran out of memory where one "
+                    f"that ran 303 and 312 first ran 346), which the simulation, from one pool, does not follow"
+                    if pool_simulated else
+                    f"the allocator assumed to hold {RECOMPUTE_FRAG:.0%} of the peak beyond it, as under "
+                    f"T5-small's recomputation on the H200 (24.7% x 1.2), not the observed run's share: no "
+                    f"checkpointed step recorded to simulate the pool on (a fallback rule)"))
         else:
             factor = min(1.0, 3.0 / n)
             lines["activations"] = lines["activations"].scaled(factor, factor)
