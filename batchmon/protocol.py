@@ -513,8 +513,9 @@ class Bye:
 
 
 Message = Hello | Step | Event | Bye
+#: the other message types' decoders (a step, with the agent's memo, is decode_object's own first test)
 _PARSERS: dict[str, Callable[[Mapping[str, Any]], Message]] = {
-    "hello": Hello.from_dict, "step": Step.from_dict, "event": Event.from_dict, "bye": Bye.from_dict}
+    "hello": Hello.from_dict, "event": Event.from_dict, "bye": Bye.from_dict}
 
 
 def step_components(step: Step | None) -> dict[str, int | None]:
