@@ -12,23 +12,20 @@ snapshot at each tick as the live hub and replay make them, and counts the fits.
 
 from __future__ import annotations
 
-import gzip
 import importlib
-import json
-from pathlib import Path
 
 import pytest
 
 from batchmon import memory_model
 from batchmon.monitor.hub_state import HubState
+from recordings import FAST16_15S, FAST16_GROWTH, read_records
 
-FIXTURE = Path(__file__).parent / "fixtures" / "fast16_h200_15s.jsonl.gz"
+FIXTURE = FAST16_15S
 WARM = 3  # the first ticks: hellos, history bursts, the first fits (each agent once, more while its figures fill)
 
 
 def _records() -> list[dict]:
-    with gzip.open(FIXTURE, "rt", encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return read_records(FIXTURE)
 
 
 def _step_by_step(summary, memo=None) -> tuple:
@@ -101,7 +98,7 @@ def test_sixteen_real_fast_agents_are_not_refitted_at_every_snapshot(monkeypatch
     assert sum(old_per_tick[WARM:]) > 16 * len(steady) // 2, old_per_tick
 
 
-GROWTH_FIXTURE = Path(__file__).parent / "fixtures" / "fast16_h200_50s_growth.jsonl.gz"
+GROWTH_FIXTURE = FAST16_GROWTH
 
 
 def test_a_summary_that_only_grows_is_refitted_at_most_every_few_seconds(monkeypatch):
@@ -113,8 +110,7 @@ def test_a_summary_that_only_grows_is_refitted_at_most_every_few_seconds(monkeyp
     Now at most one per PREDICT_GROWTH_S while it only grows, and the kept answer is the one a fit now gives."""
     from batchmon.monitor import hub_state
 
-    with gzip.open(GROWTH_FIXTURE, "rt", encoding="utf-8") as f:
-        records = [json.loads(line) for line in f if line.strip()]
+    records = read_records(GROWTH_FIXTURE)
     per_tick, predicted = _fits_per_tick(monkeypatch, records)
     steady = per_tick[WARM:]
     assert predicted == 16 and len(steady) >= 40
@@ -130,8 +126,7 @@ def test_what_a_grown_summary_keeps_is_what_a_fit_of_it_answers(monkeypatch):
     """The answers kept while summaries only grew are the fits' answers on the summaries as they are at the end."""
     from batchmon import memory_model
 
-    with gzip.open(GROWTH_FIXTURE, "rt", encoding="utf-8") as f:
-        records = [json.loads(line) for line in f if line.strip()]
+    records = read_records(GROWTH_FIXTURE)
     state = HubState()
     snap = None
     for rec in records:

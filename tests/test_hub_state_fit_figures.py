@@ -19,6 +19,7 @@ from batchmon.protocol import PHASES, SEGMENTS
 from conftest import make_step
 from hub_peer import make_hello
 from test_hub_state import GIB, agent, nvml_record
+from recordings import FAST16_GROWTH, read_records
 
 MIB = 1 << 20
 
@@ -200,15 +201,9 @@ def test_the_figures_are_a_loop_over_the_steps_on_the_h200_recording():
     """Every summary the hub reads on 16 real fast jobs (the fast16 growth recording, a snapshot at each tick), and
     its summary_key: fit_figures with the agent's memo is exactly the plain loop's answer, the own peaks' names in
     the same order; and on synthetic summaries whose sampled steps carry names in different orders."""
-    import gzip
-    import json
-    from pathlib import Path
-
     from batchmon.monitor.step_history import summary_key
 
-    path = Path(__file__).parent / "fixtures" / "fast16_h200_50s_growth.jsonl.gz"
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        records = [json.loads(line) for line in f if line.strip()]
+    records = read_records(FAST16_GROWTH)
     state = HubState()
     memos: dict = {}
     checked = sampled = 0

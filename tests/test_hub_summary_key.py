@@ -4,20 +4,14 @@ fit_figures' memo then meets every step again at the next snapshot instead of a 
 
 from __future__ import annotations
 
-import gzip
-import json
-from pathlib import Path
-
 from batchmon.memory_model.fit import fit_figures
 from batchmon.monitor.hub_state import HubState
 from batchmon.monitor.step_history import KeptStep, summary_key
-
-FIXTURE = Path(__file__).parent / "fixtures" / "fast16_h200_50s_growth.jsonl.gz"
+from recordings import FAST16_GROWTH, read_records
 
 
 def test_figures_through_the_shared_steps_are_the_summarys_own():
-    with gzip.open(FIXTURE, "rt", encoding="utf-8") as f:
-        records = [json.loads(line) for line in f if line.strip()]
+    records = read_records(FAST16_GROWTH)
     state = HubState()
     compared = kept = 0
     memos: dict[str, dict] = {}

@@ -7,10 +7,7 @@ does not share."""
 
 from __future__ import annotations
 
-import gzip
-import json
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 
@@ -18,16 +15,15 @@ from batchmon import memory_model
 from batchmon.memory_model.model import BASIS_ONLY, MemoryModel
 from batchmon.memory_model.observations import Line
 from batchmon.monitor.hub_state import HubState
+from recordings import FAST16_GROWTH, read_records
 
-FIXTURE = Path(__file__).parent / "fixtures" / "fast16_h200_50s_growth.jsonl.gz"
 WHAT_IFS = (memory_model.WhatIf(), memory_model.WhatIf(amp=True), memory_model.WhatIf(checkpointing=True),
             memory_model.WhatIf(accumulation_steps=4), memory_model.WhatIf(optimizer="sgd"),
             memory_model.WhatIf(shards=2))
 
 
 def _records() -> list[dict]:
-    with gzip.open(FIXTURE, "rt", encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return read_records(FAST16_GROWTH)
 
 
 def _replay_fits(monkeypatch: pytest.MonkeyPatch) -> tuple[list[tuple[list, str | None, MemoryModel]], int, int]:
