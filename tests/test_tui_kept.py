@@ -45,7 +45,7 @@ def _shown(lines) -> list[tuple]:
 def _fresh(build):
     """``build()`` with every kept line forgotten (what the panel drew before lines were kept); what was kept is
     kept again afterwards."""
-    stores = [gpu_panel._KEPT._made, job_panel._KEPT._made, gpu_panel._BLOCKS, job_panel._BLOCKS]
+    stores = [gpu_panel._KEPT._made, job_panel._KEPT._made, gpu_panel._BLOCKS._made, job_panel._BLOCKS._made]
     saved = [store.copy() for store in stores]
     for store in stores:
         store.clear()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 from rich.text import Text
 
 from batchmon.probes.nvml import DeviceSample
@@ -162,7 +160,7 @@ def _history(history: list[int], rows: int, total: int | None, width: int) -> li
 
 
 _KEPT: Kept[list[Text]] = Kept(32)  # a full panel's title, memory and history lines, by what they show
-_BLOCKS: OrderedDict[tuple, list[Text]] = OrderedDict()  # the process table and usage lines, by what they show
+_BLOCKS: Kept[list[Text]] = Kept(16)  # the process table and usage lines, by what they show
 
 
 def _process_block(v: GpuView, width: int) -> list[Text]:
@@ -176,17 +174,15 @@ def _process_block(v: GpuView, width: int) -> list[Text]:
     key = (width, d.index, d.memory, tuple(
         (p.pid, p.used, p.agent, p.figures, p.ended, p.info.user, p.info.command, p.info.state) if p.info is not None
         else (p.pid, p.used, p.agent, p.figures, p.ended) for p in v.procs))
-    if key in _BLOCKS:
-        _BLOCKS.move_to_end(key)
-        return list(_BLOCKS[key])
+    return list(_BLOCKS.get(key, lambda: _make_process_block(v, width)))
+
+
+def _make_process_block(v: GpuView, width: int) -> list[Text]:
     lines = [Text().append(f"  {'PID':>7} {'USER':<10} {'GPU MEM':>10} COMMAND", style="bold " + DIM)]
     for p in sorted(v.procs, key=lambda p: (-(p.used or 0), p.pid)):
         lines.append(_proc_line(p, width))
     lines.extend(usage_lines(v, width))
-    _BLOCKS[key] = lines
-    if len(_BLOCKS) > 16:
-        _BLOCKS.popitem(last=False)
-    return list(lines)
+    return lines
 
 
 class GpuPanel(LinesPanel):

@@ -3,8 +3,6 @@ and the predicted-peak-vs-batch chart."""
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 from rich.segment import Segment
 from rich.text import Span, Text
 from textual.geometry import Region
@@ -14,7 +12,7 @@ from batchmon.jobs import imbalance, imbalance_text
 from batchmon.protocol import ALL_COMPONENTS, Event
 from batchmon.snapshot import AgentView, StepPhases
 from batchmon.tui.bars import COMPONENT_LABELS, COMPONENT_STYLES, component_parts, stacked_bar
-from batchmon.tui.chart import render_chart
+from batchmon.tui.chart import ChartInput, render_chart
 from batchmon.tui.ended_panel import ended_lines
 from batchmon.tui.component_table import MIN_WIDTH as COMPACT_TABLE_WIDTH, compact_table
 from batchmon.tui.fmt import clean_text, fit_label, fmt_bytes, fmt_count, fmt_seconds
@@ -246,7 +244,7 @@ def _side_by_side(left: list[Text], right: list[Text], left_w: int) -> list[Text
     return out
 
 
-_BLOCKS: OrderedDict[tuple | None, list[Text]] = OrderedDict()  # table beside chart, by what they show (32 kept)
+_BLOCKS: Kept[list[Text]] = Kept(32)  # table beside chart, by what they show
 
 
 def _table_beside_chart(v: JobView, measured: dict[str, int] | None, width: int, rows: int,
@@ -258,16 +256,15 @@ def _table_beside_chart(v: JobView, measured: dict[str, int] | None, width: int,
     assert chart is not None
     key = None if chart.key is None else (tuple(measured.items()) if measured else None, chart.key, width, rows,
                                           (tuple(p.components.items()), p.total) if p is not None else None, table_w)
-    if key in _BLOCKS:
-        _BLOCKS.move_to_end(key)
-        return list(_BLOCKS[key])
+    if key is None:
+        return _make_table_beside_chart(v, measured, chart, width, rows, table_w)
+    return list(_BLOCKS.get(key, lambda: _make_table_beside_chart(v, measured, chart, width, rows, table_w)))
+
+
+def _make_table_beside_chart(v: JobView, measured: dict[str, int] | None, chart: ChartInput, width: int, rows: int,
+                             table_w: int) -> list[Text]:
     table = _table(v, measured)
-    lines = _side_by_side(table, render_chart(chart, width - table_w, max(rows, len(table))), table_w)
-    if key is not None:
-        _BLOCKS[key] = lines
-        if len(_BLOCKS) > 32:
-            _BLOCKS.popitem(last=False)
-    return list(lines)
+    return _side_by_side(table, render_chart(chart, width - table_w, max(rows, len(table))), table_w)
 
 
 _KEPT: Kept = Kept(64)  # the full and medium panels' lines that read the same second after second (tui/kept.py)
