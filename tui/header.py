@@ -73,9 +73,9 @@ class HeaderBar(LineBar):
         self.snapshot: Snapshot | None = None
         self.paused = False
         self.interval = 1.0
-        self._made: tuple[tuple, Text] | None = None  # (what it showed, the line): see _text
+        self._made: tuple[tuple, Text] | None = None  # (what it showed, the line): see line
 
-    def _text(self) -> Text:
+    def line(self) -> Text:
         """The header line for what it shows now; built once per change of that (update_text and render both
         ask for it each refresh)."""
         width = self.content_size.width or 80
@@ -85,9 +85,6 @@ class HeaderBar(LineBar):
             made = self._made = (inputs, header_text(self.snapshot, interval=self.interval, paused=self.paused,
                                                      title=self.title_text, width=width))
         return made[1]
-
-    def line(self) -> Text:
-        return self._text()
 
     def update_text(self) -> None:
         """Repaint the columns whose text changed since the last render (each second: the clock, perhaps the
