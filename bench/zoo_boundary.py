@@ -12,17 +12,21 @@ it (and so what a user who starts at the predicted batch gets).
         --out bench/results/zoo_boundary_h200.json
     python3 bench/zoo_boundary.py --plan t5-small:checkpointing:bisect=303-321 gpt2-fp32:checkpointing:70/71 \
         --out F.json     # the largest batch a fresh job starts at; single fresh trials
+    python3 bench/zoo_boundary.py --process-per-probe --plan t5-small:checkpointing:bisect=303-351 --out F.json
+                         # each probe the first trial of a new process
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -53,13 +57,31 @@ def run_order(entry: Any, what_if: str, order: list[int], dev: Any) -> list[dict
     return log
 
 
-def fresh_bisect(entry: Any, what_if: str, lo: int, hi: int, dev: Any) -> dict[str, Any]:
+def probe_in_new_process(arch: str, what_if: str, batch: int, memory_gib: float, cpu_smoke: bool) -> dict[str, Any]:
+    """One trial as the first thing a new Python process does on the GPU (nothing earlier in the process can
+    have shaped the allocator or the libraries' workspaces): this script again, one single-trial plan."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "probe.json"
+        cmd = [sys.executable, __file__, "--plan", f"{arch}:{what_if}:{batch}", "--device-memory-gib", str(memory_gib),
+               "--out", str(out)] + (["--cpu-smoke"] if cpu_smoke else [])
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        trial: dict[str, Any] = json.loads(out.read_text())["plans"][0]["orders"][0]["trials"][0]
+    trial["new_process"] = True
+    return trial
+
+
+def fresh_bisect(entry: Any, what_if: str, lo: int, hi: int, dev: Any,
+                 probe: Callable[[int], dict[str, Any]] | None = None) -> dict[str, Any]:
     """The largest batch that runs as a fresh runner's first trial, between ``lo`` (must run) and ``hi`` (must
-    fail): each probe on its own fresh runner, as a user who starts a job at that batch."""
+    fail): each probe on its own fresh runner, as a user who starts a job at that batch (``probe``: how one
+    batch is tried; default a fresh runner in this process)."""
+    if probe is None:
+        def probe(b: int) -> dict[str, Any]:
+            return run_order(entry, what_if, [b], dev)[0]
     probes: list[dict[str, Any]] = []
     ends = []
     for b in (lo, hi):
-        t = run_order(entry, what_if, [b], dev)[0]
+        t = probe(b)
         probes.append(t)
         ends.append(t["ok"])
     if ends != [True, False]:
@@ -68,7 +90,7 @@ def fresh_bisect(entry: Any, what_if: str, lo: int, hi: int, dev: Any) -> dict[s
                         f"{hi} {'ran' if ends[1] else 'failed'}"}
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        t = run_order(entry, what_if, [mid], dev)[0]
+        t = probe(mid)
         probes.append(t)
         lo, hi = (mid, hi) if t["ok"] else (lo, mid)
     return {"lo": lo, "hi": hi, "largest_fresh": lo, "probes": probes}
@@ -93,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plan", nargs="+", default=[],
                     help="ARCH:WHAT_IF:ORDERS, ORDERS 'b,b/b,b' (orders, each on a fresh runner) or 'bisect=LO-HI' "
                          "(the largest batch that runs as a fresh runner's first trial); instead of --arch/--orders")
+    ap.add_argument("--process-per-probe", action="store_true",
+                    help="bisect plans try each batch as the first trial of a new process (not a fresh runner in "
+                         "this one): what a job started at that batch gets")
     ap.add_argument("--device-memory-gib", type=float, default=24.0)
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny models on the CPU, a fake device: tests the script")
     ap.add_argument("--out", type=Path, required=True)
@@ -111,7 +136,12 @@ def main(argv: list[str] | None = None) -> int:
         item: dict[str, Any] = {"arch": arch, "what_if": what_if}
         if orders.startswith("bisect="):
             lo, hi = (int(x) for x in orders.split("=", 1)[1].split("-"))
-            item["fresh_bisect"] = found = fresh_bisect(entry, what_if, lo, hi, dev)
+            new_process = None
+            if args.process_per_probe:
+                def new_process(b: int, a: str = arch, w: str = what_if) -> dict[str, Any]:
+                    return probe_in_new_process(a, w, b, args.device_memory_gib, args.cpu_smoke)
+            item["fresh_bisect"] = found = fresh_bisect(entry, what_if, lo, hi, dev, new_process)
+            found["process_per_probe"] = args.process_per_probe
             print(f"{arch} {what_if}: largest batch as a fresh runner's first trial in [{lo}, {hi}]: "
                   f"{found['largest_fresh']} ({_outcomes(found['probes'])})"
                   f"{' - ' + found['note'] if found.get('note') else ''}", flush=True)
