@@ -399,12 +399,16 @@ def test_steady_steps_are_refitted_every_few_seconds_and_a_changed_figure_at_onc
     assert len(fits) == 2
     grown = make_step(n + 1, batch=16)
     grown = dataclasses.replace(grown, components={**grown.components, "other": grown.components["other"] + GIB})
-    now[0] = steady_s + 2.6  # a figure changed: refitted once PREDICT_EVERY_S has passed
-    s.ingest(agent(grown))
+    now[0] = steady_s + 2.6  # a figure changed, 1.1 s after the last fit: not before PREDICT_EVERY_S plus half
+    s.ingest(agent(grown))  # the interval (1 s here) has passed ...
+    s.snapshot(now[0])
+    assert len(fits) == 2
+    now[0] = steady_s + 3.1  # ... then refitted
+    s.ingest(agent(dataclasses.replace(grown, step=n + 2)))
     view = s.snapshot(now[0]).agents[0]
     assert len(fits) == 3
-    now[0] = steady_s + 2.8  # a new batch size: at once
-    s.ingest(agent(make_step(n + 2, batch=32)))
+    now[0] = steady_s + 3.3  # a new batch size: at once
+    s.ingest(agent(make_step(n + 3, batch=32)))
     s.snapshot(now[0])
     assert len(fits) == 4
 
@@ -421,25 +425,25 @@ def test_new_own_phase_peaks_alone_are_a_changed_figure(monkeypatch):
 
     monkeypatch.setattr(memory_model, "fit", counting_fit)
     s, n = _steady_cuda_agent()
-    s.snapshot(1.0)
-    assert len(fits) == 1
+    s.snapshot(1.0)  # (snapshots 1.6 s apart: a figure is compared once PREDICT_EVERY_S plus half the 1 s interval
+    assert len(fits) == 1  # has passed)
     base = make_step(n + 1, batch=16)
     own = {"forward": 3 * GIB, "backward": 5 * GIB, "optimizer": 2 * GIB}
     s.ingest(agent(dataclasses.replace(base, phase_own_peaks=own)))
-    s.snapshot(2.1)
+    s.snapshot(2.6)
     assert len(fits) == 2
     # the per-segment fit reads each segment's own peak (the backward split at the output's gradient) likewise:
     # steady steps with the same own peaks are held, one whose segment peaks alone are new is refitted
     for k in range(n + 2, n + 40):
         s.ingest(agent(dataclasses.replace(base, step=k, phase_own_peaks=own)))
-    s.snapshot(3.2)
+    s.snapshot(4.2)
     held = len(fits)
     s.ingest(agent(dataclasses.replace(base, step=n + 40, phase_own_peaks=own)))
-    s.snapshot(4.3)
+    s.snapshot(5.8)
     assert len(fits) == held
     segments = {"forward": 3 * GIB, "loss_backward": 5 * GIB, "backward": 4 * GIB, "optimizer": 2 * GIB}
     s.ingest(agent(dataclasses.replace(base, step=n + 41, phase_own_peaks=own, segment_peaks=segments)))
-    s.snapshot(5.4)
+    s.snapshot(7.4)
     assert len(fits) == held + 1
 
 
@@ -459,12 +463,12 @@ def test_a_steady_agents_figures_are_compared_at_most_once_a_second(monkeypatch)
     for k in range(1, 17):  # 4 s of snapshots at 0.25 s, a new steady step before each
         n += 1
         s.ingest(agent(make_step(n, batch=16)))
-        s.snapshot(1.0 + 0.25 * k)
+        s.snapshot(1.0 + 0.25 * k, 0.25)
     assert 2 <= len(compared) <= 5, compared  # about once a second, not 16 times
     grown = make_step(n + 1, batch=16)
     grown = dataclasses.replace(grown, components={**grown.components, "other": grown.components["other"] + GIB})
     s.ingest(agent(grown))
-    view = s.snapshot(6.1).agents[0]
+    view = s.snapshot(6.1, 0.25).agents[0]
     assert view.prediction is not None and view.prediction.components["other"] >= GIB
 
 

@@ -147,7 +147,9 @@ def test_figures_that_come_back_within_the_steady_time_reuse_their_fit(monkeypat
         for k in range(RECENT_STEPS):
             n += 1
             s.ingest(agent(_step(n, 16, own_peak if k == RECENT_STEPS // 2 else 1)))
-        view = s.snapshot(t).agents[0]
+        # (t counts the comparisons: snapshots 2 s apart at --interval 1, each one due to compare the figures again
+        # after PREDICT_EVERY_S plus half an interval)
+        view = s.snapshot(2 * t).agents[0]
         assert view.last_step.step == n
         return view.prediction
 
@@ -159,7 +161,7 @@ def test_figures_that_come_back_within_the_steady_time_reuse_their_fit(monkeypat
     assert len(fits) == 2
     second(30.0, 7)  # figures not seen before: fitted at once
     assert len(fits) == 3
-    second(1.0 + PREDICT_STEADY_S + 1, 1)  # the first fit is too old now: fitted again
+    second(1.0 + PREDICT_STEADY_S / 2 + 1, 1)  # the first fit is too old now: fitted again
     assert len(fits) == 4
 
 

@@ -42,7 +42,8 @@ def _short(text: Any, limit: int = 200) -> str:
     return s if len(s) <= limit else s[: limit - 1] + "…"
 
 
-PREDICT_EVERY_S = 1.0  # refit an agent at most this often (snapshot time), unless its batch sizes change
+PREDICT_EVERY_S = 1.0  # refit an agent at most this often (snapshot time, plus half an interval), unless its batch
+# sizes change
 PREDICT_STEADY_S = 120.0  # ... and, while no memory figure the model reads changed, at most this often (what moves
 # meanwhile: the basis' step range and the step-time line, neither shown live; 16 steady jobs refitted every 5 s were
 # ~half of the hub thread's work beside them, bench/ab_monitor.py --gpu-agents; every 30 s still ~0.9 ms a second of
@@ -508,8 +509,10 @@ class HubState:
         same_setup = agent.prediction_key is not None and agent.prediction_key[3:] == key[3:]
         # fitted, or its figures found unchanged, within PREDICT_EVERY_S: at --interval 0.25 comparing 64 agents'
         # summaries every snapshot was a good part of a tick (the latency's tail waits on it)
+        # (half an interval of slack: snapshots come about an interval apart, so at --interval 1 the one a second
+        # later is 0.999 or 1.001 s on, and a bare "< 1 s" checked at nearly every snapshot; now every second one)
         checked = agent.prediction_checked if agent.prediction_checked is not None else agent.prediction_time
-        recent = checked is not None and 0 <= base.time - checked < PREDICT_EVERY_S
+        recent = checked is not None and 0 <= base.time - checked < PREDICT_EVERY_S + base.interval / 2
         if same_setup and recent and last.batch_size in agent.prediction_sizes:
             return agent.prediction
         summary = history.window().model_steps()
