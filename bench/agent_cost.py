@@ -141,10 +141,13 @@ def build(args: argparse.Namespace, torch: Any, device: Any) -> tuple[Any, Any, 
             mods += [nn.Linear(width, width), nn.ReLU()]
         mods.append(nn.Linear(width, 10))
         model = nn.Sequential(*mods).to(device)
-        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        # plain SGD: the smallest step a CPU makes of it (issue 14's "~100 us CPU step"; Adam's update alone is
+        # ~250 us on the dev box)
+        sgd = getattr(args, "optimizer", "adam") == "sgd"
+        opt = torch.optim.SGD(model.parameters(), lr=1e-2) if sgd else torch.optim.Adam(model.parameters(), lr=1e-3)
         x = torch.randn(batch, width, generator=gen).to(device)
         y = torch.randint(0, 10, (batch,), generator=gen).to(device)
-        settings = {"width": width, "layers": layers, "batch_size": batch, "optimizer": "Adam"}
+        settings = {"width": width, "layers": layers, "batch_size": batch, "optimizer": "SGD" if sgd else "Adam"}
         return model, opt, nn.CrossEntropyLoss(), lambda: (x, y), settings
     if args.model == "resnet18":
         import torchvision  # noqa: F401 - ModuleNotFoundError means: skip

@@ -58,6 +58,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--layers", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--optimizer", choices=("adam", "sgd"), default="adam", help="the MLP's optimizer (default adam)")
     p.add_argument("--cpu-smoke", action="store_true", help="a few tiny blocks on the CPU: checks the script")
     p.add_argument("--out", default=None, help="JSON result file")
     args = p.parse_args(argv)
